@@ -1,0 +1,105 @@
+"""Result codes: one closed enum per operation, named after the rule that was broken.
+
+The numeric order is the precedence: when several rules are broken by one item, the code
+with the smallest value is reported. Values are stable and part of the wire protocol; new
+codes are only ever appended with a new value, never renumbered.
+
+``ok`` and ``exists`` are successes (``exists`` means an identical item was already
+stored; the stored item is unchanged). Every other code is a failure that wrote nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+
+__all__ = ["AccountResult", "TransferResult", "burns_id", "is_success"]
+
+
+class AccountResult(enum.IntEnum):
+    ok = 0
+    linked_event_failed = 1
+    linked_event_chain_open = 2
+    id_must_not_be_zero = 3
+    flags_are_mutually_exclusive = 4
+    flags_unknown = 5
+    currency_unknown = 6
+    debits_pending_must_be_zero = 7
+    debits_posted_must_be_zero = 8
+    credits_pending_must_be_zero = 9
+    credits_posted_must_be_zero = 10
+    timestamp_must_be_zero = 11
+    exists_with_different_flags = 12
+    exists_with_different_currency = 13
+    exists_with_different_code = 14
+    exists_with_different_user_data = 15
+    exists = 16
+
+
+class TransferResult(enum.IntEnum):
+    ok = 0
+    linked_event_failed = 1
+    linked_event_chain_open = 2
+    id_must_not_be_zero = 3
+    flags_unknown = 4
+    flags_are_mutually_exclusive = 5
+    debit_account_id_must_not_be_zero = 6
+    credit_account_id_must_not_be_zero = 7
+    accounts_must_be_different = 8
+    pending_id_must_be_zero = 9
+    pending_id_must_not_be_zero = 10
+    pending_id_must_be_different = 11
+    timeout_reserved_for_pending_transfer = 12
+    amount_must_not_be_zero = 13
+    currency_unknown = 14
+    timestamp_must_be_zero = 15
+    exists_with_different_flags = 16
+    exists_with_different_pending_id = 17
+    exists_with_different_timeout = 18
+    exists_with_different_debit_account_id = 19
+    exists_with_different_credit_account_id = 20
+    exists_with_different_amount = 21
+    exists_with_different_currency = 22
+    exists_with_different_code = 23
+    exists_with_different_user_data = 24
+    exists = 25
+    id_already_failed = 26
+    pending_transfer_not_found = 27
+    pending_transfer_not_pending = 28
+    pending_transfer_has_different_debit_account_id = 29
+    pending_transfer_has_different_credit_account_id = 30
+    pending_transfer_has_different_currency = 31
+    pending_transfer_has_different_amount = 32
+    exceeds_pending_transfer_amount = 33
+    pending_transfer_already_posted = 34
+    pending_transfer_already_voided = 35
+    pending_transfer_expired = 36
+    debit_account_not_found = 37
+    credit_account_not_found = 38
+    currency_mismatch = 39
+    overflows_debits_pending = 40
+    overflows_credits_pending = 41
+    overflows_debits_posted = 42
+    overflows_credits_posted = 43
+    overflows_debits = 44
+    overflows_credits = 45
+    overflows_timeout = 46
+    exceeds_credits = 47
+    exceeds_debits = 48
+
+
+def is_success(code: AccountResult | TransferResult) -> bool:
+    """True for ``ok`` and ``exists``: the item is stored exactly as submitted."""
+    return code.name in ("ok", "exists")
+
+
+# Codes from pending_transfer_not_found on depend on the state of the ledger when the
+# transfer was evaluated; a transfer failing with one of them is recorded, so that the same
+# id can never succeed later (docs/design.md, "Failed ids are burned"). Codes before it are
+# deterministic in the transfer's own fields and burn nothing: the client may fix the fields
+# and reuse the id.
+FIRST_BURNING_CODE = TransferResult.pending_transfer_not_found
+
+
+def burns_id(code: TransferResult) -> bool:
+    """True if a transfer failing with ``code`` is recorded as failed under its id."""
+    return code >= FIRST_BURNING_CODE
