@@ -17,22 +17,20 @@ __all__ = ["AccountResult", "TransferResult", "burns_id", "is_success"]
 
 class AccountResult(enum.IntEnum):
     ok = 0
-    linked_event_failed = 1
-    linked_event_chain_open = 2
-    id_must_not_be_zero = 3
-    flags_are_mutually_exclusive = 4
-    flags_unknown = 5
-    currency_unknown = 6
-    debits_pending_must_be_zero = 7
-    debits_posted_must_be_zero = 8
-    credits_pending_must_be_zero = 9
-    credits_posted_must_be_zero = 10
-    timestamp_must_be_zero = 11
-    exists_with_different_flags = 12
-    exists_with_different_currency = 13
-    exists_with_different_code = 14
-    exists_with_different_user_data = 15
-    exists = 16
+    id_must_not_be_zero = 1
+    flags_unknown = 2
+    flags_are_mutually_exclusive = 3
+    currency_unknown = 4
+    debits_pending_must_be_zero = 5
+    debits_posted_must_be_zero = 6
+    credits_pending_must_be_zero = 7
+    credits_posted_must_be_zero = 8
+    timestamp_must_be_zero = 9
+    exists_with_different_flags = 10
+    exists_with_different_currency = 11
+    exists_with_different_code = 12
+    exists_with_different_user_data = 13
+    exists = 14
 
 
 class TransferResult(enum.IntEnum):

@@ -1,0 +1,262 @@
+"""The front actor: the RPC and HTTP listeners, and the router to the shards.
+
+Gateways' requests arrive one at a time; a Ray actor call costs about a millisecond, so
+the front never makes one call per request. Each shard has a lane: requests join the lane's
+queue, and whenever fewer than ``calls_in_flight_max`` calls are running, everything queued
+(up to ``call_items_max`` items) leaves in one call (micro-batching without a timer: under
+load the batches grow by themselves, at rest a request leaves at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ray
+import uvicorn
+
+from actors.http_api import build_app
+from actors.rpc_server import start_rpc_server
+from actors.shard import NAMESPACE, shard_actor_name
+from actors.store import LedgerStore
+from processor.auth import KEY_FILE_NAME, load_or_create_key
+from processor.codes import AccountResult, TransferResult
+from processor.config import Config
+from processor.errors import LedgerError, Overloaded, Unavailable
+from processor.partition import PartitionMap
+from processor.types import Account, Transfer, TransferFlags
+
+__all__ = ["Front", "make_front"]
+
+log = logging.getLogger("txproc.front")
+ENCODER = msgspec.msgpack.Encoder()
+CODES = msgspec.msgpack.Decoder(list[int])
+LINKED = int(TransferFlags.LINKED)
+
+
+@dataclass(slots=True)
+class _Entry:
+    group: list[Any]
+    future: asyncio.Future[list[int]]
+
+
+class _Lane:
+    """The micro-batching queue of one shard for one operation."""
+
+    def __init__(self, front: Front, shard: int, method: str) -> None:
+        self._front = front
+        self._shard = shard
+        self._method = method
+        self._queue: list[_Entry] = []
+        self._queued_items = 0
+        self._calls = 0
+
+    def submit(self, group: list[Any]) -> asyncio.Future[list[int]]:
+        cfg = self._front.config.front
+        if self._queued_items + len(group) > cfg.queue_items_max:
+            raise Overloaded(f"shard {self._shard} queue is full", retry_after_s=0.1)
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self._queue.append(_Entry(group, future))
+        self._queued_items += len(group)
+        self._kick()
+        return future
+
+    def _kick(self) -> None:
+        cfg = self._front.config.front
+        while self._queue and self._calls < cfg.calls_in_flight_max:
+            entries: list[_Entry] = []
+            items = 0
+            while self._queue and (not entries or items + len(self._queue[0].group)
+                                   <= cfg.call_items_max):
+                entry = self._queue.pop(0)
+                entries.append(entry)
+                items += len(entry.group)
+            self._queued_items -= items
+            self._calls += 1
+            asyncio.get_running_loop().create_task(self._call(entries))
+
+    async def _call(self, entries: list[_Entry]) -> None:
+        try:
+            raw = ENCODER.encode([e.group for e in entries])
+            codes = CODES.decode(await self._front.call_shard(self._shard, self._method, raw))
+            offset = 0
+            for e in entries:
+                if not e.future.done():
+                    e.future.set_result(codes[offset: offset + len(e.group)])
+                offset += len(e.group)
+        except Exception as exc:
+            error = exc if isinstance(exc, LedgerError) else Unavailable(
+                f"shard {self._shard} failed: {type(exc).__name__}")
+            if not isinstance(exc, LedgerError):
+                log.warning("shard %d call failed: %r", self._shard, exc)
+            for e in entries:
+                if not e.future.done():
+                    e.future.set_exception(error)
+        finally:
+            self._calls -= 1
+            self._kick()
+
+
+class Front:
+    """Implements the LedgerService by routing to shards; serves RPC and HTTP."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._partitions = PartitionMap.uniform(config.shard.shards)
+        self._shards: list[Any] = []
+        self._lanes: dict[tuple[int, str], _Lane] = {}
+        self._store: LedgerStore | None = None
+        self._ready = False
+        self._http: uvicorn.Server | None = None
+        self._http_task: asyncio.Task[None] | None = None
+        self._rpc: asyncio.AbstractServer | None = None
+
+    async def start(self) -> dict[str, int]:
+        """Wait for the shards, then listen. Returns the bound ports."""
+        cfg = self.config
+        self._store = await LedgerStore.connect(
+            cfg.shard.database_url, pool_size_max=4,
+            connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s,
+        )
+        self._shards = [ray.get_actor(shard_actor_name(s), namespace=NAMESPACE)
+                        for s in range(cfg.shard.shards)]
+        await asyncio.gather(*[s.ready.remote() for s in self._shards])
+        key_path = Path(cfg.front.key_path or Path(cfg.data_dir) / KEY_FILE_NAME)
+        key = load_or_create_key(key_path)
+        app = build_app(self, key, clock_s=time.time, ready=lambda: self._ready,
+                        body_bytes_max=cfg.front.body_bytes_max)
+        server = uvicorn.Server(uvicorn.Config(
+            app, host=cfg.front.host, port=cfg.front.http_port, loop="none", lifespan="off",
+            log_level="warning", access_log=False, http="httptools",
+        ))
+        self._http = server
+        self._http_task = asyncio.get_running_loop().create_task(server.serve())
+        for _ in range(200):
+            if server.started:
+                break
+            if self._http_task.done():
+                self._http_task.result()
+            await asyncio.sleep(0.025)
+        self._rpc = await start_rpc_server(self, key, host=cfg.front.host,
+                                           port=cfg.front.rpc_port, clock_s=time.time)
+        http_port = server.servers[0].sockets[0].getsockname()[1]
+        rpc_port = self._rpc.sockets[0].getsockname()[1]
+        self._ready = True
+        log.info("front listening: http %s:%d rpc %s:%d",
+                 cfg.front.host, http_port, cfg.front.host, rpc_port)
+        return {"http_port": http_port, "rpc_port": rpc_port}
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish, close."""
+        self._ready = False
+        if self._rpc is not None:
+            self._rpc.close()
+        if self._http is not None:
+            self._http.should_exit = True
+            if self._http_task is not None:
+                await asyncio.wait([self._http_task], timeout=5)
+        for _ in range(100):
+            if not any(lane._calls for lane in self._lanes.values()):
+                break
+            await asyncio.sleep(0.05)
+        if self._store is not None:
+            await self._store.close()
+
+    def is_ready(self) -> bool:
+        return self._ready
+
+    async def call_shard(self, shard: int, method: str, raw: bytes) -> bytes:
+        """One actor call, retried (bounded) while the shard restarts after a crash.
+
+        Retrying is safe: ids are idempotent, so a batch that did commit before the crash
+        answers ``exists`` the second time.
+        """
+        cfg = self.config.front
+        handle = self._shards[shard]
+        deadline = time.monotonic() + cfg.retry_deadline_s
+        for attempt in range(1, cfg.retry_attempts_max + 1):
+            try:
+                result: bytes = await getattr(handle, method).remote(raw)
+                return result
+            except LedgerError:
+                raise
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                remaining = deadline - time.monotonic()
+                if attempt == cfg.retry_attempts_max or remaining <= 0:
+                    raise Unavailable(f"shard {shard} is restarting", retry_after_s=1.0) from exc
+                log.warning("shard %d died during a call (attempt %d); waiting for it",
+                            shard, attempt)
+                try:
+                    await asyncio.wait_for(handle.ready.remote(), timeout=remaining)
+                except Exception:
+                    await asyncio.sleep(min(0.5, max(remaining, 0)))
+        raise Unavailable(f"shard {shard} is unavailable", retry_after_s=1.0)
+
+    def _lane(self, shard: int, method: str) -> _Lane:
+        lane = self._lanes.get((shard, method))
+        if lane is None:
+            lane = self._lanes[(shard, method)] = _Lane(self, shard, method)
+        return lane
+
+    # -- LedgerService ------------------------------------------------------------------------
+
+    async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
+        groups: dict[int, list[int]] = {}
+        for i, a in enumerate(accounts):
+            groups.setdefault(self._partitions.shard_of(a.id), []).append(i)
+        codes = await self._route(accounts, groups, "create_accounts")
+        return [AccountResult(c) for c in codes]
+
+    async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        groups: dict[int, list[int]] = {}
+        i = 0
+        while i < len(transfers):
+            j = i
+            while j < len(transfers) - 1 and transfers[j].flags & LINKED:
+                j += 1
+            # A chain is coordinated by the shard of its first transfer's debit account.
+            coordinator = self._partitions.shard_of(transfers[i].debit_account_id)
+            groups.setdefault(coordinator, []).extend(range(i, j + 1))
+            i = j + 1
+        codes = await self._route(transfers, groups, "create_transfers")
+        return [TransferResult(c) for c in codes]
+
+    async def _route(
+        self, items: Sequence[Any], groups: dict[int, list[int]], method: str
+    ) -> list[int]:
+        futures = [
+            (indices, self._lane(shard, method).submit([items[i] for i in indices]))
+            for shard, indices in groups.items()
+        ]
+        out = [0] * len(items)
+        results = await asyncio.gather(*[f for _, f in futures])
+        for (indices, _), codes in zip(futures, results, strict=True):
+            for i, code in zip(indices, codes, strict=True):
+                out[i] = code
+        return out
+
+    async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
+        assert self._store is not None
+        found = await self._store.lookup_accounts(list(ids))
+        return [found.get(i) for i in ids]
+
+    async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
+        assert self._store is not None
+        found = await self._store.lookup_transfers(list(ids))
+        return [found.get(i) for i in ids]
+
+    async def shard_stats(self) -> list[dict[str, float]]:
+        return list(await asyncio.gather(*[s.stats.remote() for s in self._shards]))
+
+
+def make_front(config: Config) -> Any:
+    """Start the front as a Ray actor (the one place it is made remote)."""
+    actor_class = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=100_000)(Front)
+    return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(config)

@@ -1,0 +1,135 @@
+"""Starting and stopping a whole processor: database, Ray, shards and front.
+
+Used by ``txproc serve``, the demo, the benchmark and the tests, so that all of them run
+the same real parts the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import ray
+
+from actors.database import EmbeddedPostgres
+from actors.front import make_front
+from actors.migrate import migrate
+from actors.shard import NAMESPACE, make_shard, shard_actor_name
+from actors.store import LedgerStore
+from processor.config import Config
+from processor.partition import PartitionMap
+
+__all__ = ["Processor", "ensure_database", "start_processor"]
+
+log = logging.getLogger("txproc.runtime")
+
+
+@dataclass
+class Processor:
+    """A running processor and what it started (so it stops exactly that)."""
+
+    config: Config
+    front: Any
+    shards: list[Any]
+    http_port: int
+    rpc_port: int
+    embedded: EmbeddedPostgres | None = None
+    started_ray: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    async def stop(self) -> None:
+        """Flush and close the front and shards, then stop what this process started."""
+        try:
+            await asyncio.wait_for(self.front.stop.remote(), timeout=15)
+        except Exception as exc:  # a dead front has nothing left to flush
+            log.warning("front stop: %r", exc)
+        for shard in self.shards:
+            try:
+                await asyncio.wait_for(shard.stop.remote(), timeout=15)
+            except Exception as exc:
+                log.warning("shard stop: %r", exc)
+        for actor in [self.front, *self.shards]:
+            ray.kill(actor, no_restart=True)
+        if self.started_ray:
+            ray.shutdown()
+        if self.embedded is not None:
+            self.embedded.stop()
+
+
+def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
+    """The database URL to use, starting the embedded server if none was configured."""
+    if config.shard.database_url:
+        return config.shard.database_url, None
+    embedded = EmbeddedPostgres()
+    embedded.start(Path(config.data_dir) / "pg")
+    return embedded.url, embedded
+
+
+def init_ray(address: str | None) -> bool:
+    """Join the cluster at ``address`` or start a local Ray; True if this call started it."""
+    if ray.is_initialized():
+        return False
+    # Keep the worker processes' logs out of the operator's terminal; they stay in Ray's
+    # session directory for debugging.
+    kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
+    return True
+
+
+async def start_processor(config: Config) -> Processor:
+    """Start everything ``config`` describes and return once /readyz would answer 200."""
+    config.check()
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    url, embedded = ensure_database(config)
+    try:
+        applied = await migrate(url)
+        if applied:
+            log.info("applied migrations %s", applied)
+        partitions = PartitionMap.uniform(config.shard.shards)
+        store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                          command_timeout_s=30)
+        try:
+            await store.ensure_partition_map(partitions.shard_of_partition)
+        finally:
+            await store.close()
+        config = msgspec.structs.replace(
+            config, shard=msgspec.structs.replace(config.shard, database_url=url)
+        )
+        started_ray = init_ray(config.ray_address)
+        for s in range(config.shard.shards):
+            _kill_stale(shard_actor_name(s))
+        _kill_stale("txproc-front")
+        shards = [make_shard(s, config.shard) for s in range(config.shard.shards)]
+        front = make_front(config)
+        ports = await front.start.remote()
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
+    return Processor(
+        config=config, front=front, shards=shards, http_port=ports["http_port"],
+        rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
+    )
+
+
+def _kill_stale(name: str) -> None:
+    """A named actor left by an earlier run in the same cluster would block the name."""
+    try:
+        ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+    except ValueError:
+        return
+    for _ in range(100):  # the name is released once the kill has gone through
+        try:
+            ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:
+            return
+        time.sleep(0.05)

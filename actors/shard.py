@@ -1,0 +1,387 @@
+"""LedgerShard: the Ray actor that serializes one group of ledger partitions.
+
+A thin shell: decode, call the pure rules in processor.ledger, persist through the store,
+encode. It acknowledges nothing before the database commit, and on any failure of the write
+path it exits: Ray restarts it and recovery rebuilds the book from PostgreSQL (crash-only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+import ray
+
+from actors.store import LedgerStore
+from processor.config import ShardConfig
+from processor.errors import Overloaded
+from processor.ledger import Book, CommitBatch, EventKind, Leg, require
+from processor.partition import PartitionMap
+from processor.types import Account, Transfer
+
+__all__ = ["LedgerShard", "make_shard"]
+
+log = logging.getLogger("txproc.shard")
+NAMESPACE = "txproc"
+
+ACCOUNT_REQUESTS = msgspec.msgpack.Decoder(list[list[Account]])
+TRANSFER_REQUESTS = msgspec.msgpack.Decoder(list[list[Transfer]])
+LEGS = msgspec.msgpack.Decoder(list[Leg])
+OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bool]])
+RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, int]]])
+ENCODER = msgspec.msgpack.Encoder()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """An evaluated batch waiting for its commit."""
+
+    batch: CommitBatch
+    done: asyncio.Future[None]
+    is_accounts: bool = False
+
+
+@dataclass(slots=True)
+class _Stats:
+    batches_committed: int = 0
+    transfers_committed: int = 0
+    commits: int = 0
+    commit_seconds: float = 0.0
+    queue_depth_max_seen: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class LedgerShard:
+    """One shard. Built plainly in unit tests; made a Ray actor by ``make_shard``."""
+
+    def __init__(
+        self,
+        shard: int,
+        config: ShardConfig,
+        peers: Callable[[int], object] | None = None,
+        clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._shard = shard
+        self._config = config
+        self._partitions = PartitionMap.uniform(config.shards)
+        self._clock_ns = clock_ns
+        self._peers = peers or _peer_by_name
+        self._started: asyncio.Task[None] | None = None
+        self._store: LedgerStore | None = None
+        self._book: Book | None = None
+        self._epoch = 0
+        self._evaluate_lock = asyncio.Lock()
+        self._queue: list[_Pending] = []
+        self._queue_ready = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stats = _Stats()
+        self._in_flight = 0
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def ready(self) -> int:
+        """Wait until recovery is done; returns this incarnation's epoch."""
+        await self._ensure_started()
+        return self._epoch
+
+    async def _ensure_started(self) -> None:
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._recover())
+        await asyncio.shield(self._started)
+
+    async def _recover(self) -> None:
+        cfg = self._config
+        self._store = await LedgerStore.connect(
+            cfg.database_url,
+            pool_size_max=cfg.pool_size_max,
+            connect_timeout_s=cfg.connect_timeout_s,
+            command_timeout_s=cfg.command_timeout_s,
+        )
+        self._epoch = await self._store.take_epoch(self._shard)
+        accounts, pending = await self._store.load_shard(
+            self._partitions.partitions_of_shard(self._shard)
+        )
+        book = Book(self._shard, self._partitions, recent_ids_max=cfg.recent_ids_max)
+        for a in accounts:
+            book.load_account(a)
+        for t in pending:
+            book.load_pending(t)
+        self._book = book
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._committer()),
+            loop.create_task(self._orphan_sweeper()),
+            loop.create_task(self._expiry_ticker()),
+        ]
+        log.info(
+            "shard %d recovered at epoch %d: %d accounts, %d open holds",
+            self._shard, self._epoch, len(accounts), len(pending),
+        )
+
+    async def stop(self) -> None:
+        """Let queued commits finish, then close the pool (clean shutdown)."""
+        for _ in range(100):
+            if not self._queue and self._in_flight == 0:
+                break
+            await asyncio.sleep(0.05)
+        for task in self._tasks:
+            task.cancel()
+        if self._store is not None:
+            await self._store.close()
+
+    def stats(self) -> dict[str, float]:
+        s = self._stats
+        book = self._book
+        return {
+            "shard": self._shard,
+            "epoch": self._epoch,
+            "batches_committed": s.batches_committed,
+            "transfers_committed": s.transfers_committed,
+            "commits": s.commits,
+            "commit_seconds": s.commit_seconds,
+            "accounts": len(book.accounts) if book else 0,
+            "open_holds": len(book.pending) if book else 0,
+            "holds_granted": len(book.holds) if book else 0,
+            "recent_ids": len(book.recent) if book else 0,
+            "pid": os.getpid(),
+        }
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    async def create_accounts(self, raw: bytes) -> bytes:
+        """Create accounts this shard owns; returns one code list per request."""
+        await self._ensure_started()
+        requests = ACCOUNT_REQUESTS.decode(raw)
+        self._admit(sum(len(r) for r in requests))
+        try:
+            async with self._evaluate_lock:
+                book = self._require_book()
+                codes, batch = book.create_accounts(requests, self._clock_ns())
+                pending = self._enqueue(batch, is_accounts=True)
+            await pending.done
+            return ENCODER.encode([int(c) for request in codes for c in request])
+        finally:
+            self._in_flight -= sum(len(r) for r in requests)
+
+    # -- transfers --------------------------------------------------------------------------
+
+    async def create_transfers(self, raw: bytes) -> bytes:
+        """Evaluate, commit and answer transfers this shard coordinates.
+
+        Returns one flat code list in request order. Nothing is answered before the batch
+        is durable in PostgreSQL.
+        """
+        await self._ensure_started()
+        requests = TRANSFER_REQUESTS.decode(raw)
+        items = sum(len(r) for r in requests)
+        self._admit(items)
+        try:
+            async with self._evaluate_lock:
+                book = self._require_book()
+                store = self._require_store()
+                ids, pending_ids = book.lookups_needed(requests)
+                known = await store.fetch_known(ids, pending_ids)
+                plan = book.plan_transfers(requests, self._clock_ns(), known)
+                answers = await self._reserve_remote(plan.remote)
+                batch = book.finalize(plan, answers, self._clock_ns())
+                pending = self._enqueue(batch)
+            await pending.done
+            return ENCODER.encode(batch.codes)
+        finally:
+            self._in_flight -= items
+
+    async def _reserve_remote(
+        self, remote: dict[int, list[tuple[int, Leg]]]
+    ) -> dict[int, tuple[int, list[tuple[int, int]]]]:
+        if not remote:
+            return {}
+        shards = sorted(remote)
+        calls = [
+            self._peers(s).reserve.remote(  # type: ignore[attr-defined]
+                self._shard, self._epoch, ENCODER.encode([leg for _, leg in remote[s]])
+            )
+            for s in shards
+        ]
+        try:
+            raws = await asyncio.wait_for(
+                asyncio.gather(*calls), timeout=self._config.peer_call_timeout_s
+            )
+        except Exception:
+            # Some holds may have been granted before the failure; they are owned by this
+            # incarnation, which must now end so its peers release them (orphan sweep).
+            log.exception("shard %d: reserve on peers failed; restarting", self._shard)
+            _crash()
+            raise
+        return {s: RESERVE_ANSWER.decode(r) for s, r in zip(shards, raws, strict=True)}
+
+    # -- holds granted to other coordinators ----------------------------------------------
+
+    async def reserve(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
+        """Check and hold legs of a transfer coordinated by shard ``coordinator``."""
+        await self._ensure_started()
+        book = self._require_book()
+        answers = book.reserve(coordinator, epoch, LEGS.decode(raw_legs))
+        return ENCODER.encode((self._epoch, answers))
+
+    async def settle(self, coordinator: int, raw_outcomes: bytes) -> None:
+        await self._ensure_started()
+        self._require_book().settle(coordinator, OUTCOMES.decode(raw_outcomes))
+
+    # -- the write path ---------------------------------------------------------------------
+
+    def _admit(self, items: int) -> None:
+        if self._in_flight + items > self._config.items_in_flight_max:
+            raise Overloaded("shard queue full", retry_after_s=0.05)
+        self._in_flight += items
+
+    def _enqueue(self, batch: CommitBatch, *, is_accounts: bool = False) -> _Pending:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        pending = _Pending(batch, done, is_accounts)
+        self._queue.append(pending)
+        self._stats.queue_depth_max_seen = max(self._stats.queue_depth_max_seen, len(self._queue))
+        self._queue_ready.set()
+        return pending
+
+    async def _committer(self) -> None:
+        """Commit queued batches in order; while one commit runs the next batches queue up
+        and are written together by the next one (group commit)."""
+        store = self._require_store()
+        book = self._require_book()
+        while True:
+            await self._queue_ready.wait()
+            self._queue_ready.clear()
+            while self._queue:
+                group = self._queue[: self._config.commit_batches_max]
+                del self._queue[: len(group)]
+                fences = {self._shard: self._epoch}
+                for p in group:
+                    fences.update(p.batch.fences)
+                started = time.perf_counter()
+                try:
+                    await store.commit([p.batch for p in group], fences=fences)
+                except BaseException:
+                    log.exception("shard %d: commit failed; restarting to recover", self._shard)
+                    _crash()
+                    raise
+                self._stats.commits += 1
+                self._stats.commit_seconds += time.perf_counter() - started
+                for p in group:
+                    if p.is_accounts:
+                        book.accounts_committed(p.batch)
+                    else:
+                        book.committed(p.batch)
+                        self._stats.transfers_committed += len(p.batch.transfers)
+                    self._stats.batches_committed += 1
+                await self._send_settlements(group)
+                for p in group:
+                    if not p.done.done():
+                        p.done.set_result(None)
+
+    async def _send_settlements(self, group: list[_Pending]) -> None:
+        by_shard: dict[int, list[tuple[int, bool]]] = {}
+        for p in group:
+            for shard, outcomes in p.batch.settlements.items():
+                by_shard.setdefault(shard, []).extend(outcomes)
+        if not by_shard:
+            return
+        calls = [
+            self._peers(s).settle.remote(self._shard, ENCODER.encode(o))  # type: ignore[attr-defined]
+            for s, o in by_shard.items()
+        ]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for shard, result in zip(by_shard, results, strict=True):
+            if isinstance(result, BaseException):
+                # The peer died: its successor read these effects from the database.
+                log.warning("shard %d: settle on shard %d failed: %r", self._shard, shard, result)
+
+    async def _orphan_sweeper(self) -> None:
+        """Resolve holds granted to coordinators that have since restarted.
+
+        Once a coordinator's epoch moved on, its old incarnation can commit nothing more
+        (commit fence), so the database is the final word on each of its holds.
+        """
+        store = self._require_store()
+        book = self._require_book()
+        while True:
+            await asyncio.sleep(self._config.orphan_sweep_interval_s)
+            if not book.holds:
+                continue
+            epochs = await store.epochs()
+            for coordinator in {c for c, _ in book.holds}:
+                orphans = book.holds_of_old_epochs(coordinator, epochs.get(coordinator, 0))
+                if not orphans:
+                    continue
+                transfer_ids = [h.leg.event_id for _, h in orphans
+                                if h.leg.event_kind == EventKind.transfer]
+                expiry_ids = [h.leg.event_id for _, h in orphans
+                              if h.leg.event_kind == EventKind.expiry]
+                committed_t, committed_e = await store.committed_events(transfer_ids, expiry_ids)
+                outcomes = []
+                for hold_id, h in orphans:
+                    done = (committed_t if h.leg.event_kind == EventKind.transfer
+                            else committed_e)
+                    outcomes.append((hold_id, h.leg.event_id in done))
+                book.settle(coordinator, outcomes)
+                log.info("shard %d: resolved %d holds of restarted shard %d",
+                         self._shard, len(outcomes), coordinator)
+
+    async def _expiry_ticker(self) -> None:
+        """Expire due holds even when no transfers arrive to carry the expiry."""
+        book = self._require_book()
+        while True:
+            await asyncio.sleep(self._config.expiry_interval_s)
+            now_ns = self._clock_ns()
+            if not any(p.expires_at_ns and p.expires_at_ns <= now_ns
+                       for p in book.pending.values()):
+                continue
+            await self.create_transfers(ENCODER.encode([]))
+
+    def _require_book(self) -> Book:
+        require(self._book is not None, "shard recovered")
+        assert self._book is not None
+        return self._book
+
+    def _require_store(self) -> LedgerStore:
+        require(self._store is not None, "shard recovered")
+        assert self._store is not None
+        return self._store
+
+
+def _crash() -> None:
+    """End this process now; Ray restarts the actor and recovery rebuilds from PostgreSQL."""
+    logging.shutdown()
+    os._exit(70)
+
+
+def shard_actor_name(shard: int) -> str:
+    return f"txproc-shard-{shard}"
+
+
+_PEERS: dict[int, object] = {}
+
+
+def _peer_by_name(shard: int) -> object:
+    # A named actor keeps its handle across restarts, so the lookup is done once.
+    if shard not in _PEERS:
+        _PEERS[shard] = ray.get_actor(shard_actor_name(shard), namespace=NAMESPACE)
+    return _PEERS[shard]
+
+
+def make_shard(shard: int, config: ShardConfig) -> object:
+    """Start shard ``shard`` as a named, restartable Ray actor (the one place it is remote)."""
+    actor_class = ray.remote(
+        num_cpus=0,
+        # Restart forever: a shard is the only way to its partitions, and recovery is the
+        # normal path after a crash. In-flight calls are not re-executed; the front retries.
+        max_restarts=-1,
+        max_task_retries=0,
+        max_concurrency=1000,
+    )(LedgerShard)
+    return actor_class.options(  # type: ignore[attr-defined]
+        name=shard_actor_name(shard), namespace=NAMESPACE
+    ).remote(shard, config)

@@ -1,0 +1,340 @@
+"""The ledger's PostgreSQL store: batched commits, recovery reads and lookups.
+
+Every write of a batch is one transaction: COPY for the append-only rows, one UPDATE over
+``unnest`` for the balance rows it changes, and the epoch fence that keeps a dead shard's
+successor and a zombie from both committing (docs/design.md, "Fencing").
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import msgspec
+
+from processor.ledger import CommitBatch, Known, Resolution, require
+from processor.partition import partition_of
+from processor.types import Account, Transfer
+
+__all__ = ["Audit", "FenceError", "LedgerStore"]
+
+ACCOUNT_COLUMNS = (
+    "id", "currency", "flags", "code", "user_data", "debits_pending", "debits_posted",
+    "credits_pending", "credits_posted", "timestamp",
+)
+TRANSFER_COLUMNS = (
+    "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
+    "pending_id", "timeout_s", "code", "user_data", "timestamp",
+)
+_ACCOUNT_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in ACCOUNT_COLUMNS)
+_TRANSFER_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in TRANSFER_COLUMNS)
+
+
+class Audit(msgspec.Struct, frozen=True):
+    """What the invariant check found; every count is zero on a healthy ledger."""
+
+    accounts: int
+    transfers: int
+    debits_minus_credits_posted: int
+    debits_minus_credits_pending: int
+    accounts_not_equal_to_postings: int
+    accounts_beyond_limit: int
+
+    @property
+    def passed(self) -> bool:
+        return (self.debits_minus_credits_posted == 0 and self.debits_minus_credits_pending == 0
+                and self.accounts_not_equal_to_postings == 0 and self.accounts_beyond_limit == 0)
+
+
+class FenceError(RuntimeError):
+    """A shard this batch depends on has a newer incarnation; the batch must not commit."""
+
+
+# An account's balances recomputed from scratch: posted amounts of plain transfers and
+# posts, and the amounts of pending transfers that are not resolved yet.
+_AUDIT_POSTINGS_SQL = """
+WITH e AS (
+    SELECT t.debit_account_id AS d, t.credit_account_id AS c,
+           CASE WHEN (t.flags & 2) <> 0 AND r.pending_id IS NULL
+                THEN t.amount::numeric ELSE 0 END AS pend,
+           CASE WHEN (t.flags & 14) = 0 OR (t.flags & 4) <> 0
+                THEN t.amount::numeric ELSE 0 END AS post
+    FROM transfers t LEFT JOIN pending_resolutions r ON r.pending_id = t.id
+), s AS (
+    SELECT d AS id, pend AS dp, post AS dpo, 0::numeric AS cp, 0::numeric AS cpo FROM e
+    UNION ALL
+    SELECT c, 0, 0, pend, post FROM e
+), g AS (
+    SELECT id, sum(dp) AS dp, sum(dpo) AS dpo, sum(cp) AS cp, sum(cpo) AS cpo
+    FROM s GROUP BY id
+)
+SELECT count(*) FROM accounts a LEFT JOIN g ON g.id = a.id
+WHERE a.debits_pending <> coalesce(g.dp, 0) OR a.debits_posted <> coalesce(g.dpo, 0)
+   OR a.credits_pending <> coalesce(g.cp, 0) OR a.credits_posted <> coalesce(g.cpo, 0)
+"""
+
+
+def _account(row: asyncpg.Record) -> Account:
+    return Account(**{c: row[c] for c in ACCOUNT_COLUMNS})
+
+
+def _transfer(row: asyncpg.Record) -> Transfer:
+    return Transfer(**{c: row[c] for c in TRANSFER_COLUMNS})
+
+
+class LedgerStore:
+    """One connection pool to one ledger database, shared by a shard's tasks."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(
+        cls, url: str, *, pool_size_max: int, connect_timeout_s: float, command_timeout_s: float
+    ) -> LedgerStore:
+        require(pool_size_max >= 2, "a commit and a read may run at once")
+        pool = await asyncpg.create_pool(
+            url,
+            min_size=1,
+            max_size=pool_size_max,
+            timeout=connect_timeout_s,
+            command_timeout=command_timeout_s,
+            # Durability is the point of a ledger: never let a session relax it.
+            server_settings={"synchronous_commit": "on", "application_name": "txproc"},
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+
+    # -- recovery ---------------------------------------------------------------------------
+
+    async def take_epoch(self, shard: int) -> int:
+        """Start a new incarnation of ``shard``; returns its epoch.
+
+        The UPDATE waits for every in-flight commit that locked this shard's epoch row FOR
+        SHARE, so when it returns no batch of an earlier incarnation can still commit.
+        """
+        async with self._pool.acquire() as conn:
+            epoch = await conn.fetchval(
+                "INSERT INTO shard_epochs (shard, epoch) VALUES ($1, 1) "
+                "ON CONFLICT (shard) DO UPDATE SET epoch = shard_epochs.epoch + 1 "
+                "RETURNING epoch",
+                shard,
+            )
+        return int(epoch)
+
+    async def epochs(self) -> dict[int, int]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch("SELECT shard, epoch FROM shard_epochs")
+        return {r["shard"]: r["epoch"] for r in rows}
+
+    async def load_shard(self, partitions: list[int]) -> tuple[list[Account], list[Transfer]]:
+        """The accounts of these partitions and their open pending transfers."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            accounts = await conn.fetch(
+                f"SELECT {_ACCOUNT_SELECT} FROM accounts WHERE partition = ANY($1::int[])",
+                partitions,
+            )
+            pending = await conn.fetch(
+                f"SELECT {_TRANSFER_SELECT} FROM transfers t "
+                "WHERE (t.flags & 2) <> 0 AND t.partition = ANY($1::int[]) "
+                "AND NOT EXISTS (SELECT 1 FROM pending_resolutions r WHERE r.pending_id = t.id)",
+                partitions,
+            )
+        return [_account(r) for r in accounts], [_transfer(r) for r in pending]
+
+    async def ensure_partition_map(self, shard_of_partition: tuple[int, ...]) -> None:
+        """Record the partition map at first start; refuse a different one later."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute("LOCK TABLE partition_map IN EXCLUSIVE MODE")
+            rows = await conn.fetch("SELECT partition, shard FROM partition_map ORDER BY 1")
+            if not rows:
+                await conn.copy_records_to_table(
+                    "partition_map",
+                    records=[(p, s, "main") for p, s in enumerate(shard_of_partition)],
+                    columns=("partition", "shard", "database_key"),
+                )
+                return
+            stored = tuple(r["shard"] for r in rows)
+            if stored != shard_of_partition:
+                shards = max(stored) + 1
+                raise ValueError(
+                    f"this ledger was created with {shards} shards; start it with "
+                    f"--shards {shards} (re-sharding a live ledger is not supported yet)"
+                )
+
+    # -- reads ------------------------------------------------------------------------------
+
+    async def fetch_known(self, ids: list[int], pending_ids: list[int]) -> Known:
+        """What the database holds about transfer ids the shard no longer remembers."""
+        known = Known()
+        if not ids and not pending_ids:
+            return known
+        async with self._pool.acquire() as conn:
+            if ids:
+                for row in await conn.fetch(
+                    f"SELECT {_TRANSFER_SELECT} FROM transfers WHERE id = ANY($1::bigint[])", ids
+                ):
+                    known.transfers[row["id"]] = _transfer(row)
+                for row in await conn.fetch(
+                    "SELECT id, result FROM failed_transfers WHERE id = ANY($1::bigint[])", ids
+                ):
+                    known.failed[row["id"]] = row["result"]
+            if pending_ids:
+                for row in await conn.fetch(
+                    "SELECT pending_id, kind FROM pending_resolutions "
+                    "WHERE pending_id = ANY($1::bigint[])",
+                    pending_ids,
+                ):
+                    known.resolutions[row["pending_id"]] = row["kind"]
+        return known
+
+    async def lookup_accounts(self, ids: list[int]) -> dict[int, Account]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_ACCOUNT_SELECT} FROM accounts WHERE id = ANY($1::bigint[])", ids
+            )
+        return {r["id"]: _account(r) for r in rows}
+
+    async def lookup_transfers(self, ids: list[int]) -> dict[int, Transfer]:
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                f"SELECT {_TRANSFER_SELECT} FROM transfers WHERE id = ANY($1::bigint[])", ids
+            )
+        return {r["id"]: _transfer(r) for r in rows}
+
+    async def committed_events(
+        self, transfer_ids: list[int], expired_pending_ids: list[int]
+    ) -> tuple[set[int], set[int]]:
+        """Which of these transfers and expiries are committed (for orphaned holds)."""
+        async with self._pool.acquire() as conn:
+            transfers = await conn.fetch(
+                "SELECT id FROM transfers WHERE id = ANY($1::bigint[])", transfer_ids
+            )
+            expiries = await conn.fetch(
+                "SELECT pending_id FROM pending_resolutions "
+                "WHERE pending_id = ANY($1::bigint[]) AND kind = $2",
+                expired_pending_ids,
+                int(Resolution.expired),
+            )
+        return {r["id"] for r in transfers}, {r["pending_id"] for r in expiries}
+
+    async def audit(self) -> Audit:
+        """Recompute every balance from the append-only rows and check double entry."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            totals = await conn.fetchrow(
+                "SELECT count(*) AS n, coalesce(sum(debits_posted) - sum(credits_posted), 0) "
+                "AS posted, coalesce(sum(debits_pending) - sum(credits_pending), 0) AS pending "
+                "FROM accounts"
+            )
+            transfers = await conn.fetchval("SELECT count(*) FROM transfers")
+            mismatched = await conn.fetchval(_AUDIT_POSTINGS_SQL)
+            beyond = await conn.fetchval(
+                "SELECT count(*) FROM accounts WHERE "
+                "((flags & 1) <> 0 AND debits_pending + debits_posted > credits_posted) OR "
+                "((flags & 2) <> 0 AND credits_pending + credits_posted > debits_posted)"
+            )
+        return Audit(
+            accounts=totals["n"], transfers=transfers,
+            debits_minus_credits_posted=int(totals["posted"]),
+            debits_minus_credits_pending=int(totals["pending"]),
+            accounts_not_equal_to_postings=mismatched, accounts_beyond_limit=beyond,
+        )
+
+    # -- the write path ---------------------------------------------------------------------
+
+    async def commit(self, batches: list[CommitBatch], *, fences: dict[int, int]) -> None:
+        """Write ``batches`` in one transaction, fenced on the epochs in ``fences``.
+
+        Raises FenceError if a fenced shard has moved on; the caller must then discard its
+        in-memory state (crash), because nothing of these batches was written.
+        """
+        accounts = [a for b in batches for a in b.accounts]
+        transfers = [t for b in batches for t in b.transfers]
+        failed = [f for b in batches for f in b.failed]
+        resolutions = [r for b in batches for r in b.resolutions]
+        deltas: dict[int, list[int]] = {}
+        for b in batches:
+            for account_id, d in b.balance_deltas.items():
+                total = deltas.setdefault(account_id, [0, 0, 0, 0])
+                for i in range(4):
+                    total[i] += d[i]
+        shards = sorted(fences)
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                "SELECT shard, epoch FROM shard_epochs WHERE shard = ANY($1::int[]) "
+                "ORDER BY shard FOR SHARE",
+                shards,
+            )
+            current = {r["shard"]: r["epoch"] for r in rows}
+            for shard in shards:
+                if current.get(shard) != fences[shard]:
+                    raise FenceError(
+                        f"shard {shard} is at epoch {current.get(shard)}, not {fences[shard]}"
+                    )
+            if accounts:
+                await conn.copy_records_to_table(
+                    "accounts",
+                    records=[
+                        (a.id, a.currency, a.flags, a.code, a.user_data, 0, 0, 0, 0,
+                         a.timestamp, partition_of(a.id))
+                        for a in accounts
+                    ],
+                    columns=(*ACCOUNT_COLUMNS, "partition"),
+                )
+            if transfers:
+                await conn.copy_records_to_table(
+                    "transfers",
+                    records=[
+                        (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency,
+                         t.flags, t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp,
+                         partition_of(t.debit_account_id))
+                        for t in transfers
+                    ],
+                    columns=(*TRANSFER_COLUMNS, "partition"),
+                )
+            if failed:
+                await conn.copy_records_to_table(
+                    "failed_transfers",
+                    records=[(f.id, f.result, f.timestamp) for f in failed],
+                    columns=("id", "result", "timestamp"),
+                )
+            if resolutions:
+                await conn.copy_records_to_table(
+                    "pending_resolutions",
+                    records=[(r.pending_id, r.kind, r.transfer_id, r.timestamp)
+                             for r in resolutions],
+                    columns=("pending_id", "kind", "transfer_id", "timestamp"),
+                )
+            changed = sorted(i for i, d in deltas.items() if any(d))
+            if changed:
+                await self._update_balances(conn, changed, deltas)
+
+    @staticmethod
+    async def _update_balances(
+        conn: asyncpg.Connection, ids: list[int], deltas: dict[int, list[int]]
+    ) -> None:
+        # Shards update each other's balance rows (a cross-shard transfer writes both legs);
+        # locking rows in id order first means two batches can never deadlock.
+        await conn.execute(
+            "SELECT 1 FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids
+        )
+        status = await conn.execute(
+            "UPDATE accounts a SET "
+            "debits_pending = a.debits_pending + d.dp, "
+            "debits_posted = a.debits_posted + d.dpo, "
+            "credits_pending = a.credits_pending + d.cp, "
+            "credits_posted = a.credits_posted + d.cpo "
+            "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) "
+            "AS d(id, dp, dpo, cp, cpo) WHERE a.id = d.id",
+            ids,
+            [deltas[i][0] for i in ids],
+            [deltas[i][1] for i in ids],
+            [deltas[i][2] for i in ids],
+            [deltas[i][3] for i in ids],
+        )
+        # Every account a batch touches was committed before it was used; a missing row
+        # would be a posting written to nowhere.
+        require(status == f"UPDATE {len(ids)}", "every touched account row was updated")

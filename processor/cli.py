@@ -1,0 +1,152 @@
+"""The ``txproc`` command: serve, migrate, token issue, demo.
+
+This is the composition root: the only place that reads the environment and the only
+module of ``processor`` that reaches into ``actors`` (imported inside the commands, so the
+domain core stays importable without Ray).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+
+from processor.auth import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
+from processor.config import Config, FrontConfig, ShardConfig
+
+__all__ = ["build_config", "main"]
+
+log = logging.getLogger("txproc")
+DATA_DIR_DEFAULT = "./var/txproc"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT),
+                   help="where the embedded database and the signing key live")
+    p.add_argument("--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
+                   help="an existing PostgreSQL instead of the embedded one")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    _add_common(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8080)
+    p.add_argument("--rpc-port", type=int, default=7070)
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
+                   help="join this Ray cluster instead of starting a local Ray")
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """The one config tree, from parsed arguments (and the environment, via defaults)."""
+    config = Config(
+        shard=ShardConfig(database_url=args.database_url, shards=args.shards),
+        front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port),
+        data_dir=str(Path(args.data_dir).resolve()),
+        ray_address=args.ray_address,
+    )
+    config.check()
+    return config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="txproc", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub.add_parser("serve", help="run the processor in the foreground"))
+    demo = sub.add_parser("demo", help="start on embedded defaults and drive a workload")
+    _add_serve(demo)
+    demo.set_defaults(http_port=0, rpc_port=0)
+    demo.add_argument("--accounts", type=int, default=1_000)
+    demo.add_argument("--transfers", type=int, default=200_000)
+    demo.add_argument("--batch", type=int, default=4_000)
+    migrate = sub.add_parser("migrate", help="apply database migrations and exit")
+    _add_common(migrate)
+    token = sub.add_parser("token", help="bearer tokens for local use")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    issue = token_sub.add_parser("issue", help="print a signed token")
+    issue.add_argument("--scopes", required=True,
+                       help=f"comma-separated, from: {','.join(SCOPES)}")
+    issue.add_argument("--ttl-s", type=int, default=TOKEN_TTL_S_DEFAULT)
+    issue.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency; stdlib asyncio still works
+        pass
+    if args.command == "token":
+        return _token_issue(args)
+    if args.command == "migrate":
+        return asyncio.run(_migrate(args))
+    if args.command == "serve":
+        return asyncio.run(_serve(build_config(args)))
+    if args.command == "demo":
+        from processor.demo import run_demo
+
+        return asyncio.run(run_demo(build_config(args), accounts=args.accounts,
+                                    transfers=args.transfers, batch=args.batch))
+    return 2
+
+
+def _token_issue(args: argparse.Namespace) -> int:
+    from processor.auth import load_or_create_key
+
+    scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+    key = load_or_create_key(Path(args.data_dir).resolve() / KEY_FILE_NAME)
+    try:
+        print(issue_token(key, scopes, ttl_s=args.ttl_s, now_s=int(time.time())))
+    except ValueError as exc:
+        print(f"txproc token issue: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def _migrate(args: argparse.Namespace) -> int:
+    from actors.migrate import migrate
+    from actors.runtime import ensure_database
+
+    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
+                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
+    url, embedded = ensure_database(config)
+    try:
+        applied = await migrate(url)
+        print(f"applied: {applied or 'nothing (up to date)'}")
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+async def _serve(config: Config) -> int:
+    from actors.runtime import start_processor
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    processor = await start_processor(config)
+    log.info("txproc serving: http://%s:%d (healthz, readyz, /v1, /openapi.json), rpc %s:%d, "
+             "%d shards, data %s", config.front.host, processor.http_port, config.front.host,
+             processor.rpc_port, config.shard.shards, config.data_dir)
+    await stop.wait()
+    log.info("shutting down: flushing shards and closing")
+    await processor.stop()
+    log.info("stopped")
+    return 0
+
+
+def _dump(config: Config) -> str:  # pragma: no cover - debugging aid
+    return msgspec.json.encode(config).decode()

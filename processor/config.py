@@ -1,0 +1,82 @@
+"""One frozen configuration tree, built once by the CLI and passed down.
+
+No code below the CLI reads the environment. Every limit is spelled out with its unit, and
+``Config.check`` verifies the limits against each other at startup.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+
+from processor.service import BATCH_ITEMS_MAX
+
+__all__ = ["Config", "FrontConfig", "ShardConfig"]
+
+
+class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What every LedgerShard actor is started with."""
+
+    database_url: str
+    shards: int
+    recent_ids_max: int = 1_000_000
+    # Items (accounts or transfers) accepted but not yet answered; beyond it, overloaded.
+    items_in_flight_max: int = 8 * BATCH_ITEMS_MAX * 4
+    # Evaluated batches written by one transaction (group commit).
+    commit_batches_max: int = 64
+    pool_size_max: int = 4
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 30.0
+    peer_call_timeout_s: float = 30.0
+    orphan_sweep_interval_s: float = 1.0
+    expiry_interval_s: float = 0.5
+
+
+class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The front actor: listeners, micro-batching and retry limits."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    rpc_port: int = 7070
+    key_path: str = ""
+    # Items waiting in one shard's micro-batch queue; beyond it callers get overloaded.
+    queue_items_max: int = 4 * BATCH_ITEMS_MAX
+    # Items per actor call; a call carries whole requests so it may exceed this by one.
+    call_items_max: int = BATCH_ITEMS_MAX
+    # Actor calls in flight to one shard; more requests wait and join the next call.
+    calls_in_flight_max: int = 2
+    # A shard call that failed because the shard died is retried this many times within
+    # the deadline, then answered with a retryable ``unavailable``.
+    retry_attempts_max: int = 3
+    retry_deadline_s: float = 20.0
+    body_bytes_max: int = 4 * 1024 * 1024
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    shard: ShardConfig
+    front: FrontConfig
+    data_dir: str
+    ray_address: str | None = None
+
+    def check(self) -> None:
+        """Limits agree with each other; raises ValueError naming the first that does not."""
+        s, f = self.shard, self.front
+        checks = [
+            (1 <= s.shards <= 64, "1 <= shards <= 64"),
+            (0 < f.call_items_max <= f.queue_items_max, "0 < call_items_max <= queue_items_max"),
+            (f.queue_items_max <= s.items_in_flight_max,
+             "front queue_items_max <= shard items_in_flight_max"),
+            (f.calls_in_flight_max >= 1, "calls_in_flight_max >= 1"),
+            (f.retry_attempts_max >= 1, "retry_attempts_max >= 1"),
+            (s.pool_size_max >= 2, "pool_size_max >= 2"),
+            (s.commit_batches_max >= 1, "commit_batches_max >= 1"),
+            (s.recent_ids_max >= BATCH_ITEMS_MAX, "recent_ids_max >= one batch"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"configuration: {what}")
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)

@@ -1,0 +1,963 @@
+"""The ledger rules of one shard, as pure functions over in-memory state.
+
+A ``Book`` holds what one shard owns: its accounts with their balances, its open pending
+transfers, the holds it granted, and a bounded cache of recent transfer ids. It has no
+clock, no database and no Ray: callers pass ``now_ns`` and the rows they fetched.
+
+Every transfer is two legs, a debit leg on the debit account and a credit leg on the credit
+account. A leg is *local* when its account belongs to this shard and *remote* otherwise.
+A transfer (or a linked chain) with any remote leg is *distributed*; it is evaluated in two
+steps (docs/design.md, "Cross-shard transfers"):
+
+1. ``plan_transfers`` evaluates every item in order. Local-only items take effect on the
+   uncommitted balances at once. A distributed item's local legs become *holds* that only
+   tighten limits, and its remote legs are returned to be reserved on their shards.
+2. ``finalize`` takes the remote shards' answers, fails the distributed chains that were
+   refused, turns the holds of the others into effects, and returns a ``CommitBatch``: the
+   rows to write in one database transaction and the settlements to send afterwards.
+
+Because a hold only ever tightens limits, releasing one can never invalidate a decision
+already made for a later item; that is what lets step 2 fail a chain without re-evaluating
+the rest of the batch.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import msgspec
+
+from processor.codes import AccountResult, TransferResult, burns_id
+from processor.currency import is_known_currency
+from processor.partition import PartitionMap
+from processor.types import (
+    ACCOUNT_FLAGS_KNOWN,
+    AMOUNT_MAX,
+    TRANSFER_FLAGS_KNOWN,
+    Account,
+    AccountFlags,
+    Transfer,
+    TransferFlags,
+)
+
+__all__ = [
+    "AccountState",
+    "Book",
+    "CommitBatch",
+    "Failed",
+    "Hold",
+    "Known",
+    "Leg",
+    "PendingState",
+    "Plan",
+    "Resolution",
+    "Side",
+    "require",
+]
+
+R = TransferResult
+DEBITS_LIMITED = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+CREDITS_LIMITED = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
+LINKED = int(TransferFlags.LINKED)
+PENDING = int(TransferFlags.PENDING)
+POST = int(TransferFlags.POST_PENDING)
+VOID = int(TransferFlags.VOID_PENDING)
+NS_PER_S = 1_000_000_000
+
+
+class InvariantError(AssertionError):
+    """A broken invariant: a bug. The shard crashes and recovers from the database."""
+
+
+def require(condition: bool, what: str) -> None:
+    """Assert ``condition``; unlike ``assert`` it still runs under ``python -O``."""
+    if not condition:
+        raise InvariantError(what)
+
+
+class Side(enum.IntEnum):
+    debit = 0
+    credit = 1
+
+
+class Resolution(enum.IntEnum):
+    """How a pending transfer ended; stored in ``pending_resolutions.kind``."""
+
+    posted = 1
+    voided = 2
+    expired = 3
+
+
+class EventKind(enum.IntEnum):
+    """What a leg belongs to, so a shard can look its fate up in the database."""
+
+    transfer = 0  # committed iff the transfer row exists
+    expiry = 1  # committed iff the pending transfer has an ``expired`` resolution
+
+
+class Leg(msgspec.Struct, frozen=True, array_like=True):
+    """One side of a transfer or expiry: the change it makes to one account's balances."""
+
+    account_id: int
+    side: int
+    currency: str
+    pending_delta: int  # signed: a hold adds, a post or void releases
+    posted_delta: int  # never negative
+    # True for a new transfer: the account must exist with the currency and within limits.
+    # Posts, voids and expiries only release holds and are never refused.
+    limited: bool
+    event_kind: int = EventKind.transfer
+    event_id: int = 0
+
+    @property
+    def increase(self) -> int:
+        """How much this leg raises its side's total (pending + posted): what it holds."""
+        return max(0, self.pending_delta + self.posted_delta)
+
+
+@dataclass(slots=True)
+class AccountState:
+    """An account owned by this shard and its balances in three layers.
+
+    ``debits_pending`` etc. are committed: they equal the database row. ``u_*`` are the
+    signed effects of validated local events not yet committed. ``up_*`` add up the
+    increases among those, and ``reserved_*`` the holds granted to distributed items; both
+    only ever make limits tighter.
+    """
+
+    account: Account
+    committed: bool
+    debits_pending: int = 0
+    debits_posted: int = 0
+    credits_pending: int = 0
+    credits_posted: int = 0
+    u_debits_pending: int = 0
+    u_debits_posted: int = 0
+    u_credits_pending: int = 0
+    u_credits_posted: int = 0
+    up_debits: int = 0
+    up_credits: int = 0
+    reserved_debits: int = 0
+    reserved_credits: int = 0
+
+    def apply(self, leg: Leg) -> None:
+        """Apply a leg's effect to the uncommitted layer."""
+        if leg.side == Side.debit:
+            self.u_debits_pending += leg.pending_delta
+            self.u_debits_posted += leg.posted_delta
+            self.up_debits += leg.increase
+        else:
+            self.u_credits_pending += leg.pending_delta
+            self.u_credits_posted += leg.posted_delta
+            self.up_credits += leg.increase
+
+    def unapply(self, leg: Leg) -> None:
+        if leg.side == Side.debit:
+            self.u_debits_pending -= leg.pending_delta
+            self.u_debits_posted -= leg.posted_delta
+            self.up_debits -= leg.increase
+        else:
+            self.u_credits_pending -= leg.pending_delta
+            self.u_credits_posted -= leg.posted_delta
+            self.up_credits -= leg.increase
+
+    def reserve(self, leg: Leg) -> None:
+        if leg.side == Side.debit:
+            self.reserved_debits += leg.increase
+        else:
+            self.reserved_credits += leg.increase
+
+    def release(self, leg: Leg) -> None:
+        if leg.side == Side.debit:
+            self.reserved_debits -= leg.increase
+        else:
+            self.reserved_credits -= leg.increase
+        require(self.reserved_debits >= 0 and self.reserved_credits >= 0, "reserve >= 0")
+
+    def settle_committed(self, leg: Leg) -> None:
+        """A remote coordinator committed ``leg``: the database row already holds it."""
+        if leg.side == Side.debit:
+            self.debits_pending += leg.pending_delta
+            self.debits_posted += leg.posted_delta
+        else:
+            self.credits_pending += leg.pending_delta
+            self.credits_posted += leg.posted_delta
+
+    def check(self, leg: Leg, *, remote: bool) -> TransferResult:
+        """The code for applying ``leg`` now; ``remote`` is the view granted to others.
+
+        The local view sees uncommitted local effects, which commit in order with whatever
+        is decided against them. A remote coordinator commits on its own, so it is shown
+        only committed balances plus every uncommitted increase (never an uncommitted
+        decrease or a credit that might not commit).
+        """
+        acct = self.account
+        if leg.limited and acct.currency != leg.currency:
+            return R.currency_mismatch
+        debit = leg.side == Side.debit
+        pending = self.debits_pending if debit else self.credits_pending
+        posted = self.debits_posted if debit else self.credits_posted
+        up = self.up_debits if debit else self.up_credits
+        reserved = self.reserved_debits if debit else self.reserved_credits
+        grow_pending = max(0, leg.pending_delta)
+        # Overflow bounds take every increase that may still commit: the committed value,
+        # uncommitted increases and holds. They are upper bounds, so they are safe.
+        if pending + up + reserved + grow_pending > AMOUNT_MAX:
+            return R.overflows_debits_pending if debit else R.overflows_credits_pending
+        if posted + up + reserved + leg.posted_delta > AMOUNT_MAX:
+            return R.overflows_debits_posted if debit else R.overflows_credits_posted
+        if pending + posted + up + reserved + grow_pending + leg.posted_delta > AMOUNT_MAX:
+            return R.overflows_debits if debit else R.overflows_credits
+        if not leg.limited:
+            return R.ok
+        if debit and acct.flags & DEBITS_LIMITED:
+            if remote:
+                total = self.debits_pending + self.debits_posted + self.up_debits
+                against = self.credits_posted
+            else:
+                total = (
+                    self.debits_pending + self.u_debits_pending
+                    + self.debits_posted + self.u_debits_posted
+                )
+                against = self.credits_posted + self.u_credits_posted
+            if total + self.reserved_debits + leg.increase > against:
+                return R.exceeds_credits
+        if not debit and acct.flags & CREDITS_LIMITED:
+            if remote:
+                total = self.credits_pending + self.credits_posted + self.up_credits
+                against = self.debits_posted
+            else:
+                total = (
+                    self.credits_pending + self.u_credits_pending
+                    + self.credits_posted + self.u_credits_posted
+                )
+                against = self.debits_posted + self.u_debits_posted
+            if total + self.reserved_credits + leg.increase > against:
+                return R.exceeds_debits
+        return R.ok
+
+    def snapshot(self) -> Account:
+        """The account with its committed balances, as served to readers."""
+        return msgspec.structs.replace(
+            self.account,
+            debits_pending=self.debits_pending,
+            debits_posted=self.debits_posted,
+            credits_pending=self.credits_pending,
+            credits_posted=self.credits_posted,
+        )
+
+
+@dataclass(slots=True)
+class PendingState:
+    """An open pending transfer coordinated (and owned) by this shard."""
+
+    transfer: Transfer
+    expires_at_ns: int  # 0: never expires
+
+
+class Failed(msgspec.Struct, frozen=True, array_like=True):
+    """A transfer id burned by a failure that depended on ledger state."""
+
+    id: int
+    result: int
+    timestamp: int
+
+
+class ResolutionRow(msgspec.Struct, frozen=True, array_like=True):
+    pending_id: int
+    kind: int
+    transfer_id: int
+    timestamp: int
+
+
+@dataclass(slots=True)
+class Known:
+    """What the database holds about ids the book had no memory of (fetched per batch)."""
+
+    transfers: dict[int, Transfer] = field(default_factory=dict)
+    failed: dict[int, int] = field(default_factory=dict)
+    resolutions: dict[int, int] = field(default_factory=dict)  # pending id -> Resolution
+
+
+@dataclass(slots=True)
+class Hold:
+    """A reservation this shard granted; ``coordinator`` is the shard that will commit it."""
+
+    coordinator: int
+    epoch: int
+    leg: Leg
+
+
+@dataclass(slots=True)
+class _Item:
+    transfer: Transfer
+    code: TransferResult = R.ok
+    stored: Transfer | None = None  # the transfer as it will be stored (with timestamp)
+    legs: list[tuple[int, Leg]] = field(default_factory=list)  # (shard, leg)
+    distributed: bool = False
+    pending: PendingState | None = None  # the pending transfer a post/void resolves
+    dup_of: int = -1  # index of an earlier item in this batch with the same id
+    pending_from: int = -1  # index of the item in this batch that created the pending
+    remote_codes: list[TransferResult] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Plan:
+    """Step 1's outcome: provisional codes and the remote legs to reserve, per shard."""
+
+    items: list[_Item]
+    request_sizes: list[int]
+    chains: list[tuple[int, int]]  # [start, end) over items, in order
+    remote: dict[int, list[tuple[int, Leg]]]  # shard -> [(item index, leg)]
+    expiries: list[PendingState]  # remote legs of expiries are in ``remote`` at index -1
+
+
+@dataclass(slots=True)
+class CommitBatch:
+    """Everything one database transaction writes, and what to do after it commits."""
+
+    transfers: list[Transfer] = field(default_factory=list)
+    failed: list[Failed] = field(default_factory=list)
+    resolutions: list[ResolutionRow] = field(default_factory=list)
+    accounts: list[Account] = field(default_factory=list)
+    # account id -> [debits_pending, debits_posted, credits_pending, credits_posted] deltas
+    balance_deltas: dict[int, list[int]] = field(default_factory=dict)
+    # Local legs applied to uncommitted balances, moved to committed after the commit.
+    local_legs: list[Leg] = field(default_factory=list)
+    # shard -> epoch: the other shards whose holds this batch relies on (commit fence).
+    fences: dict[int, int] = field(default_factory=dict)
+    # shard -> [(hold id, committed)] to send once the commit is durable.
+    settlements: dict[int, list[tuple[int, bool]]] = field(default_factory=dict)
+    codes: list[int] = field(default_factory=list)
+
+    def add_delta(self, leg: Leg) -> None:
+        d = self.balance_deltas.setdefault(leg.account_id, [0, 0, 0, 0])
+        if leg.side == Side.debit:
+            d[0] += leg.pending_delta
+            d[1] += leg.posted_delta
+        else:
+            d[2] += leg.pending_delta
+            d[3] += leg.posted_delta
+
+    def check_balanced(self) -> None:
+        """Double entry: the batch moves as much to debits as to credits, posted and pending."""
+        dp = sum(d[0] for d in self.balance_deltas.values())
+        dpo = sum(d[1] for d in self.balance_deltas.values())
+        cp = sum(d[2] for d in self.balance_deltas.values())
+        cpo = sum(d[3] for d in self.balance_deltas.values())
+        require(dp == cp, "pending debits equal pending credits")
+        require(dpo == cpo, "posted debits equal posted credits")
+
+
+class Book:
+    """The state of one shard: its accounts, open holds and recent transfer ids."""
+
+    def __init__(self, shard: int, partitions: PartitionMap, *, recent_ids_max: int) -> None:
+        require(recent_ids_max > 0, "recent_ids_max > 0")
+        self.shard = shard
+        self.partitions = partitions
+        self.accounts: dict[int, AccountState] = {}
+        self.pending: dict[int, PendingState] = {}
+        # Transfer ids seen recently (stored transfers and burned failures), bounded: older
+        # ones are fetched from the database. Holds memory to O(accounts + open holds).
+        self.recent: OrderedDict[int, Transfer | Failed] = OrderedDict()
+        self.recent_ids_max = recent_ids_max
+        self.resolved: OrderedDict[int, int] = OrderedDict()  # pending id -> Resolution
+        self.holds: dict[tuple[int, int], Hold] = {}  # (coordinator, hold id) -> Hold
+        self.hold_seq = 0
+        self.last_timestamp = 0
+
+    # -- recovery -------------------------------------------------------------------------
+
+    def load_account(self, account: Account) -> None:
+        """Add a committed account read from the database at recovery."""
+        self.accounts[account.id] = AccountState(
+            account=msgspec.structs.replace(
+                account, debits_pending=0, debits_posted=0, credits_pending=0,
+                credits_posted=0,
+            ),
+            committed=True,
+            debits_pending=account.debits_pending,
+            debits_posted=account.debits_posted,
+            credits_pending=account.credits_pending,
+            credits_posted=account.credits_posted,
+        )
+        self.last_timestamp = max(self.last_timestamp, account.timestamp)
+
+    def load_pending(self, transfer: Transfer) -> None:
+        """Add an open pending transfer read from the database at recovery."""
+        self.pending[transfer.id] = PendingState(transfer, _expires_at_ns(transfer))
+        self.last_timestamp = max(self.last_timestamp, transfer.timestamp)
+
+    def owns(self, account_id: int) -> bool:
+        return self.partitions.shard_of(account_id) == self.shard
+
+    def _timestamp(self, now_ns: int) -> int:
+        """Strictly increasing per shard, even if the wall clock steps back."""
+        self.last_timestamp = max(now_ns, self.last_timestamp + 1)
+        return self.last_timestamp
+
+    def _remember(self, key: int, value: Transfer | Failed) -> None:
+        self.recent[key] = value
+        self.recent.move_to_end(key)
+        while len(self.recent) > self.recent_ids_max:
+            self.recent.popitem(last=False)
+
+    def _remember_resolution(self, pending_id: int, kind: int) -> None:
+        self.resolved[pending_id] = kind
+        while len(self.resolved) > self.recent_ids_max:
+            self.resolved.popitem(last=False)
+
+    # -- accounts ---------------------------------------------------------------------------
+
+    def create_accounts(
+        self, requests: list[list[Account]], now_ns: int
+    ) -> tuple[list[list[AccountResult]], CommitBatch]:
+        """Validate and apply account creations; every id must be owned by this shard."""
+        batch = CommitBatch()
+        out: list[list[AccountResult]] = []
+        for accounts in requests:
+            codes = []
+            for a in accounts:
+                require(a.id == 0 or self.owns(a.id), "account routed to its owner")
+                code = self._check_account(a)
+                if code == AccountResult.ok:
+                    stored = msgspec.structs.replace(a, timestamp=self._timestamp(now_ns))
+                    self.accounts[a.id] = AccountState(account=stored, committed=False)
+                    batch.accounts.append(stored)
+                codes.append(code)
+            out.append(codes)
+        return out, batch
+
+    def _check_account(self, a: Account) -> AccountResult:
+        A = AccountResult
+        if a.id == 0:
+            return A.id_must_not_be_zero
+        if a.flags & ~ACCOUNT_FLAGS_KNOWN:
+            return A.flags_unknown
+        if a.flags & DEBITS_LIMITED and a.flags & CREDITS_LIMITED:
+            return A.flags_are_mutually_exclusive
+        if not is_known_currency(a.currency):
+            return A.currency_unknown
+        for name, code in (
+            ("debits_pending", A.debits_pending_must_be_zero),
+            ("debits_posted", A.debits_posted_must_be_zero),
+            ("credits_pending", A.credits_pending_must_be_zero),
+            ("credits_posted", A.credits_posted_must_be_zero),
+            ("timestamp", A.timestamp_must_be_zero),
+        ):
+            if getattr(a, name) != 0:
+                return code
+        existing = self.accounts.get(a.id)
+        if existing is not None:
+            e = existing.account
+            if e.flags != a.flags:
+                return A.exists_with_different_flags
+            if e.currency != a.currency:
+                return A.exists_with_different_currency
+            if e.code != a.code:
+                return A.exists_with_different_code
+            if e.user_data != a.user_data:
+                return A.exists_with_different_user_data
+            return A.exists
+        return A.ok
+
+    def accounts_committed(self, batch: CommitBatch) -> None:
+        for a in batch.accounts:
+            self.accounts[a.id].committed = True
+
+    # -- transfers, step 1 ------------------------------------------------------------------
+
+    def lookups_needed(self, requests: list[list[Transfer]]) -> tuple[list[int], list[int]]:
+        """Transfer ids and pending ids this book cannot answer from memory."""
+        ids: set[int] = set()
+        pending_ids: set[int] = set()
+        for transfers in requests:
+            for t in transfers:
+                if t.id and t.id not in self.recent:
+                    ids.add(t.id)
+                p = t.pending_id
+                if p and p not in self.pending and p not in self.recent:
+                    ids.add(p)
+                if p and p not in self.pending and p not in self.resolved:
+                    pending_ids.add(p)
+        return sorted(ids), sorted(pending_ids)
+
+    def plan_transfers(
+        self, requests: list[list[Transfer]], now_ns: int, known: Known
+    ) -> Plan:
+        """Step 1: evaluate every transfer in order (see the module docstring)."""
+        items = [_Item(t) for transfers in requests for t in transfers]
+        plan = Plan(
+            items=items,
+            request_sizes=[len(r) for r in requests],
+            chains=[],
+            remote={},
+            expiries=[],
+        )
+        self._plan_expiries(plan, now_ns)
+        distributed_ids: set[int] = set()
+        in_batch: dict[int, int] = {}  # transfer id -> index of its latest item
+        start = 0
+        for size in plan.request_sizes:
+            end_of_request = start + size
+            i = start
+            while i < end_of_request:
+                j = i
+                while j < end_of_request - 1 and items[j].transfer.flags & LINKED:
+                    j += 1
+                chain_end = j + 1
+                plan.chains.append((i, chain_end))
+                if items[j].transfer.flags & LINKED:
+                    # The request ended inside a chain: the chain is refused whole.
+                    for k in range(i, chain_end):
+                        items[k].code = R.linked_event_failed
+                    items[j].code = R.linked_event_chain_open
+                else:
+                    self._plan_chain(items, i, chain_end, now_ns, known,
+                                     distributed_ids, in_batch, plan)
+                i = chain_end
+            start = end_of_request
+        return plan
+
+    def _plan_chain(
+        self,
+        items: list[_Item],
+        start: int,
+        end: int,
+        now_ns: int,
+        known: Known,
+        distributed_ids: set[int],
+        in_batch: dict[int, int],
+        plan: Plan,
+    ) -> None:
+        distributed = False
+        for k in range(start, end):
+            t = items[k].transfer
+            if (not self.owns(t.debit_account_id) or not self.owns(t.credit_account_id)
+                    or t.id in distributed_ids or t.pending_id in distributed_ids):
+                distributed = True
+        undo: list[tuple[int, dict[int, Transfer | Failed | None], object]] = []
+        failed_at = -1
+        for k in range(start, end):
+            item = items[k]
+            item.distributed = distributed
+            saved_recent = {item.transfer.id: self.recent.get(item.transfer.id)}
+            code = self._evaluate(item, k, now_ns, known, in_batch)
+            item.code = code
+            if code not in (R.ok, R.exists):
+                failed_at = k
+                break
+            undo.append((k, saved_recent, None))
+        if failed_at >= 0:
+            for k, saved, _ in reversed(undo):
+                self._undo_item(items[k], saved)
+            for k in range(start, end):
+                if k != failed_at:
+                    items[k].code = R.linked_event_failed
+            failing = items[failed_at]
+            if burns_id(failing.code):
+                self._remember(failing.transfer.id, Failed(
+                    failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
+            return
+        for k in range(start, end):
+            in_batch[items[k].transfer.id] = k
+            if distributed and items[k].code == R.ok:
+                distributed_ids.add(items[k].transfer.id)
+                for shard, leg in items[k].legs:
+                    if shard != self.shard:
+                        plan.remote.setdefault(shard, []).append((k, leg))
+
+    def _evaluate(
+        self, item: _Item, index: int, now_ns: int, known: Known, in_batch: dict[int, int]
+    ) -> TransferResult:
+        t = item.transfer
+        code = _static_check(t)
+        if code != R.ok:
+            return code
+        previous = self.recent.get(t.id)
+        if previous is None:
+            previous = known.transfers.get(t.id)
+            if previous is None and t.id in known.failed:
+                previous = Failed(t.id, known.failed[t.id], 0)
+        if previous is not None:
+            if t.id in in_batch:
+                item.dup_of = in_batch[t.id]
+            if isinstance(previous, Failed):
+                return R.id_already_failed
+            item.stored = previous
+            return _compare_existing(t, previous)
+        if t.flags & (POST | VOID):
+            code = self._check_pending_reference(item, now_ns, known, in_batch)
+            if code != R.ok:
+                return code
+        stored = msgspec.structs.replace(t, timestamp=self._timestamp(now_ns))
+        item.stored = stored
+        item.legs = self._legs(stored, item.pending)
+        code = R.ok
+        for shard, leg in item.legs:
+            if shard == self.shard:
+                leg_code = self._check_local_leg(leg)
+                if leg_code != R.ok and (code == R.ok or leg_code < code):
+                    code = leg_code
+        if code != R.ok:
+            return code
+        for shard, leg in item.legs:
+            if shard == self.shard:
+                state = self.accounts[leg.account_id]
+                if item.distributed:
+                    state.reserve(leg)
+                else:
+                    state.apply(leg)
+        self._remember(t.id, stored)
+        if t.flags & PENDING:
+            self.pending[t.id] = PendingState(stored, _expires_at_ns(stored))
+        elif item.pending is not None:
+            pending_id = item.pending.transfer.id
+            self.pending.pop(pending_id, None)
+            kind = Resolution.posted if t.flags & POST else Resolution.voided
+            self._remember_resolution(pending_id, kind)
+        return R.ok
+
+    def _check_local_leg(self, leg: Leg) -> TransferResult:
+        state = self.accounts.get(leg.account_id)
+        if state is None:
+            return (R.debit_account_not_found if leg.side == Side.debit
+                    else R.credit_account_not_found)
+        return state.check(leg, remote=False)
+
+    def _check_pending_reference(
+        self, item: _Item, now_ns: int, known: Known, in_batch: dict[int, int]
+    ) -> TransferResult:
+        t = item.transfer
+        pending = self.pending.get(t.pending_id)
+        if pending is None:
+            resolved = self.resolved.get(t.pending_id, known.resolutions.get(t.pending_id))
+            stored = self.recent.get(t.pending_id)
+            if stored is None or isinstance(stored, Failed):
+                stored = known.transfers.get(t.pending_id)
+            if stored is None:
+                return R.pending_transfer_not_found
+            if not stored.flags & PENDING:
+                return R.pending_transfer_not_pending
+            code = _compare_pending(t, stored)
+            if code != R.ok:
+                return code
+            if resolved == Resolution.posted:
+                return R.pending_transfer_already_posted
+            if resolved == Resolution.voided:
+                return R.pending_transfer_already_voided
+            if resolved == Resolution.expired:
+                return R.pending_transfer_expired
+            # Owned here, not open and not resolved cannot happen: recovery loads every
+            # open hold of this shard's partitions.
+            require(not self.owns(stored.debit_account_id), "open pending is in memory")
+            return R.pending_transfer_has_different_debit_account_id
+        code = _compare_pending(t, pending.transfer)
+        if code != R.ok:
+            return code
+        if pending.expires_at_ns and now_ns >= pending.expires_at_ns:
+            return R.pending_transfer_expired
+        item.pending = pending
+        item.pending_from = in_batch.get(t.pending_id, -1)
+        return R.ok
+
+    def _legs(self, t: Transfer, pending: PendingState | None) -> list[tuple[int, Leg]]:
+        """The debit and credit legs of a stored transfer, with the shard owning each."""
+        if t.flags & PENDING:
+            dp, dpo, limited = t.amount, 0, True
+        elif pending is not None:
+            dp, limited = -pending.transfer.amount, False
+            dpo = t.amount if t.flags & POST else 0
+        else:
+            dp, dpo, limited = 0, t.amount, True
+        shard_of = self.partitions.shard_of
+        return [
+            (shard_of(t.debit_account_id),
+             Leg(t.debit_account_id, Side.debit, t.currency, dp, dpo, limited,
+                 EventKind.transfer, t.id)),
+            (shard_of(t.credit_account_id),
+             Leg(t.credit_account_id, Side.credit, t.currency, dp, dpo, limited,
+                 EventKind.transfer, t.id)),
+        ]
+
+    def _undo_item(self, item: _Item, saved: dict[int, Transfer | Failed | None]) -> None:
+        """Reverse what ``_evaluate`` did for an item that succeeded."""
+        if item.code != R.ok:
+            return  # ``exists`` changed nothing
+        t = item.transfer
+        for shard, leg in item.legs:
+            if shard == self.shard:
+                state = self.accounts[leg.account_id]
+                if item.distributed:
+                    state.release(leg)
+                else:
+                    state.unapply(leg)
+        for key, value in saved.items():
+            if value is None:
+                self.recent.pop(key, None)
+            else:
+                self.recent[key] = value
+        if t.flags & PENDING:
+            self.pending.pop(t.id, None)
+        elif item.pending is not None:
+            self.pending[item.pending.transfer.id] = item.pending
+            self.resolved.pop(item.pending.transfer.id, None)
+
+    def _plan_expiries(self, plan: Plan, now_ns: int) -> None:
+        """Expire open holds whose timeout passed; expiry only releases, it never fails."""
+        for pending_id, p in list(self.pending.items()):
+            if p.expires_at_ns and now_ns >= p.expires_at_ns:
+                del self.pending[pending_id]
+                self._remember_resolution(pending_id, Resolution.expired)
+                # Keep the transfer at hand: a post or void of it in this batch is answered
+                # ``pending_transfer_expired`` after its fields are compared.
+                self._remember(pending_id, p.transfer)
+                plan.expiries.append(p)
+                t = p.transfer
+                for account_id, side in ((t.debit_account_id, Side.debit),
+                                         (t.credit_account_id, Side.credit)):
+                    leg = Leg(account_id, side, t.currency, -t.amount, 0, False,
+                              EventKind.expiry, pending_id)
+                    shard = self.partitions.shard_of(account_id)
+                    if shard == self.shard:
+                        self.accounts[account_id].apply(leg)
+                    else:
+                        plan.remote.setdefault(shard, []).append((-1, leg))
+
+    # -- holds granted to other shards ----------------------------------------------------
+
+    def reserve(self, coordinator: int, epoch: int, legs: list[Leg]) -> list[tuple[int, int]]:
+        """Check and hold legs for a distributed item coordinated elsewhere.
+
+        Returns one (code, hold id) per leg; a refused leg holds nothing (hold id 0). Legs of
+        the same chain are held even if a sibling is refused; the coordinator settles each.
+        """
+        out: list[tuple[int, int]] = []
+        for leg in legs:
+            require(self.owns(leg.account_id), "leg routed to its owner")
+            state = self.accounts.get(leg.account_id)
+            if state is None or (leg.limited and not state.committed):
+                code = (R.debit_account_not_found if leg.side == Side.debit
+                        else R.credit_account_not_found)
+            else:
+                code = state.check(leg, remote=True)
+            if code != R.ok or state is None:
+                out.append((int(code), 0))
+                continue
+            state.reserve(leg)
+            self.hold_seq += 1
+            self.holds[(coordinator, self.hold_seq)] = Hold(coordinator, epoch, leg)
+            out.append((int(R.ok), self.hold_seq))
+        return out
+
+    def settle(self, coordinator: int, outcomes: list[tuple[int, bool]]) -> None:
+        """The coordinator committed (or dropped) the items these holds were granted for.
+
+        A hold that is unknown here was granted by an earlier incarnation of this shard; the
+        database already holds its effect (or not), and recovery read it.
+        """
+        for hold_id, committed in outcomes:
+            hold = self.holds.pop((coordinator, hold_id), None)
+            if hold is None:
+                continue
+            state = self.accounts[hold.leg.account_id]
+            state.release(hold.leg)
+            if committed:
+                state.settle_committed(hold.leg)
+
+    def holds_of_old_epochs(self, coordinator: int, epoch: int) -> list[tuple[int, Hold]]:
+        """Holds granted to incarnations of ``coordinator`` older than ``epoch``."""
+        return [
+            (hold_id, hold) for (c, hold_id), hold in self.holds.items()
+            if c == coordinator and hold.epoch < epoch
+        ]
+
+    # -- transfers, step 2 ------------------------------------------------------------------
+
+    def finalize(
+        self,
+        plan: Plan,
+        remote_answers: dict[int, tuple[int, list[tuple[int, int]]]],
+        now_ns: int,
+    ) -> CommitBatch:
+        """Step 2: combine remote answers, fail refused chains, build the commit.
+
+        ``remote_answers`` maps shard -> (its epoch, one (code, hold id) per reserved leg in
+        the order of ``plan.remote[shard]``).
+        """
+        batch = CommitBatch()
+        hold_ids: dict[int, list[tuple[int, int]]] = {}  # item -> [(shard, hold id)]
+        for shard, legs in plan.remote.items():
+            epoch, answers = remote_answers[shard]
+            require(len(answers) == len(legs), "one answer per reserved leg")
+            batch.fences[shard] = epoch
+            for (index, _leg), (code, hold_id) in zip(legs, answers, strict=True):
+                if index < 0:
+                    # An expiry only releases; it is always accepted and always commits.
+                    require(code == R.ok and hold_id > 0, "expiry legs are held")
+                    batch.settlements.setdefault(shard, []).append((hold_id, True))
+                    continue
+                plan.items[index].remote_codes.append(TransferResult(code))
+                if hold_id:
+                    hold_ids.setdefault(index, []).append((shard, hold_id))
+        items = plan.items
+        for start, end in plan.chains:
+            if not items[start].distributed:
+                continue
+            if any(items[k].code not in (R.ok, R.exists) for k in range(start, end)):
+                continue  # refused in step 1; nothing of it is held
+            failed_at = -1
+            for k in range(start, end):
+                item = items[k]
+                dependency = item.pending_from if item.pending_from >= 0 else item.dup_of
+                if dependency >= 0 and items[dependency].code not in (R.ok, R.exists):
+                    item.code = (R.pending_transfer_not_found if item.pending_from >= 0
+                                 else items[dependency].code)
+                elif item.remote_codes:
+                    worst = min(item.remote_codes, key=lambda c: (c == R.ok, c))
+                    if worst != R.ok:
+                        item.code = worst
+                if item.code not in (R.ok, R.exists):
+                    failed_at = k
+                    break
+            if failed_at >= 0:
+                for k in range(end - 1, start - 1, -1):
+                    self._undo_item(items[k], {items[k].transfer.id: None})
+                    if k != failed_at:
+                        items[k].code = R.linked_event_failed
+                failing = items[failed_at]
+                if burns_id(failing.code):
+                    self._remember(failing.transfer.id, Failed(
+                        failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
+                continue
+            for k in range(start, end):
+                for shard, leg in items[k].legs:
+                    if shard == self.shard and items[k].code == R.ok:
+                        state = self.accounts[leg.account_id]
+                        state.release(leg)
+                        state.apply(leg)
+        for index, holds in hold_ids.items():
+            committed = items[index].code == R.ok
+            for shard, hold_id in holds:
+                batch.settlements.setdefault(shard, []).append((hold_id, committed))
+        self._fill_batch(plan, batch)
+        return batch
+
+    def _fill_batch(self, plan: Plan, batch: CommitBatch) -> None:
+        for item in plan.items:
+            code = item.code
+            batch.codes.append(int(code))
+            if code == R.ok:
+                require(item.stored is not None, "an ok item has its stored form")
+                assert item.stored is not None
+                batch.transfers.append(item.stored)
+                for shard, leg in item.legs:
+                    batch.add_delta(leg)
+                    if shard == self.shard:
+                        batch.local_legs.append(leg)
+                if item.pending is not None:
+                    kind = Resolution.posted if item.transfer.flags & POST else Resolution.voided
+                    batch.resolutions.append(ResolutionRow(
+                        item.pending.transfer.id, kind, item.transfer.id,
+                        item.stored.timestamp))
+            elif burns_id(code) and item.dup_of < 0:
+                failed = self.recent.get(item.transfer.id)
+                if isinstance(failed, Failed) and failed.timestamp:
+                    batch.failed.append(failed)
+        batch.failed = list({f.id: f for f in batch.failed}.values())
+        for p in plan.expiries:
+            t = p.transfer
+            timestamp = self._timestamp(self.last_timestamp)
+            batch.resolutions.append(ResolutionRow(t.id, Resolution.expired, 0, timestamp))
+            for account_id, side in ((t.debit_account_id, Side.debit),
+                                     (t.credit_account_id, Side.credit)):
+                leg = Leg(account_id, side, t.currency, -t.amount, 0, False,
+                          EventKind.expiry, t.id)
+                batch.add_delta(leg)
+                if self.owns(account_id):
+                    batch.local_legs.append(leg)
+        batch.check_balanced()
+
+    def committed(self, batch: CommitBatch) -> None:
+        """The batch is durable: move its local effects from uncommitted to committed."""
+        for leg in batch.local_legs:
+            state = self.accounts[leg.account_id]
+            state.unapply(leg)
+            state.settle_committed(leg)
+
+
+def _expires_at_ns(t: Transfer) -> int:
+    if t.flags & PENDING and t.timeout_s:
+        return t.timestamp + t.timeout_s * NS_PER_S
+    return 0
+
+
+def _static_check(t: Transfer) -> TransferResult:
+    """Rules that depend only on the transfer's own fields, in precedence order."""
+    if t.id == 0:
+        return R.id_must_not_be_zero
+    if t.flags & ~TRANSFER_FLAGS_KNOWN:
+        return R.flags_unknown
+    kinds = bool(t.flags & PENDING) + bool(t.flags & POST) + bool(t.flags & VOID)
+    if kinds > 1:
+        return R.flags_are_mutually_exclusive
+    if t.debit_account_id == 0:
+        return R.debit_account_id_must_not_be_zero
+    if t.credit_account_id == 0:
+        return R.credit_account_id_must_not_be_zero
+    if t.debit_account_id == t.credit_account_id:
+        return R.accounts_must_be_different
+    resolves = bool(t.flags & (POST | VOID))
+    if not resolves and t.pending_id != 0:
+        return R.pending_id_must_be_zero
+    if resolves and t.pending_id == 0:
+        return R.pending_id_must_not_be_zero
+    if resolves and t.pending_id == t.id:
+        return R.pending_id_must_be_different
+    if t.timeout_s and not t.flags & PENDING:
+        return R.timeout_reserved_for_pending_transfer
+    if t.amount == 0:
+        return R.amount_must_not_be_zero
+    if not is_known_currency(t.currency):
+        return R.currency_unknown
+    if t.timestamp != 0:
+        return R.timestamp_must_be_zero
+    return R.ok
+
+
+def _compare_existing(t: Transfer, e: Transfer) -> TransferResult:
+    """``exists`` if ``t`` repeats the stored ``e`` exactly, else the first difference."""
+    for name, code in (
+        ("flags", R.exists_with_different_flags),
+        ("pending_id", R.exists_with_different_pending_id),
+        ("timeout_s", R.exists_with_different_timeout),
+        ("debit_account_id", R.exists_with_different_debit_account_id),
+        ("credit_account_id", R.exists_with_different_credit_account_id),
+        ("amount", R.exists_with_different_amount),
+        ("currency", R.exists_with_different_currency),
+        ("code", R.exists_with_different_code),
+        ("user_data", R.exists_with_different_user_data),
+    ):
+        if getattr(t, name) != getattr(e, name):
+            return code
+    return R.exists
+
+
+def _compare_pending(t: Transfer, p: Transfer) -> TransferResult:
+    """The rules a post or void must meet against the pending transfer it resolves."""
+    if not p.flags & PENDING:
+        return R.pending_transfer_not_pending
+    if t.debit_account_id != p.debit_account_id:
+        return R.pending_transfer_has_different_debit_account_id
+    if t.credit_account_id != p.credit_account_id:
+        return R.pending_transfer_has_different_credit_account_id
+    if t.currency != p.currency:
+        return R.pending_transfer_has_different_currency
+    if t.flags & VOID and t.amount != p.amount:
+        return R.pending_transfer_has_different_amount
+    if t.flags & POST and t.amount > p.amount:
+        return R.exceeds_pending_transfer_amount
+    return R.ok

@@ -1,0 +1,59 @@
+"""The partition map: account id -> logical partition -> shard -> database.
+
+Accounts are spread over a fixed number of logical partitions by a hash of their id; the
+map from partitions to shards (and each shard's database) is data, stored in the database
+at first start, so that groups of partitions can later move to other shards or servers
+without rehashing every account.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["PARTITIONS", "PartitionMap", "partition_of"]
+
+# Enough partitions to spread over many more shards than a single box runs, few enough
+# that the map stays a small table. Fixed for the life of a ledger.
+PARTITIONS = 256
+
+_MASK_64 = (1 << 64) - 1
+
+
+def partition_of(account_id: int) -> int:
+    """The logical partition of an account: a SplitMix64 finaliser of its id, mod PARTITIONS.
+
+    Hashing rather than ``id % PARTITIONS`` keeps sequential ids (the common client choice)
+    from landing in runs on one shard.
+    """
+    z = (account_id + 0x9E3779B97F4A7C15) & _MASK_64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK_64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK_64
+    z = z ^ (z >> 31)
+    return z % PARTITIONS
+
+
+class PartitionMap(msgspec.Struct, frozen=True):
+    """Which shard owns each partition, and which database each shard writes to."""
+
+    shard_of_partition: tuple[int, ...]
+    database_of_shard: tuple[str, ...]
+
+    @classmethod
+    def uniform(cls, shards: int, database_key: str = "main") -> PartitionMap:
+        """Partitions dealt round-robin over ``shards`` shards, all on one database."""
+        if not 1 <= shards <= PARTITIONS:
+            raise ValueError(f"shards must be in 1..{PARTITIONS}, got {shards}")
+        return cls(
+            shard_of_partition=tuple(p % shards for p in range(PARTITIONS)),
+            database_of_shard=tuple(database_key for _ in range(shards)),
+        )
+
+    @property
+    def shards(self) -> int:
+        return len(self.database_of_shard)
+
+    def shard_of(self, account_id: int) -> int:
+        return self.shard_of_partition[partition_of(account_id)]
+
+    def partitions_of_shard(self, shard: int) -> list[int]:
+        return [p for p, s in enumerate(self.shard_of_partition) if s == shard]
