@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import ray
 import uvicorn
@@ -38,6 +39,8 @@ log = logging.getLogger("txproc.front")
 ENCODER = msgspec.msgpack.Encoder()
 CODES = msgspec.msgpack.Decoder(list[int])
 LINKED = int(TransferFlags.LINKED)
+# What a database outage looks like to a reader: answered as a retryable ``unavailable``.
+DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(slots=True)
@@ -116,6 +119,7 @@ class Front:
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
+        self._watch_task: asyncio.Task[None] | None = None
 
     async def start(self) -> dict[str, int]:
         """Wait for the shards, then listen. Returns the bound ports."""
@@ -149,6 +153,7 @@ class Front:
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
+        self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
         log.info("front listening: http %s:%d rpc %s:%d",
                  cfg.front.host, http_port, cfg.front.host, rpc_port)
         return {"http_port": http_port, "rpc_port": rpc_port}
@@ -156,6 +161,8 @@ class Front:
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close."""
         self._ready = False
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -168,6 +175,20 @@ class Front:
             await asyncio.sleep(0.05)
         if self._store is not None:
             await self._store.close()
+
+    async def _watch_shards(self) -> None:
+        """Call every shard often, so a restarted one recovers at once (its recovery takes a
+        new epoch, which lets peers release what its predecessor held) and /readyz tells
+        the truth."""
+        while True:
+            await asyncio.sleep(0.5)
+            results = await asyncio.gather(
+                *[asyncio.wait_for(s.ready.remote(), timeout=5) for s in self._shards],
+                return_exceptions=True,
+            )
+            healthy = all(not isinstance(r, BaseException) for r in results)
+            if self._rpc is not None and self._rpc.is_serving():
+                self._ready = healthy
 
     def is_ready(self) -> bool:
         return self._ready
@@ -243,14 +264,25 @@ class Front:
         return out
 
     async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
-        assert self._store is not None
-        found = await self._store.lookup_accounts(list(ids))
+        store = self._require_store()
+        try:
+            found = await store.lookup_accounts(list(ids))
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
         return [found.get(i) for i in ids]
 
     async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
-        assert self._store is not None
-        found = await self._store.lookup_transfers(list(ids))
+        store = self._require_store()
+        try:
+            found = await store.lookup_transfers(list(ids))
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
         return [found.get(i) for i in ids]
+
+    def _require_store(self) -> LedgerStore:
+        if self._store is None:
+            raise Unavailable("the front is starting", retry_after_s=1.0)
+        return self._store
 
     async def shard_stats(self) -> list[dict[str, float]]:
         return list(await asyncio.gather(*[s.stats.remote() for s in self._shards]))

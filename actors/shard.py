@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import asyncpg
 import msgspec
 import ray
 
@@ -95,13 +96,34 @@ class LedgerShard:
         await asyncio.shield(self._started)
 
     async def _recover(self) -> None:
+        try:
+            await self._recover_once_reachable()
+        except Exception:
+            # Recovery that cannot finish leaves nothing to serve: end the process and let
+            # Ray start a fresh incarnation, which tries again.
+            log.exception("shard %d: recovery failed; restarting", self._shard)
+            _crash()
+            raise
+
+    async def _recover_once_reachable(self) -> None:
         cfg = self._config
-        self._store = await LedgerStore.connect(
-            cfg.database_url,
-            pool_size_max=cfg.pool_size_max,
-            connect_timeout_s=cfg.connect_timeout_s,
-            command_timeout_s=cfg.command_timeout_s,
-        )
+        deadline = time.monotonic() + cfg.recovery_deadline_s
+        delay_s = 0.1
+        while True:
+            try:
+                self._store = await LedgerStore.connect(
+                    cfg.database_url,
+                    pool_size_max=cfg.pool_size_max,
+                    connect_timeout_s=cfg.connect_timeout_s,
+                    command_timeout_s=cfg.command_timeout_s,
+                )
+                break
+            except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
+                if time.monotonic() + delay_s > deadline:
+                    raise
+                log.warning("shard %d: database not reachable yet (%r)", self._shard, exc)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, 2.0)
         self._epoch = await self._store.take_epoch(self._shard)
         accounts, pending = await self._store.load_shard(
             self._partitions.partitions_of_shard(self._shard)
@@ -134,7 +156,8 @@ class LedgerShard:
         if self._store is not None:
             await self._store.close()
 
-    def stats(self) -> dict[str, float]:
+    async def stats(self) -> dict[str, float]:
+        await self._ensure_started()
         s = self._stats
         book = self._book
         return {
@@ -305,30 +328,39 @@ class LedgerShard:
         Once a coordinator's epoch moved on, its old incarnation can commit nothing more
         (commit fence), so the database is the final word on each of its holds.
         """
-        store = self._require_store()
-        book = self._require_book()
         while True:
             await asyncio.sleep(self._config.orphan_sweep_interval_s)
-            if not book.holds:
-                continue
+            try:
+                await self._sweep_orphans()
+            except Exception:  # the database may be restarting; the next sweep retries
+                log.warning("shard %d: orphan sweep failed", self._shard, exc_info=True)
+
+    async def _sweep_orphans(self) -> None:
+        store = self._require_store()
+        book = self._require_book()
+        if book.holds:
             epochs = await store.epochs()
             for coordinator in {c for c, _ in book.holds}:
-                orphans = book.holds_of_old_epochs(coordinator, epochs.get(coordinator, 0))
-                if not orphans:
-                    continue
-                transfer_ids = [h.leg.event_id for _, h in orphans
-                                if h.leg.event_kind == EventKind.transfer]
-                expiry_ids = [h.leg.event_id for _, h in orphans
-                              if h.leg.event_kind == EventKind.expiry]
-                committed_t, committed_e = await store.committed_events(transfer_ids, expiry_ids)
-                outcomes = []
-                for hold_id, h in orphans:
-                    done = (committed_t if h.leg.event_kind == EventKind.transfer
-                            else committed_e)
-                    outcomes.append((hold_id, h.leg.event_id in done))
-                book.settle(coordinator, outcomes)
-                log.info("shard %d: resolved %d holds of restarted shard %d",
-                         self._shard, len(outcomes), coordinator)
+                await self._resolve_orphans(coordinator, epochs.get(coordinator, 0))
+
+    async def _resolve_orphans(self, coordinator: int, epoch: int) -> None:
+        store = self._require_store()
+        book = self._require_book()
+        orphans = book.holds_of_old_epochs(coordinator, epoch)
+        if not orphans:
+            return
+        transfer_ids = [h.leg.event_id for _, h in orphans
+                        if h.leg.event_kind == EventKind.transfer]
+        expiry_ids = [h.leg.event_id for _, h in orphans if h.leg.event_kind == EventKind.expiry]
+        committed_t, committed_e = await store.committed_events(transfer_ids, expiry_ids)
+        # Settled holds may have gone while the query ran; settle() skips unknown ones.
+        outcomes = []
+        for hold_id, h in orphans:
+            done = committed_t if h.leg.event_kind == EventKind.transfer else committed_e
+            outcomes.append((hold_id, h.leg.event_id in done))
+        book.settle(coordinator, outcomes)
+        log.info("shard %d: resolved %d holds of restarted shard %d",
+                 self._shard, len(outcomes), coordinator)
 
     async def _expiry_ticker(self) -> None:
         """Expire due holds even when no transfers arrive to carry the expiry."""
@@ -339,7 +371,10 @@ class LedgerShard:
             if not any(p.expires_at_ns and p.expires_at_ns <= now_ns
                        for p in book.pending.values()):
                 continue
-            await self.create_transfers(ENCODER.encode([]))
+            try:
+                await self.create_transfers(ENCODER.encode([]))
+            except Exception:
+                log.warning("shard %d: expiry batch failed", self._shard, exc_info=True)
 
     def _require_book(self) -> Book:
         require(self._book is not None, "shard recovered")

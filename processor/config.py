@@ -30,6 +30,8 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     command_timeout_s: float = 30.0
     peer_call_timeout_s: float = 30.0
     orphan_sweep_interval_s: float = 1.0
+    # How long a starting shard waits for the database before it gives up and restarts.
+    recovery_deadline_s: float = 60.0
     expiry_interval_s: float = 0.5
 
 

@@ -1,0 +1,979 @@
+"""The partner HTTP/JSON API: accounts and transfers over Starlette, with bearer-token scopes.
+
+The JSON shapes here are the public contract and differ from the internal ``processor.types``
+in two ways: flags travel as a list of names instead of a bitmask, and objects are keyed
+instead of ``array_like``. Each JSON struct is converted to or from its internal type in one
+function. Decoding is strict: floats, strings, negative numbers and values of 2**63 or more
+are refused where an integer is expected, as are unknown and missing fields.
+
+One table, ``OPERATIONS``, names every route with its scope, request type and possible
+responses; the Starlette routes and the OpenAPI document are both built from it, so the
+document cannot drift from the code. docs/api.md explains the contract in prose.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import types
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any, Literal, TypeVar, get_args
+
+import msgspec
+from msgspec import Meta
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from processor.auth import SCOPES, AuthError, ScopeError, bearer_token, require_scope, verify_token
+from processor.codes import AccountResult, TransferResult
+from processor.errors import LedgerError, Overloaded
+from processor.service import BATCH_ITEMS_MAX, LedgerService
+from processor.types import (
+    CODE_MAX,
+    ID_MAX,
+    TIMEOUT_S_MAX,
+    USER_DATA_BYTES_MAX,
+    Account,
+    AccountFlags,
+    Transfer,
+    TransferFlags,
+)
+
+__all__ = [
+    "BODY_BYTES_MAX_DEFAULT",
+    "ERROR_CODES",
+    "OPENAPI",
+    "OPERATIONS",
+    "AccountBatchRequest",
+    "AccountBatchResponse",
+    "AccountBatchResult",
+    "AccountFlagName",
+    "AccountRequest",
+    "AccountResponse",
+    "ErrorDetail",
+    "ErrorResponse",
+    "HealthResponse",
+    "Operation",
+    "Reply",
+    "TransferBatchRequest",
+    "TransferBatchResponse",
+    "TransferBatchResult",
+    "TransferFlagName",
+    "TransferRequest",
+    "TransferResponse",
+    "account_from_request",
+    "account_to_response",
+    "build_app",
+    "transfer_from_request",
+    "transfer_to_response",
+]
+
+logger = logging.getLogger(__name__)
+
+BODY_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
+# An error message quotes msgspec's text, which may quote the offending input; a cap keeps a
+# hostile body from being echoed back at length.
+ERROR_MESSAGE_CHARS_MAX = 300
+
+
+def _require(condition: bool, what: str) -> None:
+    """Raise AssertionError unless ``condition``; unlike ``assert`` it runs under ``-O``."""
+    if not condition:
+        raise AssertionError(what)
+
+
+# ---------------------------------------------------------------------------------------
+# JSON field types. Limits mirror processor.types so a value the ledger would refuse at
+# decode time is refused here with a 400 naming the field; zero stays allowed so that the
+# ledger names the rule (``id_must_not_be_zero``) with a 422.
+
+Id = Annotated[int, Meta(ge=0, le=ID_MAX, description="Unsigned 63-bit integer.")]
+Amount = Annotated[int, Meta(ge=0, le=ID_MAX, description="Integer minor units of currency.")]
+Code = Annotated[int, Meta(ge=0, le=CODE_MAX, description="Caller-defined category.")]
+TimeoutS = Annotated[int, Meta(ge=0, le=TIMEOUT_S_MAX, description="Seconds a hold lasts.")]
+Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$", description="ISO 4217 code.")]
+UserData = Annotated[str, Meta(max_length=USER_DATA_BYTES_MAX, description="Stored, never read.")]
+TimestampNs = Annotated[
+    int, Meta(ge=0, le=ID_MAX, description="Assigned by the server: ns since the Unix epoch.")
+]
+
+AccountFlagName = Literal["debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+TransferFlagName = Literal["linked", "pending", "post_pending", "void_pending"]
+
+# Flag names are the lower-cased enum member names; the Literals above are spelled out so a
+# reader sees the contract, and these checks keep them equal to the enums.
+ACCOUNT_FLAG_BITS = {flag.name.lower(): int(flag) for flag in AccountFlags if flag.name}
+TRANSFER_FLAG_BITS = {flag.name.lower(): int(flag) for flag in TransferFlags if flag.name}
+_require(set(get_args(AccountFlagName)) == set(ACCOUNT_FLAG_BITS), "account flag names")
+_require(set(get_args(TransferFlagName)) == set(TRANSFER_FLAG_BITS), "transfer flag names")
+
+AccountFlagList = Annotated[
+    tuple[AccountFlagName, ...], Meta(max_length=len(ACCOUNT_FLAG_BITS))
+]
+TransferFlagList = Annotated[
+    tuple[TransferFlagName, ...], Meta(max_length=len(TRANSFER_FLAG_BITS))
+]
+
+# Batch statuses: "created" for ok, otherwise the result code's name (including "exists").
+# The Literal is built from the enums so that a new code is documented without an edit here.
+_ACCOUNT_STATUSES = ("created", *(r.name for r in AccountResult if r.name != "ok"))
+_TRANSFER_STATUSES = ("created", *(r.name for r in TransferResult if r.name != "ok"))
+AccountBatchStatus = Literal[_ACCOUNT_STATUSES]  # type: ignore[valid-type]
+TransferBatchStatus = Literal[_TRANSFER_STATUSES]  # type: ignore[valid-type]
+
+
+# ---------------------------------------------------------------------------------------
+# Requests: unknown fields are refused, because a misspelt optional field silently taking
+# its default is how money moves wrongly.
+
+
+class AccountRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """An account to create. Balances and timestamp are assigned by the server."""
+
+    id: Id
+    currency: Currency
+    flags: AccountFlagList = ()
+    code: Code = 0
+    user_data: UserData = ""
+
+
+class TransferRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """A transfer to create; ``id`` is its idempotency key. Timestamp is server-assigned."""
+
+    id: Id
+    debit_account_id: Id
+    credit_account_id: Id
+    amount: Amount
+    currency: Currency
+    flags: TransferFlagList = ()
+    pending_id: Id = 0
+    timeout_s: TimeoutS = 0
+    code: Code = 0
+    user_data: UserData = ""
+
+
+# The item-count limits of batches are checked after decoding, not by the decoder, because
+# an empty batch (400 batch_empty) and an oversized one (413 batch_too_large) have their own
+# codes; the OpenAPI document states them as minItems and maxItems.
+
+
+class AccountBatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Accounts to create, evaluated in order."""
+
+    accounts: list[AccountRequest]
+
+
+class TransferBatchRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Transfers to create, evaluated in order; ``linked`` chains span consecutive items."""
+
+    transfers: list[TransferRequest]
+
+
+# ---------------------------------------------------------------------------------------
+# Responses: every field is always present, so clients need no defaults of their own.
+
+
+class AccountResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored account with its balances."""
+
+    id: Id
+    currency: Currency
+    flags: AccountFlagList
+    code: Code
+    user_data: UserData
+    debits_pending: Amount
+    debits_posted: Amount
+    credits_pending: Amount
+    credits_posted: Amount
+    timestamp: TimestampNs
+
+
+class TransferResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A stored transfer."""
+
+    id: Id
+    debit_account_id: Id
+    credit_account_id: Id
+    amount: Amount
+    currency: Currency
+    flags: TransferFlagList
+    pending_id: Id
+    timeout_s: TimeoutS
+    code: Code
+    user_data: UserData
+    timestamp: TimestampNs
+
+
+class AccountBatchResult(msgspec.Struct, frozen=True):
+    """The outcome of one account of a batch."""
+
+    id: Id
+    status: AccountBatchStatus
+
+
+class TransferBatchResult(msgspec.Struct, frozen=True):
+    """The outcome of one transfer of a batch."""
+
+    id: Id
+    status: TransferBatchStatus
+
+
+class AccountBatchResponse(msgspec.Struct, frozen=True):
+    """One result per account, in request order."""
+
+    results: list[AccountBatchResult]
+
+
+class TransferBatchResponse(msgspec.Struct, frozen=True):
+    """One result per transfer, in request order."""
+
+    results: list[TransferBatchResult]
+
+
+class ErrorDetail(msgspec.Struct, frozen=True):
+    """``code`` is stable and meant for programs; ``message`` is for people and may change."""
+
+    code: str
+    message: str
+
+
+class ErrorResponse(msgspec.Struct, frozen=True):
+    """The body of every response with a status of 400 or more."""
+
+    error: ErrorDetail
+
+
+class HealthResponse(msgspec.Struct, frozen=True):
+    """Liveness or readiness."""
+
+    status: Literal["ok"]
+
+
+ACCOUNT_DECODER = msgspec.json.Decoder(AccountRequest)
+TRANSFER_DECODER = msgspec.json.Decoder(TransferRequest)
+ACCOUNT_BATCH_DECODER = msgspec.json.Decoder(AccountBatchRequest)
+TRANSFER_BATCH_DECODER = msgspec.json.Decoder(TransferBatchRequest)
+ENCODER = msgspec.json.Encoder()
+
+
+# ---------------------------------------------------------------------------------------
+# Conversions between the JSON structs and processor.types, one function per direction.
+
+
+def _flag_bits(names: tuple[str, ...], bits: dict[str, int]) -> int:
+    # A repeated name sets the same bit twice, which is harmless, so it is not refused.
+    mask = 0
+    for name in names:
+        mask |= bits[name]
+    return mask
+
+
+def _flag_names(mask: int, bits: dict[str, int]) -> tuple[Any, ...]:
+    _require(mask & ~sum(bits.values()) == 0, "stored flags are all known")
+    return tuple(name for name, bit in bits.items() if mask & bit)
+
+
+def account_from_request(item: AccountRequest) -> Account:
+    return Account(
+        id=item.id,
+        currency=item.currency,
+        flags=_flag_bits(item.flags, ACCOUNT_FLAG_BITS),
+        code=item.code,
+        user_data=item.user_data,
+    )
+
+
+def account_to_response(account: Account) -> AccountResponse:
+    return AccountResponse(
+        id=account.id,
+        currency=account.currency,
+        flags=_flag_names(account.flags, ACCOUNT_FLAG_BITS),
+        code=account.code,
+        user_data=account.user_data,
+        debits_pending=account.debits_pending,
+        debits_posted=account.debits_posted,
+        credits_pending=account.credits_pending,
+        credits_posted=account.credits_posted,
+        timestamp=account.timestamp,
+    )
+
+
+def transfer_from_request(item: TransferRequest) -> Transfer:
+    return Transfer(
+        id=item.id,
+        debit_account_id=item.debit_account_id,
+        credit_account_id=item.credit_account_id,
+        amount=item.amount,
+        currency=item.currency,
+        flags=_flag_bits(item.flags, TRANSFER_FLAG_BITS),
+        pending_id=item.pending_id,
+        timeout_s=item.timeout_s,
+        code=item.code,
+        user_data=item.user_data,
+    )
+
+
+def transfer_to_response(transfer: Transfer) -> TransferResponse:
+    return TransferResponse(
+        id=transfer.id,
+        debit_account_id=transfer.debit_account_id,
+        credit_account_id=transfer.credit_account_id,
+        amount=transfer.amount,
+        currency=transfer.currency,
+        flags=_flag_names(transfer.flags, TRANSFER_FLAG_BITS),
+        pending_id=transfer.pending_id,
+        timeout_s=transfer.timeout_s,
+        code=transfer.code,
+        user_data=transfer.user_data,
+        timestamp=transfer.timestamp,
+    )
+
+
+def _batch_status(result: AccountResult | TransferResult) -> str:
+    return "created" if result.name == "ok" else result.name
+
+
+# ---------------------------------------------------------------------------------------
+# Error codes. Result codes of the ledger are error codes too (409 and 422); the rest are
+# about the request as a whole. This is the complete list; docs/api.md explains each.
+
+
+def _conflict_codes(enum: type[AccountResult] | type[TransferResult]) -> tuple[str, ...]:
+    return tuple(r.name for r in enum if r.name.startswith("exists_with_different_"))
+
+
+def _rule_codes(enum: type[AccountResult] | type[TransferResult]) -> tuple[str, ...]:
+    conflicts = _conflict_codes(enum)
+    return tuple(r.name for r in enum if r.name not in ("ok", "exists", *conflicts))
+
+
+ACCOUNT_CONFLICT_CODES = _conflict_codes(AccountResult)
+TRANSFER_CONFLICT_CODES = _conflict_codes(TransferResult)
+ACCOUNT_RULE_CODES = _rule_codes(AccountResult)
+TRANSFER_RULE_CODES = _rule_codes(TransferResult)
+
+REQUEST_ERROR_CODES: dict[str, int] = {
+    "malformed_json": 400,
+    "invalid_body": 400,
+    "invalid_id": 400,
+    "batch_empty": 400,
+    "token_missing": 401,
+    "token_invalid": 401,
+    "token_expired": 401,
+    "scope_missing": 403,
+    "not_found": 404,
+    "account_not_found": 404,
+    "transfer_not_found": 404,
+    "method_not_allowed": 405,
+    "body_too_large": 413,
+    "batch_too_large": 413,
+    "overloaded": 429,
+    "internal": 500,
+    "unavailable": 503,
+    "not_ready": 503,
+}
+# Every code an error body can carry, with its HTTP status.
+ERROR_CODES: dict[str, int] = {
+    **REQUEST_ERROR_CODES,
+    **dict.fromkeys(ACCOUNT_CONFLICT_CODES + TRANSFER_CONFLICT_CODES, 409),
+    **dict.fromkeys(ACCOUNT_RULE_CODES + TRANSFER_RULE_CODES, 422),
+}
+
+
+class ApiError(Exception):
+    """A request refused with an HTTP status and a stable error code."""
+
+    def __init__(
+        self, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        _require(ERROR_CODES.get(code) == status, f"error code {code} belongs to status {status}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def _error_response(exc: ApiError) -> Response:
+    body = ErrorResponse(ErrorDetail(exc.code, exc.message[:ERROR_MESSAGE_CHARS_MAX]))
+    return Response(
+        ENCODER.encode(body), exc.status, headers=exc.headers, media_type="application/json"
+    )
+
+
+def _json_response(status: int, body: msgspec.Struct) -> Response:
+    return Response(ENCODER.encode(body), status, media_type="application/json")
+
+
+def _refused(result: AccountResult | TransferResult, what: str) -> ApiError:
+    status = ERROR_CODES[result.name]
+    return ApiError(status, result.name, f"the {what} was not created: {result.name}")
+
+
+def _retry_after_header(exc: LedgerError) -> dict[str, str]:
+    # Retry-After takes whole seconds (RFC 9110 section 10.2.3); rounding up never invites
+    # a retry before the server asked, and at least 1 keeps clients from spinning.
+    return {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+
+
+# ---------------------------------------------------------------------------------------
+# Reading requests.
+
+T = TypeVar("T")
+
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,32}")
+# A positive decimal without sign, spaces or leading zeros: one spelling per id, so that
+# caches and logs never see two paths for the same account.
+_PATH_ID = re.compile(r"[1-9][0-9]{0,18}")
+
+
+async def _read_body(request: Request, body_bytes_max: int) -> bytes:
+    """Return the request body, refusing it (413) as soon as it exceeds ``body_bytes_max``."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if _CONTENT_LENGTH.fullmatch(declared) is None:
+            raise ApiError(400, "invalid_body", "Content-Length is not a decimal integer")
+        if int(declared) > body_bytes_max:
+            raise ApiError(413, "body_too_large", f"the body exceeds {body_bytes_max} bytes")
+    # Without a Content-Length (chunked encoding) the size is known only while reading, so
+    # the body is read incrementally and reading stops at the first byte over the limit.
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > body_bytes_max:
+            raise ApiError(413, "body_too_large", f"the body exceeds {body_bytes_max} bytes")
+    return bytes(body)
+
+
+def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "invalid_body", str(exc)) from exc
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "malformed_json", str(exc)) from exc
+
+
+def _path_id(request: Request) -> int:
+    text = request.path_params["id"]
+    if _PATH_ID.fullmatch(text) is None or int(text) > ID_MAX:
+        raise ApiError(400, "invalid_id", f"the id must be an integer from 1 to {ID_MAX}")
+    return int(text)
+
+
+def _batch_items(items: list[T]) -> list[T]:
+    if not items:
+        raise ApiError(400, "batch_empty", "the batch holds no items")
+    if len(items) > BATCH_ITEMS_MAX:
+        raise ApiError(
+            413, "batch_too_large", f"the batch holds {len(items)} items; at most "
+            f"{BATCH_ITEMS_MAX} are accepted"
+        )
+    return items
+
+
+_AUTH_MESSAGES = {
+    "token_missing": "send an Authorization: Bearer <token> header",
+    "token_invalid": "the bearer token is not valid",
+    "token_expired": "the bearer token has expired",
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Endpoints. ``_Api`` holds what build_app was given; each endpoint method reads the request,
+# calls the service, and encodes the answer. Authentication and the mapping of exceptions to
+# responses happen once, in ``_Api.endpoint``, for every route.
+
+
+class _Api:
+    def __init__(
+        self,
+        service: LedgerService,
+        key: bytes,
+        *,
+        clock_s: Callable[[], float],
+        ready: Callable[[], bool],
+        body_bytes_max: int,
+    ) -> None:
+        self._service = service
+        self._key = key
+        self._clock_s = clock_s
+        self._ready = ready
+        self._body_bytes_max = body_bytes_max
+
+    def endpoint(self, operation: Operation) -> Callable[[Request], Awaitable[Response]]:
+        """Return the Starlette endpoint of ``operation``: auth, then the handler, guarded."""
+        handler = types.MethodType(operation.handler, self)
+
+        async def guarded(request: Request) -> Response:
+            try:
+                if operation.scope is not None:
+                    self._authorize(request, operation.scope)
+                return await handler(request)
+            except Exception as exc:  # every exception becomes a JSON answer, see _answer
+                return _answer(request, exc)
+
+        guarded.__name__ = operation.name
+        return guarded
+
+    def _authorize(self, request: Request, scope: str) -> None:
+        token = bearer_token(request.headers.get("authorization"))
+        claims = verify_token(self._key, token, now_s=math.floor(self._clock_s()))
+        require_scope(claims, scope)
+
+    async def healthz(self, request: Request) -> Response:
+        return _json_response(200, HealthResponse("ok"))
+
+    async def readyz(self, request: Request) -> Response:
+        if not self._ready():
+            raise ApiError(
+                503, "not_ready", "the service is starting or stopping", {"Retry-After": "1"}
+            )
+        return _json_response(200, HealthResponse("ok"))
+
+    async def openapi(self, request: Request) -> Response:
+        return Response(OPENAPI_JSON, 200, media_type="application/json")
+
+    async def create_account(self, request: Request) -> Response:
+        item = _decode(ACCOUNT_DECODER, await _read_body(request, self._body_bytes_max))
+        [result] = await self._create_accounts([account_from_request(item)])
+        if result not in (AccountResult.ok, AccountResult.exists):
+            raise _refused(result, "account")
+        stored = await self._stored_account(item.id)
+        return _json_response(201 if result is AccountResult.ok else 200, stored)
+
+    async def create_accounts(self, request: Request) -> Response:
+        batch = _decode(ACCOUNT_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
+        items = _batch_items(batch.accounts)
+        results = await self._create_accounts([account_from_request(item) for item in items])
+        answers = [
+            AccountBatchResult(item.id, _batch_status(result))
+            for item, result in zip(items, results, strict=True)
+        ]
+        return _json_response(200, AccountBatchResponse(answers))
+
+    async def get_account(self, request: Request) -> Response:
+        account_id = _path_id(request)
+        account = await self._lookup_account(account_id)
+        if account is None:
+            raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
+        return _json_response(200, account_to_response(account))
+
+    async def create_transfer(self, request: Request) -> Response:
+        item = _decode(TRANSFER_DECODER, await _read_body(request, self._body_bytes_max))
+        [result] = await self._create_transfers([transfer_from_request(item)])
+        if result not in (TransferResult.ok, TransferResult.exists):
+            raise _refused(result, "transfer")
+        stored = await self._stored_transfer(item.id)
+        return _json_response(201 if result is TransferResult.ok else 200, stored)
+
+    async def create_transfers(self, request: Request) -> Response:
+        batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
+        items = _batch_items(batch.transfers)
+        results = await self._create_transfers([transfer_from_request(item) for item in items])
+        answers = [
+            TransferBatchResult(item.id, _batch_status(result))
+            for item, result in zip(items, results, strict=True)
+        ]
+        return _json_response(200, TransferBatchResponse(answers))
+
+    async def get_transfer(self, request: Request) -> Response:
+        transfer_id = _path_id(request)
+        transfer = await self._lookup_transfer(transfer_id)
+        if transfer is None:
+            raise ApiError(404, "transfer_not_found", f"no transfer has the id {transfer_id}")
+        return _json_response(200, transfer_to_response(transfer))
+
+    # The service is checked on the way out: one answer per item, in order.
+
+    async def _create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
+        results = await self._service.create_accounts(accounts)
+        _require(len(results) == len(accounts), "one account result per account")
+        return results
+
+    async def _create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        results = await self._service.create_transfers(transfers)
+        _require(len(results) == len(transfers), "one transfer result per transfer")
+        return results
+
+    async def _lookup_account(self, account_id: int) -> Account | None:
+        [account] = await self._service.lookup_accounts([account_id])
+        _require(account is None or account.id == account_id, "the account asked for")
+        return account
+
+    async def _lookup_transfer(self, transfer_id: int) -> Transfer | None:
+        [transfer] = await self._service.lookup_transfers([transfer_id])
+        _require(transfer is None or transfer.id == transfer_id, "the transfer asked for")
+        return transfer
+
+    # After ``ok`` or ``exists`` the item is stored, and the answer is the stored item with
+    # its server-assigned fields. Should a read not see it yet, a retry is safe and will be
+    # answered 200 from the stored item, so the client is told to retry rather than given a
+    # body without its timestamp.
+
+    async def _stored_account(self, account_id: int) -> AccountResponse:
+        account = await self._lookup_account(account_id)
+        if account is None:
+            raise ApiError(503, "unavailable", "the account was stored; retry to read it",
+                           headers={"Retry-After": "1"})
+        return account_to_response(account)
+
+    async def _stored_transfer(self, transfer_id: int) -> TransferResponse:
+        transfer = await self._lookup_transfer(transfer_id)
+        if transfer is None:
+            raise ApiError(503, "unavailable", "the transfer was stored; retry to read it",
+                           headers={"Retry-After": "1"})
+        return transfer_to_response(transfer)
+
+
+def _answer(request: Request, exc: Exception) -> Response:
+    """Map an exception raised while serving ``request`` to its JSON error response."""
+    if isinstance(exc, ApiError):
+        return _error_response(exc)
+    if isinstance(exc, AuthError):
+        # The auth module's own message is not echoed: a fixed text per code can never
+        # quote any part of a token.
+        message = _AUTH_MESSAGES.get(exc.code, "the bearer token is not valid")
+        code = exc.code if exc.code in _AUTH_MESSAGES else "token_invalid"
+        return _error_response(ApiError(401, code, message, {"WWW-Authenticate": "Bearer"}))
+    if isinstance(exc, ScopeError):
+        challenge = f'Bearer error="insufficient_scope", scope="{exc.scope}"'
+        message = f"the token lacks the scope {exc.scope}"
+        return _error_response(
+            ApiError(403, "scope_missing", message, {"WWW-Authenticate": challenge})
+        )
+    if isinstance(exc, Overloaded):
+        headers = _retry_after_header(exc)
+        return _error_response(ApiError(429, "overloaded", exc.message, headers))
+    if isinstance(exc, LedgerError):
+        # Every request-level ledger error means nothing was written and the request may be
+        # repeated unchanged (processor/errors.py), which is what 503 tells a client.
+        headers = _retry_after_header(exc)
+        return _error_response(ApiError(503, "unavailable", exc.message, headers))
+    if isinstance(exc, ClientDisconnect):
+        # Nobody will read this answer; it only keeps a vanished client out of the 500 logs.
+        return _error_response(ApiError(400, "invalid_body", "the client disconnected"))
+    return _internal_error(request, exc)
+
+
+def _internal_error(request: Request, exc: BaseException) -> Response:
+    # Method and path only: headers (the token) and bodies never reach the log.
+    logger.error(
+        "internal error serving %s %s", request.method, request.url.path, exc_info=exc
+    )
+    return _error_response(ApiError(500, "internal", "internal error; it has been logged"))
+
+
+async def _http_exception(request: Request, exc: HTTPException) -> Response:
+    """Answer the router's own 404 and 405 in the shape of every other error."""
+    status = exc.status_code
+    headers = dict(exc.headers or {})
+    if status == 405:
+        return _error_response(
+            ApiError(405, "method_not_allowed", "the path does not accept this method", headers)
+        )
+    if status == 404:
+        return _error_response(ApiError(404, "not_found", "no such route", headers))
+    return _internal_error(request, exc)
+
+
+async def _unhandled(request: Request, exc: Exception) -> Response:
+    """Last resort for an exception outside an endpoint (endpoints answer their own)."""
+    return _internal_error(request, exc)
+
+
+# ---------------------------------------------------------------------------------------
+# The route table.
+
+
+class Reply(msgspec.Struct, frozen=True):
+    """One documented response of an operation; ``codes`` are the error codes it carries.
+
+    ``body`` is the struct type of the body, or ``dict`` for a free-form JSON object.
+    """
+
+    status: int
+    description: str
+    body: Any
+    codes: tuple[str, ...] = ()
+
+
+class Operation(msgspec.Struct, frozen=True, kw_only=True):
+    """One route: what it needs, what it reads, and every response it can give."""
+
+    name: str
+    method: str
+    path: str
+    summary: str
+    handler: Callable[[_Api, Request], Awaitable[Response]]
+    scope: str | None
+    request: Any = None
+    replies: tuple[Reply, ...]
+
+
+def _error_reply(status: int, description: str, *codes: str) -> Reply:
+    _require(all(ERROR_CODES[code] == status for code in codes), f"codes of {status}")
+    return Reply(status, description, ErrorResponse, codes)
+
+
+_BAD_BODY = _error_reply(
+    400, "The body is not JSON, or does not match the schema.", "malformed_json", "invalid_body"
+)
+_BAD_BATCH = _error_reply(
+    400,
+    "The body is not JSON, does not match the schema, or holds no items.",
+    "malformed_json",
+    "invalid_body",
+    "batch_empty",
+)
+_BAD_ID = _error_reply(400, f"The path id is not an integer from 1 to {ID_MAX}.", "invalid_id")
+_UNAUTHORIZED = _error_reply(
+    401, "No usable bearer token.", "token_missing", "token_invalid", "token_expired"
+)
+_FORBIDDEN = _error_reply(403, "The token lacks the operation's scope.", "scope_missing")
+_TOO_LARGE = _error_reply(413, "The body is larger than the server accepts.", "body_too_large")
+_TOO_LARGE_BATCH = _error_reply(
+    413,
+    f"The body is too large, or the batch holds more than {BATCH_ITEMS_MAX} items.",
+    "body_too_large",
+    "batch_too_large",
+)
+_OVERLOADED = _error_reply(
+    429, "The ledger is at capacity; retry after Retry-After seconds.", "overloaded"
+)
+_UNAVAILABLE = _error_reply(
+    503, "The ledger cannot answer now; retry after Retry-After seconds.", "unavailable"
+)
+_INTERNAL = _error_reply(
+    500, "An unexpected server error, logged. Retrying the same ids is safe.", "internal"
+)
+_LEDGER_TROUBLE = (_OVERLOADED, _INTERNAL, _UNAVAILABLE)
+
+
+def _create_replies(
+    body: type, conflicts: tuple[str, ...], rules: tuple[str, ...], what: str
+) -> tuple[Reply, ...]:
+    return (
+        Reply(201, f"The {what} was created; the body is the stored {what}.", body),
+        Reply(200, f"An identical {what} was already stored; the body is that {what}.", body),
+        _BAD_BODY,
+        _UNAUTHORIZED,
+        _FORBIDDEN,
+        _error_reply(409, f"A {what} with this id is stored with other fields.", *conflicts),
+        _TOO_LARGE,
+        _error_reply(422, f"The ledger refused the {what}; nothing was written.", *rules),
+        *_LEDGER_TROUBLE,
+    )
+
+
+def _batch_replies(body: type, what: str) -> tuple[Reply, ...]:
+    return (
+        Reply(200, f"One result per {what}, in request order.", body),
+        _BAD_BATCH,
+        _UNAUTHORIZED,
+        _FORBIDDEN,
+        _TOO_LARGE_BATCH,
+        *_LEDGER_TROUBLE,
+    )
+
+
+def _get_replies(body: type, what: str, not_found: str) -> tuple[Reply, ...]:
+    return (
+        Reply(200, f"The stored {what}.", body),
+        _BAD_ID,
+        _UNAUTHORIZED,
+        _FORBIDDEN,
+        _error_reply(404, f"No {what} has this id.", not_found),
+        *_LEDGER_TROUBLE,
+    )
+
+
+OPERATIONS: tuple[Operation, ...] = (
+    Operation(
+        name="healthz", method="GET", path="/healthz", summary="Liveness: the process serves.",
+        handler=_Api.healthz, scope=None,
+        replies=(Reply(200, "The process is alive.", HealthResponse),),
+    ),
+    Operation(
+        name="readyz", method="GET", path="/readyz",
+        summary="Readiness: the ledger can take requests.", handler=_Api.readyz, scope=None,
+        replies=(
+            Reply(200, "Ready.", HealthResponse),
+            _INTERNAL,
+            _error_reply(503, "Starting or stopping.", "not_ready"),
+        ),
+    ),
+    Operation(
+        name="openapi", method="GET", path="/openapi.json", summary="This document.",
+        handler=_Api.openapi, scope=None, replies=(Reply(200, "OpenAPI 3.1 document.", dict),),
+    ),
+    Operation(
+        name="create_account", method="POST", path="/v1/accounts",
+        summary="Create one account.", handler=_Api.create_account, scope="accounts:write",
+        request=AccountRequest,
+        replies=_create_replies(
+            AccountResponse, ACCOUNT_CONFLICT_CODES, ACCOUNT_RULE_CODES, "account"
+        ),
+    ),
+    Operation(
+        name="create_accounts", method="POST", path="/v1/accounts/batch",
+        summary="Create up to 8189 accounts.", handler=_Api.create_accounts,
+        scope="accounts:write", request=AccountBatchRequest,
+        replies=_batch_replies(AccountBatchResponse, "account"),
+    ),
+    Operation(
+        name="get_account", method="GET", path="/v1/accounts/{id}",
+        summary="Read one account with its balances.", handler=_Api.get_account,
+        scope="accounts:read",
+        replies=_get_replies(AccountResponse, "account", "account_not_found"),
+    ),
+    Operation(
+        name="create_transfer", method="POST", path="/v1/transfers",
+        summary="Create one transfer.", handler=_Api.create_transfer, scope="transfers:write",
+        request=TransferRequest,
+        replies=_create_replies(
+            TransferResponse, TRANSFER_CONFLICT_CODES, TRANSFER_RULE_CODES, "transfer"
+        ),
+    ),
+    Operation(
+        name="create_transfers", method="POST", path="/v1/transfers/batch",
+        summary="Create up to 8189 transfers.", handler=_Api.create_transfers,
+        scope="transfers:write", request=TransferBatchRequest,
+        replies=_batch_replies(TransferBatchResponse, "transfer"),
+    ),
+    Operation(
+        name="get_transfer", method="GET", path="/v1/transfers/{id}",
+        summary="Read one transfer.", handler=_Api.get_transfer, scope="transfers:read",
+        replies=_get_replies(TransferResponse, "transfer", "transfer_not_found"),
+    ),
+)
+_require(all(op.scope is None or op.scope in SCOPES for op in OPERATIONS), "scopes are known")
+
+
+# ---------------------------------------------------------------------------------------
+# The OpenAPI 3.1 document, built once from OPERATIONS and the structs above.
+
+_REF = "#/components/schemas/{name}"
+_SECURITY_SCHEME = "bearer"
+_SCOPE_TEXT = {
+    "accounts:read": "read accounts and their balances",
+    "accounts:write": "create accounts",
+    "transfers:read": "read transfers",
+    "transfers:write": "create transfers",
+}
+_require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
+
+
+def _response_object(reply: Reply, refs: dict[Any, Any]) -> dict[str, Any]:
+    description = reply.description
+    if reply.codes:
+        description += " Error codes: " + ", ".join(reply.codes) + "."
+    schema = {"type": "object"} if reply.body is dict else refs[reply.body]
+    entry: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": schema}},
+    }
+    if reply.codes:
+        entry["x-error-codes"] = list(reply.codes)
+    if reply.status in (429, 503):
+        entry["headers"] = {"Retry-After": {
+            "description": "Whole seconds to wait before retrying, at least 1.",
+            "schema": {"type": "integer", "minimum": 1},
+        }}
+    if reply.status in (401, 403):
+        entry["headers"] = {"WWW-Authenticate": {
+            "description": "The bearer challenge (RFC 6750).", "schema": {"type": "string"},
+        }}
+    return entry
+
+
+def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "operationId": op.name,
+        "summary": op.summary,
+        "security": [] if op.scope is None else [{_SECURITY_SCHEME: [op.scope]}],
+        "responses": {str(r.status): _response_object(r, refs) for r in op.replies},
+    }
+    if "{id}" in op.path:
+        entry["parameters"] = [{
+            "name": "id", "in": "path", "required": True,
+            "schema": {"type": "integer", "minimum": 1, "maximum": ID_MAX},
+        }]
+    if op.request is not None:
+        entry["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": refs[op.request]}},
+        }
+    return entry
+
+
+def _openapi_document() -> dict[str, Any]:
+    struct_types = sorted(
+        {op.request for op in OPERATIONS if op.request is not None}
+        | {r.body for op in OPERATIONS for r in op.replies if r.body not in (None, dict)},
+        key=lambda t: t.__name__,
+    )
+    schemas, components = msgspec.json.schema_components(struct_types, ref_template=_REF)
+    refs = dict(zip(struct_types, schemas, strict=True))
+    for name, field in (("AccountBatchRequest", "accounts"), ("TransferBatchRequest", "transfers")):
+        components[name]["properties"][field] |= {"minItems": 1, "maxItems": BATCH_ITEMS_MAX}
+    paths: dict[str, dict[str, Any]] = {}
+    for op in OPERATIONS:
+        paths.setdefault(op.path, {})[op.method.lower()] = _operation_object(op, refs)
+    scopes = "; ".join(f"`{scope}`: {text}" for scope, text in _SCOPE_TEXT.items())
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "txproc ledger API",
+            "version": "1",
+            "description": "Accounts and transfers of a double-entry ledger. See docs/api.md.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {_SECURITY_SCHEME: {
+                "type": "http",
+                "scheme": "bearer",
+                "bearerFormat": "JWT",
+                "description": f"HS256 JWT carrying scopes. Scopes: {scopes}.",
+            }},
+        },
+    }
+
+
+OPENAPI: dict[str, Any] = _openapi_document()
+OPENAPI_JSON: bytes = ENCODER.encode(OPENAPI)
+
+
+def build_app(
+    service: LedgerService,
+    key: bytes,
+    *,
+    clock_s: Callable[[], float],
+    ready: Callable[[], bool],
+    body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
+) -> Starlette:
+    """Return the ASGI app serving the partner API over ``service``.
+
+    ``key`` verifies bearer tokens; ``clock_s`` gives seconds since the Unix epoch for token
+    expiry; ``ready`` answers /readyz; a request body over ``body_bytes_max`` bytes is
+    refused with 413. Raises ``ValueError`` for a ``body_bytes_max`` below 1.
+    """
+    if body_bytes_max < 1:
+        raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
+    api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max)
+    routes = [
+        Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
+    ]
+    app = Starlette(
+        routes=routes,
+        exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
+    )
+    # A trailing slash is a different, unknown path: a redirect would turn a POST into a
+    # second request that some clients replay as GET.
+    app.router.redirect_slashes = False
+    return app

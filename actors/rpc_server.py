@@ -1,0 +1,322 @@
+"""The binary RPC server for gateways: processor.wire frames over TCP, served by asyncio streams.
+
+One task reads a connection's frames in order; each accepted request then runs in a task of
+its own, so a slow batch does not hold up the requests behind it and responses leave in
+completion order. Everything a connection holds is bounded: at most
+``in_flight_per_connection_max`` request tasks (more are answered ``too_many_in_flight``),
+one frame of at most ``wire.FRAME_BYTES_MAX`` bytes being read, and responses waiting in
+the socket buffer, because a request task finishes only when its response is drained.
+
+The server runs on whatever loop it is started on (uvloop inside the gateway actor). In
+Python 3.11, ``Server.close()`` stops accepting but leaves accepted connections open; they
+end when their clients close or when the loop cancels their tasks at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Sized
+from typing import cast
+
+from processor import auth, wire
+from processor.errors import LedgerError
+from processor.service import BATCH_ITEMS_MAX, LedgerService
+
+__all__ = ["CLOSE_DRAIN_TIMEOUT_S", "HELLO_TIMEOUT_S_DEFAULT", "start_rpc_server"]
+
+log = logging.getLogger(__name__)
+
+# How long a closing connection waits for its accepted requests to be answered before
+# cancelling them; bounded so that a hung ledger call cannot pin a connection slot forever.
+CLOSE_DRAIN_TIMEOUT_S = 5.0
+# A connection that has not sent Hello by then is closed; it would otherwise hold one of
+# connections_max slots without ever being authenticated.
+HELLO_TIMEOUT_S_DEFAULT = 10.0
+# Hints sent with the server's own limits; a client over its in-flight limit only has to
+# wait for one of its own responses, while a full server needs a connection to go away.
+_TOO_MANY_IN_FLIGHT_RETRY_AFTER_S = 0.01
+_CONNECTIONS_FULL_RETRY_AFTER_S = 1.0
+
+_Batch = wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
+
+_SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
+    wire.CreateAccounts: "accounts:write",
+    wire.CreateTransfers: "transfers:write",
+    wire.LookupAccounts: "accounts:read",
+    wire.LookupTransfers: "transfers:read",
+}
+
+
+class _HelloTimeout(Exception):
+    """The client sent no complete Hello within hello_timeout_s."""
+
+
+class _Server:
+    """What every connection of one server shares: the service, the key and the limits."""
+
+    def __init__(
+        self,
+        service: LedgerService,
+        key: bytes,
+        *,
+        clock_s: Callable[[], float],
+        in_flight_per_connection_max: int,
+        connections_max: int,
+        hello_timeout_s: float,
+    ) -> None:
+        self.service = service
+        self.key = key
+        self.clock_s = clock_s
+        self.in_flight_per_connection_max = in_flight_per_connection_max
+        self.connections_max = connections_max
+        self.hello_timeout_s = hello_timeout_s
+        self.connections = 0
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.connections_max:
+            error = wire.Error(
+                None,
+                "overloaded",
+                f"the server has {self.connections_max} connections",
+                _CONNECTIONS_FULL_RETRY_AFTER_S,
+            )
+            writer.write(wire.encode_frame(error))
+            await _close(writer)
+            return
+        self.connections += 1
+        try:
+            await _Connection(self, reader, writer).run()
+        except asyncio.CancelledError:
+            # The loop is shutting down and the connection is already cleaned up. Python
+            # 3.11's start_server reports a handler task that ends cancelled as an error
+            # ("Exception in callback"), so this task, awaited by no one, ends normally.
+            pass
+        finally:
+            self.connections -= 1
+
+
+class _Connection:
+    def __init__(
+        self, server: _Server, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        self._server = server
+        self._reader = reader
+        self._writer = writer
+        self._claims: auth.Claims | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._peer = writer.get_extra_info("peername")
+
+    async def run(self) -> None:
+        try:
+            try:
+                await self._read_frames()
+            except (asyncio.IncompleteReadError, OSError):
+                # The client went away between or in the middle of frames (or its socket
+                # failed): an expected outcome, handled like a close once the accepted
+                # requests are answered.
+                log.debug("rpc client %s disconnected", self._peer)
+            except Exception:
+                # A bug in this module: it must end this connection only, not the server.
+                log.exception("rpc connection from %s failed", self._peer)
+            await self._finish_tasks()
+        finally:
+            # Reached on cancellation too: no request task may outlive its connection.
+            await self._cancel_tasks()
+            await _close(self._writer)
+
+    async def _read_frames(self) -> None:
+        while True:
+            try:
+                request = await self._read_request()
+            except wire.FrameTooLarge as exc:
+                return self._refuse_connection("frame_too_large", str(exc))
+            except wire.MalformedFrame as exc:
+                return self._refuse_connection("malformed_frame", f"not a request: {exc}")
+            except _HelloTimeout:
+                timeout_s = self._server.hello_timeout_s
+                return self._refuse_connection("token_missing", f"no Hello within {timeout_s} s")
+            if isinstance(request, wire.Hello):
+                if not self._hello(request):
+                    return None
+            elif self._claims is None:
+                return self._refuse_connection("token_missing", "the first frame must be Hello")
+            else:
+                self._accept(request, self._claims)
+            # Stops reading while the client does not read its answers, so that the errors
+            # answered right here cannot pile up in the socket buffer.
+            await self._writer.drain()
+
+    async def _read_request(self) -> wire.Request:
+        if self._claims is not None:
+            return await self._read_frame()
+        try:
+            async with asyncio.timeout(self._server.hello_timeout_s):
+                return await self._read_frame()
+        except TimeoutError as exc:
+            # Re-raised as our own type: a TimeoutError from the socket (ETIMEDOUT) is a
+            # lost client, not a silent one.
+            raise _HelloTimeout from exc
+
+    async def _read_frame(self) -> wire.Request:
+        header = await self._reader.readexactly(wire.FRAME_HEADER_BYTES)
+        body = await self._reader.readexactly(wire.frame_length(header))
+        return wire.decode_request(body)
+
+    def _hello(self, hello: wire.Hello) -> bool:
+        now_s = int(self._server.clock_s())
+        try:
+            claims = auth.verify_token(self._server.key, hello.token, now_s=now_s)
+        except auth.AuthError as exc:
+            self._refuse_connection(exc.code, exc.message)
+            return False
+        self._claims = claims
+        self._send(wire.HelloOk(claims.expires_at_s))
+        return True
+
+    def _accept(self, request: _Batch, claims: auth.Claims) -> None:
+        """Start a task for ``request``, or answer it at once if it cannot be accepted."""
+        request_id = request.request_id
+        if int(self._server.clock_s()) >= claims.expires_at_s:
+            return self._send(
+                wire.Error(request_id, "token_expired", "the token has expired; send Hello")
+            )
+        try:
+            auth.require_scope(claims, _SCOPE_OF_REQUEST[type(request)])
+        except auth.ScopeError as exc:
+            return self._send(wire.Error(request_id, exc.code, exc.message))
+        items_count = _items_count(request)
+        if items_count > BATCH_ITEMS_MAX:
+            message = f"{items_count} items exceed the batch limit of {BATCH_ITEMS_MAX}"
+            return self._send(wire.Error(request_id, "batch_too_large", message))
+        if len(self._tasks) >= self._server.in_flight_per_connection_max:
+            return self._send(
+                wire.Error(
+                    request_id,
+                    "too_many_in_flight",
+                    f"{len(self._tasks)} requests are in flight on this connection",
+                    _TOO_MANY_IN_FLIGHT_RETRY_AFTER_S,
+                )
+            )
+        task = asyncio.create_task(self._serve(request))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return None
+
+    async def _serve(self, request: _Batch) -> None:
+        request_id = request.request_id
+        try:
+            frame = wire.encode_frame(await self._call(request))
+        except LedgerError as exc:
+            error = wire.Error(request_id, exc.code, exc.message, exc.retry_after_s)
+            frame = wire.encode_frame(error)
+        except Exception:
+            # A bug in the service or here: answered and logged, and the server lives on.
+            log.exception("rpc %s request %d failed", type(request).__name__, request_id)
+            message = "internal error; the request may or may not have been applied"
+            frame = wire.encode_frame(wire.Error(request_id, "internal", message))
+        if self._writer.is_closing():
+            return
+        self._writer.write(frame)
+        # The task, and with it an in-flight slot, lasts until the response has left, which
+        # bounds the responses buffered for a client that does not read.
+        with contextlib.suppress(ConnectionError):
+            await self._writer.drain()
+
+    async def _call(self, request: _Batch) -> wire.Response:
+        service = self._server.service
+        request_id = request.request_id
+        if isinstance(request, wire.CreateAccounts):
+            account_codes = await service.create_accounts(request.items)
+            _require_count(account_codes, request.items)
+            return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
+        if isinstance(request, wire.CreateTransfers):
+            transfer_codes = await service.create_transfers(request.items)
+            _require_count(transfer_codes, request.items)
+            return wire.CreateTransfersResult(request_id, cast(list[int], transfer_codes))
+        if isinstance(request, wire.LookupAccounts):
+            accounts = await service.lookup_accounts(request.ids)
+            _require_count(accounts, request.ids)
+            return wire.LookupAccountsResult(request_id, accounts)
+        transfers = await service.lookup_transfers(request.ids)
+        _require_count(transfers, request.ids)
+        return wire.LookupTransfersResult(request_id, transfers)
+
+    def _send(self, message: wire.Response) -> None:
+        # A client gone mid-request is normal; writing to its closed transport would only
+        # make asyncio log warnings.
+        if not self._writer.is_closing():
+            self._writer.write(wire.encode_frame(message))
+
+    def _refuse_connection(self, code: str, message: str) -> None:
+        """Answer a connection-level error; the caller then stops reading and closes."""
+        log.info("rpc connection from %s refused: %s", self._peer, code)
+        self._send(wire.Error(None, code, message))
+
+    async def _finish_tasks(self) -> None:
+        if not self._tasks:
+            return
+        _done, pending = await asyncio.wait(set(self._tasks), timeout=CLOSE_DRAIN_TIMEOUT_S)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _cancel_tasks(self) -> None:
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _items_count(request: _Batch) -> int:
+    if isinstance(request, wire.CreateAccounts | wire.CreateTransfers):
+        return len(request.items)
+    return len(request.ids)
+
+
+def _require_count(results: Sized, requested: Sized) -> None:
+    # One result per item is the service's contract; a short list would shift every answer.
+    if len(results) != len(requested):
+        raise RuntimeError(f"the service returned {len(results)} results for {len(requested)}")
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    # The peer may already have reset the connection; there is nothing left to tell it.
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
+
+
+async def start_rpc_server(
+    service: LedgerService,
+    key: bytes,
+    *,
+    host: str,
+    port: int,
+    clock_s: Callable[[], float],
+    in_flight_per_connection_max: int = 64,
+    connections_max: int = 1024,
+    hello_timeout_s: float = HELLO_TIMEOUT_S_DEFAULT,
+) -> asyncio.Server:
+    """Listen on ``host:port`` (0 picks a free port) and serve ``service`` to token holders.
+
+    ``key`` verifies the HS256 tokens (processor.auth); ``clock_s`` returns seconds since the
+    Unix epoch and decides token expiry. Raises ``ValueError`` for a non-positive limit and
+    ``OSError`` if the address cannot be bound.
+    """
+    if in_flight_per_connection_max <= 0:
+        raise ValueError("in_flight_per_connection_max must be positive")
+    if connections_max <= 0:
+        raise ValueError("connections_max must be positive")
+    if hello_timeout_s <= 0:
+        raise ValueError("hello_timeout_s must be positive")
+    server = _Server(
+        service,
+        key,
+        clock_s=clock_s,
+        in_flight_per_connection_max=in_flight_per_connection_max,
+        connections_max=connections_max,
+        hello_timeout_s=hello_timeout_s,
+    )
+    return await asyncio.start_server(server.handle, host=host, port=port, backlog=connections_max)

@@ -1,0 +1,232 @@
+"""Bearer tokens for the HTTP API and the RPC protocol: HS256 JWTs signed with a local key.
+
+A token carries a subject, a set of scopes and an expiry. The clock is always injected
+(``now_s``, whole seconds since the Unix epoch), so expiry is evaluated against the caller's
+clock and never against the wall clock that pyjwt would otherwise read.
+
+The algorithm is pinned to HS256 on both sides: a token whose header names another algorithm
+(including ``none``) is refused as ``token_invalid`` before its payload is looked at.
+
+Neither the key nor a token is ever logged or put into an exception message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pathlib
+import secrets
+import stat
+import tempfile
+from collections.abc import Iterable
+
+import jwt
+import msgspec
+
+__all__ = [
+    "ALGORITHM",
+    "KEY_BYTES",
+    "KEY_FILE_NAME",
+    "SCOPES",
+    "TOKEN_TTL_S_DEFAULT",
+    "AuthError",
+    "Claims",
+    "ScopeError",
+    "bearer_token",
+    "issue_token",
+    "load_or_create_key",
+    "require_scope",
+    "verify_token",
+]
+
+SCOPES = ("accounts:read", "accounts:write", "transfers:read", "transfers:write")
+TOKEN_TTL_S_DEFAULT = 900
+KEY_FILE_NAME = "jwt.key"
+ALGORITHM = "HS256"
+# RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
+KEY_BYTES = 32
+
+_SCOPES_KNOWN = frozenset(SCOPES)
+_KEY_FILE_MODE = 0o600
+
+# pyjwt checks only the signature and the presence of the claims; exp and iat are checked
+# below against the injected clock, because pyjwt would compare them to the wall clock.
+_JWT = jwt.PyJWT(
+    options={
+        "verify_signature": True,
+        "verify_exp": False,
+        "verify_iat": False,
+        "verify_nbf": False,
+        "verify_aud": False,
+        "verify_iss": False,
+        "require": ["exp", "iat", "sub"],
+        "enforce_minimum_key_length": True,
+    }
+)
+
+
+class _Payload(msgspec.Struct, frozen=True):
+    """The claims this module writes; other claims in a token are ignored."""
+
+    sub: str
+    scope: str
+    iat: int
+    exp: int
+
+
+class AuthError(Exception):
+    """The request carries no usable token (HTTP 401).
+
+    ``code`` is one of ``token_missing``, ``token_invalid`` and ``token_expired``.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class ScopeError(Exception):
+    """The token is valid but lacks the scope the operation needs (HTTP 403)."""
+
+    code = "scope_missing"
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"the token lacks the scope {scope!r}")
+        self.scope = scope
+        self.message = str(self)
+
+
+class Claims(msgspec.Struct, frozen=True):
+    """What a verified token grants: ``expires_at_s`` is seconds since the Unix epoch."""
+
+    subject: str
+    scopes: frozenset[str]
+    expires_at_s: int
+
+
+def load_or_create_key(path: pathlib.Path) -> bytes:
+    """Return the signing key stored at ``path``, creating it with mode 0600 if absent.
+
+    The key is 32 random bytes from ``secrets``. Creation is atomic: the key is written and
+    synced to a private temporary file that is then hard-linked into place, so a concurrent
+    reader sees either no file or the whole key, and two racing creators agree on one key.
+
+    Raises ``ValueError`` if an existing file is shorter than 32 bytes or readable by the
+    group or others, and ``OSError`` if the file cannot be read or created.
+    """
+    for _attempt in range(2):
+        with contextlib.suppress(FileNotFoundError):
+            return _read_key(path)
+        _create_key(path)
+    # The file was created and then removed between our create and read: someone else is
+    # managing it, which is not a race to settle by looping.
+    raise OSError(f"the key file {path} vanished while it was being created")
+
+
+def _read_key(path: pathlib.Path) -> bytes:
+    with path.open("rb") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        key = file.read()
+    if stat.S_IMODE(mode) & 0o077:
+        raise ValueError(f"the key file {path} must not be readable by group or others")
+    if len(key) < KEY_BYTES:
+        raise ValueError(f"the key file {path} holds fewer than {KEY_BYTES} bytes")
+    return key
+
+
+def _create_key(path: pathlib.Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp creates the file with mode 0600 from the start, so the key is never visible
+    # to others, whatever the umask.
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        os.fchmod(descriptor, _KEY_FILE_MODE)
+        os.write(descriptor, secrets.token_bytes(KEY_BYTES))
+        os.fsync(descriptor)
+        os.close(descriptor)
+        descriptor = -1
+        # link() fails if the name exists, so a key created by a racing process is kept.
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        if descriptor >= 0:
+            os.close(descriptor)
+        os.unlink(temporary)
+
+
+def issue_token(
+    key: bytes,
+    scopes: Iterable[str],
+    *,
+    ttl_s: int,
+    now_s: int,
+    subject: str = "local",
+) -> str:
+    """Return an HS256 JWT for ``subject`` granting ``scopes``, valid for ``ttl_s`` seconds.
+
+    Raises ``ValueError`` for an unknown scope, ``ttl_s <= 0``, an empty subject or a key
+    shorter than 32 bytes.
+    """
+    granted = frozenset(scopes)
+    unknown = granted - _SCOPES_KNOWN
+    if unknown:
+        raise ValueError(f"unknown scopes {sorted(unknown)}; known scopes are {list(SCOPES)}")
+    if ttl_s <= 0:
+        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    if not subject:
+        raise ValueError("subject must not be empty")
+    if len(key) < KEY_BYTES:
+        raise ValueError(f"the key must hold at least {KEY_BYTES} bytes")
+    payload = _Payload(sub=subject, scope=" ".join(sorted(granted)), iat=now_s, exp=now_s + ttl_s)
+    return jwt.encode(msgspec.to_builtins(payload), key, algorithm=ALGORITHM)
+
+
+def verify_token(key: bytes, token: str, *, now_s: int) -> Claims:
+    """Return the claims of ``token`` if it is signed with ``key`` and unexpired at ``now_s``.
+
+    A token is expired from its ``exp`` second on (RFC 7519 section 4.1.4). Scopes unknown to
+    this version are dropped rather than refused, so that a newer issuer's token still
+    grants what this version understands.
+
+    Raises ``AuthError`` with code ``token_invalid`` (bad signature, other algorithm, missing
+    or malformed claims, garbage) or ``token_expired``.
+    """
+    try:
+        raw = _JWT.decode(token, key, algorithms=[ALGORITHM])
+        payload = msgspec.convert(raw, _Payload)
+    except (jwt.InvalidTokenError, msgspec.ValidationError) as exc:
+        # The exception text is kept out of the message: it may quote parts of the token.
+        raise AuthError("token_invalid", "the token is not a valid token") from exc
+    if payload.exp <= payload.iat:
+        raise AuthError("token_invalid", "the token expires before it was issued")
+    if now_s >= payload.exp:
+        raise AuthError("token_expired", "the token has expired")
+    scopes = frozenset(payload.scope.split()) & _SCOPES_KNOWN
+    return Claims(subject=payload.sub, scopes=scopes, expires_at_s=payload.exp)
+
+
+def require_scope(claims: Claims, scope: str) -> None:
+    """Raise ``ScopeError`` unless ``claims`` grant ``scope``."""
+    if scope not in claims.scopes:
+        raise ScopeError(scope)
+
+
+def bearer_token(header_value: str | None) -> str:
+    """Return the token of an ``Authorization: Bearer <token>`` header value.
+
+    The scheme is matched case-insensitively (RFC 7235 section 2.1). Raises ``AuthError``
+    with code ``token_missing`` if the header is absent, names another scheme or carries no
+    token, and ``token_invalid`` if the token part contains whitespace.
+    """
+    if header_value is None:
+        raise AuthError("token_missing", "the Authorization header is missing")
+    scheme, _, token = header_value.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        raise AuthError("token_missing", "the Authorization header is not a Bearer token")
+    token = token.strip()
+    if not token:
+        raise AuthError("token_missing", "the Authorization header carries no token")
+    if any(character.isspace() for character in token):
+        raise AuthError("token_invalid", "the token must not contain whitespace")
+    return token

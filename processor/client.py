@@ -1,0 +1,392 @@
+"""The async Python client of the binary RPC protocol (processor.wire).
+
+One client keeps one TCP connection and pipelines every call over it: each call takes a
+fresh request id, writes its frame and waits on a future that the connection's reader task
+resolves when the response with that id arrives, in whatever order the server answers.
+
+Failures are raised, never returned:
+
+* ``Overloaded`` and ``Unavailable`` (``processor.errors``) for the server's retryable codes
+  of the same names, and ``Unavailable`` when the connection drops or cannot be opened;
+* ``ClientError`` for every other error code (``processor.wire.ERROR_CODES``);
+* ``TimeoutError`` when a call gets no answer within ``timeout_s``. A create that timed out
+  may or may not have been applied; sending it again with the same ids is safe.
+
+After a dropped connection, the next call opens a new one (at most ``connect_attempts_max``
+attempts). A call is sent again only for ``Overloaded`` or ``Unavailable``, at most
+``retries_max`` times (default 0), which is safe because ledger ids are idempotency keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+from collections.abc import Callable, Sized
+from types import TracebackType
+from typing import TypeVar
+
+from processor import wire
+from processor.codes import AccountResult, TransferResult
+from processor.errors import Overloaded, Unavailable
+from processor.types import Account, Transfer
+
+__all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError"]
+
+CONNECT_ATTEMPTS_MAX_DEFAULT = 3
+# The pause before the second and later connection attempts grows by this much each time.
+_CONNECT_BACKOFF_S = 0.1
+
+_ResultT = TypeVar("_ResultT")
+
+
+class ClientError(Exception):
+    """The server refused a request or the connection with ``code`` (see wire.ERROR_CODES).
+
+    Also raised locally with ``client_closed`` (a call after ``close()``), ``frame_too_large``
+    (a request too big to send) and ``protocol_mismatch`` (the server sent a frame this
+    client cannot read).
+    """
+
+    def __init__(self, code: str, message: str, *, retry_after_s: float = 0.0) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.retry_after_s = retry_after_s
+
+
+def _exception_of(error: wire.Error) -> Exception:
+    if error.code == Overloaded.code:
+        return Overloaded(error.message, retry_after_s=error.retry_after_s)
+    if error.code == Unavailable.code:
+        return Unavailable(error.message, retry_after_s=error.retry_after_s)
+    return ClientError(error.code, error.message, retry_after_s=error.retry_after_s)
+
+
+class _Connection:
+    """One TCP connection and the calls waiting on it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.pending: dict[int, asyncio.Future[wire.Response]] = {}
+        # The server answers Hellos in the order they were sent, so waiters form a queue.
+        self.hello_waiters: collections.deque[asyncio.Future[wire.HelloOk]] = collections.deque()
+        # Why the server is closing the connection, from its connection-level Error.
+        self.closing_error: wire.Error | None = None
+        self.lost = False
+        self.reader_task: asyncio.Task[None] | None = None
+
+    @property
+    def usable(self) -> bool:
+        """True while new requests may be sent: a closing server reads no more of them."""
+        return not self.lost and self.closing_error is None
+
+
+class Client:
+    """An async client of the ledger's RPC protocol; see the module docstring.
+
+    ``timeout_s`` bounds each call and each connection attempt, in seconds. At most
+    ``in_flight_max`` calls are sent at once; more wait for a slot, so keep it at or below
+    the server's ``in_flight_per_connection_max``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        token: str,
+        *,
+        timeout_s: float = 30.0,
+        in_flight_max: int = 64,
+        retries_max: int = 0,
+        connect_attempts_max: int = CONNECT_ATTEMPTS_MAX_DEFAULT,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if in_flight_max <= 0:
+            raise ValueError("in_flight_max must be positive")
+        if retries_max < 0:
+            raise ValueError("retries_max must not be negative")
+        if connect_attempts_max <= 0:
+            raise ValueError("connect_attempts_max must be positive")
+        self._host = host
+        self._port = port
+        self._token = token
+        self._timeout_s = timeout_s
+        self._retries_max = retries_max
+        self._connect_attempts_max = connect_attempts_max
+        self._slots = asyncio.Semaphore(in_flight_max)
+        self._connect_lock = asyncio.Lock()
+        self._request_ids = itertools.count(1)
+        self._connection: _Connection | None = None
+        self._closed = False
+        self.token_expires_at_s: int | None = None
+
+    async def __aenter__(self) -> Client:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def connect(self) -> None:
+        """Open the connection and authenticate, unless it is open already.
+
+        Raises ``Unavailable`` if no attempt succeeds, ``ClientError`` if the token is
+        refused (``token_invalid``, ``token_expired``).
+        """
+        self._closed = False
+        await self._ready_connection()
+
+    async def close(self) -> None:
+        """Close the connection; calls still waiting fail with ``ClientError`` client_closed."""
+        self._closed = True
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        if connection.reader_task is not None:
+            connection.reader_task.cancel()
+            await asyncio.gather(connection.reader_task, return_exceptions=True)
+        await _close(connection.writer)
+
+    async def set_token(self, token: str) -> None:
+        """Use ``token`` from now on, re-authenticating the open connection with it.
+
+        Raises ``ClientError`` if the server refuses it; the server then closes the
+        connection and the next call reconnects with this token.
+        """
+        self._token = token
+        connection = self._connection
+        if connection is not None and connection.usable:
+            await self._hello(connection)
+
+    async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
+        """Create ``accounts``; one result code per account, in order."""
+        response = await self._call(lambda request_id: wire.CreateAccounts(request_id, accounts))
+        result = _expect(response, wire.CreateAccountsResult)
+        _check_count(result.codes, accounts)
+        return _codes(result.codes, AccountResult)
+
+    async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        """Create ``transfers``; one result code per transfer, in order."""
+        response = await self._call(lambda request_id: wire.CreateTransfers(request_id, transfers))
+        result = _expect(response, wire.CreateTransfersResult)
+        _check_count(result.codes, transfers)
+        return _codes(result.codes, TransferResult)
+
+    async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
+        """The account of each id, in order, ``None`` where there is none."""
+        response = await self._call(lambda request_id: wire.LookupAccounts(request_id, ids))
+        result = _expect(response, wire.LookupAccountsResult)
+        _check_count(result.items, ids)
+        return result.items
+
+    async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
+        """The transfer of each id, in order, ``None`` where there is none."""
+        response = await self._call(lambda request_id: wire.LookupTransfers(request_id, ids))
+        result = _expect(response, wire.LookupTransfersResult)
+        _check_count(result.items, ids)
+        return result.items
+
+    async def _call(self, request_of: Callable[[int], wire.Request]) -> wire.Response:
+        async with self._slots:
+            for attempt in itertools.count():
+                try:
+                    connection = await self._ready_connection()
+                    request_id = next(self._request_ids)
+                    return await self._exchange(connection, request_of(request_id), request_id)
+                except (Overloaded, Unavailable) as exc:
+                    if attempt >= self._retries_max:
+                        raise
+                    await asyncio.sleep(exc.retry_after_s)
+        raise AssertionError("unreachable: itertools.count() does not end")
+
+    async def _exchange(
+        self, connection: _Connection, request: wire.Request, request_id: int
+    ) -> wire.Response:
+        try:
+            frame = wire.encode_frame(request)
+        except wire.FrameTooLarge as exc:
+            raise ClientError("frame_too_large", str(exc)) from exc
+        future: asyncio.Future[wire.Response] = asyncio.get_running_loop().create_future()
+        connection.pending[request_id] = future
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                connection.writer.write(frame)
+                await connection.writer.drain()
+                return await future
+        except ConnectionError as exc:
+            raise Unavailable(f"the connection to {self._address} was lost") from exc
+        finally:
+            # A late answer to a call that timed out finds no future and is dropped.
+            connection.pending.pop(request_id, None)
+
+    async def _ready_connection(self) -> _Connection:
+        if self._closed:
+            raise ClientError("client_closed", "the client was closed")
+        connection = self._connection
+        if connection is not None and connection.usable:
+            return connection
+        async with self._connect_lock:
+            connection = self._connection
+            if connection is None or not connection.usable:
+                connection = self._connection = await self._open()
+            return connection
+
+    async def _open(self) -> _Connection:
+        for attempt in range(self._connect_attempts_max):
+            if attempt:
+                await asyncio.sleep(_CONNECT_BACKOFF_S * attempt)
+            try:
+                async with asyncio.timeout(self._timeout_s):
+                    reader, writer = await asyncio.open_connection(self._host, self._port)
+            except (OSError, TimeoutError) as exc:
+                last_error: BaseException = exc
+                continue
+            connection = _Connection(reader, writer)
+            connection.reader_task = asyncio.create_task(self._read_responses(connection))
+            try:
+                await self._hello(connection)
+            except (Overloaded, Unavailable) as exc:
+                last_error = exc
+                await _close(writer)
+                continue
+            except BaseException:
+                await _close(writer)
+                raise
+            return connection
+        if isinstance(last_error, Overloaded):
+            # The server answered, and it is full: say so rather than call it unreachable.
+            raise last_error
+        message = f"cannot connect to {self._address} in {self._connect_attempts_max} attempts"
+        raise Unavailable(message) from last_error
+
+    async def _hello(self, connection: _Connection) -> None:
+        waiter: asyncio.Future[wire.HelloOk] = asyncio.get_running_loop().create_future()
+        connection.hello_waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                connection.writer.write(wire.encode_frame(wire.Hello(self._token)))
+                await connection.writer.drain()
+                hello_ok = await waiter
+        except (ConnectionError, TimeoutError) as exc:
+            raise Unavailable(f"no answer to Hello from {self._address}") from exc
+        self.token_expires_at_s = hello_ok.expires_at_s
+
+    async def _read_responses(self, connection: _Connection) -> None:
+        # Why the calls still waiting fail, if it is not the server's closing error.
+        fault: tuple[str, str] | None = None
+        try:
+            while True:
+                header = await connection.reader.readexactly(wire.FRAME_HEADER_BYTES)
+                body = await connection.reader.readexactly(wire.frame_length(header))
+                self._dispatch(connection, wire.decode_response(body))
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # The server closed the connection; handled below like any loss.
+        except (wire.FrameTooLarge, wire.MalformedFrame) as exc:
+            fault = ("protocol_mismatch", f"unreadable frame from the server: {exc}")
+        except asyncio.CancelledError:
+            fault = ("client_closed", "the client was closed")
+            raise
+        finally:
+            self._lose(connection, fault)
+
+    def _dispatch(self, connection: _Connection, response: wire.Response) -> None:
+        if isinstance(response, wire.HelloOk):
+            if connection.hello_waiters:
+                _resolve(connection.hello_waiters.popleft(), response)
+            return
+        if isinstance(response, wire.Error) and response.request_id is None:
+            # The server is closing the connection; answers to accepted requests may still
+            # come, so only the Hellos waiting are failed now.
+            connection.closing_error = response
+            while connection.hello_waiters:
+                _fail(connection.hello_waiters.popleft(), _exception_of(response))
+            return
+        request_id = response.request_id
+        future = None if request_id is None else connection.pending.get(request_id)
+        if future is None:
+            return  # The call timed out or was cancelled; nobody waits for this answer.
+        if isinstance(response, wire.Error):
+            _fail(future, _exception_of(response))
+        else:
+            _resolve(future, response)
+
+    def _lose(self, connection: _Connection, fault: tuple[str, str] | None) -> None:
+        """Fail every call waiting on a connection that has ended, and forget it."""
+        connection.lost = True
+        closing_error = connection.closing_error
+
+        # Each waiter gets an exception of its own: one raised in several tasks would
+        # collect all their tracebacks.
+        def error() -> Exception:
+            if fault is not None:
+                return ClientError(*fault)
+            if closing_error is not None:
+                return _exception_of(closing_error)
+            return Unavailable(f"the connection to {self._address} was lost")
+
+        for future in connection.pending.values():
+            _fail(future, error())
+        connection.pending.clear()
+        while connection.hello_waiters:
+            _fail(connection.hello_waiters.popleft(), error())
+        connection.writer.close()
+        if self._connection is connection:
+            self._connection = None
+
+    @property
+    def _address(self) -> str:
+        return f"{self._host}:{self._port}"
+
+
+def _resolve(future: asyncio.Future[_ResultT], result: _ResultT) -> None:
+    if not future.done():
+        future.set_result(result)
+
+
+def _fail(future: asyncio.Future[_ResultT], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
+_ResponseT = TypeVar("_ResponseT", bound=wire.Response)
+
+
+def _expect(response: wire.Response, kind: type[_ResponseT]) -> _ResponseT:
+    if not isinstance(response, kind):
+        message = f"expected {kind.__name__}, got {type(response).__name__}"
+        raise ClientError("protocol_mismatch", message)
+    return response
+
+
+def _check_count(results: Sized, requested: Sized) -> None:
+    if len(results) != len(requested):
+        message = f"{len(results)} results for {len(requested)} items"
+        raise ClientError("protocol_mismatch", message)
+
+
+_CodeT = TypeVar("_CodeT", AccountResult, TransferResult)
+
+
+def _codes(values: list[int], kind: type[_CodeT]) -> list[_CodeT]:
+    try:
+        return [kind(value) for value in values]
+    except ValueError as exc:
+        # A newer server may know codes this client does not; naming the problem beats a
+        # bare ValueError from deep inside the enum.
+        raise ClientError("protocol_mismatch", f"unknown {kind.__name__}: {exc}") from exc
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    # The peer may already have reset the connection; there is nothing left to tell it.
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()

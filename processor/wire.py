@@ -1,0 +1,273 @@
+"""The binary RPC protocol between gateways and the ledger: MessagePack frames over TCP.
+
+Every frame is a 4-byte big-endian unsigned length followed by that many bytes of one
+MessagePack-encoded message. Messages are array-like msgspec structs in two tagged unions,
+``Request`` (client to server) and ``Response`` (server to client); the tag is a small
+integer in the first array slot, stable forever, never reused.
+
+A conversation:
+
+* The client's first frame is ``Hello(token)``; the server answers ``HelloOk`` with the
+  token's expiry. The client may send ``Hello`` again at any time to replace an expiring
+  token; requests already accepted keep running under the old one.
+* Each request carries a ``request_id`` chosen by the client (u64), unique among that
+  connection's requests in flight; the server does not check uniqueness. Many requests may
+  be in flight on one connection and their responses come back in any order, matched by
+  ``request_id``.
+* An ``Error`` with a ``request_id`` answers that request alone; the connection stays open.
+  An ``Error`` whose ``request_id`` is ``None`` is about the connection (a bad frame, a
+  refused or missing ``Hello``, too many connections): the server reads nothing more,
+  answers the requests it already accepted, then closes the connection.
+
+``ERROR_CODES`` lists the stable error codes. Per-item outcomes are not errors: they are
+result codes (``processor.codes``) inside the create results.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Annotated, Final
+
+import msgspec
+from msgspec import Meta
+
+from processor.service import BATCH_ITEMS_MAX
+from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_BYTES_MAX, Account, Transfer
+
+__all__ = [
+    "ERROR_CODES",
+    "FRAME_BYTES_MAX",
+    "FRAME_HEADER_BYTES",
+    "REQUEST_ID_MAX",
+    "TOKEN_CHARS_MAX",
+    "CreateAccounts",
+    "CreateAccountsResult",
+    "CreateTransfers",
+    "CreateTransfersResult",
+    "Error",
+    "FrameTooLarge",
+    "Hello",
+    "HelloOk",
+    "LookupAccounts",
+    "LookupAccountsResult",
+    "LookupTransfers",
+    "LookupTransfersResult",
+    "MalformedFrame",
+    "Request",
+    "Response",
+    "decode_request",
+    "decode_response",
+    "encode_frame",
+    "frame_length",
+]
+
+FRAME_HEADER_BYTES = 4
+# The largest frame body, in bytes, either way. The worst case it must hold is a full batch
+# (BATCH_ITEMS_MAX items) whose every field is at its maximum: an array-like Transfer is then
+# 587 bytes, because user_data is limited to 128 characters and each may take 4 bytes of
+# UTF-8, so 8,189 of them take 4.81 MB. 5 MiB holds that plus the envelope; an import-time
+# check below keeps the two in step if the types change. With ASCII user_data a full batch
+# is about 1.7 MB.
+FRAME_BYTES_MAX = 5 * 1024 * 1024
+REQUEST_ID_MAX = 2**64 - 1
+# A token of this module's issuer is about 250 characters; the limit only stops abuse.
+TOKEN_CHARS_MAX = 4096
+
+ERROR_CODES: Final = frozenset(
+    {
+        "frame_too_large",  # the length prefix exceeds FRAME_BYTES_MAX; connection closed
+        "malformed_frame",  # the body is not a valid Request; connection closed
+        "batch_too_large",  # more than BATCH_ITEMS_MAX items or ids in one request
+        "token_missing",  # a request came before Hello; connection closed
+        "token_invalid",  # Hello carried a bad token; connection closed
+        "token_expired",  # on Hello: connection closed; on a request: refresh with Hello
+        "scope_missing",  # the token does not grant the operation's scope
+        "overloaded",  # the ledger or the server is full; retry after retry_after_s
+        "unavailable",  # a shard or the database is down; retry after retry_after_s
+        "too_many_in_flight",  # the connection has in_flight_per_connection_max requests
+        "ledger_error",  # a LedgerError of no more specific kind; see its message
+        "internal",  # a bug on the server; the request may or may not have been applied
+    }
+)
+
+# msgspec bounds only fit in an int64, so REQUEST_ID_MAX is not written into the type;
+# MessagePack cannot carry an integer beyond u64, which enforces it on decode anyway.
+RequestId = Annotated[int, Meta(ge=0)]
+Id = Annotated[int, Meta(ge=0, le=ID_MAX)]
+Token = Annotated[str, Meta(max_length=TOKEN_CHARS_MAX)]
+
+
+# Requests are the public inbound API, so unknown fields are refused (STYLE.md, Messages).
+class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1, forbid_unknown_fields=True):
+    """Authenticates the connection; must be the first frame, may be re-sent to refresh."""
+
+    token: Token
+
+
+class CreateAccounts(
+    msgspec.Struct, frozen=True, array_like=True, tag=2, forbid_unknown_fields=True
+):
+    request_id: RequestId
+    items: list[Account]
+
+
+class CreateTransfers(
+    msgspec.Struct, frozen=True, array_like=True, tag=3, forbid_unknown_fields=True
+):
+    request_id: RequestId
+    items: list[Transfer]
+
+
+class LookupAccounts(
+    msgspec.Struct, frozen=True, array_like=True, tag=4, forbid_unknown_fields=True
+):
+    request_id: RequestId
+    ids: list[Id]
+
+
+class LookupTransfers(
+    msgspec.Struct, frozen=True, array_like=True, tag=5, forbid_unknown_fields=True
+):
+    request_id: RequestId
+    ids: list[Id]
+
+
+# Responses tolerate fields added by a newer server, so clients survive a rolling deploy.
+class HelloOk(msgspec.Struct, frozen=True, array_like=True, tag=64):
+    """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch)."""
+
+    expires_at_s: int
+
+
+class CreateAccountsResult(msgspec.Struct, frozen=True, array_like=True, tag=65):
+    """One ``AccountResult`` value per submitted account, in order."""
+
+    request_id: RequestId
+    codes: list[int]
+
+
+class CreateTransfersResult(msgspec.Struct, frozen=True, array_like=True, tag=66):
+    """One ``TransferResult`` value per submitted transfer, in order."""
+
+    request_id: RequestId
+    codes: list[int]
+
+
+class LookupAccountsResult(msgspec.Struct, frozen=True, array_like=True, tag=67):
+    """One account per requested id, in order; ``None`` where no such account exists."""
+
+    request_id: RequestId
+    items: list[Account | None]
+
+
+class LookupTransfersResult(msgspec.Struct, frozen=True, array_like=True, tag=68):
+    """One transfer per requested id, in order; ``None`` where no such transfer exists."""
+
+    request_id: RequestId
+    items: list[Transfer | None]
+
+
+class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
+    """A request, or with ``request_id`` None the connection, failed with ``code``.
+
+    ``retry_after_s`` is a hint in seconds for retryable codes and 0 otherwise.
+    """
+
+    request_id: RequestId | None
+    code: str
+    message: str
+    retry_after_s: float = 0.0
+
+
+Request = Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers
+Response = (
+    HelloOk
+    | CreateAccountsResult
+    | CreateTransfersResult
+    | LookupAccountsResult
+    | LookupTransfersResult
+    | Error
+)
+
+_HEADER = struct.Struct(">I")
+_ENCODER = msgspec.msgpack.Encoder()
+_REQUEST_DECODER: msgspec.msgpack.Decoder[Request] = msgspec.msgpack.Decoder(Request)
+_RESPONSE_DECODER: msgspec.msgpack.Decoder[Response] = msgspec.msgpack.Decoder(Response)
+
+
+class FrameTooLarge(ValueError):
+    """A frame's body is longer than ``FRAME_BYTES_MAX``."""
+
+    def __init__(self, length_bytes: int) -> None:
+        super().__init__(f"a frame of {length_bytes} bytes exceeds {FRAME_BYTES_MAX} bytes")
+        self.length_bytes = length_bytes
+
+
+class MalformedFrame(ValueError):
+    """A frame's body is not a valid message of the expected direction."""
+
+
+def encode_frame(message: Request | Response) -> bytes:
+    """Return ``message`` as a whole frame: length prefix and MessagePack body.
+
+    Raises ``FrameTooLarge`` if the body would exceed ``FRAME_BYTES_MAX`` bytes.
+    """
+    buffer = bytearray(FRAME_HEADER_BYTES)
+    # Encoding after the reserved header avoids copying the body to prepend its length.
+    _ENCODER.encode_into(message, buffer, FRAME_HEADER_BYTES)
+    length_bytes = len(buffer) - FRAME_HEADER_BYTES
+    if length_bytes > FRAME_BYTES_MAX:
+        raise FrameTooLarge(length_bytes)
+    _HEADER.pack_into(buffer, 0, length_bytes)
+    return bytes(buffer)
+
+
+def frame_length(header: bytes) -> int:
+    """Return the body length in bytes announced by a 4-byte frame header.
+
+    Raises ``FrameTooLarge`` if it exceeds ``FRAME_BYTES_MAX``, so that the caller refuses
+    the frame before reading (or buffering) its body.
+    """
+    (length_bytes,) = _HEADER.unpack(header)
+    if length_bytes > FRAME_BYTES_MAX:
+        raise FrameTooLarge(length_bytes)
+    return int(length_bytes)
+
+
+def decode_request(body: bytes | memoryview) -> Request:
+    """Decode a frame body sent by a client. Raises ``MalformedFrame``."""
+    try:
+        return _REQUEST_DECODER.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(str(exc)) from exc
+
+
+def decode_response(body: bytes | memoryview) -> Response:
+    """Decode a frame body sent by a server. Raises ``MalformedFrame``."""
+    try:
+        return _RESPONSE_DECODER.decode(body)
+    except msgspec.DecodeError as exc:
+        raise MalformedFrame(str(exc)) from exc
+
+
+def _worst_case_batch_bytes() -> int:
+    """The body size of the largest valid lookup result or create request, in bytes."""
+    user_data = "\U0010ffff" * USER_DATA_BYTES_MAX
+    transfer = Transfer(
+        id=ID_MAX, debit_account_id=ID_MAX, credit_account_id=ID_MAX, amount=ID_MAX,
+        currency="XXX", flags=0xFFFF, pending_id=ID_MAX, timeout_s=TIMEOUT_S_MAX,
+        code=CODE_MAX, user_data=user_data, timestamp=ID_MAX,
+    )  # fmt: skip
+    account = Account(
+        id=ID_MAX, currency="XXX", flags=0xFFFF, code=CODE_MAX, user_data=user_data,
+        debits_pending=ID_MAX, debits_posted=ID_MAX, credits_pending=ID_MAX,
+        credits_posted=ID_MAX, timestamp=ID_MAX,
+    )  # fmt: skip
+    item_bytes = max(len(_ENCODER.encode(transfer)), len(_ENCODER.encode(account)))
+    # The envelope is a tag, a request id and an array header: well under 64 bytes.
+    return item_bytes * BATCH_ITEMS_MAX + 64
+
+
+# Kept on under python -O: a full batch that cannot be framed would be a protocol bug.
+if _worst_case_batch_bytes() > FRAME_BYTES_MAX:
+    raise RuntimeError("FRAME_BYTES_MAX cannot hold a full batch; raise it")
