@@ -236,18 +236,46 @@ class Front:
         return [AccountResult(c) for c in codes]
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        out = [0] * len(transfers)
+        for segment in self._segments(transfers):
+            codes = await self._route(transfers, segment, "create_transfers")
+            for indices in segment.values():
+                for i in indices:
+                    out[i] = codes[i]
+        return [TransferResult(c) for c in out]
+
+    def _segments(self, transfers: list[Transfer]) -> list[dict[int, list[int]]]:
+        """Split a request into segments run one after another, each a coordinator -> item
+        indices map run in parallel.
+
+        A chain is coordinated by the shard of its first transfer's debit account. Items of
+        one coordinator keep their order, but two coordinators run concurrently; so when a
+        chain touches an account or id that an earlier chain of another coordinator touched
+        in the same segment, a new segment starts, and the request keeps its in-order
+        meaning (a later transfer sees the effects of the earlier ones).
+        """
+        segments: list[dict[int, list[int]]] = []
         groups: dict[int, list[int]] = {}
+        touched: dict[int, int] = {}  # account id or ("id", transfer id) key -> coordinator
         i = 0
         while i < len(transfers):
             j = i
             while j < len(transfers) - 1 and transfers[j].flags & LINKED:
                 j += 1
-            # A chain is coordinated by the shard of its first transfer's debit account.
             coordinator = self._partitions.shard_of(transfers[i].debit_account_id)
+            # Account ids are positive; transfer ids are keyed negative to share the map.
+            keys = [k for t in transfers[i:j + 1]
+                    for k in (t.debit_account_id, t.credit_account_id, -t.id - 1)]
+            keys += [-t.pending_id - 1 for t in transfers[i:j + 1] if t.pending_id]
+            if any(touched.get(k, coordinator) != coordinator for k in keys):
+                segments.append(groups)
+                groups, touched = {}, {}
+            for k in keys:
+                touched[k] = coordinator
             groups.setdefault(coordinator, []).extend(range(i, j + 1))
             i = j + 1
-        codes = await self._route(transfers, groups, "create_transfers")
-        return [TransferResult(c) for c in codes]
+        segments.append(groups)
+        return [g for g in segments if g]
 
     async def _route(
         self, items: Sequence[Any], groups: dict[int, list[int]], method: str
@@ -258,6 +286,7 @@ class Front:
         ]
         out = [0] * len(items)
         results = await asyncio.gather(*[f for _, f in futures])
+        # Indices not in ``groups`` stay 0 here; the caller fills only what it routed.
         for (indices, _), codes in zip(futures, results, strict=True):
             for i, code in zip(indices, codes, strict=True):
                 out[i] = code

@@ -60,9 +60,9 @@ async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int)
     from actors.store import LedgerStore
 
     console = Console()
-    console.print(f"[bold]txproc demo[/]: starting {config.shard.shards} shards on "
-                  f"{'an existing database' if config.shard.database_url else 'embedded PostgreSQL'}"
-                  f", data in {config.data_dir}")
+    where = "an existing database" if config.shard.database_url else "embedded PostgreSQL"
+    console.print(f"[bold]txproc demo[/]: starting {config.shard.shards} shards on {where}, "
+                  f"data in {config.data_dir}")
     started = time.perf_counter()
     processor = await start_processor(config)
     console.print(f"ready in {time.perf_counter() - started:.1f} s: http port "

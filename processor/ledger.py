@@ -110,6 +110,9 @@ class Leg(msgspec.Struct, frozen=True, array_like=True):
     limited: bool
     event_kind: int = EventKind.transfer
     event_id: int = 0
+    # Legs of one linked chain share a nonzero tag; a later leg may use what an earlier
+    # leg of the same chain posted, since the chain commits whole or not at all.
+    chain: int = 0
 
     @property
     def increase(self) -> int:
@@ -185,7 +188,7 @@ class AccountState:
             self.credits_pending += leg.pending_delta
             self.credits_posted += leg.posted_delta
 
-    def check(self, leg: Leg, *, remote: bool) -> TransferResult:
+    def check(self, leg: Leg, *, remote: bool, chain_posted: int = 0) -> TransferResult:
         """The code for applying ``leg`` now; ``remote`` is the view granted to others.
 
         The local view sees uncommitted local effects, which commit in order with whatever
@@ -194,6 +197,8 @@ class AccountState:
         decrease or a credit that might not commit).
         """
         acct = self.account
+        # ``chain_posted`` is what earlier legs of the same chain posted to the side that
+        # this leg's limit is measured against (credits for a debit, debits for a credit).
         if leg.limited and acct.currency != leg.currency:
             return R.currency_mismatch
         debit = leg.side == Side.debit
@@ -222,7 +227,7 @@ class AccountState:
                     + self.debits_posted + self.u_debits_posted
                 )
                 against = self.credits_posted + self.u_credits_posted
-            if total + self.reserved_debits + leg.increase > against:
+            if total + self.reserved_debits + leg.increase > against + chain_posted:
                 return R.exceeds_credits
         if not debit and acct.flags & CREDITS_LIMITED:
             if remote:
@@ -234,7 +239,7 @@ class AccountState:
                     + self.credits_posted + self.u_credits_posted
                 )
                 against = self.debits_posted + self.u_debits_posted
-            if total + self.reserved_credits + leg.increase > against:
+            if total + self.reserved_credits + leg.increase > against + chain_posted:
                 return R.exceeds_debits
         return R.ok
 
@@ -368,6 +373,10 @@ class Book:
         self.holds: dict[tuple[int, int], Hold] = {}  # (coordinator, hold id) -> Hold
         self.hold_seq = 0
         self.last_timestamp = 0
+        # While a distributed chain is evaluated: its tag, and per (account, side) what its
+        # earlier held legs posted (see Leg.chain).
+        self._chain_tag = 0
+        self._chain_posted: dict[tuple[int, int], int] = {}
 
     # -- recovery -------------------------------------------------------------------------
 
@@ -541,6 +550,8 @@ class Book:
                 distributed = True
         undo: list[tuple[int, dict[int, Transfer | Failed | None], object]] = []
         failed_at = -1
+        self._chain_tag = start + 1 if distributed and end - start > 1 else 0
+        self._chain_posted = {}
         for k in range(start, end):
             item = items[k]
             item.distributed = distributed
@@ -609,6 +620,7 @@ class Book:
                 state = self.accounts[leg.account_id]
                 if item.distributed:
                     state.reserve(leg)
+                    _add_chain_posted(self._chain_posted, leg)
                 else:
                     state.apply(leg)
         self._remember(t.id, stored)
@@ -626,7 +638,8 @@ class Book:
         if state is None:
             return (R.debit_account_not_found if leg.side == Side.debit
                     else R.credit_account_not_found)
-        return state.check(leg, remote=False)
+        return state.check(leg, remote=False,
+                           chain_posted=self._chain_posted.get((leg.account_id, leg.side), 0))
 
     def _check_pending_reference(
         self, item: _Item, now_ns: int, known: Known, in_batch: dict[int, int]
@@ -674,13 +687,14 @@ class Book:
         else:
             dp, dpo, limited = 0, t.amount, True
         shard_of = self.partitions.shard_of
+        tag = self._chain_tag
         return [
             (shard_of(t.debit_account_id),
              Leg(t.debit_account_id, Side.debit, t.currency, dp, dpo, limited,
-                 EventKind.transfer, t.id)),
+                 EventKind.transfer, t.id, tag)),
             (shard_of(t.credit_account_id),
              Leg(t.credit_account_id, Side.credit, t.currency, dp, dpo, limited,
-                 EventKind.transfer, t.id)),
+                 EventKind.transfer, t.id, tag)),
         ]
 
     def _undo_item(self, item: _Item, saved: dict[int, Transfer | Failed | None]) -> None:
@@ -736,18 +750,23 @@ class Book:
         the same chain are held even if a sibling is refused; the coordinator settles each.
         """
         out: list[tuple[int, int]] = []
+        chain, chain_posted = 0, {}
         for leg in legs:
             require(self.owns(leg.account_id), "leg routed to its owner")
+            if leg.chain != chain or not leg.chain:
+                chain, chain_posted = leg.chain, {}
             state = self.accounts.get(leg.account_id)
             if state is None or (leg.limited and not state.committed):
                 code = (R.debit_account_not_found if leg.side == Side.debit
                         else R.credit_account_not_found)
             else:
-                code = state.check(leg, remote=True)
+                code = state.check(leg, remote=True, chain_posted=chain_posted.get(
+                    (leg.account_id, leg.side), 0))
             if code != R.ok or state is None:
                 out.append((int(code), 0))
                 continue
             state.reserve(leg)
+            _add_chain_posted(chain_posted, leg)
             self.hold_seq += 1
             self.holds[(coordinator, self.hold_seq)] = Hold(coordinator, epoch, leg)
             out.append((int(R.ok), self.hold_seq))
@@ -887,6 +906,15 @@ class Book:
             state = self.accounts[leg.account_id]
             state.unapply(leg)
             state.settle_committed(leg)
+
+
+def _add_chain_posted(chain_posted: dict[tuple[int, int], int], leg: Leg) -> None:
+    """Record what a held leg posts, keyed by the side whose limit it loosens: a credit
+    posted to an account raises what its debits may reach, and the other way round."""
+    if leg.posted_delta > 0:
+        other = Side.debit if leg.side == Side.credit else Side.credit
+        key = (leg.account_id, int(other))
+        chain_posted[key] = chain_posted.get(key, 0) + leg.posted_delta
 
 
 def _expires_at_ns(t: Transfer) -> int:

@@ -1,0 +1,158 @@
+"""Fault tests: SIGKILL a LedgerShard process, restart PostgreSQL, under concurrent load."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+from pathlib import Path
+
+from actors.database import EmbeddedPostgres
+from actors.runtime import Processor
+from actors.store import LedgerStore
+from processor.client import Client, ClientError
+from processor.codes import TransferResult
+from processor.errors import LedgerError
+from processor.types import Account, AccountFlags, Transfer, TransferFlags
+from tests.running import IdSource, token_for
+
+import pytest
+
+OK = {TransferResult.ok, TransferResult.exists}
+
+
+async def _setup_accounts(client: Client, ids: IdSource, n: int) -> tuple[int, list[int]]:
+    operator = ids.one()
+    customers = ids.take(n)
+    accounts = [Account(id=operator, currency="EUR")] + [
+        Account(id=c, currency="EUR", flags=int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS))
+        for c in customers
+    ]
+    assert set(await client.create_accounts(accounts)) == {0}
+    funding = [Transfer(id=i, debit_account_id=operator, credit_account_id=c, amount=50_000,
+                        currency="EUR") for i, c in zip(ids.take(n), customers, strict=True)]
+    assert set(await client.create_transfers(funding)) == {TransferResult.ok}
+    return operator, customers
+
+
+class Load:
+    """Gateways that keep sending batches and retry each batch until it is answered."""
+
+    def __init__(self, processor: Processor, ids: IdSource, customers: list[int]) -> None:
+        self.processor = processor
+        self.ids = ids
+        self.customers = customers
+        self.acknowledged: dict[int, Transfer] = {}
+        self.refused: dict[int, TransferResult] = {}
+        self.retries = 0
+        self.stop = asyncio.Event()
+
+    def batch(self, rng: random.Random, size: int) -> list[Transfer]:
+        out = []
+        for tid in self.ids.take(size):
+            a, b = rng.sample(self.customers, 2)
+            pending = rng.random() < 0.1
+            out.append(Transfer(id=tid, debit_account_id=a, credit_account_id=b,
+                                amount=rng.randint(1, 900), currency="EUR",
+                                flags=int(TransferFlags.PENDING) if pending else 0))
+        return out
+
+    async def worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        async with Client("127.0.0.1", self.processor.rpc_port, token_for(self.processor),
+                          timeout_s=60) as client:
+            while not self.stop.is_set():
+                batch = self.batch(rng, 200)
+                codes = await self._until_answered(client, batch)
+                for t, code in zip(batch, codes, strict=True):
+                    if code in OK:
+                        self.acknowledged[t.id] = t
+                    else:
+                        self.refused[t.id] = code
+
+    async def _until_answered(self, client: Client, batch: list[Transfer]) -> list[TransferResult]:
+        for _ in range(60):
+            try:
+                return await client.create_transfers(batch)
+            except (LedgerError, ClientError, ConnectionError, TimeoutError):
+                # The same batch again: ids make the retry safe.
+                self.retries += 1
+                await asyncio.sleep(0.25)
+        raise AssertionError("a batch was never answered")
+
+
+async def _check_everything_acknowledged_is_stored(load: Load, processor: Processor) -> None:
+    store = await LedgerStore.connect(processor.config.shard.database_url, pool_size_max=2,
+                                      connect_timeout_s=10, command_timeout_s=120)
+    try:
+        stored = await store.lookup_transfers(sorted(load.acknowledged))
+        missing = set(load.acknowledged) - set(stored)
+        assert not missing, f"{len(missing)} acknowledged transfers were lost"
+        for tid, t in load.acknowledged.items():
+            s = stored[tid]
+            assert (s.debit_account_id, s.credit_account_id, s.amount, s.flags) == (
+                t.debit_account_id, t.credit_account_id, t.amount, t.flags)
+        refused_but_stored = set(load.refused) & set(
+            await store.lookup_transfers(sorted(load.refused)))
+        assert not refused_but_stored, "a transfer answered as refused was stored"
+        audit = await store.audit()
+        assert audit.passed, audit
+    finally:
+        await store.close()
+
+
+async def _wait_settled(processor: Processor) -> None:
+    """Wait until no shard holds a reservation any more (orphans resolved)."""
+    for _ in range(100):
+        stats = await asyncio.gather(*[s.stats.remote() for s in processor.shards])
+        if all(s["holds_granted"] == 0 for s in stats):
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"holds never settled: {stats}")
+
+
+async def test_sigkill_shard_during_concurrent_transfers(
+    processor: Processor, ids: IdSource
+) -> None:
+    """SIGKILL of a ray::LedgerShard mid-load loses no acknowledged transfer and doubles none."""
+    async with Client("127.0.0.1", processor.rpc_port, token_for(processor)) as client:
+        _, customers = await _setup_accounts(client, ids, 60)
+    load = Load(processor, ids, customers)
+    workers = [asyncio.create_task(load.worker(seed)) for seed in range(4)]
+    await asyncio.sleep(1.0)
+    for victim in (0, 1, 0):
+        before = await processor.shards[victim].stats.remote()
+        cmdline = Path(f"/proc/{before['pid']}/cmdline").read_bytes()
+        assert b"LedgerShard" in cmdline
+        os.kill(int(before["pid"]), signal.SIGKILL)
+        await asyncio.sleep(1.5)
+        after = await processor.shards[victim].stats.remote()
+        assert after["pid"] != before["pid"]
+        assert after["epoch"] > before["epoch"]
+    await asyncio.sleep(1.0)
+    load.stop.set()
+    await asyncio.wait_for(asyncio.gather(*workers), timeout=120)
+    assert len(load.acknowledged) > 1000
+    await _wait_settled(processor)
+    await _check_everything_acknowledged_is_stored(load, processor)
+
+
+async def test_postgres_restart_during_load(
+    processor: Processor, ids: IdSource, embedded_pg: EmbeddedPostgres | None
+) -> None:
+    """Restarting PostgreSQL mid-load answers retryable errors, then recovers with no loss."""
+    if embedded_pg is None:
+        pytest.skip("restarts only the embedded server")
+    async with Client("127.0.0.1", processor.rpc_port, token_for(processor)) as client:
+        _, customers = await _setup_accounts(client, ids, 40)
+    load = Load(processor, ids, customers)
+    workers = [asyncio.create_task(load.worker(seed)) for seed in range(10, 13)]
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(embedded_pg.restart)
+    await asyncio.sleep(2.0)
+    load.stop.set()
+    await asyncio.wait_for(asyncio.gather(*workers), timeout=180)
+    assert len(load.acknowledged) > 100
+    await _wait_settled(processor)
+    await _check_everything_acknowledged_is_stored(load, processor)

@@ -1,0 +1,86 @@
+"""Fixtures shared by the whole suite: one PostgreSQL server per session, one database per test.
+
+Set ``TXPROC_TEST_DATABASE_URL`` to an admin URL (a superuser, or a role that may create
+databases) to run against that server; otherwise an embedded PostgreSQL is started once for
+the session. Tests that restart the server ask for ``embedded_pg`` and skip when it is None.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from actors.database import EmbeddedPostgres, create_database, drop_database
+from actors.migrate import migrate
+
+__all__ = ["DATABASE_URL_ENV", "db_url", "embedded_pg", "empty_db_url", "pg_admin_url"]
+
+pytest_plugins = ["tests.running"]
+
+DATABASE_URL_ENV = "TXPROC_TEST_DATABASE_URL"
+
+# Only the server process crashing matters in tests, never the machine, and the operating
+# system keeps unsynced writes across a server crash; skipping fsync makes CREATE DATABASE
+# and commits much cheaper on slow disks.
+EMBEDDED_SETTINGS = {"fsync": "off"}
+
+
+@pytest.fixture(scope="session")
+def embedded_pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres | None]:
+    """Yield the session's embedded server, or None when an external server is configured."""
+    if os.environ.get(DATABASE_URL_ENV):
+        yield None
+        return
+    server = EmbeddedPostgres(settings=EMBEDDED_SETTINGS)
+    data_dir = tmp_path_factory.mktemp("postgres") / "data"
+    server.start(data_dir)
+    try:
+        yield server
+    finally:
+        server.stop()
+        # pytest keeps the last few temporary directories; keep the server log for a failed
+        # run but not the 40 MB cluster.
+        with contextlib.suppress(FileNotFoundError):
+            (data_dir / "log").rename(data_dir.parent / "postgres.log")
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(embedded_pg: EmbeddedPostgres | None) -> str:
+    """Return a URL of the session's server that may create and drop databases."""
+    external_url = os.environ.get(DATABASE_URL_ENV)
+    if external_url:
+        return external_url
+    assert embedded_pg is not None
+    return embedded_pg.url
+
+
+@contextlib.asynccontextmanager
+async def _scratch_database(admin_url: str) -> AsyncIterator[str]:
+    """Create a uniquely named empty database, yield its URL, and drop it afterwards."""
+    name = f"txproc_test_{uuid.uuid4().hex[:16]}"
+    url = await create_database(admin_url, name)
+    try:
+        yield url
+    finally:
+        await drop_database(admin_url, name)
+
+
+@pytest.fixture
+async def empty_db_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """Yield the URL of a fresh database with no tables, dropped after the test."""
+    async with _scratch_database(pg_admin_url) as url:
+        yield url
+
+
+@pytest.fixture
+async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
+    """Yield the URL of a fresh, fully migrated database, dropped after the test."""
+    async with _scratch_database(pg_admin_url) as url:
+        await migrate(url)
+        yield url

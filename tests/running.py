@@ -1,0 +1,88 @@
+"""A running processor for actor and end-to-end tests: real Ray, real PostgreSQL, real sockets.
+
+One processor per session (Ray takes seconds to start on two cores); tests keep apart by
+using their own account and transfer ids, drawn from ``ids``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from actors.database import create_database, drop_database
+from actors.runtime import Processor, start_processor
+from actors.store import LedgerStore
+from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+from processor.client import Client
+from processor.config import Config, FrontConfig, ShardConfig
+
+__all__ = ["IdSource", "client", "ids", "ledger_store", "processor", "token_for"]
+
+SHARDS = 2
+
+
+class IdSource:
+    """Unique ids for the session, so tests sharing one ledger never collide."""
+
+    def __init__(self) -> None:
+        self._next = itertools.count(int(time.time()) * 1_000_000)
+
+    def take(self, n: int = 1) -> list[int]:
+        return [next(self._next) for _ in range(n)]
+
+    def one(self) -> int:
+        return next(self._next)
+
+
+@pytest.fixture(scope="session")
+def ids() -> Iterator[IdSource]:
+    yield IdSource()
+
+
+@pytest.fixture(scope="session")
+async def processor(
+    pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Processor]:
+    """The session's processor: two shards, a front on free loopback ports."""
+    name = f"txproc_e2e_{uuid.uuid4().hex[:12]}"
+    url = await create_database(pg_admin_url, name)
+    data_dir = tmp_path_factory.mktemp("txproc")
+    config = Config(
+        shard=ShardConfig(database_url=url, shards=SHARDS, orphan_sweep_interval_s=0.2,
+                          expiry_interval_s=0.1, recovery_deadline_s=30.0),
+        front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0, retry_deadline_s=30.0,
+                          retry_attempts_max=5),
+        data_dir=str(data_dir),
+    )
+    running = await start_processor(config)
+    try:
+        yield running
+    finally:
+        await running.stop()
+        await drop_database(pg_admin_url, name)
+
+
+def token_for(processor: Processor, scopes: tuple[str, ...] = SCOPES, ttl_s: int = 900) -> str:
+    key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+    return issue_token(key, scopes, ttl_s=ttl_s, now_s=int(time.time()))
+
+
+@pytest.fixture
+async def client(processor: Processor) -> AsyncIterator[Client]:
+    async with Client("127.0.0.1", processor.rpc_port, token_for(processor)) as c:
+        yield c
+
+
+@pytest.fixture
+async def ledger_store(processor: Processor) -> AsyncIterator[LedgerStore]:
+    store = await LedgerStore.connect(processor.config.shard.database_url, pool_size_max=2,
+                                      connect_timeout_s=10, command_timeout_s=120)
+    try:
+        yield store
+    finally:
+        await store.close()
