@@ -204,17 +204,28 @@ class LedgerShard:
         items = sum(len(r) for r in requests)
         self._admit(items)
         try:
+            codes: list[int] = []
+            pendings: list[_Pending] = []
             async with self._evaluate_lock:
                 book = self._require_book()
                 store = self._require_store()
-                ids, pending_ids = book.lookups_needed(requests)
-                known = await store.fetch_known(ids, pending_ids)
-                plan = book.plan_transfers(requests, self._clock_ns(), known)
-                answers = await self._reserve_remote(plan.remote)
-                batch = book.finalize(plan, answers, self._clock_ns())
-                pending = self._enqueue(batch)
-            await pending.done
-            return ENCODER.encode(batch.codes)
+                remaining = requests
+                while True:
+                    ids, pending_ids = book.lookups_needed(remaining)
+                    known = await store.fetch_known(ids, pending_ids)
+                    plan = book.plan_transfers(remaining, self._clock_ns(), known)
+                    answers = await self._reserve_remote(plan.remote)
+                    batch = book.finalize(plan, answers, self._clock_ns())
+                    pendings.append(self._enqueue(batch))
+                    codes.extend(batch.codes)
+                    # Items that depend on a distributed item of this batch are planned
+                    # again once it is final; they commit after it, in order.
+                    if not plan.rest:
+                        break
+                    remaining = plan.rest
+            for pending in pendings:
+                await pending.done
+            return ENCODER.encode(codes)
         finally:
             self._in_flight -= items
 
@@ -418,5 +429,8 @@ def make_shard(shard: int, config: ShardConfig) -> object:
         max_concurrency=1000,
     )(LedgerShard)
     return actor_class.options(  # type: ignore[attr-defined]
-        name=shard_actor_name(shard), namespace=NAMESPACE
+        name=shard_actor_name(shard),
+        namespace=NAMESPACE,
+        # On a cluster, spread shards over the nodes; on one box this changes nothing.
+        scheduling_strategy="SPREAD",
     ).remote(shard, config)

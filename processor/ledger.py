@@ -306,6 +306,7 @@ class _Item:
     dup_of: int = -1  # index of an earlier item in this batch with the same id
     pending_from: int = -1  # index of the item in this batch that created the pending
     remote_codes: list[TransferResult] = field(default_factory=list)
+    applied: bool = False  # step 1 applied (or held) its effects; undo must reverse them
 
 
 @dataclass(slots=True)
@@ -317,6 +318,8 @@ class Plan:
     chains: list[tuple[int, int]]  # [start, end) over items, in order
     remote: dict[int, list[tuple[int, Leg]]]  # shard -> [(item index, leg)]
     expiries: list[PendingState]  # remote legs of expiries are in ``remote`` at index -1
+    # Requests (or the tail of one) not evaluated by this plan; plan them after finalize.
+    rest: list[list[Transfer]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -507,10 +510,14 @@ class Book:
             expiries=[],
         )
         self._plan_expiries(plan, now_ns)
+        # Ids whose fate rides on a distributed item of this batch (its own id, the pending
+        # it resolves) until finalize. A later item naming one of them is not answered from
+        # that unconfirmed state: the plan stops before its chain, and the caller plans the
+        # rest again after finalize (``Plan.rest``).
         distributed_ids: set[int] = set()
         in_batch: dict[int, int] = {}  # transfer id -> index of its latest item
         start = 0
-        for size in plan.request_sizes:
+        for r, size in enumerate(plan.request_sizes):
             end_of_request = start + size
             i = start
             while i < end_of_request:
@@ -518,6 +525,13 @@ class Book:
                 while j < end_of_request - 1 and items[j].transfer.flags & LINKED:
                     j += 1
                 chain_end = j + 1
+                if any(items[k].transfer.id in distributed_ids
+                       or items[k].transfer.pending_id in distributed_ids
+                       for k in range(i, chain_end)):
+                    plan.rest = [requests[r][i - start:], *requests[r + 1:]]
+                    plan.request_sizes = [*plan.request_sizes[:r], i - start]
+                    del plan.items[i:]
+                    return plan
                 plan.chains.append((i, chain_end))
                 if items[j].transfer.flags & LINKED:
                     # The request ended inside a chain: the chain is refused whole.
@@ -542,12 +556,11 @@ class Book:
         in_batch: dict[int, int],
         plan: Plan,
     ) -> None:
-        distributed = False
-        for k in range(start, end):
-            t = items[k].transfer
-            if (not self.owns(t.debit_account_id) or not self.owns(t.credit_account_id)
-                    or t.id in distributed_ids or t.pending_id in distributed_ids):
-                distributed = True
+        distributed = any(
+            not self.owns(items[k].transfer.debit_account_id)
+            or not self.owns(items[k].transfer.credit_account_id)
+            for k in range(start, end)
+        )
         undo: list[tuple[int, dict[int, Transfer | Failed | None], object]] = []
         failed_at = -1
         self._chain_tag = start + 1 if distributed and end - start > 1 else 0
@@ -577,6 +590,8 @@ class Book:
             in_batch[items[k].transfer.id] = k
             if distributed and items[k].code == R.ok:
                 distributed_ids.add(items[k].transfer.id)
+                if items[k].transfer.pending_id:
+                    distributed_ids.add(items[k].transfer.pending_id)
                 for shard, leg in items[k].legs:
                     if shard != self.shard:
                         plan.remote.setdefault(shard, []).append((k, leg))
@@ -623,6 +638,7 @@ class Book:
                     _add_chain_posted(self._chain_posted, leg)
                 else:
                     state.apply(leg)
+        item.applied = True
         self._remember(t.id, stored)
         if t.flags & PENDING:
             self.pending[t.id] = PendingState(stored, _expires_at_ns(stored))
@@ -698,9 +714,10 @@ class Book:
         ]
 
     def _undo_item(self, item: _Item, saved: dict[int, Transfer | Failed | None]) -> None:
-        """Reverse what ``_evaluate`` did for an item that succeeded."""
-        if item.code != R.ok:
-            return  # ``exists`` changed nothing
+        """Reverse what ``_evaluate`` did for an item whose effects it applied."""
+        if not item.applied:
+            return  # refused or ``exists``: nothing was changed
+        item.applied = False
         t = item.transfer
         for shard, leg in item.legs:
             if shard == self.shard:
@@ -750,7 +767,7 @@ class Book:
         the same chain are held even if a sibling is refused; the coordinator settles each.
         """
         out: list[tuple[int, int]] = []
-        chain, chain_posted = 0, {}
+        chain, chain_posted = 0, dict[tuple[int, int], int]()
         for leg in legs:
             require(self.owns(leg.account_id), "leg routed to its owner")
             if leg.chain != chain or not leg.chain:
