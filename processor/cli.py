@@ -138,6 +138,11 @@ async def _serve(config: Config) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     processor = await start_processor(config)
+    # ray.init installs its own SIGTERM handler, which exits at once; take the signals back
+    # so a stop flushes and closes what was started.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+        loop.add_signal_handler(sig, stop.set)
     log.info("txproc serving: http://%s:%d (healthz, readyz, /v1, /openapi.json), rpc %s:%d, "
              "%d shards, data %s", config.front.host, processor.http_port, config.front.host,
              processor.rpc_port, config.shard.shards, config.data_dir)
@@ -150,3 +155,7 @@ async def _serve(config: Config) -> int:
 
 def _dump(config: Config) -> str:  # pragma: no cover - debugging aid
     return msgspec.json.encode(config).decode()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -412,8 +412,9 @@ class Book:
         return self.last_timestamp
 
     def _remember(self, key: int, value: Transfer | Failed) -> None:
+        if key in self.recent:
+            self.recent.move_to_end(key)
         self.recent[key] = value
-        self.recent.move_to_end(key)
         while len(self.recent) > self.recent_ids_max:
             self.recent.popitem(last=False)
 

@@ -8,6 +8,8 @@ without rehashing every account.
 
 from __future__ import annotations
 
+import functools
+
 import msgspec
 
 __all__ = ["PARTITIONS", "PartitionMap", "partition_of"]
@@ -19,6 +21,7 @@ PARTITIONS = 256
 _MASK_64 = (1 << 64) - 1
 
 
+@functools.lru_cache(maxsize=1 << 20)
 def partition_of(account_id: int) -> int:
     """The logical partition of an account: a SplitMix64 finaliser of its id, mod PARTITIONS.
 

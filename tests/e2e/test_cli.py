@@ -1,0 +1,104 @@
+"""The txproc command as an operator runs it: token issue, migrate, serve and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+import psutil
+
+from actors.database import create_database, drop_database
+from processor.auth import KEY_FILE_NAME, load_or_create_key, verify_token
+
+TXPROC = [sys.executable, "-m", "processor.cli"]
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*TXPROC, *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})}, check=False)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_token_issue_signs_with_the_data_dir_key(tmp_path: Path) -> None:
+    """A token printed by `txproc token issue` verifies with that data directory's key."""
+    done = _run("token", "issue", "--scopes", "transfers:write,accounts:read",
+                "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    key = load_or_create_key(tmp_path / KEY_FILE_NAME)
+    claims = verify_token(key, done.stdout.strip(), now_s=int(time.time()))
+    assert claims.scopes == {"transfers:write", "accounts:read"}
+    assert (tmp_path / KEY_FILE_NAME).stat().st_mode & 0o077 == 0
+    bad = _run("token", "issue", "--scopes", "everything", "--data-dir", str(tmp_path))
+    assert bad.returncode == 2 and "everything" in bad.stderr
+
+
+async def test_migrate_applies_once(pg_admin_url: str) -> None:
+    """`txproc migrate` applies the migrations, and a second run has nothing to do."""
+    name = f"txproc_cli_{uuid.uuid4().hex[:12]}"
+    url = await create_database(pg_admin_url, name)
+    try:
+        first = _run("migrate", "--database-url", url)
+        assert first.returncode == 0, first.stderr
+        assert "applied: [1]" in first.stdout
+        second = _run("migrate", "--database-url", url)
+        assert "nothing" in second.stdout
+    finally:
+        await drop_database(pg_admin_url, name)
+
+
+def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
+    """`txproc serve` with no database starts everything, serves, and stops it all on SIGTERM."""
+    http_port, rpc_port = _free_port(), _free_port()
+    data_dir = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
+    proc = subprocess.Popen(
+        [*TXPROC, "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),
+         "--rpc-port", str(rpc_port), "--shards", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+    )
+    try:
+        base = f"http://127.0.0.1:{http_port}"
+        deadline = time.monotonic() + 120
+        ready = False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    ready = True
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        assert ready, "never ready"
+        assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
+        token = _run("token", "issue", "--scopes", "accounts:write,accounts:read",
+                     "--data-dir", str(data_dir)).stdout.strip()
+        auth = {"Authorization": f"Bearer {token}"}
+        r = httpx.post(f"{base}/v1/accounts", json={"id": 42, "currency": "EUR"}, headers=auth,
+                       timeout=10)
+        assert r.status_code == 201, r.text
+        postmasters = [p for p in psutil.process_iter(["cmdline"])
+                       if str(data_dir) in " ".join(p.info["cmdline"] or [])
+                       and p.pid != proc.pid]
+        assert postmasters, "the embedded database runs under the data directory"
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=90)
+        assert proc.returncode == 0, output
+        assert f"{http_port}" in output and "stopped" in output
+        _gone, alive = psutil.wait_procs(postmasters, timeout=10)
+        assert not alive, "the embedded database was left running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
