@@ -31,7 +31,7 @@ from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
 from processor.partition import PartitionMap
-from processor.types import Account, Transfer, TransferFlags
+from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
 
@@ -39,6 +39,8 @@ log = logging.getLogger("txproc.front")
 ENCODER = msgspec.msgpack.Encoder()
 CODES = msgspec.msgpack.Decoder(list[int])
 LINKED = int(TransferFlags.LINKED)
+LIMIT_FLAGS = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
+                  | AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
 # What a database outage looks like to a reader: answered as a retryable ``unavailable``.
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -120,8 +122,9 @@ class Front:
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._flags: dict[int, int] = {}  # account id -> flags, insertion-ordered, bounded
 
-    async def start(self) -> dict[str, int]:
+    async def start(self) -> dict[str, Any]:
         """Wait for the shards, then listen. Returns the bound ports."""
         cfg = self.config
         self._store = await LedgerStore.connect(
@@ -154,9 +157,11 @@ class Front:
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
-        log.info("front listening: http %s:%d rpc %s:%d",
-                 cfg.front.host, http_port, cfg.front.host, rpc_port)
-        return {"http_port": http_port, "rpc_port": rpc_port}
+        # Ray runs async actors on uvloop when it is installed (it is a dependency).
+        loop_name = type(asyncio.get_running_loop()).__module__
+        log.info("front listening: http %s:%d rpc %s:%d (event loop: %s)",
+                 cfg.front.host, http_port, cfg.front.host, rpc_port, loop_name)
+        return {"http_port": http_port, "rpc_port": rpc_port, "loop": loop_name}
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close."""
@@ -236,37 +241,64 @@ class Front:
         return [AccountResult(c) for c in codes]
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        limited = await self._limited_accounts(transfers)
         out = [0] * len(transfers)
-        for segment in self._segments(transfers):
+        for segment in self._segments(transfers, limited):
             codes = await self._route(transfers, segment, "create_transfers")
             for indices in segment.values():
                 for i in indices:
                     out[i] = codes[i]
         return [TransferResult(c) for c in out]
 
-    def _segments(self, transfers: list[Transfer]) -> list[dict[int, list[int]]]:
+    async def _limited_accounts(self, transfers: list[Transfer]) -> set[int]:
+        """The accounts of these transfers that carry a balance limit.
+
+        Flags never change, so they are cached (bounded); only accounts never seen before
+        cost a database read, one per request. An account that does not exist is not
+        limited: its transfers fail whatever their order.
+        """
+        wanted = {a for t in transfers for a in (t.debit_account_id, t.credit_account_id)}
+        unknown = [a for a in wanted if a not in self._flags]
+        if unknown:
+            store = self._require_store()
+            try:
+                found = await store.account_flags(unknown)
+            except DATABASE_ERRORS as exc:
+                raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+            for account_id, flags in found.items():
+                self._flags[account_id] = flags
+            while len(self._flags) > self.config.front.account_flags_cache_max:
+                self._flags.pop(next(iter(self._flags)))
+        return {a for a in wanted if self._flags.get(a, 0) & LIMIT_FLAGS}
+
+    def _segments(
+        self, transfers: list[Transfer], limited: set[int]
+    ) -> list[dict[int, list[int]]]:
         """Split a request into segments run one after another, each a coordinator -> item
         indices map run in parallel.
 
         A chain is coordinated by the shard of its first transfer's debit account. Items of
-        one coordinator keep their order, but two coordinators run concurrently; so when a
-        chain touches an account or id that an earlier chain of another coordinator touched
-        in the same segment, a new segment starts, and the request keeps its in-order
-        meaning (a later transfer sees the effects of the earlier ones).
+        one coordinator keep their order, but coordinators run concurrently. A later chain
+        can depend on an earlier one only through a transfer id (a post or void of a hold
+        created earlier, a repeated id) or through an account with a balance limit; when a
+        chain shares such a key with an earlier chain of another coordinator in the same
+        segment, a new segment starts, so the request keeps its in-order meaning.
         """
         segments: list[dict[int, list[int]]] = []
         groups: dict[int, list[int]] = {}
-        touched: dict[int, int] = {}  # account id or ("id", transfer id) key -> coordinator
+        touched: dict[int, int] = {}  # key -> coordinator; transfer ids are keyed negative
         i = 0
         while i < len(transfers):
             j = i
             while j < len(transfers) - 1 and transfers[j].flags & LINKED:
                 j += 1
             coordinator = self._partitions.shard_of(transfers[i].debit_account_id)
-            # Account ids are positive; transfer ids are keyed negative to share the map.
-            keys = [k for t in transfers[i:j + 1]
-                    for k in (t.debit_account_id, t.credit_account_id, -t.id - 1)]
-            keys += [-t.pending_id - 1 for t in transfers[i:j + 1] if t.pending_id]
+            keys = []
+            for t in transfers[i:j + 1]:
+                keys.append(-t.id - 1)
+                if t.pending_id:
+                    keys.append(-t.pending_id - 1)
+                keys.extend(a for a in (t.debit_account_id, t.credit_account_id) if a in limited)
             if any(touched.get(k, coordinator) != coordinator for k in keys):
                 segments.append(groups)
                 groups, touched = {}, {}

@@ -118,6 +118,7 @@ async def start_processor(config: Config) -> Processor:
     return Processor(
         config=config, front=front, shards=shards, http_port=ports["http_port"],
         rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
+        extra={"front_event_loop": ports["loop"]},
     )
 
 

@@ -171,6 +171,7 @@ async def test_http_status_codes_over_real_sockets(
     assert (await http.get(f"/v1/transfers/{ids.one()}")).status_code == 404
     assert (await http.get("/healthz")).status_code == 200
     assert (await http.get("/readyz")).status_code == 200
+    assert processor.extra["front_event_loop"].startswith("uvloop")
 
 
 @pytest.mark.parametrize(
