@@ -20,7 +20,7 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     database_url: str
     shards: int
-    recent_ids_max: int = 1_000_000
+    recent_ids_max: int = 200_000
     # Items (accounts or transfers) accepted but not yet answered; beyond it, overloaded.
     items_in_flight_max: int = 8 * BATCH_ITEMS_MAX * 4
     # Evaluated batches written by one transaction (group commit).
