@@ -277,7 +277,7 @@ class Front:
         """Split a request into segments run one after another, each a coordinator -> item
         indices map run in parallel.
 
-        A chain is coordinated by the shard of its first transfer's debit account. Items of
+        Each chain goes to its coordinator (PartitionMap.coordinator_of). Items of
         one coordinator keep their order, but coordinators run concurrently. A later chain
         can depend on an earlier one only through a transfer id (a post or void of a hold
         created earlier, a repeated id) or through an account with a balance limit; when a
@@ -292,7 +292,9 @@ class Front:
             j = i
             while j < len(transfers) - 1 and transfers[j].flags & LINKED:
                 j += 1
-            coordinator = self._partitions.shard_of(transfers[i].debit_account_id)
+            chain = transfers[i:j + 1]
+            coordinator = self._partitions.coordinator_of(
+                [t.debit_account_id for t in chain], [t.flags for t in chain])
             keys = []
             for t in transfers[i:j + 1]:
                 keys.append(-t.id - 1)

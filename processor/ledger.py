@@ -604,6 +604,10 @@ class Book:
         code = _static_check(t)
         if code != R.ok:
             return code
+        if t.flags & (PENDING | POST | VOID) and not self.owns(t.debit_account_id):
+            # A hold lives on its debit account's shard; a chain can be coordinated by only
+            # one shard (PartitionMap.coordinator_of), so its holds must share that shard.
+            return R.two_phase_transfers_in_chain_must_share_shard
         previous = self.recent.get(t.id)
         if previous is None:
             previous = known.transfers.get(t.id)

@@ -14,6 +14,10 @@ import msgspec
 
 __all__ = ["PARTITIONS", "PartitionMap", "partition_of"]
 
+# TransferFlags.PENDING | POST_PENDING | VOID_PENDING, spelled out to keep this module
+# free of the types module.
+TWO_PHASE_FLAGS = (1 << 1) | (1 << 2) | (1 << 3)
+
 # Enough partitions to spread over many more shards than a single box runs, few enough
 # that the map stays a small table. Fixed for the life of a ledger.
 PARTITIONS = 256
@@ -57,6 +61,19 @@ class PartitionMap(msgspec.Struct, frozen=True):
 
     def shard_of(self, account_id: int) -> int:
         return self.shard_of_partition[partition_of(account_id)]
+
+    def coordinator_of(self, debit_account_ids: list[int], flags: list[int]) -> int:
+        """The shard that coordinates a linked chain (or a single transfer).
+
+        A pending transfer is owned by the shard of its debit account, which expires it and
+        answers its post or void; so a chain with a two-phase transfer is coordinated by the
+        shard of the first such transfer's debit account, any other chain by the shard of
+        its first debit account.
+        """
+        for debit, f in zip(debit_account_ids, flags, strict=True):
+            if f & TWO_PHASE_FLAGS:
+                return self.shard_of(debit)
+        return self.shard_of(debit_account_ids[0])
 
     def partitions_of_shard(self, shard: int) -> list[int]:
         return [p for p, s in enumerate(self.shard_of_partition) if s == shard]
