@@ -1,0 +1,523 @@
+"""``python -m bench``: the ledger benchmark, end to end on this machine.
+
+Starts a processor (embedded PostgreSQL in a fresh temporary directory, removed afterwards,
+unless ``--database-url``), creates the accounts, then measures in turn:
+
+1. uniform: transfers between random accounts in RPC batches, a few requests in flight;
+2. hot: the same, with half of all transfers debiting or crediting one account;
+3. http: single transfers over the HTTP API at a fixed offered rate (open loop);
+4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference.
+
+For every phase it records the server's CPU seconds (shard and front Ray workers, postgres)
+and the peak RSS of those processes. Prints a table and a Markdown block and writes every
+figure with the machine's description to a JSON file. Figures are noisy on a shared 2-core
+machine: compare ratios measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from bench import ledger
+from processor.service import BATCH_ITEMS_MAX
+
+__all__ = ["main", "parse_args"]
+
+log = logging.getLogger("txproc.bench")
+RESULTS_DIR = Path(__file__).parent / "results"
+TOKEN_TTL_S = 6 * 3600
+# Ids of a run start at seconds-since-epoch x 1e9, so runs against one --database-url never
+# reuse an id (a run uses far fewer than 1e9 ids) and stay below 2**63.
+ID_BLOCK = 10**9
+
+QUICK = {"transfers": 50_000, "http_seconds": 5.0, "pgbench_seconds": 5}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transfers", type=int, default=1_000_000,
+                   help="transfers per batch workload (uniform and hot each)")
+    p.add_argument("--accounts", type=int, default=10_000)
+    p.add_argument("--batch", type=int, default=BATCH_ITEMS_MAX, help="transfers per request")
+    p.add_argument("--concurrency", type=int, default=4, help="RPC requests in flight")
+    p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--hot-share", type=float, default=0.5)
+    p.add_argument("--phase-seconds-max", type=float, default=300.0,
+                   help="stop starting batches after this long in a batch phase "
+                        "(0: never); the figures cover what was sent")
+    p.add_argument("--http-rate", type=float, default=1000.0, help="offered requests/s")
+    p.add_argument("--http-seconds", type=float, default=20.0)
+    p.add_argument("--http-client", choices=sorted(ledger.HTTP_CLIENTS), default="httpx",
+                   help="httpx AsyncClient pools, or lean raw keep-alive connections (httpx "
+                        "tops out near 500-700 req/s on one core of this machine)")
+    p.add_argument("--http-connections", type=int, default=128,
+                   help="connections, and so requests in flight, at most; sends beyond are "
+                        "dropped and counted")
+    p.add_argument("--pgbench-scale", type=int, default=10)
+    p.add_argument("--pgbench-clients", type=int, default=8)
+    p.add_argument("--pgbench-threads", type=int, default=2)
+    p.add_argument("--pgbench-seconds", type=int, default=15)
+    p.add_argument("--skip", default="", help="comma-separated phases to skip: "
+                   "uniform,hot,http,pgbench,audit")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--database-url", default="",
+                   help="an existing PostgreSQL (its user must be able to create databases "
+                        "for pgbench); default: embedded, in a temporary directory")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: {QUICK['transfers']:,} transfers, "
+                        f"{QUICK['http_seconds']:.0f} s HTTP, pgbench -T "
+                        f"{QUICK['pgbench_seconds']}")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON results file (default bench/results/<date>[-quick].json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.transfers = min(args.transfers, QUICK["transfers"])
+        args.http_seconds = min(args.http_seconds, QUICK["http_seconds"])
+        args.pgbench_seconds = min(args.pgbench_seconds, QUICK["pgbench_seconds"])
+    if not 1 <= args.batch <= BATCH_ITEMS_MAX:
+        p.error(f"--batch must be within 1..{BATCH_ITEMS_MAX}")
+    if args.accounts < 3 or args.transfers < 1:
+        p.error("--accounts must be at least 3 and --transfers at least 1")
+    args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    unknown = args.skip - {"uniform", "hot", "http", "pgbench", "audit"}
+    if unknown:
+        p.error(f"--skip: unknown phases {sorted(unknown)}")
+    if args.out is None:
+        day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+        args.out = RESULTS_DIR / f"{day}{'-quick' if args.quick else ''}.json"
+    return args
+
+
+# -- the run ------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
+    from actors.runtime import start_processor
+    from processor.config import Config, FrontConfig, ShardConfig
+
+    results: dict[str, Any] = {"machine": machine_info(), "args": _jsonable(vars(args)),
+                               "phases": {}, "problems": []}
+    scratch = Path(tempfile.mkdtemp(prefix="txproc-bench-"))
+    config = Config(
+        shard=ShardConfig(database_url=args.database_url, shards=args.shards),
+        front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
+        data_dir=str(scratch),
+    )
+    try:
+        started = time.perf_counter()
+        processor = await start_processor(config)
+        results["startup_s"] = round(time.perf_counter() - started, 2)
+        console.print(f"processor ready in {results['startup_s']} s: {args.shards} shards, "
+                      f"http {processor.http_port}, rpc {processor.rpc_port}, "
+                      f"{'embedded PostgreSQL' if processor.embedded else 'external database'}")
+        try:
+            await _phases(args, processor, results, console)
+        finally:
+            await processor.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return results
+
+
+async def _phases(
+    args: argparse.Namespace, processor: Any, results: dict[str, Any], console: Console
+) -> None:
+    from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.client import Client
+
+    url = processor.config.shard.database_url
+    results["machine"]["postgres_version"] = await _server_version(url)
+    stats0 = await ledger.shard_stats(processor.shards)
+    postmaster = processor.embedded.pid if processor.embedded else ledger.postmaster_pid_of(url)
+    processes = ledger.ServerProcesses(
+        shard_pids=[int(s["pid"]) for s in stats0],
+        front_pid=ledger.listening_pid(processor.http_port),
+        postmaster_pid=postmaster,
+    )
+    if processes.front_pid is None:
+        results["problems"].append("front pid not found: its CPU is not counted")
+    if postmaster is None:
+        results["problems"].append("postgres is not on this machine: its CPU is not counted")
+    sampler = ledger.RssSampler(processes)
+    sampler_task = asyncio.get_running_loop().create_task(sampler.run())
+    key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+    token = issue_token(key, SCOPES, ttl_s=TOKEN_TTL_S, now_s=int(time.time()))
+    rng = random.Random(args.seed)
+    next_id = int(time.time()) * ID_BLOCK
+    idle_rss = processes.rss_bytes()
+    results["idle_rss_mib"] = {g: _mib(v) for g, v in idle_rss.items()}
+    try:
+        async with Client("127.0.0.1", processor.rpc_port, token, timeout_s=120.0,
+                          in_flight_max=max(args.concurrency, 4)) as client:
+            accounts = ledger.make_accounts(next_id, args.accounts)
+            next_id += args.accounts
+            account_ids = [a.id for a in accounts]
+
+            async def create_accounts() -> dict[str, Any]:
+                codes: dict[str, int] = {}
+                for i in range(0, len(accounts), BATCH_ITEMS_MAX):
+                    for c in await client.create_accounts(accounts[i:i + BATCH_ITEMS_MAX]):
+                        codes[c.name] = codes.get(c.name, 0) + 1
+                return {"accounts": len(accounts), "codes": codes}
+
+            phase = await _measured("accounts", processor, processes, sampler, create_accounts)
+            results["phases"]["accounts"] = phase
+            if phase["codes"].get("ok", 0) != len(accounts):
+                results["problems"].append(f"account creation answered {phase['codes']}")
+            for name, make in (("uniform", ledger.uniform_transfers),
+                               ("hot", ledger.hot_transfers)):
+                if name in args.skip:
+                    continue
+                console.print(f"[bold]{name}[/]: generating {args.transfers:,} transfers")
+                kwargs: dict[str, Any] = {"hot_share": args.hot_share} if name == "hot" else {}
+                transfers = make(account_ids, args.transfers, first_id=next_id, rng=rng,
+                                 **kwargs)
+                next_id += len(transfers)
+                console.print(f"[bold]{name}[/]: sending in batches of {args.batch:,}, "
+                              f"{args.concurrency} in flight")
+
+                async def batches(t: list[Any] = transfers) -> dict[str, Any]:
+                    return await ledger.drive_batches(
+                        client, t, batch_size=args.batch, concurrency=args.concurrency,
+                        phase_s_max=args.phase_seconds_max)
+
+                phase = await _measured(name, processor, processes, sampler, batches)
+                del transfers
+                results["phases"][name] = phase
+                _note_phase_problems(name, phase, results)
+                console.print(f"  {phase['durable_transfers_per_s']:,.0f} durable transfers/s, "
+                              f"p99 {phase['request_latency_ms']['p99']:,.0f} ms")
+        if "http" not in args.skip:
+            count = int(args.http_rate * args.http_seconds)
+            bodies = [ledger.transfer_body_json(t) for t in ledger.uniform_transfers(
+                account_ids, count, first_id=next_id, rng=rng)]
+            next_id += count
+            console.print(f"[bold]http[/]: {args.http_rate:,.0f} req/s offered for "
+                          f"{args.http_seconds:g} s")
+
+            async def http() -> dict[str, Any]:
+                return await ledger.drive_http_open_loop(
+                    f"http://127.0.0.1:{processor.http_port}", token, bodies,
+                    rate_per_s=args.http_rate, duration_s=args.http_seconds,
+                    connections_max=args.http_connections, client=args.http_client)
+
+            phase = await _measured("http", processor, processes, sampler, http)
+            results["phases"]["http"] = phase
+            _note_phase_problems("http", phase, results)
+            console.print(f"  {phase['achieved_ok_per_s']:,.0f} ok/s, "
+                          f"p99 {phase['latency_ms']['p99']:,.1f} ms")
+        if "pgbench" not in args.skip:
+            console.print(f"[bold]pgbench[/]: -i -s {args.pgbench_scale}, then -c "
+                          f"{args.pgbench_clients} -j {args.pgbench_threads} -T "
+                          f"{args.pgbench_seconds}")
+            try:
+                results["pgbench"] = await ledger.run_pgbench(
+                    url, processes, scale=args.pgbench_scale, clients=args.pgbench_clients,
+                    threads=args.pgbench_threads, duration_s=args.pgbench_seconds)
+                console.print(f"  {results['pgbench']['tps']:,.0f} tps")
+            except Exception as exc:  # a reference figure missing must not lose the rest
+                results["problems"].append(f"pgbench failed: {exc}")
+        if "audit" not in args.skip:
+            results["audit"] = await _audit(url)
+            if not results["audit"]["passed"]:
+                results["problems"].append(f"invariant audit FAILED: {results['audit']}")
+        results["shards_at_end"] = await ledger.shard_stats(processor.shards)
+    finally:
+        sampler_task.cancel()
+        await asyncio.gather(sampler_task, return_exceptions=True)
+    _ratios(results)
+
+
+async def _measured(
+    name: str, processor: Any, processes: ledger.ServerProcesses,
+    sampler: ledger.RssSampler, body: Any,
+) -> dict[str, Any]:
+    """Run ``body()`` and add CPU, RSS and shard figures measured around it."""
+    before_stats = await ledger.shard_stats(processor.shards)
+    processes.shard_pids = [int(s["pid"]) for s in before_stats]
+    sampler.reset()
+    before_cpu = processes.cpu_by_pid()
+    started = time.perf_counter()
+    figures = await body()
+    wall_s = time.perf_counter() - started
+    after_cpu = processes.cpu_by_pid()
+    after_stats = await ledger.shard_stats(processor.shards)
+    sampler.sample()
+    cpu = ledger.cpu_delta_s(before_cpu, after_cpu)
+    done = figures.get("transfers_ok") or figures.get("accounts") or 0
+    figures.update({
+        "wall_s": round(wall_s, 3),
+        "cpu_s": cpu,
+        "server_cpu_us_per_transfer": round(cpu["server"] * 1e6 / done, 1) if done else None,
+        "server_cpu_cores_busy": round(cpu["server"] / wall_s, 2) if wall_s > 0 else None,
+        "rss_mib_peak": {g: _mib(v) for g, v in sampler.peak_bytes.items()},
+        "shards": ledger.shard_stats_delta(before_stats, after_stats, wall_s),
+    })
+    log.debug("phase %s: %s", name, figures)
+    return figures
+
+
+def _note_phase_problems(name: str, phase: dict[str, Any], results: dict[str, Any]) -> None:
+    problems = results["problems"]
+    for shard in phase["shards"]:
+        if shard["restarted"]:
+            problems.append(f"{name}: shard {shard['shard']} restarted during the phase")
+    if phase.get("request_errors"):
+        problems.append(f"{name}: requests refused or failed: {phase['request_errors']}")
+    if phase.get("stopped_early"):
+        problems.append(f"{name}: stopped after --phase-seconds-max with "
+                        f"{phase['transfers_submitted']:,} transfers sent")
+    if phase.get("transfers_lost"):
+        problems.append(f"{name}: {phase['transfers_lost']} transfers never answered")
+    codes = phase.get("codes", {})
+    refused = {c: n for c, n in codes.items() if c != "ok"}
+    if refused:
+        problems.append(f"{name}: transfers refused: {refused}")
+    statuses = phase.get("answers_by_status", {})
+    bad = {s: n for s, n in statuses.items() if s not in ("200", "201")}
+    if bad:
+        problems.append(f"{name}: non-2xx answers: {bad}")
+    if phase.get("generator_cpu_cores_busy", 0.0) > 0.85:
+        problems.append(f"{name}: the load generator was CPU-bound "
+                        f"({phase['generator_cpu_cores_busy']} cores): the achieved rate "
+                        "is a lower bound")
+    if phase.get("dropped_all_connections_busy"):
+        problems.append(f"{name}: {phase['dropped_all_connections_busy']} of "
+                        f"{phase['scheduled']} sends dropped (all connections busy)")
+
+
+def _ratios(results: dict[str, Any]) -> None:
+    tps = results.get("pgbench", {}).get("tps")
+    ratios: dict[str, float] = {}
+    for name in ("uniform", "hot"):
+        phase = results["phases"].get(name)
+        if phase and tps:
+            ratios[f"{name}_durable_transfers_per_s_over_pgbench_tps"] = round(
+                phase["durable_transfers_per_s"] / tps, 2)
+    http = results["phases"].get("http")
+    if http and tps:
+        ratios["http_ok_per_s_over_pgbench_tps"] = round(http["achieved_ok_per_s"] / tps, 2)
+    results["ratios"] = ratios
+
+
+async def _audit(url: str) -> dict[str, Any]:
+    from actors.store import LedgerStore
+
+    started = time.perf_counter()
+    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                      command_timeout_s=1800)
+    try:
+        audit = await store.audit()
+    finally:
+        await store.close()
+    return {**msgspec.to_builtins(audit), "passed": audit.passed,
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+async def _server_version(url: str) -> str:
+    import asyncpg
+
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        return str(await conn.fetchval("SHOW server_version", timeout=10))
+    finally:
+        await conn.close(timeout=5)
+
+
+# -- reporting ----------------------------------------------------------------------------
+
+
+def machine_info() -> dict[str, Any]:
+    model = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+    import ray
+
+    return {
+        "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "cpu_count": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "ray": ray.__version__,
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(_git("status", "--porcelain")),
+        "command": " ".join([Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]),
+        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def _git(*argv: str) -> str:
+    try:
+        return subprocess.run(["git", *argv], capture_output=True, text=True, timeout=10,
+                              cwd=Path(__file__).parent, check=False).stdout.strip()
+    except OSError:
+        return ""
+
+
+def _mib(value: int) -> float:
+    return round(value / 2**20, 1)
+
+
+def _jsonable(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: (sorted(v) if isinstance(v, set) else str(v) if isinstance(v, Path) else v)
+            for k, v in values.items()}
+
+
+def _fmt(value: Any, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _phase_label(name: str, args: dict[str, Any], phase: dict[str, Any]) -> str:
+    if name == "http":
+        return f"http {phase['offered_rate_per_s']:,.0f}/s"
+    if name == "hot":
+        return f"hot {args['hot_share']:.0%}"
+    return name
+
+
+def print_table(results: dict[str, Any], console: Console) -> None:
+    args = results["args"]
+    table = Table(title=f"txproc benchmark, {results['machine']['date_utc']} "
+                        f"({results['machine']['cpu_count']} cores)",
+                  caption=f"uniform/hot: {args['transfers']:,} transfers (at most), RPC "
+                          f"batches of {args['batch']:,}, {args['concurrency']} in flight, "
+                          f"{args['shards']} shards; http: single transfers, open loop, "
+                          f"{args['http_seconds']:g} s; latency per request")
+    for column in ("phase", "done/s", "p50 ms", "p99 ms", "max ms", "server CPU us/tr",
+                   "cores busy", "peak RSS MiB", "commit busy"):
+        table.add_column(column, justify="left" if column == "phase" else "right")
+    phases = results["phases"]
+    for name in ("uniform", "hot", "http"):
+        p = phases.get(name)
+        if p is None:
+            continue
+        lat = p["latency_ms"] if name == "http" else p["request_latency_ms"]
+        rate = p["achieved_ok_per_s"] if name == "http" else p["durable_transfers_per_s"]
+        table.add_row(_phase_label(name, args, p), _fmt(rate), _fmt(lat["p50"], ",.1f"),
+                      _fmt(lat["p99"], ",.1f"), _fmt(lat["max"], ",.1f"),
+                      _fmt(p["server_cpu_us_per_transfer"], ",.0f"),
+                      _fmt(p["server_cpu_cores_busy"], ".2f"),
+                      _fmt(p["rss_mib_peak"].get("server")),
+                      "/".join(f"{s['commit_busy_share']:.0%}" for s in p["shards"]))
+    pg = results.get("pgbench")
+    if pg is not None:
+        table.add_row(f"pgbench -c {args['pgbench_clients']}", _fmt(pg["tps"]),
+                      _fmt(pg["latency_ms_mean"], ",.2f") + "*", "-", "-",
+                      _fmt(pg["postgres_cpu_us_per_transaction"], ",.0f") + "*", "-", "-",
+                      "-")
+    console.print(table)
+    if pg is not None:
+        console.print(f"  * pgbench: mean latency, and postgres CPU per transaction "
+                      f"({pg['command']})")
+    for k, v in results.get("ratios", {}).items():
+        console.print(f"  {k} = {v:.2f}")
+    if "http" in phases:
+        h = phases["http"]
+        console.print(f"  http answers by status: {h['answers_by_status']}, dropped "
+                      f"{h['dropped_all_connections_busy']}, generator lag max "
+                      f"{h['generator_lag_ms_max']} ms, generator CPU "
+                      f"{h['generator_cpu_cores_busy']} cores ({h['client']})")
+    if results.get("audit"):
+        a = results["audit"]
+        console.print(f"  audit: {'passed' if a['passed'] else 'FAILED'} "
+                      f"({a['accounts']:,} accounts, {a['transfers']:,} transfers, "
+                      f"{a['seconds']} s)")
+    for problem in results["problems"]:
+        console.print(f"  [yellow]problem[/]: {problem}")
+
+
+def markdown_rows(results: dict[str, Any]) -> str:
+    """A Markdown table for the README: one row per phase, the run's date in each."""
+    args = results["args"]
+    date = results["machine"]["date_utc"][:10]
+    cores = results["machine"]["cpu_count"]
+    lines = [
+        "| date | workload | durable transfers/s | p50 ms | p99 ms | server CPU us/transfer "
+        "| peak server RSS MiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    phases = results["phases"]
+    for name in ("uniform", "hot"):
+        p = phases.get(name)
+        if p is None:
+            continue
+        kind = "uniform" if name == "uniform" else f"hot account ({args['hot_share']:.0%})"
+        what = (f"{kind}, {p['transfers_submitted']:,} transfers, RPC batches of "
+                f"{args['batch']:,} x "
+                f"{args['concurrency']} in flight, {args['shards']} shards, {cores} cores")
+        lat = p["request_latency_ms"]
+        lines.append(f"| {date} | {what} | {_fmt(p['durable_transfers_per_s'])} | "
+                     f"{_fmt(lat['p50'], ',.0f')} | {_fmt(lat['p99'], ',.0f')} | "
+                     f"{_fmt(p['server_cpu_us_per_transfer'], ',.0f')} | "
+                     f"{_fmt(p['rss_mib_peak'].get('server'))} |")
+    p = phases.get("http")
+    if p is not None:
+        lat = p["latency_ms"]
+        lines.append(f"| {date} | HTTP single transfers, {p['offered_rate_per_s']:,.0f}/s "
+                     f"offered for {p['duration_s']:g} s (open loop) | "
+                     f"{_fmt(p['achieved_ok_per_s'])} | {_fmt(lat['p50'], ',.1f')} | "
+                     f"{_fmt(lat['p99'], ',.1f')} | "
+                     f"{_fmt(p['server_cpu_us_per_transfer'], ',.0f')} | "
+                     f"{_fmt(p['rss_mib_peak'].get('server'))} |")
+    pg = results.get("pgbench")
+    if pg is not None:
+        lines.append(f"| {date} | reference: {pg['command']}, same server | "
+                     f"{_fmt(pg['tps'])} tps | {_fmt(pg['latency_ms_mean'], ',.2f')} (mean) | - "
+                     f"| {_fmt(pg['postgres_cpu_us_per_transaction'], ',.0f')} (postgres) | - |")
+    for k, v in results.get("ratios", {}).items():
+        lines.append(f"\n`{k}` = {v:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # Piped output has no width; rich would then fold the table into 80 columns.
+    console = Console() if sys.stdout.isatty() else Console(width=120)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        pass
+    started = time.perf_counter()
+    results = asyncio.run(run(args, console))
+    results["total_s"] = round(time.perf_counter() - started, 1)
+    print_table(results, console)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(msgspec.json.format(msgspec.json.encode(results), indent=2) + b"\n")
+    console.print(f"\nresults written to {args.out}\n")
+    console.print("Markdown for the README:\n")
+    print(markdown_rows(results))
+    return 1 if results["problems"] and not results.get("audit", {}).get("passed", True) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

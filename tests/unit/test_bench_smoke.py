@@ -1,0 +1,195 @@
+"""The benchmark and load-test harnesses import without Ray and generate valid workloads.
+
+Nothing here is timed: figures come from ``python -m bench`` and ``loadtests/run.py``.
+Locust monkey-patches the standard library with gevent when imported, so the locustfile is
+exercised in a subprocess, never in the test process.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from actors.http_api import TRANSFER_DECODER
+from bench import ledger
+from bench.__main__ import QUICK, markdown_rows, parse_args
+from loadtests.run import parse_run_time_s, read_stats_csv
+from processor.types import AMOUNT_MAX
+
+ACCOUNTS = ledger.make_accounts(5_000, 500)
+ACCOUNT_IDS = [a.id for a in ACCOUNTS]
+
+
+def _check_transfers(transfers: list, first_id: int, count: int) -> None:
+    assert [t.id for t in transfers] == list(range(first_id, first_id + count))
+    known = set(ACCOUNT_IDS)
+    for t in transfers:
+        assert t.debit_account_id != t.credit_account_id
+        assert t.debit_account_id in known and t.credit_account_id in known
+        assert 1 <= t.amount <= ledger.AMOUNT_MAX_BENCH <= AMOUNT_MAX
+        assert (t.currency, t.flags, t.pending_id, t.timeout_s) == (ledger.CURRENCY, 0, 0, 0)
+
+
+def test_uniform_transfers_are_valid_and_spread() -> None:
+    """Uniform transfers have consecutive unique ids, two distinct known accounts each, and
+    reach most accounts."""
+    transfers = ledger.uniform_transfers(ACCOUNT_IDS, 20_000, first_id=77, rng=random.Random(3))
+    _check_transfers(transfers, 77, 20_000)
+    touched = {t.debit_account_id for t in transfers} | {t.credit_account_id for t in transfers}
+    assert len(touched) > 0.95 * len(ACCOUNT_IDS)
+
+
+def test_uniform_transfers_are_deterministic_for_a_seed() -> None:
+    """The same seed gives the same workload, so runs are comparable."""
+    a = ledger.uniform_transfers(ACCOUNT_IDS, 100, first_id=1, rng=random.Random(9))
+    b = ledger.uniform_transfers(ACCOUNT_IDS, 100, first_id=1, rng=random.Random(9))
+    assert a == b
+
+
+@pytest.mark.parametrize("hot_share", [0.0, 0.5, 0.9])
+def test_hot_transfers_touch_the_hot_account_at_the_asked_share(hot_share: float) -> None:
+    """About ``hot_share`` of hot-workload transfers touch account_ids[0], on both sides
+    about equally, and never on both sides of one transfer."""
+    n = 20_000
+    transfers = ledger.hot_transfers(ACCOUNT_IDS, n, first_id=10, rng=random.Random(5),
+                                     hot_share=hot_share)
+    _check_transfers(transfers, 10, n)
+    hot = ACCOUNT_IDS[0]
+    debits = sum(t.debit_account_id == hot for t in transfers)
+    credits = sum(t.credit_account_id == hot for t in transfers)
+    assert abs((debits + credits) / n - hot_share) < 0.02
+    assert abs(debits - credits) / n < 0.03
+
+
+def test_http_bodies_are_what_the_api_decodes() -> None:
+    """The benchmark's HTTP bodies decode with the API's own strict decoder, unchanged."""
+    for t in ledger.uniform_transfers(ACCOUNT_IDS, 50, first_id=2**62, rng=random.Random(1)):
+        item = TRANSFER_DECODER.decode(ledger.transfer_body_json(t))
+        assert (item.id, item.debit_account_id, item.credit_account_id, item.amount,
+                item.currency, item.flags) == (t.id, t.debit_account_id, t.credit_account_id,
+                                               t.amount, t.currency, ())
+
+
+def test_percentile_is_nearest_rank() -> None:
+    """p50/p99 of 1..100 are 50 and 99; an empty list gives 0."""
+    values = [float(v) for v in range(1, 101)]
+    assert ledger.percentile(values, 50) == 50.0
+    assert ledger.percentile(values, 99) == 99.0
+    assert ledger.percentile(values, 100) == 100.0
+    assert ledger.percentile([], 50) == 0.0
+    assert ledger.latency_summary_ms([3.0, 1.0, 2.0])["max"] == 3.0
+
+
+def test_cpu_delta_counts_new_processes_and_sums_the_server() -> None:
+    """A process that appears between readings counts whole; server = shards+front+postgres."""
+    before = {("shards", 1): 1.0, ("front", 2): 2.0, ("postgres", 3): 3.0}
+    after = {("shards", 1): 1.5, ("front", 2): 2.25, ("postgres", 3): 3.0,
+             ("postgres", 4): 0.5, ("ray_other", 5): 7.0}
+    delta = ledger.cpu_delta_s(before, after)
+    assert delta["server"] == pytest.approx(1.25)
+    assert delta["ray_other"] == pytest.approx(7.0)
+
+
+def test_libpq_target_reads_socket_and_tcp_urls() -> None:
+    """pgbench's -h/-p/-U come from the unix-socket DSN of the embedded server or a TCP URL."""
+    socket = ledger.libpq_target("postgresql://postgres@/postgres?host=/tmp/pg%20x&port=5432")
+    assert (socket["host"], socket["port"], socket["user"]) == ("/tmp/pg x", "5432", "postgres")
+    tcp = ledger.libpq_target("postgresql://u:p@127.0.0.1:6543/db")
+    assert (tcp["host"], tcp["port"], tcp["user"], tcp["password"], tcp["dbname"]) == (
+        "127.0.0.1", "6543", "u", "p", "db")
+
+
+def test_quick_shrinks_the_run_and_the_report_renders() -> None:
+    """--quick caps transfers and durations; the Markdown block renders from results."""
+    args = parse_args(["--quick"])
+    assert args.transfers == QUICK["transfers"] and args.pgbench_seconds == QUICK[
+        "pgbench_seconds"]
+    assert args.out.name.endswith("-quick.json")
+    results = {
+        "args": {"hot_share": 0.5, "batch": 8189, "concurrency": 4, "shards": 2},
+        "machine": {"date_utc": "2026-11-25T00:00:00+00:00", "cpu_count": 2},
+        "phases": {"uniform": {"transfers_submitted": 10, "durable_transfers_per_s": 5.0,
+                               "request_latency_ms": {"p50": 1.0, "p99": 2.0},
+                               "server_cpu_us_per_transfer": 3.0,
+                               "rss_mib_peak": {"server": 4.0}}},
+        "ratios": {},
+    }
+    assert "| 2026-11-25 | uniform, 10 transfers" in markdown_rows(results)
+
+
+def test_run_time_and_stats_csv_parse(tmp_path: Path) -> None:
+    """Locust run times and its stats CSV are read as run.py needs them."""
+    assert [parse_run_time_s(t) for t in ("20s", "90", "2m", "1h1m5s")] == [20, 90, 120, 3665]
+    with pytest.raises(ValueError):
+        parse_run_time_s("soon")
+    path = tmp_path / "x_stats.csv"
+    path.write_text(
+        '"Type","Name","Request Count","Failure Count","Median Response Time",'
+        '"Average Response Time","Min Response Time","Max Response Time",'
+        '"Average Content Size","Requests/s","Failures/s","50%","66%","75%","80%","90%",'
+        '"95%","98%","99%","99.9%","99.99%","100%"\n'
+        '"POST","authorize","10","1","12","13.5","5","40","300","2.5","0.1","12","14","15",'
+        '"16","20","30","35","40","40","40","40"\n'
+        ',"Aggregated","10","1","12","13.5","5","40","300","2.5","0.1","12","14","15","16",'
+        '"20","30","35","40","40","40","40"\n')
+    stats = read_stats_csv(path)
+    assert stats["authorize"]["p95_ms"] == 30.0 and stats["Aggregated"]["requests"] == 10
+
+
+def test_locustfile_flow_places_holds_then_settles_them() -> None:
+    """In a subprocess (Locust patches with gevent): the authorization flow's ids are unique,
+    every settlement names an acknowledged hold with its accounts and at most its amount,
+    captures are about the asked share, and the setup batches create and fund every account."""
+    script = textwrap.dedent("""
+        import itertools, json, random
+        from loadtests.locustfile import AuthorizationFlow, Settings, setup_requests
+        s = Settings.from_env({"TXPROC_TOKEN": "t", "TXPROC_ACCOUNT_FIRST": "100",
+                               "TXPROC_ACCOUNTS": "50", "TXPROC_CAPTURE_SHARE": "0.75"})
+        flow = AuthorizationFlow(s, random.Random(2), itertools.count(1))
+        sent = []
+        for _ in range(4000):
+            r = flow.next_request()
+            sent.append({"name": r.name, "body": json.loads(r.body)})
+            flow.answered(r, True)
+        setup = [(p, len(b.get("accounts", b.get("transfers", []))))
+                 for p, b in setup_requests(s)]
+        print(json.dumps({"sent": sent, "setup": setup, "open": flow.holds_open}))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    sent = out["sent"]
+    ids = [r["body"]["id"] for r in sent]
+    assert len(ids) == len(set(ids))
+    holds = {}
+    settled = set()
+    kinds = {"authorize": 0, "capture": 0, "void": 0}
+    for r in sent:
+        body = r["body"]
+        kinds[r["name"]] += 1
+        assert body["debit_account_id"] != body["credit_account_id"]
+        assert 100 <= body["debit_account_id"] < 150 and 100 <= body["credit_account_id"] < 150
+        if r["name"] == "authorize":
+            assert body["flags"] == ["pending"] and body["timeout_s"] > 0
+            holds[body["id"]] = body
+            continue
+        hold = holds[body["pending_id"]]
+        assert body["pending_id"] not in settled
+        settled.add(body["pending_id"])
+        assert (body["debit_account_id"], body["credit_account_id"]) == (
+            hold["debit_account_id"], hold["credit_account_id"])
+        assert 1 <= body["amount"] <= hold["amount"]
+        if r["name"] == "void":
+            assert body["flags"] == ["void_pending"] and body["amount"] == hold["amount"]
+        else:
+            assert body["flags"] == ["post_pending"]
+    assert len(holds) == len(settled) + out["open"]
+    assert abs(kinds["capture"] / (kinds["capture"] + kinds["void"]) - 0.75) < 0.05
+    assert out["setup"] == [["/v1/accounts/batch", 51], ["/v1/transfers/batch", 50]]
