@@ -70,6 +70,7 @@ class LedgerShard:
         self._shard = shard
         self._config = config
         self._partitions = PartitionMap.uniform(config.shards)
+        self._own_partitions = self._partitions.partitions_of_shard(shard)
         self._clock_ns = clock_ns
         self._peers = peers or _peer_by_name
         self._started: asyncio.Task[None] | None = None
@@ -297,7 +298,8 @@ class LedgerShard:
                     fences.update(p.batch.fences)
                 started = time.perf_counter()
                 try:
-                    await store.commit([p.batch for p in group], fences=fences)
+                    await store.commit([p.batch for p in group], fences=fences,
+                                       partitions=self._own_partitions)
                 except BaseException:
                     log.exception("shard %d: commit failed; restarting to recover", self._shard)
                     _crash()

@@ -24,6 +24,10 @@ TRANSFER_COLUMNS = (
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
     "pending_id", "timeout_s", "code", "user_data", "timestamp",
 )
+_POSTING_COLUMNS = (
+    "account_id", "partition", "debits_pending", "debits_posted", "credits_pending",
+    "credits_posted",
+)
 _ACCOUNT_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in ACCOUNT_COLUMNS)
 _TRANSFER_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in TRANSFER_COLUMNS)
 
@@ -66,7 +70,7 @@ WITH e AS (
     SELECT id, sum(dp) AS dp, sum(dpo) AS dpo, sum(cp) AS cp, sum(cpo) AS cpo
     FROM s GROUP BY id
 )
-SELECT count(*) FROM accounts a LEFT JOIN g ON g.id = a.id
+SELECT count(*) FROM account_balances a LEFT JOIN g ON g.id = a.id
 WHERE a.debits_pending <> coalesce(g.dp, 0) OR a.debits_posted <> coalesce(g.dpo, 0)
    OR a.credits_pending <> coalesce(g.cp, 0) OR a.credits_posted <> coalesce(g.cpo, 0)
 """
@@ -134,7 +138,8 @@ class LedgerStore:
         """The accounts of these partitions and their open pending transfers."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             accounts = await conn.fetch(
-                f"SELECT {_ACCOUNT_SELECT} FROM accounts WHERE partition = ANY($1::int[])",
+                f"SELECT {_ACCOUNT_SELECT} FROM account_balances "
+                "WHERE partition = ANY($1::int[])",
                 partitions,
             )
             pending = await conn.fetch(
@@ -194,7 +199,8 @@ class LedgerStore:
     async def lookup_accounts(self, ids: list[int]) -> dict[int, Account]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(
-                f"SELECT {_ACCOUNT_SELECT} FROM accounts WHERE id = ANY($1::bigint[])", ids
+                f"SELECT {_ACCOUNT_SELECT} FROM account_balances WHERE id = ANY($1::bigint[])",
+                ids,
             )
         return {r["id"]: _account(r) for r in rows}
 
@@ -234,12 +240,12 @@ class LedgerStore:
             totals = await conn.fetchrow(
                 "SELECT count(*) AS n, coalesce(sum(debits_posted) - sum(credits_posted), 0) "
                 "AS posted, coalesce(sum(debits_pending) - sum(credits_pending), 0) AS pending "
-                "FROM accounts"
+                "FROM account_balances"
             )
             transfers = await conn.fetchval("SELECT count(*) FROM transfers")
             mismatched = await conn.fetchval(_AUDIT_POSTINGS_SQL)
             beyond = await conn.fetchval(
-                "SELECT count(*) FROM accounts WHERE "
+                "SELECT count(*) FROM account_balances WHERE "
                 "((flags & 1) <> 0 AND debits_pending + debits_posted > credits_posted) OR "
                 "((flags & 2) <> 0 AND credits_pending + credits_posted > debits_posted)"
             )
@@ -252,11 +258,16 @@ class LedgerStore:
 
     # -- the write path ---------------------------------------------------------------------
 
-    async def commit(self, batches: list[CommitBatch], *, fences: dict[int, int]) -> None:
+    async def commit(
+        self, batches: list[CommitBatch], *, fences: dict[int, int], partitions: list[int]
+    ) -> None:
         """Write ``batches`` in one transaction, fenced on the epochs in ``fences``.
 
-        Raises FenceError if a fenced shard has moved on; the caller must then discard its
-        in-memory state (crash), because nothing of these batches was written.
+        ``partitions`` are the committing shard's own: it updates the balance rows of those
+        accounts (folding in the postings other shards left for them) and leaves a posting
+        for every other account it touched. Raises FenceError if a fenced shard has moved
+        on; the caller must then discard its in-memory state (crash), because nothing of
+        these batches was written.
         """
         accounts = [a for b in batches for a in b.accounts]
         transfers = [t for b in batches for t in b.transfers]
@@ -315,19 +326,33 @@ class LedgerStore:
                              for r in resolutions],
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
-            changed = sorted(i for i, d in deltas.items() if any(d))
+            own = set(partitions)
+            remote = [(i, partition_of(i), *d) for i, d in deltas.items()
+                      if any(d) and partition_of(i) not in own]
+            if remote:
+                await conn.copy_records_to_table(
+                    "remote_postings", records=remote, columns=_POSTING_COLUMNS
+                )
+            local = {i: d for i, d in deltas.items() if any(d) and partition_of(i) in own}
+            for row in await conn.fetch(
+                "DELETE FROM remote_postings WHERE partition = ANY($1::int[]) "
+                "RETURNING account_id, debits_pending, debits_posted, credits_pending, "
+                "credits_posted",
+                partitions,
+            ):
+                total = local.setdefault(row["account_id"], [0, 0, 0, 0])
+                for k in range(4):
+                    total[k] += row[k + 1]
+            changed = sorted(i for i, d in local.items() if any(d))
             if changed:
-                await self._update_balances(conn, changed, deltas)
+                await self._update_balances(conn, changed, local)
 
     @staticmethod
     async def _update_balances(
         conn: asyncpg.Connection, ids: list[int], deltas: dict[int, list[int]]
     ) -> None:
-        # Shards update each other's balance rows (a cross-shard transfer writes both legs);
-        # locking rows in id order first means two batches can never deadlock.
-        await conn.execute(
-            "SELECT 1 FROM accounts WHERE id = ANY($1::bigint[]) ORDER BY id FOR UPDATE", ids
-        )
+        # Only the owning shard updates a balance row (others leave postings), and its
+        # commits run one at a time, so rows are never contended and cannot deadlock.
         status = await conn.execute(
             "UPDATE accounts a SET "
             "debits_pending = a.debits_pending + d.dp, "
