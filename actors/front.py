@@ -31,7 +31,7 @@ from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
 from processor.partition import PartitionMap
-from processor.types import Account, AccountFlags, Transfer, TransferFlags
+from processor.types import Account, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
 
@@ -39,8 +39,6 @@ log = logging.getLogger("txproc.front")
 ENCODER = msgspec.msgpack.Encoder()
 CODES = msgspec.msgpack.Decoder(list[int])
 LINKED = int(TransferFlags.LINKED)
-LIMIT_FLAGS = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS
-                  | AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
 # What a database outage looks like to a reader: answered as a retryable ``unavailable``.
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -122,7 +120,6 @@ class Front:
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._flags: dict[int, int] = {}  # account id -> flags, insertion-ordered, bounded
 
     async def start(self) -> dict[str, Any]:
         """Wait for the shards, then listen. Returns the bound ports."""
@@ -241,52 +238,30 @@ class Front:
         return [AccountResult(c) for c in codes]
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
-        limited = await self._limited_accounts(transfers)
         out = [0] * len(transfers)
-        for segment in self._segments(transfers, limited):
+        for segment in self._segments(transfers):
             codes = await self._route(transfers, segment, "create_transfers")
             for indices in segment.values():
                 for i in indices:
                     out[i] = codes[i]
         return [TransferResult(c) for c in out]
 
-    async def _limited_accounts(self, transfers: list[Transfer]) -> set[int]:
-        """The accounts of these transfers that carry a balance limit.
-
-        Flags never change, so they are cached (bounded); only accounts never seen before
-        cost a database read, one per request. An account that does not exist is not
-        limited: its transfers fail whatever their order.
-        """
-        wanted = {a for t in transfers for a in (t.debit_account_id, t.credit_account_id)}
-        unknown = [a for a in wanted if a not in self._flags]
-        if unknown:
-            store = self._require_store()
-            try:
-                found = await store.account_flags(unknown)
-            except DATABASE_ERRORS as exc:
-                raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
-            for account_id, flags in found.items():
-                self._flags[account_id] = flags
-            while len(self._flags) > self.config.front.account_flags_cache_max:
-                self._flags.pop(next(iter(self._flags)))
-        return {a for a in wanted if self._flags.get(a, 0) & LIMIT_FLAGS}
-
-    def _segments(
-        self, transfers: list[Transfer], limited: set[int]
-    ) -> list[dict[int, list[int]]]:
+    def _segments(self, transfers: list[Transfer]) -> list[dict[int, list[int]]]:
         """Split a request into segments run one after another, each a coordinator -> item
         indices map run in parallel.
 
-        Each chain goes to its coordinator (PartitionMap.coordinator_of). Items of
-        one coordinator keep their order, but coordinators run concurrently. A later chain
-        can depend on an earlier one only through a transfer id (a post or void of a hold
-        created earlier, a repeated id) or through an account with a balance limit; when a
-        chain shares such a key with an earlier chain of another coordinator in the same
-        segment, a new segment starts, so the request keeps its in-order meaning.
+        Each chain goes to its coordinator (PartitionMap.coordinator_of); a coordinator
+        keeps the order of its items, while coordinators run concurrently. Through a
+        transfer id a later chain depends on an earlier one for its very answer (a post or
+        void of a hold created earlier in the request, a repeated id); so when a chain names
+        an id that an earlier chain of another coordinator in the current segment named, a
+        new segment starts. Balances are not ordered across coordinators (docs/api.md,
+        "Order within a request"): a transfer that must see another's funds on another
+        shard is linked to it in a chain.
         """
         segments: list[dict[int, list[int]]] = []
         groups: dict[int, list[int]] = {}
-        touched: dict[int, int] = {}  # key -> coordinator; transfer ids are keyed negative
+        touched: dict[int, int] = {}  # transfer id -> coordinator
         i = 0
         while i < len(transfers):
             j = i
@@ -295,12 +270,7 @@ class Front:
             chain = transfers[i:j + 1]
             coordinator = self._partitions.coordinator_of(
                 [t.debit_account_id for t in chain], [t.flags for t in chain])
-            keys = []
-            for t in transfers[i:j + 1]:
-                keys.append(-t.id - 1)
-                if t.pending_id:
-                    keys.append(-t.pending_id - 1)
-                keys.extend(a for a in (t.debit_account_id, t.credit_account_id) if a in limited)
+            keys = [t.id for t in chain] + [t.pending_id for t in chain if t.pending_id]
             if any(touched.get(k, coordinator) != coordinator for k in keys):
                 segments.append(groups)
                 groups, touched = {}, {}

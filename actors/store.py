@@ -204,13 +204,6 @@ class LedgerStore:
             )
         return {r["id"]: _account(r) for r in rows}
 
-    async def account_flags(self, ids: list[int]) -> dict[int, int]:
-        async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT id, flags FROM accounts WHERE id = ANY($1::bigint[])", ids
-            )
-        return {r["id"]: r["flags"] for r in rows}
-
     async def lookup_transfers(self, ids: list[int]) -> dict[int, Transfer]:
         async with self._pool.acquire() as conn:
             rows = await conn.fetch(

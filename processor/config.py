@@ -53,9 +53,6 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry_attempts_max: int = 3
     retry_deadline_s: float = 20.0
     body_bytes_max: int = 4 * 1024 * 1024
-    # Account flags remembered by the front to order dependent transfers (flags never
-    # change); beyond it the oldest are forgotten and read again when needed.
-    account_flags_cache_max: int = 1_000_000
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

@@ -47,15 +47,17 @@ async def test_transfer_rules_hold_across_shards_over_rpc(
                     Account(id=alice, currency="EUR", flags=LIMITED),
                     Account(id=bob, currency="EUR", flags=LIMITED))
     fund, pay, too_much = ids.take(3)
-    codes = await client.create_transfers([
+    # Funds from another shard are spendable once their transfer is acknowledged.
+    assert await client.create_transfers([
         Transfer(id=fund, debit_account_id=bank, credit_account_id=alice, amount=1_000,
-                 currency="EUR"),
+                 currency="EUR")]) == [R.ok]
+    codes = await client.create_transfers([
         Transfer(id=pay, debit_account_id=alice, credit_account_id=bob, amount=600,
                  currency="EUR"),
         Transfer(id=too_much, debit_account_id=alice, credit_account_id=bob, amount=401,
                  currency="EUR"),
     ])
-    assert codes == [R.ok, R.ok, R.exceeds_credits]
+    assert codes == [R.ok, R.exceeds_credits]
     a, b = await client.lookup_accounts([alice, bob])
     assert a is not None and b is not None
     assert (a.credits_posted, a.debits_posted) == (1_000, 600)
@@ -73,6 +75,27 @@ async def test_transfer_rules_hold_across_shards_over_rpc(
     ])
     assert replay == [R.exists, R.exists_with_different_amount]
     assert (await client.lookup_accounts([alice]))[0] == a
+
+
+async def test_a_linked_chain_can_spend_what_it_moved_across_shards(
+    processor: Processor, ids: IdSource, client: Client
+) -> None:
+    """Within one request, funding from another shard is spendable by a linked transfer."""
+    bank, carol = _on_other_shards(processor, ids)
+    dave = ids.one()
+    await _accounts(client, Account(id=bank, currency="EUR"),
+                    Account(id=carol, currency="EUR", flags=LIMITED),
+                    Account(id=dave, currency="EUR"))
+    fund, spend = ids.take(2)
+    codes = await client.create_transfers([
+        Transfer(id=fund, debit_account_id=bank, credit_account_id=carol, amount=300,
+                 currency="EUR", flags=LINKED),
+        Transfer(id=spend, debit_account_id=carol, credit_account_id=dave, amount=300,
+                 currency="EUR"),
+    ])
+    assert codes == [R.ok, R.ok]
+    c = (await client.lookup_accounts([carol]))[0]
+    assert c is not None and (c.credits_posted, c.debits_posted) == (300, 300)
 
 
 async def test_two_phase_hold_post_void_and_expiry(

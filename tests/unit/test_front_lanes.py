@@ -76,25 +76,25 @@ def _pair_on_two_shards() -> tuple[int, int]:
     return a, b
 
 
-def test_a_request_is_split_where_a_later_chain_depends_on_another_coordinator() -> None:
-    """A transfer that touches an account an earlier one on another shard touched waits."""
+def test_a_request_is_split_only_where_a_transfer_id_links_two_coordinators() -> None:
+    """A post of a hold created earlier in the request on another shard waits for it;
+    transfers that merely share accounts across shards run concurrently."""
     front = _front()
     a, b = _pair_on_two_shards()
     c = next(x for x in range(3, 100) if x not in (a, b))
-    independent = [_transfer(10, a, c), _transfer(11, b, c + 1000)]
-    assert len(front._segments(independent, {a, b, c})) == 1
-    dependent = [_transfer(20, a, b), _transfer(21, b, a)]
-    segments = front._segments(dependent, limited={b})
-    assert len(segments) == 2
-    assert [i for s in segments for idx in s.values() for i in idx] == [0, 1]
-    # Without a limit on the shared accounts, the order between them cannot matter.
-    assert len(front._segments(dependent, limited=set())) == 1
-    # A post of a hold created earlier in the request waits for it.
+    assert len(front._segments([_transfer(10, a, c), _transfer(11, b, c + 1000)])) == 1
+    assert len(front._segments([_transfer(20, a, b), _transfer(21, b, a)])) == 1
     hold = Transfer(id=40, debit_account_id=b, credit_account_id=a, amount=1, currency="EUR",
                     flags=int(TransferFlags.PENDING))
-    post = Transfer(id=41, debit_account_id=a, credit_account_id=c, amount=1, currency="EUR",
+    post = Transfer(id=41, debit_account_id=b, credit_account_id=a, amount=1, currency="EUR",
                     flags=int(TransferFlags.POST_PENDING), pending_id=40)
-    assert len(front._segments([hold, post], limited=set())) == 2
+    # Same coordinator: order is kept inside the shard, no split needed.
+    assert len(front._segments([hold, post])) == 1
+    # The same id again, first debiting a then b: two coordinators, so the second waits.
+    again = _transfer(20, b, a)
+    segments = front._segments([_transfer(20, a, b), again])
+    assert len(segments) == 2
+    assert [i for s in segments for idx in s.values() for i in idx] == [0, 1]
 
 
 def test_a_linked_chain_stays_with_one_coordinator() -> None:
@@ -103,5 +103,5 @@ def test_a_linked_chain_stays_with_one_coordinator() -> None:
     a, b = _pair_on_two_shards()
     linked = int(TransferFlags.LINKED)
     chain = [_transfer(30, a, b, linked), _transfer(31, b, a, linked), _transfer(32, b, a)]
-    segments = front._segments(chain, limited={a, b})
+    segments = front._segments(chain)
     assert segments == [{PartitionMap.uniform(2).shard_of(a): [0, 1, 2]}]
