@@ -38,6 +38,8 @@ __all__ = ["Front", "make_front"]
 log = logging.getLogger("txproc.front")
 ENCODER = msgspec.msgpack.Encoder()
 CODES = msgspec.msgpack.Decoder(list[int])
+RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
+OK_OR_EXISTS = frozenset({int(TransferResult.ok), int(TransferResult.exists)})
 LINKED = int(TransferFlags.LINKED)
 # What a database outage looks like to a reader: answered as a retryable ``unavailable``.
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
@@ -46,7 +48,7 @@ DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 @dataclass(slots=True)
 class _Entry:
     group: list[Any]
-    future: asyncio.Future[list[int]]
+    future: asyncio.Future[list[Any]]
 
 
 class _Lane:
@@ -56,15 +58,16 @@ class _Lane:
         self._front = front
         self._shard = shard
         self._method = method
+        self._decoder = RESULTS if method == "create_transfers" else CODES
         self._queue: list[_Entry] = []
         self._queued_items = 0
         self._calls = 0
 
-    def submit(self, group: list[Any]) -> asyncio.Future[list[int]]:
+    def submit(self, group: list[Any]) -> asyncio.Future[list[Any]]:
         cfg = self._front.config.front
         if self._queued_items + len(group) > cfg.queue_items_max:
             raise Overloaded(f"shard {self._shard} queue is full", retry_after_s=0.1)
-        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(group, future))
         self._queued_items += len(group)
         self._kick()
@@ -87,7 +90,8 @@ class _Lane:
     async def _call(self, entries: list[_Entry]) -> None:
         try:
             raw = ENCODER.encode([e.group for e in entries])
-            codes = CODES.decode(await self._front.call_shard(self._shard, self._method, raw))
+            codes = self._decoder.decode(
+                await self._front.call_shard(self._shard, self._method, raw))
             offset = 0
             for e in entries:
                 if not e.future.done():
@@ -120,6 +124,7 @@ class Front:
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        self._stored: dict[int, Transfer] = {}  # recently stored transfers, oldest first
 
     async def start(self) -> dict[str, Any]:
         """Wait for the shards, then listen. Returns the bound ports."""
@@ -240,11 +245,23 @@ class Front:
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
         out = [0] * len(transfers)
         for segment in self._segments(transfers):
-            codes = await self._route(transfers, segment, "create_transfers")
+            results = await self._route(transfers, segment, "create_transfers")
             for indices in segment.values():
                 for i in indices:
-                    out[i] = codes[i]
+                    code, timestamp = results[i]
+                    out[i] = code
+                    if code in OK_OR_EXISTS:
+                        # ``exists`` means identical fields: with the stored timestamp,
+                        # this is the stored transfer.
+                        self._remember(msgspec.structs.replace(transfers[i],
+                                                               timestamp=timestamp))
         return [TransferResult(c) for c in out]
+
+    def _remember(self, transfer: Transfer) -> None:
+        """Keep a stored transfer at hand: the HTTP API answers a create with it."""
+        self._stored[transfer.id] = transfer
+        if len(self._stored) > self.config.front.stored_transfers_max:
+            self._stored.pop(next(iter(self._stored)))
 
     def _segments(self, transfers: list[Transfer]) -> list[dict[int, list[int]]]:
         """Split a request into segments run one after another, each a coordinator -> item
@@ -283,12 +300,12 @@ class Front:
 
     async def _route(
         self, items: Sequence[Any], groups: dict[int, list[int]], method: str
-    ) -> list[int]:
+    ) -> list[Any]:
         futures = [
             (indices, self._lane(shard, method).submit([items[i] for i in indices]))
             for shard, indices in groups.items()
         ]
-        out = [0] * len(items)
+        out: list[Any] = [0] * len(items)
         results = await asyncio.gather(*[f for _, f in futures])
         # Indices not in ``groups`` stay 0 here; the caller fills only what it routed.
         for (indices, _), codes in zip(futures, results, strict=True):
@@ -305,11 +322,15 @@ class Front:
         return [found.get(i) for i in ids]
 
     async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
-        store = self._require_store()
-        try:
-            found = await store.lookup_transfers(list(ids))
-        except DATABASE_ERRORS as exc:
-            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+        # Stored transfers never change, so one remembered from its create is current.
+        found: dict[int, Transfer] = {i: self._stored[i] for i in ids if i in self._stored}
+        missing = [i for i in ids if i not in found]
+        if missing:
+            store = self._require_store()
+            try:
+                found.update(await store.lookup_transfers(missing))
+            except DATABASE_ERRORS as exc:
+                raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
         return [found.get(i) for i in ids]
 
     def _require_store(self) -> LedgerStore:

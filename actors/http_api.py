@@ -28,7 +28,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from processor.auth import SCOPES, AuthError, ScopeError, bearer_token, require_scope, verify_token
+from processor.auth import (
+    SCOPES,
+    AuthError,
+    Claims,
+    ScopeError,
+    bearer_token,
+    require_scope,
+    verify_token,
+)
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded
 from processor.service import BATCH_ITEMS_MAX, LedgerService
@@ -71,6 +79,9 @@ __all__ = [
     "transfer_from_request",
     "transfer_to_response",
 ]
+
+# Verified tokens remembered by the HTTP API; each holds one caller's claims until expiry.
+VERIFIED_TOKENS_MAX = 10_000
 
 logger = logging.getLogger(__name__)
 
@@ -501,6 +512,7 @@ class _Api:
     ) -> None:
         self._service = service
         self._key = key
+        self._verified: dict[str, Claims] = {}  # token -> claims, oldest first, bounded
         self._clock_s = clock_s
         self._ready = ready
         self._body_bytes_max = body_bytes_max
@@ -522,7 +534,15 @@ class _Api:
 
     def _authorize(self, request: Request, scope: str) -> None:
         token = bearer_token(request.headers.get("authorization"))
-        claims = verify_token(self._key, token, now_s=math.floor(self._clock_s()))
+        now_s = math.floor(self._clock_s())
+        claims = self._verified.get(token)
+        if claims is None or now_s >= claims.expires_at_s:
+            # A token's signature is checked once; afterwards only its expiry, which a
+            # remembered token is held to as well (so an expired one still answers 401).
+            claims = verify_token(self._key, token, now_s=now_s)
+            self._verified[token] = claims
+            if len(self._verified) > VERIFIED_TOKENS_MAX:
+                self._verified.pop(next(iter(self._verified)))
         require_scope(claims, scope)
 
     async def healthz(self, request: Request) -> Response:

@@ -197,7 +197,8 @@ class LedgerShard:
     async def create_transfers(self, raw: bytes) -> bytes:
         """Evaluate, commit and answer transfers this shard coordinates.
 
-        Returns one flat code list in request order. Nothing is answered before the batch
+        Returns one (code, timestamp of the stored transfer or 0) pair per item, flat, in
+        request order. Nothing is answered before the batch
         is durable in PostgreSQL.
         """
         await self._ensure_started()
@@ -205,7 +206,7 @@ class LedgerShard:
         items = sum(len(r) for r in requests)
         self._admit(items)
         try:
-            codes: list[int] = []
+            codes: list[tuple[int, int]] = []
             pendings: list[_Pending] = []
             async with self._evaluate_lock:
                 book = self._require_book()
@@ -218,7 +219,7 @@ class LedgerShard:
                     answers = await self._reserve_remote(plan.remote)
                     batch = book.finalize(plan, answers, self._clock_ns())
                     pendings.append(self._enqueue(batch))
-                    codes.extend(batch.codes)
+                    codes.extend(zip(batch.codes, batch.timestamps, strict=True))
                     # Items that depend on a distributed item of this batch are planned
                     # again once it is final; they commit after it, in order.
                     if not plan.rest:

@@ -53,6 +53,9 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     retry_attempts_max: int = 3
     retry_deadline_s: float = 20.0
     body_bytes_max: int = 4 * 1024 * 1024
+    # Transfers the front remembers from their create, so that the HTTP API can answer a
+    # create with the stored transfer without reading it back from the database.
+    stored_transfers_max: int = 100_000
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

@@ -339,6 +339,8 @@ class CommitBatch:
     # shard -> [(hold id, committed)] to send once the commit is durable.
     settlements: dict[int, list[tuple[int, bool]]] = field(default_factory=dict)
     codes: list[int] = field(default_factory=list)
+    # Per item, the stored transfer's timestamp for ``ok`` and ``exists``, else 0.
+    timestamps: list[int] = field(default_factory=list)
 
     def add_delta(self, leg: Leg) -> None:
         d = self.balance_deltas.setdefault(leg.account_id, [0, 0, 0, 0])
@@ -891,6 +893,8 @@ class Book:
         for item in plan.items:
             code = item.code
             batch.codes.append(int(code))
+            stored_now = code in (R.ok, R.exists) and item.stored is not None
+            batch.timestamps.append(item.stored.timestamp if stored_now and item.stored else 0)
             if code == R.ok:
                 require(item.stored is not None, "an ok item has its stored form")
                 assert item.stored is not None
