@@ -178,7 +178,7 @@ class LedgerShard:
     # -- accounts ---------------------------------------------------------------------------
 
     async def create_accounts(self, raw: bytes) -> bytes:
-        """Create accounts this shard owns; returns one code list per request."""
+        """Create accounts this shard owns; returns one code per account, flat, in order."""
         await self._ensure_started()
         requests = ACCOUNT_REQUESTS.decode(raw)
         self._admit(sum(len(r) for r in requests))
@@ -198,8 +198,7 @@ class LedgerShard:
         """Evaluate, commit and answer transfers this shard coordinates.
 
         Returns one (code, timestamp of the stored transfer or 0) pair per item, flat, in
-        request order. Nothing is answered before the batch
-        is durable in PostgreSQL.
+        request order. Nothing is answered before the batch is durable in PostgreSQL.
         """
         await self._ensure_started()
         requests = TRANSFER_REQUESTS.decode(raw)
