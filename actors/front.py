@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,7 +125,7 @@ class Front:
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
-        self._stored: dict[int, Transfer] = {}  # recently stored transfers, oldest first
+        self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
 
     async def start(self) -> dict[str, Any]:
         """Wait for the shards, then listen. Returns the bound ports."""
@@ -261,7 +262,9 @@ class Front:
         """Keep a stored transfer at hand: the HTTP API answers a create with it."""
         self._stored[transfer.id] = transfer
         if len(self._stored) > self.config.front.stored_transfers_max:
-            self._stored.pop(next(iter(self._stored)))
+            # OrderedDict: popping the oldest is O(1), where a plain dict's first key gets
+            # slower to find with every deletion at its front.
+            self._stored.popitem(last=False)
 
     def _segments(self, transfers: list[Transfer]) -> list[dict[int, list[int]]]:
         """Split a request into segments run one after another, each a coordinator -> item

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import types
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -512,7 +513,7 @@ class _Api:
     ) -> None:
         self._service = service
         self._key = key
-        self._verified: dict[str, Claims] = {}  # token -> claims, oldest first, bounded
+        self._verified: OrderedDict[str, Claims] = OrderedDict()  # oldest first, bounded
         self._clock_s = clock_s
         self._ready = ready
         self._body_bytes_max = body_bytes_max
@@ -542,7 +543,7 @@ class _Api:
             claims = verify_token(self._key, token, now_s=now_s)
             self._verified[token] = claims
             if len(self._verified) > VERIFIED_TOKENS_MAX:
-                self._verified.pop(next(iter(self._verified)))
+                self._verified.popitem(last=False)
         require_scope(claims, scope)
 
     async def healthz(self, request: Request) -> Response:
