@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -127,8 +128,13 @@ class Front:
         self._watch_task: asyncio.Task[None] | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
 
-    async def start(self) -> dict[str, Any]:
-        """Wait for the shards, then listen. Returns the bound ports."""
+    async def start(self, http_port: int | None = None, rpc_port: int | None = None
+                    ) -> dict[str, Any]:
+        """Wait for the shards, then listen. Returns the bound ports.
+
+        The ports default to the configured ones; a restarted front is given the ports its
+        predecessor bound, so gateways reconnect to the same address.
+        """
         cfg = self.config
         self._store = await LedgerStore.connect(
             cfg.shard.database_url, pool_size_max=4,
@@ -143,7 +149,8 @@ class Front:
         app = build_app(self, key, clock_s=time.time, ready=lambda: self._ready,
                         body_bytes_max=cfg.front.body_bytes_max)
         server = uvicorn.Server(uvicorn.Config(
-            app, host=cfg.front.host, port=cfg.front.http_port, loop="none", lifespan="off",
+            app, host=cfg.front.host, port=cfg.front.http_port if http_port is None else http_port,
+            loop="none", lifespan="off",
             log_level="warning", access_log=False, http="httptools",
         ))
         self._http = server
@@ -154,8 +161,9 @@ class Front:
             if self._http_task.done():
                 self._http_task.result()
             await asyncio.sleep(0.025)
-        self._rpc = await start_rpc_server(self, key, host=cfg.front.host,
-                                           port=cfg.front.rpc_port, clock_s=time.time)
+        self._rpc = await start_rpc_server(
+            self, key, host=cfg.front.host,
+            port=cfg.front.rpc_port if rpc_port is None else rpc_port, clock_s=time.time)
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
@@ -200,6 +208,13 @@ class Front:
 
     def is_ready(self) -> bool:
         return self._ready
+
+    def is_listening(self) -> bool:
+        """True once ``start`` has bound both listeners in this incarnation."""
+        return self._rpc is not None
+
+    def pid(self) -> int:
+        return os.getpid()
 
     async def call_shard(self, shard: int, method: str, raw: bytes) -> bytes:
         """One actor call, retried (bounded) while the shard restarts after a crash.
@@ -347,5 +362,9 @@ class Front:
 
 def make_front(config: Config) -> Any:
     """Start the front as a Ray actor (the one place it is made remote)."""
-    actor_class = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=100_000)(Front)
+    # Restarted by Ray if it dies; it holds nothing durable, and Processor.supervise()
+    # starts the new incarnation on the same ports.
+    actor_class = ray.remote(
+        num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
+    )(Front)
     return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(config)

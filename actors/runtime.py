@@ -43,6 +43,29 @@ class Processor:
     started_ray: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    async def supervise(self, interval_s: float = 0.5) -> None:
+        """Run until cancelled: start the front again whenever Ray has restarted it.
+
+        A restarted actor runs its constructor only; listening is ``start``, so the new
+        incarnation is started here on the ports its predecessor bound.
+        """
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                listening = await asyncio.wait_for(
+                    self.front.is_listening.remote(), timeout=10)
+            except Exception as exc:  # dead or restarting: try again next round
+                log.warning("front not answering: %r", exc)
+                continue
+            if listening:
+                continue
+            try:
+                await asyncio.wait_for(
+                    self.front.start.remote(self.http_port, self.rpc_port), timeout=60)
+                log.info("front restarted on http %d, rpc %d", self.http_port, self.rpc_port)
+            except Exception as exc:
+                log.warning("front restart failed: %r", exc)
+
     async def stop(self) -> None:
         """Flush and close the front and shards, then stop what this process started."""
         try:

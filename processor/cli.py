@@ -146,8 +146,10 @@ async def _serve(config: Config) -> int:
     log.info("txproc serving: http://%s:%d (healthz, readyz, /v1, /openapi.json), rpc %s:%d, "
              "%d shards, data %s", config.front.host, processor.http_port, config.front.host,
              processor.rpc_port, config.shard.shards, config.data_dir)
+    supervisor = loop.create_task(processor.supervise())
     await stop.wait()
     log.info("shutting down: flushing shards and closing")
+    supervisor.cancel()
     await processor.stop()
     log.info("stopped")
     return 0
