@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import random
 import signal
@@ -117,6 +118,15 @@ async def _wait_settled(processor: Processor) -> None:
     raise AssertionError(f"holds never settled: {stats}")
 
 
+async def _until_acknowledged(load: Load, count: int) -> None:
+    """Wait until the gateways have had ``count`` transfers acknowledged in all."""
+    for _ in range(1200):
+        if len(load.acknowledged) >= count:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"only {len(load.acknowledged)} acknowledged, {load.retries} retries")
+
+
 async def _stats_when_back(shard: object) -> dict[str, float]:
     """The stats of a shard once Ray has restarted it and it has recovered."""
     for _ in range(120):
@@ -137,18 +147,22 @@ async def test_sigkill_shard_during_concurrent_transfers(
     workers = [asyncio.create_task(load.worker(seed)) for seed in range(4)]
     await asyncio.sleep(1.0)
     for victim in (0, 1, 0):
-        before = await processor.shards[victim].stats.remote()
+        # A shard may be restarting on its own: killing its peer fails the commits that
+        # relied on the peer's holds, and crash-only recovery restarts it too.
+        before = await _stats_when_back(processor.shards[victim])
         cmdline = Path(f"/proc/{before['pid']}/cmdline").read_bytes()
         assert b"LedgerShard" in cmdline
-        os.kill(int(before["pid"]), signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # it may have just restarted itself
+            os.kill(int(before["pid"]), signal.SIGKILL)
         await asyncio.sleep(1.0)
         after = await _stats_when_back(processor.shards[victim])
         assert after["pid"] != before["pid"]
         assert after["epoch"] > before["epoch"]
-    await asyncio.sleep(1.0)
+    # Keep the load on until it has done real work: how fast depends on the machine, so
+    # the test waits for an amount of work rather than for a time.
+    await _until_acknowledged(load, 1000)
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*workers), timeout=240)
-    assert len(load.acknowledged) > 1000, (len(load.acknowledged), load.retries)
     await _wait_settled(processor)
     await _check_everything_acknowledged_is_stored(load, processor)
 
@@ -164,10 +178,10 @@ async def test_postgres_restart_during_load(
     load = Load(processor, ids, customers)
     workers = [asyncio.create_task(load.worker(seed)) for seed in range(10, 13)]
     await asyncio.sleep(1.0)
+    before_restart = len(load.acknowledged)
     await asyncio.to_thread(embedded_pg.restart)
-    await asyncio.sleep(2.0)
+    await _until_acknowledged(load, before_restart + 200)
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*workers), timeout=180)
-    assert len(load.acknowledged) > 100
     await _wait_settled(processor)
     await _check_everything_acknowledged_is_stored(load, processor)
