@@ -193,3 +193,19 @@ def test_locustfile_flow_places_holds_then_settles_them() -> None:
     assert len(holds) == len(settled) + out["open"]
     assert abs(kinds["capture"] / (kinds["capture"] + kinds["void"]) - 0.75) < 0.05
     assert out["setup"] == [["/v1/accounts/batch", 51], ["/v1/transfers/batch", 50]]
+
+
+async def test_framework_comparison_serves_the_same_endpoint() -> None:
+    """The Starlette app of the framework benchmark decodes a transfer and answers 201,
+    and refuses a malformed one, so the measurement exercises the real decode path."""
+    import httpx
+    import msgspec
+
+    from bench.http_frameworks import BODY, starlette_app
+
+    transport = httpx.ASGITransport(app=starlette_app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+        assert (await c.post("/v1/transfers", content=BODY)).status_code == 201
+        # The benchmark app has no error handling of its own: a bad body reaches msgspec.
+        with pytest.raises(msgspec.ValidationError):
+            await c.post("/v1/transfers", content=b'{"id": 1.5}')
