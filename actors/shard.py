@@ -140,6 +140,7 @@ class LedgerShard:
             loop.create_task(self._committer()),
             loop.create_task(self._orphan_sweeper()),
             loop.create_task(self._expiry_ticker()),
+            loop.create_task(self._fold_ticker()),
         ]
         log.info(
             "shard %d recovered at epoch %d: %d accounts, %d open holds",
@@ -388,6 +389,14 @@ class LedgerShard:
                 await self.create_transfers(ENCODER.encode([]))
             except Exception:
                 log.warning("shard %d: expiry batch failed", self._shard, exc_info=True)
+
+    async def _fold_ticker(self) -> None:
+        """Fold other shards' postings into this shard's rows even when it has no traffic
+        of its own, so unfolded postings stay few (every commit folds them)."""
+        while True:
+            await asyncio.sleep(self._config.fold_interval_s)
+            if not self._queue:
+                await self._enqueue(CommitBatch()).done
 
     def _require_book(self) -> Book:
         require(self._book is not None, "shard recovered")

@@ -33,6 +33,8 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # How long a starting shard waits for the database before it gives up and restarts.
     recovery_deadline_s: float = 60.0
     expiry_interval_s: float = 0.5
+    # An idle shard still commits this often, to fold the postings other shards left it.
+    fold_interval_s: float = 1.0
 
 
 class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):

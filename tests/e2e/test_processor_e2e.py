@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import httpx
 import pytest
 
@@ -75,6 +76,22 @@ async def test_transfer_rules_hold_across_shards_over_rpc(
     ])
     assert replay == [R.exists, R.exists_with_different_amount]
     assert (await client.lookup_accounts([alice]))[0] == a
+    # The legs written for other shards' accounts are folded into their rows by the owners.
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        for _ in range(100):
+            left = await conn.fetchval(
+                "SELECT count(*) FROM remote_postings WHERE account_id = ANY($1::bigint[])",
+                [bank, alice, bob])
+            if left == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert left == 0
+        row = await conn.fetchrow("SELECT credits_posted, debits_posted FROM accounts "
+                                  "WHERE id = $1", alice)
+        assert (row["credits_posted"], row["debits_posted"]) == (1_000, 600)
+    finally:
+        await conn.close()
 
 
 async def test_a_linked_chain_can_spend_what_it_moved_across_shards(
