@@ -217,30 +217,20 @@ class AccountState:
             return R.overflows_debits if debit else R.overflows_credits
         if not leg.limited:
             return R.ok
-        if debit and acct.flags & DEBITS_LIMITED:
-            if remote:
-                total = self.debits_pending + self.debits_posted + self.up_debits
-                against = self.credits_posted
-            else:
-                total = (
-                    self.debits_pending + self.u_debits_pending
-                    + self.debits_posted + self.u_debits_posted
-                )
-                against = self.credits_posted + self.u_credits_posted
-            if total + self.reserved_debits + leg.increase > against + chain_posted:
-                return R.exceeds_credits
-        if not debit and acct.flags & CREDITS_LIMITED:
-            if remote:
-                total = self.credits_pending + self.credits_posted + self.up_credits
-                against = self.debits_posted
-            else:
-                total = (
-                    self.credits_pending + self.u_credits_pending
-                    + self.credits_posted + self.u_credits_posted
-                )
-                against = self.debits_posted + self.u_debits_posted
-            if total + self.reserved_credits + leg.increase > against + chain_posted:
-                return R.exceeds_debits
+        if not acct.flags & (DEBITS_LIMITED if debit else CREDITS_LIMITED):
+            return R.ok
+        # A debit is limited by posted credits and a credit by posted debits.
+        against_posted = self.credits_posted if debit else self.debits_posted
+        if remote:
+            total = pending + posted + up
+            against = against_posted
+        else:
+            u_pending = self.u_debits_pending if debit else self.u_credits_pending
+            u_posted = self.u_debits_posted if debit else self.u_credits_posted
+            total = pending + u_pending + posted + u_posted
+            against = against_posted + (self.u_credits_posted if debit else self.u_debits_posted)
+        if total + reserved + leg.increase > against + chain_posted:
+            return R.exceeds_credits if debit else R.exceeds_debits
         return R.ok
 
     def snapshot(self) -> Account:

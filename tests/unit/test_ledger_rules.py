@@ -16,7 +16,12 @@ from processor.types import (
     Transfer,
     TransferFlags,
 )
-from tests.unit.ledger_sim import Cluster, account_ids_on_shards, book_mismatches
+from tests.unit.ledger_sim import (
+    Cluster,
+    _Work,
+    account_ids_on_shards,
+    book_mismatches,
+)
 
 R = TransferResult
 A = AccountResult
@@ -320,6 +325,50 @@ def test_debit_limit_holds_on_a_remote_debit_leg() -> None:
     assert w.balances("dl_far") == (0, 0, 0, 50)
     w.ok(w.t("payer", "payee", 1, flags=LINKED), w.t("dl_far", "other", 50))
     assert w.balances("dl_far") == (0, 50, 0, 50)
+
+
+def test_a_hold_granted_to_another_shard_counts_against_local_transfers() -> None:
+    """While a remote coordinator holds part of a limited account's funds, the account's own
+    shard refuses a local debit that only the held funds could cover, and accepts it once
+    the hold is dropped."""
+    w = world(3)
+    fund(w, "dl_far", 100)
+    c = w.cluster
+    chain = [w.t("payer", "payee", 1, flags=LINKED), w.t("dl_far", "other", 60)]
+    work = _Work(shard=c.partitions.coordinator_of(
+        [t.debit_account_id for t in chain], [t.flags for t in chain]))
+    assert work.shard != c.shard_of(w.ids["dl_far"])
+    work.remaining = [chain]
+    c._plan(work)
+    c._reserve(work)  # dl_far's shard now holds 60 for the chain
+    assert c.create_transfers([w.t("dl_far", "other", 41)]) == [R.exceeds_credits]
+    c._finalize(work)
+    for batch in work.batches:
+        c._commit(work.shard, batch)
+    assert work.codes == [R.ok, R.ok]
+    assert w.balances("dl_far") == (0, 60, 0, 100)
+    w.ok(w.t("dl_far", "other", 40))
+    assert book_mismatches(c) == []
+
+
+def test_a_remote_coordinator_sees_uncommitted_local_debits() -> None:
+    """A limited account's shard grants another shard's debit only against what its own
+    uncommitted debits leave, because the two commit independently."""
+    w = world(3)
+    fund(w, "dl_far", 100)
+    c = w.cluster
+    local = _Work(shard=c.shard_of(w.ids["dl_far"]))
+    local.remaining = [[w.t("dl_far", "other", 60)]]
+    c._plan(local)
+    c._reserve(local)
+    c._finalize(local)  # evaluated, not yet committed
+    chain = [w.t("payer", "payee", 1, flags=LINKED), w.t("dl_far", "other", 41)]
+    assert c.create_transfers(chain) == [R.linked_event_failed, R.exceeds_credits]
+    for batch in local.batches:
+        c._commit(local.shard, batch)
+    assert local.codes == [R.ok]
+    assert w.balances("dl_far") == (0, 60, 0, 100)
+    assert book_mismatches(c) == []
 
 
 def test_pending_hold_on_a_remote_credit_account_counts_against_its_limit() -> None:
