@@ -45,7 +45,7 @@ from processor.types import (
     CODE_MAX,
     ID_MAX,
     TIMEOUT_S_MAX,
-    USER_DATA_BYTES_MAX,
+    USER_DATA_CHARS_MAX,
     Account,
     AccountFlags,
     Transfer,
@@ -108,7 +108,7 @@ Amount = Annotated[int, Meta(ge=0, le=ID_MAX, description="Integer minor units o
 Code = Annotated[int, Meta(ge=0, le=CODE_MAX, description="Caller-defined category.")]
 TimeoutS = Annotated[int, Meta(ge=0, le=TIMEOUT_S_MAX, description="Seconds a hold lasts.")]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$", description="ISO 4217 code.")]
-UserData = Annotated[str, Meta(max_length=USER_DATA_BYTES_MAX, description="Stored, never read.")]
+UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX, description="Stored, never read.")]
 TimestampNs = Annotated[
     int, Meta(ge=0, le=ID_MAX, description="Assigned by the server: ns since the Unix epoch.")
 ]

@@ -23,7 +23,7 @@ __all__ = [
     "CODE_MAX",
     "ID_MAX",
     "TIMEOUT_S_MAX",
-    "USER_DATA_BYTES_MAX",
+    "USER_DATA_CHARS_MAX",
     "Account",
     "AccountFlags",
     "Transfer",
@@ -36,7 +36,9 @@ ID_MAX = 2**63 - 1
 CODE_MAX = 2**31 - 1
 # A pending transfer may be held for at most about 68 years; far beyond any real hold.
 TIMEOUT_S_MAX = 2**31 - 1
-USER_DATA_BYTES_MAX = 128
+# Characters, as msgspec counts string length; up to 512 bytes of UTF-8 (the RPC frame
+# limit is sized for the worst case).
+USER_DATA_CHARS_MAX = 128
 
 U63 = Annotated[int, Meta(ge=0, le=ID_MAX)]
 Code = Annotated[int, Meta(ge=0, le=CODE_MAX)]
@@ -45,7 +47,7 @@ TimeoutS = Annotated[int, Meta(ge=0, le=TIMEOUT_S_MAX)]
 # The currency's shape is checked here; membership in ISO 4217 is a ledger rule with its
 # own result code, so that an unknown code is named rather than reported as a type error.
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
-UserData = Annotated[str, Meta(max_length=USER_DATA_BYTES_MAX)]
+UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX)]
 
 
 class AccountFlags(enum.IntFlag):

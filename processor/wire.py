@@ -32,7 +32,7 @@ import msgspec
 from msgspec import Meta
 
 from processor.service import BATCH_ITEMS_MAX
-from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_BYTES_MAX, Account, Transfer
+from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_CHARS_MAX, Account, Transfer
 
 __all__ = [
     "ERROR_CODES",
@@ -252,7 +252,7 @@ def decode_response(body: bytes | memoryview) -> Response:
 
 def _worst_case_batch_bytes() -> int:
     """The body size of the largest valid lookup result or create request, in bytes."""
-    user_data = "\U0010ffff" * USER_DATA_BYTES_MAX
+    user_data = "\U0010ffff" * USER_DATA_CHARS_MAX
     transfer = Transfer(
         id=ID_MAX, debit_account_id=ID_MAX, credit_account_id=ID_MAX, amount=ID_MAX,
         currency="XXX", flags=0xFFFF, pending_id=ID_MAX, timeout_s=TIMEOUT_S_MAX,

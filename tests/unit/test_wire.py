@@ -14,7 +14,7 @@ from processor.types import (
     CODE_MAX,
     ID_MAX,
     TIMEOUT_S_MAX,
-    USER_DATA_BYTES_MAX,
+    USER_DATA_CHARS_MAX,
     Account,
     Transfer,
 )
@@ -24,7 +24,7 @@ TRANSFER = Transfer(
     id=11, debit_account_id=7, credit_account_id=8, amount=250, currency="EUR", user_data="x"
 )
 # Every field at its maximum, user_data in 4-byte UTF-8 characters: the largest items.
-WORST_USER_DATA = "\U0010ffff" * USER_DATA_BYTES_MAX
+WORST_USER_DATA = "\U0010ffff" * USER_DATA_CHARS_MAX
 WORST_TRANSFER = Transfer(
     id=ID_MAX, debit_account_id=ID_MAX, credit_account_id=ID_MAX, amount=ID_MAX,
     currency="USD", flags=0xFFFF, pending_id=ID_MAX, timeout_s=TIMEOUT_S_MAX, code=CODE_MAX,
