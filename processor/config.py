@@ -49,7 +49,7 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Items per actor call; a call carries whole requests so it may exceed this by one.
     call_items_max: int = BATCH_ITEMS_MAX
     # Actor calls in flight to one shard; more requests wait and join the next call.
-    calls_in_flight_max: int = 4
+    calls_in_flight_max: int = 1
     # A shard call that failed because the shard died is retried this many times within
     # the deadline, then answered with a retryable ``unavailable``.
     retry_attempts_max: int = 3
