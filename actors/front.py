@@ -146,7 +146,7 @@ class Front:
         await asyncio.gather(*[s.ready.remote() for s in self._shards])
         key_path = Path(cfg.front.key_path or Path(cfg.data_dir) / KEY_FILE_NAME)
         key = load_or_create_key(key_path)
-        app = build_app(self, key, clock_s=time.time, ready=lambda: self._ready,
+        app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max)
         server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.front.host, port=cfg.front.http_port if http_port is None else http_port,

@@ -16,8 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-import msgspec
-
 from processor.auth import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
 from processor.config import Config, FrontConfig, ShardConfig
 
@@ -153,10 +151,6 @@ async def _serve(config: Config) -> int:
     await processor.stop()
     log.info("stopped")
     return 0
-
-
-def _dump(config: Config) -> str:  # pragma: no cover - debugging aid
-    return msgspec.json.encode(config).decode()
 
 
 if __name__ == "__main__":

@@ -233,15 +233,6 @@ class AccountState:
             return R.exceeds_credits if debit else R.exceeds_debits
         return R.ok
 
-    def snapshot(self) -> Account:
-        """The account with its committed balances, as served to readers."""
-        return msgspec.structs.replace(
-            self.account,
-            debits_pending=self.debits_pending,
-            debits_posted=self.debits_posted,
-            credits_pending=self.credits_pending,
-            credits_posted=self.credits_posted,
-        )
 
 
 @dataclass(slots=True)
