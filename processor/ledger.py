@@ -562,13 +562,7 @@ class Book:
         if failed_at >= 0:
             for k, saved, _ in reversed(undo):
                 self._undo_item(items[k], saved)
-            for k in range(start, end):
-                if k != failed_at:
-                    items[k].code = R.linked_event_failed
-            failing = items[failed_at]
-            if burns_id(failing.code):
-                self._remember(failing.transfer.id, Failed(
-                    failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
+            self._fail_chain(items, start, end, failed_at, now_ns)
             return
         for k in range(start, end):
             in_batch[items[k].transfer.id] = k
@@ -579,6 +573,19 @@ class Book:
                 for shard, leg in items[k].legs:
                     if shard != self.shard:
                         plan.remote.setdefault(shard, []).append((k, leg))
+
+    def _fail_chain(
+        self, items: list[_Item], start: int, end: int, failed_at: int, now_ns: int
+    ) -> None:
+        """Codes of a refused chain whose effects were undone: the refused item keeps its
+        own code (and burns its id if the code says so), the others are linked failures."""
+        for k in range(start, end):
+            if k != failed_at:
+                items[k].code = R.linked_event_failed
+        failing = items[failed_at]
+        if burns_id(failing.code):
+            self._remember(failing.transfer.id, Failed(
+                failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
 
     def _evaluate(
         self, item: _Item, index: int, now_ns: int, known: Known, in_batch: dict[int, int]
@@ -850,12 +857,7 @@ class Book:
             if failed_at >= 0:
                 for k in range(end - 1, start - 1, -1):
                     self._undo_item(items[k], {items[k].transfer.id: None})
-                    if k != failed_at:
-                        items[k].code = R.linked_event_failed
-                failing = items[failed_at]
-                if burns_id(failing.code):
-                    self._remember(failing.transfer.id, Failed(
-                        failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
+                self._fail_chain(items, start, end, failed_at, now_ns)
                 continue
             for k in range(start, end):
                 for shard, leg in items[k].legs:
