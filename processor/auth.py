@@ -39,7 +39,10 @@ __all__ = [
     "verify_token",
 ]
 
-SCOPES = ("accounts:read", "accounts:write", "transfers:read", "transfers:write")
+SCOPES = (
+    "accounts:read", "accounts:write", "transfers:read", "transfers:write",
+    "payments:read", "payments:write", "payouts:write",
+)
 TOKEN_TTL_S_DEFAULT = 900
 KEY_FILE_NAME = "jwt.key"
 ALGORITHM = "HS256"

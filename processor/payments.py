@@ -1,0 +1,518 @@
+"""Payment lifecycles as sagas: the pure state machine of every step and its ledger postings.
+
+A payment is authorized, then captured (fully or partly) or voided, then refunded (fully or
+partly, several times); a payout sends a merchant's posted balance to a bank. Each of these
+operations is a *step*: a saga that talks to one provider and to the ledger, persisted
+before and after every external call (``actors/payments.py`` does the I/O; this module only
+decides). ``docs/payments.md`` draws the machine.
+
+A step moves through phases::
+
+    RESERVE ─► PROVIDER ─► APPLY ─► SUCCEEDED          (refund, payout start at RESERVE;
+                 │  ▲        │                           authorize, capture, void at PROVIDER)
+                 │  │        └─(ledger refused)─► COMPENSATE ─► COMPENSATED
+                 │  └──(status: never arrived)──┐
+                 ├─(unknown)──────────────► RESOLVE
+                 ├─(pending)──────────────► AWAIT_PROVIDER ─► APPLY | RELEASE | FAILED
+                 └─(declined / unavailable)─► RELEASE ─► FAILED  (refund, payout)
+                                             FAILED              (authorize, capture, void)
+
+The rules that keep money exact:
+
+* A provider call always carries the step's idempotency key, so sending it again (a retry,
+  a recovery after a crash) replays the provider's answer instead of charging twice.
+* An unknown outcome is never guessed: the step asks the provider by the same key
+  (``RESOLVE``); only a provider that says the call never arrived gets it sent again.
+* Failover to another provider happens only when the first one certainly did nothing
+  (``Outcome.RETRYABLE``); the other provider gets its own key.
+* Every ledger transfer id is allocated when the step is created, so applying a posting
+  again answers ``exists``: the ledger never applies a step twice.
+* Refunds and payouts hold the merchant's funds in the ledger *before* the provider moves
+  money, so a provider can never pay out what the ledger would refuse.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import msgspec
+
+from processor.codes import TransferResult
+from processor.provider import DeclineCode, Operation, Outcome, ProviderReply, ProviderRequest
+from processor.types import Transfer, TransferFlags
+
+__all__ = [
+    "FINAL_PHASES",
+    "Kind",
+    "LedgerVerdict",
+    "Payment",
+    "PaymentError",
+    "PaymentStatus",
+    "PaymentsConfig",
+    "Payout",
+    "PayoutStatus",
+    "Phase",
+    "Step",
+    "check_capture",
+    "check_refund",
+    "check_void",
+    "clearing_account_id",
+    "compensation_request",
+    "ledger_transfers",
+    "ledger_verdict",
+    "new_step",
+    "on_ledger",
+    "on_provider",
+    "on_status",
+    "payment_after",
+    "payout_after",
+    "provider_request",
+    "status_request",
+]
+
+PAYMENT_ID_PREFIX = "pay_"
+PAYOUT_ID_PREFIX = "po_"
+
+
+class Kind(enum.StrEnum):
+    AUTHORIZE = "authorize"
+    CAPTURE = "capture"
+    VOID = "void"
+    REFUND = "refund"
+    PAYOUT = "payout"
+
+
+class Phase(enum.StrEnum):
+    RESERVE = "reserve"  # refund, payout: hold the merchant's funds in the ledger
+    PROVIDER = "provider"  # send the call to the provider (again, with the same key)
+    AWAIT_PROVIDER = "await_provider"  # accepted; the answer comes by webhook or status query
+    RESOLVE = "resolve"  # outcome unknown: ask the provider by the step's key
+    APPLY = "apply"  # the provider approved: apply the step's effect in the ledger
+    RELEASE = "release"  # the provider refused a refund / payout: release the ledger hold
+    COMPENSATE = "compensate"  # the ledger refused what the provider did: undo it there
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+
+
+FINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.COMPENSATED})
+# Phases that need the provider's word before anything else can happen.
+PROVIDER_PHASES = frozenset({Phase.PROVIDER, Phase.AWAIT_PROVIDER, Phase.RESOLVE})
+
+
+class PaymentStatus(enum.StrEnum):
+    PROCESSING = "processing"  # the authorization has no final answer yet
+    AUTHORIZED = "authorized"
+    CAPTURED = "captured"
+    PARTIALLY_REFUNDED = "partially_refunded"
+    REFUNDED = "refunded"
+    VOIDED = "voided"
+    DECLINED = "declined"  # the provider or the risk check said no
+    FAILED = "failed"  # nothing happened (providers unavailable) or it was undone
+
+
+class PayoutStatus(enum.StrEnum):
+    PROCESSING = "processing"
+    PAID = "paid"
+    FAILED = "failed"
+
+
+class PaymentError(Exception):
+    """A request the payment rules refuse; ``code`` is stable and names the rule."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Rules of the payments domain (the I/O limits live with the actors)."""
+
+    # Ids from here up are the processor's own: its clearing accounts and the transfers of
+    # payment steps. Clients must keep their ledger ids below it (docs/payments.md).
+    system_id_base: int = 2**62
+    # The ledger hold of an authorization outlives the provider's (7 days at both sims).
+    authorization_hold_s: int = 8 * 24 * 3600
+    # Providers in the order authorizations try them; the first that serves the currency
+    # and answers wins.
+    provider_order: tuple[str, ...] = ("acme", "globex")
+    # Seconds a live step owns its claim; after it, the recovery worker may take it over.
+    claim_ttl_s: float = 30.0
+    # How soon a parked step (pending, unknown, ledger unavailable) is looked at again.
+    recheck_s: float = 1.0
+    recheck_max_s: float = 60.0
+
+    def check(self) -> None:
+        checks = [
+            (2**40 <= self.system_id_base < 2**63 - 2**40, "system_id_base in range"),
+            (self.authorization_hold_s > 0, "authorization_hold_s > 0"),
+            (len(self.provider_order) >= 1, "at least one provider"),
+            (self.claim_ttl_s > 0, "claim_ttl_s > 0"),
+            (0 < self.recheck_s <= self.recheck_max_s, "0 < recheck_s <= recheck_max_s"),
+        ]
+        for ok, what in checks:
+            if not ok:
+                raise ValueError(f"payments configuration: {what}")
+
+
+def clearing_account_id(config: PaymentsConfig, provider: str, currency: str) -> int:
+    """The ledger account holding what ``provider`` owes us (or we owe it) in ``currency``.
+
+    Deterministic, so every process agrees without a lookup: the base, plus 2^20 per
+    provider (by its position in ``provider_order``), plus the currency's letters as a
+    base-26 number.
+    """
+    index = config.provider_order.index(provider)
+    letters = 0
+    for ch in currency:
+        letters = letters * 26 + (ord(ch) - ord("A"))
+    return config.system_id_base + (index + 1) * 2**20 + letters
+
+
+class Payment(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    merchant_account_id: int
+    amount: int
+    currency: str
+    payment_method: str
+    status: PaymentStatus
+    provider: str = ""
+    provider_ref: str = ""
+    hold_transfer_id: int = 0
+    captured_amount: int = 0
+    refunded_amount: int = 0
+    decline_code: str = ""
+    error: str = ""
+    risk_reason: str = ""
+    risk_source: str = ""
+    reference: str = ""
+
+
+class Payout(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    merchant_account_id: int
+    amount: int
+    currency: str
+    destination: str
+    status: PayoutStatus
+    provider: str = ""
+    provider_ref: str = ""
+    decline_code: str = ""
+    error: str = ""
+    reference: str = ""
+
+
+class Step(msgspec.Struct, frozen=True, kw_only=True):
+    """One saga step. ``transfer_id`` .. ``transfer_id + 3`` are its ledger ids."""
+
+    id: int
+    subject_id: str  # the payment or payout it belongs to
+    kind: Kind
+    phase: Phase
+    amount: int
+    currency: str
+    provider: str
+    provider_key: str  # the idempotency key of the provider call
+    transfer_id: int
+    merchant_account_id: int
+    payment_method: str = ""
+    destination: str = ""
+    hold_transfer_id: int = 0  # capture, void: the authorization's ledger hold
+    auth_ref: str = ""  # capture, void, refund: the provider's id of the authorization
+    provider_ref: str = ""  # the provider's id of what this step did
+    tried: tuple[str, ...] = ()  # providers already tried (authorize failover)
+    decline_code: str = ""
+    error: str = ""  # stable code of why it failed or was compensated
+    version: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.phase in FINAL_PHASES
+
+
+_OPERATION = {
+    Kind.AUTHORIZE: Operation.AUTHORIZE,
+    Kind.CAPTURE: Operation.CAPTURE,
+    Kind.VOID: Operation.VOID,
+    Kind.REFUND: Operation.REFUND,
+    Kind.PAYOUT: Operation.PAYOUT,
+}
+
+
+def provider_key(step_id: int, provider: str) -> str:
+    """A provider idempotency key: unique per step and provider, never reused otherwise."""
+    return f"txp-{step_id}-{provider}"
+
+
+def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, amount: int,
+             currency: str, provider: str, merchant_account_id: int, payment_method: str = "",
+             destination: str = "", hold_transfer_id: int = 0, auth_ref: str = "") -> Step:
+    """A step as it is first persisted: refunds and payouts start by holding funds."""
+    if amount <= 0:
+        raise PaymentError("amount_must_be_positive", "amount must be at least 1")
+    first = Phase.RESERVE if kind in (Kind.REFUND, Kind.PAYOUT) else Phase.PROVIDER
+    return Step(
+        id=step_id, subject_id=subject_id, kind=kind, phase=first, amount=amount,
+        currency=currency, provider=provider, provider_key=provider_key(step_id, provider),
+        transfer_id=transfer_base, merchant_account_id=merchant_account_id,
+        payment_method=payment_method, destination=destination,
+        hold_transfer_id=hold_transfer_id, auth_ref=auth_ref, tried=(provider,),
+    )
+
+
+# -- provider calls ---------------------------------------------------------------------------
+
+
+def provider_request(step: Step) -> ProviderRequest:
+    """The call a step in ``PROVIDER`` sends (and sends again, unchanged, when told to)."""
+    return ProviderRequest(
+        operation=_OPERATION[step.kind], idempotency_key=step.provider_key,
+        amount=step.amount, currency=step.currency, reference=step.subject_id,
+        payment_method=step.payment_method, provider_ref=step.auth_ref,
+        destination=step.destination,
+    )
+
+
+def status_request(step: Step) -> ProviderRequest:
+    """The status query of ``RESOLVE`` / ``AWAIT_PROVIDER``: the same call, by its key."""
+    if step.phase == Phase.COMPENSATE:
+        return compensation_request(step)
+    return provider_request(step)
+
+
+def compensation_request(step: Step) -> ProviderRequest:
+    """Undo at the provider what the ledger refused: void an authorization, refund a
+    capture. Its key is derived from the step's, so repeating it is safe too."""
+    if step.kind == Kind.AUTHORIZE:
+        op, ref = Operation.VOID, step.provider_ref
+    elif step.kind == Kind.CAPTURE:
+        op, ref = Operation.REFUND, step.auth_ref
+    else:  # refunds and payouts hold funds first; the ledger cannot refuse their apply
+        raise PaymentError("no_compensation", f"a {step.kind} step has no compensation")
+    return ProviderRequest(
+        operation=op, idempotency_key=f"{step.provider_key}-undo", amount=step.amount,
+        currency=step.currency, reference=step.subject_id, provider_ref=ref,
+    )
+
+
+def _declined(step: Step, reply: ProviderReply, error: str) -> Step:
+    code = reply.decline_code.value if reply.decline_code is not None else ""
+    after = Phase.RELEASE if step.kind in (Kind.REFUND, Kind.PAYOUT) else Phase.FAILED
+    return msgspec.structs.replace(step, phase=after, decline_code=code, error=error)
+
+
+def on_provider(step: Step, reply: ProviderReply, failover: Sequence[str] = ()) -> Step:
+    """The step after the provider answered its call (``PROVIDER``).
+
+    ``failover`` lists providers that serve the step's currency, in preference order; an
+    authorization that certainly did not happen moves to the first one not yet tried.
+    """
+    if step.phase == Phase.COMPENSATE:
+        return _on_compensation(step, reply)
+    if step.phase not in PROVIDER_PHASES:
+        raise PaymentError("step_not_waiting", f"step {step.id} is in {step.phase}")
+    outcome = reply.outcome
+    if outcome == Outcome.APPROVED:
+        ref = reply.provider_ref or step.provider_ref
+        return msgspec.structs.replace(step, phase=Phase.APPLY, provider_ref=ref)
+    if outcome == Outcome.PENDING:
+        ref = reply.provider_ref or step.provider_ref
+        return msgspec.structs.replace(step, phase=Phase.AWAIT_PROVIDER, provider_ref=ref)
+    if outcome == Outcome.UNKNOWN:
+        return msgspec.structs.replace(step, phase=Phase.RESOLVE)
+    if outcome == Outcome.RETRYABLE:
+        if step.kind == Kind.AUTHORIZE:
+            for name in failover:
+                if name not in step.tried:
+                    return msgspec.structs.replace(
+                        step, phase=Phase.PROVIDER, provider=name,
+                        provider_key=provider_key(step.id, name), tried=(*step.tried, name))
+        return _declined(step, reply, "provider_unavailable")
+    error = "provider_declined" if outcome == Outcome.DECLINED else "provider_refused"
+    return _declined(step, reply, error)
+
+
+def on_status(step: Step, reply: ProviderReply) -> Step:
+    """The step after a status query (``RESOLVE``, ``AWAIT_PROVIDER``) or a webhook.
+
+    ``NOT_FOUND`` means the call never reached the provider: it is sent again with the same
+    key. An answer that settles nothing leaves the step where it is, to be asked again.
+    """
+    if step.phase == Phase.COMPENSATE:
+        return _on_compensation(step, reply)
+    if step.phase not in PROVIDER_PHASES:
+        return step  # a late or repeated answer about a step that has moved on
+    if reply.outcome == Outcome.DECLINED and reply.decline_code == DeclineCode.NOT_FOUND:
+        if step.phase == Phase.AWAIT_PROVIDER:
+            return step  # it did arrive (it was accepted); the index is just behind
+        return msgspec.structs.replace(step, phase=Phase.PROVIDER)
+    if reply.outcome in (Outcome.UNKNOWN, Outcome.RETRYABLE):
+        return step
+    if reply.outcome == Outcome.PENDING and step.phase == Phase.AWAIT_PROVIDER:
+        return step
+    return on_provider(step, reply)
+
+
+def _on_compensation(step: Step, reply: ProviderReply) -> Step:
+    if reply.outcome == Outcome.APPROVED:
+        return msgspec.structs.replace(step, phase=Phase.COMPENSATED)
+    if reply.outcome in (Outcome.DECLINED, Outcome.FAILED):
+        if reply.decline_code == DeclineCode.ALREADY_VOIDED:
+            return msgspec.structs.replace(step, phase=Phase.COMPENSATED)
+        # The provider keeps money the ledger does not know of: an operator must look
+        # (docs/runbooks/double-charge.md). The step ends so it is counted, not retried.
+        return msgspec.structs.replace(step, phase=Phase.FAILED, error="compensation_refused")
+    return step  # pending, unknown, unavailable: ask again later with the same key
+
+
+# -- ledger -----------------------------------------------------------------------------------
+
+
+def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
+    """The ledger transfers the step's current phase applies (empty when none).
+
+    Ids are the step's own (``transfer_id`` + 0..3), so applying them twice is harmless.
+    """
+    clearing = clearing_account_id(config, step.provider, step.currency)
+    merchant = step.merchant_account_id
+    base = step.transfer_id
+    cur = step.currency
+    pending, post, void = (int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),
+                           int(TransferFlags.VOID_PENDING))
+    phase, kind = step.phase, step.kind
+    if phase == Phase.RESERVE:
+        return [Transfer(id=base, debit_account_id=merchant, credit_account_id=clearing,
+                         amount=step.amount, currency=cur, flags=pending)]
+    if phase == Phase.RELEASE:
+        return [Transfer(id=base + 2, debit_account_id=merchant, credit_account_id=clearing,
+                         amount=0, currency=cur, flags=void, pending_id=base)]
+    if phase != Phase.APPLY:
+        return []
+    if kind == Kind.AUTHORIZE:
+        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                         amount=step.amount, currency=cur, flags=pending,
+                         timeout_s=config.authorization_hold_s)]
+    if kind == Kind.CAPTURE:
+        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                         amount=step.amount, currency=cur, flags=post,
+                         pending_id=step.hold_transfer_id)]
+    if kind == Kind.VOID:
+        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                         amount=0, currency=cur, flags=void, pending_id=step.hold_transfer_id)]
+    # refund, payout: post the hold placed by RESERVE
+    return [Transfer(id=base + 1, debit_account_id=merchant, credit_account_id=clearing,
+                     amount=step.amount, currency=cur, flags=post, pending_id=base)]
+
+
+class LedgerVerdict(enum.StrEnum):
+    DONE = "done"  # applied now or before
+    REFUSED = "refused"  # a rule refused it; it will never apply
+
+
+# A void of a hold that already lapsed or was voided leaves the books as the void would.
+_VOID_EQUIVALENT = frozenset({TransferResult.pending_transfer_expired,
+                              TransferResult.pending_transfer_already_voided})
+
+
+def ledger_verdict(step: Step, code: TransferResult) -> LedgerVerdict:
+    if code in (TransferResult.ok, TransferResult.exists):
+        return LedgerVerdict.DONE
+    voiding = step.phase == Phase.RELEASE or (step.phase == Phase.APPLY
+                                              and step.kind == Kind.VOID)
+    if voiding and code in _VOID_EQUIVALENT:
+        return LedgerVerdict.DONE
+    return LedgerVerdict.REFUSED
+
+
+def on_ledger(step: Step, code: TransferResult) -> Step:
+    """The step after the ledger answered the transfers of its phase."""
+    verdict = ledger_verdict(step, code)
+    refused = f"ledger_{code.name}"
+    if step.phase == Phase.RESERVE:
+        if verdict == LedgerVerdict.DONE:
+            return msgspec.structs.replace(step, phase=Phase.PROVIDER)
+        return msgspec.structs.replace(step, phase=Phase.FAILED, error=refused)
+    if step.phase == Phase.RELEASE:
+        if verdict == LedgerVerdict.DONE:
+            return msgspec.structs.replace(step, phase=Phase.FAILED)
+        return msgspec.structs.replace(step, phase=Phase.FAILED, error=refused)
+    if step.phase != Phase.APPLY:
+        raise PaymentError("step_not_applying", f"step {step.id} is in {step.phase}")
+    if verdict == LedgerVerdict.DONE:
+        return msgspec.structs.replace(step, phase=Phase.SUCCEEDED)
+    if step.kind in (Kind.AUTHORIZE, Kind.CAPTURE):
+        return msgspec.structs.replace(step, phase=Phase.COMPENSATE, error=refused)
+    # A void the ledger refuses, or a refund / payout whose own hold cannot be posted,
+    # breaks an invariant the saga relies on: end it loudly for an operator.
+    return msgspec.structs.replace(step, phase=Phase.FAILED, error=refused)
+
+
+# -- what a finished step means to its payment or payout -------------------------------------
+
+
+def payment_after(payment: Payment, step: Step) -> Payment:
+    """The payment once ``step`` (one of its steps) has reached a final phase."""
+    r = msgspec.structs.replace
+    if not step.final:
+        return payment
+    ok = step.phase == Phase.SUCCEEDED
+    if step.kind == Kind.AUTHORIZE:
+        if ok:
+            return r(payment, status=PaymentStatus.AUTHORIZED, provider=step.provider,
+                     provider_ref=step.provider_ref, hold_transfer_id=step.transfer_id)
+        status = PaymentStatus.DECLINED if step.error == "provider_declined" else (
+            PaymentStatus.FAILED)
+        return r(payment, status=status, provider=step.provider,
+                 decline_code=step.decline_code, error=step.error)
+    if step.kind == Kind.CAPTURE:
+        if ok:
+            return r(payment, status=PaymentStatus.CAPTURED, captured_amount=step.amount)
+        if step.phase == Phase.COMPENSATED:
+            return r(payment, status=PaymentStatus.FAILED, error=step.error)
+        return payment  # a refused capture leaves the authorization as it was
+    if step.kind == Kind.VOID:
+        return r(payment, status=PaymentStatus.VOIDED) if ok else payment
+    if step.kind == Kind.REFUND and ok:
+        refunded = payment.refunded_amount + step.amount
+        status = (PaymentStatus.REFUNDED if refunded == payment.captured_amount
+                  else PaymentStatus.PARTIALLY_REFUNDED)
+        return r(payment, status=status, refunded_amount=refunded)
+    return payment
+
+
+def payout_after(payout: Payout, step: Step) -> Payout:
+    if not step.final:
+        return payout
+    if step.phase == Phase.SUCCEEDED:
+        return msgspec.structs.replace(payout, status=PayoutStatus.PAID,
+                                       provider_ref=step.provider_ref)
+    return msgspec.structs.replace(payout, status=PayoutStatus.FAILED,
+                                   decline_code=step.decline_code, error=step.error)
+
+
+# -- what a new step may ask ------------------------------------------------------------------
+
+
+def check_capture(payment: Payment, amount: int) -> None:
+    if payment.status != PaymentStatus.AUTHORIZED:
+        raise PaymentError("payment_not_capturable",
+                           f"a payment in status {payment.status} cannot be captured")
+    if not 1 <= amount <= payment.amount:
+        raise PaymentError("capture_exceeds_authorized",
+                           "capture amount must be between 1 and the authorized amount")
+
+
+def check_void(payment: Payment) -> None:
+    if payment.status != PaymentStatus.AUTHORIZED:
+        raise PaymentError("payment_not_voidable",
+                           f"a payment in status {payment.status} cannot be voided")
+
+
+def check_refund(payment: Payment, amount: int) -> None:
+    if payment.status not in (PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED):
+        raise PaymentError("payment_not_refundable",
+                           f"a payment in status {payment.status} cannot be refunded")
+    if not 1 <= amount <= payment.captured_amount - payment.refunded_amount:
+        raise PaymentError("refund_exceeds_captured",
+                           "refund amount must be between 1 and what is left to refund")
