@@ -386,7 +386,7 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
                          amount=step.amount, currency=cur, flags=pending)]
     if phase == Phase.RELEASE:
         return [Transfer(id=base + 2, debit_account_id=merchant, credit_account_id=clearing,
-                         amount=0, currency=cur, flags=void, pending_id=base)]
+                         amount=step.amount, currency=cur, flags=void, pending_id=base)]
     if phase != Phase.APPLY:
         return []
     if kind == Kind.AUTHORIZE:
@@ -398,8 +398,10 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
                          amount=step.amount, currency=cur, flags=post,
                          pending_id=step.hold_transfer_id)]
     if kind == Kind.VOID:
+        # A void names the whole hold (the authorized amount, which is the step's).
         return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
-                         amount=0, currency=cur, flags=void, pending_id=step.hold_transfer_id)]
+                         amount=step.amount, currency=cur, flags=void,
+                         pending_id=step.hold_transfer_id)]
     # refund, payout: post the hold placed by RESERVE
     return [Transfer(id=base + 1, debit_account_id=merchant, credit_account_id=clearing,
                      amount=step.amount, currency=cur, flags=post, pending_id=base)]
