@@ -29,6 +29,17 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from actors.payments_http import (
+    PAYMENT_ERROR_STATUS,
+    PaymentFailure,
+    Payments,
+    PaymentsApiError,
+    WebhookAnswer,
+    api_error_of,
+    dispatch,
+    require_key,
+)
+from adapters.base import WebhookRejected
 from processor.auth import (
     SCOPES,
     AuthError,
@@ -40,6 +51,15 @@ from processor.auth import (
 )
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded
+from processor.payment_types import (
+    AuthorizeRequest,
+    CaptureRequest,
+    PaymentView,
+    PayoutRequest,
+    PayoutView,
+    RefundRequest,
+)
+from processor.payments import PaymentError
 from processor.service import BATCH_ITEMS_MAX, LedgerService
 from processor.types import (
     CODE_MAX,
@@ -393,6 +413,7 @@ ERROR_CODES: dict[str, int] = {
     **REQUEST_ERROR_CODES,
     **dict.fromkeys(ACCOUNT_CONFLICT_CODES + TRANSFER_CONFLICT_CODES, 409),
     **dict.fromkeys(ACCOUNT_RULE_CODES + TRANSFER_RULE_CODES, 422),
+    **PAYMENT_ERROR_STATUS,
 }
 
 
@@ -510,7 +531,9 @@ class _Api:
         clock_s: Callable[[], float],
         ready: Callable[[], bool],
         body_bytes_max: int,
+        payments: Callable[[], Payments | None] = lambda: None,
     ) -> None:
+        self._payments = payments
         self._service = service
         self._key = key
         self._verified: OrderedDict[str, Claims] = OrderedDict()  # oldest first, bounded
@@ -525,7 +548,7 @@ class _Api:
         async def guarded(request: Request) -> Response:
             try:
                 if operation.scope is not None:
-                    self._authorize(request, operation.scope)
+                    request.state.claims = self._authorize(request, operation.scope)
                 return await handler(request)
             except Exception as exc:  # every exception becomes a JSON answer, see _answer
                 return _answer(request, exc)
@@ -533,7 +556,7 @@ class _Api:
         guarded.__name__ = operation.name
         return guarded
 
-    def _authorize(self, request: Request, scope: str) -> None:
+    def _authorize(self, request: Request, scope: str) -> Claims:
         token = bearer_token(request.headers.get("authorization"))
         now_s = math.floor(self._clock_s())
         claims = self._verified.get(token)
@@ -545,6 +568,7 @@ class _Api:
             if len(self._verified) > VERIFIED_TOKENS_MAX:
                 self._verified.popitem(last=False)
         require_scope(claims, scope)
+        return claims
 
     async def healthz(self, request: Request) -> Response:
         return _json_response(200, HealthResponse("ok"))
@@ -609,6 +633,68 @@ class _Api:
             raise ApiError(404, "transfer_not_found", f"no transfer has the id {transfer_id}")
         return _json_response(200, transfer_to_response(transfer))
 
+    # -- payments -------------------------------------------------------------------------
+
+    def _require_payments(self) -> Payments:
+        payments = self._payments()
+        if payments is None:
+            raise ApiError(503, "unavailable", "payments are not enabled on this server (yet)",
+                           {"Retry-After": "1"})
+        return payments
+
+    async def _payments_call(self, request: Request, operation: str) -> Response:
+        payments = self._require_payments()
+        body = b""
+        if request.method == "POST":
+            # The key is checked before the body is read (the idempotency-key draft).
+            require_key(request.headers.get("idempotency-key"))
+            body = await _read_body(request, self._body_bytes_max)
+        status, answer, headers = await dispatch(
+            payments, principal=request.state.claims.subject, operation=operation,
+            key=request.headers.get("idempotency-key"),
+            subject_id=next(iter(request.path_params.values()), ""), body=body,
+            headers=dict(request.headers), path=request.url.path)
+        return Response(answer, status, headers=headers, media_type="application/json")
+
+    async def create_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "authorize")
+
+    async def capture_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "capture")
+
+    async def void_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "void")
+
+    async def refund_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "refund")
+
+    async def create_payout(self, request: Request) -> Response:
+        return await self._payments_call(request, "payout")
+
+    async def get_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "get_payment")
+
+    async def get_payout(self, request: Request) -> Response:
+        return await self._payments_call(request, "get_payout")
+
+    async def provider_webhook(self, request: Request) -> Response:
+        payments = self._require_payments()
+        name = request.path_params["provider"]
+        adapter = payments.adapters.get(name)
+        if adapter is None:
+            raise PaymentsApiError("webhook_provider_unknown", "no provider has this name")
+        body = await _read_body(request, self._body_bytes_max)
+        try:
+            event = adapter.verify_webhook(dict(request.headers), body, self._clock_s())
+        except WebhookRejected as exc:
+            code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "webhook_malformed"
+            raise PaymentsApiError(code, "the webhook was not accepted") from exc
+        result = await payments.engine.apply_webhook(name, event)
+        if result == "retry":
+            raise ApiError(503, "unavailable", "the event raced another change; send it again",
+                           {"Retry-After": "1"})
+        return _json_response(200, WebhookAnswer(result))
+
     # The service is checked on the way out: one answer per item, in order.
 
     async def _create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
@@ -655,6 +741,11 @@ def _answer(request: Request, exc: Exception) -> Response:
     """Map an exception raised while serving ``request`` to its JSON error response."""
     if isinstance(exc, ApiError):
         return _error_response(exc)
+    if isinstance(exc, PaymentError):
+        exc = api_error_of(exc)
+    if isinstance(exc, PaymentsApiError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else None
+        return _error_response(ApiError(exc.status, exc.code, exc.message, headers))
     if isinstance(exc, AuthError):
         # The auth module's own message is not echoed: a fixed text per code can never
         # quote any part of a token.
@@ -813,6 +904,39 @@ def _get_replies(body: type, what: str, not_found: str) -> tuple[Reply, ...]:
     )
 
 
+def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
+    ok = (Reply(201, "Done; the body is the payment or payout as it now stands.", body),) if (
+        created) else (Reply(200, "Done; the body is the payment as it now stands.", body),)
+    return (
+        *ok,
+        Reply(202, "Accepted, outcome not known yet (a provider is pending or did not "
+                   "answer); the recovery worker settles it, GET shows the outcome.", body),
+        _error_reply(400, "No or a malformed Idempotency-Key, a malformed body, or card "
+                          "data in the request.", "idempotency_key_missing",
+                     "idempotency_key_invalid", "card_data_not_allowed", "malformed_json",
+                     "invalid_body"),
+        _UNAUTHORIZED,
+        _FORBIDDEN,
+        Reply(402, "Declined by the provider or the risk check; the body carries the error "
+                   "and the payment.", PaymentFailure, ("payment_declined", "risk_declined")),
+        _error_reply(404, "No payment of yours has this id.", "payment_not_found"),
+        _error_reply(409, "The same Idempotency-Key is in flight, or another operation on "
+                          "this payment is.", "idempotency_key_in_use", "operation_in_progress"),
+        _TOO_LARGE,
+        _error_reply(422, "Refused by the payment rules, or the Idempotency-Key was used "
+                          "with another request.", "idempotency_key_reused",
+                     "payment_not_capturable", "capture_exceeds_authorized",
+                     "payment_not_voidable", "payment_not_refundable",
+                     "refund_exceeds_captured", "merchant_account_not_found",
+                     "currency_mismatch", "currency_not_supported", "provider_unknown",
+                     "payment_failed", "payout_failed"),
+        _INTERNAL,
+        _error_reply(503, "No provider (or the ledger) could take it; nothing was done and "
+                          "the same request may be sent again.", "provider_unavailable",
+                     "unavailable"),
+    )
+
+
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
         name="healthz", method="GET", path="/healthz", summary="Liveness: the process serves.",
@@ -871,6 +995,66 @@ OPERATIONS: tuple[Operation, ...] = (
         summary="Read one transfer.", handler=_Api.get_transfer, scope="transfers:read",
         replies=_get_replies(TransferResponse, "transfer", "transfer_not_found"),
     ),
+    Operation(
+        name="create_payment", method="POST", path="/v1/payments",
+        summary="Authorize a payment (and capture it with capture: true). Needs an "
+                "Idempotency-Key header.",
+        handler=_Api.create_payment, scope="payments:write", request=AuthorizeRequest,
+        replies=_payment_replies(PaymentView, created=True),
+    ),
+    Operation(
+        name="get_payment", method="GET", path="/v1/payments/{payment_id}",
+        summary="Read a payment with its operations.", handler=_Api.get_payment,
+        scope="payments:read",
+        replies=(Reply(200, "The payment.", PaymentView), _UNAUTHORIZED, _FORBIDDEN,
+                 _error_reply(404, "No payment of yours has this id.", "payment_not_found"),
+                 _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="capture_payment", method="POST", path="/v1/payments/{payment_id}/capture",
+        summary="Capture all or part of an authorized payment (the rest is released).",
+        handler=_Api.capture_payment, scope="payments:write", request=CaptureRequest,
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
+        name="void_payment", method="POST", path="/v1/payments/{payment_id}/void",
+        summary="Release an authorization that was not captured.",
+        handler=_Api.void_payment, scope="payments:write",
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
+        name="refund_payment", method="POST", path="/v1/payments/{payment_id}/refunds",
+        summary="Refund all or part of what was captured; may be repeated.",
+        handler=_Api.refund_payment, scope="payments:write", request=RefundRequest,
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
+        name="create_payout", method="POST", path="/v1/payouts",
+        summary="Pay a merchant's posted balance out to a bank account through a provider.",
+        handler=_Api.create_payout, scope="payouts:write", request=PayoutRequest,
+        replies=_payment_replies(PayoutView, created=True),
+    ),
+    Operation(
+        name="get_payout", method="GET", path="/v1/payouts/{payout_id}",
+        summary="Read a payout.", handler=_Api.get_payout, scope="payments:read",
+        replies=(Reply(200, "The payout.", PayoutView), _UNAUTHORIZED, _FORBIDDEN,
+                 _error_reply(404, "No payout of yours has this id.", "payout_not_found"),
+                 _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="provider_webhook", method="POST", path="/v1/providers/{provider}/webhooks",
+        summary="A provider's signed event (HMAC over timestamp and body; no bearer token).",
+        handler=_Api.provider_webhook, scope=None,
+        replies=(
+            Reply(200, "Accepted: applied, a duplicate, or about something that moved on.",
+                  WebhookAnswer),
+            _error_reply(400, "The event cannot be read.", "webhook_malformed"),
+            _error_reply(401, "The signature or its timestamp does not hold.",
+                         "webhook_signature_invalid", "webhook_timestamp_out_of_tolerance"),
+            _error_reply(404, "No provider has this name.", "webhook_provider_unknown"),
+            _TOO_LARGE, _INTERNAL, _UNAVAILABLE,
+        ),
+    ),
 )
 _require(all(op.scope is None or op.scope in SCOPES for op in OPERATIONS), "scopes are known")
 
@@ -885,6 +1069,9 @@ _SCOPE_TEXT = {
     "accounts:write": "create accounts",
     "transfers:read": "read transfers",
     "transfers:write": "create transfers",
+    "payments:read": "read payments and payouts",
+    "payments:write": "authorize, capture, void and refund payments",
+    "payouts:write": "pay merchants out",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -924,6 +1111,21 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             "name": "id", "in": "path", "required": True,
             "schema": {"type": "integer", "minimum": 1, "maximum": ID_MAX},
         }]
+    for name, pattern in (("payment_id", "^pay_[0-9a-f]{24}$"),
+                          ("payout_id", "^po_[0-9a-f]{24}$"),
+                          ("provider", "^[a-z][a-z0-9_]{0,31}$")):
+        if "{" + name + "}" in op.path:
+            entry["parameters"] = [{
+                "name": name, "in": "path", "required": True,
+                "schema": {"type": "string", "pattern": pattern},
+            }]
+    if op.scope is not None and op.method == "POST" and op.path.startswith(
+            ("/v1/payments", "/v1/payouts")):
+        entry.setdefault("parameters", []).append({
+            "name": "Idempotency-Key", "in": "header", "required": True,
+            "description": "1-255 visible ASCII characters, unique per intended operation.",
+            "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+        })
     if op.request is not None:
         entry["requestBody"] = {
             "required": True,
@@ -977,6 +1179,7 @@ def build_app(
     clock_s: Callable[[], float],
     ready: Callable[[], bool],
     body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
+    payments: Callable[[], Payments | None] = lambda: None,
 ) -> Starlette:
     """Return the ASGI app serving the partner API over ``service``.
 
@@ -986,7 +1189,8 @@ def build_app(
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
-    api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max)
+    api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max,
+               payments=payments)
     routes = [
         Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]

@@ -20,8 +20,9 @@ import logging
 from collections.abc import Callable, Sized
 from typing import cast
 
+from actors.payments_http import OPERATION_SCOPES
 from processor import auth, wire
-from processor.errors import LedgerError
+from processor.errors import LedgerError, Unavailable
 from processor.service import BATCH_ITEMS_MAX, LedgerService
 
 __all__ = ["CLOSE_DRAIN_TIMEOUT_S", "HELLO_TIMEOUT_S_DEFAULT", "start_rpc_server"]
@@ -39,7 +40,10 @@ HELLO_TIMEOUT_S_DEFAULT = 10.0
 _TOO_MANY_IN_FLIGHT_RETRY_AFTER_S = 0.01
 _CONNECTIONS_FULL_RETRY_AFTER_S = 1.0
 
-_Batch = wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
+_Batch = (
+    wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
+    | wire.PaymentCall
+)
 
 _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.CreateAccounts: "accounts:write",
@@ -182,8 +186,16 @@ class _Connection:
             return self._send(
                 wire.Error(request_id, "token_expired", "the token has expired; send Hello")
             )
+        if isinstance(request, wire.PaymentCall):
+            scope = OPERATION_SCOPES.get(request.operation)
+            if scope is None:
+                return self._send(wire.Error(request_id, "unknown_operation",
+                                             f"no payments operation is named "
+                                             f"{request.operation[:32]}"))
+        else:
+            scope = _SCOPE_OF_REQUEST[type(request)]
         try:
-            auth.require_scope(claims, _SCOPE_OF_REQUEST[type(request)])
+            auth.require_scope(claims, scope)
         except auth.ScopeError as exc:
             return self._send(wire.Error(request_id, exc.code, exc.message))
         items_count = _items_count(request)
@@ -227,6 +239,14 @@ class _Connection:
     async def _call(self, request: _Batch) -> wire.Response:
         service = self._server.service
         request_id = request.request_id
+        if isinstance(request, wire.PaymentCall):
+            payments_call = getattr(service, "payments_call", None)
+            if payments_call is None:
+                raise Unavailable("payments are not served here", retry_after_s=60)
+            status, body, replayed = await payments_call(
+                self._claims.subject, request.operation, request.idempotency_key,
+                request.subject_id, request.body)
+            return wire.PaymentResult(request_id, status, body, replayed)
         if isinstance(request, wire.CreateAccounts):
             account_codes = await service.create_accounts(request.items)
             _require_count(account_codes, request.items)
@@ -270,6 +290,8 @@ class _Connection:
 
 
 def _items_count(request: _Batch) -> int:
+    if isinstance(request, wire.PaymentCall):
+        return 1
     if isinstance(request, wire.CreateAccounts | wire.CreateTransfers):
         return len(request.items)
     return len(request.ids)

@@ -20,6 +20,8 @@ import ray
 from actors.database import EmbeddedPostgres
 from actors.front import make_front
 from actors.migrate import migrate
+from actors.provider import ProviderConfig, make_provider, provider_actor_name
+from actors.risk import RISK_ACTOR_NAME, make_risk
 from actors.shard import NAMESPACE, make_shard, shard_actor_name
 from actors.store import LedgerStore
 from processor.config import Config
@@ -42,6 +44,16 @@ class Processor:
     embedded: EmbeddedPostgres | None = None
     started_ray: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    providers: list[Any] = field(default_factory=list)  # provider actors
+    provider_secrets: list[tuple[str, str]] = field(default_factory=list)
+    provider_urls: dict[str, str] = field(default_factory=dict)
+    sims: list[Any] = field(default_factory=list)  # simulated providers this process runs
+    risk: Any = None
+    outbox_secret: bytes = b""
+
+    async def enable_payments(self) -> None:
+        if self.provider_secrets:
+            await self.front.enable_payments.remote(self.provider_secrets, self.outbox_secret)
 
     async def supervise(self, interval_s: float = 0.5) -> None:
         """Run until cancelled: start the front again whenever Ray has restarted it.
@@ -62,6 +74,7 @@ class Processor:
             try:
                 await asyncio.wait_for(
                     self.front.start.remote(self.http_port, self.rpc_port), timeout=60)
+                await asyncio.wait_for(self.enable_payments(), timeout=60)
                 log.info("front restarted on http %d, rpc %d", self.http_port, self.rpc_port)
             except Exception as exc:
                 log.warning("front restart failed: %r", exc)
@@ -77,8 +90,16 @@ class Processor:
                 await asyncio.wait_for(shard.stop.remote(), timeout=15)
             except Exception as exc:
                 log.warning("shard stop: %r", exc)
-        for actor in [self.front, *self.shards]:
+        for provider in self.providers:
+            try:
+                await asyncio.wait_for(provider.close.remote(), timeout=5)
+            except Exception as exc:
+                log.warning("provider stop: %r", exc)
+        for actor in [self.front, *self.shards, *self.providers,
+                      *([self.risk] if self.risk is not None else [])]:
             ray.kill(actor, no_restart=True)
+        for sim in self.sims:
+            sim.stop()
         if self.started_ray:
             ray.shutdown()
         if self.embedded is not None:
@@ -134,15 +155,64 @@ async def start_processor(config: Config) -> Processor:
         shards = [make_shard(s, config.shard) for s in range(config.shard.shards)]
         front = make_front(config)
         ports = await front.start.remote()
+        processor = Processor(
+            config=config, front=front, shards=shards, http_port=ports["http_port"],
+            rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
+            extra={"front_event_loop": ports["loop"]},
+        )
     except BaseException:
         if embedded is not None:
             embedded.stop()
         raise
-    return Processor(
-        config=config, front=front, shards=shards, http_port=ports["http_port"],
-        rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
-        extra={"front_event_loop": ports["loop"]},
-    )
+    if config.payments.enabled and config.payments.providers:
+        try:
+            await _start_payments(processor)
+        except BaseException:
+            await processor.stop()
+            raise
+    return processor
+
+
+async def _start_payments(processor: Processor) -> None:
+    """Simulated providers (where no URL is configured), provider actors, the risk actor,
+    then the payments API of the front."""
+    from adapters.sim.launch import start_sim, write_secrets
+
+    config = processor.config
+    data = Path(config.data_dir)
+    (data / "providers").mkdir(parents=True, exist_ok=True)
+    host = config.front.host if config.front.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    for endpoint in config.payments.providers:
+        secrets = Path(endpoint.secrets_file or data / "providers" / f"{endpoint.name}.json")
+        url = endpoint.base_url
+        if not url:
+            write_secrets(secrets, endpoint.name)
+            webhook = f"http://{host}:{processor.http_port}/v1/providers/{endpoint.name}/webhooks"
+            sim = start_sim(endpoint.name, secrets_file=secrets, webhook_url=webhook,
+                            report_dir=data / "providers" / "reports" / endpoint.name)
+            processor.sims.append(sim)
+            url = sim.url
+        _kill_stale(provider_actor_name(endpoint.name))
+        processor.providers.append(make_provider(ProviderConfig(
+            name=endpoint.name, base_url=url, secrets_file=str(secrets))))
+        processor.provider_secrets.append((endpoint.name, str(secrets)))
+        processor.provider_urls[endpoint.name] = url
+    await asyncio.gather(*[p.info.remote() for p in processor.providers])
+    _kill_stale(RISK_ACTOR_NAME)
+    processor.risk = make_risk(config.payments.risk)
+    await processor.risk.ready.remote()
+    processor.outbox_secret = _outbox_secret(data / "providers" / "outbox.key")
+    await processor.enable_payments()
+
+
+def _outbox_secret(path: Path) -> bytes:
+    """The key signing event deliveries to subscribers: made once, kept 0600, never logged."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(32))
+    return path.read_bytes()
 
 
 def _kill_stale(name: str) -> None:

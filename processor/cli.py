@@ -66,6 +66,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=4_000)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(migrate)
+    dlq = sub.add_parser("dlq", help="payment events that could not be delivered")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+    dlq_list = dlq_sub.add_parser("list", help="show dead letters not yet replayed")
+    _add_common(dlq_list)
+    dlq_list.add_argument("--limit", type=int, default=100)
+    replay = dlq_sub.add_parser("replay", help="deliver dead letters again")
+    _add_common(replay)
+    which = replay.add_mutually_exclusive_group(required=True)
+    which.add_argument("--all", action="store_true", help="every dead letter not yet replayed")
+    which.add_argument("--event-id", type=int, action="append", dest="event_ids",
+                       help="this event's dead letters (repeatable)")
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -89,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         return _token_issue(args)
     if args.command == "migrate":
         return asyncio.run(_migrate(args))
+    if args.command == "dlq":
+        return asyncio.run(_dlq(args))
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -126,6 +139,34 @@ async def _migrate(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+async def _dlq(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from actors import outbox
+    from actors.runtime import ensure_database
+
+    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
+                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
+    url, embedded = ensure_database(config)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            if args.dlq_command == "list":
+                for row in await outbox.dlq_list(conn, args.limit):
+                    print(" ".join(f"{k}={row[k]}" for k in (
+                        "event_id", "subscriber", "event_type", "aggregate_id", "attempts",
+                        "last_error", "dead_at")))
+                return 0
+            count = await outbox.dlq_replay(conn, None if args.all else args.event_ids)
+            print(f"replayed: {count}")
+            return 0
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 async def _serve(config: Config) -> int:

@@ -25,20 +25,30 @@ import contextlib
 import itertools
 from collections.abc import Callable, Sized
 from types import TracebackType
-from typing import TypeVar
+from typing import Any, TypeVar
+
+import msgspec
 
 from processor import wire
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.types import Account, Transfer
 
-__all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError"]
+__all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError", "PaymentAnswer"]
 
 CONNECT_ATTEMPTS_MAX_DEFAULT = 3
 # The pause before the second and later connection attempts grows by this much each time.
 _CONNECT_BACKOFF_S = 0.1
 
 _ResultT = TypeVar("_ResultT")
+
+
+class PaymentAnswer(msgspec.Struct, frozen=True, kw_only=True):
+    """A payments operation's answer: the HTTP status and decoded JSON body."""
+
+    status: int
+    body: Any
+    replayed: bool = False
 
 
 class ClientError(Exception):
@@ -194,6 +204,57 @@ class Client:
         result = _expect(response, wire.LookupTransfersResult)
         _check_count(result.items, ids)
         return result.items
+
+    # -- payments (the HTTP API's semantics and JSON bodies; docs/payments.md) ---------------
+
+    async def payment_call(self, operation: str, *, idempotency_key: str = "",
+                           subject_id: str = "", body: object = None) -> PaymentAnswer:
+        """One payments operation; ``body`` is encoded as the HTTP endpoint's JSON."""
+        raw = b"" if body is None else msgspec.json.encode(body)
+        response = await self._call(lambda request_id: wire.PaymentCall(
+            request_id, operation, idempotency_key, subject_id, raw))
+        result = _expect(response, wire.PaymentResult)
+        return PaymentAnswer(status=result.status, body=msgspec.json.decode(result.body),
+                             replayed=result.replayed)
+
+    async def authorize_payment(self, *, idempotency_key: str, amount: int, currency: str,
+                                payment_method: str, merchant_account_id: int,
+                                capture: bool = False, provider: str | None = None,
+                                reference: str = "") -> PaymentAnswer:
+        body: dict[str, object] = {
+            "amount": amount, "currency": currency, "payment_method": payment_method,
+            "merchant_account_id": merchant_account_id, "capture": capture,
+            "reference": reference}
+        if provider is not None:
+            body["provider"] = provider
+        return await self.payment_call("authorize", idempotency_key=idempotency_key,
+                                       body=body)
+
+    async def capture_payment(self, payment_id: str, *, idempotency_key: str,
+                              amount: int | None = None) -> PaymentAnswer:
+        return await self.payment_call("capture", idempotency_key=idempotency_key,
+                                       subject_id=payment_id, body={"amount": amount})
+
+    async def void_payment(self, payment_id: str, *, idempotency_key: str) -> PaymentAnswer:
+        return await self.payment_call("void", idempotency_key=idempotency_key,
+                                       subject_id=payment_id)
+
+    async def refund_payment(self, payment_id: str, *, idempotency_key: str,
+                             amount: int | None = None) -> PaymentAnswer:
+        return await self.payment_call("refund", idempotency_key=idempotency_key,
+                                       subject_id=payment_id, body={"amount": amount})
+
+    async def create_payout(self, *, idempotency_key: str, amount: int, currency: str,
+                            merchant_account_id: int, destination: str) -> PaymentAnswer:
+        return await self.payment_call("payout", idempotency_key=idempotency_key, body={
+            "amount": amount, "currency": currency,
+            "merchant_account_id": merchant_account_id, "destination": destination})
+
+    async def get_payment(self, payment_id: str) -> PaymentAnswer:
+        return await self.payment_call("get_payment", subject_id=payment_id)
+
+    async def get_payout(self, payout_id: str) -> PaymentAnswer:
+        return await self.payment_call("get_payout", subject_id=payout_id)
 
     async def _call(self, request_of: Callable[[int], wire.Request]) -> wire.Response:
         async with self._slots:

@@ -10,9 +10,11 @@ from pathlib import Path
 
 import msgspec
 
+from processor.payments import PaymentsConfig
+from processor.risk import RiskConfig
 from processor.service import BATCH_ITEMS_MAX
 
-__all__ = ["Config", "FrontConfig", "ShardConfig"]
+__all__ = ["Config", "FrontConfig", "PaymentsSection", "ProviderEndpoint", "ShardConfig"]
 
 
 class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -60,11 +62,38 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     stored_transfers_max: int = 100_000
 
 
+class ProviderEndpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """One payment provider. An empty ``base_url`` starts its simulated server locally
+    (``adapters/sim``); an empty ``secrets_file`` means ``<data-dir>/providers/<name>.json``."""
+
+    name: str
+    base_url: str = ""
+    secrets_file: str = ""
+
+
+class PaymentsSection(msgspec.Struct, frozen=True, kw_only=True):
+    enabled: bool = True
+    providers: tuple[ProviderEndpoint, ...] = (
+        ProviderEndpoint(name="acme"), ProviderEndpoint(name="globex"))
+    rules: PaymentsConfig = PaymentsConfig()
+    # A Ray call takes about a millisecond at rest but tens under load on two cores; the
+    # risk check gets a quarter second before the fallback policy decides.
+    risk: RiskConfig = RiskConfig(timeout_s=0.25)
+    # How long a completed Idempotency-Key replays its answer (the draft's retention).
+    idempotency_retention_s: float = 24 * 3600.0
+    # The recovery worker looks for due steps this often (and once at start-up).
+    recovery_interval_s: float = 1.0
+    # Downstream consumers of payment events (name -> URL), delivered at least once.
+    event_subscribers: dict[str, str] = {}
+    pool_size_max: int = 8
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     shard: ShardConfig
     front: FrontConfig
     data_dir: str
     ray_address: str | None = None
+    payments: PaymentsSection = PaymentsSection()
 
     def check(self) -> None:
         """Limits agree with each other; raises ValueError naming the first that does not."""
@@ -79,10 +108,17 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (s.pool_size_max >= 2, "pool_size_max >= 2"),
             (s.commit_batches_max >= 1, "commit_batches_max >= 1"),
             (s.recent_ids_max >= BATCH_ITEMS_MAX, "recent_ids_max >= one batch"),
+            (self.payments.idempotency_retention_s >= self.payments.rules.claim_ttl_s,
+             "idempotency_retention_s >= claim_ttl_s"),
+            (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),
+            ({p.name for p in self.payments.providers} <= set(self.payments.rules.provider_order),
+             "every provider is in provider_order"),
         ]
         for ok, what in checks:
             if not ok:
                 raise ValueError(f"configuration: {what}")
+        self.payments.rules.check()
+        self.payments.risk.check()
 
     @property
     def data_path(self) -> Path:

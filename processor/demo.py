@@ -8,16 +8,19 @@ refused for want of funds. It ends with the database's own invariant check.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import secrets
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
 from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
-from processor.client import Client
+from processor.client import Client, PaymentAnswer
 from processor.codes import TransferResult
 from processor.config import Config
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
@@ -99,6 +102,8 @@ async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int)
                 await send(chunks[0])
                 await asyncio.gather(*[send(c) for c in chunks[1:]])
                 elapsed_s = time.perf_counter() - t_start
+            payments = await _payments_tour(client, processor, offset) if (
+                processor.provider_urls) else []
         store = await LedgerStore.connect(processor.config.shard.database_url, pool_size_max=2,
                                           connect_timeout_s=10, command_timeout_s=120)
         try:
@@ -122,7 +127,89 @@ async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int)
     table.add_row("accounts / transfers in database", f"{audit.accounts:,} / {audit.transfers:,}")
     table.add_row("invariant check", "[green]passed[/]" if audit.passed else "[red]FAILED[/]")
     console.print(table)
+    if payments:
+        tour = Table(title="payments through the simulated providers")
+        for column in ("what", "provider", "status", "amount", "captured", "refunded", "code"):
+            tour.add_column(column)
+        for row in payments:
+            tour.add_row(*row)
+        console.print(tour)
     return 0 if audit.passed else 1
+
+
+async def _payments_tour(client: Client, processor: Any, offset: int) -> list[tuple[str, ...]]:
+    """A few payments through both providers, one declined and one failing over."""
+    import httpx
+
+    merchant_usd, merchant_eur, bank = offset + 900_001, offset + 900_002, offset + 900_003
+    limited = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+    await client.create_accounts([
+        Account(id=merchant_usd, currency="USD", flags=limited),
+        Account(id=merchant_eur, currency="EUR", flags=limited),
+        Account(id=bank, currency="USD")])
+    rows: list[tuple[str, ...]] = []
+
+    def token(last4: str) -> str:
+        return f"pm_{last4}_{secrets.token_hex(8)}"
+
+    async def settle(answer: PaymentAnswer, get: str) -> dict[str, Any]:
+        body: dict[str, Any] = answer.body.get("payment") or answer.body.get("payout") or (
+            answer.body)
+        for _ in range(100):
+            if body.get("status") != "processing":
+                break
+            await asyncio.sleep(0.1)
+            fetched = await (client.get_payout(body["id"]) if get == "payout"
+                             else client.get_payment(body["id"]))
+            body = fetched.body
+        return body
+
+    def row(what: str, body: dict[str, Any], answer: PaymentAnswer) -> None:
+        code = answer.body.get("error", {}).get("code", "") if answer.status >= 400 else ""
+        rows.append((what, body.get("provider", ""), body.get("status", ""),
+                     str(body.get("amount", "")), str(body.get("captured_amount", "")),
+                     str(body.get("refunded_amount", "")), code or str(answer.status)))
+
+    card = await client.authorize_payment(
+        idempotency_key=secrets.token_hex(16), amount=12_50, currency="USD",
+        payment_method=token("4242"), merchant_account_id=merchant_usd, capture=True,
+        provider="acme")
+    body = await settle(card, "payment")
+    refund = await client.refund_payment(body["id"], idempotency_key=secrets.token_hex(16),
+                                         amount=2_50)
+    row("authorize + capture, then refund 2.50", await settle(refund, "payment"), refund)
+    eur = await client.authorize_payment(
+        idempotency_key=secrets.token_hex(16), amount=40_00, currency="EUR",
+        payment_method=token("5555"), merchant_account_id=merchant_eur, provider="globex")
+    eur_body = await settle(eur, "payment")
+    captured = await client.capture_payment(eur_body["id"],
+                                            idempotency_key=secrets.token_hex(16))
+    row("authorize, capture (settles by webhook)", await settle(captured, "payment"), captured)
+    declined = await client.authorize_payment(
+        idempotency_key=secrets.token_hex(16), amount=9_99, currency="USD",
+        payment_method=token("0002"), merchant_account_id=merchant_usd)
+    row("declined card (test card ...0002)", await settle(declined, "payment"), declined)
+    secrets_file = Path(processor.config.data_dir) / "providers" / "acme.json"
+    admin = {"authorization": "Bearer " + json.loads(secrets_file.read_text())["admin_token"]}
+    url = processor.provider_urls["acme"] + "/_sim/faults"
+    async with httpx.AsyncClient() as http:
+        await http.put(url, json={"outage": "unavailable"}, headers=admin)
+        try:
+            failover = await client.authorize_payment(
+                idempotency_key=secrets.token_hex(16), amount=75_00, currency="USD",
+                payment_method=token("4242"), merchant_account_id=merchant_usd,
+                capture=True, provider="acme")
+        finally:
+            await http.put(url, json={}, headers=admin)
+    row("acme down: fails over to globex", await settle(failover, "payment"), failover)
+    await client.create_transfers([Transfer(
+        id=offset + 900_010, debit_account_id=bank, credit_account_id=merchant_usd,
+        amount=50_00, currency="USD")])
+    payout = await client.create_payout(
+        idempotency_key=secrets.token_hex(16), amount=50_00, currency="USD",
+        merchant_account_id=merchant_usd, destination=f"ba_6789_{secrets.token_hex(8)}")
+    row("payout to a bank account", await settle(payout, "payout"), payout)
+    return rows
 
 
 def _pct(sorted_values: list[float], p: int) -> float:

@@ -187,6 +187,8 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     risk_reason: str = ""
     risk_source: str = ""
     reference: str = ""
+    auto_capture: bool = False  # capture once the authorization succeeds
+    request_key: str = ""  # the creating request's identity (hash of its Idempotency-Key)
 
 
 class Payout(msgspec.Struct, frozen=True, kw_only=True):

@@ -53,6 +53,8 @@ __all__ = [
     "LookupTransfers",
     "LookupTransfersResult",
     "MalformedFrame",
+    "PaymentCall",
+    "PaymentResult",
     "Request",
     "Response",
     "decode_request",
@@ -86,6 +88,7 @@ ERROR_CODES: Final = frozenset(
         "unavailable",  # a shard or the database is down; retry after retry_after_s
         "too_many_in_flight",  # the connection has in_flight_per_connection_max requests
         "ledger_error",  # a LedgerError of no more specific kind; see its message
+        "unknown_operation",  # a PaymentCall named no payments operation
         "internal",  # a bug on the server; the request may or may not have been applied
     }
 )
@@ -132,6 +135,21 @@ class LookupTransfers(
     ids: list[Id]
 
 
+class PaymentCall(msgspec.Struct, frozen=True, array_like=True, tag=6, forbid_unknown_fields=True):
+    """One payments operation, with the HTTP API's semantics (docs/payments.md).
+
+    ``operation`` is authorize, capture, void, refund, payout, get_payment or get_payout;
+    ``subject_id`` the payment or payout id where the operation names one; ``body`` the same
+    JSON the HTTP endpoint takes. State-changing operations need ``idempotency_key``.
+    """
+
+    request_id: RequestId
+    operation: Annotated[str, Meta(max_length=32)]
+    idempotency_key: Annotated[str, Meta(max_length=255)] = ""
+    subject_id: Annotated[str, Meta(max_length=64)] = ""
+    body: Annotated[bytes, Meta(max_length=65536)] = b""
+
+
 # Responses tolerate fields added by a newer server, so clients survive a rolling deploy.
 class HelloOk(msgspec.Struct, frozen=True, array_like=True, tag=64):
     """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch)."""
@@ -167,6 +185,15 @@ class LookupTransfersResult(msgspec.Struct, frozen=True, array_like=True, tag=68
     items: list[Transfer | None]
 
 
+class PaymentResult(msgspec.Struct, frozen=True, array_like=True, tag=70):
+    """The answer to a ``PaymentCall``: the HTTP status and JSON body the HTTP API gives."""
+
+    request_id: RequestId
+    status: int
+    body: bytes
+    replayed: bool = False
+
+
 class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
     """A request, or with ``request_id`` None the connection, failed with ``code``.
 
@@ -179,13 +206,16 @@ class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
     retry_after_s: float = 0.0
 
 
-Request = Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers
+Request = (
+    Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers | PaymentCall
+)
 Response = (
     HelloOk
     | CreateAccountsResult
     | CreateTransfersResult
     | LookupAccountsResult
     | LookupTransfersResult
+    | PaymentResult
     | Error
 )
 

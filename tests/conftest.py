@@ -84,3 +84,11 @@ async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
     async with _scratch_database(pg_admin_url) as url:
         await migrate(url)
         yield url
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """Keep each phase's report on the test item, so fixtures can tell a failed test."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -26,6 +26,12 @@ CREATE TABLE payments (
     risk_reason         text        NOT NULL DEFAULT '',
     risk_source         text        NOT NULL DEFAULT '',
     reference           text        NOT NULL DEFAULT '',
+    -- Capture as soon as the authorization succeeds (capture: true), whoever finishes it:
+    -- the request that started it or, after a crash, the recovery worker.
+    auto_capture        boolean     NOT NULL DEFAULT false,
+    -- The identity of the request that created it (hash of principal, Idempotency-Key and
+    -- fingerprint); the id derives from it, and its automatic capture is keyed by it.
+    request_key         text        NOT NULL DEFAULT '',
     principal           text        NOT NULL,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now()

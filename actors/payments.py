@@ -1,0 +1,528 @@
+"""The payments engine: runs the saga steps of processor/payments.py against the world.
+
+It lives in the front actor (so a payment's ledger postings join the front's micro-batched
+lanes without another actor hop) and is the recovery worker too: ``recover_once`` takes
+over every unfinished step whose claim lapsed or whose recheck is due, at start-up and on a
+schedule. The rules are in ``processor/payments.py``; this module only performs what they
+decide and persists each phase before and after every external call:
+
+* before a provider call the step is stored in ``PROVIDER`` with its claim (``due_at``);
+* after it, the new phase is stored before anything else happens;
+* ledger postings use the step's own transfer ids, provider calls the step's own key,
+  so whatever a crashed runner did is repeated harmlessly by whoever takes over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import msgspec
+
+from actors.payments_store import PaymentStore
+from processor.codes import AccountResult, TransferResult
+from processor.errors import LedgerError
+from processor.payment_types import (
+    AuthorizeRequest,
+    OperationView,
+    PaymentView,
+    PayoutRequest,
+    PayoutView,
+)
+from processor.payments import (
+    Kind,
+    Payment,
+    PaymentError,
+    PaymentsConfig,
+    PaymentStatus,
+    Payout,
+    PayoutStatus,
+    Phase,
+    Step,
+    check_capture,
+    check_refund,
+    check_void,
+    clearing_account_id,
+    compensation_request,
+    ledger_transfers,
+    new_step,
+    on_ledger,
+    on_provider,
+    on_status,
+    provider_request,
+    status_request,
+)
+from processor.provider import Outcome, ProviderReply, ProviderRequest, WebhookEvent
+from processor.risk import RiskConfig, RiskDecision, fallback
+from processor.service import LedgerService
+from processor.types import Account
+
+__all__ = ["PaymentsEngine", "payment_view", "payout_view"]
+
+log = logging.getLogger("txproc.payments")
+
+# A provider actor call that takes longer than this is treated as unanswered (unknown).
+PROVIDER_CALL_MARGIN_S = 5.0
+RECOVERY_BATCH_MAX = 64
+
+
+def _op_status(phase: Phase) -> str:
+    if phase == Phase.SUCCEEDED:
+        return "succeeded"
+    if phase == Phase.FAILED:
+        return "failed"
+    if phase == Phase.COMPENSATED:
+        return "compensated"
+    return "processing"
+
+
+def payment_view(payment: Payment, steps: Sequence[Step]) -> PaymentView:
+    return PaymentView(
+        id=payment.id, status=payment.status.value, amount=payment.amount,
+        currency=payment.currency, merchant_account_id=payment.merchant_account_id,
+        provider=payment.provider, captured_amount=payment.captured_amount,
+        refunded_amount=payment.refunded_amount, decline_code=payment.decline_code,
+        error=payment.error, risk_reason=payment.risk_reason, reference=payment.reference,
+        operations=[OperationView(id=f"op_{s.id}", kind=s.kind.value,
+                                  status=_op_status(s.phase), amount=s.amount,
+                                  provider=s.provider, decline_code=s.decline_code,
+                                  error=s.error) for s in steps],
+    )
+
+
+def payout_view(payout: Payout) -> PayoutView:
+    return PayoutView(
+        id=payout.id, status=payout.status.value, amount=payout.amount,
+        currency=payout.currency, merchant_account_id=payout.merchant_account_id,
+        destination=payout.destination, provider=payout.provider,
+        decline_code=payout.decline_code, error=payout.error, reference=payout.reference)
+
+
+class PaymentsEngine:
+    def __init__(
+        self,
+        *,
+        store: PaymentStore,
+        ledger: LedgerService,
+        providers: dict[str, Any],
+        currencies: dict[str, frozenset[str]],
+        provider_deadline_s: dict[str, float],
+        risk: Any | None,
+        risk_config: RiskConfig,
+        config: PaymentsConfig,
+        clock_s: Callable[[], float] = time.time,
+        new_id: Callable[[str], str] | None = None,
+    ) -> None:
+        config.check()
+        self.store = store
+        self._ledger = ledger
+        self._providers = providers
+        self._currencies = currencies
+        self._deadline_s = provider_deadline_s
+        self._risk = risk
+        self._risk_config = risk_config
+        self.config = config
+        self._clock_s = clock_s
+        self._new_id = new_id or (lambda prefix: prefix + secrets.token_hex(12))
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0}
+
+    # -- start-up -----------------------------------------------------------------------------
+
+    async def open_clearing_accounts(self) -> None:
+        """Create every provider's clearing account per currency (repeats are ``exists``)."""
+        accounts = [
+            Account(id=clearing_account_id(self.config, name, currency), currency=currency)
+            for name in self.config.provider_order if name in self._currencies
+            for currency in sorted(self._currencies[name])
+        ]
+        results = await self._ledger.create_accounts(accounts)
+        bad = [r for r in results if r not in (AccountResult.ok, AccountResult.exists)]
+        if bad:
+            raise RuntimeError(f"clearing accounts refused: {sorted({r.name for r in bad})}")
+
+    # -- the API's operations -----------------------------------------------------------------
+
+    async def authorize(self, request: AuthorizeRequest, *, principal: str,
+                        request_key: str = "") -> PaymentView:
+        """Authorize (and with ``capture``, capture) a payment.
+
+        ``request_key`` identifies the request (a hash of its Idempotency-Key); the payment
+        id derives from it, so a request executed again (after its key's claim lapsed)
+        finds the payment it created instead of creating another.
+        """
+        if request_key:
+            existing = await self.store.payment(f"pay_{request_key[:24]}", principal=principal)
+            if existing is not None:
+                return await self._resume(existing.id, principal)
+        providers = self._providers_for(request.currency, request.provider)
+        await self._require_merchant(request.merchant_account_id, request.currency)
+        decision = await self._risk_check(request.amount, request.currency,
+                                          request.payment_method)
+        payment_id = f"pay_{request_key[:24]}" if request_key else self._new_id("pay_")
+        payment = Payment(
+            id=payment_id, merchant_account_id=request.merchant_account_id,
+            amount=request.amount, currency=request.currency,
+            payment_method=request.payment_method, status=PaymentStatus.PROCESSING,
+            provider=providers[0], risk_reason=decision.reason.value,
+            risk_source=decision.source, reference=request.reference,
+            auto_capture=request.capture, request_key=request_key)
+        now_s = self._clock_s()
+        if not decision.allowed:
+            payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
+                                              error="risk_declined")
+            await self.store.create_payment(payment, None, principal=principal, due_at_s=now_s)
+            return await self.payment(payment.id, principal=principal)
+        step_id, transfer_base = await self.store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
+                        subject_id=payment.id, amount=request.amount,
+                        currency=request.currency, provider=providers[0],
+                        merchant_account_id=request.merchant_account_id,
+                        payment_method=request.payment_method)
+        if not await self.store.create_payment(payment, step, principal=principal,
+                                               due_at_s=now_s + self.config.claim_ttl_s):
+            return await self._resume(payment.id, principal)
+        await self.drive(step)
+        return await self.payment(payment.id, principal=principal)
+
+    async def capture(self, payment_id: str, amount: int | None, *, principal: str,
+                      request_key: str = "") -> PaymentView:
+        payment = await self._own_payment(payment_id, principal)
+        if await self._resumed(payment_id, request_key, Kind.CAPTURE):
+            return await self.payment(payment_id, principal=principal)
+        amount = payment.amount if amount is None else amount
+        check_capture(payment, amount)
+        await self._start(payment, Kind.CAPTURE, amount, request_key)
+        return await self.payment(payment_id, principal=principal)
+
+    async def void(self, payment_id: str, *, principal: str,
+                   request_key: str = "") -> PaymentView:
+        payment = await self._own_payment(payment_id, principal)
+        if await self._resumed(payment_id, request_key, Kind.VOID):
+            return await self.payment(payment_id, principal=principal)
+        check_void(payment)
+        await self._start(payment, Kind.VOID, payment.amount, request_key)
+        return await self.payment(payment_id, principal=principal)
+
+    async def refund(self, payment_id: str, amount: int | None, *, principal: str,
+                     request_key: str = "") -> PaymentView:
+        payment = await self._own_payment(payment_id, principal)
+        if await self._resumed(payment_id, request_key, Kind.REFUND):
+            return await self.payment(payment_id, principal=principal)
+        amount = payment.captured_amount - payment.refunded_amount if amount is None else amount
+        check_refund(payment, amount)
+        await self._start(payment, Kind.REFUND, amount, request_key)
+        return await self.payment(payment_id, principal=principal)
+
+    async def payout(self, request: PayoutRequest, *, principal: str,
+                     request_key: str = "") -> PayoutView:
+        payout_id = f"po_{request_key[:24]}" if request_key else self._new_id("po_")
+        if request_key and await self.store.payout(payout_id, principal=principal):
+            await self._finish_open_steps(payout_id)
+            return await self.get_payout(payout_id, principal=principal)
+        providers = self._providers_for(request.currency, request.provider)
+        await self._require_merchant(request.merchant_account_id, request.currency)
+        payout = Payout(
+            id=payout_id, merchant_account_id=request.merchant_account_id,
+            amount=request.amount, currency=request.currency, destination=request.destination,
+            status=PayoutStatus.PROCESSING, provider=providers[0], reference=request.reference)
+        step_id, transfer_base = await self.store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.PAYOUT,
+                        subject_id=payout.id, amount=request.amount, currency=request.currency,
+                        provider=providers[0], merchant_account_id=request.merchant_account_id,
+                        destination=request.destination)
+        if await self.store.create_payout(payout, step, principal=principal,
+                                          due_at_s=self._clock_s() + self.config.claim_ttl_s):
+            await self.drive(step)
+        else:
+            await self._finish_open_steps(payout_id)
+        return await self.get_payout(payout.id, principal=principal)
+
+    async def payment(self, payment_id: str, *, principal: str | None) -> PaymentView:
+        payment = await self.store.payment(payment_id, principal=principal)
+        if payment is None:
+            raise PaymentError("payment_not_found", "no payment has this id")
+        return payment_view(payment, await self.store.steps_of(payment_id))
+
+    async def get_payout(self, payout_id: str, *, principal: str | None) -> PayoutView:
+        payout = await self.store.payout(payout_id, principal=principal)
+        if payout is None:
+            raise PaymentError("payout_not_found", "no payout has this id")
+        return payout_view(payout)
+
+    # -- webhooks -----------------------------------------------------------------------------
+
+    async def apply_webhook(self, provider: str, event: WebhookEvent) -> str:
+        """Apply a verified provider event; returns applied, duplicate or ignored.
+
+        Deduplication and the step's new phase are one transaction, so an event is applied
+        once even when the provider sends it twice or the process dies in between. Events
+        about steps that already moved on (late, out of order) change nothing.
+        """
+        key = event.idempotency_key.removesuffix("-undo")
+        step = await self.store.step_by_key(key)
+        if step is None or step.final:
+            fresh = await self.store.record_webhook(provider, event.event_id)
+            return "ignored" if fresh else "duplicate"
+        if step.phase in (Phase.PROVIDER, Phase.RESERVE):
+            # A runner is calling the provider right now and will store its answer; the
+            # provider is asked to send the event again later, when the step has moved on
+            # (and should its runner die, the recovery worker asks the provider itself).
+            return "retry"
+        reply = ProviderReply(outcome=event.outcome, provider_ref=event.provider_ref,
+                              amount=event.amount, decline_code=event.decline_code)
+        after = on_status(step, reply) if event.idempotency_key == step.provider_key or (
+            step.phase == Phase.COMPENSATE) else step
+        if after == step:
+            # Nothing to learn (a late, repeated or out-of-order event, or the step's owner
+            # is applying it now): remember the event, leave the step to its owner.
+            fresh = await self.store.record_webhook(provider, event.event_id)
+            return "ignored" if fresh else "duplicate"
+        saved = await self.store.save_step(
+            step, after, due_at_s=self._due_s(after), detail=f"webhook {event.event_id}",
+            webhook=(provider, event.event_id))
+        if saved is None:
+            # Either a duplicate, or the step was written meanwhile; the provider retries
+            # the latter and a later attempt finds the step settled or applies then.
+            seen = await self.store.webhook_seen(provider, event.event_id)
+            return "duplicate" if seen else "retry"
+        if saved.phase != step.phase and not saved.final:
+            self._spawn(self.drive(saved))
+        return "applied" if saved.phase != step.phase else "ignored"
+
+    # -- recovery -----------------------------------------------------------------------------
+
+    async def recover_once(self, limit: int = RECOVERY_BATCH_MAX) -> int:
+        """Take over due steps and move each as far as it goes now. Returns how many."""
+        steps = await self.store.claim_due(now_s=self._clock_s(),
+                                           claim_ttl_s=self.config.claim_ttl_s, limit=limit)
+        for step in steps:
+            self.stats["recovered"] += 1
+            try:
+                await self._recover(step)
+            except Exception:  # one bad step must not stop the others
+                log.exception("recovering step %d failed", step.id)
+        return len(steps)
+
+    async def run_recovery(self, interval_s: float) -> None:
+        """The recovery worker: at start-up, then every ``interval_s``, until cancelled."""
+        while True:
+            try:
+                while await self.recover_once() == RECOVERY_BATCH_MAX:
+                    pass
+            except Exception as exc:  # the database may be away; try again next round
+                log.warning("recovery round failed: %r", exc)
+            await asyncio.sleep(interval_s)
+
+    async def _recover(self, step: Step) -> None:
+        if step.phase in (Phase.PROVIDER, Phase.RESOLVE, Phase.AWAIT_PROVIDER):
+            # Whoever held the step may have sent the call: never guess, ask by the key.
+            # A provider that never saw it answers not_found and the call is sent again.
+            asking = msgspec.structs.replace(step, phase=Phase.RESOLVE) if (
+                step.phase == Phase.PROVIDER) else step
+            reply = await self._call_provider(step.provider, "status", status_request(asking))
+            after = on_status(asking, reply)
+            if after == asking:
+                await self._park(step, f"asked: {reply.outcome.value}")
+                return
+            saved = await self.store.save_step(step, after, due_at_s=self._due_s(after),
+                                               detail=f"status {reply.outcome.value}")
+            if saved is None:
+                self.stats["lost_claims"] += 1
+                return
+            step = saved
+        await self.drive(step)
+
+    # -- driving a step -----------------------------------------------------------------------
+
+    async def drive(self, step: Step) -> Step:
+        """Move ``step`` until it is final or must wait; every phase is stored as it
+        changes. Returns the last stored step (or the one it had when it lost its claim)."""
+        while not step.final:
+            if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
+                try:
+                    code = await self._apply_ledger(step)
+                except (LedgerError, OSError, TimeoutError) as exc:
+                    await self._park(step, f"ledger unavailable: {type(exc).__name__}")
+                    return step
+                after = on_ledger(step, code)
+                detail = f"ledger {code.name}"
+            elif step.phase == Phase.PROVIDER:
+                reply = await self._call_provider(step.provider, "call", provider_request(step))
+                after = on_provider(step, reply, self._failover(step))
+                detail = f"provider {reply.outcome.value} {reply.message}"[:200]
+            elif step.phase == Phase.COMPENSATE:
+                reply = await self._call_provider(step.provider, "call",
+                                                  compensation_request(step))
+                after = on_status(step, reply)
+                detail = f"compensation {reply.outcome.value}"
+            else:  # RESOLVE, AWAIT_PROVIDER: the recovery worker asks when due
+                return step
+            if after == step:
+                await self._park(step, detail)
+                return step
+            saved = await self.store.save_step(step, after, due_at_s=self._due_s(after),
+                                               detail=detail)
+            if saved is None:
+                self.stats["lost_claims"] += 1
+                log.info("step %d was taken over; leaving it to its new owner", step.id)
+                return step
+            step = saved
+        if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED:
+            await self._auto_capture(step.subject_id)
+        return step
+
+    async def _auto_capture(self, payment_id: str) -> None:
+        """Capture an authorization asked for with ``capture: true`` (once, whoever
+        finished the authorization: its request, a webhook or the recovery worker)."""
+        payment = await self.store.payment(payment_id)
+        if payment is None or not payment.auto_capture or (
+                payment.status != PaymentStatus.AUTHORIZED):
+            return
+        try:
+            await self._start(payment, Kind.CAPTURE, payment.amount,
+                              payment.request_key or payment.id)
+        except PaymentError as exc:
+            if exc.code not in ("operation_in_progress", "step_exists"):
+                raise
+
+    def _due_s(self, step: Step) -> float:
+        now_s = self._clock_s()
+        if step.phase in (Phase.RESOLVE, Phase.AWAIT_PROVIDER):
+            return now_s + self.config.recheck_s
+        return now_s + self.config.claim_ttl_s
+
+    async def _park(self, step: Step, detail: str) -> None:
+        """Leave the step where it is, due again after the recheck interval."""
+        self.stats["parked"] += 1
+        saved = await self.store.save_step(step, step,
+                                           due_at_s=self._clock_s() + self.config.recheck_s,
+                                           detail=f"parked: {detail}")
+        if saved is None:
+            self.stats["lost_claims"] += 1
+
+    async def _apply_ledger(self, step: Step) -> TransferResult:
+        transfers = ledger_transfers(step, self.config)
+        results = await self._ledger.create_transfers(transfers)
+        return results[0]
+
+    async def _call_provider(self, provider: str, method: str,
+                             request: ProviderRequest) -> ProviderReply:
+        handle = self._providers.get(provider)
+        if handle is None:
+            return ProviderReply(outcome=Outcome.RETRYABLE, message="provider_not_configured")
+        timeout_s = self._deadline_s.get(provider, 10.0) + PROVIDER_CALL_MARGIN_S
+        try:
+            reply: ProviderReply = await asyncio.wait_for(
+                getattr(handle, method).remote(request), timeout=timeout_s)
+            return reply
+        except Exception as exc:
+            # The actor died or hung mid-call: it may have sent the request.
+            log.warning(json.dumps({"event": "provider_actor_failed", "provider": provider,
+                                    "error": type(exc).__name__}))
+            return ProviderReply(outcome=Outcome.UNKNOWN, message="provider_actor_failed")
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _providers_for(self, currency: str, preferred: str | None) -> list[str]:
+        names = [n for n in self.config.provider_order
+                 if n in self._providers and currency in self._currencies.get(n, ())]
+        if preferred is not None:
+            if preferred not in self._providers:
+                raise PaymentError("provider_unknown", f"no provider is named {preferred}")
+            if preferred not in names:
+                raise PaymentError("currency_not_supported",
+                                   f"{preferred} does not serve {currency}")
+            names.remove(preferred)
+            names.insert(0, preferred)
+        if not names:
+            raise PaymentError("currency_not_supported", f"no provider serves {currency}")
+        return names
+
+    def _failover(self, step: Step) -> list[str]:
+        return self._providers_for(step.currency, None) if step.kind == Kind.AUTHORIZE else []
+
+    async def _require_merchant(self, account_id: int, currency: str) -> None:
+        if account_id >= self.config.system_id_base:
+            raise PaymentError("merchant_account_not_found", "no merchant account has this id")
+        (account,) = await self._ledger.lookup_accounts([account_id])
+        if account is None:
+            raise PaymentError("merchant_account_not_found", "no merchant account has this id")
+        if account.currency != currency:
+            raise PaymentError("currency_mismatch",
+                               f"the merchant account holds {account.currency}")
+
+    async def _risk_check(self, amount: int, currency: str, method: str) -> RiskDecision:
+        cfg = self._risk_config
+        if self._risk is None:
+            return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
+        try:
+            decision: RiskDecision = await asyncio.wait_for(
+                self._risk.check.remote(amount, currency, method), timeout=cfg.timeout_s)
+            return decision
+        except TimeoutError:
+            return fallback(cfg, amount=amount, currency=currency, cause="timeout")
+        except Exception as exc:
+            log.warning("risk check unavailable: %r", exc)
+            return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
+
+    async def _own_payment(self, payment_id: str, principal: str) -> Payment:
+        payment = await self.store.payment(payment_id, principal=principal)
+        if payment is None:
+            raise PaymentError("payment_not_found", "no payment has this id")
+        return payment
+
+    async def _resume(self, payment_id: str, principal: str) -> PaymentView:
+        await self._finish_open_steps(payment_id)
+        return await self.payment(payment_id, principal=principal)
+
+    async def _resumed(self, subject_id: str, request_key: str, kind: Kind) -> bool:
+        """Whether this request ran before; if so its unfinished step, if any, is moved on
+        now (taken over from the runner whose claim lapsed) rather than started again."""
+        if not request_key:
+            return False
+        if await self.store.step_by_request(subject_id, f"{request_key}:{kind.value}") is None:
+            return False
+        await self._finish_open_steps(subject_id)
+        return True
+
+    async def _finish_open_steps(self, subject_id: str) -> None:
+        steps = [s for s in await self.store.steps_of(subject_id) if not s.final]
+        for step in steps:
+            if step.phase in (Phase.PROVIDER, Phase.RESOLVE, Phase.AWAIT_PROVIDER):
+                continue  # only the status query may settle these: the recovery worker's
+            claimed = await self.store.claim_step(step.id, now_s=self._clock_s(),
+                                                  claim_ttl_s=self.config.claim_ttl_s)
+            if claimed is not None:
+                await self.drive(claimed)
+
+    async def _start(self, payment: Payment, kind: Kind, amount: int,
+                     request_key: str = "") -> Step:
+        step_id, transfer_base = await self.store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=kind,
+                        subject_id=payment.id, amount=amount, currency=payment.currency,
+                        provider=payment.provider,
+                        merchant_account_id=payment.merchant_account_id,
+                        hold_transfer_id=payment.hold_transfer_id,
+                        auth_ref=payment.provider_ref)
+        await self.store.create_step(step, due_at_s=self._clock_s() + self.config.claim_ttl_s,
+                                     request_key=f"{request_key}:{kind.value}" if request_key
+                                     else "")
+        return await self.drive(step)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("a background step failed; the recovery worker will take it over",
+                      exc_info=task.exception())
+

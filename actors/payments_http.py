@@ -1,0 +1,377 @@
+"""What the payments endpoints do, apart from HTTP plumbing (which is in http_api.py).
+
+Every state-changing payments endpoint runs through ``Idempotent.run``: the
+Idempotency-Key is checked before the body, the request is refused if it carries a card
+number, the key is claimed atomically in PostgreSQL with the request's fingerprint, and the
+answer is stored with the key so a repeat replays it (``Idempotent-Replayed: true``). A
+request that did nothing (refused as malformed, or turned away because the ledger or every
+provider was unavailable) releases its key, so the client may send it again unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from actors.payments import PaymentsEngine
+from adapters.base import Adapter
+from processor.cardscan import contains_card_number, find_card_number
+from processor.idempotency import Decision, IdempotencyError, check_key, decide, fingerprint
+from processor.payment_types import (
+    AuthorizeRequest,
+    CaptureRequest,
+    PaymentView,
+    PayoutRequest,
+    PayoutView,
+    RefundRequest,
+)
+from processor.payments import PaymentError
+
+__all__ = [
+    "OPERATION_SCOPES",
+    "PAYMENT_ERROR_STATUS",
+    "Idempotent",
+    "PaymentFailure",
+    "Payments",
+    "PaymentsApiError",
+    "WebhookAnswer",
+    "dispatch",
+    "error_body",
+    "payment_status",
+    "payout_status",
+    "scan_for_card_data",
+]
+
+log = logging.getLogger("txproc.payments.http")
+ENCODER = msgspec.json.Encoder()
+
+# Every error code of the payments endpoints, with its HTTP status.
+PAYMENT_ERROR_STATUS: dict[str, int] = {
+    "idempotency_key_missing": 400,
+    "idempotency_key_invalid": 400,
+    "card_data_not_allowed": 400,
+    "webhook_malformed": 400,
+    "webhook_signature_invalid": 401,
+    "webhook_timestamp_out_of_tolerance": 401,
+    "payment_declined": 402,
+    "risk_declined": 402,
+    "payment_not_found": 404,
+    "payout_not_found": 404,
+    "webhook_provider_unknown": 404,
+    "idempotency_key_in_use": 409,
+    "operation_in_progress": 409,
+    "idempotency_key_reused": 422,
+    "payment_not_capturable": 422,
+    "capture_exceeds_authorized": 422,
+    "payment_not_voidable": 422,
+    "payment_not_refundable": 422,
+    "refund_exceeds_captured": 422,
+    "merchant_account_not_found": 422,
+    "currency_mismatch": 422,
+    "currency_not_supported": 422,
+    "provider_unknown": 422,
+    "amount_must_be_positive": 422,
+    "payment_failed": 422,
+    "payout_failed": 422,
+    "invalid_body": 400,
+    "malformed_json": 400,
+    "provider_unavailable": 503,
+}
+
+
+class PaymentsApiError(Exception):
+    """A payments request refused with an HTTP status and a stable error code."""
+
+    def __init__(self, code: str, message: str, *, body: bytes = b"",
+                 retry_after_s: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.status = PAYMENT_ERROR_STATUS[code]
+        self.message = message
+        self.body = body  # a full JSON answer, when the error carries the payment
+        self.retry_after_s = retry_after_s
+
+
+def error_body(code: str, message: str) -> bytes:
+    return ENCODER.encode({"error": {"code": code, "message": message}})
+
+
+def api_error_of(exc: PaymentError) -> PaymentsApiError:
+    code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "payment_failed"
+    return PaymentsApiError(code, str(exc))
+
+
+class ErrorBody(msgspec.Struct, frozen=True):
+    code: str
+    message: str
+
+
+class PaymentFailure(msgspec.Struct, frozen=True, kw_only=True):
+    """A refused payment or payout operation, with the object as it now stands."""
+
+    error: ErrorBody
+    payment: PaymentView | None = None
+    payout: PayoutView | None = None
+
+
+def payment_status(view: PaymentView, *, created: bool) -> tuple[int, bytes]:
+    """The HTTP answer for a payment after an operation on it.
+
+    The newest operation decides: succeeded -> 201 (a new payment) or 200; still
+    processing -> 202 (the recovery worker finishes it; GET shows the outcome); declined ->
+    402; providers unavailable -> 503; undone or refused otherwise -> 422.
+    """
+    last = view.operations[-1] if view.operations else None
+    if view.status == "declined" and view.error == "risk_declined":
+        return _failure("risk_declined", f"the risk check declined it: {view.risk_reason}",
+                        payment=view)
+    if last is None or last.status == "succeeded":
+        return (201 if created else 200), ENCODER.encode(view)
+    if last.status == "processing":
+        return 202, ENCODER.encode(view)
+    if last.error == "provider_declined":
+        return _failure("payment_declined", f"the provider declined it: {last.decline_code}",
+                        payment=view)
+    if last.error == "provider_unavailable":
+        raise PaymentsApiError("provider_unavailable",
+                               "no provider could take the operation; nothing was done",
+                               retry_after_s=1)
+    return _failure("payment_failed", f"the {last.kind} failed: {last.error}", payment=view)
+
+
+def payout_status(view: PayoutView) -> tuple[int, bytes]:
+    if view.status == "paid":
+        return 201, ENCODER.encode(view)
+    if view.status == "processing":
+        return 202, ENCODER.encode(view)
+    if view.error == "provider_unavailable":
+        raise PaymentsApiError("provider_unavailable",
+                               "no provider could take the payout; nothing was done",
+                               retry_after_s=1)
+    if view.error == "provider_declined":
+        return _failure("payment_declined", f"the provider declined it: {view.decline_code}",
+                        payout=view)
+    return _failure("payout_failed", f"the payout failed: {view.error}", payout=view)
+
+
+def _failure(code: str, message: str, *, payment: PaymentView | None = None,
+             payout: PayoutView | None = None) -> tuple[int, bytes]:
+    body = PaymentFailure(error=ErrorBody(code, message), payment=payment, payout=payout)
+    return PAYMENT_ERROR_STATUS[code], ENCODER.encode(body)
+
+
+def scan_for_card_data(headers: dict[str, str], body: bytes) -> None:
+    """Refuse a request that carries a card number anywhere, without quoting it."""
+    for name, value in headers.items():
+        if name.lower() != "authorization" and contains_card_number(value):
+            raise PaymentsApiError("card_data_not_allowed",
+                                   f"the header {name} holds a card number; send a "
+                                   "payment-method token from the provider instead")
+    try:
+        decoded: Any = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        if contains_card_number(body.decode("utf-8", "replace")):
+            raise PaymentsApiError("card_data_not_allowed", "the body holds a card number"
+                                   ) from None
+        return
+    path = find_card_number(decoded)
+    if path is not None:
+        raise PaymentsApiError("card_data_not_allowed",
+                               f"{path} holds a card number; send a payment-method token "
+                               "from the provider instead")
+
+
+class Idempotent:
+    """The Idempotency-Key discipline around one state-changing request."""
+
+    def __init__(self, engine: PaymentsEngine, *, clock_s: Callable[[], float],
+                 retention_s: float, claim_ttl_s: float) -> None:
+        self._engine = engine
+        self._clock_s = clock_s
+        self._retention_s = retention_s
+        self._claim_ttl_s = claim_ttl_s
+
+    async def run(self, *, principal: str, key_header: str | None, method: str, path: str,
+                  body: bytes, execute: Callable[[], Awaitable[tuple[int, bytes]]]
+                  ) -> tuple[int, bytes, dict[str, str]]:
+        """Returns (status, body, extra headers). ``execute`` runs at most once per key."""
+        store = self._engine.store
+        print_ = fingerprint(method, path, body)
+        now_s = self._clock_s()
+        claimed = await store.claim_key(principal, key_header or "", print_, now_s=now_s,
+                                        retention_s=self._retention_s)
+        if not claimed:
+            stored = await store.load_key(principal, key_header or "", now_s=now_s)
+            decision = decide(stored, print_, now_s, self._claim_ttl_s)
+            if decision == Decision.replay and stored is not None:
+                return stored.status, stored.body, {"Idempotent-Replayed": "true"}
+            if decision == Decision.mismatch:
+                raise PaymentsApiError("idempotency_key_reused",
+                                       "this Idempotency-Key was used with another request")
+            if decision == Decision.take_over:
+                claimed = await store.claim_key(
+                    principal, key_header or "", print_, now_s=now_s,
+                    retention_s=self._retention_s,
+                    stale_before_s=now_s - self._claim_ttl_s)
+            elif decision == Decision.execute:  # expired between the two reads
+                claimed = await store.claim_key(principal, key_header or "", print_,
+                                                now_s=now_s, retention_s=self._retention_s)
+            if not claimed:
+                raise PaymentsApiError("idempotency_key_in_use",
+                                       "a request with this Idempotency-Key is in progress")
+        try:
+            status, answer = await execute()
+        except PaymentsApiError as exc:
+            if exc.status >= 500:
+                await store.release_key(principal, key_header or "")
+                raise
+            answer = exc.body or error_body(exc.code, str(exc))
+            await store.complete_key(principal, key_header or "", status=exc.status,
+                                     body=answer)
+            return exc.status, answer, {}
+        except PaymentError as exc:
+            error = api_error_of(exc)
+            answer = error_body(error.code, str(exc))
+            await store.complete_key(principal, key_header or "", status=error.status,
+                                     body=answer)
+            return error.status, answer, {}
+        except BaseException:
+            # Nothing durable was decided (the ledger or the database was away): let the
+            # client repeat the same request with the same key.
+            await store.release_key(principal, key_header or "")
+            raise
+        await store.complete_key(principal, key_header or "", status=status, body=answer)
+        return status, answer, {}
+
+
+def require_key(header: str | None) -> str:
+    try:
+        return check_key(header)
+    except IdempotencyError as exc:
+        raise PaymentsApiError(exc.code, str(exc)) from exc
+
+
+class EmptyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """A body that may be absent or ``{}`` and carries nothing."""
+
+
+class WebhookAnswer(msgspec.Struct, frozen=True):
+    status: str  # applied, duplicate or ignored
+
+
+_DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
+    "authorize": msgspec.json.Decoder(AuthorizeRequest),
+    "capture": msgspec.json.Decoder(CaptureRequest),
+    "void": msgspec.json.Decoder(EmptyRequest),
+    "refund": msgspec.json.Decoder(RefundRequest),
+    "payout": msgspec.json.Decoder(PayoutRequest),
+}
+_BODY_REQUIRED = frozenset({"authorize", "payout"})
+# The scope each payments operation needs (HTTP routes and RPC calls alike).
+OPERATION_SCOPES: dict[str, str] = {
+    "authorize": "payments:write", "capture": "payments:write", "void": "payments:write",
+    "refund": "payments:write", "payout": "payouts:write", "get_payment": "payments:read",
+    "get_payout": "payments:read",
+}
+_PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+_PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
+_CANONICAL_PATHS = {
+    "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",
+    "void": "/v1/payments/{}/void", "refund": "/v1/payments/{}/refunds",
+    "payout": "/v1/payouts",
+}
+
+
+def request_key_of(principal: str, key: str, fingerprint_: bytes) -> str:
+    """A request's identity: its principal, Idempotency-Key and fingerprint, hashed.
+
+    Payment and payout ids derive from it, so executing the same request twice (after a
+    lapsed claim) finds what the first execution created.
+    """
+    digest = hashlib.sha256()
+    for part in (principal.encode(), key.encode(), fingerprint_):
+        digest.update(len(part).to_bytes(4, "big"))
+        digest.update(part)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class Payments:
+    """What the payments endpoints need: the engine, the key discipline, and the adapters
+    that verify each provider's webhooks."""
+
+    engine: PaymentsEngine
+    idempotent: Idempotent
+    adapters: dict[str, Adapter]
+
+
+def _decode(operation: str, body: bytes) -> Any:
+    if not body.strip() and operation not in _BODY_REQUIRED:
+        return None
+    try:
+        return _DECODERS[operation].decode(body)
+    except msgspec.ValidationError as exc:
+        raise PaymentsApiError("invalid_body", str(exc)[:300]) from exc
+    except msgspec.DecodeError as exc:
+        raise PaymentsApiError("malformed_json", str(exc)[:300]) from exc
+
+
+async def dispatch(payments: Payments, *, principal: str, operation: str, key: str | None,
+                   subject_id: str, body: bytes, headers: dict[str, str],
+                   path: str = "") -> tuple[int, bytes, dict[str, str]]:
+    """Serve one payments operation for HTTP and RPC alike: (status, JSON body, headers).
+
+    Raises ``PaymentsApiError`` / ``PaymentError`` for refusals (the caller answers them).
+    The canonical path (not the one the client spelled) enters the fingerprint, so HTTP
+    and RPC requests with the same key and body are the same request.
+    """
+    engine = payments.engine
+    if operation == "get_payment":
+        if _PAYMENT_ID.fullmatch(subject_id) is None:
+            raise PaymentsApiError("payment_not_found", "no payment has this id")
+        view = await engine.payment(subject_id, principal=principal)
+        return 200, ENCODER.encode(view), {}
+    if operation == "get_payout":
+        if _PAYOUT_ID.fullmatch(subject_id) is None:
+            raise PaymentsApiError("payout_not_found", "no payout has this id")
+        payout = await engine.get_payout(subject_id, principal=principal)
+        return 200, ENCODER.encode(payout), {}
+    if operation not in _DECODERS:
+        raise PaymentsApiError("invalid_body", f"no payments operation is named {operation}")
+    checked_key = require_key(key)
+    scan_for_card_data(headers, body)
+    item = _decode(operation, body)
+    if operation in ("capture", "void", "refund") and _PAYMENT_ID.fullmatch(subject_id) is None:
+        raise PaymentsApiError("payment_not_found", "no payment has this id")
+    canonical = _CANONICAL_PATHS[operation].format(subject_id)
+    request_key = request_key_of(principal, checked_key,
+                                 fingerprint("POST", canonical, body))
+
+    async def execute() -> tuple[int, bytes]:
+        if operation == "authorize":
+            view = await engine.authorize(item, principal=principal, request_key=request_key)
+            return payment_status(view, created=True)
+        if operation == "payout":
+            return payout_status(await engine.payout(item, principal=principal,
+                                                     request_key=request_key))
+        if operation == "void":
+            view = await engine.void(subject_id, principal=principal, request_key=request_key)
+            return payment_status(view, created=False)
+        amount = item.amount if item is not None else None
+        if operation == "capture":
+            view = await engine.capture(subject_id, amount, principal=principal,
+                                        request_key=request_key)
+        else:
+            view = await engine.refund(subject_id, amount, principal=principal,
+                                       request_key=request_key)
+        return payment_status(view, created=False)
+
+    return await payments.idempotent.run(
+        principal=principal, key_header=checked_key, method="POST", path=canonical,
+        body=body, execute=execute)

@@ -1,0 +1,374 @@
+"""PostgreSQL persistence of payments, payouts, saga steps, Idempotency-Keys and webhooks.
+
+Every write of a step names the version it read (``save_step``), so a runner whose claim
+expired and was taken over by the recovery worker finds out at its next write and stops;
+provider calls carry idempotency keys and ledger transfers have fixed ids, so the calls the
+stale runner already made are harmless repeats.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from actors import outbox
+from processor.idempotency import KeyState, StoredKey
+from processor.payments import (
+    FINAL_PHASES,
+    Kind,
+    Payment,
+    PaymentError,
+    PaymentStatus,
+    Payout,
+    PayoutStatus,
+    Phase,
+    Step,
+)
+
+__all__ = ["PaymentStore"]
+
+_FINAL = [p.value for p in FINAL_PHASES]
+_STEP_COLUMNS = (
+    "id, subject_id, kind, phase, amount, currency, provider, provider_key, transfer_id, "
+    "merchant_account_id, payment_method, destination, hold_transfer_id, auth_ref, "
+    "provider_ref, tried, decline_code, error, version"
+)
+_PAYMENT_COLUMNS = (
+    "id, merchant_account_id, amount, currency, payment_method, status, provider, "
+    "provider_ref, hold_transfer_id, captured_amount, refunded_amount, decline_code, error, "
+    "risk_reason, risk_source, reference, auto_capture, request_key"
+)
+_PAYOUT_COLUMNS = (
+    "id, merchant_account_id, amount, currency, destination, status, provider, provider_ref, "
+    "decline_code, error, reference"
+)
+
+
+def _ts(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+
+
+def _step(row: asyncpg.Record) -> Step:
+    values = dict(row)
+    values["kind"] = Kind(values["kind"])
+    values["phase"] = Phase(values["phase"])
+    values["tried"] = tuple(values["tried"])
+    return Step(**values)
+
+
+def _payment(row: asyncpg.Record) -> Payment:
+    values = dict(row)
+    values["status"] = PaymentStatus(values["status"])
+    return Payment(**values)
+
+
+def _payout(row: asyncpg.Record) -> Payout:
+    values = dict(row)
+    values["status"] = PayoutStatus(values["status"])
+    return Payout(**values)
+
+
+def _step_values(step: Step) -> tuple[Any, ...]:
+    return (step.id, step.subject_id, step.kind.value, step.phase.value, step.amount,
+            step.currency, step.provider, step.provider_key, step.transfer_id,
+            step.merchant_account_id, step.payment_method, step.destination,
+            step.hold_transfer_id, step.auth_ref, step.provider_ref, list(step.tried),
+            step.decline_code, step.error, step.version)
+
+
+class PaymentStore:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, *, pool_size_max: int, connect_timeout_s: float,
+                      command_timeout_s: float) -> PaymentStore:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
+            command_timeout=command_timeout_s)
+        return cls(pool)
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    # -- ids ----------------------------------------------------------------------------------
+
+    async def new_step_ids(self) -> tuple[int, int]:
+        """A fresh step id and the first of its four ledger transfer ids."""
+        row = await self._pool.fetchrow(
+            "SELECT nextval('payment_step_ids') AS step, "
+            "nextval('payment_transfer_ids') AS transfer")
+        return int(row["step"]), int(row["transfer"])
+
+    # -- creating -----------------------------------------------------------------------------
+
+    async def create_payment(self, payment: Payment, step: Step | None, *, principal: str,
+                             due_at_s: float) -> bool:
+        """The payment and its authorization step, in one transaction (None: refused by
+        the risk check before any step). False if a payment with this id exists: the same
+        request executed before (its id derives from the Idempotency-Key)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                f"INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19) "
+                "ON CONFLICT (id) DO NOTHING RETURNING true",
+                payment.id, payment.merchant_account_id, payment.amount, payment.currency,
+                payment.payment_method, payment.status.value, payment.provider,
+                payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
+                payment.refunded_amount, payment.decline_code, payment.error,
+                payment.risk_reason, payment.risk_source, payment.reference,
+                payment.auto_capture, payment.request_key, principal)
+            if not created:
+                return False
+            if step is not None:
+                await self._insert_step(conn, step, due_at_s)
+            await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
+                                 aggregate_id=payment.id, payload=msgspec.to_builtins(payment))
+        return True
+
+    async def create_payout(self, payout: Payout, step: Step, *, principal: str,
+                            due_at_s: float) -> bool:
+        async with self._pool.acquire() as conn, conn.transaction():
+            created = await conn.fetchval(
+                f"INSERT INTO payouts ({_PAYOUT_COLUMNS}, principal) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+                "ON CONFLICT (id) DO NOTHING RETURNING true",
+                payout.id, payout.merchant_account_id, payout.amount, payout.currency,
+                payout.destination, payout.status.value, payout.provider, payout.provider_ref,
+                payout.decline_code, payout.error, payout.reference, principal)
+            if not created:
+                return False
+            await self._insert_step(conn, step, due_at_s)
+            await outbox.enqueue(conn, event_type="payout.processing", aggregate_id=payout.id,
+                                 payload=msgspec.to_builtins(payout))
+        return True
+
+    async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:
+        """A further step of an existing payment; refused while another one is open."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await self._insert_step(conn, step, due_at_s, request_key)
+
+    async def step_by_request(self, subject_id: str, request_key: str) -> Step | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 AND request_key=$2",
+            subject_id, request_key)
+        return None if row is None else _step(row)
+
+    async def _insert_step(self, conn: asyncpg.Connection, step: Step, due_at_s: float,
+                           request_key: str = "") -> None:
+        try:
+            await conn.execute(
+                f"INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
+                *_step_values(step), _ts(due_at_s), request_key)
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "payment_steps_one_open":
+                raise PaymentError("operation_in_progress",
+                                   "another operation on this payment is still running"
+                                   ) from exc
+            if exc.constraint_name == "payment_steps_request":
+                raise PaymentError("step_exists", "this request already started its step"
+                                   ) from exc
+            raise
+        await conn.execute(
+            "INSERT INTO payment_step_keys (provider_key, step_id) VALUES ($1, $2)",
+            step.provider_key, step.id)
+        await self._log(conn, step, "created")
+
+    async def _log(self, conn: asyncpg.Connection, step: Step, detail: str) -> None:
+        await conn.execute(
+            "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+            "VALUES ($1, $2, $3, $4, $5)",
+            step.id, step.version, step.phase.value, step.provider, detail[:200])
+
+    # -- advancing ----------------------------------------------------------------------------
+
+    async def save_step(self, before: Step, after: Step, *, due_at_s: float, detail: str = "",
+                        webhook: tuple[str, str] | None = None) -> Step | None:
+        """Write ``after`` over ``before`` if nobody else has written the step since.
+
+        Returns the stored step (its version one higher), or None when the step was taken
+        over (the caller stops) or, with ``webhook``, when that event was already applied.
+        A step reaching a final phase updates its payment or payout, and emits their
+        event, in the same transaction.
+        """
+        stored = msgspec.structs.replace(after, version=before.version + 1)
+        async with self._pool.acquire() as conn, conn.transaction():
+            if webhook is not None:
+                fresh = await conn.fetchval(
+                    "INSERT INTO webhook_events (provider, event_id, step_id) VALUES ($1,$2,$3)"
+                    " ON CONFLICT DO NOTHING RETURNING true", webhook[0], webhook[1], before.id)
+                if not fresh:
+                    return None
+            done = await conn.fetchval(
+                "UPDATE payment_steps SET phase=$3, provider=$4, provider_key=$5, "
+                "provider_ref=$6, tried=$7, decline_code=$8, error=$9, version=$10, "
+                "due_at=$11, updated_at=now() WHERE id=$1 AND version=$2 RETURNING true",
+                before.id, before.version, stored.phase.value, stored.provider,
+                stored.provider_key, stored.provider_ref, list(stored.tried),
+                stored.decline_code, stored.error, stored.version, _ts(due_at_s))
+            if not done:
+                return None
+            if stored.provider_key != before.provider_key:
+                await conn.execute(
+                    "INSERT INTO payment_step_keys (provider_key, step_id) VALUES ($1, $2) "
+                    "ON CONFLICT DO NOTHING", stored.provider_key, stored.id)
+            await self._log(conn, stored, detail)
+            if stored.final:
+                await self._finish(conn, stored)
+        return stored
+
+    async def _finish(self, conn: asyncpg.Connection, step: Step) -> None:
+        from processor.payments import payment_after, payout_after
+
+        if step.kind == Kind.PAYOUT:
+            row = await conn.fetchrow(
+                f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 FOR UPDATE", step.subject_id)
+            payout = payout_after(_payout(row), step)
+            await conn.execute(
+                "UPDATE payouts SET status=$2, provider=$3, provider_ref=$4, decline_code=$5, "
+                "error=$6, updated_at=now() WHERE id=$1",
+                payout.id, payout.status.value, step.provider, payout.provider_ref,
+                payout.decline_code, payout.error)
+            await outbox.enqueue(conn, event_type=f"payout.{payout.status.value}",
+                                 aggregate_id=payout.id, payload=msgspec.to_builtins(payout))
+            return
+        row = await conn.fetchrow(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 FOR UPDATE", step.subject_id)
+        before = _payment(row)
+        payment = payment_after(before, step)
+        if payment == before:
+            return
+        await conn.execute(
+            "UPDATE payments SET status=$2, provider=$3, provider_ref=$4, hold_transfer_id=$5, "
+            "captured_amount=$6, refunded_amount=$7, decline_code=$8, error=$9, "
+            "updated_at=now() WHERE id=$1",
+            payment.id, payment.status.value, payment.provider, payment.provider_ref,
+            payment.hold_transfer_id, payment.captured_amount, payment.refunded_amount,
+            payment.decline_code, payment.error)
+        await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
+                             aggregate_id=payment.id, payload=msgspec.to_builtins(payment))
+
+    async def claim_due(self, *, now_s: float, claim_ttl_s: float, limit: int) -> list[Step]:
+        """Take over unfinished steps whose time has come (a lapsed claim or a recheck)."""
+        rows = await self._pool.fetch(
+            f"UPDATE payment_steps SET due_at=$2, version=version+1, checks=checks+1 "
+            f"WHERE id IN (SELECT id FROM payment_steps WHERE due_at <= $1 "
+            f"AND phase <> ALL($3::text[]) ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {_STEP_COLUMNS}, checks",
+            _ts(now_s), _ts(now_s + claim_ttl_s), _FINAL, limit)
+        return [_step({k: v for k, v in r.items() if k != "checks"}) for r in rows]
+
+    async def claim_step(self, step_id: int, *, now_s: float, claim_ttl_s: float) -> Step | None:
+        """Take one unfinished step now (a webhook arrived for it), whatever its due time."""
+        row = await self._pool.fetchrow(
+            f"UPDATE payment_steps SET due_at=$2, version=version+1 WHERE id=$1 "
+            f"AND phase <> ALL($3::text[]) RETURNING {_STEP_COLUMNS}",
+            step_id, _ts(now_s + claim_ttl_s), _FINAL)
+        return None if row is None else _step(row)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def payment(self, payment_id: str, *, principal: str | None = None
+                      ) -> Payment | None:
+        """The payment; with ``principal``, only if that principal created it (others are
+        told it does not exist)."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 "
+            "AND ($2::text IS NULL OR principal=$2)", payment_id, principal)
+        return None if row is None else _payment(row)
+
+    async def payout(self, payout_id: str, *, principal: str | None = None) -> Payout | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 "
+            "AND ($2::text IS NULL OR principal=$2)", payout_id, principal)
+        return None if row is None else _payout(row)
+
+    async def record_webhook(self, provider: str, event_id: str) -> bool:
+        """Remember an event that changes nothing; False if it was seen before."""
+        fresh = await self._pool.fetchval(
+            "INSERT INTO webhook_events (provider, event_id) VALUES ($1, $2) "
+            "ON CONFLICT DO NOTHING RETURNING true", provider, event_id)
+        return bool(fresh)
+
+    async def webhook_seen(self, provider: str, event_id: str) -> bool:
+        return bool(await self._pool.fetchval(
+            "SELECT true FROM webhook_events WHERE provider=$1 AND event_id=$2",
+            provider, event_id))
+
+    async def step_by_key(self, provider_key: str) -> Step | None:
+        row = await self._pool.fetchrow(
+            f"SELECT {', '.join('s.' + c for c in _STEP_COLUMNS.split(', '))} "
+            "FROM payment_step_keys k JOIN payment_steps s ON s.id = k.step_id "
+            "WHERE k.provider_key = $1", provider_key)
+        return None if row is None else _step(row)
+
+    async def steps_of(self, subject_id: str) -> list[Step]:
+        rows = await self._pool.fetch(
+            f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+            subject_id)
+        return [_step(r) for r in rows]
+
+    async def backlog(self, *, now_s: float) -> dict[str, float]:
+        row = await self._pool.fetchrow(
+            "SELECT count(*) FILTER (WHERE phase IN ('resolve', 'await_provider')) AS unknown, "
+            "count(*) FILTER (WHERE due_at <= $1) AS stale, count(*) AS open "
+            "FROM payment_steps WHERE phase <> ALL($2::text[])", _ts(now_s), _FINAL)
+        return {k: float(v) for k, v in row.items()}
+
+    # -- Idempotency-Key ----------------------------------------------------------------------
+
+    async def load_key(self, principal: str, key: str, *, now_s: float) -> StoredKey | None:
+        row = await self._pool.fetchrow(
+            "SELECT fingerprint, state, extract(epoch FROM claimed_at) AS claimed, status, body "
+            "FROM idempotency_keys WHERE principal=$1 AND key=$2 AND expires_at > $3",
+            principal, key, _ts(now_s))
+        if row is None:
+            return None
+        return StoredKey(fingerprint=bytes(row["fingerprint"]), state=KeyState(row["state"]),
+                         claimed_at_s=float(row["claimed"]), status=row["status"],
+                         body=bytes(row["body"]))
+
+    async def claim_key(self, principal: str, key: str, fingerprint: bytes, *, now_s: float,
+                        retention_s: float, stale_before_s: float | None = None) -> bool:
+        """Claim a key atomically. ``stale_before_s`` takes over an in-flight claim made
+        before that time (or an expired key); otherwise only a free key is claimed."""
+        if stale_before_s is None:
+            claimed = await self._pool.fetchval(
+                "INSERT INTO idempotency_keys (principal, key, fingerprint, state, claimed_at, "
+                "expires_at) VALUES ($1,$2,$3,'in_flight',$4,$5) ON CONFLICT (principal, key) "
+                "DO UPDATE SET fingerprint=EXCLUDED.fingerprint, state='in_flight', status=0, "
+                "body='', claimed_at=EXCLUDED.claimed_at, expires_at=EXCLUDED.expires_at "
+                "WHERE idempotency_keys.expires_at <= $4 RETURNING true",
+                principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s))
+            return bool(claimed)
+        claimed = await self._pool.fetchval(
+            "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5 WHERE principal=$1 "
+            "AND key=$2 AND fingerprint=$3 AND state='in_flight' AND claimed_at < $6 "
+            "RETURNING true",
+            principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
+            _ts(stale_before_s))
+        return bool(claimed)
+
+    async def complete_key(self, principal: str, key: str, *, status: int, body: bytes) -> None:
+        await self._pool.execute(
+            "UPDATE idempotency_keys SET state='completed', status=$3, body=$4 "
+            "WHERE principal=$1 AND key=$2", principal, key, status, body)
+
+    async def release_key(self, principal: str, key: str) -> None:
+        """Forget a claim whose request did nothing, so the same key may be tried again."""
+        await self._pool.execute(
+            "DELETE FROM idempotency_keys WHERE principal=$1 AND key=$2 AND state='in_flight'",
+            principal, key)
+
+    async def purge_keys(self, *, now_s: float) -> int:
+        result = await self._pool.execute(
+            "DELETE FROM idempotency_keys WHERE expires_at <= $1", _ts(now_s))
+        return int(result.split()[-1])

@@ -1,0 +1,60 @@
+"""The risk actor: rules over an in-memory velocity window, as a separate service.
+
+It gates authorizations without owning them: the payments engine asks it with a timeout
+(``RiskConfig.timeout_s``) and, when it is slow or down, decides by the fallback policy
+(``processor/risk.py``). Its velocity window lives in memory, so a restart forgets recent
+authorizations; that is a documented limit (docs/payments.md), not a money risk, because
+the fallback and the amount limits still apply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
+
+__all__ = ["RISK_ACTOR_NAME", "RiskActor", "make_risk"]
+
+RISK_ACTOR_NAME = "txproc-risk"
+NAMESPACE = "txproc"
+
+
+class RiskActor:
+    def __init__(self, config: RiskConfig, *, clock_s: Callable[[], float] = time.monotonic,
+                 delay_s: float = 0.0) -> None:
+        config.check()
+        self._config = config
+        self._clock_s = clock_s
+        self._window = VelocityWindow(config.velocity_window_s, config.velocity_tokens_max)
+        # An artificial delay before every answer: how tests and drills make it slow.
+        self._delay_s = delay_s
+
+    def ready(self) -> bool:
+        return True
+
+    def set_delay(self, delay_s: float) -> None:
+        self._delay_s = delay_s
+
+    async def check(self, amount: int, currency: str, payment_method: str) -> RiskDecision:
+        if self._delay_s > 0:
+            await asyncio.sleep(self._delay_s)
+        now_s = self._clock_s()
+        decision = evaluate(self._config, amount=amount, currency=currency,
+                            payment_method=payment_method,
+                            recent_count=self._window.count(payment_method, now_s))
+        if decision.allowed:
+            self._window.add(payment_method, now_s)
+        return decision
+
+
+def make_risk(config: RiskConfig) -> Any:
+    """Start the risk actor (the one place it is made remote); restarted if it dies."""
+    actor_class = ray.remote(
+        num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000
+    )(RiskActor)
+    return actor_class.options(name=RISK_ACTOR_NAME, namespace=NAMESPACE).remote(config)

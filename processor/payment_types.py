@@ -1,0 +1,102 @@
+"""The public messages of the payments API, shared by HTTP, RPC and the client.
+
+Inbound structs are strict (unknown fields are refused); amounts are integer minor units
+with the same limits as the ledger's. A payment method is a provider-issued token
+(``pm_...``), a payout destination a tokenised bank account (``ba_...``): the API never
+accepts card or account numbers (``processor/cardscan.py`` refuses any that slip in).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from processor.types import AMOUNT_MAX, ID_MAX
+
+__all__ = [
+    "AuthorizeRequest",
+    "CaptureRequest",
+    "OperationView",
+    "PaymentView",
+    "PayoutRequest",
+    "PayoutView",
+    "RefundRequest",
+]
+
+Amount = Annotated[int, Meta(ge=1, le=AMOUNT_MAX)]
+AccountId = Annotated[int, Meta(ge=1, le=ID_MAX)]
+Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
+PaymentMethod = Annotated[str, Meta(pattern="^pm_[A-Za-z0-9_]{8,64}$")]
+Destination = Annotated[str, Meta(pattern="^ba_[A-Za-z0-9_]{8,64}$")]
+Reference = Annotated[str, Meta(max_length=64, pattern="^[A-Za-z0-9_.:-]*$")]
+ProviderName = Annotated[str, Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
+
+
+class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    amount: Amount
+    currency: Currency
+    payment_method: PaymentMethod
+    merchant_account_id: AccountId
+    capture: bool = False
+    provider: ProviderName | None = None  # a preference; failover may still choose another
+    reference: Reference = ""
+
+
+class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    amount: Amount | None = None  # None: the whole authorized amount
+
+
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    amount: Amount | None = None  # None: everything captured and not yet refunded
+
+
+class PayoutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    amount: Amount
+    currency: Currency
+    merchant_account_id: AccountId
+    destination: Destination
+    provider: ProviderName | None = None
+    reference: Reference = ""
+
+
+class OperationView(msgspec.Struct, frozen=True, kw_only=True):
+    """One step of a payment's life as the API shows it."""
+
+    id: str  # op_<step id>
+    kind: str  # authorize, capture, void, refund, payout
+    status: str  # processing, succeeded, failed, compensated
+    amount: int
+    provider: str
+    decline_code: str = ""
+    error: str = ""
+
+
+class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+    amount: int
+    currency: str
+    merchant_account_id: int
+    provider: str
+    captured_amount: int
+    refunded_amount: int
+    decline_code: str = ""
+    error: str = ""
+    risk_reason: str = ""
+    reference: str = ""
+    operations: list[OperationView] = []
+
+
+class PayoutView(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: str
+    amount: int
+    currency: str
+    merchant_account_id: int
+    destination: str
+    provider: str
+    decline_code: str = ""
+    error: str = ""
+    reference: str = ""

@@ -1,0 +1,607 @@
+"""Payments end to end: the real processor, the simulated providers as real HTTP servers,
+fault injection through their admin API, over real HTTP and RPC."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import ray
+
+from actors.runtime import Processor
+from processor.client import Client
+from processor.codes import AccountResult
+from processor.types import Account, AccountFlags, Transfer
+from tests.running import IdSource, token_for
+
+LIMITED = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+ALL_FAULTS_OFF: dict[str, Any] = {}
+
+
+def card_token(last4: str = "4242") -> str:
+    """A payment-method token as the providers' hosted fields issue them."""
+    return f"pm_{last4}_{secrets.token_hex(8)}"
+
+
+def bank_token() -> str:
+    return f"ba_6789_{secrets.token_hex(8)}"
+
+
+def luhn_number(prefix: str, length: int = 16) -> str:
+    """A Luhn-valid number made up at run time (no card number is written in the tests)."""
+    body = prefix + "".join(str(secrets.randbelow(10)) for _ in range(length - len(prefix) - 1))
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        d = int(ch)
+        if i % 2 == 0:
+            d = d * 2 - 9 if d * 2 > 9 else d * 2
+        total += d
+    return body + str((10 - total % 10) % 10)
+
+
+def key() -> str:
+    return uuid.uuid4().hex
+
+
+class Sims:
+    """The processor's simulated providers, driven through their admin API."""
+
+    def __init__(self, processor: Processor) -> None:
+        self.urls = processor.provider_urls
+        data = Path(processor.config.data_dir) / "providers"
+        self.admin = {name: json.loads((data / f"{name}.json").read_text())["admin_token"]
+                      for name in self.urls}
+
+    async def faults(self, name: str, **faults: Any) -> None:
+        async with httpx.AsyncClient() as http:
+            r = await http.put(f"{self.urls[name]}/_sim/faults", json=faults,
+                               headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 200, r.text
+
+    async def charges(self, name: str, reference: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{self.urls[name]}/_sim/charges",
+                               headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 200, r.text
+            return [op for op in r.json()["operations"] if op["reference"] == reference]
+
+
+@pytest.fixture
+async def sims(processor: Processor) -> AsyncIterator[Sims]:
+    s = Sims(processor)
+    yield s
+    for name in s.urls:
+        await s.faults(name)
+
+
+@pytest.fixture
+async def http(processor: Processor) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"authorization": f"Bearer {token_for(processor)}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                 headers=headers, timeout=60) as c:
+        yield c
+
+
+async def merchant(client: Client, ids: IdSource, currency: str = "USD",
+                   funded: int = 0) -> int:
+    """A merchant account (it may not go below zero), optionally with posted funds."""
+    account, bank = ids.take(2)
+    assert await client.create_accounts([
+        Account(id=account, currency=currency, flags=LIMITED),
+        Account(id=bank, currency=currency)]) == [AccountResult.ok] * 2
+    if funded:
+        await client.create_transfers([Transfer(
+            id=ids.one(), debit_account_id=bank, credit_account_id=account, amount=funded,
+            currency=currency)])
+    return account
+
+
+async def balances(client: Client, account_id: int) -> tuple[int, int, int, int]:
+    [a] = await client.lookup_accounts([account_id])
+    assert a is not None
+    return a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted
+
+
+async def authorize(http: httpx.AsyncClient, account: int, *, amount: int = 1_000,
+                    currency: str = "USD", token: str | None = None, capture: bool = False,
+                    provider: str | None = None, idem: str | None = None) -> httpx.Response:
+    body: dict[str, Any] = {"amount": amount, "currency": currency,
+                            "payment_method": token or card_token(),
+                            "merchant_account_id": account, "capture": capture}
+    if provider:
+        body["provider"] = provider
+    return await http.post("/v1/payments", json=body, headers={"idempotency-key": idem or key()})
+
+
+async def settled(http: httpx.AsyncClient, processor: Processor, path: str,
+                  *, timeout_s: float = 30.0) -> dict[str, Any]:
+    """GET ``path`` until neither it nor any of its operations is ``processing`` (the
+    recovery worker or a webhook finishes them)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = (await http.get(path)).json()
+        busy = body["status"] == "processing" or any(
+            op["status"] == "processing" for op in body.get("operations", ()))
+        if not busy or time.monotonic() > deadline:
+            return body
+        await processor.front.recover_payments.remote()
+        await asyncio.sleep(0.2)
+
+
+async def test_authorize_capture_refund_agree_with_the_ledger_and_the_provider(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids)
+    r = await authorize(http, account, amount=1_000, provider="acme")
+    assert r.status_code == 201, r.text
+    payment = r.json()
+    assert (payment["status"], payment["provider"]) == ("authorized", "acme")
+    assert await balances(client, account) == (0, 0, 1_000, 0)
+
+    r = await http.post(f"/v1/payments/{payment['id']}/capture", json={"amount": 600},
+                        headers={"idempotency-key": key()})
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["captured_amount"]) == ("captured", 600)
+    # A partial capture releases the rest of the hold.
+    assert await balances(client, account) == (0, 0, 0, 600)
+
+    r = await http.post(f"/v1/payments/{payment['id']}/refunds", json={"amount": 200},
+                        headers={"idempotency-key": key()})
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["refunded_amount"]) == ("partially_refunded", 200)
+    assert await balances(client, account) == (0, 200, 0, 600)
+
+    ops = {op["operation"]: op for op in await sims.charges("acme", payment["id"])}
+    assert ops["authorize"]["captured"] == 600
+    assert ops["capture"]["amount"] == 600
+    assert ops["refund"]["amount"] == 200
+    assert len(await sims.charges("acme", payment["id"])) == 3
+
+    # More than what is left to refund is refused by the rules; nothing moves.
+    r = await http.post(f"/v1/payments/{payment['id']}/refunds", json={"amount": 401},
+                        headers={"idempotency-key": key()})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "refund_exceeds_captured")
+    assert await balances(client, account) == (0, 200, 0, 600)
+
+
+async def test_void_releases_the_hold(http: httpx.AsyncClient, client: Client,
+                                      ids: IdSource) -> None:
+    account = await merchant(client, ids)
+    payment = (await authorize(http, account, amount=700)).json()
+    r = await http.post(f"/v1/payments/{payment['id']}/void", headers={"idempotency-key": key()})
+    assert (r.status_code, r.json()["status"]) == (200, "voided")
+    assert await balances(client, account) == (0, 0, 0, 0)
+    r = await http.post(f"/v1/payments/{payment['id']}/capture",
+                        headers={"idempotency-key": key()})
+    assert (r.status_code, r.json()["error"]["code"]) == (422, "payment_not_capturable")
+
+
+async def test_idempotency_key_replays_refuses_reuse_and_is_required(
+        http: httpx.AsyncClient, client: Client, ids: IdSource, sims: Sims) -> None:
+    account = await merchant(client, ids)
+    idem = key()
+    body = {"amount": 300, "currency": "USD", "payment_method": card_token(),
+            "merchant_account_id": account}
+    first = await http.post("/v1/payments", json=body, headers={"idempotency-key": idem})
+    assert first.status_code == 201
+    again = await http.post("/v1/payments", content=json.dumps(body, indent=2, sort_keys=True),
+                            headers={"idempotency-key": idem,
+                                     "content-type": "application/json"})
+    assert again.status_code == 201
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.json() == first.json()
+    other = await http.post("/v1/payments", json={**body, "amount": 301},
+                            headers={"idempotency-key": idem})
+    assert (other.status_code, other.json()["error"]["code"]) == (422, "idempotency_key_reused")
+    # The key is checked before the body: even a broken body gets the key's error.
+    missing = await http.post("/v1/payments", content=b"{not json")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (
+        400, "idempotency_key_missing")
+    assert len(await sims.charges("acme", first.json()["id"])) == 1
+    assert await balances(client, account) == (0, 0, 300, 0)
+
+
+async def test_fifty_concurrent_requests_with_one_key_charge_once(
+        http: httpx.AsyncClient, client: Client, ids: IdSource, sims: Sims) -> None:
+    account = await merchant(client, ids)
+    idem = key()
+    token = card_token()
+    # Slow the provider so the requests overlap the first one's provider call.
+    await sims.faults("acme", latency={"median_ms": 150, "p99_ms": 200})
+    answers = await asyncio.gather(*[
+        authorize(http, account, amount=250, token=token, provider="acme", idem=idem)
+        for _ in range(50)])
+    statuses = sorted({a.status_code for a in answers})
+    assert set(statuses) <= {201, 409}, statuses
+    created = [a for a in answers if a.status_code == 201]
+    assert created, statuses
+    assert all(a.json()["error"]["code"] == "idempotency_key_in_use"
+               for a in answers if a.status_code == 409)
+    payment_ids = {a.json()["id"] for a in created}
+    assert len(payment_ids) == 1
+    charges = await sims.charges("acme", payment_ids.pop())
+    assert [c["operation"] for c in charges] == ["authorize"]
+    assert await balances(client, account) == (0, 0, 250, 0)
+
+
+async def test_card_numbers_are_refused_and_never_echoed(
+        http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    account = await merchant(client, ids)
+    number = luhn_number("4")
+    r = await http.post("/v1/payments", json={
+        "amount": 100, "currency": "USD", "payment_method": number,
+        "merchant_account_id": account}, headers={"idempotency-key": key()})
+    assert (r.status_code, r.json()["error"]["code"]) == (400, "card_data_not_allowed")
+    assert number not in r.text
+    spaced = " ".join(number[i:i + 4] for i in range(0, 16, 4))
+    r = await http.post("/v1/payments", json={
+        "amount": 100, "currency": "USD", "payment_method": card_token(),
+        "merchant_account_id": account, "reference": "x", "note": spaced},
+        headers={"idempotency-key": key()})
+    assert r.json()["error"]["code"] == "card_data_not_allowed"
+    assert await balances(client, account) == (0, 0, 0, 0)
+
+
+async def test_a_declined_card_is_402_and_moves_nothing(
+        http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    account = await merchant(client, ids)
+    r = await authorize(http, account, token=card_token("0002"))
+    assert r.status_code == 402, r.text
+    body = r.json()
+    assert body["error"]["code"] == "payment_declined"
+    assert (body["payment"]["status"], body["payment"]["decline_code"]) == (
+        "declined", "insufficient_funds")
+    assert await balances(client, account) == (0, 0, 0, 0)
+
+
+async def test_an_outage_fails_over_to_the_other_provider(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids)
+    await sims.faults("acme", outage="unavailable")
+    r = await authorize(http, account, amount=900, provider="acme")
+    assert r.status_code == 201, r.text
+    payment = r.json()
+    assert (payment["status"], payment["provider"]) == ("authorized", "globex")
+    assert await sims.charges("acme", payment["id"]) == []
+    assert len(await sims.charges("globex", payment["id"])) == 1
+    # Captures stay with the provider that authorized.
+    r = await http.post(f"/v1/payments/{payment['id']}/capture",
+                        headers={"idempotency-key": key()})
+    assert r.status_code in (200, 202), r.text
+    done = await settled(http, processor, f"/v1/payments/{payment['id']}")
+    assert (done["status"], done["captured_amount"]) == ("captured", 900)
+    assert await balances(client, account) == (0, 0, 0, 900)
+
+
+async def test_both_providers_down_fails_fast_and_retryable(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids)
+    await sims.faults("acme", outage="unavailable")
+    await sims.faults("globex", outage="unavailable")
+    idem = key()
+    started = time.monotonic()
+    r = await authorize(http, account, idem=idem)
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "provider_unavailable")
+    assert "retry-after" in r.headers
+    assert time.monotonic() - started < 15
+    # Nothing happened, so the same request may be sent again with the same key.
+    await sims.faults("acme")
+    await sims.faults("globex")
+    r = await authorize(http, account, idem=idem)
+    assert r.status_code == 201, r.text
+
+
+async def test_breaker_opens_under_an_outage_and_closes_after_a_probe(
+        processor: Processor, sims: Sims) -> None:
+    [acme] = [p for p in processor.providers
+              if ray.get(p.info.remote())["name"] == "acme"]
+    from processor.provider import Operation, ProviderRequest
+
+    await sims.faults("acme", outage="unavailable", retry_after_s=0)
+    request = ProviderRequest(operation=Operation.AUTHORIZE, idempotency_key=key(),
+                              amount=100, currency="USD", reference="breaker-test",
+                              payment_method=card_token())
+    states = []
+    for _ in range(12):
+        reply = await acme.call.remote(request)
+        states.append((await acme.info.remote())["breaker"])
+    assert states[-1] == "open", states
+    assert reply.outcome.value == "retryable_failure"
+    opened = await acme.call.remote(request)
+    assert opened.message == "circuit_open"
+    await sims.faults("acme")
+    # open_s later one probe goes; a good one closes the breaker.
+    deadline = time.monotonic() + 30
+    while (await acme.info.remote())["breaker"] != "closed" and time.monotonic() < deadline:
+        await acme.call.remote(request)
+        await asyncio.sleep(0.5)
+    assert (await acme.info.remote())["breaker"] == "closed"
+
+
+async def test_a_lost_response_is_resolved_by_asking_never_by_guessing(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids)
+    await sims.faults("acme", lost_response_rate=1.0)
+    r = await authorize(http, account, amount=450, provider="acme")
+    assert r.status_code == 202, r.text
+    payment = r.json()
+    assert payment["status"] == "processing"
+    # The provider did authorize; the processor does not know yet and has not failed over.
+    assert len(await sims.charges("acme", payment["id"])) == 1
+    assert await sims.charges("globex", payment["id"]) == []
+    await sims.faults("acme")
+    done = await settled(http, processor, f"/v1/payments/{payment['id']}")
+    assert done["status"] == "authorized"
+    assert len(await sims.charges("acme", payment["id"])) == 1
+    assert await balances(client, account) == (0, 0, 450, 0)
+
+
+async def test_async_settlement_arrives_by_webhook(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids, currency="EUR")
+    r = await authorize(http, account, amount=800, currency="EUR", provider="globex")
+    assert r.status_code == 201, r.text
+    payment = r.json()
+    await sims.faults("globex", settle_delay_ms=300, webhook_duplicate_rate=1.0)
+    r = await http.post(f"/v1/payments/{payment['id']}/capture",
+                        headers={"idempotency-key": key()})
+    assert r.status_code in (200, 202), r.text
+    done = await settled(http, processor, f"/v1/payments/{payment['id']}")
+    assert done["status"] == "captured"
+    assert await balances(client, account) == (0, 0, 0, 800)
+
+
+async def test_forged_and_replayed_webhooks_are_refused(
+        processor: Processor, http: httpx.AsyncClient) -> None:
+    body = json.dumps({"id": "evt_1", "type": "authorization.captured"}).encode()
+    for name in processor.provider_urls:
+        r = await http.post(f"/v1/providers/{name}/webhooks", content=body,
+                            headers={"content-type": "application/json"})
+        assert r.status_code in (400, 401), r.text
+        assert r.json()["error"]["code"].startswith("webhook_")
+    r = await http.post("/v1/providers/nobody/webhooks", content=body)
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "webhook_provider_unknown")
+
+
+async def test_payout_holds_then_pays_and_cannot_overdraw(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids, funded=5_000)
+    r = await http.post("/v1/payouts", json={
+        "amount": 3_000, "currency": "USD", "merchant_account_id": account,
+        "destination": bank_token()}, headers={"idempotency-key": key()})
+    assert r.status_code in (201, 202), r.text
+    payout = r.json()
+    done = await settled(http, processor, f"/v1/payouts/{payout['id']}")
+    assert done["status"] == "paid"
+    assert await balances(client, account) == (0, 3_000, 0, 5_000)
+    r = await http.post("/v1/payouts", json={
+        "amount": 2_001, "currency": "USD", "merchant_account_id": account,
+        "destination": bank_token()}, headers={"idempotency-key": key()})
+    assert r.status_code == 422, r.text
+    assert r.json()["payout"]["error"] == "ledger_exceeds_credits"
+    assert await balances(client, account) == (0, 3_000, 0, 5_000)
+
+
+async def test_payments_over_rpc_match_http(processor: Processor, client: Client,
+                                            ids: IdSource) -> None:
+    account = await merchant(client, ids)
+    idem = key()
+    answer = await client.authorize_payment(
+        idempotency_key=idem, amount=1_200, currency="USD", payment_method=card_token(),
+        merchant_account_id=account, capture=True)
+    assert answer.status == 201, answer.body
+    assert (answer.body["status"], answer.body["captured_amount"]) == ("captured", 1_200)
+    again = await client.authorize_payment(
+        idempotency_key=idem, amount=1_201, currency="USD", payment_method=card_token(),
+        merchant_account_id=account, capture=True)
+    assert (again.status, again.body["error"]["code"]) == (422, "idempotency_key_reused")
+    fetched = await client.get_payment(answer.body["id"])
+    assert fetched.status == 200 and fetched.body["id"] == answer.body["id"]
+    refund = await client.refund_payment(answer.body["id"], idempotency_key=key())
+    assert (refund.status, refund.body["status"]) == (200, "refunded")
+    assert await balances(client, account) == (0, 1_200, 0, 1_200)
+
+
+async def test_scopes_guard_payments(processor: Processor) -> None:
+    token = token_for(processor, ("payments:read",))
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}") as c:
+        r = await c.post("/v1/payments", json={},
+                         headers={"authorization": f"Bearer {token}",
+                                  "idempotency-key": key()})
+        assert (r.status_code, r.json()["error"]["code"]) == (403, "scope_missing")
+        r = await c.get(f"/v1/payments/pay_{'0' * 24}",
+                        headers={"authorization": f"Bearer {token}"})
+        assert (r.status_code, r.json()["error"]["code"]) == (404, "payment_not_found")
+
+
+async def test_a_killed_provider_actor_mid_call_ends_in_a_final_state(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    account = await merchant(client, ids)
+    [acme] = [p for p in processor.providers
+              if (await p.info.remote())["name"] == "acme"]
+    pid = await acme.pid.remote()
+    await sims.faults("acme", latency={"median_ms": 1500, "p99_ms": 1600})
+    pending = asyncio.create_task(authorize(http, account, amount=333, provider="acme"))
+    await asyncio.sleep(0.7)
+    os.kill(pid, signal.SIGKILL)
+    r = await pending
+    assert r.status_code in (201, 202), r.text
+    payment = r.json()
+    await sims.faults("acme")
+    done = await settled(http, processor, f"/v1/payments/{payment['id']}", timeout_s=60)
+    assert done["status"] == "authorized", done
+    charges = await sims.charges("acme", payment["id"])
+    assert len(charges) == 1
+    assert await balances(client, account) == (0, 0, 333, 0)
+
+
+def acme_webhook(processor: Processor, body: bytes, stamp: int) -> dict[str, str]:
+    """Headers acme signs a webhook with (HMAC-SHA256 over "<t>." + body)."""
+    import hashlib
+    import hmac
+
+    secret = json.loads((Path(processor.config.data_dir) / "providers" / "acme.json")
+                        .read_text())["webhook_secret"].encode()
+    signature = hmac.new(secret, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+    return {"acme-signature": f"t={stamp},v1={signature}", "content-type": "application/json"}
+
+
+async def test_webhooks_replayed_tampered_or_repeated_change_nothing(
+        processor: Processor, http: httpx.AsyncClient) -> None:
+    event = json.dumps({
+        "id": f"evt_{key()}", "type": "capture.settled", "created": int(time.time()),
+        "request": {"idempotency_key": f"txp-0-{key()}"},
+        "data": {"object": {"id": "cap_1", "status": "SETTLED", "amount": 100}}}).encode()
+    url = "/v1/providers/acme/webhooks"
+    now = int(time.time())
+    old = await http.post(url, content=event, headers=acme_webhook(processor, event, now - 3600))
+    assert (old.status_code, old.json()["error"]["code"]) == (
+        401, "webhook_timestamp_out_of_tolerance")
+    tampered = await http.post(url, content=event.replace(b"100", b"900"),
+                               headers=acme_webhook(processor, event, now))
+    assert (tampered.status_code, tampered.json()["error"]["code"]) == (
+        401, "webhook_signature_invalid")
+    junk = b'{"id": 1}'
+    malformed = await http.post(url, content=junk, headers=acme_webhook(processor, junk, now))
+    assert (malformed.status_code, malformed.json()["error"]["code"]) == (
+        400, "webhook_malformed")
+    first = await http.post(url, content=event, headers=acme_webhook(processor, event, now))
+    assert (first.status_code, first.json()) == (200, {"status": "ignored"})
+    again = await http.post(url, content=event, headers=acme_webhook(processor, event, now))
+    assert (again.status_code, again.json()) == (200, {"status": "duplicate"})
+
+
+async def test_risk_velocity_declines_and_a_slow_risk_check_falls_back(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    account = await merchant(client, ids)
+    token = card_token()
+    limit = processor.config.payments.risk.velocity_max
+    for _ in range(limit):
+        r = await authorize(http, account, amount=100, token=token)
+        assert r.status_code == 201, r.text
+    r = await authorize(http, account, amount=100, token=token)
+    assert (r.status_code, r.json()["error"]["code"]) == (402, "risk_declined")
+    assert (r.json()["payment"]["status"], r.json()["payment"]["risk_reason"]) == (
+        "declined", "velocity_exceeded")
+    await processor.risk.set_delay.remote(2.0)
+    try:
+        below = await authorize(http, account, amount=500)
+        assert below.status_code == 201, below.text
+        assert below.json()["risk_reason"] == "fallback_allowed_below_threshold"
+        above = await authorize(http, account, amount=50_000)
+        assert (above.status_code, above.json()["payment"]["risk_reason"]) == (
+            402, "fallback_declined_at_or_above_threshold")
+    finally:
+        await processor.risk.set_delay.remote(0.0)
+    assert await balances(client, account) == (0, 0, 100 * limit + 500, 0)
+
+
+async def test_provider_ledgers_and_ours_agree_under_faults(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    """Errors, 503 bursts and lost responses at both providers: every payment ends final,
+    and what each provider captured equals what the ledger posted, payment by payment."""
+    accounts = {cur: await merchant(client, ids, currency=cur) for cur in ("USD", "EUR")}
+    for name in ("acme", "globex"):
+        await sims.faults(name, error_rate=0.2, lost_response_rate=0.15, burst_rate=0.05,
+                          burst_length=2, retry_after_s=0, seed=11)
+
+    async def one(i: int) -> str:
+        currency = "USD" if i % 2 else "EUR"
+        r = await authorize(http, accounts[currency], amount=100 + i, currency=currency,
+                            capture=True)
+        if r.status_code == 503:
+            return ""
+        body = r.json()
+        return str((body.get("payment") or body)["id"])
+
+    payment_ids = [p for p in await asyncio.gather(*[one(i) for i in range(30)]) if p]
+    for name in ("acme", "globex"):
+        await sims.faults(name)
+    assert payment_ids
+    captured_total = {"USD": 0, "EUR": 0}
+    for payment_id in payment_ids:
+        done = await settled(http, processor, f"/v1/payments/{payment_id}", timeout_s=60)
+        assert all(op["status"] != "processing" for op in done["operations"]), done
+        assert done["status"] in ("authorized", "captured", "declined", "failed"), done
+        provider_captured = 0
+        for name in ("acme", "globex"):
+            for op in await sims.charges(name, payment_id):
+                if op["operation"] == "capture" and op["state"] not in ("failed", "declined"):
+                    provider_captured += op["amount"]
+        assert provider_captured == done["captured_amount"], (payment_id, done)
+        captured_total[done["currency"]] += done["captured_amount"]
+    for currency, account in accounts.items():
+        _, _, _, credits_posted = await balances(client, account)
+        assert credits_posted == captured_total[currency]
+
+
+async def test_a_shard_killed_mid_saga_loses_nothing(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    accounts = [await merchant(client, ids) for _ in range(4)]
+    await sims.faults("acme", latency={"median_ms": 60, "p99_ms": 120})
+    pids = [int((await shard.stats.remote())["pid"]) for shard in processor.shards]
+    tasks = [asyncio.create_task(authorize(http, accounts[i % 4], amount=200 + i,
+                                           capture=True, provider="acme"))
+             for i in range(16)]
+    await asyncio.sleep(0.3)
+    os.kill(pids[0], signal.SIGKILL)
+    answers = await asyncio.gather(*tasks)
+    assert all(a.status_code in (201, 202, 503) for a in answers), [a.text for a in answers]
+    await sims.faults("acme")
+    total = 0
+    for answer in answers:
+        if answer.status_code == 503:
+            continue
+        body = answer.json()
+        done = await settled(http, processor, f"/v1/payments/{body['id']}", timeout_s=60)
+        assert done["status"] == "captured", done
+        charges = await sims.charges("acme", body["id"])
+        assert sum(op["amount"] for op in charges if op["operation"] == "capture") == (
+            done["captured_amount"])
+        total += done["captured_amount"]
+    posted = 0
+    for account in accounts:
+        pending_debits, _, pending_credits, credits_posted = await balances(client, account)
+        assert (pending_debits, pending_credits) == (0, 0)
+        posted += credits_posted
+    assert posted == total
+
+
+@pytest.fixture(autouse=True)
+async def _step_log_on_failure(processor: Processor, request: pytest.FixtureRequest
+                               ) -> AsyncIterator[None]:
+    """A failed payments test prints the saga log: what each step did, and why."""
+    yield
+    report = getattr(request.node, "rep_call", None)
+    if report is None or not report.failed:
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT l.step_id, s.subject_id, s.kind, l.version, l.phase, l.provider, l.detail "
+            "FROM payment_step_log l JOIN payment_steps s ON s.id = l.step_id "
+            "WHERE l.at > now() - interval '2 minutes' ORDER BY l.step_id, l.version")
+    finally:
+        await conn.close()
+    for row in rows:
+        print(dict(row))
