@@ -129,8 +129,9 @@ async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int)
     console.print(table)
     if payments:
         tour = Table(title="payments through the simulated providers")
-        for column in ("what", "provider", "status", "amount", "captured", "refunded", "code"):
-            tour.add_column(column)
+        for column in ("what", "provider", "status", "amount", "captured", "refunded",
+                       "answer"):
+            tour.add_column(column, no_wrap=column != "what")
         for row in payments:
             tour.add_row(*row)
         console.print(tour)
@@ -153,10 +154,14 @@ async def _payments_tour(client: Client, processor: Any, offset: int) -> list[tu
         return f"pm_{last4}_{secrets.token_hex(8)}"
 
     async def settle(answer: PaymentAnswer, get: str) -> dict[str, Any]:
+        """The object once it and its operations have left ``processing`` (webhooks and
+        the recovery worker finish what a provider settles later)."""
         body: dict[str, Any] = answer.body.get("payment") or answer.body.get("payout") or (
             answer.body)
-        for _ in range(100):
-            if body.get("status") != "processing":
+        for _ in range(150):
+            busy = body.get("status") == "processing" or any(
+                op.get("status") == "processing" for op in body.get("operations", ()))
+            if not busy:
                 break
             await asyncio.sleep(0.1)
             fetched = await (client.get_payout(body["id"]) if get == "payout"
@@ -164,11 +169,19 @@ async def _payments_tour(client: Client, processor: Any, offset: int) -> list[tu
             body = fetched.body
         return body
 
+    def money(value: Any, currency: str) -> str:
+        if not isinstance(value, int):
+            return ""
+        return f"{value // 100}.{value % 100:02d} {currency}"
+
     def row(what: str, body: dict[str, Any], answer: PaymentAnswer) -> None:
         code = answer.body.get("error", {}).get("code", "") if answer.status >= 400 else ""
-        rows.append((what, body.get("provider", ""), body.get("status", ""),
-                     str(body.get("amount", "")), str(body.get("captured_amount", "")),
-                     str(body.get("refunded_amount", "")), code or str(answer.status)))
+        currency = str(body.get("currency", ""))
+        rows.append((what, str(body.get("provider", "")), str(body.get("status", "")),
+                     money(body.get("amount"), currency),
+                     money(body.get("captured_amount"), currency),
+                     money(body.get("refunded_amount"), currency),
+                     f"{answer.status} {code}".strip()))
 
     card = await client.authorize_payment(
         idempotency_key=secrets.token_hex(16), amount=12_50, currency="USD",
@@ -177,18 +190,18 @@ async def _payments_tour(client: Client, processor: Any, offset: int) -> list[tu
     body = await settle(card, "payment")
     refund = await client.refund_payment(body["id"], idempotency_key=secrets.token_hex(16),
                                          amount=2_50)
-    row("authorize + capture, then refund 2.50", await settle(refund, "payment"), refund)
+    row("card: capture, refund", await settle(refund, "payment"), refund)
     eur = await client.authorize_payment(
         idempotency_key=secrets.token_hex(16), amount=40_00, currency="EUR",
         payment_method=token("5555"), merchant_account_id=merchant_eur, provider="globex")
     eur_body = await settle(eur, "payment")
     captured = await client.capture_payment(eur_body["id"],
                                             idempotency_key=secrets.token_hex(16))
-    row("authorize, capture (settles by webhook)", await settle(captured, "payment"), captured)
+    row("EUR, settles by webhook", await settle(captured, "payment"), captured)
     declined = await client.authorize_payment(
         idempotency_key=secrets.token_hex(16), amount=9_99, currency="USD",
         payment_method=token("0002"), merchant_account_id=merchant_usd)
-    row("declined card (test card ...0002)", await settle(declined, "payment"), declined)
+    row("declined test card", await settle(declined, "payment"), declined)
     secrets_file = Path(processor.config.data_dir) / "providers" / "acme.json"
     admin = {"authorization": "Bearer " + json.loads(secrets_file.read_text())["admin_token"]}
     url = processor.provider_urls["acme"] + "/_sim/faults"
@@ -201,14 +214,14 @@ async def _payments_tour(client: Client, processor: Any, offset: int) -> list[tu
                 capture=True, provider="acme")
         finally:
             await http.put(url, json={}, headers=admin)
-    row("acme down: fails over to globex", await settle(failover, "payment"), failover)
+    row("acme down: failover", await settle(failover, "payment"), failover)
     await client.create_transfers([Transfer(
         id=offset + 900_010, debit_account_id=bank, credit_account_id=merchant_usd,
         amount=50_00, currency="USD")])
     payout = await client.create_payout(
         idempotency_key=secrets.token_hex(16), amount=50_00, currency="USD",
         merchant_account_id=merchant_usd, destination=f"ba_6789_{secrets.token_hex(8)}")
-    row("payout to a bank account", await settle(payout, "payout"), payout)
+    row("payout to a bank", await settle(payout, "payout"), payout)
     return rows
 
 
