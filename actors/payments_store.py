@@ -71,6 +71,15 @@ def _payout(row: asyncpg.Record) -> Payout:
     return Payout(**values)
 
 
+def _event(obj: Payment | Payout) -> dict[str, Any]:
+    """What downstream consumers are told: the object without its payment-method token and
+    request identity (they need neither, and every copy of a token is one more to guard)."""
+    payload: dict[str, Any] = msgspec.to_builtins(obj)
+    for private in ("payment_method", "request_key", "destination"):
+        payload.pop(private, None)
+    return payload
+
+
 def _step_values(step: Step) -> tuple[Any, ...]:
     return (step.id, step.subject_id, step.kind.value, step.phase.value, step.amount,
             step.currency, step.provider, step.provider_key, step.transfer_id,
@@ -130,7 +139,7 @@ class PaymentStore:
             if step is not None:
                 await self._insert_step(conn, step, due_at_s)
             await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
-                                 aggregate_id=payment.id, payload=msgspec.to_builtins(payment))
+                                 aggregate_id=payment.id, payload=_event(payment))
         return True
 
     async def create_payout(self, payout: Payout, step: Step, *, principal: str,
@@ -147,7 +156,7 @@ class PaymentStore:
                 return False
             await self._insert_step(conn, step, due_at_s)
             await outbox.enqueue(conn, event_type="payout.processing", aggregate_id=payout.id,
-                                 payload=msgspec.to_builtins(payout))
+                                 payload=_event(payout))
         return True
 
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:
@@ -238,7 +247,7 @@ class PaymentStore:
                 payout.id, payout.status.value, step.provider, payout.provider_ref,
                 payout.decline_code, payout.error)
             await outbox.enqueue(conn, event_type=f"payout.{payout.status.value}",
-                                 aggregate_id=payout.id, payload=msgspec.to_builtins(payout))
+                                 aggregate_id=payout.id, payload=_event(payout))
             return
         row = await conn.fetchrow(
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 FOR UPDATE", step.subject_id)
@@ -254,7 +263,7 @@ class PaymentStore:
             payment.hold_transfer_id, payment.captured_amount, payment.refunded_amount,
             payment.decline_code, payment.error)
         await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
-                             aggregate_id=payment.id, payload=msgspec.to_builtins(payment))
+                             aggregate_id=payment.id, payload=_event(payment))
 
     async def claim_due(self, *, now_s: float, claim_ttl_s: float, limit: int) -> list[Step]:
         """Take over unfinished steps whose time has come (a lapsed claim or a recheck)."""

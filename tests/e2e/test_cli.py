@@ -80,7 +80,10 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        assert ready, "never ready"
+        if not ready:
+            proc.kill()
+            output, _ = proc.communicate(timeout=30)
+            raise AssertionError(f"never ready; serve said:\n{output[-4000:]}")
         assert httpx.get(f"{base}/healthz", timeout=5).status_code == 200
         token = _run("token", "issue", "--scopes", "accounts:write,accounts:read",
                      "--data-dir", str(data_dir)).stdout.strip()

@@ -585,6 +585,59 @@ async def test_a_shard_killed_mid_saga_loses_nothing(
     assert posted == total
 
 
+async def test_payment_events_reach_a_subscriber_signed_and_at_least_once(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    """Status changes are written to the outbox with the change, and the relay in the front
+    delivers them signed to every subscriber."""
+    import asyncpg
+
+    from actors import outbox
+
+    received: list[tuple[dict[str, str], bytes]] = []
+    failures_left = [1]  # the first delivery fails: it must come again
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        headers = {k.strip().lower(): v.strip() for k, _, v in
+                   (line.partition(":") for line in head.split("\r\n")[1:] if line)}
+        body = await reader.readexactly(int(headers["content-length"]))
+        status = "500 Internal Server Error" if failures_left[0] else "204 No Content"
+        if failures_left[0]:
+            failures_left[0] -= 1
+        else:
+            received.append((headers, body))
+        writer.write(f"HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                     .encode())
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        await outbox.set_subscribers(conn, {"test-sink": f"http://127.0.0.1:{port}/events"})
+        account = await merchant(client, ids)
+        payment = (await authorize(http, account, amount=640)).json()
+        deadline = time.monotonic() + 60
+        wanted = {"payment.processing", "payment.authorized"}
+        while time.monotonic() < deadline and not wanted <= {
+                json.loads(b)["type"] for _, b in received
+                if json.loads(b)["aggregate_id"] == payment["id"]}:
+            await asyncio.sleep(0.2)
+    finally:
+        await outbox.set_subscribers(conn, {})
+        await conn.close()
+        server.close()
+    secret = (Path(processor.config.data_dir) / "providers" / "outbox.key").read_bytes()
+    mine = [(h, json.loads(b)) for h, b in received
+            if json.loads(b)["aggregate_id"] == payment["id"]]
+    assert {e["type"] for _, e in mine} >= {"payment.processing", "payment.authorized"}
+    for headers, body in received:
+        assert outbox.verify(secret, headers, body, now_s=time.time())
+    authorized = next(e for _, e in mine if e["type"] == "payment.authorized")
+    assert (authorized["data"]["status"], authorized["data"]["amount"]) == ("authorized", 640)
+
+
 @pytest.fixture(autouse=True)
 async def _step_log_on_failure(processor: Processor, request: pytest.FixtureRequest
                                ) -> AsyncIterator[None]:

@@ -1,0 +1,162 @@
+"""PaymentStore against a real PostgreSQL: key claims, the one-open-step rule, fencing,
+recovery claims and webhook deduplication."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import msgspec
+import pytest
+
+from actors.payments_store import PaymentStore
+from processor.idempotency import Decision, KeyState, decide
+from processor.payments import (
+    Kind,
+    Payment,
+    PaymentError,
+    PaymentStatus,
+    Phase,
+    Step,
+    new_step,
+)
+
+NOW_S = 1_800_000_000.0
+TTL_S = 30.0
+RETENTION_S = 86_400.0
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[PaymentStore]:
+    s = await PaymentStore.connect(db_url, pool_size_max=8, connect_timeout_s=10,
+                                   command_timeout_s=30)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def payment(pid: str = "pay_" + "1" * 24) -> Payment:
+    return Payment(id=pid, merchant_account_id=7, amount=1_000, currency="USD",
+                   payment_method="pm_4242_abcdefgh", status=PaymentStatus.PROCESSING,
+                   provider="acme")
+
+
+async def first_step(store: PaymentStore, subject: str, kind: Kind = Kind.AUTHORIZE) -> Step:
+    step_id, base = await store.new_step_ids()
+    return new_step(step_id=step_id, transfer_base=base, kind=kind, subject_id=subject,
+                    amount=1_000, currency="USD", provider="acme", merchant_account_id=7)
+
+
+async def test_a_key_is_claimed_once_even_by_concurrent_requests(store: PaymentStore) -> None:
+    results = await asyncio.gather(*[
+        store.claim_key("alice", "k1", b"f" * 32, now_s=NOW_S, retention_s=RETENTION_S)
+        for _ in range(20)])
+    assert sorted(results) == [False] * 19 + [True]
+    stored = await store.load_key("alice", "k1", now_s=NOW_S)
+    assert stored is not None and stored.state == KeyState.in_flight
+    assert decide(stored, b"f" * 32, NOW_S + 1, TTL_S) == Decision.conflict_in_flight
+    assert decide(stored, b"g" * 32, NOW_S + 1, TTL_S) == Decision.mismatch
+    # Another principal's key of the same text is another key.
+    assert await store.claim_key("bob", "k1", b"f" * 32, now_s=NOW_S, retention_s=RETENTION_S)
+
+
+async def test_a_stale_claim_is_taken_over_once_and_a_fresh_one_never(
+        store: PaymentStore) -> None:
+    fp = b"f" * 32
+    assert await store.claim_key("alice", "k2", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    # Young: a take-over is refused.
+    assert not await store.claim_key("alice", "k2", fp, now_s=NOW_S + 5,
+                                     retention_s=RETENTION_S, stale_before_s=NOW_S + 5 - TTL_S)
+    later = NOW_S + TTL_S + 1
+    stored = await store.load_key("alice", "k2", now_s=later)
+    assert stored is not None
+    assert decide(stored, fp, later, TTL_S) == Decision.take_over
+    takeovers = await asyncio.gather(*[
+        store.claim_key("alice", "k2", fp, now_s=later, retention_s=RETENTION_S,
+                        stale_before_s=later - TTL_S) for _ in range(10)])
+    assert takeovers.count(True) == 1
+
+
+async def test_completed_keys_replay_and_expire(store: PaymentStore) -> None:
+    fp = b"f" * 32
+    assert await store.claim_key("alice", "k3", fp, now_s=NOW_S, retention_s=100)
+    await store.complete_key("alice", "k3", status=201, body=b'{"id":"pay_x"}')
+    stored = await store.load_key("alice", "k3", now_s=NOW_S + 1)
+    assert stored is not None
+    assert (stored.state, stored.status, stored.body) == (
+        KeyState.completed, 201, b'{"id":"pay_x"}')
+    assert decide(stored, fp, NOW_S + 1, TTL_S) == Decision.replay
+    # After the retention the key is free again, and purged.
+    assert await store.load_key("alice", "k3", now_s=NOW_S + 101) is None
+    assert await store.claim_key("alice", "k3", b"g" * 32, now_s=NOW_S + 101, retention_s=100)
+    assert await store.purge_keys(now_s=NOW_S + 1_000) >= 1
+
+
+async def test_release_frees_only_an_in_flight_claim(store: PaymentStore) -> None:
+    fp = b"f" * 32
+    assert await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    await store.release_key("alice", "k4")
+    assert await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    await store.complete_key("alice", "k4", status=200, body=b"{}")
+    await store.release_key("alice", "k4")
+    assert not await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+
+
+async def test_one_open_step_per_payment_and_fenced_writes(store: PaymentStore) -> None:
+    p = payment()
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    assert not await store.create_payment(p, None, principal="alice", due_at_s=NOW_S)
+    second = await first_step(store, p.id, Kind.VOID)
+    with pytest.raises(PaymentError) as err:
+        await store.create_step(second, due_at_s=NOW_S)
+    assert err.value.code == "operation_in_progress"
+    approved = msgspec.structs.replace(step, phase=Phase.APPLY, provider_ref="auth_1")
+    saved = await store.save_step(step, approved, due_at_s=NOW_S + TTL_S)
+    assert saved is not None and saved.version == step.version + 1
+    # A runner still holding the old version has lost the step: its write is refused.
+    assert await store.save_step(step, approved, due_at_s=NOW_S) is None
+    done = await store.save_step(saved, msgspec.structs.replace(saved, phase=Phase.SUCCEEDED),
+                                 due_at_s=NOW_S)
+    assert done is not None
+    stored = await store.payment(p.id)
+    assert stored is not None
+    assert (stored.status, stored.provider_ref, stored.hold_transfer_id) == (
+        PaymentStatus.AUTHORIZED, "auth_1", step.transfer_id)
+    # The step finished, so another may start now.
+    await store.create_step(second, due_at_s=NOW_S)
+    assert await store.payment(p.id, principal="bob") is None
+
+
+async def test_due_steps_are_claimed_by_one_worker_each(store: PaymentStore) -> None:
+    for i in range(6):
+        p = payment("pay_" + f"{i:024x}")
+        step = await first_step(store, p.id)
+        await store.create_payment(p, step, principal="alice", due_at_s=NOW_S - 1)
+    claims = await asyncio.gather(*[
+        store.claim_due(now_s=NOW_S, claim_ttl_s=TTL_S, limit=2) for _ in range(5)])
+    claimed = [s.id for batch in claims for s in batch]
+    assert len(claimed) == len(set(claimed)) == 6
+    assert all(s.version == 1 for batch in claims for s in batch)
+    # Claimed steps are not due again until their claim lapses.
+    assert await store.claim_due(now_s=NOW_S, claim_ttl_s=TTL_S, limit=10) == []
+    again = await store.claim_due(now_s=NOW_S + TTL_S + 1, claim_ttl_s=TTL_S, limit=10)
+    assert len(again) == 6
+
+
+async def test_a_webhook_event_applies_once(store: PaymentStore) -> None:
+    p = payment("pay_" + "2" * 24)
+    step = await first_step(store, p.id)
+    await store.create_payment(p, step, principal="alice", due_at_s=NOW_S)
+    waiting = await store.save_step(
+        step, msgspec.structs.replace(step, phase=Phase.AWAIT_PROVIDER), due_at_s=NOW_S)
+    assert waiting is not None
+    approved = msgspec.structs.replace(waiting, phase=Phase.APPLY)
+    first = await store.save_step(waiting, approved, due_at_s=NOW_S, webhook=("acme", "evt_1"))
+    assert first is not None
+    assert await store.save_step(first, approved, due_at_s=NOW_S,
+                                 webhook=("acme", "evt_1")) is None
+    assert await store.webhook_seen("acme", "evt_1")
+    assert not await store.record_webhook("acme", "evt_1")
+    assert await store.record_webhook("globex", "evt_1")
