@@ -10,6 +10,7 @@ load the batches grow by themselves, at rest a request leaves at once).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -24,7 +25,7 @@ import msgspec
 import ray
 import uvicorn
 
-from actors import outbox
+from actors import metrics, outbox, telemetry
 from actors.http_api import Payments, build_app
 from actors.payments import PaymentsEngine
 from actors.payments_http import Idempotent, PaymentsApiError, api_error_of, dispatch, error_body
@@ -58,6 +59,7 @@ DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.Interfa
 class _Entry:
     group: list[Any]
     future: asyncio.Future[list[Any]]
+    trace: dict[str, str] | None = None  # the request's span, linked from the shard's batch
 
 
 class _Lane:
@@ -71,15 +73,19 @@ class _Lane:
         self._queue: list[_Entry] = []
         self._queued_items = 0
         self._calls = 0
+        self._queue_gauge = metrics.SHARD_QUEUE_ITEMS.labels(str(shard))
+        self._in_flight_gauge = metrics.SHARD_CALLS_IN_FLIGHT.labels(str(shard))
 
     def submit(self, group: list[Any]) -> asyncio.Future[list[Any]]:
         cfg = self._front.config.front
         if self._queued_items + len(group) > cfg.queue_items_max:
+            metrics.OVERLOAD_REJECTIONS.labels("shard_queue").inc()
             raise Overloaded(f"shard {self._shard} queue is full", retry_after_s=0.1)
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Entry(group, future))
+        self._queue.append(_Entry(group, future, telemetry.carrier()))
         self._queued_items += len(group)
         self._kick()
+        self._queue_gauge.set(self._queued_items)
         return future
 
     def _kick(self) -> None:
@@ -94,13 +100,16 @@ class _Lane:
                 items += len(entry.group)
             self._queued_items -= items
             self._calls += 1
+            self._in_flight_gauge.inc()
+            self._queue_gauge.set(self._queued_items)
             asyncio.get_running_loop().create_task(self._call(entries))
 
     async def _call(self, entries: list[_Entry]) -> None:
         try:
             raw = ENCODER.encode([e.group for e in entries])
-            codes = self._decoder.decode(
-                await self._front.call_shard(self._shard, self._method, raw))
+            links = [e.trace for e in entries if e.trace]
+            codes = self._decoder.decode(await self._front.call_shard(
+                self._shard, self._method, raw, **({"links": links} if links else {})))
             offset = 0
             for e in entries:
                 if not e.future.done():
@@ -116,6 +125,7 @@ class _Lane:
                     e.future.set_exception(error)
         finally:
             self._calls -= 1
+            self._in_flight_gauge.dec()
             self._kick()
 
 
@@ -123,6 +133,7 @@ class Front:
     """Implements the LedgerService by routing to shards; serves RPC and HTTP."""
 
     def __init__(self, config: Config) -> None:
+        telemetry.setup(config.observability, "front")
         self.config = config
         self._partitions = PartitionMap.uniform(config.shard.shards)
         self._shards: list[Any] = []
@@ -306,7 +317,8 @@ class Front:
     def pid(self) -> int:
         return os.getpid()
 
-    async def call_shard(self, shard: int, method: str, raw: bytes) -> bytes:
+    async def call_shard(self, shard: int, method: str, raw: bytes,
+                         links: list[dict[str, str]] | None = None) -> bytes:
         """One actor call, retried (bounded) while the shard restarts after a crash.
 
         Retrying is safe: ids are idempotent, so a batch that did commit before the crash
@@ -317,7 +329,7 @@ class Front:
         deadline = time.monotonic() + cfg.retry_deadline_s
         for attempt in range(1, cfg.retry_attempts_max + 1):
             try:
-                result: bytes = await getattr(handle, method).remote(raw)
+                result: bytes = await getattr(handle, method).remote(raw, links)
                 return result
             except LedgerError:
                 raise
@@ -349,7 +361,13 @@ class Front:
         return [AccountResult(c) for c in codes]
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
-        out = [0] * len(transfers)
+        results = await self._create_transfers(transfers, [0] * len(transfers))
+        for code, n in collections.Counter(results).items():
+            metrics.TRANSFERS.labels(code.name).inc(n)
+        return results
+
+    async def _create_transfers(self, transfers: list[Transfer],
+                                out: list[int]) -> list[TransferResult]:
         for segment in self._segments(transfers):
             results = await self._route(transfers, segment, "create_transfers")
             for indices in segment.values():

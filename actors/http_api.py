@@ -29,6 +29,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from actors import metrics, telemetry
 from actors.payments_http import (
     PAYMENT_ERROR_STATUS,
     PaymentFailure,
@@ -553,8 +554,19 @@ class _Api:
             except Exception as exc:  # every exception becomes a JSON answer, see _answer
                 return _answer(request, exc)
 
-        guarded.__name__ = operation.name
-        return guarded
+        async def traced(request: Request) -> Response:
+            if telemetry.TRACER is None:
+                return await guarded(request)
+            with telemetry.span(f"{operation.method} {operation.path}", attributes={
+                    "http.request.method": operation.method,
+                    "http.route": operation.path}) as current:
+                response = await guarded(request)
+                if current is not None:
+                    current.set_attribute("http.response.status_code", response.status_code)
+                return response
+
+        traced.__name__ = operation.name
+        return traced
 
     def _authorize(self, request: Request, scope: str) -> Claims:
         token = bearer_token(request.headers.get("authorization"))
@@ -610,7 +622,8 @@ class _Api:
 
     async def create_transfer(self, request: Request) -> Response:
         item = _decode(TRANSFER_DECODER, await _read_body(request, self._body_bytes_max))
-        [result] = await self._create_transfers([transfer_from_request(item)])
+        with metrics.TRANSFER_REQUEST_SECONDS.labels("http").time():
+            [result] = await self._create_transfers([transfer_from_request(item)])
         if result not in (TransferResult.ok, TransferResult.exists):
             raise _refused(result, "transfer")
         stored = await self._stored_transfer(item.id)
@@ -619,7 +632,9 @@ class _Api:
     async def create_transfers(self, request: Request) -> Response:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.transfers)
-        results = await self._create_transfers([transfer_from_request(item) for item in items])
+        with metrics.TRANSFER_REQUEST_SECONDS.labels("http").time():
+            results = await self._create_transfers([transfer_from_request(item)
+                                                    for item in items])
         answers = [
             TransferBatchResult(item.id, _batch_status(result))
             for item, result in zip(items, results, strict=True)

@@ -14,6 +14,13 @@ operations and closed result codes; never ids, amounts or tokens.
 
 from __future__ import annotations
 
+import os
+
+# Every process of the job writes here (the runtime sets it for Ray's workers); a node that
+# joined the cluster later may not have the directory yet.
+if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+
 from prometheus_client import Counter, Gauge, Histogram
 
 __all__ = [

@@ -15,7 +15,6 @@ decide and persists each phase before and after every external call:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import secrets
 import time
@@ -24,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from actors import metrics, telemetry
 from actors.payments_store import PaymentStore
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
@@ -343,6 +343,15 @@ class PaymentsEngine:
     async def drive(self, step: Step) -> Step:
         """Move ``step`` until it is final or must wait; every phase is stored as it
         changes. Returns the last stored step (or the one it had when it lost its claim)."""
+        with telemetry.span("saga.step", attributes={
+                "txproc.kind": step.kind.value, "txproc.phase": step.phase.value,
+                "txproc.provider": step.provider}) as current:
+            step = await self._drive(step)
+            if current is not None:
+                current.set_attribute("txproc.final_phase", step.phase.value)
+            return step
+
+    async def _drive(self, step: Step) -> Step:
         while not step.final:
             if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
                 try:
@@ -373,6 +382,10 @@ class PaymentsEngine:
                 log.info("step %d was taken over; leaving it to its new owner", step.id)
                 return step
             step = saved
+            if step.final:
+                result = "declined" if step.error in ("provider_declined", "risk_declined") \
+                    else step.phase.value
+                metrics.PAYMENT_OPERATIONS.labels(step.kind.value, result).inc()
         if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED:
             await self._auto_capture(step.subject_id)
         return step
@@ -419,12 +432,14 @@ class PaymentsEngine:
         timeout_s = self._deadline_s.get(provider, 10.0) + PROVIDER_CALL_MARGIN_S
         try:
             reply: ProviderReply = await asyncio.wait_for(
-                getattr(handle, method).remote(request), timeout=timeout_s)
+                getattr(handle, method).remote(request, telemetry.carrier()),
+                timeout=timeout_s)
             return reply
         except Exception as exc:
             # The actor died or hung mid-call: it may have sent the request.
-            log.warning(json.dumps({"event": "provider_actor_failed", "provider": provider,
-                                    "error": type(exc).__name__}))
+            telemetry.event(log, "provider actor failed mid-call", logging.WARNING,
+                            event="provider_actor_failed", provider=provider,
+                            error=type(exc).__name__)
             return ProviderReply(outcome=Outcome.UNKNOWN, message="provider_actor_failed")
 
     # -- helpers ------------------------------------------------------------------------------

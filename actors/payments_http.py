@@ -13,12 +13,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 
+from actors import metrics
 from actors.payments import PaymentsEngine
 from adapters.base import Adapter
 from processor.cardscan import contains_card_number, find_card_number
@@ -273,6 +275,9 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "payout": msgspec.json.Decoder(PayoutRequest),
 }
 _BODY_REQUIRED = frozenset({"authorize", "payout"})
+# The authorization latency histogram's outcome label, by the answer's status.
+_AUTHORIZATION_OUTCOMES = {201: "authorized", 202: "processing", 402: "declined",
+                           503: "failed"}
 # The scope each payments operation needs (HTTP routes and RPC calls alike).
 OPERATION_SCOPES: dict[str, str] = {
     "authorize": "payments:write", "capture": "payments:write", "void": "payments:write",
@@ -331,6 +336,7 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     The canonical path (not the one the client spelled) enters the fingerprint, so HTTP
     and RPC requests with the same key and body are the same request.
     """
+    started = time.perf_counter()
     engine = payments.engine
     if operation == "get_payment":
         if _PAYMENT_ID.fullmatch(subject_id) is None:
@@ -372,6 +378,19 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
                                        request_key=request_key)
         return payment_status(view, created=False)
 
-    return await payments.idempotent.run(
-        principal=principal, key_header=checked_key, method="POST", path=canonical,
-        body=body, execute=execute)
+    if operation != "authorize":
+        return await payments.idempotent.run(
+            principal=principal, key_header=checked_key, method="POST", path=canonical,
+            body=body, execute=execute)
+    outcome = "refused"
+    try:
+        answer = await payments.idempotent.run(
+            principal=principal, key_header=checked_key, method="POST", path=canonical,
+            body=body, execute=execute)
+        outcome = _AUTHORIZATION_OUTCOMES.get(answer[0], "refused")
+        return answer
+    except PaymentsApiError as exc:
+        outcome = "failed" if exc.status >= 500 else "refused"
+        raise
+    finally:
+        metrics.AUTHORIZATION_SECONDS.labels(outcome).observe(time.perf_counter() - started)

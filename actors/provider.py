@@ -12,7 +12,6 @@ whose ``outcome`` the saga acts on, and every attempt is logged as one JSON line
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -24,6 +23,7 @@ import httpx
 import msgspec
 import ray
 
+from actors import metrics, telemetry
 from adapters.base import Adapter, HttpCall, ProviderError, error_from_transport
 from processor.breaker import (
     BreakerConfig,
@@ -33,6 +33,7 @@ from processor.breaker import (
     RetryPolicy,
     next_delay_s,
 )
+from processor.config import ObservabilityConfig
 from processor.provider import Outcome, ProviderReply, ProviderRequest
 
 __all__ = ["ProviderActor", "ProviderConfig", "make_provider", "provider_actor_name"]
@@ -57,6 +58,9 @@ def provider_actor_name(name: str) -> str:
     return f"txproc-provider-{name}"
 
 
+_BREAKER_LEVEL = {BreakerState.closed: 0, BreakerState.half_open: 1, BreakerState.open: 2}
+
+
 def _is_failure(outcome: Outcome) -> bool:
     """What counts against the provider's health: it was unavailable or did not answer.
 
@@ -67,7 +71,10 @@ def _is_failure(outcome: Outcome) -> bool:
 
 class ProviderActor:
     def __init__(self, config: ProviderConfig, *, clock: Callable[[], float] = time.monotonic,
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 observability: ObservabilityConfig | None = None) -> None:
+        if observability is not None:
+            telemetry.setup(observability, f"provider-{config.name}")
         from adapters.registry import ADAPTERS
 
         config.retry.check()
@@ -77,6 +84,7 @@ class ProviderActor:
         self._clock = clock
         self._rng = rng or random.Random()
         self.breaker = CircuitBreaker(config.breaker, clock, on_transition=self._transition)
+        metrics.BREAKER_STATE.labels(config.name).set(0)
         self.bulkhead = Bulkhead(config.calls_in_flight_max)
         self._client = httpx.AsyncClient(
             base_url=config.base_url,
@@ -88,17 +96,27 @@ class ProviderActor:
                                       "rejected_open": 0, "rejected_bulkhead": 0}
 
     def _transition(self, old: BreakerState, new: BreakerState) -> None:
-        log.warning(json.dumps({"event": "breaker", "provider": self.config.name,
-                                "from": old.value, "to": new.value}))
+        metrics.BREAKER_STATE.labels(self.config.name).set(_BREAKER_LEVEL[new])
+        telemetry.event(log, "circuit breaker changed state", logging.WARNING,
+                        event="breaker", provider=self.config.name, **{"from": old.value},
+                        to=new.value)
 
-    async def call(self, request: ProviderRequest) -> ProviderReply:
-        """Perform ``request`` at the provider."""
-        return await self._run(request, self.adapter.build, self.adapter.parse, "call")
+    async def call(self, request: ProviderRequest,
+                   trace: dict[str, str] | None = None) -> ProviderReply:
+        """Perform ``request`` at the provider (``trace``: the caller's span context)."""
+        with telemetry.span("provider.call", parent=trace, attributes={
+                "txproc.provider": self.config.name,
+                "txproc.operation": request.operation.value}):
+            return await self._run(request, self.adapter.build, self.adapter.parse, "call")
 
-    async def status(self, request: ProviderRequest) -> ProviderReply:
+    async def status(self, request: ProviderRequest,
+                     trace: dict[str, str] | None = None) -> ProviderReply:
         """Ask what became of ``request``, by its idempotency key."""
-        return await self._run(request, self.adapter.build_status, self.adapter.parse_status,
-                               "status")
+        with telemetry.span("provider.status", parent=trace, attributes={
+                "txproc.provider": self.config.name,
+                "txproc.operation": request.operation.value}):
+            return await self._run(request, self.adapter.build_status,
+                                   self.adapter.parse_status, "status")
 
     def pid(self) -> int:
         return os.getpid()
@@ -121,6 +139,7 @@ class ProviderActor:
         self.stats["calls"] += 1
         if not self.bulkhead.try_acquire():
             self.stats["rejected_bulkhead"] += 1
+            metrics.OVERLOAD_REJECTIONS.labels(f"provider_{self.config.name}").inc()
             return ProviderReply(outcome=Outcome.RETRYABLE, message="bulkhead_full",
                                  retry_after_s=0.1)
         try:
@@ -140,6 +159,7 @@ class ProviderActor:
                 if delay_s is None:
                     return reply
                 self.stats["retries"] += 1
+                metrics.PROVIDER_RETRIES.labels(self.config.name).inc()
                 await asyncio.sleep(delay_s)
         finally:
             self.bulkhead.release()
@@ -149,6 +169,28 @@ class ProviderActor:
                        parse: Callable[[ProviderRequest, int, dict[str, str], bytes],
                                        ProviderReply],
                        kind: str, attempt: int) -> ProviderReply:
+        with telemetry.span("provider.http", attributes={"txproc.attempt": attempt}) as current:
+            reply, status, elapsed_s = await self._send(request, build, parse)
+            if current is not None:
+                current.set_attribute("http.response.status_code", status)
+                current.set_attribute("txproc.latency_ms", round(elapsed_s * 1000, 2))
+                current.set_attribute("txproc.outcome", reply.outcome.value)
+        operation = request.operation.value if kind == "call" else f"{request.operation}_status"
+        metrics.PROVIDER_CALLS.labels(self.config.name, operation, reply.outcome.value).inc()
+        metrics.PROVIDER_CALL_SECONDS.labels(self.config.name, operation).observe(elapsed_s)
+        telemetry.event(
+            log, "provider call", event="provider_call", provider=self.config.name,
+            kind=kind, operation=request.operation.value, attempt=attempt,
+            latency_ms=round(elapsed_s * 1000, 2), http_status=status,
+            outcome=reply.outcome.value,
+            decline_code=reply.decline_code.value if reply.decline_code else "",
+            reference=request.reference)
+        return reply
+
+    async def _send(self, request: ProviderRequest,
+                    build: Callable[[ProviderRequest, float], HttpCall],
+                    parse: Callable[[ProviderRequest, int, dict[str, str], bytes],
+                                    ProviderReply]) -> tuple[ProviderReply, int, float]:
         self.stats["attempts"] += 1
         call = build(request, time.time())
         started_s = self._clock()
@@ -166,22 +208,16 @@ class ProviderActor:
             self.breaker.abandon()
             raise
         self.breaker.record(not _is_failure(reply.outcome))
-        log.info(json.dumps({
-            "event": "provider_call", "provider": self.config.name, "kind": kind,
-            "operation": request.operation.value, "attempt": attempt,
-            "latency_ms": round((self._clock() - started_s) * 1000, 2),
-            "http_status": status, "outcome": reply.outcome.value,
-            "decline_code": reply.decline_code.value if reply.decline_code else "",
-            "reference": request.reference,
-        }))
-        return reply
+        return reply, status, self._clock() - started_s
 
 
-def make_provider(config: ProviderConfig) -> Any:
+def make_provider(config: ProviderConfig,
+                  observability: ObservabilityConfig | None = None) -> Any:
     """Start a provider actor (the one place it is made remote). Restarted if it dies; it
     keeps nothing durable (an interrupted call is resolved by the saga's status query)."""
     actor_class = ray.remote(
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10_000
     )(ProviderActor)
     return actor_class.options(name=provider_actor_name(config.name),
-                               namespace=NAMESPACE).remote(config)
+                               namespace=NAMESPACE).remote(config,
+                                                           observability=observability)

@@ -16,6 +16,8 @@ from typing import Any
 
 import ray
 
+from actors import telemetry
+from processor.config import ObservabilityConfig
 from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
 
 __all__ = ["RISK_ACTOR_NAME", "RiskActor", "make_risk"]
@@ -26,7 +28,10 @@ NAMESPACE = "txproc"
 
 class RiskActor:
     def __init__(self, config: RiskConfig, *, clock_s: Callable[[], float] = time.monotonic,
-                 delay_s: float = 0.0) -> None:
+                 delay_s: float = 0.0,
+                 observability: ObservabilityConfig | None = None) -> None:
+        if observability is not None:
+            telemetry.setup(observability, "risk")
         config.check()
         self._config = config
         self._clock_s = clock_s
@@ -52,9 +57,10 @@ class RiskActor:
         return decision
 
 
-def make_risk(config: RiskConfig) -> Any:
+def make_risk(config: RiskConfig, observability: ObservabilityConfig | None = None) -> Any:
     """Start the risk actor (the one place it is made remote); restarted if it dies."""
     actor_class = ray.remote(
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000
     )(RiskActor)
-    return actor_class.options(name=RISK_ACTOR_NAME, namespace=NAMESPACE).remote(config)
+    return actor_class.options(name=RISK_ACTOR_NAME, namespace=NAMESPACE).remote(
+        config, observability=observability)

@@ -20,6 +20,7 @@ import logging
 from collections.abc import Callable, Sized
 from typing import cast
 
+from actors import metrics, telemetry
 from actors.payments_http import OPERATION_SCOPES
 from processor import auth, wire
 from processor.errors import LedgerError, Unavailable
@@ -217,6 +218,13 @@ class _Connection:
         return None
 
     async def _serve(self, request: _Batch) -> None:
+        if telemetry.TRACER is None:
+            return await self._serve_traced(request)
+        with telemetry.span(f"rpc {type(request).__name__}",
+                            attributes={"rpc.system": "txproc"}):
+            return await self._serve_traced(request)
+
+    async def _serve_traced(self, request: _Batch) -> None:
         request_id = request.request_id
         try:
             frame = wire.encode_frame(await self._call(request))
@@ -252,7 +260,8 @@ class _Connection:
             _require_count(account_codes, request.items)
             return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
         if isinstance(request, wire.CreateTransfers):
-            transfer_codes = await service.create_transfers(request.items)
+            with metrics.TRANSFER_REQUEST_SECONDS.labels("rpc").time():
+                transfer_codes = await service.create_transfers(request.items)
             _require_count(transfer_codes, request.items)
             return wire.CreateTransfersResult(request_id, cast(list[int], transfer_codes))
         if isinstance(request, wire.LookupAccounts):

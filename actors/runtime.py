@@ -9,7 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ import ray
 
 from actors.database import EmbeddedPostgres
 from actors.front import make_front
+from actors.metrics_server import make_node_metrics, node_metrics_name
 from actors.migrate import migrate
 from actors.provider import ProviderConfig, make_provider, provider_actor_name
 from actors.risk import RISK_ACTOR_NAME, make_risk
@@ -50,6 +54,8 @@ class Processor:
     sims: list[Any] = field(default_factory=list)  # simulated providers this process runs
     risk: Any = None
     outbox_secret: bytes = b""
+    metrics: list[Any] = field(default_factory=list)  # one metrics server per node
+    metrics_port: int = 0  # this node's
 
     async def enable_payments(self) -> None:
         if self.provider_secrets:
@@ -95,7 +101,12 @@ class Processor:
                 await asyncio.wait_for(provider.close.remote(), timeout=5)
             except Exception as exc:
                 log.warning("provider stop: %r", exc)
-        for actor in [self.front, *self.shards, *self.providers,
+        for server in self.metrics:
+            try:
+                await asyncio.wait_for(server.stop.remote(), timeout=5)
+            except Exception as exc:
+                log.warning("metrics server stop: %r", exc)
+        for actor in [self.front, *self.shards, *self.providers, *self.metrics,
                       *([self.risk] if self.risk is not None else [])]:
             ray.kill(actor, no_restart=True)
         for sim in self.sims:
@@ -104,6 +115,9 @@ class Processor:
             ray.shutdown()
         if self.embedded is not None:
             self.embedded.stop()
+        metrics_dir = self.extra.get("metrics_dir")
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
@@ -115,13 +129,18 @@ def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
     return embedded.url, embedded
 
 
-def init_ray(address: str | None) -> bool:
-    """Join the cluster at ``address`` or start a local Ray; True if this call started it."""
+def init_ray(address: str | None, metrics_dir: str = "") -> bool:
+    """Join the cluster at ``address`` or start a local Ray; True if this call started it.
+
+    ``metrics_dir`` becomes every worker's ``PROMETHEUS_MULTIPROC_DIR`` (actors/metrics.py).
+    """
     if ray.is_initialized():
         return False
     # Keep the worker processes' logs out of the operator's terminal; they stay in Ray's
     # session directory for debugging.
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
+    if metrics_dir:
+        kwargs["runtime_env"] = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -148,18 +167,21 @@ async def start_processor(config: Config) -> Processor:
         config = msgspec.structs.replace(
             config, shard=msgspec.structs.replace(config.shard, database_url=url)
         )
-        started_ray = init_ray(config.ray_address)
+        metrics_dir = _fresh_metrics_dir()
+        started_ray = init_ray(config.ray_address, metrics_dir)
         for s in range(config.shard.shards):
             _kill_stale(shard_actor_name(s))
         _kill_stale("txproc-front")
-        shards = [make_shard(s, config.shard) for s in range(config.shard.shards)]
+        shards = [make_shard(s, config.shard, config.observability)
+                  for s in range(config.shard.shards)]
         front = make_front(config)
         ports = await front.start.remote()
         processor = Processor(
             config=config, front=front, shards=shards, http_port=ports["http_port"],
             rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
-            extra={"front_event_loop": ports["loop"]},
+            extra={"front_event_loop": ports["loop"], "metrics_dir": metrics_dir},
         )
+        await _start_metrics(processor, embedded)
     except BaseException:
         if embedded is not None:
             embedded.stop()
@@ -171,6 +193,41 @@ async def start_processor(config: Config) -> Processor:
             await processor.stop()
             raise
     return processor
+
+
+def _fresh_metrics_dir() -> str:
+    """An empty directory for this run's multiprocess metric files (one per process)."""
+    path = Path(tempfile.gettempdir()) / "txproc-metrics" / uuid.uuid4().hex[:12]
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None) -> None:
+    """A metrics server on every alive node; the one on this node also reads the database
+    gauges. Other nodes bind their own address; this one the configured host."""
+    config = processor.config
+    obs = config.observability
+    here = ray.get_runtime_context().get_node_id()
+    url = config.shard.database_url
+    local_db = embedded is None and ("@/" in url or "127.0.0.1" in url or "localhost" in url)
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        node_id = node["NodeID"]
+        _kill_stale(node_metrics_name(node_id))
+        local = node_id == here
+        server = make_node_metrics(
+            node_id, multiproc_dir=processor.extra["metrics_dir"],
+            host=config.front.host if local else node["NodeManagerAddress"],
+            port=obs.metrics_port, database_url=url, database_gauges=local,
+            vcpu_hour_price=obs.vcpu_hour_price, price_currency=obs.price_currency,
+            postgres_pid=embedded.pid if (embedded is not None and local) else None,
+            local_postgres=local_db and local, window_s=obs.cost_window_s,
+            observability=obs)
+        port = await server.start.remote()
+        processor.metrics.append(server)
+        if local:
+            processor.metrics_port = port
 
 
 async def _start_payments(processor: Processor) -> None:
@@ -194,12 +251,13 @@ async def _start_payments(processor: Processor) -> None:
             url = sim.url
         _kill_stale(provider_actor_name(endpoint.name))
         processor.providers.append(make_provider(ProviderConfig(
-            name=endpoint.name, base_url=url, secrets_file=str(secrets))))
+            name=endpoint.name, base_url=url, secrets_file=str(secrets)),
+            config.observability))
         processor.provider_secrets.append((endpoint.name, str(secrets)))
         processor.provider_urls[endpoint.name] = url
     await asyncio.gather(*[p.info.remote() for p in processor.providers])
     _kill_stale(RISK_ACTOR_NAME)
-    processor.risk = make_risk(config.payments.risk)
+    processor.risk = make_risk(config.payments.risk, config.observability)
     await processor.risk.ready.remote()
     processor.outbox_secret = _outbox_secret(data / "providers" / "outbox.key")
     await processor.enable_payments()

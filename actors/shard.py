@@ -18,8 +18,9 @@ import asyncpg
 import msgspec
 import ray
 
+from actors import metrics, telemetry
 from actors.store import LedgerStore
-from processor.config import ShardConfig
+from processor.config import ObservabilityConfig, ShardConfig
 from processor.errors import Overloaded
 from processor.ledger import Book, CommitBatch, EventKind, Leg, require
 from processor.partition import PartitionMap
@@ -45,6 +46,7 @@ class _Pending:
     batch: CommitBatch
     done: asyncio.Future[None]
     is_accounts: bool = False
+    trace: dict[str, str] | None = None  # the batch span, linked from its commit's span
 
 
 @dataclass(slots=True)
@@ -66,8 +68,12 @@ class LedgerShard:
         config: ShardConfig,
         peers: Callable[[int], object] | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
+        observability: ObservabilityConfig | None = None,
     ) -> None:
+        if observability is not None:
+            telemetry.setup(observability, f"shard-{shard}")
         self._shard = shard
+        self._label = str(shard)
         self._config = config
         self._partitions = PartitionMap.uniform(config.shards)
         self._own_partitions = self._partitions.partitions_of_shard(shard)
@@ -178,7 +184,8 @@ class LedgerShard:
 
     # -- accounts ---------------------------------------------------------------------------
 
-    async def create_accounts(self, raw: bytes) -> bytes:
+    async def create_accounts(self, raw: bytes,
+                              links: list[dict[str, str]] | None = None) -> bytes:
         """Create accounts this shard owns; returns one code per account, flat, in order."""
         await self._ensure_started()
         requests = ACCOUNT_REQUESTS.decode(raw)
@@ -195,12 +202,21 @@ class LedgerShard:
 
     # -- transfers --------------------------------------------------------------------------
 
-    async def create_transfers(self, raw: bytes) -> bytes:
+    async def create_transfers(self, raw: bytes,
+                               links: list[dict[str, str]] | None = None) -> bytes:
         """Evaluate, commit and answer transfers this shard coordinates.
 
         Returns one (code, timestamp of the stored transfer or 0) pair per item, flat, in
         request order. Nothing is answered before the batch is durable in PostgreSQL.
+        ``links`` are the trace contexts of the requests the batch carries.
         """
+        if telemetry.TRACER is None:
+            return await self._create_transfers(raw)
+        with telemetry.span("shard.batch", links=links,
+                            attributes={"txproc.shard": self._shard}):
+            return await self._create_transfers(raw)
+
+    async def _create_transfers(self, raw: bytes) -> bytes:
         await self._ensure_started()
         requests = TRANSFER_REQUESTS.decode(raw)
         items = sum(len(r) for r in requests)
@@ -277,7 +293,7 @@ class LedgerShard:
 
     def _enqueue(self, batch: CommitBatch, *, is_accounts: bool = False) -> _Pending:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        pending = _Pending(batch, done, is_accounts)
+        pending = _Pending(batch, done, is_accounts, telemetry.carrier())
         self._queue.append(pending)
         self._stats.queue_depth_max_seen = max(self._stats.queue_depth_max_seen, len(self._queue))
         self._queue_ready.set()
@@ -299,14 +315,23 @@ class LedgerShard:
                     fences.update(p.batch.fences)
                 started = time.perf_counter()
                 try:
-                    await store.commit([p.batch for p in group], fences=fences,
-                                       partitions=self._own_partitions)
+                    with telemetry.span("postgres.commit",
+                                        links=[p.trace for p in group if p.trace],
+                                        attributes={"txproc.shard": self._shard,
+                                                    "txproc.batches": len(group)}):
+                        await store.commit([p.batch for p in group], fences=fences,
+                                           partitions=self._own_partitions)
                 except BaseException:
                     log.exception("shard %d: commit failed; restarting to recover", self._shard)
+                    metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
                     _crash()
                     raise
+                elapsed_s = time.perf_counter() - started
                 self._stats.commits += 1
-                self._stats.commit_seconds += time.perf_counter() - started
+                self._stats.commit_seconds += elapsed_s
+                metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
+                metrics.LEDGER_COMMIT_TRANSFERS.labels(self._label).observe(
+                    sum(len(p.batch.transfers) for p in group if not p.is_accounts))
                 for p in group:
                     if p.is_accounts:
                         book.accounts_committed(p.batch)
@@ -429,7 +454,8 @@ def _peer_by_name(shard: int) -> object:
     return _PEERS[shard]
 
 
-def make_shard(shard: int, config: ShardConfig) -> object:
+def make_shard(shard: int, config: ShardConfig,
+               observability: ObservabilityConfig | None = None) -> object:
     """Start shard ``shard`` as a named, restartable Ray actor (the one place it is remote)."""
     actor_class = ray.remote(
         num_cpus=0,
@@ -444,4 +470,4 @@ def make_shard(shard: int, config: ShardConfig) -> object:
         namespace=NAMESPACE,
         # On a cluster, spread shards over the nodes; on one box this changes nothing.
         scheduling_strategy="SPREAD",
-    ).remote(shard, config)
+    ).remote(shard, config, observability=observability)

@@ -839,7 +839,7 @@ def _note_problems(phase: dict[str, Any], problems: list[str]) -> None:
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from actors.runtime import start_processor
     from bench.__main__ import machine_info
-    from processor.config import Config, FrontConfig, ShardConfig
+    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
     machine = machine_info()
     machine["command"] = " ".join([Path(sys.executable).name, "-m", "bench.authorization",
@@ -850,6 +850,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
         data_dir=str(scratch),
+        observability=ObservabilityConfig(metrics_port=0),
     )
     try:
         started = time.perf_counter()

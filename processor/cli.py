@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from processor.auth import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
-from processor.config import Config, FrontConfig, ShardConfig
+from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
 __all__ = ["build_config", "main"]
 
@@ -40,6 +40,15 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shards", type=int, default=2)
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                    help="join this Ray cluster instead of starting a local Ray")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus scrape endpoint of each node (GET /metrics); 0 picks one")
+    p.add_argument("--vcpu-hour-price", type=float, default=0.04,
+                   help="price of a vCPU-hour, for txproc_cost_per_transfer (USD)")
+    p.add_argument("--trace-exporter", choices=("off", "console", "otlp"), default="off",
+                   help="where traces go (off costs nothing on the hot path)")
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   help="OTLP/HTTP endpoint for --trace-exporter otlp")
+    p.add_argument("--trace-sample-ratio", type=float, default=1.0)
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -49,6 +58,10 @@ def build_config(args: argparse.Namespace) -> Config:
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
+        observability=ObservabilityConfig(
+            metrics_port=args.metrics_port, vcpu_hour_price=args.vcpu_hour_price,
+            trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
+            trace_sample_ratio=args.trace_sample_ratio),
     )
     config.check()
     return config
@@ -60,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve(sub.add_parser("serve", help="run the processor in the foreground"))
     demo = sub.add_parser("demo", help="start on embedded defaults and drive a workload")
     _add_serve(demo)
-    demo.set_defaults(http_port=0, rpc_port=0)
+    demo.set_defaults(http_port=0, rpc_port=0, metrics_port=0)
     demo.add_argument("--accounts", type=int, default=1_000)
     demo.add_argument("--transfers", type=int, default=200_000)
     demo.add_argument("--batch", type=int, default=4_000)
@@ -89,7 +102,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if args.command in ("serve", "demo"):
+        from actors.telemetry import setup
+
+        # JSON lines carrying trace ids, redacted (actors/telemetry.py); the demo keeps the
+        # terminal for its tables and logs only warnings.
+        setup(build_config(args).observability, "serve" if args.command == "serve" else "demo",
+              level=logging.INFO if args.command == "serve" else logging.WARNING)
+    else:
+        logging.basicConfig(level=logging.INFO,
+                            format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         import uvloop
 
@@ -183,8 +205,9 @@ async def _serve(config: Config) -> int:
         signal.signal(sig, signal.SIG_DFL)
         loop.add_signal_handler(sig, stop.set)
     log.info("txproc serving: http://%s:%d (healthz, readyz, /v1, /openapi.json), rpc %s:%d, "
-             "%d shards, data %s", config.front.host, processor.http_port, config.front.host,
-             processor.rpc_port, config.shard.shards, config.data_dir)
+             "metrics http://%s:%d/metrics, %d shards, data %s", config.front.host,
+             processor.http_port, config.front.host, processor.rpc_port, config.front.host,
+             processor.metrics_port, config.shard.shards, config.data_dir)
     supervisor = loop.create_task(processor.supervise())
     await stop.wait()
     log.info("shutting down: flushing shards and closing")

@@ -14,7 +14,14 @@ from processor.payments import PaymentsConfig
 from processor.risk import RiskConfig
 from processor.service import BATCH_ITEMS_MAX
 
-__all__ = ["Config", "FrontConfig", "PaymentsSection", "ProviderEndpoint", "ShardConfig"]
+__all__ = [
+    "Config",
+    "FrontConfig",
+    "ObservabilityConfig",
+    "PaymentsSection",
+    "ProviderEndpoint",
+    "ShardConfig",
+]
 
 
 class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -88,12 +95,29 @@ class PaymentsSection(msgspec.Struct, frozen=True, kw_only=True):
     pool_size_max: int = 8
 
 
+class ObservabilityConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Metrics, cost accounting and traces."""
+
+    # One scrape endpoint per node (0: any free port, as the tests and the demo use).
+    metrics_port: int = 9464
+    # What a vCPU-hour costs, to price a transfer: about an on-demand general-purpose cloud
+    # vCPU in 2026 (c. USD 0.04); set your own.
+    vcpu_hour_price: float = 0.04
+    price_currency: str = "USD"
+    cost_window_s: float = 60.0
+    # Traces: off (the default, no cost on the hot path), console, or otlp (to the endpoint).
+    trace_exporter: str = "off"
+    otlp_endpoint: str = ""
+    trace_sample_ratio: float = 1.0
+
+
 class Config(msgspec.Struct, frozen=True, kw_only=True):
     shard: ShardConfig
     front: FrontConfig
     data_dir: str
     ray_address: str | None = None
     payments: PaymentsSection = PaymentsSection()
+    observability: ObservabilityConfig = ObservabilityConfig()
 
     def check(self) -> None:
         """Limits agree with each other; raises ValueError naming the first that does not."""
@@ -111,6 +135,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.payments.idempotency_retention_s >= self.payments.rules.claim_ttl_s,
              "idempotency_retention_s >= claim_ttl_s"),
             (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),
+            (0 <= self.observability.metrics_port <= 65535, "0 <= metrics_port <= 65535"),
+            (self.observability.vcpu_hour_price >= 0, "vcpu_hour_price >= 0"),
+            (self.observability.trace_exporter in ("off", "console", "otlp"),
+             "trace_exporter is off, console or otlp"),
+            (0.0 <= self.observability.trace_sample_ratio <= 1.0,
+             "0 <= trace_sample_ratio <= 1"),
             ({p.name for p in self.payments.providers} <= set(self.payments.rules.provider_order),
              "every provider is in provider_order"),
         ]

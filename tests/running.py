@@ -19,7 +19,7 @@ from actors.runtime import Processor, start_processor
 from actors.store import LedgerStore
 from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 from processor.client import Client
-from processor.config import Config, FrontConfig, ShardConfig
+from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
 __all__ = ["IdSource", "client", "ids", "ledger_store", "processor", "token_for"]
 
@@ -58,6 +58,7 @@ async def processor(
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0, retry_deadline_s=30.0,
                           retry_attempts_max=5),
         data_dir=str(data_dir),
+        observability=ObservabilityConfig(metrics_port=0),
     )
     running = await start_processor(config)
     try:
