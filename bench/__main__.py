@@ -6,12 +6,18 @@ unless ``--database-url``), creates the accounts, then measures in turn:
 1. uniform: transfers between random accounts in RPC batches, a few requests in flight;
 2. hot: the same, with half of all transfers debiting or crediting one account;
 3. http: single transfers over the HTTP API at a fixed offered rate (open loop);
-4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference.
+4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference;
+5. with ``--tigerbeetle HOST:PORT``: once the processor has stopped, the same batch workload
+   (accounts, seeded uniform and hot transfers, batch size, requests in flight) against a
+   TigerBeetle server someone else started, through TigerBeetle's Python client (the
+   optional ``tigerbeetle`` package; see bench/peers.py). Its CPU is its server process's,
+   found by the listening port when it runs on this machine, else the client's only.
 
 For every phase it records the server's CPU seconds (shard and front Ray workers, postgres)
-and the peak RSS of those processes. Prints a table and a Markdown block and writes every
-figure with the machine's description to a JSON file. Figures are noisy on a shared 2-core
-machine: compare ratios measured in one run.
+and the peak RSS of those processes. Prints a table, a comparison with the peers (transfers/s,
+CPU-seconds per transfer and their ratios to pgbench and TigerBeetle) and a Markdown block,
+and writes every figure with the machine's description to a JSON file. Figures are noisy on a
+shared 2-core machine: compare ratios measured in one run.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from bench import ledger
+from bench import ledger, peers
 from processor.service import BATCH_ITEMS_MAX
 
 __all__ = ["main", "parse_args"]
@@ -87,6 +93,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         f"{QUICK['pgbench_seconds']}")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results file (default bench/results/<date>[-quick].json)")
+    p.add_argument("--tigerbeetle", type=peers.parse_host_port, default=None,
+                   metavar="HOST:PORT",
+                   help="also run the batch workload against the TigerBeetle server already "
+                        "listening there (never started here; needs the optional "
+                        f"'{peers.TIGERBEETLE_PIP}' client), after the processor has "
+                        "stopped; --skip uniform/hot apply to it too; ids are time-based, so "
+                        "a fresh data file is not needed")
+    p.add_argument("--tigerbeetle-cluster-id", type=int, default=0,
+                   help="the TigerBeetle cluster id (default 0)")
     args = p.parse_args(argv)
     if args.quick:
         args.transfers = min(args.transfers, QUICK["transfers"])
@@ -100,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = args.skip - {"uniform", "hot", "http", "pgbench", "audit"}
     if unknown:
         p.error(f"--skip: unknown phases {sorted(unknown)}")
+    if not 0 <= args.tigerbeetle_cluster_id < 2**128:
+        p.error("--tigerbeetle-cluster-id must be within 0..2**128-1")
     if args.out is None:
         day = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
         args.out = RESULTS_DIR / f"{day}{'-quick' if args.quick else ''}.json"
@@ -111,7 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
     from actors.runtime import start_processor
-    from processor.config import Config, FrontConfig, ShardConfig
+    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
     results: dict[str, Any] = {"machine": machine_info(), "args": _jsonable(vars(args)),
                                "phases": {}, "problems": []}
@@ -120,6 +137,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
         data_dir=str(scratch),
+        observability=ObservabilityConfig(metrics_port=0),
     )
     try:
         started = time.perf_counter()
@@ -134,7 +152,26 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             await processor.stop()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    if args.tigerbeetle:
+        # After the processor has stopped, so the two do not compete for the cores.
+        await _tigerbeetle(args, results, console)
+    _ratios(results)
     return results
+
+
+async def _tigerbeetle(args: argparse.Namespace, results: dict[str, Any],
+                       console: Console) -> None:
+    try:
+        tb = await peers.run_tigerbeetle(
+            args.tigerbeetle, cluster_id=args.tigerbeetle_cluster_id,
+            accounts=args.accounts, transfers=args.transfers, batch_size=args.batch,
+            concurrency=args.concurrency, hot_share=args.hot_share, seed=args.seed,
+            skip=args.skip, phase_s_max=args.phase_seconds_max, say=console.print)
+    except Exception as exc:  # a peer missing must not lose the processor's figures
+        results["problems"].append(f"tigerbeetle failed: {exc!r}")
+        return
+    results["problems"].extend(tb.pop("problems"))
+    results["tigerbeetle"] = tb
 
 
 async def _phases(
@@ -243,7 +280,6 @@ async def _phases(
     finally:
         sampler_task.cancel()
         await asyncio.gather(sampler_task, return_exceptions=True)
-    _ratios(results)
 
 
 async def _measured(
@@ -305,17 +341,10 @@ def _note_phase_problems(name: str, phase: dict[str, Any], results: dict[str, An
 
 
 def _ratios(results: dict[str, Any]) -> None:
-    tps = results.get("pgbench", {}).get("tps")
-    ratios: dict[str, float] = {}
-    for name in ("uniform", "hot"):
-        phase = results["phases"].get(name)
-        if phase and tps:
-            ratios[f"{name}_durable_transfers_per_s_over_pgbench_tps"] = round(
-                phase["durable_transfers_per_s"] / tps, 2)
-    http = results["phases"].get("http")
-    if http and tps:
-        ratios["http_ok_per_s_over_pgbench_tps"] = round(http["achieved_ok_per_s"] / tps, 2)
-    results["ratios"] = ratios
+    """Every system's transfers/s and CPU-seconds per transfer, and the ratios to pgbench
+    and TigerBeetle (bench/peers.py), into the results."""
+    results["comparison"] = peers.comparison_rows(results)
+    results["ratios"] = peers.ratios(results)
 
 
 async def _audit(url: str) -> dict[str, Any]:
@@ -431,12 +460,40 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                       _fmt(pg["latency_ms_mean"], ",.2f") + "*", "-", "-",
                       _fmt(pg["postgres_cpu_us_per_transaction"], ",.0f") + "*", "-", "-",
                       "-")
+    tb = results.get("tigerbeetle")
+    for name, p in _tigerbeetle_phases(results):
+        cpu = p["server_cpu_us_per_transfer"]
+        cpu_cell = (_fmt(cpu, ",.1f") if cpu is not None else
+                    _fmt(p["client_cpu_us_per_transfer"], ",.1f") + " c")
+        lat = p["request_latency_ms"]
+        table.add_row(f"TB {_phase_label(name, args, p)}",
+                      _fmt(p["durable_transfers_per_s"]), _fmt(lat["p50"], ",.1f"),
+                      _fmt(lat["p99"], ",.1f"), _fmt(lat["max"], ",.1f"), cpu_cell,
+                      _fmt(p["server_cpu_cores_busy"], ".2f"), _fmt(p["server_rss_mib"]), "-")
     console.print(table)
     if pg is not None:
         console.print(f"  * pgbench: mean latency, and postgres CPU per transaction "
                       f"({pg['command']})")
-    for k, v in results.get("ratios", {}).items():
-        console.print(f"  {k} = {v:.2f}")
+    if tb is not None:
+        console.print(f"  TB: TigerBeetle at {tb['address']} via {tb['client']}; CPU: "
+                      f"{tb['cpu_counted']}" + ("  (c: client CPU only)"
+                                                if tb["server_pid"] is None else ""))
+    rows = results.get("comparison") or peers.comparison_rows(results)
+    if rows:
+        # The console has no room for the "CPU of" column: the caption says it instead.
+        peer_table = Table(title="against peers, same run, same machine",
+                           caption="CPU of: txproc shards+front+postgres, pgbench postgres, "
+                                   "TigerBeetle its server (c: client only)\n"
+                                   + peers.COMPARISON_NOTE)
+        peer_table.add_column("system, workload", no_wrap=True)
+        for column in peers.COMPARISON_COLUMNS[2:]:
+            if column != "CPU of":
+                peer_table.add_column(column, justify="right", no_wrap=True)
+        for row in rows:
+            system, workload, rate, cpu, counted, *ratio_cells = peers.comparison_cells(row)
+            cpu += " c" if counted == "client only" else ""
+            peer_table.add_row(f"{system} {workload}", rate, cpu, *ratio_cells)
+        console.print(peer_table)
     if "http" in phases:
         h = phases["http"]
         console.print(f"  http answers by status: {h['answers_by_status']}, dropped "
@@ -490,13 +547,38 @@ def markdown_rows(results: dict[str, Any]) -> str:
         lines.append(f"| {date} | reference: {pg['command']}, same server | "
                      f"{_fmt(pg['tps'])} tps | {_fmt(pg['latency_ms_mean'], ',.2f')} (mean) | - "
                      f"| {_fmt(pg['postgres_cpu_us_per_transaction'], ',.0f')} (postgres) | - |")
-    for k, v in results.get("ratios", {}).items():
-        lines.append(f"\n`{k}` = {v:.2f}")
+    tb = results.get("tigerbeetle")
+    for name, p in _tigerbeetle_phases(results):
+        kind = "uniform" if name == "uniform" else f"hot account ({args['hot_share']:.0%})"
+        cpu = p["server_cpu_us_per_transfer"]
+        cpu_cell = (f"{_fmt(cpu, ',.1f')} (TigerBeetle server)" if cpu is not None else
+                    f"{_fmt(p['client_cpu_us_per_transfer'], ',.1f')} (client only)")
+        lat = p["request_latency_ms"]
+        lines.append(f"| {date} | peer: TigerBeetle at {tb['address']} via {tb['client']}, "
+                     f"{kind}, {p['transfers_submitted']:,} transfers, batches of "
+                     f"{tb['batch']:,} x {tb['concurrency']} in flight, {cores} cores | "
+                     f"{_fmt(p['durable_transfers_per_s'])} | {_fmt(lat['p50'], ',.0f')} | "
+                     f"{_fmt(lat['p99'], ',.0f')} | {cpu_cell} | "
+                     f"{_fmt(p['server_rss_mib'])} |")
+    comparison = peers.comparison_markdown(results)
+    if comparison:
+        lines += ["", comparison]
     return "\n".join(lines)
+
+
+def _tigerbeetle_phases(results: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    phases = (results.get("tigerbeetle") or {}).get("phases", {})
+    return [(name, phases[name]) for name in ("uniform", "hot") if name in phases]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.tigerbeetle:
+        try:  # before the processor's minutes, not after
+            peers.import_tigerbeetle()
+        except peers.TigerBeetleMissing as exc:
+            print(f"python -m bench: {exc}", file=sys.stderr)
+            return 2
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     # Piped output has no width; rich would then fold the table into 80 columns.
