@@ -440,7 +440,8 @@ class PaymentsEngine:
             telemetry.event(log, "provider actor failed mid-call", logging.WARNING,
                             event="provider_actor_failed", provider=provider,
                             error=type(exc).__name__)
-            return ProviderReply(outcome=Outcome.UNKNOWN, message="provider_actor_failed")
+            return ProviderReply(outcome=Outcome.UNKNOWN,
+                                 message=f"provider_actor_failed {type(exc).__name__}")
 
     # -- helpers ------------------------------------------------------------------------------
 
