@@ -32,10 +32,9 @@ __all__ = ["NodeMetrics", "make_node_metrics", "node_metrics_name"]
 
 log = logging.getLogger("txproc.metrics")
 NAMESPACE = "txproc"
-# Server processes whose CPU a transfer pays for, by process name or command line; the
-# database's processes are added by the postmaster's pid (embedded) or by name (local).
-_SERVER_NAMES = ("raylet", "gcs_server")
-_SERVER_MARKERS = ("ray::", "adapters.sim.")
+# Ray's own processes of this cluster carry its session directory on their command line;
+# its workers (every actor) are the raylet's children.
+_RAY_DAEMONS = ("raylet", "gcs_server")
 
 
 def node_metrics_name(node_id: str) -> str:
@@ -45,35 +44,55 @@ def node_metrics_name(node_id: str) -> str:
 class _CpuMeter:
     """CPU-seconds the node's server processes have used, never going down when one exits.
 
-    Each process's own total is remembered; a process that is gone keeps its last total,
-    so the sum only grows (restarts of an actor are new processes, counted afresh).
+    Counted: this Ray cluster's raylet and GCS (by its session directory) and every process
+    under the raylet (the actors), the embedded PostgreSQL's postmaster and its children (or
+    local ``postgres`` processes when the database is an external one on this host), and
+    the simulated providers of this data directory. Other Ray clusters on the same host are
+    not. Each process's own total is remembered; a process that is gone keeps its last
+    total, so the sum only grows.
     """
 
-    def __init__(self, *, postgres_pid: int | None, local_postgres: bool) -> None:
+    def __init__(self, *, session_dir: str, data_dir: str, postgres_pid: int | None,
+                 local_postgres: bool) -> None:
         self._seen: dict[tuple[int, float], float] = {}  # (pid, create time) -> cpu s
         self._processes: dict[int, psutil.Process] = {}
+        self._session_dir = session_dir
+        self._data_dir = data_dir
         self._postgres_pid = postgres_pid
         self._local_postgres = local_postgres
 
-    def _database_pids(self) -> set[int]:
-        if self._postgres_pid is None:
-            return set()
+    def _tree(self, pid: int) -> set[int]:
         try:
-            postmaster = psutil.Process(self._postgres_pid)
-            return {postmaster.pid, *(c.pid for c in postmaster.children(recursive=True))}
+            root = psutil.Process(pid)
+            return {root.pid, *(c.pid for c in root.children(recursive=True))}
         except psutil.Error:
             return set()
 
-    def total_s(self) -> float:
-        alive: dict[int, psutil.Process] = {}
-        database = self._database_pids()
+    def _server_pids(self) -> set[int]:
+        pids: set[int] = set()
+        if self._postgres_pid is not None:
+            pids |= self._tree(self._postgres_pid)
         for proc in psutil.process_iter(["name", "cmdline"]):
             name = proc.info.get("name") or ""
             cmdline = " ".join(proc.info.get("cmdline") or ())
-            if (proc.pid in database or name in _SERVER_NAMES or name.startswith("ray::")
-                    or (self._local_postgres and name == "postgres")
-                    or any(marker in cmdline for marker in _SERVER_MARKERS)):
-                alive[proc.pid] = self._processes.get(proc.pid, proc)
+            if name in _RAY_DAEMONS and self._session_dir and self._session_dir in cmdline:
+                pids |= self._tree(proc.pid) if name == "raylet" else {proc.pid}
+            elif self._local_postgres and name == "postgres":
+                pids.add(proc.pid)
+            elif "adapters.sim." in cmdline and self._data_dir and self._data_dir in cmdline:
+                pids.add(proc.pid)
+        return pids
+
+    def total_s(self) -> float:
+        alive: dict[int, psutil.Process] = {}
+        for pid in self._server_pids():
+            proc = self._processes.get(pid)
+            if proc is None:
+                try:
+                    proc = psutil.Process(pid)
+                except psutil.Error:
+                    continue
+            alive[pid] = proc
         self._processes = alive
         for pid, proc in alive.items():
             try:
@@ -154,10 +173,19 @@ class _DatabaseCollector:
                 yield GaugeMetricFamily(name, text, value=self.values[name])
 
 
+def _session_dir() -> str:
+    """This Ray cluster's session directory (on the node this process runs on)."""
+    try:
+        return str(ray._private.worker._global_node.get_session_dir_path())
+    except Exception:  # not in a Ray worker (a unit test): count no Ray processes
+        return ""
+
+
 class NodeMetrics:
     def __init__(self, *, multiproc_dir: str, host: str, port: int, database_url: str,
                  database_gauges: bool, vcpu_hour_price: float, price_currency: str,
                  postgres_pid: int | None = None, local_postgres: bool = False,
+                 data_dir: str = "",
                  window_s: float = 60.0, refresh_s: float = 5.0,
                  observability: Any = None) -> None:
         if observability is not None:
@@ -171,7 +199,8 @@ class NodeMetrics:
         self._database_gauges = database_gauges
         self._refresh_s = refresh_s
         self._multiprocess = MultiProcessCollector(CollectorRegistry(), path=multiproc_dir)
-        meter = _CpuMeter(postgres_pid=postgres_pid, local_postgres=local_postgres)
+        meter = _CpuMeter(session_dir=_session_dir(), data_dir=data_dir,
+                          postgres_pid=postgres_pid, local_postgres=local_postgres)
         self._cost = _CostCollector(self._committed, meter, window_s=window_s,
                                     price=vcpu_hour_price, currency=price_currency)
         self._db = _DatabaseCollector()

@@ -383,8 +383,9 @@ class PaymentsEngine:
                 return step
             step = saved
             if step.final:
-                result = "declined" if step.error in ("provider_declined", "risk_declined") \
-                    else step.phase.value
+                result = ("declined" if step.error in ("provider_declined", "risk_declined")
+                          else "compensation_refused" if step.error == "compensation_refused"
+                          else step.phase.value)
                 metrics.PAYMENT_OPERATIONS.labels(step.kind.value, result).inc()
         if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED:
             await self._auto_capture(step.subject_id)

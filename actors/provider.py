@@ -85,6 +85,7 @@ class ProviderActor:
         self._rng = rng or random.Random()
         self.breaker = CircuitBreaker(config.breaker, clock, on_transition=self._transition)
         metrics.BREAKER_STATE.labels(config.name).set(0)
+        self._watch: asyncio.Task[None] | None = None
         self.bulkhead = Bulkhead(config.calls_in_flight_max)
         self._client = httpx.AsyncClient(
             base_url=config.base_url,
@@ -121,6 +122,13 @@ class ProviderActor:
     def pid(self) -> int:
         return os.getpid()
 
+    async def _watch_breaker(self) -> None:
+        """Keep the breaker gauge true while no calls come: open turns half open by time."""
+        while True:
+            metrics.BREAKER_STATE.labels(self.config.name).set(
+                _BREAKER_LEVEL[self.breaker.state])
+            await asyncio.sleep(1.0)
+
     def breaker_state(self) -> str:
         return self.breaker.state.value
 
@@ -132,11 +140,16 @@ class ProviderActor:
     async def close(self) -> None:
         await self._client.aclose()
 
+    def _ensure_watch(self) -> None:
+        if self._watch is None:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_breaker())
+
     async def _run(self, request: ProviderRequest,
                    build: Callable[[ProviderRequest, float], HttpCall],
                    parse: Callable[[ProviderRequest, int, dict[str, str], bytes], ProviderReply],
                    kind: str) -> ProviderReply:
         self.stats["calls"] += 1
+        self._ensure_watch()
         if not self.bulkhead.try_acquire():
             self.stats["rejected_bulkhead"] += 1
             metrics.OVERLOAD_REJECTIONS.labels(f"provider_{self.config.name}").inc()

@@ -222,7 +222,8 @@ async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None
             port=obs.metrics_port, database_url=url, database_gauges=local,
             vcpu_hour_price=obs.vcpu_hour_price, price_currency=obs.price_currency,
             postgres_pid=embedded.pid if (embedded is not None and local) else None,
-            local_postgres=local_db and local, window_s=obs.cost_window_s,
+            local_postgres=local_db and local, data_dir=config.data_dir,
+            window_s=obs.cost_window_s,
             observability=obs)
         port = await server.start.remote()
         processor.metrics.append(server)

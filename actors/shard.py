@@ -74,6 +74,8 @@ class LedgerShard:
             telemetry.setup(observability, f"shard-{shard}")
         self._shard = shard
         self._label = str(shard)
+        # Series exist at zero from the start, so rate() and increase() see the first one.
+        metrics.LEDGER_WRITE_FAILURES.labels(self._label)
         self._config = config
         self._partitions = PartitionMap.uniform(config.shards)
         self._own_partitions = self._partitions.partitions_of_shard(shard)
