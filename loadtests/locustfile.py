@@ -1,56 +1,84 @@
-"""Locust harness: card-authorization-like traffic against the HTTP API (POST /v1/transfers).
+"""Locust users for txproc: partners over HTTP, gateways over the batched RPC, a hot account,
+and the original ledger holds. What each sends is in ``loadtests/workload.py`` (pure);
+this file wires it to Locust. Pick the users by class name on the command line:
 
-Each simulated client places holds (``pending`` transfers) from a customer account to a
-merchant account and resolves them: most are captured (``post_pending``, sometimes for less
-than the hold), the rest released (``void_pending``). A client keeps a few holds open and
-settles the oldest before placing another, so at steady state it sends one settlement per
-authorization. Locust's statistics are kept per request name (``authorize``, ``capture``,
-``void``); read p95/p99 from its console summary, web UI or ``--csv`` files.
+=================  ==================================================================
+AuthorizingClient  HTTP holds (``pending`` transfers), then capture or void; Locust
+                   names ``authorize``, ``capture``, ``void``
+PartnerUser        HTTP: ``transfer`` (POST /v1/transfers), ``authorize``
+                   (POST /v1/payments), ``capture``, ``refund``, weighted by
+                   TXPROC_PARTNER_MIX; every payments POST has its own Idempotency-Key
+GatewayUser        batched ``create_transfers`` over the binary RPC (processor.client),
+                   TXPROC_BATCH_SIZE transfers per call: one Locust request
+                   ``rpc``/``create_transfers batch`` per call and one ``rpc``/``transfer``
+                   per transfer, failed with its ledger result code unless ok or exists
+HotAccountUser     HTTP transfers, TXPROC_HOT_SHARE of them (half) to or from one hot
+                   account (``transfer hot``), the rest between customers (``transfer``)
+=================  ==================================================================
 
 Before the load starts (Locust's ``test_start`` event) the accounts are created through
-``POST /v1/accounts/batch`` and funded from an operator account; both are idempotent, so a
-second run over the same ledger reuses them ("exists").
+``POST /v1/accounts/batch`` and funded from an operator account, unless TXPROC_SKIP_SETUP=1
+(``loadtests/run.py`` does it itself, before it starts measuring); both are idempotent.
 
-Environment (read by this file only; see loadtests/README.md):
+Bounds: run with ``--run-time``; TXPROC_MAX_REQUESTS (per Locust process) stops the run
+once that many requests (HTTP requests or RPC calls) were sent. With TXPROC_RECORD_DIR set,
+every request is also written to ``<dir>/requests-<pid>.csv`` (start time, latency, result
+code, count), which ``loadtests/run.py`` turns into its summary.
 
-========================  ===================================================================
-TXPROC_TOKEN              bearer token with transfers:write and accounts:write (required)
-TXPROC_ACCOUNT_FIRST      first customer account id (default 1000000)
-TXPROC_ACCOUNTS           number of customer accounts (default 1000); the operator account
-                          that funds them is TXPROC_ACCOUNT_FIRST + TXPROC_ACCOUNTS
-TXPROC_CAPTURE_SHARE      share of holds captured rather than voided (default 0.8)
-TXPROC_HOLDS_OPEN_MAX     holds one client keeps open before settling the oldest (default 4)
-TXPROC_HOLD_TIMEOUT_S     seconds until an unsettled hold expires (default 300)
-TXPROC_USER_RPS           requests per second per client, 0 for as fast as answered (default 0)
-TXPROC_CURRENCY           ISO 4217 code of every account (default EUR)
-========================  ===================================================================
-
-Run headless so it stops by itself::
+Environment: see loadtests/README.md. Run headless so it stops by itself::
 
     TXPROC_TOKEN=... locust -f loadtests/locustfile.py --headless -u 50 -r 50 \\
-        --run-time 20s --host http://127.0.0.1:8080 --csv /tmp/txproc
+        --run-time 20s --host http://127.0.0.1:8080 --csv /tmp/txproc PartnerUser
 """
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import collections
-import itertools
+import contextlib
 import json
 import logging
 import os
 import random
-import secrets
-import urllib.error
-import urllib.request
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
-from locust import FastHttpUser, constant, constant_throughput, events, task
+import gevent
+import gevent.event
+import gevent.monkey
+from locust import FastHttpUser, User, constant, constant_throughput, events, task
+from locust.exception import StopUser
 from locust.runners import WorkerRunner
+
+from loadtests.workload import (
+    AuthorizationFlow,
+    Budget,
+    HotAccountFlow,
+    HttpCall,
+    KeySource,
+    PartnerFlow,
+    Request,
+    Settings,
+    error_code,
+    funding_id,
+    gateway_batch,
+    load_ids,
+    post_setup_batch,
+    scenario_setup_requests,
+    setup_requests,
+)
 
 __all__ = [
     "AuthorizationFlow",
     "AuthorizingClient",
+    "GatewayUser",
+    "HotAccountUser",
+    "PartnerUser",
     "Request",
     "Settings",
     "funding_id",
@@ -59,220 +87,352 @@ __all__ = [
 
 log = logging.getLogger("txproc.locust")
 
-BATCH_ITEMS_MAX = 8189  # processor.service.BATCH_ITEMS_MAX, kept here so Locust needs no txproc
-# Funding transfers have ids 2**62 + account id, so they are the same on every run and every
-# Locust process (creating them twice answers "exists"); load ids stay below 2**61.
-FUNDING_ID_BASE = 2**62
-LOAD_ID_MAX = 2**61
-ACCOUNT_ID_MAX = 2**61
-FUNDING_AMOUNT = 10**15  # minor units per customer: far more than any run can spend
-HOLD_AMOUNT_MIN = 100
-HOLD_AMOUNT_MAX = 50_000
-PARTIAL_CAPTURE_SHARE = 0.2
-SETUP_TIMEOUT_S = 60.0
+_T = TypeVar("_T")
+_IDS = load_ids()
+_KEYS = KeySource()
+_BUDGET = Budget(max(0, int(os.environ.get("TXPROC_MAX_REQUESTS", "0") or 0)))
+BUDGET_MARKER = "budget-exhausted"
+RPC_TIMEOUT_S = 30.0
 
 
-@dataclass(frozen=True)
-class Settings:
-    """What the harness is told by the environment; see the module docstring."""
-
-    token: str
-    account_first: int
-    accounts: int
-    capture_share: float = 0.8
-    holds_open_max: int = 4
-    hold_timeout_s: int = 300
-    user_rps: float = 0.0
-    currency: str = "EUR"
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> Settings:
-        """Settings from ``env``; raises ValueError naming a missing or invalid variable."""
-        token = env.get("TXPROC_TOKEN", "")
-        if not token:
-            raise ValueError("TXPROC_TOKEN must hold a bearer token (txproc token issue ...)")
-        settings = cls(
-            token=token,
-            account_first=int(env.get("TXPROC_ACCOUNT_FIRST", "1000000")),
-            accounts=int(env.get("TXPROC_ACCOUNTS", "1000")),
-            capture_share=float(env.get("TXPROC_CAPTURE_SHARE", "0.8")),
-            holds_open_max=int(env.get("TXPROC_HOLDS_OPEN_MAX", "4")),
-            hold_timeout_s=int(env.get("TXPROC_HOLD_TIMEOUT_S", "300")),
-            user_rps=float(env.get("TXPROC_USER_RPS", "0")),
-            currency=env.get("TXPROC_CURRENCY", "EUR"),
-        )
-        settings.check()
-        return settings
-
-    def check(self) -> None:
-        checks = [
-            (self.account_first >= 1, "TXPROC_ACCOUNT_FIRST >= 1"),
-            (self.accounts >= 2, "TXPROC_ACCOUNTS >= 2"),
-            (self.account_first + self.accounts < ACCOUNT_ID_MAX,
-             "TXPROC_ACCOUNT_FIRST + TXPROC_ACCOUNTS < 2**61"),
-            (0.0 <= self.capture_share <= 1.0, "0 <= TXPROC_CAPTURE_SHARE <= 1"),
-            (self.holds_open_max >= 0, "TXPROC_HOLDS_OPEN_MAX >= 0"),
-            (self.hold_timeout_s >= 1, "TXPROC_HOLD_TIMEOUT_S >= 1"),
-            (self.user_rps >= 0, "TXPROC_USER_RPS >= 0"),
-        ]
-        for ok, what in checks:
-            if not ok:
-                raise ValueError(f"locustfile settings: {what}")
-
-    @property
-    def operator_id(self) -> int:
-        return self.account_first + self.accounts
-
-    @property
-    def customer_ids(self) -> range:
-        return range(self.account_first, self.account_first + self.accounts)
+# -- recording ----------------------------------------------------------------------------
 
 
-def funding_id(account_id: int) -> int:
-    """The id of the transfer that funds ``account_id``: the same on every run."""
-    return FUNDING_ID_BASE + account_id
+class Recorder:
+    """Appends one CSV line per request (or per result code of an RPC batch) to
+    ``<TXPROC_RECORD_DIR>/requests-<pid>.csv``: start time (Unix seconds), kind (``http``,
+    ``batch`` or ``item``), name, latency in ms, ok (1/0), code, count. Does nothing when
+    TXPROC_RECORD_DIR is unset."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = Path(directory) if directory else None
+        self._file: IO[str] | None = None
+
+    def write(self, start_s: float, kind: str, name: str, latency_ms: float, ok: bool,
+              code: str, count: int = 1) -> None:
+        if self.directory is None:
+            return
+        if self._file is None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._file = (self.directory / f"requests-{os.getpid()}.csv").open(
+                "a", buffering=1 << 16)
+        code = code.replace(",", ";").replace("\n", " ")
+        self._file.write(f"{start_s:.6f},{kind},{name},{latency_ms:.3f},{int(ok)},{code},"
+                         f"{count}\n")
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def mark(self, name: str) -> None:
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            (self.directory / name).write_text(f"{os.getpid()}\n")
 
 
-def setup_requests(settings: Settings) -> Iterator[tuple[str, dict[str, object]]]:
-    """(path, JSON body) of the batches that create and fund the accounts, in order."""
-    accounts: list[dict[str, object]] = [
-        {"id": i, "currency": settings.currency, "flags": ["debits_must_not_exceed_credits"]}
-        for i in settings.customer_ids
-    ]
-    accounts.append({"id": settings.operator_id, "currency": settings.currency})
-    for start in range(0, len(accounts), BATCH_ITEMS_MAX):
-        yield "/v1/accounts/batch", {"accounts": accounts[start:start + BATCH_ITEMS_MAX]}
-    funding = [
-        {"id": funding_id(i), "debit_account_id": settings.operator_id, "credit_account_id": i,
-         "amount": FUNDING_AMOUNT, "currency": settings.currency}
-        for i in settings.customer_ids
-    ]
-    for start in range(0, len(funding), BATCH_ITEMS_MAX):
-        yield "/v1/transfers/batch", {"transfers": funding[start:start + BATCH_ITEMS_MAX]}
+RECORDER = Recorder(os.environ.get("TXPROC_RECORD_DIR", ""))
+atexit.register(RECORDER.flush)
 
 
-@dataclass(frozen=True)
-class Request:
-    """One POST /v1/transfers: its Locust name, its body, and the hold it places or settles."""
-
-    name: str
-    body: bytes
-    hold: dict[str, int] | None = None
-
-
-class AuthorizationFlow:
-    """The requests of one simulated client: holds, then their capture or void.
-
-    Pure (a seeded ``rng`` and an id source passed in), so it is tested without Locust
-    running. Call ``next_request`` for what to send and ``answered`` with its outcome: a hold
-    is only settled once its creation was acknowledged.
-    """
-
-    def __init__(self, settings: Settings, rng: random.Random, ids: Iterator[int]) -> None:
-        self._settings = settings
-        self._rng = rng
-        self._ids = ids
-        self._open: collections.deque[dict[str, int]] = collections.deque()
-
-    @property
-    def holds_open(self) -> int:
-        return len(self._open)
-
-    def next_request(self) -> Request:
-        s = self._settings
-        if self._open and len(self._open) >= s.holds_open_max:
-            return self._settle(self._open.popleft())
-        customers = s.customer_ids
-        debit, credit = self._rng.sample(customers, 2)
-        hold = {"id": next(self._ids), "debit_account_id": debit, "credit_account_id": credit,
-                "amount": self._rng.randint(HOLD_AMOUNT_MIN, HOLD_AMOUNT_MAX)}
-        body = {**hold, "currency": s.currency, "flags": ["pending"],
-                "timeout_s": s.hold_timeout_s}
-        return Request("authorize", _encode(body), hold)
-
-    def answered(self, request: Request, ok: bool) -> None:
-        """Record the outcome of ``request``; an acknowledged hold joins the open ones."""
-        if request.name == "authorize" and ok and request.hold is not None:
-            self._open.append(request.hold)
-
-    def _settle(self, hold: dict[str, int]) -> Request:
-        s = self._settings
-        capture = self._rng.random() < s.capture_share
-        amount = hold["amount"]
-        if capture and self._rng.random() < PARTIAL_CAPTURE_SHARE:
-            amount = self._rng.randint(1, amount)
-        body = {"id": next(self._ids), "debit_account_id": hold["debit_account_id"],
-                "credit_account_id": hold["credit_account_id"], "amount": amount,
-                "currency": s.currency, "flags": ["post_pending" if capture else "void_pending"],
-                "pending_id": hold["id"]}
-        return Request("capture" if capture else "void", _encode(body), hold)
+def _take_or_stop(user: User) -> None:
+    """Take one request from the budget, or stop this user and the run (raises StopUser)."""
+    if _BUDGET.take():
+        return
+    _stop_run(user.environment)
+    raise StopUser()
 
 
-def _encode(body: dict[str, object]) -> bytes:
-    return json.dumps(body, separators=(",", ":")).encode()
+_stopping = False
 
 
-def _load_ids() -> Iterator[int]:
-    """Transfer ids for this process: a random start, so Locust processes and runs sharing
-    a ledger do not collide (ranges of 2**61 / millions of ids rarely overlap)."""
-    return itertools.count(secrets.randbelow(LOAD_ID_MAX - 2**40) + 1)
+def _stop_run(environment: Any) -> None:
+    global _stopping
+    if _stopping:
+        return
+    _stopping = True
+    log.warning("txproc: TXPROC_MAX_REQUESTS=%d reached, stopping", _BUDGET.limit)
+    RECORDER.mark(BUDGET_MARKER)
+    runner = getattr(environment, "runner", None)
+    if runner is not None:
+        gevent.spawn(runner.quit)
 
 
-_IDS = _load_ids()
+@events.test_stop.add_listener
+def _flush_records(**_kwargs: object) -> None:
+    RECORDER.flush()
 
 
-# -- Locust wiring ------------------------------------------------------------------------
+@events.quitting.add_listener
+def _flush_records_on_quit(**_kwargs: object) -> None:
+    RECORDER.flush()
 
 
-def _wait_time() -> object:
+# -- HTTP users ---------------------------------------------------------------------------
+
+
+def _wait_time() -> Any:
     rps = float(os.environ.get("TXPROC_USER_RPS", "0") or 0)
     return constant_throughput(rps) if rps > 0 else constant(0)
 
 
-class AuthorizingClient(FastHttpUser):
-    """One payment gateway connection placing and settling holds."""
+def _answer_code(status: int, text: str | None, body: Any, *, ok: bool) -> str:
+    """A success's code is the payment's status, or ``created`` (201) / ``exists`` (200)
+    for a transfer; a failure's is the JSON error code."""
+    if not ok:
+        return error_code(status, text)
+    if isinstance(body, dict) and isinstance(body.get("status"), str):
+        return str(body["status"])
+    return "created" if status == 201 else "exists" if status == 200 else f"http_{status}"
 
-    wait_time = _wait_time()  # type: ignore[assignment]
+
+class _TxprocHttpUser(FastHttpUser):
+    abstract = True
+    wait_time = _wait_time()
 
     def on_start(self) -> None:
         self.settings = Settings.from_env(os.environ)
-        self.flow = AuthorizationFlow(self.settings, random.Random(), _IDS)
+        self.rng = random.Random()
         self.headers = {"Authorization": f"Bearer {self.settings.token}",
                         "Content-Type": "application/json"}
+
+    def post(self, name: str, path: str, body: bytes,
+             idempotency_key: str | None = None) -> tuple[int, Any]:
+        """POST ``body``, report it to Locust under ``name`` and to the recorder; returns
+        the HTTP status (0 without an answer) and the decoded JSON body (None if none)."""
+        _take_or_stop(self)
+        headers = self.headers
+        if idempotency_key is not None:
+            headers = {**headers, "Idempotency-Key": idempotency_key}
+        start_s = time.time()
+        started = time.perf_counter()
+        with self.client.post(path, data=body, headers=headers, name=name,
+                              catch_response=True) as response:
+            latency_ms = (time.perf_counter() - started) * 1000
+            status = response.status_code or 0
+            text = response.text if status else None
+            try:
+                body = json.loads(text) if text else None
+            except ValueError:
+                body = None
+            ok = 200 <= status < 300
+            code = _answer_code(status, text, body, ok=ok)
+            if status == 0 and response.error is not None:
+                code = f"no_answer:{type(response.error).__name__}"
+            if ok:
+                response.success()
+            else:
+                response.failure(f"{status} {code}")
+        RECORDER.write(start_s, "http", name, latency_ms, ok, code)
+        return status, body
+
+
+class AuthorizingClient(_TxprocHttpUser):
+    """One payment gateway connection placing and settling ledger holds (scenario holds)."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.flow = AuthorizationFlow(self.settings, self.rng, _IDS)
 
     @task
     def step(self) -> None:
         request = self.flow.next_request()
-        with self.client.post("/v1/transfers", data=request.body, headers=self.headers,
-                              name=request.name, catch_response=True) as response:
-            ok = response.status_code in (200, 201)
-            if ok:
-                response.success()
+        status, _ = self.post(request.name, "/v1/transfers", request.body)
+        self.flow.answered(request, status in (200, 201))
+
+
+class PartnerUser(_TxprocHttpUser):
+    """A partner over HTTP: transfers, payment authorizations, captures and refunds."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.flow = PartnerFlow(self.settings, self.rng, _IDS, _KEYS)
+
+    @task
+    def step(self) -> None:
+        call: HttpCall = self.flow.next_call()
+        status, body = self.post(call.name, call.path, call.body, call.idempotency_key)
+        self.flow.answered(call, status, body)
+
+
+class HotAccountUser(_TxprocHttpUser):
+    """HTTP transfers, half of them to or from one hot account."""
+
+    def on_start(self) -> None:
+        super().on_start()
+        self.flow = HotAccountFlow(self.settings, self.rng, _IDS)
+
+    @task
+    def step(self) -> None:
+        call = self.flow.next_call()
+        self.post(call.name, call.path, call.body)
+
+
+# -- the RPC gateway: an asyncio client on a native thread --------------------------------
+
+
+class _AsyncioThread:
+    """One asyncio event loop per Locust process, on a native thread.
+
+    Locust runs on gevent and has monkey-patched ``threading``, ``selectors`` and the locks,
+    while ``processor.client.Client`` is asyncio. The loop therefore runs on a thread started
+    with the original ``_thread.start_new_thread`` and the original epoll selector, and
+    results come back to the waiting greenlet through ``hub.loop.run_callback_threadsafe``:
+    no gevent object is touched from the loop's thread and no patched lock is shared between
+    the two (``asyncio.run_coroutine_threadsafe`` would wait on a patched Condition), so a
+    greenlet waiting for an RPC answer never blocks the others.
+    """
+
+    def __init__(self) -> None:
+        selector_class = gevent.monkey.get_original("selectors", "DefaultSelector")
+        start_new_thread = gevent.monkey.get_original("_thread", "start_new_thread")
+        self.loop = asyncio.SelectorEventLoop(selector_class())
+        self._hub = gevent.get_hub()
+        start_new_thread(self._run, ())
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_forever()
+
+    def call(self, make: Callable[[], Coroutine[Any, Any, _T]], timeout_s: float) -> _T:
+        """Run ``make()`` on the loop; the calling greenlet waits (cooperatively) at most
+        ``timeout_s`` and the coroutine is cancelled if it has not finished by then."""
+        result: gevent.event.AsyncResult = gevent.event.AsyncResult()
+        tasks: list[asyncio.Task[_T]] = []
+
+        def settle(task: asyncio.Task[_T]) -> None:  # on the gevent hub
+            if task.cancelled():
+                result.set_exception(TimeoutError("cancelled"))
+            elif (exc := task.exception()) is not None:
+                result.set_exception(exc)
             else:
-                response.failure(f"{response.status_code} {_error_code(response.text)}")
-        self.flow.answered(request, ok)
+                result.set(task.result())
+
+        def start() -> None:  # on the asyncio thread
+            task = self.loop.create_task(make())
+            tasks.append(task)
+            task.add_done_callback(
+                lambda t: self._hub.loop.run_callback_threadsafe(settle, t))
+
+        self.loop.call_soon_threadsafe(start)
+        try:
+            return result.get(timeout=timeout_s)
+        except gevent.Timeout:
+            self.loop.call_soon_threadsafe(lambda: [t.cancel() for t in tasks])
+            raise TimeoutError(f"no answer within {timeout_s} s") from None
 
 
-def _error_code(text: str | None) -> str:
-    try:
-        return str(json.loads(text or "")["error"]["code"])
-    except (ValueError, KeyError, TypeError):
-        return "no error code"
+_LOOP: _AsyncioThread | None = None
+
+
+def _loop() -> _AsyncioThread:
+    global _LOOP
+    if _LOOP is None:
+        _LOOP = _AsyncioThread()
+    return _LOOP
+
+
+def _rpc_address(text: str) -> tuple[str, int]:
+    """``host:port`` as (numeric address, port): resolved here, on gevent, because the
+    asyncio thread must not call getaddrinfo (its executor threads would be greenlets)."""
+    if not text:
+        raise ValueError("GatewayUser needs TXPROC_RPC_ADDRESS=host:port (the RPC listener)")
+    parts = urlsplit(f"//{text}")
+    if parts.hostname is None or parts.port is None:
+        raise ValueError(f"TXPROC_RPC_ADDRESS is not host:port: {text!r}")
+    return socket.gethostbyname(parts.hostname), parts.port
+
+
+class GatewayUser(User):
+    """A card gateway sending batches of transfers over the binary RPC (one connection)."""
+
+    wait_time = _wait_time()
+
+    def on_start(self) -> None:
+        from processor.client import Client
+
+        self.settings = Settings.from_env(os.environ)
+        self.rng = random.Random()
+        host, port = _rpc_address(self.settings.rpc_address)
+        token = self.settings.token
+
+        async def connect() -> Client:
+            client = Client(host, port, token, timeout_s=RPC_TIMEOUT_S)
+            await client.connect()
+            return client
+
+        self.rpc = _loop().call(connect, RPC_TIMEOUT_S + 5)
+
+    def on_stop(self) -> None:
+        rpc = getattr(self, "rpc", None)
+        if rpc is not None:
+            with contextlib.suppress(Exception):
+                _loop().call(rpc.close, 5)
+
+    @task
+    def batch(self) -> None:
+        from processor.types import Transfer
+
+        _take_or_stop(self)
+        transfers = [Transfer(**t) for t in gateway_batch(self.settings, self.rng, _IDS)]
+        start_s = time.time()
+        started = time.perf_counter()
+        exception: Exception | None = None
+        codes: list[str] = []
+        try:
+            results = _loop().call(lambda: self.rpc.create_transfers(transfers),
+                                   RPC_TIMEOUT_S + 5)
+            codes = [r.name for r in results]
+        except Exception as exc:  # Overloaded, Unavailable, ClientError, TimeoutError
+            exception = exc
+        latency_ms = (time.perf_counter() - started) * 1000
+        fire = self.environment.events.request.fire
+        batch_code = "ok" if exception is None else _rpc_error_code(exception)
+        fire(request_type="rpc", name="create_transfers batch", response_time=latency_ms,
+             response_length=len(transfers), exception=exception, context={},
+             start_time=start_s, url=None, response=None)
+        RECORDER.write(start_s, "batch", "create_transfers batch", latency_ms,
+                       exception is None, batch_code)
+        if exception is not None:
+            codes = [batch_code] * len(transfers)
+        for code in codes:
+            failed = None if code in ("ok", "exists") else RpcItemError(code)
+            fire(request_type="rpc", name="transfer", response_time=latency_ms,
+                 response_length=0, exception=failed, context={}, start_time=start_s,
+                 url=None, response=None)
+        for code, count in collections.Counter(codes).items():
+            RECORDER.write(start_s, "item", "transfer", latency_ms, code in ("ok", "exists"),
+                           code, count)
+
+
+class RpcItemError(Exception):
+    """A transfer of a batch the ledger did not create; the message is its result code."""
+
+
+def _rpc_error_code(exc: Exception) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, str) and code:
+        return code
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    return f"error:{type(exc).__name__}"
+
+
+# -- setup --------------------------------------------------------------------------------
 
 
 @events.test_start.add_listener
-def _create_accounts(environment: object, **_kwargs: object) -> None:
+def _create_accounts(environment: Any, **_kwargs: object) -> None:
     """Create and fund the accounts once, before any user starts (not on workers)."""
     runner = getattr(environment, "runner", None)
-    if isinstance(runner, WorkerRunner):
+    if isinstance(runner, WorkerRunner) or os.environ.get("TXPROC_SKIP_SETUP") == "1":
         return
     host = getattr(environment, "host", None)
     try:
         if not host:
             raise ValueError("--host is required (the txproc HTTP address)")
         settings = Settings.from_env(os.environ)
-        for path, body in setup_requests(settings):
-            _post_batch(host.rstrip("/") + path, settings.token, body)
+        for path, body in scenario_setup_requests(settings):
+            post_setup_batch(host.rstrip("/") + path, settings.token, body)
     except Exception as exc:
         log.error("txproc setup failed, stopping: %s", exc)
         if runner is not None:
@@ -280,18 +440,3 @@ def _create_accounts(environment: object, **_kwargs: object) -> None:
             runner.quit()
         raise
     log.info("txproc: %d accounts ready (operator %d)", settings.accounts, settings.operator_id)
-
-
-def _post_batch(url: str, token: str, body: dict[str, object]) -> None:
-    request = urllib.request.Request(
-        url, data=_encode(body), method="POST",
-        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=SETUP_TIMEOUT_S) as response:
-            answer = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{url}: {exc.code} {exc.read()[:300]!r}") from exc
-    refused = collections.Counter(r["status"] for r in answer["results"]
-                                  if r["status"] not in ("created", "exists"))
-    if refused:
-        raise RuntimeError(f"{url}: items refused: {dict(refused)}")
