@@ -234,9 +234,13 @@ async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None
 async def _start_payments(processor: Processor) -> None:
     """Simulated providers (where no URL is configured), provider actors, the risk actor,
     then the payments API of the front."""
+    from adapters.registry import ADAPTERS
     from adapters.sim.launch import start_sim, write_secrets
 
     config = processor.config
+    unknown = [e.name for e in config.payments.providers if e.name not in ADAPTERS]
+    if unknown:
+        raise ValueError(f"no adapter for providers {unknown}; known: {sorted(ADAPTERS)}")
     data = Path(config.data_dir)
     (data / "providers").mkdir(parents=True, exist_ok=True)
     host = config.front.host if config.front.host not in ("0.0.0.0", "::") else "127.0.0.1"

@@ -16,8 +16,17 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
+
 from processor.auth import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
-from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+from processor.config import (
+    Config,
+    FrontConfig,
+    ObservabilityConfig,
+    PaymentsSection,
+    ProviderEndpoint,
+    ShardConfig,
+)
 
 __all__ = ["build_config", "main"]
 
@@ -49,6 +58,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
                    help="OTLP/HTTP endpoint for --trace-exporter otlp")
     p.add_argument("--trace-sample-ratio", type=float, default=1.0)
+    p.add_argument("--provider", action="append", default=[], metavar="NAME[=URL[,SECRETS]]",
+                   help="a payment provider (repeatable; replaces the defaults acme and "
+                        "globex): with a URL, that provider's server and its secrets file; "
+                        "without, its simulated server is started")
+    p.add_argument("--no-payments", action="store_true",
+                   help="serve the ledger only: no providers, no payments API")
 
 
 def build_config(args: argparse.Namespace) -> Config:
@@ -58,6 +73,7 @@ def build_config(args: argparse.Namespace) -> Config:
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
+        payments=_payments(args),
         observability=ObservabilityConfig(
             metrics_port=args.metrics_port, vcpu_hour_price=args.vcpu_hour_price,
             trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
@@ -65,6 +81,27 @@ def build_config(args: argparse.Namespace) -> Config:
     )
     config.check()
     return config
+
+
+def _payments(args: argparse.Namespace) -> PaymentsSection:
+    """The payments section from ``--provider`` / ``--no-payments``."""
+    if args.no_payments:
+        return PaymentsSection(enabled=False, providers=())
+    if not args.provider:
+        return PaymentsSection()
+    endpoints = []
+    for text in args.provider:
+        name, _, rest = text.partition("=")
+        url, _, secrets = rest.partition(",")
+        if url and not secrets:
+            raise SystemExit(f"txproc: --provider {name}: a URL needs its secrets file "
+                             "(NAME=URL,SECRETS)")
+        endpoints.append(ProviderEndpoint(name=name.strip(), base_url=url.strip(),
+                                          secrets_file=secrets.strip()))
+    order = tuple(e.name for e in endpoints)
+    defaults = PaymentsSection()
+    return PaymentsSection(providers=tuple(endpoints),
+                           rules=msgspec.structs.replace(defaults.rules, provider_order=order))
 
 
 def _parser() -> argparse.ArgumentParser:

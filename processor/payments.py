@@ -34,6 +34,7 @@ The rules that keep money exact:
 from __future__ import annotations
 
 import enum
+import zlib
 from collections.abc import Sequence
 
 import msgspec
@@ -159,15 +160,15 @@ class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):
 def clearing_account_id(config: PaymentsConfig, provider: str, currency: str) -> int:
     """The ledger account holding what ``provider`` owes us (or we owe it) in ``currency``.
 
-    Deterministic, so every process agrees without a lookup: the base, plus 2^20 per
-    provider (by its position in ``provider_order``), plus the currency's letters as a
-    base-26 number.
+    Deterministic, so every process agrees without a lookup, and independent of the order
+    providers are configured in: the base, plus 2^20 times a 20-bit hash of the provider's
+    name (CRC-32, never 0), plus the currency's letters as a base-26 number (< 2^15).
     """
-    index = config.provider_order.index(provider)
+    slot = zlib.crc32(provider.encode()) % (2**20 - 1) + 1
     letters = 0
     for ch in currency:
         letters = letters * 26 + (ord(ch) - ord("A"))
-    return config.system_id_base + (index + 1) * 2**20 + letters
+    return config.system_id_base + slot * 2**20 + letters
 
 
 class Payment(msgspec.Struct, frozen=True, kw_only=True):
