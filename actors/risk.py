@@ -39,11 +39,13 @@ class RiskActor:
         # An artificial delay before every answer: how tests and drills make it slow.
         self._delay_s = delay_s
 
-    def ready(self) -> bool:
+    async def ready(self) -> bool:
         return True
 
-    def set_delay(self, delay_s: float) -> None:
+    async def set_delay(self, delay_s: float) -> float:
+        """Answer every check ``delay_s`` late (drills and tests); returns the delay now."""
         self._delay_s = delay_s
+        return self._delay_s
 
     async def check(self, amount: int, currency: str, payment_method: str) -> RiskDecision:
         if self._delay_s > 0:

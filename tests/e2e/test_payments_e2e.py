@@ -502,12 +502,13 @@ async def test_risk_velocity_declines_and_a_slow_risk_check_falls_back(
     assert (r.status_code, r.json()["error"]["code"]) == (402, "risk_declined")
     assert (r.json()["payment"]["status"], r.json()["payment"]["risk_reason"]) == (
         "declined", "velocity_exceeded")
-    await processor.risk.set_delay.remote(2.0)
+    assert await processor.risk.set_delay.remote(2.0) == 2.0
     try:
         below = await authorize(http, account, amount=500)
         assert below.status_code == 201, below.text
         assert below.json()["risk_reason"] == "fallback_allowed_below_threshold"
         above = await authorize(http, account, amount=50_000)
+        assert above.status_code == 402, above.text
         assert (above.status_code, above.json()["payment"]["risk_reason"]) == (
             402, "fallback_declined_at_or_above_threshold")
     finally:
