@@ -69,6 +69,7 @@ log = logging.getLogger("txproc.payments")
 # A provider actor call that takes longer than this is treated as unanswered (unknown).
 PROVIDER_CALL_MARGIN_S = 5.0
 RECOVERY_BATCH_MAX = 64
+MERCHANTS_REMEMBERED_MAX = 100_000
 
 
 def _op_status(phase: Phase) -> str:
@@ -131,6 +132,7 @@ class PaymentsEngine:
         self._new_id = new_id or (lambda prefix: prefix + secrets.token_hex(12))
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0}
+        self._merchant_currency: dict[int, str] = {}
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -467,12 +469,18 @@ class PaymentsEngine:
     async def _require_merchant(self, account_id: int, currency: str) -> None:
         if account_id >= self.config.system_id_base:
             raise PaymentError("merchant_account_not_found", "no merchant account has this id")
-        (account,) = await self._ledger.lookup_accounts([account_id])
-        if account is None:
-            raise PaymentError("merchant_account_not_found", "no merchant account has this id")
-        if account.currency != currency:
-            raise PaymentError("currency_mismatch",
-                               f"the merchant account holds {account.currency}")
+        known = self._merchant_currency.get(account_id)
+        if known is None:
+            (account,) = await self._ledger.lookup_accounts([account_id])
+            if account is None:
+                raise PaymentError("merchant_account_not_found",
+                                   "no merchant account has this id")
+            # Accounts are never deleted and their currency never changes: remember it.
+            if len(self._merchant_currency) >= MERCHANTS_REMEMBERED_MAX:
+                self._merchant_currency.pop(next(iter(self._merchant_currency)))
+            known = self._merchant_currency[account_id] = account.currency
+        if known != currency:
+            raise PaymentError("currency_mismatch", f"the merchant account holds {known}")
 
     async def _risk_check(self, amount: int, currency: str, method: str) -> RiskDecision:
         cfg = self._risk_config

@@ -642,6 +642,46 @@ async def test_payment_events_reach_a_subscriber_signed_and_at_least_once(
     assert (authorized["data"]["status"], authorized["data"]["amount"]) == ("authorized", 640)
 
 
+async def test_bad_payment_requests_get_a_4xx_code_and_write_nothing(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    usd = await merchant(client, ids)
+    missing = ids.one()
+
+    async def post(path: str, body: Any, raw: bytes | None = None) -> tuple[int, str]:
+        kwargs: dict[str, Any] = {"content": raw} if raw is not None else {"json": body}
+        r = await http.post(path, headers={"idempotency-key": key()}, **kwargs)
+        return r.status_code, r.json()["error"]["code"]
+
+    good = {"amount": 100, "currency": "USD", "payment_method": card_token(),
+            "merchant_account_id": usd}
+    cases = [
+        (("/v1/payments", {**good, "merchant_account_id": missing}),
+         (422, "merchant_account_not_found")),
+        (("/v1/payments", {**good, "currency": "EUR"}), (422, "currency_mismatch")),
+        (("/v1/payments", {**good, "currency": "CHF"}), (422, "currency_not_supported")),
+        (("/v1/payments", {**good, "provider": "nobody"}), (422, "provider_unknown")),
+        (("/v1/payments", {**good, "amount": 0}), (400, "invalid_body")),
+        (("/v1/payments", {**good, "amount": 1.5}), (400, "invalid_body")),
+        (("/v1/payments", {**good, "amount": 2**63}), (400, "invalid_body")),
+        (("/v1/payments", {**good, "payment_method": "tok_x"}), (400, "invalid_body")),
+        (("/v1/payments", {**good, "surprise": 1}), (400, "invalid_body")),
+        (("/v1/payments", {**good, "merchant_account_id": 2**62 + 5}),
+         (422, "merchant_account_not_found")),
+        ((f"/v1/payments/pay_{'0' * 24}/capture", {}), (404, "payment_not_found")),
+        (("/v1/payments/not-an-id/refunds", {}), (404, "payment_not_found")),
+        (("/v1/payouts", {"amount": 1, "currency": "USD", "merchant_account_id": usd,
+                          "destination": "DE89370400440532013000"}), (400, "invalid_body")),
+    ]
+    for (path, body), expected in cases:
+        assert await post(path, body) == expected, (path, body)
+    assert await post("/v1/payments", None, raw=b"{not json") == (400, "malformed_json")
+    assert await post("/v1/payments", None, raw=b"x" * (5 * 1024 * 1024)) == (
+        413, "body_too_large")
+    assert await balances(client, usd) == (0, 0, 0, 0)
+    assert (await http.get("/healthz")).status_code == 200
+
+
 @pytest.fixture(autouse=True)
 async def _step_log_on_failure(processor: Processor, request: pytest.FixtureRequest
                                ) -> AsyncIterator[None]:
