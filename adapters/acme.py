@@ -65,6 +65,8 @@ from adapters.base import (
     SettlementLine,
     WebhookEvent,
     WebhookRejected,
+    header,
+    path_segment,
 )
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
@@ -320,7 +322,7 @@ class AcmeAdapter:
                body: bytes) -> ProviderReply:
         if 200 <= status < 300:
             return self._object(request, status, _OBJECT.decode(body))
-        wait_s = _retry_after(_header(headers, "retry-after"))
+        wait_s = _retry_after(header(headers, "retry-after"))
         if status in (429, 503):
             return ProviderReply(outcome=Outcome.RETRYABLE, http_status=status,
                                  retry_after_s=wait_s or RETRY_AFTER_DEFAULT_S,
@@ -369,7 +371,7 @@ class AcmeAdapter:
 
     def _parse_status(self, request: ProviderRequest, status: int, headers: dict[str, str],
                       body: bytes) -> ProviderReply:
-        wait_s = _retry_after(_header(headers, "retry-after"))
+        wait_s = _retry_after(header(headers, "retry-after"))
         if status == 200:
             found = _REQUEST_STATUS.decode(body)
             if found.operation != request.operation.value:
@@ -392,7 +394,7 @@ class AcmeAdapter:
 
     def verify_webhook(self, headers: dict[str, str], body: bytes,
                        now_s: float) -> WebhookEvent:
-        stamp, signatures = _signature_header(_header(headers, "acme-signature"))
+        stamp, signatures = _signatureheader(header(headers, "acme-signature"))
         expected = hmac.new(self._webhook_secret, f"{stamp}.".encode() + body,
                             "sha256").hexdigest()
         if not any(hmac.compare_digest(expected, given) for given in signatures):
@@ -466,23 +468,11 @@ def _settlement_line(row: dict[str | None, str | None], number: int) -> Settleme
 
 
 def _need(value: str, what: str) -> None:
-    if not value:
-        raise ValueError(f"acme: {what} is required for this operation")
+    path_segment("acme", value, what)
 
 
 def _segment(value: str) -> str:
-    _need(value, "provider_ref")
-    return quote(value, safe="")
-
-
-def _header(headers: dict[str, str], name: str) -> str:
-    value = headers.get(name)
-    if value is not None:
-        return value
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return ""
+    return path_segment("acme", value)
 
 
 def _retry_after(value: str) -> float:
@@ -497,7 +487,7 @@ def _retry_after(value: str) -> float:
     return min(seconds, RETRY_AFTER_MAX_S)
 
 
-def _signature_header(value: str) -> tuple[int, list[str]]:
+def _signatureheader(value: str) -> tuple[int, list[str]]:
     stamp: int | None = None
     signatures = []
     for part in value.split(","):

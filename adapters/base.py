@@ -13,6 +13,7 @@ report formats and rate-limit headers stay inside ``adapters/<provider>.py``.
 from __future__ import annotations
 
 from typing import ClassVar, Protocol
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -42,6 +43,8 @@ __all__ = [
     "WebhookEvent",
     "WebhookRejected",
     "error_from_transport",
+    "header",
+    "path_segment",
 ]
 
 
@@ -132,3 +135,22 @@ def error_from_transport(exc: httpx.HTTPError) -> ProviderError:
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
         return ProviderUnavailable(f"not sent: {type(exc).__name__}")
     return ProviderOutcomeUnknown(f"no answer: {type(exc).__name__}")
+
+
+def header(headers: dict[str, str], name: str) -> str:
+    """The value of header ``name`` (given in lower case), matched without regard to case;
+    empty when absent."""
+    value = headers.get(name)
+    if value is not None:
+        return value
+    for key, value in headers.items():
+        if key.lower() == name:
+            return value
+    return ""
+
+
+def path_segment(provider: str, value: str, what: str = "provider_ref") -> str:
+    """``value`` quoted as one URL path segment; a ValueError naming ``what`` if empty."""
+    if not value:
+        raise ValueError(f"{provider}: {what} is required for this operation")
+    return quote(value, safe="")

@@ -68,6 +68,8 @@ from adapters.base import (
     SettlementLine,
     WebhookEvent,
     WebhookRejected,
+    header,
+    path_segment,
 )
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
@@ -435,8 +437,8 @@ class GlobexAdapter:
 
     def verify_webhook(self, headers: dict[str, str], body: bytes,
                        now_s: float) -> WebhookEvent:
-        stamp = _header(headers, "x-globex-webhook-timestamp")
-        signature = _header(headers, "x-globex-webhook-signature")
+        stamp = header(headers, "x-globex-webhook-timestamp")
+        signature = header(headers, "x-globex-webhook-signature")
         if not (stamp.isdigit() and len(stamp) <= 16 and signature.startswith(_SIGNATURE_PREFIX)):
             raise WebhookRejected("webhook_malformed", "globex signature headers missing")
         try:
@@ -553,23 +555,11 @@ def _to_minor(text: str, currency: str) -> int:
 
 
 def _need(value: str, what: str) -> None:
-    if not value:
-        raise ValueError(f"globex: {what} is required for this operation")
+    path_segment("globex", value, what)
 
 
 def _segment(value: str) -> str:
-    _need(value, "provider_ref")
-    return quote(value, safe="")
-
-
-def _header(headers: dict[str, str], name: str) -> str:
-    value = headers.get(name)
-    if value is not None:
-        return value
-    for key, value in headers.items():
-        if key.lower() == name:
-            return value
-    return ""
+    return path_segment("globex", value)
 
 
 def _wait_s(headers: dict[str, str]) -> float:
@@ -577,7 +567,7 @@ def _wait_s(headers: dict[str, str]) -> float:
     ``Retry-After`` in seconds; 0 when neither is there or readable."""
     for name, scale in (("globex-retry-after-ms", 0.001), ("retry-after", 1.0)):
         try:
-            value = float(_header(headers, name).strip()) * scale
+            value = float(header(headers, name).strip()) * scale
         except ValueError:
             continue
         if math.isfinite(value) and value >= 0:
