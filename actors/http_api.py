@@ -102,6 +102,7 @@ __all__ = [
     "transfer_to_response",
 ]
 
+_HTTP_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("http")
 # Verified tokens remembered by the HTTP API; each holds one caller's claims until expiry.
 VERIFIED_TOKENS_MAX = 10_000
 
@@ -622,7 +623,7 @@ class _Api:
 
     async def create_transfer(self, request: Request) -> Response:
         item = _decode(TRANSFER_DECODER, await _read_body(request, self._body_bytes_max))
-        with metrics.TRANSFER_REQUEST_SECONDS.labels("http").time():
+        with _HTTP_TRANSFER_SECONDS.time():
             [result] = await self._create_transfers([transfer_from_request(item)])
         if result not in (TransferResult.ok, TransferResult.exists):
             raise _refused(result, "transfer")
@@ -632,7 +633,7 @@ class _Api:
     async def create_transfers(self, request: Request) -> Response:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.transfers)
-        with metrics.TRANSFER_REQUEST_SECONDS.labels("http").time():
+        with _HTTP_TRANSFER_SECONDS.time():
             results = await self._create_transfers([transfer_from_request(item)
                                                     for item in items])
         answers = [

@@ -199,12 +199,16 @@ class Idempotent:
         self._retention_s = retention_s
         self._claim_ttl_s = claim_ttl_s
 
-    async def run(self, *, principal: str, key_header: str | None, method: str, path: str,
-                  body: bytes, execute: Callable[[], Awaitable[tuple[int, bytes]]]
+    async def run(self, *, principal: str, key_header: str | None, fingerprint_: bytes,
+                  execute: Callable[[], Awaitable[tuple[int, bytes]]]
                   ) -> tuple[int, bytes, dict[str, str]]:
-        """Returns (status, body, extra headers). ``execute`` runs at most once per key."""
+        """Returns (status, body, extra headers). ``execute`` runs at most once per key.
+
+        ``fingerprint_`` identifies the request (method, canonical path and body); the same
+        key with another fingerprint is refused.
+        """
         store = self._engine.store
-        print_ = fingerprint(method, path, body)
+        print_ = fingerprint_
         now_s = self._clock_s()
         claimed = await store.claim_key(principal, key_header or "", print_, now_s=now_s,
                                         retention_s=self._retention_s)
@@ -356,8 +360,8 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     if operation in ("capture", "void", "refund") and _PAYMENT_ID.fullmatch(subject_id) is None:
         raise PaymentsApiError("payment_not_found", "no payment has this id")
     canonical = _CANONICAL_PATHS[operation].format(subject_id)
-    request_key = request_key_of(principal, checked_key,
-                                 fingerprint("POST", canonical, body))
+    print_ = fingerprint("POST", canonical, body)
+    request_key = request_key_of(principal, checked_key, print_)
 
     async def execute() -> tuple[int, bytes]:
         if operation == "authorize":
@@ -380,13 +384,13 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
 
     if operation != "authorize":
         return await payments.idempotent.run(
-            principal=principal, key_header=checked_key, method="POST", path=canonical,
-            body=body, execute=execute)
+            principal=principal, key_header=checked_key, fingerprint_=print_,
+            execute=execute)
     outcome = "refused"
     try:
         answer = await payments.idempotent.run(
-            principal=principal, key_header=checked_key, method="POST", path=canonical,
-            body=body, execute=execute)
+            principal=principal, key_header=checked_key, fingerprint_=print_,
+            execute=execute)
         outcome = _AUTHORIZATION_OUTCOMES.get(answer[0], "refused")
         return answer
     except PaymentsApiError as exc:

@@ -46,6 +46,8 @@ _Batch = (
     | wire.PaymentCall
 )
 
+_RPC_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("rpc")
+
 _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.CreateAccounts: "accounts:write",
     wire.CreateTransfers: "transfers:write",
@@ -260,7 +262,7 @@ class _Connection:
             _require_count(account_codes, request.items)
             return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
         if isinstance(request, wire.CreateTransfers):
-            with metrics.TRANSFER_REQUEST_SECONDS.labels("rpc").time():
+            with _RPC_TRANSFER_SECONDS.time():
                 transfer_codes = await service.create_transfers(request.items)
             _require_count(transfer_codes, request.items)
             return wire.CreateTransfersResult(request_id, cast(list[int], transfer_codes))
