@@ -161,7 +161,7 @@ class PaymentStore:
 
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:
         """A further step of an existing payment; refused while another one is open."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with self._pool.acquire() as conn:  # one statement: atomic by itself
             await self._insert_step(conn, step, due_at_s, request_key)
 
     async def step_by_request(self, subject_id: str, request_key: str) -> Step | None:
@@ -173,9 +173,15 @@ class PaymentStore:
     async def _insert_step(self, conn: asyncpg.Connection, step: Step, due_at_s: float,
                            request_key: str = "") -> None:
         try:
+            # One statement: the step, its provider key and its first log line.
             await conn.execute(
-                f"INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21)",
+                f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
+                "$20,$21) RETURNING id, version, phase, provider, provider_key), "
+                "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
+                "SELECT provider_key, id FROM s) "
+                "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+                "SELECT id, version, phase, provider, 'created' FROM s",
                 *_step_values(step), _ts(due_at_s), request_key)
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "payment_steps_one_open":
@@ -186,10 +192,6 @@ class PaymentStore:
                 raise PaymentError("step_exists", "this request already started its step"
                                    ) from exc
             raise
-        await conn.execute(
-            "INSERT INTO payment_step_keys (provider_key, step_id) VALUES ($1, $2)",
-            step.provider_key, step.id)
-        await self._log(conn, step, "created")
 
     async def _log(self, conn: asyncpg.Connection, step: Step, detail: str) -> None:
         await conn.execute(
@@ -209,6 +211,19 @@ class PaymentStore:
         event, in the same transaction.
         """
         stored = msgspec.structs.replace(after, version=before.version + 1)
+        if webhook is None and not stored.final and stored.provider_key == before.provider_key:
+            # The common case, one statement (so one round trip, atomic by itself): the
+            # fenced update and its log line.
+            done = await self._pool.fetchval(
+                "WITH updated AS (UPDATE payment_steps SET phase=$3, provider=$4, "
+                "provider_ref=$5, tried=$6, decline_code=$7, error=$8, version=$9, "
+                "due_at=$10, updated_at=now() WHERE id=$1 AND version=$2 RETURNING id) "
+                "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+                "SELECT id, $9, $3, $4, $11 FROM updated RETURNING true",
+                before.id, before.version, stored.phase.value, stored.provider,
+                stored.provider_ref, list(stored.tried), stored.decline_code, stored.error,
+                stored.version, _ts(due_at_s), detail[:200])
+            return stored if done else None
         async with self._pool.acquire() as conn, conn.transaction():
             if webhook is not None:
                 fresh = await conn.fetchval(
