@@ -161,6 +161,11 @@ class PaymentsEngine:
         if request_key:
             existing = await self.store.payment(f"pay_{request_key[:24]}", principal=principal)
             if existing is not None:
+                if existing.status == PaymentStatus.FAILED and (
+                        existing.error == "provider_unavailable"):
+                    # Nothing happened last time (every provider refused before acting), so
+                    # the same request, sent again, tries again on the same payment.
+                    return await self._authorize_again(existing, request, principal)
                 return await self._resume(existing.id, principal)
         providers = self._providers_for(request.currency, request.provider)
         await self._require_merchant(request.merchant_account_id, request.currency)
@@ -190,6 +195,20 @@ class PaymentsEngine:
                                                due_at_s=now_s + self.config.claim_ttl_s):
             return await self._resume(payment.id, principal)
         await self.drive(step)
+        return await self.payment(payment.id, principal=principal)
+
+    async def _authorize_again(self, payment: Payment, request: AuthorizeRequest,
+                               principal: str) -> PaymentView:
+        providers = self._providers_for(request.currency, request.provider)
+        step_id, transfer_base = await self.store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
+                        subject_id=payment.id, amount=payment.amount,
+                        currency=payment.currency, provider=providers[0],
+                        merchant_account_id=payment.merchant_account_id,
+                        payment_method=payment.payment_method)
+        if await self.store.reopen_payment(payment.id, step,
+                                           due_at_s=self._clock_s() + self.config.claim_ttl_s):
+            await self.drive(step)
         return await self.payment(payment.id, principal=principal)
 
     async def capture(self, payment_id: str, amount: int | None, *, principal: str,

@@ -159,6 +159,20 @@ class PaymentStore:
                                  payload=_event(payout))
         return True
 
+    async def reopen_payment(self, payment_id: str, step: Step, *, due_at_s: float) -> bool:
+        """Try an authorization again on a payment whose last one did nothing (every
+        provider unavailable): back to processing, with a new authorize step. False if the
+        payment is no longer in that state (a concurrent retry got there first)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            reopened = await conn.fetchval(
+                "UPDATE payments SET status='processing', error='', decline_code='', "
+                "provider=$2, updated_at=now() WHERE id=$1 AND status='failed' "
+                "AND error='provider_unavailable' RETURNING true", payment_id, step.provider)
+            if not reopened:
+                return False
+            await self._insert_step(conn, step, due_at_s)
+        return True
+
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:
         """A further step of an existing payment; refused while another one is open."""
         async with self._pool.acquire() as conn:  # one statement: atomic by itself

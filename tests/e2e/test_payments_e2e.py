@@ -291,16 +291,23 @@ async def test_both_providers_down_fails_fast_and_retryable(
     await sims.faults("acme", outage="unavailable")
     await sims.faults("globex", outage="unavailable")
     idem = key()
+    token = card_token()
     started = time.monotonic()
-    r = await authorize(http, account, idem=idem)
+    r = await authorize(http, account, idem=idem, token=token)
     assert (r.status_code, r.json()["error"]["code"]) == (503, "provider_unavailable")
     assert "retry-after" in r.headers
     assert time.monotonic() - started < 15
-    # Nothing happened, so the same request may be sent again with the same key.
+    # Nothing happened, so the same request may be sent again, unchanged, with the same key:
+    # it tries again on the same payment.
     await sims.faults("acme")
     await sims.faults("globex")
-    r = await authorize(http, account, idem=idem)
+    r = await authorize(http, account, idem=idem, token=token)
     assert r.status_code == 201, r.text
+    payment = r.json()
+    assert payment["status"] == "authorized"
+    assert [op["status"] for op in payment["operations"]] == ["failed", "succeeded"]
+    assert len(await sims.charges(payment["provider"], payment["id"])) == 1
+    assert await balances(client, account) == (0, 0, 1_000, 0)
 
 
 async def test_breaker_opens_under_an_outage_and_closes_after_a_probe(
