@@ -70,6 +70,7 @@ log = logging.getLogger("txproc.payments")
 PROVIDER_CALL_MARGIN_S = 5.0
 RECOVERY_BATCH_MAX = 64
 MERCHANTS_REMEMBERED_MAX = 100_000
+KEY_PURGE_INTERVAL_S = 300.0
 
 
 def _op_status(phase: Phase) -> str:
@@ -331,11 +332,20 @@ class PaymentsEngine:
         return len(steps)
 
     async def run_recovery(self, interval_s: float) -> None:
-        """The recovery worker: at start-up, then every ``interval_s``, until cancelled."""
+        """The recovery worker: at start-up, then every ``interval_s``, until cancelled.
+
+        Every ``KEY_PURGE_INTERVAL_S`` it also deletes Idempotency-Keys past their retention
+        (they are already ignored; this keeps the table from growing).
+        """
+        purged_at_s = float("-inf")
         while True:
             try:
                 while await self.recover_once() == RECOVERY_BATCH_MAX:
                     pass
+                now_s = self._clock_s()
+                if now_s - purged_at_s >= KEY_PURGE_INTERVAL_S:
+                    purged_at_s = now_s
+                    await self.store.purge_keys(now_s=now_s)
             except Exception as exc:  # the database may be away; try again next round
                 log.warning("recovery round failed: %r", exc)
             await asyncio.sleep(interval_s)
