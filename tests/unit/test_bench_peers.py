@@ -465,3 +465,17 @@ def test_printed_table_shows_the_peers() -> None:
     assert "13.0 µs c" in text and "…" not in text  # nothing cut off
     assert results["comparison"] and "uniform_durable_transfers_per_s_over_pgbench_tps" in \
         results["ratios"]
+
+
+def test_a_cpu_bound_client_is_named_only_over_a_long_enough_phase() -> None:
+    """Client CPU over wall time is noise for a phase of milliseconds; over a second it
+    says the Python client, not the server, set the figure."""
+    phase = {"request_errors": 0, "transfers_lost": 0, "stopped_early": False,
+             "codes": {"created": 10},
+             "client_cpu_cores_busy": 1.7, "wall_s": 0.02}
+    assert peers._phase_problems("uniform", phase) == []
+    phase["wall_s"] = 3.0
+    [note] = peers._phase_problems("uniform", phase)
+    assert "CPU-bound" in note
+    phase["client_cpu_cores_busy"] = 0.4
+    assert peers._phase_problems("uniform", phase) == []
