@@ -171,7 +171,17 @@ def _failure(code: str, message: str, *, payment: PaymentView | None = None,
 def scan_for_card_data(headers: dict[str, str], body: bytes) -> None:
     """Refuse a request that carries a card number anywhere, without quoting it."""
     for name, value in headers.items():
-        if name.lower() != "authorization" and contains_card_number(value):
+        lowered = name.lower()
+        if lowered == "authorization":
+            continue
+        if lowered == "idempotency-key":
+            # Random keys (UUIDs, hex) hold digit runs by chance; only a key that IS a card
+            # number is refused, so no key is ever stored that is one.
+            if _WHOLE_NUMBER.fullmatch(value.strip()) and contains_card_number(value):
+                raise PaymentsApiError("card_data_not_allowed",
+                                       "the Idempotency-Key is a card number")
+            continue
+        if contains_card_number(value):
             raise PaymentsApiError("card_data_not_allowed",
                                    f"the header {name} holds a card number; send a "
                                    "payment-method token from the provider instead")
@@ -289,6 +299,7 @@ OPERATION_SCOPES: dict[str, str] = {
     "get_payout": "payments:read",
 }
 _PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
+_WHOLE_NUMBER = re.compile(r"[0-9][0-9 -]{11,30}[0-9]")
 _PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
 _CANONICAL_PATHS = {
     "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",

@@ -89,6 +89,10 @@ ALL_FAULTS_OFF: dict[str, Any] = {}
 
 QUICK = {"seconds": 2.0, "rate": 20.0, "warmup_s": 0.5, "resolve_wait_s": 10.0}
 
+# A token's random part is letters, as the providers mint it: no digit run in it can
+# look like a card number to the API's card-data scan.
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
 
 def parse_error_rates(text: str) -> list[float]:
     """``"0,0.05"`` -> ``[0.0, 0.05]``; each within 0..1."""
@@ -185,7 +189,7 @@ def fault_body(error_rate: float, *, median_ms: float | None, p99_ms: float | No
 def payment_body(rng: random.Random, merchants: Mapping[str, Sequence[int]],
                  provider: str | None = None) -> bytes:
     """A ``POST /v1/payments`` body: an authorization of 100..10,000 minor units in USD or
-    EUR, on a fresh approving test card token (``pm_4242_<16 hex>``: a fresh token each
+    EUR, on a fresh approving test card token (``pm_4242_<16 letters>``: a fresh token each
     time keeps the risk check's per-token velocity limit out of the way). A token whose hex
     happens to hold a Luhn-valid run of 13+ digits would be refused as card data: such
     draws are skipped."""
@@ -193,9 +197,9 @@ def payment_body(rng: random.Random, merchants: Mapping[str, Sequence[int]],
 
     currency = CURRENCIES[rng.randrange(len(CURRENCIES))]
     accounts = merchants[currency]
-    token = f"pm_4242_{rng.getrandbits(64):016x}"
+    token = "pm_4242_" + "".join(rng.choice(_LETTERS) for _ in range(16))
     while contains_card_number(token):
-        token = f"pm_4242_{rng.getrandbits(64):016x}"
+        token = "pm_4242_" + "".join(rng.choice(_LETTERS) for _ in range(16))
     body: dict[str, Any] = {
         "amount": rng.randint(AMOUNT_MIN, AMOUNT_MAX),
         "currency": currency,

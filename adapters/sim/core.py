@@ -30,6 +30,7 @@ import json
 import os
 import re
 import secrets
+import string
 import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -222,13 +223,19 @@ def card_brand(number: str) -> str:
     return "unknown"
 
 
+def _random_letters(count: int) -> str:
+    """Random lowercase letters: a token's random part never holds a run of digits that a
+    card-number scan could mistake for a card."""
+    return "".join(secrets.choice(string.ascii_lowercase) for _ in range(count))
+
+
 def mint_card_token(number: str) -> str:
     """A payment-method token that carries the card's last four digits and nothing else."""
-    return f"pm_{number[-4:]}_{secrets.token_hex(8)}"
+    return f"pm_{number[-4:]}_{_random_letters(16)}"
 
 
 def mint_bank_token(account_number: str) -> str:
-    return f"ba_{account_number[-4:]}_{secrets.token_hex(8)}"
+    return f"ba_{account_number[-4:]}_{_random_letters(16)}"
 
 
 # --- idempotency ------------------------------------------------------------------------------
