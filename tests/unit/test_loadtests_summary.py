@@ -250,7 +250,7 @@ def test_partner_flow_captures_authorized_and_refunds_captured_payments() -> Non
         assert not re.search(r"\d{13}", call.idempotency_key)
         if call.name == "authorize":
             assert body["merchant_account_id"] in settings.merchant_ids
-            assert re.fullmatch(r"pm_4242_[0-9a-f]{16}", body["payment_method"])
+            assert re.fullmatch(r"pm_4242_[a-z]{16}", body["payment_method"])
             assert 100 <= body["amount"] < 10_000 and body["capture"] is False
             pid = f"pay_{n}"
             authorized[pid] = body["amount"]
