@@ -29,10 +29,8 @@ import logging
 import os
 import platform
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -127,31 +125,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from actors.runtime import start_processor
-    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
-
     results: dict[str, Any] = {"machine": machine_info(), "args": _jsonable(vars(args)),
                                "phases": {}, "problems": []}
-    scratch = Path(tempfile.mkdtemp(prefix="txproc-bench-"))
-    config = Config(
-        shard=ShardConfig(database_url=args.database_url, shards=args.shards),
-        front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
-        data_dir=str(scratch),
-        observability=ObservabilityConfig(metrics_port=0),
-    )
-    try:
-        started = time.perf_counter()
-        processor = await start_processor(config)
-        results["startup_s"] = round(time.perf_counter() - started, 2)
-        console.print(f"processor ready in {results['startup_s']} s: {args.shards} shards, "
+    async with ledger.scratch_processor(args.database_url, args.shards,
+                                        prefix="txproc-bench-") as (processor, startup_s):
+        results["startup_s"] = startup_s
+        console.print(f"processor ready in {startup_s} s: {args.shards} shards, "
                       f"http {processor.http_port}, rpc {processor.rpc_port}, "
                       f"{'embedded PostgreSQL' if processor.embedded else 'external database'}")
-        try:
-            await _phases(args, processor, results, console)
-        finally:
-            await processor.stop()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        await _phases(args, processor, results, console)
     if args.tigerbeetle:
         # After the processor has stopped, so the two do not compete for the cores.
         await _tigerbeetle(args, results, console)

@@ -35,9 +35,7 @@ import datetime as dt
 import json
 import logging
 import random
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -841,41 +839,26 @@ def _note_problems(phase: dict[str, Any], problems: list[str]) -> None:
 
 
 async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
-    from actors.runtime import start_processor
     from bench.__main__ import machine_info
-    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
     machine = machine_info()
     machine["command"] = " ".join([Path(sys.executable).name, "-m", "bench.authorization",
                                    *sys.argv[1:]])
     results: dict[str, Any] = {"machine": machine, "args": _jsonable(vars(args))}
-    scratch = Path(tempfile.mkdtemp(prefix="txproc-bench-auth-"))
-    config = Config(
-        shard=ShardConfig(database_url=args.database_url, shards=args.shards),
-        front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
-        data_dir=str(scratch),
-        observability=ObservabilityConfig(metrics_port=0),
-    )
-    try:
-        started = time.perf_counter()
-        processor = await start_processor(config)
-        results["startup_s"] = round(time.perf_counter() - started, 2)
-        console.print(f"processor ready in {results['startup_s']} s: {args.shards} shards, "
+    async with ledger.scratch_processor(args.database_url, args.shards,
+                                        prefix="txproc-bench-auth-") as (processor, startup_s):
+        results["startup_s"] = startup_s
+        console.print(f"processor ready in {startup_s} s: {args.shards} shards, "
                       f"http {processor.http_port}, providers {processor.provider_urls}, "
                       f"{'embedded PostgreSQL' if processor.embedded else 'external database'}")
-        try:
-            results.update(await measure(
-                processor, error_rates=args.error_rates, rate_per_s=args.rate,
-                seconds=args.seconds, provider_median_ms=args.provider_median_ms,
-                provider_p99_ms=args.provider_p99_ms, baseline=args.baseline,
-                provider=args.provider, merchants_per_currency=args.merchants,
-                in_flight_max=args.in_flight_max, timeout_s=args.timeout_s,
-                warmup_s=args.warmup_s, resolve_wait_s=args.resolve_wait_s, seed=args.seed,
-                client=args.client, console=console))
-        finally:
-            await processor.stop()
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        results.update(await measure(
+            processor, error_rates=args.error_rates, rate_per_s=args.rate,
+            seconds=args.seconds, provider_median_ms=args.provider_median_ms,
+            provider_p99_ms=args.provider_p99_ms, baseline=args.baseline,
+            provider=args.provider, merchants_per_currency=args.merchants,
+            in_flight_max=args.in_flight_max, timeout_s=args.timeout_s,
+            warmup_s=args.warmup_s, resolve_wait_s=args.resolve_wait_s, seed=args.seed,
+            client=args.client, console=console))
     return results
 
 

@@ -19,9 +19,10 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -811,3 +812,30 @@ async def _run(
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {proc.returncode}:\n{out[-2000:]}")
     return out
+
+
+@contextlib.asynccontextmanager
+async def scratch_processor(database_url: str, shards: int, *,
+                            prefix: str) -> AsyncIterator[tuple[Any, float]]:
+    """A processor on loopback with free ports, in a data directory removed afterwards;
+    yields it with its start-up time in seconds, and stops everything it started."""
+    from actors.runtime import start_processor
+    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+
+    scratch = Path(tempfile.mkdtemp(prefix=prefix))
+    config = Config(
+        shard=ShardConfig(database_url=database_url, shards=shards),
+        front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
+        data_dir=str(scratch),
+        observability=ObservabilityConfig(metrics_port=0),
+    )
+    try:
+        started = time.perf_counter()
+        processor = await start_processor(config)
+        try:
+            yield processor, round(time.perf_counter() - started, 2)
+        finally:
+            await processor.stop()
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
