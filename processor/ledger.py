@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -301,6 +302,10 @@ class Plan:
     expiries: list[PendingState]  # remote legs of expiries are in ``remote`` at index -1
     # Requests (or the tail of one) not evaluated by this plan; plan them after finalize.
     rest: list[list[Transfer]] = field(default_factory=list)
+    # Set by processor.columnar.ArrayBook when it planned the batch over columns: its plan,
+    # and the credit legs to reserve per shard (reserve_plain), instead of ``remote``.
+    plain: Any = None
+    remote_plain: dict[int, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -322,6 +327,10 @@ class CommitBatch:
     codes: list[int] = field(default_factory=list)
     # Per item, the stored transfer's timestamp for ``ok`` and ``exists``, else 0.
     timestamps: list[int] = field(default_factory=list)
+    # A columnar batch's local legs (processor.columnar.SlotDeltas), moved to committed
+    # after the commit like ``local_legs``; and shard -> [(hold block, committed mask)].
+    slot_deltas: Any = None
+    plain_settlements: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def add_delta(self, leg: Leg) -> None:
         d = self.balance_deltas.setdefault(leg.account_id, [0, 0, 0, 0])
@@ -366,19 +375,24 @@ class Book:
 
     # -- recovery -------------------------------------------------------------------------
 
+    def _new_state(self, account: Account, *, committed: bool) -> AccountState:
+        """The in-memory state of a new account (columnar books keep it in arrays)."""
+        return AccountState(account=account, committed=committed)
+
     def load_account(self, account: Account) -> None:
         """Add a committed account read from the database at recovery."""
-        self.accounts[account.id] = AccountState(
-            account=msgspec.structs.replace(
+        state = self._new_state(
+            msgspec.structs.replace(
                 account, debits_pending=0, debits_posted=0, credits_pending=0,
                 credits_posted=0,
             ),
             committed=True,
-            debits_pending=account.debits_pending,
-            debits_posted=account.debits_posted,
-            credits_pending=account.credits_pending,
-            credits_posted=account.credits_posted,
         )
+        state.debits_pending = account.debits_pending
+        state.debits_posted = account.debits_posted
+        state.credits_pending = account.credits_pending
+        state.credits_posted = account.credits_posted
+        self.accounts[account.id] = state
         self.last_timestamp = max(self.last_timestamp, account.timestamp)
 
     def load_pending(self, transfer: Transfer) -> None:
@@ -421,7 +435,7 @@ class Book:
                 code = self._check_account(a)
                 if code == AccountResult.ok:
                     stored = msgspec.structs.replace(a, timestamp=self._timestamp(now_ns))
-                    self.accounts[a.id] = AccountState(account=stored, committed=False)
+                    self.accounts[a.id] = self._new_state(stored, committed=False)
                     batch.accounts.append(stored)
                 codes.append(code)
             out.append(codes)
@@ -813,12 +827,15 @@ class Book:
         plan: Plan,
         remote_answers: dict[int, tuple[int, list[tuple[int, int]]]],
         now_ns: int,
+        plain_answers: dict[int, Any] | None = None,
     ) -> CommitBatch:
         """Step 2: combine remote answers, fail refused chains, build the commit.
 
         ``remote_answers`` maps shard -> (its epoch, one (code, hold id) per reserved leg in
-        the order of ``plan.remote[shard]``).
+        the order of ``plan.remote[shard]``). ``plain_answers`` are the answers to
+        ``plan.remote_plain`` (only a columnar book plans those; see ArrayBook.finalize).
         """
+        require(not plan.remote_plain, "a plain plan is finalized by a columnar book")
         batch = CommitBatch()
         hold_ids: dict[int, list[tuple[int, int]]] = {}  # item -> [(shard, hold id)]
         for shard, legs in plan.remote.items():

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
 from processor.codes import AccountResult, TransferResult
+from processor.columnar import ArrayBook
 from processor.ledger import NS_PER_S, Book, CommitBatch, Known, Plan, Resolution, ResolutionRow
 from processor.partition import PartitionMap
 from processor.types import AMOUNT_MAX, Account, Transfer, TransferFlags
@@ -183,6 +185,7 @@ class _Work:
     remaining: list[list[Transfer]] | None = None
     plan: Plan | None = None
     answers: dict[int, tuple[int, list[tuple[int, int]]]] = field(default_factory=dict)
+    plain_answers: dict[int, Any] = field(default_factory=dict)
     batches: list[CommitBatch] = field(default_factory=list)  # finalized, in commit order
     codes: list[int] = field(default_factory=list)
 
@@ -197,14 +200,16 @@ class Cluster:
         recent_ids_max: int = RECENT_IDS_MAX_DEFAULT,
         now_ns: int = NOW_NS_START,
         interleaved: bool = False,
+        book_class: type[Book] = Book,
     ) -> None:
         self.partitions = PartitionMap.uniform(shards)
+        self.book_class = book_class
         self.recent_ids_max = recent_ids_max
         self.now_ns = now_ns
         self.interleaved = interleaved
         self.store = Store(epochs={s: 1 for s in range(shards)})
         self.books = [
-            Book(s, self.partitions, recent_ids_max=recent_ids_max) for s in range(shards)
+            book_class(s, self.partitions, recent_ids_max=recent_ids_max) for s in range(shards)
         ]
         self.batches_committed = 0
         # Called after each coordinator's batch is committed and settled, for checks of the
@@ -327,6 +332,7 @@ class Cluster:
         known = self.store.fetch_known(ids, pending_ids)
         w.plan = book.plan_transfers(w.remaining, self.now_ns, known)
         w.answers = {}
+        w.plain_answers = {}
 
     def _reserve(self, w: _Work) -> None:
         assert w.plan is not None
@@ -336,10 +342,16 @@ class Cluster:
                 coordinator=w.shard, epoch=epoch, legs=[leg for _, leg in legs]
             )
             w.answers[shard] = (self.store.epochs[shard], answers)
+        for shard, plain_legs in w.plan.remote_plain.items():
+            remote = self.books[shard]
+            assert isinstance(remote, ArrayBook), "only a columnar book plans plain legs"
+            codes, block = remote.reserve_plain(w.shard, epoch, plain_legs)
+            w.plain_answers[shard] = (self.store.epochs[shard], block, codes)
 
     def _finalize(self, w: _Work) -> None:
         assert w.plan is not None
-        batch = self.books[w.shard].finalize(w.plan, w.answers, self.now_ns)
+        batch = self.books[w.shard].finalize(w.plan, w.answers, self.now_ns,
+                                             w.plain_answers)
         w.batches.append(batch)
         w.codes.extend(batch.codes)
         w.remaining = w.plan.rest or None
@@ -349,6 +361,10 @@ class Cluster:
         self.books[shard].committed(batch)
         for other, outcomes in batch.settlements.items():
             self.books[other].settle(shard, outcomes)
+        for other, masks in batch.plain_settlements.items():
+            remote = self.books[other]
+            assert isinstance(remote, ArrayBook)
+            remote.settle_plain(shard, masks)
         self.batches_committed += 1
         if self.after_commit is not None:
             self.after_commit()
@@ -359,7 +375,7 @@ class Cluster:
         """Replace a shard's Book by one rebuilt from the store, under the next epoch."""
         epoch = self.store.epochs[shard] + 1
         self.store.epochs[shard] = epoch
-        book = Book(shard, self.partitions, recent_ids_max=self.recent_ids_max)
+        book = self.book_class(shard, self.partitions, recent_ids_max=self.recent_ids_max)
         for account_id, account in sorted(self.store.accounts.items()):
             if book.owns(account_id):
                 book.load_account(account)
@@ -393,6 +409,8 @@ def book_mismatches(cluster: Cluster) -> list[str]:
     for book in cluster.books:
         if book.holds:
             out.append(f"shard {book.shard} still grants holds {sorted(book.holds)}")
+        if isinstance(book, ArrayBook) and book.blocks:
+            out.append(f"shard {book.shard} still grants hold blocks {sorted(book.blocks)}")
         for account_id in sorted(cluster.owned_accounts(book.shard)):
             state = book.accounts.get(account_id)
             if state is None:

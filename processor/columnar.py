@@ -1,0 +1,428 @@
+"""A shard's book with balances in arrays, and a columnar path for single-phase batches.
+
+``ArrayBook`` is the ``Book`` a shard runs. Every account's balances live in one int64
+matrix (a row per account slot, the columns of ``processor.kernel``), and each account's
+``AccountState`` is a view of its row (``SlotState``), so the general rules of
+``processor.ledger`` and the columnar path below read and write the same numbers.
+
+A batch takes the columnar path when every transfer in it is *plain*: no flags (so no
+linked chain, no pending, post or void), an id this shard has not seen (not in memory, not
+in the database rows fetched for it) and not repeated in the batch, its debit account on
+this shard, and no hold of this shard due to expire. Then the static rules run as numpy
+expressions over columns and the sequential ones (limits in order, overflow) in the
+compiled ``processor.kernel.plan_plain``; a transfer whose credit account is on another
+shard holds its debit here and has its credit reserved on that shard in one
+``reserve_plain`` call per shard, which answers an array of codes and one *hold block*;
+after the commit, one mask per block settles it. The protocol, the fences and the recovery
+are those of docs/design.md §6-7; only the representation differs. Every other batch runs
+through ``Book`` unchanged. ``tests/unit/test_columnar_reference.py`` requires both to give
+the same codes and balances on random workloads, with the plain ``Book`` as the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from processor import kernel
+from processor.codes import TransferResult, burns_id
+from processor.currency import CURRENCY_EXPONENTS
+from processor.ledger import (
+    AccountState,
+    Book,
+    CommitBatch,
+    Failed,
+    Known,
+    Plan,
+    require,
+)
+from processor.partition import PartitionMap
+from processor.types import Account, Transfer
+
+__all__ = [
+    "ArrayBook",
+    "HoldBlock",
+    "PlainLegs",
+    "PlainPlan",
+    "SlotDeltas",
+    "SlotState",
+    "currency_number",
+    "decode_legs",
+    "decode_reserve_answer",
+    "encode_legs",
+    "encode_reserve_answer",
+]
+
+R = TransferResult
+OK = int(R.ok)
+_I64 = np.int64
+_ENCODER = msgspec.msgpack.Encoder()
+_LEGS = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes, bytes])
+_RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, int, bytes])
+SLOTS_INITIAL = 1024
+
+
+def _pack(code: str) -> int:
+    return int.from_bytes(code.encode("ascii"), "little")
+
+
+# A currency as a number for the arrays: its three ASCII letters; 0 for an unknown one.
+_CURRENCY_NUMBERS: dict[str, int] = {c: _pack(c) for c in CURRENCY_EXPONENTS}
+
+
+def currency_number(code: str) -> int:
+    """The currency's number in the balance matrix, or 0 if it is not a known code."""
+    return _CURRENCY_NUMBERS.get(code, 0)
+
+
+def _column(column: int) -> Any:
+    def get(self: SlotState) -> int:
+        return int(self._book.bal[self.slot, column])
+
+    def set_(self: SlotState, value: int) -> None:
+        self._book.bal[self.slot, column] = value
+
+    return property(get, set_)
+
+
+class SlotState(AccountState):
+    """An ``AccountState`` whose balances are its row of the book's matrix.
+
+    The rules of ``AccountState`` run over it unchanged; the values they read are Python
+    ints, so no sum there can wrap.
+    """
+
+    __slots__ = ("_book", "slot")
+
+    def __init__(self, book: ArrayBook, slot: int, account: Account) -> None:
+        # The dataclass fields of AccountState are replaced by views of the row below, so
+        # its __init__ is not called.
+        self._book = book
+        self.slot = slot
+        self.account = account
+
+    committed = _column(kernel.COMMITTED)
+    debits_pending = _column(kernel.DP)
+    debits_posted = _column(kernel.DPO)
+    credits_pending = _column(kernel.CP)
+    credits_posted = _column(kernel.CPO)
+    u_debits_pending = _column(kernel.U_DP)
+    u_debits_posted = _column(kernel.U_DPO)
+    u_credits_pending = _column(kernel.U_CP)
+    u_credits_posted = _column(kernel.U_CPO)
+    up_debits = _column(kernel.UP_D)
+    up_credits = _column(kernel.UP_C)
+    reserved_debits = _column(kernel.RES_D)
+    reserved_credits = _column(kernel.RES_C)
+
+
+@dataclass(slots=True)
+class PlainLegs:
+    """Credit legs of plain transfers for one remote shard, as columns."""
+
+    account_ids: np.ndarray
+    amounts: np.ndarray
+    currencies: np.ndarray
+    event_ids: np.ndarray  # the transfer ids
+    index: np.ndarray | None = None  # the items' positions on the coordinator (not sent)
+
+
+def encode_legs(legs: PlainLegs) -> bytes:
+    return _ENCODER.encode((legs.account_ids.tobytes(), legs.amounts.tobytes(),
+                            legs.currencies.tobytes(), legs.event_ids.tobytes()))
+
+
+def decode_legs(raw: bytes) -> PlainLegs:
+    ids, amounts, currencies, events = _LEGS.decode(raw)
+    cols = [np.frombuffer(b, dtype=_I64) for b in (ids, amounts, currencies, events)]
+    require(len({c.shape[0] for c in cols}) == 1, "leg columns of equal length")
+    return PlainLegs(*cols)
+
+
+def encode_reserve_answer(epoch: int, block_id: int, codes: np.ndarray) -> bytes:
+    return _ENCODER.encode((epoch, block_id, codes.astype(_I64).tobytes()))
+
+
+def decode_reserve_answer(raw: bytes) -> tuple[int, int, np.ndarray]:
+    epoch, block_id, codes = _RESERVE_ANSWER.decode(raw)
+    return epoch, block_id, np.frombuffer(codes, dtype=_I64)
+
+
+@dataclass(slots=True)
+class HoldBlock:
+    """The credit holds one ``reserve_plain`` call granted to a coordinator."""
+
+    epoch: int
+    slots: np.ndarray  # -1 where the leg was refused (nothing held)
+    amounts: np.ndarray
+    event_ids: np.ndarray
+
+
+@dataclass(slots=True)
+class SlotDeltas:
+    """The posted amounts of a plain batch's committed local legs, by slot."""
+
+    debit_slots: np.ndarray
+    debit_amounts: np.ndarray
+    credit_slots: np.ndarray
+    credit_amounts: np.ndarray
+
+
+@dataclass(slots=True)
+class PlainPlan:
+    """Step 1 of a plain batch, kept for finalize."""
+
+    transfers: list[Transfer]
+    stored: list[Transfer | None]  # with timestamps, for items that passed static checks
+    ids: np.ndarray
+    debit_ids: np.ndarray
+    credit_ids: np.ndarray
+    debit_slot: np.ndarray
+    credit_slot: np.ndarray
+    credit_local: np.ndarray
+    amount: np.ndarray
+    codes: np.ndarray
+    timestamps: np.ndarray
+    failed: list[Failed]
+
+
+class ArrayBook(Book):
+    """A ``Book`` over a balance matrix, with the columnar path for plain batches."""
+
+    def __init__(self, shard: int, partitions: PartitionMap, *, recent_ids_max: int) -> None:
+        super().__init__(shard, partitions, recent_ids_max=recent_ids_max)
+        self.bal = np.zeros((SLOTS_INITIAL, kernel.COLUMNS), dtype=_I64)
+        self.slot_of: dict[int, int] = {}
+        self.blocks: dict[tuple[int, int], HoldBlock] = {}
+        self.block_seq = 0
+
+    def _new_state(self, account: Account, *, committed: bool) -> AccountState:
+        slot = self.slot_of.get(account.id)
+        if slot is None:
+            slot = len(self.slot_of)
+            if slot == self.bal.shape[0]:
+                grown = np.zeros((2 * slot, kernel.COLUMNS), dtype=_I64)
+                grown[:slot] = self.bal
+                self.bal = grown
+            self.slot_of[account.id] = slot
+        # An account refused after its creation was undone never reaches here twice: ids of
+        # created accounts stay in ``accounts`` for the life of the book.
+        self.bal[slot] = 0
+        self.bal[slot, kernel.FLAGS] = account.flags
+        self.bal[slot, kernel.CURRENCY] = currency_number(account.currency)
+        self.bal[slot, kernel.COMMITTED] = int(committed)
+        return SlotState(self, slot, account)
+
+    # -- step 1 -----------------------------------------------------------------------------
+
+    def plan_transfers(self, requests: list[list[Transfer]], now_ns: int, known: Known) -> Plan:
+        transfers = [t for r in requests for t in r]
+        if not self._plain(transfers, now_ns, known):
+            return super().plan_transfers(requests, now_ns, known)
+        plan = Plan(items=[], request_sizes=[len(r) for r in requests], chains=[], remote={},
+                    expiries=[])
+        plan.plain = self._plan_plain(transfers, now_ns, plan)
+        return plan
+
+    def _plain(self, transfers: list[Transfer], now_ns: int, known: Known) -> bool:
+        """Whether this batch may take the columnar path (module docstring)."""
+        if not transfers or any(t.flags for t in transfers):
+            return False
+        ids = {t.id for t in transfers}
+        if len(ids) != len(transfers):
+            return False
+        recent = self.recent
+        if any(i in recent or i in known.transfers or i in known.failed for i in ids):
+            return False
+        shard_of = self.partitions.shard_of
+        if any(shard_of(t.debit_account_id) != self.shard for t in transfers):
+            return False
+        return not any(p.expires_at_ns and now_ns >= p.expires_at_ns
+                       for p in self.pending.values())
+
+    def _plan_plain(self, transfers: list[Transfer], now_ns: int, plan: Plan) -> PlainPlan:
+        n = len(transfers)
+        ids = np.fromiter((t.id for t in transfers), _I64, n)
+        debit = np.fromiter((t.debit_account_id for t in transfers), _I64, n)
+        credit = np.fromiter((t.credit_account_id for t in transfers), _I64, n)
+        amount = np.fromiter((t.amount for t in transfers), _I64, n)
+        currency = np.fromiter((currency_number(t.currency) for t in transfers), _I64, n)
+        codes = _static_codes(transfers, ids, debit, credit, amount, currency)
+        slot_of = self.slot_of
+        shard_of = self.partitions.shard_of
+        debit_slot = np.fromiter((slot_of.get(i, -1) for i in debit.tolist()), _I64, n)
+        credit_local = np.fromiter(
+            (shard_of(i) == self.shard for i in credit.tolist()), np.bool_, n)
+        credit_slot = np.fromiter(
+            (slot_of.get(i, -1) if local else -1
+             for i, local in zip(credit.tolist(), credit_local.tolist(), strict=True)),
+            _I64, n)
+        evaluated = codes == OK
+        timestamps = np.zeros(n, dtype=_I64)
+        count = int(evaluated.sum())
+        if count:
+            first = max(now_ns, self.last_timestamp + 1)
+            timestamps[evaluated] = np.arange(first, first + count, dtype=_I64)
+            self.last_timestamp = first + count - 1
+        kernel.plan_plain(self.bal, debit_slot, credit_slot, credit_local, amount, currency,
+                          codes)
+        stored: list[Transfer | None] = [None] * n
+        failed: list[Failed] = []
+        replace = msgspec.structs.replace
+        for i in np.flatnonzero(evaluated).tolist():
+            code = int(codes[i])
+            t = transfers[i]
+            if code == OK:
+                stored[i] = replace(t, timestamp=int(timestamps[i]))
+                self._remember(t.id, stored[i])  # type: ignore[arg-type]
+            elif burns_id(R(code)):
+                f = Failed(t.id, code, self._timestamp(now_ns))
+                failed.append(f)
+                self._remember(t.id, f)
+        pp = PlainPlan(transfers, stored, ids, debit, credit, debit_slot, credit_slot,
+                       credit_local, amount, codes, timestamps, failed)
+        distributed = np.flatnonzero((codes == OK) & ~credit_local)
+        if distributed.size:
+            shards = np.fromiter((shard_of(i) for i in credit[distributed].tolist()), _I64,
+                                 distributed.size)
+            for shard in np.unique(shards).tolist():
+                index = distributed[shards == shard]
+                plan.remote_plain[shard] = PlainLegs(credit[index], amount[index],
+                                                     currency[index], ids[index], index)
+        return pp
+
+    # -- holds granted to other shards ----------------------------------------------------
+
+    def reserve_plain(self, coordinator: int, epoch: int,
+                      legs: PlainLegs) -> tuple[np.ndarray, int]:
+        """Check and hold plain credit legs coordinated elsewhere; (codes, block id)."""
+        n = legs.account_ids.shape[0]
+        ids = legs.account_ids.tolist()
+        shard_of = self.partitions.shard_of
+        require(all(shard_of(i) == self.shard for i in ids), "legs routed to their owner")
+        slots = np.fromiter((self.slot_of.get(i, -1) for i in ids), _I64, n)
+        codes = np.zeros(n, dtype=_I64)
+        kernel.reserve_plain(self.bal, slots, legs.amounts, legs.currencies, codes)
+        self.block_seq += 1
+        granted = codes == OK
+        if granted.any():
+            self.blocks[(coordinator, self.block_seq)] = HoldBlock(
+                epoch, np.where(granted, slots, -1), legs.amounts.copy(),
+                legs.event_ids.copy())
+        return codes, self.block_seq
+
+    def settle_plain(self, coordinator: int, outcomes: list[tuple[int, Any]]) -> None:
+        """Release the blocks' holds; move those whose transfer committed to committed.
+
+        A block unknown here was granted by an earlier incarnation (see ``Book.settle``).
+        """
+        for block_id, committed in outcomes:
+            block = self.blocks.pop((coordinator, block_id), None)
+            if block is None:
+                continue
+            mask = np.asarray(committed, dtype=np.bool_)
+            require(mask.shape == block.slots.shape, "one outcome per leg of the block")
+            held = block.slots >= 0
+            kernel.scatter_add(self.bal, block.slots[held], kernel.RES_C, block.amounts[held], -1)
+            done = held & mask
+            kernel.scatter_add(self.bal, block.slots[done], kernel.CPO, block.amounts[done], 1)
+
+    def blocks_of_old_epochs(self, coordinator: int, epoch: int) -> list[tuple[int, HoldBlock]]:
+        return [(block_id, b) for (c, block_id), b in self.blocks.items()
+                if c == coordinator and b.epoch < epoch]
+
+    # -- step 2 -----------------------------------------------------------------------------
+
+    def finalize(self, plan: Plan, remote_answers: dict[int, tuple[int, list[tuple[int, int]]]],
+                 now_ns: int, plain_answers: dict[int, Any] | None = None) -> CommitBatch:
+        pp: PlainPlan | None = plan.plain
+        if pp is None:
+            return super().finalize(plan, remote_answers, now_ns)
+        require(not plan.remote, "a plain plan reserves columns only")
+        batch = CommitBatch()
+        codes = pp.codes
+        answers = plain_answers or {}
+        distributed = np.flatnonzero((codes == OK) & ~pp.credit_local)
+        for shard, legs in plan.remote_plain.items():
+            epoch, block_id, remote_codes = answers[shard]
+            require(remote_codes.shape == legs.event_ids.shape, "one answer per reserved leg")
+            batch.fences[shard] = epoch
+            codes[legs.index] = remote_codes
+            batch.plain_settlements.setdefault(shard, []).append(
+                (block_id, remote_codes == OK))
+        bal = self.bal
+        kernel.scatter_add(bal, pp.debit_slot[distributed], kernel.RES_D,
+                           pp.amount[distributed], -1)
+        applied = distributed[codes[distributed] == OK]
+        kernel.scatter_add(bal, pp.debit_slot[applied], kernel.U_DPO, pp.amount[applied], 1)
+        kernel.scatter_add(bal, pp.debit_slot[applied], kernel.UP_D, pp.amount[applied], 1)
+        for i in distributed[codes[distributed] != OK].tolist():
+            # Refused by the credit's shard: a state-dependent code, so the id is burned.
+            f = Failed(int(pp.ids[i]), int(codes[i]), self._timestamp(now_ns))
+            pp.failed.append(f)
+            self._remember(f.id, f)
+        self._fill_plain(pp, batch)
+        return batch
+
+    def _fill_plain(self, pp: PlainPlan, batch: CommitBatch) -> None:
+        codes = pp.codes
+        ok = codes == OK
+        batch.codes = codes.tolist()
+        batch.timestamps = np.where(ok, pp.timestamps, 0).tolist()
+        batch.transfers = [pp.stored[i] for i in np.flatnonzero(ok).tolist()]  # type: ignore[misc]
+        batch.failed = pp.failed
+        amounts = pp.amount[ok]
+        accounts = np.concatenate([pp.debit_ids[ok], pp.credit_ids[ok]])
+        unique, inverse = np.unique(accounts, return_inverse=True)
+        sums = np.zeros((unique.shape[0], 2), dtype=_I64)
+        count = amounts.shape[0]
+        kernel.scatter_add(sums, inverse[:count], 0, amounts, 1)
+        kernel.scatter_add(sums, inverse[count:], 1, amounts, 1)
+        batch.balance_deltas = {
+            account: [0, debits, 0, credits]
+            for account, (debits, credits) in zip(unique.tolist(), sums.tolist(), strict=True)
+        }
+        local_credit = ok & pp.credit_local
+        batch.slot_deltas = SlotDeltas(pp.debit_slot[ok], amounts, pp.credit_slot[local_credit],
+                                       pp.amount[local_credit])
+        batch.check_balanced()
+
+    def committed(self, batch: CommitBatch) -> None:
+        super().committed(batch)
+        d: SlotDeltas | None = batch.slot_deltas
+        if d is None:
+            return
+        bal = self.bal
+        for slots, amounts, u_posted, up, posted in (
+            (d.debit_slots, d.debit_amounts, kernel.U_DPO, kernel.UP_D, kernel.DPO),
+            (d.credit_slots, d.credit_amounts, kernel.U_CPO, kernel.UP_C, kernel.CPO),
+        ):
+            kernel.scatter_add(bal, slots, u_posted, amounts, -1)
+            kernel.scatter_add(bal, slots, up, amounts, -1)
+            kernel.scatter_add(bal, slots, posted, amounts, 1)
+
+
+def _static_codes(transfers: list[Transfer], ids: np.ndarray, debit: np.ndarray,
+                  credit: np.ndarray, amount: np.ndarray, currency: np.ndarray) -> np.ndarray:
+    """``processor.ledger._static_check`` for transfers without flags, over columns."""
+    n = ids.shape[0]
+    pending_id = np.fromiter((t.pending_id for t in transfers), _I64, n)
+    timeout = np.fromiter((t.timeout_s for t in transfers), _I64, n)
+    timestamp = np.fromiter((t.timestamp for t in transfers), _I64, n)
+    # In precedence order; np.select takes the first condition that holds.
+    rules = (
+        (ids == 0, R.id_must_not_be_zero),
+        (debit == 0, R.debit_account_id_must_not_be_zero),
+        (credit == 0, R.credit_account_id_must_not_be_zero),
+        (debit == credit, R.accounts_must_be_different),
+        (pending_id != 0, R.pending_id_must_be_zero),
+        (timeout != 0, R.timeout_reserved_for_pending_transfer),
+        (amount == 0, R.amount_must_not_be_zero),
+        (currency == 0, R.currency_unknown),
+        (timestamp != 0, R.timestamp_must_be_zero),
+    )
+    return np.select([c for c, _ in rules], [int(code) for _, code in rules],
+                     default=OK).astype(_I64)
