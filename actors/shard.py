@@ -16,13 +16,23 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import msgspec
+import numpy as np
 import ray
 
 from actors import metrics, telemetry
 from actors.store import LedgerStore
+from processor import kernel
+from processor.columnar import (
+    ArrayBook,
+    PlainLegs,
+    decode_legs,
+    decode_reserve_answer,
+    encode_legs,
+    encode_reserve_answer,
+)
 from processor.config import ObservabilityConfig, ShardConfig
 from processor.errors import Overloaded
-from processor.ledger import Book, CommitBatch, EventKind, Leg, require
+from processor.ledger import CommitBatch, EventKind, Leg, Plan, require
 from processor.partition import PartitionMap
 from processor.types import Account, Transfer
 
@@ -35,6 +45,7 @@ ACCOUNT_REQUESTS = msgspec.msgpack.Decoder(list[list[Account]])
 TRANSFER_REQUESTS = msgspec.msgpack.Decoder(list[list[Transfer]])
 LEGS = msgspec.msgpack.Decoder(list[Leg])
 OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bool]])
+BLOCK_OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bytes]])
 RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, int]]])
 ENCODER = msgspec.msgpack.Encoder()
 
@@ -83,7 +94,7 @@ class LedgerShard:
         self._peers = peers or _peer_by_name
         self._started: asyncio.Task[None] | None = None
         self._store: LedgerStore | None = None
-        self._book: Book | None = None
+        self._book: ArrayBook | None = None
         self._epoch = 0
         self._evaluate_lock = asyncio.Lock()
         self._queue: list[_Pending] = []
@@ -137,7 +148,9 @@ class LedgerShard:
         accounts, pending = await self._store.load_shard(
             self._partitions.partitions_of_shard(self._shard)
         )
-        book = Book(self._shard, self._partitions, recent_ids_max=cfg.recent_ids_max)
+        # Compiled once per machine, then loaded from its cache: never on a batch's time.
+        kernel.warm_up()
+        book = ArrayBook(self._shard, self._partitions, recent_ids_max=cfg.recent_ids_max)
         for a in accounts:
             book.load_account(a)
         for t in pending:
@@ -180,6 +193,8 @@ class LedgerShard:
             "accounts": len(book.accounts) if book else 0,
             "open_holds": len(book.pending) if book else 0,
             "holds_granted": len(book.holds) if book else 0,
+            "hold_blocks_granted": len(book.blocks) if book else 0,
+            "plain_batches": book.plain_batches if book else 0,
             "recent_ids": len(book.recent) if book else 0,
             "pid": os.getpid(),
         }
@@ -234,8 +249,8 @@ class LedgerShard:
                     ids, pending_ids = book.lookups_needed(remaining)
                     known = await store.fetch_known(ids, pending_ids)
                     plan = book.plan_transfers(remaining, self._clock_ns(), known)
-                    answers = await self._reserve_remote(plan.remote)
-                    batch = book.finalize(plan, answers, self._clock_ns())
+                    answers, plain_answers = await self._reserve_remote(plan)
+                    batch = book.finalize(plan, answers, self._clock_ns(), plain_answers)
                     pendings.append(self._enqueue(batch))
                     codes.extend(zip(batch.codes, batch.timestamps, strict=True))
                     # Items that depend on a distributed item of this batch are planned
@@ -250,16 +265,24 @@ class LedgerShard:
             self._in_flight -= items
 
     async def _reserve_remote(
-        self, remote: dict[int, list[tuple[int, Leg]]]
-    ) -> dict[int, tuple[int, list[tuple[int, int]]]]:
-        if not remote:
-            return {}
+        self, plan: Plan
+    ) -> tuple[dict[int, tuple[int, list[tuple[int, int]]]], dict[int, object]]:
+        """Reserve the plan's remote legs: one call per shard for each kind of leg."""
+        remote: dict[int, list[tuple[int, Leg]]] = plan.remote
+        plain: dict[int, PlainLegs] = plan.remote_plain
+        if not remote and not plain:
+            return {}, {}
         shards = sorted(remote)
+        plain_shards = sorted(plain)
         calls = [
             self._peers(s).reserve.remote(  # type: ignore[attr-defined]
                 self._shard, self._epoch, ENCODER.encode([leg for _, leg in remote[s]])
             )
             for s in shards
+        ] + [
+            self._peers(s).reserve_plain.remote(  # type: ignore[attr-defined]
+                self._shard, self._epoch, encode_legs(plain[s]))
+            for s in plain_shards
         ]
         try:
             raws = await asyncio.wait_for(
@@ -271,7 +294,12 @@ class LedgerShard:
             log.exception("shard %d: reserve on peers failed; restarting", self._shard)
             _crash()
             raise
-        return {s: RESERVE_ANSWER.decode(r) for s, r in zip(shards, raws, strict=True)}
+        answers = {s: RESERVE_ANSWER.decode(r) for s, r in zip(shards, raws, strict=False)}
+        plain_answers: dict[int, object] = {
+            s: decode_reserve_answer(r)
+            for s, r in zip(plain_shards, raws[len(shards):], strict=True)
+        }
+        return answers, plain_answers
 
     # -- holds granted to other coordinators ----------------------------------------------
 
@@ -285,6 +313,20 @@ class LedgerShard:
     async def settle(self, coordinator: int, raw_outcomes: bytes) -> None:
         await self._ensure_started()
         self._require_book().settle(coordinator, OUTCOMES.decode(raw_outcomes))
+
+    async def reserve_plain(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
+        """Check and hold plain credit legs (columns) of a batch coordinated elsewhere."""
+        await self._ensure_started()
+        codes, block_id = self._require_book().reserve_plain(
+            coordinator, epoch, decode_legs(raw_legs))
+        return encode_reserve_answer(self._epoch, block_id, codes)
+
+    async def settle_plain(self, coordinator: int, raw_outcomes: bytes) -> None:
+        """Settle hold blocks: one committed-mask (a byte per leg) per block."""
+        await self._ensure_started()
+        outcomes = [(block_id, np.frombuffer(mask, dtype=np.bool_))
+                    for block_id, mask in BLOCK_OUTCOMES.decode(raw_outcomes)]
+        self._require_book().settle_plain(coordinator, outcomes)
 
     # -- the write path ---------------------------------------------------------------------
 
@@ -348,17 +390,26 @@ class LedgerShard:
 
     async def _send_settlements(self, group: list[_Pending]) -> None:
         by_shard: dict[int, list[tuple[int, bool]]] = {}
+        blocks: dict[int, list[tuple[int, bytes]]] = {}
         for p in group:
             for shard, outcomes in p.batch.settlements.items():
                 by_shard.setdefault(shard, []).extend(outcomes)
-        if not by_shard:
+            for shard, masks in p.batch.plain_settlements.items():
+                blocks.setdefault(shard, []).extend(
+                    (block_id, np.asarray(mask, dtype=np.bool_).tobytes())
+                    for block_id, mask in masks)
+        if not by_shard and not blocks:
             return
         calls = [
             self._peers(s).settle.remote(self._shard, ENCODER.encode(o))  # type: ignore[attr-defined]
             for s, o in by_shard.items()
+        ] + [
+            self._peers(s).settle_plain.remote(  # type: ignore[attr-defined]
+                self._shard, ENCODER.encode(o))
+            for s, o in blocks.items()
         ]
         results = await asyncio.gather(*calls, return_exceptions=True)
-        for shard, result in zip(by_shard, results, strict=True):
+        for shard, result in zip([*by_shard, *blocks], results, strict=True):
             if isinstance(result, BaseException):
                 # The peer died: its successor read these effects from the database.
                 log.warning("shard %d: settle on shard %d failed: %r", self._shard, shard, result)
@@ -379,14 +430,15 @@ class LedgerShard:
     async def _sweep_orphans(self) -> None:
         store = self._require_store()
         book = self._require_book()
-        if book.holds:
+        if book.holds or book.blocks:
             epochs = await store.epochs()
-            for coordinator in {c for c, _ in book.holds}:
+            for coordinator in {c for c, _ in book.holds} | {c for c, _ in book.blocks}:
                 await self._resolve_orphans(coordinator, epochs.get(coordinator, 0))
 
     async def _resolve_orphans(self, coordinator: int, epoch: int) -> None:
         store = self._require_store()
         book = self._require_book()
+        await self._resolve_orphan_blocks(coordinator, epoch)
         orphans = book.holds_of_old_epochs(coordinator, epoch)
         if not orphans:
             return
@@ -402,6 +454,21 @@ class LedgerShard:
         book.settle(coordinator, outcomes)
         log.info("shard %d: resolved %d holds of restarted shard %d",
                  self._shard, len(outcomes), coordinator)
+
+    async def _resolve_orphan_blocks(self, coordinator: int, epoch: int) -> None:
+        store = self._require_store()
+        book = self._require_book()
+        orphans = book.blocks_of_old_epochs(coordinator, epoch)
+        if not orphans:
+            return
+        held = [b.event_ids[b.slots >= 0] for _, b in orphans]
+        committed, _ = await store.committed_events(
+            np.concatenate(held).tolist(), [])
+        done = np.fromiter(committed, dtype=np.int64, count=len(committed))
+        book.settle_plain(coordinator, [(block_id, np.isin(b.event_ids, done))
+                                        for block_id, b in orphans])
+        log.info("shard %d: resolved %d hold blocks of restarted shard %d",
+                 self._shard, len(orphans), coordinator)
 
     async def _expiry_ticker(self) -> None:
         """Expire due holds even when no transfers arrive to carry the expiry."""
@@ -425,7 +492,7 @@ class LedgerShard:
             if not self._queue:
                 await self._enqueue(CommitBatch()).done
 
-    def _require_book(self) -> Book:
+    def _require_book(self) -> ArrayBook:
         require(self._book is not None, "shard recovered")
         assert self._book is not None
         return self._book

@@ -198,6 +198,7 @@ class ArrayBook(Book):
         self.slot_of: dict[int, int] = {}
         self.blocks: dict[tuple[int, int], HoldBlock] = {}
         self.block_seq = 0
+        self.plain_batches = 0  # batches planned over columns (the rest by Book's rules)
 
     def _new_state(self, account: Account, *, committed: bool) -> AccountState:
         slot = self.slot_of.get(account.id)
@@ -225,6 +226,7 @@ class ArrayBook(Book):
         plan = Plan(items=[], request_sizes=[len(r) for r in requests], chains=[], remote={},
                     expiries=[])
         plan.plain = self._plan_plain(transfers, now_ns, plan)
+        self.plain_batches += 1
         return plan
 
     def _plain(self, transfers: list[Transfer], now_ns: int, known: Known) -> bool:
