@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 import msgspec
+import numpy as np
 import ray
 import uvicorn
 
@@ -51,6 +52,11 @@ CODES = msgspec.msgpack.Decoder(list[int])
 RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 OK_OR_EXISTS = frozenset({int(TransferResult.ok), int(TransferResult.exists)})
 LINKED = int(TransferFlags.LINKED)
+RESULTS_BY_VALUE = {int(c): c for c in TransferResult}
+# Requests up to this size have their stored transfers remembered (HTTP answers a create
+# with the stored transfer); below PLAIN_ROUTING_ITEMS_MIN a request is routed item by item.
+REMEMBER_REQUEST_ITEMS_MAX = 64
+PLAIN_ROUTING_ITEMS_MIN = 64
 # What a database outage looks like to a reader: answered as a retryable ``unavailable``.
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -368,18 +374,22 @@ class Front:
 
     async def _create_transfers(self, transfers: list[Transfer],
                                 out: list[int]) -> list[TransferResult]:
+        # Small requests (HTTP creates) are answered with the stored transfer, looked up
+        # right after; a gateway's bulk batch is not, and remembering it would only push
+        # those out of the bounded memory.
+        remember = len(transfers) <= REMEMBER_REQUEST_ITEMS_MAX
         for segment in self._segments(transfers):
             results = await self._route(transfers, segment, "create_transfers")
             for indices in segment.values():
                 for i in indices:
                     code, timestamp = results[i]
                     out[i] = code
-                    if code in OK_OR_EXISTS:
+                    if remember and code in OK_OR_EXISTS:
                         # ``exists`` means identical fields: with the stored timestamp,
                         # this is the stored transfer.
                         self._remember(msgspec.structs.replace(transfers[i],
                                                                timestamp=timestamp))
-        return [TransferResult(c) for c in out]
+        return [RESULTS_BY_VALUE[c] for c in out]
 
     def _remember(self, transfer: Transfer) -> None:
         """Keep a stored transfer at hand: the HTTP API answers a create with it."""
@@ -402,6 +412,9 @@ class Front:
         "Order within a request"): a transfer that must see another's funds on another
         shard is linked to it in a chain.
         """
+        plain = self._plain_groups(transfers)
+        if plain is not None:
+            return [plain]
         segments: list[dict[int, list[int]]] = []
         groups: dict[int, list[int]] = {}
         touched: dict[int, int] = {}  # transfer id -> coordinator
@@ -423,6 +436,20 @@ class Front:
             i = j + 1
         segments.append(groups)
         return [g for g in segments if g]
+
+    def _plain_groups(self, transfers: list[Transfer]) -> dict[int, list[int]] | None:
+        """The one segment of a request of flagless transfers with distinct ids and no
+        pending id (a gateway's bulk batch), routed by debit account over arrays; None for
+        any other request."""
+        n = len(transfers)
+        if n < PLAIN_ROUTING_ITEMS_MIN or any(t.flags or t.pending_id for t in transfers):
+            return None
+        if len({t.id for t in transfers}) != n:
+            return None
+        debit = np.fromiter((t.debit_account_id for t in transfers), np.int64, n)
+        shards = self._partitions.shards_of(debit)
+        return {shard: np.flatnonzero(shards == shard).tolist()
+                for shard in np.unique(shards).tolist()}
 
     async def _route(
         self, items: Sequence[Any], groups: dict[int, list[int]], method: str

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncpg
 import msgspec
+import numpy as np
 
 from processor.ledger import CommitBatch, Known, Resolution, require
-from processor.partition import partition_of
+from processor.partition import partition_of, partitions_of
 from processor.types import Account, Transfer
 
 __all__ = ["Audit", "FenceError", "LedgerStore"]
@@ -74,6 +75,29 @@ SELECT count(*) FROM account_balances a LEFT JOIN g ON g.id = a.id
 WHERE a.debits_pending <> coalesce(g.dp, 0) OR a.debits_posted <> coalesce(g.dpo, 0)
    OR a.credits_pending <> coalesce(g.cp, 0) OR a.credits_posted <> coalesce(g.cpo, 0)
 """
+
+
+def _delta_arrays(deltas: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.fromiter(deltas.keys(), dtype=np.int64, count=len(deltas))
+    return ids, np.array(list(deltas.values()), dtype=np.int64).reshape(-1, 4)
+
+
+def _sum_deltas(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Balance deltas summed per account: sorted account ids and their (n, 4) sums, the
+    accounts whose sum is zero left out.
+
+    int64 cannot wrap here: an account's deltas in one commit are bounded by its
+    uncommitted increases, which the rules keep within AMOUNT_MAX.
+    """
+    if not parts:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64)
+    ids = np.concatenate([i for i, _ in parts])
+    values = np.concatenate([v for _, v in parts])
+    unique, inverse = np.unique(ids, return_inverse=True)
+    sums = np.zeros((unique.shape[0], 4), dtype=np.int64)
+    np.add.at(sums, inverse, values)
+    changed = sums.any(axis=1)
+    return unique[changed], sums[changed]
 
 
 def _account(row: asyncpg.Record) -> Account:
@@ -266,12 +290,10 @@ class LedgerStore:
         transfers = [t for b in batches for t in b.transfers]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
-        deltas: dict[int, list[int]] = {}
-        for b in batches:
-            for account_id, d in b.balance_deltas.items():
-                total = deltas.setdefault(account_id, [0, 0, 0, 0])
-                for i in range(4):
-                    total[i] += d[i]
+        ids, values = _sum_deltas(
+            [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
+            + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
+        own = np.isin(partitions_of(ids), np.asarray(partitions, dtype=np.int64))
         shards = sorted(fences)
         async with self._pool.acquire() as conn, conn.transaction():
             rows = await conn.fetch(
@@ -319,30 +341,31 @@ class LedgerStore:
                              for r in resolutions],
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
-            own = set(partitions)
-            remote = [(i, partition_of(i), *d) for i, d in deltas.items()
-                      if any(d) and partition_of(i) not in own]
-            if remote:
+            if not own.all():
+                remote_ids = ids[~own]
                 await conn.copy_records_to_table(
-                    "remote_postings", records=remote, columns=_POSTING_COLUMNS
+                    "remote_postings",
+                    records=list(zip(remote_ids.tolist(), partitions_of(remote_ids).tolist(),
+                                     *values[~own].T.tolist(), strict=True)),
+                    columns=_POSTING_COLUMNS,
                 )
-            local = {i: d for i, d in deltas.items() if any(d) and partition_of(i) in own}
-            for row in await conn.fetch(
+            folded = await conn.fetch(
                 "DELETE FROM remote_postings WHERE partition = ANY($1::int[]) "
                 "RETURNING account_id, debits_pending, debits_posted, credits_pending, "
                 "credits_posted",
                 partitions,
-            ):
-                total = local.setdefault(row["account_id"], [0, 0, 0, 0])
-                for k in range(4):
-                    total[k] += row[k + 1]
-            changed = sorted(i for i, d in local.items() if any(d))
-            if changed:
-                await self._update_balances(conn, changed, local)
+            )
+            local = [(ids[own], values[own])]
+            if folded:
+                rows = np.array([tuple(r) for r in folded], dtype=np.int64).reshape(-1, 5)
+                local.append((rows[:, 0], rows[:, 1:]))
+            changed, deltas = _sum_deltas(local)
+            if changed.size:
+                await self._update_balances(conn, changed, deltas)
 
     @staticmethod
     async def _update_balances(
-        conn: asyncpg.Connection, ids: list[int], deltas: dict[int, list[int]]
+        conn: asyncpg.Connection, ids: np.ndarray, deltas: np.ndarray
     ) -> None:
         # Only the owning shard updates a balance row (others leave postings), and its
         # commits run one at a time, so rows are never contended and cannot deadlock.
@@ -354,11 +377,7 @@ class LedgerStore:
             "credits_posted = a.credits_posted + d.cpo "
             "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) "
             "AS d(id, dp, dpo, cp, cpo) WHERE a.id = d.id",
-            ids,
-            [deltas[i][0] for i in ids],
-            [deltas[i][1] for i in ids],
-            [deltas[i][2] for i in ids],
-            [deltas[i][3] for i in ids],
+            ids.tolist(), *deltas.T.tolist(),
         )
         # Every account a batch touches was committed before it was used; a missing row
         # would be a posting written to nowhere.

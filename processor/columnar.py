@@ -223,9 +223,13 @@ class ArrayBook(Book):
         transfers = [t for r in requests for t in r]
         if not self._plain(transfers, now_ns, known):
             return super().plan_transfers(requests, now_ns, known)
+        n = len(transfers)
+        debit = np.fromiter((t.debit_account_id for t in transfers), _I64, n)
+        if (self.partitions.shards_of(debit) != self.shard).any():
+            return super().plan_transfers(requests, now_ns, known)
         plan = Plan(items=[], request_sizes=[len(r) for r in requests], chains=[], remote={},
                     expiries=[])
-        plan.plain = self._plan_plain(transfers, now_ns, plan)
+        plan.plain = self._plan_plain(transfers, debit, now_ns, plan)
         self.plain_batches += 1
         return plan
 
@@ -239,25 +243,21 @@ class ArrayBook(Book):
         recent = self.recent
         if any(i in recent or i in known.transfers or i in known.failed for i in ids):
             return False
-        shard_of = self.partitions.shard_of
-        if any(shard_of(t.debit_account_id) != self.shard for t in transfers):
-            return False
         return not any(p.expires_at_ns and now_ns >= p.expires_at_ns
                        for p in self.pending.values())
 
-    def _plan_plain(self, transfers: list[Transfer], now_ns: int, plan: Plan) -> PlainPlan:
+    def _plan_plain(self, transfers: list[Transfer], debit: np.ndarray, now_ns: int,
+                    plan: Plan) -> PlainPlan:
         n = len(transfers)
         ids = np.fromiter((t.id for t in transfers), _I64, n)
-        debit = np.fromiter((t.debit_account_id for t in transfers), _I64, n)
         credit = np.fromiter((t.credit_account_id for t in transfers), _I64, n)
         amount = np.fromiter((t.amount for t in transfers), _I64, n)
         currency = np.fromiter((currency_number(t.currency) for t in transfers), _I64, n)
         codes = _static_codes(transfers, ids, debit, credit, amount, currency)
         slot_of = self.slot_of
-        shard_of = self.partitions.shard_of
         debit_slot = np.fromiter((slot_of.get(i, -1) for i in debit.tolist()), _I64, n)
-        credit_local = np.fromiter(
-            (shard_of(i) == self.shard for i in credit.tolist()), np.bool_, n)
+        credit_shard = self.partitions.shards_of(credit)
+        credit_local = credit_shard == self.shard
         credit_slot = np.fromiter(
             (slot_of.get(i, -1) if local else -1
              for i, local in zip(credit.tolist(), credit_local.tolist(), strict=True)),
@@ -288,8 +288,7 @@ class ArrayBook(Book):
                        credit_local, amount, codes, timestamps, failed)
         distributed = np.flatnonzero((codes == OK) & ~credit_local)
         if distributed.size:
-            shards = np.fromiter((shard_of(i) for i in credit[distributed].tolist()), _I64,
-                                 distributed.size)
+            shards = credit_shard[distributed]
             for shard in np.unique(shards).tolist():
                 index = distributed[shards == shard]
                 plan.remote_plain[shard] = PlainLegs(credit[index], amount[index],
@@ -303,8 +302,8 @@ class ArrayBook(Book):
         """Check and hold plain credit legs coordinated elsewhere; (codes, block id)."""
         n = legs.account_ids.shape[0]
         ids = legs.account_ids.tolist()
-        shard_of = self.partitions.shard_of
-        require(all(shard_of(i) == self.shard for i in ids), "legs routed to their owner")
+        require(bool((self.partitions.shards_of(legs.account_ids) == self.shard).all()),
+                "legs routed to their owner")
         slots = np.fromiter((self.slot_of.get(i, -1) for i in ids), _I64, n)
         codes = np.zeros(n, dtype=_I64)
         kernel.reserve_plain(self.bal, slots, legs.amounts, legs.currencies, codes)
@@ -383,10 +382,10 @@ class ArrayBook(Book):
         count = amounts.shape[0]
         kernel.scatter_add(sums, inverse[:count], 0, amounts, 1)
         kernel.scatter_add(sums, inverse[count:], 1, amounts, 1)
-        batch.balance_deltas = {
-            account: [0, debits, 0, credits]
-            for account, (debits, credits) in zip(unique.tolist(), sums.tolist(), strict=True)
-        }
+        values = np.zeros((unique.shape[0], 4), dtype=_I64)
+        values[:, 1] = sums[:, 0]
+        values[:, 3] = sums[:, 1]
+        batch.delta_ids, batch.delta_values = unique, values
         local_credit = ok & pp.credit_local
         batch.slot_deltas = SlotDeltas(pp.debit_slot[ok], amounts, pp.credit_slot[local_credit],
                                        pp.amount[local_credit])

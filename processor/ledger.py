@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -330,6 +331,10 @@ class CommitBatch:
     # A columnar batch's local legs (processor.columnar.SlotDeltas), moved to committed
     # after the commit like ``local_legs``; and shard -> [(hold block, committed mask)].
     slot_deltas: Any = None
+    # A columnar batch's balance deltas: account ids (each once) and an (n, 4) int64 array
+    # in the order of ``balance_deltas``' lists, kept as arrays for the store.
+    delta_ids: Any = None
+    delta_values: Any = None
     plain_settlements: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def add_delta(self, leg: Leg) -> None:
@@ -341,12 +346,18 @@ class CommitBatch:
             d[2] += leg.pending_delta
             d[3] += leg.posted_delta
 
+    def deltas(self) -> Iterator[tuple[int, list[int]]]:
+        """Every (account id, [dp, dpo, cp, cpo]) this batch changes, each account once."""
+        yield from self.balance_deltas.items()
+        if self.delta_ids is not None:
+            yield from zip(self.delta_ids.tolist(), self.delta_values.tolist(), strict=True)
+
     def check_balanced(self) -> None:
         """Double entry: the batch moves as much to debits as to credits, posted and pending."""
-        dp = sum(d[0] for d in self.balance_deltas.values())
-        dpo = sum(d[1] for d in self.balance_deltas.values())
-        cp = sum(d[2] for d in self.balance_deltas.values())
-        cpo = sum(d[3] for d in self.balance_deltas.values())
+        # Python ints: a sum over many accounts may pass int64.
+        dp = dpo = cp = cpo = 0
+        for _, d in self.deltas():
+            dp, dpo, cp, cpo = dp + d[0], dpo + d[1], cp + d[2], cpo + d[3]
         require(dp == cp, "pending debits equal pending credits")
         require(dpo == cpo, "posted debits equal posted credits")
 

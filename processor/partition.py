@@ -11,8 +11,9 @@ from __future__ import annotations
 import functools
 
 import msgspec
+import numpy as np
 
-__all__ = ["PARTITIONS", "PartitionMap", "partition_of"]
+__all__ = ["PARTITIONS", "PartitionMap", "partition_of", "partitions_of"]
 
 # TransferFlags.PENDING | POST_PENDING | VOID_PENDING, spelled out to keep this module
 # free of the types module.
@@ -39,6 +40,22 @@ def partition_of(account_id: int) -> int:
     return z % PARTITIONS
 
 
+_U64 = np.uint64
+
+
+def partitions_of(account_ids: np.ndarray) -> np.ndarray:
+    """``partition_of`` over an array of ids (int64 or uint64), as int64.
+
+    The same SplitMix64 finaliser in uint64 arithmetic, which wraps modulo 2**64 as the
+    masks in ``partition_of`` do.
+    """
+    z = account_ids.astype(_U64) + _U64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+    z = z ^ (z >> _U64(31))
+    return (z % _U64(PARTITIONS)).astype(np.int64)
+
+
 class PartitionMap(msgspec.Struct, frozen=True):
     """Which shard owns each partition, and which database each shard writes to."""
 
@@ -61,6 +78,12 @@ class PartitionMap(msgspec.Struct, frozen=True):
 
     def shard_of(self, account_id: int) -> int:
         return self.shard_of_partition[partition_of(account_id)]
+
+    def shards_of(self, account_ids: np.ndarray) -> np.ndarray:
+        """``shard_of`` over an array of ids, as int64."""
+        table = np.asarray(self.shard_of_partition, dtype=np.int64)
+        shards: np.ndarray = table[partitions_of(account_ids)]
+        return shards
 
     def coordinator_of(self, debit_account_ids: list[int], flags: list[int]) -> int:
         """The shard that coordinates a linked chain (or a single transfer).

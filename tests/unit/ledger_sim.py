@@ -94,7 +94,7 @@ class Store:
         _refuse(len(set(pending_ids)) != len(pending_ids), "two resolutions in one batch")
         _refuse(any(p in self.resolutions for p in pending_ids), "pending already resolved")
         rows: dict[int, Account] = {}
-        for account_id, (dp, dpo, cp, cpo) in batch.balance_deltas.items():
+        for account_id, (dp, dpo, cp, cpo) in batch.deltas():
             row = self.accounts.get(account_id, new_accounts.get(account_id))
             _refuse(row is None, f"posting to missing account {account_id}")
             assert row is not None

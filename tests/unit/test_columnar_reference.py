@@ -233,3 +233,17 @@ def test_kernels_are_compiled() -> None:
     kernel.warm_up()
     assert kernel.plan_plain.signatures
     assert kernel.reserve_plain.signatures
+
+
+@SETTINGS
+@given(ids=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=64),
+       shards=st.integers(1, 7))
+def test_partitions_over_arrays_equal_the_scalar_hash(ids: list[int], shards: int) -> None:
+    """Routing over arrays (front, columnar book, store) sends every id where the scalar
+    hash does."""
+    from processor.partition import partition_of, partitions_of
+
+    array = np.array([*ids, 0, 2**63 - 1], dtype=np.int64)
+    assert partitions_of(array).tolist() == [partition_of(i) for i in array.tolist()]
+    m = PartitionMap.uniform(shards)
+    assert m.shards_of(array).tolist() == [m.shard_of(i) for i in array.tolist()]
