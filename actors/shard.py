@@ -375,13 +375,13 @@ class LedgerShard:
                 self._stats.commit_seconds += elapsed_s
                 metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
                 metrics.LEDGER_COMMIT_TRANSFERS.labels(self._label).observe(
-                    sum(len(p.batch.transfers) for p in group if not p.is_accounts))
+                    sum(p.batch.transfer_count() for p in group if not p.is_accounts))
                 for p in group:
                     if p.is_accounts:
                         book.accounts_committed(p.batch)
                     else:
                         book.committed(p.batch)
-                        self._stats.transfers_committed += len(p.batch.transfers)
+                        self._stats.transfers_committed += p.batch.transfer_count()
                     self._stats.batches_committed += 1
                 await self._send_settlements(group)
                 for p in group:

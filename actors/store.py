@@ -7,10 +7,13 @@ successor and a zombie from both committing (docs/design.md, "Fencing").
 
 from __future__ import annotations
 
+import io
+
 import asyncpg
 import msgspec
 import numpy as np
 
+from processor.columnar import TransferColumns, currency_code
 from processor.ledger import CommitBatch, Known, Resolution, require
 from processor.partition import partition_of, partitions_of
 from processor.types import Account, Transfer
@@ -75,6 +78,60 @@ SELECT count(*) FROM account_balances a LEFT JOIN g ON g.id = a.id
 WHERE a.debits_pending <> coalesce(g.dp, 0) OR a.debits_posted <> coalesce(g.dpo, 0)
    OR a.credits_pending <> coalesce(g.cp, 0) OR a.credits_posted <> coalesce(g.cpo, 0)
 """
+
+
+# PostgreSQL's binary COPY format (the COPY documentation, "Binary Format"): a signature,
+# flags and header-extension length, then per row a field count and each field as a
+# length-prefixed big-endian value; -1 as the field count ends the data.
+_COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
+_COPY_TRAILER = b"\xff\xff"
+
+
+def _field(name: str, kind: str) -> list[tuple[str, str]]:
+    return [(f"{name}_bytes", ">i4"), (name, kind)]
+
+
+# One row of ``transfers`` whose user_data is empty: every field has a fixed width.
+_TRANSFER_ROW = np.dtype([
+    ("fields", ">i2"),
+    *_field("id", ">i8"), *_field("debit_account_id", ">i8"),
+    *_field("credit_account_id", ">i8"), *_field("amount", ">i8"),
+    *_field("currency", "S3"), *_field("flags", ">i4"), *_field("pending_id", ">i8"),
+    *_field("timeout_s", ">i4"), *_field("code", ">i4"),
+    ("user_data_bytes", ">i4"),  # 0: the empty string (-1 would be NULL)
+    *_field("timestamp", ">i8"), *_field("partition", ">i4"),
+])
+
+
+def transfer_copy_buffer(cols: TransferColumns) -> bytes:
+    """``cols`` (every user_data empty) as a binary COPY of TRANSFER_COLUMNS + partition."""
+    require(cols.user_data is None, "fixed-width rows have no user_data")
+    rows = np.zeros(len(cols), dtype=_TRANSFER_ROW)
+    rows["fields"] = len(TRANSFER_COLUMNS) + 1
+    for name in ("id", "debit_account_id", "credit_account_id", "amount", "flags",
+                 "pending_id", "timeout_s", "code", "timestamp"):
+        rows[f"{name}_bytes"] = _TRANSFER_ROW[name].itemsize
+        rows[name] = getattr(cols, name)
+    rows["currency_bytes"] = 3
+    # The currency's number is its three ASCII letters, least significant first.
+    rows["currency"] = cols.currency.astype("<i8").view("S8").astype("S3")
+    rows["partition_bytes"] = 4
+    rows["partition"] = partitions_of(cols.debit_account_id)
+    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
+
+
+async def _copy_transfer_columns(conn: asyncpg.Connection, cols: TransferColumns) -> None:
+    columns = (*TRANSFER_COLUMNS, "partition")
+    if cols.user_data is None:
+        await conn.copy_to_table("transfers", source=io.BytesIO(transfer_copy_buffer(cols)),
+                                 columns=columns, format="binary")
+        return
+    currencies = [currency_code(c) for c in cols.currency.tolist()]
+    await conn.copy_records_to_table("transfers", columns=columns, records=list(zip(
+        cols.id.tolist(), cols.debit_account_id.tolist(), cols.credit_account_id.tolist(),
+        cols.amount.tolist(), currencies, cols.flags.tolist(), cols.pending_id.tolist(),
+        cols.timeout_s.tolist(), cols.code.tolist(), cols.user_data,
+        cols.timestamp.tolist(), partitions_of(cols.debit_account_id).tolist(), strict=True)))
 
 
 def _delta_arrays(deltas: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -288,6 +345,8 @@ class LedgerStore:
         """
         accounts = [a for b in batches for a in b.accounts]
         transfers = [t for b in batches for t in b.transfers]
+        columns = [b.transfer_columns for b in batches
+                   if b.transfer_columns is not None and len(b.transfer_columns)]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
         ids, values = _sum_deltas(
@@ -328,6 +387,8 @@ class LedgerStore:
                     ],
                     columns=(*TRANSFER_COLUMNS, "partition"),
                 )
+            for cols in columns:
+                await _copy_transfer_columns(conn, cols)
             if failed:
                 await conn.copy_records_to_table(
                     "failed_transfers",

@@ -21,14 +21,17 @@ the same codes and balances on random workloads, with the plain ``Book`` as the 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from processor import kernel
-from processor.codes import TransferResult, burns_id
+from processor.codes import TransferResult
 from processor.currency import CURRENCY_EXPONENTS
 from processor.ledger import (
     AccountState,
@@ -47,8 +50,11 @@ __all__ = [
     "HoldBlock",
     "PlainLegs",
     "PlainPlan",
+    "RecentIds",
     "SlotDeltas",
     "SlotState",
+    "TransferColumns",
+    "currency_code",
     "currency_number",
     "decode_legs",
     "decode_reserve_answer",
@@ -73,9 +79,89 @@ def _pack(code: str) -> int:
 _CURRENCY_NUMBERS: dict[str, int] = {c: _pack(c) for c in CURRENCY_EXPONENTS}
 
 
+_CURRENCY_CODES: dict[int, str] = {n: c for c, n in _CURRENCY_NUMBERS.items()}
+
+
 def currency_number(code: str) -> int:
     """The currency's number in the balance matrix, or 0 if it is not a known code."""
     return _CURRENCY_NUMBERS.get(code, 0)
+
+
+def currency_code(number: int) -> str:
+    """The code of a known currency's number."""
+    return _CURRENCY_CODES[number]
+
+
+_TRANSFER_FIELDS = attrgetter(
+    "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
+    "pending_id", "timeout_s", "code", "user_data", "timestamp")
+
+
+@dataclass(slots=True)
+class TransferColumns:
+    """Transfers as columns: int64 arrays of one length, the currency as its number
+    (``currency_number``), ``user_data`` None when every one is empty."""
+
+    id: np.ndarray
+    debit_account_id: np.ndarray
+    credit_account_id: np.ndarray
+    amount: np.ndarray
+    currency: np.ndarray
+    flags: np.ndarray
+    pending_id: np.ndarray
+    timeout_s: np.ndarray
+    code: np.ndarray
+    timestamp: np.ndarray
+    user_data: list[str] | None = None
+
+    def __len__(self) -> int:
+        return int(self.id.shape[0])
+
+    @classmethod
+    def from_transfers(cls, transfers: list[Transfer]) -> TransferColumns:
+        if not transfers:
+            empty = np.zeros(0, dtype=_I64)
+            return cls(empty, empty, empty, empty, empty, empty, empty, empty, empty, empty)
+        (ids, debits, credits, amounts, currencies, flags, pending, timeouts, codes,
+         user_data, timestamps) = zip(*map(_TRANSFER_FIELDS, transfers), strict=True)
+        numbers = _CURRENCY_NUMBERS
+
+        def column(values: tuple[int, ...]) -> np.ndarray:
+            return np.array(values, dtype=_I64)
+
+        return cls(
+            column(ids), column(debits), column(credits), column(amounts),
+            np.array([numbers.get(c, 0) for c in currencies], dtype=_I64),
+            column(flags), column(pending), column(timeouts), column(codes),
+            column(timestamps), list(user_data) if any(user_data) else None,
+        )
+
+    def take(self, index: np.ndarray, *, timestamps: np.ndarray | None = None
+             ) -> TransferColumns:
+        """The rows at ``index``, with ``timestamps`` instead of theirs if given."""
+        rows = index.tolist() if self.user_data is not None else None
+        return TransferColumns(
+            self.id[index], self.debit_account_id[index], self.credit_account_id[index],
+            self.amount[index], self.currency[index], self.flags[index],
+            self.pending_id[index], self.timeout_s[index], self.code[index],
+            self.timestamp[index] if timestamps is None else timestamps,
+            None if rows is None else [self.user_data[i] for i in rows],  # type: ignore[index]
+        )
+
+    def transfer(self, row: int) -> Transfer:
+        """Row ``row`` as a Transfer (for the general rules and tests)."""
+        return Transfer(
+            id=int(self.id[row]), debit_account_id=int(self.debit_account_id[row]),
+            credit_account_id=int(self.credit_account_id[row]), amount=int(self.amount[row]),
+            currency=currency_code(int(self.currency[row])), flags=int(self.flags[row]),
+            pending_id=int(self.pending_id[row]), timeout_s=int(self.timeout_s[row]),
+            code=int(self.code[row]),
+            user_data=self.user_data[row] if self.user_data is not None else "",
+            timestamp=int(self.timestamp[row]),
+        )
+
+    def transfers(self) -> list[Transfer]:
+        return [self.transfer(i) for i in range(len(self))]
 
 
 def _column(column: int) -> Any:
@@ -175,18 +261,40 @@ class SlotDeltas:
 class PlainPlan:
     """Step 1 of a plain batch, kept for finalize."""
 
-    transfers: list[Transfer]
-    stored: list[Transfer | None]  # with timestamps, for items that passed static checks
-    ids: np.ndarray
-    debit_ids: np.ndarray
-    credit_ids: np.ndarray
+    cols: TransferColumns
     debit_slot: np.ndarray
     credit_slot: np.ndarray
     credit_local: np.ndarray
-    amount: np.ndarray
     codes: np.ndarray
     timestamps: np.ndarray
     failed: list[Failed]
+
+
+class RecentIds(OrderedDict[int, Any]):
+    """``Book.recent`` with room for rows of columns: a transfer stored by the columnar
+    path is kept as (its columns, its row) and made a ``Transfer`` only when the general
+    rules read it (an id repeated later), so the hot path creates no object per transfer."""
+
+    def get(self, key: int, default: Any = None) -> Any:
+        value = super().get(key, default)
+        if type(value) is tuple:
+            cols, row = value
+            value = cols.transfer(row)
+            self[key] = value  # an existing key keeps its place in the order
+        return value
+
+    def __getitem__(self, key: int) -> Any:
+        value = self.get(key, _MISSING)
+        if value is _MISSING:
+            raise KeyError(key)
+        return value
+
+    def remember_rows(self, cols: TransferColumns) -> None:
+        """Remember every row of ``cols`` (new ids, newest last)."""
+        self.update(zip(cols.id.tolist(), zip(repeat(cols), range(len(cols))), strict=True))
+
+
+_MISSING = object()
 
 
 class ArrayBook(Book):
@@ -194,6 +302,9 @@ class ArrayBook(Book):
 
     def __init__(self, shard: int, partitions: PartitionMap, *, recent_ids_max: int) -> None:
         super().__init__(shard, partitions, recent_ids_max=recent_ids_max)
+        # Holds lazily made transfers as well; Book reads it through get(), which makes them.
+        self._recent_rows = RecentIds()
+        self.recent = self._recent_rows
         self.bal = np.zeros((SLOTS_INITIAL, kernel.COLUMNS), dtype=_I64)
         self.slot_of: dict[int, int] = {}
         self.blocks: dict[tuple[int, int], HoldBlock] = {}
@@ -221,39 +332,41 @@ class ArrayBook(Book):
 
     def plan_transfers(self, requests: list[list[Transfer]], now_ns: int, known: Known) -> Plan:
         transfers = [t for r in requests for t in r]
-        if not self._plain(transfers, now_ns, known):
-            return super().plan_transfers(requests, now_ns, known)
-        n = len(transfers)
-        debit = np.fromiter((t.debit_account_id for t in transfers), _I64, n)
-        if (self.partitions.shards_of(debit) != self.shard).any():
-            return super().plan_transfers(requests, now_ns, known)
-        plan = Plan(items=[], request_sizes=[len(r) for r in requests], chains=[], remote={},
-                    expiries=[])
-        plan.plain = self._plan_plain(transfers, debit, now_ns, plan)
+        if transfers and not any(t.flags for t in transfers):
+            plan = self.plan_columns(TransferColumns.from_transfers(transfers),
+                                     [len(r) for r in requests], now_ns, known)
+            if plan is not None:
+                return plan
+        return super().plan_transfers(requests, now_ns, known)
+
+    def plan_columns(self, cols: TransferColumns, request_sizes: list[int], now_ns: int,
+                     known: Known) -> Plan | None:
+        """Step 1 over columns, or None if the batch is not plain (module docstring); the
+        caller then plans it as objects with ``plan_transfers``."""
+        if not self._plain(cols, now_ns, known):
+            return None
+        plan = Plan(items=[], request_sizes=request_sizes, chains=[], remote={}, expiries=[])
+        plan.plain = self._plan_plain(cols, now_ns, plan)
         self.plain_batches += 1
         return plan
 
-    def _plain(self, transfers: list[Transfer], now_ns: int, known: Known) -> bool:
+    def _plain(self, cols: TransferColumns, now_ns: int, known: Known) -> bool:
         """Whether this batch may take the columnar path (module docstring)."""
-        if not transfers or any(t.flags for t in transfers):
+        n = len(cols)
+        if n == 0 or cols.flags.any() or np.unique(cols.id).shape[0] != n:
             return False
-        ids = {t.id for t in transfers}
-        if len(ids) != len(transfers):
+        recent, stored, failed = self.recent, known.transfers, known.failed
+        if any(i in recent or i in stored or i in failed for i in cols.id.tolist()):
             return False
-        recent = self.recent
-        if any(i in recent or i in known.transfers or i in known.failed for i in ids):
+        if (self.partitions.shards_of(cols.debit_account_id) != self.shard).any():
             return False
         return not any(p.expires_at_ns and now_ns >= p.expires_at_ns
                        for p in self.pending.values())
 
-    def _plan_plain(self, transfers: list[Transfer], debit: np.ndarray, now_ns: int,
-                    plan: Plan) -> PlainPlan:
-        n = len(transfers)
-        ids = np.fromiter((t.id for t in transfers), _I64, n)
-        credit = np.fromiter((t.credit_account_id for t in transfers), _I64, n)
-        amount = np.fromiter((t.amount for t in transfers), _I64, n)
-        currency = np.fromiter((currency_number(t.currency) for t in transfers), _I64, n)
-        codes = _static_codes(transfers, ids, debit, credit, amount, currency)
+    def _plan_plain(self, cols: TransferColumns, now_ns: int, plan: Plan) -> PlainPlan:
+        n = len(cols)
+        debit, credit, amount = cols.debit_account_id, cols.credit_account_id, cols.amount
+        codes = _static_codes(cols)
         slot_of = self.slot_of
         debit_slot = np.fromiter((slot_of.get(i, -1) for i in debit.tolist()), _I64, n)
         credit_shard = self.partitions.shards_of(credit)
@@ -269,31 +382,31 @@ class ArrayBook(Book):
             first = max(now_ns, self.last_timestamp + 1)
             timestamps[evaluated] = np.arange(first, first + count, dtype=_I64)
             self.last_timestamp = first + count - 1
-        kernel.plan_plain(self.bal, debit_slot, credit_slot, credit_local, amount, currency,
-                          codes)
-        stored: list[Transfer | None] = [None] * n
+        kernel.plan_plain(self.bal, debit_slot, credit_slot, credit_local, amount,
+                          cols.currency, codes)
+        ok = np.flatnonzero(codes == OK)
+        self._recent_rows.remember_rows(cols.take(ok, timestamps=timestamps[ok]))
+        self._trim_recent()
         failed: list[Failed] = []
-        replace = msgspec.structs.replace
-        for i in np.flatnonzero(evaluated).tolist():
-            code = int(codes[i])
-            t = transfers[i]
-            if code == OK:
-                stored[i] = replace(t, timestamp=int(timestamps[i]))
-                self._remember(t.id, stored[i])  # type: ignore[arg-type]
-            elif burns_id(R(code)):
-                f = Failed(t.id, code, self._timestamp(now_ns))
-                failed.append(f)
-                self._remember(t.id, f)
-        pp = PlainPlan(transfers, stored, ids, debit, credit, debit_slot, credit_slot,
-                       credit_local, amount, codes, timestamps, failed)
-        distributed = np.flatnonzero((codes == OK) & ~credit_local)
+        for i in np.flatnonzero(evaluated & (codes != OK)).tolist():
+            # Every code the kernel gives depends on ledger state, so each burns its id.
+            f = Failed(int(cols.id[i]), int(codes[i]), self._timestamp(now_ns))
+            failed.append(f)
+            self._remember(f.id, f)
+        pp = PlainPlan(cols, debit_slot, credit_slot, credit_local, codes, timestamps, failed)
+        distributed = ok[~credit_local[ok]]
         if distributed.size:
             shards = credit_shard[distributed]
             for shard in np.unique(shards).tolist():
                 index = distributed[shards == shard]
                 plan.remote_plain[shard] = PlainLegs(credit[index], amount[index],
-                                                     currency[index], ids[index], index)
+                                                     cols.currency[index], cols.id[index],
+                                                     index)
         return pp
+
+    def _trim_recent(self) -> None:
+        while len(self.recent) > self.recent_ids_max:
+            self.recent.popitem(last=False)
 
     # -- holds granted to other shards ----------------------------------------------------
 
@@ -354,41 +467,38 @@ class ArrayBook(Book):
             codes[legs.index] = remote_codes
             batch.plain_settlements.setdefault(shard, []).append(
                 (block_id, remote_codes == OK))
-        bal = self.bal
-        kernel.scatter_add(bal, pp.debit_slot[distributed], kernel.RES_D,
-                           pp.amount[distributed], -1)
+        bal, debit_slot, amount = self.bal, pp.debit_slot, pp.cols.amount
+        kernel.scatter_add(bal, debit_slot[distributed], kernel.RES_D, amount[distributed], -1)
         applied = distributed[codes[distributed] == OK]
-        kernel.scatter_add(bal, pp.debit_slot[applied], kernel.U_DPO, pp.amount[applied], 1)
-        kernel.scatter_add(bal, pp.debit_slot[applied], kernel.UP_D, pp.amount[applied], 1)
+        kernel.scatter_add(bal, debit_slot[applied], kernel.U_DPO, amount[applied], 1)
+        kernel.scatter_add(bal, debit_slot[applied], kernel.UP_D, amount[applied], 1)
         for i in distributed[codes[distributed] != OK].tolist():
             # Refused by the credit's shard: a state-dependent code, so the id is burned.
-            f = Failed(int(pp.ids[i]), int(codes[i]), self._timestamp(now_ns))
+            f = Failed(int(pp.cols.id[i]), int(codes[i]), self._timestamp(now_ns))
             pp.failed.append(f)
             self._remember(f.id, f)
         self._fill_plain(pp, batch)
         return batch
 
     def _fill_plain(self, pp: PlainPlan, batch: CommitBatch) -> None:
-        codes = pp.codes
-        ok = codes == OK
+        codes, cols = pp.codes, pp.cols
+        ok_mask = codes == OK
+        ok = np.flatnonzero(ok_mask)
         batch.codes = codes.tolist()
-        batch.timestamps = np.where(ok, pp.timestamps, 0).tolist()
-        batch.transfers = [pp.stored[i] for i in np.flatnonzero(ok).tolist()]  # type: ignore[misc]
+        batch.timestamps = np.where(ok_mask, pp.timestamps, 0).tolist()
+        batch.transfer_columns = cols.take(ok, timestamps=pp.timestamps[ok])
         batch.failed = pp.failed
-        amounts = pp.amount[ok]
-        accounts = np.concatenate([pp.debit_ids[ok], pp.credit_ids[ok]])
+        amounts = cols.amount[ok]
+        accounts = np.concatenate([cols.debit_account_id[ok], cols.credit_account_id[ok]])
         unique, inverse = np.unique(accounts, return_inverse=True)
-        sums = np.zeros((unique.shape[0], 2), dtype=_I64)
-        count = amounts.shape[0]
-        kernel.scatter_add(sums, inverse[:count], 0, amounts, 1)
-        kernel.scatter_add(sums, inverse[count:], 1, amounts, 1)
         values = np.zeros((unique.shape[0], 4), dtype=_I64)
-        values[:, 1] = sums[:, 0]
-        values[:, 3] = sums[:, 1]
+        count = amounts.shape[0]
+        kernel.scatter_add(values, inverse[:count], 1, amounts, 1)
+        kernel.scatter_add(values, inverse[count:], 3, amounts, 1)
         batch.delta_ids, batch.delta_values = unique, values
-        local_credit = ok & pp.credit_local
+        local_credit = ok[pp.credit_local[ok]]
         batch.slot_deltas = SlotDeltas(pp.debit_slot[ok], amounts, pp.credit_slot[local_credit],
-                                       pp.amount[local_credit])
+                                       cols.amount[local_credit])
         batch.check_balanced()
 
     def committed(self, batch: CommitBatch) -> None:
@@ -406,24 +516,20 @@ class ArrayBook(Book):
             kernel.scatter_add(bal, slots, posted, amounts, 1)
 
 
-def _static_codes(transfers: list[Transfer], ids: np.ndarray, debit: np.ndarray,
-                  credit: np.ndarray, amount: np.ndarray, currency: np.ndarray) -> np.ndarray:
+def _static_codes(cols: TransferColumns) -> np.ndarray:
     """``processor.ledger._static_check`` for transfers without flags, over columns."""
-    n = ids.shape[0]
-    pending_id = np.fromiter((t.pending_id for t in transfers), _I64, n)
-    timeout = np.fromiter((t.timeout_s for t in transfers), _I64, n)
-    timestamp = np.fromiter((t.timestamp for t in transfers), _I64, n)
+    debit, credit = cols.debit_account_id, cols.credit_account_id
     # In precedence order; np.select takes the first condition that holds.
     rules = (
-        (ids == 0, R.id_must_not_be_zero),
+        (cols.id == 0, R.id_must_not_be_zero),
         (debit == 0, R.debit_account_id_must_not_be_zero),
         (credit == 0, R.credit_account_id_must_not_be_zero),
         (debit == credit, R.accounts_must_be_different),
-        (pending_id != 0, R.pending_id_must_be_zero),
-        (timeout != 0, R.timeout_reserved_for_pending_transfer),
-        (amount == 0, R.amount_must_not_be_zero),
-        (currency == 0, R.currency_unknown),
-        (timestamp != 0, R.timestamp_must_be_zero),
+        (cols.pending_id != 0, R.pending_id_must_be_zero),
+        (cols.timeout_s != 0, R.timeout_reserved_for_pending_transfer),
+        (cols.amount == 0, R.amount_must_not_be_zero),
+        (cols.currency == 0, R.currency_unknown),
+        (cols.timestamp != 0, R.timestamp_must_be_zero),
     )
     return np.select([c for c, _ in rules], [int(code) for _, code in rules],
                      default=OK).astype(_I64)

@@ -290,6 +290,7 @@ class _Item:
     pending_from: int = -1  # index of the item in this batch that created the pending
     remote_codes: list[TransferResult] = field(default_factory=list)
     applied: bool = False  # step 1 applied (or held) its effects; undo must reverse them
+    failed: Failed | None = None  # the burned id's record, written with the batch
 
 
 @dataclass(slots=True)
@@ -331,6 +332,9 @@ class CommitBatch:
     # A columnar batch's local legs (processor.columnar.SlotDeltas), moved to committed
     # after the commit like ``local_legs``; and shard -> [(hold block, committed mask)].
     slot_deltas: Any = None
+    # A columnar batch's stored transfers (processor.columnar.TransferColumns), written
+    # besides ``transfers``.
+    transfer_columns: Any = None
     # A columnar batch's balance deltas: account ids (each once) and an (n, 4) int64 array
     # in the order of ``balance_deltas``' lists, kept as arrays for the store.
     delta_ids: Any = None
@@ -345,6 +349,17 @@ class CommitBatch:
         else:
             d[2] += leg.pending_delta
             d[3] += leg.posted_delta
+
+    def transfer_count(self) -> int:
+        """How many transfers this batch stores."""
+        columns = 0 if self.transfer_columns is None else len(self.transfer_columns)
+        return len(self.transfers) + columns
+
+    def all_transfers(self) -> list[Transfer]:
+        """Every stored transfer as an object (for tests and small batches)."""
+        if self.transfer_columns is None:
+            return self.transfers
+        return [*self.transfers, *self.transfer_columns.transfers()]
 
     def deltas(self) -> Iterator[tuple[int, list[int]]]:
         """Every (account id, [dp, dpo, cp, cpo]) this batch changes, each account once."""
@@ -609,8 +624,9 @@ class Book:
                 items[k].code = R.linked_event_failed
         failing = items[failed_at]
         if burns_id(failing.code):
-            self._remember(failing.transfer.id, Failed(
-                failing.transfer.id, int(failing.code), self._timestamp(now_ns)))
+            failing.failed = Failed(failing.transfer.id, int(failing.code),
+                                    self._timestamp(now_ns))
+            self._remember(failing.transfer.id, failing.failed)
 
     def _evaluate(
         self, item: _Item, index: int, now_ns: int, known: Known, in_batch: dict[int, int]
@@ -919,10 +935,10 @@ class Book:
                     batch.resolutions.append(ResolutionRow(
                         item.pending.transfer.id, kind, item.transfer.id,
                         item.stored.timestamp))
-            elif burns_id(code) and item.dup_of < 0:
-                failed = self.recent.get(item.transfer.id)
-                if isinstance(failed, Failed) and failed.timestamp:
-                    batch.failed.append(failed)
+            elif burns_id(code) and item.dup_of < 0 and item.failed is not None:
+                # Kept on the item, not re-read from the bounded memory of recent ids,
+                # which a batch larger than it would have evicted it from.
+                batch.failed.append(item.failed)
         batch.failed = list({f.id: f for f in batch.failed}.values())
         for p in plan.expiries:
             t = p.transfer

@@ -83,10 +83,11 @@ class Store:
         new_accounts = {a.id: a for a in batch.accounts}
         _refuse(len(new_accounts) != len(batch.accounts), "duplicate account in batch")
         _refuse(any(i in self.accounts for i in new_accounts), "account id exists")
-        transfer_ids = [t.id for t in batch.transfers]
+        transfers = batch.all_transfers()
+        transfer_ids = [t.id for t in transfers]
         _refuse(len(set(transfer_ids)) != len(transfer_ids), "duplicate transfer in batch")
         _refuse(any(i in self.transfers for i in transfer_ids), "transfer id exists")
-        _refuse(any(t.amount <= 0 for t in batch.transfers), "transfer amount > 0")
+        _refuse(any(t.amount <= 0 for t in transfers), "transfer amount > 0")
         failed_ids = [f.id for f in batch.failed]
         _refuse(len(set(failed_ids)) != len(failed_ids), "duplicate failure in batch")
         _refuse(any(i in self.failed for i in failed_ids), "failed id exists")
@@ -110,7 +111,7 @@ class Store:
             rows[account_id] = row
         self.accounts.update(new_accounts)
         self.accounts.update(rows)
-        self.transfers.update({t.id: t for t in batch.transfers})
+        self.transfers.update({t.id: t for t in transfers})
         self.failed.update({f.id: f.result for f in batch.failed})
         self.resolutions.update({r.pending_id: r for r in batch.resolutions})
 
