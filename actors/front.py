@@ -37,6 +37,7 @@ from actors.rpc_server import start_rpc_server
 from actors.shard import NAMESPACE, shard_actor_name
 from actors.store import LedgerStore
 from processor.auth import KEY_FILE_NAME, load_or_create_key
+from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
@@ -75,7 +76,6 @@ class _Lane:
         self._front = front
         self._shard = shard
         self._method = method
-        self._decoder = RESULTS if method == "create_transfers" else CODES
         self._queue: list[_Entry] = []
         self._queued_items = 0
         self._calls = 0
@@ -112,9 +112,9 @@ class _Lane:
 
     async def _call(self, entries: list[_Entry]) -> None:
         try:
-            raw = ENCODER.encode([e.group for e in entries])
+            raw = _encode_groups(self._method, [e.group for e in entries])
             links = [e.trace for e in entries if e.trace]
-            codes = self._decoder.decode(await self._front.call_shard(
+            codes = _decode_results(self._method, await self._front.call_shard(
                 self._shard, self._method, raw, **({"links": links} if links else {})))
             offset = 0
             for e in entries:
@@ -133,6 +133,20 @@ class _Lane:
             self._calls -= 1
             self._in_flight_gauge.dec()
             self._kick()
+
+
+def _encode_groups(method: str, groups: list[Any]) -> bytes:
+    if method == "create_transfer_columns":
+        return encode_batch(TransferBatch.concat(groups))
+    return ENCODER.encode(groups)
+
+
+def _decode_results(method: str, raw: bytes) -> Any:
+    """One result per item: (code, timestamp) for create_transfers, codes otherwise (a
+    uint8 array for create_transfer_columns)."""
+    if method == "create_transfer_columns":
+        return np.frombuffer(raw, dtype=np.uint8)
+    return (RESULTS if method == "create_transfers" else CODES).decode(raw)
 
 
 class Front:
@@ -391,6 +405,30 @@ class Front:
                                                                timestamp=timestamp))
         return [RESULTS_BY_VALUE[c] for c in out]
 
+    async def create_transfer_batch(self, batch: TransferBatch) -> np.ndarray:
+        """Create a batch given as columns; one result code per transfer (uint8, in order).
+
+        A batch of flagless transfers with distinct ids and no pending id travels to the
+        shards as columns (split by the debit account's shard); any other batch is made
+        objects and takes the general path, with the same answers.
+        """
+        groups = _plain_groups_of(self._partitions, batch.flags, batch.pending_id, batch.id,
+                                  batch.debit_account_id)
+        if groups is None:
+            results = await self._create_transfers(batch.transfers(), [0] * len(batch))
+            codes = np.array([int(c) for c in results], dtype=np.uint8)
+        else:
+            routed = [(index, self._lane(shard, "create_transfer_columns").submit(
+                batch.take(index))) for shard, index in groups.items()]
+            answers = await asyncio.gather(*[future for _, future in routed])
+            codes = np.zeros(len(batch), dtype=np.uint8)
+            for (index, _), answer in zip(routed, answers, strict=True):
+                codes[index] = answer
+        values, counts = np.unique(codes, return_counts=True)
+        for value, count in zip(values.tolist(), counts.tolist(), strict=True):
+            metrics.TRANSFERS.labels(RESULTS_BY_VALUE[value].name).inc(count)
+        return codes
+
     def _remember(self, transfer: Transfer) -> None:
         """Keep a stored transfer at hand: the HTTP API answers a create with it."""
         self._stored[transfer.id] = transfer
@@ -444,12 +482,11 @@ class Front:
         n = len(transfers)
         if n < PLAIN_ROUTING_ITEMS_MIN or any(t.flags or t.pending_id for t in transfers):
             return None
-        if len({t.id for t in transfers}) != n:
-            return None
-        debit = np.fromiter((t.debit_account_id for t in transfers), np.int64, n)
-        shards = self._partitions.shards_of(debit)
-        return {shard: np.flatnonzero(shards == shard).tolist()
-                for shard in np.unique(shards).tolist()}
+        zeros = np.zeros(n, dtype=np.int64)
+        groups = _plain_groups_of(
+            self._partitions, zeros, zeros, np.fromiter((t.id for t in transfers), np.int64, n),
+            np.fromiter((t.debit_account_id for t in transfers), np.int64, n))
+        return None if groups is None else {s: i.tolist() for s, i in groups.items()}
 
     async def _route(
         self, items: Sequence[Any], groups: dict[int, list[int]], method: str
@@ -493,6 +530,18 @@ class Front:
 
     async def shard_stats(self) -> list[dict[str, float]]:
         return list(await asyncio.gather(*[s.stats.remote() for s in self._shards]))
+
+
+def _plain_groups_of(partitions: PartitionMap, flags: np.ndarray, pending_id: np.ndarray,
+                     ids: np.ndarray, debit: np.ndarray) -> dict[int, np.ndarray] | None:
+    """Item indexes per coordinator for a batch of flagless transfers with distinct ids and
+    no pending id, which form one segment (``Front._segments``); None for any other."""
+    if ids.shape[0] == 0 or flags.any() or pending_id.any():
+        return None
+    if np.unique(ids).shape[0] != ids.shape[0]:
+        return None
+    shards = partitions.shards_of(debit)
+    return {shard: np.flatnonzero(shards == shard) for shard in np.unique(shards).tolist()}
 
 
 def make_front(config: Config) -> Any:

@@ -20,11 +20,14 @@ import logging
 from collections.abc import Callable, Sized
 from typing import cast
 
+import numpy as np
+
 from actors import metrics, telemetry
 from actors.payments_http import OPERATION_SCOPES
 from processor import auth, wire
+from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
-from processor.service import BATCH_ITEMS_MAX, LedgerService
+from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
 
 __all__ = ["CLOSE_DRAIN_TIMEOUT_S", "HELLO_TIMEOUT_S_DEFAULT", "start_rpc_server"]
 
@@ -43,7 +46,7 @@ _CONNECTIONS_FULL_RETRY_AFTER_S = 1.0
 
 _Batch = (
     wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
-    | wire.PaymentCall
+    | wire.PaymentCall | wire.CreateTransferBatch
 )
 
 _RPC_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("rpc")
@@ -51,6 +54,7 @@ _RPC_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("rpc")
 _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.CreateAccounts: "accounts:write",
     wire.CreateTransfers: "transfers:write",
+    wire.CreateTransferBatch: "transfers:write",
     wire.LookupAccounts: "accounts:read",
     wire.LookupTransfers: "transfers:read",
 }
@@ -112,6 +116,7 @@ class _Connection:
         self._reader = reader
         self._writer = writer
         self._claims: auth.Claims | None = None
+        self._version = 1  # the protocol version the client's Hello named
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = writer.get_extra_info("peername")
 
@@ -172,6 +177,12 @@ class _Connection:
         return wire.decode_request(body)
 
     def _hello(self, hello: wire.Hello) -> bool:
+        if hello.version not in wire.PROTOCOL_VERSIONS:
+            self._refuse_connection(
+                "protocol_version_unsupported",
+                f"protocol version {hello.version} is not one of "
+                f"{sorted(wire.PROTOCOL_VERSIONS)}")
+            return False
         now_s = int(self._server.clock_s())
         try:
             claims = auth.verify_token(self._server.key, hello.token, now_s=now_s)
@@ -179,7 +190,8 @@ class _Connection:
             self._refuse_connection(exc.code, exc.message)
             return False
         self._claims = claims
-        self._send(wire.HelloOk(claims.expires_at_s))
+        self._version = hello.version
+        self._send(wire.HelloOk(claims.expires_at_s, wire.PROTOCOL_VERSION))
         return True
 
     def _accept(self, request: _Batch, claims: auth.Claims) -> None:
@@ -197,6 +209,10 @@ class _Connection:
                                              f"{request.operation[:32]}"))
         else:
             scope = _SCOPE_OF_REQUEST[type(request)]
+        if isinstance(request, wire.CreateTransferBatch) and self._version < 2:
+            return self._send(wire.Error(
+                request_id, "protocol_version_unsupported",
+                "CreateTransferBatch needs protocol version 2; say so in Hello"))
         try:
             auth.require_scope(claims, scope)
         except auth.ScopeError as exc:
@@ -261,6 +277,8 @@ class _Connection:
             account_codes = await service.create_accounts(request.items)
             _require_count(account_codes, request.items)
             return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
+        if isinstance(request, wire.CreateTransferBatch):
+            return await self._create_transfer_batch(request)
         if isinstance(request, wire.CreateTransfers):
             with _RPC_TRANSFER_SECONDS.time():
                 transfer_codes = await service.create_transfers(request.items)
@@ -273,6 +291,20 @@ class _Connection:
         transfers = await service.lookup_transfers(request.ids)
         _require_count(transfers, request.ids)
         return wire.LookupTransfersResult(request_id, transfers)
+
+    async def _create_transfer_batch(self, request: wire.CreateTransferBatch) -> wire.Response:
+        try:
+            batch = TransferBatch.from_bytes(
+                request.id, request.debit_account_id, request.credit_account_id,
+                request.amount, request.currency, request.flags, request.pending_id,
+                request.timeout_s, request.code, request.user_data)
+        except BatchInvalid as exc:
+            return wire.Error(request.request_id, "invalid_batch", str(exc))
+        with _RPC_TRANSFER_SECONDS.time():
+            codes = await create_transfer_batch(self._server.service, batch)
+        _require_count(codes, batch)
+        return wire.CreateTransferBatchResult(request.request_id,
+                                              codes.astype(np.uint8).tobytes())
 
     def _send(self, message: wire.Response) -> None:
         # A client gone mid-request is normal; writing to its closed transport would only
@@ -305,6 +337,8 @@ def _items_count(request: _Batch) -> int:
         return 1
     if isinstance(request, wire.CreateAccounts | wire.CreateTransfers):
         return len(request.items)
+    if isinstance(request, wire.CreateTransferBatch):
+        return len(request.id) // 8
     return len(request.ids)
 
 

@@ -22,6 +22,7 @@ import ray
 from actors import metrics, telemetry
 from actors.store import LedgerStore
 from processor import kernel
+from processor.batch import decode_batch
 from processor.columnar import (
     ArrayBook,
     PlainLegs,
@@ -47,6 +48,7 @@ LEGS = msgspec.msgpack.Decoder(list[Leg])
 OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bool]])
 BLOCK_OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bytes]])
 RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, int]]])
+RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 ENCODER = msgspec.msgpack.Encoder()
 
 
@@ -263,6 +265,49 @@ class LedgerShard:
             return ENCODER.encode(codes)
         finally:
             self._in_flight -= items
+
+    async def create_transfer_columns(self, raw: bytes,
+                                      links: list[dict[str, str]] | None = None) -> bytes:
+        """Evaluate, commit and answer a batch of transfers given as columns
+        (processor.batch); returns one result code per transfer, a byte each, in order.
+
+        A plain batch is planned over its columns (processor.columnar); any other is made
+        objects and evaluated like ``create_transfers``. Nothing is answered before the
+        batch is durable.
+        """
+        if telemetry.TRACER is None:
+            return await self._create_transfer_columns(raw)
+        with telemetry.span("shard.batch", links=links,
+                            attributes={"txproc.shard": self._shard}):
+            return await self._create_transfer_columns(raw)
+
+    async def _create_transfer_columns(self, raw: bytes) -> bytes:
+        await self._ensure_started()
+        batch = decode_batch(raw)
+        cols = batch.columns()
+        items = len(cols)
+        self._admit(items)
+        try:
+            async with self._evaluate_lock:
+                book = self._require_book()
+                recent = book.recent
+                ids = [i for i in cols.id.tolist() if i and i not in recent]
+                known = await self._require_store().fetch_known(ids, [])
+                plan = book.plan_columns(cols, [items], self._clock_ns(), known)
+                if plan is not None:
+                    answers, plain_answers = await self._reserve_remote(plan)
+                    commit = book.finalize(plan, answers, self._clock_ns(), plain_answers)
+                    pending = self._enqueue(commit)
+            if plan is not None:
+                await pending.done
+                return np.asarray(commit.codes, dtype=np.uint8).tobytes()
+        finally:
+            self._in_flight -= items
+        # Not plain after all (an id seen before, a hold due to expire): the general rules,
+        # over objects.
+        results = RESULTS.decode(await self._create_transfers(
+            ENCODER.encode([batch.transfers()])))
+        return bytes(code for code, _ in results)
 
     async def _reserve_remote(
         self, plan: Plan

@@ -3,8 +3,10 @@
 Starts a processor (embedded PostgreSQL in a fresh temporary directory, removed afterwards,
 unless ``--database-url``), creates the accounts, then measures in turn:
 
-1. uniform: transfers between random accounts in RPC batches, a few requests in flight;
-2. hot: the same, with half of all transfers debiting or crediting one account;
+1. uniform: transfers between random accounts in RPC batches, a few requests in flight,
+   sent as lists of ``Transfer``; then uniform_batch: the same workload as
+   ``TransferBatch`` columns built from arrays (the client's fast form);
+2. hot, hot_batch: the same, with half of all transfers debiting or crediting one account;
 3. http: single transfers over the HTTP API at a fixed offered rate (open loop);
 4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference;
 5. with ``--tigerbeetle HOST:PORT``: once the processor has stopped, the same batch workload
@@ -51,6 +53,8 @@ TOKEN_TTL_S = 6 * 3600
 # reuse an id (a run uses far fewer than 1e9 ids) and stay below 2**63.
 ID_BLOCK = 10**9
 
+# Each batch workload through each client form: a list of Transfer, then TransferBatch.
+BATCH_PHASES = ("uniform", "uniform_batch", "hot", "hot_batch")
 QUICK = {"transfers": 50_000, "http_seconds": 5.0, "pgbench_seconds": 5}
 
 
@@ -80,7 +84,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pgbench-threads", type=int, default=2)
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "uniform,hot,http,pgbench,audit")
+                   "uniform,uniform_batch,hot,hot_batch,http,pgbench,audit")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--database-url", default="",
                    help="an existing PostgreSQL (its user must be able to create databases "
@@ -110,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.accounts < 3 or args.transfers < 1:
         p.error("--accounts must be at least 3 and --transfers at least 1")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = args.skip - {"uniform", "hot", "http", "pgbench", "audit"}
+    unknown = args.skip - {*BATCH_PHASES, "http", "pgbench", "audit"}
     if unknown:
         p.error(f"--skip: unknown phases {sorted(unknown)}")
     if not 0 <= args.tigerbeetle_cluster_id < 2**128:
@@ -201,25 +205,30 @@ async def _phases(
             results["phases"]["accounts"] = phase
             if phase["codes"].get("ok", 0) != len(accounts):
                 results["problems"].append(f"account creation answered {phase['codes']}")
-            for name, make in (("uniform", ledger.uniform_transfers),
-                               ("hot", ledger.hot_transfers)):
+            for name in BATCH_PHASES:
                 if name in args.skip:
                     continue
+                workload, _, form = name.partition("_")
+                make = ledger.hot_transfers if workload == "hot" else ledger.uniform_transfers
                 console.print(f"[bold]{name}[/]: generating {args.transfers:,} transfers")
-                kwargs: dict[str, Any] = {"hot_share": args.hot_share} if name == "hot" else {}
+                kwargs: dict[str, Any] = {"hot_share": args.hot_share} if workload == "hot" \
+                    else {}
                 transfers = make(account_ids, args.transfers, first_id=next_id, rng=rng,
                                  **kwargs)
                 next_id += len(transfers)
+                # The fast form: columns the client built from its own arrays before sending.
+                load: Any = ledger.as_batch_columns(transfers) if form else transfers
                 console.print(f"[bold]{name}[/]: sending in batches of {args.batch:,}, "
-                              f"{args.concurrency} in flight")
+                              f"{args.concurrency} in flight"
+                              + (" as TransferBatch columns" if form else " as lists"))
 
-                async def batches(t: list[Any] = transfers) -> dict[str, Any]:
+                async def batches(t: Any = load) -> dict[str, Any]:
                     return await ledger.drive_batches(
                         client, t, batch_size=args.batch, concurrency=args.concurrency,
                         phase_s_max=args.phase_seconds_max)
 
                 phase = await _measured(name, processor, processes, sampler, batches)
-                del transfers
+                del transfers, load
                 results["phases"][name] = phase
                 _note_phase_problems(name, phase, results)
                 console.print(f"  {phase['durable_transfers_per_s']:,.0f} durable transfers/s, "
@@ -407,9 +416,9 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 def _phase_label(name: str, args: dict[str, Any], phase: dict[str, Any]) -> str:
     if name == "http":
         return f"http {phase['offered_rate_per_s']:,.0f}/s"
-    if name == "hot":
-        return f"hot {args['hot_share']:.0%}"
-    return name
+    workload, _, form = name.partition("_")
+    label = f"hot {args['hot_share']:.0%}" if workload == "hot" else workload
+    return f"{label} TransferBatch" if form else label
 
 
 def print_table(results: dict[str, Any], console: Console) -> None:
@@ -424,7 +433,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                    "cores busy", "peak RSS MiB", "commit busy"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     phases = results["phases"]
-    for name in ("uniform", "hot", "http"):
+    for name in (*BATCH_PHASES, "http"):
         p = phases.get(name)
         if p is None:
             continue
@@ -502,11 +511,13 @@ def markdown_rows(results: dict[str, Any]) -> str:
         "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     phases = results["phases"]
-    for name in ("uniform", "hot"):
+    for name in BATCH_PHASES:
         p = phases.get(name)
         if p is None:
             continue
-        kind = "uniform" if name == "uniform" else f"hot account ({args['hot_share']:.0%})"
+        workload, _, form = name.partition("_")
+        kind = "uniform" if workload == "uniform" else f"hot account ({args['hot_share']:.0%})"
+        kind += ", TransferBatch" if form else ", list[Transfer]"
         what = (f"{kind}, {p['transfers_submitted']:,} transfers, RPC batches of "
                 f"{args['batch']:,} x "
                 f"{args['concurrency']} in flight, {args['shards']} shards, {cores} cores")

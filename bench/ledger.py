@@ -29,6 +29,7 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import msgspec
+import numpy as np
 import psutil
 
 from processor.types import Account, Transfer
@@ -395,9 +396,23 @@ def shard_stats_delta(
 # -- the RPC batch driver -----------------------------------------------------------------
 
 
+def as_batch_columns(transfers: Sequence[Transfer]) -> Any:
+    """The transfers as one TransferBatch built from numpy arrays, as a client holding its
+    transfers in arrays would send them."""
+    from processor.batch import TransferBatch
+
+    def column(name: str) -> Any:
+        return np.fromiter((getattr(t, name) for t in transfers), np.int64, len(transfers))
+
+    return TransferBatch.from_arrays(
+        id=column("id"), debit_account_id=column("debit_account_id"),
+        credit_account_id=column("credit_account_id"), amount=column("amount"),
+        currency=np.array([t.currency for t in transfers], dtype="S3"))
+
+
 async def drive_batches(
     client: Any,
-    transfers: Sequence[Transfer],
+    transfers: Any,
     *,
     batch_size: int,
     concurrency: int,
@@ -410,9 +425,11 @@ async def drive_batches(
     server ends the phase early instead of holding the run; the figures then cover the
     batches sent (``stopped_early``).
 
-    ``client`` is a connected ``processor.client.Client``. A request refused as a whole
-    (overloaded, unavailable, timeout) is sent again unchanged, at most ``attempts_max``
-    times in all: ids are idempotency keys, so a resent batch that had committed answers
+    ``transfers`` is a sequence of ``Transfer`` (sent as lists) or a ``TransferBatch``
+    (sent as its slices). ``client`` is a connected ``processor.client.Client``. A request
+    refused as a whole (overloaded, unavailable, timeout) is sent again unchanged, at most
+    ``attempts_max`` times in all: ids are idempotency keys, so a resent batch that had
+    committed answers
     ``exists``. Only ``ok`` counts as a durable transfer: the server acknowledges after the
     commit, so every ok is durable.
     """
@@ -421,7 +438,12 @@ async def drive_batches(
 
     if not 1 <= concurrency <= 64:
         raise ValueError("concurrency must be within 1..64")
-    chunks = [transfers[i:i + batch_size] for i in range(0, len(transfers), batch_size)]
+    if hasattr(transfers, "take"):
+        n = len(transfers)
+        chunks: list[Any] = [transfers.take(np.arange(i, min(i + batch_size, n)))
+                             for i in range(0, n, batch_size)]
+    else:
+        chunks = [transfers[i:i + batch_size] for i in range(0, len(transfers), batch_size)]
     order = iter(range(len(chunks)))
     codes: Counter[int] = Counter()
     errors: Counter[str] = Counter()
@@ -437,7 +459,7 @@ async def drive_batches(
             if phase_s_max > 0 and time.perf_counter() - phase_started > phase_s_max:
                 stopped_early = True
                 return
-            chunk = list(chunks[k])
+            chunk = chunks[k] if hasattr(chunks[k], "take") else list(chunks[k])
             submitted += len(chunk)
             for _attempt in range(attempts_max):
                 started = time.perf_counter()
@@ -452,7 +474,11 @@ async def drive_batches(
                     await asyncio.sleep(0.5)
                     continue
                 latencies_ms.append((time.perf_counter() - started) * 1000)
-                codes.update(int(c) for c in result)
+                if isinstance(result, list):
+                    codes.update(int(c) for c in result)
+                else:  # a TransferBatch's codes: one byte each
+                    values, counts = np.unique(result, return_counts=True)
+                    codes.update(dict(zip(values.tolist(), counts.tolist(), strict=True)))
                 break
             else:
                 lost += len(chunk)

@@ -462,7 +462,8 @@ def _phase_problems(name: str, phase: dict[str, Any]) -> list[str]:
 
 # Which TigerBeetle workload each processor phase is held against: the same one; single
 # HTTP transfers have no TigerBeetle counterpart and are held against its uniform batches.
-TIGERBEETLE_REFERENCE = {"uniform": "uniform", "hot": "hot", "http": "uniform"}
+TIGERBEETLE_REFERENCE = {"uniform": "uniform", "uniform_batch": "uniform", "hot": "hot",
+                         "hot_batch": "hot", "http": "uniform"}
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -518,10 +519,12 @@ def comparison_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         })
 
     server = "shards+front+postgres"
-    for name in ("uniform", "hot"):
+    for name in ("uniform", "uniform_batch", "hot", "hot_batch"):
         p = phases.get(name)
         if p is not None:
-            add(name, "durable_transfers_per_s", "txproc", f"{name} batches",
+            workload, _, form = name.partition("_")
+            label = f"{workload} TransferBatch" if form else f"{workload} batches"
+            add(name, "durable_transfers_per_s", "txproc", label,
                 p.get("durable_transfers_per_s"), p.get("server_cpu_us_per_transfer"),
                 server, tb_ref=TIGERBEETLE_REFERENCE[name])
     p = phases.get("http")

@@ -8,12 +8,17 @@ evaluated (in which case nothing was written).
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from processor.codes import AccountResult, TransferResult
 from processor.types import Account, Transfer
 
-__all__ = ["BATCH_ITEMS_MAX", "LedgerService"]
+if TYPE_CHECKING:
+    from processor.batch import TransferBatch
+
+__all__ = ["BATCH_ITEMS_MAX", "LedgerService", "create_transfer_batch"]
 
 # The largest batch of one request, the batch size TigerBeetle uses; a request with more
 # items is rejected whole (HTTP 413, RPC error ``batch_too_large``).
@@ -28,3 +33,17 @@ class LedgerService(Protocol):
     async def lookup_accounts(self, ids: list[int]) -> list[Account | None]: ...
 
     async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]: ...
+
+
+async def create_transfer_batch(service: LedgerService, batch: TransferBatch) -> np.ndarray:
+    """One result code per transfer of ``batch`` (uint8, in order).
+
+    A service may take batches as columns (``create_transfer_batch``, as the front does);
+    any other gets them as objects through ``create_transfers``.
+    """
+    columnar = getattr(service, "create_transfer_batch", None)
+    if columnar is not None:
+        codes: np.ndarray = await columnar(batch)
+        return codes
+    results = await service.create_transfers(batch.transfers())
+    return np.array([int(c) for c in results], dtype=np.uint8)

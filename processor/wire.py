@@ -7,9 +7,13 @@ integer in the first array slot, stable forever, never reused.
 
 A conversation:
 
-* The client's first frame is ``Hello(token)``; the server answers ``HelloOk`` with the
-  token's expiry. The client may send ``Hello`` again at any time to replace an expiring
-  token; requests already accepted keep running under the old one.
+* The client's first frame is ``Hello(token, version)``; the server answers ``HelloOk``
+  with the token's expiry and its own protocol version, or refuses a version it does not
+  speak (``protocol_version_unsupported``). Version 2 added ``CreateTransferBatch``, the
+  columnar form of ``CreateTransfers`` (processor.batch); a version-1 connection that sends
+  one is answered ``protocol_version_unsupported`` rather than having it misread. The
+  client may send ``Hello`` again at any time to replace an expiring token; requests
+  already accepted keep running under the old one.
 * Each request carries a ``request_id`` chosen by the client (u64), unique among that
   connection's requests in flight; the server does not check uniqueness. Many requests may
   be in flight on one connection and their responses come back in any order, matched by
@@ -38,10 +42,14 @@ __all__ = [
     "ERROR_CODES",
     "FRAME_BYTES_MAX",
     "FRAME_HEADER_BYTES",
+    "PROTOCOL_VERSION",
+    "PROTOCOL_VERSIONS",
     "REQUEST_ID_MAX",
     "TOKEN_CHARS_MAX",
     "CreateAccounts",
     "CreateAccountsResult",
+    "CreateTransferBatch",
+    "CreateTransferBatchResult",
     "CreateTransfers",
     "CreateTransfersResult",
     "Error",
@@ -89,6 +97,8 @@ ERROR_CODES: Final = frozenset(
         "too_many_in_flight",  # the connection has in_flight_per_connection_max requests
         "ledger_error",  # a LedgerError of no more specific kind; see its message
         "unknown_operation",  # a PaymentCall named no payments operation
+        "invalid_batch",  # a CreateTransferBatch's columns break the format; nothing applied
+        "protocol_version_unsupported",  # Hello asked for, or a frame needs, another version
         "internal",  # a bug on the server; the request may or may not have been applied
     }
 )
@@ -101,10 +111,18 @@ Token = Annotated[str, Meta(max_length=TOKEN_CHARS_MAX)]
 
 
 # Requests are the public inbound API, so unknown fields are refused (STYLE.md, Messages).
+PROTOCOL_VERSION = 2
+PROTOCOL_VERSIONS = frozenset({1, 2})
+
+
 class Hello(msgspec.Struct, frozen=True, array_like=True, tag=1, forbid_unknown_fields=True):
-    """Authenticates the connection; must be the first frame, may be re-sent to refresh."""
+    """Authenticates the connection; must be the first frame, may be re-sent to refresh.
+
+    ``version`` is the protocol version the client speaks (1 when absent: the first one).
+    """
 
     token: Token
+    version: Annotated[int, Meta(ge=0, le=65535)] = 1
 
 
 class CreateAccounts(
@@ -119,6 +137,33 @@ class CreateTransfers(
 ):
     request_id: RequestId
     items: list[Transfer]
+
+
+# A column's size is bounded by the frame; a batch of more than BATCH_ITEMS_MAX transfers
+# is answered batch_too_large, not refused as a malformed frame.
+Column = bytes
+
+
+class CreateTransferBatch(
+    msgspec.Struct, frozen=True, array_like=True, tag=7, forbid_unknown_fields=True
+):
+    """``CreateTransfers`` as fixed-width little-endian columns (protocol version 2).
+
+    processor.batch gives each column's width and range; ``user_data`` is empty when every
+    transfer's is. Answered by ``CreateTransferBatchResult``.
+    """
+
+    request_id: RequestId
+    id: Column
+    debit_account_id: Column
+    credit_account_id: Column
+    amount: Column
+    currency: Column
+    flags: Column
+    pending_id: Column
+    timeout_s: Column
+    code: Column
+    user_data: list[Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX)]] = []
 
 
 class LookupAccounts(
@@ -152,9 +197,13 @@ class PaymentCall(msgspec.Struct, frozen=True, array_like=True, tag=6, forbid_un
 
 # Responses tolerate fields added by a newer server, so clients survive a rolling deploy.
 class HelloOk(msgspec.Struct, frozen=True, array_like=True, tag=64):
-    """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch)."""
+    """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch).
+
+    ``version`` is the protocol version the server speaks (1 when absent).
+    """
 
     expires_at_s: int
+    version: int = 1
 
 
 class CreateAccountsResult(msgspec.Struct, frozen=True, array_like=True, tag=65):
@@ -169,6 +218,13 @@ class CreateTransfersResult(msgspec.Struct, frozen=True, array_like=True, tag=66
 
     request_id: RequestId
     codes: list[int]
+
+
+class CreateTransferBatchResult(msgspec.Struct, frozen=True, array_like=True, tag=71):
+    """One ``TransferResult`` value per transfer of the batch, a byte each, in order."""
+
+    request_id: RequestId
+    codes: bytes
 
 
 class LookupAccountsResult(msgspec.Struct, frozen=True, array_like=True, tag=67):
@@ -208,6 +264,7 @@ class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
 
 Request = (
     Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers | PaymentCall
+    | CreateTransferBatch
 )
 Response = (
     HelloOk
@@ -216,6 +273,7 @@ Response = (
     | LookupAccountsResult
     | LookupTransfersResult
     | PaymentResult
+    | CreateTransferBatchResult
     | Error
 )
 
@@ -294,8 +352,10 @@ def _worst_case_batch_bytes() -> int:
         credits_posted=ID_MAX, timestamp=ID_MAX,
     )  # fmt: skip
     item_bytes = max(len(_ENCODER.encode(transfer)), len(_ENCODER.encode(account)))
-    # The envelope is a tag, a request id and an array header: well under 64 bytes.
-    return item_bytes * BATCH_ITEMS_MAX + 64
+    # A columnar batch: 53 bytes of columns per transfer, plus its user_data string.
+    column_bytes = 8 * 5 + 3 + 2 + 4 + 4 + len(_ENCODER.encode(user_data))
+    # The envelope is a tag, a request id and array and bytes headers: well under 64 bytes.
+    return max(item_bytes, column_bytes) * BATCH_ITEMS_MAX + 64
 
 
 # Kept on under python -O: a full batch that cannot be framed would be a protocol bug.

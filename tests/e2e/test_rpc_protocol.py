@@ -17,6 +17,7 @@ import pytest
 from actors.rpc_server import HELLO_TIMEOUT_S_DEFAULT, start_rpc_server
 from processor import wire
 from processor.auth import SCOPES, issue_token
+from processor.batch import TransferBatch
 from processor.client import CONNECT_ATTEMPTS_MAX_DEFAULT, Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded, Unavailable
@@ -254,7 +255,7 @@ async def _pipeline_100_raw(rig: Rig) -> None:
     rig.ledger.delay_s = {id_: (101 - id_) * 0.001 for id_ in range(1, 101)}
     raw = await Raw.open(rig)
     await raw.send(wire.Hello(rig.token()))
-    assert await raw.receive() == wire.HelloOk(NOW_S + TTL_S)
+    assert await raw.receive() == wire.HelloOk(NOW_S + TTL_S, wire.PROTOCOL_VERSION)
     frames = b"".join(
         wire.encode_frame(wire.CreateTransfers(1000 + id_, [_transfer(id_)]))
         for id_ in range(1, 101)
@@ -569,3 +570,63 @@ async def test_refused_refresh_via_client_then_a_good_token_reconnects(rig: Rig)
         assert info.value.code == "token_invalid"
         await client.set_token(rig.token(["accounts:read"]))
         assert await client.lookup_accounts([1]) == [None]
+
+
+async def test_columnar_batches_need_protocol_version_2(rig: Rig) -> None:
+    """A version-1 connection's CreateTransferBatch is refused with a clear code (the
+    connection stays open), and a Hello naming an unknown version ends the connection."""
+    batch = TransferBatch.from_arrays(id=[1], debit_account_id=[1], credit_account_id=[2],
+                                      amount=[5], currency="EUR")
+    raw = await Raw.open(rig)
+    await raw.send(wire.Hello(rig.token()))  # no version: the first one
+    assert await raw.receive() == wire.HelloOk(NOW_S + TTL_S, wire.PROTOCOL_VERSION)
+    await raw.send(wire.CreateTransferBatch(7, *batch.column_bytes(), []))
+    answer = await raw.receive()
+    assert isinstance(answer, wire.Error)
+    assert (answer.request_id, answer.code) == (7, "protocol_version_unsupported")
+    await raw.send(wire.LookupTransfers(8, [1]))
+    assert isinstance(await raw.receive(), wire.LookupTransfersResult)
+    assert rig.ledger.transfers == {}
+    await raw.close()
+    raw = await Raw.open(rig)
+    await raw.send(wire.Hello(rig.token(), 99))
+    refused = await raw.receive()
+    assert isinstance(refused, wire.Error) and refused.code == "protocol_version_unsupported"
+    assert await raw.closed_by_server()
+
+
+async def test_a_malformed_columnar_batch_is_refused_whole(rig: Rig) -> None:
+    """Columns of different lengths or out-of-range values answer invalid_batch for that
+    request only; nothing reaches the ledger and the connection goes on."""
+    cols = list(TransferBatch.from_arrays(id=[1, 2], debit_account_id=[1, 1],
+                                          credit_account_id=[2, 2], amount=[5, 6],
+                                          currency="EUR").column_bytes())
+    short = [*cols]
+    short[3] = short[3][:8]  # one amount for two ids
+    negative = [*cols]
+    negative[0] = (-1).to_bytes(8, "little", signed=True) * 2
+    raw = await Raw.open(rig)
+    await raw.send(wire.Hello(rig.token(), wire.PROTOCOL_VERSION))
+    await raw.receive()
+    for request_id, columns in ((1, short), (2, negative)):
+        await raw.send(wire.CreateTransferBatch(request_id, *columns, []))
+        answer = await raw.receive()
+        assert isinstance(answer, wire.Error), answer
+        assert (answer.request_id, answer.code) == (request_id, "invalid_batch")
+    assert rig.ledger.transfers == {}
+    await raw.send(wire.CreateTransferBatch(3, *cols, []))
+    done = await raw.receive()
+    assert isinstance(done, wire.CreateTransferBatchResult) and done.codes == bytes([0, 0])
+    await raw.close()
+
+
+async def test_an_oversized_columnar_batch_is_too_large(rig: Rig) -> None:
+    """More than BATCH_ITEMS_MAX transfers in columns answers batch_too_large."""
+    n = BATCH_ITEMS_MAX + 1
+    batch = TransferBatch.from_arrays(id=range(1, n + 1), debit_account_id=[1] * n,
+                                      credit_account_id=[2] * n, amount=[1] * n,
+                                      currency="EUR")
+    async with rig.client() as client:
+        with pytest.raises(ClientError) as raised:
+            await client.create_transfers(batch)
+    assert raised.value.code == "batch_too_large"

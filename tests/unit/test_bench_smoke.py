@@ -120,7 +120,10 @@ def test_quick_shrinks_the_run_and_the_report_renders() -> None:
                                "rss_mib_peak": {"server": 4.0}}},
         "ratios": {},
     }
-    assert "| 2026-11-25 | uniform, 10 transfers" in markdown_rows(results)
+    results["phases"]["uniform_batch"] = results["phases"]["uniform"]
+    rows = markdown_rows(results)
+    assert "| 2026-11-25 | uniform, list[Transfer], 10 transfers" in rows
+    assert "| 2026-11-25 | uniform, TransferBatch, 10 transfers" in rows
 
 
 def test_run_time_and_stats_csv_parse(tmp_path: Path) -> None:
