@@ -104,6 +104,10 @@ class LedgerShard:
         self._tasks: list[asyncio.Task[None]] = []
         self._stats = _Stats()
         self._in_flight = 0
+        # Every transfer id at or below this may be in the database (stored or burned by
+        # any shard, as last read, or planned here); ids above it are new without a read.
+        self._ids_high = 0
+        self._ids_read_at = 0.0
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -147,6 +151,7 @@ class LedgerShard:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, 2.0)
         self._epoch = await self._store.take_epoch(self._shard)
+        await self._refresh_ids_high()
         accounts, pending = await self._store.load_shard(
             self._partitions.partitions_of_shard(self._shard)
         )
@@ -249,8 +254,9 @@ class LedgerShard:
                 remaining = requests
                 while True:
                     ids, pending_ids = book.lookups_needed(remaining)
-                    known = await store.fetch_known(ids, pending_ids)
+                    known = await store.fetch_known(self._maybe_stored(ids), pending_ids)
                     plan = book.plan_transfers(remaining, self._clock_ns(), known)
+                    self._ids_high = max([self._ids_high, *(t.id for r in remaining for t in r)])
                     answers, plain_answers = await self._reserve_remote(plan)
                     batch = book.finalize(plan, answers, self._clock_ns(), plain_answers)
                     pendings.append(self._enqueue(batch))
@@ -290,10 +296,12 @@ class LedgerShard:
         try:
             async with self._evaluate_lock:
                 book = self._require_book()
-                recent = book.recent
-                ids = [i for i in cols.id.tolist() if i and i not in recent]
+                recent, high = book.recent, self._ids_high
+                ids = [i for i in cols.id.tolist() if i and i <= high and i not in recent]
                 known = await self._require_store().fetch_known(ids, [])
                 plan = book.plan_columns(cols, [items], self._clock_ns(), known)
+                if items:
+                    self._ids_high = max(high, int(cols.id.max()))
                 if plan is not None:
                     answers, plain_answers = await self._reserve_remote(plan)
                     commit = book.finalize(plan, answers, self._clock_ns(), plain_answers)
@@ -308,6 +316,18 @@ class LedgerShard:
         results = RESULTS.decode(await self._create_transfers(
             ENCODER.encode([batch.transfers()])))
         return bytes(code for code, _ in results)
+
+    def _maybe_stored(self, ids: list[int]) -> list[int]:
+        """The ids that may be in the database: at or below the high-water mark."""
+        high = self._ids_high
+        return [i for i in ids if i <= high]
+
+    async def _refresh_ids_high(self) -> None:
+        """Read the greatest id any shard stored or burned. An id another shard took after
+        this read is not read back before planning; the commit catches it instead (the
+        primary keys, and IdConflict), and this shard restarts and reads it."""
+        self._ids_high = max(self._ids_high, await self._require_store().ids_max())
+        self._ids_read_at = time.monotonic()
 
     async def _reserve_remote(
         self, plan: Plan
@@ -432,6 +452,12 @@ class LedgerShard:
                 for p in group:
                     if not p.done.done():
                         p.done.set_result(None)
+                if time.monotonic() - self._ids_read_at > self._config.ids_refresh_interval_s:
+                    try:
+                        await self._refresh_ids_high()
+                    except Exception:  # the database may be restarting; the next one reads
+                        log.warning("shard %d: reading the id high-water mark failed",
+                                    self._shard, exc_info=True)
 
     async def _send_settlements(self, group: list[_Pending]) -> None:
         by_shard: dict[int, list[tuple[int, bool]]] = {}

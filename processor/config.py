@@ -44,6 +44,9 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     expiry_interval_s: float = 0.5
     # An idle shard still commits this often, to fold the postings other shards left it.
     fold_interval_s: float = 1.0
+    # How often a shard reads the greatest transfer id stored or burned by any shard; ids
+    # above it and above its own are new without a database read (docs/design.md §8).
+    ids_refresh_interval_s: float = 1.0
 
 
 class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -132,6 +135,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (s.pool_size_max >= 2, "pool_size_max >= 2"),
             (s.commit_batches_max >= 1, "commit_batches_max >= 1"),
             (s.recent_ids_max >= BATCH_ITEMS_MAX, "recent_ids_max >= one batch"),
+            (s.ids_refresh_interval_s > 0, "ids_refresh_interval_s > 0"),
             (self.payments.idempotency_retention_s >= self.payments.rules.claim_ttl_s,
              "idempotency_retention_s >= claim_ttl_s"),
             (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),

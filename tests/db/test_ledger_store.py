@@ -69,3 +69,46 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
         assert (await store.audit()).passed
     finally:
         await store.close()
+
+
+async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
+    """A commit that would store a burned id, or burn a stored one, is refused whole with
+    IdConflict (the shard then restarts and reads the id back); the primary keys cover the
+    rest."""
+    from actors.store import IdConflict
+    from processor.ledger import CommitBatch, Failed
+
+    partitions = PartitionMap.uniform(1)
+    store = await _store(db_url)
+    try:
+        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.take_epoch(0)
+        book = ArrayBook(0, partitions, recent_ids_max=64)
+        now = time.time_ns()
+        _, accounts = book.create_accounts(
+            [[Account(id=1, currency="EUR"), Account(id=2, currency="EUR")]], now)
+        own = partitions.partitions_of_shard(0)
+        await store.commit([accounts], fences={0: 1}, partitions=own)
+        book.accounts_committed(accounts)
+        await store.commit([CommitBatch(failed=[Failed(50, 48, now)])], fences={0: 1},
+                           partitions=own)
+        assert await store.ids_max() == 50
+        plan = book.plan_transfers([[Transfer(id=i, debit_account_id=1, credit_account_id=2,
+                                              amount=1, currency="EUR")
+                                     for i in (49, 50, 51)]], now + 1, Known())
+        with pytest.raises(IdConflict, match="50"):
+            await store.commit([book.finalize(plan, {}, now + 1)], fences={0: 1},
+                               partitions=own)
+        assert await store.lookup_transfers([49, 50, 51]) == {}
+        stored = CommitBatch(transfers=[Transfer(id=60, debit_account_id=1,
+                                                 credit_account_id=2, amount=1,
+                                                 currency="EUR", timestamp=now + 2)],
+                             balance_deltas={1: [0, 1, 0, 0], 2: [0, 0, 0, 1]})
+        await store.commit([stored], fences={0: 1}, partitions=own)
+        with pytest.raises(IdConflict, match="60"):
+            await store.commit([CommitBatch(failed=[Failed(60, 48, now + 3)])],
+                               fences={0: 1}, partitions=own)
+        assert await store.ids_max() == 60
+        assert (await store.audit()).passed
+    finally:
+        await store.close()

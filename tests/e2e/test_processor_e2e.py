@@ -330,3 +330,33 @@ async def test_transfer_batches_over_columns_answer_like_lists(
     assert [R(c) for c in (await client.create_transfers(two_phase)).tolist()] == [R.ok, R.ok]
     b = (await client.lookup_accounts([bob]))[0]
     assert b is not None and (b.credits_pending, b.credits_posted) == (0, 1 + 600 + 20)
+
+
+async def test_an_id_taken_on_one_shard_is_refused_on_another(
+    processor: Processor, ids: IdSource, client: Client
+) -> None:
+    """An id stored or burned by one shard and sent again at once with a debit account on
+    another shard (which may not have read it back yet) is answered as taken, never stored
+    twice: the commit-time checks stop it, and the shard reads the id after it restarts."""
+    a0, a1 = _on_other_shards(processor, ids)
+    b0, b1 = ids.take(2)
+    await _accounts(client, Account(id=a0, currency="EUR", flags=LIMITED),
+                    Account(id=a1, currency="EUR"), Account(id=b0, currency="EUR"),
+                    Account(id=b1, currency="EUR"))
+    burned, stored = ids.take(2)
+    assert await client.create_transfers([
+        Transfer(id=burned, debit_account_id=a0, credit_account_id=b0, amount=5,
+                 currency="EUR"),
+        Transfer(id=stored, debit_account_id=b0, credit_account_id=a0, amount=5,
+                 currency="EUR"),
+    ]) == [R.exceeds_credits, R.ok]
+    again = await client.create_transfers([
+        Transfer(id=burned, debit_account_id=a1, credit_account_id=b1, amount=5,
+                 currency="EUR"),
+        Transfer(id=stored, debit_account_id=a1, credit_account_id=b1, amount=5,
+                 currency="EUR"),
+    ])
+    assert again == [R.id_already_failed, R.exists_with_different_debit_account_id]
+    t_burned, t_stored = await client.lookup_transfers([burned, stored])
+    assert t_burned is None
+    assert t_stored is not None and t_stored.debit_account_id == b0
