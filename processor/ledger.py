@@ -371,8 +371,11 @@ class CommitBatch:
         """Double entry: the batch moves as much to debits as to credits, posted and pending."""
         # Python ints: a sum over many accounts may pass int64.
         dp = dpo = cp = cpo = 0
-        for _, d in self.deltas():
+        for d in self.balance_deltas.values():
             dp, dpo, cp, cpo = dp + d[0], dpo + d[1], cp + d[2], cpo + d[3]
+        if self.delta_values is not None:
+            sums = _exact_column_sums(self.delta_values)
+            dp, dpo, cp, cpo = dp + sums[0], dpo + sums[1], cp + sums[2], cpo + sums[3]
         require(dp == cp, "pending debits equal pending credits")
         require(dpo == cpo, "posted debits equal posted credits")
 
@@ -959,6 +962,15 @@ class Book:
             state = self.accounts[leg.account_id]
             state.unapply(leg)
             state.settle_committed(leg)
+
+
+def _exact_column_sums(values: Any) -> list[int]:
+    """The column sums of an (n, k) int64 array as exact Python ints: each value is split
+    into its high and low 32 bits, whose sums cannot overflow int64 below 2**31 rows."""
+    require(values.shape[0] < 2**31, "fewer than 2**31 rows")
+    high = (values >> 32).sum(axis=0).tolist()
+    low = (values & 0xFFFFFFFF).sum(axis=0).tolist()
+    return [h * 2**32 + lo for h, lo in zip(high, low, strict=True)]
 
 
 def _add_chain_posted(chain_posted: dict[tuple[int, int], int], leg: Leg) -> None:

@@ -251,3 +251,14 @@ def test_partitions_over_arrays_equal_the_scalar_hash(ids: list[int], shards: in
     assert partitions_of(array).tolist() == [partition_of(i) for i in array.tolist()]
     m = PartitionMap.uniform(shards)
     assert m.shards_of(array).tolist() == [m.shard_of(i) for i in array.tolist()]
+
+
+@SETTINGS
+@given(rows=st.lists(st.lists(st.integers(-(2**63), 2**63 - 1), min_size=4, max_size=4),
+                     max_size=50))
+def test_delta_sums_are_exact_past_int64(rows: list[list[int]]) -> None:
+    """Double entry is checked on exact sums, even where an int64 sum would wrap."""
+    from processor.ledger import _exact_column_sums
+
+    values = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    assert _exact_column_sums(values) == [sum(r[k] for r in rows) for k in range(4)]
