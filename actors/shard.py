@@ -256,7 +256,6 @@ class LedgerShard:
                     ids, pending_ids = book.lookups_needed(remaining)
                     known = await store.fetch_known(self._maybe_stored(ids), pending_ids)
                     plan = book.plan_transfers(remaining, self._clock_ns(), known)
-                    self._ids_high = max([self._ids_high, *(t.id for r in remaining for t in r)])
                     answers, plain_answers = await self._reserve_remote(plan)
                     batch = book.finalize(plan, answers, self._clock_ns(), plain_answers)
                     pendings.append(self._enqueue(batch))
@@ -266,6 +265,9 @@ class LedgerShard:
                     if not plan.rest:
                         break
                     remaining = plan.rest
+                # After the loop: until then this request's ids are in the book's memory,
+                # and a higher mark would make the parts planned later read them back.
+                self._ids_high = max([self._ids_high, *(t.id for r in requests for t in r)])
             for pending in pendings:
                 await pending.done
             return ENCODER.encode(codes)

@@ -94,12 +94,19 @@ def _rows(cluster: Cluster) -> tuple[object, ...]:
     )
 
 
+class ShortRunBook(ArrayBook):
+    """Plans every run of plain transfers in a mixed batch over columns, however short."""
+
+    plain_run_min = 1
+
+
 def _run_both(data: st.DataObject, shards: int, interleaved: bool,
               recent_ids_max: int) -> None:
     w = full_workload(data)
     reference = Cluster(shards, interleaved=interleaved, book_class=Book,
                         recent_ids_max=recent_ids_max)
-    columnar = Cluster(shards, interleaved=interleaved, book_class=ArrayBook,
+    book_class = data.draw(st.sampled_from([ArrayBook, ShortRunBook]), label="book")
+    columnar = Cluster(shards, interleaved=interleaved, book_class=book_class,
                        recent_ids_max=recent_ids_max)
     both = (reference, columnar)
     h = History()
@@ -230,6 +237,33 @@ def test_legs_survive_their_wire_form() -> None:
     for a, b in zip(cols, (back.account_ids, back.amounts, back.currencies, back.event_ids),
                     strict=True):
         assert a.tolist() == b.tolist()
+
+
+def test_a_mixed_batch_plans_its_plain_runs_over_columns() -> None:
+    """In a mixed batch, a long enough run of plain transfers is planned over columns and
+    the general items around it by the rules, in order, each part after the one before."""
+    book = ShortRunBook(0, PartitionMap.uniform(1), recent_ids_max=64)
+    _, batch = book.create_accounts([[Account(id=1, currency="USD"),
+                                      Account(id=2, currency="USD")]], 1)
+    book.accounts_committed(batch)
+
+    def t(id_: int, **kw: object) -> Transfer:
+        return Transfer(id=id_, debit_account_id=1, credit_account_id=2, amount=5,
+                        currency="USD", **kw)  # type: ignore[arg-type]
+
+    pending = int(TransferFlags.PENDING)
+    linked = int(TransferFlags.LINKED)
+    requests = [[t(10), t(11), t(12, flags=pending), t(13, flags=linked), t(14)], [t(15)]]
+    kinds = []
+    remaining = requests
+    while remaining:
+        plan = book.plan_transfers(remaining, 2, Known())
+        kinds.append(("columns" if plan.plain is not None else "rules",
+                      sum(plan.request_sizes)))
+        book.committed(book.finalize(plan, {}, 2))
+        remaining = plan.rest
+    # 14 ends the chain 13 opens, so it goes with the rules, not with the run of 15.
+    assert kinds == [("columns", 2), ("rules", 3), ("columns", 1)]
 
 
 def test_kernels_are_compiled() -> None:
