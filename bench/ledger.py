@@ -564,13 +564,23 @@ class _HttpxSenders:
 class _RawConnection:
     """One keep-alive HTTP/1.1 connection that POSTs and reads a Content-Length answer."""
 
+    # A connection idle this long is opened afresh: the server closes idle keep-alive
+    # connections after 5 s (uvicorn's default), and a request written as it does so is
+    # lost (IncompleteReadError), which clients avoid the same way (httpx: keepalive_expiry).
+    IDLE_S_MAX = 4.0
+
     def __init__(self, host: str, port: int, head: bytes) -> None:
         self._host, self._port, self._head = host, port, head
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self._used_at = 0.0
 
     async def post(self, body: bytes) -> int:
         try:
+            now = time.monotonic()
+            if self._writer is not None and now - self._used_at > self.IDLE_S_MAX:
+                self.close()
+            self._used_at = now
             if self._writer is None:
                 self._reader, self._writer = await asyncio.open_connection(self._host,
                                                                            self._port)
