@@ -361,7 +361,8 @@ class LedgerShard:
             log.exception("shard %d: reserve on peers failed; restarting", self._shard)
             _crash()
             raise
-        answers = {s: RESERVE_ANSWER.decode(r) for s, r in zip(shards, raws, strict=False)}
+        answers = {s: RESERVE_ANSWER.decode(r)
+                   for s, r in zip(shards, raws[:len(shards)], strict=True)}
         plain_answers: dict[int, object] = {
             s: decode_reserve_answer(r)
             for s, r in zip(plain_shards, raws[len(shards):], strict=True)

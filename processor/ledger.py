@@ -330,7 +330,7 @@ class CommitBatch:
     # Per item, the stored transfer's timestamp for ``ok`` and ``exists``, else 0.
     timestamps: list[int] = field(default_factory=list)
     # A columnar batch's local legs (processor.columnar.SlotDeltas), moved to committed
-    # after the commit like ``local_legs``; and shard -> [(hold block, committed mask)].
+    # after the commit like ``local_legs``.
     slot_deltas: Any = None
     # A columnar batch's stored transfers (processor.columnar.TransferColumns), written
     # besides ``transfers``.
@@ -339,6 +339,7 @@ class CommitBatch:
     # in the order of ``balance_deltas``' lists, kept as arrays for the store.
     delta_ids: Any = None
     delta_values: Any = None
+    # shard -> [(hold block id, committed mask)] to send once the commit is durable.
     plain_settlements: dict[int, list[tuple[int, Any]]] = field(default_factory=dict)
 
     def add_delta(self, leg: Leg) -> None:
