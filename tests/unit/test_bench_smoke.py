@@ -212,3 +212,17 @@ async def test_framework_comparison_serves_the_same_endpoint() -> None:
         # The benchmark app has no error handling of its own: a bad body reaches msgspec.
         with pytest.raises(msgspec.ValidationError):
             await c.post("/v1/transfers", content=b'{"id": 1.5}')
+
+
+def test_memory_bench_reports_growth_per_million() -> None:
+    """bench.memory turns two RSS readings into MiB per million items, and refuses a run
+    that would measure nothing."""
+    from bench.memory import parse_args as memory_args
+    from bench.memory import per_million_mib
+
+    assert per_million_mib(100 * 2**20, 150 * 2**20, 200_000) == 250.0
+    assert per_million_mib(0, 2**20, 0) is None
+    args = memory_args(["--accounts", "10", "--holds", "0"])
+    assert args.out.name.startswith("memory-")
+    with pytest.raises(SystemExit):
+        memory_args(["--accounts", "1"])
