@@ -433,6 +433,10 @@ class LedgerShard:
                                                     "txproc.batches": len(group)}):
                         await store.commit([p.batch for p in group], fences=fences,
                                            partitions=self._own_partitions)
+                except asyncio.CancelledError:
+                    # stop() cancels the committer: the process is going away, and nothing
+                    # of this group was acknowledged, so there is nothing to recover here.
+                    raise
                 except BaseException:
                     log.exception("shard %d: commit failed; restarting to recover", self._shard)
                     metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
