@@ -17,7 +17,8 @@ import numpy as np
 from numba import njit
 
 from processor.codes import TransferResult
-from processor.types import AMOUNT_MAX, AccountFlags
+from processor.ledger import CREDITS_LIMITED, DEBITS_LIMITED
+from processor.types import AMOUNT_MAX
 
 __all__ = [
     "COLUMNS",
@@ -56,8 +57,6 @@ _MAX = np.int64(AMOUNT_MAX)
 OVER = np.int64(-1)
 _R = TransferResult
 _OK = int(_R.ok)
-_DEBITS_LIMITED = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-_CREDITS_LIMITED = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
 _DEBIT_NOT_FOUND = int(_R.debit_account_not_found)
 _CREDIT_NOT_FOUND = int(_R.credit_account_not_found)
 _CURRENCY_MISMATCH = int(_R.currency_mismatch)
@@ -94,7 +93,7 @@ def _check(bal: np.ndarray, slot: int, side: int, amount: np.int64, currency: np
         return _OVERFLOWS_POSTED[side]
     if _add(_add(_add(_add(pending, posted), up), reserved), amount) < 0:
         return _OVERFLOWS[side]
-    limit = _DEBITS_LIMITED if side == 0 else _CREDITS_LIMITED
+    limit = DEBITS_LIMITED if side == 0 else CREDITS_LIMITED
     if not bal[slot, FLAGS] & limit:
         return _OK
     # A debit is limited by posted credits and a credit by posted debits.
