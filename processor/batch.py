@@ -260,16 +260,14 @@ def _integers(name: str, values: Any, dtype: np.dtype) -> np.ndarray:
         if array.dtype.kind not in "iub":
             raise BatchInvalid(f"column {name} holds values that are not integers within "
                                f"0..{np.iinfo(dtype).max}")
+        if array.ndim > 1:
+            raise BatchInvalid(f"column {name} is not one-dimensional")
         if array.size and (array.min() < 0 or int(array.max()) > np.iinfo(dtype).max):
             raise BatchInvalid(f"column {name} has a value outside 0..{np.iinfo(dtype).max}")
-        return array.astype(dtype).reshape(-1) if array.ndim <= 1 else _too_deep(name)
+        return array.astype(dtype).reshape(-1)
     except OverflowError as exc:
         raise BatchInvalid(f"column {name} has a value outside 0..{np.iinfo(dtype).max}") \
             from exc
-
-
-def _too_deep(name: str) -> np.ndarray:
-    raise BatchInvalid(f"column {name} is not one-dimensional")
 
 
 def _check_range(name: str, column: np.ndarray, low: int, high: int) -> None:

@@ -15,8 +15,10 @@ shard holds its debit here and has its credit reserved on that shard in one
 ``reserve_plain`` call per shard, which answers an array of codes and one *hold block*;
 after the commit, one mask per block settles it. The protocol, the fences and the recovery
 are those of docs/design.md §6-7; only the representation differs. Every other batch runs
-through ``Book`` unchanged. ``tests/unit/test_columnar_reference.py`` requires both to give
-the same codes and balances on random workloads, with the plain ``Book`` as the reference.
+through ``Book`` unchanged, except that a run of at least ``plain_run_min`` plain
+transfers in it is planned over columns as a part of its own (``plan_transfers``).
+``tests/unit/test_columnar_reference.py`` requires both to give the same codes and
+balances on random workloads, with the plain ``Book`` as the reference.
 """
 
 from __future__ import annotations
