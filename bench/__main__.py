@@ -7,7 +7,8 @@ unless ``--database-url``), creates the accounts, then measures in turn:
    sent as lists of ``Transfer``; then uniform_batch: the same workload as
    ``TransferBatch`` columns built from arrays (the client's fast form);
 2. hot, hot_batch: the same, with half of all transfers debiting or crediting one account;
-3. http: single transfers over the HTTP API at a fixed offered rate (open loop);
+3. http_<rate>: single transfers over the HTTP API at each offered rate of ``--http-rate``
+   in turn (open loop), e.g. http_1000 and http_2000;
 4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference;
 5. with ``--tigerbeetle HOST:PORT``: once the processor has stopped, the same batch workload
    (accounts, seeded uniform and hot transfers, batch size, requests in flight) against a
@@ -56,6 +57,30 @@ ID_BLOCK = 10**9
 # Each batch workload through each client form: a list of Transfer, then TransferBatch.
 BATCH_PHASES = ("uniform", "uniform_batch", "hot", "hot_batch")
 QUICK = {"transfers": 50_000, "http_seconds": 5.0, "pgbench_seconds": 5}
+HTTP_RATES_DEFAULT = "1000,2000"
+
+
+def _rates(text: str) -> list[float]:
+    """``--http-rate``: comma-separated offered rates (requests/s), each above zero."""
+    try:
+        rates = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from exc
+    if not rates or any(not 0 < r < float("inf") for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive numbers: {text!r}")
+    return rates
+
+
+def http_phase_name(rate_per_s: float) -> str:
+    """The results key of the HTTP phase at an offered rate: ``http_1000``, ``http_2000``."""
+    return f"http_{rate_per_s:g}"
+
+
+def http_phases(phases: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The HTTP phases of a run in the order they ran (an older run's single ``http``
+    phase too)."""
+    return [(name, p) for name, p in phases.items()
+            if name == "http" or name.startswith("http_")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +96,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase-seconds-max", type=float, default=300.0,
                    help="stop starting batches after this long in a batch phase "
                         "(0: never); the figures cover what was sent")
-    p.add_argument("--http-rate", type=float, default=1000.0, help="offered requests/s")
+    p.add_argument("--http-rate", type=_rates, default=_rates(HTTP_RATES_DEFAULT),
+                   metavar="RATE[,RATE...]",
+                   help="offered requests/s; each rate is a phase of its own, run in turn "
+                        f"(default {HTTP_RATES_DEFAULT})")
     p.add_argument("--http-seconds", type=float, default=20.0)
     p.add_argument("--http-client", choices=sorted(ledger.HTTP_CLIENTS), default="httpx",
                    help="httpx AsyncClient pools, or lean raw keep-alive connections (httpx "
@@ -234,24 +262,10 @@ async def _phases(
                 console.print(f"  {phase['durable_transfers_per_s']:,.0f} durable transfers/s, "
                               f"p99 {phase['request_latency_ms']['p99']:,.0f} ms")
         if "http" not in args.skip:
-            count = int(args.http_rate * args.http_seconds)
-            bodies = [ledger.transfer_body_json(t) for t in ledger.uniform_transfers(
-                account_ids, count, first_id=next_id, rng=rng)]
-            next_id += count
-            console.print(f"[bold]http[/]: {args.http_rate:,.0f} req/s offered for "
-                          f"{args.http_seconds:g} s")
-
-            async def http() -> dict[str, Any]:
-                return await ledger.drive_http_open_loop(
-                    f"http://127.0.0.1:{processor.http_port}", token, bodies,
-                    rate_per_s=args.http_rate, duration_s=args.http_seconds,
-                    connections_max=args.http_connections, client=args.http_client)
-
-            phase = await _measured("http", processor, processes, sampler, http)
-            results["phases"]["http"] = phase
-            _note_phase_problems("http", phase, results)
-            console.print(f"  {phase['achieved_ok_per_s']:,.0f} ok/s, "
-                          f"p99 {phase['latency_ms']['p99']:,.1f} ms")
+            for rate_per_s in args.http_rate:
+                next_id = await _http_phase(args, processor, processes, sampler, results,
+                                            console, token=token, account_ids=account_ids,
+                                            rng=rng, rate_per_s=rate_per_s, first_id=next_id)
         if "pgbench" not in args.skip:
             console.print(f"[bold]pgbench[/]: -i -s {args.pgbench_scale}, then -c "
                           f"{args.pgbench_clients} -j {args.pgbench_threads} -T "
@@ -271,6 +285,37 @@ async def _phases(
     finally:
         sampler_task.cancel()
         await asyncio.gather(sampler_task, return_exceptions=True)
+
+
+async def _http_phase(
+    args: argparse.Namespace, processor: Any, processes: ledger.ServerProcesses,
+    sampler: ledger.RssSampler, results: dict[str, Any], console: Console, *, token: str,
+    account_ids: list[int], rng: random.Random, rate_per_s: float, first_id: int,
+) -> int:
+    """Single transfers over HTTP at one offered rate, open loop; returns the next free id."""
+    name = http_phase_name(rate_per_s)
+    count = int(rate_per_s * args.http_seconds)
+    bodies = [ledger.transfer_body_json(t) for t in ledger.uniform_transfers(
+        account_ids, count, first_id=first_id, rng=rng)]
+    console.print(f"[bold]{name}[/]: {rate_per_s:,.0f} req/s offered for "
+                  f"{args.http_seconds:g} s")
+
+    async def http() -> dict[str, Any]:
+        return await ledger.drive_http_open_loop(
+            f"http://127.0.0.1:{processor.http_port}", token, bodies,
+            rate_per_s=rate_per_s, duration_s=args.http_seconds,
+            connections_max=args.http_connections, client=args.http_client)
+
+    phase = await _measured(name, processor, processes, sampler, http)
+    results["phases"][name] = phase
+    _note_phase_problems(name, phase, results)
+    errors = sum(n for status, n in phase["answers_by_status"].items()
+                 if status not in ("200", "201"))
+    console.print(f"  {phase['achieved_ok_per_s']:,.0f} ok/s, {errors} errors, "
+                  f"p50 {phase['latency_ms']['p50']:,.1f} ms, "
+                  f"p99 {phase['latency_ms']['p99']:,.1f} ms, "
+                  f"{_fmt(phase['server_cpu_us_per_transfer'])} us server CPU each")
+    return first_id + count
 
 
 async def _measured(
@@ -414,7 +459,7 @@ def _fmt(value: Any, spec: str = ",.0f") -> str:
 
 
 def _phase_label(name: str, args: dict[str, Any], phase: dict[str, Any]) -> str:
-    if name == "http":
+    if name == "http" or name.startswith("http_"):
         return f"http {phase['offered_rate_per_s']:,.0f}/s"
     workload, _, form = name.partition("_")
     label = f"hot {args['hot_share']:.0%}" if workload == "hot" else workload
@@ -433,12 +478,11 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                    "cores busy", "peak RSS MiB", "commit busy"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     phases = results["phases"]
-    for name in (*BATCH_PHASES, "http"):
-        p = phases.get(name)
-        if p is None:
-            continue
-        lat = p["latency_ms"] if name == "http" else p["request_latency_ms"]
-        rate = p["achieved_ok_per_s"] if name == "http" else p["durable_transfers_per_s"]
+    rows = [(name, phases[name], False) for name in BATCH_PHASES if name in phases]
+    rows += [(name, p, True) for name, p in http_phases(phases)]
+    for name, p, http in rows:
+        lat = p["latency_ms"] if http else p["request_latency_ms"]
+        rate = p["achieved_ok_per_s"] if http else p["durable_transfers_per_s"]
         table.add_row(_phase_label(name, args, p), _fmt(rate), _fmt(lat["p50"], ",.1f"),
                       _fmt(lat["p99"], ",.1f"), _fmt(lat["max"], ",.1f"),
                       _fmt(p["server_cpu_us_per_transfer"], ",.0f"),
@@ -485,9 +529,8 @@ def print_table(results: dict[str, Any], console: Console) -> None:
             cpu += " c" if counted == "client only" else ""
             peer_table.add_row(f"{system} {workload}", rate, cpu, *ratio_cells)
         console.print(peer_table)
-    if "http" in phases:
-        h = phases["http"]
-        console.print(f"  http answers by status: {h['answers_by_status']}, dropped "
+    for name, h in http_phases(phases):
+        console.print(f"  {name} answers by status: {h['answers_by_status']}, dropped "
                       f"{h['dropped_all_connections_busy']}, generator lag max "
                       f"{h['generator_lag_ms_max']} ms, generator CPU "
                       f"{h['generator_cpu_cores_busy']} cores ({h['client']})")
@@ -526,8 +569,7 @@ def markdown_rows(results: dict[str, Any]) -> str:
                      f"{_fmt(lat['p50'], ',.0f')} | {_fmt(lat['p99'], ',.0f')} | "
                      f"{_fmt(p['server_cpu_us_per_transfer'], ',.0f')} | "
                      f"{_fmt(p['rss_mib_peak'].get('server'))} |")
-    p = phases.get("http")
-    if p is not None:
+    for _, p in http_phases(phases):
         lat = p["latency_ms"]
         lines.append(f"| {date} | HTTP single transfers, {p['offered_rate_per_s']:,.0f}/s "
                      f"offered for {p['duration_s']:g} s (open loop) | "

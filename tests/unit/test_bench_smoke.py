@@ -18,7 +18,7 @@ import pytest
 
 from actors.http_api import TRANSFER_DECODER
 from bench import ledger
-from bench.__main__ import QUICK, markdown_rows, parse_args
+from bench.__main__ import QUICK, http_phase_name, markdown_rows, parse_args
 from loadtests.run import parse_run_time_s, read_stats_csv
 from processor.types import AMOUNT_MAX
 
@@ -124,6 +124,33 @@ def test_quick_shrinks_the_run_and_the_report_renders() -> None:
     rows = markdown_rows(results)
     assert "| 2026-11-25 | uniform, list[Transfer], 10 transfers" in rows
     assert "| 2026-11-25 | uniform, TransferBatch, 10 transfers" in rows
+
+
+def test_http_rates_are_one_phase_each() -> None:
+    """--http-rate takes a comma-separated list (default 1,000 and 2,000/s), refuses a
+    non-positive rate, and every HTTP phase gets its own row in the Markdown block."""
+    assert parse_args([]).http_rate == [1000.0, 2000.0]
+    assert parse_args(["--http-rate", "500"]).http_rate == [500.0]
+    assert parse_args(["--http-rate", "1000, 2500.5"]).http_rate == [1000.0, 2500.5]
+    for bad in ("0", "fast", "1000,-1", ""):
+        with pytest.raises(SystemExit):
+            parse_args(["--http-rate", bad])
+    assert [http_phase_name(r) for r in (1000.0, 2000.0, 2500.5)] == [
+        "http_1000", "http_2000", "http_2500.5"]
+    lat = {"p50": 1.0, "p99": 2.0}
+
+    def phase(rate: float) -> dict:
+        return {"offered_rate_per_s": rate, "duration_s": 10.0, "achieved_ok_per_s": rate,
+                "latency_ms": lat, "server_cpu_us_per_transfer": 300.0,
+                "rss_mib_peak": {"server": 4.0}}
+
+    results = {"args": {"hot_share": 0.5, "batch": 8189, "concurrency": 4, "shards": 2},
+               "machine": {"date_utc": "2026-12-05T00:00:00+00:00", "cpu_count": 2},
+               "phases": {"http_1000": phase(1000.0), "http_2000": phase(2000.0)},
+               "ratios": {}}
+    rows = markdown_rows(results)
+    assert "HTTP single transfers, 1,000/s offered for 10 s" in rows
+    assert "HTTP single transfers, 2,000/s offered for 10 s" in rows
 
 
 def test_run_time_and_stats_csv_parse(tmp_path: Path) -> None:
