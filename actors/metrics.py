@@ -27,6 +27,7 @@ __all__ = [
     "AUTHORIZATION_SECONDS",
     "BREAKER_STATE",
     "LATENCY_BUCKETS_S",
+    "LEDGER_CHECKPOINT_SECONDS",
     "LEDGER_COMMIT_SECONDS",
     "LEDGER_COMMIT_TRANSFERS",
     "LEDGER_WRITE_FAILURES",
@@ -77,6 +78,11 @@ LEDGER_COMMIT_TRANSFERS = Histogram(
     "txproc_ledger_commit_transfers",
     "Transfers written by one group commit of a shard.",
     ["shard"], buckets=BATCH_BUCKETS)
+LEDGER_CHECKPOINT_SECONDS = Histogram(
+    "txproc_ledger_checkpoint_duration_seconds",
+    "Duration of one balance checkpoint of a shard (folding its unfolded effects into the "
+    "balance rows).",
+    ["shard"], buckets=LATENCY_BUCKETS_S)
 LEDGER_COMMIT_SECONDS = Histogram(
     "txproc_ledger_commit_duration_seconds",
     "Duration of one group commit (the database transaction) of a shard.",

@@ -68,6 +68,8 @@ class _Stats:
     transfers_committed: int = 0
     commits: int = 0
     commit_seconds: float = 0.0
+    checkpoints: int = 0
+    checkpoint_seconds: float = 0.0
     queue_depth_max_seen: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
@@ -162,13 +164,16 @@ class LedgerShard:
             book.load_account(a)
         for t in pending:
             book.load_pending(t)
+        # Timestamps order this shard's rows for its checkpoints: every one it assigns
+        # from now on exceeds every one its predecessors wrote.
+        book.last_timestamp = max(book.last_timestamp,
+                                  await self._store.checkpoint_timestamp(self._own_partitions))
         self._book = book
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._committer()),
             loop.create_task(self._orphan_sweeper()),
             loop.create_task(self._expiry_ticker()),
-            loop.create_task(self._fold_ticker()),
         ]
         log.info(
             "shard %d recovered at epoch %d: %d accounts, %d open holds",
@@ -197,6 +202,8 @@ class LedgerShard:
             "transfers_committed": s.transfers_committed,
             "commits": s.commits,
             "commit_seconds": s.commit_seconds,
+            "checkpoints": s.checkpoints,
+            "checkpoint_seconds": s.checkpoint_seconds,
             "accounts": len(book.accounts) if book else 0,
             "open_holds": len(book.pending) if book else 0,
             "holds_granted": len(book.holds) if book else 0,
@@ -413,58 +420,99 @@ class LedgerShard:
 
     async def _committer(self) -> None:
         """Commit queued batches in order; while one commit runs the next batches queue up
-        and are written together by the next one (group commit)."""
+        and are written together by the next one (group commit). Between commits, every
+        ``checkpoint_interval_s`` (and at once after recovery), fold the balances."""
+        due = 0.0
+        while True:
+            if not self._queue:
+                try:
+                    await asyncio.wait_for(self._queue_ready.wait(),
+                                           max(0.0, due - time.monotonic()))
+                except TimeoutError:
+                    pass
+            self._queue_ready.clear()
+            if self._queue:
+                await self._commit_next_group()
+            if time.monotonic() >= due:
+                await self._checkpoint()
+                due = time.monotonic() + self._config.checkpoint_interval_s
+
+    async def _commit_next_group(self) -> None:
         store = self._require_store()
         book = self._require_book()
-        while True:
-            await self._queue_ready.wait()
-            self._queue_ready.clear()
-            while self._queue:
-                group = self._queue[: self._config.commit_batches_max]
-                del self._queue[: len(group)]
-                fences = {self._shard: self._epoch}
-                for p in group:
-                    fences.update(p.batch.fences)
-                started = time.perf_counter()
-                try:
-                    with telemetry.span("postgres.commit",
-                                        links=[p.trace for p in group if p.trace],
-                                        attributes={"txproc.shard": self._shard,
-                                                    "txproc.batches": len(group)}):
-                        await store.commit([p.batch for p in group], fences=fences,
-                                           partitions=self._own_partitions)
-                except asyncio.CancelledError:
-                    # stop() cancels the committer: the process is going away, and nothing
-                    # of this group was acknowledged, so there is nothing to recover here.
-                    raise
-                except BaseException:
-                    log.exception("shard %d: commit failed; restarting to recover", self._shard)
-                    metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
-                    _crash()
-                    raise
-                elapsed_s = time.perf_counter() - started
-                self._stats.commits += 1
-                self._stats.commit_seconds += elapsed_s
-                metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
-                metrics.LEDGER_COMMIT_TRANSFERS.labels(self._label).observe(
-                    sum(p.batch.transfer_count() for p in group if not p.is_accounts))
-                for p in group:
-                    if p.is_accounts:
-                        book.accounts_committed(p.batch)
-                    else:
-                        book.committed(p.batch)
-                        self._stats.transfers_committed += p.batch.transfer_count()
-                    self._stats.batches_committed += 1
-                await self._send_settlements(group)
-                for p in group:
-                    if not p.done.done():
-                        p.done.set_result(None)
-                if time.monotonic() - self._ids_read_at > self._config.ids_refresh_interval_s:
-                    try:
-                        await self._refresh_ids_high()
-                    except Exception:  # the database may be restarting; the next one reads
-                        log.warning("shard %d: reading the id high-water mark failed",
-                                    self._shard, exc_info=True)
+        group = self._queue[: self._config.commit_batches_max]
+        del self._queue[: len(group)]
+        fences = {self._shard: self._epoch}
+        for p in group:
+            fences.update(p.batch.fences)
+        started = time.perf_counter()
+        try:
+            with telemetry.span("postgres.commit",
+                                links=[p.trace for p in group if p.trace],
+                                attributes={"txproc.shard": self._shard,
+                                            "txproc.batches": len(group)}):
+                await store.commit([p.batch for p in group], fences=fences,
+                                   partitions=self._own_partitions)
+        except asyncio.CancelledError:
+            # stop() cancels the committer: the process is going away, and nothing of this
+            # group was acknowledged, so there is nothing to recover here.
+            raise
+        except BaseException:
+            log.exception("shard %d: commit failed; restarting to recover", self._shard)
+            metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
+            _crash()
+            raise
+        elapsed_s = time.perf_counter() - started
+        self._stats.commits += 1
+        self._stats.commit_seconds += elapsed_s
+        metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
+        metrics.LEDGER_COMMIT_TRANSFERS.labels(self._label).observe(
+            sum(p.batch.transfer_count() for p in group if not p.is_accounts))
+        for p in group:
+            if p.is_accounts:
+                book.accounts_committed(p.batch)
+            else:
+                book.committed(p.batch)
+                self._stats.transfers_committed += p.batch.transfer_count()
+            self._stats.batches_committed += 1
+        await self._send_settlements(group)
+        for p in group:
+            if not p.done.done():
+                p.done.set_result(None)
+        if time.monotonic() - self._ids_read_at > self._config.ids_refresh_interval_s:
+            try:
+                await self._refresh_ids_high()
+            except Exception:  # the database may be restarting; the next one reads
+                log.warning("shard %d: reading the id high-water mark failed",
+                            self._shard, exc_info=True)
+
+    async def _checkpoint(self) -> None:
+        """Fold this shard's committed effects into its balance rows (docs/design.md §7).
+
+        Runs in the committer, so none of this shard's rows is written meanwhile. When no
+        batch is being evaluated or waits for its commit, every timestamp assigned so far
+        belongs to a committed row, so the checkpoint may move up to a fresh one even if
+        nothing was committed (an idle shard keeps the rows readers scan few).
+        """
+        book = self._require_book()
+        floor_ns = 0
+        if not self._queue and not self._evaluate_lock.locked():
+            floor_ns = book.next_timestamp(self._clock_ns())
+        started = time.perf_counter()
+        try:
+            await self._require_store().checkpoint(
+                self._shard, self._epoch, self._own_partitions, floor_ns=floor_ns)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            log.exception("shard %d: checkpoint failed; restarting to recover", self._shard)
+            metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
+            _crash()
+            raise
+        elapsed_s = time.perf_counter() - started
+        self._stats.checkpoints += 1
+        self._stats.checkpoint_seconds += elapsed_s
+        metrics.LEDGER_CHECKPOINT_SECONDS.labels(self._label).observe(elapsed_s)
 
     async def _send_settlements(self, group: list[_Pending]) -> None:
         by_shard: dict[int, list[tuple[int, bool]]] = {}
@@ -561,14 +609,6 @@ class LedgerShard:
                 await self.create_transfers(ENCODER.encode([]))
             except Exception:
                 log.warning("shard %d: expiry batch failed", self._shard, exc_info=True)
-
-    async def _fold_ticker(self) -> None:
-        """Fold other shards' postings into this shard's rows even when it has no traffic
-        of its own, so unfolded postings stay few (every commit folds them)."""
-        while True:
-            await asyncio.sleep(self._config.fold_interval_s)
-            if not self._queue:
-                await self._enqueue(CommitBatch()).done
 
     def _require_book(self) -> ArrayBook:
         require(self._book is not None, "shard recovered")

@@ -1,8 +1,10 @@
-"""The ledger's PostgreSQL store: batched commits, recovery reads and lookups.
+"""The ledger's PostgreSQL store: batched commits, checkpoints, recovery reads and lookups.
 
-Every write of a batch is one transaction: COPY for the append-only rows, one UPDATE over
-``unnest`` for the balance rows it changes, and the epoch fence that keeps a dead shard's
-successor and a zombie from both committing (docs/design.md, "Fencing").
+Every write of a batch is one transaction: COPY for the append-only rows (transfers, and
+postings for other shards' accounts) and the epoch fence that keeps a dead shard's
+successor and a zombie from both committing (docs/design.md, "Fencing"). Balance rows are
+not written by commits: a shard's checkpoint folds its effects into them now and then, and
+``account_balances`` adds what is not folded yet (docs/design.md §7).
 """
 
 from __future__ import annotations
@@ -105,15 +107,34 @@ _TRANSFER_ROW = np.dtype([
     *_field("currency", "S3"), *_field("flags", ">i4"), *_field("pending_id", ">i8"),
     *_field("timeout_s", ">i4"), *_field("code", ">i4"),
     ("user_data_bytes", ">i4"),  # 0: the empty string (-1 would be NULL)
-    *_field("timestamp", ">i8"), *_field("partition", ">i4"),
+    *_field("timestamp", ">i8"), *_field("partition", ">i4"), *_field("local_legs", ">i2"),
 ])
+_WRITER_COLUMNS = ("partition", "local_legs")
+
+# transfers.local_legs: which legs are on the writing shard's own accounts.
+_DEBIT_LOCAL, _CREDIT_LOCAL = 1, 2
 
 
-def transfer_copy_buffer(cols: TransferColumns) -> bytes:
-    """``cols`` (every user_data empty) as a binary COPY of TRANSFER_COLUMNS + partition."""
+def writer_columns(
+    debit: np.ndarray, credit: np.ndarray, own: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per transfer, the partition recorded with it and its local legs (0-3), for a shard
+    owning the sorted partitions ``own``: the debit account's partition when the shard owns
+    it, else the credit account's, else the shard's first (a chain member coordinated for
+    accounts that are all elsewhere). Recovery and checkpoints find a shard's rows by it."""
+    debit_p, credit_p = partitions_of(debit), partitions_of(credit)
+    debit_own, credit_own = np.isin(debit_p, own), np.isin(credit_p, own)
+    partition = np.where(debit_own, debit_p, np.where(credit_own, credit_p, own[0]))
+    legs = debit_own * _DEBIT_LOCAL + credit_own * _CREDIT_LOCAL
+    return partition.astype(np.int64), legs.astype(np.int64)
+
+
+def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray) -> bytes:
+    """``cols`` (every user_data empty) as a binary COPY of TRANSFER_COLUMNS + partition +
+    local_legs, for a shard owning the partitions ``own``."""
     require(cols.user_data is None, "fixed-width rows have no user_data")
     rows = np.zeros(len(cols), dtype=_TRANSFER_ROW)
-    rows["fields"] = len(TRANSFER_COLUMNS) + 1
+    rows["fields"] = len(TRANSFER_COLUMNS) + len(_WRITER_COLUMNS)
     for name in ("id", "debit_account_id", "credit_account_id", "amount", "flags",
                  "pending_id", "timeout_s", "code", "timestamp"):
         rows[f"{name}_bytes"] = _TRANSFER_ROW[name].itemsize
@@ -121,23 +142,48 @@ def transfer_copy_buffer(cols: TransferColumns) -> bytes:
     rows["currency_bytes"] = 3
     # The currency's number is its three ASCII letters, least significant first.
     rows["currency"] = cols.currency.astype("<i8").view("S8").astype("S3")
+    partition, legs = writer_columns(cols.debit_account_id, cols.credit_account_id, own)
     rows["partition_bytes"] = 4
-    rows["partition"] = partitions_of(cols.debit_account_id)
+    rows["partition"] = partition
+    rows["local_legs_bytes"] = 2
+    rows["local_legs"] = legs
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 
-async def _copy_transfer_columns(conn: asyncpg.Connection, cols: TransferColumns) -> None:
-    columns = (*TRANSFER_COLUMNS, "partition")
+async def _copy_transfer_columns(
+    conn: asyncpg.Connection, cols: TransferColumns, own: np.ndarray
+) -> None:
+    columns = (*TRANSFER_COLUMNS, *_WRITER_COLUMNS)
     if cols.user_data is None:
-        await conn.copy_to_table("transfers", source=io.BytesIO(transfer_copy_buffer(cols)),
-                                 columns=columns, format="binary")
+        await conn.copy_to_table(
+            "transfers", source=io.BytesIO(transfer_copy_buffer(cols, own)),
+            columns=columns, format="binary")
         return
     currencies = [currency_code(c) for c in cols.currency.tolist()]
+    partition, legs = writer_columns(cols.debit_account_id, cols.credit_account_id, own)
     await conn.copy_records_to_table("transfers", columns=columns, records=list(zip(
         cols.id.tolist(), cols.debit_account_id.tolist(), cols.credit_account_id.tolist(),
         cols.amount.tolist(), currencies, cols.flags.tolist(), cols.pending_id.tolist(),
         cols.timeout_s.tolist(), cols.code.tolist(), cols.user_data,
-        cols.timestamp.tolist(), partitions_of(cols.debit_account_id).tolist(), strict=True)))
+        cols.timestamp.tolist(), partition.tolist(), legs.tolist(), strict=True)))
+
+
+async def _copy_transfers(
+    conn: asyncpg.Connection, transfers: list[Transfer], own: np.ndarray
+) -> None:
+    debit = np.fromiter((t.debit_account_id for t in transfers), np.int64, len(transfers))
+    credit = np.fromiter((t.credit_account_id for t in transfers), np.int64, len(transfers))
+    partition, legs = writer_columns(debit, credit, own)
+    await conn.copy_records_to_table(
+        "transfers",
+        records=[
+            (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.flags,
+             t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp, p, legs_of)
+            for t, p, legs_of in zip(transfers, partition.tolist(), legs.tolist(),
+                                     strict=True)
+        ],
+        columns=(*TRANSFER_COLUMNS, *_WRITER_COLUMNS),
+    )
 
 
 async def _refuse_ids_both_stored_and_burned(
@@ -383,11 +429,11 @@ class LedgerStore:
     ) -> None:
         """Write ``batches`` in one transaction, fenced on the epochs in ``fences``.
 
-        ``partitions`` are the committing shard's own: it updates the balance rows of those
-        accounts (folding in the postings other shards left for them) and leaves a posting
-        for every other account it touched. Raises FenceError if a fenced shard has moved
-        on; the caller must then discard its in-memory state (crash), because nothing of
-        these batches was written.
+        ``partitions`` are the committing shard's own: its transfers are recorded as its rows
+        (``writer_columns``), and a posting is left for every other shard's account it
+        touched. No balance row is written; ``checkpoint`` folds them. Raises FenceError if
+        a fenced shard has moved on; the caller must then discard its in-memory state
+        (crash), because nothing of these batches was written.
         """
         accounts = [a for b in batches for a in b.accounts]
         transfers = [t for b in batches for t in b.transfers]
@@ -395,23 +441,13 @@ class LedgerStore:
                    if b.transfer_columns is not None and len(b.transfer_columns)]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
+        own_partitions = np.asarray(sorted(partitions), dtype=np.int64)
         ids, values = _sum_deltas(
             [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
-        own = np.isin(partitions_of(ids), np.asarray(partitions, dtype=np.int64))
-        shards = sorted(fences)
+        remote = ~np.isin(partitions_of(ids), own_partitions)
         async with self._pool.acquire() as conn, conn.transaction():
-            rows = await conn.fetch(
-                "SELECT shard, epoch FROM shard_epochs WHERE shard = ANY($1::int[]) "
-                "ORDER BY shard FOR SHARE",
-                shards,
-            )
-            current = {r["shard"]: r["epoch"] for r in rows}
-            for shard in shards:
-                if current.get(shard) != fences[shard]:
-                    raise FenceError(
-                        f"shard {shard} is at epoch {current.get(shard)}, not {fences[shard]}"
-                    )
+            await _check_fences(conn, fences)
             if accounts:
                 await conn.copy_records_to_table(
                     "accounts",
@@ -423,18 +459,9 @@ class LedgerStore:
                     columns=(*ACCOUNT_COLUMNS, "partition"),
                 )
             if transfers:
-                await conn.copy_records_to_table(
-                    "transfers",
-                    records=[
-                        (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency,
-                         t.flags, t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp,
-                         partition_of(t.debit_account_id))
-                        for t in transfers
-                    ],
-                    columns=(*TRANSFER_COLUMNS, "partition"),
-                )
+                await _copy_transfers(conn, transfers, own_partitions)
             for cols in columns:
-                await _copy_transfer_columns(conn, cols)
+                await _copy_transfer_columns(conn, cols, own_partitions)
             if failed:
                 await conn.copy_records_to_table(
                     "failed_transfers",
@@ -449,44 +476,103 @@ class LedgerStore:
                              for r in resolutions],
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
-            if not own.all():
-                remote_ids = ids[~own]
+            if remote.any():
+                remote_ids = ids[remote]
                 await conn.copy_records_to_table(
                     "remote_postings",
                     records=list(zip(remote_ids.tolist(), partitions_of(remote_ids).tolist(),
-                                     *values[~own].T.tolist(), strict=True)),
+                                     *values[remote].T.tolist(), strict=True)),
                     columns=_POSTING_COLUMNS,
                 )
-            folded = await conn.fetch(
-                "DELETE FROM remote_postings WHERE partition = ANY($1::int[]) "
-                "RETURNING account_id, debits_pending, debits_posted, credits_pending, "
-                "credits_posted",
-                partitions,
-            )
-            local = [(ids[own], values[own])]
-            if folded:
-                rows = np.array([tuple(r) for r in folded], dtype=np.int64).reshape(-1, 5)
-                local.append((rows[:, 0], rows[:, 1:]))
-            changed, deltas = _sum_deltas(local)
-            if changed.size:
-                await self._update_balances(conn, changed, deltas)
 
-    @staticmethod
-    async def _update_balances(
-        conn: asyncpg.Connection, ids: np.ndarray, deltas: np.ndarray
-    ) -> None:
-        # Only the owning shard updates a balance row (others leave postings), and its
-        # commits run one at a time, so rows are never contended and cannot deadlock.
-        status = await conn.execute(
-            "UPDATE accounts a SET "
-            "debits_pending = a.debits_pending + d.dp, "
-            "debits_posted = a.debits_posted + d.dpo, "
-            "credits_pending = a.credits_pending + d.cp, "
-            "credits_posted = a.credits_posted + d.cpo "
-            "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]) "
-            "AS d(id, dp, dpo, cp, cpo) WHERE a.id = d.id",
-            ids.tolist(), *deltas.T.tolist(),
-        )
-        # Every account a batch touches was committed before it was used; a missing row
-        # would be a posting written to nowhere.
-        require(status == f"UPDATE {len(ids)}", "every touched account row was updated")
+    async def checkpoint(
+        self, shard: int, epoch: int, partitions: list[int], *, floor_ns: int = 0
+    ) -> int:
+        """Fold into the balance rows of ``partitions`` (shard ``shard``'s) the effects of
+        every row the shard wrote since its last checkpoint, and every posting other shards
+        left for its accounts; returns the new checkpoint timestamp.
+
+        The shard calls this between its commits, so no row of its own is written while it
+        runs; ``floor_ns`` is a timestamp every later row of the shard will exceed (0 if the
+        shard cannot promise one), which moves an idle shard's checkpoint forward. One
+        transaction, fenced on the shard's epoch: readers see the effects unfolded before it
+        and folded after it, never both or neither.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await _check_fences(conn, {shard: epoch})
+            old = await conn.fetchval(
+                'SELECT min("timestamp") FROM partition_checkpoints '
+                "WHERE partition = ANY($1::int[])", partitions)
+            new = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, old)
+            new = max(int(new or 0), int(old), floor_ns)
+            await conn.execute(_CHECKPOINT_FOLD_SQL, partitions, new)
+            await conn.execute(
+                'UPDATE partition_checkpoints SET "timestamp" = $2 '
+                "WHERE partition = ANY($1::int[])", partitions, new)
+        # Summarize the block ranges filled since, so that reads of the rows after a
+        # checkpoint skip everything before it (outside the transaction: it takes a lock
+        # that shards checkpointing at once queue on, and it changes no row).
+        async with self._pool.acquire() as conn:
+            await conn.execute(
+                "SELECT brin_summarize_new_values('transfers_timestamp'), "
+                "brin_summarize_new_values('pending_resolutions_timestamp')")
+        return new
+
+    async def checkpoint_timestamp(self, partitions: list[int]) -> int:
+        """The greatest timestamp of a row the shard of ``partitions`` wrote, or of its
+        checkpoint: every timestamp it assigns from now on must exceed it."""
+        async with self._pool.acquire() as conn:
+            old = await conn.fetchval(
+                'SELECT max("timestamp") FROM partition_checkpoints '
+                "WHERE partition = ANY($1::int[])", partitions)
+            high = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, int(old or 0))
+        return max(int(old or 0), int(high or 0))
+
+
+async def _check_fences(conn: asyncpg.Connection, fences: dict[int, int]) -> None:
+    shards = sorted(fences)
+    rows = await conn.fetch(
+        "SELECT shard, epoch FROM shard_epochs WHERE shard = ANY($1::int[]) "
+        "ORDER BY shard FOR SHARE",
+        shards,
+    )
+    current = {r["shard"]: r["epoch"] for r in rows}
+    for shard in shards:
+        if current.get(shard) != fences[shard]:
+            raise FenceError(
+                f"shard {shard} is at epoch {current.get(shard)}, not {fences[shard]}"
+            )
+
+
+# The greatest timestamp of a transfer or expiry the shard of $1 wrote after $2.
+_CHECKPOINT_HIGH_SQL = """
+SELECT greatest(
+    (SELECT max(t."timestamp") FROM transfers t
+     WHERE t."timestamp" > $2 AND t.partition = ANY($1::int[])),
+    (SELECT max(r."timestamp") FROM pending_resolutions r
+     JOIN transfers p ON p.id = r.pending_id
+     WHERE r."timestamp" > $2 AND r.kind = 3 AND p.partition = ANY($1::int[])))
+"""
+
+# Moves into the balance rows of the shard of $1 its unfolded effects up to $2 and the
+# postings other shards left it (deleted: folded exactly once).
+_CHECKPOINT_FOLD_SQL = """
+WITH folded AS (
+    DELETE FROM remote_postings WHERE partition = ANY($1::int[])
+    RETURNING account_id, debits_pending, debits_posted, credits_pending, credits_posted
+), legs AS (
+    SELECT * FROM unfolded_legs($1::int[], $2)
+    UNION ALL
+    SELECT * FROM folded
+), sums AS (
+    SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
+           sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo
+    FROM legs GROUP BY account_id
+)
+UPDATE accounts a SET
+    debits_pending = a.debits_pending + s.dp,
+    debits_posted = a.debits_posted + s.dpo,
+    credits_pending = a.credits_pending + s.cp,
+    credits_posted = a.credits_posted + s.cpo
+FROM sums s WHERE a.id = s.account_id
+"""

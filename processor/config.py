@@ -42,8 +42,10 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # How long a starting shard waits for the database before it gives up and restarts.
     recovery_deadline_s: float = 60.0
     expiry_interval_s: float = 0.5
-    # An idle shard still commits this often, to fold the postings other shards left it.
-    fold_interval_s: float = 1.0
+    # How often a shard folds what it and other shards committed on its accounts into
+    # their balance rows (a checkpoint); commits between checkpoints only append rows,
+    # and recovery and readers add what is not folded yet (docs/design.md §7).
+    checkpoint_interval_s: float = 1.0
     # How often a shard reads the greatest transfer id stored or burned by any shard; ids
     # above it and above its own are new without a database read (docs/design.md §8).
     ids_refresh_interval_s: float = 1.0

@@ -438,6 +438,11 @@ class Book:
         self.last_timestamp = max(now_ns, self.last_timestamp + 1)
         return self.last_timestamp
 
+    def next_timestamp(self, now_ns: int) -> int:
+        """Take a timestamp no row will carry: every later one of this shard exceeds it
+        (a checkpoint's position when everything planned so far has committed)."""
+        return self._timestamp(now_ns)
+
     def _remember(self, key: int, value: Transfer | Failed) -> None:
         if key in self.recent:
             self.recent.move_to_end(key)

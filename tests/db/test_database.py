@@ -27,8 +27,8 @@ ACCOUNT_SQL = (
 )
 TRANSFER_SQL = (
     "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, flags,"
-    " pending_id, timeout_s, code, user_data, timestamp, partition)"
-    " VALUES ($1, 1, 2, $2, 'EUR', 0, 0, 0, 1, '', 1, 0)"
+    " pending_id, timeout_s, code, user_data, timestamp, partition, local_legs)"
+    " VALUES ($1, 1, 2, $2, 'EUR', 0, 0, 0, 1, '', 1, 0, 3)"
 )
 RESOLUTION_SQL = (
     "INSERT INTO pending_resolutions (pending_id, kind, transfer_id, timestamp)"

@@ -1,9 +1,10 @@
 """The ledger store writes columnar batches exactly as the object form, on a real server.
 
 A batch planned over columns reaches PostgreSQL as one binary COPY built from its arrays
-(or as records when it carries user_data) and its balance deltas as arrays, split into the
-committing shard's own rows and postings for the other shard's accounts. Read back, every
-transfer equals its object form and the database's own audit passes.
+(or as records when it carries user_data), and its legs on the other shard's accounts as
+postings. Read back, every transfer equals its object form and the database's own audit
+passes. A checkpoint folds a shard's effects into its balance rows without changing what
+readers see.
 """
 
 from __future__ import annotations
@@ -110,5 +111,77 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
                                fences={0: 1}, partitions=own)
         assert await store.ids_max() == 60
         assert (await store.audit()).passed
+    finally:
+        await store.close()
+
+
+async def test_a_checkpoint_folds_without_changing_balances(db_url: str) -> None:
+    """Balances read the same before and after a checkpoint; the rows catch up with them;
+    an idle shard's checkpoint moves forward; a superseded incarnation cannot checkpoint."""
+    from actors.store import FenceError
+
+    partitions = PartitionMap.uniform(2)
+    (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)
+    own0 = partitions.partitions_of_shard(0)
+    store = await _store(db_url)
+    try:
+        books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
+        for s in (0, 1):
+            await store.take_epoch(s)
+        now = time.time_ns()
+        for book, accounts in ((books[0], (a0, b0)), (books[1], (a1,))):
+            _, batch = book.create_accounts(
+                [[Account(id=i, currency="EUR") for i in accounts]], now)
+            await store.commit([batch], fences={book.shard: 1},
+                               partitions=partitions.partitions_of_shard(book.shard))
+            book.accounts_committed(batch)
+        transfers = [
+            Transfer(id=200, debit_account_id=a0, credit_account_id=b0, amount=30,
+                     currency="EUR"),
+            Transfer(id=201, debit_account_id=a0, credit_account_id=a1, amount=12,
+                     currency="EUR", flags=2),
+        ]
+        plan = books[0].plan_transfers([transfers], now + 1, Known())
+        granted = books[1].reserve(0, 1, [leg for _, leg in plan.remote[1]])
+        batch = books[0].finalize(plan, {1: (1, granted)}, now + 1)
+        assert batch.codes == [0, 0]
+        await store.commit([batch], fences={0: 1, 1: 1}, partitions=own0)
+        ids = [a0, b0, a1]
+
+        async def rows() -> dict[int, tuple[int, ...]]:
+            async with store._pool.acquire() as conn:
+                found = await conn.fetch(
+                    "SELECT id, debits_pending, debits_posted, credits_pending, "
+                    "credits_posted FROM accounts WHERE id = ANY($1::bigint[])", ids)
+            return {r["id"]: tuple(r)[1:] for r in found}
+
+        def balances(found: dict[int, Account]) -> dict[int, tuple[int, ...]]:
+            return {i: (a.debits_pending, a.debits_posted, a.credits_pending,
+                        a.credits_posted) for i, a in found.items()}
+
+        before = balances(await store.lookup_accounts(ids))
+        assert before == {a0: (12, 30, 0, 0), b0: (0, 0, 0, 30), a1: (0, 0, 12, 0)}
+        assert set((await rows()).values()) == {(0, 0, 0, 0)}
+        high = await store.checkpoint_timestamp(own0)
+        assert high == max(t.timestamp for t in batch.transfers)
+
+        position = await store.checkpoint(0, 1, own0)
+        assert position == high
+        assert balances(await store.lookup_accounts(ids)) == before
+        folded = await rows()
+        assert folded[a0] == before[a0] and folded[b0] == before[b0]
+        assert folded[a1] == (0, 0, 0, 0)  # shard 1's posting waits for shard 1's checkpoint
+        await store.checkpoint(1, 1, partitions.partitions_of_shard(1))
+        assert await rows() == before
+        assert (await store.audit()).passed
+
+        # Nothing new, but a promised floor moves the position (an idle shard).
+        assert await store.checkpoint(0, 1, own0, floor_ns=high + 10) == high + 10
+        assert await store.checkpoint_timestamp(own0) == high + 10
+        assert balances(await store.lookup_accounts(ids)) == before
+
+        await store.take_epoch(0)  # a successor: the old incarnation is fenced out
+        with pytest.raises(FenceError):
+            await store.checkpoint(0, 1, own0)
     finally:
         await store.close()
