@@ -135,6 +135,17 @@ class _Lane:
             self._kick()
 
 
+_TRANSFERS_BY_RESULT: dict[TransferResult, Any] = {}
+
+
+def _transfers_counter(result: TransferResult) -> Any:
+    """The transfers counter of one result code, its labelled child looked up once."""
+    counter = _TRANSFERS_BY_RESULT.get(result)
+    if counter is None:
+        counter = _TRANSFERS_BY_RESULT[result] = metrics.TRANSFERS.labels(result.name)
+    return counter
+
+
 def _encode_groups(method: str, groups: list[Any]) -> bytes:
     if method == "create_transfer_columns":
         return encode_batch(TransferBatch.concat(groups))
@@ -381,10 +392,25 @@ class Front:
         return [AccountResult(c) for c in codes]
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        if len(transfers) == 1:
+            return [await self._create_transfer(transfers[0])]
         results = await self._create_transfers(transfers, [0] * len(transfers))
         for code, n in collections.Counter(results).items():
-            metrics.TRANSFERS.labels(code.name).inc(n)
+            _transfers_counter(code).inc(n)
         return results
+
+    async def _create_transfer(self, transfer: Transfer) -> TransferResult:
+        """One transfer (an HTTP create): a segment of one chain, so straight to the lane of
+        the shard of its debit account (``PartitionMap.coordinator_of`` of one transfer),
+        and remembered as stored, as ``_create_transfers`` does for a small request."""
+        lane = self._lane(self._partitions.shard_of(transfer.debit_account_id),
+                          "create_transfers")
+        [(code, timestamp)] = await lane.submit([transfer])
+        if code in OK_OR_EXISTS:
+            self._remember(msgspec.structs.replace(transfer, timestamp=timestamp))
+        result = RESULTS_BY_VALUE[code]
+        _transfers_counter(result).inc()
+        return result
 
     async def _create_transfers(self, transfers: list[Transfer],
                                 out: list[int]) -> list[TransferResult]:
@@ -426,7 +452,7 @@ class Front:
                 codes[index] = answer
         values, counts = np.unique(codes, return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-            metrics.TRANSFERS.labels(RESULTS_BY_VALUE[value].name).inc(count)
+            _transfers_counter(RESULTS_BY_VALUE[value]).inc(count)
         return codes
 
     def _remember(self, transfer: Transfer) -> None:
