@@ -20,7 +20,7 @@ import numpy as np
 import ray
 
 from actors import metrics, telemetry
-from actors.store import LedgerStore
+from actors.store import LedgerStore, OwnEffects
 from processor import kernel
 from processor.batch import decode_batch
 from processor.columnar import (
@@ -110,6 +110,11 @@ class LedgerShard:
         # any shard, as last read, or planned here); ids above it are new without a read.
         self._ids_high = 0
         self._ids_read_at = 0.0
+        # What this incarnation's commits did to its own accounts since its last
+        # checkpoint (recovery checkpoints first, from the rows).
+        self._unfolded: list[OwnEffects] = []
+        self._committing = False
+        self._checkpointing: asyncio.Task[None] | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -164,10 +169,14 @@ class LedgerShard:
             book.load_account(a)
         for t in pending:
             book.load_pending(t)
-        # Timestamps order this shard's rows for its checkpoints: every one it assigns
-        # from now on exceeds every one its predecessors wrote.
-        book.last_timestamp = max(book.last_timestamp,
-                                  await self._store.checkpoint_timestamp(self._own_partitions))
+        # Fold what predecessors committed since their last checkpoint, computed from the
+        # rows, before anything of this incarnation is written; later checkpoints fold what
+        # its own commits answer. Timestamps order this shard's rows for its checkpoints:
+        # every one it assigns from now on exceeds every one its predecessors wrote.
+        position = await self._store.checkpoint(self._shard, self._epoch,
+                                                self._own_partitions)
+        book.last_timestamp = max(book.last_timestamp, position)
+        self._unfolded = []
         self._book = book
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -188,6 +197,8 @@ class LedgerShard:
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
+        if self._checkpointing is not None:
+            self._checkpointing.cancel()
         if self._store is not None:
             await self._store.close()
 
@@ -420,9 +431,10 @@ class LedgerShard:
 
     async def _committer(self) -> None:
         """Commit queued batches in order; while one commit runs the next batches queue up
-        and are written together by the next one (group commit). Between commits, every
-        ``checkpoint_interval_s`` (and at once after recovery), fold the balances."""
-        due = 0.0
+        and are written together by the next one (group commit). Every
+        ``checkpoint_interval_s``, start a checkpoint beside the commits (one at a time)."""
+        interval_s = self._config.checkpoint_interval_s
+        due = time.monotonic() + interval_s
         while True:
             if not self._queue:
                 try:
@@ -433,9 +445,11 @@ class LedgerShard:
             self._queue_ready.clear()
             if self._queue:
                 await self._commit_next_group()
-            if time.monotonic() >= due:
-                await self._checkpoint()
-                due = time.monotonic() + self._config.checkpoint_interval_s
+            running = self._checkpointing
+            if time.monotonic() >= due and (running is None or running.done()):
+                self._checkpointing = asyncio.get_running_loop().create_task(
+                    self._checkpoint())
+                due = time.monotonic() + interval_s
 
     async def _commit_next_group(self) -> None:
         store = self._require_store()
@@ -446,13 +460,14 @@ class LedgerShard:
         for p in group:
             fences.update(p.batch.fences)
         started = time.perf_counter()
+        self._committing = True
         try:
             with telemetry.span("postgres.commit",
                                 links=[p.trace for p in group if p.trace],
                                 attributes={"txproc.shard": self._shard,
                                             "txproc.batches": len(group)}):
-                await store.commit([p.batch for p in group], fences=fences,
-                                   partitions=self._own_partitions)
+                effects = await store.commit([p.batch for p in group], fences=fences,
+                                             partitions=self._own_partitions)
         except asyncio.CancelledError:
             # stop() cancels the committer: the process is going away, and nothing of this
             # group was acknowledged, so there is nothing to recover here.
@@ -462,7 +477,10 @@ class LedgerShard:
             metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
             _crash()
             raise
+        finally:
+            self._committing = False
         elapsed_s = time.perf_counter() - started
+        self._unfolded.append(effects)
         self._stats.commits += 1
         self._stats.commit_seconds += elapsed_s
         metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
@@ -487,21 +505,25 @@ class LedgerShard:
                             self._shard, exc_info=True)
 
     async def _checkpoint(self) -> None:
-        """Fold this shard's committed effects into its balance rows (docs/design.md §7).
+        """Fold what this shard's commits answered since the last checkpoint into its
+        balance rows (docs/design.md §7).
 
-        Runs in the committer, so none of this shard's rows is written meanwhile. When no
-        batch is being evaluated or waits for its commit, every timestamp assigned so far
-        belongs to a committed row, so the checkpoint may move up to a fresh one even if
-        nothing was committed (an idle shard keeps the rows readers scan few).
+        Commits go on meanwhile: what they write is after the position taken here, and
+        their effects go to the next checkpoint. When no batch is being evaluated, waits
+        for its commit or commits, every timestamp assigned so far belongs to a committed
+        row, so the position may move up to a fresh one even if nothing was committed (an
+        idle shard keeps the rows readers replay few).
         """
         book = self._require_book()
+        own = OwnEffects.combine(self._unfolded)
+        self._unfolded = []
         floor_ns = 0
-        if not self._queue and not self._evaluate_lock.locked():
+        if not self._queue and not self._committing and not self._evaluate_lock.locked():
             floor_ns = book.next_timestamp(self._clock_ns())
         started = time.perf_counter()
         try:
             await self._require_store().checkpoint(
-                self._shard, self._epoch, self._own_partitions, floor_ns=floor_ns)
+                self._shard, self._epoch, self._own_partitions, own=own, floor_ns=floor_ns)
         except asyncio.CancelledError:
             raise
         except BaseException:

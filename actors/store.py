@@ -10,6 +10,7 @@ not written by commits: a shard's checkpoint folds its effects into them now and
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 
 import asyncpg
 import msgspec
@@ -20,7 +21,7 @@ from processor.ledger import CommitBatch, Failed, Known, Resolution, require
 from processor.partition import partition_of, partitions_of
 from processor.types import Account, Transfer
 
-__all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore"]
+__all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore", "OwnEffects"]
 
 ACCOUNT_COLUMNS = (
     "id", "currency", "flags", "code", "user_data", "debits_pending", "debits_posted",
@@ -241,6 +242,39 @@ def _sum_deltas(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray,
     return unique[changed], sums[changed]
 
 
+@dataclass(frozen=True, slots=True)
+class OwnEffects:
+    """What commits did to the committing shard's own accounts: account ids (each once),
+    their (n, 4) balance deltas, and the greatest timestamp of the rows written."""
+
+    ids: np.ndarray
+    values: np.ndarray
+    timestamp_max: int
+
+    @classmethod
+    def none(cls) -> OwnEffects:
+        return cls(np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64), 0)
+
+    @classmethod
+    def combine(cls, parts: list[OwnEffects]) -> OwnEffects:
+        ids, values = _sum_deltas([(p.ids, p.values) for p in parts])
+        return cls(ids, values, max((p.timestamp_max for p in parts), default=0))
+
+
+def _timestamp_max(batches: list[CommitBatch]) -> int:
+    """The greatest timestamp of a transfer or resolution row in ``batches`` (0 if none)."""
+    high = 0
+    for b in batches:
+        for t in b.transfers:
+            high = max(high, t.timestamp)
+        for r in b.resolutions:
+            high = max(high, r.timestamp)
+        cols = b.transfer_columns
+        if cols is not None and len(cols):
+            high = max(high, int(cols.timestamp.max()))
+    return high
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**{c: row[c] for c in ACCOUNT_COLUMNS})
 
@@ -426,14 +460,15 @@ class LedgerStore:
 
     async def commit(
         self, batches: list[CommitBatch], *, fences: dict[int, int], partitions: list[int]
-    ) -> None:
+    ) -> OwnEffects:
         """Write ``batches`` in one transaction, fenced on the epochs in ``fences``.
 
         ``partitions`` are the committing shard's own: its transfers are recorded as its rows
         (``writer_columns``), and a posting is left for every other shard's account it
-        touched. No balance row is written; ``checkpoint`` folds them. Raises FenceError if
-        a fenced shard has moved on; the caller must then discard its in-memory state
-        (crash), because nothing of these batches was written.
+        touched. No balance row is written: the effects on the shard's own accounts are
+        returned, for its next ``checkpoint``. Raises FenceError if a fenced shard has moved
+        on; the caller must then discard its in-memory state (crash), because nothing of
+        these batches was written.
         """
         accounts = [a for b in batches for a in b.accounts]
         transfers = [t for b in batches for t in b.transfers]
@@ -484,28 +519,40 @@ class LedgerStore:
                                      *values[remote].T.tolist(), strict=True)),
                     columns=_POSTING_COLUMNS,
                 )
+        return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
 
     async def checkpoint(
-        self, shard: int, epoch: int, partitions: list[int], *, floor_ns: int = 0
+        self, shard: int, epoch: int, partitions: list[int], *,
+        own: OwnEffects | None = None, floor_ns: int = 0,
     ) -> int:
         """Fold into the balance rows of ``partitions`` (shard ``shard``'s) the effects of
         every row the shard wrote since its last checkpoint, and every posting other shards
         left for its accounts; returns the new checkpoint timestamp.
 
-        The shard calls this between its commits, so no row of its own is written while it
-        runs; ``floor_ns`` is a timestamp every later row of the shard will exceed (0 if the
-        shard cannot promise one), which moves an idle shard's checkpoint forward. One
-        transaction, fenced on the shard's epoch: readers see the effects unfolded before it
-        and folded after it, never both or neither.
+        ``own`` are those effects as the shard committed them since its last checkpoint
+        (``commit``'s answers, summed): the cheap way. Without it they are computed from
+        the rows (``unfolded_legs``): what a shard does first after recovery, when its
+        memory holds none of its predecessor's. The shard calls this between its commits,
+        so no row of its own is written while it runs; ``floor_ns`` is a timestamp every
+        later row of the shard will exceed (0 if the shard cannot promise one), which
+        moves an idle shard's checkpoint forward. One transaction, fenced on the shard's
+        epoch: readers see the effects unfolded before it and folded after it, never both
+        or neither.
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await _check_fences(conn, {shard: epoch})
-            old = await conn.fetchval(
+            await conn.execute(_RECENT_ROWS_ONLY)
+            old = int(await conn.fetchval(
                 'SELECT min("timestamp") FROM partition_checkpoints '
-                "WHERE partition = ANY($1::int[])", partitions)
-            new = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, old)
-            new = max(int(new or 0), int(old), floor_ns)
-            await conn.execute(_CHECKPOINT_FOLD_SQL, partitions, new)
+                "WHERE partition = ANY($1::int[])", partitions))
+            if own is None:
+                high = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, old)
+                new = max(int(high or 0), old, floor_ns)
+                await conn.execute(_CHECKPOINT_FOLD_ROWS_SQL, partitions, new)
+            else:
+                new = max(own.timestamp_max, old, floor_ns)
+                await conn.execute(_CHECKPOINT_FOLD_OWN_SQL, partitions, own.ids.tolist(),
+                                   *own.values.T.tolist())
             await conn.execute(
                 'UPDATE partition_checkpoints SET "timestamp" = $2 '
                 "WHERE partition = ANY($1::int[])", partitions, new)
@@ -521,7 +568,8 @@ class LedgerStore:
     async def checkpoint_timestamp(self, partitions: list[int]) -> int:
         """The greatest timestamp of a row the shard of ``partitions`` wrote, or of its
         checkpoint: every timestamp it assigns from now on must exceed it."""
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(_RECENT_ROWS_ONLY)
             old = await conn.fetchval(
                 'SELECT max("timestamp") FROM partition_checkpoints '
                 "WHERE partition = ANY($1::int[])", partitions)
@@ -544,6 +592,11 @@ async def _check_fences(conn: asyncpg.Connection, fences: dict[int, int]) -> Non
             )
 
 
+# The rows after a checkpoint are a thin recent slice of tables that only grow, which the
+# planner cannot know ("timestamp > a parameter" is a third of a table to it): without
+# sequential scans it reads them through the timestamp indexes (migration 0005).
+_RECENT_ROWS_ONLY = "SET LOCAL enable_seqscan = off"
+
 # The greatest timestamp of a transfer or expiry the shard of $1 wrote after $2.
 _CHECKPOINT_HIGH_SQL = """
 SELECT greatest(
@@ -554,9 +607,9 @@ SELECT greatest(
      WHERE r."timestamp" > $2 AND r.kind = 3 AND p.partition = ANY($1::int[])))
 """
 
-# Moves into the balance rows of the shard of $1 its unfolded effects up to $2 and the
-# postings other shards left it (deleted: folded exactly once).
-_CHECKPOINT_FOLD_SQL = """
+# Moves into the balance rows of the shard of $1 its unfolded effects up to $2, computed
+# from its rows, and the postings other shards left it (deleted: folded exactly once).
+_CHECKPOINT_FOLD_ROWS_SQL = """
 WITH folded AS (
     DELETE FROM remote_postings WHERE partition = ANY($1::int[])
     RETURNING account_id, debits_pending, debits_posted, credits_pending, credits_posted
@@ -568,6 +621,29 @@ WITH folded AS (
     SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
            sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo
     FROM legs GROUP BY account_id
+)
+UPDATE accounts a SET
+    debits_pending = a.debits_pending + s.dp,
+    debits_posted = a.debits_posted + s.dpo,
+    credits_pending = a.credits_pending + s.cp,
+    credits_posted = a.credits_posted + s.cpo
+FROM sums s WHERE a.id = s.account_id
+"""
+
+# The same, with the shard's own effects given as arrays (account, four balance deltas).
+_CHECKPOINT_FOLD_OWN_SQL = """
+WITH folded AS (
+    DELETE FROM remote_postings WHERE partition = ANY($1::int[])
+    RETURNING account_id, debits_pending, debits_posted, credits_pending, credits_posted
+), legs AS (
+    SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+    UNION ALL
+    SELECT * FROM folded
+), sums AS (
+    SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
+           sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo
+    FROM legs AS l(account_id, debits_pending, debits_posted, credits_pending, credits_posted)
+    GROUP BY account_id
 )
 UPDATE accounts a SET
     debits_pending = a.debits_pending + s.dp,

@@ -389,6 +389,9 @@ def shard_stats_delta(
             "commit_busy_share": round(commit_s / wall_s, 3) if wall_s > 0 else 0.0,
             "transfers_per_commit": round(committed / commits, 1) if commits else 0.0,
             "commit_ms_mean": round(commit_s * 1000 / commits, 2) if commits else 0.0,
+            "checkpoints": a.get("checkpoints", 0) - b.get("checkpoints", 0),
+            "checkpoint_seconds": round(
+                a.get("checkpoint_seconds", 0.0) - b.get("checkpoint_seconds", 0.0), 3),
         })
     return out
 
