@@ -72,6 +72,9 @@ class _Stats:
     checkpoint_seconds: float = 0.0
     queue_depth_max_seen: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # How long this incarnation's recovery took, by step (connect, load through the view,
+    # the first checkpoint from the rows, all of it).
+    recovery: dict[str, float] = field(default_factory=dict)
 
 
 class LedgerShard:
@@ -140,6 +143,7 @@ class LedgerShard:
 
     async def _recover_once_reachable(self) -> None:
         cfg = self._config
+        started = time.perf_counter()
         deadline = time.monotonic() + cfg.recovery_deadline_s
         delay_s = 0.1
         while True:
@@ -159,9 +163,15 @@ class LedgerShard:
                 delay_s = min(delay_s * 2, 2.0)
         self._epoch = await self._store.take_epoch(self._shard)
         await self._refresh_ids_high()
-        accounts, pending = await self._store.load_shard(
-            self._partitions.partitions_of_shard(self._shard)
-        )
+        connected = time.perf_counter()
+        # Fold what predecessors committed since their last checkpoint, computed from the
+        # rows, before anything of this incarnation is written (later checkpoints fold
+        # what its own commits answer), and before loading, so the load replays little.
+        position = await self._store.checkpoint(self._shard, self._epoch,
+                                                self._own_partitions)
+        folded = time.perf_counter()
+        accounts, pending = await self._store.load_shard(self._own_partitions)
+        loaded = time.perf_counter()
         # Compiled once per machine, then loaded from its cache: never on a batch's time.
         kernel.warm_up()
         book = ArrayBook(self._shard, self._partitions, recent_ids_max=cfg.recent_ids_max)
@@ -169,13 +179,15 @@ class LedgerShard:
             book.load_account(a)
         for t in pending:
             book.load_pending(t)
-        # Fold what predecessors committed since their last checkpoint, computed from the
-        # rows, before anything of this incarnation is written; later checkpoints fold what
-        # its own commits answer. Timestamps order this shard's rows for its checkpoints:
-        # every one it assigns from now on exceeds every one its predecessors wrote.
-        position = await self._store.checkpoint(self._shard, self._epoch,
-                                                self._own_partitions)
+        # Timestamps order this shard's rows for its checkpoints: every one it assigns from
+        # now on exceeds every one its predecessors wrote.
         book.last_timestamp = max(book.last_timestamp, position)
+        self._stats.recovery = {
+            "connect_seconds": round(connected - started, 3),
+            "checkpoint_seconds": round(folded - connected, 3),
+            "load_seconds": round(loaded - folded, 3),
+            "seconds": round(time.perf_counter() - started, 3),
+        }
         self._unfolded = []
         self._book = book
         loop = asyncio.get_running_loop()
@@ -215,6 +227,7 @@ class LedgerShard:
             "commit_seconds": s.commit_seconds,
             "checkpoints": s.checkpoints,
             "checkpoint_seconds": s.checkpoint_seconds,
+            **{f"recovery_{k}": v for k, v in s.recovery.items()},
             "accounts": len(book.accounts) if book else 0,
             "open_holds": len(book.pending) if book else 0,
             "holds_granted": len(book.holds) if book else 0,

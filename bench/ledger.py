@@ -854,16 +854,18 @@ async def _run(
 
 
 @contextlib.asynccontextmanager
-async def scratch_processor(database_url: str, shards: int, *,
-                            prefix: str) -> AsyncIterator[tuple[Any, float]]:
+async def scratch_processor(database_url: str, shards: int, *, prefix: str,
+                            shard_options: dict[str, Any] | None = None,
+                            ) -> AsyncIterator[tuple[Any, float]]:
     """A processor on loopback with free ports, in a data directory removed afterwards;
-    yields it with its start-up time in seconds, and stops everything it started."""
+    yields it with its start-up time in seconds, and stops everything it started.
+    ``shard_options`` are further ShardConfig fields."""
     from actors.runtime import start_processor
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
     config = Config(
-        shard=ShardConfig(database_url=database_url, shards=shards),
+        shard=ShardConfig(database_url=database_url, shards=shards, **(shard_options or {})),
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
         data_dir=str(scratch),
         observability=ObservabilityConfig(metrics_port=0),

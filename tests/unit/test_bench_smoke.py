@@ -253,3 +253,13 @@ def test_memory_bench_reports_growth_per_million() -> None:
     assert args.out.name.startswith("memory-")
     with pytest.raises(SystemExit):
         memory_args(["--accounts", "1"])
+
+
+def test_recovery_bench_arguments() -> None:
+    """bench.recovery defaults to the issue's million transfers and refuses an empty run."""
+    from bench.recovery import parse_args as recovery_args
+
+    args = recovery_args([])
+    assert args.transfers == 1_000_000 and args.out.name.startswith("recovery-")
+    with pytest.raises(SystemExit):
+        recovery_args(["--transfers", "0"])
