@@ -41,6 +41,7 @@ from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
+from processor.ledger import compare_existing
 from processor.partition import PartitionMap
 from processor.payments import PaymentError
 from processor.types import Account, Transfer, TransferFlags
@@ -54,6 +55,7 @@ RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 OK_OR_EXISTS = frozenset({int(TransferResult.ok), int(TransferResult.exists)})
 LINKED = int(TransferFlags.LINKED)
 RESULTS_BY_VALUE = {int(c): c for c in TransferResult}
+NOT_APPLIED = int(TransferResult.not_applied)
 # Requests up to this size have their stored transfers remembered (HTTP answers a create
 # with the stored transfer); below PLAIN_ROUTING_ITEMS_MIN a request is routed item by item.
 REMEMBER_REQUEST_ITEMS_MAX = 64
@@ -82,11 +84,14 @@ class _Lane:
         self._queue_gauge = metrics.SHARD_QUEUE_ITEMS.labels(str(shard))
         self._in_flight_gauge = metrics.SHARD_CALLS_IN_FLIGHT.labels(str(shard))
 
-    def submit(self, group: list[Any]) -> asyncio.Future[list[Any]]:
-        cfg = self._front.config.front
-        if self._queued_items + len(group) > cfg.queue_items_max:
+    def check_room(self, items: int) -> None:
+        """Raise ``Overloaded`` if ``items`` more would not fit in the queue."""
+        if self._queued_items + items > self._front.config.front.queue_items_max:
             metrics.OVERLOAD_REJECTIONS.labels("shard_queue").inc()
             raise Overloaded(f"shard {self._shard} queue is full", retry_after_s=0.1)
+
+    def submit(self, group: list[Any]) -> asyncio.Future[list[Any]]:
+        self.check_room(len(group))
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(group, future, telemetry.carrier()))
         self._queued_items += len(group)
@@ -403,9 +408,15 @@ class Front:
         """One transfer (an HTTP create): a segment of one chain, so straight to the lane of
         the shard of its debit account (``PartitionMap.coordinator_of`` of one transfer),
         and remembered as stored, as ``_create_transfers`` does for a small request."""
-        lane = self._lane(self._partitions.shard_of(transfer.debit_account_id),
-                          "create_transfers")
-        [(code, timestamp)] = await lane.submit([transfer])
+        shard = self._partitions.shard_of(transfer.debit_account_id)
+        try:
+            [(code, timestamp)] = await self._lane(shard, "create_transfers").submit([transfer])
+        except Unavailable as exc:
+            # The shard stayed unreachable: answer what the database holds, so that an
+            # error means nothing was stored (docs/api.md, "Partial answers").
+            [(code, timestamp)] = await self._resolve_part(shard, [transfer], exc)
+            if code == NOT_APPLIED:
+                raise
         if code in OK_OR_EXISTS:
             self._remember(msgspec.structs.replace(transfer, timestamp=timestamp))
         result = RESULTS_BY_VALUE[code]
@@ -414,22 +425,98 @@ class Front:
 
     async def _create_transfers(self, transfers: list[Transfer],
                                 out: list[int]) -> list[TransferResult]:
+        """Route a request's chains to their coordinators, segment by segment.
+
+        If a coordinator stays unreachable while other parts are answered, its part is
+        answered from the database (``_resolve_part``) and later segments are not sent
+        (they may depend on it): those transfers answer ``not_applied``. If nothing of the
+        request was stored, the request fails as a whole instead (docs/api.md).
+        """
         # Small requests (HTTP creates) are answered with the stored transfer, looked up
         # right after; a gateway's bulk batch is not, and remembering it would only push
         # those out of the bounded memory.
         remember = len(transfers) <= REMEMBER_REQUEST_ITEMS_MAX
+        error: BaseException | None = None
+        sent = False
         for segment in self._segments(transfers):
-            results = await self._route(transfers, segment, "create_transfers")
-            for indices in segment.values():
-                for i in indices:
-                    code, timestamp = results[i]
-                    out[i] = code
-                    if remember and code in OK_OR_EXISTS:
-                        # ``exists`` means identical fields: with the stored timestamp,
-                        # this is the stored transfer.
-                        self._remember(msgspec.structs.replace(transfers[i],
-                                                               timestamp=timestamp))
+            if error is not None:
+                for indices in segment.values():
+                    for i in indices:
+                        out[i] = NOT_APPLIED
+                continue
+            try:
+                results, error = await self._route_transfers(transfers, segment)
+            except Overloaded as exc:  # refused whole, before any part of it was queued
+                if not sent:
+                    raise
+                results, error = {i: (NOT_APPLIED, 0) for ix in segment.values()
+                                  for i in ix}, exc
+            sent = True
+            for i, (code, timestamp) in results.items():
+                out[i] = code
+                if remember and code in OK_OR_EXISTS:
+                    # ``exists`` means identical fields: with the stored timestamp, this is
+                    # the stored transfer.
+                    self._remember(msgspec.structs.replace(transfers[i], timestamp=timestamp))
+        if error is not None and all(c == NOT_APPLIED for c in out):
+            raise error
         return [RESULTS_BY_VALUE[c] for c in out]
+
+    async def _route_transfers(
+        self, transfers: list[Transfer], groups: dict[int, list[int]]
+    ) -> tuple[dict[int, tuple[int, int]], BaseException | None]:
+        """One segment: (code, timestamp) per request index, and the first error of a part
+        that had to be answered from the database instead of its shard (or None)."""
+        for shard, indices in groups.items():  # all parts queued, or none
+            self._lane(shard, "create_transfers").check_room(len(indices))
+        parts = [(shard, indices, self._lane(shard, "create_transfers").submit(
+            [transfers[i] for i in indices])) for shard, indices in groups.items()]
+        answers = await asyncio.gather(*[f for _, _, f in parts], return_exceptions=True)
+        out: dict[int, tuple[int, int]] = {}
+        error: BaseException | None = None
+        for (shard, indices, _), answer in zip(parts, answers, strict=True):
+            if isinstance(answer, BaseException):
+                error = error or answer
+                answer = await self._resolve_part(shard, [transfers[i] for i in indices],
+                                                  answer)
+            for i, pair in zip(indices, answer, strict=True):
+                out[i] = (int(pair[0]), int(pair[1]))
+        return out, error
+
+    async def _resolve_part(
+        self, shard: int, transfers: list[Transfer], error: BaseException
+    ) -> list[tuple[int, int]]:
+        """(code, timestamp) for each transfer of a part whose shard did not answer.
+
+        ``overloaded`` from the shard means it refused the part before evaluating it. A
+        shard still unreachable after the front's retries (``unavailable``) may have
+        committed the part before it died, so the database is asked, after the shard is
+        fenced out (``LedgerStore.fence_and_find``): stored, burned, or ``not_applied``.
+        Any other error, or a database that cannot be asked, fails the request: then the
+        outcome of this part is unknown, and the caller sends the same request again.
+        """
+        if isinstance(error, Overloaded):
+            return [(NOT_APPLIED, 0)] * len(transfers)
+        if not isinstance(error, Unavailable):
+            raise error
+        store = self._require_store()
+        try:
+            stored, burned = await store.fence_and_find(shard, [t.id for t in transfers])
+        except DATABASE_ERRORS as exc:
+            raise Unavailable(
+                f"shard {shard} and the database are unreachable; the outcome of some "
+                "transfers is unknown: send the same request again", retry_after_s=1.0,
+            ) from exc
+        log.warning("shard %d unreachable: %d transfers answered from the database",
+                    shard, len(transfers))
+        out = []
+        for t in transfers:
+            found = stored.get(t.id)
+            if found is not None:
+                out.append((int(compare_existing(t, found)), found.timestamp))
+            else:
+                out.append((burned.get(t.id, NOT_APPLIED), 0))
+        return out
 
     async def create_transfer_batch(self, batch: TransferBatch) -> np.ndarray:
         """Create a batch given as columns; one result code per transfer (uint8, in order).
@@ -444,12 +531,23 @@ class Front:
             results = await self._create_transfers(batch.transfers(), [0] * len(batch))
             codes = np.array([int(c) for c in results], dtype=np.uint8)
         else:
-            routed = [(index, self._lane(shard, "create_transfer_columns").submit(
+            for shard, index in groups.items():  # all parts queued, or none
+                self._lane(shard, "create_transfer_columns").check_room(len(index))
+            routed = [(shard, index, self._lane(shard, "create_transfer_columns").submit(
                 batch.take(index))) for shard, index in groups.items()]
-            answers = await asyncio.gather(*[future for _, future in routed])
+            answers = await asyncio.gather(*[future for _, _, future in routed],
+                                           return_exceptions=True)
             codes = np.zeros(len(batch), dtype=np.uint8)
-            for (index, _), answer in zip(routed, answers, strict=True):
+            error: BaseException | None = None
+            for (shard, index, _), answer in zip(routed, answers, strict=True):
+                if isinstance(answer, BaseException):
+                    error = error or answer
+                    pairs = await self._resolve_part(
+                        shard, batch.take(index).transfers(), answer)
+                    answer = np.array([code for code, _ in pairs], dtype=np.uint8)
                 codes[index] = answer
+            if error is not None and bool((codes == NOT_APPLIED).all()):
+                raise error
         values, counts = np.unique(codes, return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             _transfers_counter(RESULTS_BY_VALUE[value]).inc(count)

@@ -416,6 +416,29 @@ class LedgerStore:
             )
         return {r["id"]: _transfer(r) for r in rows}
 
+    async def fence_and_find(
+        self, shard: int, ids: list[int]
+    ) -> tuple[dict[int, Transfer], dict[int, int]]:
+        """Fence out every incarnation of ``shard`` that exists now, then read which of
+        ``ids`` are stored and which are burned (with their result).
+
+        Taking the next epoch waits for any commit of those incarnations still in flight
+        and makes any later one fail its fence, so the answer is final for everything they
+        were sent: what the front uses when a shard stayed unreachable through its retries
+        while other parts of a request were answered. The shard's current incarnation, if
+        it is alive, restarts at its next commit (crash-only) and recovers.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE shard_epochs SET epoch = epoch + 1 WHERE shard = $1", shard)
+            stored = {r["id"]: _transfer(r) for r in await conn.fetch(
+                f"SELECT {_TRANSFER_SELECT} FROM transfers WHERE id = ANY($1::bigint[])",
+                ids)}
+            burned = {r["id"]: r["result"] for r in await conn.fetch(
+                "SELECT id, result FROM failed_transfers WHERE id = ANY($1::bigint[])",
+                ids)}
+        return stored, burned
+
     async def committed_events(
         self, transfer_ids: list[int], expired_pending_ids: list[int]
     ) -> tuple[set[int], set[int]]:

@@ -84,6 +84,11 @@ class TransferResult(enum.IntEnum):
     overflows_timeout = 47
     exceeds_credits = 48
     exceeds_debits = 49
+    # Not a rule: the shard coordinating this transfer could not be reached while other
+    # parts of the request were answered, and the database shows it was not stored (its id
+    # is not burned). Send it again. Never reported when no part of a request was stored:
+    # then the whole request fails as ``unavailable`` (docs/api.md, "Partial answers").
+    not_applied = 50
 
 
 def is_success(code: AccountResult | TransferResult) -> bool:
@@ -101,4 +106,4 @@ FIRST_BURNING_CODE = TransferResult.pending_transfer_not_found
 
 def burns_id(code: TransferResult) -> bool:
     """True if a transfer failing with ``code`` is recorded as failed under its id."""
-    return code >= FIRST_BURNING_CODE
+    return FIRST_BURNING_CODE <= code < TransferResult.not_applied

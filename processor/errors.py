@@ -1,8 +1,12 @@
 """Errors that callers of the ledger service can meet, apart from per-item result codes.
 
 A result code (processor.codes) is an expected outcome for one item. These exceptions are
-about the request as a whole: it was not evaluated at all, so nothing was written, and the
-caller may retry it unchanged (ids are idempotent) after ``retry_after_s``.
+about the request as a whole: nothing of it was written, and the caller may retry it
+unchanged (ids are idempotent) after ``retry_after_s``. When some parts of a request were
+answered and another's shard was not, the request is answered per item instead, with
+``not_applied`` for what was not stored (docs/api.md, "Partial answers"); the one exception
+is an ``Unavailable`` whose message says the outcome is unknown (a shard and the database
+both unreachable), after which the same request must be sent again.
 """
 
 from __future__ import annotations

@@ -1027,6 +1027,12 @@ def _static_check(t: Transfer) -> TransferResult:
     return R.ok
 
 
+def compare_existing(t: Transfer, e: Transfer) -> TransferResult:
+    """``exists`` if ``t`` repeats the stored ``e`` exactly, else the first difference (what
+    a shard answers for an id it finds stored)."""
+    return _compare_existing(t, e)
+
+
 def _compare_existing(t: Transfer, e: Transfer) -> TransferResult:
     """``exists`` if ``t`` repeats the stored ``e`` exactly, else the first difference."""
     for name, code in (
