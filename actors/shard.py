@@ -170,7 +170,7 @@ class LedgerShard:
         position = await self._store.checkpoint(self._shard, self._epoch,
                                                 self._own_partitions)
         folded = time.perf_counter()
-        accounts, pending = await self._store.load_shard(self._own_partitions)
+        accounts, pending = await self._store.load_shard(self._shard, self._own_partitions)
         loaded = time.perf_counter()
         # Compiled once per machine, then loaded from its cache: never on a batch's time.
         kernel.warm_up()
@@ -480,7 +480,8 @@ class LedgerShard:
                                 attributes={"txproc.shard": self._shard,
                                             "txproc.batches": len(group)}):
                 effects = await store.commit([p.batch for p in group], fences=fences,
-                                             partitions=self._own_partitions)
+                                             shard=self._shard,
+                                             partition_map=self._partitions)
         except asyncio.CancelledError:
             # stop() cancels the committer: the process is going away, and nothing of this
             # group was acknowledged, so there is nothing to recover here.

@@ -18,7 +18,7 @@ import numpy as np
 
 from processor.columnar import TransferColumns, currency_code
 from processor.ledger import CommitBatch, Failed, Known, Resolution, require
-from processor.partition import partition_of, partitions_of
+from processor.partition import PartitionMap, partition_of, partitions_of
 from processor.types import Account, Transfer
 
 __all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore", "OwnEffects"]
@@ -31,9 +31,11 @@ TRANSFER_COLUMNS = (
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
     "pending_id", "timeout_s", "code", "user_data", "timestamp",
 )
-_POSTING_COLUMNS = (
-    "account_id", "partition", "debits_pending", "debits_posted", "credits_pending",
-    "credits_posted",
+# One block of postings: the legs a commit leaves for one other shard's accounts.
+_POSTING_BLOCK_SQL = (
+    "INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending, debits_posted, "
+    "credits_pending, credits_posted) VALUES ($1, $2::bigint[], $3::bigint[], $4::bigint[], "
+    "$5::bigint[], $6::bigint[])"
 )
 _ACCOUNT_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in ACCOUNT_COLUMNS)
 _TRANSFER_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in TRANSFER_COLUMNS)
@@ -333,12 +335,14 @@ class LedgerStore:
             rows = await conn.fetch("SELECT shard, epoch FROM shard_epochs")
         return {r["shard"]: r["epoch"] for r in rows}
 
-    async def load_shard(self, partitions: list[int]) -> tuple[list[Account], list[Transfer]]:
+    async def load_shard(
+        self, shard: int, partitions: list[int]
+    ) -> tuple[list[Account], list[Transfer]]:
         """The accounts of these partitions, with their committed balances, and their open
         pending transfers, in one snapshot. Replays only these partitions' unfolded rows,
         so a shard recovering right after its checkpoint reads little beyond its rows."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            accounts = await conn.fetch(_LOAD_ACCOUNTS_SQL, partitions)
+            accounts = await conn.fetch(_LOAD_ACCOUNTS_SQL, partitions, shard)
             pending = await conn.fetch(
                 f"SELECT {_TRANSFER_SELECT} FROM transfers t "
                 "WHERE (t.flags & 2) <> 0 AND t.partition = ANY($1::int[]) "
@@ -480,13 +484,15 @@ class LedgerStore:
     # -- the write path ---------------------------------------------------------------------
 
     async def commit(
-        self, batches: list[CommitBatch], *, fences: dict[int, int], partitions: list[int]
+        self, batches: list[CommitBatch], *, fences: dict[int, int], shard: int,
+        partition_map: PartitionMap,
     ) -> OwnEffects:
-        """Write ``batches`` in one transaction, fenced on the epochs in ``fences``.
+        """Write ``batches`` of shard ``shard`` in one transaction, fenced on the epochs in
+        ``fences``.
 
-        ``partitions`` are the committing shard's own: its transfers are recorded as its rows
-        (``writer_columns``), and a posting is left for every other shard's account it
-        touched. No balance row is written: the effects on the shard's own accounts are
+        Its transfers are recorded as its rows (``writer_columns``), and one block of
+        postings is left for each other shard whose accounts it touched. No balance row is
+        written: the effects on the shard's own accounts are
         returned, for its next ``checkpoint``. Raises FenceError if a fenced shard has moved
         on; the caller must then discard its in-memory state (crash), because nothing of
         these batches was written.
@@ -497,7 +503,8 @@ class LedgerStore:
                    if b.transfer_columns is not None and len(b.transfer_columns)]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
-        own_partitions = np.asarray(sorted(partitions), dtype=np.int64)
+        own_partitions = np.asarray(sorted(partition_map.partitions_of_shard(shard)),
+                                    dtype=np.int64)
         ids, values = _sum_deltas(
             [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
@@ -533,13 +540,12 @@ class LedgerStore:
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
             if remote.any():
-                remote_ids = ids[remote]
-                await conn.copy_records_to_table(
-                    "remote_postings",
-                    records=list(zip(remote_ids.tolist(), partitions_of(remote_ids).tolist(),
-                                     *values[remote].T.tolist(), strict=True)),
-                    columns=_POSTING_COLUMNS,
-                )
+                remote_ids, remote_values = ids[remote], values[remote]
+                owners = partition_map.shards_of(remote_ids)
+                await conn.executemany(_POSTING_BLOCK_SQL, [
+                    (int(owner), remote_ids[owners == owner].tolist(),
+                     *remote_values[owners == owner].T.tolist())
+                    for owner in np.unique(owners).tolist()])
         return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
 
     async def checkpoint(
@@ -569,11 +575,11 @@ class LedgerStore:
             if own is None:
                 high = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, old)
                 new = max(int(high or 0), old, floor_ns)
-                await conn.execute(_CHECKPOINT_FOLD_ROWS_SQL, partitions, new)
+                await conn.execute(_CHECKPOINT_FOLD_ROWS_SQL, partitions, new, shard)
             else:
                 new = max(own.timestamp_max, old, floor_ns)
-                await conn.execute(_CHECKPOINT_FOLD_OWN_SQL, partitions, own.ids.tolist(),
-                                   *own.values.T.tolist())
+                await conn.execute(_CHECKPOINT_FOLD_OWN_SQL, own.ids.tolist(),
+                                   *own.values.T.tolist(), shard)
             await conn.execute(
                 'UPDATE partition_checkpoints SET "timestamp" = $2 '
                 "WHERE partition = ANY($1::int[])", partitions, new)
@@ -625,7 +631,7 @@ _LOAD_ACCOUNTS_SQL = """
 WITH r AS (
     SELECT account_id, sum(debits_pending) AS dp, sum(debits_posted) AS dpo,
            sum(credits_pending) AS cp, sum(credits_posted) AS cpo
-    FROM remote_postings WHERE partition = ANY($1::int[]) GROUP BY account_id
+    FROM remote_postings_unfolded WHERE shard = $2 GROUP BY account_id
 ), u AS (
     SELECT account_id, sum(debits_pending) AS dp, sum(debits_posted) AS dpo,
            sum(credits_pending) AS cp, sum(credits_posted) AS cpo
@@ -653,16 +659,17 @@ SELECT greatest(
      WHERE r."timestamp" > $2 AND r.kind = 3 AND p.partition = ANY($1::int[])))
 """
 
-# Moves into the balance rows of the shard of $1 its unfolded effects up to $2, computed
-# from its rows, and the postings other shards left it (deleted: folded exactly once).
+# Moves into the balance rows of the shard of $1 (shard $3) its unfolded effects up to $2,
+# computed from its rows, and the posting blocks other shards left it (deleted: folded
+# exactly once).
 _CHECKPOINT_FOLD_ROWS_SQL = """
 WITH folded AS (
-    DELETE FROM remote_postings WHERE partition = ANY($1::int[])
-    RETURNING account_id, debits_pending, debits_posted, credits_pending, credits_posted
+    DELETE FROM remote_posting_blocks WHERE shard = $3 RETURNING *
 ), legs AS (
     SELECT * FROM unfolded_legs($1::int[], $2)
     UNION ALL
-    SELECT * FROM folded
+    SELECT l.* FROM folded b, unnest(b.account_ids, b.debits_pending, b.debits_posted,
+                                     b.credits_pending, b.credits_posted) AS l
 ), sums AS (
     SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
            sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo
@@ -676,15 +683,16 @@ UPDATE accounts a SET
 FROM sums s WHERE a.id = s.account_id
 """
 
-# The same, with the shard's own effects given as arrays (account, four balance deltas).
+# The same, with the shard's own effects given as arrays (account, four balance deltas;
+# the shard is $6).
 _CHECKPOINT_FOLD_OWN_SQL = """
 WITH folded AS (
-    DELETE FROM remote_postings WHERE partition = ANY($1::int[])
-    RETURNING account_id, debits_pending, debits_posted, credits_pending, credits_posted
+    DELETE FROM remote_posting_blocks WHERE shard = $6 RETURNING *
 ), legs AS (
-    SELECT * FROM unnest($2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[])
+    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
     UNION ALL
-    SELECT * FROM folded
+    SELECT l.* FROM folded b, unnest(b.account_ids, b.debits_pending, b.debits_posted,
+                                     b.credits_pending, b.credits_posted) AS l
 ), sums AS (
     SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
            sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo

@@ -43,8 +43,8 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
         now = time.time_ns()
         for book, ids in ((books[0], (a0, b0)), (books[1], (a1,))):
             _, batch = book.create_accounts([[Account(id=i, currency="EUR") for i in ids]], now)
-            await store.commit([batch], fences={book.shard: 1},
-                               partitions=partitions.partitions_of_shard(book.shard))
+            await store.commit([batch], fences={book.shard: 1}, shard=book.shard,
+                               partition_map=partitions)
             book.accounts_committed(batch)
         transfers = [
             Transfer(id=100, debit_account_id=a0, credit_account_id=b0, amount=2**62,
@@ -59,8 +59,7 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
         codes, block = books[1].reserve_plain(0, 1, plan.remote_plain[1])
         batch = books[0].finalize(plan, {}, now + 1, {1: (1, block, codes)})
         assert batch.codes == [0, 0, 0]
-        await store.commit([batch], fences={0: 1, 1: 1},
-                           partitions=partitions.partitions_of_shard(0))
+        await store.commit([batch], fences={0: 1, 1: 1}, shard=0, partition_map=partitions)
         stored = await store.lookup_transfers([100, 101, 102])
         assert [stored[i] for i in (100, 101, 102)] == batch.all_transfers()
         balances = await store.lookup_accounts([a0, b0, a1])
@@ -88,27 +87,26 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
         now = time.time_ns()
         _, accounts = book.create_accounts(
             [[Account(id=1, currency="EUR"), Account(id=2, currency="EUR")]], now)
-        own = partitions.partitions_of_shard(0)
-        await store.commit([accounts], fences={0: 1}, partitions=own)
+        await store.commit([accounts], fences={0: 1}, shard=0, partition_map=partitions)
         book.accounts_committed(accounts)
         await store.commit([CommitBatch(failed=[Failed(50, 48, now)])], fences={0: 1},
-                           partitions=own)
+                           shard=0, partition_map=partitions)
         assert await store.ids_max() == 50
         plan = book.plan_transfers([[Transfer(id=i, debit_account_id=1, credit_account_id=2,
                                               amount=1, currency="EUR")
                                      for i in (49, 50, 51)]], now + 1, Known())
         with pytest.raises(IdConflict, match="50"):
             await store.commit([book.finalize(plan, {}, now + 1)], fences={0: 1},
-                               partitions=own)
+                               shard=0, partition_map=partitions)
         assert await store.lookup_transfers([49, 50, 51]) == {}
         stored = CommitBatch(transfers=[Transfer(id=60, debit_account_id=1,
                                                  credit_account_id=2, amount=1,
                                                  currency="EUR", timestamp=now + 2)],
                              balance_deltas={1: [0, 1, 0, 0], 2: [0, 0, 0, 1]})
-        await store.commit([stored], fences={0: 1}, partitions=own)
+        await store.commit([stored], fences={0: 1}, shard=0, partition_map=partitions)
         with pytest.raises(IdConflict, match="60"):
             await store.commit([CommitBatch(failed=[Failed(60, 48, now + 3)])],
-                               fences={0: 1}, partitions=own)
+                               fences={0: 1}, shard=0, partition_map=partitions)
         assert await store.ids_max() == 60
         assert (await store.audit()).passed
     finally:
@@ -132,8 +130,8 @@ async def test_a_checkpoint_folds_without_changing_balances(db_url: str) -> None
         for book, accounts in ((books[0], (a0, b0)), (books[1], (a1,))):
             _, batch = book.create_accounts(
                 [[Account(id=i, currency="EUR") for i in accounts]], now)
-            await store.commit([batch], fences={book.shard: 1},
-                               partitions=partitions.partitions_of_shard(book.shard))
+            await store.commit([batch], fences={book.shard: 1}, shard=book.shard,
+                               partition_map=partitions)
             book.accounts_committed(batch)
         transfers = [
             Transfer(id=200, debit_account_id=a0, credit_account_id=b0, amount=30,
@@ -145,7 +143,7 @@ async def test_a_checkpoint_folds_without_changing_balances(db_url: str) -> None
         granted = books[1].reserve(0, 1, [leg for _, leg in plan.remote[1]])
         batch = books[0].finalize(plan, {1: (1, granted)}, now + 1)
         assert batch.codes == [0, 0]
-        await store.commit([batch], fences={0: 1, 1: 1}, partitions=own0)
+        await store.commit([batch], fences={0: 1, 1: 1}, shard=0, partition_map=partitions)
         ids = [a0, b0, a1]
 
         async def rows() -> dict[int, tuple[int, ...]]:

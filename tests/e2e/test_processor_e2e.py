@@ -83,7 +83,8 @@ async def test_transfer_rules_hold_across_shards_over_rpc(
     try:
         for _ in range(100):
             left = await conn.fetchval(
-                "SELECT count(*) FROM remote_postings WHERE account_id = ANY($1::bigint[])",
+                "SELECT count(*) FROM remote_postings_unfolded "
+                "WHERE account_id = ANY($1::bigint[])",
                 [bank, alice, bob])
             if left == 0:
                 break
