@@ -19,6 +19,15 @@ CREATE TABLE remote_posting_blocks (
 );
 ALTER TABLE remote_posting_blocks SET (autovacuum_vacuum_scale_factor = 0.0,
                                        autovacuum_vacuum_threshold = 1000);
+-- A block of thousands of accounts is stored out of line; compressing it first cost more
+-- than twice the insert (16.5 against 6.3 ms for 5,000 accounts, measured here), for
+-- rows that live about a second.
+ALTER TABLE remote_posting_blocks
+    ALTER COLUMN account_ids SET STORAGE EXTERNAL,
+    ALTER COLUMN debits_pending SET STORAGE EXTERNAL,
+    ALTER COLUMN debits_posted SET STORAGE EXTERNAL,
+    ALTER COLUMN credits_pending SET STORAGE EXTERNAL,
+    ALTER COLUMN credits_posted SET STORAGE EXTERNAL;
 
 -- Postings not folded yet move over, one block per owning shard.
 INSERT INTO remote_posting_blocks
