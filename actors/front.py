@@ -34,7 +34,7 @@ from actors.payments_store import PaymentStore
 from actors.provider import provider_actor_name
 from actors.risk import RISK_ACTOR_NAME
 from actors.rpc_server import start_rpc_server
-from actors.shard import NAMESPACE, shard_actor_name
+from actors.shard import NAMESPACE, settle_garbage_collector, shard_actor_name
 from actors.store import LedgerStore
 from processor.auth import KEY_FILE_NAME, load_or_create_key
 from processor.batch import TransferBatch, encode_batch
@@ -226,6 +226,7 @@ class Front:
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
+        settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
         log.info("front listening: http %s:%d rpc %s:%d (event loop: %s)",
