@@ -659,37 +659,15 @@ SELECT greatest(
      WHERE r."timestamp" > $2 AND r.kind = 3 AND p.partition = ANY($1::int[])))
 """
 
-# Moves into the balance rows of the shard of $1 (shard $3) its unfolded effects up to $2,
-# computed from its rows, and the posting blocks other shards left it (deleted: folded
-# exactly once).
-_CHECKPOINT_FOLD_ROWS_SQL = """
+def _checkpoint_fold_sql(own_legs: str, shard_param: str) -> str:
+    """One statement moving into a shard's balance rows its own effects (the rows of
+    ``own_legs``: account and four balance deltas) and the posting blocks other shards left
+    it (deleted: folded exactly once)."""
+    return f"""
 WITH folded AS (
-    DELETE FROM remote_posting_blocks WHERE shard = $3 RETURNING *
+    DELETE FROM remote_posting_blocks WHERE shard = {shard_param} RETURNING *
 ), legs AS (
-    SELECT * FROM unfolded_legs($1::int[], $2)
-    UNION ALL
-    SELECT l.* FROM folded b, unnest(b.account_ids, b.debits_pending, b.debits_posted,
-                                     b.credits_pending, b.credits_posted) AS l
-), sums AS (
-    SELECT account_id, sum(debits_pending)::bigint AS dp, sum(debits_posted)::bigint AS dpo,
-           sum(credits_pending)::bigint AS cp, sum(credits_posted)::bigint AS cpo
-    FROM legs GROUP BY account_id
-)
-UPDATE accounts a SET
-    debits_pending = a.debits_pending + s.dp,
-    debits_posted = a.debits_posted + s.dpo,
-    credits_pending = a.credits_pending + s.cp,
-    credits_posted = a.credits_posted + s.cpo
-FROM sums s WHERE a.id = s.account_id
-"""
-
-# The same, with the shard's own effects given as arrays (account, four balance deltas;
-# the shard is $6).
-_CHECKPOINT_FOLD_OWN_SQL = """
-WITH folded AS (
-    DELETE FROM remote_posting_blocks WHERE shard = $6 RETURNING *
-), legs AS (
-    SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])
+    SELECT * FROM {own_legs}
     UNION ALL
     SELECT l.* FROM folded b, unnest(b.account_ids, b.debits_pending, b.debits_posted,
                                      b.credits_pending, b.credits_posted) AS l
@@ -706,3 +684,10 @@ UPDATE accounts a SET
     credits_posted = a.credits_posted + s.cpo
 FROM sums s WHERE a.id = s.account_id
 """
+
+
+# The shard of the partitions $1 (shard $3): its effects up to $2, computed from its rows.
+_CHECKPOINT_FOLD_ROWS_SQL = _checkpoint_fold_sql("unfolded_legs($1::int[], $2)", "$3")
+# The same, with its effects given as arrays ($1-$5; the shard is $6).
+_CHECKPOINT_FOLD_OWN_SQL = _checkpoint_fold_sql(
+    "unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])", "$6")

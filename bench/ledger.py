@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.util
+import json
 import os
 import random
 import re
@@ -880,3 +881,10 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    """Print ``results`` as JSON and write them to ``out`` (a benchmark module's end)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results, indent=2))
+    print(f"results written to {out}")
