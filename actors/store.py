@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import msgspec
 import numpy as np
 
 from processor.columnar import TransferColumns, currency_code
-from processor.ledger import CommitBatch, Failed, Known, Resolution, require
+from processor.ledger import CommitBatch, Known, Resolution, require
 from processor.partition import PartitionMap, partition_of, partitions_of
 from processor.types import Account, Transfer
 
@@ -189,36 +190,46 @@ async def _copy_transfers(
     )
 
 
-async def _refuse_ids_both_stored_and_burned(
-    conn: asyncpg.Connection, transfers: list[Transfer], columns: list[TransferColumns],
-    failed: list[Failed],
-) -> None:
-    """The primary keys keep an id from being stored twice or burned twice; this keeps it
-    from being both. A shard reads from the database only ids at or below the greatest it
-    knows of, so an id another shard took since then is caught here, not there.
+# The end of every commit, in one round trip: lock and read the epochs it is fenced on,
+# look for an id this transaction both stores and burns (IdConflict, below), and leave the
+# first posting block. A fenced commit has then written its rows for nothing, but rolls
+# back, which is what a fence is for; the common case saves two round trips.
+_COMMIT_END_SQL = """
+WITH fence AS (
+    SELECT shard, epoch FROM shard_epochs WHERE shard = ANY($1::int[]) FOR SHARE
+), block AS (
+    INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending, debits_posted,
+                                       credits_pending, credits_posted)
+    SELECT $5::int, $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]
+    WHERE $5::int IS NOT NULL
+)
+SELECT (SELECT array_agg(shard ORDER BY shard) FROM fence) AS shards,
+       (SELECT array_agg(epoch ORDER BY shard) FROM fence) AS epochs,
+       -- Only rows this transaction wrote (xmin): an older clash, if a race before this
+       -- check existed ever left one, must not stop every later commit.
+       (SELECT f.id FROM failed_transfers f WHERE f.id BETWEEN $2 AND $3
+          AND EXISTS (SELECT 1 FROM transfers t WHERE t.id = f.id
+                      AND t.xmin = pg_current_xact_id()::xid) LIMIT 1) AS stored_burned,
+       (SELECT t.id FROM transfers t WHERE t.id = ANY($4::bigint[]) LIMIT 1)
+           AS burned_stored
+"""
 
-    Cheap: burned ids are few, and the stored ids are checked as one range of
-    failed_transfers' primary key (for ids spread over a wide range, that is the part of
-    failed_transfers in it).
+
+def _id_ranges(transfers: list[Transfer], columns: list[TransferColumns]) -> tuple[int, int]:
+    """The smallest and greatest id this commit stores ((1, 0), an empty range, if none).
+
+    The primary keys keep an id from being stored twice or burned twice; the commit's end
+    keeps it from being both. A shard reads from the database only ids at or below the
+    greatest it knows of, so an id another shard took since then is caught there, not
+    before planning. Cheap: the stored ids are checked as one range of failed_transfers'
+    primary key (for ids spread over a wide range, that is the part of failed_transfers in
+    it), and burned ids are few.
     """
     lows = [t.id for t in transfers] + [int(c.id.min()) for c in columns]
-    if lows:
-        highs = [t.id for t in transfers] + [int(c.id.max()) for c in columns]
-        clash = await conn.fetchval(
-            # Only rows this transaction wrote (xmin): an older clash, if a race before
-            # this check existed ever left one, must not stop every later commit.
-            "SELECT f.id FROM failed_transfers f WHERE f.id BETWEEN $1 AND $2 "
-            "AND EXISTS (SELECT 1 FROM transfers t WHERE t.id = f.id "
-            "AND t.xmin = pg_current_xact_id()::xid) LIMIT 1",
-            min(lows), max(highs))
-        if clash is not None:
-            raise IdConflict(f"transfer id {clash} is both stored and burned")
-    if failed:
-        clash = await conn.fetchval(
-            "SELECT id FROM transfers WHERE id = ANY($1::bigint[]) LIMIT 1",
-            [f.id for f in failed])
-        if clash is not None:
-            raise IdConflict(f"transfer id {clash} is both burned and stored")
+    if not lows:
+        return 1, 0
+    highs = [t.id for t in transfers] + [int(c.id.max()) for c in columns]
+    return min(lows), max(highs)
 
 
 def _delta_arrays(deltas: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -510,7 +521,6 @@ class LedgerStore:
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
         remote = ~np.isin(partitions_of(ids), own_partitions)
         async with self._pool.acquire() as conn, conn.transaction():
-            await _check_fences(conn, fences)
             if accounts:
                 await conn.copy_records_to_table(
                     "accounts",
@@ -531,7 +541,6 @@ class LedgerStore:
                     records=[(f.id, f.result, f.timestamp) for f in failed],
                     columns=("id", "result", "timestamp"),
                 )
-            await _refuse_ids_both_stored_and_burned(conn, transfers, columns, failed)
             if resolutions:
                 await conn.copy_records_to_table(
                     "pending_resolutions",
@@ -539,13 +548,29 @@ class LedgerStore:
                              for r in resolutions],
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
+            blocks: list[tuple[Any, ...]] = []
             if remote.any():
                 remote_ids, remote_values = ids[remote], values[remote]
                 owners = partition_map.shards_of(remote_ids)
-                await conn.executemany(_POSTING_BLOCK_SQL, [
-                    (int(owner), remote_ids[owners == owner].tolist(),
-                     *remote_values[owners == owner].T.tolist())
-                    for owner in np.unique(owners).tolist()])
+                blocks = [(int(owner), remote_ids[owners == owner].tolist(),
+                           *remote_values[owners == owner].T.tolist())
+                          for owner in np.unique(owners).tolist()]
+            if len(blocks) > 1:
+                await conn.executemany(_POSTING_BLOCK_SQL, blocks[1:])
+            low, high = _id_ranges(transfers, columns)
+            shards = sorted(fences)
+            end = await conn.fetchrow(
+                _COMMIT_END_SQL, shards, low, high, [f.id for f in failed],
+                *(blocks[0] if blocks else (None,) * 6))
+            current = dict(zip(end["shards"] or [], end["epochs"] or [], strict=True))
+            for fenced in shards:
+                if current.get(fenced) != fences[fenced]:
+                    raise FenceError(f"shard {fenced} is at epoch {current.get(fenced)}, "
+                                     f"not {fences[fenced]}")
+            if end["stored_burned"] is not None:
+                raise IdConflict(f"transfer id {end['stored_burned']} is both stored and burned")
+            if end["burned_stored"] is not None:
+                raise IdConflict(f"transfer id {end['burned_stored']} is both burned and stored")
         return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
 
     async def checkpoint(
