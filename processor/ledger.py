@@ -34,14 +34,16 @@ import msgspec
 from processor.codes import AccountResult, TransferResult, burns_id
 from processor.currency import is_known_currency
 from processor.partition import PartitionMap
-from processor.types import (
+from processor.types import (  # InvariantError and require live in types, shared by all
     ACCOUNT_FLAGS_KNOWN,
     AMOUNT_MAX,
     TRANSFER_FLAGS_KNOWN,
     Account,
     AccountFlags,
+    InvariantError,
     Transfer,
     TransferFlags,
+    require,
 )
 
 __all__ = [
@@ -50,6 +52,7 @@ __all__ = [
     "CommitBatch",
     "Failed",
     "Hold",
+    "InvariantError",
     "Known",
     "Leg",
     "PendingState",
@@ -67,16 +70,6 @@ PENDING = int(TransferFlags.PENDING)
 POST = int(TransferFlags.POST_PENDING)
 VOID = int(TransferFlags.VOID_PENDING)
 NS_PER_S = 1_000_000_000
-
-
-class InvariantError(AssertionError):
-    """A broken invariant: a bug. The shard crashes and recovers from the database."""
-
-
-def require(condition: bool, what: str) -> None:
-    """Assert ``condition``; unlike ``assert`` it still runs under ``python -O``."""
-    if not condition:
-        raise InvariantError(what)
 
 
 class Side(enum.IntEnum):

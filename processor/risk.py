@@ -18,8 +18,7 @@ from typing import Literal
 import msgspec
 
 from processor.currency import is_known_currency
-from processor.ledger import require
-from processor.types import AMOUNT_MAX
+from processor.types import AMOUNT_MAX, require
 
 __all__ = [
     "EVENTS_PER_TOKEN_MAX",

@@ -26,8 +26,10 @@ __all__ = [
     "USER_DATA_CHARS_MAX",
     "Account",
     "AccountFlags",
+    "InvariantError",
     "Transfer",
     "TransferFlags",
+    "require",
 ]
 
 # PostgreSQL bigint is the storage type of every id, amount and balance.
@@ -124,3 +126,13 @@ class Transfer(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     code: Code = 0
     user_data: UserData = ""
     timestamp: U63 = 0
+
+
+class InvariantError(AssertionError):
+    """A broken invariant: a bug. The shard crashes and recovers from the database."""
+
+
+def require(condition: bool, what: str) -> None:
+    """Assert ``condition``; unlike ``assert`` it still runs under ``python -O``."""
+    if not condition:
+        raise InvariantError(what)
