@@ -16,7 +16,7 @@ LIMITS = outbox.RelayLimits(batch_max=4, in_flight_max=2, attempts_max=1, backof
 
 
 def txproc(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "processor.cli", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "actors.app.cli", *args], capture_output=True,
                           text=True, timeout=120, check=False)
 
 

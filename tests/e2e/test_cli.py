@@ -17,7 +17,7 @@ import psutil
 from actors.database import create_database, drop_database
 from processor.auth import KEY_FILE_NAME, load_or_create_key, verify_token
 
-TXPROC = [sys.executable, "-m", "processor.cli"]
+TXPROC = [sys.executable, "-m", "actors.app.cli"]
 
 
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
-        from processor.demo import run_demo
+        from actors.app.demo import run_demo
 
         return asyncio.run(run_demo(build_config(args), accounts=args.accounts,
                                     transfers=args.transfers, batch=args.batch))
