@@ -73,7 +73,7 @@ import asyncpg
 import httpx
 import msgspec
 
-from processor.ledger import require
+from processor.types import require
 
 __all__ = [
     "HEADER_ATTEMPT",

@@ -34,7 +34,7 @@ from collections.abc import Callable
 
 import msgspec
 
-from processor.ledger import require
+from processor.types import require
 
 __all__ = [
     "BUCKETS_MAX",

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from itertools import accumulate
 
-from processor.ledger import require
+from processor.types import require
 
 __all__ = [
     "DIGITS_MAX",

@@ -22,7 +22,7 @@ import re
 
 import msgspec
 
-from processor.ledger import require
+from processor.types import require
 
 __all__ = [
     "FINGERPRINT_BYTES",
