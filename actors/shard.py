@@ -73,8 +73,8 @@ class _Stats:
     checkpoint_seconds: float = 0.0
     queue_depth_max_seen: int = 0
     extra: dict[str, int] = field(default_factory=dict)
-    # How long this incarnation's recovery took, by step (connect, load through the view,
-    # the first checkpoint from the rows, all of it).
+    # How long this incarnation's recovery took, by step (connect, the first checkpoint
+    # from the rows, the load, all of it).
     recovery: dict[str, float] = field(default_factory=dict)
 
 
