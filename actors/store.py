@@ -265,10 +265,6 @@ class OwnEffects:
     timestamp_max: int
 
     @classmethod
-    def none(cls) -> OwnEffects:
-        return cls(np.zeros(0, dtype=np.int64), np.zeros((0, 4), dtype=np.int64), 0)
-
-    @classmethod
     def combine(cls, parts: list[OwnEffects]) -> OwnEffects:
         ids, values = _sum_deltas([(p.ids, p.values) for p in parts])
         return cls(ids, values, max((p.timestamp_max for p in parts), default=0))
