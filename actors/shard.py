@@ -88,10 +88,14 @@ class LedgerShard:
         peers: Callable[[int], object] | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         observability: ObservabilityConfig | None = None,
+        crash: Callable[[], None] | None = None,
     ) -> None:
         if observability is not None:
             telemetry.setup(observability, f"shard-{shard}")
         self._shard = shard
+        # What a failure of the write path does: end the process (crash-only). A shard run
+        # inside a test process is given one that lets the failure surface there instead.
+        self._crash = crash or _crash
         self._label = str(shard)
         # Series exist at zero from the start, so rate() and increase() see the first one.
         metrics.LEDGER_WRITE_FAILURES.labels(self._label)
@@ -139,7 +143,7 @@ class LedgerShard:
             # Recovery that cannot finish leaves nothing to serve: end the process and let
             # Ray start a fresh incarnation, which tries again.
             log.exception("shard %d: recovery failed; restarting", self._shard)
-            _crash()
+            self._crash()
             raise
 
     async def _recover_once_reachable(self) -> None:
@@ -392,7 +396,7 @@ class LedgerShard:
             # Some holds may have been granted before the failure; they are owned by this
             # incarnation, which must now end so its peers release them (orphan sweep).
             log.exception("shard %d: reserve on peers failed; restarting", self._shard)
-            _crash()
+            self._crash()
             raise
         answers = {s: RESERVE_ANSWER.decode(r)
                    for s, r in zip(shards, raws[:len(shards)], strict=True)}
@@ -491,7 +495,7 @@ class LedgerShard:
         except BaseException:
             log.exception("shard %d: commit failed; restarting to recover", self._shard)
             metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
-            _crash()
+            self._crash()
             raise
         finally:
             self._committing = False
@@ -545,7 +549,7 @@ class LedgerShard:
         except BaseException:
             log.exception("shard %d: checkpoint failed; restarting to recover", self._shard)
             metrics.LEDGER_WRITE_FAILURES.labels(self._label).inc()
-            _crash()
+            self._crash()
             raise
         elapsed_s = time.perf_counter() - started
         self._stats.checkpoints += 1

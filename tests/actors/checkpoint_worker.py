@@ -53,12 +53,16 @@ def shard_config(url: str, checkpoint_interval_s: float) -> ShardConfig:
                        checkpoint_interval_s=checkpoint_interval_s)
 
 
-def start_shards(url: str, checkpoint_interval_s: float) -> list[LedgerShard]:
+def start_shards(url: str, checkpoint_interval_s: float, *,
+                 in_test: bool = False) -> list[LedgerShard]:
+    """Two shards in this process. ``in_test``: a write-path failure raises where it
+    happened instead of ending the process (which would be the test runner)."""
     shards: list[LedgerShard] = []
     peers = {}
     for s in range(SHARDS):
         shards.append(LedgerShard(s, shard_config(url, checkpoint_interval_s),
-                                  peers=lambda n: peers[n]))
+                                  peers=lambda n: peers[n],
+                                  crash=(lambda: None) if in_test else None))
         peers[s] = LocalPeer(shards[s])
     return shards
 

@@ -84,7 +84,7 @@ async def test_sigkill_between_checkpoints_recovers_by_replay(db_url: str) -> No
 
         # Short intervals now: the first checkpoint folds from the rows, later ones fold
         # what the new incarnation's commits answered.
-        shards = start_shards(db_url, checkpoint_interval_s=0.2)
+        shards = start_shards(db_url, checkpoint_interval_s=0.2, in_test=True)
         for s in shards:
             await s.ready()
         recovered = {}
@@ -117,7 +117,7 @@ async def test_sigkill_between_checkpoints_recovers_by_replay(db_url: str) -> No
         async def send(tid: int, amount: int) -> int:
             t = Transfer(id=tid, debit_account_id=customer, credit_account_id=ops,
                          amount=amount, currency="EUR")
-            raw = await owner.create_transfers(ENCODER.encode([[t]]))
+            raw = await asyncio.wait_for(owner.create_transfers(ENCODER.encode([[t]])), 30)
             return RESULTS.decode(raw)[0][0]
 
         assert await send(90_000_001, available) == TransferResult.ok
