@@ -14,9 +14,7 @@ processes) and the ratio cross / local, which issue 8 bounds at 1.5.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
-import logging
 import random
 import time
 from pathlib import Path
@@ -145,10 +143,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    args = parse_args(argv)
-    results = asyncio.run(run(args))
-    ledger.write_results(args.out, results)
+    ledger.run_benchmark(parse_args, run, argv)
     return 0
 
 

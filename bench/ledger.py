@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import importlib.util
 import json
+import logging
 import os
 import random
 import re
@@ -880,6 +881,15 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
             await processor.stop()
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def run_benchmark(parse_args: Any, run: Any, argv: list[str] | None) -> dict[str, Any]:
+    """A benchmark module's ``main``: parse ``argv``, run, print and write the results."""
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    results: dict[str, Any] = asyncio.run(run(args))
+    write_results(args.out, results)
+    return results
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:

@@ -13,9 +13,7 @@ slack: read them as an upper bound of the data.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -114,10 +112,7 @@ async def _send(client: Any, transfers: list[Transfer]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    args = parse_args(argv)
-    results = asyncio.run(run(args))
-    ledger.write_results(args.out, results)
+    ledger.run_benchmark(parse_args, run, argv)
     return 0
 
 

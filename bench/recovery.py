@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
-import logging
 import os
 import random
 import signal
@@ -128,10 +127,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    args = parse_args(argv)
-    results = asyncio.run(run(args))
-    ledger.write_results(args.out, results)
+    results = ledger.run_benchmark(parse_args, run, argv)
     return 0 if results["audit_passed"] else 1
 
 
