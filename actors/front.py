@@ -27,6 +27,7 @@ import ray
 import uvicorn
 
 from actors import metrics, outbox, telemetry
+from actors.channel import ChannelBroken, ChannelClient
 from actors.http_api import Payments, build_app
 from actors.payments import PaymentsEngine
 from actors.payments_http import Idempotent, PaymentsApiError, api_error_of, dispatch, error_body
@@ -34,7 +35,7 @@ from actors.payments_store import PaymentStore
 from actors.provider import provider_actor_name
 from actors.risk import RISK_ACTOR_NAME
 from actors.rpc_server import start_rpc_server
-from actors.shard import NAMESPACE, settle_garbage_collector, shard_actor_name
+from actors.shard import NAMESPACE, endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.store import LedgerStore
 from processor.auth import KEY_FILE_NAME, load_or_create_key
 from processor.batch import TransferBatch, encode_batch
@@ -168,11 +169,14 @@ def _decode_results(method: str, raw: bytes) -> Any:
 class Front:
     """Implements the LedgerService by routing to shards; serves RPC and HTTP."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, channel_key: bytes) -> None:
         telemetry.setup(config.observability, "front")
         self.config = config
         self._partitions = PartitionMap.uniform(config.shard.shards)
         self._shards: list[Any] = []
+        self._channel_key = channel_key
+        # One data-plane connection per shard (actors.channel); Ray calls for the rest.
+        self._channels: list[ChannelClient] = []
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._store: LedgerStore | None = None
         self._ready = False
@@ -201,6 +205,8 @@ class Front:
         self._shards = [ray.get_actor(shard_actor_name(s), namespace=NAMESPACE)
                         for s in range(cfg.shard.shards)]
         await asyncio.gather(*[s.ready.remote() for s in self._shards])
+        self._channels = [ChannelClient(endpoint_of(handle), self._channel_key)
+                          for handle in self._shards]
         key_path = Path(cfg.front.key_path or Path(cfg.data_dir) / KEY_FILE_NAME)
         key = load_or_create_key(key_path)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
@@ -356,21 +362,24 @@ class Front:
 
     async def call_shard(self, shard: int, method: str, raw: bytes,
                          links: list[dict[str, str]] | None = None) -> bytes:
-        """One actor call, retried (bounded) while the shard restarts after a crash.
+        """One call over the shard's channel, retried (bounded) while the shard restarts
+        after a crash.
 
         Retrying is safe: ids are idempotent, so a batch that did commit before the crash
         answers ``exists`` the second time.
         """
         cfg = self.config.front
         handle = self._shards[shard]
+        channel = self._channels[shard]
         deadline = time.monotonic() + cfg.retry_deadline_s
         for attempt in range(1, cfg.retry_attempts_max + 1):
             try:
-                result: bytes = await getattr(handle, method).remote(raw, links)
+                result: bytes = await channel.call(method, raw, links)
                 return result
             except LedgerError:
                 raise
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+            except (ChannelBroken, ray.exceptions.RayActorError,
+                    ray.exceptions.ActorUnavailableError) as exc:
                 remaining = deadline - time.monotonic()
                 if attempt == cfg.retry_attempts_max or remaining <= 0:
                     raise Unavailable(f"shard {shard} is restarting", retry_after_s=1.0) from exc
@@ -669,11 +678,13 @@ def _plain_groups_of(partitions: PartitionMap, flags: np.ndarray, pending_id: np
     return {shard: np.flatnonzero(shards == shard) for shard in np.unique(shards).tolist()}
 
 
-def make_front(config: Config) -> Any:
-    """Start the front as a Ray actor (the one place it is made remote)."""
+def make_front(config: Config, channel_key: bytes) -> Any:
+    """Start the front as a Ray actor (the one place it is made remote); ``channel_key``
+    authenticates its calls to the shards (actors.channel)."""
     # Restarted by Ray if it dies; it holds nothing durable, and Processor.supervise()
     # starts the new incarnation on the same ports.
     actor_class = ray.remote(
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(Front)
-    return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(config)
+    return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(
+        config, channel_key)

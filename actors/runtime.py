@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -172,9 +173,12 @@ async def start_processor(config: Config) -> Processor:
         for s in range(config.shard.shards):
             _kill_stale(shard_actor_name(s))
         _kill_stale("txproc-front")
-        shards = [make_shard(s, config.shard, config.observability)
+        # Authenticates the front's and the shards' data-plane channel (actors.channel);
+        # lives only in those actors' arguments, never in a file or a log.
+        channel_key = secrets.token_bytes(32)
+        shards = [make_shard(s, config.shard, channel_key, config.observability)
                   for s in range(config.shard.shards)]
-        front = make_front(config)
+        front = make_front(config, channel_key)
         ports = await front.start.remote()
         processor = Processor(
             config=config, front=front, shards=shards, http_port=ports["http_port"],

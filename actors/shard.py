@@ -12,8 +12,9 @@ import gc
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import asyncpg
 import msgspec
@@ -21,6 +22,7 @@ import numpy as np
 import ray
 
 from actors import metrics, telemetry
+from actors.channel import ChannelClient, ChannelServer
 from actors.store import LedgerStore, OwnEffects
 from processor import kernel
 from processor.batch import decode_batch
@@ -51,6 +53,18 @@ BLOCK_OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bytes]])
 RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, int]]])
 RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 ENCODER = msgspec.msgpack.Encoder()
+# What the front and the peers call over the channel (the data plane); everything else
+# (ready, endpoint, stats, stop) stays a Ray call.
+CHANNEL_METHODS = (
+    "create_accounts", "create_transfers", "create_transfer_columns",
+    "reserve", "settle", "reserve_plain", "settle_plain",
+)
+
+
+class Peer(Protocol):
+    """Another shard, as this one calls it: ``await peer.call(method, *args)``."""
+
+    def call(self, method: str, *args: Any) -> Awaitable[Any]: ...
 
 
 @dataclass(slots=True)
@@ -85,10 +99,11 @@ class LedgerShard:
         self,
         shard: int,
         config: ShardConfig,
-        peers: Callable[[int], object] | None = None,
+        peers: Callable[[int], Peer] | None = None,
         clock_ns: Callable[[], int] = time.time_ns,
         observability: ObservabilityConfig | None = None,
         crash: Callable[[], None] | None = None,
+        channel_key: bytes | None = None,
     ) -> None:
         if observability is not None:
             telemetry.setup(observability, f"shard-{shard}")
@@ -103,7 +118,13 @@ class LedgerShard:
         self._partitions = PartitionMap.uniform(config.shards)
         self._own_partitions = self._partitions.partitions_of_shard(shard)
         self._clock_ns = clock_ns
-        self._peers = peers or _peer_by_name
+        # The data plane (actors.channel): peers are called over it, and with a key this
+        # shard serves it once recovered. Built plainly (tests), peers are given.
+        self._channel_key = channel_key
+        self._channel: ChannelServer | None = None
+        self._address: tuple[str, int] | None = None
+        self._peers = peers or self._channel_peer
+        self._peer_clients: dict[int, ChannelClient] = {}
         self._started: asyncio.Task[None] | None = None
         self._store: LedgerStore | None = None
         self._book: ArrayBook | None = None
@@ -201,11 +222,31 @@ class LedgerShard:
             loop.create_task(self._orphan_sweeper()),
             loop.create_task(self._expiry_ticker()),
         ]
+        if self._channel_key is not None:
+            self._channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key,
+                                          name=f"shard-{self._shard}")
+            self._address = await self._channel.start(ray.util.get_node_ip_address())
         settle_garbage_collector()
         log.info(
             "shard %d recovered at epoch %d: %d accounts, %d open holds",
             self._shard, self._epoch, len(accounts), len(pending),
         )
+
+    async def endpoint(self) -> tuple[str, int]:
+        """Where this incarnation's channel listens, once it has recovered (the front and
+        the peers ask again after every restart)."""
+        await self._ensure_started()
+        if self._address is None:
+            raise RuntimeError("this shard serves no channel (it was given no key)")
+        return self._address
+
+    def _channel_peer(self, shard: int) -> Peer:
+        client = self._peer_clients.get(shard)
+        if client is None:
+            assert self._channel_key is not None, "a shard without a key needs peers"
+            client = self._peer_clients[shard] = ChannelClient(
+                endpoint_of(_peer_by_name(shard)), self._channel_key)
+        return client
 
     async def stop(self) -> None:
         """Let queued commits finish, then close the pool (clean shutdown)."""
@@ -215,6 +256,10 @@ class LedgerShard:
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
+        if self._channel is not None:
+            self._channel.close()
+        for client in self._peer_clients.values():
+            client.close()
         if self._checkpointing is not None:
             self._checkpointing.cancel()
         if self._store is not None:
@@ -379,13 +424,12 @@ class LedgerShard:
         shards = sorted(remote)
         plain_shards = sorted(plain)
         calls = [
-            self._peers(s).reserve.remote(  # type: ignore[attr-defined]
-                self._shard, self._epoch, ENCODER.encode([leg for _, leg in remote[s]])
-            )
+            self._peers(s).call("reserve", self._shard, self._epoch,
+                                ENCODER.encode([leg for _, leg in remote[s]]))
             for s in shards
         ] + [
-            self._peers(s).reserve_plain.remote(  # type: ignore[attr-defined]
-                self._shard, self._epoch, encode_legs(plain[s]))
+            self._peers(s).call("reserve_plain", self._shard, self._epoch,
+                                encode_legs(plain[s]))
             for s in plain_shards
         ]
         try:
@@ -569,11 +613,10 @@ class LedgerShard:
         if not by_shard and not blocks:
             return
         calls = [
-            self._peers(s).settle.remote(self._shard, ENCODER.encode(o))  # type: ignore[attr-defined]
+            self._peers(s).call("settle", self._shard, ENCODER.encode(o))
             for s, o in by_shard.items()
         ] + [
-            self._peers(s).settle_plain.remote(  # type: ignore[attr-defined]
-                self._shard, ENCODER.encode(o))
+            self._peers(s).call("settle_plain", self._shard, ENCODER.encode(o))
             for s, o in blocks.items()
         ]
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -686,19 +729,33 @@ def shard_actor_name(shard: int) -> str:
     return f"txproc-shard-{shard}"
 
 
-_PEERS: dict[int, object] = {}
+_PEERS: dict[int, Any] = {}
 
 
-def _peer_by_name(shard: int) -> object:
+def _peer_by_name(shard: int) -> Any:
     # A named actor keeps its handle across restarts, so the lookup is done once.
     if shard not in _PEERS:
         _PEERS[shard] = ray.get_actor(shard_actor_name(shard), namespace=NAMESPACE)
     return _PEERS[shard]
 
 
-def make_shard(shard: int, config: ShardConfig,
+def endpoint_of(handle: Any) -> Callable[[], Awaitable[tuple[str, int]]]:
+    """Where a shard's channel listens: asked of the shard over Ray, which answers once
+    it has recovered (after a restart, the new incarnation's address)."""
+
+    async def resolve() -> tuple[str, int]:
+        host, port = await handle.endpoint.remote()
+        return host, port
+
+    return resolve
+
+
+def make_shard(shard: int, config: ShardConfig, channel_key: bytes,
                observability: ObservabilityConfig | None = None) -> object:
-    """Start shard ``shard`` as a named, restartable Ray actor (the one place it is remote)."""
+    """Start shard ``shard`` as a named, restartable Ray actor (the one place it is remote).
+
+    ``channel_key`` authenticates the data-plane channel (actors.channel) between the
+    front and the shards; a restarted shard is given the same one."""
     actor_class = ray.remote(
         num_cpus=0,
         # Restart forever: a shard is the only way to its partitions, and recovery is the
@@ -712,4 +769,4 @@ def make_shard(shard: int, config: ShardConfig,
         namespace=NAMESPACE,
         # On a cluster, spread shards over the nodes; on one box this changes nothing.
         scheduling_strategy="SPREAD",
-    ).remote(shard, config, observability=observability)
+    ).remote(shard, config, observability=observability, channel_key=channel_key)

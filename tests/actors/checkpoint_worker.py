@@ -15,7 +15,6 @@ import asyncio
 import json
 import random
 import sys
-from types import SimpleNamespace
 from typing import Any
 
 import msgspec
@@ -37,14 +36,13 @@ LINKED = int(TransferFlags.LINKED)
 
 
 class LocalPeer:
-    """A shard's peer in the same process: ``peer.method.remote(*args)`` awaits it."""
+    """A shard's peer in the same process: ``await peer.call(method, *args)`` runs it."""
 
     def __init__(self, shard: LedgerShard) -> None:
         self._shard = shard
 
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._shard, name)
-        return SimpleNamespace(remote=lambda *args: method(*args))
+    async def call(self, method: str, *args: Any) -> Any:
+        return await getattr(self._shard, method)(*args)
 
 
 def shard_config(url: str, checkpoint_interval_s: float) -> ShardConfig:

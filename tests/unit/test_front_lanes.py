@@ -16,7 +16,7 @@ from processor.types import Transfer, TransferFlags
 
 def _front(**front: int) -> Front:
     return Front(Config(shard=ShardConfig(database_url="", shards=2),
-                        front=FrontConfig(**front), data_dir="/nonexistent"))
+                        front=FrontConfig(**front), data_dir="/nonexistent"), channel_key=b"unused")
 
 
 class ShardStandIn:

@@ -19,7 +19,8 @@ STORED_AT_NS = 1_700_000_000_000_000_123
 
 def _front() -> Front:
     return Front(Config(shard=ShardConfig(database_url="", shards=2),
-                        front=FrontConfig(calls_in_flight_max=1), data_dir="/nonexistent"))
+                        front=FrontConfig(calls_in_flight_max=1), data_dir="/nonexistent"),
+                 channel_key=b"unused")
 
 
 class ShardStandIn:
