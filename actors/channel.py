@@ -242,6 +242,18 @@ class ChannelClient:
             connection = await self._connect()
         return await connection.call(method, args)
 
+    async def connect(self, timeout_s: float) -> None:
+        """Be connected within ``timeout_s`` or raise ChannelBroken: a caller with a
+        deadline bounds the wait for a restarting server (whose endpoint answers only once
+        it has recovered) without bounding the calls themselves."""
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            return
+        try:
+            await asyncio.wait_for(self._connect(), timeout_s)
+        except TimeoutError as exc:
+            raise ChannelBroken(f"not connected within {timeout_s:.1f} s") from exc
+
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()

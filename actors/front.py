@@ -374,6 +374,7 @@ class Front:
         deadline = time.monotonic() + cfg.retry_deadline_s
         for attempt in range(1, cfg.retry_attempts_max + 1):
             try:
+                await channel.connect(max(0.01, deadline - time.monotonic()))
                 result: bytes = await channel.call(method, raw, links)
                 return result
             except LedgerError:

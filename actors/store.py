@@ -9,7 +9,7 @@ not written by commits: a shard's checkpoint folds its effects into them now and
 
 from __future__ import annotations
 
-import io
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +18,7 @@ import msgspec
 import numpy as np
 
 from processor.columnar import TransferColumns, currency_code
-from processor.ledger import CommitBatch, Known, Resolution, require
+from processor.ledger import CommitBatch, Failed, Known, Resolution, ResolutionRow, require
 from processor.partition import PartitionMap, partition_of, partitions_of
 from processor.types import Account, Transfer
 
@@ -66,6 +66,10 @@ class IdConflict(RuntimeError):
 
 class FenceError(RuntimeError):
     """A shard this batch depends on has a newer incarnation; the batch must not commit."""
+
+
+# The SQLSTATEs a one-statement commit refuses itself with (_COMMIT_ONE_SQL).
+_REFUSALS: dict[str, type[RuntimeError]] = {"TXF01": FenceError, "TXI01": IdConflict}
 
 
 # An account's balances recomputed from scratch: posted amounts of plain transfers and
@@ -154,13 +158,26 @@ def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray) -> bytes:
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What a connection needs when it goes back to the pool: nothing beyond what asyncpg
+    always does (roll back an open transaction). The store leaves no session state behind
+    (no LISTEN, advisory lock, open cursor or session-level SET; settings are SET LOCAL),
+    and the default reset costs a round trip per release, one more per commit."""
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    """``data`` as the async source ``copy_to_table`` reads on its own loop (a file-like
+    source is read in a thread pool: a thread hand-off per commit)."""
+    yield data
+
+
 async def _copy_transfer_columns(
     conn: asyncpg.Connection, cols: TransferColumns, own: np.ndarray
 ) -> None:
     columns = (*TRANSFER_COLUMNS, *_WRITER_COLUMNS)
     if cols.user_data is None:
         await conn.copy_to_table(
-            "transfers", source=io.BytesIO(transfer_copy_buffer(cols, own)),
+            "transfers", source=_once(transfer_copy_buffer(cols, own)),
             columns=columns, format="binary")
         return
     currencies = [currency_code(c) for c in cols.currency.tolist()]
@@ -213,6 +230,85 @@ SELECT (SELECT array_agg(shard ORDER BY shard) FROM fence) AS shards,
        (SELECT t.id FROM transfers t WHERE t.id = ANY($4::bigint[]) LIMIT 1)
            AS burned_stored
 """
+
+
+# A commit of at most this many rows (transfers, burned ids, resolutions) and no accounts is
+# one statement: BEGIN, COPY (two round trips), the end and COMMIT cost more than building
+# arrays of a few rows. Above it, COPY's per-row cost wins.
+ONE_STATEMENT_ROWS_MAX = 256
+
+# The whole of a small commit. Its data-modifying parts run whatever the outcome; when the
+# fence moved or an id would be both stored and burned, ledger_refuse_commit (migration
+# 0007) raises and the statement's transaction, all of it, rolls back. Rows this statement
+# inserts are invisible to its own reads, so an id it both stores and burns is found by
+# comparing its arrays.
+_COMMIT_ONE_SQL = """
+WITH fence AS (
+    SELECT shard, epoch FROM shard_epochs WHERE shard = ANY($1::int[]) FOR SHARE
+), stored AS (
+    INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, flags,
+                           pending_id, timeout_s, code, user_data, "timestamp", partition,
+                           local_legs)
+    SELECT * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[],
+                         $8::int[], $9::bigint[], $10::int[], $11::int[], $12::text[],
+                         $13::bigint[], $14::int[], $15::smallint[])
+), burned AS (
+    INSERT INTO failed_transfers (id, result, "timestamp")
+    SELECT * FROM unnest($16::bigint[], $17::smallint[], $18::bigint[])
+), resolved AS (
+    INSERT INTO pending_resolutions (pending_id, kind, transfer_id, "timestamp")
+    SELECT * FROM unnest($19::bigint[], $20::smallint[], $21::bigint[], $22::bigint[])
+), block AS (
+    INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending, debits_posted,
+                                       credits_pending, credits_posted)
+    SELECT $23::int, $24::bigint[], $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[]
+    WHERE $23::int IS NOT NULL
+), seen AS (
+    SELECT coalesce((SELECT array_agg(shard ORDER BY shard) FROM fence), '{}') AS shards,
+           coalesce((SELECT array_agg(epoch ORDER BY shard) FROM fence), '{}') AS epochs,
+           coalesce((SELECT f.id FROM failed_transfers f WHERE f.id = ANY($3::bigint[])
+                     LIMIT 1),
+                    (SELECT i FROM unnest($3::bigint[]) i WHERE i = ANY($16::bigint[])
+                     LIMIT 1)) AS stored_burned,
+           (SELECT t.id FROM transfers t WHERE t.id = ANY($16::bigint[]) LIMIT 1)
+               AS burned_stored
+)
+SELECT CASE
+    WHEN seen.shards <> $1::int[] OR seen.epochs <> $2::bigint[] THEN ledger_refuse_commit(
+        'TXF01', format('shards %s are at epochs %s, not %s', $1::int[], seen.epochs,
+                        $2::bigint[]))
+    WHEN seen.stored_burned IS NOT NULL THEN ledger_refuse_commit(
+        'TXI01', format('transfer id %s is both stored and burned', seen.stored_burned))
+    WHEN seen.burned_stored IS NOT NULL THEN ledger_refuse_commit(
+        'TXI01', format('transfer id %s is both burned and stored', seen.burned_stored))
+    ELSE true
+END
+FROM seen
+"""
+
+
+def _transfer_lists(transfers: list[Transfer], columns: list[TransferColumns],
+                    own: np.ndarray) -> list[list[Any]]:
+    """The transfers of both forms as one list per column of the transfers table, in the
+    order of ``TRANSFER_COLUMNS`` + ``_WRITER_COLUMNS``."""
+    lists: list[list[Any]] = [[] for _ in range(len(TRANSFER_COLUMNS))]
+    for t in transfers:
+        for column, value in zip(lists, (
+                t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency,
+                t.flags, t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp),
+                strict=True):
+            column.append(value)
+    for c in columns:
+        for column, values in zip(lists, (
+                c.id.tolist(), c.debit_account_id.tolist(), c.credit_account_id.tolist(),
+                c.amount.tolist(), [currency_code(n) for n in c.currency.tolist()],
+                c.flags.tolist(), c.pending_id.tolist(), c.timeout_s.tolist(),
+                c.code.tolist(), c.user_data or [""] * len(c), c.timestamp.tolist()),
+                strict=True):
+            column.extend(values)
+    partition, legs = writer_columns(np.asarray(lists[1], dtype=np.int64),
+                                     np.asarray(lists[2], dtype=np.int64), own)
+    return [*lists, partition.tolist(), legs.tolist()]
 
 
 def _id_ranges(transfers: list[Transfer], columns: list[TransferColumns]) -> tuple[int, int]:
@@ -297,6 +393,9 @@ class LedgerStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        # Commits up to this many rows are one statement; tests set 0 to hold the longer
+        # form to the same results.
+        self.one_statement_rows_max = ONE_STATEMENT_ROWS_MAX
 
     @classmethod
     async def connect(
@@ -311,6 +410,7 @@ class LedgerStore:
             command_timeout=command_timeout_s,
             # Durability is the point of a ledger: never let a session relax it.
             server_settings={"synchronous_commit": "on", "application_name": "txproc"},
+            reset=_keep_session,
         )
         return cls(pool)
 
@@ -516,6 +616,19 @@ class LedgerStore:
             [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
         remote = ~np.isin(partitions_of(ids), own_partitions)
+        blocks: list[tuple[Any, ...]] = []
+        if remote.any():
+            remote_ids, remote_values = ids[remote], values[remote]
+            owners = partition_map.shards_of(remote_ids)
+            blocks = [(int(owner), remote_ids[owners == owner].tolist(),
+                       *remote_values[owners == owner].T.tolist())
+                      for owner in np.unique(owners).tolist()]
+        rows = (len(transfers) + sum(len(c) for c in columns) + len(failed)
+                + len(resolutions))
+        if not accounts and len(blocks) <= 1 and rows <= self.one_statement_rows_max:
+            await self._commit_one_statement(transfers, columns, failed, resolutions,
+                                             blocks, fences, own_partitions)
+            return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
         async with self._pool.acquire() as conn, conn.transaction():
             if accounts:
                 await conn.copy_records_to_table(
@@ -544,13 +657,6 @@ class LedgerStore:
                              for r in resolutions],
                     columns=("pending_id", "kind", "transfer_id", "timestamp"),
                 )
-            blocks: list[tuple[Any, ...]] = []
-            if remote.any():
-                remote_ids, remote_values = ids[remote], values[remote]
-                owners = partition_map.shards_of(remote_ids)
-                blocks = [(int(owner), remote_ids[owners == owner].tolist(),
-                           *remote_values[owners == owner].T.tolist())
-                          for owner in np.unique(owners).tolist()]
             if len(blocks) > 1:
                 await conn.executemany(_POSTING_BLOCK_SQL, blocks[1:])
             low, high = _id_ranges(transfers, columns)
@@ -568,6 +674,31 @@ class LedgerStore:
             if end["burned_stored"] is not None:
                 raise IdConflict(f"transfer id {end['burned_stored']} is both burned and stored")
         return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
+
+    async def _commit_one_statement(
+        self, transfers: list[Transfer], columns: list[TransferColumns], failed: list[Failed],
+        resolutions: list[ResolutionRow], blocks: list[tuple[Any, ...]],
+        fences: dict[int, int], own: np.ndarray,
+    ) -> None:
+        """A small commit as one statement (``_COMMIT_ONE_SQL``): its own transaction, one
+        round trip, the same rows, fence and id checks as the longer form."""
+        shards = sorted(fences)
+        block = blocks[0] if blocks else (None,) * 6
+        async with self._pool.acquire() as conn:
+            try:
+                await conn.fetchval(
+                    _COMMIT_ONE_SQL, shards, [fences[s] for s in shards],
+                    *_transfer_lists(transfers, columns, own),
+                    [f.id for f in failed], [f.result for f in failed],
+                    [f.timestamp for f in failed],
+                    [r.pending_id for r in resolutions], [r.kind for r in resolutions],
+                    [r.transfer_id for r in resolutions], [r.timestamp for r in resolutions],
+                    *block)
+            except asyncpg.PostgresError as exc:
+                refused = _REFUSALS.get(getattr(exc, "sqlstate", ""))
+                if refused is not None:
+                    raise refused(str(exc)) from exc
+                raise
 
     async def checkpoint(
         self, shard: int, epoch: int, partitions: list[int], *,

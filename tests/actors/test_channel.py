@@ -140,3 +140,23 @@ async def test_nothing_listening_is_a_broken_channel() -> None:
     client = _client(address)
     with pytest.raises(ChannelBroken):
         await client.call("echo", b"abc")
+
+
+async def test_a_connect_deadline_bounds_the_wait_for_a_server_still_recovering() -> None:
+    server, address = await _serve(Target())
+    recovered = asyncio.Event()
+
+    async def resolve() -> tuple[str, int]:
+        await recovered.wait()  # a restarting shard answers its endpoint once recovered
+        return address
+
+    client = ChannelClient(resolve, KEY, connect_timeout_s=2)
+    try:
+        with pytest.raises(ChannelBroken, match="not connected within"):
+            await client.connect(0.1)
+        recovered.set()
+        await client.connect(1.0)
+        assert await client.call("echo", b"ab") == b"ba"
+    finally:
+        client.close()
+        server.close()

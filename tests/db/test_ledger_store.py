@@ -4,7 +4,8 @@ A batch planned over columns reaches PostgreSQL as one binary COPY built from it
 (or as records when it carries user_data), and its legs on the other shard's accounts as
 postings. Read back, every transfer equals its object form and the database's own audit
 passes. A checkpoint folds a shard's effects into its balance rows without changing what
-readers see.
+readers see. Small commits are one statement, larger ones a transaction of COPYs: every
+commit test runs both forms (``form``).
 """
 
 from __future__ import annotations
@@ -23,18 +24,30 @@ from tests.unit.ledger_sim import account_ids_on_shards
 pytestmark = pytest.mark.asyncio
 
 
-async def _store(url: str) -> LedgerStore:
-    return await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
-                                     command_timeout_s=30)
+# How many rows a commit may have and still be one statement, per form under test.
+FORMS = {"one_statement": 10_000, "transaction": 0}
+
+
+@pytest.fixture(params=sorted(FORMS))
+def form(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def _store(url: str, form: str = "one_statement") -> LedgerStore:
+    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                      command_timeout_s=30)
+    store.one_statement_rows_max = FORMS[form]
+    return store
 
 
 @pytest.mark.parametrize("user_data", ["", "order 17 ü"])
-async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data: str) -> None:
+async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data: str,
+                                                         form: str) -> None:
     """Transfers committed from columns (COPY binary, or records with user_data) and their
     cross-shard postings read back exactly, and the audit recomputes the same balances."""
     partitions = PartitionMap.uniform(2)
     (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)
-    store = await _store(db_url)
+    store = await _store(db_url, form)
     try:
         await store.ensure_partition_map(partitions.shard_of_partition)
         books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
@@ -71,7 +84,7 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
         await store.close()
 
 
-async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
+async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> None:
     """A commit that would store a burned id, or burn a stored one, is refused whole with
     IdConflict (the shard then restarts and reads the id back); the primary keys cover the
     rest."""
@@ -79,7 +92,7 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
     from processor.ledger import CommitBatch, Failed
 
     partitions = PartitionMap.uniform(1)
-    store = await _store(db_url)
+    store = await _store(db_url, form)
     try:
         await store.ensure_partition_map(partitions.shard_of_partition)
         await store.take_epoch(0)
@@ -107,13 +120,55 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str) -> None:
         with pytest.raises(IdConflict, match="60"):
             await store.commit([CommitBatch(failed=[Failed(60, 48, now + 3)])],
                                fences={0: 1}, shard=0, partition_map=partitions)
+        # Both in the same commit: neither row is in the database before it.
+        both = CommitBatch(transfers=[Transfer(id=70, debit_account_id=1,
+                                               credit_account_id=2, amount=1,
+                                               currency="EUR", timestamp=now + 4)],
+                           failed=[Failed(70, 48, now + 4)],
+                           balance_deltas={1: [0, 1, 0, 0], 2: [0, 0, 0, 1]})
+        with pytest.raises(IdConflict, match="70"):
+            await store.commit([both], fences={0: 1}, shard=0, partition_map=partitions)
         assert await store.ids_max() == 60
         assert (await store.audit()).passed
     finally:
         await store.close()
 
 
-async def test_a_checkpoint_folds_without_changing_balances(db_url: str) -> None:
+async def test_a_fenced_commit_writes_nothing(db_url: str, form: str) -> None:
+    """A commit fenced on an epoch that has moved on (its shard, or a peer whose holds it
+    relies on, restarted) is refused with FenceError and leaves no row behind."""
+    from actors.store import FenceError
+    from processor.ledger import CommitBatch, Failed
+
+    partitions = PartitionMap.uniform(2)
+    (a0, _), (a1, _) = account_ids_on_shards(partitions, 2)
+    store = await _store(db_url, form)
+    try:
+        await store.ensure_partition_map(partitions.shard_of_partition)
+        for s in (0, 1):
+            await store.take_epoch(s)
+        now = time.time_ns()
+        transfer = Transfer(id=80, debit_account_id=a0, credit_account_id=a1, amount=3,
+                            currency="EUR", timestamp=now)
+        batch = CommitBatch(transfers=[transfer], failed=[Failed(81, 48, now)],
+                            balance_deltas={a0: [0, 3, 0, 0], a1: [0, 0, 0, 3]})
+        await store.take_epoch(1)  # the peer restarted: epoch 2
+        with pytest.raises(FenceError):
+            await store.commit([batch], fences={0: 1, 1: 1}, shard=0,
+                               partition_map=partitions)
+        await store.take_epoch(0)  # and this shard too
+        with pytest.raises(FenceError):
+            await store.commit([batch], fences={0: 1}, shard=0, partition_map=partitions)
+        assert await store.lookup_transfers([80]) == {}
+        assert await store.ids_max() == 0
+        # The current epochs commit the same batch.
+        await store.commit([batch], fences={0: 2, 1: 2}, shard=0, partition_map=partitions)
+        assert list(await store.lookup_transfers([80])) == [80]
+    finally:
+        await store.close()
+
+
+async def test_a_checkpoint_folds_without_changing_balances(db_url: str, form: str) -> None:
     """Balances read the same before and after a checkpoint; the rows catch up with them;
     an idle shard's checkpoint moves forward; a superseded incarnation cannot checkpoint."""
     from actors.store import FenceError
@@ -121,7 +176,7 @@ async def test_a_checkpoint_folds_without_changing_balances(db_url: str) -> None
     partitions = PartitionMap.uniform(2)
     (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)
     own0 = partitions.partitions_of_shard(0)
-    store = await _store(db_url)
+    store = await _store(db_url, form)
     try:
         books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
         for s in (0, 1):
