@@ -142,6 +142,7 @@ class LedgerShard:
         # What this incarnation's commits did to its own accounts since its last
         # checkpoint (recovery checkpoints first, from the rows).
         self._unfolded: list[OwnEffects] = []
+        self._unfolded_rows = 0  # transfers committed since the last checkpoint
         self._committing = False
         self._checkpointing: asyncio.Task[None] | None = None
 
@@ -215,6 +216,7 @@ class LedgerShard:
             "seconds": round(time.perf_counter() - started, 3),
         }
         self._unfolded = []
+        self._unfolded_rows = 0
         self._book = book
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -494,11 +496,17 @@ class LedgerShard:
 
     async def _committer(self) -> None:
         """Commit queued batches in order; while one commit runs the next batches queue up
-        and are written together by the next one (group commit). Every
-        ``checkpoint_interval_s``, start a checkpoint beside the commits (one at a time)."""
-        interval_s = self._config.checkpoint_interval_s
-        due = time.monotonic() + interval_s
+        and are written together by the next one (group commit). Start a checkpoint beside
+        the commits (one at a time) ``checkpoint_interval_s`` after the last once
+        ``checkpoint_rows`` transfers wait to be folded, else ``checkpoint_interval_max_s``
+        after it."""
+        cfg = self._config
+        # Shards started together would checkpoint together, and each checkpoint's burst
+        # of PostgreSQL work slows the commits running beside it: spread them out.
+        last = time.monotonic() - cfg.checkpoint_interval_max_s * self._shard / cfg.shards
         while True:
+            many = self._unfolded_rows >= cfg.checkpoint_rows
+            due = last + (cfg.checkpoint_interval_s if many else cfg.checkpoint_interval_max_s)
             if not self._queue:
                 try:
                     await asyncio.wait_for(self._queue_ready.wait(),
@@ -508,11 +516,13 @@ class LedgerShard:
             self._queue_ready.clear()
             if self._queue:
                 await self._commit_next_group()
+            many = self._unfolded_rows >= cfg.checkpoint_rows
+            due = last + (cfg.checkpoint_interval_s if many else cfg.checkpoint_interval_max_s)
             running = self._checkpointing
             if time.monotonic() >= due and (running is None or running.done()):
                 self._checkpointing = asyncio.get_running_loop().create_task(
                     self._checkpoint())
-                due = time.monotonic() + interval_s
+                last = time.monotonic()
 
     async def _commit_next_group(self) -> None:
         store = self._require_store()
@@ -545,6 +555,7 @@ class LedgerShard:
             self._committing = False
         elapsed_s = time.perf_counter() - started
         self._unfolded.append(effects)
+        self._unfolded_rows += sum(p.batch.transfer_count() for p in group)
         self._stats.commits += 1
         self._stats.commit_seconds += elapsed_s
         metrics.LEDGER_COMMIT_SECONDS.labels(self._label).observe(elapsed_s)
@@ -581,6 +592,7 @@ class LedgerShard:
         book = self._require_book()
         own = OwnEffects.combine(self._unfolded)
         self._unfolded = []
+        self._unfolded_rows = 0
         floor_ns = 0
         if not self._queue and not self._committing and not self._evaluate_lock.locked():
             floor_ns = book.next_timestamp(self._clock_ns())

@@ -78,8 +78,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
-    options = {"checkpoint_interval_s": 86_400.0, "recovery_deadline_s": 600.0,
-               "command_timeout_s": 600.0}
+    options = {"checkpoint_interval_s": 86_400.0, "checkpoint_interval_max_s": 86_400.0,
+               "recovery_deadline_s": 600.0, "command_timeout_s": 600.0}
     async with ledger.scratch_processor(args.database_url, args.shards,
                                         prefix="txproc-recovery-",
                                         shard_options=options) as (processor, _):

@@ -42,10 +42,15 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # How long a starting shard waits for the database before it gives up and restarts.
     recovery_deadline_s: float = 60.0
     expiry_interval_s: float = 0.5
-    # How often a shard folds what it and other shards committed on its accounts into
-    # their balance rows (a checkpoint); commits between checkpoints only append rows,
-    # and recovery and readers add what is not folded yet (docs/design.md §7).
+    # When a shard folds what it and other shards committed on its accounts into their
+    # balance rows (a checkpoint); commits between checkpoints only append rows, and
+    # recovery and readers add what is not folded yet (docs/design.md §7). At most every
+    # checkpoint_interval_s once checkpoint_rows transfers wait to be folded (heavy
+    # ingest: readers replay little), else every checkpoint_interval_max_s (light
+    # traffic: each checkpoint's work competes with the commits of single requests).
     checkpoint_interval_s: float = 1.0
+    checkpoint_interval_max_s: float = 5.0
+    checkpoint_rows: int = 20_000
     # How often a shard reads the greatest transfer id stored or burned by any shard; ids
     # above it and above its own are new without a database read (docs/design.md §8).
     ids_refresh_interval_s: float = 1.0
@@ -138,6 +143,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (s.commit_batches_max >= 1, "commit_batches_max >= 1"),
             (s.recent_ids_max >= BATCH_ITEMS_MAX, "recent_ids_max >= one batch"),
             (s.ids_refresh_interval_s > 0, "ids_refresh_interval_s > 0"),
+            (0 < s.checkpoint_interval_s <= s.checkpoint_interval_max_s,
+             "0 < checkpoint_interval_s <= checkpoint_interval_max_s"),
+            (s.checkpoint_rows >= 0, "checkpoint_rows >= 0"),
             (self.payments.idempotency_retention_s >= self.payments.rules.claim_ttl_s,
              "idempotency_retention_s >= claim_ttl_s"),
             (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),

@@ -45,20 +45,27 @@ class LocalPeer:
         return await getattr(self._shard, method)(*args)
 
 
-def shard_config(url: str, checkpoint_interval_s: float) -> ShardConfig:
+def shard_config(url: str, checkpoint_interval_s: float, *,
+                 checkpoint_interval_max_s: float | None = None,
+                 checkpoint_rows: int = 0) -> ShardConfig:
+    """Checkpoints every ``checkpoint_interval_s`` unless a longer maximum and a number of
+    rows are given (processor.config.ShardConfig)."""
     return ShardConfig(database_url=url, shards=SHARDS, orphan_sweep_interval_s=0.2,
                        expiry_interval_s=0.05, recovery_deadline_s=30.0,
-                       checkpoint_interval_s=checkpoint_interval_s)
+                       checkpoint_interval_s=checkpoint_interval_s,
+                       checkpoint_interval_max_s=(checkpoint_interval_max_s
+                                                  or checkpoint_interval_s),
+                       checkpoint_rows=checkpoint_rows)
 
 
-def start_shards(url: str, checkpoint_interval_s: float, *,
-                 in_test: bool = False) -> list[LedgerShard]:
+def start_shards(url: str, checkpoint_interval_s: float, *, in_test: bool = False,
+                 **checkpoints: Any) -> list[LedgerShard]:
     """Two shards in this process. ``in_test``: a write-path failure raises where it
     happened instead of ending the process (which would be the test runner)."""
     shards: list[LedgerShard] = []
     peers = {}
     for s in range(SHARDS):
-        shards.append(LedgerShard(s, shard_config(url, checkpoint_interval_s),
+        shards.append(LedgerShard(s, shard_config(url, checkpoint_interval_s, **checkpoints),
                                   peers=lambda n: peers[n],
                                   crash=(lambda: None) if in_test else None))
         peers[s] = LocalPeer(shards[s])

@@ -21,8 +21,14 @@ import pytest
 
 from actors.store import LedgerStore
 from processor.codes import TransferResult
-from processor.types import Transfer
-from tests.actors.checkpoint_worker import ENCODER, RESULTS, account_ids, start_shards
+from processor.types import Account, Transfer
+from tests.actors.checkpoint_worker import (
+    ENCODER,
+    RESULTS,
+    Gateway,
+    account_ids,
+    start_shards,
+)
 
 pytestmark = pytest.mark.asyncio
 
@@ -142,3 +148,41 @@ async def test_sigkill_between_checkpoints_recovers_by_replay(db_url: str) -> No
         await store.close()
         await conn.close()
 
+
+
+async def test_light_traffic_checkpoints_at_the_long_interval(db_url: str) -> None:
+    """Below ``checkpoint_rows`` unfolded transfers a shard waits for the long interval
+    (light traffic: a checkpoint's burst of work would slow the commits of single
+    requests); from it on, the short interval applies."""
+    shards = start_shards(db_url, checkpoint_interval_s=0.1, in_test=True,
+                          checkpoint_interval_max_s=3600.0, checkpoint_rows=6)
+    try:
+        for s in shards:
+            await s.ready()
+        ids = account_ids(2)
+        for n, s in enumerate(shards):  # ids alternate shards, 0 first
+            await s.create_accounts(ENCODER.encode([[Account(id=i, currency="EUR")
+                                                     for i in ids[n::2]]]))
+        gateway = Gateway(shards)
+
+        async def send(first_id: int, count: int) -> None:
+            for i in range(first_id, first_id + count):  # all on shard 0's accounts
+                assert await gateway.transfers([Transfer(
+                    id=i, debit_account_id=ids[0], credit_account_id=ids[2], amount=1,
+                    currency="EUR")]) == [0]
+
+        async def checkpoints() -> int:
+            return int((await shards[0].stats())["checkpoints"])
+
+        await send(1_000, 5)
+        await asyncio.sleep(0.5)
+        assert await checkpoints() == 0  # 5 rows: the long interval
+        await send(2_000, 1)
+        for _ in range(100):
+            if await checkpoints() >= 1:
+                break
+            await asyncio.sleep(0.02)
+        assert await checkpoints() == 1
+    finally:
+        for s in shards:
+            await s.stop()
