@@ -654,8 +654,13 @@ async def drive_http_open_loop(
     connections_max: int = 128,
     timeout_s: float = 10.0,
     client: str = "httpx",
+    warmup_s: float = 0.0,
 ) -> dict[str, Any]:
     """POST single transfers at a fixed offered rate, whatever the answers do.
+
+    The first ``warmup_s`` seconds of sends (at the same rate, before ``duration_s`` more)
+    open the connections and warm the server's paths: their answers count in the status
+    counts, the rate and the CPU, not in the latency figures.
 
     Sends are scheduled at ``1 / rate_per_s`` intervals from the start (several at once when
     the loop wakes late). At most ``connections_max`` requests are outstanding, one per
@@ -667,7 +672,8 @@ async def drive_http_open_loop(
     rates beyond what httpx generates on one core). Returns counts by status and latency
     of the 2xx answers.
     """
-    total = int(rate_per_s * duration_s)
+    warmup_sends = int(rate_per_s * warmup_s)
+    total = warmup_sends + int(rate_per_s * duration_s)
     if rate_per_s <= 0 or total < 1:
         raise ValueError("rate_per_s * duration_s must be at least 1")
     if len(bodies) < total:
@@ -677,6 +683,8 @@ async def drive_http_open_loop(
     loop = asyncio.get_running_loop()
     statuses: Counter[str] = Counter()
     latencies_ms: list[float] = []
+    # Second of the phase (by scheduled send) -> latencies: a stall shows where it was.
+    by_second: dict[int, list[float]] = {}
     lag_ms_max = 0.0
     dropped = 0
     last_answer_s = 0.0
@@ -690,8 +698,11 @@ async def drive_http_open_loop(
                 async with asyncio.timeout(timeout_s):
                     status = await senders.post(slot, bodies[i])
                 statuses[str(status)] += 1
-                if 200 <= status < 300:
-                    latencies_ms.append((loop.time() - scheduled_s) * 1000)
+                if 200 <= status < 300 and i >= warmup_sends:
+                    latency_ms = (loop.time() - scheduled_s) * 1000
+                    latencies_ms.append(latency_ms)
+                    by_second.setdefault(int((i - warmup_sends) / rate_per_s),
+                                         []).append(latency_ms)
             except Exception as exc:
                 timed_out = isinstance(exc, TimeoutError) or "Timeout" in type(exc).__name__
                 statuses["timeout" if timed_out else type(exc).__name__] += 1
@@ -728,6 +739,7 @@ async def drive_http_open_loop(
         "client": client,
         "offered_rate_per_s": rate_per_s,
         "duration_s": duration_s,
+        "warmup_s": warmup_s,
         "scheduled": total,
         "dropped_all_connections_busy": dropped,
         "answers_by_status": dict(sorted(statuses.items())),
@@ -735,6 +747,9 @@ async def drive_http_open_loop(
         "elapsed_s": round(elapsed_s, 3),
         "achieved_ok_per_s": round(ok / elapsed_s, 1) if elapsed_s > 0 else 0.0,
         "latency_ms": latency_summary_ms(latencies_ms),
+        "latency_p99_ms_by_second": [
+            round(percentile(sorted(by_second.get(second, [])), 99), 1) if second in by_second
+            else None for second in range(max(by_second, default=-1) + 1)],
         "generator_lag_ms_max": round(lag_ms_max, 2),
         # CPU of this whole process (the generator, and Ray's driver threads, mostly idle)
         # per second of the phase; near 1.0 means the generator, not the server, was the

@@ -263,3 +263,40 @@ def test_recovery_bench_arguments() -> None:
     assert args.transfers == 1_000_000 and args.out.name.startswith("recovery-")
     with pytest.raises(SystemExit):
         recovery_args(["--transfers", "0"])
+
+
+async def test_warm_up_sends_count_everywhere_but_in_the_latencies() -> None:
+    """The open-loop driver's warm-up sends at the phase's rate and counts their answers,
+    but only the sends after it make the latency figures (here: a server slow at first)."""
+    import asyncio
+    import time
+
+    from bench.ledger import drive_http_open_loop
+
+    started = time.monotonic()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                await reader.readexactly(length)
+                if time.monotonic() - started < 0.4:
+                    await asyncio.sleep(0.08)
+                writer.write(b"HTTP/1.1 201 Created\r\ncontent-length: 2\r\n\r\n{}")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        out = await drive_http_open_loop(
+            f"http://127.0.0.1:{port}", "t", [b"{}"] * 200, rate_per_s=100.0,
+            duration_s=0.6, warmup_s=0.6, connections_max=32, client="raw")
+    finally:
+        server.close()
+    assert out["answers_by_status"] == {"201": 120} and out["transfers_ok"] == 120
+    assert out["latency_ms"]["count"] == 60
+    assert out["latency_ms"]["max"] < 60.0  # the slow start is all in the warm-up
+    assert len(out["latency_p99_ms_by_second"]) == 1
