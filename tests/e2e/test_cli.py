@@ -51,7 +51,7 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
     try:
         first = _run("migrate", "--database-url", url)
         assert first.returncode == 0, first.stderr
-        assert "applied: [1, 2, 3, 4, 5, 6, 7]" in first.stdout
+        assert "applied: [1, 2, 3, 4, 5, 6, 7, 8]" in first.stdout
         second = _run("migrate", "--database-url", url)
         assert "nothing" in second.stdout
     finally:
