@@ -8,7 +8,10 @@ unless ``--database-url``), creates the accounts, then measures in turn:
    ``TransferBatch`` columns built from arrays (the client's fast form);
 2. hot, hot_batch: the same, with half of all transfers debiting or crediting one account;
 3. http_<rate>: single transfers over the HTTP API at each offered rate of ``--http-rate``
-   in turn (open loop), e.g. http_1000 and http_2000;
+   in turn (open loop), e.g. http_1000 and http_2000, each after a warm-up at its rate
+   (``--http-warmup-seconds``); when batched phases ran before, the database is settled
+   first (VACUUM ANALYZE of the ledger's tables and a CHECKPOINT, as pgbench vacuums before
+   its run), so the maintenance they left due does not land inside the HTTP phases;
 4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference;
 5. with ``--tigerbeetle HOST:PORT``: once the processor has stopped, the same batch workload
    (accounts, seeded uniform and hot transfers, batch size, requests in flight) against a
@@ -116,7 +119,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pgbench-threads", type=int, default=2)
     p.add_argument("--pgbench-seconds", type=int, default=15)
     p.add_argument("--skip", default="", help="comma-separated phases to skip: "
-                   "uniform,uniform_batch,hot,hot_batch,http,pgbench,audit")
+                   "uniform,uniform_batch,hot,hot_batch,http,pgbench,audit; and settle: "
+                   "the VACUUM ANALYZE and CHECKPOINT run between the batched and the HTTP "
+                   "phases (as pgbench vacuums before its run)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--database-url", default="",
                    help="an existing PostgreSQL (its user must be able to create databases "
@@ -146,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.accounts < 3 or args.transfers < 1:
         p.error("--accounts must be at least 3 and --transfers at least 1")
     args.skip = {s.strip() for s in args.skip.split(",") if s.strip()}
-    unknown = args.skip - {*BATCH_PHASES, "http", "pgbench", "audit"}
+    unknown = args.skip - {*BATCH_PHASES, "http", "settle", "pgbench", "audit"}
     if unknown:
         p.error(f"--skip: unknown phases {sorted(unknown)}")
     if not 0 <= args.tigerbeetle_cluster_id < 2**128:
@@ -266,6 +271,10 @@ async def _phases(
                 console.print(f"  {phase['durable_transfers_per_s']:,.0f} durable transfers/s, "
                               f"p99 {phase['request_latency_ms']['p99']:,.0f} ms")
         if "http" not in args.skip:
+            if "settle" not in args.skip and not set(BATCH_PHASES) <= args.skip:
+                results["settle_before_http"] = await ledger.settle_database(url)
+                console.print("settled the database before the HTTP phases (VACUUM ANALYZE, "
+                              f"CHECKPOINT): {results['settle_before_http']['seconds']} s")
             for rate_per_s in args.http_rate:
                 next_id = await _http_phase(args, processor, processes, sampler, results,
                                             console, token=token, account_ids=account_ids,
