@@ -4,8 +4,8 @@ A batch planned over columns reaches PostgreSQL as one binary COPY built from it
 (or as records when it carries user_data), and its legs on the other shard's accounts as
 postings. Read back, every transfer equals its object form and the database's own audit
 passes. A checkpoint folds a shard's effects into its balance rows without changing what
-readers see. Small commits are one statement, larger ones a transaction of COPYs: every
-commit test runs both forms (``form``).
+readers see. Small commits are one statement, larger ones a transaction of COPYs, and a
+checkpoint folds its accounts in slices: every commit test runs both forms (``form``).
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from tests.unit.ledger_sim import account_ids_on_shards
 pytestmark = pytest.mark.asyncio
 
 
-# How many rows a commit may have and still be one statement, per form under test.
-FORMS = {"one_statement": 10_000, "transaction": 0}
+# Per form under test: how many rows a commit may have and still be one statement, and
+# how many accounts a checkpoint folds per statement (the long forms: COPY commits, and
+# checkpoints folding one account per statement).
+FORMS = {"one_statement": (10_000, 10_000), "transaction": (0, 1)}
 
 
 @pytest.fixture(params=sorted(FORMS))
@@ -36,7 +38,7 @@ def form(request: pytest.FixtureRequest) -> str:
 async def _store(url: str, form: str = "one_statement") -> LedgerStore:
     store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=30)
-    store.one_statement_rows_max = FORMS[form]
+    store.one_statement_rows_max, store.checkpoint_accounts_per_statement = FORMS[form]
     return store
 
 
@@ -227,6 +229,25 @@ async def test_a_checkpoint_folds_without_changing_balances(db_url: str, form: s
         await store.checkpoint(1, 1, partitions.partitions_of_shard(1))
         assert await rows() == before
         assert (await store.audit()).passed
+
+        # What commits answered, folded as the shard does (in slices of accounts in the
+        # long form), lands in the rows exactly.
+        more = [Transfer(id=300, debit_account_id=b0, credit_account_id=a0, amount=5,
+                         currency="EUR"),
+                Transfer(id=301, debit_account_id=a0, credit_account_id=b0, amount=2,
+                         currency="EUR")]
+        plan = books[0].plan_transfers([more], now + 2, Known())
+        later = books[0].finalize(plan, {}, now + 2)
+        assert later.codes == [0, 0]
+        effects = await store.commit([later], fences={0: 1}, shard=0,
+                                     partition_map=partitions)
+        books[0].committed(later)
+        before = balances(await store.lookup_accounts(ids))
+        assert before[a0] == (12, 32, 0, 5) and before[b0] == (0, 5, 0, 32)
+        high = max(t.timestamp for t in later.all_transfers())
+        assert await store.checkpoint(0, 1, own0, own=effects) == high
+        assert await rows() == before
+        assert balances(await store.lookup_accounts(ids)) == before
 
         # Nothing new, but a promised floor moves the position (an idle shard).
         assert await store.checkpoint(0, 1, own0, floor_ns=high + 10) == high + 10
