@@ -328,6 +328,8 @@ class Front:
             if not any(lane._calls for lane in self._lanes.values()):
                 break
             await asyncio.sleep(0.05)
+        for channel in self._channels:
+            channel.close()
         if self._store is not None:
             await self._store.close()
         if self._payments is not None:

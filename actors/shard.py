@@ -504,22 +504,23 @@ class LedgerShard:
         # Shards started together would checkpoint together, and each checkpoint's burst
         # of PostgreSQL work slows the commits running beside it: spread them out.
         last = time.monotonic() - cfg.checkpoint_interval_max_s * self._shard / cfg.shards
-        while True:
+
+        def due() -> float:
             many = self._unfolded_rows >= cfg.checkpoint_rows
-            due = last + (cfg.checkpoint_interval_s if many else cfg.checkpoint_interval_max_s)
+            return last + (cfg.checkpoint_interval_s if many else cfg.checkpoint_interval_max_s)
+
+        while True:
             if not self._queue:
                 try:
                     await asyncio.wait_for(self._queue_ready.wait(),
-                                           max(0.0, due - time.monotonic()))
+                                           max(0.0, due() - time.monotonic()))
                 except TimeoutError:
                     pass
             self._queue_ready.clear()
             if self._queue:
                 await self._commit_next_group()
-            many = self._unfolded_rows >= cfg.checkpoint_rows
-            due = last + (cfg.checkpoint_interval_s if many else cfg.checkpoint_interval_max_s)
             running = self._checkpointing
-            if time.monotonic() >= due and (running is None or running.done()):
+            if time.monotonic() >= due() and (running is None or running.done()):
                 self._checkpointing = asyncio.get_running_loop().create_task(
                     self._checkpoint())
                 last = time.monotonic()
