@@ -37,11 +37,11 @@ from actors.risk import RISK_ACTOR_NAME
 from actors.rpc_server import start_rpc_server
 from actors.shard import NAMESPACE, endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.store import LedgerStore
-from processor.auth import KEY_FILE_NAME, load_or_create_key
 from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
+from processor.identity import KEY_FILE_NAME, load_or_create_key
 from processor.ledger import compare_existing
 from processor.partition import PartitionMap
 from processor.payments import PaymentError

@@ -42,7 +42,9 @@ from actors.payments_http import (
     require_key,
 )
 from adapters.base import WebhookRejected
-from processor.auth import (
+from processor.codes import AccountResult, TransferResult
+from processor.errors import LedgerError, Overloaded
+from processor.identity import (
     SCOPES,
     AuthError,
     Claims,
@@ -51,8 +53,6 @@ from processor.auth import (
     require_scope,
     verify_token,
 )
-from processor.codes import AccountResult, TransferResult
-from processor.errors import LedgerError, Overloaded
 from processor.payment_types import (
     AuthorizeRequest,
     CaptureRequest,

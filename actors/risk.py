@@ -2,7 +2,7 @@
 
 It gates authorizations without owning them: the payments engine asks it with a timeout
 (``RiskConfig.timeout_s``) and, when it is slow or down, decides by the fallback policy
-(``processor/risk.py``). Its velocity window lives in memory, so a restart forgets recent
+(``processor/risk/``). Its velocity window lives in memory, so a restart forgets recent
 authorizations; that is a documented limit (docs/payments.md), not a money risk, because
 the fallback and the amount limits still apply.
 """

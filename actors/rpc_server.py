@@ -24,7 +24,7 @@ import numpy as np
 
 from actors import metrics, telemetry
 from actors.payments_http import OPERATION_SCOPES
-from processor import auth, wire
+from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
@@ -115,7 +115,7 @@ class _Connection:
         self._server = server
         self._reader = reader
         self._writer = writer
-        self._claims: auth.Claims | None = None
+        self._claims: identity.Claims | None = None
         self._version = 1  # the protocol version the client's Hello named
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = writer.get_extra_info("peername")
@@ -185,8 +185,8 @@ class _Connection:
             return False
         now_s = int(self._server.clock_s())
         try:
-            claims = auth.verify_token(self._server.key, hello.token, now_s=now_s)
-        except auth.AuthError as exc:
+            claims = identity.verify_token(self._server.key, hello.token, now_s=now_s)
+        except identity.AuthError as exc:
             self._refuse_connection(exc.code, exc.message)
             return False
         self._claims = claims
@@ -194,7 +194,7 @@ class _Connection:
         self._send(wire.HelloOk(claims.expires_at_s, wire.PROTOCOL_VERSION))
         return True
 
-    def _accept(self, request: _Batch, claims: auth.Claims) -> None:
+    def _accept(self, request: _Batch, claims: identity.Claims) -> None:
         """Start a task for ``request``, or answer it at once if it cannot be accepted."""
         request_id = request.request_id
         if int(self._server.clock_s()) >= claims.expires_at_s:
@@ -214,8 +214,8 @@ class _Connection:
                 request_id, "protocol_version_unsupported",
                 "CreateTransferBatch needs protocol version 2; say so in Hello"))
         try:
-            auth.require_scope(claims, scope)
-        except auth.ScopeError as exc:
+            identity.require_scope(claims, scope)
+        except identity.ScopeError as exc:
             return self._send(wire.Error(request_id, exc.code, exc.message))
         items_count = _items_count(request)
         if items_count > BATCH_ITEMS_MAX:
@@ -368,7 +368,7 @@ async def start_rpc_server(
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and serve ``service`` to token holders.
 
-    ``key`` verifies the HS256 tokens (processor.auth); ``clock_s`` returns seconds since the
+    ``key`` verifies the HS256 tokens (processor.identity); ``clock_s`` returns seconds since the
     Unix epoch and decides token expiry. Raises ``ValueError`` for a non-positive limit and
     ``OSError`` if the address cannot be bound.
     """

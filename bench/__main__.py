@@ -200,8 +200,8 @@ async def _tigerbeetle(args: argparse.Namespace, results: dict[str, Any],
 async def _phases(
     args: argparse.Namespace, processor: Any, results: dict[str, Any], console: Console
 ) -> None:
-    from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
     from processor.client import Client
+    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 
     url = processor.config.shard.database_url
     results["machine"]["postgres_version"] = await _server_version(url)

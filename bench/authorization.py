@@ -720,7 +720,7 @@ async def measure(
     cleared afterwards, whatever happens."""
     import httpx
 
-    from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 
     if provider not in PROVIDER_CHOICES:
         raise ValueError(f"provider must be one of {PROVIDER_CHOICES}")

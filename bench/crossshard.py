@@ -84,8 +84,8 @@ def local_and_cross(
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
     from processor.client import Client
+    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -61,8 +61,8 @@ def _shard_rss_bytes(pids: list[int]) -> int:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
     from processor.client import Client
+    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}

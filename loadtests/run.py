@@ -405,8 +405,8 @@ async def _drive(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 
 async def _run_embedded(args: argparse.Namespace) -> dict[str, Any]:
     from actors.runtime import start_processor
-    from processor.auth import KEY_FILE_NAME, issue_token, load_or_create_key
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+    from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
 
     scratch = Path(tempfile.mkdtemp(prefix="txproc-loadtest-"))
     config = Config(shard=ShardConfig(database_url="", shards=args.shards),
@@ -447,7 +447,7 @@ def _target_token(args: argparse.Namespace) -> str:
         return str(token)
     if args.data_dir is None:
         raise SystemExit("--target needs a token: --token, $TXPROC_TOKEN or --data-dir")
-    from processor.auth import KEY_FILE_NAME, issue_token, load_or_create_key
+    from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
 
     key = load_or_create_key(args.data_dir / KEY_FILE_NAME)
     return issue_token(key, SCOPES, ttl_s=int(args.duration_s + args.grace_s) + 3600,

@@ -17,9 +17,9 @@ import pytest
 from actors.database import create_database, drop_database
 from actors.runtime import Processor, start_processor
 from actors.store import LedgerStore
-from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 
 __all__ = ["IdSource", "client", "ids", "ledger_store", "processor", "token_for"]
 

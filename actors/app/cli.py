@@ -18,7 +18,6 @@ from pathlib import Path
 
 import msgspec
 
-from processor.auth import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
 from processor.config import (
     Config,
     FrontConfig,
@@ -27,6 +26,7 @@ from processor.config import (
     ProviderEndpoint,
     ShardConfig,
 )
+from processor.identity import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
 
 __all__ = ["build_config", "main"]
 
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token_issue(args: argparse.Namespace) -> int:
-    from processor.auth import load_or_create_key
+    from processor.identity import load_or_create_key
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     key = load_or_create_key(Path(args.data_dir).resolve() / KEY_FILE_NAME)

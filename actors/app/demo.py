@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from processor.auth import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 from processor.client import Client, PaymentAnswer
 from processor.codes import TransferResult
 from processor.config import Config
+from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 __all__ = ["run_demo", "workload"]

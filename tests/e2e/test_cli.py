@@ -15,7 +15,7 @@ import httpx
 import psutil
 
 from actors.database import create_database, drop_database
-from processor.auth import KEY_FILE_NAME, load_or_create_key, verify_token
+from processor.identity import KEY_FILE_NAME, load_or_create_key, verify_token
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 

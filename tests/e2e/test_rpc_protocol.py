@@ -16,11 +16,11 @@ import pytest
 
 from actors.rpc_server import HELLO_TIMEOUT_S_DEFAULT, start_rpc_server
 from processor import wire
-from processor.auth import SCOPES, issue_token
 from processor.batch import TransferBatch
 from processor.client import CONNECT_ATTEMPTS_MAX_DEFAULT, Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded, Unavailable
+from processor.identity import SCOPES, issue_token
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Account, Transfer
 

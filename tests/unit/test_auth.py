@@ -1,4 +1,4 @@
-"""Tests of processor.auth: issuing, verifying and scoping HS256 bearer tokens."""
+"""Tests of processor.identity: issuing, verifying and scoping HS256 bearer tokens."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import stat
 import jwt
 import pytest
 
-from processor.auth import (
+from processor.identity import (
     KEY_FILE_NAME,
     SCOPES,
     TOKEN_TTL_S_DEFAULT,

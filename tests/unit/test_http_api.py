@@ -22,9 +22,9 @@ from actors.http_api import (
     TransferResponse,
     build_app,
 )
-from processor.auth import SCOPES, issue_token
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
+from processor.identity import SCOPES, issue_token
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Account, AccountFlags, Transfer
 

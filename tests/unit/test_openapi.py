@@ -14,9 +14,9 @@ import pytest
 from starlette.routing import Route
 
 import actors.http_api as http_api
-from processor.auth import SCOPES
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
+from processor.identity import SCOPES
 from processor.service import BATCH_ITEMS_MAX
 from tests.unit.test_http_api import (
     AUTH,
