@@ -17,7 +17,7 @@ from typing import Any
 import ray
 
 from actors import telemetry
-from processor.config import ObservabilityConfig
+from processor.ops_config import ObservabilityConfig
 from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
 
 __all__ = ["RISK_ACTOR_NAME", "RiskActor", "make_risk"]

@@ -34,9 +34,10 @@ from processor.columnar import (
     encode_legs,
     encode_reserve_answer,
 )
-from processor.config import ObservabilityConfig, ShardConfig
 from processor.errors import Overloaded
 from processor.ledger import CommitBatch, EventKind, Leg, Plan, require
+from processor.ledger_config import ShardConfig
+from processor.ops_config import ObservabilityConfig
 from processor.partition import PartitionMap
 from processor.types import Account, Transfer
 

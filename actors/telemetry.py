@@ -30,7 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from processor.cardscan import contains_card_number
-from processor.config import ObservabilityConfig
+from processor.ops_config import ObservabilityConfig
 
 __all__ = [
     "TRACER",

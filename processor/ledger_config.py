@@ -1,0 +1,69 @@
+"""The ledger's settings: its shards and the front that routes to them.
+
+Imported by the ledger's code, which must not reach payments or risk through the whole
+configuration tree (``processor.config`` gathers every domain's settings; the import
+contract ``ledger-alone`` in pyproject.toml holds this).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from processor.service import BATCH_ITEMS_MAX
+
+__all__ = ["FrontConfig", "ShardConfig"]
+
+
+class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """What every LedgerShard actor is started with."""
+
+    database_url: str
+    shards: int
+    recent_ids_max: int = 200_000
+    # Items (accounts or transfers) accepted but not yet answered; beyond it, overloaded.
+    items_in_flight_max: int = 8 * BATCH_ITEMS_MAX * 4
+    # Evaluated batches written by one transaction (group commit).
+    commit_batches_max: int = 64
+    pool_size_max: int = 4
+    connect_timeout_s: float = 10.0
+    command_timeout_s: float = 30.0
+    peer_call_timeout_s: float = 30.0
+    orphan_sweep_interval_s: float = 1.0
+    # How long a starting shard waits for the database before it gives up and restarts.
+    recovery_deadline_s: float = 60.0
+    expiry_interval_s: float = 0.5
+    # When a shard folds what it and other shards committed on its accounts into their
+    # balance rows (a checkpoint); commits between checkpoints only append rows, and
+    # recovery and readers add what is not folded yet (docs/design.md §7). At most every
+    # checkpoint_interval_s once checkpoint_rows transfers wait to be folded (heavy
+    # ingest: readers replay little), else every checkpoint_interval_max_s (light
+    # traffic: each checkpoint's work competes with the commits of single requests).
+    checkpoint_interval_s: float = 1.0
+    checkpoint_interval_max_s: float = 5.0
+    checkpoint_rows: int = 20_000
+    # How often a shard reads the greatest transfer id stored or burned by any shard; ids
+    # above it and above its own are new without a database read (docs/design.md §8).
+    ids_refresh_interval_s: float = 1.0
+
+
+class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """The front actor: listeners, micro-batching and retry limits."""
+
+    host: str = "127.0.0.1"
+    http_port: int = 8080
+    rpc_port: int = 7070
+    key_path: str = ""
+    # Items waiting in one shard's micro-batch queue; beyond it callers get overloaded.
+    queue_items_max: int = 4 * BATCH_ITEMS_MAX
+    # Items per actor call; a call carries whole requests so it may exceed this by one.
+    call_items_max: int = BATCH_ITEMS_MAX
+    # Actor calls in flight to one shard; more requests wait and join the next call.
+    calls_in_flight_max: int = 1
+    # A shard call that failed because the shard died is retried this many times within
+    # the deadline, then answered with a retryable ``unavailable``.
+    retry_attempts_max: int = 3
+    retry_deadline_s: float = 20.0
+    body_bytes_max: int = 4 * 1024 * 1024
+    # Transfers the front remembers from their create, so that the HTTP API can answer a
+    # create with the stored transfer without reading it back from the database.
+    stored_transfers_max: int = 100_000
