@@ -9,9 +9,9 @@ unless ``--database-url``), creates the accounts, then measures in turn:
 2. hot, hot_batch: the same, with half of all transfers debiting or crediting one account;
 3. http_<rate>: single transfers over the HTTP API at each offered rate of ``--http-rate``
    in turn (open loop), e.g. http_1000 and http_2000, each after a warm-up at its rate
-   (``--http-warmup-seconds``); when batched phases ran before, the database is settled
-   first (VACUUM ANALYZE of the ledger's tables and a CHECKPOINT, as pgbench vacuums before
-   its run), so the maintenance they left due does not land inside the HTTP phases;
+   (``--http-warmup-seconds``); before each that follows a phase which wrote transfers, the
+   database is settled (VACUUM ANALYZE of the ledger's tables and a CHECKPOINT, as pgbench
+   vacuums before its run), so the maintenance left due does not land inside it;
 4. pgbench: PostgreSQL's own TPC-B on the same server, as the reference;
 5. with ``--tigerbeetle HOST:PORT``: once the processor has stopped, the same batch workload
    (accounts, seeded uniform and hot transfers, batch size, requests in flight) against a
@@ -271,11 +271,13 @@ async def _phases(
                 console.print(f"  {phase['durable_transfers_per_s']:,.0f} durable transfers/s, "
                               f"p99 {phase['request_latency_ms']['p99']:,.0f} ms")
         if "http" not in args.skip:
-            if "settle" not in args.skip and not set(BATCH_PHASES) <= args.skip:
-                results["settle_before_http"] = await ledger.settle_database(url)
-                console.print("settled the database before the HTTP phases (VACUUM ANALYZE, "
-                              f"CHECKPOINT): {results['settle_before_http']['seconds']} s")
-            for rate_per_s in args.http_rate:
+            settled: list[dict[str, Any]] = results.setdefault("settle_before_http", [])
+            for i, rate_per_s in enumerate(args.http_rate):
+                # Before each phase that follows one which wrote transfers.
+                if "settle" not in args.skip and (i or not set(BATCH_PHASES) <= args.skip):
+                    settled.append(await ledger.settle_database(url))
+                    console.print("settled the database (VACUUM ANALYZE, CHECKPOINT): "
+                                  f"{settled[-1]['seconds']} s")
                 next_id = await _http_phase(args, processor, processes, sampler, results,
                                             console, token=token, account_ids=account_ids,
                                             rng=rng, rate_per_s=rate_per_s, first_id=next_id)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import importlib.util
 import json
 import logging
@@ -303,10 +304,12 @@ class ServerProcesses:
         out[("client", me.pid)] = _cpu_s(me)
         return out
 
-    def rss_bytes(self) -> dict[str, int]:
-        """Resident set size summed per group (shared memory counts in every process)."""
+    def rss_bytes(self, members: dict[str, list[psutil.Process]] | None = None
+                  ) -> dict[str, int]:
+        """Resident set size summed per group (shared memory counts in every process), of
+        ``members`` if given (as ``members()`` answered earlier)."""
         out: dict[str, int] = {}
-        for group, procs in self.members().items():
+        for group, procs in (self.members() if members is None else members).items():
             total = 0
             for p in procs:
                 with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
@@ -342,6 +345,11 @@ def cpu_delta_s(
 class RssSampler:
     """Samples the server's RSS in the background and keeps the peaks since ``reset``."""
 
+    # Finding the processes walks every process on the machine, a burst of CPU in the load
+    # generator's process (its loop waits for the GIL meanwhile); reading the RSS of known
+    # ones is cheap. So the groups are looked up again only this often.
+    MEMBERS_REFRESH_S = 5.0
+
     def __init__(self, processes: ServerProcesses, *, interval_s: float = 0.5) -> None:
         if interval_s <= 0:
             raise ValueError("interval_s must be positive")
@@ -349,13 +357,19 @@ class RssSampler:
         self._interval_s = interval_s
         self.peak_bytes: dict[str, int] = {}
         self.samples = 0
+        self._members: dict[str, list[psutil.Process]] = {}
+        self._members_at = -self.MEMBERS_REFRESH_S
 
     def reset(self) -> None:
         self.peak_bytes = {}
+        self._members_at = -self.MEMBERS_REFRESH_S
         self.sample()
 
     def sample(self) -> None:
-        rss = self._processes.rss_bytes()
+        if time.monotonic() - self._members_at >= self.MEMBERS_REFRESH_S:
+            self._members = self._processes.members()
+            self._members_at = time.monotonic()
+        rss = self._processes.rss_bytes(self._members)
         rss["server"] = sum(rss.get(g, 0) for g in SERVER_GROUPS)
         for group, value in rss.items():
             self.peak_bytes[group] = max(self.peak_bytes.get(group, 0), value)
@@ -680,6 +694,25 @@ async def drive_http_open_loop(
         raise ValueError(f"{total} sends need as many bodies, got {len(bodies)}")
     if connections_max < 1:
         raise ValueError("connections_max must be at least 1")
+    # What exists now lives through the phase: frozen, the collector's full passes skip
+    # it, so they do not stall the sends (restored at the end).
+    gc.collect()
+    gc.freeze()
+    try:
+        return await _drive(base_url, token, bodies, rate_per_s=rate_per_s,
+                            duration_s=duration_s, connections_max=connections_max,
+                            timeout_s=timeout_s, client=client, warmup_s=warmup_s)
+    finally:
+        gc.unfreeze()
+
+
+async def _drive(
+    base_url: str, token: str, bodies: Sequence[bytes], *, rate_per_s: float,
+    duration_s: float, connections_max: int, timeout_s: float, client: str,
+    warmup_s: float,
+) -> dict[str, Any]:
+    warmup_sends = int(rate_per_s * warmup_s)
+    total = warmup_sends + int(rate_per_s * duration_s)
     loop = asyncio.get_running_loop()
     statuses: Counter[str] = Counter()
     latencies_ms: list[float] = []
