@@ -53,15 +53,15 @@ from processor.identity import (
     require_scope,
     verify_token,
 )
-from processor.payment_types import (
+from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
+    PaymentError,
     PaymentView,
     PayoutRequest,
     PayoutView,
     RefundRequest,
 )
-from processor.payments import PaymentError
 from processor.service import BATCH_ITEMS_MAX, LedgerService
 from processor.types import (
     CODE_MAX,

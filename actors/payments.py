@@ -1,9 +1,9 @@
-"""The payments engine: runs the saga steps of processor/payments.py against the world.
+"""The payments engine: runs the saga steps of processor/payments/saga.py against the world.
 
 It lives in the front actor (so a payment's ledger postings join the front's micro-batched
 lanes without another actor hop) and is the recovery worker too: ``recover_once`` takes
 over every unfinished step whose claim lapsed or whose recheck is due, at start-up and on a
-schedule. The rules are in ``processor/payments.py``; this module only performs what they
+schedule. The rules are in ``processor/payments/saga.py``; this module only performs what they
 decide and persists each phase before and after every external call:
 
 * before a provider call the step is stored in ``PROVIDER`` with its claim (``due_at``);
@@ -27,23 +27,25 @@ from actors import metrics, telemetry
 from actors.payments_store import PaymentStore
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
-from processor.payment_types import (
-    AuthorizeRequest,
-    OperationView,
-    PaymentView,
-    PayoutRequest,
-    PayoutView,
-)
 from processor.payments import (
+    AuthorizeRequest,
     Kind,
+    OperationView,
+    Outcome,
     Payment,
     PaymentError,
     PaymentsConfig,
     PaymentStatus,
+    PaymentView,
     Payout,
+    PayoutRequest,
     PayoutStatus,
+    PayoutView,
     Phase,
+    ProviderReply,
+    ProviderRequest,
     Step,
+    WebhookEvent,
     check_capture,
     check_refund,
     check_void,
@@ -57,7 +59,6 @@ from processor.payments import (
     provider_request,
     status_request,
 )
-from processor.provider import Outcome, ProviderReply, ProviderRequest, WebhookEvent
 from processor.risk import RiskConfig, RiskDecision, fallback
 from processor.service import LedgerService
 from processor.types import Account

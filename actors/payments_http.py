@@ -24,16 +24,20 @@ from actors import metrics
 from actors.payments import PaymentsEngine
 from adapters.base import Adapter
 from processor.cardscan import contains_card_number, find_card_number
-from processor.idempotency import Decision, IdempotencyError, check_key, decide, fingerprint
-from processor.payment_types import (
+from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
+    Decision,
+    IdempotencyError,
+    PaymentError,
     PaymentView,
     PayoutRequest,
     PayoutView,
     RefundRequest,
+    check_key,
+    decide,
+    fingerprint,
 )
-from processor.payments import PaymentError
 
 __all__ = [
     "OPERATION_SCOPES",

@@ -15,9 +15,9 @@ import asyncpg
 import msgspec
 
 from actors import outbox
-from processor.idempotency import KeyState, StoredKey
 from processor.payments import (
     FINAL_PHASES,
+    KeyState,
     Kind,
     Payment,
     PaymentError,
@@ -26,6 +26,7 @@ from processor.payments import (
     PayoutStatus,
     Phase,
     Step,
+    StoredKey,
 )
 
 __all__ = ["PaymentStore"]

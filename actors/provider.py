@@ -25,16 +25,18 @@ import ray
 
 from actors import metrics, telemetry
 from adapters.base import Adapter, HttpCall, ProviderError, error_from_transport
-from processor.breaker import (
+from processor.config import ObservabilityConfig
+from processor.payments import (
     BreakerConfig,
     BreakerState,
     Bulkhead,
     CircuitBreaker,
+    Outcome,
+    ProviderReply,
+    ProviderRequest,
     RetryPolicy,
     next_delay_s,
 )
-from processor.config import ObservabilityConfig
-from processor.provider import Outcome, ProviderReply, ProviderRequest
 
 __all__ = ["ProviderActor", "ProviderConfig", "make_provider", "provider_actor_name"]
 

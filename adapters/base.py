@@ -18,7 +18,7 @@ from urllib.parse import quote
 import httpx
 import msgspec
 
-from processor.provider import (
+from processor.payments import (
     DeclineCode,
     Operation,
     Outcome,

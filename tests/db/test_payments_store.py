@@ -10,14 +10,16 @@ import msgspec
 import pytest
 
 from actors.payments_store import PaymentStore
-from processor.idempotency import Decision, KeyState, decide
 from processor.payments import (
+    Decision,
+    KeyState,
     Kind,
     Payment,
     PaymentError,
     PaymentStatus,
     Phase,
     Step,
+    decide,
     new_step,
 )
 

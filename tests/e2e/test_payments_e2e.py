@@ -320,7 +320,7 @@ async def test_breaker_opens_under_an_outage_and_closes_after_a_probe(
         processor: Processor, sims: Sims) -> None:
     [acme] = [p for p in processor.providers
               if ray.get(p.info.remote())["name"] == "acme"]
-    from processor.provider import Operation, ProviderRequest
+    from processor.payments import Operation, ProviderRequest
 
     await sims.faults("acme", outage="unavailable", retry_after_s=0)
     request = ProviderRequest(operation=Operation.AUTHORIZE, idempotency_key=key(),

@@ -21,7 +21,7 @@ from adapters.sim.faults import Faults
 from bench import authorization as auth
 from bench.ledger import percentile
 from processor.cardscan import contains_card_number
-from processor.payment_types import AuthorizeRequest
+from processor.payments import AuthorizeRequest
 
 MERCHANTS = {"USD": [11, 12, 13], "EUR": [21, 22]}
 

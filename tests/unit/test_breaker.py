@@ -1,4 +1,4 @@
-"""processor.breaker: circuit breaker transitions, backoff, retry policy and bulkhead."""
+"""processor.payments (breaker): circuit breaker transitions, backoff, retry policy and bulkhead."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.breaker import (
+from processor.ledger import InvariantError
+from processor.payments import (
     BUCKETS_MAX,
     BreakerConfig,
     BreakerState,
@@ -18,7 +19,6 @@ from processor.breaker import (
     backoff_s,
     next_delay_s,
 )
-from processor.ledger import InvariantError
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.closed, BreakerState.open, BreakerState.half_open
 

@@ -1,4 +1,4 @@
-"""processor.idempotency: key validation, request fingerprints and the decision table."""
+"""processor.payments (idempotency): key validation, request fingerprints and the decision table."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.idempotency import (
+from processor.ledger import InvariantError
+from processor.payments import (
     KEY_CHARS_MAX,
     Decision,
     IdempotencyError,
@@ -20,7 +21,6 @@ from processor.idempotency import (
     decide,
     fingerprint,
 )
-from processor.ledger import InvariantError
 
 # --- check_key ----------------------------------------------------------------------------
 

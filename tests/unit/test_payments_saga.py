@@ -1,4 +1,4 @@
-"""The saga state machine of payment steps (processor/payments.py), as pure code."""
+"""The saga state machine of payment steps (processor/payments/saga.py), as pure code."""
 
 from __future__ import annotations
 
@@ -9,12 +9,16 @@ from hypothesis import strategies as st
 
 from processor.codes import TransferResult
 from processor.payments import (
+    DeclineCode,
     Kind,
+    Operation,
+    Outcome,
     Payment,
     PaymentError,
     PaymentsConfig,
     PaymentStatus,
     Phase,
+    ProviderReply,
     Step,
     check_capture,
     check_refund,
@@ -29,7 +33,6 @@ from processor.payments import (
     payment_after,
     provider_request,
 )
-from processor.provider import DeclineCode, Operation, Outcome, ProviderReply
 from processor.types import TransferFlags
 
 CONFIG = PaymentsConfig()

@@ -40,7 +40,13 @@ from collections.abc import Sequence
 import msgspec
 
 from processor.codes import TransferResult
-from processor.provider import DeclineCode, Operation, Outcome, ProviderReply, ProviderRequest
+from processor.payments.provider import (
+    DeclineCode,
+    Operation,
+    Outcome,
+    ProviderReply,
+    ProviderRequest,
+)
 from processor.types import Transfer, TransferFlags
 
 __all__ = [

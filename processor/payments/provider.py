@@ -2,7 +2,7 @@
 
 Adapters (``adapters/<provider>.py``) translate each provider's wire format into these
 types, so nothing past the adapter boundary knows a provider's status words or error
-bodies; the payment sagas (``processor/payments.py``) decide on ``Outcome`` alone.
+bodies; the payment sagas (``processor/payments/saga.py``) decide on ``Outcome`` alone.
 """
 
 from __future__ import annotations
