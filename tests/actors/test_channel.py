@@ -160,3 +160,28 @@ async def test_a_connect_deadline_bounds_the_wait_for_a_server_still_recovering(
     finally:
         client.close()
         server.close()
+
+
+async def test_a_bad_or_oversized_frame_closes_only_its_connection() -> None:
+    """After the handshake, a frame that is not a call, or one over FRAME_BYTES_MAX, ends
+    that connection (nothing is run); the server keeps serving others."""
+    import hashlib
+    import hmac
+    import struct
+
+    from actors.channel import FRAME_BYTES_MAX, NONCE_BYTES
+
+    server, address = await _serve(Target())
+    try:
+        for frame in (struct.pack("<I", 3) + b"\xc1\xc1\xc1",
+                      struct.pack("<I", FRAME_BYTES_MAX + 1)):
+            reader, writer = await asyncio.open_connection(*address)
+            nonce = await reader.readexactly(NONCE_BYTES)
+            writer.write(hmac.new(KEY, nonce, hashlib.sha256).digest() + frame)
+            assert await asyncio.wait_for(reader.read(), 2) == b""  # closed by the server
+            writer.close()
+        client = _client(address)
+        assert await client.call("echo", b"still") == b"llits"
+        client.close()
+    finally:
+        server.close()
