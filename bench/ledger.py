@@ -701,7 +701,8 @@ async def drive_http_open_loop(
     try:
         return await _drive(base_url, token, bodies, rate_per_s=rate_per_s,
                             duration_s=duration_s, connections_max=connections_max,
-                            timeout_s=timeout_s, client=client, warmup_s=warmup_s)
+                            timeout_s=timeout_s, client=client, warmup_s=warmup_s,
+                            warmup_sends=warmup_sends, total=total)
     finally:
         gc.unfreeze()
 
@@ -709,10 +710,10 @@ async def drive_http_open_loop(
 async def _drive(
     base_url: str, token: str, bodies: Sequence[bytes], *, rate_per_s: float,
     duration_s: float, connections_max: int, timeout_s: float, client: str,
-    warmup_s: float,
+    warmup_s: float, warmup_sends: int, total: int,
 ) -> dict[str, Any]:
-    warmup_sends = int(rate_per_s * warmup_s)
-    total = warmup_sends + int(rate_per_s * duration_s)
+    """``drive_http_open_loop`` once its arguments are checked: ``total`` sends, the first
+    ``warmup_sends`` of them the warm-up."""
     loop = asyncio.get_running_loop()
     statuses: Counter[str] = Counter()
     latencies_ms: list[float] = []
