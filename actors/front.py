@@ -26,14 +26,10 @@ import numpy as np
 import ray
 import uvicorn
 
-from actors import metrics, outbox, telemetry
+from actors import metrics, telemetry
 from actors.channel import ChannelBroken, ChannelClient
-from actors.http_api import Payments, build_app
-from actors.payments import PaymentsEngine
-from actors.payments_http import Idempotent, PaymentsApiError, api_error_of, dispatch, error_body
-from actors.payments_store import PaymentStore
-from actors.provider import provider_actor_name
-from actors.risk import RISK_ACTOR_NAME
+from actors.http_api import build_app
+from actors.payments_link import PaymentsLink
 from actors.rpc_server import start_rpc_server
 from actors.shard import NAMESPACE, endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.store import LedgerStore
@@ -44,7 +40,6 @@ from processor.errors import LedgerError, Overloaded, Unavailable
 from processor.identity import KEY_FILE_NAME, load_or_create_key
 from processor.ledger import compare_existing
 from processor.partition import PartitionMap
-from processor.payments import PaymentError
 from processor.types import Account, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
@@ -185,9 +180,10 @@ class Front:
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
-        self._payments: Payments | None = None
-        self._payments_tasks: list[asyncio.Task[None]] = []
-        self._payments_stop = asyncio.Event()
+        # Payments run in their own actor; the edge forwards to it (actors.payments_link).
+        payments = config.payments
+        self._payments = (PaymentsLink(channel_key)
+                          if payments.enabled and payments.providers else None)
 
     async def start(self, http_port: int | None = None, rpc_port: int | None = None
                     ) -> dict[str, Any]:
@@ -211,7 +207,7 @@ class Front:
         key = load_or_create_key(key_path)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
-                        payments=lambda: self._payments)
+                        payments=self._payments)
         server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.front.host, port=cfg.front.http_port if http_port is None else http_port,
             loop="none", lifespan="off",
@@ -239,83 +235,19 @@ class Front:
                  cfg.front.host, http_port, cfg.front.host, rpc_port, loop_name)
         return {"http_port": http_port, "rpc_port": rpc_port, "loop": loop_name}
 
-    async def enable_payments(self, providers: list[tuple[str, str]],
-                              outbox_secret: bytes) -> None:
-        """Serve the payments API over the provider actors already started.
-
-        ``providers`` holds (name, secrets file) pairs. Also starts the recovery worker
-        (which looks at every unfinished step at once, then on a schedule) and the outbox
-        relay. Called by the process that started the front, after every start of it.
-        """
-        from adapters.registry import ADAPTERS
-
-        cfg = self.config.payments
-        store = await PaymentStore.connect(
-            self.config.shard.database_url, pool_size_max=cfg.pool_size_max,
-            connect_timeout_s=self.config.shard.connect_timeout_s,
-            command_timeout_s=self.config.shard.command_timeout_s)
-        adapters = {name: ADAPTERS[name].from_secrets_file(path) for name, path in providers}
-        handles = {name: ray.get_actor(provider_actor_name(name), namespace=NAMESPACE)
-                   for name, _ in providers}
-        try:
-            risk = ray.get_actor(RISK_ACTOR_NAME, namespace=NAMESPACE)
-        except ValueError:
-            risk = None
-        retry_deadline_s = 5.0
-        engine = PaymentsEngine(
-            store=store, ledger=self, providers=handles,
-            currencies={name: frozenset(a.currencies) for name, a in adapters.items()},
-            provider_deadline_s={name: retry_deadline_s + a.timeout_s
-                                 for name, a in adapters.items()},
-            risk=risk, risk_config=cfg.risk, config=cfg.rules)
-        await engine.open_clearing_accounts()
-        idempotent = Idempotent(engine, clock_s=time.time,
-                                retention_s=cfg.idempotency_retention_s,
-                                claim_ttl_s=cfg.rules.claim_ttl_s)
-        self._payments = Payments(engine=engine, idempotent=idempotent, adapters=adapters)
-        loop = asyncio.get_running_loop()
-        self._payments_tasks.append(loop.create_task(
-            engine.run_recovery(cfg.recovery_interval_s)))
-        await outbox.set_subscribers(store.pool, dict(cfg.event_subscribers))
-        relay = outbox.OutboxRelay(store.pool, signing_secret=outbox_secret,
-                                   limits=outbox.RelayLimits())
-        self._payments_tasks.append(loop.create_task(relay.run(self._payments_stop)))
-        log.info("payments enabled over %s", ", ".join(sorted(adapters)))
-
     async def payments_call(self, principal: str, operation: str, key: str, subject_id: str,
                             body: bytes) -> tuple[int, bytes, bool]:
-        """A payments operation arriving over RPC: the HTTP API's status and JSON body."""
+        """A payments operation arriving over RPC, forwarded to the payments actor: the
+        HTTP API's status and JSON body, and whether the answer was replayed."""
         if self._payments is None:
-            raise Unavailable("payments are not enabled on this server (yet)",
-                              retry_after_s=1.0)
-        try:
-            status, answer, headers = await dispatch(
-                self._payments, principal=principal, operation=operation, key=key or None,
-                subject_id=subject_id, body=body, headers={})
-        except PaymentError as exc:
-            error = api_error_of(exc)
-            return error.status, error_body(error.code, str(exc)), False
-        except PaymentsApiError as exc:
-            return exc.status, exc.body or error_body(exc.code, exc.message), False
+            raise Unavailable("payments are not enabled on this server", retry_after_s=60.0)
+        status, answer, headers = await self._payments.call(
+            principal, operation, key, subject_id, body, {})
         return status, answer, "Idempotent-Replayed" in headers
-
-    def payments_stats(self) -> dict[str, Any]:
-        if self._payments is None:
-            return {}
-        return dict(self._payments.engine.stats)
-
-    async def recover_payments(self) -> int:
-        """Run one recovery round now (tests and drills); returns the steps looked at."""
-        if self._payments is None:
-            return 0
-        return await self._payments.engine.recover_once()
 
     async def stop(self) -> None:
         """Stop accepting, let in-flight requests finish, close."""
         self._ready = False
-        self._payments_stop.set()
-        for task in self._payments_tasks:
-            task.cancel()
         if self._watch_task is not None:
             self._watch_task.cancel()
         if self._rpc is not None:
@@ -330,10 +262,10 @@ class Front:
             await asyncio.sleep(0.05)
         for channel in self._channels:
             channel.close()
+        if self._payments is not None:
+            self._payments.close()
         if self._store is not None:
             await self._store.close()
-        if self._payments is not None:
-            await self._payments.engine.store.close()
 
     async def _watch_shards(self) -> None:
         """Call every shard often, so a restarted one recovers at once (its recovery takes a
@@ -350,10 +282,9 @@ class Front:
                 self._ready = healthy
 
     def is_ready(self) -> bool:
-        """Shards recovered, listeners up, and payments served if they are configured."""
-        payments = self.config.payments
-        required = payments.enabled and bool(payments.providers)
-        return self._ready and (self._payments is not None or not required)
+        """Shards recovered and listeners up: the ledger can take requests (payments are
+        another actor's readiness)."""
+        return self._ready
 
     def is_listening(self) -> bool:
         """True once ``start`` has bound both listeners in this incarnation."""

@@ -19,7 +19,7 @@ import re
 import types
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, Literal, Protocol, TypeVar, get_args
 
 import msgspec
 from msgspec import Meta
@@ -34,14 +34,11 @@ from actors import metrics, telemetry
 from actors.payments_http import (
     PAYMENT_ERROR_STATUS,
     PaymentFailure,
-    Payments,
     PaymentsApiError,
     WebhookAnswer,
     api_error_of,
-    dispatch,
     require_key,
 )
-from adapters.base import WebhookRejected
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded
 from processor.identity import (
@@ -560,6 +557,26 @@ _AUTH_MESSAGES = {
 # responses happen once, in ``_Api.endpoint``, for every route.
 
 
+class PaymentsService(Protocol):
+    """Where the payments routes go: (status, JSON body, extra headers) for every answer;
+    ``LedgerError`` when payments cannot take the request now (answered 503)."""
+
+    async def call(self, principal: str, operation: str, key: str, subject_id: str,
+                   body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        ...
+
+    async def webhook(self, provider: str, headers: dict[str, str],
+                      body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        ...
+
+
+def _forwarded_headers(request: Request) -> dict[str, str]:
+    """The request's headers for the payments actor, less the bearer token (checked here;
+    payments never need it)."""
+    return {name: value for name, value in request.headers.items()
+            if name != "authorization"}
+
+
 class _Api:
     def __init__(
         self,
@@ -569,7 +586,7 @@ class _Api:
         clock_s: Callable[[], float],
         ready: Callable[[], bool],
         body_bytes_max: int,
-        payments: Callable[[], Payments | None] = lambda: None,
+        payments: PaymentsService | None = None,
     ) -> None:
         self._payments = payments
         self._service = service
@@ -735,25 +752,23 @@ class _Api:
 
     # -- payments -------------------------------------------------------------------------
 
-    def _require_payments(self) -> Payments:
-        payments = self._payments()
-        if payments is None:
-            raise ApiError(503, "unavailable", "payments are not enabled on this server (yet)",
-                           {"Retry-After": "1"})
-        return payments
+    def _require_payments(self) -> PaymentsService:
+        if self._payments is None:
+            raise ApiError(503, "unavailable", "payments are not enabled on this server",
+                           {"Retry-After": "60"})
+        return self._payments
 
     async def _payments_call(self, request: Request, operation: str) -> Response:
         payments = self._require_payments()
         body = b""
+        key = request.headers.get("idempotency-key")
         if request.method == "POST":
             # The key is checked before the body is read (the idempotency-key draft).
-            require_key(request.headers.get("idempotency-key"))
+            require_key(key)
             body = await _read_body(request, self._body_bytes_max)
-        status, answer, headers = await dispatch(
-            payments, principal=request.state.claims.subject, operation=operation,
-            key=request.headers.get("idempotency-key"),
-            subject_id=next(iter(request.path_params.values()), ""), body=body,
-            headers=dict(request.headers), path=request.url.path)
+        status, answer, headers = await payments.call(
+            request.state.claims.subject, operation, key or "",
+            next(iter(request.path_params.values()), ""), body, _forwarded_headers(request))
         return Response(answer, status, headers=headers, media_type="application/json")
 
     async def create_payment(self, request: Request) -> Response:
@@ -779,21 +794,10 @@ class _Api:
 
     async def provider_webhook(self, request: Request) -> Response:
         payments = self._require_payments()
-        name = request.path_params["provider"]
-        adapter = payments.adapters.get(name)
-        if adapter is None:
-            raise PaymentsApiError("webhook_provider_unknown", "no provider has this name")
         body = await _read_body(request, self._body_bytes_max)
-        try:
-            event = adapter.verify_webhook(dict(request.headers), body, self._clock_s())
-        except WebhookRejected as exc:
-            code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "webhook_malformed"
-            raise PaymentsApiError(code, "the webhook was not accepted") from exc
-        result = await payments.engine.apply_webhook(name, event)
-        if result == "retry":
-            raise ApiError(503, "unavailable", "the event raced another change; send it again",
-                           {"Retry-After": "1"})
-        return _json_response(200, WebhookAnswer(result))
+        status, answer, headers = await payments.webhook(
+            request.path_params["provider"], _forwarded_headers(request), body)
+        return Response(answer, status, headers=headers, media_type="application/json")
 
     # The service is checked on the way out: one answer per item, in order.
 
@@ -1282,13 +1286,15 @@ def build_app(
     clock_s: Callable[[], float],
     ready: Callable[[], bool],
     body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
-    payments: Callable[[], Payments | None] = lambda: None,
+    payments: PaymentsService | None = None,
 ) -> _App:
     """Return the ASGI app serving the partner API over ``service``.
 
     ``key`` verifies bearer tokens; ``clock_s`` gives seconds since the Unix epoch for token
     expiry; ``ready`` answers /readyz; a request body over ``body_bytes_max`` bytes is
     refused with 413. Raises ``ValueError`` for a ``body_bytes_max`` below 1.
+    ``payments`` serves the payments routes once their token and scope are checked (the
+    front's ``PaymentsLink`` to the payments actor); without it they answer 503.
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")

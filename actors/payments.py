@@ -1,7 +1,8 @@
 """The payments engine: runs the saga steps of processor/payments/saga.py against the world.
 
-It lives in the front actor (so a payment's ledger postings join the front's micro-batched
-lanes without another actor hop) and is the recovery worker too: ``recover_once`` takes
+It lives in the payments actor (``actors/payments_actor.py``), a failure domain apart from
+the ledger, and posts to the ledger through the front's RPC like any gateway, so its
+postings join the same micro-batched lanes. It is the recovery worker too: ``recover_once`` takes
 over every unfinished step whose claim lapsed or whose recheck is due, at start-up and on a
 schedule. The rules are in ``processor/payments/saga.py``; this module only performs what they
 decide and persists each phase before and after every external call:

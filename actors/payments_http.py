@@ -22,7 +22,7 @@ import msgspec
 
 from actors import metrics
 from actors.payments import PaymentsEngine
-from adapters.base import Adapter
+from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
 from processor.payments import (
     AuthorizeRequest,
@@ -46,6 +46,7 @@ __all__ = [
     "PaymentFailure",
     "Payments",
     "PaymentsApiError",
+    "PaymentsEndpoint",
     "WebhookAnswer",
     "dispatch",
     "error_body",
@@ -413,3 +414,51 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         raise
     finally:
         metrics.AUTHORIZATION_SECONDS.labels(outcome).observe(time.perf_counter() - started)
+
+
+class PaymentsEndpoint:
+    """The payments routes as the payments actor serves them to the HTTP and RPC edge.
+
+    Every outcome, refusals included, is an answer: (status, JSON body, extra headers).
+    Only a ``LedgerError`` (the ledger or the database is away: nothing was decided, send
+    the request again) and bugs are raised, for the edge to answer 503 and 500.
+    """
+
+    def __init__(self, payments: Payments, *, clock_s: Callable[[], float]) -> None:
+        self.payments = payments
+        self._clock_s = clock_s
+
+    async def call(self, principal: str, operation: str, key: str, subject_id: str,
+                   body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        try:
+            return await dispatch(self.payments, principal=principal, operation=operation,
+                                  key=key or None, subject_id=subject_id, body=body,
+                                  headers=headers)
+        except PaymentError as exc:
+            return _refusal(api_error_of(exc))
+        except PaymentsApiError as exc:
+            return _refusal(exc)
+
+    async def webhook(self, provider: str, headers: dict[str, str],
+                      body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        """A provider's event: verified with that provider's secret, then applied."""
+        adapter = self.payments.adapters.get(provider)
+        if adapter is None:
+            return _refusal(PaymentsApiError("webhook_provider_unknown",
+                                             "no provider has this name"))
+        try:
+            event = adapter.verify_webhook(headers, body, self._clock_s())
+        except WebhookRejected as exc:
+            code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "webhook_malformed"
+            return _refusal(PaymentsApiError(code, "the webhook was not accepted"))
+        result = await self.payments.engine.apply_webhook(provider, event)
+        if result == "retry":
+            return (503, error_body("unavailable",
+                                    "the event raced another change; send it again"),
+                    {"Retry-After": "1"})
+        return 200, ENCODER.encode(WebhookAnswer(result)), {}
+
+
+def _refusal(exc: PaymentsApiError) -> tuple[int, bytes, dict[str, str]]:
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s else {}
+    return exc.status, exc.body or error_body(exc.code, exc.message), headers

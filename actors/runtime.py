@@ -11,7 +11,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,6 +27,8 @@ from actors.database import EmbeddedPostgres
 from actors.front import make_front
 from actors.metrics_server import make_node_metrics, node_metrics_name
 from actors.migrate import migrate
+from actors.payments_actor import make_payments
+from actors.payments_link import PAYMENTS_ACTOR_NAME
 from actors.provider import ProviderConfig, make_provider, provider_actor_name
 from actors.risk import RISK_ACTOR_NAME, make_risk
 from actors.shard import NAMESPACE, make_shard, shard_actor_name
@@ -54,22 +58,27 @@ class Processor:
     provider_urls: dict[str, str] = field(default_factory=dict)
     sims: list[Any] = field(default_factory=list)  # simulated providers this process runs
     risk: Any = None
-    outbox_secret: bytes = b""
+    payments: Any = None  # the payments actor (actors.payments_actor), when configured
+    # The data-plane key (actors.channel); in memory only, never printed.
+    channel_key: bytes = field(default=b"", repr=False)
     metrics: list[Any] = field(default_factory=list)  # one metrics server per node
     metrics_port: int = 0  # this node's
 
-    async def enable_payments(self) -> None:
-        if self.provider_secrets:
-            await self.front.enable_payments.remote(self.provider_secrets, self.outbox_secret)
-
     async def supervise(self, interval_s: float = 0.5) -> None:
-        """Run until cancelled: start the front again whenever Ray has restarted it.
+        """Run until cancelled: start the front again whenever Ray has restarted it, and
+        wake a restarted payments actor (whose recovery worker then finishes what its
+        predecessor left).
 
         A restarted actor runs its constructor only; listening is ``start``, so the new
-        incarnation is started here on the ports its predecessor bound.
+        front is started here on the ports its predecessor bound.
         """
         while True:
             await asyncio.sleep(interval_s)
+            if self.payments is not None:
+                try:
+                    await asyncio.wait_for(self.payments.start.remote(), timeout=10)
+                except Exception as exc:  # restarting, or the ledger or database away
+                    log.warning("payments not started: %r", exc)
             try:
                 listening = await asyncio.wait_for(
                     self.front.is_listening.remote(), timeout=10)
@@ -81,13 +90,17 @@ class Processor:
             try:
                 await asyncio.wait_for(
                     self.front.start.remote(self.http_port, self.rpc_port), timeout=60)
-                await asyncio.wait_for(self.enable_payments(), timeout=60)
                 log.info("front restarted on http %d, rpc %d", self.http_port, self.rpc_port)
             except Exception as exc:
                 log.warning("front restart failed: %r", exc)
 
     async def stop(self) -> None:
         """Flush and close the front and shards, then stop what this process started."""
+        if self.payments is not None:
+            try:
+                await asyncio.wait_for(self.payments.stop.remote(), timeout=15)
+            except Exception as exc:
+                log.warning("payments stop: %r", exc)
         try:
             await asyncio.wait_for(self.front.stop.remote(), timeout=15)
         except Exception as exc:  # a dead front has nothing left to flush
@@ -108,7 +121,8 @@ class Processor:
             except Exception as exc:
                 log.warning("metrics server stop: %r", exc)
         for actor in [self.front, *self.shards, *self.providers, *self.metrics,
-                      *([self.risk] if self.risk is not None else [])]:
+                      *([self.risk] if self.risk is not None else []),
+                      *([self.payments] if self.payments is not None else [])]:
             ray.kill(actor, no_restart=True)
         for sim in self.sims:
             sim.stop()
@@ -142,10 +156,19 @@ def init_ray(address: str | None, metrics_dir: str = "") -> bool:
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False}
     if metrics_dir:
         kwargs["runtime_env"] = {"env_vars": {"PROMETHEUS_MULTIPROC_DIR": metrics_dir}}
+    # ray.init installs a SIGTERM handler that exits at once; a process that was told to
+    # stop while the processor starts (``txproc serve``) must still flush and close, so
+    # the handlers in place before are put back.
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)
+                } if main_thread else {}
     if address:
         ray.init(address=address, **kwargs)
     else:
         ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
     return True
 
 
@@ -184,6 +207,7 @@ async def start_processor(config: Config) -> Processor:
             config=config, front=front, shards=shards, http_port=ports["http_port"],
             rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
             extra={"front_event_loop": ports["loop"], "metrics_dir": metrics_dir},
+            channel_key=channel_key,
         )
         await _start_metrics(processor, embedded)
     except BaseException:
@@ -237,7 +261,7 @@ async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None
 
 async def _start_payments(processor: Processor) -> None:
     """Simulated providers (where no URL is configured), provider actors, the risk actor,
-    then the payments API of the front."""
+    then the payments actor, to which the front forwards the payments API."""
     from adapters.registry import ADAPTERS
     from adapters.sim.launch import start_sim, write_secrets
 
@@ -268,8 +292,12 @@ async def _start_payments(processor: Processor) -> None:
     _kill_stale(RISK_ACTOR_NAME)
     processor.risk = make_risk(config.payments.risk, config.observability)
     await processor.risk.ready.remote()
-    processor.outbox_secret = _outbox_secret(data / "providers" / "outbox.key")
-    await processor.enable_payments()
+    _kill_stale(PAYMENTS_ACTOR_NAME)
+    processor.payments = make_payments(
+        config, processor.channel_key, providers=processor.provider_secrets,
+        outbox_secret=_outbox_secret(data / "providers" / "outbox.key"),
+        front_rpc=(host, processor.rpc_port))
+    await processor.payments.start.remote()
 
 
 def _outbox_secret(path: Path) -> bytes:

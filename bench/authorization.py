@@ -544,12 +544,17 @@ class _Processes:
     server: ledger.ServerProcesses
     provider_pids: set[int]
     sim_pids: list[int]
+    payments_pids: set[int] = field(default_factory=set)  # the payments actor
     _sims: dict[int, psutil.Process] = field(default_factory=dict)
 
     def cpu_by_pid(self) -> dict[tuple[str, int], float]:
         out: dict[tuple[str, int], float] = {}
         for (group, pid), cpu in self.server.cpu_by_pid().items():
-            out[("providers" if pid in self.provider_pids else group, pid)] = cpu
+            if pid in self.provider_pids:
+                group = "providers"
+            elif pid in self.payments_pids:
+                group = "payments"
+            out[(group, pid)] = cpu
         for pid in self.sim_pids:
             with contextlib.suppress(psutil.Error):
                 p = self._sims.get(pid) or self._sims.setdefault(pid, psutil.Process(pid))
@@ -569,6 +574,10 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     for provider in processor.providers:
         with contextlib.suppress(Exception):
             provider_pids.add(int(await provider.pid.remote()))
+    payments_pids = set()
+    if getattr(processor, "payments", None) is not None:
+        with contextlib.suppress(Exception):
+            payments_pids.add(int(await processor.payments.pid.remote()))
     url = processor.config.shard.database_url
     postmaster = processor.embedded.pid if processor.embedded else ledger.postmaster_pid_of(url)
     if front_pid is None:
@@ -579,14 +588,14 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     server = ledger.ServerProcesses(shard_pids=[int(s["pid"]) for s in stats],
                                     front_pid=front_pid, postmaster_pid=postmaster,
                                     exclude=set(sim_pids))
-    return _Processes(server, provider_pids, sim_pids), problems
+    return _Processes(server, provider_pids, sim_pids, payments_pids), problems
 
 
 def _cpu_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
                  requests: int, wall_s: float) -> dict[str, Any]:
     cpu = ledger.cpu_delta_s(before, after)
-    server = sum(cpu.get(g, 0.0) for g in (*ledger.SERVER_GROUPS, "providers"))
-    cpu["server"] = round(server, 3)  # shards, front, provider actors and postgres
+    server = sum(cpu.get(g, 0.0) for g in (*ledger.SERVER_GROUPS, "payments", "providers"))
+    cpu["server"] = round(server, 3)  # shards, front, payments, provider actors, postgres
     return {
         "cpu_s": cpu,
         "server_cpu_ms_per_request": round(server * 1000 / requests, 2) if requests else None,
@@ -874,7 +883,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                   caption=f"POST /v1/payments (authorize), open loop, {args['seconds']:g} s per "
                           f"phase, provider routing {args['provider']}, {args['client']} "
                           "client; latency from the scheduled send; CPU: shards, front, "
-                          "provider actors, postgres")
+                          "payments, provider actors, postgres")
     for column in ("phase", "offered/s", "authorized/s", "p50 ms", "p95 ms", "p99 ms",
                    "auth p50", "auth p99", "201", "202", "402", "503", "other",
                    "CPU ms/req", "cores busy"):

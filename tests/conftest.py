@@ -20,7 +20,7 @@ from actors.migrate import migrate
 
 __all__ = ["DATABASE_URL_ENV", "db_url", "embedded_pg", "empty_db_url", "pg_admin_url"]
 
-pytest_plugins = ["tests.running"]
+pytest_plugins = ["tests.running", "tests.payments_support"]
 
 DATABASE_URL_ENV = "TXPROC_TEST_DATABASE_URL"
 

@@ -1,0 +1,274 @@
+"""The payments actor: the saga engine, its recovery worker and the outbox relay, in a
+process of their own.
+
+Payments used to run inside the ledger's front, on the event loop that serves every ledger
+request, so a slow saga step, a large payments body or a crash in payments code reached
+the ledger too. Here they are a failure domain of their own:
+
+* The front's HTTP and RPC listeners stay the one address gateways use. They check the
+  token and the scope, then forward a payments request with one hop over the data-plane
+  channel (``actors.channel``): principal, operation, key, raw body in; status, body and
+  headers out (``PaymentsEndpoint``). While this actor is down the front answers 503 with
+  ``Retry-After``; ledger routes never wait on it.
+* The engine reaches the ledger as any gateway does: ``processor.client.Client`` over the
+  front's RPC port, so its postings join the same micro-batching lanes (``RpcLedger``).
+  A front restart looks to payments like any gateway's outage: the postings fail with a
+  retryable error, the step is parked, and the recovery worker finishes it.
+* The actor starts itself: everything it needs is in its arguments, and the first call
+  after a (re)start (the front asking where it listens, the supervisor's ping, a drill)
+  starts the engine, the recovery worker and the relay. Ray restarts it when it dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors import outbox, telemetry
+from actors.channel import ChannelServer
+from actors.payments import PaymentsEngine
+from actors.payments_http import Idempotent, Payments, PaymentsEndpoint
+from actors.payments_link import PAYMENTS_ACTOR_NAME
+from actors.payments_store import PaymentStore
+from actors.provider import provider_actor_name
+from actors.risk import RISK_ACTOR_NAME
+from actors.shard import NAMESPACE
+from processor.client import Client, ClientError
+from processor.codes import AccountResult, TransferResult
+from processor.config import Config
+from processor.errors import Unavailable
+from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
+from processor.types import Account, Transfer
+
+__all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
+
+log = logging.getLogger("txproc.payments.actor")
+
+# What the front may call over the channel.
+CHANNEL_METHODS = ("call", "webhook")
+# The engine's own token for the ledger's RPC: what a payment moves and reads, no more.
+LEDGER_SCOPES = ("accounts:read", "accounts:write", "transfers:read", "transfers:write")
+TOKEN_TTL_S = 3600
+# A saga step waits at most this long for one ledger call before it is parked for the
+# recovery worker (a front restart takes a few seconds).
+LEDGER_CALL_TIMEOUT_S = 30.0
+PROVIDER_RETRY_DEADLINE_S = 5.0
+
+
+class RpcLedger:
+    """The ledger for the payments engine: the front's RPC through ``Client``.
+
+    Implements the part of ``LedgerService`` the engine uses. The token is issued here from
+    the front's key and renewed at half its life. A refusal of the connection or of a
+    request (``ClientError``) is raised as ``Unavailable``: nothing was written, the step is
+    parked and tried again.
+    """
+
+    def __init__(self, host: str, port: int, key: bytes, *,
+                 clock_s: Callable[[], float] = time.time) -> None:
+        self._key = key
+        self._clock_s = clock_s
+        self._renew_at_s = 0.0
+        self._client = Client(host, port, self._token(), timeout_s=LEDGER_CALL_TIMEOUT_S,
+                              retries_max=2, connect_attempts_max=2)
+
+    def _token(self) -> str:
+        now_s = int(self._clock_s())
+        self._renew_at_s = now_s + TOKEN_TTL_S / 2
+        return issue_token(self._key, LEDGER_SCOPES, ttl_s=TOKEN_TTL_S, now_s=now_s,
+                           subject="txproc-payments")
+
+    async def _client_now(self) -> Client:
+        if self._clock_s() >= self._renew_at_s:
+            try:
+                await self._client.set_token(self._token())
+            except ClientError as exc:
+                raise Unavailable(f"the ledger refused the renewed token: {exc.code}") from exc
+        return self._client
+
+    async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
+        client = await self._client_now()
+        try:
+            return await client.create_accounts(accounts)
+        except ClientError as exc:
+            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
+
+    async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
+        client = await self._client_now()
+        try:
+            return await client.create_transfers(transfers)
+        except ClientError as exc:
+            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
+
+    async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
+        client = await self._client_now()
+        try:
+            return await client.lookup_accounts(ids)
+        except ClientError as exc:
+            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
+
+    async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
+        client = await self._client_now()
+        try:
+            return await client.lookup_transfers(ids)
+        except ClientError as exc:
+            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
+
+    async def close(self) -> None:
+        await self._client.close()
+
+
+class PaymentsActor:
+    """Hosts the payments engine; see the module docstring."""
+
+    def __init__(self, config: Config, channel_key: bytes, *,
+                 providers: list[tuple[str, str]], outbox_secret: bytes,
+                 front_rpc: tuple[str, int]) -> None:
+        telemetry.setup(config.observability, "payments")
+        self.config = config
+        self._channel_key = channel_key
+        self._providers = providers
+        self._outbox_secret = outbox_secret
+        self._front_rpc = front_rpc
+        self._endpoint: PaymentsEndpoint | None = None
+        self._ledger: RpcLedger | None = None
+        self._channel: ChannelServer | None = None
+        self._address: tuple[str, int] | None = None
+        self._starting: asyncio.Task[tuple[str, int]] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> tuple[str, int]:
+        """Start (once per incarnation; concurrent callers share the attempt) and answer
+        where the channel listens. A failed attempt (the database or the front away) is
+        raised, and the next call tries again."""
+        if self._address is not None:
+            return self._address
+        task = self._starting
+        if task is None or task.done():
+            task = self._starting = asyncio.get_running_loop().create_task(self._start())
+        return await asyncio.shield(task)
+
+    async def endpoint(self) -> tuple[str, int]:
+        """Where the channel listens, starting first if need be (the front resolves its
+        ``ChannelClient`` with this)."""
+        return await self.start()
+
+    async def _start(self) -> tuple[str, int]:
+        from adapters.registry import ADAPTERS
+
+        cfg = self.config.payments
+        shard_cfg = self.config.shard
+        key_path = Path(self.config.front.key_path
+                        or Path(self.config.data_dir) / KEY_FILE_NAME)
+        ledger = RpcLedger(*self._front_rpc, load_or_create_key(key_path))
+        store = await PaymentStore.connect(
+            shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
+            connect_timeout_s=shard_cfg.connect_timeout_s,
+            command_timeout_s=shard_cfg.command_timeout_s)
+        try:
+            adapters = {name: ADAPTERS[name].from_secrets_file(path)
+                        for name, path in self._providers}
+            handles = {name: ray.get_actor(provider_actor_name(name), namespace=NAMESPACE)
+                       for name, _ in self._providers}
+            try:
+                risk = ray.get_actor(RISK_ACTOR_NAME, namespace=NAMESPACE)
+            except ValueError:
+                risk = None
+            engine = PaymentsEngine(
+                store=store, ledger=ledger, providers=handles,
+                currencies={name: frozenset(a.currencies) for name, a in adapters.items()},
+                provider_deadline_s={name: PROVIDER_RETRY_DEADLINE_S + a.timeout_s
+                                     for name, a in adapters.items()},
+                risk=risk, risk_config=cfg.risk, config=cfg.rules)
+            await engine.open_clearing_accounts()
+            idempotent = Idempotent(engine, clock_s=time.time,
+                                    retention_s=cfg.idempotency_retention_s,
+                                    claim_ttl_s=cfg.rules.claim_ttl_s)
+            await outbox.set_subscribers(store.pool, dict(cfg.event_subscribers))
+            channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key, name="payments")
+            address = await channel.start(ray.util.get_node_ip_address())
+        except BaseException:
+            await store.close()
+            await ledger.close()
+            raise
+        self._ledger = ledger
+        self._endpoint = PaymentsEndpoint(
+            Payments(engine=engine, idempotent=idempotent, adapters=adapters),
+            clock_s=time.time)
+        self._channel = channel
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(engine.run_recovery(cfg.recovery_interval_s)))
+        relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
+                                   limits=outbox.RelayLimits())
+        self._tasks.append(loop.create_task(relay.run(self._stopping)))
+        self._address = address
+        log.info("payments serving over %s on %s:%d", ", ".join(sorted(adapters)), *address)
+        return address
+
+    def is_started(self) -> bool:
+        return self._address is not None
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- what the front forwards (actors.channel) ---------------------------------------------
+
+    async def call(self, principal: str, operation: str, key: str, subject_id: str,
+                   body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        return await self._require().call(principal, operation, key, subject_id, body,
+                                          headers)
+
+    async def webhook(self, provider: str, headers: dict[str, str],
+                      body: bytes) -> tuple[int, bytes, dict[str, str]]:
+        return await self._require().webhook(provider, headers, body)
+
+    def _require(self) -> PaymentsEndpoint:
+        if self._endpoint is None:
+            raise Unavailable("payments are starting", retry_after_s=1.0)
+        return self._endpoint
+
+    # -- control (Ray) ------------------------------------------------------------------------
+
+    async def stats(self) -> dict[str, Any]:
+        if self._endpoint is None:
+            return {}
+        return dict(self._endpoint.payments.engine.stats)
+
+    async def recover_once(self) -> int:
+        """Run one recovery round now (tests and drills); returns the steps looked at."""
+        await self.start()
+        assert self._endpoint is not None
+        return await self._endpoint.payments.engine.recover_once()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._channel is not None:
+            self._channel.close()
+        if self._endpoint is not None:
+            await self._endpoint.payments.engine.store.close()
+        if self._ledger is not None:
+            await self._ledger.close()
+
+
+def make_payments(config: Config, channel_key: bytes, *, providers: list[tuple[str, str]],
+                  outbox_secret: bytes, front_rpc: tuple[str, int]) -> Any:
+    """Start the payments actor (the one place it is made remote); Ray restarts it if it
+    dies, and it starts itself on the next call. ``channel_key`` authenticates the front's
+    forwarded requests; ``front_rpc`` is where the ledger's RPC listens."""
+    actor_class = ray.remote(
+        num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
+    )(PaymentsActor)
+    return actor_class.options(name=PAYMENTS_ACTOR_NAME, namespace=NAMESPACE).remote(
+        config, channel_key, providers=providers, outbox_secret=outbox_secret,
+        front_rpc=front_rpc)
