@@ -37,6 +37,7 @@ from actors.payments import PaymentsEngine
 from actors.payments_http import Idempotent, Payments, PaymentsEndpoint
 from actors.payments_link import PAYMENTS_ACTOR_NAME
 from actors.payments_store import PaymentStore
+from actors.priority import lower_priority
 from actors.provider import provider_actor_name
 from actors.risk import RISK_ACTOR_NAME
 from actors.shard import NAMESPACE
@@ -132,6 +133,7 @@ class PaymentsActor:
                  providers: list[tuple[str, str]], outbox_secret: bytes,
                  front_rpc: tuple[str, int]) -> None:
         telemetry.setup(config.observability, "payments")
+        lower_priority(config.payments.cpu_nice)
         self.config = config
         self._channel_key = channel_key
         self._providers = providers
@@ -165,6 +167,8 @@ class PaymentsActor:
         from adapters.registry import ADAPTERS
 
         cfg = self.config.payments
+        # Threads started since the constructor (the event loop's among them) too.
+        lower_priority(cfg.cpu_nice)
         shard_cfg = self.config.shard
         key_path = Path(self.config.front.key_path
                         or Path(self.config.data_dir) / KEY_FILE_NAME)
@@ -172,7 +176,7 @@ class PaymentsActor:
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
-            command_timeout_s=shard_cfg.command_timeout_s)
+            command_timeout_s=shard_cfg.command_timeout_s, session_nice=cfg.cpu_nice)
         try:
             adapters = {name: ADAPTERS[name].from_secrets_file(path)
                         for name, path in self._providers}

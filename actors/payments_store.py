@@ -15,6 +15,7 @@ import asyncpg
 import msgspec
 
 from actors import outbox
+from actors.priority import lower_session_priority
 from processor.payments import (
     FINAL_PHASES,
     KeyState,
@@ -95,10 +96,16 @@ class PaymentStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, pool_size_max: int, connect_timeout_s: float,
-                      command_timeout_s: float) -> PaymentStore:
+                      command_timeout_s: float, session_nice: int = 0) -> PaymentStore:
+        """A pool of at most ``pool_size_max`` connections; ``session_nice`` lowers the CPU
+        priority of their backends when the server runs on this machine (priority.py)."""
+
+        async def init(conn: asyncpg.Connection) -> None:
+            lower_session_priority(conn.get_server_pid(), session_nice)
+
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
-            command_timeout=command_timeout_s)
+            command_timeout=command_timeout_s, init=init if session_nice else None)
         return cls(pool)
 
     @property

@@ -24,6 +24,7 @@ import msgspec
 import ray
 
 from actors import metrics, telemetry
+from actors.priority import lower_priority
 from adapters.base import Adapter, HttpCall, ProviderError, error_from_transport
 from processor.config import ObservabilityConfig
 from processor.payments import (
@@ -54,6 +55,8 @@ class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):
     breaker: BreakerConfig = BreakerConfig()
     # Pooled HTTP connections to the provider (keep-alive), at least the calls in flight.
     connections_max: int = 64
+    # Yield the CPU to the ledger on a shared node (actors/priority.py); 0: no.
+    cpu_nice: int = 0
 
 
 def provider_actor_name(name: str) -> str:
@@ -81,6 +84,7 @@ class ProviderActor:
 
         config.retry.check()
         self.config = config
+        lower_priority(config.cpu_nice)
         adapter_class: Any = ADAPTERS[config.name]
         self.adapter: Adapter = adapter_class.from_secrets_file(config.secrets_file)
         self._clock = clock

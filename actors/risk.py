@@ -17,6 +17,7 @@ from typing import Any
 import ray
 
 from actors import telemetry
+from actors.priority import lower_priority
 from processor.ops_config import ObservabilityConfig
 from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
 
@@ -29,9 +30,10 @@ NAMESPACE = "txproc"
 class RiskActor:
     def __init__(self, config: RiskConfig, *, clock_s: Callable[[], float] = time.monotonic,
                  delay_s: float = 0.0,
-                 observability: ObservabilityConfig | None = None) -> None:
+                 observability: ObservabilityConfig | None = None, cpu_nice: int = 0) -> None:
         if observability is not None:
             telemetry.setup(observability, "risk")
+        lower_priority(cpu_nice)
         config.check()
         self._config = config
         self._clock_s = clock_s
@@ -59,10 +61,12 @@ class RiskActor:
         return decision
 
 
-def make_risk(config: RiskConfig, observability: ObservabilityConfig | None = None) -> Any:
-    """Start the risk actor (the one place it is made remote); restarted if it dies."""
+def make_risk(config: RiskConfig, observability: ObservabilityConfig | None = None,
+              *, cpu_nice: int = 0) -> Any:
+    """Start the risk actor (the one place it is made remote); restarted if it dies.
+    ``cpu_nice`` lowers its CPU priority (actors/priority.py)."""
     actor_class = ray.remote(
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000
     )(RiskActor)
     return actor_class.options(name=RISK_ACTOR_NAME, namespace=NAMESPACE).remote(
-        config, observability=observability)
+        config, observability=observability, cpu_nice=cpu_nice)

@@ -284,13 +284,15 @@ async def _start_payments(processor: Processor) -> None:
             url = sim.url
         _kill_stale(provider_actor_name(endpoint.name))
         processor.providers.append(make_provider(ProviderConfig(
-            name=endpoint.name, base_url=url, secrets_file=str(secrets)),
+            name=endpoint.name, base_url=url, secrets_file=str(secrets),
+            cpu_nice=config.payments.cpu_nice),
             config.observability))
         processor.provider_secrets.append((endpoint.name, str(secrets)))
         processor.provider_urls[endpoint.name] = url
     await asyncio.gather(*[p.info.remote() for p in processor.providers])
     _kill_stale(RISK_ACTOR_NAME)
-    processor.risk = make_risk(config.payments.risk, config.observability)
+    processor.risk = make_risk(config.payments.risk, config.observability,
+                               cpu_nice=config.payments.cpu_nice)
     await processor.risk.ready.remote()
     _kill_stale(PAYMENTS_ACTOR_NAME)
     processor.payments = make_payments(

@@ -60,7 +60,7 @@ __all__ = ["main", "parse_args", "phase_figures", "run", "transfer_body"]
 log = logging.getLogger("txproc.bench.isolation")
 RESULTS_DIR = Path(__file__).parent / "results"
 LEDGER_ACCOUNTS = 1_000
-HUNG = {"hang_rate": 1.0, "hang_s": 600.0}
+HUNG = {"hang_rate": 1.0, "hang_s": 20.0}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -103,6 +103,42 @@ def transfer_body(transfer_id: int, rng: random.Random, accounts: list[int]) -> 
     return json.dumps({"id": transfer_id, "debit_account_id": debit,
                        "credit_account_id": credit, "amount": rng.randint(1, 100),
                        "currency": "USD"}, separators=(",", ":")).encode()
+
+
+async def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The processor's metrics on this node, by (sample name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=30) as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def server_figures(before: dict[Any, float], after: dict[Any, float]) -> dict[str, Any]:
+    """Where a phase's ledger time went, from the server's own histograms: commits (count,
+    mean seconds, mean transfers each) and the HTTP and RPC transfer requests' mean."""
+
+    def delta(name: str, **labels: str) -> float:
+        want = set(labels.items())
+        return sum(v - before.get(k, 0.0) for k, v in after.items()
+                   if k[0] == name and want <= set(k[1]))
+
+    def mean_ms(name: str, **labels: str) -> float | None:
+        count = delta(f"{name}_count", **labels)
+        return round(delta(f"{name}_sum", **labels) * 1000 / count, 2) if count else None
+
+    commits = delta("txproc_ledger_commit_duration_seconds_count")
+    return {
+        "commits": int(commits),
+        "commit_mean_ms": mean_ms("txproc_ledger_commit_duration_seconds"),
+        "transfers_per_commit": round(delta("txproc_ledger_commit_transfers_sum") / commits, 1)
+        if commits else None,
+        "http_transfer_mean_ms": mean_ms("txproc_transfer_request_duration_seconds",
+                                         api="http"),
+        "rpc_transfer_mean_ms": mean_ms("txproc_transfer_request_duration_seconds",
+                                        api="rpc"),
+    }
 
 
 def phase_figures(run: OpenLoopRun) -> dict[str, Any]:
@@ -178,6 +214,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     in_flight_max=args.payments_in_flight, timeout_s=30.0))
                 await asyncio.sleep(args.warmup_s)
             cpu_before = await asyncio.to_thread(processes.cpu_by_pid)
+            metrics_before = await scrape(processor.metrics_port)
             started = time.perf_counter()
             measured = await open_loop(send_transfer, rate_per_s=args.rate,
                                        duration_s=args.seconds, in_flight_max=256,
@@ -185,6 +222,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             wall_s = time.perf_counter() - started
             cpu = ledger.cpu_delta_s(cpu_before, await asyncio.to_thread(processes.cpu_by_pid))
             figures = {"name": name, "ledger": phase_figures(measured),
+                       "server": server_figures(metrics_before,
+                                                await scrape(processor.metrics_port)),
                        "cores_busy": {g: round(v / wall_s, 2) for g, v in cpu.items()}}
             if background is not None:
                 if faults == HUNG:  # let the hung calls go: their answers are not measured
@@ -200,13 +239,32 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         sum(1 for a in payments_run.answers if a.answered) / elapsed, 1),
                     "authorized_per_s": round(answers.get("201 authorized", 0) / elapsed, 1),
                 }
+            figures["quiet_after_s"] = await quiet()
             results["phases"].append(figures)
             lat = figures["ledger"]["latency_ms"]
             print(f"{name}: ledger p50 {lat['p50']} ms, p99 {lat['p99']} ms, answers "
-                  f"{figures['ledger']['answers']}; payments {figures.get('payments', '-')}; "
+                  f"{figures['ledger']['answers']}; server {figures['server']}; "
+                  f"payments {figures.get('payments', '-')}; "
                   f"cores busy {figures['cores_busy']}", flush=True)
 
+        async def quiet(timeout_s: float = 90.0) -> float:
+            """Wait until the payments side (payments actor, provider actors) uses under
+            5% of a core: what a phase left running (hung calls, rechecks) would otherwise
+            land in the next one. Returns the seconds waited."""
+            started = time.perf_counter()
+            while time.perf_counter() - started < timeout_s:
+                before = await asyncio.to_thread(processes.cpu_by_pid)
+                await asyncio.sleep(1.0)
+                cpu = ledger.cpu_delta_s(before, await asyncio.to_thread(processes.cpu_by_pid))
+                if cpu.get("payments", 0.0) + cpu.get("providers", 0.0) < 0.05:
+                    break
+            return round(time.perf_counter() - started, 1)
+
         try:
+            # Unrecorded: the first transfers compile the shards' kernels.
+            await open_loop(send_transfer, rate_per_s=args.rate,
+                            duration_s=max(args.warmup_s, 3.0), in_flight_max=256,
+                            timeout_s=30.0)
             await phase("alone", None, 0.0)
             await phase("payments saturated", fault_body(0.0, median_ms=None, p99_ms=None,
                                                          seed=0), args.payments_rate)

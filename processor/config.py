@@ -55,6 +55,9 @@ class PaymentsSection(msgspec.Struct, frozen=True, kw_only=True):
     # Downstream consumers of payment events (name -> URL), delivered at least once.
     event_subscribers: dict[str, str] = {}
     pool_size_max: int = 8
+    # The nice value of the payments actor, the provider actors and the risk actor: on a
+    # node shared with the ledger they yield the CPU to it (actors/priority.py); 0: no.
+    cpu_nice: int = 19
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -85,6 +88,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.payments.idempotency_retention_s >= self.payments.rules.claim_ttl_s,
              "idempotency_retention_s >= claim_ttl_s"),
             (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),
+            (0 <= self.payments.cpu_nice <= 19, "0 <= payments cpu_nice <= 19"),
             (0 <= self.observability.metrics_port <= 65535, "0 <= metrics_port <= 65535"),
             (self.observability.vcpu_hour_price >= 0, "vcpu_hour_price >= 0"),
             (self.observability.trace_exporter in ("off", "console", "otlp"),

@@ -162,3 +162,20 @@ async def test_a_webhook_event_applies_once(store: PaymentStore) -> None:
     assert await store.webhook_seen("acme", "evt_1")
     assert not await store.record_webhook("acme", "evt_1")
     assert await store.record_webhook("globex", "evt_1")
+
+
+async def test_its_sessions_yield_the_cpu_on_a_shared_machine(db_url: str) -> None:
+    """With ``session_nice``, each pooled connection's backend runs at that nice value
+    when the server is on this machine (the embedded one is)."""
+    import psutil
+
+    store = await PaymentStore.connect(db_url, pool_size_max=2, connect_timeout_s=10,
+                                       command_timeout_s=10, session_nice=7)
+    try:
+        async with store.pool.acquire() as conn:
+            pid = conn.get_server_pid()
+            if not psutil.pid_exists(pid):
+                pytest.skip("the database server is not on this machine")
+            assert psutil.Process(pid).nice() == 7
+    finally:
+        await store.close()
