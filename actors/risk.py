@@ -16,7 +16,8 @@ from typing import Any
 
 import ray
 
-from actors import telemetry
+from actors.names import NAMESPACE
+from actors.ops import telemetry
 from actors.priority import lower_priority
 from processor.ops_config import ObservabilityConfig
 from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
@@ -24,7 +25,6 @@ from processor.risk import RiskConfig, RiskDecision, VelocityWindow, evaluate
 __all__ = ["RISK_ACTOR_NAME", "RiskActor", "make_risk"]
 
 RISK_ACTOR_NAME = "txproc-risk"
-NAMESPACE = "txproc"
 
 
 class RiskActor:

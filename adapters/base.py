@@ -3,8 +3,9 @@
 An adapter is pure translation: it builds the HTTP request a provider expects
 (``HttpCall``) and turns the provider's answer into a ``ProviderReply`` whose ``outcome`` is
 one of the closed ``Outcome`` values. It does no I/O and keeps no state beyond its
-credentials, so it is tested without a network; the ``ProviderActor`` (``actors/provider.py``)
-sends the calls and owns timeouts, retries and the circuit breaker.
+credentials, so it is tested without a network; the ``ProviderActor``
+(``actors/payments/provider.py``) sends the calls and owns timeouts, retries and the circuit
+breaker.
 
 No provider quirk passes this boundary: status words, error bodies, signature schemes,
 report formats and rate-limit headers stay inside ``adapters/<provider>.py``.

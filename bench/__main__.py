@@ -400,7 +400,7 @@ def _ratios(results: dict[str, Any]) -> None:
 
 
 async def _audit(url: str) -> dict[str, Any]:
-    from actors.store import LedgerStore
+    from actors.ledger import LedgerStore
 
     started = time.perf_counter()
     store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import ledger
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Transfer
 

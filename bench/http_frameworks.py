@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import psutil
 
-from actors.http_api import TransferRequest
+from actors.edge.http_api import TransferRequest
 from bench.ledger import _RawConnection, latency_summary_ms
 
 __all__ = ["litestar_app", "main", "starlette_app"]

@@ -937,7 +937,7 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
     """A processor on loopback with free ports, in a data directory removed afterwards;
     yields it with its start-up time in seconds, and stops everything it started.
     ``shard_options`` are further ShardConfig fields."""
-    from actors.runtime import start_processor
+    from actors.app.runtime import start_processor
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
     scratch = Path(tempfile.mkdtemp(prefix=prefix))

@@ -114,7 +114,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             await conn.close()
         out["shards"] = [{k: v for k, v in s.items() if k.startswith("recovery_")}
                          | {"shard": s["shard"], "accounts": s["accounts"]} for s in after]
-        from actors.store import LedgerStore
+        from actors.ledger import LedgerStore
 
         store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
                                           command_timeout_s=600)

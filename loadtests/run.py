@@ -404,7 +404,7 @@ async def _drive(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 
 
 async def _run_embedded(args: argparse.Namespace) -> dict[str, Any]:
-    from actors.runtime import start_processor
+    from actors.app.runtime import start_processor
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
     from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
 

@@ -29,7 +29,7 @@ from processor.currency import CURRENCY_EXPONENTS
 from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_CHARS_MAX, Transfer
 
 if TYPE_CHECKING:
-    from processor.columnar import TransferColumns
+    from processor.ledger import TransferColumns
 
 __all__ = ["BatchInvalid", "TransferBatch", "decode_batch", "encode_batch"]
 
@@ -181,7 +181,7 @@ class TransferBatch:
     def columns(self) -> TransferColumns:
         """The batch as the ledger's int64 columns (currency by number, 0 if unknown)."""
         # Imported here: clients use this module, and the ledger's kernels are not theirs.
-        from processor.columnar import TransferColumns
+        from processor.ledger import TransferColumns
 
         n = len(self)
         known = np.isin(self.currency, _KNOWN_CURRENCIES)

@@ -1,7 +1,7 @@
 """One frozen configuration tree, built once by the CLI and passed down.
 
 Each part lives with what it configures, so a domain's code imports only its own: the
-ledger's shards and front in ``processor.ledger_config``, metrics and traces in
+ledger's shards and front in ``processor.ledger.config``, metrics and traces in
 ``processor.ops_config``, payments and risk here and in their packages. ``Config`` gathers
 them (re-exported here, as before).
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import msgspec
 
-from processor.ledger_config import FrontConfig, ShardConfig
+from processor.ledger import FrontConfig, ShardConfig
 from processor.ops_config import ObservabilityConfig
 from processor.payments import PaymentsConfig
 from processor.risk import RiskConfig

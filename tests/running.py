@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from actors.app.runtime import Processor, start_processor
 from actors.database import create_database, drop_database
-from actors.runtime import Processor, start_processor
-from actors.store import LedgerStore
+from actors.ledger.store import LedgerStore
 from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key

@@ -140,9 +140,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command in ("serve", "demo"):
-        from actors.telemetry import setup
+        from actors.ops.telemetry import setup
 
-        # JSON lines carrying trace ids, redacted (actors/telemetry.py); the demo keeps the
+        # JSON lines carrying trace ids, redacted (actors/ops/telemetry.py); the demo keeps the
         # terminal for its tables and logs only warnings.
         setup(build_config(args).observability, "serve" if args.command == "serve" else "demo",
               level=logging.INFO if args.command == "serve" else logging.WARNING)
@@ -185,8 +185,8 @@ def _token_issue(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    from actors.app.runtime import ensure_database
     from actors.migrate import migrate
-    from actors.runtime import ensure_database
 
     config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
                     front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
@@ -203,8 +203,8 @@ async def _migrate(args: argparse.Namespace) -> int:
 async def _dlq(args: argparse.Namespace) -> int:
     import asyncpg
 
-    from actors import outbox
-    from actors.runtime import ensure_database
+    from actors.app.runtime import ensure_database
+    from actors.payments import outbox
 
     config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
                     front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
@@ -229,7 +229,7 @@ async def _dlq(args: argparse.Namespace) -> int:
 
 
 async def _serve(config: Config) -> int:
-    from actors.runtime import start_processor
+    from actors.app.runtime import start_processor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

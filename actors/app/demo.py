@@ -65,8 +65,8 @@ def workload(accounts: int, transfers: int, seed: int = 7) -> tuple[list[Account
 
 
 async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int) -> int:
-    from actors.runtime import start_processor
-    from actors.store import LedgerStore
+    from actors.app.runtime import start_processor
+    from actors.ledger import LedgerStore
 
     # Piped output (CI logs, files) gets room for the tables; a terminal keeps its width.
     console = Console()

@@ -3,7 +3,7 @@
 A payment is authorized, then captured (fully or partly) or voided, then refunded (fully or
 partly, several times); a payout sends a merchant's posted balance to a bank. Each of these
 operations is a *step*: a saga that talks to one provider and to the ledger, persisted
-before and after every external call (``actors/payments.py`` does the I/O; this module only
+before and after every external call (``actors/payments/engine.py`` does the I/O; this module only
 decides). ``docs/payments.md`` draws the machine.
 
 A step moves through phases::

@@ -19,10 +19,10 @@ from typing import Any
 
 import msgspec
 
-from actors.shard import LedgerShard
+from actors.ledger.shard import LedgerShard
 from processor.batch import TransferBatch, encode_batch
 from processor.config import ShardConfig
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 SHARDS = 2

@@ -19,7 +19,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from actors.store import LedgerStore
+from actors.ledger.store import LedgerStore
 from processor.codes import TransferResult
 from processor.types import Account, Transfer
 from tests.actors.checkpoint_worker import (

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import ray
 
+from actors.app.runtime import Processor
 from actors.database import EmbeddedPostgres
-from actors.runtime import Processor
-from actors.store import LedgerStore
+from actors.ledger.store import LedgerStore
 from processor.client import Client, ClientError
 from processor.codes import TransferResult
 from processor.errors import LedgerError

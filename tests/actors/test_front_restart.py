@@ -8,7 +8,7 @@ import signal
 
 import httpx
 
-from actors.runtime import Processor
+from actors.app.runtime import Processor
 from processor.client import Client
 from processor.codes import AccountResult
 from processor.types import Account

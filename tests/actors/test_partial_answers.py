@@ -19,11 +19,11 @@ import signal
 import asyncpg
 import pytest
 
-from actors.runtime import Processor
-from actors.store import LedgerStore
+from actors.app.runtime import Processor
+from actors.ledger.store import LedgerStore
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 from processor.types import Account, Transfer
 from tests.running import IdSource, token_for
 

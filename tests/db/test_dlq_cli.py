@@ -7,7 +7,7 @@ import sys
 
 import asyncpg
 
-from actors import outbox
+from actors.payments import outbox
 
 RELAY_SECRET = b"s" * 32
 LIMITS = outbox.RelayLimits(batch_max=4, in_flight_max=2, attempts_max=1, backoff_base_s=0.01,

@@ -14,10 +14,8 @@ import time
 
 import pytest
 
-from actors.store import LedgerStore
-from processor.columnar import ArrayBook
-from processor.ledger import Known
-from processor.partition import PartitionMap
+from actors.ledger.store import LedgerStore
+from processor.ledger import ArrayBook, Known, PartitionMap
 from processor.types import Account, Transfer
 from tests.unit.ledger_sim import account_ids_on_shards
 
@@ -90,7 +88,7 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> 
     """A commit that would store a burned id, or burn a stored one, is refused whole with
     IdConflict (the shard then restarts and reads the id back); the primary keys cover the
     rest."""
-    from actors.store import IdConflict
+    from actors.ledger.store import IdConflict
     from processor.ledger import CommitBatch, Failed
 
     partitions = PartitionMap.uniform(1)
@@ -139,7 +137,7 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> 
 async def test_a_fenced_commit_writes_nothing(db_url: str, form: str) -> None:
     """A commit fenced on an epoch that has moved on (its shard, or a peer whose holds it
     relies on, restarted) is refused with FenceError and leaves no row behind."""
-    from actors.store import FenceError
+    from actors.ledger.store import FenceError
     from processor.ledger import CommitBatch, Failed
 
     partitions = PartitionMap.uniform(2)
@@ -173,7 +171,7 @@ async def test_a_fenced_commit_writes_nothing(db_url: str, form: str) -> None:
 async def test_a_checkpoint_folds_without_changing_balances(db_url: str, form: str) -> None:
     """Balances read the same before and after a checkpoint; the rows catch up with them;
     an idle shard's checkpoint moves forward; a superseded incarnation cannot checkpoint."""
-    from actors.store import FenceError
+    from actors.ledger.store import FenceError
 
     partitions = PartitionMap.uniform(2)
     (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)

@@ -1,4 +1,5 @@
-"""Tests of actors.outbox against a real PostgreSQL and a real HTTP receiver on loopback."""
+"""Tests of actors.payments.outbox against a real PostgreSQL and a real HTTP receiver on
+loopback."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import asyncpg
 import pytest
 
 from actors.database import database_url_with_name
-from actors.outbox import (
+from actors.payments.outbox import (
     OutboxRelay,
     PayloadTooLargeError,
     RelayLimits,
@@ -31,7 +32,7 @@ from actors.outbox import (
     verdict_of,
     verify,
 )
-from processor.ledger import InvariantError
+from processor.types import InvariantError
 
 SECRET = b"outbox-test-signing-secret-32byt"
 TIMEOUT_S = 10.0

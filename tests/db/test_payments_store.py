@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import msgspec
 import pytest
 
-from actors.payments_store import PaymentStore
+from actors.payments.store import PaymentStore
 from processor.payments import (
     Decision,
     KeyState,

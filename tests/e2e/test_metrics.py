@@ -10,7 +10,7 @@ import uuid
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from actors.runtime import Processor
+from actors.app.runtime import Processor
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
 from processor.types import Account, AccountFlags, Transfer

@@ -16,7 +16,7 @@ import httpx
 import pytest
 import ray
 
-from actors.runtime import Processor
+from actors.app.runtime import Processor
 from processor.client import Client
 from tests.payments_support import (
     Sims,
@@ -505,7 +505,7 @@ async def test_payment_events_reach_a_subscriber_signed_and_at_least_once(
     delivers them signed to every subscriber."""
     import asyncpg
 
-    from actors import outbox
+    from actors.payments import outbox
 
     received: list[tuple[dict[str, str], bytes]] = []
     failures_left = [1]  # the first delivery fails: it must come again

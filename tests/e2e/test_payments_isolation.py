@@ -18,7 +18,7 @@ import asyncpg
 import httpx
 import pytest
 
-from actors.runtime import Processor
+from actors.app.runtime import Processor
 from processor.client import Client
 from processor.codes import AccountResult
 from processor.types import Account

@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 import pytest
 
-from actors.runtime import Processor
+from actors.app.runtime import Processor
 from processor.batch import TransferBatch
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
@@ -26,7 +26,7 @@ LINKED = int(TransferFlags.LINKED)
 
 def _on_other_shards(processor: Processor, ids: IdSource) -> tuple[int, int]:
     """Two fresh account ids owned by different shards (a cross-shard pair)."""
-    from processor.partition import PartitionMap
+    from processor.ledger import PartitionMap
 
     pm = PartitionMap.uniform(processor.config.shard.shards)
     a = ids.one()

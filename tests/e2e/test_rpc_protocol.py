@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 
 import pytest
 
-from actors.rpc_server import HELLO_TIMEOUT_S_DEFAULT, start_rpc_server
+from actors.edge.rpc_server import HELLO_TIMEOUT_S_DEFAULT, start_rpc_server
 from processor import wire
 from processor.batch import TransferBatch
 from processor.client import CONNECT_ATTEMPTS_MAX_DEFAULT, Client, ClientError

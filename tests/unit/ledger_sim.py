@@ -1,6 +1,6 @@
 """An in-memory cluster of ledger Books for unit tests: N shards, a dict store, a fake clock.
 
-It runs the protocol of the shard actors (actors/shard.py) without Ray or PostgreSQL:
+It runs the protocol of the shard actors (actors/ledger/shard.py) without Ray or PostgreSQL:
 accounts are created by their owners; each linked chain of a request is coordinated by the
 shard owning the debit account of its first transfer; a coordinator looks up what it does
 not remember, plans, has its remote legs reserved, finalizes, commits to the store and then
@@ -26,9 +26,17 @@ from typing import Any
 import msgspec
 
 from processor.codes import AccountResult, TransferResult
-from processor.columnar import ArrayBook
-from processor.ledger import NS_PER_S, Book, CommitBatch, Known, Plan, Resolution, ResolutionRow
-from processor.partition import PartitionMap
+from processor.ledger import (
+    NS_PER_S,
+    ArrayBook,
+    Book,
+    CommitBatch,
+    Known,
+    PartitionMap,
+    Plan,
+    Resolution,
+    ResolutionRow,
+)
 from processor.types import AMOUNT_MAX, Account, Transfer, TransferFlags
 
 __all__ = [
@@ -64,7 +72,7 @@ class Store:
     epochs: dict[int, int] = field(default_factory=dict)  # shard -> epoch
 
     def fetch_known(self, ids: list[int], pending_ids: list[int]) -> Known:
-        """What ``actors.store.LedgerStore.fetch_known`` reads, from the dicts."""
+        """What ``actors.ledger.store.LedgerStore.fetch_known`` reads, from the dicts."""
         known = Known()
         for i in ids:
             if i in self.transfers:

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from processor.batch import BatchInvalid, TransferBatch, decode_batch, encode_batch
-from processor.columnar import currency_number
+from processor.ledger import currency_number
 from processor.types import AMOUNT_MAX, Transfer
 
 TRANSFERS = st.lists(st.builds(

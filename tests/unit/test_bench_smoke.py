@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from actors.http_api import TRANSFER_DECODER
+from actors.edge.http_api import TRANSFER_DECODER
 from bench import ledger
 from bench.__main__ import QUICK, http_phase_name, markdown_rows, parse_args
 from loadtests.run import parse_run_time_s, read_stats_csv

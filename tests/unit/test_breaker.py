@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.ledger import InvariantError
 from processor.payments import (
     BUCKETS_MAX,
     BreakerConfig,
@@ -19,6 +18,7 @@ from processor.payments import (
     backoff_s,
     next_delay_s,
 )
+from processor.types import InvariantError
 
 CLOSED, OPEN, HALF_OPEN = BreakerState.closed, BreakerState.open, BreakerState.half_open
 

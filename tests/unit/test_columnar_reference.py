@@ -1,6 +1,6 @@
-"""The columnar book (processor.columnar, processor.kernel) against the reference model.
+"""The columnar book (processor.ledger.columnar and .kernel) against the reference model.
 
-``processor.ledger.Book`` with its per-account objects is the readable statement of the
+``processor.ledger.rules.Book`` with its per-account objects is the readable statement of the
 rules; ``ArrayBook`` keeps balances in arrays and runs batches of plain transfers through
 numpy and a compiled kernel. Driven through the same random workloads on one to three
 shards, under both schedules, with recoveries, expiries and replays, the two must answer
@@ -17,11 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from processor import kernel
 from processor.codes import TransferResult
-from processor.columnar import ArrayBook, decode_legs, encode_legs
-from processor.ledger import Book, Known
-from processor.partition import PartitionMap
+from processor.ledger import Book, Known, PartitionMap, kernel
+from processor.ledger.columnar import ArrayBook, decode_legs, encode_legs
 from processor.types import AMOUNT_MAX, Account, AccountFlags, Transfer, TransferFlags
 from tests.unit.ledger_sim import Cluster, book_mismatches
 from tests.unit.test_ledger_properties import (
@@ -230,7 +228,7 @@ def test_limited_debits_follow_order_within_a_batch() -> None:
 
 def test_legs_survive_their_wire_form() -> None:
     """Plain legs sent to another shard decode to the same columns."""
-    from processor.columnar import PlainLegs
+    from processor.ledger.columnar import PlainLegs
 
     cols = [np.array(v, dtype=np.int64) for v in ([1, 2], [AMOUNT_MAX, 1], [5, 6], [9, 10])]
     back = decode_legs(encode_legs(PlainLegs(*cols)))
@@ -279,7 +277,7 @@ def test_kernels_are_compiled() -> None:
 def test_partitions_over_arrays_equal_the_scalar_hash(ids: list[int], shards: int) -> None:
     """Routing over arrays (front, columnar book, store) sends every id where the scalar
     hash does."""
-    from processor.partition import partition_of, partitions_of
+    from processor.ledger import partition_of, partitions_of
 
     array = np.array([*ids, 0, 2**63 - 1], dtype=np.int64)
     assert partitions_of(array).tolist() == [partition_of(i) for i in array.tolist()]
@@ -292,7 +290,7 @@ def test_partitions_over_arrays_equal_the_scalar_hash(ids: list[int], shards: in
                      max_size=50))
 def test_delta_sums_are_exact_past_int64(rows: list[list[int]]) -> None:
     """Double entry is checked on exact sums, even where an int64 sum would wrap."""
-    from processor.ledger import _exact_column_sums
+    from processor.ledger.rules import _exact_column_sums
 
     values = np.array(rows, dtype=np.int64).reshape(-1, 4)
     assert _exact_column_sums(values) == [sum(r[k] for r in rows) for k in range(4)]

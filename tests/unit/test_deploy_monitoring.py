@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
 GRAFANA = ROOT / "deploy" / "grafana"
 RUNBOOKS = ROOT / "docs" / "runbooks"
-METRICS_SOURCE = ROOT / "actors" / "metrics.py"
-METRICS_SERVER_SOURCE = ROOT / "actors" / "metrics_server.py"
+METRICS_SOURCE = ROOT / "actors" / "ops" / "metrics.py"
+METRICS_SERVER_SOURCE = ROOT / "actors" / "ops" / "metrics_server.py"
 COMPOSE = ROOT / "deploy" / "docker-compose.yml"
 
 # -- Scrape-time gauges ------------------------------------------------------------------------
-# Not defined in actors/metrics.py: the node's metrics server (actors/metrics_server.py)
+# Not defined in actors/ops/metrics.py: the node's metrics server (actors/ops/metrics_server.py)
 # computes them on each scrape, from the database and from the node's processes. Names as
 # exposed (the counter txproc_transfers_committed is exposed with its _total).
 SCRAPE_TIME_METRICS = frozenset({
@@ -105,7 +105,7 @@ def _all_exprs() -> list[tuple[str, str]]:
 
 
 def defined_metrics(source: str) -> set[str]:
-    """Names exposed for the metrics declared in ``source`` (actors/metrics.py's text)."""
+    """Names exposed for the metrics declared in ``source`` (actors/ops/metrics.py's text)."""
     names: set[str] = set()
     for kind, name in re.findall(r"\b(Counter|Gauge|Histogram)\(\s*\"(txproc_[a-z0-9_]+)\"",
                                  source):
@@ -182,7 +182,7 @@ def test_the_checks_themselves_catch_bad_input() -> None:
 
 
 def test_metrics_source_defines_the_histograms_the_rules_need() -> None:
-    """Parsing actors/metrics.py finds its metrics (so an empty parse cannot pass vacuously)."""
+    """Parsing actors/ops/metrics.py finds its metrics (so an empty parse cannot pass vacuously)."""
     metrics = defined_metrics(METRICS_SOURCE.read_text(encoding="utf-8"))
     assert {"txproc_authorization_duration_seconds", "txproc_ledger_write_failures_total",
             "txproc_provider_breaker_state", "txproc_shard_queue_items",
@@ -191,9 +191,9 @@ def test_metrics_source_defines_the_histograms_the_rules_need() -> None:
 
 
 def test_scrape_time_metrics_are_those_the_metrics_server_exposes() -> None:
-    """The scrape-time list above names what actors/metrics_server.py really yields."""
+    """The scrape-time list above names what actors/ops/metrics_server.py really yields."""
     if not METRICS_SERVER_SOURCE.exists():
-        pytest.skip("actors/metrics_server.py is not in this tree")
+        pytest.skip("actors/ops/metrics_server.py is not in this tree")
     source = METRICS_SERVER_SOURCE.read_text(encoding="utf-8")
     for name in SCRAPE_TIME_METRICS:
         base = name.removesuffix("_total")
@@ -278,7 +278,7 @@ def test_recorded_names_follow_the_convention_and_are_defined_once() -> None:
 
 def test_every_metric_name_in_rules_and_panels_exists() -> None:
     """Every txproc name in an alert, a recording rule or a panel is a metric of
-    actors/metrics.py, a scrape-time gauge, or a series recorded in recording.yml."""
+    actors/ops/metrics.py, a scrape-time gauge, or a series recorded in recording.yml."""
     metrics = known_metrics()
     records = set(_records())
     problems = [(where, unknown_names(expr, metrics, records)) for where, expr in _all_exprs()]
@@ -343,7 +343,7 @@ def test_dashboard_is_well_formed_and_uses_the_provisioned_datasource() -> None:
 
 
 def test_dashboard_shows_every_metric() -> None:
-    """Every metric (actors/metrics.py and scrape-time) appears on some panel, directly or
+    """Every metric (actors/ops/metrics.py and scrape-time) appears on some panel, directly or
     through a recorded series."""
     records = _records()
     seen: set[str] = set()

@@ -7,10 +7,10 @@ import asyncio
 import msgspec
 import pytest
 
-from actors.front import Front
+from actors.ledger.front import Front
 from processor.config import Config, FrontConfig, ShardConfig
 from processor.errors import Overloaded
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 from processor.types import Transfer, TransferFlags
 
 

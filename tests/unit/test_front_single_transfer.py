@@ -8,10 +8,10 @@ import asyncio
 import msgspec
 import pytest
 
-from actors.front import Front
+from actors.ledger.front import Front
 from processor.codes import TransferResult
 from processor.config import Config, FrontConfig, ShardConfig
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 from processor.types import Transfer, TransferFlags
 
 STORED_AT_NS = 1_700_000_000_000_000_123

@@ -1,4 +1,4 @@
-"""Tests of actors.http_api: decoding, auth, limits and status mapping over a fake ledger."""
+"""Tests of actors.edge.http_api: decoding, auth, limits and status mapping over a fake ledger."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from actors.http_api import (
+from actors.edge.http_api import (
     ERROR_CODES,
     OPERATIONS,
     AccountResponse,
@@ -418,7 +418,7 @@ async def test_internal_error_log_carries_no_token(
 ) -> None:
     """An unexpected exception is a logged 500 internal, and the log never holds the token."""
     ledger.error = RuntimeError("the fake broke")
-    with caplog.at_level(logging.ERROR, logger="actors.http_api"):
+    with caplog.at_level(logging.ERROR, logger="actors.edge.http_api"):
         response = await client.post("/v1/accounts", json=account_json(), headers=AUTH)
     assert_error(response, 500, "internal")
     assert "POST /v1/accounts" in caplog.text

@@ -1,4 +1,4 @@
-"""POST /v1/transfers is served without Starlette (``actors.http_api._App``) for speed; these
+"""POST /v1/transfers is served without Starlette (``actors.edge.http_api._App``) for speed; these
 tests prove that route answers byte for byte what the Starlette route answers, for every kind
 of outcome, over the fake ledger of test_http_api."""
 
@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from actors.http_api import build_app
+from actors.edge.http_api import build_app
 from processor.errors import Overloaded, Unavailable
 from tests.unit.test_http_api import (
     AUTH,
@@ -80,7 +80,7 @@ def _ledger(setup: str | None) -> FakeLedger:
 
 
 def _stored() -> Any:
-    from actors.http_api import TRANSFER_DECODER, transfer_from_request
+    from actors.edge.http_api import TRANSFER_DECODER, transfer_from_request
 
     return transfer_from_request(TRANSFER_DECODER.decode(encode(transfer_json())))
 

@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.ledger import InvariantError
 from processor.payments import (
     KEY_CHARS_MAX,
     Decision,
@@ -21,6 +20,7 @@ from processor.payments import (
     decide,
     fingerprint,
 )
+from processor.types import InvariantError
 
 # --- check_key ----------------------------------------------------------------------------
 

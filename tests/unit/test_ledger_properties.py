@@ -1,4 +1,4 @@
-"""Invariants of processor.ledger over random workloads on one, two and three shards.
+"""Invariants of processor.ledger.rules over random workloads on one, two and three shards.
 
 A workload is a sequence of steps drawn one at a time against the state so far: batches of
 requests of transfers (plain, pending, post, void, linked), clock advances, expiry pulses,

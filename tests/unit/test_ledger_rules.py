@@ -1,4 +1,4 @@
-"""Result codes of processor.ledger, one row per input, on one shard and across three."""
+"""Result codes of processor.ledger.rules, one row per input, on one shard and across three."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import msgspec
 import pytest
 from starlette.routing import Route
 
-import actors.http_api as http_api
+import actors.edge.http_api as http_api
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.identity import SCOPES

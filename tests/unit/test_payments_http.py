@@ -1,4 +1,4 @@
-"""The card-data scan at the payments API's door (actors/payments_http.py)."""
+"""The card-data scan at the payments API's door (actors/payments/endpoints.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from actors.payments_http import PaymentsApiError, scan_for_card_data
+from actors.payments.endpoints import PaymentsApiError, scan_for_card_data
 
 
 def luhn(body: str) -> str:

@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from processor.ledger import InvariantError
 from processor.risk import (
     EVENTS_PER_TOKEN_MAX,
     FallbackCause,
@@ -17,7 +16,7 @@ from processor.risk import (
     evaluate,
     fallback,
 )
-from processor.types import AMOUNT_MAX
+from processor.types import AMOUNT_MAX, InvariantError
 
 R = RiskReason
 CONFIG = RiskConfig(blocked_tokens=frozenset({"pm_blocked"}))

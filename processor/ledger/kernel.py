@@ -1,10 +1,10 @@
 """The compiled part of the ledger's hot path: sequential rules over balance arrays.
 
 A shard keeps every account's balances in one int64 matrix, a row per account (its *slot*)
-and a column per balance (``processor.columnar``). The rules that must run in order (a
+and a column per balance (``processor.ledger.columnar``). The rules that must run in order (a
 limit depends on every transfer before it) are loops over that matrix compiled by Numba
 (``@njit(cache=True)``: compiled once per machine, then loaded from ``__pycache__``). They
-implement exactly what ``processor.ledger.AccountState.check`` decides for a single-phase
+implement exactly what ``processor.ledger.rules.AccountState.check`` decides for a single-phase
 transfer leg; ``tests/unit/test_kernel_reference.py`` holds them to that reference model.
 
 Every sum is compared with ``AMOUNT_MAX`` without overflowing int64: terms are
@@ -17,7 +17,7 @@ import numpy as np
 from numba import njit
 
 from processor.codes import TransferResult
-from processor.ledger import CREDITS_LIMITED, DEBITS_LIMITED
+from processor.ledger.rules import CREDITS_LIMITED, DEBITS_LIMITED
 from processor.types import AMOUNT_MAX
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
 
 # Columns of the balance matrix. The first four are committed balances (equal to the
 # database row plus unfolded postings); U_* are signed uncommitted effects; UP_* the
-# uncommitted increases; RES_* holds granted to distributed items (processor.ledger
+# uncommitted increases; RES_* holds granted to distributed items (processor.ledger.rules
 # AccountState names each of them).
 DP, DPO, CP, CPO = 0, 1, 2, 3
 U_DP, U_DPO, U_CP, U_CPO = 4, 5, 6, 7

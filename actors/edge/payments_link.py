@@ -1,4 +1,4 @@
-"""The edge's one hop to the payments actor (``actors.payments_actor``).
+"""The edge's one hop to the payments actor (``actors.payments.actor``).
 
 The front checks a payments request's token and scope, then hands the request to
 ``PaymentsLink``, which forwards it over the data-plane channel (``actors.channel``) and
@@ -19,12 +19,12 @@ from typing import Any
 import ray
 
 from actors.channel import ChannelBroken, ChannelClient
+from actors.names import NAMESPACE
+from actors.payments import PAYMENTS_ACTOR_NAME
 from processor.errors import LedgerError, Unavailable
 
-__all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsLink"]
+__all__ = ["PaymentsLink"]
 
-PAYMENTS_ACTOR_NAME = "txproc-payments"
-NAMESPACE = "txproc"
 CONNECT_TIMEOUT_S = 1.0
 # Far above any payment's own deadlines (provider calls, the ledger lanes); a bound on a
 # payments actor that hangs without dying.

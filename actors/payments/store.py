@@ -14,7 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from actors import outbox
+from actors.payments import outbox
 from actors.priority import lower_session_priority
 from processor.payments import (
     FINAL_PHASES,

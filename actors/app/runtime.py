@@ -24,17 +24,20 @@ import msgspec
 import ray
 
 from actors.database import EmbeddedPostgres
-from actors.front import make_front
-from actors.metrics_server import make_node_metrics, node_metrics_name
+from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
 from actors.migrate import migrate
-from actors.payments_actor import make_payments
-from actors.payments_link import PAYMENTS_ACTOR_NAME
-from actors.provider import ProviderConfig, make_provider, provider_actor_name
+from actors.names import NAMESPACE
+from actors.ops import make_node_metrics, node_metrics_name
+from actors.payments import (
+    PAYMENTS_ACTOR_NAME,
+    ProviderConfig,
+    make_payments,
+    make_provider,
+    provider_actor_name,
+)
 from actors.risk import RISK_ACTOR_NAME, make_risk
-from actors.shard import NAMESPACE, make_shard, shard_actor_name
-from actors.store import LedgerStore
 from processor.config import Config
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap
 
 __all__ = ["Processor", "ensure_database", "start_processor"]
 
@@ -58,7 +61,7 @@ class Processor:
     provider_urls: dict[str, str] = field(default_factory=dict)
     sims: list[Any] = field(default_factory=list)  # simulated providers this process runs
     risk: Any = None
-    payments: Any = None  # the payments actor (actors.payments_actor), when configured
+    payments: Any = None  # the payments actor (actors.payments.actor), when configured
     # The data-plane key (actors.channel); in memory only, never printed.
     channel_key: bytes = field(default=b"", repr=False)
     metrics: list[Any] = field(default_factory=list)  # one metrics server per node
@@ -147,7 +150,7 @@ def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
 def init_ray(address: str | None, metrics_dir: str = "") -> bool:
     """Join the cluster at ``address`` or start a local Ray; True if this call started it.
 
-    ``metrics_dir`` becomes every worker's ``PROMETHEUS_MULTIPROC_DIR`` (actors/metrics.py).
+    ``metrics_dir`` becomes every worker's ``PROMETHEUS_MULTIPROC_DIR`` (actors/ops/metrics.py).
     """
     if ray.is_initialized():
         return False

@@ -18,10 +18,19 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from processor.columnar import TransferColumns, currency_code
-from processor.ledger import CommitBatch, Failed, Known, Resolution, ResolutionRow, require
-from processor.partition import PartitionMap, partition_of, partitions_of
-from processor.types import Account, Transfer
+from processor.ledger import (
+    CommitBatch,
+    Failed,
+    Known,
+    PartitionMap,
+    Resolution,
+    ResolutionRow,
+    TransferColumns,
+    currency_code,
+    partition_of,
+    partitions_of,
+)
+from processor.types import Account, Transfer, require
 
 __all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore", "OwnEffects"]
 

@@ -1,6 +1,6 @@
 """LedgerShard: the Ray actor that serializes one group of ledger partitions.
 
-A thin shell: decode, call the pure rules in processor.ledger, persist through the store,
+A thin shell: decode, call the pure rules in processor.ledger.rules, persist through the store,
 encode. It acknowledges nothing before the database commit, and on any failure of the write
 path it exits: Ray restarts it and recovery rebuilds the book from PostgreSQL (crash-only).
 """
@@ -21,30 +21,33 @@ import msgspec
 import numpy as np
 import ray
 
-from actors import metrics, telemetry
 from actors.channel import ChannelClient, ChannelServer
-from actors.store import LedgerStore, OwnEffects
-from processor import kernel
+from actors.ledger.store import LedgerStore, OwnEffects
+from actors.names import NAMESPACE
+from actors.ops import metrics, telemetry
 from processor.batch import decode_batch
-from processor.columnar import (
+from processor.errors import Overloaded
+from processor.ledger import (
     ArrayBook,
+    CommitBatch,
+    EventKind,
+    Leg,
+    PartitionMap,
     PlainLegs,
+    Plan,
+    ShardConfig,
     decode_legs,
     decode_reserve_answer,
     encode_legs,
     encode_reserve_answer,
+    warm_up_kernels,
 )
-from processor.errors import Overloaded
-from processor.ledger import CommitBatch, EventKind, Leg, Plan, require
-from processor.ledger_config import ShardConfig
 from processor.ops_config import ObservabilityConfig
-from processor.partition import PartitionMap
-from processor.types import Account, Transfer
+from processor.types import Account, Transfer, require
 
 __all__ = ["LedgerShard", "make_shard"]
 
 log = logging.getLogger("txproc.shard")
-NAMESPACE = "txproc"
 
 ACCOUNT_REQUESTS = msgspec.msgpack.Decoder(list[list[Account]])
 TRANSFER_REQUESTS = msgspec.msgpack.Decoder(list[list[Transfer]])
@@ -201,7 +204,7 @@ class LedgerShard:
         accounts, pending = await self._store.load_shard(self._shard, self._own_partitions)
         loaded = time.perf_counter()
         # Compiled once per machine, then loaded from its cache: never on a batch's time.
-        kernel.warm_up()
+        warm_up_kernels()
         book = ArrayBook(self._shard, self._partitions, recent_ids_max=cfg.recent_ids_max)
         for a in accounts:
             book.load_account(a)
@@ -364,7 +367,7 @@ class LedgerShard:
         """Evaluate, commit and answer a batch of transfers given as columns
         (processor.batch); returns one result code per transfer, a byte each, in order.
 
-        A plain batch is planned over its columns (processor.columnar); any other is made
+        A plain batch is planned over its columns (processor.ledger.columnar); any other is made
         objects and evaluated like ``create_transfers``. Nothing is answered before the
         batch is durable.
         """

@@ -288,7 +288,7 @@ async def enqueue(
     """Write an event and its deliveries in the caller's open transaction; return the event id.
 
     ``payload`` is a JSON object: a dict, or its UTF-8 JSON encoding. Raises
-    ``PayloadTooLargeError`` beyond ``PAYLOAD_BYTES_MAX``, ``processor.ledger.InvariantError``
+    ``PayloadTooLargeError`` beyond ``PAYLOAD_BYTES_MAX``, ``processor.ledger.rules.InvariantError``
     if ``conn`` has no open transaction (the event would not be atomic with the change it
     reports), and ``asyncpg.CheckViolationError`` for an event type not shaped like
     ``payment.captured``, an empty or over-long aggregate id, or a payload that is not a

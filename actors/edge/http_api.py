@@ -30,8 +30,8 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from actors import metrics, telemetry
-from actors.payments_http import (
+from actors.ops import metrics, telemetry
+from actors.payments import (
     PAYMENT_ERROR_STATUS,
     PaymentFailure,
     PaymentsApiError,

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgspec
 
-from actors import metrics
-from actors.payments import PaymentsEngine
+from actors.ops import metrics
+from actors.payments.engine import PaymentsEngine
 from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
 from processor.payments import (

@@ -23,7 +23,8 @@ import httpx
 import msgspec
 import ray
 
-from actors import metrics, telemetry
+from actors.names import NAMESPACE
+from actors.ops import metrics, telemetry
 from actors.priority import lower_priority
 from adapters.base import Adapter, HttpCall, ProviderError, error_from_transport
 from processor.config import ObservabilityConfig
@@ -42,7 +43,6 @@ from processor.payments import (
 __all__ = ["ProviderActor", "ProviderConfig", "make_provider", "provider_actor_name"]
 
 log = logging.getLogger("txproc.provider")
-NAMESPACE = "txproc"
 
 
 class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True):

@@ -31,16 +31,16 @@ from typing import Any
 
 import ray
 
-from actors import outbox, telemetry
 from actors.channel import ChannelServer
-from actors.payments import PaymentsEngine
-from actors.payments_http import Idempotent, Payments, PaymentsEndpoint
-from actors.payments_link import PAYMENTS_ACTOR_NAME
-from actors.payments_store import PaymentStore
+from actors.names import NAMESPACE
+from actors.ops import telemetry
+from actors.payments import outbox
+from actors.payments.endpoints import Idempotent, Payments, PaymentsEndpoint
+from actors.payments.engine import PaymentsEngine
+from actors.payments.provider import provider_actor_name
+from actors.payments.store import PaymentStore
 from actors.priority import lower_priority
-from actors.provider import provider_actor_name
 from actors.risk import RISK_ACTOR_NAME
-from actors.shard import NAMESPACE
 from processor.client import Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
@@ -51,6 +51,8 @@ from processor.types import Account, Transfer
 __all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
 
 log = logging.getLogger("txproc.payments.actor")
+
+PAYMENTS_ACTOR_NAME = "txproc-payments"
 
 # What the front may call over the channel.
 CHANNEL_METHODS = ("call", "webhook")

@@ -33,7 +33,7 @@ import msgspec
 
 from processor.codes import AccountResult, TransferResult, burns_id
 from processor.currency import is_known_currency
-from processor.partition import PartitionMap
+from processor.ledger.partition import PartitionMap
 from processor.types import (  # InvariantError and require live in types, shared by all
     ACCOUNT_FLAGS_KNOWN,
     AMOUNT_MAX,
@@ -297,7 +297,7 @@ class Plan:
     expiries: list[PendingState]  # remote legs of expiries are in ``remote`` at index -1
     # Requests (or the tail of one) not evaluated by this plan; plan them after finalize.
     rest: list[list[Transfer]] = field(default_factory=list)
-    # Set by processor.columnar.ArrayBook when it planned the batch over columns: its plan,
+    # Set by processor.ledger.columnar.ArrayBook when it planned the batch over columns: its plan,
     # and the credit legs to reserve per shard (reserve_plain), instead of ``remote``.
     plain: Any = None
     remote_plain: dict[int, Any] = field(default_factory=dict)
@@ -322,10 +322,10 @@ class CommitBatch:
     codes: list[int] = field(default_factory=list)
     # Per item, the stored transfer's timestamp for ``ok`` and ``exists``, else 0.
     timestamps: list[int] = field(default_factory=list)
-    # A columnar batch's local legs (processor.columnar.SlotDeltas), moved to committed
+    # A columnar batch's local legs (processor.ledger.columnar.SlotDeltas), moved to committed
     # after the commit like ``local_legs``.
     slot_deltas: Any = None
-    # A columnar batch's stored transfers (processor.columnar.TransferColumns), written
+    # A columnar batch's stored transfers (processor.ledger.columnar.TransferColumns), written
     # besides ``transfers``.
     transfer_columns: Any = None
     # A columnar batch's balance deltas: account ids (each once) and an (n, 4) int64 array

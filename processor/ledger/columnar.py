@@ -1,16 +1,16 @@
 """A shard's book with balances in arrays, and a columnar path for single-phase batches.
 
 ``ArrayBook`` is the ``Book`` a shard runs. Every account's balances live in one int64
-matrix (a row per account slot, the columns of ``processor.kernel``), and each account's
+matrix (a row per account slot, the columns of ``processor.ledger.kernel``), and each account's
 ``AccountState`` is a view of its row (``SlotState``), so the general rules of
-``processor.ledger`` and the columnar path below read and write the same numbers.
+``processor.ledger.rules`` and the columnar path below read and write the same numbers.
 
 A batch takes the columnar path when every transfer in it is *plain*: no flags (so no
 linked chain, no pending, post or void), an id this shard has not seen (not in memory, not
 in the database rows fetched for it) and not repeated in the batch, its debit account on
 this shard, and no hold of this shard due to expire. Then the static rules run as numpy
 expressions over columns and the sequential ones (limits in order, overflow) in the
-compiled ``processor.kernel.plan_plain``; a transfer whose credit account is on another
+compiled ``processor.ledger.kernel.plan_plain``; a transfer whose credit account is on another
 shard holds its debit here and has its credit reserved on that shard in one
 ``reserve_plain`` call per shard, which answers an array of codes and one *hold block*;
 after the commit, one mask per block settles it. The protocol, the fences and the recovery
@@ -32,10 +32,11 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from processor import kernel
 from processor.codes import TransferResult
 from processor.currency import CURRENCY_EXPONENTS
-from processor.ledger import (
+from processor.ledger import kernel
+from processor.ledger.partition import PartitionMap
+from processor.ledger.rules import (
     AccountState,
     Book,
     CommitBatch,
@@ -44,7 +45,6 @@ from processor.ledger import (
     Plan,
     require,
 )
-from processor.partition import PartitionMap
 from processor.types import Account, Transfer, TransferFlags
 
 __all__ = [
@@ -591,7 +591,7 @@ def _split(requests: list[list[Transfer]], k: int) -> tuple[list[list[Transfer]]
 
 
 def _static_codes(cols: TransferColumns) -> np.ndarray:
-    """``processor.ledger._static_check`` for transfers without flags, over columns."""
+    """``processor.ledger.rules._static_check`` for transfers without flags, over columns."""
     debit, credit = cols.debit_account_id, cols.credit_account_id
     # In precedence order; np.select takes the first condition that holds.
     rules = (

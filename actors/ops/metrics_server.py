@@ -4,7 +4,7 @@
 ``GET /metrics`` on ``--metrics-port`` (9464 by default). A scrape returns:
 
 * the samples every actor process of the node wrote to ``PROMETHEUS_MULTIPROC_DIR``
-  (``actors/metrics.py``), added up across processes;
+  (``actors/ops/metrics.py``), added up across processes;
 * on the node that hosts the database gauges (the first one): the outbox backlog and its
   oldest event's age, dead letters not yet replayed, and the payment steps that are open,
   waiting on a provider's answer, or overdue for the recovery worker;
@@ -28,10 +28,11 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from actors.names import NAMESPACE
+
 __all__ = ["NodeMetrics", "make_node_metrics", "node_metrics_name"]
 
 log = logging.getLogger("txproc.metrics")
-NAMESPACE = "txproc"
 # Ray's own processes of this cluster carry its session directory on their command line;
 # its workers (every actor) are the raylet's children.
 _RAY_DAEMONS = ("raylet", "gcs_server")
@@ -189,7 +190,7 @@ class NodeMetrics:
                  window_s: float = 60.0, refresh_s: float = 5.0,
                  observability: Any = None) -> None:
         if observability is not None:
-            from actors import telemetry
+            from actors.ops import telemetry
 
             telemetry.setup(observability, "metrics")
         self._dir = multiproc_dir
@@ -230,7 +231,7 @@ class NodeMetrics:
     async def _refresh(self) -> None:
         import asyncpg
 
-        from actors import outbox
+        from actors.payments import outbox
 
         pool = None
         while True:

@@ -26,20 +26,18 @@ import numpy as np
 import ray
 import uvicorn
 
-from actors import metrics, telemetry
 from actors.channel import ChannelBroken, ChannelClient
-from actors.http_api import build_app
-from actors.payments_link import PaymentsLink
-from actors.rpc_server import start_rpc_server
-from actors.shard import NAMESPACE, endpoint_of, settle_garbage_collector, shard_actor_name
-from actors.store import LedgerStore
+from actors.edge import PaymentsLink, build_app, start_rpc_server
+from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
+from actors.ledger.store import LedgerStore
+from actors.names import NAMESPACE
+from actors.ops import metrics, telemetry
 from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import LedgerError, Overloaded, Unavailable
 from processor.identity import KEY_FILE_NAME, load_or_create_key
-from processor.ledger import compare_existing
-from processor.partition import PartitionMap
+from processor.ledger import PartitionMap, compare_existing
 from processor.types import Account, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
@@ -180,7 +178,7 @@ class Front:
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
-        # Payments run in their own actor; the edge forwards to it (actors.payments_link).
+        # Payments run in their own actor; the edge forwards to it (actors.edge.payments_link).
         payments = config.payments
         self._payments = (PaymentsLink(channel_key)
                           if payments.enabled and payments.providers else None)

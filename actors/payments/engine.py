@@ -1,6 +1,6 @@
 """The payments engine: runs the saga steps of processor/payments/saga.py against the world.
 
-It lives in the payments actor (``actors/payments_actor.py``), a failure domain apart from
+It lives in the payments actor (``actors/payments/actor.py``), a failure domain apart from
 the ledger, and posts to the ledger through the front's RPC like any gateway, so its
 postings join the same micro-batched lanes. It is the recovery worker too: ``recover_once`` takes
 over every unfinished step whose claim lapsed or whose recheck is due, at start-up and on a
@@ -24,8 +24,8 @@ from typing import Any
 
 import msgspec
 
-from actors import metrics, telemetry
-from actors.payments_store import PaymentStore
+from actors.ops import metrics, telemetry
+from actors.payments.store import PaymentStore
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
 from processor.payments import (

@@ -22,8 +22,8 @@ from typing import cast
 
 import numpy as np
 
-from actors import metrics, telemetry
-from actors.payments_http import OPERATION_SCOPES
+from actors.ops import metrics, telemetry
+from actors.payments import OPERATION_SCOPES
 from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable

@@ -1,0 +1,29 @@
+"""The ledger's actors: the shards that own the balances and the front that routes to them.
+
+Public interface (what the composition root starts and the tools read):
+
+* ``make_shard``, ``shard_actor_name``, ``endpoint_of``: a ``LedgerShard`` per partition
+  group, named, restartable, listening on the data-plane channel (``actors.channel``);
+* ``make_front``: the ``Front``, which implements ``LedgerService`` by routing to the
+  shards through micro-batching lanes and serves the edge (``actors.edge``) on it;
+* ``LedgerStore``: the ledger's PostgreSQL persistence (commits, checkpoints, audit).
+
+Nothing here imports payments' engine, providers or risk (import contract
+``ledger-alone``); the front reaches payments only through the edge's ``PaymentsLink``.
+"""
+
+from __future__ import annotations
+
+from actors.ledger.front import Front, make_front
+from actors.ledger.shard import LedgerShard, endpoint_of, make_shard, shard_actor_name
+from actors.ledger.store import LedgerStore
+
+__all__ = [
+    "Front",
+    "LedgerShard",
+    "LedgerStore",
+    "endpoint_of",
+    "make_front",
+    "make_shard",
+    "shard_actor_name",
+]

@@ -1,0 +1,46 @@
+"""Payments' actors: the payments actor (saga engine, recovery worker, outbox relay), the
+provider actors, and their PostgreSQL persistence. A failure domain of their own at run
+time (docs/architecture.md): they reach the ledger only through its RPC.
+
+Public interface:
+
+* ``make_payments``, ``PAYMENTS_ACTOR_NAME``: the payments actor, which the edge forwards
+  the payments routes to;
+* ``make_provider``, ``ProviderConfig``, ``provider_actor_name``: one actor per provider;
+* what the edge needs to answer payments requests before forwarding them:
+  ``OPERATION_SCOPES``, ``PAYMENT_ERROR_STATUS``, ``PaymentsApiError``, ``PaymentFailure``,
+  ``WebhookAnswer``, ``api_error_of``, ``require_key``;
+* ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``).
+"""
+
+from __future__ import annotations
+
+from actors.payments import outbox
+from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
+from actors.payments.endpoints import (
+    OPERATION_SCOPES,
+    PAYMENT_ERROR_STATUS,
+    PaymentFailure,
+    PaymentsApiError,
+    WebhookAnswer,
+    api_error_of,
+    require_key,
+)
+from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
+
+__all__ = [
+    "OPERATION_SCOPES",
+    "PAYMENTS_ACTOR_NAME",
+    "PAYMENT_ERROR_STATUS",
+    "PaymentFailure",
+    "PaymentsActor",
+    "PaymentsApiError",
+    "ProviderConfig",
+    "WebhookAnswer",
+    "api_error_of",
+    "make_payments",
+    "make_provider",
+    "outbox",
+    "provider_actor_name",
+    "require_key",
+]

@@ -1,0 +1,76 @@
+"""The ledger: double-entry accounts and transfers, partitioned over shards.
+
+This package is the ledger's public interface; its modules are private to it:
+
+* ``rules`` holds ``Book``, one shard's state and every ledger rule (the reference model),
+  and what a shard and its store exchange (plans, legs, commit batches, resolutions);
+* ``columnar`` holds ``ArrayBook``, the same rules over a balance matrix with a columnar
+  path for batches of plain transfers, held to ``Book`` by a property test, and
+  ``kernel`` its compiled (Numba) loops;
+* ``partition`` maps account ids to partitions and partitions to shards;
+* ``config`` holds the shards' and the front's settings.
+
+Other domains reach the ledger through ``processor.service.LedgerService`` and the shared
+types (``processor.types``); the ledger's own actors (``actors.ledger``) import what they
+run from here.
+"""
+
+from __future__ import annotations
+
+from processor.ledger.columnar import (
+    ArrayBook,
+    PlainLegs,
+    TransferColumns,
+    currency_code,
+    currency_number,
+    decode_legs,
+    decode_reserve_answer,
+    encode_legs,
+    encode_reserve_answer,
+)
+from processor.ledger.config import FrontConfig, ShardConfig
+from processor.ledger.kernel import warm_up as warm_up_kernels
+from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
+from processor.ledger.rules import (
+    NS_PER_S,
+    Book,
+    CommitBatch,
+    EventKind,
+    Failed,
+    Known,
+    Leg,
+    Plan,
+    Resolution,
+    ResolutionRow,
+    compare_existing,
+)
+
+__all__ = [
+    "NS_PER_S",
+    "PARTITIONS",
+    "ArrayBook",
+    "Book",
+    "CommitBatch",
+    "EventKind",
+    "Failed",
+    "FrontConfig",
+    "Known",
+    "Leg",
+    "PartitionMap",
+    "PlainLegs",
+    "Plan",
+    "Resolution",
+    "ResolutionRow",
+    "ShardConfig",
+    "TransferColumns",
+    "compare_existing",
+    "currency_code",
+    "currency_number",
+    "decode_legs",
+    "decode_reserve_answer",
+    "encode_legs",
+    "encode_reserve_answer",
+    "partition_of",
+    "partitions_of",
+    "warm_up_kernels",
+]
