@@ -133,7 +133,7 @@ class ChannelServer:
                 task.add_done_callback(self._tasks.discard)
         except (asyncio.IncompleteReadError, ConnectionError, TimeoutError):
             pass  # the peer went away (or never finished the handshake)
-        except (ValueError, msgspec.DecodeError) as exc:
+        except (ValueError, RecursionError, msgspec.DecodeError) as exc:
             log.warning("%s channel: bad frame (%s); connection closed", self._name, exc)
         finally:
             # Calls already running finish (a transfer being committed is not abandoned
@@ -200,7 +200,7 @@ class _Connection:
                     future.set_exception(cls(message, retry_after_s=retry_after_s))
                 else:
                     future.set_exception(RemoteError(str(payload)))
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError,
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, RecursionError,
                 msgspec.DecodeError):
             pass
         finally:

@@ -404,7 +404,7 @@ class AcmeAdapter:
                                   "acme webhook timestamp too far from now")
         try:
             event = _EVENT.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             raise WebhookRejected("webhook_malformed", "acme event body unreadable") from None
         kind = _EVENTS.get(event.type)
         if kind is None or not event.id or not event.request.idempotency_key:
@@ -492,9 +492,11 @@ def _signatureheader(value: str) -> tuple[int, list[str]]:
     signatures = []
     for part in value.split(","):
         name, _, item = part.strip().partition("=")
-        if name == "t" and item.isdigit() and len(item) <= 12:
+        # ASCII only: str.isdigit() accepts "²" (which int() refuses) and compare_digest
+        # refuses non-ASCII text; either is a malformed header, never an error of ours.
+        if name == "t" and item.isascii() and item.isdigit() and len(item) <= 12:
             stamp = int(item)
-        elif name == "v1" and item:
+        elif name == "v1" and item and item.isascii():
             signatures.append(item)
     if stamp is None or not signatures:
         raise WebhookRejected("webhook_malformed", "Acme-Signature missing or malformed")

@@ -439,7 +439,8 @@ class GlobexAdapter:
                        now_s: float) -> WebhookEvent:
         stamp = header(headers, "x-globex-webhook-timestamp")
         signature = header(headers, "x-globex-webhook-signature")
-        if not (stamp.isdigit() and len(stamp) <= 16 and signature.startswith(_SIGNATURE_PREFIX)):
+        if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 16
+                and signature.startswith(_SIGNATURE_PREFIX)):
             raise WebhookRejected("webhook_malformed", "globex signature headers missing")
         try:
             given = base64.b64decode(signature.removeprefix(_SIGNATURE_PREFIX), validate=True)
@@ -454,7 +455,7 @@ class GlobexAdapter:
                                   "globex webhook timestamp too far from now")
         try:
             return self._event(_EVENT.decode(body))
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             raise WebhookRejected("webhook_malformed", "globex event unreadable") from None
 
     def _event(self, event: _Event) -> WebhookEvent:

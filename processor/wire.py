@@ -326,7 +326,7 @@ def decode_request(body: bytes | memoryview) -> Request:
     """Decode a frame body sent by a client. Raises ``MalformedFrame``."""
     try:
         return _REQUEST_DECODER.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFrame(str(exc)) from exc
 
 
@@ -334,7 +334,7 @@ def decode_response(body: bytes | memoryview) -> Response:
     """Decode a frame body sent by a server. Raises ``MalformedFrame``."""
     try:
         return _RESPONSE_DECODER.decode(body)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise MalformedFrame(str(exc)) from exc
 
 

@@ -524,6 +524,10 @@ def _decode(decoder: msgspec.json.Decoder[T], body: bytes) -> T:
         raise ApiError(400, "invalid_body", str(exc)) from exc
     except msgspec.DecodeError as exc:
         raise ApiError(400, "malformed_json", str(exc)) from exc
+    except UnicodeDecodeError as exc:  # a string that is not UTF-8
+        raise ApiError(400, "malformed_json", "the body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "malformed_json", "the body nests too deeply") from exc
 
 
 def _path_id(request: Request) -> int:

@@ -192,7 +192,7 @@ def scan_for_card_data(headers: dict[str, str], body: bytes) -> None:
                                    "payment-method token from the provider instead")
     try:
         decoded: Any = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
         if contains_card_number(body.decode("utf-8", "replace")):
             raise PaymentsApiError("card_data_not_allowed", "the body holds a card number"
                                    ) from None
@@ -345,6 +345,10 @@ def _decode(operation: str, body: bytes) -> Any:
         raise PaymentsApiError("invalid_body", str(exc)[:300]) from exc
     except msgspec.DecodeError as exc:
         raise PaymentsApiError("malformed_json", str(exc)[:300]) from exc
+    except UnicodeDecodeError as exc:  # a string that is not UTF-8
+        raise PaymentsApiError("malformed_json", "the body is not valid UTF-8") from exc
+    except RecursionError as exc:
+        raise PaymentsApiError("malformed_json", "the body nests too deeply") from exc
 
 
 async def dispatch(payments: Payments, *, principal: str, operation: str, key: str | None,

@@ -500,8 +500,9 @@ class _Attempt(msgspec.Struct, frozen=True):
 
 def _retry_after_s(response: httpx.Response) -> float:
     """The Retry-After header in seconds, 0 when absent or an HTTP date (not honoured)."""
-    value = response.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else 0.0
+    value = response.headers.get("retry-after", "").strip()
+    # ASCII digits only: str.isdigit() also accepts "²", which float() refuses.
+    return float(value) if value.isascii() and value.isdigit() else 0.0
 
 
 class OutboxRelay:

@@ -364,6 +364,24 @@ async def test_retry_after_is_the_least_delay(pool: asyncpg.Pool, receiver: Rece
     assert row["last_error"] == "HTTP 429"
 
 
+async def test_a_retry_after_that_is_not_ascii_digits_is_ignored(
+    pool: asyncpg.Pool, receiver: Receiver
+) -> None:
+    """``Retry-After: ²`` (a digit to str.isdigit(), not to float()) counts as absent: the
+    delivery backs off as usual and the relay goes on."""
+    await set_subscribers(pool, {"a": receiver.url()})
+    (event_id,) = await _enqueue(pool)
+    receiver.script = [(429, {"retry-after": "\u00b2"})]
+    clock = FakeClock(time.time() + 1)
+    limits = _limits(backoff_base_s=1.0, backoff_cap_s=60.0)
+    async with OutboxRelay(pool, signing_secret=SECRET, limits=limits, clock=clock,
+                           rng=FixedJitter(0.5)) as relay:
+        assert await relay.run_once() == 1
+    row = await _delivery(pool, event_id)
+    assert row["last_error"] == "HTTP 429"
+    assert clock.now_s < row["next_attempt_s"] < clock.now_s + 2.0
+
+
 async def test_hanging_receiver_times_out_and_is_retried(
     pool: asyncpg.Pool, receiver: Receiver
 ) -> None:

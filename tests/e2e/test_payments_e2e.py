@@ -586,6 +586,10 @@ async def test_bad_payment_requests_get_a_4xx_code_and_write_nothing(
     for (path, body), expected in cases:
         assert await post(path, body) == expected, (path, body)
     assert await post("/v1/payments", None, raw=b"{not json") == (400, "malformed_json")
+    # A string that is not UTF-8, and nesting deeper than any decoder's limit: 4xx, not 500.
+    assert await post("/v1/payments", None, raw=b'{"amount": 1, "currency": "\xff\xfe"}') == (
+        400, "malformed_json")
+    assert (await post("/v1/payments", None, raw=b"[" * 200_000))[0] == 400
     assert await post("/v1/payments", None, raw=b"x" * (5 * 1024 * 1024)) == (
         413, "body_too_large")
     assert await balances(client, usd) == (0, 0, 0, 0)

@@ -368,7 +368,10 @@ def test_webhook_with_rotated_secret_and_header_case() -> None:
     ("no-header", "webhook_malformed"),
     ("garbage-header", "webhook_malformed"),
     ("not-json", "webhook_malformed"),
+    ("not-utf8", "webhook_malformed"),
     ("unknown-type", "webhook_malformed"),
+    ("superscript-timestamp", "webhook_malformed"),
+    ("non-ascii-signature", "webhook_malformed"),
 ])
 def test_webhook_rejections(case: str, code: str) -> None:
     """Tampering, a wrong secret, a replayed old event and nonsense are all refused."""
@@ -390,9 +393,16 @@ def test_webhook_rejections(case: str, code: str) -> None:
     elif case == "not-json":
         body = b"not json"
         headers = sign(body, NOW)
+    elif case == "not-utf8":
+        body = event_body().replace(b"capture.settled", b"capture.\xff\xfe")
+        headers = sign(body, NOW)
     elif case == "unknown-type":
         body = event_body("charge.disputed")
         headers = sign(body, NOW)
+    elif case == "superscript-timestamp":  # "²" passes str.isdigit() but not int()
+        headers = {"acme-signature": f"t=1{chr(0xB2)},v1=abc"}
+    elif case == "non-ascii-signature":  # compare_digest refuses non-ASCII text
+        headers = {"acme-signature": f"t={int(NOW)},v1=ab{chr(0x663)}"}
     with pytest.raises(WebhookRejected) as caught:
         ADAPTER.verify_webhook(headers, body, now)
     assert caught.value.code == code

@@ -188,7 +188,29 @@ TRANSFER_BATCH_OVER = encode(
     {"transfers": [transfer_json(i) for i in range(1, BATCH_ITEMS_MAX + 2)]}
 )
 
+# A string that is not UTF-8, and nesting deeper than any decoder's recursion limit.
+NOT_UTF8_ACCOUNT = b'{"id": 1, "currency": "\xff\xfe"}'
+NOT_UTF8_TRANSFER = (b'{"id": 1, "debit_account_id": 1, "credit_account_id": 2, "amount": 1, '
+                     b'"currency": "\xff\xfe"}')
+DEEP = b"[" * 200_000
+DEEP_IN_OBJECT = b'{"id": 1, "currency": ' + b"[" * 200_000
+
+
+def _not_utf8(path: str) -> bytes:
+    item = NOT_UTF8_TRANSFER if "transfers" in path else NOT_UTF8_ACCOUNT
+    if path.endswith("/batch"):
+        return b'{"%s": [%s]}' % (b"transfers" if "transfers" in path else b"accounts", item)
+    return item
+
+
 BAD_INPUT = [
+    # Refused as unreadable or as the wrong shape: a 400 either way, never a 500.
+    *[pytest.param("POST", path, content, 400, code, fragment, id=f"{name}-{path[4:]}")
+      for path in ("/v1/accounts", "/v1/transfers", "/v1/accounts/batch", "/v1/transfers/batch")
+      for name, content, code, fragment in (
+          ("not-utf8", _not_utf8(path), "malformed_json", "UTF-8"),
+          ("deep", DEEP, "invalid_body", "array"),
+          ("deep-in-object", DEEP_IN_OBJECT, "invalid_body", ""))],
     pytest.param("POST", "/v1/accounts", b"not json", 400, "malformed_json", "malformed",
                  id="non-json"),
     pytest.param("POST", "/v1/accounts", b"", 400, "malformed_json", "truncated", id="empty-body"),

@@ -45,3 +45,20 @@ def test_card_numbers_in_other_headers_and_in_the_body_are_refused() -> None:
         scan_for_card_data({}, f"not json {CARD}".encode())
     # The bearer token is never scanned (nor logged); integers are ids and amounts.
     scan_for_card_data({"authorization": f"Bearer {CARD}"}, json.dumps({"n": int(CARD)}).encode())
+
+
+@pytest.mark.parametrize("body", [
+    b'{"amount": 1, "currency": "\xff\xfe"}',  # a string that is not UTF-8
+    b"[" * 200_000,  # nesting deeper than any recursion limit
+    b'{"metadata": ' + b"[" * 200_000,
+])
+def test_unreadable_bodies_are_refused_with_a_4xx_code(body: bytes) -> None:
+    """The card scan passes what it cannot read to the decoder, which refuses it with a
+    400 code (never a 500)."""
+    from actors.payments.endpoints import _decode
+
+    scan_for_card_data({}, body)
+    with pytest.raises(PaymentsApiError) as caught:
+        _decode("authorize", body)
+    assert caught.value.status == 400
+    assert caught.value.code in ("malformed_json", "invalid_body")

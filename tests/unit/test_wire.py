@@ -134,6 +134,8 @@ def test_full_batch_of_largest_items_fits_in_a_frame(message: wire.Request) -> N
         msgspec.msgpack.encode([64, 1_700_000_000]),  # a response sent as a request
         msgspec.msgpack.encode([2, 1, [[1, "usd"]]]),  # a currency of the wrong shape
         msgspec.msgpack.encode([3, 1, [[1, 2, 3, -5, "EUR"]]]),  # a negative amount
+        b"\x92\x01\xa2\xff\xfe",  # a Hello whose token is not UTF-8
+        b"\x91" * 100_000 + b"\xc0",  # nesting deeper than any recursion limit
     ],
 )
 def test_malformed_request_bodies_are_refused(body: bytes) -> None:
