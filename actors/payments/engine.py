@@ -284,13 +284,18 @@ class PaymentsEngine:
     async def apply_webhook(self, provider: str, event: WebhookEvent) -> str:
         """Apply a verified provider event; returns applied, duplicate or ignored.
 
+        ``provider`` is the one whose secret verified the event; an event about a step
+        another provider handles is ignored.
+
         Deduplication and the step's new phase are one transaction, so an event is applied
         once even when the provider sends it twice or the process dies in between. Events
         about steps that already moved on (late, out of order) change nothing.
         """
         key = event.idempotency_key.removesuffix("-undo")
         step = await self.store.step_by_key(key)
-        if step is None or step.final:
+        # A provider speaks only for its own calls: an event verified with one provider's
+        # secret never moves a step another provider is handling.
+        if step is None or step.final or step.provider != provider:
             fresh = await self.store.record_webhook(provider, event.event_id)
             return "ignored" if fresh else "duplicate"
         if step.phase in (Phase.PROVIDER, Phase.RESERVE):

@@ -398,6 +398,43 @@ async def test_webhooks_replayed_tampered_or_repeated_change_nothing(
     assert (again.status_code, again.json()) == (200, {"status": "duplicate"})
 
 
+async def test_one_providers_secret_cannot_settle_another_providers_step(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    """A capture waiting on globex's settlement is not settled by an event signed with
+    acme's webhook secret, even one naming the step's own key."""
+    import asyncpg
+
+    account = await merchant(client, ids, currency="EUR")
+    r = await authorize(http, account, amount=800, currency="EUR", provider="globex")
+    assert r.status_code == 201, r.text
+    payment = r.json()
+    await sims.faults("globex", settle_delay_ms=60_000)
+    r = await http.post(f"/v1/payments/{payment['id']}/capture",
+                        headers={"idempotency-key": key()})
+    assert r.status_code == 202, r.text
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        provider_key = await conn.fetchval(
+            "SELECT provider_key FROM payment_steps WHERE subject_id = $1 AND kind = 'capture'",
+            payment["id"])
+    finally:
+        await conn.close()
+    event = json.dumps({
+        "id": f"evt_{key()}", "type": "capture.settled", "created": int(time.time()),
+        "request": {"idempotency_key": provider_key},
+        "data": {"object": {"id": "cap_1", "authorization": "auth_1", "status": "SETTLED",
+                            "amount": 800}}}).encode()
+    r = await http.post("/v1/providers/acme/webhooks", content=event,
+                        headers=acme_webhook(processor, event, int(time.time())))
+    assert (r.status_code, r.json()) == (200, {"status": "ignored"})
+    view = (await http.get(f"/v1/payments/{payment['id']}")).json()
+    assert (view["status"], view["captured_amount"]) == ("authorized", 0), view
+    assert [op["status"] for op in view["operations"] if op["kind"] == "capture"] == [
+        "processing"], view
+    assert await balances(client, account) == (0, 0, 800, 0)
+
+
 async def test_risk_velocity_declines_and_a_slow_risk_check_falls_back(
         processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
     account = await merchant(client, ids)
