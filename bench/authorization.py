@@ -767,8 +767,9 @@ async def measure(
                     choice = provider
                 body = payment_body(rng, merchants, choice)
                 status, content = await load.post("/v1/payments", body, {
-                    # Underscores: digits joined by dashes could read as a card number.
-                    "Idempotency-Key": f"bench_{run_id}_{tag}_{next(counter)}"})
+                    # Letters between the parts: digits joined by '_' or '-' could read as a
+                    # card number.
+                    "Idempotency-Key": f"bench_{run_id}_p{tag}_k{next(counter)}"})
                 try:
                     decoded = msgspec.json.decode(content)
                 except msgspec.DecodeError:

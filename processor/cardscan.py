@@ -1,8 +1,9 @@
 """Card data never enters: find card numbers in decoded JSON and in header values.
 
-A *card number* is 13 to 19 digits, optionally separated by single spaces or dashes, that
-passes the Luhn check. Digits are Unicode decimal digits (``str.isdecimal``), so full-width
-or Arabic-Indic digits are no way around the check.
+A *card number* is 13 to 19 digits, optionally separated by single spaces, dashes or
+underscores, that passes the Luhn check (underscores too: ``pm_4111_1111_1111_1111`` must
+not pass for a payment-method token). Digits are Unicode decimal digits
+(``str.isdecimal``), so full-width or Arabic-Indic digits are no way around the check.
 
 How long digit runs are treated: text is cut into *runs*, maximal stretches of digit
 *groups* joined by single separators (``"order 12 4111-1111-1111-1111"`` holds the run
@@ -47,8 +48,8 @@ DIGITS_MAX = 19
 # A run holding at least DIGITS_MIN digits. The lookahead rejects a shorter run after at
 # most DIGITS_MIN digits; a longer one is then taken whole by single-character loops, which
 # the regex engine runs fast even over a million digits. Neither part backtracks.
-_RUN = re.compile(rf"(?=\d(?:[ -]?\d){{{DIGITS_MIN - 1}}})\d+(?:[ -]\d+)*")
-_SEPARATOR = re.compile(r"[ -]")
+_RUN = re.compile(rf"(?=\d(?:[ _-]?\d){{{DIGITS_MIN - 1}}})\d+(?:[ _-]\d+)*")
+_SEPARATOR = re.compile(r"[ _-]")
 # A JSON object member name that may be written after a dot (RFC 9535 member-name-shorthand,
 # restricted to ASCII); any other name is written in brackets.
 _SHORTHAND = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -43,8 +43,8 @@ def join_groups(groups: tuple[str, ...], separators: str | tuple[str, ...]) -> s
 
 def reference(text: str) -> bool:
     """Brute force over the documented rule: every stretch of whole groups of every run."""
-    for run in re.finditer(r"\d+(?:[ -]\d+)*", text):
-        groups = re.split(r"[ -]", run.group())
+    for run in re.finditer(r"\d+(?:[ _-]\d+)*", text):
+        groups = re.split(r"[ _-]", run.group())
         for start in range(len(groups)):
             for end in range(start + 1, len(groups) + 1):
                 digits = "".join(groups[start:end])
@@ -104,7 +104,8 @@ TEXTS = [
     (VISA[:12], False),  # 12 digits
     (join_groups(VISA_GROUPS, ("  ", " ", " ")), False),  # two separators end a run
     (join_groups(VISA_GROUPS, "."), False),  # dots are not separators
-    (join_groups(VISA_GROUPS, "_"), False),
+    (join_groups(VISA_GROUPS, "_"), True),  # underscores separate too
+    ("pm_" + join_groups(VISA_GROUPS, "_"), True),  # dressed as a payment-method token
     ("0" * 20, False),  # one group of 20 digits is not a card, though windows of it pass
     ("1234567890" * 2 + "123", False),
     ("", False),
