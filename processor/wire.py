@@ -92,6 +92,7 @@ ERROR_CODES: Final = frozenset(
         "token_invalid",  # Hello carried a bad token; connection closed
         "token_expired",  # on Hello: connection closed; on a request: refresh with Hello
         "scope_missing",  # the token does not grant the operation's scope
+        "id_reserved",  # an id is in the processor's own range (processor/reserved.py)
         "overloaded",  # the ledger or the server is full; retry after retry_after_s
         "unavailable",  # a shard or the database is down; retry after retry_after_s
         "too_many_in_flight",  # the connection has in_flight_per_connection_max requests

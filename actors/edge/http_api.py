@@ -59,6 +59,12 @@ from processor.payments import (
     PayoutView,
     RefundRequest,
 )
+from processor.reserved import (
+    RESERVED_ID_MIN_DEFAULT,
+    SYSTEM_SCOPE,
+    accounts_reserved,
+    transfers_reserved,
+)
 from processor.service import BATCH_ITEMS_MAX, LedgerService
 from processor.types import (
     CODE_MAX,
@@ -400,6 +406,7 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "token_invalid": 401,
     "token_expired": 401,
     "scope_missing": 403,
+    "id_reserved": 403,
     "not_found": 404,
     "account_not_found": 404,
     "transfer_not_found": 404,
@@ -591,7 +598,9 @@ class _Api:
         ready: Callable[[], bool],
         body_bytes_max: int,
         payments: PaymentsService | None = None,
+        reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
     ) -> None:
+        self._reserved_id_min = reserved_id_min
         self._payments = payments
         self._service = service
         self._key = key
@@ -660,9 +669,18 @@ class _Api:
     async def openapi(self, request: Request) -> Response:
         return Response(OPENAPI_JSON, 200, media_type="application/json")
 
+    def _check_reserved(self, claims: Claims, reserved: bool) -> None:
+        """Refuse ids in the processor's own range to a caller without the system scope."""
+        if reserved and SYSTEM_SCOPE not in claims.scopes:
+            raise ApiError(403, "id_reserved",
+                           f"ids from {self._reserved_id_min} up belong to the processor")
+
     async def create_account(self, request: Request) -> Response:
         item = _decode(ACCOUNT_DECODER, await _read_body(request, self._body_bytes_max))
-        [result] = await self._create_accounts([account_from_request(item)])
+        account = account_from_request(item)
+        self._check_reserved(request.state.claims,
+                             accounts_reserved([account], self._reserved_id_min))
+        [result] = await self._create_accounts([account])
         if result not in (AccountResult.ok, AccountResult.exists):
             raise _refused(result, "account")
         stored = await self._stored_account(item.id)
@@ -671,7 +689,10 @@ class _Api:
     async def create_accounts(self, request: Request) -> Response:
         batch = _decode(ACCOUNT_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.accounts)
-        results = await self._create_accounts([account_from_request(item) for item in items])
+        accounts = [account_from_request(item) for item in items]
+        self._check_reserved(request.state.claims,
+                             accounts_reserved(accounts, self._reserved_id_min))
+        results = await self._create_accounts(accounts)
         answers = [
             AccountBatchResult(item.id, _batch_status(result))
             for item, result in zip(items, results, strict=True)
@@ -687,14 +708,16 @@ class _Api:
 
     async def create_transfer(self, request: Request) -> Response:
         status, body = await self._create_transfer(
-            await _read_body(request, self._body_bytes_max))
+            request.state.claims, await _read_body(request, self._body_bytes_max))
         return Response(body, status, media_type="application/json")
 
-    async def _create_transfer(self, body: bytes) -> tuple[int, bytes]:
+    async def _create_transfer(self, claims: Claims, body: bytes) -> tuple[int, bytes]:
         """POST /v1/transfers after authorization: the status and JSON body of the answer."""
         item = _decode(TRANSFER_DECODER, body)
+        transfer = transfer_from_request(item)
+        self._check_reserved(claims, transfers_reserved([transfer], self._reserved_id_min))
         with _HTTP_TRANSFER_SECONDS.time():
-            [result] = await self._create_transfers([transfer_from_request(item)])
+            [result] = await self._create_transfers([transfer])
         if result not in (TransferResult.ok, TransferResult.exists):
             raise _refused(result, "transfer")
         stored = await self._stored_transfer(item.id)
@@ -726,10 +749,10 @@ class _Api:
     ) -> tuple[int, bytes, dict[str, str]]:
         headers = scope["headers"]
         try:
-            self._authorize(_header(headers, b"authorization"), "transfers:write")
+            claims = self._authorize(_header(headers, b"authorization"), "transfers:write")
             body = await _receive_body(receive, _header(headers, b"content-length"),
                                        self._body_bytes_max)
-            status, answer = await self._create_transfer(body)
+            status, answer = await self._create_transfer(claims, body)
             return status, answer, {}
         except Exception as exc:  # every exception becomes a JSON answer, as in endpoint()
             error = _api_error_of(exc, "POST", scope["path"])
@@ -738,9 +761,11 @@ class _Api:
     async def create_transfers(self, request: Request) -> Response:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.transfers)
+        transfers = [transfer_from_request(item) for item in items]
+        self._check_reserved(request.state.claims,
+                             transfers_reserved(transfers, self._reserved_id_min))
         with _HTTP_TRANSFER_SECONDS.time():
-            results = await self._create_transfers([transfer_from_request(item)
-                                                    for item in items])
+            results = await self._create_transfers(transfers)
         answers = [
             TransferBatchResult(item.id, _batch_status(result))
             for item, result in zip(items, results, strict=True)
@@ -958,6 +983,11 @@ _UNAUTHORIZED = _error_reply(
     401, "No usable bearer token.", "token_missing", "token_invalid", "token_expired"
 )
 _FORBIDDEN = _error_reply(403, "The token lacks the operation's scope.", "scope_missing")
+# Creating accounts and transfers: ids from 2^62 up are the processor's own.
+_FORBIDDEN_CREATE = _error_reply(
+    403, "The token lacks the operation's scope, or an id (of the item, its accounts or its "
+    "pending transfer) is in the processor's own range, from 2^62 up; nothing was written.",
+    "scope_missing", "id_reserved")
 _TOO_LARGE = _error_reply(413, "The body is larger than the server accepts.", "body_too_large")
 _TOO_LARGE_BATCH = _error_reply(
     413,
@@ -985,7 +1015,7 @@ def _create_replies(
         Reply(200, f"An identical {what} was already stored; the body is that {what}.", body),
         _BAD_BODY,
         _UNAUTHORIZED,
-        _FORBIDDEN,
+        _FORBIDDEN_CREATE,
         _error_reply(409, f"A {what} with this id is stored with other fields.", *conflicts),
         _TOO_LARGE,
         _error_reply(422, f"The ledger refused the {what}; nothing was written.", *rules),
@@ -998,7 +1028,7 @@ def _batch_replies(body: type, what: str) -> tuple[Reply, ...]:
         Reply(200, f"One result per {what}, in request order.", body),
         _BAD_BATCH,
         _UNAUTHORIZED,
-        _FORBIDDEN,
+        _FORBIDDEN_CREATE,
         _TOO_LARGE_BATCH,
         *_LEDGER_TROUBLE,
     )
@@ -1291,6 +1321,7 @@ def build_app(
     ready: Callable[[], bool],
     body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
     payments: PaymentsService | None = None,
+    reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
 ) -> _App:
     """Return the ASGI app serving the partner API over ``service``.
 
@@ -1299,11 +1330,13 @@ def build_app(
     refused with 413. Raises ``ValueError`` for a ``body_bytes_max`` below 1.
     ``payments`` serves the payments routes once their token and scope are checked (the
     front's ``PaymentsLink`` to the payments actor); without it they answer 503.
+    Account and transfer ids from ``reserved_id_min`` up are refused (403 ``id_reserved``)
+    to a token without the system scope (processor/reserved.py).
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
     api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max,
-               payments=payments)
+               payments=payments, reserved_id_min=reserved_id_min)
     routes = [
         Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]

@@ -27,6 +27,13 @@ from actors.payments import OPERATION_SCOPES
 from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
+from processor.reserved import (
+    RESERVED_ID_MIN_DEFAULT,
+    SYSTEM_SCOPE,
+    accounts_reserved,
+    columns_reserved,
+    transfers_reserved,
+)
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
 
 __all__ = ["CLOSE_DRAIN_TIMEOUT_S", "HELLO_TIMEOUT_S_DEFAULT", "start_rpc_server"]
@@ -76,8 +83,10 @@ class _Server:
         in_flight_per_connection_max: int,
         connections_max: int,
         hello_timeout_s: float,
+        reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
     ) -> None:
         self.service = service
+        self.reserved_id_min = reserved_id_min
         self.key = key
         self.clock_s = clock_s
         self.in_flight_per_connection_max = in_flight_per_connection_max
@@ -217,6 +226,11 @@ class _Connection:
             identity.require_scope(claims, scope)
         except identity.ScopeError as exc:
             return self._send(wire.Error(request_id, exc.code, exc.message))
+        reserved_min = self._server.reserved_id_min
+        if SYSTEM_SCOPE not in claims.scopes and _touches_reserved(request, reserved_min):
+            return self._send(wire.Error(
+                request_id, "id_reserved",
+                f"ids from {reserved_min} up belong to the processor; nothing was written"))
         items_count = _items_count(request)
         if items_count > BATCH_ITEMS_MAX:
             message = f"{items_count} items exceed the batch limit of {BATCH_ITEMS_MAX}"
@@ -365,8 +379,12 @@ async def start_rpc_server(
     in_flight_per_connection_max: int = 64,
     connections_max: int = 1024,
     hello_timeout_s: float = HELLO_TIMEOUT_S_DEFAULT,
+    reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and serve ``service`` to token holders.
+
+    Creating accounts or transfers with ids from ``reserved_id_min`` up is refused
+    (``id_reserved``) to a token without the system scope (processor/reserved.py).
 
     ``key`` verifies the HS256 tokens (processor.identity); ``clock_s`` returns seconds since the
     Unix epoch and decides token expiry. Raises ``ValueError`` for a non-positive limit and
@@ -385,5 +403,24 @@ async def start_rpc_server(
         in_flight_per_connection_max=in_flight_per_connection_max,
         connections_max=connections_max,
         hello_timeout_s=hello_timeout_s,
+        reserved_id_min=reserved_id_min,
     )
     return await asyncio.start_server(server.handle, host=host, port=port, backlog=connections_max)
+
+
+_ID_COLUMN = np.dtype("<i8")
+
+
+def _touches_reserved(request: _Batch, reserved_min: int) -> bool:
+    """Whether a create request names an id in the processor's own range."""
+    if isinstance(request, wire.CreateAccounts):
+        return accounts_reserved(request.items, reserved_min)
+    if isinstance(request, wire.CreateTransfers):
+        return transfers_reserved(request.items, reserved_min)
+    if isinstance(request, wire.CreateTransferBatch):
+        # A column of the wrong length is refused later, as an invalid batch.
+        columns = [np.frombuffer(raw, dtype=_ID_COLUMN) for raw in (
+            request.id, request.debit_account_id, request.credit_account_id,
+            request.pending_id) if len(raw) % _ID_COLUMN.itemsize == 0]
+        return columns_reserved(reserved_min, *columns)
+    return False

@@ -205,7 +205,8 @@ class Front:
         key = load_or_create_key(key_path)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
-                        payments=self._payments)
+                        payments=self._payments,
+                        reserved_id_min=cfg.payments.rules.system_id_base)
         server = uvicorn.Server(uvicorn.Config(
             app, host=cfg.front.host, port=cfg.front.http_port if http_port is None else http_port,
             loop="none", lifespan="off",
@@ -221,7 +222,8 @@ class Front:
             await asyncio.sleep(0.025)
         self._rpc = await start_rpc_server(
             self, key, host=cfg.front.host,
-            port=cfg.front.rpc_port if rpc_port is None else rpc_port, clock_s=time.time)
+            port=cfg.front.rpc_port if rpc_port is None else rpc_port, clock_s=time.time,
+            reserved_id_min=cfg.payments.rules.system_id_base)
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True

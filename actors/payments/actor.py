@@ -45,7 +45,7 @@ from processor.client import Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import Unavailable
-from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
+from processor.identity import KEY_FILE_NAME, SYSTEM_SCOPES, issue_token, load_or_create_key
 from processor.types import Account, Transfer
 
 __all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
@@ -56,8 +56,10 @@ PAYMENTS_ACTOR_NAME = "txproc-payments"
 
 # What the front may call over the channel.
 CHANNEL_METHODS = ("call", "webhook")
-# The engine's own token for the ledger's RPC: what a payment moves and reads, no more.
-LEDGER_SCOPES = ("accounts:read", "accounts:write", "transfers:read", "transfers:write")
+# The engine's own token for the ledger's RPC: what a payment moves and reads, and the
+# processor's own id range (clearing accounts, step transfers: processor/reserved.py).
+LEDGER_SCOPES = ("accounts:read", "accounts:write", "transfers:read", "transfers:write",
+                 *SYSTEM_SCOPES)
 TOKEN_TTL_S = 3600
 # A saga step waits at most this long for one ledger call before it is parked for the
 # recovery worker (a front restart takes a few seconds).

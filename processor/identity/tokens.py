@@ -28,6 +28,7 @@ __all__ = [
     "KEY_BYTES",
     "KEY_FILE_NAME",
     "SCOPES",
+    "SYSTEM_SCOPES",
     "TOKEN_TTL_S_DEFAULT",
     "AuthError",
     "Claims",
@@ -43,13 +44,16 @@ SCOPES = (
     "accounts:read", "accounts:write", "transfers:read", "transfers:write",
     "payments:read", "payments:write", "payouts:write",
 )
+# Known, but granted only when asked for by name: ids in the processor's own range
+# (processor/reserved.py); the payments actor's token holds it.
+SYSTEM_SCOPES = ("ledger:system",)
 TOKEN_TTL_S_DEFAULT = 900
 KEY_FILE_NAME = "jwt.key"
 ALGORITHM = "HS256"
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 KEY_BYTES = 32
 
-_SCOPES_KNOWN = frozenset(SCOPES)
+_SCOPES_KNOWN = frozenset(SCOPES) | frozenset(SYSTEM_SCOPES)
 _KEY_FILE_MODE = 0o600
 
 # pyjwt checks only the signature and the presence of the claims; exp and iat are checked

@@ -630,3 +630,28 @@ async def test_an_oversized_columnar_batch_is_too_large(rig: Rig) -> None:
         with pytest.raises(ClientError) as raised:
             await client.create_transfers(batch)
     assert raised.value.code == "batch_too_large"
+
+
+async def test_the_processors_own_ids_are_refused_without_the_system_scope(rig: Rig) -> None:
+    """Accounts, transfers and columnar batches naming an id from 2^62 up are refused with
+    ``id_reserved`` and reach no ledger, unless the token holds the system scope."""
+    reserved = 2**62
+    requests: list[Callable[[Client], Awaitable[object]]] = [
+        lambda c: c.create_accounts([_account(3), _account(reserved + 1)]),
+        lambda c: c.create_transfers([Transfer(id=20, debit_account_id=reserved,
+                                               credit_account_id=2, amount=1,
+                                               currency="EUR")]),
+        lambda c: c.create_transfers(TransferBatch.from_arrays(
+            id=[21, 22], debit_account_id=[1, 1], credit_account_id=[2, reserved + 9],
+            amount=[1, 1], currency="EUR")),
+    ]
+    async with rig.client() as client:
+        for request in requests:
+            with pytest.raises(ClientError) as caught:
+                await request(client)
+            assert caught.value.code == "id_reserved"
+    assert rig.ledger.accounts == {} and rig.ledger.transfers == {}
+    async with rig.client(rig.token((*SCOPES, "ledger:system"))) as system:
+        for request in requests:
+            await request(system)
+    assert reserved + 1 in rig.ledger.accounts

@@ -671,3 +671,38 @@ def test_no_body_is_a_server_error(body: bytes) -> None:
     """Arbitrary bytes, JSON and near-valid items get a 2xx or 4xx answer, never a 500."""
     statuses = asyncio.run(post_everywhere(body))
     assert statuses <= {200, 201, 400, 409, 413, 422}
+
+
+# ---------------------------------------------------------------------------------------
+# The processor's own id range (processor/reserved.py).
+
+RESERVED = 2**62
+SYSTEM_AUTH = bearer(token((*SCOPES, "ledger:system")))
+
+
+@pytest.mark.parametrize(("path", "body"), [
+    pytest.param("/v1/accounts", account_json(RESERVED), id="account"),
+    pytest.param("/v1/accounts/batch",
+                 {"accounts": [account_json(5), account_json(RESERVED + 7)]}, id="accounts"),
+    pytest.param("/v1/transfers", transfer_json(RESERVED), id="transfer-id"),
+    pytest.param("/v1/transfers", transfer_json(debit_account_id=RESERVED + 1),
+                 id="debit-clearing"),
+    pytest.param("/v1/transfers", transfer_json(credit_account_id=2**63 - 1),
+                 id="credit-reserved"),
+    pytest.param("/v1/transfers", transfer_json(pending_id=RESERVED + 4, flags=["void_pending"]),
+                 id="void-a-hold"),
+    pytest.param("/v1/transfers/batch",
+                 {"transfers": [transfer_json(11), transfer_json(12, debit_account_id=RESERVED)]},
+                 id="transfers"),
+])
+async def test_the_processors_own_ids_are_refused_to_gateways(
+    client: httpx.AsyncClient, ledger: FakeLedger, path: str, body: dict[str, object],
+) -> None:
+    """A gateway's token may not create, debit, credit or void anything from 2^62 up:
+    403 ``id_reserved`` and nothing written; the system scope may."""
+    response = await client.post(path, content=encode(body), headers=AUTH)
+    assert_error(response, 403, "id_reserved")
+    assert ledger.submitted == []
+    allowed = await client.post(path, content=encode(body), headers=SYSTEM_AUTH)
+    assert allowed.status_code != 403, allowed.text
+    assert ledger.submitted
