@@ -30,6 +30,7 @@ __all__ = [
     "SCOPES",
     "SYSTEM_SCOPES",
     "TOKEN_TTL_S_DEFAULT",
+    "TOKEN_TTL_S_MAX",
     "AuthError",
     "Claims",
     "ScopeError",
@@ -48,6 +49,9 @@ SCOPES = (
 # (processor/reserved.py); the payments actor's token holds it.
 SYSTEM_SCOPES = ("ledger:system",)
 TOKEN_TTL_S_DEFAULT = 900
+# A bearer token cannot be revoked before it expires (short of rotating the key), so none
+# lives longer than this: 30 days.
+TOKEN_TTL_S_MAX = 30 * 24 * 3600
 KEY_FILE_NAME = "jwt.key"
 ALGORITHM = "HS256"
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
@@ -179,8 +183,8 @@ def issue_token(
     unknown = granted - _SCOPES_KNOWN
     if unknown:
         raise ValueError(f"unknown scopes {sorted(unknown)}; known scopes are {list(SCOPES)}")
-    if ttl_s <= 0:
-        raise ValueError(f"ttl_s must be positive, got {ttl_s}")
+    if not 0 < ttl_s <= TOKEN_TTL_S_MAX:
+        raise ValueError(f"ttl_s must be within 1..{TOKEN_TTL_S_MAX} (30 days), got {ttl_s}")
     if not subject:
         raise ValueError("subject must not be empty")
     if len(key) < KEY_BYTES:

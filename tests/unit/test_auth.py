@@ -149,9 +149,10 @@ def test_unknown_scope_refused_at_issue() -> None:
         issue_token(KEY, ["accounts:read", "admin"], ttl_s=60, now_s=NOW_S)
 
 
-@pytest.mark.parametrize("ttl_s", [0, -1])
-def test_non_positive_ttl_refused_at_issue(ttl_s: int) -> None:
-    """A token that would be born expired is refused at issue."""
+@pytest.mark.parametrize("ttl_s", [0, -1, 30 * 24 * 3600 + 1, 10**12])
+def test_non_positive_or_unbounded_ttl_refused_at_issue(ttl_s: int) -> None:
+    """A token that would be born expired, or outlive 30 days (it cannot be revoked before
+    it expires), is refused at issue."""
     with pytest.raises(ValueError, match="ttl_s"):
         issue_token(KEY, SCOPES, ttl_s=ttl_s, now_s=NOW_S)
 
