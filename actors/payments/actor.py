@@ -22,10 +22,11 @@ the ledger too. Here they are a failure domain of their own:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -90,41 +91,32 @@ class RpcLedger:
         return issue_token(self._key, LEDGER_SCOPES, ttl_s=TOKEN_TTL_S, now_s=now_s,
                            subject="txproc-payments")
 
-    async def _client_now(self) -> Client:
-        if self._clock_s() >= self._renew_at_s:
-            try:
+    @contextlib.asynccontextmanager
+    async def _client_now(self) -> AsyncIterator[Client]:
+        """The client, its token renewed when due; a ``ClientError`` inside is raised as
+        ``Unavailable``."""
+        try:
+            if self._clock_s() >= self._renew_at_s:
                 await self._client.set_token(self._token())
-            except ClientError as exc:
-                raise Unavailable(f"the ledger refused the renewed token: {exc.code}") from exc
-        return self._client
+            yield self._client
+        except ClientError as exc:
+            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
-        client = await self._client_now()
-        try:
+        async with self._client_now() as client:
             return await client.create_accounts(accounts)
-        except ClientError as exc:
-            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
-        client = await self._client_now()
-        try:
+        async with self._client_now() as client:
             return await client.create_transfers(transfers)
-        except ClientError as exc:
-            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
-        client = await self._client_now()
-        try:
+        async with self._client_now() as client:
             return await client.lookup_accounts(ids)
-        except ClientError as exc:
-            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def lookup_transfers(self, ids: list[int]) -> list[Transfer | None]:
-        client = await self._client_now()
-        try:
+        async with self._client_now() as client:
             return await client.lookup_transfers(ids)
-        except ClientError as exc:
-            raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def close(self) -> None:
         await self._client.close()
