@@ -18,6 +18,7 @@ transfer's is empty. The answer is one result code per transfer, a byte each, in
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -59,6 +60,9 @@ class TransferBatch:
     timeout_s: np.ndarray
     code: np.ndarray
     user_data: list[str] | None = None
+    # Set by the server from the caller's token (``with_tenant``), never sent by a client;
+    # None is the processor's own (slot 0).
+    tenant: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.id.shape[0]
@@ -178,6 +182,13 @@ class TransferBatch:
 
     # -- for the ledger ---------------------------------------------------------------------
 
+    def with_tenant(self, slot: int) -> TransferBatch:
+        """The same transfers, made by the tenant whose slot is ``slot``."""
+        return dataclasses.replace(self, tenant=np.full(len(self), slot, dtype=_LE64))
+
+    def _tenants(self) -> np.ndarray:
+        return np.zeros(len(self), dtype=_LE64) if self.tenant is None else self.tenant
+
     def columns(self) -> TransferColumns:
         """The batch as the ledger's int64 columns (currency by number, 0 if unknown)."""
         # Imported here: clients use this module, and the ledger's kernels are not theirs.
@@ -194,6 +205,7 @@ class TransferBatch:
             np.where(known, numbers, 0).astype(np.int64), self.flags.astype(np.int64),
             self.pending_id.astype(np.int64), self.timeout_s.astype(np.int64),
             self.code.astype(np.int64), np.zeros(n, dtype=np.int64), self.user_data,
+            self._tenants().astype(np.int64),
         )
 
     def transfers(self) -> list[Transfer]:
@@ -202,12 +214,12 @@ class TransferBatch:
         return [
             Transfer(id=i, debit_account_id=d, credit_account_id=c, amount=a,
                      currency=cur.decode("ascii"), flags=f, pending_id=p, timeout_s=t, code=k,
-                     user_data=u)
-            for i, d, c, a, cur, f, p, t, k, u in zip(
+                     user_data=u, tenant=ten)
+            for i, d, c, a, cur, f, p, t, k, u, ten in zip(
                 self.id.tolist(), self.debit_account_id.tolist(),
                 self.credit_account_id.tolist(), self.amount.tolist(), self.currency.tolist(),
                 self.flags.tolist(), self.pending_id.tolist(), self.timeout_s.tolist(),
-                self.code.tolist(), texts, strict=True)
+                self.code.tolist(), texts, self._tenants().tolist(), strict=True)
         ]
 
     def take(self, index: np.ndarray) -> TransferBatch:
@@ -218,6 +230,7 @@ class TransferBatch:
             self.amount[index], self.currency[index], self.flags[index],
             self.pending_id[index], self.timeout_s[index], self.code[index],
             None if rows is None else [self.user_data[i] for i in rows],  # type: ignore[index]
+            None if self.tenant is None else self.tenant[index],
         )
 
     @classmethod
@@ -230,9 +243,12 @@ class TransferBatch:
         def joined(name: str) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts])
 
+        tenants = None
+        if any(p.tenant is not None for p in parts):
+            tenants = np.concatenate([p._tenants() for p in parts])
         return cls(joined("id"), joined("debit_account_id"), joined("credit_account_id"),
                    joined("amount"), joined("currency"), joined("flags"),
-                   joined("pending_id"), joined("timeout_s"), joined("code"), texts)
+                   joined("pending_id"), joined("timeout_s"), joined("code"), texts, tenants)
 
 
 def _currencies(currency: str | Any, n: int) -> np.ndarray:
@@ -280,14 +296,22 @@ def _check_range(name: str, column: np.ndarray, low: int, high: int) -> None:
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(
-    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, list[str]])
+    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, list[str], bytes])
 
 
 def encode_batch(batch: TransferBatch) -> bytes:
-    """The batch as one message between actors (columns and user_data)."""
-    return _ENCODER.encode((*batch.column_bytes(), batch.user_data or []))
+    """The batch as one message between actors (columns, user_data and tenants)."""
+    return _ENCODER.encode((*batch.column_bytes(), batch.user_data or [],
+                            batch._tenants().astype(_LE64).tobytes()))
 
 
 def decode_batch(raw: bytes) -> TransferBatch:
     """Raises ``BatchInvalid`` (or msgspec.DecodeError for bytes that are no batch)."""
-    return TransferBatch.from_bytes(*_DECODER.decode(raw))
+    (ids, debits, credits, amounts, currencies, flags, pending, timeouts, codes, user_data,
+     tenants) = _DECODER.decode(raw)
+    batch = TransferBatch.from_bytes(ids, debits, credits, amounts, currencies, flags,
+                                     pending, timeouts, codes, user_data)
+    tenant = np.frombuffer(tenants, dtype=_LE64)
+    if tenant.shape[0] != len(batch):
+        raise BatchInvalid(f"tenant has {tenant.shape[0]} values, id has {len(batch)}")
+    return dataclasses.replace(batch, tenant=tenant)

@@ -31,6 +31,9 @@ class AccountResult(enum.IntEnum):
     exists_with_different_code = 12
     exists_with_different_user_data = 13
     exists = 14
+    # The id is taken by another tenant's account. Reported instead of any other
+    # ``exists_with_different_*`` code (nothing of that account is compared or revealed).
+    exists_with_different_tenant = 15
 
 
 class TransferResult(enum.IntEnum):
@@ -89,6 +92,9 @@ class TransferResult(enum.IntEnum):
     # is not burned). Send it again. Never reported when no part of a request was stored:
     # then the whole request fails as ``unavailable`` (docs/api.md, "Partial answers").
     not_applied = 50
+    # The id is taken by another tenant's transfer. Reported before the fields are
+    # compared, so nothing of that transfer is revealed; it burns nothing.
+    exists_with_different_tenant = 51
 
 
 def is_success(code: AccountResult | TransferResult) -> bool:

@@ -91,9 +91,10 @@ TRANSFER_FLAGS_KNOWN = int(
 
 
 class Account(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
-    """A ledger account. Balances and timestamp are assigned by the server.
+    """A ledger account. Balances, timestamp and tenant are assigned by the server.
 
-    On create, the balance fields and ``timestamp`` must be zero.
+    On create, the balance fields and ``timestamp`` must be zero; ``tenant`` is set from the
+    caller's token (``processor.identity.tenant_slot``) whatever the caller sent.
     """
 
     id: U63
@@ -106,13 +107,16 @@ class Account(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     credits_pending: U63 = 0
     credits_posted: U63 = 0
     timestamp: U63 = 0
+    tenant: U63 = 0
 
 
 class Transfer(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     """A movement of ``amount`` minor units from the debit account to the credit account.
 
     ``id`` is the idempotency key of the ledger. ``timestamp`` is assigned by the server
-    (nanoseconds since the Unix epoch) and must be zero on create.
+    (nanoseconds since the Unix epoch) and must be zero on create. ``tenant`` is the slot of
+    the tenant whose token created it, set by the server; both accounts must belong to that
+    tenant unless it is the processor's own (0).
     """
 
     id: U63
@@ -126,6 +130,7 @@ class Transfer(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     code: Code = 0
     user_data: UserData = ""
     timestamp: U63 = 0
+    tenant: U63 = 0
 
 
 class InvariantError(AssertionError):

@@ -1,6 +1,10 @@
 """Bearer tokens for the HTTP API and the RPC protocol: HS256 JWTs signed with a local key.
 
-A token carries a subject, a set of scopes and an expiry. The clock is always injected
+A token carries a tenant (``ten``: the client platform whose accounts it may move), a
+subject (``sub``: the principal within that tenant), a token id (``jti``), an audience
+(``aud``, always ``txproc``), a set of scopes and an expiry; its header names the signing
+key (``kid``: a fingerprint of the key, so a token signed with another key is refused before
+its signature is computed). The clock is always injected
 (``now_s``, whole seconds since the Unix epoch), so expiry is evaluated against the caller's
 clock and never against the wall clock that pyjwt would otherwise read.
 
@@ -13,6 +17,7 @@ Neither the key nor a token is ever logged or put into an exception message.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import pathlib
 import secrets
@@ -25,8 +30,11 @@ import msgspec
 
 __all__ = [
     "ALGORITHM",
+    "AUDIENCE",
+    "DEFAULT_TENANT",
     "KEY_BYTES",
     "KEY_FILE_NAME",
+    "PROCESSOR_TENANT",
     "SCOPES",
     "SYSTEM_SCOPES",
     "TOKEN_TTL_S_DEFAULT",
@@ -36,8 +44,10 @@ __all__ = [
     "ScopeError",
     "bearer_token",
     "issue_token",
+    "key_id",
     "load_or_create_key",
     "require_scope",
+    "tenant_slot",
     "verify_token",
 ]
 
@@ -50,14 +60,22 @@ SCOPES = (
 SYSTEM_SCOPES = ("ledger:system",)
 TOKEN_TTL_S_DEFAULT = 900
 # A bearer token cannot be revoked before it expires (short of rotating the key), so none
-# lives longer than this: 30 days.
-TOKEN_TTL_S_MAX = 30 * 24 * 3600
+# lives longer than this unless the issuer is configured higher: 24 hours.
+TOKEN_TTL_S_MAX = 24 * 3600
+AUDIENCE = "txproc"
+DEFAULT_TENANT = "default"
+# The tenant slot of the processor itself: its own accounts (clearing, fees) carry it, and
+# a token holding ``ledger:system`` acts as it, which may touch any tenant's account.
+PROCESSOR_TENANT = 0
+_SLOT_MASK = 2**63 - 1
+_NAME_CHARS_MAX = 128
 KEY_FILE_NAME = "jwt.key"
 ALGORITHM = "HS256"
 # RFC 7518 section 3.2: an HS256 key must be at least as long as the hash output.
 KEY_BYTES = 32
 
 _SCOPES_KNOWN = frozenset(SCOPES) | frozenset(SYSTEM_SCOPES)
+_SYSTEM = frozenset(SYSTEM_SCOPES)
 _KEY_FILE_MODE = 0o600
 
 # pyjwt checks only the signature and the presence of the claims; exp and iat are checked
@@ -70,7 +88,7 @@ _JWT = jwt.PyJWT(
         "verify_nbf": False,
         "verify_aud": False,
         "verify_iss": False,
-        "require": ["exp", "iat", "sub"],
+        "require": ["exp", "iat", "sub", "ten", "jti", "aud"],
         "enforce_minimum_key_length": True,
     }
 )
@@ -80,6 +98,9 @@ class _Payload(msgspec.Struct, frozen=True):
     """The claims this module writes; other claims in a token are ignored."""
 
     sub: str
+    ten: str
+    jti: str
+    aud: str
     scope: str
     iat: int
     exp: int
@@ -108,12 +129,47 @@ class ScopeError(Exception):
         self.message = str(self)
 
 
-class Claims(msgspec.Struct, frozen=True):
-    """What a verified token grants: ``expires_at_s`` is seconds since the Unix epoch."""
+class Claims(msgspec.Struct, frozen=True, kw_only=True):
+    """What a verified token grants: ``expires_at_s`` is seconds since the Unix epoch.
+
+    ``tenant_slot`` is the number the ledger stores with each account and transfer of the
+    tenant (``tenant_slot``), or ``PROCESSOR_TENANT`` for a token holding a system scope.
+    """
 
     subject: str
     scopes: frozenset[str]
     expires_at_s: int
+    tenant: str = DEFAULT_TENANT
+    token_id: str = ""
+
+    @property
+    def tenant_slot(self) -> int:
+        if self.scopes & _SYSTEM:
+            return PROCESSOR_TENANT
+        return tenant_slot(self.tenant)
+
+
+def tenant_slot(name: str) -> int:
+    """The ledger's number for tenant ``name``: the first 63 bits of its BLAKE2b digest,
+    never 0 (``PROCESSOR_TENANT``).
+
+    Deterministic, so every front and node agrees without a registry; two tenant names
+    share a slot with probability about n^2 / 2^64 for n tenants (docs/security.md).
+    """
+    digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, person=b"txproc.tenant")
+    return (int.from_bytes(digest.digest(), "big") & _SLOT_MASK) or 1
+
+
+def key_id(key: bytes) -> str:
+    """The id a token's header names its signing key by: a fingerprint, not the key."""
+    return hashlib.sha256(b"txproc.kid" + key).hexdigest()[:16]
+
+
+def _check_name(what: str, value: str) -> None:
+    if not value or len(value) > _NAME_CHARS_MAX or not value.isprintable() \
+            or any(c.isspace() for c in value):
+        raise ValueError(f"{what} must be 1..{_NAME_CHARS_MAX} printable characters "
+                         "without spaces")
 
 
 def load_or_create_key(path: pathlib.Path) -> bytes:
@@ -173,24 +229,32 @@ def issue_token(
     ttl_s: int,
     now_s: int,
     subject: str = "local",
+    tenant: str = DEFAULT_TENANT,
+    token_id: str | None = None,
+    ttl_s_max: int = TOKEN_TTL_S_MAX,
 ) -> str:
-    """Return an HS256 JWT for ``subject`` granting ``scopes``, valid for ``ttl_s`` seconds.
+    """Return an HS256 JWT for ``subject`` of ``tenant`` granting ``scopes``, valid for
+    ``ttl_s`` seconds; ``token_id`` (the ``jti``) is 128 random bits unless given.
 
-    Raises ``ValueError`` for an unknown scope, ``ttl_s <= 0``, an empty subject or a key
+    Raises ``ValueError`` for an unknown scope, ``ttl_s`` outside 1..``ttl_s_max``, a
+    subject or tenant that is empty, longer than 128 characters or holds spaces, or a key
     shorter than 32 bytes.
     """
     granted = frozenset(scopes)
     unknown = granted - _SCOPES_KNOWN
     if unknown:
         raise ValueError(f"unknown scopes {sorted(unknown)}; known scopes are {list(SCOPES)}")
-    if not 0 < ttl_s <= TOKEN_TTL_S_MAX:
-        raise ValueError(f"ttl_s must be within 1..{TOKEN_TTL_S_MAX} (30 days), got {ttl_s}")
-    if not subject:
-        raise ValueError("subject must not be empty")
+    if not 0 < ttl_s <= ttl_s_max:
+        raise ValueError(f"ttl_s must be within 1..{ttl_s_max}, got {ttl_s}")
+    _check_name("subject", subject)
+    _check_name("tenant", tenant)
     if len(key) < KEY_BYTES:
         raise ValueError(f"the key must hold at least {KEY_BYTES} bytes")
-    payload = _Payload(sub=subject, scope=" ".join(sorted(granted)), iat=now_s, exp=now_s + ttl_s)
-    return jwt.encode(msgspec.to_builtins(payload), key, algorithm=ALGORITHM)
+    payload = _Payload(sub=subject, ten=tenant, jti=token_id or secrets.token_hex(16),
+                       aud=AUDIENCE, scope=" ".join(sorted(granted)), iat=now_s,
+                       exp=now_s + ttl_s)
+    return jwt.encode(msgspec.to_builtins(payload), key, algorithm=ALGORITHM,
+                      headers={"kid": key_id(key)})
 
 
 def verify_token(key: bytes, token: str, *, now_s: int) -> Claims:
@@ -204,17 +268,24 @@ def verify_token(key: bytes, token: str, *, now_s: int) -> Claims:
     or malformed claims, garbage) or ``token_expired``.
     """
     try:
+        if jwt.get_unverified_header(token).get("kid") != key_id(key):
+            raise AuthError("token_invalid", "the token is not signed with a known key")
         raw = _JWT.decode(token, key, algorithms=[ALGORITHM])
         payload = msgspec.convert(raw, _Payload)
     except (jwt.InvalidTokenError, msgspec.ValidationError) as exc:
         # The exception text is kept out of the message: it may quote parts of the token.
         raise AuthError("token_invalid", "the token is not a valid token") from exc
+    if payload.aud != AUDIENCE:
+        raise AuthError("token_invalid", "the token is meant for another audience")
+    if not payload.ten or not payload.sub:
+        raise AuthError("token_invalid", "the token names no tenant or subject")
     if payload.exp <= payload.iat:
         raise AuthError("token_invalid", "the token expires before it was issued")
     if now_s >= payload.exp:
         raise AuthError("token_expired", "the token has expired")
     scopes = frozenset(payload.scope.split()) & _SCOPES_KNOWN
-    return Claims(subject=payload.sub, scopes=scopes, expires_at_s=payload.exp)
+    return Claims(subject=payload.sub, scopes=scopes, expires_at_s=payload.exp,
+                  tenant=payload.ten, token_id=payload.jti)
 
 
 def require_scope(claims: Claims, scope: str) -> None:

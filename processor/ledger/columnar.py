@@ -24,7 +24,7 @@ balances on random workloads, with the plain ``Book`` as the reference.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter
 from typing import Any
@@ -68,7 +68,7 @@ R = TransferResult
 OK = int(R.ok)
 _I64 = np.int64
 _ENCODER = msgspec.msgpack.Encoder()
-_LEGS = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes, bytes])
+_LEGS = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes, bytes, bytes])
 _RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, int, bytes])
 SLOTS_INITIAL = 1024
 PLAIN_RUN_MIN = 1024
@@ -98,7 +98,7 @@ def currency_code(number: int) -> str:
 
 _TRANSFER_FIELDS = attrgetter(
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
-    "pending_id", "timeout_s", "code", "user_data", "timestamp")
+    "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant")
 
 
 @dataclass(slots=True)
@@ -117,6 +117,12 @@ class TransferColumns:
     code: np.ndarray
     timestamp: np.ndarray
     user_data: list[str] | None = None
+    tenant: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=_I64))
+
+    def __post_init__(self) -> None:
+        if self.tenant.shape[0] != self.id.shape[0]:
+            # No tenant given: the processor's own (tests and tools that build columns).
+            self.tenant = np.zeros(self.id.shape[0], dtype=_I64)
 
     def __len__(self) -> int:
         return int(self.id.shape[0])
@@ -127,7 +133,7 @@ class TransferColumns:
             empty = np.zeros(0, dtype=_I64)
             return cls(empty, empty, empty, empty, empty, empty, empty, empty, empty, empty)
         (ids, debits, credits, amounts, currencies, flags, pending, timeouts, codes,
-         user_data, timestamps) = zip(*map(_TRANSFER_FIELDS, transfers), strict=True)
+         user_data, timestamps, tenants) = zip(*map(_TRANSFER_FIELDS, transfers), strict=True)
         numbers = _CURRENCY_NUMBERS
 
         def column(values: tuple[int, ...]) -> np.ndarray:
@@ -138,6 +144,7 @@ class TransferColumns:
             np.array([numbers.get(c, 0) for c in currencies], dtype=_I64),
             column(flags), column(pending), column(timeouts), column(codes),
             column(timestamps), list(user_data) if any(user_data) else None,
+            column(tenants),
         )
 
     def take(self, index: np.ndarray, *, timestamps: np.ndarray | None = None
@@ -150,6 +157,7 @@ class TransferColumns:
             self.pending_id[index], self.timeout_s[index], self.code[index],
             self.timestamp[index] if timestamps is None else timestamps,
             None if rows is None else [self.user_data[i] for i in rows],  # type: ignore[index]
+            self.tenant[index],
         )
 
     def transfer(self, row: int) -> Transfer:
@@ -161,7 +169,7 @@ class TransferColumns:
             pending_id=int(self.pending_id[row]), timeout_s=int(self.timeout_s[row]),
             code=int(self.code[row]),
             user_data=self.user_data[row] if self.user_data is not None else "",
-            timestamp=int(self.timestamp[row]),
+            timestamp=int(self.timestamp[row]), tenant=int(self.tenant[row]),
         )
 
     def transfers(self) -> list[Transfer]:
@@ -217,17 +225,19 @@ class PlainLegs:
     amounts: np.ndarray
     currencies: np.ndarray
     event_ids: np.ndarray  # the transfer ids
+    tenants: np.ndarray  # the transfers' tenant slots
     index: np.ndarray | None = None  # the items' positions on the coordinator (not sent)
 
 
 def encode_legs(legs: PlainLegs) -> bytes:
     return _ENCODER.encode((legs.account_ids.tobytes(), legs.amounts.tobytes(),
-                            legs.currencies.tobytes(), legs.event_ids.tobytes()))
+                            legs.currencies.tobytes(), legs.event_ids.tobytes(),
+                            legs.tenants.tobytes()))
 
 
 def decode_legs(raw: bytes) -> PlainLegs:
-    ids, amounts, currencies, events = _LEGS.decode(raw)
-    cols = [np.frombuffer(b, dtype=_I64) for b in (ids, amounts, currencies, events)]
+    ids, amounts, currencies, events, tenants = _LEGS.decode(raw)
+    cols = [np.frombuffer(b, dtype=_I64) for b in (ids, amounts, currencies, events, tenants)]
     require(len({c.shape[0] for c in cols}) == 1, "leg columns of equal length")
     return PlainLegs(*cols)
 
@@ -337,6 +347,7 @@ class ArrayBook(Book):
         self.bal[slot, kernel.FLAGS] = account.flags
         self.bal[slot, kernel.CURRENCY] = currency_number(account.currency)
         self.bal[slot, kernel.COMMITTED] = int(committed)
+        self.bal[slot, kernel.TENANT] = account.tenant
         return SlotState(self, slot, account)
 
     # -- step 1 -----------------------------------------------------------------------------
@@ -412,7 +423,7 @@ class ArrayBook(Book):
             timestamps[evaluated] = np.arange(first, first + count, dtype=_I64)
             self.last_timestamp = first + count - 1
         kernel.plan_plain(self.bal, debit_slot, credit_slot, credit_local, amount,
-                          cols.currency, codes)
+                          cols.currency, cols.tenant, codes)
         ok = np.flatnonzero(codes == OK)
         self._recent_rows.remember_rows(cols.take(ok, timestamps=timestamps[ok]))
         self._trim_recent()
@@ -430,7 +441,7 @@ class ArrayBook(Book):
                 index = distributed[shards == shard]
                 plan.remote_plain[shard] = PlainLegs(credit[index], amount[index],
                                                      cols.currency[index], cols.id[index],
-                                                     index)
+                                                     cols.tenant[index], index)
         return pp
 
     def _trim_recent(self) -> None:
@@ -448,7 +459,8 @@ class ArrayBook(Book):
                 "legs routed to their owner")
         slots = np.fromiter((self.slot_of.get(i, -1) for i in ids), _I64, n)
         codes = np.zeros(n, dtype=_I64)
-        kernel.reserve_plain(self.bal, slots, legs.amounts, legs.currencies, codes)
+        kernel.reserve_plain(self.bal, slots, legs.amounts, legs.currencies, legs.tenants,
+                             codes)
         self.block_seq += 1
         granted = codes == OK
         if granted.any():

@@ -31,6 +31,7 @@ __all__ = [
     "FLAGS",
     "RES_C",
     "RES_D",
+    "TENANT",
     "UP_C",
     "UP_D",
     "U_CP",
@@ -51,7 +52,9 @@ U_DP, U_DPO, U_CP, U_CPO = 4, 5, 6, 7
 UP_D, UP_C = 8, 9
 RES_D, RES_C = 10, 11
 FLAGS, CURRENCY, COMMITTED = 12, 13, 14
-COLUMNS = 15
+# The account's tenant slot (processor.identity.tenant_slot; 0 for the processor's own).
+TENANT = 15
+COLUMNS = 16
 
 _MAX = np.int64(AMOUNT_MAX)
 OVER = np.int64(-1)
@@ -119,14 +122,23 @@ def _check(bal: np.ndarray, slot: int, side: int, amount: np.int64, currency: np
     return _OK
 
 
+@njit(cache=True, inline="always")
+def _foreign(bal: np.ndarray, slot: int, tenant: np.int64) -> bool:
+    """Whether a transfer of ``tenant`` may not name the account at ``slot``: it belongs to
+    another tenant and the transfer is not the processor's (tenant 0). Such an account is
+    answered exactly as one that does not exist."""
+    return bool(tenant != 0 and bal[slot, TENANT] != tenant)
+
+
 @njit(cache=True)
 def plan_plain(bal: np.ndarray, debit_slot: np.ndarray, credit_slot: np.ndarray,
                credit_local: np.ndarray, amount: np.ndarray, currency: np.ndarray,
-               codes: np.ndarray) -> None:
+               tenant: np.ndarray, codes: np.ndarray) -> None:
     """Evaluate single-phase transfers in order on their coordinator (the debit's shard).
 
     ``codes`` comes in with the static checks' codes (0 where they passed) and leaves with
-    each item's code. A slot of -1 is an account this shard does not have. An item whose
+    each item's code. A slot of -1 is an account this shard does not have, and an account
+    of another tenant than the item's is treated as one (``_foreign``). An item whose
     credit account is on another shard (``credit_local`` false) only holds its debit here
     (RES_D) when it passes; the caller reserves its credit on that shard.
     """
@@ -134,10 +146,11 @@ def plan_plain(bal: np.ndarray, debit_slot: np.ndarray, credit_slot: np.ndarray,
         if codes[i] != _OK:
             continue
         d = debit_slot[i]
-        code = _DEBIT_NOT_FOUND if d < 0 else _check(bal, d, 0, amount[i], currency[i], False)
+        code = _DEBIT_NOT_FOUND if d < 0 or _foreign(bal, d, tenant[i]) else \
+            _check(bal, d, 0, amount[i], currency[i], False)
         if credit_local[i]:
             c = credit_slot[i]
-            credit_code = _CREDIT_NOT_FOUND if c < 0 else \
+            credit_code = _CREDIT_NOT_FOUND if c < 0 or _foreign(bal, c, tenant[i]) else \
                 _check(bal, c, 1, amount[i], currency[i], False)
             # The lowest code has precedence (processor.codes).
             if credit_code != _OK and (code == _OK or credit_code < code):
@@ -157,7 +170,7 @@ def plan_plain(bal: np.ndarray, debit_slot: np.ndarray, credit_slot: np.ndarray,
 
 @njit(cache=True)
 def reserve_plain(bal: np.ndarray, credit_slot: np.ndarray, amount: np.ndarray,
-                  currency: np.ndarray, codes: np.ndarray) -> None:
+                  currency: np.ndarray, tenant: np.ndarray, codes: np.ndarray) -> None:
     """Check and hold, in order, credit legs of transfers coordinated by another shard.
 
     The remote view: only committed accounts, committed balances plus every uncommitted
@@ -166,7 +179,7 @@ def reserve_plain(bal: np.ndarray, credit_slot: np.ndarray, amount: np.ndarray,
     """
     for i in range(codes.shape[0]):
         c = credit_slot[i]
-        if c < 0 or bal[c, COMMITTED] == 0:
+        if c < 0 or bal[c, COMMITTED] == 0 or _foreign(bal, c, tenant[i]):
             codes[i] = _CREDIT_NOT_FOUND
             continue
         code = _check(bal, c, 1, amount[i], currency[i], True)
@@ -191,6 +204,6 @@ def warm_up() -> None:
     slot = np.zeros(1, dtype=np.int64)
     codes = np.zeros(1, dtype=np.int64)
     plan_plain(bal, slot, slot + 1, np.ones(1, dtype=np.bool_), one, np.zeros(1, np.int64),
-               codes)
-    reserve_plain(bal, slot, one, np.zeros(1, np.int64), codes)
+               np.zeros(1, np.int64), codes)
+    reserve_plain(bal, slot, one, np.zeros(1, np.int64), np.zeros(1, np.int64), codes)
     scatter_add(bal, slot, RES_C, one, -1)

@@ -108,6 +108,9 @@ class Leg(msgspec.Struct, frozen=True, array_like=True):
     # Legs of one linked chain share a nonzero tag; a later leg may use what an earlier
     # leg of the same chain posted, since the chain commits whole or not at all.
     chain: int = 0
+    # The tenant slot of the transfer: its account must belong to that tenant, unless the
+    # transfer is the processor's own (0). Expiries are the processor's.
+    tenant: int = 0
 
     @property
     def increase(self) -> int:
@@ -491,6 +494,8 @@ class Book:
         existing = self.accounts.get(a.id)
         if existing is not None:
             e = existing.account
+            if e.tenant != a.tenant:
+                return A.exists_with_different_tenant
             if e.flags != a.flags:
                 return A.exists_with_different_flags
             if e.currency != a.currency:
@@ -651,6 +656,8 @@ class Book:
                 item.dup_of = in_batch[t.id]
             if isinstance(previous, Failed):
                 return R.id_already_failed
+            if previous.tenant != t.tenant:
+                return R.exists_with_different_tenant
             item.stored = previous
             return _compare_existing(t, previous)
         if t.flags & (POST | VOID):
@@ -689,7 +696,7 @@ class Book:
 
     def _check_local_leg(self, leg: Leg) -> TransferResult:
         state = self.accounts.get(leg.account_id)
-        if state is None:
+        if state is None or not _may_touch(leg.tenant, state.account.tenant):
             return (R.debit_account_not_found if leg.side == Side.debit
                     else R.credit_account_not_found)
         return state.check(leg, remote=False,
@@ -705,7 +712,7 @@ class Book:
             stored = self.recent.get(t.pending_id)
             if stored is None or isinstance(stored, Failed):
                 stored = known.transfers.get(t.pending_id)
-            if stored is None:
+            if stored is None or not _may_touch(t.tenant, stored.tenant):
                 return R.pending_transfer_not_found
             if not stored.flags & PENDING:
                 return R.pending_transfer_not_pending
@@ -722,6 +729,8 @@ class Book:
             # open hold of this shard's partitions.
             require(not self.owns(stored.debit_account_id), "open pending is in memory")
             return R.pending_transfer_has_different_debit_account_id
+        if not _may_touch(t.tenant, pending.transfer.tenant):
+            return R.pending_transfer_not_found
         code = _compare_pending(t, pending.transfer)
         if code != R.ok:
             return code
@@ -745,10 +754,10 @@ class Book:
         return [
             (shard_of(t.debit_account_id),
              Leg(t.debit_account_id, Side.debit, t.currency, dp, dpo, limited,
-                 EventKind.transfer, t.id, tag)),
+                 EventKind.transfer, t.id, tag, t.tenant)),
             (shard_of(t.credit_account_id),
              Leg(t.credit_account_id, Side.credit, t.currency, dp, dpo, limited,
-                 EventKind.transfer, t.id, tag)),
+                 EventKind.transfer, t.id, tag, t.tenant)),
         ]
 
     def _undo_item(self, item: _Item, saved: dict[int, Transfer | Failed | None]) -> None:
@@ -811,7 +820,8 @@ class Book:
             if leg.chain != chain or not leg.chain:
                 chain, chain_posted = leg.chain, {}
             state = self.accounts.get(leg.account_id)
-            if state is None or (leg.limited and not state.committed):
+            if state is None or (leg.limited and not state.committed) \
+                    or not _may_touch(leg.tenant, state.account.tenant):
                 code = (R.debit_account_not_found if leg.side == Side.debit
                         else R.credit_account_not_found)
             else:
@@ -970,6 +980,12 @@ def _exact_column_sums(values: Any) -> list[int]:
     high = (values >> 32).sum(axis=0).tolist()
     low = (values & 0xFFFFFFFF).sum(axis=0).tolist()
     return [h * 2**32 + lo for h, lo in zip(high, low, strict=True)]
+
+
+def _may_touch(tenant: int, owner: int) -> bool:
+    """Whether a transfer of ``tenant`` may name an account (or hold) of ``owner``: its
+    own, or any if it is the processor's (tenant 0)."""
+    return tenant == owner or tenant == 0
 
 
 def _add_chain_posted(chain_posted: dict[tuple[int, int], int], leg: Leg) -> None:

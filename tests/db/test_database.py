@@ -22,13 +22,13 @@ from actors.migrate import migrate
 
 ACCOUNT_SQL = (
     "INSERT INTO accounts (id, currency, flags, code, user_data, debits_pending,"
-    " debits_posted, credits_pending, credits_posted, timestamp, partition)"
-    " VALUES ($1, 'EUR', 0, 1, '', $2, $3, $4, $5, 1, 0)"
+    " debits_posted, credits_pending, credits_posted, timestamp, partition, tenant)"
+    " VALUES ($1, 'EUR', 0, 1, '', $2, $3, $4, $5, 1, 0, 1)"
 )
 TRANSFER_SQL = (
     "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, flags,"
-    " pending_id, timeout_s, code, user_data, timestamp, partition, local_legs)"
-    " VALUES ($1, 1, 2, $2, 'EUR', 0, 0, 0, 1, '', 1, 0, 3)"
+    " pending_id, timeout_s, code, user_data, timestamp, partition, local_legs, tenant)"
+    " VALUES ($1, 1, 2, $2, 'EUR', 0, 0, 0, 1, '', 1, 0, 3, 1)"
 )
 RESOLUTION_SQL = (
     "INSERT INTO pending_resolutions (pending_id, kind, transfer_id, timestamp)"

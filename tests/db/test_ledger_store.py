@@ -44,7 +44,9 @@ async def _store(url: str, form: str = "one_statement") -> LedgerStore:
 async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data: str,
                                                          form: str) -> None:
     """Transfers committed from columns (COPY binary, or records with user_data) and their
-    cross-shard postings read back exactly, and the audit recomputes the same balances."""
+    cross-shard postings read back exactly, tenants included, and the audit recomputes the
+    same balances."""
+    tenant = 2**63 - 7
     partitions = PartitionMap.uniform(2)
     (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)
     store = await _store(db_url, form)
@@ -55,15 +57,16 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
             await store.take_epoch(s)
         now = time.time_ns()
         for book, ids in ((books[0], (a0, b0)), (books[1], (a1,))):
-            _, batch = book.create_accounts([[Account(id=i, currency="EUR") for i in ids]], now)
+            _, batch = book.create_accounts(
+                [[Account(id=i, currency="EUR", tenant=tenant) for i in ids]], now)
             await store.commit([batch], fences={book.shard: 1}, shard=book.shard,
                                partition_map=partitions)
             book.accounts_committed(batch)
         transfers = [
             Transfer(id=100, debit_account_id=a0, credit_account_id=b0, amount=2**62,
-                     currency="EUR", code=7, user_data=user_data),
+                     currency="EUR", code=7, user_data=user_data, tenant=tenant),
             Transfer(id=101, debit_account_id=a0, credit_account_id=a1, amount=5,
-                     currency="EUR", user_data=user_data),
+                     currency="EUR", user_data=user_data, tenant=tenant),
             Transfer(id=102, debit_account_id=b0, credit_account_id=a1, amount=1,
                      currency="EUR", code=2**31 - 1),
         ]
@@ -79,6 +82,8 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
         assert balances[a0].debits_posted == 2**62 + 5
         assert balances[b0].credits_posted == 2**62 and balances[b0].debits_posted == 1
         assert balances[a1].credits_posted == 6  # its postings, not yet folded by shard 1
+        assert {a.tenant for a in balances.values()} == {tenant}
+        assert [stored[i].tenant for i in (100, 101, 102)] == [tenant, tenant, 0]
         assert (await store.audit()).passed
     finally:
         await store.close()

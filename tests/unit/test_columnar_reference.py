@@ -28,11 +28,13 @@ from tests.unit.test_ledger_properties import (
     CL,
     FUNDING,
     SETTINGS,
+    TRANSFER_TENANTS,
     History,
     Workload,
     _draw_batch,
     _replayable,
     full_workload,
+    tenant_of,
 )
 
 R = TransferResult
@@ -53,6 +55,7 @@ def _draw_plain(data: st.DataObject, w: Workload, h: History) -> list[list[Trans
             fields = {
                 "id": h.fresh_id(), "debit_account_id": dr, "credit_account_id": cr,
                 "amount": data.draw(PLAIN_AMOUNTS), "currency": w.currency_of(dr),
+                "tenant": data.draw(st.sampled_from(TRANSFER_TENANTS)),
             }
             broken = data.draw(st.sampled_from(
                 [None] * 12 + ["id", "same", "amount", "currency", "pending_id", "timeout",
@@ -108,7 +111,7 @@ def _run_both(data: st.DataObject, shards: int, interleaved: bool,
                        recent_ids_max=recent_ids_max)
     both = (reference, columnar)
     h = History()
-    accounts = [Account(id=i, currency=c, flags=f)
+    accounts = [Account(id=i, currency=c, flags=f, tenant=tenant_of(i))
                 for i, f, c in zip((1, 2, 3, 4, 5, 6), w.flags, w.currencies, strict=True)]
     for cluster in both:
         assert cluster.create_accounts(accounts) == [0] * len(accounts)
@@ -230,10 +233,11 @@ def test_legs_survive_their_wire_form() -> None:
     """Plain legs sent to another shard decode to the same columns."""
     from processor.ledger.columnar import PlainLegs
 
-    cols = [np.array(v, dtype=np.int64) for v in ([1, 2], [AMOUNT_MAX, 1], [5, 6], [9, 10])]
+    cols = [np.array(v, dtype=np.int64)
+            for v in ([1, 2], [AMOUNT_MAX, 1], [5, 6], [9, 10], [0, 2**63 - 1])]
     back = decode_legs(encode_legs(PlainLegs(*cols)))
-    for a, b in zip(cols, (back.account_ids, back.amounts, back.currencies, back.event_ids),
-                    strict=True):
+    for a, b in zip(cols, (back.account_ids, back.amounts, back.currencies, back.event_ids,
+                           back.tenants), strict=True):
         assert a.tolist() == b.tolist()
 
 

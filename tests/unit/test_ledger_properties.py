@@ -33,6 +33,14 @@ ACCOUNT_IDS = (1, 2, 3, 4, 5, 6)
 MISSING_ACCOUNT_ID = 7  # never created
 ACCOUNT_CHOICES = ACCOUNT_IDS * 3 + (MISSING_ACCOUNT_ID,)
 KINDS = ("plain", "plain", "plain", "pending", "post", "void", "again")
+# Tenants: accounts 1-5 belong to tenant A, account 6 to tenant B; transfers are mostly
+# A's, some B's (which may touch only account 6) and some the processor's (0: any account).
+TENANT_A, TENANT_B = 11, 22
+TRANSFER_TENANTS = (TENANT_A,) * 6 + (TENANT_B, 0)
+
+
+def tenant_of(account_id: int) -> int:
+    return TENANT_B if account_id == ACCOUNT_IDS[-1] else TENANT_A
 # Amounts: 1 and AMOUNT_MAX explicitly, small amounts that limits decide, and huge ones
 # that overflow decides.
 AMOUNTS = st.one_of(
@@ -97,7 +105,23 @@ def _draw_transfer(
         earlier = data.draw(st.sampled_from(h.transfers))
         if data.draw(st.booleans()):
             earlier = Transfer(**{**_fields(earlier), "amount": earlier.amount % AMOUNT_MAX + 1})
+        if not data.draw(st.sampled_from([True] * 5 + [False])):
+            earlier = Transfer(**{**_fields(earlier),
+                                  "tenant": data.draw(st.sampled_from(TRANSFER_TENANTS))})
         return earlier
+    t = _draw_new_transfer(data, w, h, cluster, kind, last=last)
+    tenant = data.draw(st.sampled_from(TRANSFER_TENANTS))
+    if t.flags & PENDING:
+        h.pending.remove(t)
+        t = Transfer(**{**_fields(t), "tenant": tenant})
+        h.pending.append(t)
+        return t
+    return Transfer(**{**_fields(t), "tenant": tenant})
+
+
+def _draw_new_transfer(
+    data: st.DataObject, w: Workload, h: History, cluster: Cluster, kind: str, *, last: bool,
+) -> Transfer:
     tid = h.fresh_id()
     # A request mostly ends outside a chain, so chains are mostly closed.
     linked = data.draw(st.sampled_from([False, False, True]))
@@ -213,6 +237,12 @@ def check_store(cluster: Cluster, h: History) -> None:
     for t in store.transfers.values():
         if t.flags & (POST | VOID):
             assert store.resolutions[t.pending_id].transfer_id == t.id
+        # A tenant's transfer names only its own tenant's accounts (and holds).
+        if t.tenant:
+            assert store.accounts[t.debit_account_id].tenant == t.tenant, t
+            assert store.accounts[t.credit_account_id].tenant == t.tenant, t
+            if t.pending_id:
+                assert store.transfers[t.pending_id].tenant == t.tenant, t
     # A resolution, once written, never changes or disappears.
     for pending_id, row in h.resolutions.items():
         assert store.resolutions.get(pending_id) == row
@@ -265,7 +295,7 @@ def run(data: st.DataObject, shards: int, w: Workload, interleaved: bool,
     h = History()
     cluster.after_commit = lambda: check_store(cluster, h)
     accounts = [
-        Account(id=i, currency=c, flags=f)
+        Account(id=i, currency=c, flags=f, tenant=tenant_of(i))
         for i, f, c in zip(ACCOUNT_IDS, w.flags, w.currencies, strict=True)
     ]
     assert all(c == 0 for c in cluster.create_accounts(accounts))

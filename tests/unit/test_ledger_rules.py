@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
 import pytest
 
 from processor.codes import AccountResult, TransferResult, burns_id
@@ -849,3 +850,72 @@ def test_account_repeated_in_one_request(shards: int) -> None:
     assert cluster.create_accounts([a, a, Account(id=77, currency="EUR")]) == [
         A.ok, A.exists, A.exists_with_different_currency
     ]
+
+
+# -- tenants -----------------------------------------------------------------------------------
+
+T1, T2 = 101, 202
+
+
+def tenant_world(shards: int) -> tuple[Cluster, dict[str, int]]:
+    """Accounts of two tenants, spread over the shards: a1, a2 of T1 (a2 on the last shard),
+    b1 of T2, and the processor's own p (tenant 0)."""
+    cluster = Cluster(shards)
+    per_shard = account_ids_on_shards(cluster.partitions, 4)
+    ids = {"a1": per_shard[0][0], "a2": per_shard[-1][1], "b1": per_shard[-1][2],
+           "p": per_shard[0][3]}
+    owners = {"a1": T1, "a2": T1, "b1": T2, "p": 0}
+    assert cluster.create_accounts([Account(id=ids[n], currency="USD", tenant=owners[n])
+                                    for n in ids]) == [A.ok] * 4
+    return cluster, ids
+
+
+@SHARDS
+def test_a_tenant_moves_only_its_own_accounts(shards: int) -> None:
+    """Another tenant's account, or the processor's, is answered as a missing account on
+    either side (and burns the id, as a missing account does); the processor's own
+    transfers may name any account."""
+    cluster, ids = tenant_world(shards)
+
+    def t(tid: int, dr: str, cr: str, tenant: int, **fields: Any) -> Transfer:
+        return Transfer(id=tid, debit_account_id=ids[dr], credit_account_id=ids[cr],
+                        amount=5, currency="USD", tenant=tenant, **fields)
+
+    assert cluster.create_transfers([t(1, "a1", "a2", T1)]) == [R.ok]
+    assert cluster.create_transfers([t(2, "b1", "a2", T1)]) == [R.debit_account_not_found]
+    assert cluster.create_transfers([t(3, "a1", "b1", T1)]) == [R.credit_account_not_found]
+    assert cluster.create_transfers([t(4, "p", "a1", T1)]) == [R.debit_account_not_found]
+    assert cluster.create_transfers([t(5, "a1", "p", T1)]) == [R.credit_account_not_found]
+    assert cluster.create_transfers([t(6, "a1", "a2", T2)]) == [R.debit_account_not_found]
+    assert cluster.create_transfers([t(2, "a1", "a2", T1)]) == [R.id_already_failed]
+    assert cluster.create_transfers([t(7, "p", "b1", 0), t(8, "a2", "p", 0)]) == [R.ok] * 2
+    assert cluster.lookup_transfer(1).tenant == T1
+    assert cluster.lookup_transfer(7).tenant == 0
+
+
+@SHARDS
+def test_another_tenants_ids_and_holds_reveal_nothing(shards: int) -> None:
+    """A transfer id another tenant stored answers exists_with_different_tenant whatever
+    the fields; its hold cannot be posted or voided (pending_transfer_not_found); an
+    account id another tenant holds answers exists_with_different_tenant."""
+    cluster, ids = tenant_world(shards)
+    hold = Transfer(id=10, debit_account_id=ids["a1"], credit_account_id=ids["a2"],
+                    amount=5, currency="USD", flags=PENDING, tenant=T1)
+    assert cluster.create_transfers([hold]) == [R.ok]
+    assert cluster.create_transfers([msgspec_replace(hold, tenant=T2)]) == \
+        [R.exists_with_different_tenant]
+    assert cluster.create_transfers([msgspec_replace(hold, tenant=T2, amount=6)]) == \
+        [R.exists_with_different_tenant]
+    assert cluster.create_transfers([hold]) == [R.exists]
+    void = Transfer(id=11, debit_account_id=ids["a1"], credit_account_id=ids["a2"], amount=5,
+                    currency="USD", flags=VOID, pending_id=10, tenant=T2)
+    assert cluster.create_transfers([void]) == [R.pending_transfer_not_found]
+    assert cluster.create_transfers([msgspec_replace(void, id=12, tenant=T1)]) == [R.ok]
+    assert cluster.create_accounts([Account(id=ids["a1"], currency="EUR", tenant=T2)]) == \
+        [A.exists_with_different_tenant]
+    assert cluster.create_accounts([Account(id=ids["a1"], currency="USD", tenant=T1)]) == \
+        [A.exists]
+
+
+def msgspec_replace(t: Transfer, **fields: Any) -> Transfer:
+    return msgspec.structs.replace(t, **fields)
