@@ -7,7 +7,8 @@ resolves when the response with that id arrives, in whatever order the server an
 Failures are raised, never returned:
 
 * ``Overloaded`` and ``Unavailable`` (``processor.errors``) for the server's retryable codes
-  of the same names, and ``Unavailable`` when the connection drops or cannot be opened;
+  of the same names, and ``Unavailable`` when the connection drops or cannot be opened, or
+  when the server closed it as idle (``idle_timeout``) just as a call was sent;
 * ``ClientError`` for every other error code (``processor.wire.ERROR_CODES``);
 * ``TimeoutError`` when a call gets no answer within ``timeout_s``. A create that timed out
   may or may not have been applied; sending it again with the same ids is safe.
@@ -73,6 +74,13 @@ def _exception_of(error: wire.Error) -> Exception:
         return Overloaded(error.message, retry_after_s=error.retry_after_s)
     if error.code == Unavailable.code:
         return Unavailable(error.message, retry_after_s=error.retry_after_s)
+    if error.code == "rate_limited":
+        # Retryable like overloaded, but about this caller: waiting retry_after_s suffices.
+        return Overloaded(error.message, retry_after_s=error.retry_after_s)
+    if error.code == "idle_timeout":
+        # The server closed the connection as idle while this call was on its way: it read
+        # nothing more, so the call was not applied and a new connection may carry it.
+        return Unavailable(error.message, retry_after_s=0.0)
     return ClientError(error.code, error.message, retry_after_s=error.retry_after_s)
 
 

@@ -20,6 +20,7 @@ from processor.ops_config import ObservabilityConfig
 from processor.payments import PaymentsConfig
 from processor.risk import RiskConfig
 from processor.service import BATCH_ITEMS_MAX
+from processor.wire import FRAME_BYTES_MAX, HELLO_BYTES_MAX
 
 __all__ = [
     "Config",
@@ -97,6 +98,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
              "0 <= trace_sample_ratio <= 1"),
             ({p.name for p in self.payments.providers} <= set(self.payments.rules.provider_order),
              "every provider is in provider_order"),
+            *_edge_checks(f),
         ]
         for ok, what in checks:
             if not ok:
@@ -107,3 +109,23 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+
+# The listeners' limits (docs/security.md, "Edge limits"); zero never means unbounded.
+_EDGE_LIMITS_POSITIVE = (
+    "http_header_timeout_s", "http_header_bytes_max", "http_body_timeout_s",
+    "http_keep_alive_timeout_s", "http_write_timeout_s", "http_connections_max",
+    "http_connections_per_peer_max", "rpc_connections_max", "rpc_connections_per_peer_max",
+    "rpc_hello_timeout_s", "rpc_idle_timeout_s", "rpc_frame_timeout_s",
+    "rpc_write_timeout_s", "rpc_token_grace_s",
+)
+
+
+def _edge_checks(f: FrontConfig) -> list[tuple[bool, str]]:
+    checks = [(getattr(f, name) > 0, f"front {name} > 0") for name in _EDGE_LIMITS_POSITIVE]
+    checks.append((f.rate_limit_rps >= 0 and (f.rate_limit_rps == 0 or f.rate_limit_burst >= 1),
+                   "front rate_limit_rps >= 0, with rate_limit_burst >= 1 when it is set"))
+    checks.append((HELLO_BYTES_MAX <= f.rpc_hello_bytes_max <= FRAME_BYTES_MAX,
+                   f"{HELLO_BYTES_MAX} (the largest Hello) <= rpc_hello_bytes_max "
+                   f"<= {FRAME_BYTES_MAX}"))
+    return checks

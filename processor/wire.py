@@ -20,8 +20,13 @@ A conversation:
   ``request_id``.
 * An ``Error`` with a ``request_id`` answers that request alone; the connection stays open.
   An ``Error`` whose ``request_id`` is ``None`` is about the connection (a bad frame, a
-  refused or missing ``Hello``, too many connections): the server reads nothing more,
-  answers the requests it already accepted, then closes the connection.
+  refused or missing ``Hello``, too many connections, a deadline passed, a token expired
+  and not replaced): the server reads nothing more, answers the requests it already
+  accepted, then closes the connection.
+* The server bounds what a connection may hold (docs/security.md, "Edge limits"): the
+  first frame must be a small ``Hello``, a connection with nothing to say is closed after
+  an idle timeout, a frame's body must follow its header promptly, and a client that does
+  not read its responses is cut off without a word.
 
 ``ERROR_CODES`` lists the stable error codes. Per-item outcomes are not errors: they are
 result codes (``processor.codes``) inside the create results.
@@ -42,6 +47,7 @@ __all__ = [
     "ERROR_CODES",
     "FRAME_BYTES_MAX",
     "FRAME_HEADER_BYTES",
+    "HELLO_BYTES_MAX",
     "PROTOCOL_VERSION",
     "PROTOCOL_VERSIONS",
     "REQUEST_ID_MAX",
@@ -85,21 +91,32 @@ TOKEN_CHARS_MAX = 4096
 
 ERROR_CODES: Final = frozenset(
     {
-        "frame_too_large",  # the length prefix exceeds FRAME_BYTES_MAX; connection closed
+        # the length prefix exceeds FRAME_BYTES_MAX, or before Hello the server's limit for
+        # a Hello (at least HELLO_BYTES_MAX); connection closed, the body left unread
+        "frame_too_large",
         "malformed_frame",  # the body is not a valid Request; connection closed
         "batch_too_large",  # more than BATCH_ITEMS_MAX items or ids in one request
         "token_missing",  # a request came before Hello; connection closed
         "token_invalid",  # Hello carried a bad token; connection closed
-        "token_expired",  # on Hello: connection closed; on a request: refresh with Hello
+        # on Hello: connection closed; on a request: refresh with Hello; with no new Hello
+        # by the token's expiry plus the server's grace: connection closed
+        "token_expired",
         "scope_missing",  # the token does not grant the operation's scope
         "id_reserved",  # an id is in the processor's own range (processor/reserved.py)
         "overloaded",  # the ledger or the server is full; retry after retry_after_s
+        # the principal's rate limit (processor.ratelimit): nothing of the request was
+        # applied; retry after retry_after_s
+        "rate_limited",
         "unavailable",  # a shard or the database is down; retry after retry_after_s
         "too_many_in_flight",  # the connection has in_flight_per_connection_max requests
         "ledger_error",  # a LedgerError of no more specific kind; see its message
         "unknown_operation",  # a PaymentCall named no payments operation
         "invalid_batch",  # a CreateTransferBatch's columns break the format; nothing applied
         "protocol_version_unsupported",  # Hello asked for, or a frame needs, another version
+        # no frame and no request in flight for the server's idle timeout; connection
+        # closed, and nothing sent after it was read (the client retries it: Unavailable)
+        "idle_timeout",
+        "frame_timeout",  # a frame's body came too slowly (the server's frame timeout)
         "internal",  # a bug on the server; the request may or may not have been applied
     }
 )
@@ -362,3 +379,8 @@ def _worst_case_batch_bytes() -> int:
 # Kept on under python -O: a full batch that cannot be framed would be a protocol bug.
 if _worst_case_batch_bytes() > FRAME_BYTES_MAX:
     raise RuntimeError("FRAME_BYTES_MAX cannot hold a full batch; raise it")
+
+# The body size of the largest valid Hello, in bytes (about 16 KiB: a token of
+# TOKEN_CHARS_MAX four-byte characters). A server may refuse a larger first frame unread,
+# so that a client not yet authenticated cannot make it buffer FRAME_BYTES_MAX.
+HELLO_BYTES_MAX: Final = len(_ENCODER.encode(Hello("\U0010ffff" * TOKEN_CHARS_MAX, 65535)))

@@ -26,7 +26,14 @@ from processor.config import (
     ProviderEndpoint,
     ShardConfig,
 )
-from processor.identity import KEY_FILE_NAME, SCOPES, TOKEN_TTL_S_DEFAULT, issue_token
+from processor.identity import (
+    DEFAULT_TENANT,
+    KEY_FILE_NAME,
+    SCOPES,
+    TOKEN_TTL_S_DEFAULT,
+    TOKEN_TTL_S_MAX,
+    issue_token,
+)
 
 __all__ = ["build_config", "main"]
 
@@ -47,6 +54,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--rpc-port", type=int, default=7070)
     p.add_argument("--shards", type=int, default=2)
+    front = FrontConfig()
+    p.add_argument("--rate-limit-rps", type=float, default=front.rate_limit_rps,
+                   help="operations per second per principal (a batch counts its items); "
+                        "0 disables")
+    p.add_argument("--rate-limit-burst", type=int, default=front.rate_limit_burst,
+                   help="operations a principal may send at once before the rate applies")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                    help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--metrics-port", type=int, default=9464,
@@ -70,7 +83,9 @@ def build_config(args: argparse.Namespace) -> Config:
     """The one config tree, from parsed arguments (and the environment, via defaults)."""
     config = Config(
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
-        front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port),
+        front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
+                          rate_limit_rps=args.rate_limit_rps,
+                          rate_limit_burst=args.rate_limit_burst),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
         payments=_payments(args),
@@ -132,7 +147,15 @@ def _parser() -> argparse.ArgumentParser:
     issue = token_sub.add_parser("issue", help="print a signed token")
     issue.add_argument("--scopes", required=True,
                        help=f"comma-separated, from: {','.join(SCOPES)}")
-    issue.add_argument("--ttl-s", type=int, default=TOKEN_TTL_S_DEFAULT)
+    issue.add_argument("--ttl-s", type=int, default=TOKEN_TTL_S_DEFAULT,
+                       help="lifetime in seconds, at most --ttl-s-max")
+    issue.add_argument("--ttl-s-max", type=int, default=TOKEN_TTL_S_MAX,
+                       help="the cap on --ttl-s (default 24 h): a token cannot be revoked "
+                            "before it expires, so raise it knowingly")
+    issue.add_argument("--tenant", default=DEFAULT_TENANT,
+                       help="the tenant (client platform) whose accounts the token moves")
+    issue.add_argument("--subject", default="local",
+                       help="the principal within the tenant (recorded with what it does)")
     issue.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT))
     return parser
 
@@ -175,9 +198,19 @@ def _token_issue(args: argparse.Namespace) -> int:
     from processor.identity import load_or_create_key
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-    key = load_or_create_key(Path(args.data_dir).resolve() / KEY_FILE_NAME)
+    data_dir = Path(args.data_dir).resolve()
+    if not data_dir.is_dir():
+        # A mistyped directory would otherwise get a new key, and the token would be
+        # refused by the server that uses the real one.
+        print(f"txproc token issue: the data directory {data_dir} does not exist; start "
+              "`txproc serve` with it first, or name the server's --data-dir",
+              file=sys.stderr)
+        return 2
+    key = load_or_create_key(data_dir / KEY_FILE_NAME)
     try:
-        print(issue_token(key, scopes, ttl_s=args.ttl_s, now_s=int(time.time())))
+        print(issue_token(key, scopes, ttl_s=args.ttl_s, now_s=int(time.time()),
+                          tenant=args.tenant, subject=args.subject,
+                          ttl_s_max=args.ttl_s_max))
     except ValueError as exc:
         print(f"txproc token issue: {exc}", file=sys.stderr)
         return 2

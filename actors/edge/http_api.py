@@ -30,6 +30,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
     PAYMENT_ERROR_STATUS,
@@ -47,6 +48,7 @@ from processor.identity import (
     Claims,
     ScopeError,
     bearer_token,
+    principal_of,
     require_scope,
     verify_token,
 )
@@ -59,6 +61,7 @@ from processor.payments import (
     PayoutView,
     RefundRequest,
 )
+from processor.ratelimit import RateLimiter
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -318,13 +321,15 @@ def _flag_names(mask: int, bits: dict[str, int]) -> tuple[Any, ...]:
     return tuple(name for name, bit in bits.items() if mask & bit)
 
 
-def account_from_request(item: AccountRequest) -> Account:
+def account_from_request(item: AccountRequest, tenant: int = 0) -> Account:
+    """The account to create for a caller whose tenant slot is ``tenant``."""
     return Account(
         id=item.id,
         currency=item.currency,
         flags=_flag_bits(item.flags, ACCOUNT_FLAG_BITS),
         code=item.code,
         user_data=item.user_data,
+        tenant=tenant,
     )
 
 
@@ -343,7 +348,8 @@ def account_to_response(account: Account) -> AccountResponse:
     )
 
 
-def transfer_from_request(item: TransferRequest) -> Transfer:
+def transfer_from_request(item: TransferRequest, tenant: int = 0) -> Transfer:
+    """The transfer to create for a caller whose tenant slot is ``tenant``."""
     return Transfer(
         id=item.id,
         debit_account_id=item.debit_account_id,
@@ -355,6 +361,7 @@ def transfer_from_request(item: TransferRequest) -> Transfer:
         timeout_s=item.timeout_s,
         code=item.code,
         user_data=item.user_data,
+        tenant=tenant,
     )
 
 
@@ -414,6 +421,7 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "body_too_large": 413,
     "batch_too_large": 413,
     "overloaded": 429,
+    "rate_limited": 429,
     "internal": 500,
     "unavailable": 503,
     "not_ready": 503,
@@ -599,8 +607,10 @@ class _Api:
         body_bytes_max: int,
         payments: PaymentsService | None = None,
         reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
+        rate_limiter: RateLimiter,
     ) -> None:
         self._reserved_id_min = reserved_id_min
+        self._limiter = rate_limiter
         self._payments = payments
         self._service = service
         self._key = key
@@ -654,7 +664,27 @@ class _Api:
             if len(self._verified) > VERIFIED_TOKENS_MAX:
                 self._verified.popitem(last=False)
         require_scope(claims, scope)
+        self._take(claims, 1, now_s)
         return claims
+
+    def _take(self, claims: Claims, operations: int, now_s: float | None = None) -> None:
+        """Take ``operations`` from the caller's rate limit, or raise 429 ``rate_limited``
+        with ``Retry-After`` and the RateLimit header fields (processor/ratelimit.py)."""
+        limiter = self._limiter
+        if not limiter.enabled or operations <= 0:
+            return
+        decision = limiter.take(principal_of(claims), operations,
+                                self._clock_s() if now_s is None else now_s)
+        if decision.allowed:
+            return
+        raise ApiError(429, "rate_limited", (
+            f"the rate limit of {limiter.rate_per_s:g} operations/s (burst {limiter.burst}) "
+            "is spent; nothing was applied"), {
+            "Retry-After": str(max(1, math.ceil(decision.retry_after_s))),
+            "RateLimit-Policy": limiter.policy(),
+            "RateLimit": f'"principal";r={decision.remaining};'
+                         f"t={max(1, math.ceil(decision.reset_s))}",
+        })
 
     async def healthz(self, request: Request) -> Response:
         return _json_response(200, HealthResponse("ok"))
@@ -677,19 +707,23 @@ class _Api:
 
     async def create_account(self, request: Request) -> Response:
         item = _decode(ACCOUNT_DECODER, await _read_body(request, self._body_bytes_max))
-        account = account_from_request(item)
-        self._check_reserved(request.state.claims,
-                             accounts_reserved([account], self._reserved_id_min))
+        claims = request.state.claims
+        account = account_from_request(item, claims.tenant_slot)
+        self._check_reserved(claims, accounts_reserved([account], self._reserved_id_min))
         [result] = await self._create_accounts([account])
         if result not in (AccountResult.ok, AccountResult.exists):
             raise _refused(result, "account")
-        stored = await self._stored_account(item.id)
+        stored = await self._stored_account(item.id, claims)
         return _json_response(201 if result is AccountResult.ok else 200, stored)
 
     async def create_accounts(self, request: Request) -> Response:
         batch = _decode(ACCOUNT_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.accounts)
-        accounts = [account_from_request(item) for item in items]
+        # One operation was taken with the token; the rest of the batch now, before any
+        # part of it is applied.
+        self._take(request.state.claims, len(items) - 1)
+        tenant = request.state.claims.tenant_slot
+        accounts = [account_from_request(item, tenant) for item in items]
         self._check_reserved(request.state.claims,
                              accounts_reserved(accounts, self._reserved_id_min))
         results = await self._create_accounts(accounts)
@@ -701,7 +735,7 @@ class _Api:
 
     async def get_account(self, request: Request) -> Response:
         account_id = _path_id(request)
-        account = await self._lookup_account(account_id)
+        account = await self._lookup_account(account_id, request.state.claims)
         if account is None:
             raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
         return _json_response(200, account_to_response(account))
@@ -714,13 +748,13 @@ class _Api:
     async def _create_transfer(self, claims: Claims, body: bytes) -> tuple[int, bytes]:
         """POST /v1/transfers after authorization: the status and JSON body of the answer."""
         item = _decode(TRANSFER_DECODER, body)
-        transfer = transfer_from_request(item)
+        transfer = transfer_from_request(item, claims.tenant_slot)
         self._check_reserved(claims, transfers_reserved([transfer], self._reserved_id_min))
         with _HTTP_TRANSFER_SECONDS.time():
             [result] = await self._create_transfers([transfer])
         if result not in (TransferResult.ok, TransferResult.exists):
             raise _refused(result, "transfer")
-        stored = await self._stored_transfer(item.id)
+        stored = await self._stored_transfer(item.id, claims)
         return 201 if result is TransferResult.ok else 200, ENCODER.encode(stored)
 
     async def serve_create_transfer(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -761,7 +795,9 @@ class _Api:
     async def create_transfers(self, request: Request) -> Response:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.transfers)
-        transfers = [transfer_from_request(item) for item in items]
+        self._take(request.state.claims, len(items) - 1)
+        tenant = request.state.claims.tenant_slot
+        transfers = [transfer_from_request(item, tenant) for item in items]
         self._check_reserved(request.state.claims,
                              transfers_reserved(transfers, self._reserved_id_min))
         with _HTTP_TRANSFER_SECONDS.time():
@@ -774,7 +810,7 @@ class _Api:
 
     async def get_transfer(self, request: Request) -> Response:
         transfer_id = _path_id(request)
-        transfer = await self._lookup_transfer(transfer_id)
+        transfer = await self._lookup_transfer(transfer_id, request.state.claims)
         if transfer is None:
             raise ApiError(404, "transfer_not_found", f"no transfer has the id {transfer_id}")
         return _json_response(200, transfer_to_response(transfer))
@@ -796,7 +832,7 @@ class _Api:
             require_key(key)
             body = await _read_body(request, self._body_bytes_max)
         status, answer, headers = await payments.call(
-            request.state.claims.subject, operation, key or "",
+            principal_of(request.state.claims), operation, key or "",
             next(iter(request.path_params.values()), ""), body, _forwarded_headers(request))
         return Response(answer, status, headers=headers, media_type="application/json")
 
@@ -840,14 +876,18 @@ class _Api:
         _require(len(results) == len(transfers), "one transfer result per transfer")
         return results
 
-    async def _lookup_account(self, account_id: int) -> Account | None:
+    async def _lookup_account(self, account_id: int, claims: Claims) -> Account | None:
+        """The account, if it exists and the caller's tenant may see it (actors/edge/tenancy)."""
         [account] = await self._service.lookup_accounts([account_id])
         _require(account is None or account.id == account_id, "the account asked for")
+        [account] = visible_accounts([account], claims.tenant_slot)
         return account
 
-    async def _lookup_transfer(self, transfer_id: int) -> Transfer | None:
+    async def _lookup_transfer(self, transfer_id: int, claims: Claims) -> Transfer | None:
+        """The transfer, if it exists and the caller's tenant may see it."""
         [transfer] = await self._service.lookup_transfers([transfer_id])
         _require(transfer is None or transfer.id == transfer_id, "the transfer asked for")
+        [transfer] = await visible_transfers(self._service, [transfer], claims.tenant_slot)
         return transfer
 
     # After ``ok`` or ``exists`` the item is stored, and the answer is the stored item with
@@ -855,15 +895,15 @@ class _Api:
     # answered 200 from the stored item, so the client is told to retry rather than given a
     # body without its timestamp.
 
-    async def _stored_account(self, account_id: int) -> AccountResponse:
-        account = await self._lookup_account(account_id)
+    async def _stored_account(self, account_id: int, claims: Claims) -> AccountResponse:
+        account = await self._lookup_account(account_id, claims)
         if account is None:
             raise ApiError(503, "unavailable", "the account was stored; retry to read it",
                            headers={"Retry-After": "1"})
         return account_to_response(account)
 
-    async def _stored_transfer(self, transfer_id: int) -> TransferResponse:
-        transfer = await self._lookup_transfer(transfer_id)
+    async def _stored_transfer(self, transfer_id: int, claims: Claims) -> TransferResponse:
+        transfer = await self._lookup_transfer(transfer_id, claims)
         if transfer is None:
             raise ApiError(503, "unavailable", "the transfer was stored; retry to read it",
                            headers={"Retry-After": "1"})
@@ -1322,6 +1362,7 @@ def build_app(
     body_bytes_max: int = BODY_BYTES_MAX_DEFAULT,
     payments: PaymentsService | None = None,
     reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
+    rate_limiter: RateLimiter | None = None,
 ) -> _App:
     """Return the ASGI app serving the partner API over ``service``.
 
@@ -1331,12 +1372,15 @@ def build_app(
     ``payments`` serves the payments routes once their token and scope are checked (the
     front's ``PaymentsLink`` to the payments actor); without it they answer 503.
     Account and transfer ids from ``reserved_id_min`` up are refused (403 ``id_reserved``)
-    to a token without the system scope (processor/reserved.py).
+    to a token without the system scope (processor/reserved.py). A request beyond its
+    principal's ``rate_limiter`` budget (one operation, or one per item of a batch) is
+    refused with 429 ``rate_limited``.
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
     api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max,
-               payments=payments, reserved_id_min=reserved_id_min)
+               payments=payments, reserved_id_min=reserved_id_min,
+               rate_limiter=rate_limiter or RateLimiter(0, 0))
     routes = [
         Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]

@@ -7,6 +7,14 @@ completion order. Everything a connection holds is bounded: at most
 one frame of at most ``wire.FRAME_BYTES_MAX`` bytes being read, and responses waiting in
 the socket buffer, because a request task finishes only when its response is drained.
 
+Nor can a connection hold its slot for nothing (docs/security.md, "Edge limits"): the first
+frame must be a Hello, small and prompt; after it, a connection with no frame and no request
+in flight for ``idle_timeout_s`` is closed, a frame's body must follow its header within
+``frame_timeout_s``, a client that leaves its responses unread for ``write_timeout_s`` is
+cut off, and a connection whose token expired is closed ``token_grace_s`` later unless the
+client sent a new Hello. One peer address holds at most ``connections_per_peer_max`` of
+the ``connections_max`` connections, and TCP keepalive finds peers that vanished.
+
 The server runs on whatever loop it is started on (uvloop inside the gateway actor). In
 Python 3.11, ``Server.close()`` stops accepting but leaves accepted connections open; they
 end when their clients close or when the loop cancels their tasks at shutdown.
@@ -21,12 +29,16 @@ from collections.abc import Callable, Sized
 from typing import cast
 
 import numpy as np
+from msgspec.structs import replace
 
+from actors.edge.limits import PeerConnections, enable_tcp_keepalive, peer_host
+from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import OPERATION_SCOPES
 from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
+from processor.ratelimit import RateLimiter
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -36,7 +48,18 @@ from processor.reserved import (
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
 
-__all__ = ["CLOSE_DRAIN_TIMEOUT_S", "HELLO_TIMEOUT_S_DEFAULT", "start_rpc_server"]
+__all__ = [
+    "CLOSE_DRAIN_TIMEOUT_S",
+    "CONNECTIONS_MAX_DEFAULT",
+    "CONNECTIONS_PER_PEER_MAX_DEFAULT",
+    "FRAME_TIMEOUT_S_DEFAULT",
+    "HELLO_BYTES_MAX_DEFAULT",
+    "HELLO_TIMEOUT_S_DEFAULT",
+    "IDLE_TIMEOUT_S_DEFAULT",
+    "TOKEN_GRACE_S_DEFAULT",
+    "WRITE_TIMEOUT_S_DEFAULT",
+    "start_rpc_server",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +69,20 @@ CLOSE_DRAIN_TIMEOUT_S = 5.0
 # A connection that has not sent Hello by then is closed; it would otherwise hold one of
 # connections_max slots without ever being authenticated.
 HELLO_TIMEOUT_S_DEFAULT = 10.0
+# The defaults below are FrontConfig's too (its rpc_* fields); docs/security.md gives reasons.
+CONNECTIONS_MAX_DEFAULT = 1024
+CONNECTIONS_PER_PEER_MAX_DEFAULT = 256
+# Before Hello a frame longer than this is refused unread: a client not yet authenticated
+# must not make the server buffer FRAME_BYTES_MAX. A legal Hello is at most
+# wire.HELLO_BYTES_MAX (about 16 KiB).
+HELLO_BYTES_MAX_DEFAULT = 64 * 1024
+# A gateway's connection is either busy or cheap to open again.
+IDLE_TIMEOUT_S_DEFAULT = 300.0
+# A full 5 MiB frame takes well under a second on any link a gateway should use.
+FRAME_TIMEOUT_S_DEFAULT = 30.0
+WRITE_TIMEOUT_S_DEFAULT = 30.0
+# Time for a client told token_expired to send a new Hello before the connection closes.
+TOKEN_GRACE_S_DEFAULT = 30.0
 # Hints sent with the server's own limits; a client over its in-flight limit only has to
 # wait for one of its own responses, while a full server needs a connection to go away.
 _TOO_MANY_IN_FLIGHT_RETRY_AFTER_S = 0.01
@@ -67,8 +104,14 @@ _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
 }
 
 
-class _HelloTimeout(Exception):
-    """The client sent no complete Hello within hello_timeout_s."""
+class _Refused(Exception):
+    """The connection broke one of its limits: answered with ``code`` and closed."""
+
+    def __init__(self, code: str, message: str, *, reason: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.reason = reason  # the label of the closed-connections counter
 
 
 class _Server:
@@ -82,39 +125,59 @@ class _Server:
         clock_s: Callable[[], float],
         in_flight_per_connection_max: int,
         connections_max: int,
+        connections_per_peer_max: int,
         hello_timeout_s: float,
+        hello_bytes_max: int,
+        idle_timeout_s: float,
+        frame_timeout_s: float,
+        write_timeout_s: float,
+        token_grace_s: float,
         reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self.service = service
+        self.rate_limiter = rate_limiter or RateLimiter(0, 0)
         self.reserved_id_min = reserved_id_min
         self.key = key
         self.clock_s = clock_s
         self.in_flight_per_connection_max = in_flight_per_connection_max
         self.connections_max = connections_max
         self.hello_timeout_s = hello_timeout_s
+        self.hello_bytes_max = hello_bytes_max
+        self.idle_timeout_s = idle_timeout_s
+        self.frame_timeout_s = frame_timeout_s
+        self.write_timeout_s = write_timeout_s
+        self.token_grace_s = token_grace_s
         self.connections = 0
+        self.peers = PeerConnections(connections_per_peer_max)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        enable_tcp_keepalive(writer.get_extra_info("socket"))
+        peer = peer_host(writer.get_extra_info("peername"))
         if self.connections >= self.connections_max:
-            error = wire.Error(
-                None,
-                "overloaded",
-                f"the server has {self.connections_max} connections",
-                _CONNECTIONS_FULL_RETRY_AFTER_S,
-            )
-            writer.write(wire.encode_frame(error))
-            await _close(writer)
-            return
-        self.connections += 1
-        try:
-            await _Connection(self, reader, writer).run()
-        except asyncio.CancelledError:
-            # The loop is shutting down and the connection is already cleaned up. Python
-            # 3.11's start_server reports a handler task that ends cancelled as an error
-            # ("Exception in callback"), so this task, awaited by no one, ends normally.
-            pass
-        finally:
-            self.connections -= 1
+            _closed("connections")
+            return await self._refuse(writer, f"the server has {self.connections_max} connections")
+        with self.peers.slot(peer) as admitted:
+            if not admitted:
+                _closed("peer_connections")
+                return await self._refuse(
+                    writer, f"{peer} has {self.peers.per_peer_max} connections open")
+            self.connections += 1
+            try:
+                await _Connection(self, reader, writer).run()
+            except asyncio.CancelledError:
+                # The loop is shutting down and the connection is already cleaned up. Python
+                # 3.11's start_server reports a handler task that ends cancelled as an error
+                # ("Exception in callback"), so this task, awaited by no one, ends normally.
+                pass
+            finally:
+                self.connections -= 1
+        return None
+
+    async def _refuse(self, writer: asyncio.StreamWriter, message: str) -> None:
+        error = wire.Error(None, "overloaded", message, _CONNECTIONS_FULL_RETRY_AFTER_S)
+        writer.write(wire.encode_frame(error))
+        await _close(writer, self.write_timeout_s)
 
 
 class _Connection:
@@ -128,6 +191,9 @@ class _Connection:
         self._version = 1  # the protocol version the client's Hello named
         self._tasks: set[asyncio.Task[None]] = set()
         self._peer = writer.get_extra_info("peername")
+        self._loop = asyncio.get_running_loop()
+        # When the last frame arrived or the last response left, in loop seconds.
+        self._active_s = self._loop.time()
 
     async def run(self) -> None:
         try:
@@ -145,7 +211,7 @@ class _Connection:
         finally:
             # Reached on cancellation too: no request task may outlive its connection.
             await self._cancel_tasks()
-            await _close(self._writer)
+            await _close(self._writer, self._server.write_timeout_s)
 
     async def _read_frames(self) -> None:
         while True:
@@ -155,9 +221,9 @@ class _Connection:
                 return self._refuse_connection("frame_too_large", str(exc))
             except wire.MalformedFrame as exc:
                 return self._refuse_connection("malformed_frame", f"not a request: {exc}")
-            except _HelloTimeout:
-                timeout_s = self._server.hello_timeout_s
-                return self._refuse_connection("token_missing", f"no Hello within {timeout_s} s")
+            except _Refused as exc:
+                _closed(exc.reason)
+                return self._refuse_connection(exc.code, exc.message)
             if isinstance(request, wire.Hello):
                 if not self._hello(request):
                     return None
@@ -167,23 +233,110 @@ class _Connection:
                 self._accept(request, self._claims)
             # Stops reading while the client does not read its answers, so that the errors
             # answered right here cannot pile up in the socket buffer.
-            await self._writer.drain()
+            await self._drain()
+            if self._writer.is_closing():
+                return None  # cut off by the write timeout
 
     async def _read_request(self) -> wire.Request:
-        if self._claims is not None:
-            return await self._read_frame()
+        """The next frame: a small Hello, promptly, first; then any frame within the
+        idle and token deadlines. Raises ``_Refused`` when a limit is broken."""
+        if self._claims is None:
+            return await self._read_hello()
+        return await self._read_frame()
+
+    async def _read_hello(self) -> wire.Request:
+        server = self._server
+        deadline = asyncio.timeout(server.hello_timeout_s)
         try:
-            async with asyncio.timeout(self._server.hello_timeout_s):
-                return await self._read_frame()
+            async with deadline:
+                header = await self._reader.readexactly(wire.FRAME_HEADER_BYTES)
+                length_bytes = wire.frame_length(header)
+                if length_bytes > server.hello_bytes_max:
+                    # Refused before a byte of the body is read: nobody is known yet.
+                    raise _Refused(
+                        "frame_too_large",
+                        f"a frame of {length_bytes} bytes exceeds the "
+                        f"{server.hello_bytes_max} bytes allowed before Hello",
+                        reason="hello_too_large")
+                return await self._read_body(length_bytes)
         except TimeoutError as exc:
-            # Re-raised as our own type: a TimeoutError from the socket (ETIMEDOUT) is a
-            # lost client, not a silent one.
-            raise _HelloTimeout from exc
+            # A TimeoutError from the socket (ETIMEDOUT) is a lost client, not a silent one.
+            if not deadline.expired():
+                raise
+            raise _Refused("token_missing", f"no Hello within {server.hello_timeout_s} s",
+                           reason="hello_timeout") from exc
 
     async def _read_frame(self) -> wire.Request:
-        header = await self._reader.readexactly(wire.FRAME_HEADER_BYTES)
-        body = await self._reader.readexactly(wire.frame_length(header))
+        header = await self._read_header()
+        return await self._read_body(wire.frame_length(header))
+
+    async def _read_header(self) -> bytes:
+        """Wait for the next frame's header, for as long as the connection may stay open.
+
+        That is until it has been idle for ``idle_timeout_s`` (no frame received and no
+        response sent, and none of its requests in flight: then the client waits for us),
+        and until ``token_grace_s`` after its token's expiry (a new Hello moves it).
+        """
+        server = self._server
+        while True:
+            # Read anew each time round: a new Hello replaces the claims. Called after
+            # Hello only, so there are claims.
+            token_left_s = self._claims.expires_at_s + server.token_grace_s - server.clock_s()
+            if token_left_s <= 0:
+                raise _Refused("token_expired",
+                               "the token expired and no new Hello came; connect with a new "
+                               "token", reason="token_expired")
+            idle_left_s = self._active_s + server.idle_timeout_s - self._loop.time()
+            if idle_left_s <= 0:
+                if not self._tasks:
+                    raise _Refused("idle_timeout", f"no frame for {server.idle_timeout_s} s",
+                                   reason="idle_timeout")
+                idle_left_s = server.idle_timeout_s  # look again once they are answered
+            deadline = asyncio.timeout(min(token_left_s, idle_left_s))
+            try:
+                async with deadline:
+                    # Cancelling it leaves a partly received header in the reader's buffer.
+                    return await self._reader.readexactly(wire.FRAME_HEADER_BYTES)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise  # ETIMEDOUT from the socket: the client is lost
+
+    async def _read_body(self, length_bytes: int) -> wire.Request:
+        timeout_s = self._server.frame_timeout_s
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                body = await self._reader.readexactly(length_bytes)
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise
+            raise _Refused("frame_timeout",
+                           f"a frame's {length_bytes} bytes did not arrive within {timeout_s} s",
+                           reason="frame_timeout") from exc
+        self._active_s = self._loop.time()
         return wire.decode_request(body)
+
+    async def _drain(self) -> None:
+        """Wait until the socket buffer takes what was written.
+
+        A client that reads nothing for ``write_timeout_s`` is cut off: the transport is
+        aborted (closing it would wait for that very buffer to drain), which also ends the
+        read loop and fails the other waiting writers. Raises ``ConnectionError`` if the
+        connection was lost.
+        """
+        deadline = asyncio.timeout(self._server.write_timeout_s)
+        try:
+            async with deadline:
+                await self._writer.drain()
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            if self._writer.transport.is_closing():
+                return  # another writer of this connection already cut it off
+            _closed("write_timeout")
+            log.info("rpc connection from %s aborted: responses unread for %s s",
+                     self._peer, self._server.write_timeout_s)
+            self._writer.transport.abort()
 
     def _hello(self, hello: wire.Hello) -> bool:
         if hello.version not in wire.PROTOCOL_VERSIONS:
@@ -244,6 +397,15 @@ class _Connection:
                     _TOO_MANY_IN_FLIGHT_RETRY_AFTER_S,
                 )
             )
+        # Last: a request refused for any other reason takes nothing from the budget.
+        limit = self._server.rate_limiter.take(identity.principal_of(claims),
+                                               max(1, items_count), self._server.clock_s())
+        if not limit.allowed:
+            return self._send(wire.Error(
+                request_id, "rate_limited",
+                f"the rate limit of {self._server.rate_limiter.rate_per_s:g} operations/s "
+                f"(burst {self._server.rate_limiter.burst}) is spent; nothing was applied",
+                limit.retry_after_s))
         task = asyncio.create_task(self._serve(request))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -274,7 +436,8 @@ class _Connection:
         # The task, and with it an in-flight slot, lasts until the response has left, which
         # bounds the responses buffered for a client that does not read.
         with contextlib.suppress(ConnectionError):
-            await self._writer.drain()
+            await self._drain()
+        self._active_s = self._loop.time()
 
     async def _call(self, request: _Batch) -> wire.Response:
         service = self._server.service
@@ -284,34 +447,42 @@ class _Connection:
             if payments_call is None:
                 raise Unavailable("payments are not served here", retry_after_s=60)
             status, body, replayed = await payments_call(
-                self._claims.subject, request.operation, request.idempotency_key,
+                identity.principal_of(self._claims), request.operation,
+                request.idempotency_key,
                 request.subject_id, request.body)
             return wire.PaymentResult(request_id, status, body, replayed)
+        # Whatever tenant a client wrote into an item, it is created as the token's tenant's
+        # (actors/edge/tenancy.py); reads show only what that tenant may see.
+        tenant = self._claims.tenant_slot
         if isinstance(request, wire.CreateAccounts):
-            account_codes = await service.create_accounts(request.items)
+            accounts = [replace(a, tenant=tenant) for a in request.items]
+            account_codes = await service.create_accounts(accounts)
             _require_count(account_codes, request.items)
             return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
         if isinstance(request, wire.CreateTransferBatch):
-            return await self._create_transfer_batch(request)
+            return await self._create_transfer_batch(request, tenant)
         if isinstance(request, wire.CreateTransfers):
+            items = [replace(t, tenant=tenant) for t in request.items]
             with _RPC_TRANSFER_SECONDS.time():
-                transfer_codes = await service.create_transfers(request.items)
+                transfer_codes = await service.create_transfers(items)
             _require_count(transfer_codes, request.items)
             return wire.CreateTransfersResult(request_id, cast(list[int], transfer_codes))
         if isinstance(request, wire.LookupAccounts):
-            accounts = await service.lookup_accounts(request.ids)
-            _require_count(accounts, request.ids)
-            return wire.LookupAccountsResult(request_id, accounts)
+            found = await service.lookup_accounts(request.ids)
+            _require_count(found, request.ids)
+            return wire.LookupAccountsResult(request_id, visible_accounts(found, tenant))
         transfers = await service.lookup_transfers(request.ids)
         _require_count(transfers, request.ids)
-        return wire.LookupTransfersResult(request_id, transfers)
+        return wire.LookupTransfersResult(
+            request_id, await visible_transfers(service, transfers, tenant))
 
-    async def _create_transfer_batch(self, request: wire.CreateTransferBatch) -> wire.Response:
+    async def _create_transfer_batch(self, request: wire.CreateTransferBatch,
+                                     tenant: int) -> wire.Response:
         try:
             batch = TransferBatch.from_bytes(
                 request.id, request.debit_account_id, request.credit_account_id,
                 request.amount, request.currency, request.flags, request.pending_id,
-                request.timeout_s, request.code, request.user_data)
+                request.timeout_s, request.code, request.user_data).with_tenant(tenant)
         except BatchInvalid as exc:
             return wire.Error(request.request_id, "invalid_batch", str(exc))
         with _RPC_TRANSFER_SECONDS.time():
@@ -362,11 +533,25 @@ def _require_count(results: Sized, requested: Sized) -> None:
         raise RuntimeError(f"the service returned {len(results)} results for {len(requested)}")
 
 
-async def _close(writer: asyncio.StreamWriter) -> None:
+async def _close(writer: asyncio.StreamWriter, flush_timeout_s: float) -> None:
+    """Close after flushing what is written, for at most ``flush_timeout_s``; a client that
+    does not read is then cut off (abort), or its connection would never end."""
     writer.close()
-    # The peer may already have reset the connection; there is nothing left to tell it.
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
+    deadline = asyncio.timeout(flush_timeout_s)
+    try:
+        async with deadline:
+            # The peer may already have reset the connection; there is nothing left to
+            # tell it.
+            with contextlib.suppress(ConnectionError, OSError):
+                await writer.wait_closed()
+    except TimeoutError:
+        if not deadline.expired():
+            raise
+        writer.transport.abort()
+
+
+def _closed(reason: str) -> None:
+    metrics.EDGE_CONNECTIONS_CLOSED.labels("rpc", reason).inc()
 
 
 async def start_rpc_server(
@@ -377,33 +562,61 @@ async def start_rpc_server(
     port: int,
     clock_s: Callable[[], float],
     in_flight_per_connection_max: int = 64,
-    connections_max: int = 1024,
+    connections_max: int = CONNECTIONS_MAX_DEFAULT,
+    connections_per_peer_max: int = CONNECTIONS_PER_PEER_MAX_DEFAULT,
     hello_timeout_s: float = HELLO_TIMEOUT_S_DEFAULT,
+    hello_bytes_max: int = HELLO_BYTES_MAX_DEFAULT,
+    idle_timeout_s: float = IDLE_TIMEOUT_S_DEFAULT,
+    frame_timeout_s: float = FRAME_TIMEOUT_S_DEFAULT,
+    write_timeout_s: float = WRITE_TIMEOUT_S_DEFAULT,
+    token_grace_s: float = TOKEN_GRACE_S_DEFAULT,
     reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
+    rate_limiter: RateLimiter | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and serve ``service`` to token holders.
 
     Creating accounts or transfers with ids from ``reserved_id_min`` up is refused
-    (``id_reserved``) to a token without the system scope (processor/reserved.py).
+    (``id_reserved``) to a token without the system scope (processor/reserved.py). A
+    request beyond its principal's ``rate_limiter`` budget (one operation per item) is
+    answered ``rate_limited`` and not applied.
 
     ``key`` verifies the HS256 tokens (processor.identity); ``clock_s`` returns seconds since the
-    Unix epoch and decides token expiry. Raises ``ValueError`` for a non-positive limit and
-    ``OSError`` if the address cannot be bound.
+    Unix epoch and decides token expiry. The limits are described in the module docstring
+    and docs/security.md; times are in seconds, sizes in bytes. Raises ``ValueError`` for a
+    non-positive limit or a ``hello_bytes_max`` outside ``wire.HELLO_BYTES_MAX`` to
+    ``wire.FRAME_BYTES_MAX``, and ``OSError`` if the address cannot be bound.
     """
-    if in_flight_per_connection_max <= 0:
-        raise ValueError("in_flight_per_connection_max must be positive")
-    if connections_max <= 0:
-        raise ValueError("connections_max must be positive")
-    if hello_timeout_s <= 0:
-        raise ValueError("hello_timeout_s must be positive")
+    limits = {
+        "in_flight_per_connection_max": in_flight_per_connection_max,
+        "connections_max": connections_max,
+        "connections_per_peer_max": connections_per_peer_max,
+        "hello_timeout_s": hello_timeout_s,
+        "idle_timeout_s": idle_timeout_s,
+        "frame_timeout_s": frame_timeout_s,
+        "write_timeout_s": write_timeout_s,
+        "token_grace_s": token_grace_s,
+    }
+    for name, value in limits.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not wire.HELLO_BYTES_MAX <= hello_bytes_max <= wire.FRAME_BYTES_MAX:
+        raise ValueError(f"hello_bytes_max must be within {wire.HELLO_BYTES_MAX}.."
+                         f"{wire.FRAME_BYTES_MAX}, got {hello_bytes_max}")
     server = _Server(
         service,
         key,
         clock_s=clock_s,
         in_flight_per_connection_max=in_flight_per_connection_max,
         connections_max=connections_max,
+        connections_per_peer_max=connections_per_peer_max,
         hello_timeout_s=hello_timeout_s,
+        hello_bytes_max=hello_bytes_max,
+        idle_timeout_s=idle_timeout_s,
+        frame_timeout_s=frame_timeout_s,
+        write_timeout_s=write_timeout_s,
+        token_grace_s=token_grace_s,
         reserved_id_min=reserved_id_min,
+        rate_limiter=rate_limiter,
     )
     return await asyncio.start_server(server.handle, host=host, port=port, backlog=connections_max)
 

@@ -27,17 +27,18 @@ import ray
 import uvicorn
 
 from actors.channel import ChannelBroken, ChannelClient
-from actors.edge import PaymentsLink, build_app, start_rpc_server
+from actors.edge import HttpLimits, PaymentsLink, build_app, http_server, start_rpc_server
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
 from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
-from processor.config import Config
+from processor.config import Config, FrontConfig
 from processor.errors import LedgerError, Overloaded, Unavailable
 from processor.identity import KEY_FILE_NAME, load_or_create_key
 from processor.ledger import PartitionMap, compare_existing
+from processor.ratelimit import RateLimiter
 from processor.types import Account, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
@@ -145,6 +146,14 @@ def _transfers_counter(result: TransferResult) -> Any:
     return counter
 
 
+def _http_limits(f: FrontConfig) -> HttpLimits:
+    return HttpLimits(
+        header_timeout_s=f.http_header_timeout_s, header_bytes_max=f.http_header_bytes_max,
+        body_timeout_s=f.http_body_timeout_s, keep_alive_timeout_s=f.http_keep_alive_timeout_s,
+        write_timeout_s=f.http_write_timeout_s, connections_max=f.http_connections_max,
+        connections_per_peer_max=f.http_connections_per_peer_max)
+
+
 def _encode_groups(method: str, groups: list[Any]) -> bytes:
     if method == "create_transfer_columns":
         return encode_batch(TransferBatch.concat(groups))
@@ -203,15 +212,17 @@ class Front:
                           for handle in self._shards]
         key_path = Path(cfg.front.key_path or Path(cfg.data_dir) / KEY_FILE_NAME)
         key = load_or_create_key(key_path)
+        # One budget per principal across both listeners of this front.
+        limiter = RateLimiter(cfg.front.rate_limit_rps, cfg.front.rate_limit_burst)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
                         payments=self._payments,
-                        reserved_id_min=cfg.payments.rules.system_id_base)
-        server = uvicorn.Server(uvicorn.Config(
-            app, host=cfg.front.host, port=cfg.front.http_port if http_port is None else http_port,
-            loop="none", lifespan="off",
-            log_level="warning", access_log=False, http="httptools",
-        ))
+                        reserved_id_min=cfg.payments.rules.system_id_base,
+                        rate_limiter=limiter)
+        server = http_server(
+            app, host=cfg.front.host,
+            port=cfg.front.http_port if http_port is None else http_port,
+            limits=_http_limits(cfg.front))
         self._http = server
         self._http_task = asyncio.get_running_loop().create_task(server.serve())
         for _ in range(200):
@@ -220,10 +231,17 @@ class Front:
             if self._http_task.done():
                 self._http_task.result()
             await asyncio.sleep(0.025)
+        f = cfg.front
         self._rpc = await start_rpc_server(
-            self, key, host=cfg.front.host,
-            port=cfg.front.rpc_port if rpc_port is None else rpc_port, clock_s=time.time,
-            reserved_id_min=cfg.payments.rules.system_id_base)
+            self, key, host=f.host, port=f.rpc_port if rpc_port is None else rpc_port,
+            clock_s=time.time,
+            reserved_id_min=cfg.payments.rules.system_id_base,
+            connections_max=f.rpc_connections_max,
+            connections_per_peer_max=f.rpc_connections_per_peer_max,
+            hello_timeout_s=f.rpc_hello_timeout_s, hello_bytes_max=f.rpc_hello_bytes_max,
+            idle_timeout_s=f.rpc_idle_timeout_s, frame_timeout_s=f.rpc_frame_timeout_s,
+            write_timeout_s=f.rpc_write_timeout_s, token_grace_s=f.rpc_token_grace_s,
+            rate_limiter=limiter)
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True

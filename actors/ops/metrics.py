@@ -26,6 +26,7 @@ from prometheus_client import Counter, Gauge, Histogram
 __all__ = [
     "AUTHORIZATION_SECONDS",
     "BREAKER_STATE",
+    "EDGE_CONNECTIONS_CLOSED",
     "LATENCY_BUCKETS_S",
     "LEDGER_CHECKPOINT_SECONDS",
     "LEDGER_COMMIT_SECONDS",
@@ -72,6 +73,11 @@ OVERLOAD_REJECTIONS = Counter(
     "txproc_overload_rejections_total",
     "Requests refused because a queue or bulkhead was full, by where.",
     ["where"])
+EDGE_CONNECTIONS_CLOSED = Counter(
+    "txproc_edge_connections_closed_total",
+    "Client connections the HTTP or RPC listener closed or refused to protect itself (a "
+    "deadline passed, a limit was hit), by listener and reason (docs/security.md).",
+    ["listener", "reason"])
 
 # -- the ledger -----------------------------------------------------------------------------
 LEDGER_COMMIT_TRANSFERS = Histogram(

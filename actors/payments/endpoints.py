@@ -80,6 +80,7 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "payment_not_refundable": 422,
     "refund_exceeds_captured": 422,
     "merchant_account_not_found": 422,
+    "insufficient_funds": 422,
     "currency_mismatch": 422,
     "currency_not_supported": 422,
     "provider_unknown": 422,

@@ -19,6 +19,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from actors.ops import metrics, telemetry
 from actors.payments.store import PaymentStore
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
+from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
     Kind,
@@ -135,7 +137,12 @@ class PaymentsEngine:
         self._new_id = new_id or (lambda prefix: prefix + secrets.token_hex(12))
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0}
-        self._merchant_currency: dict[int, str] = {}
+        # Merchant account id -> (currency, tenant slot): neither ever changes.
+        self._merchant_currency: dict[int, tuple[str, int]] = {}
+        # One payout at a time per merchant account, from its funds check until its step
+        # has run (see payout()).
+        self._payout_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = \
+            weakref.WeakValueDictionary()
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -171,7 +178,7 @@ class PaymentsEngine:
                     return await self._authorize_again(existing, request, principal)
                 return await self._resume(existing.id, principal)
         providers = self._providers_for(request.currency, request.provider)
-        await self._require_merchant(request.merchant_account_id, request.currency)
+        await self._require_merchant(request.merchant_account_id, request.currency, principal)
         decision = await self._risk_check(request.amount, request.currency,
                                           request.payment_method)
         payment_id = f"pay_{request_key[:24]}" if request_key else self._new_id("pay_")
@@ -245,12 +252,39 @@ class PaymentsEngine:
 
     async def payout(self, request: PayoutRequest, *, principal: str,
                      request_key: str = "") -> PayoutView:
+        """Pay a merchant's funds out to its destination.
+
+        The merchant account must be the caller's tenant's, and the amount within its
+        available balance (credits posted minus debits posted and pending), whatever the
+        account's flags: ``insufficient_funds`` otherwise. Payouts of one merchant account
+        run one at a time in this actor, from that check until their step has run (its
+        reserve hold is then a pending debit the next check counts), so two cannot both
+        spend the same funds (docs/security.md names the one gap: a step parked before its
+        hold was posted).
+        """
         payout_id = f"po_{request_key[:24]}" if request_key else self._new_id("po_")
         if request_key and await self.store.payout(payout_id, principal=principal):
             await self._finish_open_steps(payout_id)
             return await self.get_payout(payout_id, principal=principal)
         providers = self._providers_for(request.currency, request.provider)
-        await self._require_merchant(request.merchant_account_id, request.currency)
+        await self._require_merchant(request.merchant_account_id, request.currency, principal)
+        # Held by every payout of the account running or waiting; dropped with the last.
+        lock = self._payout_locks.setdefault(request.merchant_account_id, asyncio.Lock())
+        async with lock:
+            return await self._payout_funded(request, payout_id, providers, principal)
+
+    async def _payout_funded(self, request: PayoutRequest, payout_id: str,
+                             providers: Sequence[str], principal: str) -> PayoutView:
+        if await self.store.payout(payout_id, principal=principal):
+            # The same request ran while this one waited for the lock.
+            await self._finish_open_steps(payout_id)
+            return await self.get_payout(payout_id, principal=principal)
+        (account,) = await self._ledger.lookup_accounts([request.merchant_account_id])
+        available = 0 if account is None else (
+            account.credits_posted - account.debits_posted - account.debits_pending)
+        if request.amount > available:
+            raise PaymentError("insufficient_funds",
+                               "the merchant account's available balance is below the amount")
         payout = Payout(
             id=payout_id, merchant_account_id=request.merchant_account_id,
             amount=request.amount, currency=request.currency, destination=request.destination,
@@ -502,7 +536,9 @@ class PaymentsEngine:
     def _failover(self, step: Step) -> list[str]:
         return self._providers_for(step.currency, None) if step.kind == Kind.AUTHORIZE else []
 
-    async def _require_merchant(self, account_id: int, currency: str) -> None:
+    async def _require_merchant(self, account_id: int, currency: str, principal: str) -> None:
+        """The merchant account must exist, belong to the caller's tenant (another
+        tenant's is answered as a missing one) and hold ``currency``."""
         if account_id >= self.config.system_id_base:
             raise PaymentError("merchant_account_not_found", "no merchant account has this id")
         known = self._merchant_currency.get(account_id)
@@ -511,12 +547,15 @@ class PaymentsEngine:
             if account is None:
                 raise PaymentError("merchant_account_not_found",
                                    "no merchant account has this id")
-            # Accounts are never deleted and their currency never changes: remember it.
+            # Accounts are never deleted; their currency and tenant never change.
             if len(self._merchant_currency) >= MERCHANTS_REMEMBERED_MAX:
                 self._merchant_currency.pop(next(iter(self._merchant_currency)))
-            known = self._merchant_currency[account_id] = account.currency
-        if known != currency:
-            raise PaymentError("currency_mismatch", f"the merchant account holds {known}")
+            known = self._merchant_currency[account_id] = (account.currency, account.tenant)
+        held, owner = known
+        if owner != tenant_of_principal(principal):
+            raise PaymentError("merchant_account_not_found", "no merchant account has this id")
+        if held != currency:
+            raise PaymentError("currency_mismatch", f"the merchant account holds {held}")
 
     async def _risk_check(self, amount: int, currency: str, method: str) -> RiskDecision:
         cfg = self._risk_config

@@ -47,6 +47,10 @@ _PAYOUT_COLUMNS = (
     "id, merchant_account_id, amount, currency, destination, status, provider, provider_ref, "
     "decline_code, error, reference"
 )
+# A row is visible to the principal $2 (``<tenant slot>/<subject>``) when a principal of
+# the same tenant wrote it, and to everyone when $2 is NULL (the processor's own reads).
+_SAME_TENANT = ("($2::text IS NULL OR split_part(principal, '/', 1) = "
+                "split_part($2::text, '/', 1))")
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -324,17 +328,17 @@ class PaymentStore:
 
     async def payment(self, payment_id: str, *, principal: str | None = None
                       ) -> Payment | None:
-        """The payment; with ``principal``, only if that principal created it (others are
-        told it does not exist)."""
+        """The payment; with ``principal``, only if a principal of the same tenant created
+        it (``processor.identity.principal_of``; others are told it does not exist)."""
         row = await self._pool.fetchrow(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 "
-            "AND ($2::text IS NULL OR principal=$2)", payment_id, principal)
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
+            payment_id, principal)
         return None if row is None else _payment(row)
 
     async def payout(self, payout_id: str, *, principal: str | None = None) -> Payout | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 "
-            "AND ($2::text IS NULL OR principal=$2)", payout_id, principal)
+            f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 AND {_SAME_TENANT}",
+            payout_id, principal)
         return None if row is None else _payout(row)
 
     async def record_webhook(self, provider: str, event_id: str) -> bool:

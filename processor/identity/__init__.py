@@ -23,7 +23,9 @@ from processor.identity.tokens import (
     issue_token,
     key_id,
     load_or_create_key,
+    principal_of,
     require_scope,
+    tenant_of_principal,
     tenant_slot,
     verify_token,
 )
@@ -46,7 +48,9 @@ __all__ = [
     "issue_token",
     "key_id",
     "load_or_create_key",
+    "principal_of",
     "require_scope",
+    "tenant_of_principal",
     "tenant_slot",
     "verify_token",
 ]

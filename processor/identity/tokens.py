@@ -46,7 +46,9 @@ __all__ = [
     "issue_token",
     "key_id",
     "load_or_create_key",
+    "principal_of",
     "require_scope",
+    "tenant_of_principal",
     "tenant_slot",
     "verify_token",
 ]
@@ -158,6 +160,21 @@ def tenant_slot(name: str) -> int:
     """
     digest = hashlib.blake2b(name.encode("utf-8"), digest_size=8, person=b"txproc.tenant")
     return (int.from_bytes(digest.digest(), "big") & _SLOT_MASK) or 1
+
+
+def principal_of(claims: Claims) -> str:
+    """The caller as the payments domain records it: ``<tenant slot>/<subject>``. Keys are
+    scoped by it (two principals never share an Idempotency-Key); payments are visible to
+    every principal with the same slot (``tenant_of_principal``)."""
+    return f"{claims.tenant_slot}/{claims.subject}"
+
+
+def tenant_of_principal(principal: str) -> int:
+    """The tenant slot of a ``principal_of`` string. Raises ValueError for another form."""
+    slot, separator, subject = principal.partition("/")
+    if not separator or not subject or not slot.isdigit():
+        raise ValueError("a principal is <tenant slot>/<subject>")
+    return int(slot)
 
 
 def key_id(key: bytes) -> str:

@@ -67,3 +67,27 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     # Transfers the front remembers from their create, so that the HTTP API can answer a
     # create with the stored transfer without reading it back from the database.
     stored_transfers_max: int = 100_000
+    # The listeners' protections against clients that hold connections without using
+    # them (slow senders, silent peers, peers that never read); docs/security.md, "Edge
+    # limits", says what each does. The defaults are the listeners' own (actors/edge).
+    http_header_timeout_s: float = 10.0
+    http_header_bytes_max: int = 64 * 1024
+    http_body_timeout_s: float = 30.0
+    http_keep_alive_timeout_s: float = 5.0
+    http_write_timeout_s: float = 30.0
+    http_connections_max: int = 1000
+    http_connections_per_peer_max: int = 256
+    rpc_connections_max: int = 1024
+    rpc_connections_per_peer_max: int = 256
+    rpc_hello_timeout_s: float = 10.0
+    rpc_hello_bytes_max: int = 64 * 1024
+    rpc_idle_timeout_s: float = 300.0
+    rpc_frame_timeout_s: float = 30.0
+    rpc_write_timeout_s: float = 30.0
+    rpc_token_grace_s: float = 30.0
+    # Per principal, shared by both listeners of this front (processor/ratelimit.py): a
+    # token bucket of rate_limit_burst operations refilled at rate_limit_rps; a batch takes
+    # one per item. 0 disables. The defaults stop a runaway client, not a busy one: one
+    # gateway's bulk ingest (about 100,000 transfers/s on two cores) fits.
+    rate_limit_rps: float = 250_000.0
+    rate_limit_burst: int = 500_000

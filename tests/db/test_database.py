@@ -272,3 +272,38 @@ async def test_embedded_url_reaches_the_server_through_its_socket(
         assert await connection.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = user")
     finally:
         await connection.close(timeout=CONNECT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE transfers SET amount = amount + 1 WHERE id = 91",
+        "DELETE FROM transfers WHERE id = 91",
+        "TRUNCATE transfers",
+        "UPDATE pending_resolutions SET kind = 2 WHERE pending_id = 92",
+        "DELETE FROM pending_resolutions",
+        "TRUNCATE pending_resolutions",
+        "UPDATE failed_transfers SET result = 1",
+        "DELETE FROM failed_transfers",
+        "TRUNCATE failed_transfers CASCADE",
+    ],
+)
+async def test_ledger_rows_are_append_only(shared_db_url: str, statement: str) -> None:
+    """A committed transfer, resolution or burned id cannot be changed or removed by any
+    statement the application's connection sends (migration 0011), even one editing an
+    amount and its balance together."""
+    connection = await _connect(shared_db_url)
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await connection.execute(TRANSFER_SQL, 91, 5, timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(RESOLUTION_SQL, 92, 1, 0, timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            "INSERT INTO failed_transfers (id, result, timestamp) VALUES (93, 48, 1)",
+            timeout=CONNECT_TIMEOUT_S)
+        with pytest.raises(asyncpg.PostgresError, match="append-only") as refused:
+            await connection.execute(statement, timeout=CONNECT_TIMEOUT_S)
+        assert refused.value.sqlstate == "TXA01"
+    finally:
+        await transaction.rollback()
+        await connection.close(timeout=CONNECT_TIMEOUT_S)

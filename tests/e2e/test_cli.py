@@ -40,8 +40,28 @@ def test_token_issue_signs_with_the_data_dir_key(tmp_path: Path) -> None:
     claims = verify_token(key, done.stdout.strip(), now_s=int(time.time()))
     assert claims.scopes == {"transfers:write", "accounts:read"}
     assert (tmp_path / KEY_FILE_NAME).stat().st_mode & 0o077 == 0
+    assert (claims.tenant, claims.subject) == ("default", "local")
     bad = _run("token", "issue", "--scopes", "everything", "--data-dir", str(tmp_path))
     assert bad.returncode == 2 and "everything" in bad.stderr
+
+
+def test_token_issue_names_tenant_and_subject_and_refuses_what_it_should(
+        tmp_path: Path) -> None:
+    """--tenant and --subject reach the token; a ttl over the 24 h cap and a data
+    directory that does not exist are refused with a non-zero exit (no new key made)."""
+    done = _run("token", "issue", "--scopes", "accounts:read", "--tenant", "acme",
+                "--subject", "ops-1", "--data-dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    key = load_or_create_key(tmp_path / KEY_FILE_NAME)
+    claims = verify_token(key, done.stdout.strip(), now_s=int(time.time()))
+    assert (claims.tenant, claims.subject) == ("acme", "ops-1")
+    long = _run("token", "issue", "--scopes", "accounts:read", "--ttl-s", str(24 * 3600 + 1),
+                "--data-dir", str(tmp_path))
+    assert long.returncode == 2 and "ttl_s" in long.stderr
+    missing = tmp_path / "nowhere"
+    gone = _run("token", "issue", "--scopes", "accounts:read", "--data-dir", str(missing))
+    assert gone.returncode == 2 and "does not exist" in gone.stderr
+    assert not missing.exists()
 
 
 async def test_migrate_applies_once(pg_admin_url: str) -> None:
@@ -51,7 +71,7 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
     try:
         first = _run("migrate", "--database-url", url)
         assert first.returncode == 0, first.stderr
-        assert "applied: [1, 2, 3, 4, 5, 6, 7, 8]" in first.stdout
+        assert "applied: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in first.stdout
         second = _run("migrate", "--database-url", url)
         assert "nothing" in second.stdout
     finally:

@@ -294,7 +294,7 @@ async def test_payout_holds_then_pays_and_cannot_overdraw(
         "amount": 2_001, "currency": "USD", "merchant_account_id": account,
         "destination": bank_token()}, headers={"idempotency-key": key()})
     assert r.status_code == 422, r.text
-    assert r.json()["payout"]["error"] == "ledger_exceeds_credits"
+    assert r.json()["error"]["code"] == "insufficient_funds"
     assert await balances(client, account) == (0, 3_000, 0, 5_000)
 
 

@@ -20,7 +20,8 @@ from processor.batch import TransferBatch
 from processor.client import CONNECT_ATTEMPTS_MAX_DEFAULT, Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded, Unavailable
-from processor.identity import SCOPES, issue_token
+from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, tenant_slot
+from processor.ratelimit import RateLimiter
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Account, Transfer
 
@@ -131,6 +132,7 @@ async def _start(
     in_flight_per_connection_max: int = 64,
     connections_max: int = 1024,
     hello_timeout_s: float = HELLO_TIMEOUT_S_DEFAULT,
+    rate_limiter: RateLimiter | None = None,
 ) -> AsyncIterator[Rig]:
     ledger, clock = FakeLedger(), FakeClock()
     server = await start_rpc_server(
@@ -142,6 +144,7 @@ async def _start(
         in_flight_per_connection_max=in_flight_per_connection_max,
         connections_max=connections_max,
         hello_timeout_s=hello_timeout_s,
+        rate_limiter=rate_limiter,
     )
     try:
         yield Rig(server, ledger, clock)
@@ -156,12 +159,17 @@ async def rig() -> AsyncIterator[Rig]:
         yield running
 
 
+# What the server stamps on every item a token of the default tenant creates.
+TENANT = tenant_slot(DEFAULT_TENANT)
+
+
 def _account(id_: int) -> Account:
-    return Account(id=id_, currency="EUR", user_data=f"account {id_}")
+    return Account(id=id_, currency="EUR", user_data=f"account {id_}", tenant=TENANT)
 
 
 def _transfer(id_: int) -> Transfer:
-    return Transfer(id=id_, debit_account_id=1, credit_account_id=2, amount=id_, currency="EUR")
+    return Transfer(id=id_, debit_account_id=1, credit_account_id=2, amount=id_, currency="EUR",
+                    tenant=TENANT)
 
 
 class Raw:
@@ -655,3 +663,24 @@ async def test_the_processors_own_ids_are_refused_without_the_system_scope(rig: 
         for request in requests:
             await request(system)
     assert reserved + 1 in rig.ledger.accounts
+
+
+async def test_rate_limit_counts_items_and_refuses_whole_requests() -> None:
+    """Over RPC a request takes one operation per item; one beyond the principal's budget
+    is answered rate_limited (the client raises Overloaded with the wait) and applies
+    nothing, while another principal is served."""
+    async for rig in _start(rate_limiter=RateLimiter(10, 5)):
+        async with rig.client() as client:
+            assert await client.create_accounts([_account(i) for i in (1, 2, 3, 4)]) == \
+                [AccountResult.ok] * 4
+            with pytest.raises(Overloaded) as refused:
+                await client.create_transfers([_transfer(10), _transfer(11)])
+            assert refused.value.retry_after_s == pytest.approx(0.1)
+            assert 10 not in rig.ledger.transfers
+            other = issue_token(KEY, SCOPES, ttl_s=TTL_S, now_s=int(rig.clock.now_s),
+                                subject="other")
+            async with rig.client(other) as second:
+                assert await second.lookup_accounts([1]) == [_account(1)]
+            rig.clock.now_s += 0.2
+            assert await client.create_transfers([_transfer(10), _transfer(11)]) == \
+                [TransferResult.ok] * 2

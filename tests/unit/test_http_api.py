@@ -25,6 +25,7 @@ from actors.edge.http_api import (
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.identity import SCOPES, issue_token
+from processor.ratelimit import RateLimiter
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Account, AccountFlags, Transfer
 
@@ -706,3 +707,34 @@ async def test_the_processors_own_ids_are_refused_to_gateways(
     allowed = await client.post(path, content=encode(body), headers=SYSTEM_AUTH)
     assert allowed.status_code != 403, allowed.text
     assert ledger.submitted
+
+
+async def test_rate_limit_per_principal_answers_429_with_its_headers() -> None:
+    """A principal over its budget gets 429 rate_limited with Retry-After and the RateLimit
+    fields, and nothing of the request is applied; a batch takes one operation per item;
+    another principal, of the same tenant, has its own budget."""
+    ledger = FakeLedger()
+    clock = [float(NOW_S)]
+    app = build_app(ledger, KEY, clock_s=lambda: clock[0], ready=ledger.is_ready,
+                    rate_limiter=RateLimiter(2, 4))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+    other = bearer(issue_token(KEY, SCOPES, ttl_s=3600, now_s=NOW_S, subject="other"))
+    async with httpx.AsyncClient(transport=transport, base_url="http://ledger.test") as c:
+        batch = {"accounts": [account_json(i) for i in (1, 2, 3)]}
+        assert (await c.post("/v1/accounts/batch", json=batch, headers=AUTH)).status_code == 200
+        assert (await c.get("/v1/accounts/1", headers=AUTH)).status_code == 200
+        refused = await c.post("/v1/transfers", json=transfer_json(), headers=AUTH)
+        assert_error(refused, 429, "rate_limited")
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["ratelimit-policy"] == '"principal";q=4;w=2'
+        assert refused.headers["ratelimit"] == '"principal";r=0;t=2'
+        assert 10 not in ledger.transfers
+        assert (await c.get("/v1/accounts/1", headers=other)).status_code == 200
+        clock[0] += 1.0  # two operations refill
+        assert (await c.post("/v1/transfers", json=transfer_json(), headers=AUTH)
+                ).status_code == 201
+        # A batch larger than what is left is refused whole.
+        too_many = {"transfers": [transfer_json(20), transfer_json(21)]}
+        assert_error(await c.post("/v1/transfers/batch", json=too_many, headers=AUTH),
+                     429, "rate_limited")
+        assert 20 not in ledger.transfers and 21 not in ledger.transfers
