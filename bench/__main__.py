@@ -201,7 +201,7 @@ async def _phases(
     args: argparse.Namespace, processor: Any, results: dict[str, Any], console: Console
 ) -> None:
     from processor.client import Client
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
 
     url = processor.config.shard.database_url
     results["machine"]["postgres_version"] = await _server_version(url)
@@ -218,7 +218,7 @@ async def _phases(
         results["problems"].append("postgres is not on this machine: its CPU is not counted")
     sampler = ledger.RssSampler(processes)
     sampler_task = asyncio.get_running_loop().create_task(sampler.run())
-    key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+    key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
     token = issue_token(key, SCOPES, ttl_s=TOKEN_TTL_S, now_s=int(time.time()))
     rng = random.Random(args.seed)
     next_id = int(time.time()) * ID_BLOCK

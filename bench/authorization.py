@@ -729,14 +729,14 @@ async def measure(
     cleared afterwards, whatever happens."""
     import httpx
 
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
 
     if provider not in PROVIDER_CHOICES:
         raise ValueError(f"provider must be one of {PROVIDER_CHOICES}")
     if client not in CLIENT_CHOICES:
         raise ValueError(f"client must be one of {CLIENT_CHOICES}")
     say = console.print if console is not None else (lambda *a, **k: None)
-    key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+    key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
     token = issue_token(key, SCOPES, ttl_s=TOKEN_TTL_S, now_s=int(time.time()))
     rng = random.Random(seed)
     merchants = await create_merchants(processor, token, merchants_per_currency,

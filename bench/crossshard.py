@@ -85,7 +85,7 @@ def local_and_cross(
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from processor.client import Client
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -99,7 +99,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         processes = ledger.ServerProcesses(
             shard_pids=[int(s["pid"]) for s in stats0],
             front_pid=ledger.listening_pid(processor.http_port), postmaster_pid=postmaster)
-        key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+        key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
         token = issue_token(key, SCOPES, ttl_s=3600, now_s=int(time.time()))
         first_id = int(time.time()) * ID_BLOCK
         accounts = ledger.make_accounts(first_id, args.accounts)

@@ -219,7 +219,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from bench.__main__ import machine_info
     from processor.client import Client
     from processor.codes import AccountResult
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
     from processor.types import Account
 
     machine = machine_info()
@@ -230,7 +230,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     async with ledger.scratch_processor(args.database_url, args.shards,
                                         prefix="txproc-bench-isolation-") as (processor, _):
-        key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+        key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
         token = issue_token(key, SCOPES, ttl_s=TOKEN_TTL_S, now_s=int(time.time()))
         first_id = int(time.time()) * ID_BLOCK + rng.randrange(ID_BLOCK // 4)
         accounts = list(range(first_id, first_id + LEDGER_ACCOUNTS))

@@ -62,14 +62,14 @@ def _shard_rss_bytes(pids: list[int]) -> int:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from processor.client import Client
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
     async with ledger.scratch_processor(args.database_url, args.shards,
                                         prefix="txproc-memory-") as (processor, _):
         pids = [int(s["pid"]) for s in await ledger.shard_stats(processor.shards)]
-        key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+        key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
         token = issue_token(key, SCOPES, ttl_s=3600, now_s=int(time.time()))
         rss = {"rest": _shard_rss_bytes(pids)}
         next_id = int(time.time()) * ID_BLOCK

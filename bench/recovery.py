@@ -74,7 +74,7 @@ async def _back(shards: list[Any], old_pids: set[int], deadline_s: float) -> lis
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from processor.client import Client
-    from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+    from processor.identity import SCOPES, issue_token, signing_key
 
     out: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()},
                            "date_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
@@ -84,7 +84,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                                         prefix="txproc-recovery-",
                                         shard_options=options) as (processor, _):
         url = processor.config.shard.database_url
-        key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
+        key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
         token = issue_token(key, SCOPES, ttl_s=3600, now_s=int(time.time()))
         first_id = int(time.time()) * ID_BLOCK
         async with Client("127.0.0.1", processor.rpc_port, token, timeout_s=600.0) as client:

@@ -406,7 +406,7 @@ async def _drive(args: argparse.Namespace, server: Server) -> dict[str, Any]:
 async def _run_embedded(args: argparse.Namespace) -> dict[str, Any]:
     from actors.app.runtime import start_processor
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
-    from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
+    from processor.identity import issue_token, signing_key
 
     scratch = Path(tempfile.mkdtemp(prefix="txproc-loadtest-"))
     config = Config(shard=ShardConfig(database_url="", shards=args.shards),
@@ -418,7 +418,7 @@ async def _run_embedded(args: argparse.Namespace) -> dict[str, Any]:
         processor = await start_processor(config)
         ready_s = time.perf_counter() - begun
         try:
-            key = load_or_create_key(Path(config.data_dir) / KEY_FILE_NAME)
+            key = signing_key(Path(config.data_dir), now_s=int(time.time()))
             token = issue_token(key, SCOPES, ttl_s=int(args.duration_s + args.grace_s) + 3600,
                                 now_s=int(time.time()))
             cpu = ServerCpu(roots=[os.getpid()], count_roots=False,
@@ -447,9 +447,9 @@ def _target_token(args: argparse.Namespace) -> str:
         return str(token)
     if args.data_dir is None:
         raise SystemExit("--target needs a token: --token, $TXPROC_TOKEN or --data-dir")
-    from processor.identity import KEY_FILE_NAME, issue_token, load_or_create_key
+    from processor.identity import issue_token, signing_key
 
-    key = load_or_create_key(args.data_dir / KEY_FILE_NAME)
+    key = signing_key(args.data_dir, now_s=int(time.time()))
     return issue_token(key, SCOPES, ttl_s=int(args.duration_s + args.grace_s) + 3600,
                        now_s=int(time.time()))
 

@@ -60,9 +60,10 @@ class TransferBatch:
     timeout_s: np.ndarray
     code: np.ndarray
     user_data: list[str] | None = None
-    # Set by the server from the caller's token (``with_tenant``), never sent by a client;
-    # None is the processor's own (slot 0).
+    # Set by the server from the caller's token and its audit record (``with_tenant``),
+    # never sent by a client; None is the processor's own (slot 0), with no record.
     tenant: np.ndarray | None = None
+    origin: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = self.id.shape[0]
@@ -182,12 +183,17 @@ class TransferBatch:
 
     # -- for the ledger ---------------------------------------------------------------------
 
-    def with_tenant(self, slot: int) -> TransferBatch:
-        """The same transfers, made by the tenant whose slot is ``slot``."""
-        return dataclasses.replace(self, tenant=np.full(len(self), slot, dtype=_LE64))
+    def with_tenant(self, slot: int, origin: int = 0) -> TransferBatch:
+        """The same transfers, made by the tenant whose slot is ``slot`` in the request
+        whose audit record is ``origin``."""
+        return dataclasses.replace(self, tenant=np.full(len(self), slot, dtype=_LE64),
+                                   origin=np.full(len(self), origin, dtype=_LE64))
 
     def _tenants(self) -> np.ndarray:
         return np.zeros(len(self), dtype=_LE64) if self.tenant is None else self.tenant
+
+    def _origins(self) -> np.ndarray:
+        return np.zeros(len(self), dtype=_LE64) if self.origin is None else self.origin
 
     def columns(self) -> TransferColumns:
         """The batch as the ledger's int64 columns (currency by number, 0 if unknown)."""
@@ -205,7 +211,7 @@ class TransferBatch:
             np.where(known, numbers, 0).astype(np.int64), self.flags.astype(np.int64),
             self.pending_id.astype(np.int64), self.timeout_s.astype(np.int64),
             self.code.astype(np.int64), np.zeros(n, dtype=np.int64), self.user_data,
-            self._tenants().astype(np.int64),
+            self._tenants().astype(np.int64), self._origins().astype(np.int64),
         )
 
     def transfers(self) -> list[Transfer]:
@@ -214,12 +220,13 @@ class TransferBatch:
         return [
             Transfer(id=i, debit_account_id=d, credit_account_id=c, amount=a,
                      currency=cur.decode("ascii"), flags=f, pending_id=p, timeout_s=t, code=k,
-                     user_data=u, tenant=ten)
-            for i, d, c, a, cur, f, p, t, k, u, ten in zip(
+                     user_data=u, tenant=ten, origin=o)
+            for i, d, c, a, cur, f, p, t, k, u, ten, o in zip(
                 self.id.tolist(), self.debit_account_id.tolist(),
                 self.credit_account_id.tolist(), self.amount.tolist(), self.currency.tolist(),
                 self.flags.tolist(), self.pending_id.tolist(), self.timeout_s.tolist(),
-                self.code.tolist(), texts, self._tenants().tolist(), strict=True)
+                self.code.tolist(), texts, self._tenants().tolist(),
+                self._origins().tolist(), strict=True)
         ]
 
     def take(self, index: np.ndarray) -> TransferBatch:
@@ -231,6 +238,7 @@ class TransferBatch:
             self.pending_id[index], self.timeout_s[index], self.code[index],
             None if rows is None else [self.user_data[i] for i in rows],  # type: ignore[index]
             None if self.tenant is None else self.tenant[index],
+            None if self.origin is None else self.origin[index],
         )
 
     @classmethod
@@ -243,12 +251,14 @@ class TransferBatch:
         def joined(name: str) -> np.ndarray:
             return np.concatenate([getattr(p, name) for p in parts])
 
-        tenants = None
-        if any(p.tenant is not None for p in parts):
+        tenants = origins = None
+        if any(p.tenant is not None or p.origin is not None for p in parts):
             tenants = np.concatenate([p._tenants() for p in parts])
+            origins = np.concatenate([p._origins() for p in parts])
         return cls(joined("id"), joined("debit_account_id"), joined("credit_account_id"),
                    joined("amount"), joined("currency"), joined("flags"),
-                   joined("pending_id"), joined("timeout_s"), joined("code"), texts, tenants)
+                   joined("pending_id"), joined("timeout_s"), joined("code"), texts, tenants,
+                   origins)
 
 
 def _currencies(currency: str | Any, n: int) -> np.ndarray:
@@ -296,22 +306,26 @@ def _check_range(name: str, column: np.ndarray, low: int, high: int) -> None:
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(
-    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, list[str], bytes])
+    tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, list[str], bytes,
+          bytes])
 
 
 def encode_batch(batch: TransferBatch) -> bytes:
-    """The batch as one message between actors (columns, user_data and tenants)."""
+    """The batch as one message between actors (columns, user_data, tenants, origins)."""
     return _ENCODER.encode((*batch.column_bytes(), batch.user_data or [],
-                            batch._tenants().astype(_LE64).tobytes()))
+                            batch._tenants().astype(_LE64).tobytes(),
+                            batch._origins().astype(_LE64).tobytes()))
 
 
 def decode_batch(raw: bytes) -> TransferBatch:
     """Raises ``BatchInvalid`` (or msgspec.DecodeError for bytes that are no batch)."""
     (ids, debits, credits, amounts, currencies, flags, pending, timeouts, codes, user_data,
-     tenants) = _DECODER.decode(raw)
+     tenants, origins) = _DECODER.decode(raw)
     batch = TransferBatch.from_bytes(ids, debits, credits, amounts, currencies, flags,
                                      pending, timeouts, codes, user_data)
     tenant = np.frombuffer(tenants, dtype=_LE64)
-    if tenant.shape[0] != len(batch):
-        raise BatchInvalid(f"tenant has {tenant.shape[0]} values, id has {len(batch)}")
-    return dataclasses.replace(batch, tenant=tenant)
+    origin = np.frombuffer(origins, dtype=_LE64)
+    for name, column in (("tenant", tenant), ("origin", origin)):
+        if column.shape[0] != len(batch):
+            raise BatchInvalid(f"{name} has {column.shape[0]} values, id has {len(batch)}")
+    return dataclasses.replace(batch, tenant=tenant, origin=origin)

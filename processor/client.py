@@ -13,6 +13,12 @@ Failures are raised, never returned:
 * ``TimeoutError`` when a call gets no answer within ``timeout_s``. A create that timed out
   may or may not have been applied; sending it again with the same ids is safe.
 
+Over TLS (``ssl``), a server whose certificate the context does not trust raises
+``ssl.SSLCertVerificationError`` and a TLS error on an open connection ``ClientError``
+``tls_failed``; neither is retried. A server that refuses the client's certificate
+usually just closes the connection (in TLS 1.3 after the client's side of the handshake
+ended), which reads as ``Unavailable``.
+
 After a dropped connection, the next call opens a new one (at most ``connect_attempts_max``
 attempts). A call is sent again only for ``Overloaded`` or ``Unavailable``, at most
 ``retries_max`` times (default 0), which is safe because ledger ids are idempotency keys.
@@ -24,6 +30,7 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import ssl
 from collections.abc import Callable, Sized
 from types import TracebackType
 from typing import Any, TypeVar, overload
@@ -58,8 +65,9 @@ class ClientError(Exception):
     """The server refused a request or the connection with ``code`` (see wire.ERROR_CODES).
 
     Also raised locally with ``client_closed`` (a call after ``close()``), ``frame_too_large``
-    (a request too big to send) and ``protocol_mismatch`` (the server sent a frame this
-    client cannot read).
+    (a request too big to send), ``protocol_mismatch`` (the server sent a frame this
+    client cannot read) and ``tls_failed`` (the TLS layer reported an error on an open
+    connection).
     """
 
     def __init__(self, code: str, message: str, *, retry_after_s: float = 0.0) -> None:
@@ -110,6 +118,10 @@ class Client:
     ``timeout_s`` bounds each call and each connection attempt, in seconds. At most
     ``in_flight_max`` calls are sent at once; more wait for a slot, so keep it at or below
     the server's ``in_flight_per_connection_max``.
+
+    With ``ssl`` (a client context: the CA that signed the server's certificate, and for a
+    server that requires one, the client's certificate and key) the connection is TLS; the
+    server's certificate must name ``server_hostname``, by default ``host``.
     """
 
     def __init__(
@@ -122,6 +134,8 @@ class Client:
         in_flight_max: int = 64,
         retries_max: int = 0,
         connect_attempts_max: int = CONNECT_ATTEMPTS_MAX_DEFAULT,
+        ssl: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
@@ -137,6 +151,10 @@ class Client:
         self._timeout_s = timeout_s
         self._retries_max = retries_max
         self._connect_attempts_max = connect_attempts_max
+        # asyncio takes server_hostname only with ssl; the handshake has the attempt's time.
+        self._tls: dict[str, Any] = {} if ssl is None else {
+            "ssl": ssl, "server_hostname": server_hostname,
+            "ssl_handshake_timeout": timeout_s}
         self._slots = asyncio.Semaphore(in_flight_max)
         self._connect_lock = asyncio.Lock()
         self._request_ids = itertools.count(1)
@@ -160,7 +178,7 @@ class Client:
         """Open the connection and authenticate, unless it is open already.
 
         Raises ``Unavailable`` if no attempt succeeds, ``ClientError`` if the token is
-        refused (``token_invalid``, ``token_expired``).
+        refused (``token_invalid``, ``token_expired``, ``token_revoked``).
         """
         self._closed = False
         await self._ready_connection()
@@ -341,7 +359,10 @@ class Client:
                 await asyncio.sleep(_CONNECT_BACKOFF_S * attempt)
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    reader, writer = await asyncio.open_connection(self._host, self._port)
+                    reader, writer = await asyncio.open_connection(
+                        self._host, self._port, **self._tls)
+            except ssl.SSLCertVerificationError:
+                raise  # the server is not who the context trusts: trying again cannot help
             except (OSError, TimeoutError) as exc:
                 last_error: BaseException = exc
                 continue
@@ -386,6 +407,8 @@ class Client:
                 self._dispatch(connection, wire.decode_response(body))
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # The server closed the connection; handled below like any loss.
+        except ssl.SSLError as exc:
+            fault = ("tls_failed", f"TLS with the server failed: {exc}")
         except (wire.FrameTooLarge, wire.MalformedFrame) as exc:
             fault = ("protocol_mismatch", f"unreadable frame from the server: {exc}")
         except asyncio.CancelledError:

@@ -99,6 +99,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             ({p.name for p in self.payments.providers} <= set(self.payments.rules.provider_order),
              "every provider is in provider_order"),
             *_edge_checks(f),
+            # The payments actor reaches the ledger through the front's RPC listener and
+            # simulated providers post webhooks to its HTTP listener, both in plain TCP and
+            # without a client certificate (docs/security.md, "TLS").
+            (not (f.tls and self.payments.enabled and self.payments.providers),
+             "TLS serves the ledger alone for now: payments off (--no-payments)"),
         ]
         for ok, what in checks:
             if not ok:
@@ -109,6 +114,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)
+
+    @property
+    def keys_path(self) -> Path:
+        """The directory of the token keys (``jwt.keys``, processor/identity/keyring.py):
+        that of ``front.key_path`` when it is set, else the data directory."""
+        return Path(self.front.key_path).parent if self.front.key_path else self.data_path
 
 
 # The listeners' limits (docs/security.md, "Edge limits"); zero never means unbounded.
@@ -128,4 +139,11 @@ def _edge_checks(f: FrontConfig) -> list[tuple[bool, str]]:
     checks.append((HELLO_BYTES_MAX <= f.rpc_hello_bytes_max <= FRAME_BYTES_MAX,
                    f"{HELLO_BYTES_MAX} (the largest Hello) <= rpc_hello_bytes_max "
                    f"<= {FRAME_BYTES_MAX}"))
+    checks += [
+        (bool(f.tls_cert_path) == bool(f.tls_key_path),
+         "front tls_cert_path and tls_key_path both set, or neither"),
+        (not f.tls_client_ca_path or f.tls, "front tls_client_ca_path needs tls_cert_path"),
+        (not f.tls_require_client_cert or bool(f.tls_client_ca_path),
+         "front tls_require_client_cert needs tls_client_ca_path"),
+    ]
     return checks

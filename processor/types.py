@@ -108,6 +108,9 @@ class Account(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     credits_posted: U63 = 0
     timestamp: U63 = 0
     tenant: U63 = 0
+    # The audit record of the request that created it (docs/security.md, "Audit"), set by
+    # the server; 0 for rows made before audit records existed or without a front.
+    origin: U63 = 0
 
 
 class Transfer(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
@@ -131,6 +134,9 @@ class Transfer(msgspec.Struct, frozen=True, array_like=True, kw_only=True):
     user_data: UserData = ""
     timestamp: U63 = 0
     tenant: U63 = 0
+    # The audit record of the request that created it (docs/security.md, "Audit"), set by
+    # the server; 0 for rows made before audit records existed or without a front.
+    origin: U63 = 0
 
 
 class InvariantError(AssertionError):

@@ -97,10 +97,15 @@ ERROR_CODES: Final = frozenset(
         "malformed_frame",  # the body is not a valid Request; connection closed
         "batch_too_large",  # more than BATCH_ITEMS_MAX items or ids in one request
         "token_missing",  # a request came before Hello; connection closed
-        "token_invalid",  # Hello carried a bad token; connection closed
+        # Hello carried a bad token, or a request came after the token's signing key was
+        # retired; connection closed
+        "token_invalid",
         # on Hello: connection closed; on a request: refresh with Hello; with no new Hello
         # by the token's expiry plus the server's grace: connection closed
         "token_expired",
+        # the token was revoked (txproc token revoke), at Hello or on a request; connection
+        # closed, requests already accepted answered first
+        "token_revoked",
         "scope_missing",  # the token does not grant the operation's scope
         "id_reserved",  # an id is in the processor's own range (processor/reserved.py)
         "overloaded",  # the ledger or the server is full; retry after retry_after_s

@@ -1,9 +1,13 @@
 """What the payments tests share: the simulated providers' admin API, merchants, tokens,
-and an HTTP client of the session's processor (fixtures ``sims`` and ``http``)."""
+an HTTP client of the session's processor (fixtures ``sims`` and ``http``), and webhooks
+signed as each provider signs them."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import json
 import secrets
 import time
@@ -139,3 +143,23 @@ async def settled(http: httpx.AsyncClient, processor: Processor, path: str,
             return body
         await processor.payments.recover_once.remote()
         await asyncio.sleep(0.2)
+
+
+def webhook_secret(processor: Processor, provider: str) -> bytes:
+    path = Path(processor.config.data_dir) / "providers" / f"{provider}.json"
+    return str(json.loads(path.read_text())["webhook_secret"]).encode()
+
+
+def signed(provider: str, secret: bytes, body: bytes, at_s: float) -> dict[str, str]:
+    """The headers ``provider`` signs a webhook with, as it documents them: acme
+    ``Acme-Signature: t=<s>,v1=<hex HMAC-SHA256 of "<t>." + body>``, globex a timestamp in
+    ms and ``hmac-sha256=<base64 HMAC-SHA256 of "<ms>\\n" + body>``."""
+    if provider == "acme":
+        stamp = int(at_s)
+        mac = hmac.new(secret, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
+        return {"acme-signature": f"t={stamp},v1={mac}", "content-type": "application/json"}
+    stamp_ms = str(int(at_s * 1000))
+    digest = hmac.new(secret, f"{stamp_ms}\n".encode() + body, hashlib.sha256).digest()
+    return {"x-globex-webhook-timestamp": stamp_ms,
+            "x-globex-webhook-signature": f"hmac-sha256={base64.b64encode(digest).decode()}",
+            "content-type": "application/json"}

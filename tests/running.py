@@ -19,13 +19,7 @@ from actors.database import create_database, drop_database
 from actors.ledger.store import LedgerStore
 from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
-from processor.identity import (
-    DEFAULT_TENANT,
-    KEY_FILE_NAME,
-    SCOPES,
-    issue_token,
-    load_or_create_key,
-)
+from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 
 __all__ = ["IdSource", "client", "ids", "ledger_store", "processor", "token_for"]
 
@@ -76,9 +70,11 @@ async def processor(
 
 def token_for(processor: Processor, scopes: tuple[str, ...] = SCOPES, ttl_s: int = 900, *,
               tenant: str = DEFAULT_TENANT, subject: str = "local") -> str:
-    key = load_or_create_key(Path(processor.config.data_dir) / KEY_FILE_NAME)
-    return issue_token(key, scopes, ttl_s=ttl_s, now_s=int(time.time()), tenant=tenant,
-                       subject=subject)
+    # The ring's active key: tests that rotate keys (tests/e2e/test_key_rotation.py) leave
+    # it verifying, and tokens issued after them are signed with whatever is active.
+    ring = load_or_create_ring(Path(processor.config.data_dir), now_s=int(time.time()))
+    return issue_token(ring.active.secret, scopes, ttl_s=ttl_s, now_s=int(time.time()),
+                       tenant=tenant, subject=subject)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""The ``txproc`` command: serve, migrate, token issue, demo.
+"""The ``txproc`` command: serve, migrate, token issue, certs dev, demo.
 
 This is the composition root: the only place that reads the environment and the only
 module of ``processor`` that reaches into ``actors`` (imported inside the commands, so the
@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -28,10 +29,10 @@ from processor.config import (
 )
 from processor.identity import (
     DEFAULT_TENANT,
-    KEY_FILE_NAME,
     SCOPES,
     TOKEN_TTL_S_DEFAULT,
     TOKEN_TTL_S_MAX,
+    KeyFileError,
     issue_token,
 )
 
@@ -79,13 +80,35 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="serve the ledger only: no providers, no payments API")
 
 
+def _add_tls(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tls-cert", default="", metavar="FILE",
+                   help="serve HTTPS and RPC over TLS (1.2 or later) with this certificate "
+                        "chain (PEM); needs --tls-key")
+    p.add_argument("--tls-key", default="", metavar="FILE",
+                   help="the private key of --tls-cert (PEM, unencrypted)")
+    p.add_argument("--client-ca", default="", metavar="FILE",
+                   help="CA certificates (PEM) that client certificates are verified against")
+    p.add_argument("--require-client-cert", action="store_true",
+                   help="refuse, during the handshake, every client without a certificate "
+                        "signed by --client-ca (mutual TLS)")
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute here: the actors that open it run in other directories."""
+    return str(Path(path).resolve()) if path else ""
+
+
 def build_config(args: argparse.Namespace) -> Config:
     """The one config tree, from parsed arguments (and the environment, via defaults)."""
     config = Config(
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
                           rate_limit_rps=args.rate_limit_rps,
-                          rate_limit_burst=args.rate_limit_burst),
+                          rate_limit_burst=args.rate_limit_burst,
+                          tls_cert_path=_absolute(args.tls_cert),
+                          tls_key_path=_absolute(args.tls_key),
+                          tls_client_ca_path=_absolute(args.client_ca),
+                          tls_require_client_cert=args.require_client_cert),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
         payments=_payments(args),
@@ -119,18 +142,59 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
                            rules=msgspec.structs.replace(defaults.rules, provider_order=order))
 
 
+def _add_token_revoke(token_sub: Any) -> None:
+    revoke = token_sub.add_parser(
+        "revoke", help="refuse a token, or every token of a principal issued until now, on "
+                       "every front within a second")
+    revoke.add_argument("--jti", default="", help="the token id (its jti claim)")
+    revoke.add_argument("--tenant", default="", help="with --subject: the principal's tenant")
+    revoke.add_argument("--subject", default="",
+                        help="with --tenant: every token of this subject issued up to now")
+    revoke.add_argument("--ttl-s-max", type=int, default=TOKEN_TTL_S_MAX,
+                        help="how long the revocation is kept: the longest lifetime tokens "
+                             "are issued with (default 24 h)")
+    _add_common(revoke)
+
+
+def _add_keys(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="the token-signing keys of a data directory")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    data_dir = os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT)
+    rotate = keys_sub.add_parser(
+        "rotate", help="add a new active key and print its id; the keys before still verify "
+                       "until retired")
+    rotate.add_argument("--data-dir", default=data_dir)
+    retire = keys_sub.add_parser(
+        "retire", help="stop verifying tokens of a key (not the active one)")
+    retire.add_argument("kid", help="the key's id, as `txproc keys list` shows it")
+    retire.add_argument("--data-dir", default=data_dir)
+    listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
+    listing.add_argument("--data-dir", default=data_dir)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_serve(sub.add_parser("serve", help="run the processor in the foreground"))
+    serve = sub.add_parser("serve", help="run the processor in the foreground")
+    _add_serve(serve)
+    _add_tls(serve)
     demo = sub.add_parser("demo", help="start on embedded defaults and drive a workload")
     _add_serve(demo)
-    demo.set_defaults(http_port=0, rpc_port=0, metrics_port=0)
+    # The demo's own clients speak plain TCP.
+    demo.set_defaults(http_port=0, rpc_port=0, metrics_port=0, tls_cert="", tls_key="",
+                      client_ca="", require_client_cert=False)
     demo.add_argument("--accounts", type=int, default=1_000)
     demo.add_argument("--transfers", type=int, default=200_000)
     demo.add_argument("--batch", type=int, default=4_000)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(migrate)
+    audit = sub.add_parser("audit", help="who made an account, transfer or payment step")
+    _add_common(audit)
+    which_object = audit.add_mutually_exclusive_group(required=True)
+    for kind in ("account", "transfer", "payment"):
+        which_object.add_argument(f"--{kind}", metavar="ID",
+                                  help=f"the {kind}'s id" + (" (or a payout's)"
+                                                             if kind == "payment" else ""))
     dlq = sub.add_parser("dlq", help="payment events that could not be delivered")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="show dead letters not yet replayed")
@@ -150,13 +214,22 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--ttl-s", type=int, default=TOKEN_TTL_S_DEFAULT,
                        help="lifetime in seconds, at most --ttl-s-max")
     issue.add_argument("--ttl-s-max", type=int, default=TOKEN_TTL_S_MAX,
-                       help="the cap on --ttl-s (default 24 h): a token cannot be revoked "
-                            "before it expires, so raise it knowingly")
+                       help="the cap on --ttl-s (default 24 h): `token revoke` keeps a "
+                            "revocation this long by default, so raise it knowingly")
     issue.add_argument("--tenant", default=DEFAULT_TENANT,
                        help="the tenant (client platform) whose accounts the token moves")
     issue.add_argument("--subject", default="local",
                        help="the principal within the tenant (recorded with what it does)")
     issue.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT))
+    _add_token_revoke(token_sub)
+    _add_keys(sub)
+    certs = sub.add_parser("certs", help="TLS certificates for local use")
+    certs_sub = certs.add_subparsers(dest="certs_command", required=True)
+    dev = certs_sub.add_parser(
+        "dev", help="write a development CA, a server certificate for localhost and "
+                    "127.0.0.1, and a client certificate, with their keys")
+    dev.add_argument("--out", required=True, metavar="DIR", help="where to write them")
+    dev.add_argument("--force", action="store_true", help="replace files that exist")
     return parser
 
 
@@ -179,11 +252,19 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; stdlib asyncio still works
         pass
     if args.command == "token":
+        if args.token_command == "revoke":
+            return asyncio.run(_token_revoke(args))
         return _token_issue(args)
+    if args.command == "keys":
+        return _keys(args)
+    if args.command == "certs":
+        return _certs_dev(args)
     if args.command == "migrate":
         return asyncio.run(_migrate(args))
     if args.command == "dlq":
         return asyncio.run(_dlq(args))
+    if args.command == "audit":
+        return asyncio.run(_audit(args))
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -195,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _token_issue(args: argparse.Namespace) -> int:
-    from processor.identity import load_or_create_key
+    from processor.identity import load_or_create_ring
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     data_dir = Path(args.data_dir).resolve()
@@ -206,14 +287,114 @@ def _token_issue(args: argparse.Namespace) -> int:
               "`txproc serve` with it first, or name the server's --data-dir",
               file=sys.stderr)
         return 2
-    key = load_or_create_key(data_dir / KEY_FILE_NAME)
     try:
-        print(issue_token(key, scopes, ttl_s=args.ttl_s, now_s=int(time.time()),
-                          tenant=args.tenant, subject=args.subject,
+        # Signed with the ring's active key (made from jwt.key the first time).
+        ring = load_or_create_ring(data_dir, now_s=int(time.time()))
+        print(issue_token(ring.active.secret, scopes, ttl_s=args.ttl_s,
+                          now_s=int(time.time()), tenant=args.tenant, subject=args.subject,
                           ttl_s_max=args.ttl_s_max))
-    except ValueError as exc:
+    except ValueError as exc:  # KeyFileError (a refused key file) is one too
         print(f"txproc token issue: {exc}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _certs_dev(args: argparse.Namespace) -> int:
+    import datetime
+
+    from actors.app.certs import DevFilesExist, write_dev_certs
+
+    out = Path(args.out).resolve()
+    try:
+        written = write_dev_certs(out, now=datetime.datetime.now(datetime.UTC),
+                                  force=args.force)
+    except DevFilesExist as exc:
+        print(f"txproc certs dev: {exc}; nothing written (--force replaces them)",
+              file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"txproc certs dev: {exc}", file=sys.stderr)
+        return 2
+    for path, file in written:
+        print(f"wrote {path} ({'0600, ' if file.secret else ''}{file.what})")
+    print(f"serve with: txproc serve --tls-cert {out / 'server.pem'} "
+          f"--tls-key {out / 'server-key.pem'} --client-ca {out / 'ca.pem'} "
+          "--require-client-cert --no-payments")
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from processor.identity import load_or_create_ring, retire_key, rotate_key
+
+    command = f"txproc keys {args.keys_command}"
+    data_dir = Path(args.data_dir).resolve()
+    if not data_dir.is_dir():
+        print(f"{command}: the data directory {data_dir} does not exist; name the server's "
+              "--data-dir", file=sys.stderr)
+        return 2
+    now_s = int(time.time())
+    try:
+        if args.keys_command == "rotate":
+            ring = rotate_key(data_dir, now_s=now_s)
+            print(ring.active.kid)
+            print(f"{command}: {ring.active.kid} signs from now on; every front verifies with "
+                  "it within a second, and the keys before verify until retired",
+                  file=sys.stderr)
+        elif args.keys_command == "retire":
+            retire_key(data_dir, args.kid, now_s=now_s)
+            print(f"{command}: tokens of {args.kid} are refused on every front within a "
+                  "second", file=sys.stderr)
+        else:
+            for key in load_or_create_ring(data_dir, now_s=now_s).keys:
+                retired = f" retired {_utc(key.retired_at_s)}" if key.retired_at_s else ""
+                print(f"{key.kid} {key.state} created {_utc(key.created_at_s)}{retired}")
+    except ValueError as exc:  # KeyRingError (a refused change), KeyFileError
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _utc(seconds: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
+
+
+async def _token_revoke(args: argparse.Namespace) -> int:
+    import asyncpg
+
+    from actors.app.runtime import ensure_database
+    from actors.edge import revoke_subject, revoke_token_id
+
+    by_subject = bool(args.tenant and args.subject)
+    if bool(args.jti) == by_subject or (not by_subject and (args.tenant or args.subject)):
+        print("txproc token revoke: name one token (--jti J) or one principal (--tenant T "
+              "--subject S)", file=sys.stderr)
+        return 2
+    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
+                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
+    url, embedded = ensure_database(config)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            if by_subject:
+                at = await revoke_subject(conn, args.tenant, args.subject,
+                                          keep_s=args.ttl_s_max)
+                what = f"every token of {args.subject} of {args.tenant} issued up to now"
+            else:
+                at = await revoke_token_id(conn, args.jti, keep_s=args.ttl_s_max)
+                what = f"the token {args.jti}"
+        except ValueError as exc:
+            print(f"txproc token revoke: {exc}", file=sys.stderr)
+            return 2
+        except asyncpg.UndefinedTableError:
+            print("txproc token revoke: the database has no revoked_tokens table; run "
+                  "`txproc migrate` first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"revoked {what} at {at.isoformat()}; every front refuses it within a second")
     return 0
 
 
@@ -231,6 +412,40 @@ async def _migrate(args: argparse.Namespace) -> int:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+async def _audit(args: argparse.Namespace) -> int:
+    """Print the audit records (JSON lines) of the object named, oldest first."""
+    import json
+
+    import asyncpg
+
+    from actors.app.runtime import ensure_database
+    from actors.edge.audit import who_made
+
+    kind = next(k for k in ("account", "transfer", "payment") if getattr(args, k))
+    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
+                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
+    url, embedded = ensure_database(config)
+    try:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            records = await who_made(conn, kind, getattr(args, kind))
+        except ValueError as exc:
+            print(f"txproc audit: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+        for record in records:
+            print(json.dumps(record, sort_keys=True))
+        if not records:
+            print(f"txproc audit: no audit record names {kind} {getattr(args, kind)}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    finally:
+        if embedded is not None:
+            embedded.stop()
 
 
 async def _dlq(args: argparse.Namespace) -> int:
@@ -268,15 +483,22 @@ async def _serve(config: Config) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    processor = await start_processor(config)
+    try:
+        processor = await start_processor(config)
+    except KeyFileError as exc:
+        # Checked before anything starts: the message names the file and the fix.
+        print(f"txproc serve: {exc}", file=sys.stderr)
+        return 2
     # ray.init installs its own SIGTERM handler, which exits at once; take the signals back
     # so a stop flushes and closes what was started.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_DFL)
         loop.add_signal_handler(sig, stop.set)
-    log.info("txproc serving: http://%s:%d (healthz, readyz, /v1, /openapi.json), rpc %s:%d, "
-             "metrics http://%s:%d/metrics, %d shards, data %s", config.front.host,
-             processor.http_port, config.front.host, processor.rpc_port, config.front.host,
+    log.info("txproc serving: %s://%s:%d (healthz, readyz, /v1, /openapi.json), rpc%s %s:%d, "
+             "metrics http://%s:%d/metrics, %d shards, data %s",
+             "https" if config.front.tls else "http", config.front.host,
+             processor.http_port, " over TLS" if config.front.tls else "", config.front.host,
+             processor.rpc_port, config.front.host,
              processor.metrics_port, config.shard.shards, config.data_dir)
     supervisor = loop.create_task(processor.supervise())
     await stop.wait()

@@ -22,7 +22,7 @@ from rich.table import Table
 from processor.client import Client, PaymentAnswer
 from processor.codes import TransferResult
 from processor.config import Config
-from processor.identity import KEY_FILE_NAME, SCOPES, issue_token, load_or_create_key
+from processor.identity import SCOPES, issue_token, load_or_create_ring
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 __all__ = ["run_demo", "workload"]
@@ -79,8 +79,8 @@ async def run_demo(config: Config, *, accounts: int, transfers: int, batch: int)
     processor = await start_processor(config)
     console.print(f"ready in {time.perf_counter() - started:.1f} s: http port "
                   f"{processor.http_port}, rpc port {processor.rpc_port}")
-    key = load_or_create_key(Path(config.data_dir) / KEY_FILE_NAME)
-    token = issue_token(key, SCOPES, ttl_s=900, now_s=int(time.time()))
+    ring = load_or_create_ring(config.keys_path, now_s=int(time.time()))
+    token = issue_token(ring.active.secret, SCOPES, ttl_s=900, now_s=int(time.time()))
     accts, moves = workload(accounts, transfers)
     # Ids must be new on every run over the same data directory.
     offset = int(time.time() * 1000) * 1_000_000

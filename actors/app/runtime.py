@@ -37,6 +37,7 @@ from actors.payments import (
 )
 from actors.risk import RISK_ACTOR_NAME, make_risk
 from processor.config import Config
+from processor.identity import load_or_create_ring
 from processor.ledger import PartitionMap
 
 __all__ = ["Processor", "ensure_database", "start_processor"]
@@ -179,6 +180,9 @@ async def start_processor(config: Config) -> Processor:
     """Start everything ``config`` describes and return once /readyz would answer 200."""
     config.check()
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    # Before anything starts: a refused key file (KeyFileError: a symbolic link, another
+    # owner, readable by others) is reported here, by name, rather than by a failed actor.
+    load_or_create_ring(config.keys_path, now_s=int(time.time()))
     url, embedded = ensure_database(config)
     try:
         applied = await migrate(url)

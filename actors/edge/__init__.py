@@ -8,23 +8,45 @@ Public interface:
 * ``PaymentsLink``: the one hop from the edge to the payments actor (a ``PaymentsService``);
 * ``http_server`` and ``HttpLimits``: the uvicorn server for the HTTP API, with the
   deadlines and connection caps that keep slow or idle clients from holding it
-  (actors.edge.limits; docs/security.md, "Edge limits").
+  (actors.edge.limits; docs/security.md, "Edge limits");
+* ``AuditWriter``: the audit record each state-changing request writes before it is
+  applied (actors.edge.audit; docs/security.md, "Audit");
+* ``server_context``: the one TLS context both listeners serve with, when TLS is on
+  (actors.edge.tls; docs/security.md, "TLS");
+* ``Credentials`` and ``CredentialsWatch``: the key ring and the revocations both
+  listeners check every request's token against, kept current while serving, and
+  ``revoke_token_id`` / ``revoke_subject`` that write revocations (actors.edge.credentials;
+  docs/security.md, "Tokens").
 
 The edge verifies tokens and scopes; it holds no money rules of its own.
 """
 
 from __future__ import annotations
 
+from actors.edge.audit import AuditWriter
+from actors.edge.credentials import (
+    Credentials,
+    CredentialsWatch,
+    revoke_subject,
+    revoke_token_id,
+)
 from actors.edge.http_api import PaymentsService, build_app
 from actors.edge.limits import HttpLimits, http_server
 from actors.edge.payments_link import PaymentsLink
 from actors.edge.rpc_server import start_rpc_server
+from actors.edge.tls import server_context
 
 __all__ = [
+    "AuditWriter",
+    "Credentials",
+    "CredentialsWatch",
     "HttpLimits",
     "PaymentsLink",
     "PaymentsService",
     "build_app",
     "http_server",
+    "revoke_subject",
+    "revoke_token_id",
+    "server_context",
     "start_rpc_server",
 ]

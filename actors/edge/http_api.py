@@ -30,9 +30,12 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
+from actors.edge.audit import AuditWriter, request_id_of
+from actors.edge.credentials import Credentials, as_credentials
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
+    ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
     PaymentFailure,
     PaymentsApiError,
@@ -50,7 +53,6 @@ from processor.identity import (
     bearer_token,
     principal_of,
     require_scope,
-    verify_token,
 )
 from processor.payments import (
     AuthorizeRequest,
@@ -321,8 +323,9 @@ def _flag_names(mask: int, bits: dict[str, int]) -> tuple[Any, ...]:
     return tuple(name for name, bit in bits.items() if mask & bit)
 
 
-def account_from_request(item: AccountRequest, tenant: int = 0) -> Account:
-    """The account to create for a caller whose tenant slot is ``tenant``."""
+def account_from_request(item: AccountRequest, tenant: int = 0, origin: int = 0) -> Account:
+    """The account to create for a caller whose tenant slot is ``tenant``, in the request
+    whose audit record is ``origin``."""
     return Account(
         id=item.id,
         currency=item.currency,
@@ -330,6 +333,7 @@ def account_from_request(item: AccountRequest, tenant: int = 0) -> Account:
         code=item.code,
         user_data=item.user_data,
         tenant=tenant,
+        origin=origin,
     )
 
 
@@ -348,8 +352,9 @@ def account_to_response(account: Account) -> AccountResponse:
     )
 
 
-def transfer_from_request(item: TransferRequest, tenant: int = 0) -> Transfer:
-    """The transfer to create for a caller whose tenant slot is ``tenant``."""
+def transfer_from_request(item: TransferRequest, tenant: int = 0, origin: int = 0) -> Transfer:
+    """The transfer to create for a caller whose tenant slot is ``tenant``, in the request
+    whose audit record is ``origin``."""
     return Transfer(
         id=item.id,
         debit_account_id=item.debit_account_id,
@@ -362,6 +367,7 @@ def transfer_from_request(item: TransferRequest, tenant: int = 0) -> Transfer:
         code=item.code,
         user_data=item.user_data,
         tenant=tenant,
+        origin=origin,
     )
 
 
@@ -412,6 +418,7 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "token_missing": 401,
     "token_invalid": 401,
     "token_expired": 401,
+    "token_revoked": 401,
     "scope_missing": 403,
     "id_reserved": 403,
     "not_found": 404,
@@ -567,6 +574,7 @@ _AUTH_MESSAGES = {
     "token_missing": "send an Authorization: Bearer <token> header",
     "token_invalid": "the bearer token is not valid",
     "token_expired": "the bearer token has expired",
+    "token_revoked": "the bearer token has been revoked",
 }
 
 
@@ -591,16 +599,16 @@ class PaymentsService(Protocol):
 
 def _forwarded_headers(request: Request) -> dict[str, str]:
     """The request's headers for the payments actor, less the bearer token (checked here;
-    payments never need it)."""
+    payments never need it) and any audit header a client made up."""
     return {name: value for name, value in request.headers.items()
-            if name != "authorization"}
+            if name not in ("authorization", ORIGIN_HEADER)}
 
 
 class _Api:
     def __init__(
         self,
         service: LedgerService,
-        key: bytes,
+        key: bytes | Credentials,
         *,
         clock_s: Callable[[], float],
         ready: Callable[[], bool],
@@ -608,12 +616,14 @@ class _Api:
         payments: PaymentsService | None = None,
         reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
         rate_limiter: RateLimiter,
+        audit: AuditWriter | None = None,
     ) -> None:
         self._reserved_id_min = reserved_id_min
         self._limiter = rate_limiter
+        self._audit = audit
         self._payments = payments
         self._service = service
-        self._key = key
+        self._credentials = as_credentials(key)
         # Authorization header value -> its verified claims; oldest first, bounded.
         self._verified: OrderedDict[str, Claims] = OrderedDict()
         self._clock_s = clock_s
@@ -659,10 +669,12 @@ class _Api:
         if claims is None or now_s >= claims.expires_at_s:
             # A token's signature is checked once; afterwards only its expiry, which a
             # remembered token is held to as well (so an expired one still answers 401).
-            claims = verify_token(self._key, bearer_token(header), now_s=now_s)
+            claims = self._credentials.verify(bearer_token(header), now_s=now_s)
             self._verified[header or ""] = claims
             if len(self._verified) > VERIFIED_TOKENS_MAX:
                 self._verified.popitem(last=False)
+        # Held to retired keys and revocations on every request, remembered or not.
+        self._credentials.check(claims)
         require_scope(claims, scope)
         self._take(claims, 1, now_s)
         return claims
@@ -686,6 +698,14 @@ class _Api:
                          f"t={max(1, math.ceil(decision.reset_s))}",
         })
 
+    async def _origin(self, claims: Claims, request_id: str | None, operation: str,
+                      items: int) -> int:
+        """Write the request's audit record (actors/edge/audit.py); its id, 0 without a
+        writer. Raises ``Unavailable`` (503) if it cannot be written."""
+        if self._audit is None:
+            return 0
+        return await self._audit.record(claims, request_id_of(request_id), operation, items)
+
     async def healthz(self, request: Request) -> Response:
         return _json_response(200, HealthResponse("ok"))
 
@@ -708,9 +728,12 @@ class _Api:
     async def create_account(self, request: Request) -> Response:
         item = _decode(ACCOUNT_DECODER, await _read_body(request, self._body_bytes_max))
         claims = request.state.claims
-        account = account_from_request(item, claims.tenant_slot)
-        self._check_reserved(claims, accounts_reserved([account], self._reserved_id_min))
-        [result] = await self._create_accounts([account])
+        self._check_reserved(claims, accounts_reserved([account_from_request(item)],
+                                                       self._reserved_id_min))
+        origin = await self._origin(claims, request.headers.get("x-request-id"),
+                                    "create_accounts", 1)
+        [result] = await self._create_accounts(
+            [account_from_request(item, claims.tenant_slot, origin)])
         if result not in (AccountResult.ok, AccountResult.exists):
             raise _refused(result, "account")
         stored = await self._stored_account(item.id, claims)
@@ -722,10 +745,12 @@ class _Api:
         # One operation was taken with the token; the rest of the batch now, before any
         # part of it is applied.
         self._take(request.state.claims, len(items) - 1)
-        tenant = request.state.claims.tenant_slot
-        accounts = [account_from_request(item, tenant) for item in items]
-        self._check_reserved(request.state.claims,
-                             accounts_reserved(accounts, self._reserved_id_min))
+        claims = request.state.claims
+        accounts = [account_from_request(item) for item in items]
+        self._check_reserved(claims, accounts_reserved(accounts, self._reserved_id_min))
+        origin = await self._origin(claims, request.headers.get("x-request-id"),
+                                    "create_accounts", len(items))
+        accounts = [account_from_request(item, claims.tenant_slot, origin) for item in items]
         results = await self._create_accounts(accounts)
         answers = [
             AccountBatchResult(item.id, _batch_status(result))
@@ -742,14 +767,18 @@ class _Api:
 
     async def create_transfer(self, request: Request) -> Response:
         status, body = await self._create_transfer(
-            request.state.claims, await _read_body(request, self._body_bytes_max))
+            request.state.claims, await _read_body(request, self._body_bytes_max),
+            request.headers.get("x-request-id"))
         return Response(body, status, media_type="application/json")
 
-    async def _create_transfer(self, claims: Claims, body: bytes) -> tuple[int, bytes]:
+    async def _create_transfer(self, claims: Claims, body: bytes,
+                               request_id: str | None) -> tuple[int, bytes]:
         """POST /v1/transfers after authorization: the status and JSON body of the answer."""
         item = _decode(TRANSFER_DECODER, body)
-        transfer = transfer_from_request(item, claims.tenant_slot)
-        self._check_reserved(claims, transfers_reserved([transfer], self._reserved_id_min))
+        self._check_reserved(claims, transfers_reserved(
+            [transfer_from_request(item)], self._reserved_id_min))
+        origin = await self._origin(claims, request_id, "create_transfers", 1)
+        transfer = transfer_from_request(item, claims.tenant_slot, origin)
         with _HTTP_TRANSFER_SECONDS.time():
             [result] = await self._create_transfers([transfer])
         if result not in (TransferResult.ok, TransferResult.exists):
@@ -786,7 +815,8 @@ class _Api:
             claims = self._authorize(_header(headers, b"authorization"), "transfers:write")
             body = await _receive_body(receive, _header(headers, b"content-length"),
                                        self._body_bytes_max)
-            status, answer = await self._create_transfer(claims, body)
+            status, answer = await self._create_transfer(
+                claims, body, _header(headers, b"x-request-id"))
             return status, answer, {}
         except Exception as exc:  # every exception becomes a JSON answer, as in endpoint()
             error = _api_error_of(exc, "POST", scope["path"])
@@ -796,10 +826,12 @@ class _Api:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
         items = _batch_items(batch.transfers)
         self._take(request.state.claims, len(items) - 1)
-        tenant = request.state.claims.tenant_slot
-        transfers = [transfer_from_request(item, tenant) for item in items]
-        self._check_reserved(request.state.claims,
-                             transfers_reserved(transfers, self._reserved_id_min))
+        claims = request.state.claims
+        transfers = [transfer_from_request(item) for item in items]
+        self._check_reserved(claims, transfers_reserved(transfers, self._reserved_id_min))
+        origin = await self._origin(claims, request.headers.get("x-request-id"),
+                                    "create_transfers", len(items))
+        transfers = [transfer_from_request(item, claims.tenant_slot, origin) for item in items]
         with _HTTP_TRANSFER_SECONDS.time():
             results = await self._create_transfers(transfers)
         answers = [
@@ -827,13 +859,18 @@ class _Api:
         payments = self._require_payments()
         body = b""
         key = request.headers.get("idempotency-key")
+        forwarded = _forwarded_headers(request)
         if request.method == "POST":
             # The key is checked before the body is read (the idempotency-key draft).
             require_key(key)
             body = await _read_body(request, self._body_bytes_max)
+            origin = await self._origin(request.state.claims,
+                                        request.headers.get("x-request-id"),
+                                        f"payments.{operation}", 1)
+            forwarded[ORIGIN_HEADER] = str(origin)
         status, answer, headers = await payments.call(
             principal_of(request.state.claims), operation, key or "",
-            next(iter(request.path_params.values()), ""), body, _forwarded_headers(request))
+            next(iter(request.path_params.values()), ""), body, forwarded)
         return Response(answer, status, headers=headers, media_type="application/json")
 
     async def create_payment(self, request: Request) -> Response:
@@ -1020,7 +1057,8 @@ _BAD_BATCH = _error_reply(
 )
 _BAD_ID = _error_reply(400, f"The path id is not an integer from 1 to {ID_MAX}.", "invalid_id")
 _UNAUTHORIZED = _error_reply(
-    401, "No usable bearer token.", "token_missing", "token_invalid", "token_expired"
+    401, "No usable bearer token.", "token_missing", "token_invalid", "token_expired",
+    "token_revoked"
 )
 _FORBIDDEN = _error_reply(403, "The token lacks the operation's scope.", "scope_missing")
 # Creating accounts and transfers: ids from 2^62 up are the processor's own.
@@ -1355,7 +1393,7 @@ OPENAPI_JSON: bytes = ENCODER.encode(OPENAPI)
 
 def build_app(
     service: LedgerService,
-    key: bytes,
+    key: bytes | Credentials,
     *,
     clock_s: Callable[[], float],
     ready: Callable[[], bool],
@@ -1363,24 +1401,27 @@ def build_app(
     payments: PaymentsService | None = None,
     reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
     rate_limiter: RateLimiter | None = None,
+    audit: AuditWriter | None = None,
 ) -> _App:
     """Return the ASGI app serving the partner API over ``service``.
 
-    ``key`` verifies bearer tokens; ``clock_s`` gives seconds since the Unix epoch for token
-    expiry; ``ready`` answers /readyz; a request body over ``body_bytes_max`` bytes is
+    ``key`` verifies bearer tokens: one key, or a front's ``Credentials`` (its key ring and
+    revocations, checked on every request); ``clock_s`` gives seconds since the Unix epoch
+    for token expiry; ``ready`` answers /readyz; a request body over ``body_bytes_max`` bytes is
     refused with 413. Raises ``ValueError`` for a ``body_bytes_max`` below 1.
     ``payments`` serves the payments routes once their token and scope are checked (the
     front's ``PaymentsLink`` to the payments actor); without it they answer 503.
     Account and transfer ids from ``reserved_id_min`` up are refused (403 ``id_reserved``)
     to a token without the system scope (processor/reserved.py). A request beyond its
     principal's ``rate_limiter`` budget (one operation, or one per item of a batch) is
-    refused with 429 ``rate_limited``.
+    refused with 429 ``rate_limited``. With ``audit``, every state-changing request writes
+    its audit record before it is applied, and what it creates carries the record's id.
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
     api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max,
                payments=payments, reserved_id_min=reserved_id_min,
-               rate_limiter=rate_limiter or RateLimiter(0, 0))
+               rate_limiter=rate_limiter or RateLimiter(0, 0), audit=audit)
     routes = [
         Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]

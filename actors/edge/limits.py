@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -327,15 +328,26 @@ def _closed(listener: str, reason: str) -> None:
     metrics.EDGE_CONNECTIONS_CLOSED.labels(listener, reason).inc()
 
 
-def http_server(app: Any, *, host: str, port: int, limits: HttpLimits) -> uvicorn.Server:
+def http_server(app: Any, *, host: str, port: int, limits: HttpLimits,
+                ssl_context: ssl.SSLContext | None = None) -> uvicorn.Server:
     """A uvicorn server for ``app`` on ``host:port`` (0 picks a free port) that enforces
-    ``limits``, for the caller to ``serve()`` on its running loop."""
+    ``limits``, for the caller to ``serve()`` on its running loop.
+
+    With ``ssl_context`` (actors.edge.tls.server_context) it serves HTTPS only. The TLS
+    layer sits on the listening socket, under the protocol, so every limit above applies
+    to the decrypted stream, from the end of the handshake on. The handshake itself has
+    asyncio's 60 s (uvicorn passes no ``ssl_handshake_timeout``).
+    """
     protocol = type("GuardedHttpProtocol", (_GuardedHttpProtocol,),
                     {"limits": limits, "peers": PeerConnections(limits.connections_per_peer_max)})
+    # The context as built, rather than uvicorn's own from file names, so that both
+    # listeners share one; uvicorn calls the factory once, when the config is loaded.
+    context_factory = None if ssl_context is None else (lambda _config, _default: ssl_context)
     return uvicorn.Server(uvicorn.Config(
         app, host=host, port=port, loop="none", lifespan="off", log_level="warning",
         access_log=False,
         http=protocol,
+        ssl_context_factory=context_factory,
         # The API has no websockets; an upgrade request is answered as plain HTTP.
         ws="none",
         # uvicorn declares an int but only hands it to loop.call_later.

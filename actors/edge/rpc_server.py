@@ -25,12 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections.abc import Callable, Sized
 from typing import cast
 
 import numpy as np
 from msgspec.structs import replace
 
+from actors.edge.audit import AuditWriter
+from actors.edge.credentials import Credentials, as_credentials
 from actors.edge.limits import PeerConnections, enable_tcp_keepalive, peer_host
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
@@ -120,7 +123,7 @@ class _Server:
     def __init__(
         self,
         service: LedgerService,
-        key: bytes,
+        key: bytes | Credentials,
         *,
         clock_s: Callable[[], float],
         in_flight_per_connection_max: int,
@@ -134,11 +137,13 @@ class _Server:
         token_grace_s: float,
         reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
         rate_limiter: RateLimiter | None = None,
+        audit: AuditWriter | None = None,
     ) -> None:
         self.service = service
+        self.audit = audit
         self.rate_limiter = rate_limiter or RateLimiter(0, 0)
         self.reserved_id_min = reserved_id_min
-        self.key = key
+        self.credentials = as_credentials(key)
         self.clock_s = clock_s
         self.in_flight_per_connection_max = in_flight_per_connection_max
         self.connections_max = connections_max
@@ -229,6 +234,8 @@ class _Connection:
                     return None
             elif self._claims is None:
                 return self._refuse_connection("token_missing", "the first frame must be Hello")
+            elif not self._still_authorized(self._claims):
+                return None
             else:
                 self._accept(request, self._claims)
             # Stops reading while the client does not read its answers, so that the errors
@@ -347,13 +354,25 @@ class _Connection:
             return False
         now_s = int(self._server.clock_s())
         try:
-            claims = identity.verify_token(self._server.key, hello.token, now_s=now_s)
+            claims = self._server.credentials.verify(hello.token, now_s=now_s)
         except identity.AuthError as exc:
             self._refuse_connection(exc.code, exc.message)
             return False
         self._claims = claims
         self._version = hello.version
         self._send(wire.HelloOk(claims.expires_at_s, wire.PROTOCOL_VERSION))
+        return True
+
+    def _still_authorized(self, claims: identity.Claims) -> bool:
+        """Whether the connection's token is still good for a request: its key not retired
+        and the token not revoked since Hello. If it is not, the connection is refused
+        (``token_invalid`` or ``token_revoked``): its holder may no longer send anything,
+        and a reconnect with the same token is refused at Hello."""
+        try:
+            self._server.credentials.check(claims)
+        except identity.AuthError as exc:
+            self._refuse_connection(exc.code, exc.message)
+            return False
         return True
 
     def _accept(self, request: _Batch, claims: identity.Claims) -> None:
@@ -446,23 +465,28 @@ class _Connection:
             payments_call = getattr(service, "payments_call", None)
             if payments_call is None:
                 raise Unavailable("payments are not served here", retry_after_s=60)
+            origin = 0
+            if not request.operation.startswith("get_"):
+                origin = await self._origin(request, f"payments.{request.operation}", 1)
             status, body, replayed = await payments_call(
                 identity.principal_of(self._claims), request.operation,
                 request.idempotency_key,
-                request.subject_id, request.body)
+                request.subject_id, request.body, origin=origin)
             return wire.PaymentResult(request_id, status, body, replayed)
         # Whatever tenant a client wrote into an item, it is created as the token's tenant's
         # (actors/edge/tenancy.py); reads show only what that tenant may see.
         tenant = self._claims.tenant_slot
         if isinstance(request, wire.CreateAccounts):
-            accounts = [replace(a, tenant=tenant) for a in request.items]
+            origin = await self._origin(request, "create_accounts", len(request.items))
+            accounts = [replace(a, tenant=tenant, origin=origin) for a in request.items]
             account_codes = await service.create_accounts(accounts)
             _require_count(account_codes, request.items)
             return wire.CreateAccountsResult(request_id, cast(list[int], account_codes))
         if isinstance(request, wire.CreateTransferBatch):
             return await self._create_transfer_batch(request, tenant)
         if isinstance(request, wire.CreateTransfers):
-            items = [replace(t, tenant=tenant) for t in request.items]
+            origin = await self._origin(request, "create_transfers", len(request.items))
+            items = [replace(t, tenant=tenant, origin=origin) for t in request.items]
             with _RPC_TRANSFER_SECONDS.time():
                 transfer_codes = await service.create_transfers(items)
             _require_count(transfer_codes, request.items)
@@ -482,14 +506,25 @@ class _Connection:
             batch = TransferBatch.from_bytes(
                 request.id, request.debit_account_id, request.credit_account_id,
                 request.amount, request.currency, request.flags, request.pending_id,
-                request.timeout_s, request.code, request.user_data).with_tenant(tenant)
+                request.timeout_s, request.code, request.user_data)
         except BatchInvalid as exc:
             return wire.Error(request.request_id, "invalid_batch", str(exc))
+        origin = await self._origin(request, "create_transfers", len(batch))
+        batch = batch.with_tenant(tenant, origin)
         with _RPC_TRANSFER_SECONDS.time():
             codes = await create_transfer_batch(self._server.service, batch)
         _require_count(codes, batch)
         return wire.CreateTransferBatchResult(request.request_id,
                                               codes.astype(np.uint8).tobytes())
+
+    async def _origin(self, request: _Batch, operation: str, items: int) -> int:
+        """Write the request's audit record (actors/edge/audit.py); its id, 0 without a
+        writer. Raises ``Unavailable`` if it cannot be written: nothing is applied."""
+        audit = self._server.audit
+        if audit is None:
+            return 0
+        return await audit.record(self._claims, f"rpc {self._peer} #{request.request_id}",
+                                  operation, items)
 
     def _send(self, message: wire.Response) -> None:
         # A client gone mid-request is normal; writing to its closed transport would only
@@ -556,7 +591,7 @@ def _closed(reason: str) -> None:
 
 async def start_rpc_server(
     service: LedgerService,
-    key: bytes,
+    key: bytes | Credentials,
     *,
     host: str,
     port: int,
@@ -572,6 +607,8 @@ async def start_rpc_server(
     token_grace_s: float = TOKEN_GRACE_S_DEFAULT,
     reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
     rate_limiter: RateLimiter | None = None,
+    audit: AuditWriter | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> asyncio.Server:
     """Listen on ``host:port`` (0 picks a free port) and serve ``service`` to token holders.
 
@@ -580,11 +617,20 @@ async def start_rpc_server(
     request beyond its principal's ``rate_limiter`` budget (one operation per item) is
     answered ``rate_limited`` and not applied.
 
-    ``key`` verifies the HS256 tokens (processor.identity); ``clock_s`` returns seconds since the
-    Unix epoch and decides token expiry. The limits are described in the module docstring
-    and docs/security.md; times are in seconds, sizes in bytes. Raises ``ValueError`` for a
-    non-positive limit or a ``hello_bytes_max`` outside ``wire.HELLO_BYTES_MAX`` to
-    ``wire.FRAME_BYTES_MAX``, and ``OSError`` if the address cannot be bound.
+    ``key`` verifies the HS256 tokens (processor.identity): one key, or a front's
+    ``Credentials``, whose retired keys and revocations are checked on every request (a
+    connection whose token they refuse is refused: ``token_invalid``, ``token_revoked``);
+    ``clock_s`` returns seconds since the Unix epoch and decides token expiry. The limits
+    are described in the module docstring and docs/security.md; times are in seconds, sizes
+    in bytes. Raises ``ValueError`` for a non-positive limit or a ``hello_bytes_max`` outside
+    ``wire.HELLO_BYTES_MAX`` to ``wire.FRAME_BYTES_MAX``, and ``OSError`` if the address
+    cannot be bound.
+
+    With ``ssl_context`` (actors.edge.tls.server_context) it speaks TLS only. A connection
+    is handed to the code above once its handshake is done, so until then it holds none of
+    the connection slots; the handshake must end within ``hello_timeout_s`` (the Hello's
+    own deadline starts after it) and a closing connection's TLS shutdown within
+    ``write_timeout_s``.
     """
     limits = {
         "in_flight_per_connection_max": in_flight_per_connection_max,
@@ -617,8 +663,16 @@ async def start_rpc_server(
         token_grace_s=token_grace_s,
         reserved_id_min=reserved_id_min,
         rate_limiter=rate_limiter,
+        audit=audit,
     )
-    return await asyncio.start_server(server.handle, host=host, port=port, backlog=connections_max)
+    # asyncio refuses TLS timeouts without TLS; with it, they are never left to its defaults
+    # (60 s and 30 s): a peer that connects and never completes a handshake is let go as
+    # promptly as one that never sends Hello.
+    tls = {} if ssl_context is None else {
+        "ssl": ssl_context, "ssl_handshake_timeout": hello_timeout_s,
+        "ssl_shutdown_timeout": write_timeout_s}
+    return await asyncio.start_server(server.handle, host=host, port=port,
+                                      backlog=connections_max, **tls)
 
 
 _ID_COLUMN = np.dtype("<i8")

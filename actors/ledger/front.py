@@ -13,11 +13,11 @@ import asyncio
 import collections
 import logging
 import os
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -27,16 +27,26 @@ import ray
 import uvicorn
 
 from actors.channel import ChannelBroken, ChannelClient
-from actors.edge import HttpLimits, PaymentsLink, build_app, http_server, start_rpc_server
+from actors.edge import (
+    AuditWriter,
+    Credentials,
+    CredentialsWatch,
+    HttpLimits,
+    PaymentsLink,
+    build_app,
+    http_server,
+    server_context,
+    start_rpc_server,
+)
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
+from actors.payments import ORIGIN_HEADER
 from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config, FrontConfig
 from processor.errors import LedgerError, Overloaded, Unavailable
-from processor.identity import KEY_FILE_NAME, load_or_create_key
 from processor.ledger import PartitionMap, compare_existing
 from processor.ratelimit import RateLimiter
 from processor.types import Account, Transfer, TransferFlags
@@ -154,6 +164,21 @@ def _http_limits(f: FrontConfig) -> HttpLimits:
         connections_per_peer_max=f.http_connections_per_peer_max)
 
 
+def _server_context(f: FrontConfig) -> ssl.SSLContext | None:
+    if not f.tls:
+        return None
+    return server_context(f.tls_cert_path, f.tls_key_path, f.tls_client_ca_path,
+                          f.tls_require_client_cert)
+
+
+def _tls_mode(f: FrontConfig) -> str:
+    if not f.tls:
+        return "off"
+    if f.tls_require_client_cert:
+        return "on, client certificates required"
+    return "on, client certificates verified if presented" if f.tls_client_ca_path else "on"
+
+
 def _encode_groups(method: str, groups: list[Any]) -> bytes:
     if method == "create_transfer_columns":
         return encode_batch(TransferBatch.concat(groups))
@@ -181,11 +206,15 @@ class Front:
         self._channels: list[ChannelClient] = []
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._store: LedgerStore | None = None
+        self._audit: AuditWriter | None = None
         self._ready = False
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
         self._rpc: asyncio.AbstractServer | None = None
         self._watch_task: asyncio.Task[None] | None = None
+        # Keeps the key ring and the revocations current (actors.edge.credentials).
+        self._credentials: CredentialsWatch | None = None
+        self._credentials_task: asyncio.Task[None] | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
         # Payments run in their own actor; the edge forwards to it (actors.edge.payments_link).
         payments = config.payments
@@ -205,24 +234,34 @@ class Front:
             connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s,
         )
+        self._audit = await AuditWriter.connect(
+            cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s, clock_s=time.time)
         self._shards = [ray.get_actor(shard_actor_name(s), namespace=NAMESPACE)
                         for s in range(cfg.shard.shards)]
         await asyncio.gather(*[s.ready.remote() for s in self._shards])
         self._channels = [ChannelClient(endpoint_of(handle), self._channel_key)
                           for handle in self._shards]
-        key_path = Path(cfg.front.key_path or Path(cfg.data_dir) / KEY_FILE_NAME)
-        key = load_or_create_key(key_path)
+        # The key ring and the revocations in force before the first request is taken; a
+        # refused key file (a symlink, another owner, readable by others) fails the start.
+        key = Credentials.of_directory(cfg.keys_path, now_s=int(time.time()))
+        self._credentials = CredentialsWatch(
+            key, cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s)
+        await self._credentials.poll()
         # One budget per principal across both listeners of this front.
         limiter = RateLimiter(cfg.front.rate_limit_rps, cfg.front.rate_limit_burst)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
                         payments=self._payments,
                         reserved_id_min=cfg.payments.rules.system_id_base,
-                        rate_limiter=limiter)
+                        rate_limiter=limiter, audit=self._audit)
+        # One context for both listeners; a missing or unreadable file fails the start.
+        tls = _server_context(cfg.front)
         server = http_server(
             app, host=cfg.front.host,
             port=cfg.front.http_port if http_port is None else http_port,
-            limits=_http_limits(cfg.front))
+            limits=_http_limits(cfg.front), ssl_context=tls)
         self._http = server
         self._http_task = asyncio.get_running_loop().create_task(server.serve())
         for _ in range(200):
@@ -241,26 +280,30 @@ class Front:
             hello_timeout_s=f.rpc_hello_timeout_s, hello_bytes_max=f.rpc_hello_bytes_max,
             idle_timeout_s=f.rpc_idle_timeout_s, frame_timeout_s=f.rpc_frame_timeout_s,
             write_timeout_s=f.rpc_write_timeout_s, token_grace_s=f.rpc_token_grace_s,
-            rate_limiter=limiter)
+            rate_limiter=limiter, audit=self._audit, ssl_context=tls)
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
+        self._credentials_task = asyncio.get_running_loop().create_task(
+            self._credentials.run())
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
-        log.info("front listening: http %s:%d rpc %s:%d (event loop: %s)",
-                 cfg.front.host, http_port, cfg.front.host, rpc_port, loop_name)
+        log.info("front listening: http %s:%d rpc %s:%d (event loop: %s, tls: %s)",
+                 cfg.front.host, http_port, cfg.front.host, rpc_port, loop_name,
+                 _tls_mode(cfg.front))
         return {"http_port": http_port, "rpc_port": rpc_port, "loop": loop_name}
 
     async def payments_call(self, principal: str, operation: str, key: str, subject_id: str,
-                            body: bytes) -> tuple[int, bytes, bool]:
+                            body: bytes, origin: int = 0) -> tuple[int, bytes, bool]:
         """A payments operation arriving over RPC, forwarded to the payments actor: the
-        HTTP API's status and JSON body, and whether the answer was replayed."""
+        HTTP API's status and JSON body, and whether the answer was replayed. ``origin``
+        is the request's audit record (actors/edge/audit.py)."""
         if self._payments is None:
             raise Unavailable("payments are not enabled on this server", retry_after_s=60.0)
         status, answer, headers = await self._payments.call(
-            principal, operation, key, subject_id, body, {})
+            principal, operation, key, subject_id, body, {ORIGIN_HEADER: str(origin)})
         return status, answer, "Idempotent-Replayed" in headers
 
     async def stop(self) -> None:
@@ -268,6 +311,8 @@ class Front:
         self._ready = False
         if self._watch_task is not None:
             self._watch_task.cancel()
+        if self._credentials_task is not None:
+            self._credentials_task.cancel()
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -284,6 +329,10 @@ class Front:
             self._payments.close()
         if self._store is not None:
             await self._store.close()
+        if self._audit is not None:
+            await self._audit.close()
+        if self._credentials is not None:
+            await self._credentials.close()
 
     async def _watch_shards(self) -> None:
         """Call every shard often, so a restarted one recovers at once (its recovery takes a

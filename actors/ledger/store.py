@@ -36,11 +36,11 @@ __all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore", "OwnEffects"]
 
 ACCOUNT_COLUMNS = (
     "id", "currency", "flags", "code", "user_data", "debits_pending", "debits_posted",
-    "credits_pending", "credits_posted", "timestamp", "tenant",
+    "credits_pending", "credits_posted", "timestamp", "tenant", "origin",
 )
 TRANSFER_COLUMNS = (
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
-    "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant",
+    "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant", "origin",
 )
 # One block of postings: the legs a commit leaves for one other shard's accounts.
 _POSTING_BLOCK_SQL = (
@@ -125,8 +125,8 @@ _TRANSFER_ROW = np.dtype([
     *_field("currency", "S3"), *_field("flags", ">i4"), *_field("pending_id", ">i8"),
     *_field("timeout_s", ">i4"), *_field("code", ">i4"),
     ("user_data_bytes", ">i4"),  # 0: the empty string (-1 would be NULL)
-    *_field("timestamp", ">i8"), *_field("tenant", ">i8"), *_field("partition", ">i4"),
-    *_field("local_legs", ">i2"),
+    *_field("timestamp", ">i8"), *_field("tenant", ">i8"), *_field("origin", ">i8"),
+    *_field("partition", ">i4"), *_field("local_legs", ">i2"),
 ])
 _WRITER_COLUMNS = ("partition", "local_legs")
 
@@ -155,7 +155,7 @@ def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray) -> bytes:
     rows = np.zeros(len(cols), dtype=_TRANSFER_ROW)
     rows["fields"] = len(TRANSFER_COLUMNS) + len(_WRITER_COLUMNS)
     for name in ("id", "debit_account_id", "credit_account_id", "amount", "flags",
-                 "pending_id", "timeout_s", "code", "timestamp", "tenant"):
+                 "pending_id", "timeout_s", "code", "timestamp", "tenant", "origin"):
         rows[f"{name}_bytes"] = _TRANSFER_ROW[name].itemsize
         rows[name] = getattr(cols, name)
     rows["currency_bytes"] = 3
@@ -197,8 +197,8 @@ async def _copy_transfer_columns(
         cols.id.tolist(), cols.debit_account_id.tolist(), cols.credit_account_id.tolist(),
         cols.amount.tolist(), currencies, cols.flags.tolist(), cols.pending_id.tolist(),
         cols.timeout_s.tolist(), cols.code.tolist(), cols.user_data,
-        cols.timestamp.tolist(), cols.tenant.tolist(), partition.tolist(), legs.tolist(),
-        strict=True)))
+        cols.timestamp.tolist(), cols.tenant.tolist(), cols.origin.tolist(), partition.tolist(),
+        legs.tolist(), strict=True)))
 
 
 async def _copy_transfers(
@@ -211,8 +211,8 @@ async def _copy_transfers(
         "transfers",
         records=[
             (t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency, t.flags,
-             t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp, t.tenant, p,
-             legs_of)
+             t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp, t.tenant, t.origin,
+             p, legs_of)
             for t, p, legs_of in zip(transfers, partition.tolist(), legs.tolist(),
                                      strict=True)
         ],
@@ -267,10 +267,11 @@ WITH fence AS (
 ), stored AS (
     INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, flags,
                            pending_id, timeout_s, code, user_data, "timestamp", partition,
-                           local_legs, tenant)
+                           local_legs, tenant, origin)
     SELECT * FROM unnest($3::bigint[], $4::bigint[], $5::bigint[], $6::bigint[], $7::text[],
                          $8::int[], $9::bigint[], $10::int[], $11::int[], $12::text[],
-                         $13::bigint[], $14::int[], $15::smallint[], $29::bigint[])
+                         $13::bigint[], $14::int[], $15::smallint[], $29::bigint[],
+                         $30::bigint[])
 ), burned AS (
     INSERT INTO failed_transfers (id, result, "timestamp")
     SELECT * FROM unnest($16::bigint[], $17::smallint[], $18::bigint[])
@@ -309,14 +310,14 @@ FROM seen
 def _transfer_lists(transfers: list[Transfer], columns: list[TransferColumns],
                     own: np.ndarray) -> list[list[Any]]:
     """The transfers of both forms as one list per column of the transfers table, in the
-    order of ``TRANSFER_COLUMNS`` + ``_WRITER_COLUMNS``, except ``tenant``, which comes
-    last (``_COMMIT_ONE_SQL`` takes it as its last parameter)."""
+    order of ``TRANSFER_COLUMNS`` + ``_WRITER_COLUMNS``, except ``tenant`` and ``origin``,
+    which come last (``_COMMIT_ONE_SQL`` takes them as its last parameters)."""
     lists: list[list[Any]] = [[] for _ in range(len(TRANSFER_COLUMNS))]
     for t in transfers:
         for column, value in zip(lists, (
                 t.id, t.debit_account_id, t.credit_account_id, t.amount, t.currency,
                 t.flags, t.pending_id, t.timeout_s, t.code, t.user_data, t.timestamp,
-                t.tenant), strict=True):
+                t.tenant, t.origin), strict=True):
             column.append(value)
     for c in columns:
         for column, values in zip(lists, (
@@ -324,12 +325,13 @@ def _transfer_lists(transfers: list[Transfer], columns: list[TransferColumns],
                 c.amount.tolist(), [currency_code(n) for n in c.currency.tolist()],
                 c.flags.tolist(), c.pending_id.tolist(), c.timeout_s.tolist(),
                 c.code.tolist(), c.user_data or [""] * len(c), c.timestamp.tolist(),
-                c.tenant.tolist()), strict=True):
+                c.tenant.tolist(), c.origin.tolist()), strict=True):
             column.extend(values)
     partition, legs = writer_columns(np.asarray(lists[1], dtype=np.int64),
                                      np.asarray(lists[2], dtype=np.int64), own)
+    origin = lists.pop(TRANSFER_COLUMNS.index("origin"))
     tenant = lists.pop(TRANSFER_COLUMNS.index("tenant"))
-    return [*lists, partition.tolist(), legs.tolist(), tenant]
+    return [*lists, partition.tolist(), legs.tolist(), tenant, origin]
 
 
 def _id_ranges(transfers: list[Transfer], columns: list[TransferColumns]) -> tuple[int, int]:
@@ -657,7 +659,7 @@ class LedgerStore:
                     "accounts",
                     records=[
                         (a.id, a.currency, a.flags, a.code, a.user_data, 0, 0, 0, 0,
-                         a.timestamp, a.tenant, partition_of(a.id))
+                         a.timestamp, a.tenant, a.origin, partition_of(a.id))
                         for a in accounts
                     ],
                     columns=(*ACCOUNT_COLUMNS, "partition"),
@@ -708,7 +710,7 @@ class LedgerStore:
         block = blocks[0] if blocks else (None,) * 6
         async with self._pool.acquire() as conn:
             try:
-                *transfer_lists, tenants = _transfer_lists(transfers, columns, own)
+                *transfer_lists, tenants, origins = _transfer_lists(transfers, columns, own)
                 await conn.fetchval(
                     _COMMIT_ONE_SQL, shards, [fences[s] for s in shards],
                     *transfer_lists,
@@ -716,7 +718,7 @@ class LedgerStore:
                     [f.timestamp for f in failed],
                     [r.pending_id for r in resolutions], [r.kind for r in resolutions],
                     [r.transfer_id for r in resolutions], [r.timestamp for r in resolutions],
-                    *block, tenants)
+                    *block, tenants, origins)
             except asyncpg.PostgresError as exc:
                 refused = _REFUSALS.get(getattr(exc, "sqlstate", ""))
                 if refused is not None:
@@ -827,7 +829,7 @@ SELECT a.id, a.currency, a.flags, a.code, a.user_data,
        (a.debits_posted + coalesce(r.dpo, 0) + coalesce(u.dpo, 0))::bigint AS debits_posted,
        (a.credits_pending + coalesce(r.cp, 0) + coalesce(u.cp, 0))::bigint AS credits_pending,
        (a.credits_posted + coalesce(r.cpo, 0) + coalesce(u.cpo, 0))::bigint AS credits_posted,
-       a."timestamp", a.tenant
+       a."timestamp", a.tenant, a.origin
 FROM accounts a
 LEFT JOIN r ON r.account_id = a.id
 LEFT JOIN u ON u.account_id = a.id

@@ -9,7 +9,8 @@ Public interface:
 * ``make_provider``, ``ProviderConfig``, ``provider_actor_name``: one actor per provider;
 * what the edge needs to answer payments requests before forwarding them:
   ``OPERATION_SCOPES``, ``PAYMENT_ERROR_STATUS``, ``PaymentsApiError``, ``PaymentFailure``,
-  ``WebhookAnswer``, ``api_error_of``, ``require_key``;
+  ``WebhookAnswer``, ``api_error_of``, ``require_key``, ``ORIGIN_HEADER`` (the audit
+  record a request forwards);
 * ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``).
 """
 
@@ -19,6 +20,7 @@ from actors.payments import outbox
 from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
 from actors.payments.endpoints import (
     OPERATION_SCOPES,
+    ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
     PaymentFailure,
     PaymentsApiError,
@@ -30,6 +32,7 @@ from actors.payments.provider import ProviderConfig, make_provider, provider_act
 
 __all__ = [
     "OPERATION_SCOPES",
+    "ORIGIN_HEADER",
     "PAYMENTS_ACTOR_NAME",
     "PAYMENT_ERROR_STATUS",
     "PaymentFailure",

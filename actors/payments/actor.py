@@ -27,7 +27,6 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -46,7 +45,7 @@ from processor.client import Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import Unavailable
-from processor.identity import KEY_FILE_NAME, SYSTEM_SCOPES, issue_token, load_or_create_key
+from processor.identity import SYSTEM_SCOPES, KeyFileError, KeyRingFile, issue_token
 from processor.types import Account, Transfer
 
 __all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
@@ -66,40 +65,61 @@ TOKEN_TTL_S = 3600
 # recovery worker (a front restart takes a few seconds).
 LEDGER_CALL_TIMEOUT_S = 30.0
 PROVIDER_RETRY_DEADLINE_S = 5.0
+# How often the key file is looked at for a rotation (the front's pace too).
+KEYS_REFRESH_INTERVAL_S = 0.5
+# Refusals after which the next call signs a new token with the current active key.
+_TOKEN_REFUSALS = frozenset({"token_invalid", "token_expired", "token_revoked"})
 
 
 class RpcLedger:
     """The ledger for the payments engine: the front's RPC through ``Client``.
 
-    Implements the part of ``LedgerService`` the engine uses. The token is issued here from
-    the front's key and renewed at half its life. A refusal of the connection or of a
-    request (``ClientError``) is raised as ``Unavailable``: nothing was written, the step is
-    parked and tried again.
+    Implements the part of ``LedgerService`` the engine uses. The token is issued here with
+    the key ring's active key and renewed at half its life, as soon as another key becomes
+    active (``txproc keys rotate``), and after the token was refused. A refusal of the
+    connection or of a request (``ClientError``) is raised as ``Unavailable``: nothing was
+    written, the step is parked and tried again.
     """
 
-    def __init__(self, host: str, port: int, key: bytes, *,
-                 clock_s: Callable[[], float] = time.time) -> None:
-        self._key = key
+    def __init__(self, host: str, port: int, keys: KeyRingFile, *,
+                 clock_s: Callable[[], float] = time.time,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
+        self._keys = keys
         self._clock_s = clock_s
+        self._monotonic_s = monotonic_s
         self._renew_at_s = 0.0
+        self._signed_kid = ""
         self._client = Client(host, port, self._token(), timeout_s=LEDGER_CALL_TIMEOUT_S,
                               retries_max=2, connect_attempts_max=2)
 
     def _token(self) -> str:
         now_s = int(self._clock_s())
         self._renew_at_s = now_s + TOKEN_TTL_S / 2
-        return issue_token(self._key, LEDGER_SCOPES, ttl_s=TOKEN_TTL_S, now_s=now_s,
+        active = self._keys.ring.active
+        self._signed_kid = active.kid
+        return issue_token(active.secret, LEDGER_SCOPES, ttl_s=TOKEN_TTL_S, now_s=now_s,
                            subject="txproc-payments")
+
+    def _key_rotated(self) -> bool:
+        """Whether another key is active than the one the token was signed with."""
+        try:
+            self._keys.refresh(monotonic_s=self._monotonic_s())
+        except (KeyFileError, OSError) as exc:
+            log.error("the key file changed but is refused; signing with the key read "
+                      "before: %s", exc)
+        return self._keys.ring.active.kid != self._signed_kid
 
     @contextlib.asynccontextmanager
     async def _client_now(self) -> AsyncIterator[Client]:
         """The client, its token renewed when due; a ``ClientError`` inside is raised as
         ``Unavailable``."""
         try:
-            if self._clock_s() >= self._renew_at_s:
+            if self._clock_s() >= self._renew_at_s or self._key_rotated():
                 await self._client.set_token(self._token())
             yield self._client
         except ClientError as exc:
+            if exc.code in _TOKEN_REFUSALS:
+                self._renew_at_s = 0.0  # its key was retired, or it was revoked
             raise Unavailable(f"the ledger refused the request: {exc.code}") from exc
 
     async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
@@ -166,9 +186,9 @@ class PaymentsActor:
         # Threads started since the constructor (the event loop's among them) too.
         lower_priority(cfg.cpu_nice)
         shard_cfg = self.config.shard
-        key_path = Path(self.config.front.key_path
-                        or Path(self.config.data_dir) / KEY_FILE_NAME)
-        ledger = RpcLedger(*self._front_rpc, load_or_create_key(key_path))
+        keys = KeyRingFile(self.config.keys_path, now_s=int(time.time()),
+                           interval_s=KEYS_REFRESH_INTERVAL_S)
+        ledger = RpcLedger(*self._front_rpc, keys)
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,

@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 
 from actors.ops import metrics
-from actors.payments.engine import PaymentsEngine
+from actors.payments.engine import REQUEST_ORIGIN, PaymentsEngine
 from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
 from processor.payments import (
@@ -41,6 +41,7 @@ from processor.payments import (
 
 __all__ = [
     "OPERATION_SCOPES",
+    "ORIGIN_HEADER",
     "PAYMENT_ERROR_STATUS",
     "Idempotent",
     "PaymentFailure",
@@ -54,6 +55,9 @@ __all__ = [
     "payout_status",
     "scan_for_card_data",
 ]
+
+# The header the edge forwards a request's audit record id in (actors/edge/audit.py).
+ORIGIN_HEADER = "txproc-origin"
 
 log = logging.getLogger("txproc.payments.http")
 ENCODER = msgspec.json.Encoder()
@@ -436,6 +440,11 @@ class PaymentsEndpoint:
 
     async def call(self, principal: str, operation: str, key: str, subject_id: str,
                    body: bytes, headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+        # The edge names the request's audit record in a header of its own (it drops any
+        # a client sent); the steps this request starts carry it.
+        headers = dict(headers)
+        origin = headers.pop(ORIGIN_HEADER, "0")
+        token = REQUEST_ORIGIN.set(int(origin) if origin.isdigit() else 0)
         try:
             return await dispatch(self.payments, principal=principal, operation=operation,
                                   key=key or None, subject_id=subject_id, body=body,
@@ -444,6 +453,8 @@ class PaymentsEndpoint:
             return _refusal(api_error_of(exc))
         except PaymentsApiError as exc:
             return _refusal(exc)
+        finally:
+            REQUEST_ORIGIN.reset(token)
 
     async def webhook(self, provider: str, headers: dict[str, str],
                       body: bytes) -> tuple[int, bytes, dict[str, str]]:

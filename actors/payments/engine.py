@@ -16,6 +16,7 @@ decide and persists each phase before and after every external call:
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import secrets
 import time
@@ -69,6 +70,11 @@ from processor.types import Account
 __all__ = ["PaymentsEngine", "payment_view", "payout_view"]
 
 log = logging.getLogger("txproc.payments")
+
+# The audit record (actors/edge/audit.py) of the request being served, set by the endpoint
+# for the request's task; the steps it starts carry it (0 for work no request started).
+REQUEST_ORIGIN: contextvars.ContextVar[int] = contextvars.ContextVar("request_origin",
+                                                                     default=0)
 
 # A provider actor call that takes longer than this is treated as unanswered (unknown).
 PROVIDER_CALL_MARGIN_S = 5.0
@@ -200,7 +206,8 @@ class PaymentsEngine:
                         subject_id=payment.id, amount=request.amount,
                         currency=request.currency, provider=providers[0],
                         merchant_account_id=request.merchant_account_id,
-                        payment_method=request.payment_method)
+                        payment_method=request.payment_method,
+                        origin=REQUEST_ORIGIN.get())
         if not await self.store.create_payment(payment, step, principal=principal,
                                                due_at_s=now_s + self.config.claim_ttl_s):
             return await self._resume(payment.id, principal)
@@ -215,7 +222,8 @@ class PaymentsEngine:
                         subject_id=payment.id, amount=payment.amount,
                         currency=payment.currency, provider=providers[0],
                         merchant_account_id=payment.merchant_account_id,
-                        payment_method=payment.payment_method)
+                        payment_method=payment.payment_method,
+                        origin=REQUEST_ORIGIN.get())
         if await self.store.reopen_payment(payment.id, step,
                                            due_at_s=self._clock_s() + self.config.claim_ttl_s):
             await self.drive(step)
@@ -293,7 +301,8 @@ class PaymentsEngine:
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.PAYOUT,
                         subject_id=payout.id, amount=request.amount, currency=request.currency,
                         provider=providers[0], merchant_account_id=request.merchant_account_id,
-                        destination=request.destination)
+                        destination=request.destination,
+                        origin=REQUEST_ORIGIN.get())
         if await self.store.create_payout(payout, step, principal=principal,
                                           due_at_s=self._clock_s() + self.config.claim_ttl_s):
             await self.drive(step)
@@ -302,10 +311,10 @@ class PaymentsEngine:
         return await self.get_payout(payout.id, principal=principal)
 
     async def payment(self, payment_id: str, *, principal: str | None) -> PaymentView:
-        payment = await self.store.payment(payment_id, principal=principal)
-        if payment is None:
+        found = await self.store.payment_with_steps(payment_id, principal=principal)
+        if found is None:
             raise PaymentError("payment_not_found", "no payment has this id")
-        return payment_view(payment, await self.store.steps_of(payment_id))
+        return payment_view(*found)
 
     async def get_payout(self, payout_id: str, *, principal: str | None) -> PayoutView:
         payout = await self.store.payout(payout_id, principal=principal)
@@ -609,7 +618,8 @@ class PaymentsEngine:
                         provider=payment.provider,
                         merchant_account_id=payment.merchant_account_id,
                         hold_transfer_id=payment.hold_transfer_id,
-                        auth_ref=payment.provider_ref)
+                        auth_ref=payment.provider_ref,
+                        origin=REQUEST_ORIGIN.get())
         await self.store.create_step(step, due_at_s=self._clock_s() + self.config.claim_ttl_s,
                                      request_key=f"{request_key}:{kind.value}" if request_key
                                      else "")

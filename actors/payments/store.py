@@ -36,7 +36,7 @@ _FINAL = [p.value for p in FINAL_PHASES]
 _STEP_COLUMNS = (
     "id, subject_id, kind, phase, amount, currency, provider, provider_key, transfer_id, "
     "merchant_account_id, payment_method, destination, hold_transfer_id, auth_ref, "
-    "provider_ref, tried, decline_code, error, version"
+    "provider_ref, tried, decline_code, error, version, origin"
 )
 _PAYMENT_COLUMNS = (
     "id, merchant_account_id, amount, currency, payment_method, status, provider, "
@@ -91,7 +91,7 @@ def _step_values(step: Step) -> tuple[Any, ...]:
             step.currency, step.provider, step.provider_key, step.transfer_id,
             step.merchant_account_id, step.payment_method, step.destination,
             step.hold_transfer_id, step.auth_ref, step.provider_ref, list(step.tried),
-            step.decline_code, step.error, step.version)
+            step.decline_code, step.error, step.version, step.origin)
 
 
 class PaymentStore:
@@ -203,7 +203,7 @@ class PaymentStore:
             await conn.execute(
                 f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key) "
                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
-                "$20,$21) RETURNING id, version, phase, provider, provider_key), "
+                "$20,$21,$22) RETURNING id, version, phase, provider, provider_key), "
                 "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
                 "SELECT provider_key, id FROM s) "
                 "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
@@ -334,6 +334,22 @@ class PaymentStore:
             f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
             payment_id, principal)
         return None if row is None else _payment(row)
+
+    async def payment_with_steps(self, payment_id: str, *, principal: str | None = None
+                                 ) -> tuple[Payment, list[Step]] | None:
+        """The payment and its steps as one snapshot, as ``payment`` sees it; read apart, a
+        step finishing in between shows a capture succeeded on a payment still authorized."""
+        async with (self._pool.acquire() as conn,
+                    conn.transaction(isolation="repeatable_read", readonly=True)):
+            row = await conn.fetchrow(
+                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
+                payment_id, principal)
+            if row is None:
+                return None
+            steps = await conn.fetch(
+                f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+                payment_id)
+        return _payment(row), [_step(r) for r in steps]
 
     async def payout(self, payout_id: str, *, principal: str | None = None) -> Payout | None:
         row = await self._pool.fetchrow(

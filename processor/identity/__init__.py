@@ -1,10 +1,26 @@
 """Identity: who is calling and what they may do.
 
-The public interface of the identity domain: bearer tokens (HS256 JWTs over a local key),
-their tenants, scopes and the key's file. Other domains import from here, never from the modules
-inside (an import-linter contract, pyproject.toml). Identity imports no other domain.
+The public interface of the identity domain: bearer tokens (HS256 JWTs over local keys),
+their tenants and scopes, the key ring and its files (rotation, retirement) and revocations.
+Other domains import from here, never from the modules inside (an import-linter contract,
+pyproject.toml). Identity imports no other domain.
 """
 
+from processor.identity.keyfile import KeyFileError
+from processor.identity.keyring import (
+    KEYS_FILE_NAME,
+    KeyRing,
+    KeyRingError,
+    KeyRingFile,
+    KeyState,
+    SigningKey,
+    load_or_create_ring,
+    load_ring,
+    retire_key,
+    rotate_key,
+    signing_key,
+)
+from processor.identity.revocation import Revocations, require_current, revocations_of
 from processor.identity.tokens import (
     ALGORITHM,
     AUDIENCE,
@@ -34,6 +50,7 @@ __all__ = [
     "ALGORITHM",
     "AUDIENCE",
     "DEFAULT_TENANT",
+    "KEYS_FILE_NAME",
     "KEY_BYTES",
     "KEY_FILE_NAME",
     "PROCESSOR_TENANT",
@@ -43,13 +60,27 @@ __all__ = [
     "TOKEN_TTL_S_MAX",
     "AuthError",
     "Claims",
+    "KeyFileError",
+    "KeyRing",
+    "KeyRingError",
+    "KeyRingFile",
+    "KeyState",
+    "Revocations",
     "ScopeError",
+    "SigningKey",
     "bearer_token",
     "issue_token",
     "key_id",
     "load_or_create_key",
+    "load_or_create_ring",
+    "load_ring",
     "principal_of",
+    "require_current",
     "require_scope",
+    "retire_key",
+    "revocations_of",
+    "rotate_key",
+    "signing_key",
     "tenant_of_principal",
     "tenant_slot",
     "verify_token",

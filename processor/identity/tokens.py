@@ -4,7 +4,9 @@ A token carries a tenant (``ten``: the client platform whose accounts it may mov
 subject (``sub``: the principal within that tenant), a token id (``jti``), an audience
 (``aud``, always ``txproc``), a set of scopes and an expiry; its header names the signing
 key (``kid``: a fingerprint of the key, so a token signed with another key is refused before
-its signature is computed). The clock is always injected
+its signature is computed). A verifier holds several keys by kid (a key ring,
+processor/identity/keyring.py: the active key signs, older ones still verify until they are
+retired). The clock is always injected
 (``now_s``, whole seconds since the Unix epoch), so expiry is evaluated against the caller's
 clock and never against the wall clock that pyjwt would otherwise read.
 
@@ -18,15 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import pathlib
 import secrets
-import stat
-import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import jwt
 import msgspec
+
+from processor.identity.keyfile import KeyFileError, read_private_file, write_private_file
 
 __all__ = [
     "ALGORITHM",
@@ -61,8 +62,8 @@ SCOPES = (
 # (processor/reserved.py); the payments actor's token holds it.
 SYSTEM_SCOPES = ("ledger:system",)
 TOKEN_TTL_S_DEFAULT = 900
-# A bearer token cannot be revoked before it expires (short of rotating the key), so none
-# lives longer than this unless the issuer is configured higher: 24 hours.
+# A revocation (processor/identity/revocation.py) is kept this long by default, so no
+# token lives longer than this unless the issuer is configured higher: 24 hours.
 TOKEN_TTL_S_MAX = 24 * 3600
 AUDIENCE = "txproc"
 DEFAULT_TENANT = "default"
@@ -78,7 +79,6 @@ KEY_BYTES = 32
 
 _SCOPES_KNOWN = frozenset(SCOPES) | frozenset(SYSTEM_SCOPES)
 _SYSTEM = frozenset(SYSTEM_SCOPES)
-_KEY_FILE_MODE = 0o600
 
 # pyjwt checks only the signature and the presence of the claims; exp and iat are checked
 # below against the injected clock, because pyjwt would compare them to the wall clock.
@@ -111,7 +111,8 @@ class _Payload(msgspec.Struct, frozen=True):
 class AuthError(Exception):
     """The request carries no usable token (HTTP 401).
 
-    ``code`` is one of ``token_missing``, ``token_invalid`` and ``token_expired``.
+    ``code`` is one of ``token_missing``, ``token_invalid``, ``token_expired`` and
+    ``token_revoked``.
     """
 
     def __init__(self, code: str, message: str) -> None:
@@ -136,6 +137,8 @@ class Claims(msgspec.Struct, frozen=True, kw_only=True):
 
     ``tenant_slot`` is the number the ledger stores with each account and transfer of the
     tenant (``tenant_slot``), or ``PROCESSOR_TENANT`` for a token holding a system scope.
+    ``key_id`` names the key that signed the token and ``issued_at_s`` is its ``iat``: an
+    edge checks both on every request, against retired keys and revocations.
     """
 
     subject: str
@@ -143,6 +146,8 @@ class Claims(msgspec.Struct, frozen=True, kw_only=True):
     expires_at_s: int
     tenant: str = DEFAULT_TENANT
     token_id: str = ""
+    key_id: str = ""
+    issued_at_s: int = 0
 
     @property
     def tenant_slot(self) -> int:
@@ -196,8 +201,9 @@ def load_or_create_key(path: pathlib.Path) -> bytes:
     synced to a private temporary file that is then hard-linked into place, so a concurrent
     reader sees either no file or the whole key, and two racing creators agree on one key.
 
-    Raises ``ValueError`` if an existing file is shorter than 32 bytes or readable by the
-    group or others, and ``OSError`` if the file cannot be read or created.
+    Raises ``KeyFileError`` (a ``ValueError``) if an existing file is shorter than 32 bytes,
+    a symbolic link, owned by another user or readable by the group or others
+    (processor/identity/keyfile.py), and ``OSError`` if the file cannot be read or created.
     """
     for _attempt in range(2):
         with contextlib.suppress(FileNotFoundError):
@@ -209,34 +215,15 @@ def load_or_create_key(path: pathlib.Path) -> bytes:
 
 
 def _read_key(path: pathlib.Path) -> bytes:
-    with path.open("rb") as file:
-        mode = os.fstat(file.fileno()).st_mode
-        key = file.read()
-    if stat.S_IMODE(mode) & 0o077:
-        raise ValueError(f"the key file {path} must not be readable by group or others")
+    key = read_private_file(path)
     if len(key) < KEY_BYTES:
-        raise ValueError(f"the key file {path} holds fewer than {KEY_BYTES} bytes")
+        raise KeyFileError(f"the key file {path} holds fewer than {KEY_BYTES} bytes")
     return key
 
 
 def _create_key(path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # mkstemp creates the file with mode 0600 from the start, so the key is never visible
-    # to others, whatever the umask.
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(descriptor, _KEY_FILE_MODE)
-        os.write(descriptor, secrets.token_bytes(KEY_BYTES))
-        os.fsync(descriptor)
-        os.close(descriptor)
-        descriptor = -1
-        # link() fails if the name exists, so a key created by a racing process is kept.
-        with contextlib.suppress(FileExistsError):
-            os.link(temporary, path)
-    finally:
-        if descriptor >= 0:
-            os.close(descriptor)
-        os.unlink(temporary)
+    # Linked into place, never renamed over: a key created by a racing process is kept.
+    write_private_file(path, secrets.token_bytes(KEY_BYTES), replace=False)
 
 
 def issue_token(
@@ -274,18 +261,29 @@ def issue_token(
                       headers={"kid": key_id(key)})
 
 
-def verify_token(key: bytes, token: str, *, now_s: int) -> Claims:
-    """Return the claims of ``token`` if it is signed with ``key`` and unexpired at ``now_s``.
+def verify_token(keys: bytes | Mapping[str, bytes], token: str, *, now_s: int) -> Claims:
+    """Return the claims of ``token`` if it is signed with one of ``keys`` and unexpired at
+    ``now_s``.
 
-    A token is expired from its ``exp`` second on (RFC 7519 section 4.1.4). Scopes unknown to
-    this version are dropped rather than refused, so that a newer issuer's token still
-    grants what this version understands.
+    ``keys`` maps key ids (``key_id``) to the keys that may verify (a key ring's
+    ``verifying``); a single key stands for a ring of one. The header's ``kid`` picks the
+    key; an unknown kid (a retired key's included) is refused before any signature is
+    computed. A token is expired from its ``exp`` second on (RFC 7519 section 4.1.4). Scopes
+    unknown to this version are dropped rather than refused, so that a newer issuer's token
+    still grants what this version understands.
 
-    Raises ``AuthError`` with code ``token_invalid`` (bad signature, other algorithm, missing
-    or malformed claims, garbage) or ``token_expired``.
+    Raises ``AuthError`` with code ``token_invalid`` (unknown key, bad signature, other
+    algorithm, missing or malformed claims, garbage) or ``token_expired``.
     """
     try:
-        if jwt.get_unverified_header(token).get("kid") != key_id(key):
+        kid = jwt.get_unverified_header(token).get("kid")
+        if not isinstance(kid, str):
+            raise AuthError("token_invalid", "the token names no signing key")
+        if isinstance(keys, bytes):
+            key = keys if kid == key_id(keys) else None
+        else:
+            key = keys.get(kid)
+        if key is None:
             raise AuthError("token_invalid", "the token is not signed with a known key")
         raw = _JWT.decode(token, key, algorithms=[ALGORITHM])
         payload = msgspec.convert(raw, _Payload)
@@ -302,7 +300,8 @@ def verify_token(key: bytes, token: str, *, now_s: int) -> Claims:
         raise AuthError("token_expired", "the token has expired")
     scopes = frozenset(payload.scope.split()) & _SCOPES_KNOWN
     return Claims(subject=payload.sub, scopes=scopes, expires_at_s=payload.exp,
-                  tenant=payload.ten, token_id=payload.jti)
+                  tenant=payload.ten, token_id=payload.jti, key_id=kid,
+                  issued_at_s=payload.iat)
 
 
 def require_scope(claims: Claims, scope: str) -> None:

@@ -98,7 +98,7 @@ def currency_code(number: int) -> str:
 
 _TRANSFER_FIELDS = attrgetter(
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
-    "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant")
+    "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant", "origin")
 
 
 @dataclass(slots=True)
@@ -118,11 +118,15 @@ class TransferColumns:
     timestamp: np.ndarray
     user_data: list[str] | None = None
     tenant: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=_I64))
+    origin: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=_I64))
 
     def __post_init__(self) -> None:
+        # Not given: the processor's own, with no audit record (tests and tools that build
+        # columns).
         if self.tenant.shape[0] != self.id.shape[0]:
-            # No tenant given: the processor's own (tests and tools that build columns).
             self.tenant = np.zeros(self.id.shape[0], dtype=_I64)
+        if self.origin.shape[0] != self.id.shape[0]:
+            self.origin = np.zeros(self.id.shape[0], dtype=_I64)
 
     def __len__(self) -> int:
         return int(self.id.shape[0])
@@ -133,7 +137,8 @@ class TransferColumns:
             empty = np.zeros(0, dtype=_I64)
             return cls(empty, empty, empty, empty, empty, empty, empty, empty, empty, empty)
         (ids, debits, credits, amounts, currencies, flags, pending, timeouts, codes,
-         user_data, timestamps, tenants) = zip(*map(_TRANSFER_FIELDS, transfers), strict=True)
+         user_data, timestamps, tenants, origins) = zip(*map(_TRANSFER_FIELDS, transfers),
+                                                        strict=True)
         numbers = _CURRENCY_NUMBERS
 
         def column(values: tuple[int, ...]) -> np.ndarray:
@@ -144,7 +149,7 @@ class TransferColumns:
             np.array([numbers.get(c, 0) for c in currencies], dtype=_I64),
             column(flags), column(pending), column(timeouts), column(codes),
             column(timestamps), list(user_data) if any(user_data) else None,
-            column(tenants),
+            column(tenants), column(origins),
         )
 
     def take(self, index: np.ndarray, *, timestamps: np.ndarray | None = None
@@ -157,7 +162,7 @@ class TransferColumns:
             self.pending_id[index], self.timeout_s[index], self.code[index],
             self.timestamp[index] if timestamps is None else timestamps,
             None if rows is None else [self.user_data[i] for i in rows],  # type: ignore[index]
-            self.tenant[index],
+            self.tenant[index], self.origin[index],
         )
 
     def transfer(self, row: int) -> Transfer:
@@ -170,6 +175,7 @@ class TransferColumns:
             code=int(self.code[row]),
             user_data=self.user_data[row] if self.user_data is not None else "",
             timestamp=int(self.timestamp[row]), tenant=int(self.tenant[row]),
+            origin=int(self.origin[row]),
         )
 
     def transfers(self) -> list[Transfer]:

@@ -91,3 +91,16 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     # gateway's bulk ingest (about 100,000 transfers/s on two cores) fits.
     rate_limit_rps: float = 250_000.0
     rate_limit_burst: int = 500_000
+    # TLS on both listeners (docs/security.md, "TLS"): the server's certificate chain and
+    # key (PEM files), both or neither; empty serves plain TCP. With a client CA, clients
+    # may present a certificate it signed; with tls_require_client_cert they must, or the
+    # handshake fails (mutual TLS).
+    tls_cert_path: str = ""
+    tls_key_path: str = ""
+    tls_client_ca_path: str = ""
+    tls_require_client_cert: bool = False
+
+    @property
+    def tls(self) -> bool:
+        """Whether the listeners serve TLS."""
+        return bool(self.tls_cert_path)

@@ -234,6 +234,7 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     decline_code: str = ""
     error: str = ""  # stable code of why it failed or was compensated
     version: int = 0
+    origin: int = 0  # the audit record of the request that started it (0: none)
 
     @property
     def final(self) -> bool:
@@ -256,7 +257,8 @@ def provider_key(step_id: int, provider: str) -> str:
 
 def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, amount: int,
              currency: str, provider: str, merchant_account_id: int, payment_method: str = "",
-             destination: str = "", hold_transfer_id: int = 0, auth_ref: str = "") -> Step:
+             destination: str = "", hold_transfer_id: int = 0, auth_ref: str = "",
+             origin: int = 0) -> Step:
     """A step as it is first persisted: refunds and payouts start by holding funds."""
     if amount <= 0:
         raise PaymentError("amount_must_be_positive", "amount must be at least 1")
@@ -266,7 +268,7 @@ def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, a
         currency=currency, provider=provider, provider_key=provider_key(step_id, provider),
         transfer_id=transfer_base, merchant_account_id=merchant_account_id,
         payment_method=payment_method, destination=destination,
-        hold_transfer_id=hold_transfer_id, auth_ref=auth_ref, tried=(provider,),
+        hold_transfer_id=hold_transfer_id, auth_ref=auth_ref, tried=(provider,), origin=origin,
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import random
@@ -22,6 +23,17 @@ from processor.types import Account, AccountFlags, Transfer, TransferFlags
 from tests.running import IdSource, token_for
 
 OK = {TransferResult.ok, TransferResult.exists}
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Whether a gateway may send the same batch again after ``exc``: the server's retryable
+    codes (the client raises ``Overloaded`` for overloaded and rate_limited, ``Unavailable``
+    for unavailable, idle_timeout and a dropped or refused connection; their class says
+    ``retryable``) and a call that got no answer in time. Every other code, ``internal``
+    first of all, is a server that broke, not one that restarted."""
+    if isinstance(exc, LedgerError):
+        return exc.retryable
+    return isinstance(exc, (ConnectionError, TimeoutError))
 
 
 async def _setup_accounts(client: Client, ids: IdSource, n: int) -> tuple[int, list[int]]:
@@ -48,6 +60,8 @@ class Load:
         self.acknowledged: dict[int, Transfer] = {}
         self.refused: dict[int, TransferResult] = {}
         self.retries = 0
+        # The retryable errors met, by class and code: what the gateways saw of the fault.
+        self.errors: collections.Counter[str] = collections.Counter()
         self.stop = asyncio.Event()
 
     def batch(self, rng: random.Random, size: int) -> list[Transfer]:
@@ -81,8 +95,12 @@ class Load:
             try:
                 return await client.create_transfers(batch)
             except (LedgerError, ClientError, ConnectionError, TimeoutError) as exc:
+                if not _retryable(exc):
+                    raise AssertionError(f"a batch was refused with a code that is not "
+                                         f"retryable: {exc!r}") from exc
                 # The same batch again: ids make the retry safe.
                 self.retries += 1
+                self.errors[f"{type(exc).__name__}:{getattr(exc, 'code', '')}"] += 1
                 errors.append(repr(exc))
                 await asyncio.sleep(0.25)
         raise AssertionError(f"a batch was never answered; last errors: {errors[-3:]}")
@@ -118,9 +136,16 @@ async def _wait_settled(processor: Processor) -> None:
     raise AssertionError(f"holds never settled: {stats}")
 
 
-async def _until_acknowledged(load: Load, count: int) -> None:
-    """Wait until the gateways have had ``count`` transfers acknowledged in all."""
+async def _until_acknowledged(load: Load, count: int,
+                              workers: list[asyncio.Task[None]]) -> None:
+    """Wait until the gateways have had ``count`` transfers acknowledged in all; a gateway
+    that failed (a code that is not retryable) fails the test at once."""
     for _ in range(1200):
+        failed = [w.exception() for w in workers if w.done() and w.exception() is not None]
+        if failed:
+            load.stop.set()
+            await asyncio.gather(*workers, return_exceptions=True)
+            raise AssertionError(f"a gateway failed ({dict(load.errors)} retried)") from failed[0]
         if len(load.acknowledged) >= count:
             return
         await asyncio.sleep(0.1)
@@ -160,7 +185,7 @@ async def test_sigkill_shard_during_concurrent_transfers(
         assert after["epoch"] > before["epoch"]
     # Keep the load on until it has done real work: how fast depends on the machine, so
     # the test waits for an amount of work rather than for a time.
-    await _until_acknowledged(load, 1000)
+    await _until_acknowledged(load, 1000, workers)
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*workers), timeout=240)
     await _wait_settled(processor)
@@ -170,7 +195,9 @@ async def test_sigkill_shard_during_concurrent_transfers(
 async def test_postgres_restart_during_load(
     processor: Processor, ids: IdSource, embedded_pg: EmbeddedPostgres | None
 ) -> None:
-    """Restarting PostgreSQL mid-load answers retryable errors, then recovers with no loss."""
+    """Restarting PostgreSQL mid-load answers only retryable errors (overloaded, unavailable,
+    a dropped connection, a call timing out; never ``internal`` nor any other code), then
+    recovers with no loss."""
     if embedded_pg is None:
         pytest.skip("restarts only the embedded server")
     async with Client("127.0.0.1", processor.rpc_port, token_for(processor)) as client:
@@ -180,7 +207,7 @@ async def test_postgres_restart_during_load(
     await asyncio.sleep(1.0)
     before_restart = len(load.acknowledged)
     await asyncio.to_thread(embedded_pg.restart)
-    await _until_acknowledged(load, before_restart + 200)
+    await _until_acknowledged(load, before_restart + 200, workers)
     load.stop.set()
     await asyncio.wait_for(asyncio.gather(*workers), timeout=180)
     await _wait_settled(processor)

@@ -12,10 +12,18 @@ import uuid
 from pathlib import Path
 
 import httpx
+import jwt
 import psutil
 
 from actors.database import create_database, drop_database
-from processor.identity import KEY_FILE_NAME, load_or_create_key, verify_token
+from actors.migrate import load_migrations
+from processor.identity import (
+    KEY_FILE_NAME,
+    KEYS_FILE_NAME,
+    load_or_create_key,
+    load_or_create_ring,
+    verify_token,
+)
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 
@@ -71,7 +79,9 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
     try:
         first = _run("migrate", "--database-url", url)
         assert first.returncode == 0, first.stderr
-        assert "applied: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]" in first.stdout
+        versions = [m.version for m in load_migrations()]
+        assert versions == list(range(1, len(versions) + 1))
+        assert f"applied: {versions}" in first.stdout
         second = _run("migrate", "--database-url", url)
         assert "nothing" in second.stdout
     finally:
@@ -125,3 +135,63 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.communicate(timeout=30)
+
+
+def test_keys_rotate_list_retire(tmp_path: Path) -> None:
+    """`txproc keys rotate` prints the new active kid and tokens issued next carry it;
+    `keys list` shows ids and states, never a secret; `keys retire` refuses the active key
+    and an unknown id, retires an old one, and every keys command refuses a data directory
+    that does not exist."""
+    first = _run("token", "issue", "--scopes", "accounts:read", "--data-dir", str(tmp_path))
+    assert first.returncode == 0, first.stderr
+    old_kid = jwt.get_unverified_header(first.stdout.strip())["kid"]
+    rotated = _run("keys", "rotate", "--data-dir", str(tmp_path))
+    assert rotated.returncode == 0, rotated.stderr
+    new_kid = rotated.stdout.strip()
+    assert new_kid != old_kid
+    second = _run("token", "issue", "--scopes", "accounts:read", "--data-dir", str(tmp_path))
+    assert jwt.get_unverified_header(second.stdout.strip())["kid"] == new_kid
+    listing = _run("keys", "list", "--data-dir", str(tmp_path)).stdout
+    assert f"{old_kid} verify_only" in listing and f"{new_kid} active" in listing
+    ring = load_or_create_ring(tmp_path, now_s=int(time.time()))
+    assert all(key.secret.hex() not in listing for key in ring.keys)
+    for kid, says in ((new_kid, "is active"), ("0" * 16, "no key")):
+        refused = _run("keys", "retire", kid, "--data-dir", str(tmp_path))
+        assert refused.returncode == 2 and says in refused.stderr
+    assert _run("keys", "retire", old_kid, "--data-dir", str(tmp_path)).returncode == 0
+    assert f"{old_kid} retired" in _run("keys", "list", "--data-dir", str(tmp_path)).stdout
+    missing = tmp_path / "nowhere"
+    for command in (["rotate"], ["list"], ["retire", old_kid]):
+        gone = _run("keys", *command, "--data-dir", str(missing))
+        assert gone.returncode == 2 and "does not exist" in gone.stderr
+    assert not missing.exists()
+
+
+def test_exposed_key_files_are_refused_by_name(tmp_path: Path) -> None:
+    """A key ring readable by others stops `token issue`, and a symbolically linked one stops
+    `serve` before anything starts; each says which file and what to change."""
+    assert _run("keys", "list", "--data-dir", str(tmp_path)).returncode == 0
+    ring_file = tmp_path / KEYS_FILE_NAME
+    ring_file.chmod(0o644)
+    issue = _run("token", "issue", "--scopes", "accounts:read", "--data-dir", str(tmp_path))
+    assert issue.returncode == 2
+    assert f"{ring_file} must not be readable by group or others" in issue.stderr
+    ring_file.chmod(0o600)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / KEYS_FILE_NAME).symlink_to(ring_file)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
+    serve = subprocess.run([*TXPROC, "serve", "--data-dir", str(linked), "--http-port", "0",
+                            "--rpc-port", "0", "--shards", "1"], capture_output=True,
+                           text=True, timeout=120, env=env, check=False)
+    assert serve.returncode == 2, serve.stderr[-2000:]
+    assert f"{linked / KEYS_FILE_NAME} is a symbolic link" in serve.stderr
+    assert not (linked / "pg").exists(), "nothing was started"
+
+
+def test_token_revoke_names_one_token_or_one_principal(tmp_path: Path) -> None:
+    """`txproc token revoke` needs --jti, or --tenant with --subject, and not both."""
+    for args in ([], ["--tenant", "acme"], ["--subject", "gw-1"],
+                 ["--jti", "j", "--tenant", "acme", "--subject", "gw-1"]):
+        done = _run("token", "revoke", *args, "--data-dir", str(tmp_path))
+        assert done.returncode == 2 and "name one token" in done.stderr, args

@@ -6,17 +6,23 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 import ray
 
 from actors.app.runtime import Processor
+from adapters.acme import WEBHOOK_TOLERANCE_S as ACME_TOLERANCE_S
+from adapters.globex import WEBHOOK_TOLERANCE_S as GLOBEX_TOLERANCE_S
 from processor.client import Client
 from tests.payments_support import (
     Sims,
@@ -28,6 +34,8 @@ from tests.payments_support import (
     luhn_number,
     merchant,
     settled,
+    signed,
+    webhook_secret,
 )
 from tests.running import IdSource, token_for
 
@@ -266,18 +274,6 @@ async def test_async_settlement_arrives_by_webhook(
     assert await balances(client, account) == (0, 0, 0, 800)
 
 
-async def test_forged_and_replayed_webhooks_are_refused(
-        processor: Processor, http: httpx.AsyncClient) -> None:
-    body = json.dumps({"id": "evt_1", "type": "authorization.captured"}).encode()
-    for name in processor.provider_urls:
-        r = await http.post(f"/v1/providers/{name}/webhooks", content=body,
-                            headers={"content-type": "application/json"})
-        assert r.status_code in (400, 401), r.text
-        assert r.json()["error"]["code"].startswith("webhook_")
-    r = await http.post("/v1/providers/nobody/webhooks", content=body)
-    assert (r.status_code, r.json()["error"]["code"]) == (404, "webhook_provider_unknown")
-
-
 async def test_payout_holds_then_pays_and_cannot_overdraw(
         processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
         sims: Sims) -> None:
@@ -362,40 +358,271 @@ async def test_a_killed_provider_actor_mid_call_ends_in_a_final_state(
             await asyncio.sleep(0.5)
 
 
-def acme_webhook(processor: Processor, body: bytes, stamp: int) -> dict[str, str]:
-    """Headers acme signs a webhook with (HMAC-SHA256 over "<t>." + body)."""
-    import hashlib
-    import hmac
+# -- webhooks ----------------------------------------------------------------------------------
+#
+# Each test parks a real step that only its provider's event can settle (a globex capture whose
+# settlement is delayed; an acme authorization whose answer was lost, while acme holds back its
+# own webhooks and loses the answers to status queries), then sends that event forged in one
+# way or another, checks that nothing moved, and ends by sending it properly signed and seeing
+# it settle the step: so every refusal is the signature's or the timestamp's doing.
 
-    secret = json.loads((Path(processor.config.data_dir) / "providers" / "acme.json")
-                        .read_text())["webhook_secret"].encode()
-    signature = hmac.new(secret, f"{stamp}.".encode() + body, hashlib.sha256).hexdigest()
-    return {"acme-signature": f"t={stamp},v1={signature}", "content-type": "application/json"}
+WEBHOOK_TOLERANCE_S = {"acme": ACME_TOLERANCE_S, "globex": GLOBEX_TOLERANCE_S}
+OTHER_PROVIDER = {"acme": "globex", "globex": "acme"}
+# How far inside the tolerance a replayed request is first sent: room for the first delivery
+# on a loaded machine, and how long the replay test waits for the stamp to go stale.
+REPLAY_MARGIN_S = 10.0
 
 
-async def test_webhooks_replayed_tampered_or_repeated_change_nothing(
-        processor: Processor, http: httpx.AsyncClient) -> None:
-    event = json.dumps({
-        "id": f"evt_{key()}", "type": "capture.settled", "created": int(time.time()),
-        "request": {"idempotency_key": f"txp-0-{key()}"},
-        "data": {"object": {"id": "cap_1", "status": "SETTLED", "amount": 100}}}).encode()
-    url = "/v1/providers/acme/webhooks"
-    now = int(time.time())
-    old = await http.post(url, content=event, headers=acme_webhook(processor, event, now - 3600))
-    assert (old.status_code, old.json()["error"]["code"]) == (
-        401, "webhook_timestamp_out_of_tolerance")
-    tampered = await http.post(url, content=event.replace(b"100", b"900"),
-                               headers=acme_webhook(processor, event, now))
-    assert (tampered.status_code, tampered.json()["error"]["code"]) == (
-        401, "webhook_signature_invalid")
+@dataclass(frozen=True)
+class Parked:
+    """A step waiting for its provider's word, and the event that gives it."""
+
+    provider: str
+    payment_id: str
+    account: int
+    step_id: int
+    event_id: str
+    event: bytes  # the provider's event settling the step, unsigned
+    other_event: bytes  # another event of the same step (another event id)
+    settled_balances: tuple[int, int, int, int]
+    settled_status: str
+
+    @property
+    def url(self) -> str:
+        return f"/v1/providers/{self.provider}/webhooks"
+
+
+async def _step_of(processor: Processor, payment_id: str, kind: str) -> asyncpg.Record:
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        row = await conn.fetchrow(
+            "SELECT id, phase, provider_key, provider_ref, auth_ref FROM payment_steps "
+            "WHERE subject_id = $1 AND kind = $2", payment_id, kind)
+    finally:
+        await conn.close()
+    assert row is not None, (payment_id, kind)
+    return row
+
+
+async def _park_globex(processor: Processor, http: httpx.AsyncClient, client: Client,
+                       ids: IdSource, sims: Sims) -> Parked:
+    """A globex capture of 8.00 EUR waiting for globex's settlement (a minute away)."""
+    account = await merchant(client, ids, currency="EUR")
+    r = await authorize(http, account, amount=800, currency="EUR", provider="globex")
+    assert r.status_code == 201, r.text
+    payment_id = r.json()["id"]
+    await sims.faults("globex", settle_delay_ms=60_000)
+    r = await http.post(f"/v1/payments/{payment_id}/capture",
+                        headers={"idempotency-key": key()})
+    assert r.status_code == 202, r.text
+    step = await _step_of(processor, payment_id, "capture")
+    assert step["phase"] == "await_provider", step
+
+    def event(event_id: str) -> bytes:
+        return json.dumps({
+            "eventId": event_id, "eventType": "CAPTURE.COMPLETED",
+            "occurredAt": datetime.now(UTC).isoformat(),
+            "subject": {"type": "CAPTURE", "id": step["provider_ref"] or "gx_cap_1",
+                        "paymentId": step["auth_ref"] or "gx_pay_1",
+                        "idempotencyKey": step["provider_key"], "state": "COMPLETE",
+                        "money": {"value": "8.00", "currency": "EUR"}}}).encode()
+
+    event_id = f"gx_evt_{key()}"
+    return Parked("globex", payment_id, account, step["id"], event_id, event(event_id),
+                  event(f"gx_evt_{key()}"), (0, 0, 0, 800), "captured")
+
+
+async def _park_acme(processor: Processor, http: httpx.AsyncClient, client: Client,
+                     ids: IdSource, sims: Sims) -> Parked:
+    """An acme authorization of 4.50 USD that acme made but whose answer was lost: it waits in
+    ``resolve`` while acme loses the answers to status queries too and holds its own webhook
+    back for 30 s."""
+    account = await merchant(client, ids)
+    await sims.faults("acme", lost_response_rate=1.0, webhook_reorder_window=1_000,
+                      webhook_reorder_hold_ms=30_000)
+    r = await authorize(http, account, amount=450, provider="acme")
+    assert r.status_code == 202, r.text
+    payment_id = r.json()["id"]
+    step = await _step_of(processor, payment_id, "authorize")
+    assert step["phase"] == "resolve", step
+    [made] = await sims.charges("acme", payment_id)
+
+    def event(event_id: str) -> bytes:
+        return json.dumps({
+            "id": event_id, "object": "event", "type": "authorization.approved",
+            "created": int(time.time()), "request": {"idempotency_key": step["provider_key"]},
+            "data": {"object": {"id": made["id"], "object": "authorization",
+                                "status": "AUTHORIZED", "amount": 450,
+                                "currency": "USD"}}}).encode()
+
+    event_id = f"evt_{key()}"
+    return Parked("acme", payment_id, account, step["id"], event_id, event(event_id),
+                  event(f"evt_{key()}"), (0, 0, 450, 0), "authorized")
+
+
+async def park(provider: str, processor: Processor, http: httpx.AsyncClient, client: Client,
+               ids: IdSource, sims: Sims) -> Parked:
+    parker = _park_acme if provider == "acme" else _park_globex
+    return await parker(processor, http, client, ids, sims)
+
+
+async def state_of(http: httpx.AsyncClient, client: Client,
+                   parked: Parked) -> tuple[Any, ...]:
+    """What a webhook could change: the payment, its operations, the merchant's balances."""
+    view = (await http.get(f"/v1/payments/{parked.payment_id}")).json()
+    return (view["status"], view["captured_amount"],
+            tuple((op["kind"], op["status"]) for op in view["operations"]),
+            await balances(client, parked.account))
+
+
+async def webhook_records(processor: Processor, parked: Parked) -> tuple[int, int]:
+    """How often the step's log names the event, and whether the event id is recorded."""
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        logged = await conn.fetchval(
+            "SELECT count(*) FROM payment_step_log WHERE step_id = $1 AND detail = $2",
+            parked.step_id, f"webhook {parked.event_id}")
+        recorded = await conn.fetchval(
+            "SELECT count(*) FROM webhook_events WHERE provider = $1 AND event_id = $2",
+            parked.provider, parked.event_id)
+    finally:
+        await conn.close()
+    return int(logged), int(recorded)
+
+
+def answer_of(r: httpx.Response) -> tuple[int, str]:
+    """The status and the error code, or the whole body when it carries no error."""
+    body = r.json()
+    return r.status_code, body["error"]["code"] if "error" in body else r.text
+
+
+async def deliver(hooks: httpx.AsyncClient, url: str, body: bytes,
+                  headers: dict[str, str]) -> httpx.Response:
+    """POST a webhook as a provider does: again, unchanged, while it is answered 503 (the
+    step was being written by its recovery at that moment)."""
+    for _ in range(50):
+        r = await hooks.post(url, content=body, headers=headers)
+        if r.status_code != 503:
+            return r
+        assert r.headers.get("retry-after"), r.text
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"still 503 after 50 deliveries: {r.text}")
+
+
+async def settle_by_webhook(processor: Processor, http: httpx.AsyncClient,
+                            hooks: httpx.AsyncClient, client: Client, parked: Parked,
+                            headers: dict[str, str]) -> None:
+    """The properly signed event is applied and settles the step, once."""
+    r = await deliver(hooks, parked.url, parked.event, headers)
+    assert (r.status_code, r.json()) == (200, {"status": "applied"}), r.text
+    done = await settled(http, processor, f"/v1/payments/{parked.payment_id}")
+    assert done["status"] == parked.settled_status, done
+    assert await balances(client, parked.account) == parked.settled_balances
+    assert await webhook_records(processor, parked) == (1, 1)
+
+
+@pytest.fixture
+async def hooks(processor: Processor) -> AsyncIterator[httpx.AsyncClient]:
+    """A provider's HTTP client: no bearer token, only what it signs."""
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                 timeout=60) as c:
+        yield c
+
+
+@pytest.mark.parametrize("provider", ["acme", "globex"])
+async def test_forged_webhooks_are_refused_and_settle_nothing(
+        provider: str, processor: Processor, http: httpx.AsyncClient,
+        hooks: httpx.AsyncClient, client: Client, ids: IdSource, sims: Sims) -> None:
+    """The event that settles a waiting step is refused, and settles nothing, when it is
+    unsigned, signed with a wrong secret, carries a valid signature over another body, or is
+    stamped beyond the tolerance either way; signed properly, the same event settles it."""
+    parked = await park(provider, processor, http, client, ids, sims)
+    before = await state_of(http, client, parked)
+    secret = webhook_secret(processor, provider)
+    tolerance_s = WEBHOOK_TOLERANCE_S[provider]
+    now = time.time()
     junk = b'{"id": 1}'
-    malformed = await http.post(url, content=junk, headers=acme_webhook(processor, junk, now))
-    assert (malformed.status_code, malformed.json()["error"]["code"]) == (
-        400, "webhook_malformed")
-    first = await http.post(url, content=event, headers=acme_webhook(processor, event, now))
-    assert (first.status_code, first.json()) == (200, {"status": "ignored"})
-    again = await http.post(url, content=event, headers=acme_webhook(processor, event, now))
-    assert (again.status_code, again.json()) == (200, {"status": "duplicate"})
+    forgeries = [
+        ("unsigned", parked.event, {"content-type": "application/json"},
+         400, "webhook_malformed"),
+        ("a random secret", parked.event, signed(provider, secrets.token_bytes(32),
+                                                 parked.event, now),
+         401, "webhook_signature_invalid"),
+        ("the other provider's secret", parked.event,
+         signed(provider, webhook_secret(processor, OTHER_PROVIDER[provider]), parked.event,
+                now),
+         401, "webhook_signature_invalid"),
+        ("a signature over another event", parked.event,
+         signed(provider, secret, parked.other_event, now), 401, "webhook_signature_invalid"),
+        ("a signature over the body with a byte more", parked.event,
+         signed(provider, secret, parked.event + b" ", now), 401, "webhook_signature_invalid"),
+        ("stale", parked.event, signed(provider, secret, parked.event, now - tolerance_s - 60),
+         401, "webhook_timestamp_out_of_tolerance"),
+        ("from the future", parked.event,
+         signed(provider, secret, parked.event, now + tolerance_s + 60),
+         401, "webhook_timestamp_out_of_tolerance"),
+        ("signed but unreadable", junk, signed(provider, secret, junk, now),
+         400, "webhook_malformed"),
+    ]
+    for what, body, headers, status, code in forgeries:
+        r = await hooks.post(parked.url, content=body, headers=headers)
+        assert answer_of(r) == (status, code), what
+    r = await hooks.post("/v1/providers/nobody/webhooks", content=parked.event,
+                         headers=signed(provider, secret, parked.event, time.time()))
+    assert answer_of(r) == (404, "webhook_provider_unknown")
+    assert await state_of(http, client, parked) == before
+    assert await webhook_records(processor, parked) == (0, 0)
+    await settle_by_webhook(processor, http, hooks, client, parked,
+                            signed(provider, secret, parked.event, time.time()))
+
+
+@pytest.mark.parametrize("provider", ["acme", "globex"])
+async def test_a_replayed_webhook_is_applied_once_and_refused_once_stale(
+        provider: str, processor: Processor, http: httpx.AsyncClient,
+        hooks: httpx.AsyncClient, client: Client, ids: IdSource, sims: Sims) -> None:
+    """A properly signed event, accepted once, sent again unchanged is answered
+    ``duplicate`` and changes neither the step nor the ledger; the same request sent once
+    its timestamp is older than the tolerance is refused outright."""
+    parked = await park(provider, processor, http, client, ids, sims)
+    tolerance_s = WEBHOOK_TOLERANCE_S[provider]
+    stamp_s = time.time() - tolerance_s + REPLAY_MARGIN_S
+    headers = signed(provider, webhook_secret(processor, provider), parked.event, stamp_s)
+    await settle_by_webhook(processor, http, hooks, client, parked, headers)
+    await sims.faults(provider)  # the provider back to normal while the test waits
+    after = await state_of(http, client, parked)
+    again = await deliver(hooks, parked.url, parked.event, headers)
+    assert (again.status_code, again.json()) == (200, {"status": "duplicate"}), again.text
+    assert await state_of(http, client, parked) == after
+    assert await webhook_records(processor, parked) == (1, 1)
+    await asyncio.sleep(max(0.0, stamp_s + tolerance_s + 1.5 - time.time()))
+    late = await hooks.post(parked.url, content=parked.event, headers=headers)
+    assert answer_of(late) == (401, "webhook_timestamp_out_of_tolerance")
+    assert await state_of(http, client, parked) == after
+    assert await webhook_records(processor, parked) == (1, 1)
+
+
+@pytest.mark.parametrize(("signer", "target"), [("acme", "globex"), ("globex", "acme")])
+async def test_a_webhook_signed_by_one_provider_is_refused_on_the_others_route(
+        signer: str, target: str, processor: Processor, http: httpx.AsyncClient,
+        hooks: httpx.AsyncClient, client: Client, ids: IdSource, sims: Sims) -> None:
+    """The target's event, signed with the other provider's secret (in either provider's
+    header format), is refused on the target's route and settles nothing; signed with the
+    target's own secret, it settles the step."""
+    parked = await park(target, processor, http, client, ids, sims)
+    before = await state_of(http, client, parked)
+    theirs = webhook_secret(processor, signer)
+    now = time.time()
+    in_target_format = await hooks.post(parked.url, content=parked.event,
+                                        headers=signed(target, theirs, parked.event, now))
+    assert answer_of(in_target_format) == (401, "webhook_signature_invalid")
+    in_signer_format = await hooks.post(parked.url, content=parked.event,
+                                        headers=signed(signer, theirs, parked.event, now))
+    assert answer_of(in_signer_format) == (400, "webhook_malformed")
+    assert await state_of(http, client, parked) == before
+    assert await webhook_records(processor, parked) == (0, 0)
+    await settle_by_webhook(processor, http, hooks, client, parked,
+                            signed(target, webhook_secret(processor, target), parked.event,
+                                   time.time()))
 
 
 async def test_one_providers_secret_cannot_settle_another_providers_step(
@@ -403,8 +630,6 @@ async def test_one_providers_secret_cannot_settle_another_providers_step(
         sims: Sims) -> None:
     """A capture waiting on globex's settlement is not settled by an event signed with
     acme's webhook secret, even one naming the step's own key."""
-    import asyncpg
-
     account = await merchant(client, ids, currency="EUR")
     r = await authorize(http, account, amount=800, currency="EUR", provider="globex")
     assert r.status_code == 201, r.text
@@ -426,7 +651,8 @@ async def test_one_providers_secret_cannot_settle_another_providers_step(
         "data": {"object": {"id": "cap_1", "authorization": "auth_1", "status": "SETTLED",
                             "amount": 800}}}).encode()
     r = await http.post("/v1/providers/acme/webhooks", content=event,
-                        headers=acme_webhook(processor, event, int(time.time())))
+                        headers=signed("acme", webhook_secret(processor, "acme"), event,
+                                       time.time()))
     assert (r.status_code, r.json()) == (200, {"status": "ignored"})
     view = (await http.get(f"/v1/payments/{payment['id']}")).json()
     assert (view["status"], view["captured_amount"]) == ("authorized", 0), view

@@ -68,6 +68,8 @@ def test_round_trip_returns_the_issued_claims() -> None:
         expires_at_s=NOW_S + 60,
         tenant="default",
         token_id=claims.token_id,
+        key_id=key_id(KEY),
+        issued_at_s=NOW_S,
     )
     assert len(claims.token_id) == 32
 

@@ -2,9 +2,9 @@
 
 Parses deploy/prometheus (scrape config, targets, recording and alert rules) and the
 Grafana provisioning and dashboard with yaml/json, and checks what promtool cannot: every
-metric name exists, every alert has its runbook, the queue limit matches the config. When
-a ``promtool`` binary is on PATH it also runs ``check config``, ``check rules`` and
-``test rules``.
+metric name exists, every alert has its runbook, the queue limit matches the config. It
+also runs promtool's ``check config``, ``check rules`` and ``test rules``, with the promtool
+on PATH or else the one in Debian's ``prometheus`` package, fetched once per machine.
 """
 
 from __future__ import annotations
@@ -373,20 +373,78 @@ def test_dashboard_provider_path_is_where_compose_mounts_the_dashboards() -> Non
     assert compose["grafana"]["environment"]["GF_SERVER_HTTP_ADDR"] == "127.0.0.1"
 
 
-# -- promtool, where it exists ---------------------------------------------------------------
+# -- promtool ---------------------------------------------------------------------------------
+#
+# promtool is a Go binary, on no Python registry. Debian's ``prometheus`` package ships it,
+# statically linked but for libc, so when it is not on PATH the session downloads that
+# package (``apt-get download`` needs no root) and unpacks only the binary with
+# ``dpkg-deb -x``, into a per-user cache, once per machine. Only when that is impossible
+# (no apt or dpkg, no package list, no network) does the test skip, saying why.
 
-PROMTOOL = shutil.which("promtool")
+PROMTOOL_CACHE = Path.home() / ".cache" / "txproc" / "promtool"
+PROMTOOL_DEB = "prometheus"
+PROMTOOL_DOWNLOAD_TIMEOUT_S = 300
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not on PATH")
+def _run(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True,
+                          timeout=PROMTOOL_DOWNLOAD_TIMEOUT_S, check=False)
+
+
+def _promtool_from_debian(scratch: Path) -> Path:
+    """promtool unpacked from Debian's package into PROMTOOL_CACHE; skips the test, saying
+    why, when it cannot be had."""
+    cached = PROMTOOL_CACHE / "usr" / "bin" / "promtool"
+    if cached.is_file():
+        return cached
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"promtool is not on PATH and {tool} is missing to fetch Debian's")
+    scratch.mkdir(parents=True, exist_ok=True)
+    try:
+        fetched = _run(["apt-get", "download", PROMTOOL_DEB], scratch)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"apt-get download {PROMTOOL_DEB} took over {PROMTOOL_DOWNLOAD_TIMEOUT_S} s")
+    debs = sorted(scratch.glob(f"{PROMTOOL_DEB}_*.deb"))
+    if fetched.returncode != 0 or not debs:
+        pytest.skip(f"promtool is not on PATH and apt-get download {PROMTOOL_DEB} failed: "
+                    + (fetched.stderr or fetched.stdout).strip()[-500:])
+    unpacked = scratch / "root"
+    done = _run(["dpkg-deb", "-x", str(debs[-1]), str(unpacked)], scratch)
+    if done.returncode != 0:
+        pytest.skip(f"dpkg-deb -x {debs[-1].name} failed: {done.stderr.strip()[-500:]}")
+    # Only the one binary is kept; a rename makes a half-written cache impossible, and a
+    # concurrent session that got there first wins harmlessly.
+    staged = scratch / "cache"
+    (staged / "usr" / "bin").mkdir(parents=True)
+    shutil.copy2(unpacked / "usr" / "bin" / "promtool", staged / "usr" / "bin" / "promtool")
+    PROMTOOL_CACHE.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        staged.rename(PROMTOOL_CACHE)
+    except OSError:
+        if not cached.is_file():
+            raise
+    return cached
+
+
+@pytest.fixture(scope="session")
+def promtool(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A working promtool: the one on PATH, else Debian's, fetched once (see above)."""
+    on_path = shutil.which("promtool")
+    found = Path(on_path) if on_path else _promtool_from_debian(tmp_path_factory.mktemp("p"))
+    version = subprocess.run([str(found), "--version"], capture_output=True, text=True,
+                             timeout=60, check=False)
+    assert version.returncode == 0, f"{found} does not run: {version.stderr}"
+    return str(found)
+
+
 @pytest.mark.parametrize("args", [
     ["check", "config", "prometheus.yml"],
     ["check", "rules", "recording.yml", "alerts.yml"],
     ["test", "rules", "tests/alerts_test.yml"],
 ], ids=["check-config", "check-rules", "test-rules"])
-def test_promtool(args: list[str]) -> None:
+def test_promtool(promtool: str, args: list[str]) -> None:
     """promtool accepts the config and rules, and the alert unit tests pass."""
-    assert PROMTOOL is not None
-    done = subprocess.run([PROMTOOL, *args], cwd=PROMETHEUS, capture_output=True, text=True,
+    done = subprocess.run([promtool, *args], cwd=PROMETHEUS, capture_output=True, text=True,
                           timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -28,6 +28,13 @@ from processor.identity import SCOPES, issue_token
 from processor.ratelimit import RateLimiter
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import Account, AccountFlags, Transfer
+from tests.http_fuzz import (
+    HEADER_TEXT,
+    PAYMENT_OPERATIONS,
+    FuzzRequest,
+    assert_well_answered,
+    requests_for,
+)
 
 KEY = bytes(range(32))
 OTHER_KEY = bytes(range(1, 33))
@@ -672,6 +679,45 @@ def test_no_body_is_a_server_error(body: bytes) -> None:
     """Arbitrary bytes, JSON and near-valid items get a 2xx or 4xx answer, never a 500."""
     statuses = asyncio.run(post_everywhere(body))
     assert statuses <= {200, 201, 400, 409, 413, 422}
+
+
+# Every Authorization a request may carry: the good token, none, one lacking scopes, an
+# expired one, one signed with another key, and any text at all.
+AUTHORIZATIONS = st.one_of(
+    st.sampled_from([f"Bearer {TOKEN}", f"Bearer {TOKEN}", None,
+                     f"Bearer {token(['accounts:read'])}",
+                     f"Bearer {token(now_s=NOW_S - 7200)}", f"Bearer {token(key=OTHER_KEY)}"]),
+    HEADER_TEXT,
+)
+
+
+async def send(request: FuzzRequest) -> httpx.Response:
+    async with make_client(FakeLedger()) as http:
+        return await http.request(request.method, request.path, headers=request.headers,
+                                  content=request.body)
+
+
+@pytest.mark.parametrize("op", [pytest.param(op, id=op.name) for op in OPERATIONS])
+@settings(max_examples=100, deadline=None)
+@given(data=st.data())
+def test_no_request_to_any_route_is_a_server_error(op: Operation, data: st.DataObject) -> None:
+    """Every route, the payments and webhook routes included, with any path values,
+    Authorization, Idempotency-Key, signature headers and body: never a 5xx except 503 with
+    Retry-After (here the payments routes answer ``unavailable``: this app has no payments),
+    and every answer of 400 or more a JSON error whose code the route documents."""
+    request = data.draw(requests_for(op, authorization=AUTHORIZATIONS))
+    assert_well_answered(op, asyncio.run(send(request)))
+
+
+def test_the_fuzzed_routes_are_every_route() -> None:
+    """The fuzz above covers every route there is, payments and webhooks among them."""
+    app = build_app(FakeLedger(), KEY, clock_s=lambda: float(NOW_S), ready=lambda: True)
+    routes = {(method, route.path) for route in app.routes
+              for method in getattr(route, "methods", ()) if method != "HEAD"}
+    assert routes == {(op.method, op.path) for op in OPERATIONS}
+    assert {op.name for op in PAYMENT_OPERATIONS} == {
+        "create_payment", "get_payment", "capture_payment", "void_payment", "refund_payment",
+        "create_payout", "get_payout", "provider_webhook"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,145 @@
+"""Audit records: who made each change, written before the change is applied.
+
+Every state-changing request an edge accepts (creating accounts or transfers, every
+payments operation) first gets an audit record in ``audit_requests`` (migration 0012): the
+caller's tenant, subject and token id, the request id and the operation. Its id, the
+request's *origin*, is stamped on every account and transfer the request creates
+(``Account.origin``, ``Transfer.origin``), so "who made this?" is one join away
+(docs/security.md, "Audit").
+
+Records arriving together (one event-loop pass) are written as one INSERT, on a pool whose
+sessions run with ``synchronous_commit = off``: the edge waits for the INSERT, so its commit
+record precedes in the WAL that of any row naming it, and PostgreSQL flushes the WAL in
+order; when such a row is durable, so is its record (on one server: docs/security.md says
+what changes with several). A record that cannot be written fails the request as
+``unavailable`` before anything of it is applied, so no change goes unrecorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import asyncpg
+
+from processor.errors import Unavailable
+from processor.identity import Claims
+
+__all__ = ["AuditWriter", "request_id_of"]
+
+log = logging.getLogger(__name__)
+
+_INSERT = """
+INSERT INTO audit_requests (id, tenant, tenant_name, subject, token_id, request_id,
+                            operation, items, at)
+SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::text[],
+                     $6::text[], $7::text[], $8::int[], $9::timestamptz[])
+"""
+_REQUEST_ID_CHARS_MAX = 128
+_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def request_id_of(header: str | None) -> str:
+    """A client's X-Request-Id as recorded: printable ASCII, at most 128 characters; anything
+    else is replaced by a fresh id (recorded, never refused)."""
+    if header and len(header) <= _REQUEST_ID_CHARS_MAX and header.isascii() \
+            and header.isprintable():
+        return header
+    return secrets.token_hex(16)
+
+
+@dataclass(slots=True)
+class _Pending:
+    id: int
+    claims: Claims
+    request_id: str
+    operation: str
+    items: int
+    at: dt.datetime
+
+
+class AuditWriter:
+    """Writes audit records in small batches; ``record`` answers the record's id."""
+
+    def __init__(self, pool: asyncpg.Pool, *, clock_s: Callable[[], float]) -> None:
+        self._pool = pool
+        self._clock_s = clock_s
+        self._pending: list[tuple[_Pending, asyncio.Future[None]]] = []
+        self._flush_scheduled = False
+
+    @classmethod
+    async def connect(cls, url: str, *, connect_timeout_s: float, command_timeout_s: float,
+                      clock_s: Callable[[], float]) -> AuditWriter:
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=2, timeout=connect_timeout_s,
+            command_timeout=command_timeout_s,
+            # See the module docstring: ordered by the WAL before the rows that name it.
+            server_settings={"synchronous_commit": "off", "application_name": "txproc-audit"})
+        return cls(pool, clock_s=clock_s)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def record(self, claims: Claims, request_id: str, operation: str,
+                     items: int) -> int:
+        """Write a record of this request; its id (the origin to stamp). Raises
+        ``Unavailable`` if it cannot be written (nothing of the request may then be
+        applied)."""
+        entry = _Pending(secrets.randbits(63) or 1, claims, request_id, operation, items,
+                         dt.datetime.fromtimestamp(self._clock_s(), tz=dt.UTC))
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self._pending.append((entry, done))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            loop.call_soon(lambda: loop.create_task(self._flush()))
+        await done
+        return entry.id
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self._flush_scheduled = False
+        rows = [e for e, _ in batch]
+        try:
+            await self._pool.execute(
+                _INSERT, [e.id for e in rows], [e.claims.tenant_slot for e in rows],
+                [e.claims.tenant for e in rows], [e.claims.subject for e in rows],
+                [e.claims.token_id for e in rows], [e.request_id for e in rows],
+                [e.operation for e in rows], [e.items for e in rows], [e.at for e in rows])
+        except _ERRORS as exc:
+            log.warning("audit records not written (%d requests refused): %r", len(rows), exc)
+            error = Unavailable("the audit record could not be written; nothing was applied",
+                                retry_after_s=1.0)
+            for _, done in batch:
+                if not done.done():
+                    done.set_exception(error)
+            return
+        for _, done in batch:
+            if not done.done():
+                done.set_result(None)
+
+
+# What made a ledger row or a payment's steps: its audit records (``txproc audit``).
+_WHO_MADE = {
+    "account": "SELECT a.*, x.id::text AS object FROM accounts x "
+               "JOIN audit_requests a ON a.id = x.origin WHERE x.id = $1::text::bigint",
+    "transfer": "SELECT a.*, x.id::text AS object FROM transfers x "
+                "JOIN audit_requests a ON a.id = x.origin WHERE x.id = $1::text::bigint",
+    "payment": "SELECT a.*, s.id::text || ' ' || s.kind AS object FROM payment_steps s "
+               "JOIN audit_requests a ON a.id = s.origin WHERE s.subject_id = $1 "
+               "ORDER BY s.id",
+}
+
+
+async def who_made(conn: asyncpg.Connection, kind: str, object_id: str) -> list[dict[str, str]]:
+    """The audit records of an account or transfer (by id) or of the steps of a payment or
+    payout (by its id), oldest first: what ``txproc audit`` prints. ``kind`` is one of
+    account, transfer, payment (payouts are payments here)."""
+    if kind in ("account", "transfer") and not object_id.isdigit():
+        raise ValueError(f"a {kind} id is a number, got {object_id!r}")
+    rows = await conn.fetch(_WHO_MADE[kind], object_id)
+    return [{k: str(v) for k, v in row.items()} for row in rows]

@@ -1,0 +1,149 @@
+"""Audit records over real HTTP and RPC: every account and transfer names the request that
+made it, and the record says who sent it (tenant, subject, token id, request id)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+import httpx
+import numpy as np
+
+from actors.app.runtime import Processor
+from processor.batch import TransferBatch
+from processor.client import Client
+from processor.codes import AccountResult, TransferResult
+from processor.identity import load_or_create_ring, verify_token
+from processor.types import Account, Transfer
+from tests.payments_support import card_token
+from tests.running import IdSource, token_for
+
+_WHO = """
+SELECT a.tenant_name, a.subject, a.token_id, a.request_id, a.operation, a.items
+FROM {table} x JOIN audit_requests a ON a.id = x.origin WHERE x.id = $1
+"""
+
+
+async def _who(processor: Processor, table: str, row_id: int) -> tuple[object, ...] | None:
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        row = await conn.fetchrow(_WHO.format(table=table), row_id)
+    finally:
+        await conn.close()
+    return None if row is None else tuple(row)
+
+
+def _jti(processor: Processor, token: str) -> str:
+    # The ring, not jwt.key: tests/e2e/test_key_rotation.py rotates the session's keys.
+    ring = load_or_create_ring(Path(processor.config.data_dir), now_s=int(time.time()))
+    return verify_token(ring.verifying(), token, now_s=int(time.time())).token_id
+
+
+async def test_http_changes_name_their_request(processor: Processor, ids: IdSource) -> None:
+    token = token_for(processor, tenant="ledgerco", subject="ops-7")
+    jti = _jti(processor, token)
+    a, b, t1 = ids.take(3)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                 headers={"authorization": f"Bearer {token}"}) as http:
+        r = await http.post("/v1/accounts/batch", headers={"x-request-id": "req-accounts-1"},
+                            json={"accounts": [{"id": a, "currency": "EUR"},
+                                               {"id": b, "currency": "EUR"}]})
+        assert r.status_code == 200, r.text
+        r = await http.post("/v1/transfers", headers={"x-request-id": "req-transfer-1"},
+                            json={"id": t1, "debit_account_id": a, "credit_account_id": b,
+                                  "amount": 5, "currency": "EUR"})
+        assert r.status_code == 201, r.text
+        # Without an X-Request-Id the record gets a fresh one.
+        t2 = ids.one()
+        r = await http.post("/v1/transfers", json={
+            "id": t2, "debit_account_id": a, "credit_account_id": b, "amount": 1,
+            "currency": "EUR"})
+        assert r.status_code == 201, r.text
+    assert await _who(processor, "accounts", b) == \
+        ("ledgerco", "ops-7", jti, "req-accounts-1", "create_accounts", 2)
+    assert await _who(processor, "transfers", t1) == \
+        ("ledgerco", "ops-7", jti, "req-transfer-1", "create_transfers", 1)
+    fresh = await _who(processor, "transfers", t2)
+    assert fresh is not None and len(str(fresh[3])) == 32
+    # The operator's view of the same record.
+    done = subprocess.run(
+        [sys.executable, "-m", "actors.app.cli", "audit", "--transfer", str(t1),
+         "--database-url", processor.config.shard.database_url],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    [record] = [json.loads(line) for line in done.stdout.splitlines()]
+    assert (record["subject"], record["request_id"], record["object"]) == \
+        ("ops-7", "req-transfer-1", str(t1))
+    missing = subprocess.run(
+        [sys.executable, "-m", "actors.app.cli", "audit", "--transfer", "1",
+         "--database-url", processor.config.shard.database_url],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert missing.returncode == 1 and "no audit record" in missing.stderr
+
+
+async def test_rpc_changes_name_their_request(processor: Processor, ids: IdSource) -> None:
+    token = token_for(processor, tenant="ledgerco", subject="gw-2")
+    jti = _jti(processor, token)
+    a, b = ids.take(2)
+    listed, columns = ids.one(), ids.take(3)
+    async with Client("127.0.0.1", processor.rpc_port, token) as client:
+        assert await client.create_accounts([Account(id=a, currency="EUR"),
+                                             Account(id=b, currency="EUR")]) == \
+            [AccountResult.ok] * 2
+        assert await client.create_transfers([Transfer(
+            id=listed, debit_account_id=a, credit_account_id=b, amount=2, currency="EUR",
+            origin=12345)]) == [TransferResult.ok]  # a client's origin is ignored
+        codes = await client.create_transfers(TransferBatch.from_arrays(
+            id=columns, debit_account_id=[a] * 3, credit_account_id=[b] * 3,
+            amount=[1, 1, 1], currency="EUR"))
+        assert np.array_equal(codes, np.zeros(3, dtype=np.uint8))
+        [stored] = await client.lookup_transfers([listed])
+        assert stored is not None and stored.origin not in (0, 12345)
+    who = await _who(processor, "accounts", a)
+    assert who is not None and who[:3] == ("ledgerco", "gw-2", jti) and who[4:] == \
+        ("create_accounts", 2)
+    assert str(who[3]).startswith("rpc ")
+    assert (await _who(processor, "transfers", listed))[4:] == ("create_transfers", 1)
+    batch_who = [await _who(processor, "transfers", i) for i in columns]
+    assert all(w is not None and w[:3] == ("ledgerco", "gw-2", jti) and w[5] == 3
+               for w in batch_who)
+
+
+async def test_payment_steps_name_their_request(processor: Processor, ids: IdSource) -> None:
+    """The step an authorization starts, and the capture after it, each name the request
+    (over HTTP and RPC) that started them; a client cannot forge the forwarded record."""
+    token = token_for(processor, tenant="ledgerco", subject="shop-1")
+    jti = _jti(processor, token)
+    merchant = ids.one()
+    async with Client("127.0.0.1", processor.rpc_port, token) as client:
+        assert await client.create_accounts([Account(id=merchant, currency="USD")]) == \
+            [AccountResult.ok]
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                     headers={"authorization": f"Bearer {token}"},
+                                     timeout=60) as http:
+            r = await http.post("/v1/payments", json={
+                "amount": 900, "currency": "USD", "payment_method": card_token(),
+                "merchant_account_id": merchant}, headers={
+                "idempotency-key": str(uuid.uuid4()), "x-request-id": "pay-req-1",
+                "txproc-origin": "42"})
+            assert r.status_code == 201, r.text
+        payment_id = r.json()["id"]
+        captured = await client.capture_payment(payment_id, idempotency_key=str(uuid.uuid4()))
+        assert captured.status == 200, captured.body
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT s.kind, a.subject, a.token_id, a.request_id, a.operation "
+            "FROM payment_steps s JOIN audit_requests a ON a.id = s.origin "
+            "WHERE s.subject_id = $1 ORDER BY s.id", payment_id)
+    finally:
+        await conn.close()
+    assert tuple(rows[0])[:4] == ("authorize", "shop-1", jti, "pay-req-1")
+    assert [(r["kind"], r["operation"]) for r in rows] == [
+        ("authorize", "payments.authorize"), ("capture", "payments.capture")]
+    assert str(rows[1]["request_id"]).startswith("rpc ")

@@ -1,0 +1,59 @@
+"""actors/edge/audit.py: records written together in one statement; a record that cannot
+be written refuses its request (no change goes unrecorded)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import asyncpg
+import pytest
+
+from actors.edge.audit import AuditWriter, request_id_of
+from processor.errors import Unavailable
+from processor.identity import Claims
+
+CLAIMS = Claims(subject="s", scopes=frozenset(), expires_at_s=10, tenant="t", token_id="j")
+
+
+class _Pool:
+    """The one call the writer makes, recorded; ``fail`` makes it raise as a lost server
+    would."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.fail = fail
+
+    async def execute(self, sql: str, *args: Any) -> str:
+        self.calls.append(args)
+        if self.fail:
+            raise asyncpg.PostgresConnectionError("gone")
+        return "INSERT"
+
+
+async def test_records_arriving_together_are_one_statement_with_distinct_ids() -> None:
+    pool = _Pool()
+    writer = AuditWriter(pool, clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    ids = await asyncio.gather(*(writer.record(CLAIMS, f"r{i}", "create_transfers", i + 1)
+                                 for i in range(5)))
+    assert len(pool.calls) == 1
+    row_ids, tenants, names, subjects, jtis, requests, ops, items, _ = pool.calls[0]
+    assert row_ids == ids and len(set(ids)) == 5 and all(0 < i < 2**63 for i in ids)
+    assert names == ["t"] * 5 and subjects == ["s"] * 5 and jtis == ["j"] * 5
+    assert requests == [f"r{i}" for i in range(5)] and items == [1, 2, 3, 4, 5]
+    assert tenants == [CLAIMS.tenant_slot] * 5 and ops == ["create_transfers"] * 5
+
+
+async def test_a_record_that_cannot_be_written_refuses_the_request() -> None:
+    writer = AuditWriter(_Pool(fail=True), clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await writer.record(CLAIMS, "r", "create_accounts", 1)
+
+
+@pytest.mark.parametrize(("header", "kept"), [
+    ("abc-123", True), (None, False), ("", False), ("x" * 129, False), ("ünï", False),
+    ("tab\there", False)])
+def test_request_ids_are_kept_only_when_printable_ascii(header: str | None, kept: bool) -> None:
+    value = request_id_of(header)
+    assert (value == header) is kept
+    assert value.isascii() and value.isprintable() and 0 < len(value) <= 128
