@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,10 +360,25 @@ def _utc(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
 
+
+@contextlib.contextmanager
+def _operator_database(args: argparse.Namespace) -> Iterator[str]:
+    """The URL of the database an operator command works on: ``--database-url``, or the
+    embedded server of ``--data-dir``, started for the command and stopped after it."""
+    from actors.app.runtime import ensure_database
+
+    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
+                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
+    url, embedded = ensure_database(config)
+    try:
+        yield url
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
 async def _token_revoke(args: argparse.Namespace) -> int:
     import asyncpg
 
-    from actors.app.runtime import ensure_database
     from actors.edge import revoke_subject, revoke_token_id
 
     by_subject = bool(args.tenant and args.subject)
@@ -369,10 +386,7 @@ async def _token_revoke(args: argparse.Namespace) -> int:
         print("txproc token revoke: name one token (--jti J) or one principal (--tenant T "
               "--subject S)", file=sys.stderr)
         return 2
-    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
-                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
-    url, embedded = ensure_database(config)
-    try:
+    with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
             if by_subject:
@@ -391,26 +405,16 @@ async def _token_revoke(args: argparse.Namespace) -> int:
             return 2
         finally:
             await conn.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
     print(f"revoked {what} at {at.isoformat()}; every front refuses it within a second")
     return 0
 
 
 async def _migrate(args: argparse.Namespace) -> int:
-    from actors.app.runtime import ensure_database
     from actors.migrate import migrate
 
-    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
-                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
-    url, embedded = ensure_database(config)
-    try:
+    with _operator_database(args) as url:
         applied = await migrate(url)
         print(f"applied: {applied or 'nothing (up to date)'}")
-    finally:
-        if embedded is not None:
-            embedded.stop()
     return 0
 
 
@@ -420,14 +424,10 @@ async def _audit(args: argparse.Namespace) -> int:
 
     import asyncpg
 
-    from actors.app.runtime import ensure_database
     from actors.edge.audit import who_made
 
     kind = next(k for k in ("account", "transfer", "payment") if getattr(args, k))
-    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
-                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
-    url, embedded = ensure_database(config)
-    try:
+    with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
             records = await who_made(conn, kind, getattr(args, kind))
@@ -443,21 +443,14 @@ async def _audit(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
         return 0
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
 
 async def _dlq(args: argparse.Namespace) -> int:
     import asyncpg
 
-    from actors.app.runtime import ensure_database
     from actors.payments import outbox
 
-    config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
-                    front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))
-    url, embedded = ensure_database(config)
-    try:
+    with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
             if args.dlq_command == "list":
@@ -471,9 +464,6 @@ async def _dlq(args: argparse.Namespace) -> int:
             return 0
         finally:
             await conn.close()
-    finally:
-        if embedded is not None:
-            embedded.stop()
 
 
 async def _serve(config: Config) -> int:
