@@ -150,7 +150,7 @@ class ChannelServer:
             answer: tuple[int, int, Any] = (call_id, OK, await function(*args))
         except LedgerError as exc:
             answer = (call_id, LEDGER_ERROR, [exc.code, exc.message, exc.retry_after_s])
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
             answer = (call_id, FAILED, f"{type(exc).__name__}: {exc}")
         if writer.is_closing():
             return

@@ -173,7 +173,7 @@ class EmbeddedPostgres:
         with open(data_dir / LOG_FILE_NAME, "ab") as log:
             # A new session keeps a Ctrl-C meant for the owner from shutting the server down
             # behind its back; the owner stops it in stop() or at exit.
-            process = subprocess.Popen(
+            process = subprocess.Popen(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -322,7 +322,7 @@ def _initdb(data_dir: Path, run_as: tuple[int, int] | None) -> None:
     command = [str(_bin_path() / "initdb"), "-D", str(data_dir), "-U", SUPERUSER]
     command += ["--auth=trust", "--encoding=UTF8", "--locale=C"]
     try:
-        subprocess.run(
+        subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
             command,
             check=True,
             capture_output=True,

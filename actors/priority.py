@@ -69,7 +69,7 @@ def lower_session_priority(server_pid: int, nice: int) -> bool:
             return False
         if process.nice() < nice:
             process.nice(nice)
-    except Exception:  # not here, not ours, or gone: nothing to do
+    except Exception:  # noqa: BLE001 - not here, not ours, or gone: nothing to do
         return False
     # Each backend is a session leader (PostgreSQL calls setsid), so where the kernel
     # groups CPU time by session (autogroup), the backend is a group of its own and its

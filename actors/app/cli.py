@@ -254,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency; stdlib asyncio still works
         pass
     if args.command == "token":
-        if args.token_command == "revoke":
+        if args.token_command == "revoke":  # noqa: S105 - a subcommand's name, not a password
             return asyncio.run(_token_revoke(args))
         return _token_issue(args)
     if args.command == "keys":

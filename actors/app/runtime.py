@@ -81,12 +81,12 @@ class Processor:
             if self.payments is not None:
                 try:
                     await asyncio.wait_for(self.payments.start.remote(), timeout=10)
-                except Exception as exc:  # restarting, or the ledger or database away
+                except Exception as exc:  # noqa: BLE001 - restarting, or the ledger or database away
                     log.warning("payments not started: %r", exc)
             try:
                 listening = await asyncio.wait_for(
                     self.front.is_listening.remote(), timeout=10)
-            except Exception as exc:  # dead or restarting: try again next round
+            except Exception as exc:  # noqa: BLE001 - dead or restarting: try again next round
                 log.warning("front not answering: %r", exc)
                 continue
             if listening:
@@ -95,7 +95,7 @@ class Processor:
                 await asyncio.wait_for(
                     self.front.start.remote(self.http_port, self.rpc_port), timeout=60)
                 log.info("front restarted on http %d, rpc %d", self.http_port, self.rpc_port)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("front restart failed: %r", exc)
 
     async def stop(self) -> None:
@@ -103,26 +103,26 @@ class Processor:
         if self.payments is not None:
             try:
                 await asyncio.wait_for(self.payments.stop.remote(), timeout=15)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("payments stop: %r", exc)
         try:
             await asyncio.wait_for(self.front.stop.remote(), timeout=15)
-        except Exception as exc:  # a dead front has nothing left to flush
+        except Exception as exc:  # noqa: BLE001 - a dead front has nothing left to flush
             log.warning("front stop: %r", exc)
         for shard in self.shards:
             try:
                 await asyncio.wait_for(shard.stop.remote(), timeout=15)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("shard stop: %r", exc)
         for provider in self.providers:
             try:
                 await asyncio.wait_for(provider.close.remote(), timeout=5)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("provider stop: %r", exc)
         for server in self.metrics:
             try:
                 await asyncio.wait_for(server.stop.remote(), timeout=5)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("metrics server stop: %r", exc)
         for actor in [self.front, *self.shards, *self.providers, *self.metrics,
                       *([self.risk] if self.risk is not None else []),
@@ -179,7 +179,7 @@ def init_ray(address: str | None, metrics_dir: str = "") -> bool:
 async def start_processor(config: Config) -> Processor:
     """Start everything ``config`` describes and return once /readyz would answer 200."""
     config.check()
-    Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+    Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up, before any work
     # Before anything starts: a refused key file (KeyFileError: a symbolic link, another
     # owner, readable by others) is reported here, by name, rather than by a failed actor.
     load_or_create_ring(config.keys_path, now_s=int(time.time()))
@@ -278,7 +278,7 @@ async def _start_payments(processor: Processor) -> None:
         raise ValueError(f"no adapter for providers {unknown}; known: {sorted(ADAPTERS)}")
     data = Path(config.data_dir)
     (data / "providers").mkdir(parents=True, exist_ok=True)
-    host = config.front.host if config.front.host not in ("0.0.0.0", "::") else "127.0.0.1"
+    host = config.front.host if config.front.host not in ("0.0.0.0", "::") else "127.0.0.1"  # noqa: S104 - a comparison, not a bind
     for endpoint in config.payments.providers:
         secrets = Path(endpoint.secrets_file or data / "providers" / f"{endpoint.name}.json")
         url = endpoint.base_url

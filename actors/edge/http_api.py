@@ -640,7 +640,7 @@ class _Api:
                     request.state.claims = self._authorize(
                         request.headers.get("authorization"), operation.scope)
                 return await handler(request)
-            except Exception as exc:  # every exception becomes a JSON answer, see _answer
+            except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, see _answer
                 return _answer(request, exc)
 
         async def traced(request: Request) -> Response:
@@ -818,7 +818,7 @@ class _Api:
             status, answer = await self._create_transfer(
                 claims, body, _header(headers, b"x-request-id"))
             return status, answer, {}
-        except Exception as exc:  # every exception becomes a JSON answer, as in endpoint()
+        except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, as in endpoint()
             error = _api_error_of(exc, "POST", scope["path"])
             return error.status, _error_body(error), error.headers
 

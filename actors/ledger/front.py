@@ -131,7 +131,7 @@ class _Lane:
                 if not e.future.done():
                     e.future.set_result(codes[offset: offset + len(e.group)])
                 offset += len(e.group)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
             error = exc if isinstance(exc, LedgerError) else Unavailable(
                 f"shard {self._shard} failed: {type(exc).__name__}")
             if not isinstance(exc, LedgerError):
@@ -388,7 +388,7 @@ class Front:
                             shard, attempt)
                 try:
                     await asyncio.wait_for(handle.ready.remote(), timeout=remaining)
-                except Exception:
+                except Exception:  # noqa: BLE001 - every failure is logged or answered, never lost
                     await asyncio.sleep(min(0.5, max(remaining, 0)))
         raise Unavailable(f"shard {shard} is unavailable", retry_after_s=1.0)
 

@@ -249,7 +249,8 @@ class LedgerShard:
     def _channel_peer(self, shard: int) -> Peer:
         client = self._peer_clients.get(shard)
         if client is None:
-            assert self._channel_key is not None, "a shard without a key needs peers"
+            require(self._channel_key is not None, "a shard without a key needs peers")
+            assert self._channel_key is not None  # noqa: S101 - narrows the type
             client = self._peer_clients[shard] = ChannelClient(
                 endpoint_of(_peer_by_name(shard)), self._channel_key)
         return client
@@ -714,12 +715,12 @@ class LedgerShard:
 
     def _require_book(self) -> ArrayBook:
         require(self._book is not None, "shard recovered")
-        assert self._book is not None
+        assert self._book is not None  # noqa: S101 - narrows the type; require() above enforces it
         return self._book
 
     def _require_store(self) -> LedgerStore:
         require(self._store is not None, "shard recovered")
-        assert self._store is not None
+        assert self._store is not None  # noqa: S101 - narrows the type; require() above enforces it
         return self._store
 
 

@@ -178,7 +178,7 @@ def _session_dir() -> str:
     """This Ray cluster's session directory (on the node this process runs on)."""
     try:
         return str(ray._private.worker._global_node.get_session_dir_path())
-    except Exception:  # not in a Ray worker (a unit test): count no Ray processes
+    except Exception:  # noqa: BLE001 - not in a Ray worker (a unit test): count no Ray processes
         return ""
 
 
@@ -243,7 +243,7 @@ class NodeMetrics:
                                                          max_size=1, timeout=10,
                                                          command_timeout=10)
                     await self._read_database(pool, outbox)
-            except Exception as exc:  # the database may be away; the gauges keep their values
+            except Exception as exc:  # noqa: BLE001 - the database may be away; the gauges keep their values
                 log.warning("metrics refresh failed: %r", exc)
             await asyncio.sleep(self._refresh_s)
 

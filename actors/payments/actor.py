@@ -265,7 +265,7 @@ class PaymentsActor:
     async def recover_once(self) -> int:
         """Run one recovery round now (tests and drills); returns the steps looked at."""
         await self.start()
-        assert self._endpoint is not None
+        assert self._endpoint is not None  # noqa: S101 - narrows the type; start() sets it or raises
         return await self._endpoint.payments.engine.recover_once()
 
     async def stop(self) -> None:

@@ -396,7 +396,7 @@ class PaymentsEngine:
                 if now_s - purged_at_s >= KEY_PURGE_INTERVAL_S:
                     purged_at_s = now_s
                     await self.store.purge_keys(now_s=now_s)
-            except Exception as exc:  # the database may be away; try again next round
+            except Exception as exc:  # noqa: BLE001 - the database may be away; try again next round
                 log.warning("recovery round failed: %r", exc)
             await asyncio.sleep(interval_s)
 
@@ -517,7 +517,7 @@ class PaymentsEngine:
                 getattr(handle, method).remote(request, telemetry.carrier()),
                 timeout=timeout_s)
             return reply
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
             # The actor died or hung mid-call: it may have sent the request.
             telemetry.event(log, "provider actor failed mid-call", logging.WARNING,
                             event="provider_actor_failed", provider=provider,
@@ -576,7 +576,7 @@ class PaymentsEngine:
             return decision
         except TimeoutError:
             return fallback(cfg, amount=amount, currency=currency, cause="timeout")
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
             log.warning("risk check unavailable: %r", exc)
             return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
 

@@ -529,7 +529,7 @@ class OutboxRelay:
         self._limits = limits
         self._secret = signing_secret
         self._clock = clock
-        self._rng = rng if rng is not None else random.Random()
+        self._rng = rng if rng is not None else random.Random()  # noqa: S311 - jitter, not a secret
         self._dsn = db if isinstance(db, str) else None
         self._pool: asyncpg.Pool | None = None if isinstance(db, str) else db
         self._owns_client = client is None

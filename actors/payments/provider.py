@@ -88,7 +88,7 @@ class ProviderActor:
         adapter_class: Any = ADAPTERS[config.name]
         self.adapter: Adapter = adapter_class.from_secrets_file(config.secrets_file)
         self._clock = clock
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self.breaker = CircuitBreaker(config.breaker, clock, on_transition=self._transition)
         metrics.BREAKER_STATE.labels(config.name).set(0)
         self._watch: asyncio.Task[None] | None = None

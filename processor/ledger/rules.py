@@ -936,7 +936,7 @@ class Book:
             batch.timestamps.append(item.stored.timestamp if stored_now and item.stored else 0)
             if code == R.ok:
                 require(item.stored is not None, "an ok item has its stored form")
-                assert item.stored is not None
+                assert item.stored is not None  # noqa: S101 - narrows the type; require() above enforces it
                 batch.transfers.append(item.stored)
                 for shard, leg in item.legs:
                     batch.add_delta(leg)
