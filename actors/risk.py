@@ -65,7 +65,7 @@ def make_risk(config: RiskConfig, observability: ObservabilityConfig | None = No
               *, cpu_nice: int = 0) -> Any:
     """Start the risk actor (the one place it is made remote); restarted if it dies.
     ``cpu_nice`` lowers its CPU priority (actors/priority.py)."""
-    actor_class = ray.remote(
+    actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000
     )(RiskActor)
     return actor_class.options(name=RISK_ACTOR_NAME, namespace=NAMESPACE).remote(

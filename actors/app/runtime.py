@@ -245,7 +245,7 @@ async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None
     here = ray.get_runtime_context().get_node_id()
     url = config.shard.database_url
     local_db = embedded is None and ("@/" in url or "127.0.0.1" in url or "localhost" in url)
-    for node in ray.nodes():
+    for node in ray.nodes():  # type: ignore[no-untyped-call]
         if not node.get("Alive"):
             continue
         node_id = node["NodeID"]

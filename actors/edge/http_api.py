@@ -524,7 +524,8 @@ async def _receive_body(receive: Receive, declared: str | None, body_bytes_max: 
             raise ClientDisconnect()
         if message["type"] != "http.request":
             continue
-        body += message.get("body", b"")
+        chunk: bytes = message.get("body", b"")
+        body += chunk
         if len(body) > body_bytes_max:
             raise ApiError(413, "body_too_large", f"the body exceeds {body_bytes_max} bytes")
         if not message.get("more_body", False):
@@ -639,7 +640,8 @@ class _Api:
                 if operation.scope is not None:
                     request.state.claims = self._authorize(
                         request.headers.get("authorization"), operation.scope)
-                return await handler(request)
+                response: Response = await handler(request)
+                return response
             except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, see _answer
                 return _answer(request, exc)
 
@@ -1427,7 +1429,7 @@ def build_app(
     ]
     app = Starlette(
         routes=routes,
-        exception_handlers={HTTPException: _http_exception, Exception: _unhandled},
+        exception_handlers={HTTPException: _http_exception, Exception: _unhandled},  # type: ignore[dict-item]
     )
     # A trailing slash is a different, unknown path: a redirect would turn a POST into a
     # second request that some clients replay as GET.

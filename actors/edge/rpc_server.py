@@ -27,7 +27,7 @@ import contextlib
 import logging
 import ssl
 from collections.abc import Callable, Sized
-from typing import cast
+from typing import Any, cast
 
 import numpy as np
 from msgspec.structs import replace
@@ -50,6 +50,7 @@ from processor.reserved import (
     transfers_reserved,
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
+from processor.types import InvariantError
 
 __all__ = [
     "CLOSE_DRAIN_TIMEOUT_S",
@@ -288,7 +289,8 @@ class _Connection:
         while True:
             # Read anew each time round: a new Hello replaces the claims. Called after
             # Hello only, so there are claims.
-            token_left_s = self._claims.expires_at_s + server.token_grace_s - server.clock_s()
+            token_left_s = (self._current_claims.expires_at_s + server.token_grace_s
+                            - server.clock_s())
             if token_left_s <= 0:
                 raise _Refused("token_expired",
                                "the token expired and no new Hello came; connect with a new "
@@ -469,13 +471,13 @@ class _Connection:
             if not request.operation.startswith("get_"):
                 origin = await self._origin(request, f"payments.{request.operation}", 1)
             status, body, replayed = await payments_call(
-                identity.principal_of(self._claims), request.operation,
+                identity.principal_of(self._current_claims), request.operation,
                 request.idempotency_key,
                 request.subject_id, request.body, origin=origin)
             return wire.PaymentResult(request_id, status, body, replayed)
         # Whatever tenant a client wrote into an item, it is created as the token's tenant's
         # (actors/edge/tenancy.py); reads show only what that tenant may see.
-        tenant = self._claims.tenant_slot
+        tenant = self._current_claims.tenant_slot
         if isinstance(request, wire.CreateAccounts):
             origin = await self._origin(request, "create_accounts", len(request.items))
             accounts = [replace(a, tenant=tenant, origin=origin) for a in request.items]
@@ -517,13 +519,22 @@ class _Connection:
         return wire.CreateTransferBatchResult(request.request_id,
                                               codes.astype(np.uint8).tobytes())
 
+    @property
+    def _current_claims(self) -> identity.Claims:
+        """The claims of the connection's last Hello: requests are served only after one."""
+        claims = self._claims
+        if claims is None:
+            raise InvariantError("a request is served only after Hello")
+        return claims
+
     async def _origin(self, request: _Batch, operation: str, items: int) -> int:
         """Write the request's audit record (actors/edge/audit.py); its id, 0 without a
         writer. Raises ``Unavailable`` if it cannot be written: nothing is applied."""
         audit = self._server.audit
         if audit is None:
             return 0
-        return await audit.record(self._claims, f"rpc {self._peer} #{request.request_id}",
+        return await audit.record(self._current_claims,
+                                  f"rpc {self._peer} #{request.request_id}",
                                   operation, items)
 
     def _send(self, message: wire.Response) -> None:
@@ -668,7 +679,7 @@ async def start_rpc_server(
     # asyncio refuses TLS timeouts without TLS; with it, they are never left to its defaults
     # (60 s and 30 s): a peer that connects and never completes a handshake is let go as
     # promptly as one that never sends Hello.
-    tls = {} if ssl_context is None else {
+    tls: dict[str, Any] = {} if ssl_context is None else {
         "ssl": ssl_context, "ssl_handshake_timeout": hello_timeout_s,
         "ssl_shutdown_timeout": write_timeout_s}
     return await asyncio.start_server(server.handle, host=host, port=port,

@@ -95,7 +95,8 @@ class _Lane:
             metrics.OVERLOAD_REJECTIONS.labels("shard_queue").inc()
             raise Overloaded(f"shard {self._shard} queue is full", retry_after_s=0.1)
 
-    def submit(self, group: list[Any]) -> asyncio.Future[list[Any]]:
+    def submit(self, group: Any) -> asyncio.Future[list[Any]]:
+        """Queue ``group`` (a list of items, or a ``TransferBatch`` on the columns lane)."""
         self.check_room(len(group))
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(group, future, telemetry.carrier()))
@@ -555,8 +556,9 @@ class Front:
                     error = error or answer
                     pairs = await self._resolve_part(
                         shard, batch.take(index).transfers(), answer)
-                    answer = np.array([code for code, _ in pairs], dtype=np.uint8)
-                codes[index] = answer
+                    codes[index] = np.array([code for code, _ in pairs], dtype=np.uint8)
+                else:
+                    codes[index] = answer
             if error is not None and bool((codes == NOT_APPLIED).all()):
                 raise error
         values, counts = np.unique(codes, return_counts=True)
@@ -684,7 +686,7 @@ def make_front(config: Config, channel_key: bytes) -> Any:
     authenticates its calls to the shards (actors.channel)."""
     # Restarted by Ray if it dies; it holds nothing durable, and Processor.supervise()
     # starts the new incarnation on the same ports.
-    actor_class = ray.remote(
+    actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(Front)
     return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(

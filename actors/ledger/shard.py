@@ -231,7 +231,7 @@ class LedgerShard:
         if self._channel_key is not None:
             self._channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key,
                                           name=f"shard-{self._shard}")
-            self._address = await self._channel.start(ray.util.get_node_ip_address())
+            self._address = await self._channel.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         settle_garbage_collector()
         log.info(
             "shard %d recovered at epoch %d: %d accounts, %d open holds",
@@ -774,7 +774,7 @@ def make_shard(shard: int, config: ShardConfig, channel_key: bytes,
 
     ``channel_key`` authenticates the data-plane channel (actors.channel) between the
     front and the shards; a restarted shard is given the same one."""
-    actor_class = ray.remote(
+    actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0,
         # Restart forever: a shard is the only way to its partitions, and recovery is the
         # normal path after a crash. In-flight calls are not re-executed; the front retries.
@@ -782,7 +782,7 @@ def make_shard(shard: int, config: ShardConfig, channel_key: bytes,
         max_task_retries=0,
         max_concurrency=1000,
     )(LedgerShard)
-    return actor_class.options(  # type: ignore[attr-defined]
+    return actor_class.options(
         name=shard_actor_name(shard),
         namespace=NAMESPACE,
         # On a cluster, spread shards over the nodes; on one box this changes nothing.

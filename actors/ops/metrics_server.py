@@ -177,7 +177,7 @@ class _DatabaseCollector:
 def _session_dir() -> str:
     """This Ray cluster's session directory (on the node this process runs on)."""
     try:
-        return str(ray._private.worker._global_node.get_session_dir_path())
+        return str(ray._private.worker._global_node.get_session_dir_path())  # type: ignore[attr-defined]
     except Exception:  # noqa: BLE001 - not in a Ray worker (a unit test): count no Ray processes
         return ""
 
@@ -199,7 +199,7 @@ class NodeMetrics:
         self._database_url = database_url
         self._database_gauges = database_gauges
         self._refresh_s = refresh_s
-        self._multiprocess = MultiProcessCollector(CollectorRegistry(), path=multiproc_dir)
+        self._multiprocess = MultiProcessCollector(CollectorRegistry(), path=multiproc_dir)  # type: ignore[no-untyped-call]
         meter = _CpuMeter(session_dir=_session_dir(), data_dir=data_dir,
                           postgres_pid=postgres_pid, local_postgres=local_postgres)
         self._cost = _CostCollector(self._committed, meter, window_s=window_s,
@@ -210,7 +210,7 @@ class NodeMetrics:
 
     def _committed(self) -> float:
         total = 0.0
-        for family in self._multiprocess.collect():
+        for family in self._multiprocess.collect():  # type: ignore[no-untyped-call]
             if family.name == "txproc_transfers":
                 total += sum(s.value for s in family.samples
                              if s.name == "txproc_transfers_total"
@@ -221,8 +221,8 @@ class NodeMetrics:
         """Listen; returns the bound port."""
         registry = CollectorRegistry()
         registry.register(self._multiprocess)
-        registry.register(self._cost)  # type: ignore[arg-type]
-        registry.register(self._db)  # type: ignore[arg-type]
+        registry.register(self._cost)
+        registry.register(self._db)
         self._server, _thread = start_http_server(self._port, addr=self._host,
                                                   registry=registry)
         self._task = asyncio.get_running_loop().create_task(self._refresh())
@@ -279,7 +279,8 @@ def make_node_metrics(node_id: str, **kwargs: Any) -> Any:
     """Start the metrics server of one node, pinned to it (the one place it is made remote)."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    actor_class = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0,
+    actor_class = ray.remote(  # type: ignore[call-overload]
+        num_cpus=0, max_restarts=-1, max_task_retries=0,
                              max_concurrency=16)(NodeMetrics)
     return actor_class.options(
         name=node_metrics_name(node_id), namespace=NAMESPACE,

@@ -214,7 +214,7 @@ class PaymentsActor:
                                     claim_ttl_s=cfg.rules.claim_ttl_s)
             await outbox.set_subscribers(store.pool, dict(cfg.event_subscribers))
             channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key, name="payments")
-            address = await channel.start(ray.util.get_node_ip_address())
+            address = await channel.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         except BaseException:
             await store.close()
             await ledger.close()
@@ -286,7 +286,7 @@ def make_payments(config: Config, channel_key: bytes, *, providers: list[tuple[s
     """Start the payments actor (the one place it is made remote); Ray restarts it if it
     dies, and it starts itself on the next call. ``channel_key`` authenticates the front's
     forwarded requests; ``front_rpc`` is where the ledger's RPC listens."""
-    actor_class = ray.remote(
+    actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(PaymentsActor)
     return actor_class.options(name=PAYMENTS_ACTOR_NAME, namespace=NAMESPACE).remote(

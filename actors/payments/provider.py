@@ -234,7 +234,7 @@ def make_provider(config: ProviderConfig,
                   observability: ObservabilityConfig | None = None) -> Any:
     """Start a provider actor (the one place it is made remote). Restarted if it dies; it
     keeps nothing durable (an interrupted call is resolved by the saga's status query)."""
-    actor_class = ray.remote(
+    actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10_000
     )(ProviderActor)
     return actor_class.options(name=provider_actor_name(config.name),

@@ -17,8 +17,11 @@ def test_ruff_is_clean() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_mypy_strict_is_clean_on_the_domain_core() -> None:
-    """mypy --strict (configured in pyproject.toml) passes on processor/ and adapters/."""
+def test_mypy_strict_is_clean_on_the_service() -> None:
+    """mypy --strict (configured in pyproject.toml) passes on processor/, adapters/ and
+    actors/, and none of them is left out of the configuration."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["mypy"]
+    assert {"processor", "adapters", "actors"} <= set(config["files"])
     done = subprocess.run([sys.executable, "-m", "mypy"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
