@@ -656,8 +656,6 @@ class Book:
                 item.dup_of = in_batch[t.id]
             if isinstance(previous, Failed):
                 return R.id_already_failed
-            if previous.tenant != t.tenant:
-                return R.exists_with_different_tenant
             item.stored = previous
             return _compare_existing(t, previous)
         if t.flags & (POST | VOID):
@@ -1044,6 +1042,9 @@ def compare_existing(t: Transfer, e: Transfer) -> TransferResult:
 
 def _compare_existing(t: Transfer, e: Transfer) -> TransferResult:
     """``exists`` if ``t`` repeats the stored ``e`` exactly, else the first difference."""
+    if t.tenant != e.tenant:
+        # Another tenant's transfer: nothing of it is compared, so nothing is revealed.
+        return R.exists_with_different_tenant
     for name, code in (
         ("flags", R.exists_with_different_flags),
         ("pending_id", R.exists_with_different_pending_id),

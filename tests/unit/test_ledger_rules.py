@@ -919,3 +919,19 @@ def test_another_tenants_ids_and_holds_reveal_nothing(shards: int) -> None:
 
 def msgspec_replace(t: Transfer, **fields: Any) -> Transfer:
     return msgspec.structs.replace(t, **fields)
+
+
+def test_an_answer_from_the_database_keeps_tenants_apart() -> None:
+    """When a shard cannot answer and the front reads a stored transfer back
+    (``compare_existing``, docs/api.md "Partial answers"), another tenant's transfer under
+    the same id is exists_with_different_tenant, identical fields or not."""
+    from processor.ledger import compare_existing
+
+    stored = Transfer(id=5, debit_account_id=1, credit_account_id=2, amount=3,
+                      currency="USD", tenant=T1, timestamp=9)
+    mine = msgspec_replace(stored, timestamp=0)
+    assert compare_existing(mine, stored) == R.exists
+    assert compare_existing(msgspec_replace(mine, tenant=T2), stored) == \
+        R.exists_with_different_tenant
+    assert compare_existing(msgspec_replace(mine, tenant=T2, amount=4), stored) == \
+        R.exists_with_different_tenant
