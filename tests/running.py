@@ -6,11 +6,15 @@ using their own account and transfer ids, drawn from ``ids``.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,7 +25,8 @@ from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 
-__all__ = ["IdSource", "client", "ids", "ledger_store", "processor", "token_for"]
+__all__ = ["ExtraFront", "IdSource", "client", "extra_front", "ids", "ledger_store",
+           "processor", "token_for"]
 
 SHARDS = 2
 
@@ -91,3 +96,41 @@ async def ledger_store(processor: Processor) -> AsyncIterator[LedgerStore]:
         yield store
     finally:
         await store.close()
+
+
+@dataclass(frozen=True)
+class ExtraFront:
+    """The listeners of a front started beside the session's own, and a token for it."""
+
+    http_port: int
+    rpc_port: int
+    token: str
+
+
+@contextlib.asynccontextmanager
+async def extra_front(processor: Processor, **front: Any) -> AsyncIterator[ExtraFront]:
+    """A front with ``front``'s settings (free ports, payments off) beside the session's
+    own, sharing its shards; stopped and killed on the way out."""
+    import msgspec
+    import ray
+
+    from actors.ledger.front import Front
+
+    config = msgspec.structs.replace(
+        processor.config,
+        front=msgspec.structs.replace(processor.config.front, http_port=0, rpc_port=0,
+                                      **front),
+        payments=msgspec.structs.replace(processor.config.payments, enabled=False),
+    )
+    config.check()
+    # Unnamed (the session's front holds the name make_front gives) and never restarted.
+    actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(Front).remote(
+        config, processor.channel_key)
+    try:
+        ports = await asyncio.wait_for(actor.start.remote(), timeout=120)
+        yield ExtraFront(ports["http_port"], ports["rpc_port"], token_for(processor))
+    finally:
+        try:
+            await asyncio.wait_for(actor.stop.remote(), timeout=15)
+        finally:
+            ray.kill(actor, no_restart=True)

@@ -17,23 +17,19 @@ import socket
 import struct
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 import pytest
-import ray
 
 from actors.app.runtime import Processor
 from actors.edge import start_rpc_server
-from actors.ledger.front import Front
 from processor import wire
 from processor.client import Client
 from processor.codes import AccountResult
 from processor.errors import Unavailable
 from processor.identity import SCOPES, issue_token
 from processor.types import Account
-from tests.running import IdSource, token_for
+from tests.running import ExtraFront, IdSource, extra_front, token_for
 
 # Small enough to watch pass, large enough not to fire by accident on a loaded machine.
 # Deadlines that could be mistaken for each other differ (header, body and keep-alive), and
@@ -64,33 +60,11 @@ def _own_address() -> str:
     return f"127.0.0.{next(_addresses)}"
 
 
-@dataclass(frozen=True)
-class Edge:
-    http_port: int
-    rpc_port: int
-    token: str
-
-
 @pytest.fixture(scope="module")
-async def edge(processor: Processor) -> AsyncIterator[Edge]:
+async def edge(processor: Processor) -> AsyncIterator[ExtraFront]:
     """A front with small edge limits beside the session's own, sharing its shards."""
-    config = msgspec.structs.replace(
-        processor.config,
-        front=msgspec.structs.replace(processor.config.front, http_port=0, rpc_port=0,
-                                      **EDGE_LIMITS),
-        payments=msgspec.structs.replace(processor.config.payments, enabled=False),
-    )
-    # Unnamed (the session's front holds the name make_front gives) and never restarted.
-    actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(Front).remote(
-        config, processor.channel_key)
-    try:
-        ports = await asyncio.wait_for(actor.start.remote(), timeout=120)
-        yield Edge(ports["http_port"], ports["rpc_port"], token_for(processor))
-    finally:
-        try:
-            await asyncio.wait_for(actor.stop.remote(), timeout=15)
-        finally:
-            ray.kill(actor, no_restart=True)
+    async with extra_front(processor, **EDGE_LIMITS) as front:
+        yield front
 
 
 async def _open(port: int, address: str, *, receive_buffer_bytes: int = 0
@@ -143,7 +117,7 @@ async def _closed_while_trickling(reader: asyncio.StreamReader,
 
 
 async def test_http_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_deadline(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """A slowloris sending header bytes gets 408 and is closed once the header deadline
     passes, although it never stopped sending."""
@@ -156,7 +130,7 @@ async def test_http_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_
 
 
 async def test_http_connection_that_sends_nothing_is_closed_at_the_header_deadline(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """A connection opened and left silent is closed, without an answer, at the deadline."""
     reader, writer = await _open(edge.http_port, _own_address())
@@ -169,7 +143,7 @@ async def test_http_connection_that_sends_nothing_is_closed_at_the_header_deadli
 
 
 async def test_http_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_deadline(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """A request whose body trickles in is closed unanswered once the body deadline
     passes (the header deadline no longer applies once the headers are in)."""
@@ -184,7 +158,7 @@ async def test_http_body_trickled_a_byte_at_a_time_is_cut_off_at_the_body_deadli
 
 
 async def test_http_idle_keep_alive_connection_is_closed_after_the_configured_timeout(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """After its answer, a keep-alive connection left idle is closed after
     http_keep_alive_timeout_s (uvicorn's own default would be 5 s)."""
@@ -200,7 +174,7 @@ async def test_http_idle_keep_alive_connection_is_closed_after_the_configured_ti
     assert elapsed_s < EDGE_LIMITS["http_header_timeout_s"] - 0.2
 
 
-async def test_http_connection_over_the_per_peer_cap_is_refused_503(edge: Edge) -> None:
+async def test_http_connection_over_the_per_peer_cap_is_refused_503(edge: ExtraFront) -> None:
     """One address holding http_connections_per_peer_max connections has the next one
     answered 503 and closed at once, while another address is still served."""
     address = _own_address()
@@ -223,7 +197,7 @@ async def test_http_connection_over_the_per_peer_cap_is_refused_503(edge: Edge) 
     assert served.startswith(b"HTTP/1.1 200 ")
 
 
-async def test_http_headers_over_the_size_limit_are_refused_431(edge: Edge) -> None:
+async def test_http_headers_over_the_size_limit_are_refused_431(edge: ExtraFront) -> None:
     """A request whose headers pass http_header_bytes_max (64 KiB by default) without
     ending is refused 431 and closed, before its header deadline."""
     reader, writer = await _open(edge.http_port, _own_address())
@@ -238,7 +212,7 @@ async def test_http_headers_over_the_size_limit_are_refused_431(edge: Edge) -> N
     assert time.monotonic() - started < EDGE_LIMITS["http_header_timeout_s"]
 
 
-async def test_http_keep_alive_and_pipelined_requests_are_still_served(edge: Edge) -> None:
+async def test_http_keep_alive_and_pipelined_requests_are_still_served(edge: ExtraFront) -> None:
     """The deadlines leave ordinary use alone: two pipelined requests, then a third on the
     same connection after a pause, are all answered."""
     reader, writer = await _open(edge.http_port, _own_address())
@@ -258,7 +232,7 @@ async def test_http_keep_alive_and_pipelined_requests_are_still_served(edge: Edg
     assert received.startswith(b"HTTP/1.1 200 ")
 
 
-async def test_http_peer_that_never_reads_is_cut_off_at_the_write_timeout(edge: Edge) -> None:
+async def test_http_peer_that_never_reads_is_cut_off_at_the_write_timeout(edge: ExtraFront) -> None:
     """A client that pipelines requests but reads none of the answers has its connection
     reset once an answer has waited http_write_timeout_s in a full socket buffer: it never
     gets all of them (without the limit it would, the server stuck until it read)."""
@@ -283,7 +257,7 @@ async def _receive(reader: asyncio.StreamReader) -> wire.Response:
     return wire.decode_response(await reader.readexactly(wire.frame_length(header)))
 
 
-async def _hello(edge: Edge, address: str, token: str | None = None
+async def _hello(edge: ExtraFront, address: str, token: str | None = None
                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     reader, writer = await _open(edge.rpc_port, address)
     writer.write(wire.encode_frame(wire.Hello(token or edge.token, wire.PROTOCOL_VERSION)))
@@ -303,7 +277,7 @@ async def _connection_error_then_close(reader: asyncio.StreamReader) -> wire.Res
 
 
 async def test_rpc_oversized_first_frame_is_refused_without_reading_its_body(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """Before Hello, a header announcing more than rpc_hello_bytes_max (here 1 MiB, under
     FRAME_BYTES_MAX) is refused frame_too_large at once: the body is never sent, and the
@@ -319,7 +293,7 @@ async def test_rpc_oversized_first_frame_is_refused_without_reading_its_body(
 
 
 async def test_rpc_silent_connection_after_hello_is_closed_at_the_idle_timeout(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """An authenticated connection with nothing in flight that sends nothing is told
     idle_timeout and closed after rpc_idle_timeout_s."""
@@ -334,7 +308,7 @@ async def test_rpc_silent_connection_after_hello_is_closed_at_the_idle_timeout(
 
 
 async def test_rpc_frame_whose_body_trickles_is_cut_off_at_the_frame_timeout(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """A frame whose header arrived but whose body comes a byte at a time is refused
     frame_timeout and the connection closed after rpc_frame_timeout_s."""
@@ -349,7 +323,7 @@ async def test_rpc_frame_whose_body_trickles_is_cut_off_at_the_frame_timeout(
 
 
 async def test_rpc_peer_that_never_reads_is_cut_off_at_the_write_timeout(
-    edge: Edge, ids: IdSource
+    edge: ExtraFront, ids: IdSource
 ) -> None:
     """A client that sends requests but reads none of their answers has its connection
     reset once the answers have waited rpc_write_timeout_s in a full socket buffer: it
@@ -381,7 +355,7 @@ async def test_rpc_peer_that_never_reads_is_cut_off_at_the_write_timeout(
 
 
 async def test_rpc_connection_is_closed_after_its_token_expires_unless_renewed(
-    edge: Edge, processor: Processor
+    edge: ExtraFront, processor: Processor
 ) -> None:
     """Requests after the token's expiry are answered token_expired; a connection that
     sends no new Hello within rpc_token_grace_s of the expiry is then closed, although
@@ -410,7 +384,7 @@ async def test_rpc_connection_is_closed_after_its_token_expires_unless_renewed(
 
 
 async def test_rpc_connection_renewed_by_a_new_hello_outlives_its_first_token(
-    edge: Edge, processor: Processor
+    edge: ExtraFront, processor: Processor
 ) -> None:
     """A client that sends a new Hello before its token expires is served past the first
     token's expiry and grace."""
@@ -510,7 +484,7 @@ async def _receive_request(reader: asyncio.StreamReader) -> wire.Request:
 
 
 async def test_rpc_connection_over_the_per_peer_cap_is_refused_overloaded(
-    edge: Edge,
+    edge: ExtraFront,
 ) -> None:
     """One address holding rpc_connections_per_peer_max connections has the next one
     refused overloaded and closed, while another address still gets in."""

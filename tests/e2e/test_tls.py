@@ -10,7 +10,6 @@ with them: one with TLS, one that requires client certificates. Every wait is bo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime
 import os
 import socket
@@ -26,19 +25,17 @@ from typing import Any
 import httpx
 import msgspec
 import pytest
-import ray
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from actors.app.certs import DEV_CLIENT_NAME, DEV_FILES, write_dev_certs
 from actors.app.runtime import Processor
-from actors.ledger.front import Front
 from processor.client import Client, ClientError
 from processor.codes import AccountResult
 from processor.config import Config, FrontConfig, ShardConfig
 from processor.errors import Unavailable
 from processor.types import Account
-from tests.running import IdSource, token_for
+from tests.running import ExtraFront, IdSource, extra_front
 
 # Short enough to watch pass: the TLS front's RPC handshake deadline (rpc_hello_timeout_s)
 # and its HTTP header deadline, which must still work under TLS.
@@ -56,13 +53,6 @@ class Certs:
     other: Path  # a second CA and a client certificate it signed, unknown to the fronts
 
 
-@dataclass(frozen=True)
-class Listeners:
-    http_port: int
-    rpc_port: int
-    token: str
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     root = tmp_path_factory.mktemp("certs")
@@ -72,33 +62,10 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
     return Certs(root / "dev", root / "other")
 
 
-@contextlib.asynccontextmanager
-async def _front(processor: Processor, **front: Any) -> AsyncIterator[Listeners]:
-    """A front with ``front``'s settings beside the session's own, sharing its shards."""
-    config = msgspec.structs.replace(
-        processor.config,
-        front=msgspec.structs.replace(processor.config.front, http_port=0, rpc_port=0,
-                                      **front),
-        payments=msgspec.structs.replace(processor.config.payments, enabled=False),
-    )
-    config.check()
-    # Unnamed (the session's front holds the name make_front gives) and never restarted.
-    actor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=1000)(Front).remote(
-        config, processor.channel_key)
-    try:
-        ports = await asyncio.wait_for(actor.start.remote(), timeout=120)
-        yield Listeners(ports["http_port"], ports["rpc_port"], token_for(processor))
-    finally:
-        try:
-            await asyncio.wait_for(actor.stop.remote(), timeout=15)
-        finally:
-            ray.kill(actor, no_restart=True)
-
-
 @pytest.fixture(scope="module")
-async def tls_front(processor: Processor, certs: Certs) -> AsyncIterator[Listeners]:
+async def tls_front(processor: Processor, certs: Certs) -> AsyncIterator[ExtraFront]:
     """TLS with the dev server certificate; no client certificates asked for."""
-    async with _front(processor, tls_cert_path=str(certs.dev / "server.pem"),
+    async with extra_front(processor, tls_cert_path=str(certs.dev / "server.pem"),
                       tls_key_path=str(certs.dev / "server-key.pem"),
                       rpc_hello_timeout_s=HELLO_TIMEOUT_S,
                       http_header_timeout_s=HEADER_TIMEOUT_S) as listeners:
@@ -106,9 +73,9 @@ async def tls_front(processor: Processor, certs: Certs) -> AsyncIterator[Listene
 
 
 @pytest.fixture(scope="module")
-async def mtls_front(processor: Processor, certs: Certs) -> AsyncIterator[Listeners]:
+async def mtls_front(processor: Processor, certs: Certs) -> AsyncIterator[ExtraFront]:
     """Mutual TLS: clients must present a certificate signed by the dev CA."""
-    async with _front(processor, tls_cert_path=str(certs.dev / "server.pem"),
+    async with extra_front(processor, tls_cert_path=str(certs.dev / "server.pem"),
                       tls_key_path=str(certs.dev / "server-key.pem"),
                       tls_client_ca_path=str(certs.dev / "ca.pem"),
                       tls_require_client_cert=True) as listeners:
@@ -177,7 +144,7 @@ async def _account_round_trip(port: int, token: str, context: ssl.SSLContext,
 
 
 async def test_https_with_the_dev_ca_is_served_and_plain_http_gets_no_http_answer(
-        tls_front: Listeners, certs: Certs) -> None:
+        tls_front: ExtraFront, certs: Certs) -> None:
     """The HTTP listener speaks HTTPS with the dev certificate (for 127.0.0.1 and
     localhost), and a plain HTTP request on its port gets no HTTP answer."""
     async with httpx.AsyncClient(verify=_context(certs), timeout=WAIT_MAX_S) as http:
@@ -195,7 +162,7 @@ async def test_https_with_the_dev_ca_is_served_and_plain_http_gets_no_http_answe
 
 
 async def test_http_header_deadline_still_applies_under_tls(
-        tls_front: Listeners, certs: Certs) -> None:
+        tls_front: ExtraFront, certs: Certs) -> None:
     """The listener's own limits run on the decrypted stream: headers left unfinished over
     TLS get 408 and are closed at the header deadline."""
     reader, writer = await asyncio.open_connection(
@@ -210,7 +177,7 @@ async def test_http_header_deadline_still_applies_under_tls(
 
 
 async def test_rpc_over_tls_creates_and_looks_up_an_account_and_plain_rpc_is_refused(
-        tls_front: Listeners, certs: Certs, ids: IdSource) -> None:
+        tls_front: ExtraFront, certs: Certs, ids: IdSource) -> None:
     """The Python client with an SSL context creates and reads an account over the RPC
     listener's TLS; the same client without TLS gets nowhere on that port."""
     await _account_round_trip(tls_front.rpc_port, tls_front.token, _context(certs), ids)
@@ -223,7 +190,7 @@ async def test_rpc_over_tls_creates_and_looks_up_an_account_and_plain_rpc_is_ref
 
 
 async def test_client_refuses_a_server_whose_certificate_it_does_not_trust(
-        tls_front: Listeners, certs: Certs) -> None:
+        tls_front: ExtraFront, certs: Certs) -> None:
     """A client context trusting another CA fails at once with the verification error,
     not retried as if the server were away."""
     context = ssl.create_default_context(cafile=str(certs.other / "ca.pem"))
@@ -235,7 +202,7 @@ async def test_client_refuses_a_server_whose_certificate_it_does_not_trust(
 
 
 async def test_rpc_handshake_never_completed_is_closed_at_the_hello_deadline(
-        tls_front: Listeners) -> None:
+        tls_front: ExtraFront) -> None:
     """A connection that never starts its TLS handshake is closed after
     rpc_hello_timeout_s (asyncio's own default would hold it 60 s)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", tls_front.rpc_port)
@@ -252,7 +219,7 @@ async def test_rpc_handshake_never_completed_is_closed_at_the_hello_deadline(
 @pytest.mark.parametrize("identity", ["none", "other_ca"])
 @pytest.mark.parametrize("listener", ["http", "rpc"])
 async def test_client_without_a_dev_signed_certificate_is_refused_in_the_handshake(
-        mtls_front: Listeners, certs: Certs, ids: IdSource, listener: str,
+        mtls_front: ExtraFront, certs: Certs, ids: IdSource, listener: str,
         identity: str) -> None:
     """With --require-client-cert, a client presenting no certificate, or one signed by
     another CA, fails the TLS handshake itself, and so gets nothing from the listener."""
@@ -274,7 +241,7 @@ async def test_client_without_a_dev_signed_certificate_is_refused_in_the_handsha
 
 
 async def test_client_with_the_dev_client_certificate_is_served_on_both_listeners(
-        mtls_front: Listeners, certs: Certs, ids: IdSource) -> None:
+        mtls_front: ExtraFront, certs: Certs, ids: IdSource) -> None:
     """With --require-client-cert, the dev client certificate completes the handshake (TLS
     1.2 and 1.3) and is served over HTTPS and RPC."""
     for port in (mtls_front.http_port, mtls_front.rpc_port):
