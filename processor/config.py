@@ -136,6 +136,7 @@ def _edge_checks(f: FrontConfig) -> list[tuple[bool, str]]:
     checks = [(getattr(f, name) > 0, f"front {name} > 0") for name in _EDGE_LIMITS_POSITIVE]
     checks.append((f.rate_limit_rps >= 0 and (f.rate_limit_rps == 0 or f.rate_limit_burst >= 1),
                    "front rate_limit_rps >= 0, with rate_limit_burst >= 1 when it is set"))
+    checks.append((f.accounts_per_tenant_max >= 0, "front accounts_per_tenant_max >= 0"))
     checks.append((HELLO_BYTES_MAX <= f.rpc_hello_bytes_max <= FRAME_BYTES_MAX,
                    f"{HELLO_BYTES_MAX} (the largest Hello) <= rpc_hello_bytes_max "
                    f"<= {FRAME_BYTES_MAX}"))

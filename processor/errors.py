@@ -11,7 +11,7 @@ both unreachable), after which the same request must be sent again.
 
 from __future__ import annotations
 
-__all__ = ["LedgerError", "Overloaded", "Unavailable"]
+__all__ = ["LedgerError", "Overloaded", "QuotaExceeded", "Unavailable"]
 
 
 class LedgerError(Exception):
@@ -38,3 +38,11 @@ class Unavailable(LedgerError):
 
     code = "unavailable"
     retryable = True
+
+
+class QuotaExceeded(LedgerError):
+    """The tenant would hold more accounts than its quota allows; nothing was created
+    (HTTP 422 ``account_quota_exceeded``). Not retryable as is: accounts must be freed or
+    the quota raised."""
+
+    code = "account_quota_exceeded"

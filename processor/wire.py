@@ -114,6 +114,9 @@ ERROR_CODES: Final = frozenset(
         "rate_limited",
         "unavailable",  # a shard or the database is down; retry after retry_after_s
         "too_many_in_flight",  # the connection has in_flight_per_connection_max requests
+        # creating the accounts would pass the tenant's quota (--max-accounts-per-tenant);
+        # nothing of the request was created
+        "account_quota_exceeded",
         "ledger_error",  # a LedgerError of no more specific kind; see its message
         "unknown_operation",  # a PaymentCall named no payments operation
         "invalid_batch",  # a CreateTransferBatch's columns break the format; nothing applied

@@ -63,6 +63,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "0 disables")
     p.add_argument("--rate-limit-burst", type=int, default=front.rate_limit_burst,
                    help="operations a principal may send at once before the rate applies")
+    p.add_argument("--max-accounts-per-tenant", type=int,
+                   default=front.accounts_per_tenant_max, metavar="N",
+                   help="the most accounts one tenant may hold (the processor's own not "
+                        "counted); 0 sets no quota")
     p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS") or None,
                    help="join this Ray cluster instead of starting a local Ray")
     p.add_argument("--metrics-port", type=int, default=9464,
@@ -107,6 +111,7 @@ def build_config(args: argparse.Namespace) -> Config:
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
                           rate_limit_rps=args.rate_limit_rps,
                           rate_limit_burst=args.rate_limit_burst,
+                          accounts_per_tenant_max=args.max_accounts_per_tenant,
                           tls_cert_path=_absolute(args.tls_cert),
                           tls_key_path=_absolute(args.tls_key),
                           tls_client_ca_path=_absolute(args.client_ca),

@@ -44,7 +44,7 @@ from actors.payments import (
     require_key,
 )
 from processor.codes import AccountResult, TransferResult
-from processor.errors import LedgerError, Overloaded
+from processor.errors import LedgerError, Overloaded, QuotaExceeded
 from processor.identity import (
     SCOPES,
     AuthError,
@@ -429,6 +429,7 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "batch_too_large": 413,
     "overloaded": 429,
     "rate_limited": 429,
+    "account_quota_exceeded": 422,
     "internal": 500,
     "unavailable": 503,
     "not_ready": 503,
@@ -975,6 +976,8 @@ def _api_error_of(exc: Exception, method: str, path: str) -> ApiError:
         return ApiError(403, "scope_missing", message, {"WWW-Authenticate": challenge})
     if isinstance(exc, Overloaded):
         return ApiError(429, "overloaded", exc.message, _retry_after_header(exc))
+    if isinstance(exc, QuotaExceeded):
+        return ApiError(422, QuotaExceeded.code, exc.message)
     if isinstance(exc, LedgerError):
         # Every request-level ledger error means nothing was written and the request may be
         # repeated unchanged (processor/errors.py), which is what 503 tells a client.
@@ -1090,6 +1093,7 @@ _LEDGER_TROUBLE = (_OVERLOADED, _INTERNAL, _UNAVAILABLE)
 def _create_replies(
     body: type, conflicts: tuple[str, ...], rules: tuple[str, ...], what: str
 ) -> tuple[Reply, ...]:
+    quota = (QuotaExceeded.code,) if what == "account" else ()
     return (
         Reply(201, f"The {what} was created; the body is the stored {what}.", body),
         Reply(200, f"An identical {what} was already stored; the body is that {what}.", body),
@@ -1098,18 +1102,23 @@ def _create_replies(
         _FORBIDDEN_CREATE,
         _error_reply(409, f"A {what} with this id is stored with other fields.", *conflicts),
         _TOO_LARGE,
-        _error_reply(422, f"The ledger refused the {what}; nothing was written.", *rules),
+        _error_reply(422, f"The ledger refused the {what}, or creating it would pass the "
+                          "tenant's quota; nothing was written.", *rules, *quota),
         *_LEDGER_TROUBLE,
     )
 
 
 def _batch_replies(body: type, what: str) -> tuple[Reply, ...]:
+    quota = (_error_reply(422, "Creating the batch would pass the tenant's quota of accounts; "
+                               "nothing was written.", QuotaExceeded.code),
+             ) if what == "account" else ()
     return (
         Reply(200, f"One result per {what}, in request order.", body),
         _BAD_BATCH,
         _UNAUTHORIZED,
         _FORBIDDEN_CREATE,
         _TOO_LARGE_BATCH,
+        *quota,
         *_LEDGER_TROUBLE,
     )
 

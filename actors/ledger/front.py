@@ -38,6 +38,7 @@ from actors.edge import (
     server_context,
     start_rpc_server,
 )
+from actors.ledger.quota import AccountQuota
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
 from actors.names import NAMESPACE
@@ -208,6 +209,8 @@ class Front:
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._store: LedgerStore | None = None
         self._audit: AuditWriter | None = None
+        # Per-tenant account counts, with --max-accounts-per-tenant (actors/ledger/quota.py).
+        self._quota: AccountQuota | None = None
         self._ready = False
         self._http: uvicorn.Server | None = None
         self._http_task: asyncio.Task[None] | None = None
@@ -238,6 +241,11 @@ class Front:
         self._audit = await AuditWriter.connect(
             cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s, clock_s=time.time)
+        if cfg.front.accounts_per_tenant_max > 0:
+            self._quota = await AccountQuota.connect(
+                cfg.shard.database_url, cfg.front.accounts_per_tenant_max,
+                connect_timeout_s=cfg.shard.connect_timeout_s,
+                command_timeout_s=cfg.shard.command_timeout_s)
         self._shards = [ray.get_actor(shard_actor_name(s), namespace=NAMESPACE)
                         for s in range(cfg.shard.shards)]
         await asyncio.gather(*[s.ready.remote() for s in self._shards])
@@ -332,6 +340,8 @@ class Front:
             await self._store.close()
         if self._audit is not None:
             await self._audit.close()
+        if self._quota is not None:
+            await self._quota.close()
         if self._credentials is not None:
             await self._credentials.close()
 
@@ -402,6 +412,18 @@ class Front:
     # -- LedgerService ------------------------------------------------------------------------
 
     async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
+        quota = self._quota
+        if quota is None:
+            return await self._create_accounts(accounts)
+        # Counted before they can exist; what was not created is given back. A request that
+        # fails as a whole may have been applied in part, so it keeps its reservations: the
+        # count may run high, never low (actors/ledger/quota.py).
+        reserved = await quota.reserve(accounts, self.lookup_accounts)
+        results = await self._create_accounts(accounts)
+        await quota.settle(reserved, accounts, results)
+        return results
+
+    async def _create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
         groups: dict[int, list[int]] = {}
         for i, a in enumerate(accounts):
             groups.setdefault(self._partitions.shard_of(a.id), []).append(i)

@@ -91,6 +91,9 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     # gateway's bulk ingest (about 100,000 transfers/s on two cores) fits.
     rate_limit_rps: float = 250_000.0
     rate_limit_burst: int = 500_000
+    # The most accounts one tenant may hold (actors/ledger/quota.py); the processor's own
+    # are not counted. 0, the default, sets no quota and costs nothing.
+    accounts_per_tenant_max: int = 0
     # TLS on both listeners (docs/security.md, "TLS"): the server's certificate chain and
     # key (PEM files), both or neither; empty serves plain TCP. With a client CA, clients
     # may present a certificate it signed; with tls_require_client_cert they must, or the

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 import actors.edge.http_api as http_api
 from processor.codes import AccountResult, TransferResult
-from processor.errors import Overloaded, Unavailable
+from processor.errors import Overloaded, QuotaExceeded, Unavailable
 from processor.identity import SCOPES
 from processor.service import BATCH_ITEMS_MAX
 from tests.unit.test_http_api import (
@@ -110,6 +110,8 @@ SCENARIOS: dict[tuple[str, str], dict[int, Scenario]] = {
         200: Scenario(body=encode({"accounts": [account_json(1), account_json(0)]})),
         400: Scenario(body=encode({"accounts": []})),
         413: Scenario(body=encode({"accounts": [account_json(1)] * (BATCH_ITEMS_MAX + 1)})),
+        422: Scenario(body=encode({"accounts": [account_json(1)]}),
+                      prepare=failing(QuotaExceeded("the tenant's quota would be passed"))),
     },
     ("GET", "/v1/accounts/{id}"): {
         **ledger_trouble(None),
