@@ -44,7 +44,8 @@ from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.types import Account, Transfer
 
-__all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError", "PaymentAnswer"]
+__all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError", "PaymentAnswer",
+           "client_tls_context"]
 
 CONNECT_ATTEMPTS_MAX_DEFAULT = 3
 # The pause before the second and later connection attempts grows by this much each time.
@@ -59,6 +60,26 @@ class PaymentAnswer(msgspec.Struct, frozen=True, kw_only=True):
     status: int
     body: Any
     replayed: bool = False
+
+
+def client_tls_context(ca_path: str = "", cert_path: str = "",
+                       key_path: str = "") -> ssl.SSLContext:
+    """A client context for a front serving TLS: TLS 1.2 or later, the server's certificate
+    verified against ``ca_path`` (PEM; the system's trust store when empty) and its name
+    checked, and for a front that requires one (mutual TLS), the client's certificate chain
+    ``cert_path`` with its key ``key_path`` (PEM, both or neither).
+
+    The processor's own clients (the payments actor's RPC, the simulated providers'
+    webhooks) are made with it; so can a gateway's. Raises ``ValueError`` for a certificate
+    without its key, ``FileNotFoundError`` and ``ssl.SSLError`` for a missing or unreadable
+    file."""
+    if bool(cert_path) != bool(key_path):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    context = ssl.create_default_context(cafile=ca_path or None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if cert_path:
+        context.load_cert_chain(certfile=cert_path, keyfile=key_path)
+    return context
 
 
 class ClientError(Exception):

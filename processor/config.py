@@ -99,11 +99,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             ({p.name for p in self.payments.providers} <= set(self.payments.rules.provider_order),
              "every provider is in provider_order"),
             *_edge_checks(f),
-            # The payments actor reaches the ledger through the front's RPC listener and
-            # simulated providers post webhooks to its HTTP listener, both in plain TCP and
-            # without a client certificate (docs/security.md, "TLS").
-            (not (f.tls and self.payments.enabled and self.payments.providers),
-             "TLS serves the ledger alone for now: payments off (--no-payments)"),
+            # Under mutual TLS the payments actor (RPC) and the simulated providers
+            # (webhooks) must present a certificate too (docs/security.md, "TLS").
+            (not (f.tls_require_client_cert and self.payments.enabled
+                  and self.payments.providers and not f.tls_internal_cert_path),
+             "--require-client-cert with payments needs --internal-client-cert and "
+             "--internal-client-key (the payments actor's and providers' certificate)"),
         ]
         for ok, what in checks:
             if not ok:
@@ -146,5 +147,9 @@ def _edge_checks(f: FrontConfig) -> list[tuple[bool, str]]:
         (not f.tls_client_ca_path or f.tls, "front tls_client_ca_path needs tls_cert_path"),
         (not f.tls_require_client_cert or bool(f.tls_client_ca_path),
          "front tls_require_client_cert needs tls_client_ca_path"),
+        (bool(f.tls_internal_cert_path) == bool(f.tls_internal_key_path),
+         "front tls_internal_cert_path and tls_internal_key_path both set, or neither"),
+        (f.tls or not (f.tls_server_ca_path or f.tls_internal_cert_path),
+         "front tls_server_ca_path and tls_internal_cert_path need tls_cert_path"),
     ]
     return checks

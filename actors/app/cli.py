@@ -97,6 +97,15 @@ def _add_tls(p: argparse.ArgumentParser) -> None:
     p.add_argument("--require-client-cert", action="store_true",
                    help="refuse, during the handshake, every client without a certificate "
                         "signed by --client-ca (mutual TLS)")
+    p.add_argument("--server-ca", default="", metavar="FILE",
+                   help="the CA (PEM) that signed --tls-cert, which the processor's own "
+                        "clients (payments, simulated providers' webhooks) verify it with; "
+                        "default: the system's trust store")
+    p.add_argument("--internal-client-cert", default="", metavar="FILE",
+                   help="the client certificate (PEM) the processor's own clients present "
+                        "under --require-client-cert; needs --internal-client-key")
+    p.add_argument("--internal-client-key", default="", metavar="FILE",
+                   help="the private key of --internal-client-cert (PEM)")
 
 
 def _absolute(path: str) -> str:
@@ -115,7 +124,10 @@ def build_config(args: argparse.Namespace) -> Config:
                           tls_cert_path=_absolute(args.tls_cert),
                           tls_key_path=_absolute(args.tls_key),
                           tls_client_ca_path=_absolute(args.client_ca),
-                          tls_require_client_cert=args.require_client_cert),
+                          tls_require_client_cert=args.require_client_cert,
+                          tls_server_ca_path=_absolute(args.server_ca),
+                          tls_internal_cert_path=_absolute(args.internal_client_cert),
+                          tls_internal_key_path=_absolute(args.internal_client_key)),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
         payments=_payments(args),
@@ -189,7 +201,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_serve(demo)
     # The demo's own clients speak plain TCP.
     demo.set_defaults(http_port=0, rpc_port=0, metrics_port=0, tls_cert="", tls_key="",
-                      client_ca="", require_client_cert=False)
+                      client_ca="", require_client_cert=False, server_ca="",
+                      internal_client_cert="", internal_client_key="")
     demo.add_argument("--accounts", type=int, default=1_000)
     demo.add_argument("--transfers", type=int, default=200_000)
     demo.add_argument("--batch", type=int, default=4_000)
@@ -326,7 +339,9 @@ def _certs_dev(args: argparse.Namespace) -> int:
         print(f"wrote {path} ({'0600, ' if file.secret else ''}{file.what})")
     print(f"serve with: txproc serve --tls-cert {out / 'server.pem'} "
           f"--tls-key {out / 'server-key.pem'} --client-ca {out / 'ca.pem'} "
-          "--require-client-cert --no-payments")
+          f"--require-client-cert --server-ca {out / 'ca.pem'} "
+          f"--internal-client-cert {out / 'client.pem'} "
+          f"--internal-client-key {out / 'client-key.pem'}")
     return 0
 
 

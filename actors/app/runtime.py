@@ -284,9 +284,14 @@ async def _start_payments(processor: Processor) -> None:
         url = endpoint.base_url
         if not url:
             write_secrets(secrets, endpoint.name)
-            webhook = f"http://{host}:{processor.http_port}/v1/providers/{endpoint.name}/webhooks"
+            front = config.front
+            scheme = "https" if front.tls else "http"
+            webhook = (f"{scheme}://{host}:{processor.http_port}"
+                       f"/v1/providers/{endpoint.name}/webhooks")
             sim = start_sim(endpoint.name, secrets_file=secrets, webhook_url=webhook,
-                            report_dir=data / "providers" / "reports" / endpoint.name)
+                            report_dir=data / "providers" / "reports" / endpoint.name,
+                            webhook_tls=(front.tls_server_ca_path, front.tls_internal_cert_path,
+                                         front.tls_internal_key_path))
             processor.sims.append(sim)
             url = sim.url
         _kill_stale(provider_actor_name(endpoint.name))

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -41,7 +42,7 @@ from actors.payments.provider import provider_actor_name
 from actors.payments.store import PaymentStore
 from actors.priority import lower_priority
 from actors.risk import RISK_ACTOR_NAME
-from processor.client import Client, ClientError
+from processor.client import Client, ClientError, client_tls_context
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import Unavailable
@@ -83,14 +84,15 @@ class RpcLedger:
 
     def __init__(self, host: str, port: int, keys: KeyRingFile, *,
                  clock_s: Callable[[], float] = time.time,
-                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
+                 monotonic_s: Callable[[], float] = time.monotonic,
+                 tls: ssl.SSLContext | None = None) -> None:
         self._keys = keys
         self._clock_s = clock_s
         self._monotonic_s = monotonic_s
         self._renew_at_s = 0.0
         self._signed_kid = ""
         self._client = Client(host, port, self._token(), timeout_s=LEDGER_CALL_TIMEOUT_S,
-                              retries_max=2, connect_attempts_max=2)
+                              retries_max=2, connect_attempts_max=2, ssl=tls)
 
     def _token(self) -> str:
         now_s = int(self._clock_s())
@@ -188,7 +190,7 @@ class PaymentsActor:
         shard_cfg = self.config.shard
         keys = KeyRingFile(self.config.keys_path, now_s=int(time.time()),
                            interval_s=KEYS_REFRESH_INTERVAL_S)
-        ledger = RpcLedger(*self._front_rpc, keys)
+        ledger = RpcLedger(*self._front_rpc, keys, tls=_front_tls(self.config))
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
@@ -279,6 +281,17 @@ class PaymentsActor:
             await self._endpoint.payments.engine.store.close()
         if self._ledger is not None:
             await self._ledger.close()
+
+
+def _front_tls(config: Config) -> ssl.SSLContext | None:
+    """The client context for the front's RPC when it serves TLS (docs/security.md, "TLS"):
+    its certificate verified against the server CA, and under mutual TLS the processor's
+    internal client certificate presented."""
+    front = config.front
+    if not front.tls:
+        return None
+    return client_tls_context(front.tls_server_ca_path, front.tls_internal_cert_path,
+                              front.tls_internal_key_path)
 
 
 def make_payments(config: Config, channel_key: bytes, *, providers: list[tuple[str, str]],

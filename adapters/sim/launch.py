@@ -149,9 +149,11 @@ class SimProcess:
 def start_sim(name: str, *, secrets_file: Path, port: int = 0, host: str = "127.0.0.1",
               webhook_url: str = "", report_dir: Path | None = None, seed: int | None = None,
               settle_delay_ms: float | None = None, webhook_backoff_ms: float | None = None,
+              webhook_tls: tuple[str, str, str] = ("", "", ""),
               startup_timeout_s: float = 20.0) -> SimProcess:
     """Start simulator ``name`` and wait until it listens; raises ``SimStartError``.
 
+    ``webhook_tls`` is (CA, client certificate, key), PEM paths, for webhooks over TLS.
     Secrets are created in ``secrets_file`` if it does not exist (see ``write_secrets``).
     The child inherits stderr (its warnings show up there) and is given nothing secret on
     its command line.
@@ -163,6 +165,10 @@ def start_sim(name: str, *, secrets_file: Path, port: int = 0, host: str = "127.
             "--secrets-file", str(secrets_file), "--exit-with-parent"]
     if webhook_url:
         argv += ["--webhook-url", webhook_url]
+    for flag, path in zip(("--webhook-ca", "--webhook-cert", "--webhook-key"), webhook_tls,
+                          strict=True):
+        if path:
+            argv += [flag, path]
     if report_dir is not None:
         argv += ["--report-dir", str(report_dir)]
     if seed is not None:

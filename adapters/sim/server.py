@@ -27,6 +27,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -57,6 +58,7 @@ from adapters.sim.core import (
 )
 from adapters.sim.faults import FAULTS_DECODER, FaultModel, Faults
 from adapters.sim.webhooks import WebhookDispatcher
+from processor.client import client_tls_context
 
 __all__ = ["OPS_MAX", "Answer", "SimOptions", "SimProvider", "parse_args", "run_main"]
 
@@ -91,6 +93,11 @@ class SimOptions:
     settle_delay_ms: float = 1_000.0
     webhook_attempts_max: int = 5
     webhook_backoff_s: float = 0.5
+    # Webhooks to an https URL: the receiver's CA (PEM; the system's store when empty)
+    # and, for a receiver requiring mutual TLS, a client certificate and key.
+    webhook_ca: str = ""
+    webhook_cert: str = ""
+    webhook_key: str = ""
 
 
 @dataclass(slots=True)
@@ -100,6 +107,13 @@ class _Counts:
     idempotency_conflicts: int = 0
     status_queries: int = 0
     tokens: int = 0
+
+
+def _webhook_tls(options: SimOptions) -> ssl.SSLContext | None:
+    """The client context for webhooks sent over TLS with a CA or certificate of their own."""
+    if not (options.webhook_ca or options.webhook_cert):
+        return None
+    return client_tls_context(options.webhook_ca, options.webhook_cert, options.webhook_key)
 
 
 class _KeepSend:
@@ -134,7 +148,7 @@ class SimProvider(abc.ABC):
         self.webhooks = WebhookDispatcher(
             url=options.webhook_url, sign=self.sign_webhook, faults=self.faults,
             clock_s=clock_s, attempts_max=options.webhook_attempts_max,
-            backoff_s=options.webhook_backoff_s)
+            backoff_s=options.webhook_backoff_s, tls=_webhook_tls(options))
         self.reports = ReportWriter(options.report_dir, self.report, self.report_file_name)
         self.counts = _Counts()
         self._settlements: set[asyncio.Task[None]] = set()
@@ -493,6 +507,13 @@ def parse_args(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--secrets-file", type=Path, default=Path(f".sim/{name}.secrets.json"),
                         help="JSON secrets file; created with fresh secrets if missing")
     parser.add_argument("--webhook-url", default="")
+    parser.add_argument("--webhook-ca", default="", metavar="FILE",
+                        help="CA certificates (PEM) an https webhook receiver is verified "
+                             "against (default: the system's)")
+    parser.add_argument("--webhook-cert", default="", metavar="FILE",
+                        help="client certificate (PEM) for a receiver requiring mutual TLS")
+    parser.add_argument("--webhook-key", default="", metavar="FILE",
+                        help="the private key of --webhook-cert (PEM)")
     parser.add_argument("--report-dir", type=Path, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--settle-delay-ms", type=float, default=1_000.0,
@@ -513,7 +534,9 @@ def run_main(name: str, factory: Callable[[dict[str, str], SimOptions], SimProvi
                         format=f"{name} %(levelname)s %(name)s: %(message)s")
     write_secrets(args.secrets_file, name)
     secrets = load_secrets(args.secrets_file, name)
-    options = SimOptions(webhook_url=args.webhook_url, report_dir=args.report_dir,
+    options = SimOptions(webhook_url=args.webhook_url, webhook_ca=args.webhook_ca,
+                         webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
+                         report_dir=args.report_dir,
                          seed=args.seed, settle_delay_ms=args.settle_delay_ms,
                          webhook_backoff_s=args.webhook_backoff_ms / 1000.0)
     provider = factory(secrets, options)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,11 +48,13 @@ class WebhookDispatcher:
     def __init__(self, *, url: str, sign: Callable[[bytes, float], dict[str, str]],
                  faults: FaultModel, clock_s: Callable[[], float], attempts_max: int = 5,
                  backoff_s: float = 0.5, queue_max: int = 10_000, retries_max: int = 1_000,
-                 timeout_s: float = 5.0) -> None:
+                 timeout_s: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
         if not (attempts_max >= 1 and queue_max >= 1 and retries_max >= 1):
             raise ValueError("webhook limits must be positive")
         self.url = url
         self._sign = sign
+        # For an https URL: the receiver's CA, and a client certificate if it wants one.
+        self._verify: ssl.SSLContext | bool = True if tls is None else tls
         self._faults = faults
         self._clock_s = clock_s
         self._attempts_max = attempts_max
@@ -91,7 +94,7 @@ class WebhookDispatcher:
         """Deliver until cancelled."""
         if not self.enabled:
             return
-        async with httpx.AsyncClient(timeout=self._timeout_s) as client:
+        async with httpx.AsyncClient(timeout=self._timeout_s, verify=self._verify) as client:
             self._client = client
             try:
                 while True:

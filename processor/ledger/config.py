@@ -102,6 +102,13 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls_key_path: str = ""
     tls_client_ca_path: str = ""
     tls_require_client_cert: bool = False
+    # The processor's own clients of these listeners when TLS is on: the payments actor
+    # (RPC) and the simulated providers (webhooks over HTTPS). They verify the server's
+    # certificate against tls_server_ca_path (empty: the system's trust store) and, for
+    # mutual TLS, present tls_internal_cert_path with its key.
+    tls_server_ca_path: str = ""
+    tls_internal_cert_path: str = ""
+    tls_internal_key_path: str = ""
 
     @property
     def tls(self) -> bool:

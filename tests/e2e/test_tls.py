@@ -264,6 +264,9 @@ async def test_client_with_the_dev_client_certificate_is_served_on_both_listener
     ({"tls_client_ca_path": "ca.pem"}, "tls_client_ca_path needs tls_cert_path"),
     ({"tls_cert_path": "c.pem", "tls_key_path": "k.pem", "tls_require_client_cert": True},
      "tls_require_client_cert needs tls_client_ca_path"),
+    ({"tls_cert_path": "c.pem", "tls_key_path": "k.pem", "tls_internal_cert_path": "i.pem"},
+     "tls_internal_cert_path and tls_internal_key_path"),
+    ({"tls_server_ca_path": "ca.pem"}, "tls_server_ca_path and tls_internal_cert_path need"),
 ])
 def test_config_check_refuses_incomplete_tls_settings(processor_config: Config,
                                                       front: dict[str, Any],
@@ -276,17 +279,20 @@ def test_config_check_refuses_incomplete_tls_settings(processor_config: Config,
         config.check()
 
 
-def test_config_check_refuses_tls_with_payments_and_passes_complete_settings(
+def test_config_check_wants_an_internal_certificate_for_payments_under_mutual_tls(
         processor_config: Config) -> None:
-    """TLS with payments on is refused (the payments actor and the simulated providers
-    speak plain TCP to the front); complete settings with payments off pass."""
+    """With client certificates required, payments need the certificate the payments actor
+    and the simulated providers present; with it, or with payments off, the settings pass."""
     front = FrontConfig(tls_cert_path="c.pem", tls_key_path="k.pem",
                         tls_client_ca_path="ca.pem", tls_require_client_cert=True)
-    with pytest.raises(ValueError, match="--no-payments"):
+    with pytest.raises(ValueError, match="--internal-client-cert"):
         msgspec.structs.replace(processor_config, front=front).check()
     msgspec.structs.replace(
         processor_config, front=front,
         payments=msgspec.structs.replace(processor_config.payments, enabled=False)).check()
+    msgspec.structs.replace(processor_config, front=msgspec.structs.replace(
+        front, tls_server_ca_path="ca.pem", tls_internal_cert_path="i.pem",
+        tls_internal_key_path="ik.pem")).check()
     msgspec.structs.replace(processor_config, front=FrontConfig()).check()
 
 
