@@ -27,6 +27,7 @@ __all__ = [
     "AUTHORIZATION_SECONDS",
     "BREAKER_STATE",
     "EDGE_CONNECTIONS_CLOSED",
+    "IDEMPOTENCY_FENCED",
     "LATENCY_BUCKETS_S",
     "LEDGER_CHECKPOINT_SECONDS",
     "LEDGER_COMMIT_SECONDS",
@@ -69,6 +70,11 @@ PAYMENT_OPERATIONS = Counter(
     "txproc_payment_operations_total",
     "Payment saga steps that reached a final phase, by kind and result.",
     ["kind", "result"])
+IDEMPOTENCY_FENCED = Counter(
+    "txproc_idempotency_fenced_total",
+    "Idempotency-Key answers not stored, or claims not released, because the request's "
+    "claim had lapsed and another request held the key, by action (complete, release).",
+    ["action"])
 OVERLOAD_REJECTIONS = Counter(
     "txproc_overload_rejections_total",
     "Requests refused because a queue or bulkhead was full, by where.",

@@ -230,11 +230,12 @@ class Idempotent:
         """
         store = self._engine.store
         print_ = fingerprint_
+        key = key_header or ""
         now_s = self._clock_s()
-        claimed = await store.claim_key(principal, key_header or "", print_, now_s=now_s,
-                                        retention_s=self._retention_s)
-        if not claimed:
-            stored = await store.load_key(principal, key_header or "", now_s=now_s)
+        claim = await store.claim_key(principal, key, print_, now_s=now_s,
+                                      retention_s=self._retention_s)
+        if not claim:
+            stored = await store.load_key(principal, key, now_s=now_s)
             decision = decide(stored, print_, now_s, self._claim_ttl_s)
             if decision == Decision.replay and stored is not None:
                 return stored.status, stored.body, {"Idempotent-Replayed": "true"}
@@ -242,39 +243,57 @@ class Idempotent:
                 raise PaymentsApiError("idempotency_key_reused",
                                        "this Idempotency-Key was used with another request")
             if decision == Decision.take_over:
-                claimed = await store.claim_key(
-                    principal, key_header or "", print_, now_s=now_s,
-                    retention_s=self._retention_s,
+                claim = await store.claim_key(
+                    principal, key, print_, now_s=now_s, retention_s=self._retention_s,
                     stale_before_s=now_s - self._claim_ttl_s)
             elif decision == Decision.execute:  # expired between the two reads
-                claimed = await store.claim_key(principal, key_header or "", print_,
-                                                now_s=now_s, retention_s=self._retention_s)
-            if not claimed:
+                claim = await store.claim_key(principal, key, print_, now_s=now_s,
+                                              retention_s=self._retention_s)
+            if not claim:
                 raise PaymentsApiError("idempotency_key_in_use",
                                        "a request with this Idempotency-Key is in progress")
         try:
             status, answer = await execute()
         except PaymentsApiError as exc:
-            if exc.status >= 500:
-                await store.release_key(principal, key_header or "")
+            if exc.status >= 500 or exc.code in TRANSIENT_CODES:
+                await self._release(principal, key, claim)
                 raise
             answer = exc.body or error_body(exc.code, str(exc))
-            await store.complete_key(principal, key_header or "", status=exc.status,
-                                     body=answer)
+            await self._complete(principal, key, claim, exc.status, answer)
             return exc.status, answer, {}
         except PaymentError as exc:
+            if exc.code in TRANSIENT_CODES:
+                # Another request on the payment (or this one, resumed elsewhere) is still
+                # running: not an answer to keep. The key is freed for the retry.
+                await self._release(principal, key, claim)
+                raise PaymentsApiError(
+                    "operation_in_progress",
+                    "another operation on this payment is still running; retry") from exc
             error = api_error_of(exc)
             answer = error_body(error.code, str(exc))
-            await store.complete_key(principal, key_header or "", status=error.status,
-                                     body=answer)
+            await self._complete(principal, key, claim, error.status, answer)
             return error.status, answer, {}
         except BaseException:
             # Nothing durable was decided (the ledger or the database was away): let the
             # client repeat the same request with the same key.
-            await store.release_key(principal, key_header or "")
+            await self._release(principal, key, claim)
             raise
-        await store.complete_key(principal, key_header or "", status=status, body=answer)
+        await self._complete(principal, key, claim, status, answer)
         return status, answer, {}
+
+    async def _complete(self, principal: str, key: str, claim: int, status: int,
+                        answer: bytes) -> None:
+        """Store the final answer, if this request still holds the key."""
+        if not await self._engine.store.complete_key(principal, key, claim=claim,
+                                                     status=status, body=answer):
+            # The claim lapsed and another request took the key over: its answer stands
+            # (both describe the same durable objects; this one is still sent back).
+            metrics.IDEMPOTENCY_FENCED.labels("complete").inc()
+            log.warning("an Idempotency-Key claim lapsed before its answer was stored")
+
+    async def _release(self, principal: str, key: str, claim: int) -> None:
+        if not await self._engine.store.release_key(principal, key, claim=claim):
+            metrics.IDEMPOTENCY_FENCED.labels("release").inc()
 
 
 def require_key(header: str | None) -> str:
@@ -300,6 +319,9 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "payout": msgspec.json.Decoder(PayoutRequest),
 }
 _BODY_REQUIRED = frozenset({"authorize", "payout"})
+# Refusals that describe a moment, not the request: they are answered but never stored as
+# the key's answer, so a retry with the same key runs again.
+TRANSIENT_CODES = frozenset({"operation_in_progress", "step_exists"})
 # The authorization latency histogram's outcome label, by the answer's status.
 _AUTHORIZATION_OUTCOMES = {201: "authorized", 202: "processing", 402: "declined",
                            503: "failed"}

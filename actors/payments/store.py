@@ -9,6 +9,7 @@ stale runner already made are harmless repeats.
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from typing import Any
 
 import asyncpg
@@ -403,36 +404,48 @@ class PaymentStore:
                          body=bytes(row["body"]))
 
     async def claim_key(self, principal: str, key: str, fingerprint: bytes, *, now_s: float,
-                        retention_s: float, stale_before_s: float | None = None) -> bool:
-        """Claim a key atomically. ``stale_before_s`` takes over an in-flight claim made
-        before that time (or an expired key); otherwise only a free key is claimed."""
+                        retention_s: float, stale_before_s: float | None = None) -> int:
+        """Claim a key atomically; return the claim (a random non-zero fence), 0 if not
+        claimed. ``stale_before_s`` takes over an in-flight claim made before that time
+        (or an expired key); otherwise only a free key is claimed. Only the holder of the
+        current claim can complete or release the key (``complete_key``, ``release_key``)."""
+        claim = secrets.randbits(63) | 1
         if stale_before_s is None:
             claimed = await self._pool.fetchval(
                 "INSERT INTO idempotency_keys (principal, key, fingerprint, state, claimed_at, "
-                "expires_at) VALUES ($1,$2,$3,'in_flight',$4,$5) ON CONFLICT (principal, key) "
+                "expires_at, claim) VALUES ($1,$2,$3,'in_flight',$4,$5,$6) "
+                "ON CONFLICT (principal, key) "
                 "DO UPDATE SET fingerprint=EXCLUDED.fingerprint, state='in_flight', status=0, "
-                "body='', claimed_at=EXCLUDED.claimed_at, expires_at=EXCLUDED.expires_at "
+                "body='', claimed_at=EXCLUDED.claimed_at, expires_at=EXCLUDED.expires_at, "
+                "claim=EXCLUDED.claim "
                 "WHERE idempotency_keys.expires_at <= $4 RETURNING true",
-                principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s))
-            return bool(claimed)
+                principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s), claim)
+            return claim if claimed else 0
         claimed = await self._pool.fetchval(
-            "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5 WHERE principal=$1 "
-            "AND key=$2 AND fingerprint=$3 AND state='in_flight' AND claimed_at < $6 "
-            "RETURNING true",
+            "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5, claim=$7 "
+            "WHERE principal=$1 AND key=$2 AND fingerprint=$3 AND state='in_flight' "
+            "AND claimed_at < $6 RETURNING true",
             principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
-            _ts(stale_before_s))
-        return bool(claimed)
+            _ts(stale_before_s), claim)
+        return claim if claimed else 0
 
-    async def complete_key(self, principal: str, key: str, *, status: int, body: bytes) -> None:
-        await self._pool.execute(
-            "UPDATE idempotency_keys SET state='completed', status=$3, body=$4 "
-            "WHERE principal=$1 AND key=$2", principal, key, status, body)
+    async def complete_key(self, principal: str, key: str, *, claim: int, status: int,
+                           body: bytes) -> bool:
+        """Store the final answer under a key still held by ``claim``; False (nothing
+        written) when the claim lapsed and another request took the key over."""
+        done = await self._pool.fetchval(
+            "UPDATE idempotency_keys SET state='completed', status=$4, body=$5 "
+            "WHERE principal=$1 AND key=$2 AND claim=$3 AND state='in_flight' RETURNING true",
+            principal, key, claim, status, body)
+        return bool(done)
 
-    async def release_key(self, principal: str, key: str) -> None:
-        """Forget a claim whose request did nothing, so the same key may be tried again."""
-        await self._pool.execute(
-            "DELETE FROM idempotency_keys WHERE principal=$1 AND key=$2 AND state='in_flight'",
-            principal, key)
+    async def release_key(self, principal: str, key: str, *, claim: int) -> bool:
+        """Forget a claim whose request did nothing, so the same key may be tried again;
+        False (nothing deleted) when ``claim`` no longer holds the key."""
+        done = await self._pool.fetchval(
+            "DELETE FROM idempotency_keys WHERE principal=$1 AND key=$2 AND claim=$3 "
+            "AND state='in_flight' RETURNING true", principal, key, claim)
+        return bool(done)
 
     async def purge_keys(self, *, now_s: float) -> int:
         result = await self._pool.execute(

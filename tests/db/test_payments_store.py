@@ -54,7 +54,7 @@ async def test_a_key_is_claimed_once_even_by_concurrent_requests(store: PaymentS
     results = await asyncio.gather(*[
         store.claim_key("alice", "k1", b"f" * 32, now_s=NOW_S, retention_s=RETENTION_S)
         for _ in range(20)])
-    assert sorted(results) == [False] * 19 + [True]
+    assert sum(1 for claim in results if claim) == 1
     stored = await store.load_key("alice", "k1", now_s=NOW_S)
     assert stored is not None and stored.state == KeyState.in_flight
     assert decide(stored, b"f" * 32, NOW_S + 1, TTL_S) == Decision.conflict_in_flight
@@ -77,13 +77,14 @@ async def test_a_stale_claim_is_taken_over_once_and_a_fresh_one_never(
     takeovers = await asyncio.gather(*[
         store.claim_key("alice", "k2", fp, now_s=later, retention_s=RETENTION_S,
                         stale_before_s=later - TTL_S) for _ in range(10)])
-    assert takeovers.count(True) == 1
+    assert sum(1 for claim in takeovers if claim) == 1
 
 
 async def test_completed_keys_replay_and_expire(store: PaymentStore) -> None:
     fp = b"f" * 32
-    assert await store.claim_key("alice", "k3", fp, now_s=NOW_S, retention_s=100)
-    await store.complete_key("alice", "k3", status=201, body=b'{"id":"pay_x"}')
+    claim = await store.claim_key("alice", "k3", fp, now_s=NOW_S, retention_s=100)
+    assert await store.complete_key("alice", "k3", claim=claim, status=201,
+                                    body=b'{"id":"pay_x"}')
     stored = await store.load_key("alice", "k3", now_s=NOW_S + 1)
     assert stored is not None
     assert (stored.state, stored.status, stored.body) == (
@@ -97,12 +98,37 @@ async def test_completed_keys_replay_and_expire(store: PaymentStore) -> None:
 
 async def test_release_frees_only_an_in_flight_claim(store: PaymentStore) -> None:
     fp = b"f" * 32
-    assert await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
-    await store.release_key("alice", "k4")
-    assert await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
-    await store.complete_key("alice", "k4", status=200, body=b"{}")
-    await store.release_key("alice", "k4")
+    claim = await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    assert await store.release_key("alice", "k4", claim=claim)
+    claim = await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    assert await store.complete_key("alice", "k4", claim=claim, status=200, body=b"{}")
+    assert not await store.release_key("alice", "k4", claim=claim)
     assert not await store.claim_key("alice", "k4", fp, now_s=NOW_S, retention_s=RETENTION_S)
+
+
+async def test_a_lapsed_claimant_can_neither_overwrite_nor_release_its_successor(
+        store: PaymentStore) -> None:
+    """The first request's claim lapses and a retry takes the key over; whatever the first
+    one does afterwards (store its answer, release the key), the successor's claim and
+    answer stand."""
+    fp = b"f" * 32
+    first = await store.claim_key("alice", "k5", fp, now_s=NOW_S, retention_s=RETENTION_S)
+    later = NOW_S + TTL_S + 1
+    second = await store.claim_key("alice", "k5", fp, now_s=later, retention_s=RETENTION_S,
+                                   stale_before_s=later - TTL_S)
+    assert first and second and first != second
+    # The lapsed claimant cannot release the successor's claim...
+    assert not await store.release_key("alice", "k5", claim=first)
+    stored = await store.load_key("alice", "k5", now_s=later)
+    assert stored is not None and stored.state == KeyState.in_flight
+    # ...nor store its answer over it, before or after the successor completes.
+    assert not await store.complete_key("alice", "k5", claim=first, status=500, body=b"x")
+    assert await store.complete_key("alice", "k5", claim=second, status=201, body=b"ok")
+    assert not await store.complete_key("alice", "k5", claim=first, status=402, body=b"no")
+    assert not await store.release_key("alice", "k5", claim=first)
+    stored = await store.load_key("alice", "k5", now_s=later)
+    assert stored is not None
+    assert (stored.state, stored.status, stored.body) == (KeyState.completed, 201, b"ok")
 
 
 async def test_one_open_step_per_payment_and_fenced_writes(store: PaymentStore) -> None:
