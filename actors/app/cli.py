@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -226,6 +227,20 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--all", action="store_true", help="every dead letter not yet replayed")
     which.add_argument("--event-id", type=int, action="append", dest="event_ids",
                        help="this event's dead letters (repeatable)")
+    payments = sub.add_parser("payments", help="payment steps that need an operator")
+    payments_sub = payments.add_subparsers(dest="payments_command", required=True)
+    review = payments_sub.add_parser(
+        "review", help="steps set aside as requires_review (docs/runbooks/requires-review.md)")
+    review_sub = review.add_subparsers(dest="review_command", required=True)
+    review_list = review_sub.add_parser("list", help="the steps in review, oldest first")
+    _add_common(review_list)
+    retry = review_sub.add_parser(
+        "retry", help="hand a step back to the recovery worker, due now, its backoff reset")
+    retry.add_argument("step_id", type=int)
+    retry.add_argument("--operator", required=True,
+                       help="who decides this (recorded in the step's log)")
+    retry.add_argument("--reason", required=True, help="why (recorded in the step's log)")
+    _add_common(retry)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -283,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_migrate(args))
     if args.command == "dlq":
         return asyncio.run(_dlq(args))
+    if args.command == "payments":
+        return asyncio.run(_payments_review(args))
     if args.command == "audit":
         return asyncio.run(_audit(args))
     if args.command == "serve":
@@ -484,6 +501,36 @@ async def _dlq(args: argparse.Namespace) -> int:
             return 0
         finally:
             await conn.close()
+
+
+async def _payments_review(args: argparse.Namespace) -> int:
+    """``payments review list`` / ``payments review retry``: steps set aside for an
+    operator, read and handed back through the payments store."""
+    from actors.payments.store import PaymentStore
+
+    with _operator_database(args) as url:
+        store = await PaymentStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                           command_timeout_s=30)
+        try:
+            if args.review_command == "list":
+                for row in await store.steps_in_review():
+                    print(json.dumps(row, default=str, sort_keys=True))
+                return 0
+            if not args.operator.strip() or not args.reason.strip():
+                print("txproc payments review retry: --operator and --reason must say "
+                      "something", file=sys.stderr)
+                return 2
+            step = await store.retry_reviewed(args.step_id, now_s=time.time(),
+                                              operator=args.operator, reason=args.reason)
+        finally:
+            await store.close()
+    if step is None:
+        print(f"txproc payments review retry: step {args.step_id} is not in review",
+              file=sys.stderr)
+        return 1
+    print(f"step {step.id} of {step.subject_id} handed back to the recovery worker "
+          f"(phase {step.phase.value}); recorded as retried by {args.operator}")
+    return 0
 
 
 async def _serve(config: Config) -> int:

@@ -35,6 +35,7 @@ __all__ = [
     "LEDGER_WRITE_FAILURES",
     "OVERLOAD_REJECTIONS",
     "PAYMENT_OPERATIONS",
+    "PAYMENT_STEPS_IN_REVIEW",
     "PROVIDER_CALLS",
     "PROVIDER_CALL_SECONDS",
     "PROVIDER_RETRIES",
@@ -66,6 +67,11 @@ TRANSFERS = Counter(
     "txproc_transfers_total",
     "Transfers answered by the ledger, by result code (ok and exists are stored).",
     ["result"])
+PAYMENT_STEPS_IN_REVIEW = Gauge(
+    "txproc_payment_steps_in_review",
+    "Payment and payout steps set aside for an operator: unfinished past review_after_s, "
+    "no longer rechecked (docs/runbooks/requires-review.md).",
+    multiprocess_mode="livemax")
 PAYMENT_OPERATIONS = Counter(
     "txproc_payment_operations_total",
     "Payment saga steps that reached a final phase, by kind and result.",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import random
 import secrets
 import time
 import weakref
@@ -61,6 +62,7 @@ from processor.payments import (
     on_provider,
     on_status,
     provider_request,
+    recheck_delay_s,
     status_request,
 )
 from processor.risk import RiskConfig, RiskDecision, fallback
@@ -129,6 +131,7 @@ class PaymentsEngine:
         config: PaymentsConfig,
         clock_s: Callable[[], float] = time.time,
         new_id: Callable[[str], str] | None = None,
+        rng: random.Random | None = None,
     ) -> None:
         config.check()
         self.store = store
@@ -140,6 +143,8 @@ class PaymentsEngine:
         self._risk_config = risk_config
         self.config = config
         self._clock_s = clock_s
+        # Spreads rechecks (recheck_delay_s); not for secrets.
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._new_id = new_id or (lambda prefix: prefix + secrets.token_hex(12))
         self._tasks: set[asyncio.Task[Any]] = set()
         self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0}
@@ -381,6 +386,20 @@ class PaymentsEngine:
                 log.exception("recovering step %d failed", step.id)
         return len(steps)
 
+    async def review_overdue(self) -> int:
+        """Set aside the steps unfinished past ``review_after_s`` for an operator, and
+        publish how many wait (``txproc_payment_steps_in_review``). Returns how many were
+        set aside now."""
+        steps = await self.store.flag_for_review(
+            now_s=self._clock_s(), review_after_s=self.config.review_after_s,
+            limit=RECOVERY_BATCH_MAX)
+        for step in steps:
+            log.warning("step %d of %s requires review: %s in phase %s after %d rechecks",
+                        step.id, step.subject_id, step.kind.value, step.phase.value,
+                        step.checks)
+        metrics.PAYMENT_STEPS_IN_REVIEW.set(await self.store.review_count())
+        return len(steps)
+
     async def run_recovery(self, interval_s: float) -> None:
         """The recovery worker: at start-up, then every ``interval_s``, until cancelled.
 
@@ -393,6 +412,7 @@ class PaymentsEngine:
                 while await self.recover_once() == RECOVERY_BATCH_MAX:
                     pass
                 now_s = self._clock_s()
+                await self.review_overdue()
                 if now_s - purged_at_s >= KEY_PURGE_INTERVAL_S:
                     purged_at_s = now_s
                     await self.store.purge_keys(now_s=now_s)
@@ -489,14 +509,18 @@ class PaymentsEngine:
     def _due_s(self, step: Step) -> float:
         now_s = self._clock_s()
         if step.phase in (Phase.RESOLVE, Phase.AWAIT_PROVIDER):
-            return now_s + self.config.recheck_s
+            return now_s + self._recheck_s(step)
         return now_s + self.config.claim_ttl_s
 
+    def _recheck_s(self, step: Step) -> float:
+        """When to look at a waiting step again: backing off the more it was looked at."""
+        return recheck_delay_s(step.checks, self.config, self._rng)
+
     async def _park(self, step: Step, detail: str) -> None:
-        """Leave the step where it is, due again after the recheck interval."""
+        """Leave the step where it is, due again after its recheck delay."""
         self.stats["parked"] += 1
         saved = await self.store.save_step(step, step,
-                                           due_at_s=self._clock_s() + self.config.recheck_s,
+                                           due_at_s=self._clock_s() + self._recheck_s(step),
                                            detail=f"parked: {detail}")
         if saved is None:
             self.stats["lost_claims"] += 1

@@ -39,6 +39,8 @@ _STEP_COLUMNS = (
     "merchant_account_id, payment_method, destination, hold_transfer_id, auth_ref, "
     "provider_ref, tried, decline_code, error, version, origin"
 )
+# What a read gives a Step: its columns, and how often the recovery worker took it up.
+_STEP_READ = _STEP_COLUMNS + ", checks"
 _PAYMENT_COLUMNS = (
     "id, merchant_account_id, amount, currency, payment_method, status, provider, "
     "provider_ref, hold_transfer_id, captured_amount, refunded_amount, decline_code, error, "
@@ -85,6 +87,13 @@ def _event(obj: Payment | Payout) -> dict[str, Any]:
     for private in ("payment_method", "request_key", "destination"):
         payload.pop(private, None)
     return payload
+
+
+def _review_event(step: Step) -> dict[str, Any]:
+    """The ``requires_review`` event: which step of which object, where it stands."""
+    return {"step_id": step.id, "subject_id": step.subject_id, "kind": step.kind.value,
+            "phase": step.phase.value, "provider": step.provider, "amount": step.amount,
+            "currency": step.currency, "checks": step.checks}
 
 
 def _step_values(step: Step) -> tuple[Any, ...]:
@@ -193,7 +202,7 @@ class PaymentStore:
 
     async def step_by_request(self, subject_id: str, request_key: str) -> Step | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 AND request_key=$2",
+            f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 AND request_key=$2",
             subject_id, request_key)
         return None if row is None else _step(row)
 
@@ -244,7 +253,8 @@ class PaymentStore:
             done = await self._pool.fetchval(
                 "WITH updated AS (UPDATE payment_steps SET phase=$3, provider=$4, "
                 "provider_ref=$5, tried=$6, decline_code=$7, error=$8, version=$9, "
-                "due_at=$10, updated_at=now() WHERE id=$1 AND version=$2 RETURNING id) "
+                "due_at=$10, updated_at=now(), review_since=NULL WHERE id=$1 AND version=$2 "
+                "RETURNING id) "
                 "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
                 "SELECT id, $9, $3, $4, $11 FROM updated RETURNING true",
                 before.id, before.version, stored.phase.value, stored.provider,
@@ -261,7 +271,8 @@ class PaymentStore:
             done = await conn.fetchval(
                 "UPDATE payment_steps SET phase=$3, provider=$4, provider_key=$5, "
                 "provider_ref=$6, tried=$7, decline_code=$8, error=$9, version=$10, "
-                "due_at=$11, updated_at=now() WHERE id=$1 AND version=$2 RETURNING true",
+                "due_at=$11, updated_at=now(), review_since=NULL WHERE id=$1 AND version=$2 "
+                "RETURNING true",
                 before.id, before.version, stored.phase.value, stored.provider,
                 stored.provider_key, stored.provider_ref, list(stored.tried),
                 stored.decline_code, stored.error, stored.version, _ts(due_at_s))
@@ -312,18 +323,71 @@ class PaymentStore:
         rows = await self._pool.fetch(
             f"UPDATE payment_steps SET due_at=$2, version=version+1, checks=checks+1 "
             f"WHERE id IN (SELECT id FROM payment_steps WHERE due_at <= $1 "
-            f"AND phase <> ALL($3::text[]) ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
-            f"RETURNING {_STEP_COLUMNS}, checks",
+            f"AND phase <> ALL($3::text[]) AND review_since IS NULL "
+            f"ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {_STEP_READ}",
             _ts(now_s), _ts(now_s + claim_ttl_s), _FINAL, limit)
-        return [_step({k: v for k, v in r.items() if k != "checks"}) for r in rows]
+        return [_step(r) for r in rows]
 
     async def claim_step(self, step_id: int, *, now_s: float, claim_ttl_s: float) -> Step | None:
         """Take one unfinished step now (a webhook arrived for it), whatever its due time."""
         row = await self._pool.fetchrow(
             f"UPDATE payment_steps SET due_at=$2, version=version+1 WHERE id=$1 "
-            f"AND phase <> ALL($3::text[]) RETURNING {_STEP_COLUMNS}",
+            f"AND phase <> ALL($3::text[]) RETURNING {_STEP_READ}",
             step_id, _ts(now_s + claim_ttl_s), _FINAL)
         return None if row is None else _step(row)
+
+    # -- steps for an operator (requires_review) ---------------------------------------------
+
+    async def flag_for_review(self, *, now_s: float, review_after_s: float,
+                              limit: int) -> list[Step]:
+        """Set aside steps still unfinished ``review_after_s`` after they started and held by
+        no live runner (due for a recheck): the recovery worker stops taking them up. Each
+        gets a log line and a ``<payment|payout>.requires_review`` event, in one transaction.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                f"UPDATE payment_steps SET review_since=$1, version=version+1 "
+                f"WHERE id IN (SELECT id FROM payment_steps WHERE due_at <= $1 "
+                f"AND phase <> ALL($3::text[]) AND review_since IS NULL AND created_at <= $2 "
+                f"ORDER BY due_at LIMIT $4 FOR UPDATE SKIP LOCKED) RETURNING {_STEP_READ}",
+                _ts(now_s), _ts(now_s - review_after_s), _FINAL, limit)
+            steps = [_step(r) for r in rows]
+            for step in steps:
+                await self._log(conn, step, f"requires review after {step.checks} rechecks")
+                owner = "payout" if step.kind == Kind.PAYOUT else "payment"
+                await outbox.enqueue(conn, event_type=f"{owner}.requires_review",
+                                     aggregate_id=step.subject_id, payload=_review_event(step))
+        return steps
+
+    async def steps_in_review(self) -> list[dict[str, Any]]:
+        """Every step set aside for an operator, oldest first (no payment-method token)."""
+        rows = await self._pool.fetch(
+            "SELECT id, subject_id, kind, phase, provider, provider_key, amount, currency, "
+            "checks, error, extract(epoch FROM review_since) AS review_since_s, "
+            "extract(epoch FROM created_at) AS created_at_s FROM payment_steps "
+            "WHERE review_since IS NOT NULL ORDER BY review_since, id")
+        return [dict(r) for r in rows]
+
+    async def review_count(self) -> int:
+        return int(await self._pool.fetchval(
+            "SELECT count(*) FROM payment_steps WHERE review_since IS NOT NULL"))
+
+    async def retry_reviewed(self, step_id: int, *, now_s: float, operator: str,
+                             reason: str) -> Step | None:
+        """An operator hands a step in review back to the recovery worker, due now and with
+        its backoff started over; the step's log records who and why. None if the step is
+        not in review."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                f"UPDATE payment_steps SET review_since=NULL, checks=0, due_at=$2, "
+                f"version=version+1, updated_at=now() WHERE id=$1 AND review_since IS NOT NULL "
+                f"RETURNING {_STEP_READ}", step_id, _ts(now_s))
+            if row is None:
+                return None
+            step = _step(row)
+            await self._log(conn, step, f"review: retried by {operator}: {reason}")
+        return step
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -348,7 +412,7 @@ class PaymentStore:
             if row is None:
                 return None
             steps = await conn.fetch(
-                f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+                f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
                 payment_id)
         return _payment(row), [_step(r) for r in steps]
 
@@ -372,14 +436,14 @@ class PaymentStore:
 
     async def step_by_key(self, provider_key: str) -> Step | None:
         row = await self._pool.fetchrow(
-            f"SELECT {', '.join('s.' + c for c in _STEP_COLUMNS.split(', '))} "
+            f"SELECT {', '.join('s.' + c for c in _STEP_READ.split(', '))} "
             "FROM payment_step_keys k JOIN payment_steps s ON s.id = k.step_id "
             "WHERE k.provider_key = $1", provider_key)
         return None if row is None else _step(row)
 
     async def steps_of(self, subject_id: str) -> list[Step]:
         rows = await self._pool.fetch(
-            f"SELECT {_STEP_COLUMNS} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+            f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
             subject_id)
         return [_step(r) for r in rows]
 

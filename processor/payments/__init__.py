@@ -79,6 +79,7 @@ from processor.payments.saga import (
     payment_after,
     payout_after,
     provider_request,
+    recheck_delay_s,
     status_request,
 )
 
@@ -141,5 +142,6 @@ __all__ = [
     "payment_after",
     "payout_after",
     "provider_request",
+    "recheck_delay_s",
     "status_request",
 ]

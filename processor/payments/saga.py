@@ -34,12 +34,14 @@ The rules that keep money exact:
 from __future__ import annotations
 
 import enum
+import random
 import zlib
 from collections.abc import Sequence
 
 import msgspec
 
 from processor.codes import TransferResult
+from processor.payments.breaker import backoff_s
 from processor.payments.provider import (
     DeclineCode,
     Operation,
@@ -75,6 +77,7 @@ __all__ = [
     "payment_after",
     "payout_after",
     "provider_request",
+    "recheck_delay_s",
     "status_request",
 ]
 
@@ -146,9 +149,14 @@ class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):
     provider_order: tuple[str, ...] = ("acme", "globex")
     # Seconds a live step owns its claim; after it, the recovery worker may take it over.
     claim_ttl_s: float = 30.0
-    # How soon a parked step (pending, unknown, ledger unavailable) is looked at again.
+    # How soon a parked step (pending, unknown, ledger unavailable) is looked at again:
+    # after recheck_s, then doubling with jitter up to recheck_max_s (recheck_delay_s).
     recheck_s: float = 1.0
     recheck_max_s: float = 60.0
+    # A step still unfinished this long after it started, and not held by a live runner,
+    # is set aside for an operator (``requires_review``, docs/runbooks/requires-review.md):
+    # rechecking stops until someone resolves it.
+    review_after_s: float = 3600.0
 
     def check(self) -> None:
         checks = [
@@ -157,6 +165,7 @@ class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):
             (len(self.provider_order) >= 1, "at least one provider"),
             (self.claim_ttl_s > 0, "claim_ttl_s > 0"),
             (0 < self.recheck_s <= self.recheck_max_s, "0 < recheck_s <= recheck_max_s"),
+            (self.review_after_s >= self.recheck_max_s, "review_after_s >= recheck_max_s"),
         ]
         for ok, what in checks:
             if not ok:
@@ -235,6 +244,8 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     error: str = ""  # stable code of why it failed or was compensated
     version: int = 0
     origin: int = 0  # the audit record of the request that started it (0: none)
+    # How often the recovery worker has taken the step up (read only; the store counts).
+    checks: int = 0
 
     @property
     def final(self) -> bool:
@@ -248,6 +259,18 @@ _OPERATION = {
     Kind.REFUND: Operation.REFUND,
     Kind.PAYOUT: Operation.PAYOUT,
 }
+
+
+def recheck_delay_s(checks: int, rules: PaymentsConfig, rng: random.Random) -> float:
+    """Seconds until a parked step is asked again, after ``checks`` earlier looks by the
+    recovery worker: ``recheck_s``, then capped exponential backoff with full jitter on top,
+    so the wait lies in ``[recheck_s, recheck_max_s]`` and its ceiling doubles per look.
+    Spreads the rechecks of many steps parked at once (a provider outage) apart."""
+    extra_cap_s = rules.recheck_max_s - rules.recheck_s
+    if extra_cap_s <= 0 or checks <= 0:
+        return rules.recheck_s
+    return rules.recheck_s + backoff_s(checks, base_s=rules.recheck_s, cap_s=extra_cap_s,
+                                       rng=rng)
 
 
 def provider_key(step_id: int, provider: str) -> str:

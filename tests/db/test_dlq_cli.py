@@ -8,6 +8,7 @@ import sys
 import asyncpg
 
 from actors.payments import outbox
+from processor.payments import Kind
 
 RELAY_SECRET = b"s" * 32
 LIMITS = outbox.RelayLimits(batch_max=4, in_flight_max=2, attempts_max=1, backoff_base_s=0.01,
@@ -48,3 +49,46 @@ async def test_dead_letters_are_listed_and_replayed_from_the_command_line(db_url
         assert again.stdout.strip() == "replayed: 0"
     finally:
         await pool.close()
+
+
+async def test_steps_in_review_are_listed_and_retried_from_the_command_line(
+        db_url: str) -> None:
+    import json
+    import time
+
+    from actors.payments.store import PaymentStore
+    from processor.payments import Payment, PaymentStatus, new_step
+
+    store = await PaymentStore.connect(db_url, pool_size_max=2, connect_timeout_s=10,
+                                       command_timeout_s=30)
+    try:
+        payment_id = "pay_" + "c" * 24
+        step_id, base = await store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=base, kind=Kind.AUTHORIZE,
+                        subject_id=payment_id, amount=500, currency="USD", provider="acme",
+                        merchant_account_id=7)
+        now_s = time.time()
+        assert await store.create_payment(
+            Payment(id=payment_id, merchant_account_id=7, amount=500, currency="USD",
+                    payment_method="pm_4242_abcdefgh", status=PaymentStatus.PROCESSING,
+                    provider="acme"), step, principal="alice", due_at_s=now_s)
+        [aside] = await store.flag_for_review(now_s=now_s + 7_200, review_after_s=3_600,
+                                              limit=10)
+        listed = txproc("payments", "review", "list", "--database-url", db_url)
+        assert listed.returncode == 0, listed.stderr
+        [row] = [json.loads(line) for line in listed.stdout.splitlines()]
+        assert (row["id"], row["subject_id"], row["phase"]) == (aside.id, payment_id, "provider")
+        assert "pm_4242" not in listed.stdout
+        nobody = txproc("payments", "review", "retry", str(aside.id), "--operator", " ",
+                        "--reason", "checked", "--database-url", db_url)
+        assert nobody.returncode == 2
+        retried = txproc("payments", "review", "retry", str(aside.id), "--operator", "ops-jane",
+                         "--reason", "provider shows no charge", "--database-url", db_url)
+        assert retried.returncode == 0, retried.stderr
+        assert "ops-jane" in retried.stdout
+        assert await store.steps_in_review() == []
+        again = txproc("payments", "review", "retry", str(aside.id), "--operator", "ops-jane",
+                       "--reason", "twice", "--database-url", db_url)
+        assert again.returncode == 1 and "not in review" in again.stderr
+    finally:
+        await store.close()

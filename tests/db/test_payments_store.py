@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import msgspec
 import pytest
 
@@ -205,3 +206,46 @@ async def test_its_sessions_yield_the_cpu_on_a_shared_machine(db_url: str) -> No
             assert psutil.Process(pid).nice() == 7
     finally:
         await store.close()
+
+
+async def test_overdue_steps_are_set_aside_for_review_and_handed_back_by_an_operator(
+        store: PaymentStore, db_url: str) -> None:
+    """A step unfinished past ``review_after_s`` and due (no live runner) is set aside: the
+    recovery worker no longer takes it, its log and the outbox say so; an operator hands it
+    back, due now with its backoff reset; a step a runner holds is left alone."""
+    import time
+
+    parked, held = payment("pay_" + "a" * 24), payment("pay_" + "b" * 24)
+    now_s = time.time()
+    for p, due_at_s in ((parked, now_s), (held, now_s + 10_000)):
+        step = await first_step(store, p.id)
+        assert await store.create_payment(p, step, principal="alice", due_at_s=due_at_s)
+    later_s = now_s + 7_200  # both started two hours before this
+    aside = await store.flag_for_review(now_s=later_s, review_after_s=3_600, limit=10)
+    assert [s.subject_id for s in aside] == [parked.id]
+    assert await store.flag_for_review(now_s=later_s, review_after_s=3_600, limit=10) == []
+    # The recovery worker does not take it up any more, however due it is.
+    assert await store.claim_due(now_s=later_s, claim_ttl_s=TTL_S, limit=10) == []
+    [listed] = await store.steps_in_review()
+    assert (listed["id"], listed["subject_id"]) == (aside[0].id, parked.id)
+    assert "payment_method" not in listed
+    assert await store.review_count() == 1
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval(
+            "SELECT count(*) FROM events WHERE event_type='payment.requires_review' "
+            "AND aggregate_id=$1", parked.id) == 1
+        # The operator's decision is in the step's log, with who and why.
+        assert await store.retry_reviewed(aside[0].id, now_s=later_s, operator="ops-jane",
+                                          reason="acme confirmed no charge") is not None
+        assert await store.retry_reviewed(aside[0].id, now_s=later_s, operator="x",
+                                          reason="y") is None
+        detail = await conn.fetchval(
+            "SELECT detail FROM payment_step_log WHERE step_id=$1 ORDER BY version DESC "
+            "LIMIT 1", aside[0].id)
+        assert detail == "review: retried by ops-jane: acme confirmed no charge"
+    finally:
+        await conn.close()
+    [back] = await store.claim_due(now_s=later_s, claim_ttl_s=TTL_S, limit=10)
+    assert (back.id, back.checks) == (aside[0].id, 1)
+    assert await store.review_count() == 0
