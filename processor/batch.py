@@ -83,9 +83,10 @@ class TransferBatch:
             if len(self.user_data) != n:
                 raise BatchInvalid(f"user_data has {len(self.user_data)} values, id has {n}")
             for i, text in enumerate(self.user_data):
-                if not isinstance(text, str) or len(text) > USER_DATA_CHARS_MAX:
+                if not isinstance(text, str) or len(text) > USER_DATA_CHARS_MAX or (
+                        "\x00" in text):
                     raise BatchInvalid(f"user_data at index {i} is not a string of at most "
-                                       f"{USER_DATA_CHARS_MAX} characters")
+                                       f"{USER_DATA_CHARS_MAX} characters without U+0000")
 
     def __len__(self) -> int:
         return int(self.id.shape[0])

@@ -24,6 +24,7 @@ __all__ = [
     "ID_MAX",
     "TIMEOUT_S_MAX",
     "USER_DATA_CHARS_MAX",
+    "USER_DATA_PATTERN",
     "Account",
     "AccountFlags",
     "InvariantError",
@@ -49,7 +50,10 @@ TimeoutS = Annotated[int, Meta(ge=0, le=TIMEOUT_S_MAX)]
 # The currency's shape is checked here; membership in ISO 4217 is a ledger rule with its
 # own result code, so that an unknown code is named rather than reported as a type error.
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
-UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX)]
+# PostgreSQL text cannot hold U+0000: one in a commit would fail the shard's whole group
+# commit (and restart the shard), so it is refused where items are decoded, as a bad field.
+USER_DATA_PATTERN = r"^[^\x00]*$"
+UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX, pattern=USER_DATA_PATTERN)]
 
 
 class AccountFlags(enum.IntFlag):

@@ -64,6 +64,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "0 disables")
     p.add_argument("--rate-limit-burst", type=int, default=front.rate_limit_burst,
                    help="operations a principal may send at once before the rate applies")
+    p.add_argument("--require-signed-requests", action="store_true",
+                   help="refuse state-changing HTTP requests not signed with a client key "
+                        "(RFC 9421; `txproc keys create-client`); signed ones are verified "
+                        "either way")
     p.add_argument("--max-accounts-per-tenant", type=int,
                    default=front.accounts_per_tenant_max, metavar="N",
                    help="the most accounts one tenant may hold (the processor's own not "
@@ -121,6 +125,7 @@ def build_config(args: argparse.Namespace) -> Config:
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
                           rate_limit_rps=args.rate_limit_rps,
                           rate_limit_burst=args.rate_limit_burst,
+                          require_signed_requests=args.require_signed_requests,
                           accounts_per_tenant_max=args.max_accounts_per_tenant,
                           tls_cert_path=_absolute(args.tls_cert),
                           tls_key_path=_absolute(args.tls_key),
@@ -177,7 +182,8 @@ def _add_token_revoke(token_sub: Any) -> None:
 
 
 def _add_keys(sub: Any) -> None:
-    keys = sub.add_parser("keys", help="the token-signing keys of a data directory")
+    keys = sub.add_parser("keys", help="the token-signing keys of a data directory, and the "
+                                       "client keys that sign HTTP requests")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True)
     data_dir = os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT)
     rotate = keys_sub.add_parser(
@@ -190,6 +196,17 @@ def _add_keys(sub: Any) -> None:
     retire.add_argument("--data-dir", default=data_dir)
     listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
     listing.add_argument("--data-dir", default=data_dir)
+    create_client = keys_sub.add_parser(
+        "create-client", help="a client key that signs one principal's HTTP requests "
+                              "(RFC 9421); prints its id and secret as JSON, once")
+    create_client.add_argument("--tenant", required=True, help="the principal's tenant")
+    create_client.add_argument("--subject", required=True,
+                               help="the principal: the subject of the tokens it is used with")
+    _add_common(create_client)
+    revoke_client = keys_sub.add_parser(
+        "revoke-client", help="refuse a client key's signatures on every front within a second")
+    revoke_client.add_argument("key_id", help="the key's id (key_id of create-client)")
+    _add_common(revoke_client)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -291,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_token_revoke(args))
         return _token_issue(args)
     if args.command == "keys":
+        if args.keys_command in ("create-client", "revoke-client"):
+            return _client_keys(args)
         return _keys(args)
     if args.command == "certs":
         return _certs_dev(args)
@@ -443,6 +462,56 @@ async def _token_revoke(args: argparse.Namespace) -> int:
         finally:
             await conn.close()
     print(f"revoked {what} at {at.isoformat()}; every front refuses it within a second")
+    return 0
+
+
+def _client_keys(args: argparse.Namespace) -> int:
+    """``keys create-client`` / ``keys revoke-client``: client keys in the server's
+    database (actors/edge/signatures.py), reached as ``token revoke`` reaches it."""
+    if not args.database_url and not Path(args.data_dir).is_dir():
+        # A mistyped directory would get a new embedded database that no server reads.
+        print(f"txproc keys {args.keys_command}: the data directory "
+              f"{Path(args.data_dir).resolve()} does not exist; name the server's "
+              "--data-dir or --database-url", file=sys.stderr)
+        return 2
+    return asyncio.run(_write_client_key(args))
+
+
+async def _write_client_key(args: argparse.Namespace) -> int:
+    import base64
+    import json
+
+    import asyncpg
+
+    from actors.edge import create_client_key, revoke_client_key
+
+    command = f"txproc keys {args.keys_command}"
+    with _operator_database(args) as url:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            if args.keys_command == "create-client":
+                key = await create_client_key(conn, args.tenant, args.subject)
+                print(json.dumps({"key_id": key.key_id,
+                                  "secret": base64.b64encode(key.secret).decode(),
+                                  "tenant": key.tenant, "subject": key.subject}))
+                print(f"{command}: every front accepts its signatures within a second; the "
+                      "secret is not shown again", file=sys.stderr)
+                return 0
+            revoked_at = await revoke_client_key(conn, args.key_id)
+        except ValueError as exc:
+            print(f"{command}: {exc}", file=sys.stderr)
+            return 2
+        except asyncpg.UndefinedTableError:
+            print(f"{command}: the database has no client_keys table; run `txproc migrate` "
+                  "first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    if revoked_at is None:
+        print(f"{command}: no client key {args.key_id} is in use", file=sys.stderr)
+        return 1
+    print(f"revoked {args.key_id} at {revoked_at.isoformat()}; every front refuses its "
+          "signatures within a second")
     return 0
 
 

@@ -16,7 +16,11 @@ Public interface:
 * ``Credentials`` and ``CredentialsWatch``: the key ring and the revocations both
   listeners check every request's token against, kept current while serving, and
   ``revoke_token_id`` / ``revoke_subject`` that write revocations (actors.edge.credentials;
-  docs/security.md, "Tokens").
+  docs/security.md, "Tokens");
+* ``RequestSignatures``: the signature checks of state-changing HTTP requests (RFC 9421,
+  client keys and nonces in the database), and ``create_client_key`` /
+  ``revoke_client_key`` that write client keys (actors.edge.signatures; docs/security.md,
+  "Signed requests").
 
 The edge verifies tokens and scopes; it holds no money rules of its own.
 """
@@ -34,6 +38,7 @@ from actors.edge.http_api import PaymentsService, build_app
 from actors.edge.limits import HttpLimits, http_server
 from actors.edge.payments_link import PaymentsLink
 from actors.edge.rpc_server import start_rpc_server
+from actors.edge.signatures import RequestSignatures, create_client_key, revoke_client_key
 from actors.edge.tls import server_context
 
 __all__ = [
@@ -43,8 +48,11 @@ __all__ = [
     "HttpLimits",
     "PaymentsLink",
     "PaymentsService",
+    "RequestSignatures",
     "build_app",
+    "create_client_key",
     "http_server",
+    "revoke_client_key",
     "revoke_subject",
     "revoke_token_id",
     "server_context",

@@ -28,10 +28,11 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from actors.edge.audit import AuditWriter, request_id_of
 from actors.edge.credentials import Credentials, as_credentials
+from actors.edge.signatures import RequestSignatures
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
@@ -47,9 +48,12 @@ from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded, QuotaExceeded
 from processor.identity import (
     SCOPES,
+    SIGNATURE_ALGORITHM,
+    SIGNATURE_CODES,
     AuthError,
     Claims,
     ScopeError,
+    SignatureError,
     bearer_token,
     principal_of,
     require_scope,
@@ -76,6 +80,7 @@ from processor.types import (
     ID_MAX,
     TIMEOUT_S_MAX,
     USER_DATA_CHARS_MAX,
+    USER_DATA_PATTERN,
     Account,
     AccountFlags,
     Transfer,
@@ -142,7 +147,10 @@ Amount = Annotated[int, Meta(ge=0, le=ID_MAX, description="Integer minor units o
 Code = Annotated[int, Meta(ge=0, le=CODE_MAX, description="Caller-defined category.")]
 TimeoutS = Annotated[int, Meta(ge=0, le=TIMEOUT_S_MAX, description="Seconds a hold lasts.")]
 Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$", description="ISO 4217 code.")]
-UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX, description="Stored, never read.")]
+# PostgreSQL text cannot hold U+0000: a commit carrying one fails and restarts the shard,
+# failing every request committed with it, so the edge refuses it (400) as a bad field.
+UserData = Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX, pattern=USER_DATA_PATTERN,
+                               description="Stored, never read; no U+0000.")]
 TimestampNs = Annotated[
     int, Meta(ge=0, le=ID_MAX, description="Assigned by the server: ns since the Unix epoch.")
 ]
@@ -419,6 +427,8 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "token_invalid": 401,
     "token_expired": 401,
     "token_revoked": 401,
+    # Signed requests (actors/edge/signatures.py), checked after the token.
+    **dict.fromkeys(SIGNATURE_CODES, 401),
     "scope_missing": 403,
     "id_reserved": 403,
     "not_found": 404,
@@ -533,6 +543,21 @@ async def _receive_body(receive: Receive, declared: str | None, body_bytes_max: 
             return body
 
 
+def _replaying(body: bytes, receive: Receive) -> Receive:
+    """An ASGI receive that gives ``body`` (already read) as the whole request, then
+    whatever ``receive`` gives (a disconnect)."""
+    replayed = False
+
+    async def replay() -> Message:
+        nonlocal replayed
+        if replayed:
+            return await receive()
+        replayed = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replay
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of a header (ASGI names are lower-case), as Starlette's Headers.get."""
     for key, value in headers:
@@ -571,6 +596,11 @@ def _batch_items(items: list[T]) -> list[T]:
         )
     return items
 
+
+# What a signature must be (RFC 9421, section 5.1), sent with every signature error.
+ACCEPT_SIGNATURE = (
+    'sig1=("@method" "@target-uri" "content-digest" "authorization");created;nonce;keyid;'
+    f'alg="{SIGNATURE_ALGORITHM}"')
 
 _AUTH_MESSAGES = {
     "token_missing": "send an Authorization: Bearer <token> header",
@@ -619,7 +649,11 @@ class _Api:
         reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
         rate_limiter: RateLimiter,
         audit: AuditWriter | None = None,
+        signatures: RequestSignatures | None = None,
     ) -> None:
+        # Without a front's checks no client key is known: every signature is refused.
+        self._signatures = (signatures if signatures is not None
+                            else RequestSignatures(required=False, nonces=None))
         self._reserved_id_min = reserved_id_min
         self._limiter = rate_limiter
         self._audit = audit
@@ -641,6 +675,8 @@ class _Api:
                 if operation.scope is not None:
                     request.state.claims = self._authorize(
                         request.headers.get("authorization"), operation.scope)
+                    if operation.method == "POST":
+                        request = await self._signed(request)
                 response: Response = await handler(request)
                 return response
             except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, see _answer
@@ -700,6 +736,17 @@ class _Api:
             "RateLimit": f'"principal";r={decision.remaining};'
                          f"t={max(1, math.ceil(decision.reset_s))}",
         })
+
+    async def _signed(self, request: Request) -> Request:
+        """Check a state-changing request's signature after its token (actors/edge/
+        signatures.py). A signed request's body is read here, for its digest, and handed
+        on: the request returned reads it again. Raises ``SignatureError`` (401)."""
+        verified = self._signatures.check(request.state.claims, request.scope)
+        if verified is None:
+            return request
+        body = await _read_body(request, self._body_bytes_max)
+        await self._signatures.admit(verified, body)
+        return Request(request.scope, _replaying(body, request.receive))
 
     async def _origin(self, claims: Claims, request_id: str | None, operation: str,
                       items: int) -> int:
@@ -816,8 +863,11 @@ class _Api:
         headers = scope["headers"]
         try:
             claims = self._authorize(_header(headers, b"authorization"), "transfers:write")
+            verified = self._signatures.check(claims, scope)
             body = await _receive_body(receive, _header(headers, b"content-length"),
                                        self._body_bytes_max)
+            if verified is not None:
+                await self._signatures.admit(verified, body)
             status, answer = await self._create_transfer(
                 claims, body, _header(headers, b"x-request-id"))
             return status, answer, {}
@@ -970,6 +1020,10 @@ def _api_error_of(exc: Exception, method: str, path: str) -> ApiError:
         message = _AUTH_MESSAGES.get(exc.code, "the bearer token is not valid")
         code = exc.code if exc.code in _AUTH_MESSAGES else "token_invalid"
         return ApiError(401, code, message, {"WWW-Authenticate": "Bearer"})
+    if isinstance(exc, SignatureError):
+        # A fixed text per rule, never a header's value; the token's scheme is the challenge.
+        return ApiError(401, exc.code, exc.message,
+                        {"WWW-Authenticate": "Bearer", "Accept-Signature": ACCEPT_SIGNATURE})
     if isinstance(exc, ScopeError):
         challenge = f'Bearer error="insufficient_scope", scope="{exc.scope}"'
         message = f"the token lacks the scope {exc.scope}"
@@ -1065,6 +1119,13 @@ _UNAUTHORIZED = _error_reply(
     401, "No usable bearer token.", "token_missing", "token_invalid", "token_expired",
     "token_revoked"
 )
+# State-changing routes: the token, then the request's signature (docs/security.md,
+# "Signed requests").
+_UNAUTHORIZED_SIGNED = _error_reply(
+    401, "No usable bearer token; or the request's signature is missing where the server "
+    "requires one, does not hold, is outside its time window or was used before (these "
+    "carry Accept-Signature, the signature wanted: RFC 9421, section 5.1).",
+    "token_missing", "token_invalid", "token_expired", "token_revoked", *SIGNATURE_CODES)
 _FORBIDDEN = _error_reply(403, "The token lacks the operation's scope.", "scope_missing")
 # Creating accounts and transfers: ids from 2^62 up are the processor's own.
 _FORBIDDEN_CREATE = _error_reply(
@@ -1079,7 +1140,12 @@ _TOO_LARGE_BATCH = _error_reply(
     "batch_too_large",
 )
 _OVERLOADED = _error_reply(
-    429, "The ledger is at capacity; retry after Retry-After seconds.", "overloaded"
+    429, "The ledger is at capacity, or the caller spent its rate limit; retry after "
+    "Retry-After seconds.", "overloaded", "rate_limited"
+)
+# Reads of payments and payouts never reach the ledger, but take from the rate limit.
+_RATE_LIMITED = _error_reply(
+    429, "The caller spent its rate limit; retry after Retry-After seconds.", "rate_limited"
 )
 _UNAVAILABLE = _error_reply(
     503, "The ledger cannot answer now; retry after Retry-After seconds.", "unavailable"
@@ -1098,7 +1164,7 @@ def _create_replies(
         Reply(201, f"The {what} was created; the body is the stored {what}.", body),
         Reply(200, f"An identical {what} was already stored; the body is that {what}.", body),
         _BAD_BODY,
-        _UNAUTHORIZED,
+        _UNAUTHORIZED_SIGNED,
         _FORBIDDEN_CREATE,
         _error_reply(409, f"A {what} with this id is stored with other fields.", *conflicts),
         _TOO_LARGE,
@@ -1115,7 +1181,7 @@ def _batch_replies(body: type, what: str) -> tuple[Reply, ...]:
     return (
         Reply(200, f"One result per {what}, in request order.", body),
         _BAD_BATCH,
-        _UNAUTHORIZED,
+        _UNAUTHORIZED_SIGNED,
         _FORBIDDEN_CREATE,
         _TOO_LARGE_BATCH,
         *quota,
@@ -1145,7 +1211,7 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
                           "data in the request.", "idempotency_key_missing",
                      "idempotency_key_invalid", "card_data_not_allowed", "malformed_json",
                      "invalid_body"),
-        _UNAUTHORIZED,
+        _UNAUTHORIZED_SIGNED,
         _FORBIDDEN,
         Reply(402, "Declined by the provider or the risk check; the body carries the error "
                    "and the payment.", PaymentFailure, ("payment_declined", "risk_declined")),
@@ -1159,7 +1225,9 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
                      "payment_not_voidable", "payment_not_refundable",
                      "refund_exceeds_captured", "merchant_account_not_found",
                      "currency_mismatch", "currency_not_supported", "provider_unknown",
-                     "payment_failed", "payout_failed"),
+                     "insufficient_funds", "amount_must_be_positive", "payment_failed",
+                     "payout_failed"),
+        _OVERLOADED,
         _INTERNAL,
         _error_reply(503, "No provider (or the ledger) could take it; nothing was done and "
                           "the same request may be sent again.", "provider_unavailable",
@@ -1238,7 +1306,7 @@ OPERATIONS: tuple[Operation, ...] = (
         scope="payments:read",
         replies=(Reply(200, "The payment.", PaymentView), _UNAUTHORIZED, _FORBIDDEN,
                  _error_reply(404, "No payment of yours has this id.", "payment_not_found"),
-                 _INTERNAL, _UNAVAILABLE),
+                 _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
     ),
     Operation(
         name="capture_payment", method="POST", path="/v1/payments/{payment_id}/capture",
@@ -1269,12 +1337,14 @@ OPERATIONS: tuple[Operation, ...] = (
         summary="Read a payout.", handler=_Api.get_payout, scope="payments:read",
         replies=(Reply(200, "The payout.", PayoutView), _UNAUTHORIZED, _FORBIDDEN,
                  _error_reply(404, "No payout of yours has this id.", "payout_not_found"),
-                 _INTERNAL, _UNAVAILABLE),
+                 _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
     ),
     Operation(
         name="provider_webhook", method="POST", path="/v1/providers/{provider}/webhooks",
         summary="A provider's signed event (HMAC over timestamp and body; no bearer token).",
-        handler=_Api.provider_webhook, scope=None,
+        # The event is a JSON object in the provider's own shape (adapters/), so the
+        # document says no more than that.
+        handler=_Api.provider_webhook, scope=None, request=dict,
         replies=(
             Reply(200, "Accepted: applied, a duplicate, or about something that moved on.",
                   WebhookAnswer),
@@ -1413,6 +1483,7 @@ def build_app(
     reserved_id_min: int = RESERVED_ID_MIN_DEFAULT,
     rate_limiter: RateLimiter | None = None,
     audit: AuditWriter | None = None,
+    signatures: RequestSignatures | None = None,
 ) -> _App:
     """Return the ASGI app serving the partner API over ``service``.
 
@@ -1427,12 +1498,16 @@ def build_app(
     principal's ``rate_limiter`` budget (one operation, or one per item of a batch) is
     refused with 429 ``rate_limited``. With ``audit``, every state-changing request writes
     its audit record before it is applied, and what it creates carries the record's id.
+    ``signatures`` checks the signatures of state-changing requests after their token
+    (actors/edge/signatures.py; 401 ``signature_*``, ``request_replayed``); without it,
+    unsigned requests pass and a signed one is refused (no client key is known).
     """
     if body_bytes_max < 1:
         raise ValueError(f"body_bytes_max must be positive, got {body_bytes_max}")
     api = _Api(service, key, clock_s=clock_s, ready=ready, body_bytes_max=body_bytes_max,
                payments=payments, reserved_id_min=reserved_id_min,
-               rate_limiter=rate_limiter or RateLimiter(0, 0), audit=audit)
+               rate_limiter=rate_limiter or RateLimiter(0, 0), audit=audit,
+               signatures=signatures)
     routes = [
         Route(op.path, api.endpoint(op), methods=[op.method], name=op.name) for op in OPERATIONS
     ]

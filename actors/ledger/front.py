@@ -33,6 +33,7 @@ from actors.edge import (
     CredentialsWatch,
     HttpLimits,
     PaymentsLink,
+    RequestSignatures,
     build_app,
     http_server,
     server_context,
@@ -219,6 +220,8 @@ class Front:
         # Keeps the key ring and the revocations current (actors.edge.credentials).
         self._credentials: CredentialsWatch | None = None
         self._credentials_task: asyncio.Task[None] | None = None
+        # Checks signed HTTP requests; keeps the client keys current (actors.edge.signatures).
+        self._signatures: RequestSignatures | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
         # Payments run in their own actor; the edge forwards to it (actors.edge.payments_link).
         payments = config.payments
@@ -258,13 +261,18 @@ class Front:
             key, cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s)
         await self._credentials.poll()
+        self._signatures = await RequestSignatures.connect(
+            cfg.shard.database_url, required=cfg.front.require_signed_requests,
+            connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s)
         # One budget per principal across both listeners of this front.
         limiter = RateLimiter(cfg.front.rate_limit_rps, cfg.front.rate_limit_burst)
         app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
                         payments=self._payments,
                         reserved_id_min=cfg.payments.rules.system_id_base,
-                        rate_limiter=limiter, audit=self._audit)
+                        rate_limiter=limiter, audit=self._audit,
+                        signatures=self._signatures)
         # One context for both listeners; a missing or unreadable file fails the start.
         tls = _server_context(cfg.front)
         server = http_server(
@@ -344,6 +352,8 @@ class Front:
             await self._quota.close()
         if self._credentials is not None:
             await self._credentials.close()
+        if self._signatures is not None:
+            await self._signatures.close()
 
     async def _watch_shards(self) -> None:
         """Call every shard often, so a restarted one recovers at once (its recovery takes a

@@ -22,8 +22,10 @@ import msgspec
 
 from actors.ops import metrics
 from actors.payments.engine import REQUEST_ORIGIN, PaymentsEngine
+from actors.payments.store import DATABASE_UNREACHABLE
 from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
+from processor.errors import Unavailable
 from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
@@ -108,6 +110,16 @@ class PaymentsApiError(Exception):
         self.message = message
         self.body = body  # a full JSON answer, when the error carries the payment
         self.retry_after_s = retry_after_s
+
+
+def _database_away(exc: BaseException) -> Unavailable:
+    """What a request meets when PostgreSQL cannot be reached, or did not answer within the
+    pool's acquire or statement timeout: 503 with Retry-After (the edge's answer to
+    ``Unavailable``). Nothing the request decided is lost: what committed stands, and its
+    Idempotency-Key claim lapses or is released, so the same request may be sent again."""
+    log.warning("payments database unavailable: %s", type(exc).__name__)
+    return Unavailable("the payments database is unavailable; send the request again",
+                       retry_after_s=1.0)
 
 
 def error_body(code: str, message: str) -> bytes:
@@ -475,6 +487,8 @@ class PaymentsEndpoint:
             return _refusal(api_error_of(exc))
         except PaymentsApiError as exc:
             return _refusal(exc)
+        except DATABASE_UNREACHABLE as exc:
+            raise _database_away(exc) from exc
         finally:
             REQUEST_ORIGIN.reset(token)
 
@@ -490,7 +504,10 @@ class PaymentsEndpoint:
         except WebhookRejected as exc:
             code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "webhook_malformed"
             return _refusal(PaymentsApiError(code, "the webhook was not accepted"))
-        result = await self.payments.engine.apply_webhook(provider, event)
+        try:
+            result = await self.payments.engine.apply_webhook(provider, event)
+        except DATABASE_UNREACHABLE as exc:
+            raise _database_away(exc) from exc
         if result == "retry":
             return (503, error_body("unavailable",
                                     "the event raced another change; send it again"),

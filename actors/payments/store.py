@@ -31,7 +31,13 @@ from processor.payments import (
     StoredKey,
 )
 
-__all__ = ["PaymentStore"]
+__all__ = ["DATABASE_UNREACHABLE", "PaymentStore"]
+
+# What a call meets when PostgreSQL cannot be reached or did not answer in time (the pool's
+# connect or statement timeout): the request may be sent again. Not a refused statement
+# (a constraint, a permission), which is a bug to see as one.
+DATABASE_UNREACHABLE = (OSError, TimeoutError, asyncpg.InterfaceError,
+                        asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
 
 _FINAL = [p.value for p in FINAL_PHASES]
 _STEP_COLUMNS = (

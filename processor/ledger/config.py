@@ -109,6 +109,9 @@ class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):
     tls_server_ca_path: str = ""
     tls_internal_cert_path: str = ""
     tls_internal_key_path: str = ""
+    # Refuse state-changing HTTP requests that are not signed with a client key (RFC 9421;
+    # docs/security.md, "Signed requests"). Signed requests are verified either way.
+    require_signed_requests: bool = False
 
     @property
     def tls(self) -> bool:

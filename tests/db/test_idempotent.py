@@ -140,3 +140,25 @@ async def test_a_lapsed_claimant_failing_does_not_free_its_successors_claim(
     assert busy.value.code == "idempotency_key_in_use"
     second_may_finish.set()
     assert (await second)[0] == 201
+
+
+async def test_a_database_out_of_reach_is_answered_as_unavailable(db_url: str) -> None:
+    """With its connections gone (terminated, as when the server goes away), a payments
+    call is refused as ``Unavailable`` (the edge answers 503 with Retry-After), not raised
+    as a bug (500)."""
+    from actors.payments.endpoints import Payments, PaymentsEndpoint
+    from processor.errors import Unavailable
+
+    store = await PaymentStore.connect(db_url, pool_size_max=2, connect_timeout_s=2,
+                                       command_timeout_s=2)
+    clock = Clock()
+    engine: Any = types.SimpleNamespace(store=store)
+    endpoint = PaymentsEndpoint(
+        Payments(engine=engine, idempotent=idempotent(store, clock), adapters={}),
+        clock_s=clock)
+    store.pool.terminate()
+    body = (b'{"amount": 100, "currency": "USD", "merchant_account_id": 7, '
+            b'"payment_method": "pm_4242_abcdefgh"}')
+    with pytest.raises(Unavailable) as away:
+        await endpoint.call("1/p", "authorize", uuid.uuid4().hex, "", body, {})
+    assert away.value.retry_after_s > 0
