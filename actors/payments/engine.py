@@ -61,6 +61,7 @@ from processor.payments import (
     on_ledger,
     on_provider,
     on_status,
+    payment_after,
     provider_request,
     recheck_delay_s,
     status_request,
@@ -176,18 +177,11 @@ class PaymentsEngine:
         """Authorize (and with ``capture``, capture) a payment.
 
         ``request_key`` identifies the request (a hash of its Idempotency-Key); the payment
-        id derives from it, so a request executed again (after its key's claim lapsed)
-        finds the payment it created instead of creating another.
+        id derives from it, so a request executed again (after its key's claim lapsed, or
+        after it was released) finds the payment it created instead of creating another.
+        That is found when the payment is created (``create_payment`` answers False), not
+        looked up before: a new request, the common case, costs no read for it.
         """
-        if request_key:
-            existing = await self.store.payment(f"pay_{request_key[:24]}", principal=principal)
-            if existing is not None:
-                if existing.status == PaymentStatus.FAILED and (
-                        existing.error == "provider_unavailable"):
-                    # Nothing happened last time (every provider refused before acting), so
-                    # the same request, sent again, tries again on the same payment.
-                    return await self._authorize_again(existing, request, principal)
-                return await self._resume(existing.id, principal)
         providers = self._providers_for(request.currency, request.provider)
         await self._require_merchant(request.merchant_account_id, request.currency, principal)
         decision = await self._risk_check(request.amount, request.currency,
@@ -204,8 +198,10 @@ class PaymentsEngine:
         if not decision.allowed:
             payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
                                               error="risk_declined")
-            await self.store.create_payment(payment, None, principal=principal, due_at_s=now_s)
-            return await self.payment(payment.id, principal=principal)
+            if not await self.store.create_payment(payment, None, principal=principal,
+                                                   due_at_s=now_s):
+                return await self._existing(payment.id, request, principal)
+            return payment_view(payment, [])
         step_id, transfer_base = await self.store.new_step_ids()
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
                         subject_id=payment.id, amount=request.amount,
@@ -215,9 +211,24 @@ class PaymentsEngine:
                         origin=REQUEST_ORIGIN.get())
         if not await self.store.create_payment(payment, step, principal=principal,
                                                due_at_s=now_s + self.config.claim_ttl_s):
-            return await self._resume(payment.id, principal)
-        await self.drive(step)
+            return await self._existing(payment.id, request, principal)
+        done = await self.drive(step)
+        if done.final and not payment.auto_capture:
+            # Saved final by this request, so the stored payment is this one after it
+            # (PaymentStore._finish applies the same payment_after): no read needed.
+            return payment_view(payment_after(payment, done), [done])
         return await self.payment(payment.id, principal=principal)
+
+    async def _existing(self, payment_id: str, request: AuthorizeRequest,
+                        principal: str) -> PaymentView:
+        """The same request executed before and created the payment: resume it, or, when
+        nothing happened last time (every provider refused before acting), try again on
+        the same payment."""
+        existing = await self.store.payment(payment_id, principal=principal)
+        if existing is not None and existing.status == PaymentStatus.FAILED and (
+                existing.error == "provider_unavailable"):
+            return await self._authorize_again(existing, request, principal)
+        return await self._resume(payment_id, principal)
 
     async def _authorize_again(self, payment: Payment, request: AuthorizeRequest,
                                principal: str) -> PaymentView:

@@ -166,6 +166,22 @@ async def test_a_declined_card_is_402_and_moves_nothing(
     assert await balances(client, account) == (0, 0, 0, 0)
 
 
+async def test_an_authorization_answers_exactly_what_a_read_then_shows(
+        http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    """The answer to a new authorization is built in memory (no read back); it must be the
+    stored payment: approved by either provider, declined, or with a reference."""
+    usd, eur = await merchant(client, ids), await merchant(client, ids, currency="EUR")
+    cases = [(usd, "acme", card_token()), (eur, "globex", card_token()),
+             (usd, "acme", card_token("0002"))]
+    for account, provider, token in cases:
+        r = await authorize(http, account, token=token, provider=provider,
+                            currency="EUR" if account == eur else "USD")
+        assert r.status_code in (201, 402), r.text
+        answered = r.json().get("payment", r.json())
+        stored = (await http.get(f"/v1/payments/{answered['id']}")).json()
+        assert answered == stored
+
+
 async def test_an_outage_fails_over_to_the_other_provider(
         processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
         sims: Sims) -> None:
