@@ -1,8 +1,12 @@
-"""An embedded PostgreSQL server for development and tests, and helpers to create databases.
+"""An embedded PostgreSQL server for development and tests, its passwords, and helpers to
+create databases and to connect as the application's role.
 
-The server binaries come from the ``pgserver`` package (PostgreSQL 16, Unix socket only). We use
-its binaries and its permission helpers but not its ``PostgresServer`` class, and run the
-postmaster as our own child process instead, for three reasons:
+Binaries. The server is the PostgreSQL 16 of the ``pgserver`` wheel, used as a package of
+binaries only: the directory holding ``postgres`` and ``initdb`` is found in the installed
+distribution's file list (``importlib.metadata``) and no module of ``pgserver`` is imported,
+so a release that reorganizes its private modules changes nothing here. We run the
+postmaster as our own child process rather than through ``pgserver.PostgresServer``, for
+three reasons:
 
 - ``pg_ctl start`` daemonizes the postmaster, so once it exits it is reaped by PID 1. When
   PID 1 reaps slowly (containers, microVM inits) the dead postmaster lingers as a zombie for
@@ -21,25 +25,54 @@ Ownership here is explicit: the server belongs to the ``EmbeddedPostgres`` that 
 ``stop()``, or the normal exit of the owning process, stops it whoever still uses it; other
 processes must only hold the URL and must not outlive the owner.
 
+Passwords. Every login needs a password, checked with SCRAM-SHA-256: the cluster is made by
+``initdb --auth-local=scram-sha-256 --auth-host=scram-sha-256 --pwfile``, and
+``pg_hba.conf`` belongs to this module (rewritten at every start to exactly its
+``HBA_CONF``: local SCRAM logins, nothing else). The data directory keeps two random
+passwords in pgpass files, mode 0600, owned by the server's user: ``postgres.pgpass`` for
+the superuser, which ``url`` names (``passfile=``) so that no URL of the embedded server
+carries it, and ``txproc_app.pgpass`` for the application's role (``APP_ROLE``; see
+``app_role_url``). A data directory made before passwords existed (trust authentication, by
+an earlier txproc or by ``pgserver`` itself) is upgraded at its first start: having no
+``postgres.pgpass``, its superuser gets a new password in single-user mode (no listener, the
+server not yet started), then the file is written; a crash in between only repeats the step.
+
+Socket. The server listens on a Unix socket only (no TCP), in the data directory (mode 0700)
+or, when that path is too long for a socket, in ``txproc-pg-<digest>`` under the temporary
+directory, made 0700 and owned by the server's user (an existing one with another owner or
+mode is refused); the socket itself is 0700 (``unix_socket_permissions``). So only the
+server's user reaches it, and root, which passes every file permission: run as root, the
+server runs as the system user below while the processes that connect (the CLI, Ray
+workers) stay root, so no group is shared and nothing is opened to one.
+
 Running as root, PostgreSQL refuses to start, so (like ``pgserver``) the server runs as the
-system user ``pgserver``, created with ``useradd`` if missing. For that user to reach the data
-directory, every parent directory of it up to ``/`` gets ``g+rx,o+rx``, and the binaries inside
-the installed ``pgserver`` package are made group and world readable.
+system user ``pgserver``, created with ``useradd`` if missing (a system account without a
+login shell). For that user to reach the data directory, every parent directory of it up to
+``/`` gets ``g+rx,o+rx``, and the binaries, libraries and data files inside the installed
+``pgserver`` package are made group and world readable (the binaries also executable).
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import base64
 import contextlib
 import functools
+import hashlib
+import hmac
+import importlib.metadata
+import logging
 import os
+import pwd
 import re
+import secrets
+import shutil
 import signal
 import stat
 import subprocess
+import tempfile
 import time
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -49,21 +82,58 @@ import asyncpg
 import psutil
 
 __all__ = [
+    "APP_PASSWORD_FILE_NAME",
+    "APP_ROLE",
+    "DatabaseCredentialsError",
     "EmbeddedPostgres",
     "EmbeddedPostgresError",
     "ShutdownMode",
+    "app_role_url",
     "create_database",
     "database_url_with_name",
     "drop_database",
+    "ensure_password_file",
+    "read_password_file",
+    "scram_verifier",
+    "url_with_credentials",
+    "write_password_file",
 ]
 
+log = logging.getLogger("txproc.database")
+
 SUPERUSER = "postgres"
+# The role the service connects as (migration 0015 creates it and grants it what the
+# service's statements need, and nothing of the ledger's history to change).
+APP_ROLE = "txproc_app"
 # The system user the server runs as when we are root; the same name pgserver uses, so data
 # directories made by either stay readable by both.
 SYSTEM_USER = "pgserver"
 # No TCP listener; the port only names the socket file (.s.PGSQL.5432) in the socket directory.
 PORT = 5432
 LOG_FILE_NAME = "log"
+SUPERUSER_PASSWORD_FILE_NAME = f"{SUPERUSER}.pgpass"
+APP_PASSWORD_FILE_NAME = f"{APP_ROLE}.pgpass"
+HBA_FILE_NAME = "pg_hba.conf"
+HBA_CONF = """\
+# Written by txproc (actors/database.py) at every start; edits here are replaced.
+# Unix socket only (the server has no TCP listener), every role with a SCRAM password.
+# TYPE  DATABASE     USER  METHOD
+local   all          all   scram-sha-256
+local   replication  all   scram-sha-256
+"""
+SOCKET_NAME = f".s.PGSQL.{PORT}"
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+SOCKET_PATH_BYTES_MAX = 107
+PRIVATE_MODE = 0o700
+SECRET_FILE_MODE = 0o600
+
+# 256 random bits, URL-safe: a password never needs escaping in a URL or a pgpass line.
+PASSWORD_BYTES = 32
+# PostgreSQL's own defaults for the verifiers it makes (scram_iterations, a 16-byte salt).
+SCRAM_ITERATIONS = 4096
+SCRAM_SALT_BYTES = 16
+# What a verifier is made of: base64, digits and separators, never a quote or a backslash.
+SCRAM_VERIFIER_PATTERN = re.compile(r"SCRAM-SHA-256\$[0-9]+:[A-Za-z0-9+/=]+\$[A-Za-z0-9+/=:]+")
 
 STARTUP_TIMEOUT_S = 30.0
 # A fast shutdown ends with a checkpoint, which is short for a development-sized cluster.
@@ -71,6 +141,9 @@ STOP_TIMEOUT_S = 30.0
 KILL_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.01
 INITDB_TIMEOUT_S = 120.0
+# Single-user mode replays the WAL of a crashed cluster before it runs the statement.
+SINGLE_USER_TIMEOUT_S = 120.0
+USERADD_TIMEOUT_S = 30.0
 
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 60.0
@@ -89,9 +162,16 @@ _SHUTDOWN_SIGNALS: dict[ShutdownMode, signal.Signals] = {
     "immediate": signal.SIGQUIT,
 }
 
+# A uid and gid to run PostgreSQL as (root dropping to the system user), or None for "as we are".
+RunAs = tuple[int, int] | None
+
 
 class EmbeddedPostgresError(RuntimeError):
     """The embedded server could not be started or stopped as asked."""
+
+
+class DatabaseCredentialsError(RuntimeError):
+    """A password file or a role is not as it must be; the message names it and the fix."""
 
 
 class EmbeddedPostgres:
@@ -132,15 +212,28 @@ class EmbeddedPostgres:
         return self._data_dir
 
     @property
+    def socket_dir(self) -> Path:
+        """The directory of the server's Unix socket."""
+        if self._socket_dir is None:
+            raise EmbeddedPostgresError("the server was never started")
+        return self._socket_dir
+
+    @property
     def url(self) -> str:
         """An asyncpg and libpq DSN for the ``postgres`` database as superuser.
 
-        It stays the same across stops and restarts of the same data directory.
+        Its password is read from the superuser's password file (``passfile=``), never
+        carried in the URL. It stays the same across stops and restarts of the same data
+        directory.
         """
-        if self._socket_dir is None:
-            raise EmbeddedPostgresError("the server was never started")
-        host = quote(str(self._socket_dir), safe="/")
-        return f"postgresql://{SUPERUSER}@/{SUPERUSER}?host={host}&port={PORT}"
+        host = quote(str(self.socket_dir), safe="/")
+        passfile = quote(str(self.data_dir / SUPERUSER_PASSWORD_FILE_NAME), safe="/")
+        return f"postgresql://{SUPERUSER}@/{SUPERUSER}?host={host}&port={PORT}&passfile={passfile}"
+
+    @property
+    def app_password_file(self) -> Path:
+        """The password file of ``APP_ROLE`` on this server (made at start, mode 0600)."""
+        return self.data_dir / APP_PASSWORD_FILE_NAME
 
     @property
     def pid(self) -> int | None:
@@ -153,30 +246,37 @@ class EmbeddedPostgres:
         """Start the server on ``data_dir``, creating and initializing it if needed.
 
         Returns once the server accepts connections. Raises ``EmbeddedPostgresError`` if it
-        is already running, or if PostgreSQL exits or is not ready within the startup timeout
-        (the message carries the end of its log).
+        is already running, if the binaries are not installed, if initdb or the password
+        upgrade fails, if the socket directory is refused, or if PostgreSQL exits or is not
+        ready within the startup timeout (the message carries the end of its log);
+        ``DatabaseCredentialsError`` if a password file in ``data_dir`` is refused.
         """
         if self._process is not None:
             raise EmbeddedPostgresError(f"already running on {self._data_dir}")
-        _import_pgserver()
+        bin_dir = _bin_dir()
         data_dir = data_dir.expanduser().resolve()
         data_dir.mkdir(parents=True, exist_ok=True)
-        run_as = _prepare_for_root(data_dir) if os.geteuid() == 0 else None
+        run_as = _prepare_for_root(data_dir, bin_dir) if os.geteuid() == 0 else None
         if not (data_dir / "PG_VERSION").exists():
-            _initdb(data_dir, run_as)
+            _initdb(bin_dir, data_dir, run_as)
+        elif not (data_dir / SUPERUSER_PASSWORD_FILE_NAME).exists():
+            _set_superuser_password(bin_dir, data_dir, run_as)
+        _write_if_changed(data_dir / HBA_FILE_NAME, HBA_CONF, run_as)
+        ensure_password_file(data_dir / APP_PASSWORD_FILE_NAME, APP_ROLE, owner=run_as)
         socket_dir = _socket_dir(data_dir, run_as)
 
-        command = [str(_bin_path() / "postgres"), "-D", str(data_dir)]
+        command = [str(bin_dir / "postgres"), "-D", str(data_dir)]
         command += ["-c", "listen_addresses=", "-k", str(socket_dir), "-p", str(PORT)]
+        command += ["-c", f"unix_socket_permissions={PRIVATE_MODE:04o}"]
         for name, value in self._settings.items():
             command += ["-c", f"{name}={value}"]
-        with open(data_dir / LOG_FILE_NAME, "ab") as log:
+        with open(data_dir / LOG_FILE_NAME, "ab") as log_file:
             # A new session keeps a Ctrl-C meant for the owner from shutting the server down
             # behind its back; the owner stops it in stop() or at exit.
             process = subprocess.Popen(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
                 command,
                 stdin=subprocess.DEVNULL,
-                stdout=log,
+                stdout=log_file,
                 stderr=subprocess.STDOUT,
                 cwd=data_dir,
                 start_new_session=True,
@@ -265,50 +365,95 @@ class EmbeddedPostgres:
 
 
 @functools.cache
-def _import_pgserver() -> None:
-    """Import pgserver once, without the warning it gives when XDG_RUNTIME_DIR is unset."""
-    # Imported late, because processes that only create databases have no use for it. At
-    # import it asks platformdirs for the runtime directory, which warns when XDG_RUNTIME_DIR
-    # is unset (as in containers); pgserver only needs the fallback, so the warning is noise.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR")
-        import pgserver  # noqa: F401
+def _bin_dir() -> Path:
+    """Return the directory of the PostgreSQL binaries shipped in the pgserver wheel.
+
+    Found in the distribution's list of installed files, which names them whatever
+    ``pgserver``'s modules are called; no module of it is imported.
+    """
+    try:
+        distribution = importlib.metadata.distribution("pgserver")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise EmbeddedPostgresError(
+            "the pgserver package, which ships the PostgreSQL binaries, is not installed"
+        ) from exc
+    for file in distribution.files or ():
+        if file.name == "postgres" and file.parent.name == "bin":
+            bin_dir = Path(str(distribution.locate_file(file))).parent
+            if (bin_dir / "postgres").is_file() and (bin_dir / "initdb").is_file():
+                return bin_dir
+    raise EmbeddedPostgresError("no bin/postgres and bin/initdb among pgserver's files")
 
 
-def _bin_path() -> Path:
-    """Return the directory of the PostgreSQL binaries shipped in the pgserver wheel."""
-    from pgserver._commands import POSTGRES_BIN_PATH
-
-    return Path(POSTGRES_BIN_PATH)
-
-
-@functools.cache
-def _prepare_binaries_for_system_user() -> None:
-    """Let the system user traverse to and run the binaries; done once per process."""
-    from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions
-
-    bin_path = _bin_path()
-    read = stat.S_IRGRP | stat.S_IROTH
-    execute = stat.S_IXGRP | stat.S_IXOTH
-    ensure_prefix_permissions(bin_path)
-    ensure_folder_permissions(bin_path, read | execute)
-    ensure_folder_permissions(bin_path.parent / "lib", read)
-
-
-def _prepare_for_root(data_dir: Path) -> tuple[int, int]:
-    """Create the system user and give it the data directory; return its uid and gid."""
-    from pgserver.utils import ensure_prefix_permissions, ensure_user_exists
-
-    entry = ensure_user_exists(SYSTEM_USER)
-    if entry is None:
-        raise EmbeddedPostgresError(f"could not create system user {SYSTEM_USER}")
-    _prepare_binaries_for_system_user()
-    ensure_prefix_permissions(data_dir)
-    os.chown(data_dir, entry.pw_uid, entry.pw_gid)
+def _system_user() -> tuple[int, int]:
+    """Return the uid and gid of the system user, creating it if missing."""
+    try:
+        entry = pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        useradd = shutil.which("useradd")
+        if useradd is None:
+            raise EmbeddedPostgresError(
+                f"running as root needs the system user {SYSTEM_USER}, and useradd is missing"
+            ) from None
+        try:
+            subprocess.run(  # noqa: S603 - fixed arguments
+                [useradd, "--system", "--user-group", "--no-create-home",
+                 "--shell", "/usr/sbin/nologin", SYSTEM_USER],
+                check=True, capture_output=True, text=True, timeout=USERADD_TIMEOUT_S,
+            )
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedPostgresError(
+                f"could not create system user {SYSTEM_USER}: {exc.stderr}") from exc
+        entry = pwd.getpwnam(SYSTEM_USER)
     return entry.pw_uid, entry.pw_gid
 
 
-def _run_as_kwargs(run_as: tuple[int, int] | None) -> dict[str, Any]:
+def _open_prefix(path: Path) -> None:
+    """Let other users traverse to ``path``: ``g+rx,o+rx`` on every parent up to ``/``."""
+    traverse = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    for parent in path.parents:
+        _add_mode_bits(parent, traverse)
+
+
+def _open_tree(root: Path, file_bits: int) -> None:
+    """Add ``g+rx,o+rx`` to the directories under ``root`` and ``file_bits`` to its files."""
+    traverse = stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH
+    for directory, _, files in os.walk(root):
+        _add_mode_bits(Path(directory), traverse)
+        for name in files:
+            path = Path(directory, name)
+            if not path.is_symlink():
+                _add_mode_bits(path, file_bits)
+
+
+def _add_mode_bits(path: Path, bits: int) -> None:
+    """Add ``bits`` to the mode of ``path``, writing it only if some are missing."""
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & bits != bits:
+        path.chmod(mode | bits)
+
+
+@functools.cache
+def _prepare_binaries_for_system_user(bin_dir: Path) -> None:
+    """Let the system user traverse to and run the binaries; done once per process."""
+    read = stat.S_IRGRP | stat.S_IROTH
+    execute = stat.S_IXGRP | stat.S_IXOTH
+    _open_prefix(bin_dir)
+    _open_tree(bin_dir, read | execute)
+    _open_tree(bin_dir.parent / "lib", read)
+    _open_tree(bin_dir.parent / "share", read)
+
+
+def _prepare_for_root(data_dir: Path, bin_dir: Path) -> tuple[int, int]:
+    """Create the system user and give it the data directory; return its uid and gid."""
+    uid, gid = _system_user()
+    _prepare_binaries_for_system_user(bin_dir)
+    _open_prefix(data_dir)
+    os.chown(data_dir, uid, gid)
+    return uid, gid
+
+
+def _run_as_kwargs(run_as: RunAs) -> dict[str, Any]:
     """Return the subprocess arguments that drop root to the system user, or none."""
     if run_as is None:
         return {}
@@ -317,34 +462,138 @@ def _run_as_kwargs(run_as: tuple[int, int] | None) -> dict[str, Any]:
     return {"user": uid, "group": gid, "extra_groups": []}
 
 
-def _initdb(data_dir: Path, run_as: tuple[int, int] | None) -> None:
-    """Create a cluster in ``data_dir`` whose local connections need no password."""
-    command = [str(_bin_path() / "initdb"), "-D", str(data_dir), "-U", SUPERUSER]
-    command += ["--auth=trust", "--encoding=UTF8", "--locale=C"]
+def _initdb(bin_dir: Path, data_dir: Path, run_as: RunAs) -> None:
+    """Create a cluster in ``data_dir`` whose every login needs a SCRAM password, and keep
+    the superuser's password in its password file."""
+    password = _new_password()
+    # initdb wants an empty data directory, so the password reaches it through a file of a
+    # private directory outside, removed as soon as initdb has read it.
+    with tempfile.TemporaryDirectory(prefix="txproc-initdb-") as scratch:
+        pwfile = Path(scratch) / "pwfile"
+        if run_as is not None:
+            os.chown(scratch, *run_as)
+        _write_secret(pwfile, password + "\n", run_as)
+        command = [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", SUPERUSER]
+        command += ["--auth-local=scram-sha-256", "--auth-host=scram-sha-256"]
+        command += [f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C"]
+        try:
+            subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
+                command,
+                check=True,
+                capture_output=True,
+                text=True,
+                cwd=data_dir,
+                timeout=INITDB_TIMEOUT_S,
+                **_run_as_kwargs(run_as),
+            )
+        except subprocess.CalledProcessError as exc:
+            raise EmbeddedPostgresError(f"initdb failed:\n{exc.stdout}\n{exc.stderr}") from exc
+    # A crash before this line leaves a cluster without the file, which the next start
+    # treats as a cluster from before passwords: it sets a new one.
+    write_password_file(data_dir / SUPERUSER_PASSWORD_FILE_NAME, SUPERUSER, password,
+                        owner=run_as)
+
+
+def _set_superuser_password(bin_dir: Path, data_dir: Path, run_as: RunAs) -> None:
+    """Give the superuser of a stopped cluster made without passwords a new one, and keep it.
+
+    Single-user mode needs no login and opens no socket. The statement carries a SCRAM
+    verifier, not the password, so not even the server's log could reveal it.
+    """
+    password = _new_password()
+    verifier = scram_verifier(password, salt=secrets.token_bytes(SCRAM_SALT_BYTES))
+    # Single-user mode takes no parameters; a verifier is safe between single quotes.
+    if SCRAM_VERIFIER_PATTERN.fullmatch(verifier) is None:
+        raise AssertionError("a SCRAM verifier holds only base64, digits and separators")
+    statement = f"ALTER ROLE {SUPERUSER} WITH LOGIN PASSWORD '{verifier}';\n"
+    command = [str(bin_dir / "postgres"), "--single", "-D", str(data_dir)]
+    command += ["-c", "listen_addresses=", "-c", "log_statement=none", SUPERUSER]
     try:
-        subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
+        done = subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
             command,
+            input=statement,
             check=True,
             capture_output=True,
             text=True,
             cwd=data_dir,
-            timeout=INITDB_TIMEOUT_S,
+            timeout=SINGLE_USER_TIMEOUT_S,
             **_run_as_kwargs(run_as),
         )
     except subprocess.CalledProcessError as exc:
-        raise EmbeddedPostgresError(f"initdb failed:\n{exc.stdout}\n{exc.stderr}") from exc
+        raise EmbeddedPostgresError(
+            f"setting the superuser's password failed:\n{exc.stderr}") from exc
+    # Single-user mode reports a failed statement and still exits 0.
+    if "ERROR:" in done.stderr or "FATAL:" in done.stderr:
+        raise EmbeddedPostgresError(f"setting the superuser's password failed:\n{done.stderr}")
+    write_password_file(data_dir / SUPERUSER_PASSWORD_FILE_NAME, SUPERUSER, password,
+                        owner=run_as)
 
 
-def _socket_dir(data_dir: Path, run_as: tuple[int, int] | None) -> Path:
-    """Return the data directory, or a short runtime path if the socket path would be too long."""
-    from pgserver.postgres_server import PostgresServer
-    from pgserver.utils import ensure_prefix_permissions, find_suitable_socket_dir
-
-    socket_dir = Path(find_suitable_socket_dir(data_dir, PostgresServer.runtime_path))
-    if run_as is not None and socket_dir != data_dir:
-        ensure_prefix_permissions(socket_dir)
-        socket_dir.chmod(0o777)
+def _socket_dir(data_dir: Path, run_as: RunAs) -> Path:
+    """Return the data directory, or a private short path if the socket path would be too
+    long there."""
+    if len(os.fsencode(data_dir / SOCKET_NAME)) <= SOCKET_PATH_BYTES_MAX:
+        return data_dir
+    # One directory per data directory (its path and inode), so that servers on two data
+    # directories never share a socket.
+    identity = f"{data_dir}-{data_dir.stat().st_ino}".encode()
+    digest = hashlib.sha256(identity).hexdigest()[:16]
+    socket_dir = Path(tempfile.gettempdir()) / f"txproc-pg-{digest}"
+    if len(os.fsencode(socket_dir / SOCKET_NAME)) > SOCKET_PATH_BYTES_MAX:
+        raise EmbeddedPostgresError(f"no socket path short enough for {data_dir}")
+    _private_directory(socket_dir, run_as)
+    if run_as is not None:
+        _open_prefix(socket_dir)
     return socket_dir
+
+
+def _private_directory(path: Path, run_as: RunAs) -> None:
+    """Make ``path`` a directory only the server's user may use, or check that it is one.
+
+    Raises ``EmbeddedPostgresError`` if it exists as something else: a symbolic link, or a
+    directory of another user or open to others (made by someone else in a shared
+    temporary directory, perhaps to listen in place of the server).
+    """
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_MODE)
+        if run_as is not None:
+            os.chown(path, *run_as)
+    info = path.lstat()
+    uid = run_as[0] if run_as is not None else os.geteuid()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != uid or info.st_mode & 0o077:
+        raise EmbeddedPostgresError(
+            f"refusing the socket directory {path}: it must be a directory owned by uid "
+            f"{uid} with mode 0700; remove it and start again"
+        )
+
+
+def _write_if_changed(path: Path, text: str, run_as: RunAs) -> None:
+    """Replace ``path`` by ``text`` (mode 0600, owned by the server's user) unless equal."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.read_text() == text:
+            return
+    _write_secret(path, text, run_as)
+
+
+def _write_secret(path: Path, text: str, owner: RunAs) -> None:
+    """Write ``path`` atomically, mode 0600, owned by ``owner`` (or by us).
+
+    The content goes to a new file made 0600 from the start, which then replaces ``path``:
+    no moment exists at which another user could read it, or at which ``path`` is partial.
+    """
+    scratch = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, SECRET_FILE_MODE)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            if owner is not None:
+                os.fchown(file.fileno(), *owner)
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
 
 
 def _children(pid: int) -> list[psutil.Process]:
@@ -496,3 +745,206 @@ async def drop_database(
                 await asyncio.sleep(DROP_RETRY_DELAY_S)
     finally:
         await connection.close(timeout=CLOSE_TIMEOUT_S)
+
+
+def _new_password() -> str:
+    """A new random password: 256 bits, URL-safe (no escaping in a URL or a pgpass line)."""
+    return secrets.token_urlsafe(PASSWORD_BYTES)
+
+
+def scram_verifier(password: str, *, salt: bytes, iterations: int = SCRAM_ITERATIONS) -> str:
+    """Return the SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5802, 7677).
+
+    Given to ``ALTER ROLE ... PASSWORD``, it sets the password without the password itself
+    reaching the server (or any statement log). ``password`` must be printable ASCII, which
+    SASLprep leaves as it is (PostgreSQL would normalize other text first). Raises
+    ``ValueError`` for another password, a salt under 16 bytes or under 4,096 iterations.
+    """
+    if not (password.isascii() and password.isprintable() and password):
+        raise ValueError("a SCRAM password here must be non-empty printable ASCII")
+    if len(salt) < SCRAM_SALT_BYTES or iterations < SCRAM_ITERATIONS:
+        raise ValueError(f"salt_bytes >= {SCRAM_SALT_BYTES} and iterations >= "
+                         f"{SCRAM_ITERATIONS} required")
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode("ascii"), salt, iterations)
+    stored_key = hashlib.sha256(hmac.digest(salted, b"Client Key", "sha256")).digest()
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _pgpass_escape(text: str) -> str:
+    """``text`` as one field of a pgpass line (backslash escapes itself and the colon)."""
+    if "\n" in text or "\r" in text:
+        raise ValueError("a pgpass field cannot hold a line break")
+    return text.replace("\\", "\\\\").replace(":", "\\:")
+
+
+def _pgpass_fields(line: str) -> list[str]:
+    """The fields of one pgpass line, unescaped."""
+    fields: list[str] = []
+    current: list[str] = []
+    chars = iter(line)
+    for char in chars:
+        if char == "\\":
+            current.append(next(chars, ""))
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def write_password_file(path: Path, role: str, password: str, *,
+                        owner: tuple[int, int] | None = None) -> None:
+    """Write ``role``'s password to ``path`` as a pgpass file (``*:*:*:role:password``).
+
+    The file is replaced atomically, mode 0600, owned by ``owner`` (uid, gid) or by us, and
+    is usable as libpq's and asyncpg's ``passfile``. Raises ``ValueError`` for a password
+    with a line break, ``OSError`` if the directory is not writable.
+    """
+    line = f"*:*:*:{_pgpass_escape(role)}:{_pgpass_escape(password)}\n"
+    _write_secret(path, line, owner)
+
+
+def read_password_file(path: Path, role: str) -> str | None:
+    """Return ``role``'s password in the pgpass file ``path``, or None if there is no file.
+
+    Raises ``DatabaseCredentialsError`` if ``path`` is a symbolic link or not a regular
+    file, if its group or others have any access to it (libpq and asyncpg ignore such a
+    file), or if it has no line for ``role``.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DatabaseCredentialsError(
+            f"cannot open the password file {path} (a symbolic link is refused): {exc}"
+        ) from exc
+    with os.fdopen(fd, encoding="utf-8") as file:
+        mode = os.fstat(file.fileno()).st_mode
+        if not stat.S_ISREG(mode):
+            raise DatabaseCredentialsError(f"the password file {path} is not a regular file")
+        if mode & 0o077:
+            raise DatabaseCredentialsError(
+                f"the password file {path} is open to its group or others (mode "
+                f"{stat.S_IMODE(mode):04o}); chmod 600 it")
+        lines = file.read().splitlines()
+    for line in lines:
+        fields = _pgpass_fields(line)
+        if not line.startswith("#") and len(fields) == 5 and fields[3] == role:
+            return fields[4]
+    raise DatabaseCredentialsError(f"the password file {path} has no line for {role}")
+
+
+def ensure_password_file(path: Path, role: str, *,
+                         owner: tuple[int, int] | None = None) -> str:
+    """Return ``role``'s password from ``path``, first writing a new random one there if
+    the file does not exist. Raises as ``read_password_file`` and ``write_password_file``."""
+    password = read_password_file(path, role)
+    if password is None:
+        password = _new_password()
+        write_password_file(path, role, password, owner=owner)
+    return password
+
+
+def url_with_credentials(url: str, user: str, password: str) -> str:
+    """Return ``url`` logging in as ``user`` with ``password``; host, database and options stay.
+
+    The user, password and password file of ``url`` (in its user part or its query) are
+    dropped. Raises ``ValueError`` if ``url`` is not a PostgreSQL URL.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"not a postgresql:// URL: {_without_userinfo(url)!r}")
+    address = parts.netloc.rpartition("@")[2]
+    netloc = f"{quote(user, safe='')}:{quote(password, safe='')}@{address}"
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    kept = [(key, value) for key, value in pairs if key not in ("user", "password", "passfile")]
+    rebuilt = f"{parts.scheme}://{netloc}{parts.path}"
+    if kept:
+        # %20, not +, for a space: libpq does not read + as one.
+        rebuilt += f"?{urlencode(kept, safe='/', quote_via=quote)}"
+    return rebuilt
+
+
+def _without_userinfo(url: str) -> str:
+    """``url`` without its user part, for messages: it may carry a password."""
+    parts = urlsplit(url)
+    return url.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1) if parts.netloc else url
+
+
+async def app_role_url(
+    admin_url: str,
+    password_file: Path,
+    *,
+    connect_timeout_s: float = CONNECT_TIMEOUT_S,
+    statement_timeout_s: float = STATEMENT_TIMEOUT_S,
+) -> str:
+    """Return the URL the service connects with: ``admin_url``'s server and database as
+    ``APP_ROLE``, with the password kept in ``password_file``.
+
+    ``admin_url`` is a URL of the role that migrated the database (migration 0015 creates
+    ``APP_ROLE``). The file is made (mode 0600, a new random password) if it does not exist.
+    The password is set on the role only when the role does not already log in with it, so
+    every processor sharing a server must share the file; an operator who manages the role
+    may write the file and the role is left alone. If ``admin_url``'s role may not change
+    ``APP_ROLE`` (neither superuser nor its admin), one warning is logged and ``admin_url``
+    is returned: the service then runs as that role.
+
+    Raises ``DatabaseCredentialsError`` if the file is refused (see ``read_password_file``),
+    if ``APP_ROLE`` does not exist (the database is not migrated) or if it holds an
+    attribute it must not (superuser, createrole, createdb, replication, bypassrls);
+    ``asyncpg`` errors and ``TimeoutError`` if a server cannot be reached.
+    """
+    password = ensure_password_file(password_file, APP_ROLE)
+    url = url_with_credentials(admin_url, APP_ROLE, password)
+    try:
+        await _check_app_role(url, connect_timeout_s, statement_timeout_s)
+        return url
+    except asyncpg.InvalidAuthorizationSpecificationError:
+        pass  # the role does not log in with this password (yet): set it below
+    admin = await asyncpg.connect(admin_url, timeout=connect_timeout_s)
+    try:
+        verifier = scram_verifier(password, salt=secrets.token_bytes(SCRAM_SALT_BYTES))
+        # A DDL statement takes no parameters: PostgreSQL quotes the literal itself.
+        statement = await admin.fetchval(
+            "SELECT format('ALTER ROLE %I WITH LOGIN PASSWORD %L', $1::text, $2::text)",
+            APP_ROLE, verifier, timeout=statement_timeout_s)
+        await admin.execute(statement, timeout=statement_timeout_s)
+    except asyncpg.InsufficientPrivilegeError:
+        log.warning("the database URL's role may not set the password of %s: the service "
+                    "connects as that role instead; give the role CREATEROLE, or write %s "
+                    "with %s's password", APP_ROLE, password_file, APP_ROLE)
+        return admin_url
+    except asyncpg.UndefinedObjectError as exc:
+        raise DatabaseCredentialsError(
+            f"the role {APP_ROLE} does not exist: migrate the database first") from exc
+    finally:
+        await admin.close(timeout=CLOSE_TIMEOUT_S)
+    await _check_app_role(url, connect_timeout_s, statement_timeout_s)
+    return url
+
+
+async def _check_app_role(url: str, connect_timeout_s: float, statement_timeout_s: float) -> None:
+    """Log in at ``url`` and make sure the role may do no more than a table's owner grants.
+
+    Raises ``DatabaseCredentialsError`` naming the attributes it must not hold.
+    """
+    connection = await asyncpg.connect(url, timeout=connect_timeout_s)
+    try:
+        row = await connection.fetchrow(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls"
+            " FROM pg_roles WHERE rolname = current_user", timeout=statement_timeout_s)
+    finally:
+        await connection.close(timeout=CLOSE_TIMEOUT_S)
+    held = [name for name, value in (row or {}).items() if value]
+    if row is None or held:
+        raise DatabaseCredentialsError(
+            f"the role {APP_ROLE} must hold none of {held or 'its attributes'}: ALTER ROLE "
+            f"{APP_ROLE} NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS")

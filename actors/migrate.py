@@ -8,6 +8,12 @@ before one already applied. A change is always a new file.
 
 Migrations run inside a transaction, so statements that refuse one (``CREATE INDEX
 CONCURRENTLY``, ``ALTER TYPE ... ADD VALUE`` before PostgreSQL 12) cannot be used in them.
+
+They run as the administrative role, which owns what they create: migration 0015 creates
+the service's role ``txproc_app`` (without a password; ``actors.database.app_role_url``
+sets it) and grants it, table by table, what the service's statements need. A migration
+that creates a table after it gets the default privileges 0015 sets, and revokes there
+what its table must not allow (UPDATE and DELETE of an append-only table).
 """
 
 from __future__ import annotations

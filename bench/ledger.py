@@ -870,6 +870,9 @@ async def run_pgbench(
     env = dict(os.environ)
     if target["password"]:
         env["PGPASSWORD"] = target["password"]
+    passfile = dict(parse_qsl(urlsplit(admin_url).query)).get("passfile")
+    if passfile:
+        env["PGPASSFILE"] = passfile
     conn = ["-h", target["host"], "-p", target["port"], "-U", target["user"]]
     await drop_database(admin_url, PGBENCH_DATABASE)
     await create_database(admin_url, PGBENCH_DATABASE)

@@ -1,8 +1,10 @@
 """Fixtures shared by the whole suite: one PostgreSQL server per session, one database per test.
 
 Set ``TXPROC_TEST_DATABASE_URL`` to an admin URL (a superuser, or a role that may create
-databases) to run against that server; otherwise an embedded PostgreSQL is started once for
-the session. Tests that restart the server ask for ``embedded_pg`` and skip when it is None.
+databases and roles) to run against that server; otherwise an embedded PostgreSQL is started
+once for the session. Tests that restart the server ask for ``embedded_pg`` and skip when it
+is None. The application role (``txproc_app``) belongs to the whole server, so one password
+file (``app_password_file``) serves every test and processor of the session.
 """
 
 from __future__ import annotations
@@ -12,13 +14,23 @@ import os
 import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 
-from actors.database import EmbeddedPostgres, create_database, drop_database
+from actors.database import (
+    APP_PASSWORD_FILE_NAME,
+    APP_ROLE,
+    EmbeddedPostgres,
+    app_role_url,
+    create_database,
+    drop_database,
+    ensure_password_file,
+)
 from actors.migrate import migrate
 
-__all__ = ["DATABASE_URL_ENV", "db_url", "embedded_pg", "empty_db_url", "pg_admin_url"]
+__all__ = ["DATABASE_URL_ENV", "app_db_url", "app_password_file", "db_url", "embedded_pg",
+           "empty_db_url", "pg_admin_url"]
 
 pytest_plugins = ["tests.running", "tests.payments_support"]
 
@@ -60,6 +72,18 @@ def pg_admin_url(embedded_pg: EmbeddedPostgres | None) -> str:
     return embedded_pg.url
 
 
+@pytest.fixture(scope="session")
+def app_password_file(
+    embedded_pg: EmbeddedPostgres | None, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """Return the application role's password file for the session's server."""
+    if embedded_pg is not None:
+        return embedded_pg.app_password_file
+    path = tmp_path_factory.mktemp("credentials") / APP_PASSWORD_FILE_NAME
+    ensure_password_file(path, APP_ROLE)
+    return path
+
+
 @contextlib.asynccontextmanager
 async def _scratch_database(admin_url: str) -> AsyncIterator[str]:
     """Create a uniquely named empty database, yield its URL, and drop it afterwards."""
@@ -84,6 +108,13 @@ async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
     async with _scratch_database(pg_admin_url) as url:
         await migrate(url)
         yield url
+
+
+@pytest.fixture
+async def app_db_url(db_url: str, app_password_file: Path) -> str:
+    """Return the URL of ``db_url``'s database as the application role, as the service
+    connects to it."""
+    return await app_role_url(db_url, app_password_file)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

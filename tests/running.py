@@ -19,7 +19,14 @@ from typing import Any
 import pytest
 
 from actors.app.runtime import Processor, start_processor
-from actors.database import create_database, drop_database
+from actors.database import (
+    APP_PASSWORD_FILE_NAME,
+    APP_ROLE,
+    create_database,
+    drop_database,
+    read_password_file,
+    write_password_file,
+)
 from actors.ledger.store import LedgerStore
 from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
@@ -51,12 +58,18 @@ def ids() -> Iterator[IdSource]:
 
 @pytest.fixture(scope="session")
 async def processor(
-    pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory
+    pg_admin_url: str, app_password_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Processor]:
-    """The session's processor: two shards, a front on free loopback ports."""
+    """The session's processor: two shards, a front on free loopback ports; the service
+    connects as the application role, with the session's password for it."""
     name = f"txproc_e2e_{uuid.uuid4().hex[:12]}"
     url = await create_database(pg_admin_url, name)
     data_dir = tmp_path_factory.mktemp("txproc")
+    # A processor on a configured server keeps the role's password in its data directory;
+    # the session's other tests use the same role, so it gets the same password.
+    password = read_password_file(app_password_file, APP_ROLE)
+    assert password is not None
+    write_password_file(data_dir / APP_PASSWORD_FILE_NAME, APP_ROLE, password)
     config = Config(
         shard=ShardConfig(database_url=url, shards=SHARDS, orphan_sweep_interval_s=0.2,
                           expiry_interval_s=0.1, recovery_deadline_s=30.0),

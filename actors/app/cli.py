@@ -49,7 +49,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT),
                    help="where the embedded database and the signing key live")
     p.add_argument("--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
-                   help="an existing PostgreSQL instead of the embedded one")
+                   help="an existing PostgreSQL instead of the embedded one: a URL of the "
+                        "role that owns the tables (migrations and operator commands use it; "
+                        "the service connects as txproc_app, its password kept in "
+                        "<data-dir>/txproc_app.pgpass)")
 
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
@@ -419,8 +422,9 @@ def _utc(seconds: int) -> str:
 
 @contextlib.contextmanager
 def _operator_database(args: argparse.Namespace) -> Iterator[str]:
-    """The URL of the database an operator command works on: ``--database-url``, or the
-    embedded server of ``--data-dir``, started for the command and stopped after it."""
+    """The administrative URL of the database an operator command works on:
+    ``--database-url``, or the embedded server of ``--data-dir`` (as its superuser, whose
+    password file is in its data directory), started for the command and stopped after."""
     from actors.app.runtime import ensure_database
 
     config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),

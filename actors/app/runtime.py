@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 import ray
 
-from actors.database import EmbeddedPostgres
+from actors.database import APP_PASSWORD_FILE_NAME, EmbeddedPostgres, app_role_url
 from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
 from actors.migrate import migrate
 from actors.names import NAMESPACE
@@ -40,7 +40,7 @@ from processor.config import Config
 from processor.identity import load_or_create_ring
 from processor.ledger import PartitionMap
 
-__all__ = ["Processor", "ensure_database", "start_processor"]
+__all__ = ["Processor", "app_password_file", "ensure_database", "start_processor"]
 
 log = logging.getLogger("txproc.runtime")
 
@@ -67,6 +67,9 @@ class Processor:
     channel_key: bytes = field(default=b"", repr=False)
     metrics: list[Any] = field(default_factory=list)  # one metrics server per node
     metrics_port: int = 0  # this node's
+    # The administrative URL (migrations, operator commands); config.shard.database_url is
+    # the service's, as the application role (actors.database.app_role_url).
+    admin_database_url: str = field(default="", repr=False)
 
     async def supervise(self, interval_s: float = 0.5) -> None:
         """Run until cancelled: start the front again whenever Ray has restarted it, and
@@ -140,12 +143,22 @@ class Processor:
 
 
 def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
-    """The database URL to use, starting the embedded server if none was configured."""
+    """The administrative URL of the database (migrations, operator commands): the one
+    configured, or the embedded server's, which this call starts if none was configured."""
     if config.shard.database_url:
         return config.shard.database_url, None
     embedded = EmbeddedPostgres()
     embedded.start(Path(config.data_dir) / "pg")
     return embedded.url, embedded
+
+
+def app_password_file(config: Config, embedded: EmbeddedPostgres | None) -> Path:
+    """Where the application role's password is kept: beside the embedded server's data, or
+    in the data directory for a configured server (which every processor sharing that
+    server must share, docs/security.md "The database")."""
+    if embedded is not None:
+        return embedded.app_password_file
+    return Path(config.data_dir) / APP_PASSWORD_FILE_NAME
 
 
 def init_ray(address: str | None, metrics_dir: str = "") -> bool:
@@ -183,18 +196,21 @@ async def start_processor(config: Config) -> Processor:
     # Before anything starts: a refused key file (KeyFileError: a symbolic link, another
     # owner, readable by others) is reported here, by name, rather than by a failed actor.
     load_or_create_ring(config.keys_path, now_s=int(time.time()))
-    url, embedded = ensure_database(config)
+    admin_url, embedded = ensure_database(config)
     try:
-        applied = await migrate(url)
+        applied = await migrate(admin_url)
         if applied:
             log.info("applied migrations %s", applied)
         partitions = PartitionMap.uniform(config.shard.shards)
-        store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+        # As the administrative role: it locks the table, which the service may not.
+        store = await LedgerStore.connect(admin_url, pool_size_max=2, connect_timeout_s=10,
                                           command_timeout_s=30)
         try:
             await store.ensure_partition_map(partitions.shard_of_partition)
         finally:
             await store.close()
+        # Every actor connects as the application role from here on.
+        url = await app_role_url(admin_url, app_password_file(config, embedded))
         config = msgspec.structs.replace(
             config, shard=msgspec.structs.replace(config.shard, database_url=url)
         )
@@ -214,7 +230,7 @@ async def start_processor(config: Config) -> Processor:
             config=config, front=front, shards=shards, http_port=ports["http_port"],
             rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
             extra={"front_event_loop": ports["loop"], "metrics_dir": metrics_dir},
-            channel_key=channel_key,
+            channel_key=channel_key, admin_database_url=admin_url,
         )
         await _start_metrics(processor, embedded)
     except BaseException:

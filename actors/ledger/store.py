@@ -775,8 +775,7 @@ class LedgerStore:
         # that shards checkpointing at once queue on, and it changes no row).
         async with self._pool.acquire() as conn:
             await conn.execute(
-                "SELECT brin_summarize_new_values('transfers_timestamp'), "
-                "brin_summarize_new_values('pending_resolutions_timestamp')")
+                "SELECT ledger_summarize_new_ranges()")
         return new
 
     async def checkpoint_timestamp(self, partitions: list[int]) -> int:

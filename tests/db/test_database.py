@@ -290,8 +290,9 @@ async def test_embedded_url_reaches_the_server_through_its_socket(
 )
 async def test_ledger_rows_are_append_only(shared_db_url: str, statement: str) -> None:
     """A committed transfer, resolution or burned id cannot be changed or removed by any
-    statement the application's connection sends (migration 0011), even one editing an
-    amount and its balance together."""
+    statement, even the tables' owner's (migration 0011; the service's role is refused
+    before the trigger, by privilege: test_app_role.py), even one editing an amount and
+    its balance together."""
     connection = await _connect(shared_db_url)
     transaction = connection.transaction()
     await transaction.start()

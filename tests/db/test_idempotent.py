@@ -30,8 +30,9 @@ class Clock:
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[PaymentStore]:
-    s = await PaymentStore.connect(db_url, pool_size_max=8, connect_timeout_s=10,
+async def store(app_db_url: str) -> AsyncIterator[PaymentStore]:
+    # As the service connects: every statement of the key discipline must be granted.
+    s = await PaymentStore.connect(app_db_url, pool_size_max=8, connect_timeout_s=10,
                                    command_timeout_s=30)
     try:
         yield s
@@ -142,14 +143,14 @@ async def test_a_lapsed_claimant_failing_does_not_free_its_successors_claim(
     assert (await second)[0] == 201
 
 
-async def test_a_database_out_of_reach_is_answered_as_unavailable(db_url: str) -> None:
+async def test_a_database_out_of_reach_is_answered_as_unavailable(app_db_url: str) -> None:
     """With its connections gone (terminated, as when the server goes away), a payments
     call is refused as ``Unavailable`` (the edge answers 503 with Retry-After), not raised
     as a bug (500)."""
     from actors.payments.endpoints import Payments, PaymentsEndpoint
     from processor.errors import Unavailable
 
-    store = await PaymentStore.connect(db_url, pool_size_max=2, connect_timeout_s=2,
+    store = await PaymentStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=2,
                                        command_timeout_s=2)
     clock = Clock()
     engine: Any = types.SimpleNamespace(store=store)

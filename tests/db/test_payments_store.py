@@ -30,8 +30,9 @@ RETENTION_S = 86_400.0
 
 
 @pytest.fixture
-async def store(db_url: str) -> AsyncIterator[PaymentStore]:
-    s = await PaymentStore.connect(db_url, pool_size_max=8, connect_timeout_s=10,
+async def store(app_db_url: str) -> AsyncIterator[PaymentStore]:
+    # As the service connects: every statement of the store must be granted to its role.
+    s = await PaymentStore.connect(app_db_url, pool_size_max=8, connect_timeout_s=10,
                                    command_timeout_s=30)
     try:
         yield s

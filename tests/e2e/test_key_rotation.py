@@ -116,7 +116,7 @@ async def test_revoke_a_token_then_a_subject(processor: Processor, ids: IdSource
     RPC connection within two seconds while another token of the same subject goes on;
     `--tenant --subject` then refuses every token of the subject issued before it, and one
     issued after it works."""
-    url = processor.config.shard.database_url
+    url = processor.admin_database_url  # an operator's command: the administrative role
     subject = f"revoke-{uuid.uuid4().hex[:8]}"
     account_id = ids.one()
     doomed = token_for(processor, tenant=TENANT, subject=subject)

@@ -41,7 +41,7 @@ def _txproc(*args: str) -> subprocess.CompletedProcess[str]:
 
 def _create_client(processor: Processor, subject: str) -> dict[str, str]:
     done = _txproc("keys", "create-client", "--tenant", TENANT, "--subject", subject,
-                   "--database-url", processor.config.shard.database_url)
+                   "--database-url", processor.admin_database_url)
     assert done.returncode == 0, done.stderr
     key: dict[str, str] = json.loads(done.stdout)
     return key
@@ -166,12 +166,12 @@ async def test_key_of_another_subject_and_a_revoked_key(
         assert await create(other)() == (401, "signature_invalid")
         assert await create(client_key)() == (201, "")
         done = _txproc("keys", "revoke-client", doomed["key_id"],
-                       "--database-url", processor.config.shard.database_url)
+                       "--database-url", processor.admin_database_url)
         assert done.returncode == 0, done.stderr
         await _within(IN_FORCE_WITHIN_S, create(doomed), (401, "signature_invalid"))
         assert await create(client_key)() == (201, "")
     again = _txproc("keys", "revoke-client", doomed["key_id"],
-                    "--database-url", processor.config.shard.database_url)
+                    "--database-url", processor.admin_database_url)
     assert again.returncode == 1 and "no client key" in again.stderr
 
 
