@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import types
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -27,17 +26,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now_s
-
-
-@pytest.fixture
-async def store(app_db_url: str) -> AsyncIterator[PaymentStore]:
-    # As the service connects: every statement of the key discipline must be granted.
-    s = await PaymentStore.connect(app_db_url, pool_size_max=8, connect_timeout_s=10,
-                                   command_timeout_s=30)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def idempotent(store: PaymentStore, clock: Clock) -> Idempotent:

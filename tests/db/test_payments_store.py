@@ -4,7 +4,6 @@ recovery claims and webhook deduplication."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 
 import asyncpg
 import msgspec
@@ -27,17 +26,6 @@ from processor.payments import (
 NOW_S = 1_800_000_000.0
 TTL_S = 30.0
 RETENTION_S = 86_400.0
-
-
-@pytest.fixture
-async def store(app_db_url: str) -> AsyncIterator[PaymentStore]:
-    # As the service connects: every statement of the store must be granted to its role.
-    s = await PaymentStore.connect(app_db_url, pool_size_max=8, connect_timeout_s=10,
-                                   command_timeout_s=30)
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def payment(pid: str = "pay_" + "1" * 24) -> Payment:
