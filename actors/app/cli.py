@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import sys
 import time
@@ -92,6 +93,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "without, its simulated server is started")
     p.add_argument("--no-payments", action="store_true",
                    help="serve the ledger only: no providers, no payments API")
+    p.add_argument("--event-subscriber", action="append", default=[], metavar="NAME=URL",
+                   help="deliver every payment and payout event, signed, at least once, to "
+                        "this URL (repeatable); subscribers not named are deactivated")
 
 
 def _add_tls(p: argparse.ArgumentParser) -> None:
@@ -150,11 +154,13 @@ def build_config(args: argparse.Namespace) -> Config:
 
 
 def _payments(args: argparse.Namespace) -> PaymentsSection:
-    """The payments section from ``--provider`` / ``--no-payments``."""
+    """The payments section from ``--provider``, ``--event-subscriber`` and
+    ``--no-payments``."""
     if args.no_payments:
         return PaymentsSection(enabled=False, providers=())
+    subscribers = _subscribers(args.event_subscriber)
     if not args.provider:
-        return PaymentsSection()
+        return PaymentsSection(event_subscribers=subscribers)
     endpoints = []
     for text in args.provider:
         name, _, rest = text.partition("=")
@@ -166,8 +172,23 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
                                           secrets_file=secrets.strip()))
     order = tuple(e.name for e in endpoints)
     defaults = PaymentsSection()
-    return PaymentsSection(providers=tuple(endpoints),
+    return PaymentsSection(providers=tuple(endpoints), event_subscribers=subscribers,
                            rules=msgspec.structs.replace(defaults.rules, provider_order=order))
+
+
+def _subscribers(texts: list[str]) -> dict[str, str]:
+    """``NAME=URL`` pairs of ``--event-subscriber``: a name of letters, digits, ``-`` or
+    ``_``, once each, and an http(s) URL."""
+    subscribers: dict[str, str] = {}
+    for text in texts:
+        name, _, url = text.partition("=")
+        name, url = name.strip(), url.strip()
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name) or name in subscribers or not (
+                url.startswith(("http://", "https://"))):
+            raise SystemExit(f"txproc: --event-subscriber {text!r}: NAME=URL, a name of "
+                             "letters, digits, - or _ used once, and an http(s) URL")
+        subscribers[name] = url
+    return subscribers
 
 
 def _add_token_revoke(token_sub: Any) -> None:

@@ -210,13 +210,17 @@ class PaymentStore:
         provider unavailable): back to processing, with a new authorize step. False if the
         payment is no longer in that state (a concurrent retry got there first)."""
         async with self._pool.acquire() as conn, conn.transaction():
-            reopened = await conn.fetchval(
-                "UPDATE payments SET status='processing', error='', decline_code='', "
-                "provider=$2, updated_at=now() WHERE id=$1 AND status='failed' "
-                "AND error='provider_unavailable' RETURNING true", payment_id, step.provider)
-            if not reopened:
+            row = await conn.fetchrow(
+                f"UPDATE payments SET status='processing', error='', decline_code='', "
+                f"provider=$2, updated_at=now() WHERE id=$1 AND status='failed' "
+                f"AND error='provider_unavailable' RETURNING {_PAYMENT_COLUMNS}",
+                payment_id, step.provider)
+            if row is None:
                 return False
             await self._insert_step(conn, step, due_at_s)
+            # Every status change writes its event, this one (failed -> processing) too.
+            await outbox.enqueue(conn, event_type="payment.processing",
+                                 aggregate_id=payment_id, payload=_event(_payment(row)))
         return True
 
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:

@@ -226,6 +226,15 @@ async def test_both_providers_down_fails_fast_and_retryable(
     assert [op["status"] for op in payment["operations"]] == ["failed", "succeeded"]
     assert len(await sims.charges(payment["provider"], payment["id"])) == 1
     assert await balances(client, account) == (0, 0, 1_000, 0)
+    # Every status change wrote its event, the reopening included.
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        events = await conn.fetch("SELECT event_type FROM events WHERE aggregate_id = $1 "
+                                  "ORDER BY id", payment["id"])
+    finally:
+        await conn.close()
+    assert [e["event_type"] for e in events] == [
+        "payment.processing", "payment.failed", "payment.processing", "payment.authorized"]
 
 
 async def test_breaker_opens_under_an_outage_and_closes_after_a_probe(

@@ -1,0 +1,40 @@
+"""The configuration `txproc serve` builds from its flags (actors.app.cli.build_config)."""
+
+from __future__ import annotations
+
+import pytest
+
+from actors.app.cli import _parser, build_config
+from processor.config import Config
+
+
+def _config(*flags: str) -> Config:
+    return build_config(_parser().parse_args(["serve", *flags]))
+
+
+def test_event_subscribers_are_configured_by_flag() -> None:
+    config = _config("--event-subscriber", "ledgerbook=https://hooks.example.test/txproc",
+                     "--event-subscriber", "audit_2=http://127.0.0.1:9000/events")
+    assert config.payments.event_subscribers == {
+        "ledgerbook": "https://hooks.example.test/txproc",
+        "audit_2": "http://127.0.0.1:9000/events"}
+    assert _config().payments.event_subscribers == {}
+
+
+@pytest.mark.parametrize("bad", [
+    "no-url", "=http://x.test/", "sp ace=http://x.test/", "name=ftp://x.test/",
+])
+def test_a_malformed_subscriber_is_refused_by_name(bad: str) -> None:
+    with pytest.raises(SystemExit, match="--event-subscriber"):
+        _config("--event-subscriber", bad)
+
+
+def test_a_subscriber_named_twice_is_refused() -> None:
+    with pytest.raises(SystemExit, match="used once"):
+        _config("--event-subscriber", "a=http://x.test/1", "--event-subscriber",
+                "a=http://x.test/2")
+
+
+def test_quota_and_signed_requests_reach_the_front() -> None:
+    front = _config("--max-accounts-per-tenant", "7", "--require-signed-requests").front
+    assert (front.accounts_per_tenant_max, front.require_signed_requests) == (7, True)
