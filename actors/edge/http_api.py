@@ -36,8 +36,11 @@ from actors.edge.signatures import RequestSignatures
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
+    EVENT_TYPE_PATTERN,
+    EVENTS_PAGE_MAX,
     ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
+    EventsPage,
     PaymentFailure,
     PaymentsApiError,
     WebhookAnswer,
@@ -423,6 +426,7 @@ REQUEST_ERROR_CODES: dict[str, int] = {
     "invalid_body": 400,
     "invalid_id": 400,
     "batch_empty": 400,
+    "invalid_query": 400,
     "token_missing": 401,
     "token_invalid": 401,
     "token_expired": 401,
@@ -947,6 +951,16 @@ class _Api:
     async def get_payout(self, request: Request) -> Response:
         return await self._payments_call(request, "get_payout")
 
+    async def list_events(self, request: Request) -> Response:
+        """The tenant's payment and payout events after a cursor, checked here and read by
+        the payments actor (docs/payments.md, "Events")."""
+        payments = self._require_payments()
+        query = _events_query(request.query_params.multi_items())
+        status, answer, headers = await payments.call(
+            principal_of(request.state.claims), "list_events", "", "",
+            ENCODER.encode(query), _forwarded_headers(request))
+        return Response(answer, status, headers=headers, media_type="application/json")
+
     async def provider_webhook(self, request: Request) -> Response:
         payments = self._require_payments()
         body = await _read_body(request, self._body_bytes_max)
@@ -998,6 +1012,35 @@ class _Api:
             raise ApiError(503, "unavailable", "the transfer was stored; retry to read it",
                            headers={"Retry-After": "1"})
         return transfer_to_response(transfer)
+
+
+_EVENT_TYPE = re.compile(EVENT_TYPE_PATTERN)
+_EVENTS_QUERY_NAMES = frozenset({"after", "type", "limit"})
+
+
+def _events_query(items: list[tuple[str, str]]) -> dict[str, Any]:
+    """``after`` (an event id, 0 by default), ``type`` and ``limit`` (1 to 1000, 100 by
+    default), each at most once; anything else is 400 ``invalid_query``."""
+    names = [name for name, _ in items]
+    unknown = sorted(set(names) - _EVENTS_QUERY_NAMES)
+    if unknown or len(names) != len(set(names)):
+        raise ApiError(400, "invalid_query", "the query takes after, type and limit, once each")
+    values = dict(items)
+    query: dict[str, Any] = {}
+    for name, low, high in (("after", 0, ID_MAX), ("limit", 1, EVENTS_PAGE_MAX)):
+        text = values.get(name)
+        if text is None:
+            continue
+        if not (text.isascii() and text.isdigit() and len(text) <= 19) or not (
+                low <= int(text) <= high):
+            raise ApiError(400, "invalid_query", f"{name} is a whole number from {low} to {high}")
+        query[name] = int(text)
+    event_type = values.get("type")
+    if event_type is not None:
+        if len(event_type) > 100 or _EVENT_TYPE.fullmatch(event_type) is None:
+            raise ApiError(400, "invalid_query", "type is an event type such as payment.captured")
+        query["type"] = event_type
+    return query
 
 
 def _answer(request: Request, exc: Exception) -> Response:
@@ -1340,6 +1383,15 @@ OPERATIONS: tuple[Operation, ...] = (
                  _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
     ),
     Operation(
+        name="list_events", method="GET", path="/v1/events",
+        summary="The tenant's payment and payout events after a cursor, oldest first.",
+        handler=_Api.list_events, scope="events:read",
+        replies=(Reply(200, "Up to limit events, and the cursor to read on from.", EventsPage),
+                 _error_reply(400, "A query parameter is unknown, repeated or out of range.",
+                              "invalid_query"),
+                 _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
         name="provider_webhook", method="POST", path="/v1/providers/{provider}/webhooks",
         summary="A provider's signed event (HMAC over timestamp and body; no bearer token).",
         # The event is a JSON object in the provider's own shape (adapters/), so the
@@ -1372,6 +1424,7 @@ _SCOPE_TEXT = {
     "payments:read": "read payments and payouts",
     "payments:write": "authorize, capture, void and refund payments",
     "payouts:write": "pay merchants out",
+    "events:read": "read the stream of payment and payout events",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -1419,6 +1472,16 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
                 "name": name, "in": "path", "required": True,
                 "schema": {"type": "string", "pattern": pattern},
             }]
+    if op.path == "/v1/events":
+        entry["parameters"] = [
+            {"name": "after", "in": "query", "required": False,
+             "description": "Events after this id (the previous page's next_cursor).",
+             "schema": {"type": "integer", "minimum": 0, "maximum": ID_MAX}},
+            {"name": "type", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": EVENT_TYPE_PATTERN, "maxLength": 100}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": EVENTS_PAGE_MAX}},
+        ]
     if op.scope is not None and op.method == "POST" and op.path.startswith(
             ("/v1/payments", "/v1/payouts")):
         entry.setdefault("parameters", []).append({

@@ -19,9 +19,12 @@ from __future__ import annotations
 from actors.payments import outbox
 from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
 from actors.payments.endpoints import (
+    EVENT_TYPE_PATTERN,
+    EVENTS_PAGE_MAX,
     OPERATION_SCOPES,
     ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
+    EventsPage,
     PaymentFailure,
     PaymentsApiError,
     WebhookAnswer,
@@ -31,10 +34,13 @@ from actors.payments.endpoints import (
 from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
 
 __all__ = [
+    "EVENTS_PAGE_MAX",
+    "EVENT_TYPE_PATTERN",
     "OPERATION_SCOPES",
     "ORIGIN_HEADER",
     "PAYMENTS_ACTOR_NAME",
     "PAYMENT_ERROR_STATUS",
+    "EventsPage",
     "PaymentFailure",
     "PaymentsActor",
     "PaymentsApiError",

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -42,9 +42,13 @@ from processor.payments import (
 )
 
 __all__ = [
+    "EVENTS_PAGE_MAX",
+    "EVENT_TYPE_PATTERN",
     "OPERATION_SCOPES",
     "ORIGIN_HEADER",
     "PAYMENT_ERROR_STATUS",
+    "EventsPage",
+    "EventsQuery",
     "Idempotent",
     "PaymentFailure",
     "Payments",
@@ -308,6 +312,53 @@ class Idempotent:
             metrics.IDEMPOTENCY_FENCED.labels("release").inc()
 
 
+# Event types as the outbox writes them (migration 0004), and the largest page of events.
+EVENT_TYPE_PATTERN = "^[a-z][a-z0-9_]*(\\.[a-z][a-z0-9_]*)*$"
+EVENTS_PAGE_MAX = 1000
+
+
+class EventsQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``GET /v1/events``: events after the id ``after``, oldest first; of one ``type``
+    when given; at most ``limit``."""
+
+    after: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    type: Annotated[str, msgspec.Meta(pattern=EVENT_TYPE_PATTERN, max_length=100)] | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=EVENTS_PAGE_MAX)] = 100
+
+
+class EventView(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    type: str
+    object_id: str  # the payment or payout the event is about
+    created_at: str  # RFC 3339, UTC
+    data: dict[str, Any]  # the object as it stood after the change
+
+
+class EventsPage(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[EventView]
+    # Send as ``after`` to read on: the last event's id, or the ``after`` given when none
+    # came yet (a stream has no end).
+    next_cursor: str
+
+
+_EVENTS_QUERY = msgspec.json.Decoder(EventsQuery)
+
+
+async def _events_page(engine: PaymentsEngine, principal: str, body: bytes) -> bytes:
+    """The tenant's events after a cursor (the edge has checked the query)."""
+    try:
+        query = _EVENTS_QUERY.decode(body or b"{}")
+    except msgspec.ValidationError as exc:
+        raise PaymentsApiError("invalid_body", str(exc)[:300]) from exc
+    rows = await engine.store.events_after(principal, after=query.after,
+                                           event_type=query.type, limit=query.limit)
+    page = [EventView(id=r["id"], type=r["event_type"], object_id=r["aggregate_id"],
+                      created_at=r["created_at"].isoformat(),
+                      data=msgspec.json.decode(r["payload"])) for r in rows]
+    cursor = page[-1].id if page else query.after
+    return ENCODER.encode(EventsPage(data=page, next_cursor=str(cursor)))
+
+
 def require_key(header: str | None) -> str:
     try:
         return check_key(header)
@@ -341,7 +392,7 @@ _AUTHORIZATION_OUTCOMES = {201: "authorized", 202: "processing", 402: "declined"
 OPERATION_SCOPES: dict[str, str] = {
     "authorize": "payments:write", "capture": "payments:write", "void": "payments:write",
     "refund": "payments:write", "payout": "payouts:write", "get_payment": "payments:read",
-    "get_payout": "payments:read",
+    "get_payout": "payments:read", "list_events": "events:read",
 }
 _PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
 _WHOLE_NUMBER = re.compile(r"[0-9][0-9 _-]{11,30}[0-9]")
@@ -412,6 +463,8 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
             raise PaymentsApiError("payout_not_found", "no payout has this id")
         payout = await engine.get_payout(subject_id, principal=principal)
         return 200, ENCODER.encode(payout), {}
+    if operation == "list_events":
+        return 200, await _events_page(engine, principal, body), {}
     if operation not in _DECODERS:
         raise PaymentsApiError("invalid_body", f"no payments operation is named {operation}")
     checked_key = require_key(key)

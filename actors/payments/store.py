@@ -365,6 +365,24 @@ class PaymentStore:
             step_id, _ts(now_s + claim_ttl_s), _FINAL)
         return None if row is None else _step(row)
 
+    # -- the events stream --------------------------------------------------------------------
+
+    async def events_after(self, principal: str, *, after: int, event_type: str | None,
+                           limit: int) -> list[dict[str, Any]]:
+        """Events after id ``after``, oldest first, of the payments and payouts a principal
+        of ``principal``'s tenant created (processor.identity.principal_of), at most
+        ``limit``; of one type when ``event_type`` is given."""
+        rows = await self._pool.fetch(
+            "SELECT e.id, e.event_type, e.aggregate_id, e.payload::text AS payload, "
+            "e.created_at FROM events e WHERE e.id > $1 "
+            "AND ($2::text IS NULL OR e.event_type = $2) "
+            "AND EXISTS (SELECT 1 FROM payments p WHERE p.id = e.aggregate_id "
+            "AND split_part(p.principal, '/', 1) = split_part($3, '/', 1) "
+            "UNION ALL SELECT 1 FROM payouts o WHERE o.id = e.aggregate_id "
+            "AND split_part(o.principal, '/', 1) = split_part($3, '/', 1)) "
+            "ORDER BY e.id LIMIT $4", after, event_type, principal, limit)
+        return [dict(r) for r in rows]
+
     # -- steps for an operator (requires_review) ---------------------------------------------
 
     async def flag_for_review(self, *, now_s: float, review_after_s: float,
