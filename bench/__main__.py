@@ -203,7 +203,9 @@ async def _phases(
     from processor.client import Client
     from processor.identity import SCOPES, issue_token, signing_key
 
-    url = processor.config.shard.database_url
+    # The administrative role: the settle step's CHECKPOINT and pgbench's scratch database
+    # need more than the service's own role (docs/security.md, "The database").
+    url = processor.admin_database_url or processor.config.shard.database_url
     results["machine"]["postgres_version"] = await _server_version(url)
     stats0 = await ledger.shard_stats(processor.shards)
     postmaster = processor.embedded.pid if processor.embedded else ledger.postmaster_pid_of(url)
