@@ -73,6 +73,7 @@ import asyncpg
 import httpx
 import msgspec
 
+from processor.payments import backoff_s
 from processor.types import require
 
 __all__ = [
@@ -90,7 +91,6 @@ __all__ = [
     "RelayStatistics",
     "Verdict",
     "backlog",
-    "backoff_delay_s",
     "dlq_list",
     "dlq_replay",
     "enqueue",
@@ -220,15 +220,6 @@ def verdict_of(status: int) -> Verdict:
     if status in PERMANENT_STATUSES:
         return Verdict.dead
     return Verdict.retry
-
-
-def backoff_delay_s(
-    failures: int, *, base_s: float, cap_s: float, rng: random.Random
-) -> float:
-    """The delay in seconds before the attempt after ``failures`` failed ones (full jitter)."""
-    require(failures >= 1, "a retry follows a failure")
-    ceiling_s = min(cap_s, base_s * 2.0 ** min(failures - 1, 60))
-    return rng.random() * ceiling_s
 
 
 def sign(secret: bytes, event_id: int, timestamp_s: int, body: bytes) -> str:
@@ -666,7 +657,8 @@ class OutboxRelay:
                     or past_deadline):
                 dead.append((claim, error))
                 continue
-            delay_s = backoff_delay_s(
+            # The one backoff policy of payments: capped exponential, full jitter.
+            delay_s = backoff_s(
                 claim["attempts"], base_s=limits.backoff_base_s, cap_s=limits.backoff_cap_s,
                 rng=self._rng,
             )
