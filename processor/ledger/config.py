@@ -7,6 +7,8 @@ contract ``ledger-alone`` in pyproject.toml holds this).
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit, urlunsplit
+
 import msgspec
 
 from processor.service import BATCH_ITEMS_MAX
@@ -44,6 +46,23 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # How often a shard reads the greatest transfer id stored or burned by any shard; ids
     # above it and above its own are new without a database read (docs/design.md §8).
     ids_refresh_interval_s: float = 1.0
+
+    def __repr__(self) -> str:
+        """Every field, the database URL's password masked: a config may reach a log or a
+        traceback, and the service's URL carries its role's password."""
+        fields = {name: getattr(self, name) for name in self.__struct_fields__}
+        fields["database_url"] = redact_url(self.database_url)
+        return "ShardConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user part, if any, replaced by ``***``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
 
 
 class FrontConfig(msgspec.Struct, frozen=True, kw_only=True):

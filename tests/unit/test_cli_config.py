@@ -38,3 +38,16 @@ def test_a_subscriber_named_twice_is_refused() -> None:
 def test_quota_and_signed_requests_reach_the_front() -> None:
     front = _config("--max-accounts-per-tenant", "7", "--require-signed-requests").front
     assert (front.accounts_per_tenant_max, front.require_signed_requests) == (7, True)
+
+
+def test_a_config_never_shows_the_database_password() -> None:
+    """The service's URL carries its role's password; a config printed (a log line, a
+    traceback) must not."""
+    from processor.config import FrontConfig, ShardConfig
+
+    shard = ShardConfig(database_url="postgresql://txproc_app:pw-not-shown@/db?host=/s",
+                        shards=2)
+    config = Config(shard=shard, front=FrontConfig(), data_dir="/data")
+    assert "pw-not-shown" not in repr(config) and "pw-not-shown" not in str(shard)
+    assert "txproc_app:***@" in repr(shard) and "shards=2" in repr(shard)
+    assert shard.database_url.endswith("@/db?host=/s")  # the value itself is untouched
