@@ -476,22 +476,30 @@ def _initdb(bin_dir: Path, data_dir: Path, run_as: RunAs) -> None:
         command = [str(bin_dir / "initdb"), "-D", str(data_dir), "-U", SUPERUSER]
         command += ["--auth-local=scram-sha-256", "--auth-host=scram-sha-256"]
         command += [f"--pwfile={pwfile}", "--encoding=UTF8", "--locale=C"]
-        try:
-            subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
-                command,
-                check=True,
-                capture_output=True,
-                text=True,
-                cwd=data_dir,
-                timeout=INITDB_TIMEOUT_S,
-                **_run_as_kwargs(run_as),
-            )
-        except subprocess.CalledProcessError as exc:
-            raise EmbeddedPostgresError(f"initdb failed:\n{exc.stdout}\n{exc.stderr}") from exc
+        _run_binary(command, data_dir, run_as, timeout_s=INITDB_TIMEOUT_S, what="initdb")
     # A crash before this line leaves a cluster without the file, which the next start
     # treats as a cluster from before passwords: it sets a new one.
     write_password_file(data_dir / SUPERUSER_PASSWORD_FILE_NAME, SUPERUSER, password,
                         owner=run_as)
+
+
+def _run_binary(command: list[str], data_dir: Path, run_as: RunAs, *, timeout_s: float,
+                what: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a PostgreSQL binary in ``data_dir`` as the server's user; raise
+    ``EmbeddedPostgresError`` naming ``what`` with its output if it fails."""
+    try:
+        return subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
+            command,
+            input=stdin,
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=data_dir,
+            timeout=timeout_s,
+            **_run_as_kwargs(run_as),
+        )
+    except subprocess.CalledProcessError as exc:
+        raise EmbeddedPostgresError(f"{what} failed:\n{exc.stdout}\n{exc.stderr}") from exc
 
 
 def _set_superuser_password(bin_dir: Path, data_dir: Path, run_as: RunAs) -> None:
@@ -508,20 +516,8 @@ def _set_superuser_password(bin_dir: Path, data_dir: Path, run_as: RunAs) -> Non
     statement = f"ALTER ROLE {SUPERUSER} WITH LOGIN PASSWORD '{verifier}';\n"
     command = [str(bin_dir / "postgres"), "--single", "-D", str(data_dir)]
     command += ["-c", "listen_addresses=", "-c", "log_statement=none", SUPERUSER]
-    try:
-        done = subprocess.run(  # noqa: S603 - fixed arguments: the PostgreSQL binaries
-            command,
-            input=statement,
-            check=True,
-            capture_output=True,
-            text=True,
-            cwd=data_dir,
-            timeout=SINGLE_USER_TIMEOUT_S,
-            **_run_as_kwargs(run_as),
-        )
-    except subprocess.CalledProcessError as exc:
-        raise EmbeddedPostgresError(
-            f"setting the superuser's password failed:\n{exc.stderr}") from exc
+    done = _run_binary(command, data_dir, run_as, timeout_s=SINGLE_USER_TIMEOUT_S,
+                       what="setting the superuser's password", stdin=statement)
     # Single-user mode reports a failed statement and still exits 0.
     if "ERROR:" in done.stderr or "FATAL:" in done.stderr:
         raise EmbeddedPostgresError(f"setting the superuser's password failed:\n{done.stderr}")
