@@ -4,7 +4,7 @@ On a node that runs both the ledger and payments (every single-machine deploymen
 saturated payments side would otherwise take CPU time the ledger's front and shards need,
 and the ledger's latency would follow payments' load. The payments-side actors (the
 payments actor, the provider actors, the risk actor) lower their own priority with a nice
-value (``PaymentsSection.cpu_nice``, 10 by default), so the kernel's scheduler gives the
+value (``PaymentsSection.cpu_nice``, 19 by default), so the kernel's scheduler gives the
 ledger's processes the CPU first whenever both want it, and payments everything that is
 left. Where the domains run on different nodes it changes nothing.
 

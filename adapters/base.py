@@ -3,7 +3,7 @@
 An adapter is pure translation: it builds the HTTP request a provider expects
 (``HttpCall``) and turns the provider's answer into a ``ProviderReply`` whose ``outcome`` is
 one of the closed ``Outcome`` values. It does no I/O and keeps no state beyond its
-credentials, so it is tested without a network; the ``ProviderActor``
+credentials, so it is tested without a network; the ``ProviderClient``
 (``actors/payments/provider.py``) sends the calls and owns timeouts, retries and the circuit
 breaker.
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import ClassVar, Protocol
 from urllib.parse import quote
 
-import httpx
+import aiohttp
 import msgspec
 
 from processor.payments import (
@@ -125,15 +125,17 @@ class ProviderOutcomeUnknown(ProviderError):
     outcome = Outcome.UNKNOWN
 
 
-def error_from_transport(exc: httpx.HTTPError) -> ProviderError:
+def error_from_transport(exc: aiohttp.ClientError | TimeoutError) -> ProviderError:
     """The one translation of the HTTP client's exceptions into the adapters' error tree.
 
     A connection that was never established sent nothing, so the call certainly did not
-    take effect and may be retried. Once the request may have left (a read timeout, a
-    connection reset after sending), only the provider knows: the outcome is unknown and
-    is settled by a status query with the same idempotency key, never by a guess.
+    take effect and may be retried: it was refused, could not be made in time, or no pooled
+    connection came free in time. Once the request may have left (a read timeout, the
+    attempt's deadline, a connection reset or closed after sending), only the provider
+    knows: the outcome is unknown and is settled by a status query with the same
+    idempotency key, never by a guess.
     """
-    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout | httpx.PoolTimeout):
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return ProviderUnavailable(f"not sent: {type(exc).__name__}")
     return ProviderOutcomeUnknown(f"no answer: {type(exc).__name__}")
 

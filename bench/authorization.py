@@ -18,8 +18,8 @@ It reports per error rate the achieved authorizations/s (201 answers per second 
 measured window), p50/p95/p99 latency of all answered requests and of the authorized ones
 (from each request's scheduled send time, so a late generator shows instead of hiding), the
 answers by status and error code, the provider actors' calls and retries, and the server's
-CPU per request (shard, front and provider Ray workers and PostgreSQL; the simulated
-providers and the rest of Ray are reported beside it). Figures are printed and recorded,
+CPU per request (shards, front, the payments, provider and risk actors and PostgreSQL; the
+simulated providers and the rest of Ray are reported beside it). Figures are printed and recorded,
 never asserted: this machine is shared and noisy.
 
 ``measure(processor, ...)`` takes an already running processor, so a test can drive it
@@ -538,13 +538,15 @@ def markdown_rows(results: dict[str, Any]) -> str:
 
 @dataclass
 class _Processes:
-    """The server's processes (``ledger.ServerProcesses``), with the provider actors and the
-    simulated providers told apart: ledger's accounting would lump them into ``ray_other``."""
+    """The server's processes (``ledger.ServerProcesses``), with the payments, provider and
+    risk actors and the simulated providers told apart: ledger's accounting would lump them
+    into ``ray_other``."""
 
     server: ledger.ServerProcesses
     provider_pids: set[int]
     sim_pids: list[int]
     payments_pids: set[int] = field(default_factory=set)  # the payments actor
+    risk_pids: set[int] = field(default_factory=set)  # the risk actor
     _sims: dict[int, psutil.Process] = field(default_factory=dict)
 
     def cpu_by_pid(self) -> dict[tuple[str, int], float]:
@@ -554,6 +556,8 @@ class _Processes:
                 group = "providers"
             elif pid in self.payments_pids:
                 group = "payments"
+            elif pid in self.risk_pids:
+                group = "risk"
             out[(group, pid)] = cpu
         for pid in self.sim_pids:
             with contextlib.suppress(psutil.Error):
@@ -578,6 +582,10 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     if getattr(processor, "payments", None) is not None:
         with contextlib.suppress(Exception):
             payments_pids.add(int(await processor.payments.pid.remote()))
+    risk_pids = set()
+    if getattr(processor, "risk", None) is not None:
+        with contextlib.suppress(Exception):
+            risk_pids.add(int(await processor.risk.pid.remote()))
     url = processor.config.shard.database_url
     postmaster = processor.embedded.pid if processor.embedded else ledger.postmaster_pid_of(url)
     if front_pid is None:
@@ -588,14 +596,15 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     server = ledger.ServerProcesses(shard_pids=[int(s["pid"]) for s in stats],
                                     front_pid=front_pid, postmaster_pid=postmaster,
                                     exclude=set(sim_pids))
-    return _Processes(server, provider_pids, sim_pids, payments_pids), problems
+    return _Processes(server, provider_pids, sim_pids, payments_pids, risk_pids), problems
 
 
 def _cpu_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
                  requests: int, wall_s: float) -> dict[str, Any]:
     cpu = ledger.cpu_delta_s(before, after)
-    server = sum(cpu.get(g, 0.0) for g in (*ledger.SERVER_GROUPS, "payments", "providers"))
-    cpu["server"] = round(server, 3)  # shards, front, payments, provider actors, postgres
+    server = sum(cpu.get(g, 0.0)
+                 for g in (*ledger.SERVER_GROUPS, "payments", "providers", "risk"))
+    cpu["server"] = round(server, 3)  # shards, front, payments, provider and risk actors, postgres
     return {
         "cpu_s": cpu,
         "server_cpu_ms_per_request": round(server * 1000 / requests, 2) if requests else None,
@@ -884,7 +893,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                   caption=f"POST /v1/payments (authorize), open loop, {args['seconds']:g} s per "
                           f"phase, provider routing {args['provider']}, {args['client']} "
                           "client; latency from the scheduled send; CPU: shards, front, "
-                          "payments, provider actors, postgres")
+                          "payments, provider and risk actors, postgres")
     for column in ("phase", "offered/s", "authorized/s", "p50 ms", "p95 ms", "p99 ms",
                    "auth p50", "auth p99", "201", "202", "402", "503", "other",
                    "CPU ms/req", "cores busy"):

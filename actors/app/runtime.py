@@ -58,7 +58,7 @@ class Processor:
     started_ray: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     providers: list[Any] = field(default_factory=list)  # provider actors
-    provider_secrets: list[tuple[str, str]] = field(default_factory=list)
+    provider_configs: list[ProviderConfig] = field(default_factory=list)
     provider_urls: dict[str, str] = field(default_factory=dict)
     sims: list[Any] = field(default_factory=list)  # simulated providers this process runs
     risk: Any = None
@@ -311,20 +311,21 @@ async def _start_payments(processor: Processor) -> None:
             processor.sims.append(sim)
             url = sim.url
         _kill_stale(provider_actor_name(endpoint.name))
-        processor.providers.append(make_provider(ProviderConfig(
-            name=endpoint.name, base_url=url, secrets_file=str(secrets),
-            cpu_nice=config.payments.cpu_nice),
-            config.observability))
-        processor.provider_secrets.append((endpoint.name, str(secrets)))
+        provider = ProviderConfig(name=endpoint.name, base_url=url,
+                                  secrets_file=str(secrets), cpu_nice=config.payments.cpu_nice)
+        processor.providers.append(make_provider(provider, config.observability,
+                                                 channel_key=processor.channel_key))
+        processor.provider_configs.append(provider)
         processor.provider_urls[endpoint.name] = url
     await asyncio.gather(*[p.info.remote() for p in processor.providers])
     _kill_stale(RISK_ACTOR_NAME)
     processor.risk = make_risk(config.payments.risk, config.observability,
-                               cpu_nice=config.payments.cpu_nice)
+                               cpu_nice=config.payments.cpu_nice,
+                               channel_key=processor.channel_key)
     await processor.risk.ready.remote()
     _kill_stale(PAYMENTS_ACTOR_NAME)
     processor.payments = make_payments(
-        config, processor.channel_key, providers=processor.provider_secrets,
+        config, processor.channel_key, providers=processor.provider_configs,
         outbox_secret=_outbox_secret(data / "providers" / "outbox.key"),
         front_rpc=(host, processor.rpc_port))
     await processor.payments.start.remote()

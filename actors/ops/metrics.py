@@ -1,11 +1,12 @@
 """The processor's Prometheus metrics, shared by every actor process on a node.
 
-prometheus-client runs in multiprocess mode: each process (front, shards, provider actors,
-the risk actor) writes its samples to files in ``PROMETHEUS_MULTIPROC_DIR``, which the
-runtime sets for every Ray worker of the job, and the node's metrics server
-(``actors/ops/metrics_server.py``) adds them up on each scrape. So one endpoint per node shows
-every actor on it. The variable must be set before prometheus_client is imported; this
-module is only imported by actor code, after Ray has started the worker with it.
+prometheus-client runs in multiprocess mode: each process (front, shards, the payments
+actor, provider actors, the risk actor) writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR``, which the runtime sets for every Ray worker of the job, and
+the node's metrics server (``actors/ops/metrics_server.py``) adds them up on each scrape. So
+one endpoint per node shows every actor on it. The variable must be set before
+prometheus_client is imported; this module is only imported by actor code, after Ray has
+started the worker with it.
 
 Names follow Prometheus conventions: the ``txproc_`` prefix, base units (seconds, bytes),
 ``_total`` for counters. Labels are low-cardinality: shard numbers, provider names,

@@ -38,10 +38,10 @@ from actors.ops import telemetry
 from actors.payments import outbox
 from actors.payments.endpoints import Idempotent, Payments, PaymentsEndpoint
 from actors.payments.engine import PaymentsEngine
-from actors.payments.provider import provider_actor_name
+from actors.payments.provider import ProviderConfig, ProviderLink
 from actors.payments.store import PaymentStore
 from actors.priority import lower_priority
-from actors.risk import RISK_ACTOR_NAME
+from actors.risk import RISK_ACTOR_NAME, RiskLink
 from processor.client import Client, ClientError, client_tls_context
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
@@ -148,7 +148,7 @@ class PaymentsActor:
     """Hosts the payments engine; see the module docstring."""
 
     def __init__(self, config: Config, channel_key: bytes, *,
-                 providers: list[tuple[str, str]], outbox_secret: bytes,
+                 providers: list[ProviderConfig], outbox_secret: bytes,
                  front_rpc: tuple[str, int]) -> None:
         telemetry.setup(config.observability, "payments")
         lower_priority(config.payments.cpu_nice)
@@ -159,6 +159,7 @@ class PaymentsActor:
         self._front_rpc = front_rpc
         self._endpoint: PaymentsEndpoint | None = None
         self._ledger: RpcLedger | None = None
+        self._links: dict[str, ProviderLink] = {}
         self._channel: ChannelServer | None = None
         self._address: tuple[str, int] | None = None
         self._starting: asyncio.Task[tuple[str, int]] | None = None
@@ -195,17 +196,17 @@ class PaymentsActor:
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
             command_timeout_s=shard_cfg.command_timeout_s, session_nice=cfg.cpu_nice)
+        links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
-            adapters = {name: ADAPTERS[name].from_secrets_file(path)
-                        for name, path in self._providers}
-            handles = {name: ray.get_actor(provider_actor_name(name), namespace=NAMESPACE)
-                       for name, _ in self._providers}
+            adapters = {p.name: ADAPTERS[p.name].from_secrets_file(p.secrets_file)
+                        for p in self._providers}
             try:
-                risk = ray.get_actor(RISK_ACTOR_NAME, namespace=NAMESPACE)
+                ray.get_actor(RISK_ACTOR_NAME, namespace=NAMESPACE)
+                risk: RiskLink | None = RiskLink(self._channel_key)
             except ValueError:
                 risk = None
             engine = PaymentsEngine(
-                store=store, ledger=ledger, providers=handles,
+                store=store, ledger=ledger, providers=links,
                 currencies={name: frozenset(a.currencies) for name, a in adapters.items()},
                 provider_deadline_s={name: PROVIDER_RETRY_DEADLINE_S + a.timeout_s
                                      for name, a in adapters.items()},
@@ -218,9 +219,12 @@ class PaymentsActor:
             channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key, name="payments")
             address = await channel.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         except BaseException:
+            for link in links.values():
+                link.close()
             await store.close()
             await ledger.close()
             raise
+        self._links = links
         self._ledger = ledger
         self._endpoint = PaymentsEndpoint(
             Payments(engine=engine, idempotent=idempotent, adapters=adapters),
@@ -281,6 +285,8 @@ class PaymentsActor:
             await self._endpoint.payments.engine.store.close()
         if self._ledger is not None:
             await self._ledger.close()
+        for link in self._links.values():
+            link.close()
 
 
 def _front_tls(config: Config) -> ssl.SSLContext | None:
@@ -294,7 +300,7 @@ def _front_tls(config: Config) -> ssl.SSLContext | None:
                               front.tls_internal_key_path)
 
 
-def make_payments(config: Config, channel_key: bytes, *, providers: list[tuple[str, str]],
+def make_payments(config: Config, channel_key: bytes, *, providers: list[ProviderConfig],
                   outbox_secret: bytes, front_rpc: tuple[str, int]) -> Any:
     """Start the payments actor (the one place it is made remote); Ray restarts it if it
     dies, and it starts itself on the next call. ``channel_key`` authenticates the front's

@@ -28,7 +28,9 @@ from typing import Any
 import msgspec
 
 from actors.ops import metrics, telemetry
+from actors.payments.provider import ProviderLink
 from actors.payments.store import PaymentStore
+from actors.risk import RiskLink
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
 from processor.identity import tenant_of_principal
@@ -79,7 +81,8 @@ log = logging.getLogger("txproc.payments")
 REQUEST_ORIGIN: contextvars.ContextVar[int] = contextvars.ContextVar("request_origin",
                                                                      default=0)
 
-# A provider actor call that takes longer than this is treated as unanswered (unknown).
+# A provider call that takes longer than its retry deadline and this margin is treated as
+# unanswered (unknown).
 PROVIDER_CALL_MARGIN_S = 5.0
 RECOVERY_BATCH_MAX = 64
 MERCHANTS_REMEMBERED_MAX = 100_000
@@ -124,10 +127,10 @@ class PaymentsEngine:
         *,
         store: PaymentStore,
         ledger: LedgerService,
-        providers: dict[str, Any],
+        providers: dict[str, ProviderLink],
         currencies: dict[str, frozenset[str]],
         provider_deadline_s: dict[str, float],
-        risk: Any | None,
+        risk: RiskLink | None,
         risk_config: RiskConfig,
         config: PaymentsConfig,
         clock_s: Callable[[], float] = time.time,
@@ -543,22 +546,22 @@ class PaymentsEngine:
 
     async def _call_provider(self, provider: str, method: str,
                              request: ProviderRequest) -> ProviderReply:
-        handle = self._providers.get(provider)
-        if handle is None:
+        client = self._providers.get(provider)
+        if client is None:
             return ProviderReply(outcome=Outcome.RETRYABLE, message="provider_not_configured")
         timeout_s = self._deadline_s.get(provider, 10.0) + PROVIDER_CALL_MARGIN_S
         try:
-            reply: ProviderReply = await asyncio.wait_for(
-                getattr(handle, method).remote(request, telemetry.carrier()),
-                timeout=timeout_s)
+            async with asyncio.timeout(timeout_s):
+                reply: ProviderReply = await getattr(client, method)(request)
             return reply
         except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
-            # The actor died or hung mid-call: it may have sent the request.
-            telemetry.event(log, "provider actor failed mid-call", logging.WARNING,
-                            event="provider_actor_failed", provider=provider,
+            # The provider actor died or hung mid-call, or its channel broke: the request
+            # may have been sent, so only a status query may settle it.
+            telemetry.event(log, "provider call failed", logging.WARNING,
+                            event="provider_call_failed", provider=provider,
                             error=type(exc).__name__)
             return ProviderReply(outcome=Outcome.UNKNOWN,
-                                 message=f"provider_actor_failed {type(exc).__name__}")
+                                 message=f"provider_call_failed {type(exc).__name__}")
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -606,9 +609,8 @@ class PaymentsEngine:
         if self._risk is None:
             return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
         try:
-            decision: RiskDecision = await asyncio.wait_for(
-                self._risk.check.remote(amount, currency, method), timeout=cfg.timeout_s)
-            return decision
+            async with asyncio.timeout(cfg.timeout_s):
+                return await self._risk.check(amount, currency, method)
         except TimeoutError:
             return fallback(cfg, amount=amount, currency=currency, cause="timeout")
         except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost

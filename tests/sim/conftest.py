@@ -16,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pytest
 import uvicorn
+import yarl
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -150,6 +152,7 @@ class Driver:
         self.receiver = receiver
         self.client = client
         self.hook_path = f"/{name}"
+        self.session: aiohttp.ClientSession | None = None
 
     async def send(self, request: ProviderRequest, *, timeout_s: float | None = None,
                    now_s: float | None = None) -> ProviderReply:
@@ -164,24 +167,38 @@ class Driver:
 
     async def _exchange(self, call: HttpCall, timeout_s: float | None,
                         parse: Callable[[int, dict[str, str], bytes], ProviderReply],
-                        client: httpx.AsyncClient | None = None) -> ProviderReply:
+                        fresh: bool = False) -> ProviderReply:
+        """One exchange through aiohttp, the payments actor's client, so the transport's
+        exceptions are the ones ``error_from_transport`` translates in production."""
+        if self.session is None or self.session.closed:
+            self.session = aiohttp.ClientSession()
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.adapter.timeout_s)
         try:
-            answer = await (client or self.client).request(
-                call.method, self.sim.url + call.path, headers=call.headers,
-                content=call.body, timeout=timeout_s or self.adapter.timeout_s)
-        except httpx.HTTPError as exc:
+            if fresh:
+                async with aiohttp.ClientSession() as session:
+                    return await self._over(session, call, timeout, parse)
+            return await self._over(self.session, call, timeout, parse)
+        except (aiohttp.ClientError, TimeoutError) as exc:
             error = error_from_transport(exc)
             return ProviderReply(outcome=error.outcome, retry_after_s=error.retry_after_s,
                                  message=str(error))
-        return parse(answer.status_code, dict(answer.headers), answer.content)
+
+    async def _over(self, session: aiohttp.ClientSession, call: HttpCall,
+                    limit: aiohttp.ClientTimeout,
+                    parse: Callable[[int, dict[str, str], bytes], ProviderReply]
+                    ) -> ProviderReply:
+        async with session.request(call.method, yarl.URL(self.sim.url + call.path, encoded=True),
+                                   headers=call.headers, data=call.body or None,
+                                   timeout=limit) as answer:
+            body = await answer.read()
+            return parse(answer.status, dict(answer.headers), body)
 
     async def send_fresh(self, request: ProviderRequest) -> ProviderReply:
         """``send`` on a new connection (no pooled keep-alive connection is reused)."""
-        async with httpx.AsyncClient(verify=False) as client:  # plain HTTP; no TLS context
-            call = self.adapter.build(request, time.time())
-            return await self._exchange(call, None, lambda status, headers, body:
-                                        self.adapter.parse(request, status, headers, body),
-                                        client=client)
+        call = self.adapter.build(request, time.time())
+        return await self._exchange(call, None, lambda status, headers, body:
+                                    self.adapter.parse(request, status, headers, body),
+                                    fresh=True)
 
     async def tokenize(self, number: str = APPROVED_CARD) -> str:
         """A payment-method token from this sim's hosted-fields endpoint."""
@@ -263,5 +280,10 @@ async def driver(request: pytest.FixtureRequest, acme_sim: SimProcess, globex_si
     await sim.reset()
     webhook_receiver.clear(f"/{name}")
     async with httpx.AsyncClient(verify=False) as client:  # plain HTTP; no TLS context
-        yield Driver(name, sim, adapter, webhook_receiver, client)
+        driver = Driver(name, sim, adapter, webhook_receiver, client)
+        try:
+            yield driver
+        finally:
+            if driver.session is not None:
+                await driver.session.close()
     await sim.reset()
