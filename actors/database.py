@@ -93,6 +93,7 @@ __all__ = [
     "database_url_with_name",
     "drop_database",
     "ensure_password_file",
+    "keep_session",
     "read_password_file",
     "scram_verifier",
     "url_with_credentials",
@@ -944,3 +945,14 @@ async def _check_app_role(url: str, connect_timeout_s: float, statement_timeout_
         raise DatabaseCredentialsError(
             f"the role {APP_ROLE} must hold none of {held or 'its attributes'}: ALTER ROLE "
             f"{APP_ROLE} NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS")
+
+
+async def keep_session(conn: asyncpg.Connection) -> None:
+    """The pool ``reset`` for txproc's pools: nothing beyond what asyncpg always does when a
+    connection goes back (roll back an open transaction).
+
+    None of txproc's pools leaves session state behind (no LISTEN, advisory lock, open
+    cursor or session-level SET; settings are SET LOCAL or fixed when the pool connects),
+    and asyncpg's default reset costs a round trip on every release: one more per commit
+    on the ledger, several per authorization, one per audited request.
+    """

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from actors.database import keep_session
 from processor.errors import Unavailable
 from processor.identity import Claims
 
@@ -78,7 +79,8 @@ class AuditWriter:
             url, min_size=1, max_size=2, timeout=connect_timeout_s,
             command_timeout=command_timeout_s,
             # See the module docstring: ordered by the WAL before the rows that name it.
-            server_settings={"synchronous_commit": "off", "application_name": "txproc-audit"})
+            server_settings={"synchronous_commit": "off", "application_name": "txproc-audit"},
+            reset=keep_session)
         return cls(pool, clock_s=clock_s)
 
     async def close(self) -> None:

@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 
+from actors.database import keep_session
 from processor.errors import Unavailable
 from processor.identity import (
     CREATED_AGE_S_MAX,
@@ -253,7 +254,8 @@ class SignatureStore:
             command_timeout=command_timeout_s,
             # Ordered by the WAL before the rows of the request (the module docstring).
             server_settings={"synchronous_commit": "off",
-                             "application_name": "txproc-signatures"})
+                             "application_name": "txproc-signatures"},
+            reset=keep_session)
         return cls(pool)
 
     async def close(self) -> None:

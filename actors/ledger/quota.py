@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
+from actors.database import keep_session
 from processor.codes import AccountResult
 from processor.errors import QuotaExceeded
 from processor.types import Account
@@ -77,7 +78,8 @@ class AccountQuota:
         """A quota on a small pool of its own, recounted from the accounts that exist."""
         pool = await asyncpg.create_pool(url, min_size=1, max_size=2,
                                          timeout=connect_timeout_s,
-                                         command_timeout=command_timeout_s)
+                                         command_timeout=command_timeout_s,
+                                         reset=keep_session)
         quota = cls(pool, accounts_max)
         await quota.recount()
         return quota

@@ -18,6 +18,7 @@ import asyncpg
 import msgspec
 import numpy as np
 
+from actors.database import keep_session
 from processor.ledger import (
     CommitBatch,
     Failed,
@@ -167,13 +168,6 @@ def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray) -> bytes:
     rows["local_legs_bytes"] = 2
     rows["local_legs"] = legs
     return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
-
-
-async def _keep_session(conn: asyncpg.Connection) -> None:
-    """What a connection needs when it goes back to the pool: nothing beyond what asyncpg
-    always does (roll back an open transaction). The store leaves no session state behind
-    (no LISTEN, advisory lock, open cursor or session-level SET; settings are SET LOCAL),
-    and the default reset costs a round trip per release, one more per commit."""
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -434,7 +428,7 @@ class LedgerStore:
             command_timeout=command_timeout_s,
             # Durability is the point of a ledger: never let a session relax it.
             server_settings={"synchronous_commit": "on", "application_name": "txproc"},
-            reset=_keep_session,
+            reset=keep_session,
         )
         return cls(pool)
 

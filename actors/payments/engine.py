@@ -215,7 +215,7 @@ class PaymentsEngine:
         if not await self.store.create_payment(payment, step, principal=principal,
                                                due_at_s=now_s + self.config.claim_ttl_s):
             return await self._existing(payment.id, request, principal)
-        done = await self.drive(step)
+        done = await self.drive(step, auto_capture=payment.auto_capture)
         if done.final and not payment.auto_capture:
             # Saved final by this request, so the stored payment is this one after it
             # (PaymentStore._finish applies the same payment_after): no read needed.
@@ -455,18 +455,22 @@ class PaymentsEngine:
 
     # -- driving a step -----------------------------------------------------------------------
 
-    async def drive(self, step: Step) -> Step:
+    async def drive(self, step: Step, *, auto_capture: bool | None = None) -> Step:
         """Move ``step`` until it is final or must wait; every phase is stored as it
-        changes. Returns the last stored step (or the one it had when it lost its claim)."""
+        changes. Returns the last stored step (or the one it had when it lost its claim).
+
+        ``auto_capture``: for an authorization, whether its payment asked for ``capture``
+        when the caller knows (the request that created it); None reads the payment when
+        the authorization succeeds."""
         with telemetry.span("saga.step", attributes={
                 "txproc.kind": step.kind.value, "txproc.phase": step.phase.value,
                 "txproc.provider": step.provider}) as current:
-            step = await self._drive(step)
+            step = await self._drive(step, auto_capture)
             if current is not None:
                 current.set_attribute("txproc.final_phase", step.phase.value)
             return step
 
-    async def _drive(self, step: Step) -> Step:
+    async def _drive(self, step: Step, auto_capture: bool | None = None) -> Step:
         while not step.final:
             if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
                 try:
@@ -502,7 +506,8 @@ class PaymentsEngine:
                           else "compensation_refused" if step.error == "compensation_refused"
                           else step.phase.value)
                 metrics.PAYMENT_OPERATIONS.labels(step.kind.value, result).inc()
-        if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED:
+        if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED and (
+                auto_capture is not False):
             await self._auto_capture(step.subject_id)
         return step
 

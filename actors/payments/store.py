@@ -16,6 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from actors.database import keep_session
 from actors.payments import outbox
 from actors.priority import lower_session_priority
 from processor.payments import (
@@ -114,13 +115,6 @@ def _step_values(step: Step) -> tuple[Any, ...]:
             step.decline_code, step.error, step.version, step.origin)
 
 
-async def _no_session_state(conn: asyncpg.Connection) -> None:
-    """A connection going back to the pool needs nothing beyond asyncpg's own rollback of an
-    open transaction: neither the store nor the outbox relay on its pool leaves session
-    state (no LISTEN, advisory lock, cursor or session-level SET), and the default reset
-    costs a round trip per release, several per authorization."""
-
-
 class PaymentStore:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
@@ -140,7 +134,7 @@ class PaymentStore:
         pool = await asyncpg.create_pool(
             dsn, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
             command_timeout=command_timeout_s, init=init if session_nice else None,
-            reset=_no_session_state)
+            reset=keep_session)
         return cls(pool)
 
     @property
