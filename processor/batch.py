@@ -19,6 +19,7 @@ transfer's is empty. The answer is one result code per transfer, a byte each, in
 from __future__ import annotations
 
 import dataclasses
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -32,7 +33,7 @@ from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_CHARS_MAX
 if TYPE_CHECKING:
     from processor.ledger import TransferColumns
 
-__all__ = ["BatchInvalid", "TransferBatch", "decode_batch", "encode_batch"]
+__all__ = ["BatchInvalid", "TransferBatch", "decode_batch", "encode_batch", "transfer_columns"]
 
 _LE64 = np.dtype("<i8")
 _LE32 = np.dtype("<u4")
@@ -260,6 +261,76 @@ class TransferBatch:
                    joined("amount"), joined("currency"), joined("flags"),
                    joined("pending_id"), joined("timeout_s"), joined("code"), texts, tenants,
                    origins)
+
+
+# Below this many transfers, ``transfer_columns`` packs them without numpy.
+SMALL_BATCH_MAX = 64
+_LETTERS = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+Columns = tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes]
+
+
+def transfer_columns(transfers: Sequence[Transfer]) -> tuple[Columns, list[str]]:
+    """``TransferBatch.from_transfers(transfers)``'s ``column_bytes()`` and user_data as
+    sent (``[]`` when none has any), raising ``BatchInvalid`` where it would.
+
+    A client sending a few transfers at a time (the payments engine posts one per saga
+    step) paid more for numpy's per-array overhead than for the rest of the call; up to
+    ``SMALL_BATCH_MAX`` transfers are packed with ``struct`` instead. The numpy path stays
+    the reference model: tests/unit/test_batch_columns.py holds this one to it.
+    """
+    n = len(transfers)
+    if n > SMALL_BATCH_MAX:
+        batch = TransferBatch.from_transfers(transfers)
+        return batch.column_bytes(), batch.user_data or []
+    ids: list[int] = []
+    debits: list[int] = []
+    credits: list[int] = []
+    amounts: list[int] = []
+    pendings: list[int] = []
+    flags: list[int] = []
+    timeouts: list[int] = []
+    codes: list[int] = []
+    currencies: list[bytes] = []
+    texts: list[str] = []
+    for i, t in enumerate(transfers):
+        if t.timestamp:
+            raise BatchInvalid("a transfer to create has no timestamp; the ledger sets it")
+        for name, value, high, out in (
+                ("id", t.id, ID_MAX, ids), ("debit_account_id", t.debit_account_id, ID_MAX,
+                                            debits),
+                ("credit_account_id", t.credit_account_id, ID_MAX, credits),
+                ("amount", t.amount, ID_MAX, amounts),
+                ("pending_id", t.pending_id, ID_MAX, pendings),
+                ("flags", t.flags, 0xFFFF, flags), ("timeout_s", t.timeout_s, TIMEOUT_S_MAX,
+                                                   timeouts),
+                ("code", t.code, CODE_MAX, codes)):
+            if not isinstance(value, int):
+                raise BatchInvalid(f"column {name} holds values that are not integers")
+            if not 0 <= value <= high:
+                raise BatchInvalid(f"{name} at index {i} is outside 0..{high}")
+            out.append(int(value))
+        currency = t.currency.encode("ascii", "replace") if isinstance(t.currency, str) \
+            else bytes(t.currency)
+        if len(currency) != 3 or not _LETTERS.issuperset(currency):
+            raise BatchInvalid(f"currency at index {i} is not three letters A-Z")
+        currencies.append(currency)
+        texts.append(t.user_data)
+    if not any(texts):
+        texts = []
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or len(text) > USER_DATA_CHARS_MAX or "\x00" in text:
+            raise BatchInvalid(f"user_data at index {i} is not a string of at most "
+                               f"{USER_DATA_CHARS_MAX} characters without U+0000")
+    columns: Columns = (
+        struct.pack(f"<{n}q", *ids), struct.pack(f"<{n}q", *debits),
+        struct.pack(f"<{n}q", *credits), struct.pack(f"<{n}q", *amounts),
+        b"".join(currencies), struct.pack(f"<{n}H", *flags),
+        struct.pack(f"<{n}q", *pendings), struct.pack(f"<{n}I", *timeouts),
+        struct.pack(f"<{n}I", *codes),
+    )
+    return columns, texts
 
 
 def _currencies(currency: str | Any, n: int) -> np.ndarray:

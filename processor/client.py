@@ -39,7 +39,7 @@ import msgspec
 import numpy as np
 
 from processor import wire
-from processor.batch import TransferBatch
+from processor.batch import TransferBatch, transfer_columns
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.types import Account, Transfer
@@ -249,17 +249,19 @@ class Client:
         travel as columns (``wire.CreateTransferBatch``). Raises ``BatchInvalid`` (a
         ValueError) before sending if a value does not fit its column.
         """
-        batch = transfers if isinstance(transfers, TransferBatch) else \
-            TransferBatch.from_transfers(transfers)
+        if isinstance(transfers, TransferBatch):
+            columns, user_data, count = transfers.column_bytes(), transfers.user_data or [], \
+                len(transfers)
+        else:
+            (columns, user_data), count = transfer_columns(transfers), len(transfers)
         (ids, debits, credits, amounts, currencies, flags, pending, timeouts,
-         codes_) = batch.column_bytes()
-        user_data = batch.user_data or []
+         codes_) = columns
         response = await self._call(lambda request_id: wire.CreateTransferBatch(
             request_id, ids, debits, credits, amounts, currencies, flags, pending, timeouts,
             codes_, user_data))
         result = _expect(response, wire.CreateTransferBatchResult)
         codes = np.frombuffer(result.codes, dtype=np.uint8)
-        _check_count(codes, batch)
+        _check_count(codes, range(count))
         if isinstance(transfers, TransferBatch):
             return codes
         return _codes(codes.tolist(), TransferResult)

@@ -81,17 +81,19 @@ async def test_transfer_rules_hold_across_shards_over_rpc(
     # The legs written for other shards' accounts are folded into their rows by the owners.
     conn = await asyncpg.connect(processor.config.shard.database_url)
     try:
-        for _ in range(100):
+        # Each shard folds at its own checkpoint, so the row may hold one leg before the
+        # other: wait for both (on a loaded machine a checkpoint can take seconds).
+        for _ in range(300):
             left = await conn.fetchval(
                 "SELECT count(*) FROM remote_postings_unfolded "
                 "WHERE account_id = ANY($1::bigint[])",
                 [bank, alice, bob])
-            if left == 0:
+            row = await conn.fetchrow("SELECT credits_posted, debits_posted FROM accounts "
+                                      "WHERE id = $1", alice)
+            if left == 0 and (row["credits_posted"], row["debits_posted"]) == (1_000, 600):
                 break
             await asyncio.sleep(0.1)
         assert left == 0
-        row = await conn.fetchrow("SELECT credits_posted, debits_posted FROM accounts "
-                                  "WHERE id = $1", alice)
         assert (row["credits_posted"], row["debits_posted"]) == (1_000, 600)
     finally:
         await conn.close()
