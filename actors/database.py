@@ -89,6 +89,7 @@ __all__ = [
     "EmbeddedPostgresError",
     "ShutdownMode",
     "app_role_url",
+    "bounded_pool",
     "create_database",
     "database_url_with_name",
     "drop_database",
@@ -956,3 +957,34 @@ async def keep_session(conn: asyncpg.Connection) -> None:
     and asyncpg's default reset costs a round trip on every release: one more per commit
     on the ledger, several per authorization, one per audited request.
     """
+
+
+class _BoundedPool(asyncpg.Pool):  # type: ignore[misc]
+    """An ``asyncpg.Pool`` whose ``acquire`` (and so every ``fetch``/``execute`` on the
+    pool) waits at most ``acquire_timeout_s`` for a connection unless told otherwise."""
+
+    def __init__(self, *args: Any, acquire_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acquire_timeout_s = acquire_timeout_s
+
+    def acquire(self, *, timeout: float | None = None) -> Any:
+        return super().acquire(
+            timeout=self._acquire_timeout_s if timeout is None else timeout)
+
+
+async def bounded_pool(dsn: str, *, acquire_timeout_s: float, min_size: int, max_size: int,
+                       **connect_kwargs: Any) -> asyncpg.Pool:
+    """``asyncpg.create_pool`` with a deadline on waiting for a connection.
+
+    asyncpg waits for a free connection without limit; when the server hangs, every
+    caller's request would wait behind the connections stuck in it, and memory would grow
+    with them. Here the wait ends in ``TimeoutError`` after ``acquire_timeout_s`` (the
+    payments routes answer it 503 with Retry-After). ``connect_kwargs`` are
+    ``create_pool``'s (``timeout``, ``command_timeout``, ``init``, ``reset``, ...).
+    """
+    pool = _BoundedPool(
+        dsn, acquire_timeout_s=acquire_timeout_s, min_size=min_size, max_size=max_size,
+        max_queries=50_000, max_inactive_connection_lifetime=300.0, loop=None,
+        connection_class=asyncpg.Connection, record_class=asyncpg.Record, **connect_kwargs)
+    await pool
+    return pool

@@ -56,6 +56,11 @@ class PaymentsSection(msgspec.Struct, frozen=True, kw_only=True):
     # Downstream consumers of payment events (name -> URL), delivered at least once.
     event_subscribers: dict[str, str] = {}
     pool_size_max: int = 8
+    # How long a payments request waits for a free database connection, and for one
+    # statement, before it is answered 503 with Retry-After (the database is away or
+    # hung): a bound on every payments route, and on what piles up meanwhile.
+    pool_acquire_timeout_s: float = 2.0
+    statement_timeout_s: float = 10.0
     # The nice value of the payments actor, the provider actors and the risk actor: on a
     # node shared with the ledger they yield the CPU to it (actors/priority.py); 0: no.
     cpu_nice: int = 19
@@ -90,6 +95,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
              "idempotency_retention_s >= claim_ttl_s"),
             (self.payments.recovery_interval_s > 0, "recovery_interval_s > 0"),
             (0 <= self.payments.cpu_nice <= 19, "0 <= payments cpu_nice <= 19"),
+            (self.payments.pool_acquire_timeout_s > 0, "payments pool_acquire_timeout_s > 0"),
+            (self.payments.statement_timeout_s > 0, "payments statement_timeout_s > 0"),
             (0 <= self.observability.metrics_port <= 65535, "0 <= metrics_port <= 65535"),
             (self.observability.vcpu_hour_price >= 0, "vcpu_hour_price >= 0"),
             (self.observability.trace_exporter in ("off", "console", "otlp"),

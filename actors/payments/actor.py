@@ -195,7 +195,8 @@ class PaymentsActor:
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
-            command_timeout_s=shard_cfg.command_timeout_s, session_nice=cfg.cpu_nice)
+            command_timeout_s=cfg.statement_timeout_s, session_nice=cfg.cpu_nice,
+            acquire_timeout_s=cfg.pool_acquire_timeout_s)
         links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
             adapters = {p.name: ADAPTERS[p.name].from_secrets_file(p.secrets_file)

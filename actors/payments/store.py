@@ -16,7 +16,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
-from actors.database import keep_session
+from actors.database import bounded_pool, keep_session
 from actors.payments import outbox
 from actors.priority import lower_session_priority
 from processor.payments import (
@@ -124,17 +124,20 @@ class PaymentStore:
 
     @classmethod
     async def connect(cls, dsn: str, *, pool_size_max: int, connect_timeout_s: float,
-                      command_timeout_s: float, session_nice: int = 0) -> PaymentStore:
+                      command_timeout_s: float, session_nice: int = 0,
+                      acquire_timeout_s: float = 2.0) -> PaymentStore:
         """A pool of at most ``pool_size_max`` connections; ``session_nice`` lowers the CPU
-        priority of their backends when the server runs on this machine (priority.py)."""
+        priority of their backends when the server runs on this machine (priority.py).
+        Waiting for a free connection ends in ``TimeoutError`` after ``acquire_timeout_s``
+        (``DATABASE_UNREACHABLE``: answered 503)."""
 
         async def init(conn: asyncpg.Connection) -> None:
             lower_session_priority(conn.get_server_pid(), session_nice)
 
-        pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
-            command_timeout=command_timeout_s, init=init if session_nice else None,
-            reset=keep_session)
+        pool = await bounded_pool(
+            dsn, acquire_timeout_s=acquire_timeout_s, min_size=1, max_size=pool_size_max,
+            timeout=connect_timeout_s, command_timeout=command_timeout_s,
+            init=init if session_nice else None, reset=keep_session)
         return cls(pool)
 
     @property

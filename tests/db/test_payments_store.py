@@ -238,3 +238,27 @@ async def test_overdue_steps_are_set_aside_for_review_and_handed_back_by_an_oper
     [back] = await store.claim_due(now_s=later_s, claim_ttl_s=TTL_S, limit=10)
     assert (back.id, back.checks) == (aside[0].id, 1)
     assert await store.review_count() == 0
+
+
+async def test_waiting_for_a_connection_is_bounded(app_db_url: str) -> None:
+    """With every connection busy (a hung server holds them so), a statement waits at most
+    ``acquire_timeout_s`` for one and raises TimeoutError, which the payments routes answer
+    503: requests do not pile up behind a database that does not answer."""
+    import time
+
+    from actors.payments.store import DATABASE_UNREACHABLE
+
+    store = await PaymentStore.connect(app_db_url, pool_size_max=1, connect_timeout_s=10,
+                                       command_timeout_s=10, acquire_timeout_s=0.3)
+    try:
+        async with store.pool.acquire(timeout=5):
+            started = time.monotonic()
+            with pytest.raises(TimeoutError) as raised:
+                await store.payment("pay_nobody")
+            waited = time.monotonic() - started
+        assert isinstance(raised.value, DATABASE_UNREACHABLE)
+        assert 0.25 <= waited < 2.0, waited
+        # Once a connection is free the same call goes through.
+        assert await store.payment("pay_nobody") is None
+    finally:
+        await store.close()
