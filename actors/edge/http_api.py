@@ -1698,6 +1698,7 @@ def _openapi_document() -> dict[str, Any]:
         components[name]["properties"][field] |= {"minItems": 1, "maxItems": BATCH_ITEMS_MAX}
     for name in ("AuthorizeRequest", "PayoutRequest", "RefundRequest"):
         components[name]["properties"]["metadata"] = dict(_METADATA_SCHEMA)
+    components["WebhookEndpointRequest"]["properties"]["url"] |= {"maxLength": 2048}
     components["WebhookEndpointRequest"]["properties"]["events"] = {
         "anyOf": [{"type": "array", "minItems": 1, "maxItems": 32,
                    "items": {"type": "string", "enum": list(EVENT_TYPES)}},

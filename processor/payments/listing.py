@@ -41,6 +41,7 @@ import base64
 import binascii
 import datetime as dt
 import enum
+import re
 from typing import Annotated, Any
 
 import msgspec
@@ -79,6 +80,10 @@ _PARAMS_MAX = 40  # every filter once and a full metadata filter
 _INTEGER_CHARS_MAX = 19  # a bigint's digits
 _MICROS_PER_S = 1_000_000
 _CURSOR_VERSION = 1
+_INSTANT_S_MAX = 253_402_300_799  # the end of year 9999, UTC
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,9})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
 
 # What each list is of, and the statuses it can be filtered by.
 LIST_KINDS: dict[str, frozenset[str]] = {
@@ -231,20 +236,26 @@ def _instant_us(name: str, value: int | str) -> int:
     refused = ListError(ListCode.invalid_query,
                         f"{name} is an RFC 3339 time with its offset, or Unix seconds")
     if isinstance(value, int):
-        if not 0 <= value <= 253_402_300_799:  # up to the end of year 9999
+        if not 0 <= value <= _INSTANT_S_MAX:
             raise refused
         return value * _MICROS_PER_S
-    # RFC 3339 only: a date, a time and an offset; fromisoformat alone takes more forms.
-    if len(value) < len("2026-01-01T00:00:00Z") or value[10] not in "Tt ":
+    # RFC 3339 only: a date, a time and an offset; fromisoformat alone takes more forms
+    # (week dates, no offset, no seconds).
+    if _RFC3339.fullmatch(value) is None:
         raise refused
     try:
         moment = dt.datetime.fromisoformat(value.replace("z", "Z"))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise refused from None
     if moment.tzinfo is None:
         raise refused
     delta = moment - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
-    return (delta.days * 86_400 + delta.seconds) * _MICROS_PER_S + delta.microseconds
+    micros = (delta.days * 86_400 + delta.seconds) * _MICROS_PER_S + delta.microseconds
+    # From the epoch on, as whole seconds are: nothing is created before it, and a time
+    # beyond year 1 UTC could not be handed to the database.
+    if not 0 <= micros <= _INSTANT_S_MAX * _MICROS_PER_S:
+        raise refused
+    return micros
 
 
 def encode_cursor(kind: str, position: Position) -> str:
