@@ -295,13 +295,16 @@ class Client:
     async def authorize_payment(self, *, idempotency_key: str, amount: int, currency: str,
                                 payment_method: str, merchant_account_id: int,
                                 capture: bool = False, provider: str | None = None,
-                                reference: str = "") -> PaymentAnswer:
+                                reference: str = "",
+                                metadata: dict[str, str] | None = None) -> PaymentAnswer:
         body: dict[str, object] = {
             "amount": amount, "currency": currency, "payment_method": payment_method,
             "merchant_account_id": merchant_account_id, "capture": capture,
             "reference": reference}
         if provider is not None:
             body["provider"] = provider
+        if metadata:
+            body["metadata"] = metadata
         return await self.payment_call("authorize", idempotency_key=idempotency_key,
                                        body=body)
 
@@ -315,9 +318,13 @@ class Client:
                                        subject_id=payment_id)
 
     async def refund_payment(self, payment_id: str, *, idempotency_key: str,
-                             amount: int | None = None) -> PaymentAnswer:
+                             amount: int | None = None,
+                             metadata: dict[str, str] | None = None) -> PaymentAnswer:
+        body: dict[str, object] = {"amount": amount}
+        if metadata:
+            body["metadata"] = metadata
         return await self.payment_call("refund", idempotency_key=idempotency_key,
-                                       subject_id=payment_id, body={"amount": amount})
+                                       subject_id=payment_id, body=body)
 
     async def create_payout(self, *, idempotency_key: str, amount: int, currency: str,
                             merchant_account_id: int, destination: str) -> PaymentAnswer:
@@ -330,6 +337,19 @@ class Client:
 
     async def get_payout(self, payout_id: str) -> PaymentAnswer:
         return await self.payment_call("get_payout", subject_id=payout_id)
+
+    async def list_payments(self, **query: object) -> PaymentAnswer:
+        """A page of the tenant's payments: ``query`` is the list's JSON form (``status``,
+        ``merchant_account_id``, ``created={"gte": ..., "lt": ...}``, ``reference``,
+        ``metadata={...}``, ``limit``, ``cursor``; processor/payments/listing.py)."""
+        return await self.payment_call("list_payments", body=query)
+
+    async def list_payouts(self, **query: object) -> PaymentAnswer:
+        return await self.payment_call("list_payouts", body=query)
+
+    async def list_refunds(self, **query: object) -> PaymentAnswer:
+        """As ``list_payments``, with ``payment_id`` instead of ``reference``."""
+        return await self.payment_call("list_refunds", body=query)
 
     async def _call(self, request_of: Callable[[int], wire.Request]) -> wire.Response:
         async with self._slots:

@@ -187,6 +187,9 @@ def _subscribers(texts: list[str]) -> dict[str, str]:
                 url.startswith(("http://", "https://"))):
             raise SystemExit(f"txproc: --event-subscriber {text!r}: NAME=URL, a name of "
                              "letters, digits, - or _ used once, and an http(s) URL")
+        if name.lower().startswith("we_"):
+            raise SystemExit(f"txproc: --event-subscriber {text!r}: names starting with we_ "
+                             "are tenants' webhook endpoints (txproc webhooks)")
         subscribers[name] = url
     return subscribers
 
@@ -231,6 +234,31 @@ def _add_keys(sub: Any) -> None:
         "revoke-client", help="refuse a client key's signatures on every front within a second")
     revoke_client.add_argument("key_id", help="the key's id (key_id of create-client)")
     _add_common(revoke_client)
+
+
+def _add_webhooks(sub: Any) -> None:
+    webhooks = sub.add_parser(
+        "webhooks", help="tenants' webhook endpoints, as POST/GET/DELETE /v1/webhook_endpoints "
+                         "manage them (docs/payments.md)")
+    webhooks_sub = webhooks.add_subparsers(dest="webhooks_command", required=True)
+    add = webhooks_sub.add_parser(
+        "add", help="send a tenant's payment and payout events to a URL; prints the endpoint "
+                    "with its signing secret as JSON, once")
+    add.add_argument("--tenant", required=True, help="the tenant whose events it receives")
+    add.add_argument("--url", required=True, help="an http(s) URL without credentials")
+    add.add_argument("--events", default="",
+                     help="comma-separated event types (payment.captured,...); every type "
+                          "when left out")
+    _add_common(add)
+    listing = webhooks_sub.add_parser("list", help="a tenant's endpoints as JSON lines, "
+                                                   "newest first (no secrets)")
+    listing.add_argument("--tenant", required=True)
+    _add_common(listing)
+    remove = webhooks_sub.add_parser(
+        "remove", help="stop sending to an endpoint (any tenant's) and drop its deliveries "
+                       "not yet made")
+    remove.add_argument("endpoint_id", help="the endpoint's id (we_...)")
+    _add_common(remove)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -282,6 +310,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="who decides this (recorded in the step's log)")
     retry.add_argument("--reason", required=True, help="why (recorded in the step's log)")
     _add_common(retry)
+    _add_webhooks(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -343,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_dlq(args))
     if args.command == "payments":
         return asyncio.run(_payments_review(args))
+    if args.command == "webhooks":
+        return _webhooks_in_data_dir(args)
     if args.command == "audit":
         return asyncio.run(_audit(args))
     if args.command == "serve":
@@ -624,6 +655,81 @@ async def _payments_review(args: argparse.Namespace) -> int:
         return 1
     print(f"step {step.id} of {step.subject_id} handed back to the recovery worker "
           f"(phase {step.phase.value}); recorded as retried by {args.operator}")
+    return 0
+
+
+def _webhooks_in_data_dir(args: argparse.Namespace) -> int:
+    if not args.database_url and not Path(args.data_dir).is_dir():
+        # A mistyped directory would get a new embedded database that no server reads.
+        print(f"txproc webhooks {args.webhooks_command}: the data directory "
+              f"{Path(args.data_dir).resolve()} does not exist; name the server's --data-dir "
+              "or --database-url", file=sys.stderr)
+        return 2
+    return asyncio.run(_webhooks(args))
+
+
+async def _webhooks(args: argparse.Namespace) -> int:
+    """``webhooks add`` / ``list`` / ``remove``: tenants' webhook endpoints in the server's
+    database, through the same code as the API (actors/payments/webhook_endpoints.py).
+    The relay sends to an endpoint added here from the next event on, without a restart."""
+    import secrets
+
+    import asyncpg
+
+    from actors.payments import webhook_endpoints
+    from processor.identity import tenant_slot
+    from processor.payments import (
+        SECRET_BYTES,
+        WebhookEndpointError,
+        WebhookEndpointRequest,
+        check_endpoint,
+        endpoint_id_of,
+    )
+
+    command = f"txproc webhooks {args.webhooks_command}"
+    with _operator_database(args) as url:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            if args.webhooks_command == "add":
+                events = [e.strip() for e in args.events.split(",") if e.strip()]
+                try:
+                    request = msgspec.convert({"url": args.url, "events": events or None},
+                                              WebhookEndpointRequest)
+                    endpoint_url, types = check_endpoint(request)
+                except (msgspec.ValidationError, WebhookEndpointError) as exc:
+                    print(f"{command}: {exc}", file=sys.stderr)
+                    return 2
+                view, _ = await webhook_endpoints.create_endpoint(
+                    conn, endpoint_id=endpoint_id_of(secrets.token_hex(12)),
+                    tenant=str(tenant_slot(args.tenant)), url=endpoint_url, events=types,
+                    secret=secrets.token_bytes(SECRET_BYTES))
+                print(msgspec.json.encode(view).decode())
+                print(f"{command}: the secret is not shown again", file=sys.stderr)
+                return 0
+            if args.webhooks_command == "list":
+                after = None
+                while True:
+                    views, after = await webhook_endpoints.endpoints_of(
+                        conn, str(tenant_slot(args.tenant)),
+                        limit=webhook_endpoints.ENDPOINTS_PAGE_MAX, after=after)
+                    for view in views:
+                        print(msgspec.json.encode(view).decode())
+                    if after is None:
+                        return 0
+            removed = await webhook_endpoints.remove_endpoint(conn, args.endpoint_id, None)
+        except webhook_endpoints.EndpointRefused as exc:
+            print(f"{command}: {exc}", file=sys.stderr)
+            return 2
+        except asyncpg.UndefinedColumnError:
+            print(f"{command}: the database predates webhook endpoints; run `txproc migrate` "
+                  "first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    if removed is None:
+        print(f"{command}: no webhook endpoint {args.endpoint_id} is in use", file=sys.stderr)
+        return 1
+    print(f"removed {removed.id}; nothing more is sent to it")
     return 0
 
 

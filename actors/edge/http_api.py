@@ -36,10 +36,12 @@ from actors.edge.signatures import RequestSignatures
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
+    ENDPOINTS_PAGE_MAX,
     EVENT_TYPE_PATTERN,
     EVENTS_PAGE_MAX,
     ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
+    EndpointsPage,
     EventsPage,
     PaymentFailure,
     PaymentsApiError,
@@ -62,13 +64,24 @@ from processor.identity import (
     require_scope,
 )
 from processor.payments import (
+    ENDPOINT_ID_PATTERN,
+    EVENT_TYPES,
+    LIST_KINDS,
+    PAGE_LIMIT_MAX,
     AuthorizeRequest,
     CaptureRequest,
+    ListError,
     PaymentError,
+    PaymentsPage,
     PaymentView,
     PayoutRequest,
+    PayoutsPage,
     PayoutView,
     RefundRequest,
+    RefundsPage,
+    WebhookEndpointRequest,
+    WebhookEndpointView,
+    query_of_params,
 )
 from processor.ratelimit import RateLimiter
 from processor.reserved import (
@@ -679,7 +692,7 @@ class _Api:
                 if operation.scope is not None:
                     request.state.claims = self._authorize(
                         request.headers.get("authorization"), operation.scope)
-                    if operation.method == "POST":
+                    if operation.method in ("POST", "DELETE"):
                         request = await self._signed(request)
                 response: Response = await handler(request)
                 return response
@@ -925,6 +938,11 @@ class _Api:
                                         request.headers.get("x-request-id"),
                                         f"payments.{operation}", 1)
             forwarded[ORIGIN_HEADER] = str(origin)
+        elif request.method == "DELETE":
+            origin = await self._origin(request.state.claims,
+                                        request.headers.get("x-request-id"),
+                                        f"payments.{operation}", 1)
+            forwarded[ORIGIN_HEADER] = str(origin)
         status, answer, headers = await payments.call(
             principal_of(request.state.claims), operation, key or "",
             next(iter(request.path_params.values()), ""), body, forwarded)
@@ -960,6 +978,40 @@ class _Api:
             principal_of(request.state.claims), "list_events", "", "",
             ENCODER.encode(query), _forwarded_headers(request))
         return Response(answer, status, headers=headers, media_type="application/json")
+
+    async def _list(self, request: Request, operation: str, query: dict[str, Any]
+                    ) -> Response:
+        """A list operation: the query made JSON here, checked and read by the payments
+        actor (processor/payments/listing.py), as RPC sends it."""
+        payments = self._require_payments()
+        status, answer, headers = await payments.call(
+            principal_of(request.state.claims), operation, "", "", ENCODER.encode(query),
+            _forwarded_headers(request))
+        return Response(answer, status, headers=headers, media_type="application/json")
+
+    async def list_payments(self, request: Request) -> Response:
+        return await self._list(request, "list_payments", _list_query(request))
+
+    async def list_payouts(self, request: Request) -> Response:
+        return await self._list(request, "list_payouts", _list_query(request))
+
+    async def list_refunds(self, request: Request) -> Response:
+        return await self._list(request, "list_refunds", _list_query(request))
+
+    async def create_webhook_endpoint(self, request: Request) -> Response:
+        return await self._payments_call(request, "create_webhook_endpoint")
+
+    async def list_webhook_endpoints(self, request: Request) -> Response:
+        query = _list_query(request)
+        if set(query) - {"limit", "cursor"}:
+            raise ApiError(400, "invalid_query", "the list of endpoints takes limit and cursor")
+        return await self._list(request, "list_webhook_endpoints", query)
+
+    async def get_webhook_endpoint(self, request: Request) -> Response:
+        return await self._payments_call(request, "get_webhook_endpoint")
+
+    async def delete_webhook_endpoint(self, request: Request) -> Response:
+        return await self._payments_call(request, "delete_webhook_endpoint")
 
     async def provider_webhook(self, request: Request) -> Response:
         payments = self._require_payments()
@@ -1041,6 +1093,15 @@ def _events_query(items: list[tuple[str, str]]) -> dict[str, Any]:
             raise ApiError(400, "invalid_query", "type is an event type such as payment.captured")
         query["type"] = event_type
     return query
+
+
+def _list_query(request: Request) -> dict[str, Any]:
+    """A list's query parameters as the JSON the payments actor reads; 400
+    ``invalid_query`` for an unknown or repeated one (the values are checked there)."""
+    try:
+        return query_of_params(request.query_params.multi_items())
+    except ListError as exc:
+        raise ApiError(400, exc.code, str(exc)) from exc
 
 
 def _answer(request: Request, exc: Exception) -> Response:
@@ -1250,10 +1311,11 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
         *ok,
         Reply(202, "Accepted, outcome not known yet (a provider is pending or did not "
                    "answer); the recovery worker settles it, GET shows the outcome.", body),
-        _error_reply(400, "No or a malformed Idempotency-Key, a malformed body, or card "
-                          "data in the request.", "idempotency_key_missing",
-                     "idempotency_key_invalid", "card_data_not_allowed", "malformed_json",
-                     "invalid_body"),
+        _error_reply(400, "No or a malformed Idempotency-Key, a malformed body, metadata "
+                          "beyond its limits, or card data in the request.",
+                     "idempotency_key_missing", "idempotency_key_invalid",
+                     "card_data_not_allowed", "malformed_json", "invalid_body",
+                     "invalid_metadata"),
         _UNAUTHORIZED_SIGNED,
         _FORBIDDEN,
         Reply(402, "Declined by the provider or the risk check; the body carries the error "
@@ -1277,6 +1339,19 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
                      "unavailable"),
     )
 
+
+def _list_replies(body: type, description: str) -> tuple[Reply, ...]:
+    return (
+        Reply(200, description, body),
+        _error_reply(400, "A query parameter is unknown, repeated or out of range, or the "
+                          "cursor is not one this list gave.", "invalid_query",
+                     "invalid_cursor"),
+        _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE,
+    )
+
+
+_ENDPOINT_NOT_FOUND = _error_reply(404, "No webhook endpoint of yours has this id.",
+                                   "webhook_endpoint_not_found")
 
 OPERATIONS: tuple[Operation, ...] = (
     Operation(
@@ -1391,6 +1466,65 @@ OPERATIONS: tuple[Operation, ...] = (
                               "invalid_query"),
                  _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
     ),
+    *(Operation(
+        name=f"list_{kind}", method="GET", path=f"/v1/{kind}",
+        summary=f"The tenant's {kind}, newest first, filtered, a page at a time.",
+        handler=handler, scope="payments:read",
+        replies=_list_replies(page, f"Up to limit {kind} and the cursor of the next page "
+                                    "(null on the last)."),
+    ) for kind, page, handler in (("payments", PaymentsPage, _Api.list_payments),
+                                  ("payouts", PayoutsPage, _Api.list_payouts),
+                                  ("refunds", RefundsPage, _Api.list_refunds))),
+    Operation(
+        name="create_webhook_endpoint", method="POST", path="/v1/webhook_endpoints",
+        summary="Register where the tenant's payment and payout events are sent; the answer "
+                "shows the signing secret, once. Needs an Idempotency-Key header.",
+        handler=_Api.create_webhook_endpoint, scope="webhooks:write",
+        request=WebhookEndpointRequest,
+        replies=(
+            Reply(201, "Created; the body carries the id and the signing secret.",
+                  WebhookEndpointView),
+            _error_reply(400, "No or a malformed Idempotency-Key, a malformed body, a URL "
+                              "that is not http(s), has credentials or is too long, or an "
+                              "unknown event type.", "idempotency_key_missing",
+                         "idempotency_key_invalid", "card_data_not_allowed", "malformed_json",
+                         "invalid_body", "webhook_url_invalid", "webhook_event_type_unknown"),
+            _UNAUTHORIZED_SIGNED, _FORBIDDEN,
+            _error_reply(409, "The same Idempotency-Key is in flight.",
+                         "idempotency_key_in_use"),
+            _TOO_LARGE,
+            _error_reply(422, "The Idempotency-Key was used with another request, or the "
+                              "tenant has as many endpoints as it may.",
+                         "idempotency_key_reused", "webhook_endpoint_limit_reached"),
+            _RATE_LIMITED, _INTERNAL, _UNAVAILABLE,
+        ),
+    ),
+    Operation(
+        name="list_webhook_endpoints", method="GET", path="/v1/webhook_endpoints",
+        summary="The tenant's webhook endpoints (no secrets), newest first.",
+        handler=_Api.list_webhook_endpoints, scope="webhooks:read",
+        replies=_list_replies(EndpointsPage, "Up to limit endpoints and the cursor of the "
+                                             "next page (null on the last)."),
+    ),
+    Operation(
+        name="get_webhook_endpoint", method="GET",
+        path="/v1/webhook_endpoints/{webhook_endpoint_id}",
+        summary="Read a webhook endpoint (no secret).", handler=_Api.get_webhook_endpoint,
+        scope="webhooks:read",
+        replies=(Reply(200, "The endpoint.", WebhookEndpointView), _UNAUTHORIZED, _FORBIDDEN,
+                 _ENDPOINT_NOT_FOUND, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="delete_webhook_endpoint", method="DELETE",
+        path="/v1/webhook_endpoints/{webhook_endpoint_id}",
+        summary="Remove a webhook endpoint: nothing more is sent to it, and its deliveries "
+                "not yet made are dropped.",
+        handler=_Api.delete_webhook_endpoint, scope="webhooks:write",
+        replies=(Reply(200, "Removed; the body is the endpoint as it was.",
+                       WebhookEndpointView),
+                 _UNAUTHORIZED_SIGNED, _FORBIDDEN, _ENDPOINT_NOT_FOUND, _RATE_LIMITED,
+                 _INTERNAL, _UNAVAILABLE),
+    ),
     Operation(
         name="provider_webhook", method="POST", path="/v1/providers/{provider}/webhooks",
         summary="A provider's signed event (HMAC over timestamp and body; no bearer token).",
@@ -1425,6 +1559,8 @@ _SCOPE_TEXT = {
     "payments:write": "authorize, capture, void and refund payments",
     "payouts:write": "pay merchants out",
     "events:read": "read the stream of payment and payout events",
+    "webhooks:read": "read the tenant's webhook endpoints",
+    "webhooks:write": "create and remove the tenant's webhook endpoints",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -1466,7 +1602,8 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         }]
     for name, pattern in (("payment_id", "^pay_[0-9a-f]{24}$"),
                           ("payout_id", "^po_[0-9a-f]{24}$"),
-                          ("provider", "^[a-z][a-z0-9_]{0,31}$")):
+                          ("provider", "^[a-z][a-z0-9_]{0,31}$"),
+                          ("webhook_endpoint_id", ENDPOINT_ID_PATTERN)):
         if "{" + name + "}" in op.path:
             entry["parameters"] = [{
                 "name": name, "in": "path", "required": True,
@@ -1482,8 +1619,10 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": EVENTS_PAGE_MAX}},
         ]
+    if op.method == "GET" and op.name.startswith("list_") and op.name != "list_events":
+        entry["parameters"] = _list_parameters(op.name.removeprefix("list_"))
     if op.scope is not None and op.method == "POST" and op.path.startswith(
-            ("/v1/payments", "/v1/payouts")):
+            ("/v1/payments", "/v1/payouts", "/v1/webhook_endpoints")):
         entry.setdefault("parameters", []).append({
             "name": "Idempotency-Key", "in": "header", "required": True,
             "description": "1-255 visible ASCII characters, unique per intended operation.",
@@ -1497,6 +1636,56 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     return entry
 
 
+def _list_parameters(kind: str) -> list[dict[str, Any]]:
+    """The query parameters of a list (processor/payments/listing.py)."""
+    paging = [
+        {"name": "limit", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1,
+                    "maximum": ENDPOINTS_PAGE_MAX if kind == "webhook_endpoints"
+                    else PAGE_LIMIT_MAX}},
+        {"name": "cursor", "in": "query", "required": False,
+         "description": "The previous page's next_cursor.",
+         "schema": {"type": "string", "minLength": 1, "maxLength": 200}},
+    ]
+    if kind == "webhook_endpoints":
+        return paging
+    instant = {"oneOf": [{"type": "string", "format": "date-time"},
+                         {"type": "integer", "minimum": 0}]}
+    filters: list[dict[str, Any]] = [
+        {"name": "status", "in": "query", "required": False,
+         "schema": {"type": "string", "enum": sorted(LIST_KINDS[kind])}},
+        {"name": "merchant_account_id", "in": "query", "required": False,
+         "schema": {"type": "integer", "minimum": 1, "maximum": ID_MAX}},
+        {"name": "created", "in": "query", "required": False, "style": "deepObject",
+         "explode": True,
+         "description": "created[gte] and created[lt]: an RFC 3339 time with its offset, or "
+                        "Unix seconds.",
+         "schema": {"type": "object", "additionalProperties": False,
+                    "properties": {"gte": instant, "lt": instant}}},
+        {"name": "metadata", "in": "query", "required": False, "style": "deepObject",
+         "explode": True, "description": "metadata[key]=value: that key holds exactly "
+                                         "that value (every pair given must match).",
+         "schema": _METADATA_SCHEMA},
+    ]
+    if kind == "refunds":
+        filters.append({"name": "payment_id", "in": "query", "required": False,
+                        "schema": {"type": "string", "pattern": "^pay_[0-9a-f]{24}$"}})
+    else:
+        filters.append({"name": "reference", "in": "query", "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 64,
+                                   "pattern": "^[A-Za-z0-9_.:-]*$"}})
+    return filters + paging
+
+
+# Metadata's limits (processor.payments.listing.check_metadata), which the request structs
+# leave to that check so that every breach answers invalid_metadata.
+_METADATA_SCHEMA: dict[str, Any] = {
+    "type": "object", "maxProperties": 20,
+    "propertyNames": {"minLength": 1, "maxLength": 40},
+    "additionalProperties": {"type": "string", "maxLength": 500},
+}
+
+
 def _openapi_document() -> dict[str, Any]:
     struct_types = sorted(
         {op.request for op in OPERATIONS if op.request is not None}
@@ -1507,6 +1696,14 @@ def _openapi_document() -> dict[str, Any]:
     refs = dict(zip(struct_types, schemas, strict=True))
     for name, field in (("AccountBatchRequest", "accounts"), ("TransferBatchRequest", "transfers")):
         components[name]["properties"][field] |= {"minItems": 1, "maxItems": BATCH_ITEMS_MAX}
+    for name in ("AuthorizeRequest", "PayoutRequest", "RefundRequest"):
+        components[name]["properties"]["metadata"] = dict(_METADATA_SCHEMA)
+    components["WebhookEndpointRequest"]["properties"]["url"] |= {"maxLength": 2048}
+    components["WebhookEndpointRequest"]["properties"]["events"] = {
+        "anyOf": [{"type": "array", "minItems": 1, "maxItems": 32,
+                   "items": {"type": "string", "enum": list(EVENT_TYPES)}},
+                  {"type": "null"}],
+        "description": "The event types to send; omitted or null: every type."}
     paths: dict[str, dict[str, Any]] = {}
     for op in OPERATIONS:
         paths.setdefault(op.path, {})[op.method.lower()] = _operation_object(op, refs)

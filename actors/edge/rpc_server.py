@@ -468,7 +468,8 @@ class _Connection:
             if payments_call is None:
                 raise Unavailable("payments are not served here", retry_after_s=60)
             origin = 0
-            if not request.operation.startswith("get_"):
+            # Reads (get_*, list_*) change nothing and record nothing.
+            if not request.operation.startswith(("get_", "list_")):
                 origin = await self._origin(request, f"payments.{request.operation}", 1)
             status, body, replayed = await payments_call(
                 identity.principal_of(self._current_claims), request.operation,

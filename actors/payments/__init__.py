@@ -11,12 +11,14 @@ Public interface:
   ``OPERATION_SCOPES``, ``PAYMENT_ERROR_STATUS``, ``PaymentsApiError``, ``PaymentFailure``,
   ``WebhookAnswer``, ``api_error_of``, ``require_key``, ``ORIGIN_HEADER`` (the audit
   record a request forwards);
-* ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``).
+* ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``);
+* ``webhook_endpoints``: tenants' webhook endpoints (the API's and ``txproc webhooks``),
+  with ``EndpointsPage`` and ``ENDPOINTS_PAGE_MAX`` for the edge's document.
 """
 
 from __future__ import annotations
 
-from actors.payments import outbox
+from actors.payments import outbox, webhook_endpoints
 from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
 from actors.payments.endpoints import (
     EVENT_TYPE_PATTERN,
@@ -32,14 +34,17 @@ from actors.payments.endpoints import (
     require_key,
 )
 from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
+from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
 
 __all__ = [
+    "ENDPOINTS_PAGE_MAX",
     "EVENTS_PAGE_MAX",
     "EVENT_TYPE_PATTERN",
     "OPERATION_SCOPES",
     "ORIGIN_HEADER",
     "PAYMENTS_ACTOR_NAME",
     "PAYMENT_ERROR_STATUS",
+    "EndpointsPage",
     "EventsPage",
     "PaymentFailure",
     "PaymentsActor",
@@ -52,4 +57,5 @@ __all__ = [
     "outbox",
     "provider_actor_name",
     "require_key",
+    "webhook_endpoints",
 ]

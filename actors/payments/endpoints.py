@@ -21,23 +21,45 @@ from typing import Annotated, Any
 import msgspec
 
 from actors.ops import metrics
-from actors.payments.engine import REQUEST_ORIGIN, PaymentsEngine
+from actors.payments.engine import (
+    REQUEST_ORIGIN,
+    PaymentsEngine,
+    payment_view,
+    payout_view,
+    refund_view,
+)
 from actors.payments.store import DATABASE_UNREACHABLE
+from actors.payments.webhook_endpoints import (
+    ENDPOINT_OPERATIONS,
+    EndpointRefused,
+    decode_endpoint_request,
+    serve_endpoint_operation,
+)
 from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
 from processor.errors import Unavailable
+from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
     Decision,
     IdempotencyError,
+    ListCode,
+    ListError,
+    ListQuery,
     PaymentError,
+    PaymentsPage,
     PaymentView,
     PayoutRequest,
+    PayoutsPage,
     PayoutView,
     RefundRequest,
+    RefundsPage,
     check_key,
+    check_list_query,
+    check_metadata,
     decide,
+    encode_cursor,
     fingerprint,
 )
 
@@ -100,6 +122,15 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "invalid_body": 400,
     "malformed_json": 400,
     "provider_unavailable": 503,
+    # Lists and metadata (processor/payments/listing.py).
+    "invalid_query": 400,
+    "invalid_cursor": 400,
+    "invalid_metadata": 400,
+    # Webhook endpoints (processor/payments/webhooks.py, webhook_endpoints.py).
+    "webhook_url_invalid": 400,
+    "webhook_event_type_unknown": 400,
+    "webhook_endpoint_not_found": 404,
+    "webhook_endpoint_limit_reached": 422,
 }
 
 
@@ -359,6 +390,46 @@ async def _events_page(engine: PaymentsEngine, principal: str, body: bytes) -> b
     return ENCODER.encode(EventsPage(data=page, next_cursor=str(cursor)))
 
 
+_LIST_QUERY = msgspec.json.Decoder(ListQuery)
+
+
+async def _list_page(engine: PaymentsEngine, principal: str, kind: str, body: bytes) -> bytes:
+    """A page of the tenant's payments, payouts or refunds (processor/payments/listing.py).
+    Raises ``ListError`` for a query or cursor that does not hold."""
+    try:
+        query = _LIST_QUERY.decode(body or b"{}")
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        # A value of the wrong type or out of range (validation errors are decode errors).
+        raise ListError(ListCode.invalid_query, str(exc)[:300]) from exc
+    flt = check_list_query(kind, query)
+    tenant = str(tenant_of_principal(principal))
+    store = engine.store
+    if kind == "payments":
+        payments, last = await store.list_payments(tenant, flt)
+        page: PaymentsPage | PayoutsPage | RefundsPage = PaymentsPage(
+            data=[payment_view(p, steps) for p, steps in payments],
+            next_cursor=None if last is None else encode_cursor(kind, last))
+    elif kind == "payouts":
+        payouts, last = await store.list_payouts(tenant, flt)
+        page = PayoutsPage(data=[payout_view(p) for p in payouts],
+                           next_cursor=None if last is None else encode_cursor(kind, last))
+    else:
+        refunds, last = await store.list_refunds(tenant, flt)
+        page = RefundsPage(data=[refund_view(r) for r in refunds],
+                           next_cursor=None if last is None else encode_cursor(kind, last))
+    return ENCODER.encode(page)
+
+
+def _with_metadata(item: Any) -> Any:
+    """The decoded request with its metadata checked (``invalid_metadata`` otherwise)."""
+    if item is None or not hasattr(item, "metadata"):
+        return item
+    try:
+        return msgspec.structs.replace(item, metadata=check_metadata(item.metadata))
+    except ListError as exc:
+        raise PaymentsApiError(exc.code, str(exc)) from exc
+
+
 def require_key(header: str | None) -> str:
     try:
         return check_key(header)
@@ -393,14 +464,21 @@ OPERATION_SCOPES: dict[str, str] = {
     "authorize": "payments:write", "capture": "payments:write", "void": "payments:write",
     "refund": "payments:write", "payout": "payouts:write", "get_payment": "payments:read",
     "get_payout": "payments:read", "list_events": "events:read",
+    "list_payments": "payments:read", "list_payouts": "payments:read",
+    "list_refunds": "payments:read",
+    "create_webhook_endpoint": "webhooks:write", "list_webhook_endpoints": "webhooks:read",
+    "get_webhook_endpoint": "webhooks:read", "delete_webhook_endpoint": "webhooks:write",
 }
+# The list operations, by the kind of object they list (processor.payments.LIST_KINDS).
+LIST_OPERATIONS = {"list_payments": "payments", "list_payouts": "payouts",
+                   "list_refunds": "refunds"}
 _PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
 _WHOLE_NUMBER = re.compile(r"[0-9][0-9 _-]{11,30}[0-9]")
 _PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
 _CANONICAL_PATHS = {
     "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",
     "void": "/v1/payments/{}/void", "refund": "/v1/payments/{}/refunds",
-    "payout": "/v1/payouts",
+    "payout": "/v1/payouts", "create_webhook_endpoint": "/v1/webhook_endpoints",
 }
 
 
@@ -465,11 +543,17 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         return 200, ENCODER.encode(payout), {}
     if operation == "list_events":
         return 200, await _events_page(engine, principal, body), {}
+    if operation in LIST_OPERATIONS:
+        return 200, await _list_page(engine, principal, LIST_OPERATIONS[operation], body), {}
+    if operation in ENDPOINT_OPERATIONS:
+        return await _endpoint_operation(payments, principal=principal, operation=operation,
+                                         key=key, subject_id=subject_id, body=body,
+                                         headers=headers)
     if operation not in _DECODERS:
         raise PaymentsApiError("invalid_body", f"no payments operation is named {operation}")
     checked_key = require_key(key)
     scan_for_card_data(headers, body)
-    item = _decode(operation, body)
+    item = _with_metadata(_decode(operation, body))
     if operation in ("capture", "void", "refund") and _PAYMENT_ID.fullmatch(subject_id) is None:
         raise PaymentsApiError("payment_not_found", "no payment has this id")
     canonical = _CANONICAL_PATHS[operation].format(subject_id)
@@ -492,7 +576,8 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
                                         request_key=request_key)
         else:
             view = await engine.refund(subject_id, amount, principal=principal,
-                                       request_key=request_key)
+                                       request_key=request_key,
+                                       metadata=item.metadata if item is not None else None)
         return payment_status(view, created=False)
 
     if operation != "authorize":
@@ -511,6 +596,31 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         raise
     finally:
         metrics.AUTHORIZATION_SECONDS.labels(outcome).observe(time.perf_counter() - started)
+
+
+async def _endpoint_operation(payments: Payments, *, principal: str, operation: str,
+                              key: str | None, subject_id: str, body: bytes,
+                              headers: dict[str, str]) -> tuple[int, bytes, dict[str, str]]:
+    """``/v1/webhook_endpoints``: a creation needs an Idempotency-Key and is refused before
+    the key is claimed if its body does not hold (actors/payments/webhook_endpoints.py)."""
+    if operation != "create_webhook_endpoint":
+        return await serve_endpoint_operation(
+            payments.engine.store.pool, principal=principal, operation=operation,
+            subject_id=subject_id, body=body, request_key="", idempotent=None)
+    checked_key = require_key(key)
+    scan_for_card_data(headers, body)
+    decode_endpoint_request(body)
+    print_ = fingerprint("POST", _CANONICAL_PATHS[operation], body)
+
+    def idempotent(execute: Callable[[], Awaitable[tuple[int, bytes]]]
+                   ) -> Awaitable[tuple[int, bytes, dict[str, str]]]:
+        return payments.idempotent.run(principal=principal, key_header=checked_key,
+                                       fingerprint_=print_, execute=execute)
+
+    return await serve_endpoint_operation(
+        payments.engine.store.pool, principal=principal, operation=operation,
+        subject_id=subject_id, body=body,
+        request_key=request_key_of(principal, checked_key, print_), idempotent=idempotent)
 
 
 class PaymentsEndpoint:
@@ -540,6 +650,8 @@ class PaymentsEndpoint:
             return _refusal(api_error_of(exc))
         except PaymentsApiError as exc:
             return _refusal(exc)
+        except (ListError, EndpointRefused) as exc:
+            return _refusal(PaymentsApiError(exc.code, str(exc)))
         except DATABASE_UNREACHABLE as exc:
             raise _database_away(exc) from exc
         finally:

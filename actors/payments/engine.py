@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import datetime as dt
 import logging
 import random
 import secrets
@@ -51,6 +52,7 @@ from processor.payments import (
     Phase,
     ProviderReply,
     ProviderRequest,
+    RefundView,
     Step,
     WebhookEvent,
     check_capture,
@@ -72,7 +74,7 @@ from processor.risk import RiskConfig, RiskDecision, fallback
 from processor.service import LedgerService
 from processor.types import Account
 
-__all__ = ["PaymentsEngine", "payment_view", "payout_view"]
+__all__ = ["PaymentsEngine", "payment_view", "payout_view", "refund_view"]
 
 log = logging.getLogger("txproc.payments")
 
@@ -110,7 +112,26 @@ def payment_view(payment: Payment, steps: Sequence[Step]) -> PaymentView:
                                   status=_op_status(s.phase), amount=s.amount,
                                   provider=s.provider, decline_code=s.decline_code,
                                   error=s.error) for s in steps],
+        metadata=payment.metadata, created_at=_rfc3339(payment.created_at),
     )
+
+
+def _rfc3339(moment: dt.datetime | None) -> str:
+    return "" if moment is None else moment.astimezone(dt.UTC).isoformat()
+
+
+def _utc(seconds: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
+
+
+def refund_view(row: dict[str, Any]) -> RefundView:
+    """A refund as the refunds list shows it, from ``PaymentStore.list_refunds``' row."""
+    return RefundView(
+        id=f"op_{row['id']}", payment_id=row["subject_id"],
+        status=_op_status(Phase(row["phase"])), amount=row["amount"], currency=row["currency"],
+        merchant_account_id=row["merchant_account_id"], provider=row["provider"],
+        decline_code=row["decline_code"], error=row["error"], metadata=row["metadata"],
+        created_at=_rfc3339(row["created_at"]))
 
 
 def payout_view(payout: Payout) -> PayoutView:
@@ -118,7 +139,8 @@ def payout_view(payout: Payout) -> PayoutView:
         id=payout.id, status=payout.status.value, amount=payout.amount,
         currency=payout.currency, merchant_account_id=payout.merchant_account_id,
         destination=payout.destination, provider=payout.provider,
-        decline_code=payout.decline_code, error=payout.error, reference=payout.reference)
+        decline_code=payout.decline_code, error=payout.error, reference=payout.reference,
+        metadata=payout.metadata, created_at=_rfc3339(payout.created_at))
 
 
 class PaymentsEngine:
@@ -196,7 +218,8 @@ class PaymentsEngine:
             payment_method=request.payment_method, status=PaymentStatus.PROCESSING,
             provider=providers[0], risk_reason=decision.reason.value,
             risk_source=decision.source, reference=request.reference,
-            auto_capture=request.capture, request_key=request_key)
+            auto_capture=request.capture, request_key=request_key,
+            metadata=request.metadata, created_at=_utc(self._clock_s()))
         now_s = self._clock_s()
         if not decision.allowed:
             payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
@@ -268,13 +291,14 @@ class PaymentsEngine:
         return await self.payment(payment_id, principal=principal)
 
     async def refund(self, payment_id: str, amount: int | None, *, principal: str,
-                     request_key: str = "") -> PaymentView:
+                     request_key: str = "", metadata: dict[str, str] | None = None
+                     ) -> PaymentView:
         payment = await self._own_payment(payment_id, principal)
         if await self._resumed(payment_id, request_key, Kind.REFUND):
             return await self.payment(payment_id, principal=principal)
         amount = payment.captured_amount - payment.refunded_amount if amount is None else amount
         check_refund(payment, amount)
-        await self._start(payment, Kind.REFUND, amount, request_key)
+        await self._start(payment, Kind.REFUND, amount, request_key, metadata=metadata)
         return await self.payment(payment_id, principal=principal)
 
     async def payout(self, request: PayoutRequest, *, principal: str,
@@ -315,7 +339,8 @@ class PaymentsEngine:
         payout = Payout(
             id=payout_id, merchant_account_id=request.merchant_account_id,
             amount=request.amount, currency=request.currency, destination=request.destination,
-            status=PayoutStatus.PROCESSING, provider=providers[0], reference=request.reference)
+            status=PayoutStatus.PROCESSING, provider=providers[0], reference=request.reference,
+            metadata=request.metadata, created_at=_utc(self._clock_s()))
         step_id, transfer_base = await self.store.new_step_ids()
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.PAYOUT,
                         subject_id=payout.id, amount=request.amount, currency=request.currency,
@@ -653,7 +678,7 @@ class PaymentsEngine:
                 await self.drive(claimed)
 
     async def _start(self, payment: Payment, kind: Kind, amount: int,
-                     request_key: str = "") -> Step:
+                     request_key: str = "", *, metadata: dict[str, str] | None = None) -> Step:
         step_id, transfer_base = await self.store.new_step_ids()
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=kind,
                         subject_id=payment.id, amount=amount, currency=payment.currency,
@@ -664,7 +689,7 @@ class PaymentsEngine:
                         origin=REQUEST_ORIGIN.get())
         await self.store.create_step(step, due_at_s=self._clock_s() + self.config.claim_ttl_s,
                                      request_key=f"{request_key}:{kind.value}" if request_key
-                                     else "")
+                                     else "", metadata=metadata)
         return await self.drive(step)
 
     def _spawn(self, coro: Any) -> None:

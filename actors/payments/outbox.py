@@ -1,7 +1,10 @@
 """The transactional outbox of payment events: written with the state change, sent at least once.
 
 Writing. ``enqueue`` runs inside the caller's open transaction, so the event and one delivery
-row per active subscriber commit or roll back together with the state change they report.
+row per active subscriber that wants it commit or roll back together with the state change
+they report. Operators' subscribers (``txproc serve --event-subscriber``) want every event;
+a tenant's webhook endpoint (``POST /v1/webhook_endpoints``) wants the events of that
+tenant's payments and payouts, of the types it names.
 No event is ever sent for a change that did not commit, and none is lost for one that did.
 
 Sending. An ``OutboxRelay`` claims a batch of due deliveries with ``FOR UPDATE SKIP LOCKED``
@@ -23,8 +26,10 @@ of the Standard Webhooks specification:
 - ``webhook-timestamp``: when this attempt was signed, integer Unix seconds;
 - ``webhook-signature``: ``v1,`` then base64 of HMAC-SHA256 over
   ``f"{webhook-id}.{webhook-timestamp}."`` followed by the exact body bytes, keyed with the
-  relay's signing secret (raw bytes; a Standard Webhooks library wants them as
-  ``"whsec_" + base64(secret)``). Consumers should reject a timestamp more than five minutes
+  subscriber's secret: a tenant's webhook endpoint has its own (actors/payments/
+  webhook_endpoints.py), an operator's subscriber uses the relay's (raw bytes; a Standard
+  Webhooks library wants them as ``"whsec_" + base64(secret)``, the form an endpoint's
+  secret is shown in). Consumers should reject a timestamp more than five minutes
   from their clock (``verify`` does);
 - ``txproc-event-type``: the event type, to route without parsing the body;
 - ``txproc-delivery-attempt``: 1 for the first attempt, 2 for the second, and so on.
@@ -77,6 +82,7 @@ from processor.payments import backoff_s
 from processor.types import require
 
 __all__ = [
+    "ENDPOINT_NAME_PREFIX",
     "HEADER_ATTEMPT",
     "HEADER_EVENT_ID",
     "HEADER_EVENT_TYPE",
@@ -111,6 +117,9 @@ HEADER_ATTEMPT = "txproc-delivery-attempt"
 # An event is a notification, not a document: the consumer fetches details it needs.
 PAYLOAD_BYTES_MAX = 64 * 1024
 SUBSCRIBERS_MAX = 100
+# Tenants' webhook endpoints are subscribers named by their ids (actors/payments/
+# webhook_endpoints.py); operators' names may not start so.
+ENDPOINT_NAME_PREFIX = "we_"
 SIGNING_SECRET_BYTES_MIN = 16
 DLQ_LIST_MAX = 1000
 ERROR_CHARS_MAX = 200
@@ -256,14 +265,25 @@ def verify(
 
 # -- writing --------------------------------------------------------------------------------
 
+# One delivery per active subscriber that wants the event: every operator subscriber
+# (tenant NULL), and the endpoints of the tenant whose payment or payout the event is about
+# (the slot in front of its principal, as GET /v1/events decides it) that take its type.
 _ENQUEUE_SQL = """
 WITH event AS (
     INSERT INTO events (event_type, aggregate_id, payload)
     VALUES ($1, $2, $3::jsonb)
     RETURNING id
+), owner AS (
+    SELECT split_part(principal, '/', 1) AS tenant FROM payments WHERE id = $2
+    UNION ALL
+    SELECT split_part(principal, '/', 1) FROM payouts WHERE id = $2
+    LIMIT 1
 ), deliveries AS (
     INSERT INTO outbox_deliveries (event_id, subscriber)
-    SELECT event.id, s.name FROM event, event_subscribers s WHERE s.active
+    SELECT event.id, s.name FROM event, event_subscribers s
+    WHERE s.active
+      AND (s.tenant IS NULL OR s.tenant = (SELECT tenant FROM owner))
+      AND (s.event_types IS NULL OR $1 = ANY (s.event_types))
 )
 SELECT id FROM event
 """
@@ -297,6 +317,9 @@ async def enqueue(
 
 
 def _check_subscriber(name: str, url: str) -> None:
+    if name.startswith(ENDPOINT_NAME_PREFIX):
+        raise ValueError(f"subscriber {name!r}: names starting with {ENDPOINT_NAME_PREFIX!r} "
+                         "are the ids of tenants' webhook endpoints")
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:
@@ -318,12 +341,13 @@ async def _connection(db: asyncpg.Pool | asyncpg.Connection) -> AsyncIterator[as
 async def set_subscribers(
     db: asyncpg.Pool | asyncpg.Connection, subscribers: dict[str, str]
 ) -> None:
-    """Make ``subscribers`` (name -> URL) the active ones: upsert them, deactivate the rest.
+    """Make ``subscribers`` (name -> URL) the active operator subscribers: upsert them,
+    deactivate the other operator subscribers. Tenants' webhook endpoints are not touched.
 
     Deactivated subscribers keep their rows (deliveries refer to them) and get no new events.
-    Raises ``ValueError`` for more than ``SUBSCRIBERS_MAX`` subscribers or a URL that is not
-    http(s) with a host, and ``asyncpg.CheckViolationError`` for a name not matching
-    ``[a-z0-9][a-z0-9_.-]{0,62}``.
+    Raises ``ValueError`` for more than ``SUBSCRIBERS_MAX`` subscribers, a name that is a
+    webhook endpoint's (``we_...``) or a URL that is not http(s) with a host, and
+    ``asyncpg.CheckViolationError`` for a name not matching ``[a-z0-9][a-z0-9_.-]{0,62}``.
     """
     if len(subscribers) > SUBSCRIBERS_MAX:
         raise ValueError(f"{len(subscribers)} subscribers; at most {SUBSCRIBERS_MAX}")
@@ -335,14 +359,14 @@ async def set_subscribers(
             "INSERT INTO event_subscribers (name, url) "
             "SELECT * FROM unnest($1::text[], $2::text[]) "
             "ON CONFLICT (name) DO UPDATE SET url = EXCLUDED.url, active = true, "
-            "updated_at = now() "
-            "WHERE event_subscribers.url <> EXCLUDED.url OR NOT event_subscribers.active",
+            "updated_at = now() WHERE event_subscribers.tenant IS NULL "
+            "AND (event_subscribers.url <> EXCLUDED.url OR NOT event_subscribers.active)",
             names, [subscribers[n] for n in names],
             timeout=STATEMENT_TIMEOUT_S,
         )
         await conn.execute(
             "UPDATE event_subscribers SET active = false, updated_at = now() "
-            "WHERE active AND NOT (name = ANY($1::text[]))",
+            "WHERE active AND tenant IS NULL AND NOT (name = ANY($1::text[]))",
             names,
             timeout=STATEMENT_TIMEOUT_S,
         )
@@ -372,7 +396,8 @@ async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int | fl
     """
     row = await conn.fetchrow(_BACKLOG_SQL, timeout=STATEMENT_TIMEOUT_S)
     dead = await conn.fetchval(
-        "SELECT count(*) FROM dead_letters WHERE replayed_at IS NULL", timeout=STATEMENT_TIMEOUT_S
+        "SELECT count(*) FROM dead_letters l JOIN event_subscribers s ON s.name = l.subscriber "
+        "WHERE l.replayed_at IS NULL AND s.removed_at IS NULL", timeout=STATEMENT_TIMEOUT_S
     )
     return {
         "undelivered": int(row["undelivered"]),
@@ -383,7 +408,8 @@ async def backlog(conn: asyncpg.Connection | asyncpg.Pool) -> dict[str, int | fl
 
 
 async def dlq_list(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[dict[str, Any]]:
-    """The oldest ``limit`` dead letters not replayed, oldest first.
+    """The oldest ``limit`` dead letters not replayed, oldest first (those of a removed
+    webhook endpoint are history: not listed, counted or replayed).
 
     Each has ``id``, ``event_id``, ``subscriber``, ``event_type``, ``aggregate_id``,
     ``attempts``, ``last_error`` and ``dead_at`` (an aware datetime). Raises ``ValueError``
@@ -394,7 +420,8 @@ async def dlq_list(conn: asyncpg.Connection | asyncpg.Pool, limit: int) -> list[
     rows = await conn.fetch(
         "SELECT l.id, l.event_id, l.subscriber, e.event_type, e.aggregate_id, l.attempts, "
         "l.last_error, l.dead_at FROM dead_letters l JOIN events e ON e.id = l.event_id "
-        "WHERE l.replayed_at IS NULL ORDER BY l.id LIMIT $1",
+        "JOIN event_subscribers s ON s.name = l.subscriber "
+        "WHERE l.replayed_at IS NULL AND s.removed_at IS NULL ORDER BY l.id LIMIT $1",
         limit,
         timeout=STATEMENT_TIMEOUT_S,
     )
@@ -405,6 +432,7 @@ _REPLAY_SQL = """
 WITH replayed AS (
     UPDATE dead_letters SET replayed_at = clock_timestamp()
     WHERE replayed_at IS NULL AND ($1::bigint[] IS NULL OR event_id = ANY($1::bigint[]))
+      AND subscriber NOT IN (SELECT name FROM event_subscribers WHERE removed_at IS NOT NULL)
     RETURNING event_id, subscriber
 ), requeued AS (
     INSERT INTO outbox_deliveries (event_id, subscriber)
@@ -449,8 +477,8 @@ FROM due, events e, event_subscribers s
 WHERE d.event_id = due.event_id AND d.subscriber = due.subscriber
   AND e.id = d.event_id AND s.name = d.subscriber
 RETURNING d.event_id, d.subscriber, d.attempts, extract(epoch FROM d.enqueued_at)::float8
-          AS enqueued_s, s.url, e.event_type, e.aggregate_id, e.payload::text AS payload,
-          e.created_at
+          AS enqueued_s, s.url, s.secret, e.event_type, e.aggregate_id,
+          e.payload::text AS payload, e.created_at
 """
 
 _DELIVERED_SQL = """
@@ -608,13 +636,15 @@ class OutboxRelay:
             id=claim["event_id"], type=claim["event_type"], aggregate_id=claim["aggregate_id"],
             created_at=claim["created_at"], data=msgspec.Raw(claim["payload"].encode("utf-8")),
         ))
+        # A tenant's endpoint has a key of its own; an operator's subscriber the relay's.
+        secret = self._secret if claim["secret"] is None else bytes(claim["secret"])
         async with self._in_flight:
             timestamp_s = int(self._clock())
             headers = {
                 "content-type": "application/json",
                 HEADER_EVENT_ID: str(claim["event_id"]),
                 HEADER_TIMESTAMP: str(timestamp_s),
-                HEADER_SIGNATURE: sign(self._secret, claim["event_id"], timestamp_s, body),
+                HEADER_SIGNATURE: sign(secret, claim["event_id"], timestamp_s, body),
                 HEADER_EVENT_TYPE: claim["event_type"],
                 HEADER_ATTEMPT: str(claim["attempts"]),
             }

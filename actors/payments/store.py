@@ -23,12 +23,14 @@ from processor.payments import (
     FINAL_PHASES,
     KeyState,
     Kind,
+    ListFilter,
     Payment,
     PaymentError,
     PaymentStatus,
     Payout,
     PayoutStatus,
     Phase,
+    Position,
     Step,
     StoredKey,
 )
@@ -55,11 +57,11 @@ _STEP_READ = _STEP_COLUMNS + ", checks"
 _PAYMENT_COLUMNS = (
     "id, merchant_account_id, amount, currency, payment_method, status, provider, "
     "provider_ref, hold_transfer_id, captured_amount, refunded_amount, decline_code, error, "
-    "risk_reason, risk_source, reference, auto_capture, request_key"
+    "risk_reason, risk_source, reference, auto_capture, request_key, metadata, created_at"
 )
 _PAYOUT_COLUMNS = (
     "id, merchant_account_id, amount, currency, destination, status, provider, provider_ref, "
-    "decline_code, error, reference"
+    "decline_code, error, reference, metadata, created_at"
 )
 # A row is visible to the principal $2 (``<tenant slot>/<subject>``) when a principal of
 # the same tenant wrote it, and to everyone when $2 is NULL (the processor's own reads).
@@ -82,13 +84,76 @@ def _step(row: asyncpg.Record) -> Step:
 def _payment(row: asyncpg.Record) -> Payment:
     values = dict(row)
     values["status"] = PaymentStatus(values["status"])
+    values["metadata"] = _METADATA.decode(values["metadata"])
     return Payment(**values)
 
 
 def _payout(row: asyncpg.Record) -> Payout:
     values = dict(row)
     values["status"] = PayoutStatus(values["status"])
+    values["metadata"] = _METADATA.decode(values["metadata"])
     return Payout(**values)
+
+
+# jsonb travels as text (no codec is set on the pool): metadata is encoded and decoded here.
+_METADATA = msgspec.json.Decoder(dict[str, str])
+_JSON = msgspec.json.Encoder()
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+def _micros(moment: dt.datetime) -> int:
+    """Microseconds since the epoch, exactly (a list cursor's position)."""
+    delta = moment - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _moment(micros: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=micros)
+
+
+class _Where:
+    """A list query's conditions, each value a parameter ($n) of its own."""
+
+    def __init__(self, first: str, value: Any) -> None:
+        self.conditions = [first.format("$1")]
+        self.args: list[Any] = [value]
+
+    def add(self, condition: str, *values: Any) -> None:
+        names = [f"${len(self.args) + i + 1}" for i in range(len(values))]
+        self.args.extend(values)
+        self.conditions.append(condition.format(*names))
+
+    def sql(self) -> str:
+        return " AND ".join(self.conditions)
+
+
+def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False) -> _Where:
+    """The conditions of a list's filter over the table aliased ``prefix``."""
+    where = _Where("split_part(p.principal, '/', 1) = {}", tenant)
+    if flt.status is not None:
+        if not step:
+            where.add(f"{prefix}.status = {{}}", flt.status)
+        elif flt.status == "processing":
+            where.add(f"{prefix}.phase <> ALL({{}}::text[])", _FINAL)
+        else:
+            where.add(f"{prefix}.phase = {{}}", flt.status)
+    if flt.merchant_account_id is not None:
+        where.add(f"{prefix}.merchant_account_id = {{}}", flt.merchant_account_id)
+    if flt.created_gte_us is not None:
+        where.add(f"{prefix}.created_at >= {{}}", _moment(flt.created_gte_us))
+    if flt.created_lt_us is not None:
+        where.add(f"{prefix}.created_at < {{}}", _moment(flt.created_lt_us))
+    if flt.reference is not None:
+        where.add(f"{prefix}.reference = {{}}", flt.reference)
+    if flt.payment_id is not None:
+        where.add(f"{prefix}.subject_id = {{}}", flt.payment_id)
+    if flt.metadata:
+        where.add(f"{prefix}.metadata @> {{}}::jsonb", _JSON.encode(flt.metadata).decode())
+    if flt.after is not None:
+        after_id: Any = int(flt.after.id) if step else flt.after.id
+        where.add(f"({prefix}.created_at, {prefix}.id) < ({{}}, {{}})",
+                  _moment(flt.after.created_us), after_id)
+    return where
 
 
 def _event(obj: Payment | Payout) -> dict[str, Any]:
@@ -98,6 +163,16 @@ def _event(obj: Payment | Payout) -> dict[str, Any]:
     for private in ("payment_method", "request_key", "destination"):
         payload.pop(private, None)
     return payload
+
+
+def _next(page: list[Payment] | list[Payout], more: bool) -> Position | None:
+    """Where the next page starts: after this page's last row, if more rows follow."""
+    if not more:
+        return None
+    last = page[-1]
+    if last.created_at is None:
+        raise ValueError("a stored row has its creation time")
+    return Position(_micros(last.created_at), last.id)
 
 
 def _review_event(step: Step) -> dict[str, Any]:
@@ -169,14 +244,16 @@ class PaymentStore:
         async with self._pool.acquire() as conn, conn.transaction():
             created = await conn.fetchval(
                 f"INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19) "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19::jsonb,"
+                "coalesce($20::timestamptz, now()),$21) "
                 "ON CONFLICT (id) DO NOTHING RETURNING true",
                 payment.id, payment.merchant_account_id, payment.amount, payment.currency,
                 payment.payment_method, payment.status.value, payment.provider,
                 payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
                 payment.refunded_amount, payment.decline_code, payment.error,
                 payment.risk_reason, payment.risk_source, payment.reference,
-                payment.auto_capture, payment.request_key, principal)
+                payment.auto_capture, payment.request_key,
+                _JSON.encode(payment.metadata).decode(), payment.created_at, principal)
             if not created:
                 return False
             if step is not None:
@@ -190,11 +267,13 @@ class PaymentStore:
         async with self._pool.acquire() as conn, conn.transaction():
             created = await conn.fetchval(
                 f"INSERT INTO payouts ({_PAYOUT_COLUMNS}, principal) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12) "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12::jsonb,"
+                "coalesce($13::timestamptz, now()),$14) "
                 "ON CONFLICT (id) DO NOTHING RETURNING true",
                 payout.id, payout.merchant_account_id, payout.amount, payout.currency,
                 payout.destination, payout.status.value, payout.provider, payout.provider_ref,
-                payout.decline_code, payout.error, payout.reference, principal)
+                payout.decline_code, payout.error, payout.reference,
+                _JSON.encode(payout.metadata).decode(), payout.created_at, principal)
             if not created:
                 return False
             await self._insert_step(conn, step, due_at_s)
@@ -220,10 +299,12 @@ class PaymentStore:
                                  aggregate_id=payment_id, payload=_event(_payment(row)))
         return True
 
-    async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "") -> None:
-        """A further step of an existing payment; refused while another one is open."""
+    async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "",
+                          metadata: dict[str, str] | None = None) -> None:
+        """A further step of an existing payment; refused while another one is open.
+        ``metadata``: the client's pairs of a refund (shown in the refunds list)."""
         async with self._pool.acquire() as conn:  # one statement: atomic by itself
-            await self._insert_step(conn, step, due_at_s, request_key)
+            await self._insert_step(conn, step, due_at_s, request_key, metadata)
 
     async def step_by_request(self, subject_id: str, request_key: str) -> Step | None:
         row = await self._pool.fetchrow(
@@ -232,18 +313,21 @@ class PaymentStore:
         return None if row is None else _step(row)
 
     async def _insert_step(self, conn: asyncpg.Connection, step: Step, due_at_s: float,
-                           request_key: str = "") -> None:
+                           request_key: str = "", metadata: dict[str, str] | None = None
+                           ) -> None:
         try:
             # One statement: the step, its provider key and its first log line.
             await conn.execute(
-                f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key) "
+                f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key, "
+                "metadata) "
                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
-                "$20,$21,$22) RETURNING id, version, phase, provider, provider_key), "
+                "$20,$21,$22,$23::jsonb) RETURNING id, version, phase, provider, provider_key), "
                 "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
                 "SELECT provider_key, id FROM s) "
                 "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
                 "SELECT id, version, phase, provider, 'created' FROM s",
-                *_step_values(step), _ts(due_at_s), request_key)
+                *_step_values(step), _ts(due_at_s), request_key,
+                _JSON.encode(metadata or {}).decode())
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "payment_steps_one_open":
                 raise PaymentError("operation_in_progress",
@@ -379,6 +463,57 @@ class PaymentStore:
             "AND split_part(o.principal, '/', 1) = split_part($3, '/', 1)) "
             "ORDER BY e.id LIMIT $4", after, event_type, principal, limit)
         return [dict(r) for r in rows]
+
+    # -- lists (GET /v1/payments, /v1/payouts, /v1/refunds) -----------------------------------
+
+    async def list_payments(self, tenant: str, flt: ListFilter
+                            ) -> tuple[list[tuple[Payment, list[Step]]], Position | None]:
+        """A page of the tenant's payments (slot ``tenant``) with their steps, newest first,
+        as one snapshot; and the position of its last row when more follow (else None)."""
+        where = _list_where(flt, tenant, "p")
+        async with (self._pool.acquire() as conn,
+                    conn.transaction(isolation="repeatable_read", readonly=True)):
+            rows = await conn.fetch(
+                f"SELECT {', '.join('p.' + c for c in _PAYMENT_COLUMNS.split(', '))} "
+                f"FROM payments p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
+                f"LIMIT {flt.limit + 1:d}", *where.args)
+            page = [_payment(r) for r in rows[:flt.limit]]
+            steps = await conn.fetch(
+                f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id = ANY($1::text[]) "
+                "ORDER BY id", [p.id for p in page])
+        by_payment: dict[str, list[Step]] = {p.id: [] for p in page}
+        for row in steps:
+            by_payment[row["subject_id"]].append(_step(row))
+        return [(p, by_payment[p.id]) for p in page], _next(page, len(rows) > flt.limit)
+
+    async def list_payouts(self, tenant: str, flt: ListFilter
+                           ) -> tuple[list[Payout], Position | None]:
+        """A page of the tenant's payouts, as ``list_payments``."""
+        where = _list_where(flt, tenant, "p")
+        rows = await self._pool.fetch(
+            f"SELECT {', '.join('p.' + c for c in _PAYOUT_COLUMNS.split(', '))} "
+            f"FROM payouts p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
+            f"LIMIT {flt.limit + 1:d}", *where.args)
+        page = [_payout(r) for r in rows[:flt.limit]]
+        return page, _next(page, len(rows) > flt.limit)
+
+    async def list_refunds(self, tenant: str, flt: ListFilter
+                           ) -> tuple[list[dict[str, Any]], Position | None]:
+        """A page of the tenant's refunds (refund steps, with their payment's id in
+        ``subject_id``), as ``list_payments``."""
+        where = _list_where(flt, tenant, "s", step=True)
+        rows = await self._pool.fetch(
+            "SELECT s.id, s.subject_id, s.phase, s.amount, s.currency, s.merchant_account_id, "
+            "s.provider, s.decline_code, s.error, s.metadata, s.created_at "
+            "FROM payment_steps s JOIN payments p ON p.id = s.subject_id "
+            f"WHERE s.kind = 'refund' AND {where.sql()} "
+            f"ORDER BY s.created_at DESC, s.id DESC LIMIT {flt.limit + 1:d}", *where.args)
+        page = [dict(r) | {"metadata": _METADATA.decode(r["metadata"])}
+                for r in rows[:flt.limit]]
+        last = None
+        if len(rows) > flt.limit:
+            last = Position(_micros(page[-1]["created_at"]), str(page[-1]["id"]))
+        return page, last
 
     # -- steps for an operator (requires_review) ---------------------------------------------
 

@@ -8,6 +8,8 @@ the modules inside (an import-linter contract, pyproject.toml):
 * ``provider``: the provider vocabulary adapters translate into;
 * ``breaker``: circuit breakers and bulkheads;
 * ``idempotency``: Idempotency-Key claims and replay decisions;
+* ``listing``: list filters, cursors and metadata;
+* ``webhooks``: webhook endpoints (where a tenant's events are sent);
 
 Payments reach the ledger only through its service interface (``processor.service``).
 """
@@ -16,10 +18,14 @@ from processor.payments.api import (
     AuthorizeRequest,
     CaptureRequest,
     OperationView,
+    PaymentsPage,
     PaymentView,
     PayoutRequest,
+    PayoutsPage,
     PayoutView,
     RefundRequest,
+    RefundsPage,
+    RefundView,
 )
 from processor.payments.breaker import (
     BUCKETS_MAX,
@@ -43,6 +49,20 @@ from processor.payments.idempotency import (
     check_key,
     decide,
     fingerprint,
+)
+from processor.payments.listing import (
+    LIST_KINDS,
+    PAGE_LIMIT_MAX,
+    ListCode,
+    ListError,
+    ListFilter,
+    ListQuery,
+    Position,
+    check_list_query,
+    check_metadata,
+    decode_cursor,
+    encode_cursor,
+    query_of_params,
 )
 from processor.payments.provider import (
     DeclineCode,
@@ -82,12 +102,30 @@ from processor.payments.saga import (
     recheck_delay_s,
     status_request,
 )
+from processor.payments.webhooks import (
+    ENDPOINT_ID_PATTERN,
+    ENDPOINTS_PER_TENANT_MAX,
+    EVENT_TYPES,
+    SECRET_BYTES,
+    WebhookEndpointError,
+    WebhookEndpointRequest,
+    WebhookEndpointView,
+    check_endpoint,
+    endpoint_id_of,
+    secret_text,
+)
 
 __all__ = [
     "BUCKETS_MAX",
+    "ENDPOINTS_PER_TENANT_MAX",
+    "ENDPOINT_ID_PATTERN",
+    "EVENT_TYPES",
     "FINAL_PHASES",
     "FINGERPRINT_BYTES",
     "KEY_CHARS_MAX",
+    "LIST_KINDS",
+    "PAGE_LIMIT_MAX",
+    "SECRET_BYTES",
     "AuthorizeRequest",
     "BreakerConfig",
     "BreakerState",
@@ -101,6 +139,10 @@ __all__ = [
     "KeyState",
     "Kind",
     "LedgerVerdict",
+    "ListCode",
+    "ListError",
+    "ListFilter",
+    "ListQuery",
     "Operation",
     "OperationView",
     "Outcome",
@@ -109,28 +151,42 @@ __all__ = [
     "PaymentStatus",
     "PaymentView",
     "PaymentsConfig",
+    "PaymentsPage",
     "Payout",
     "PayoutRequest",
     "PayoutStatus",
     "PayoutView",
+    "PayoutsPage",
     "Phase",
+    "Position",
     "ProviderReply",
     "ProviderRequest",
     "RefundRequest",
+    "RefundView",
+    "RefundsPage",
     "RetryPolicy",
     "SettlementLine",
     "Step",
     "StoredKey",
     "TransitionHook",
+    "WebhookEndpointError",
+    "WebhookEndpointRequest",
+    "WebhookEndpointView",
     "WebhookEvent",
     "backoff_s",
     "check_capture",
+    "check_endpoint",
     "check_key",
+    "check_list_query",
+    "check_metadata",
     "check_refund",
     "check_void",
     "clearing_account_id",
     "compensation_request",
     "decide",
+    "decode_cursor",
+    "encode_cursor",
+    "endpoint_id_of",
     "fingerprint",
     "ledger_transfers",
     "ledger_verdict",
@@ -142,6 +198,8 @@ __all__ = [
     "payment_after",
     "payout_after",
     "provider_request",
+    "query_of_params",
     "recheck_delay_s",
+    "secret_text",
     "status_request",
 ]

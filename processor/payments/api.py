@@ -8,7 +8,7 @@ accepts card or account numbers (``processor/cardscan.py`` refuses any that slip
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import msgspec
 from msgspec import Meta
@@ -20,9 +20,13 @@ __all__ = [
     "CaptureRequest",
     "OperationView",
     "PaymentView",
+    "PaymentsPage",
     "PayoutRequest",
     "PayoutView",
+    "PayoutsPage",
     "RefundRequest",
+    "RefundView",
+    "RefundsPage",
 ]
 
 Amount = Annotated[int, Meta(ge=1, le=AMOUNT_MAX)]
@@ -32,6 +36,9 @@ PaymentMethod = Annotated[str, Meta(pattern="^pm_[A-Za-z0-9_]{8,64}$")]
 Destination = Annotated[str, Meta(pattern="^ba_[A-Za-z0-9_]{8,64}$")]
 Reference = Annotated[str, Meta(max_length=64, pattern="^[A-Za-z0-9_.:-]*$")]
 ProviderName = Annotated[str, Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
+# Checked after decoding (processor.payments.listing.check_metadata), so that every breach
+# of its limits is the one code invalid_metadata; the OpenAPI document states the limits.
+Metadata = dict[str, Any]
 
 
 class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -42,6 +49,7 @@ class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     capture: bool = False
     provider: ProviderName | None = None  # a preference; failover may still choose another
     reference: Reference = ""
+    metadata: Metadata = {}
 
 
 class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -50,6 +58,7 @@ class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_f
 
 class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     amount: Amount | None = None  # None: everything captured and not yet refunded
+    metadata: Metadata = {}
 
 
 class PayoutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -59,6 +68,7 @@ class PayoutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     destination: Destination
     provider: ProviderName | None = None
     reference: Reference = ""
+    metadata: Metadata = {}
 
 
 class OperationView(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +97,8 @@ class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
     risk_reason: str = ""
     reference: str = ""
     operations: list[OperationView] = []
+    metadata: dict[str, str] = {}
+    created_at: str = ""  # RFC 3339, UTC
 
 
 class PayoutView(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,3 +112,38 @@ class PayoutView(msgspec.Struct, frozen=True, kw_only=True):
     decline_code: str = ""
     error: str = ""
     reference: str = ""
+    metadata: dict[str, str] = {}
+    created_at: str = ""  # RFC 3339, UTC
+
+
+class RefundView(msgspec.Struct, frozen=True, kw_only=True):
+    """A refund: the refund step of a payment (its ``operations`` show it as well)."""
+
+    id: str  # op_<step id>, as in the payment's operations
+    payment_id: str
+    status: str  # processing, succeeded, failed, compensated
+    amount: int
+    currency: str
+    merchant_account_id: int
+    provider: str
+    decline_code: str = ""
+    error: str = ""
+    metadata: dict[str, str] = {}
+    created_at: str = ""  # RFC 3339, UTC
+
+
+# Pages of the lists (processor.payments.listing): newest first; next_cursor is null on the
+# last page, else the ``cursor`` that reads on.
+class PaymentsPage(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[PaymentView]
+    next_cursor: str | None
+
+
+class PayoutsPage(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[PayoutView]
+    next_cursor: str | None
+
+
+class RefundsPage(msgspec.Struct, frozen=True, kw_only=True):
+    data: list[RefundView]
+    next_cursor: str | None

@@ -33,6 +33,7 @@ The rules that keep money exact:
 
 from __future__ import annotations
 
+import datetime as dt
 import enum
 import random
 import zlib
@@ -205,6 +206,8 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     reference: str = ""
     auto_capture: bool = False  # capture once the authorization succeeds
     request_key: str = ""  # the creating request's identity (hash of its Idempotency-Key)
+    metadata: dict[str, str] = {}  # the client's own pairs (processor.payments.listing)
+    created_at: dt.datetime | None = None  # set when it is created; lists order by it
 
 
 class Payout(msgspec.Struct, frozen=True, kw_only=True):
@@ -219,6 +222,8 @@ class Payout(msgspec.Struct, frozen=True, kw_only=True):
     decline_code: str = ""
     error: str = ""
     reference: str = ""
+    metadata: dict[str, str] = {}
+    created_at: dt.datetime | None = None
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):

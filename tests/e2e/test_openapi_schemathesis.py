@@ -137,6 +137,13 @@ async def target(processor: Processor, ids: IdSource) -> AsyncIterator[Target]:
     yield Target(base_url, schema, token, account, source,
                  (authorized.json()["id"], captured.json()["id"]), (payout.json()["id"],),
                  {name: webhook_secret(processor, name) for name in ("acme", "globex")})
+    # The cases registered webhook endpoints at made-up URLs; removing them drops what the
+    # relay still had to send there, so later tests' deliveries do not queue behind it.
+    async with httpx.AsyncClient(base_url=base_url, timeout=60,
+                                 headers={"authorization": f"Bearer {token}"}) as http:
+        endpoints = (await http.get("/v1/webhook_endpoints", params={"limit": 100})).json()
+        for endpoint in endpoints["data"]:
+            await http.delete(f"/v1/webhook_endpoints/{endpoint['id']}")
 
 
 def documented_error_code(ctx: CheckContext, response: Response, case: Case) -> bool | None:

@@ -717,7 +717,7 @@ def test_the_fuzzed_routes_are_every_route() -> None:
     assert routes == {(op.method, op.path) for op in OPERATIONS}
     assert {op.name for op in PAYMENT_OPERATIONS} == {
         "create_payment", "get_payment", "capture_payment", "void_payment", "refund_payment",
-        "create_payout", "get_payout", "provider_webhook"}
+        "create_payout", "get_payout", "provider_webhook", "list_payments", "list_payouts"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -35,8 +35,10 @@ from tests.unit.test_http_api import (
 API_DOC = pathlib.Path(__file__).parents[2] / "docs" / "api.md"
 PAYMENTS_DOC = pathlib.Path(__file__).parents[2] / "docs" / "payments.md"
 # Payments operations need providers and a database; their documented statuses are produced
-# over the real stack by tests/e2e/test_payments_e2e.py (events: tests/e2e/test_events.py).
-PAYMENTS_PATHS = ("/v1/payments", "/v1/payouts", "/v1/providers", "/v1/events")
+# over the real stack by tests/e2e/test_payments_e2e.py (events: tests/e2e/test_events.py;
+# lists and webhook endpoints: tests/e2e/test_payment_lists.py, test_webhook_endpoints.py).
+PAYMENTS_PATHS = ("/v1/payments", "/v1/payouts", "/v1/providers", "/v1/events", "/v1/refunds",
+                  "/v1/webhook_endpoints")
 DOCUMENT = http_api.OPENAPI
 NO_SCOPES = bearer(token([]))
 

@@ -420,13 +420,13 @@ async def test_an_app_without_checks_refuses_signed_requests() -> None:
 
 
 def test_openapi_documents_the_codes_on_every_state_changing_route() -> None:
-    """Every POST route with a token lists the signature codes under 401; no GET and not
-    the webhook lists them."""
+    """Every POST and DELETE route with a token lists the signature codes under 401; no
+    GET and not the provider webhook lists them."""
     for path, methods in OPENAPI["paths"].items():
         for method, operation in methods.items():
             unauthorized = operation["responses"].get("401", {})
             codes = set(unauthorized.get("x-error-codes", []))
-            signed = method == "post" and bool(operation["security"])
+            signed = method in ("post", "delete") and bool(operation["security"])
             assert (set(SIGNATURE_CODES) <= codes) == signed, (method, path)
 
 
