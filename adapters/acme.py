@@ -97,6 +97,7 @@ class _CaptureBody(msgspec.Struct, frozen=True):
     amount: int
     currency: str
     reference: str
+    final: bool = True  # false: the rest of the authorization stays capturable
 
 
 class _VoidBody(msgspec.Struct, frozen=True):
@@ -277,7 +278,8 @@ class AcmeAdapter:
                                   request.reference)
         elif op is Operation.CAPTURE:
             path = f"/v1/authorizations/{_segment(request.provider_ref)}/capture"
-            body = _CaptureBody(request.amount, request.currency, request.reference)
+            body = _CaptureBody(request.amount, request.currency, request.reference,
+                                request.final)
         elif op is Operation.VOID:
             path = f"/v1/authorizations/{_segment(request.provider_ref)}/void"
             body = _VoidBody(request.reference)

@@ -105,6 +105,12 @@ class _MoneyBody(msgspec.Struct, frozen=True, rename="camel"):
     merchant_reference: str
 
 
+class _CaptureBody(msgspec.Struct, frozen=True, rename="camel"):
+    money: _Money
+    merchant_reference: str
+    final_capture: bool = True  # false: the rest of the payment stays capturable
+
+
 class _CancelBody(msgspec.Struct, frozen=True, rename="camel"):
     merchant_reference: str
 
@@ -294,7 +300,8 @@ class GlobexAdapter:
                                 _Token(request.payment_method), request.reference)
         elif op is Operation.CAPTURE:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/captures"
-            body = _MoneyBody(_money(request.amount, request.currency), request.reference)
+            body = _CaptureBody(_money(request.amount, request.currency), request.reference,
+                                request.final)
         elif op is Operation.VOID:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/cancellations"
             body = _CancelBody(request.reference)

@@ -93,6 +93,7 @@ class _CaptureParams(msgspec.Struct, forbid_unknown_fields=True):
     amount: Amount
     currency: Currency
     reference: Text = ""
+    final: bool = True  # false: the rest of the authorization stays capturable
 
 
 class _VoidParams(msgspec.Struct, forbid_unknown_fields=True):
@@ -281,7 +282,7 @@ class AcmeSim(SimProvider):
     def _capture(self, key: str, p: _CaptureParams, authorization_id: str) -> Op:
         return self.book.capture(key=key, reference=p.reference,
                                  authorization_id=authorization_id, amount=p.amount,
-                                 currency=p.currency, settle_now=True)
+                                 currency=p.currency, settle_now=True, final=p.final)
 
     def _void(self, key: str, p: _VoidParams, authorization_id: str) -> Op:
         return self.book.void(key=key, reference=p.reference, authorization_id=authorization_id)
@@ -349,6 +350,7 @@ class AcmeSim(SimProvider):
         rendered: dict[str, Any] = {
             "id": auth.id, "object": "authorization", "status": status, "amount": auth.amount,
             "amount_captured": auth.captured, "amount_refunded": auth.refunded,
+            "amount_capturable": auth.capturable,
             "currency": auth.currency, "reference": auth.reference,
             "payment_method": {"last4": auth.card_last4}, "created": int(auth.created_at_s),
         }

@@ -18,7 +18,9 @@ from processor.types import AMOUNT_MAX, ID_MAX
 __all__ = [
     "AuthorizeRequest",
     "CaptureRequest",
+    "CaptureView",
     "OperationView",
+    "PartialCaptureRequest",
     "PaymentView",
     "PayoutRequest",
     "PayoutView",
@@ -32,6 +34,8 @@ PaymentMethod = Annotated[str, Meta(pattern="^pm_[A-Za-z0-9_]{8,64}$")]
 Destination = Annotated[str, Meta(pattern="^ba_[A-Za-z0-9_]{8,64}$")]
 Reference = Annotated[str, Meta(max_length=64, pattern="^[A-Za-z0-9_.:-]*$")]
 ProviderName = Annotated[str, Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
+# A capture of a payment: ``cap_`` and its step id (CaptureView.id).
+CaptureId = Annotated[str, Meta(pattern="^cap_[1-9][0-9]{0,18}$")]
 
 
 class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -45,11 +49,24 @@ class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 
 class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    amount: Amount | None = None  # None: the whole authorized amount
+    """``POST /v1/payments/{id}/capture``: one final capture."""
+
+    amount: Amount | None = None  # None: all that is still authorized
+
+
+class PartialCaptureRequest(msgspec.Struct, frozen=True, kw_only=True,
+                            forbid_unknown_fields=True):
+    """``POST /v1/payments/{id}/captures``: one of several captures. ``final`` closes the
+    authorization (the rest is released); otherwise the rest stays capturable."""
+
+    amount: Amount
+    final: bool
 
 
 class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    amount: Amount | None = None  # None: everything captured and not yet refunded
+    # None: everything captured (of ``capture_id`` when given) and not yet refunded
+    amount: Amount | None = None
+    capture_id: CaptureId | None = None  # refund this capture; None: the payment
 
 
 class PayoutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -71,6 +88,17 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     provider: str
     decline_code: str = ""
     error: str = ""
+    capture_id: str = ""  # a refund of one capture: that capture's id
+
+
+class CaptureView(msgspec.Struct, frozen=True, kw_only=True):
+    """A capture of a payment (a child object: every capture operation is one)."""
+
+    id: str  # cap_<step id>
+    amount: int
+    final: bool  # it closed the authorization
+    status: str  # processing, succeeded, failed, compensated
+    refunded_amount: int  # by refunds that named this capture
 
 
 class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
@@ -87,6 +115,8 @@ class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
     risk_reason: str = ""
     reference: str = ""
     operations: list[OperationView] = []
+    capturable_amount: int = 0  # still authorized (held) and capturable
+    captures: list[CaptureView] = []
 
 
 class PayoutView(msgspec.Struct, frozen=True, kw_only=True):

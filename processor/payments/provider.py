@@ -90,6 +90,9 @@ class ProviderRequest(msgspec.Struct, frozen=True, kw_only=True):
     payment_method: str = ""
     provider_ref: str = ""
     destination: str = ""
+    # capture: whether it closes the authorization (the provider releases the rest); a
+    # capture that is not final leaves the rest capturable by later captures.
+    final: bool = True
 
 
 class ProviderReply(msgspec.Struct, frozen=True, kw_only=True):
