@@ -315,6 +315,12 @@ class Client:
                                        subject_id=payment_id,
                                        body={"amount": amount, "final": final})
 
+    async def increment_payment(self, payment_id: str, *, idempotency_key: str,
+                                amount: int) -> PaymentAnswer:
+        """Raise an open authorization by ``amount`` (where its provider offers it)."""
+        return await self.payment_call("increment", idempotency_key=idempotency_key,
+                                       subject_id=payment_id, body={"amount": amount})
+
     async def void_payment(self, payment_id: str, *, idempotency_key: str) -> PaymentAnswer:
         return await self.payment_call("void", idempotency_key=idempotency_key,
                                        subject_id=payment_id)

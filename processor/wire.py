@@ -209,8 +209,8 @@ class LookupTransfers(
 class PaymentCall(msgspec.Struct, frozen=True, array_like=True, tag=6, forbid_unknown_fields=True):
     """One payments operation, with the HTTP API's semantics (docs/payments.md).
 
-    ``operation`` is authorize, capture, create_capture, void, refund, payout, get_payment or
-    get_payout;
+    ``operation`` is authorize, capture, create_capture, increment, void, refund, payout,
+    get_payment or get_payout;
     ``subject_id`` the payment or payout id where the operation names one; ``body`` the same
     JSON the HTTP endpoint takes. State-changing operations need ``idempotency_key``.
     """

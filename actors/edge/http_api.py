@@ -64,6 +64,7 @@ from processor.identity import (
 from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
+    IncrementRequest,
     PartialCaptureRequest,
     PaymentError,
     PaymentView,
@@ -940,6 +941,9 @@ class _Api:
     async def create_capture(self, request: Request) -> Response:
         return await self._payments_call(request, "create_capture")
 
+    async def increment_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "increment")
+
     async def void_payment(self, request: Request) -> Response:
         return await self._payments_call(request, "void")
 
@@ -1269,7 +1273,9 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
         _error_reply(422, "Refused by the payment rules, or the Idempotency-Key was used "
                           "with another request.", "idempotency_key_reused",
                      "payment_not_capturable", "capture_exceeds_authorized",
-                     "capture_not_found", "authorization_expired", "payment_not_voidable",
+                     "capture_not_found", "authorization_expired", "increment_not_supported",
+                     "payment_not_incrementable", "increment_exceeds_maximum",
+                     "payment_not_voidable",
                      "payment_not_refundable", "refund_exceeds_captured",
                      "merchant_account_not_found", "currency_mismatch",
                      "currency_not_supported", "provider_unknown",
@@ -1367,6 +1373,13 @@ OPERATIONS: tuple[Operation, ...] = (
         summary="Capture part of an authorized payment, one of several: final releases the "
                 "rest, otherwise it stays capturable. Never more than was authorized.",
         handler=_Api.create_capture, scope="payments:write", request=PartialCaptureRequest,
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
+        name="increment_payment", method="POST", path="/v1/payments/{payment_id}/increments",
+        summary="Raise an open authorization by amount (incremental authorization), where "
+                "its provider offers it (increment_not_supported otherwise).",
+        handler=_Api.increment_payment, scope="payments:write", request=IncrementRequest,
         replies=_payment_replies(PaymentView, created=False),
     ),
     Operation(

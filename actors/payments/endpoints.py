@@ -31,6 +31,7 @@ from processor.payments import (
     CaptureRequest,
     Decision,
     IdempotencyError,
+    IncrementRequest,
     PartialCaptureRequest,
     PaymentError,
     PaymentView,
@@ -89,6 +90,9 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "capture_exceeds_authorized": 422,
     "capture_not_found": 422,
     "authorization_expired": 422,
+    "increment_not_supported": 422,
+    "payment_not_incrementable": 422,
+    "increment_exceeds_maximum": 422,
     "payment_not_voidable": 422,
     "payment_not_refundable": 422,
     "refund_exceeds_captured": 422,
@@ -381,13 +385,14 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "authorize": msgspec.json.Decoder(AuthorizeRequest),
     "capture": msgspec.json.Decoder(CaptureRequest),
     "create_capture": msgspec.json.Decoder(PartialCaptureRequest),
+    "increment": msgspec.json.Decoder(IncrementRequest),
     "void": msgspec.json.Decoder(EmptyRequest),
     "refund": msgspec.json.Decoder(RefundRequest),
     "payout": msgspec.json.Decoder(PayoutRequest),
 }
-_BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture"})
+_BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture", "increment"})
 # Operations on an existing payment, named by its id.
-_ON_PAYMENT = frozenset({"capture", "create_capture", "void", "refund"})
+_ON_PAYMENT = frozenset({"capture", "create_capture", "void", "refund", "increment"})
 # Refusals that describe a moment, not the request: they are answered but never stored as
 # the key's answer, so a retry with the same key runs again.
 TRANSIENT_CODES = frozenset({"operation_in_progress", "step_exists"})
@@ -397,7 +402,8 @@ _AUTHORIZATION_OUTCOMES = {201: "authorized", 202: "processing", 402: "declined"
 # The scope each payments operation needs (HTTP routes and RPC calls alike).
 OPERATION_SCOPES: dict[str, str] = {
     "authorize": "payments:write", "capture": "payments:write",
-    "create_capture": "payments:write", "void": "payments:write",
+    "create_capture": "payments:write", "increment": "payments:write",
+    "void": "payments:write",
     "refund": "payments:write", "payout": "payouts:write", "get_payment": "payments:read",
     "get_payout": "payments:read", "list_events": "events:read",
 }
@@ -407,6 +413,7 @@ _PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
 _CANONICAL_PATHS = {
     "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",
     "create_capture": "/v1/payments/{}/captures",
+    "increment": "/v1/payments/{}/increments",
     "void": "/v1/payments/{}/void", "refund": "/v1/payments/{}/refunds",
     "payout": "/v1/payouts",
 }
@@ -498,6 +505,9 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         if operation == "capture":
             view = await engine.capture(subject_id, amount, principal=principal,
                                         request_key=request_key)
+        elif operation == "increment":
+            view = await engine.increment(subject_id, item.amount, principal=principal,
+                                          request_key=request_key)
         elif operation == "create_capture":
             view = await engine.capture(subject_id, amount, principal=principal,
                                         request_key=request_key, final=item.final)

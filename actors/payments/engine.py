@@ -36,6 +36,7 @@ from processor.payments import (
     AuthorizeRequest,
     CaptureView,
     Kind,
+    Operation,
     OperationView,
     Outcome,
     Payment,
@@ -56,6 +57,7 @@ from processor.payments import (
     captures_of,
     chain_result,
     check_capture,
+    check_increment,
     check_refund,
     check_void,
     clearing_account_id,
@@ -149,12 +151,16 @@ class PaymentsEngine:
         clock_s: Callable[[], float] = time.time,
         new_id: Callable[[str], str] | None = None,
         rng: random.Random | None = None,
+        capabilities: dict[str, frozenset[Operation]] | None = None,
     ) -> None:
         config.check()
         self.store = store
         self._ledger = ledger
         self._providers = providers
         self._currencies = currencies
+        # What each provider offers beyond the basic operations (its adapter's declaration),
+        # so a request it cannot serve is refused before it is asked.
+        self._capabilities = capabilities or {}
         self._deadline_s = provider_deadline_s
         self._risk = risk
         self._risk_config = risk_config
@@ -282,6 +288,22 @@ class PaymentsEngine:
             (hold,) = await self._ledger.lookup_transfers([payment.hold_transfer_id])
             timeout_s = hold_left_s(hold, self._clock_s())
         await self._start(payment, Kind.CAPTURE, amount, request_key, final=final,
+                          hold_timeout_s=timeout_s)
+        return await self.payment(payment_id, principal=principal)
+
+    async def increment(self, payment_id: str, amount: int, *, principal: str,
+                        request_key: str = "") -> PaymentView:
+        """Raise an open authorization by ``amount`` where its provider offers it: decided
+        from the adapter's capabilities before any call (``increment_not_supported``). The
+        ledger hold grows by the same amount, for the time the hold had left."""
+        payment = await self._own_payment(payment_id, principal)
+        if await self._resumed(payment_id, request_key, Kind.INCREMENT):
+            return await self.payment(payment_id, principal=principal)
+        offered = Operation.INCREMENT in self._capabilities.get(payment.provider, frozenset())
+        check_increment(payment, amount, supported=offered)
+        (hold,) = await self._ledger.lookup_transfers([payment.hold_transfer_id])
+        timeout_s = hold_left_s(hold, self._clock_s())
+        await self._start(payment, Kind.INCREMENT, amount, request_key,
                           hold_timeout_s=timeout_s)
         return await self.payment(payment_id, principal=principal)
 

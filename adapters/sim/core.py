@@ -471,6 +471,23 @@ class Book:
         self._start_settlement(op, settle_now)
         return op
 
+    def increment(self, *, key: str, reference: str, authorization_id: str, amount: int,
+                  currency: str) -> Op:
+        """Raise an open authorization by ``amount`` (incremental authorization): it holds,
+        and may capture, that much more."""
+        auth = self._authorization(authorization_id, currency)
+        _check_amount(amount)
+        if auth.voided:
+            raise Refused(Refusal.ALREADY_VOIDED)
+        if auth.closed:
+            raise Refused(Refusal.ALREADY_CAPTURED)
+        if auth.amount + amount > AMOUNT_MAX:
+            raise Refused(Refusal.AMOUNT_EXCEEDS_AUTHORIZED)
+        op = self._new(Operation.INCREMENT, key, reference, amount, currency, "authorized",
+                       authorization_id=auth.id, card_last4=auth.card_last4)
+        auth.amount += amount
+        return op
+
     def void(self, *, key: str, reference: str, authorization_id: str) -> Op:
         """Release what the authorization holds: all of it, or after captures that were
         not final, the rest (the void's amount)."""

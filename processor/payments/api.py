@@ -19,6 +19,7 @@ __all__ = [
     "AuthorizeRequest",
     "CaptureRequest",
     "CaptureView",
+    "IncrementRequest",
     "OperationView",
     "PartialCaptureRequest",
     "PaymentView",
@@ -63,6 +64,12 @@ class PartialCaptureRequest(msgspec.Struct, frozen=True, kw_only=True,
     final: bool
 
 
+class IncrementRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/payments/{id}/increments``: raise the authorized amount by ``amount``."""
+
+    amount: Amount
+
+
 class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     # None: everything captured (of ``capture_id`` when given) and not yet refunded
     amount: Amount | None = None
@@ -82,7 +89,7 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     """One step of a payment's life as the API shows it."""
 
     id: str  # op_<step id>
-    kind: str  # authorize, capture, void, refund, payout
+    kind: str  # authorize, capture, void, refund, payout, increment
     status: str  # processing, succeeded, failed, compensated
     amount: int
     provider: str

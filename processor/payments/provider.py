@@ -52,6 +52,9 @@ class Operation(enum.StrEnum):
     VOID = "void"  # release an authorization that was not captured
     REFUND = "refund"  # return (part of) a captured amount to the payer
     PAYOUT = "payout"  # send money to a bank account
+    # Raise an authorization by ``amount`` (incremental authorization); only providers
+    # whose adapter lists it in ``capabilities`` offer it.
+    INCREMENT = "increment"
 
 
 class DeclineCode(enum.StrEnum):

@@ -49,7 +49,7 @@ from processor.payments.provider import (
     ProviderReply,
     ProviderRequest,
 )
-from processor.types import Transfer, TransferFlags, require
+from processor.types import AMOUNT_MAX, Transfer, TransferFlags, require
 
 __all__ = [
     "FINAL_PHASES",
@@ -68,6 +68,7 @@ __all__ = [
     "captures_of",
     "chain_result",
     "check_capture",
+    "check_increment",
     "check_refund",
     "check_void",
     "clearing_account_id",
@@ -98,6 +99,7 @@ class Kind(enum.StrEnum):
     VOID = "void"
     REFUND = "refund"
     PAYOUT = "payout"
+    INCREMENT = "increment"  # raise the authorized amount (and its hold) by ``amount``
 
 
 class Phase(enum.StrEnum):
@@ -262,10 +264,12 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     final_capture: bool = True
     # refund: the capture step it refunds (0: the payment as a whole).
     capture_id: int = 0
-    # capture, void: what the authorization's hold held when the step was created.
+    # capture, void, increment: what the authorization's hold held when the step was
+    # created.
     hold_amount: int = 0
-    # A partial capture: the timeout of the new hold of the rest, the time the
-    # authorization's hold had left when the step was created (0: it never expires).
+    # A partial capture, an increment: the timeout of the new hold (of the rest, of the
+    # raised amount), the time the authorization's hold had left when the step was created
+    # (0: it never expires).
     hold_timeout_s: int = 0
 
     @property
@@ -279,6 +283,7 @@ _OPERATION = {
     Kind.VOID: Operation.VOID,
     Kind.REFUND: Operation.REFUND,
     Kind.PAYOUT: Operation.PAYOUT,
+    Kind.INCREMENT: Operation.INCREMENT,
 }
 
 
@@ -313,7 +318,10 @@ def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, a
         raise PaymentError("amount_must_be_positive", "amount must be at least 1")
     if kind == Kind.CAPTURE and not final:
         require(amount < hold_amount, "a partial capture leaves some of the hold")
-        require(hold_timeout_s >= 0, "a partial capture's new hold has a timeout")
+    if kind == Kind.INCREMENT:
+        require(hold_amount > 0, "an increment raises a hold that holds something")
+        require(hold_amount + amount <= AMOUNT_MAX, "an increment keeps the hold in range")
+    require(hold_timeout_s >= 0, "a new hold's timeout is not negative")
     first = Phase.RESERVE if kind in (Kind.REFUND, Kind.PAYOUT) else Phase.PROVIDER
     return Step(
         id=step_id, subject_id=subject_id, kind=kind, phase=first, amount=amount,
@@ -472,8 +480,17 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
                 Transfer(id=rehold_id(step), debit_account_id=clearing,
                          credit_account_id=merchant, amount=step.hold_amount - step.amount,
                          currency=cur, flags=pending, timeout_s=step.hold_timeout_s)]
+    if kind == Kind.INCREMENT:
+        # The hold grows by voiding it and holding the raised amount anew, linked: both or
+        # neither. The new hold keeps the time the old one had left.
+        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                         amount=step.hold_amount, currency=cur, flags=void | LINKED,
+                         pending_id=step.hold_transfer_id),
+                Transfer(id=rehold_id(step), debit_account_id=clearing,
+                         credit_account_id=merchant, amount=step.hold_amount + step.amount,
+                         currency=cur, flags=pending, timeout_s=step.hold_timeout_s)]
     if kind == Kind.VOID:
-        # A void names the whole hold (the authorized amount, which is the step's).
+        # A void names the whole hold (what it holds, which is the step's amount).
         return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
                          amount=step.amount, currency=cur, flags=void,
                          pending_id=step.hold_transfer_id)]
@@ -486,7 +503,8 @@ LINKED = int(TransferFlags.LINKED)
 
 
 def rehold_id(step: Step) -> int:
-    """The id of the new hold of what a partial capture leaves (the step's second id)."""
+    """The id of the new hold of what a partial capture leaves, or of the amount an
+    increment raised (the step's second id)."""
     return step.transfer_id + 1
 
 
@@ -606,6 +624,10 @@ def payment_after(payment: Payment, step: Step) -> Payment:
     if step.kind == Kind.REFUND and ok:
         refunded = r(payment, refunded_amount=payment.refunded_amount + step.amount)
         return r(refunded, status=settled_status(refunded))
+    if step.kind == Kind.INCREMENT and ok:
+        return r(payment, amount=payment.amount + step.amount,
+                 capturable_amount=payment.capturable_amount + step.amount,
+                 hold_transfer_id=rehold_id(step))
     return payment
 
 
@@ -682,6 +704,24 @@ def check_capture(payment: Payment, amount: int) -> None:
     if not 1 <= amount <= payment.capturable_amount:
         raise PaymentError("capture_exceeds_authorized",
                            "capture amount must be between 1 and what is still authorized")
+
+
+def check_increment(payment: Payment, amount: int, *, supported: bool) -> None:
+    """An increment raises what an open authorization holds by ``amount``, at a provider
+    that offers it (``supported``: decided from its adapter, before it is asked).
+
+    Precedence: ``increment_not_supported``, ``payment_not_incrementable`` (not authorized,
+    fully captured or voided), ``increment_exceeds_maximum`` (beyond 2^63 - 1).
+    """
+    if not supported:
+        raise PaymentError("increment_not_supported",
+                           f"{payment.provider} does not offer incremental authorization")
+    if payment.status not in _CAPTURABLE or payment.capturable_amount == 0:
+        raise PaymentError("payment_not_incrementable",
+                           f"a payment in status {payment.status} cannot be incremented")
+    if not 1 <= amount <= AMOUNT_MAX - payment.amount:
+        raise PaymentError("increment_exceeds_maximum",
+                           "the authorized amount would exceed 2^63 - 1")
 
 
 def check_void(payment: Payment) -> None:

@@ -511,3 +511,28 @@ async def test_http_client_sees_a_reset_for_a_lost_response(driver: Driver) -> N
         await driver.client.request(call.method, driver.sim.url + call.path,
                                     headers=call.headers, content=call.body)
     assert not isinstance(caught.value, httpx.ConnectError)
+
+
+async def test_increments_where_the_provider_offers_them(driver: Driver) -> None:
+    """acme raises an open authorization by the amount (which may then be captured) and
+    replays a repeated key; globex does not offer it and its adapter refuses to build one."""
+    ref = await approved_authorization(driver, 1_000)
+    increment = follow_up(Operation.INCREMENT, ref, 250)
+    if Operation.INCREMENT not in driver.adapter.capabilities:
+        with pytest.raises(ValueError, match="does not offer"):
+            driver.adapter.build(increment, time.time())
+        return
+    reply = await driver.send(increment)
+    assert (reply.outcome, reply.provider_ref, reply.amount) == (Outcome.APPROVED, ref, 1_250)
+    again = await driver.send(increment)
+    assert (again.outcome, again.amount) == (Outcome.APPROVED, 1_250)
+    status = await driver.status(increment)
+    assert status.outcome is Outcome.APPROVED
+    capture = follow_up(Operation.CAPTURE, ref, 1_250)
+    assert (await driver.send(capture)).outcome is Outcome.APPROVED
+    closed = await driver.send(follow_up(Operation.INCREMENT, ref, 1))
+    assert closed.outcome is Outcome.FAILED
+    [auth] = [op for op in await driver.charges() if op["operation"] == "authorize"]
+    assert (auth["amount"], auth["captured"]) == (1_250, 1_250)
+    assert [op["amount"] for op in await driver.charges()
+            if op["operation"] == "increment"] == [250]

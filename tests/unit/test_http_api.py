@@ -717,7 +717,8 @@ def test_the_fuzzed_routes_are_every_route() -> None:
     assert routes == {(op.method, op.path) for op in OPERATIONS}
     assert {op.name for op in PAYMENT_OPERATIONS} == {
         "create_payment", "get_payment", "capture_payment", "create_capture", "void_payment",
-        "refund_payment", "create_payout", "get_payout", "provider_webhook"}
+        "refund_payment", "increment_payment", "create_payout", "get_payout",
+        "provider_webhook"}
 
 
 # ---------------------------------------------------------------------------------------

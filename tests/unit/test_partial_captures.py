@@ -24,6 +24,7 @@ from processor.payments import (
     captures_of,
     chain_result,
     check_capture,
+    check_increment,
     check_refund,
     check_void,
     clearing_account_id,
@@ -307,3 +308,101 @@ def test_a_rehold_expires_when_the_authorization_would_have() -> None:
     assert cluster.balances(MERCHANT) == (0, 0, 0, 300)
     late = apply(cluster, started(p, 3, Kind.CAPTURE, 100, final=False, timeout_s=1))
     assert late.phase == Phase.COMPENSATE
+
+
+# -- incremental authorization --------------------------------------------------------------------
+
+
+def test_an_increment_voids_the_hold_and_holds_the_raised_amount_linked() -> None:
+    """The hold grows by a linked void of the current hold and a new hold of it plus the
+    increment, keeping the time left; the payment's amount, capturable amount and hold
+    follow."""
+    p = authorized()
+    s = started(p, 2, Kind.INCREMENT, 300, timeout_s=7_000)
+    void, rehold = ledger_transfers(s, CONFIG)
+    assert (void.flags, void.pending_id, void.amount) == (
+        TransferFlags.VOID_PENDING | TransferFlags.LINKED, BASE, AMOUNT)
+    assert (rehold.id, rehold.flags, rehold.amount, rehold.timeout_s) == (
+        BASE + 9, TransferFlags.PENDING, 1_300, 7_000)
+    assert provider_request(s).operation.value == "increment"
+    p = payment_after(p, done(s))
+    assert (p.status, p.amount, p.capturable_amount, p.hold_transfer_id) == (
+        PaymentStatus.AUTHORIZED, 1_300, 1_300, BASE + 9)
+    check_capture(p, 1_300)
+
+
+@pytest.mark.parametrize(("case", "code"), [
+    ("globex", "increment_not_supported"),
+    ("globex_voided", "increment_not_supported"),
+    ("voided", "payment_not_incrementable"),
+    ("captured", "payment_not_incrementable"),
+    ("processing", "payment_not_incrementable"),
+    ("too_large", "increment_exceeds_maximum"),
+])
+def test_increment_refusals_in_precedence(case: str, code: str) -> None:
+    """One row per refusal: an increment only where the provider offers it, only of an open
+    authorization, never past 2^63 - 1."""
+    p = authorized()
+    voided = payment_after(p, done(started(p, 2, Kind.VOID, AMOUNT)))
+    captured = payment_after(p, done(started(p, 2, Kind.CAPTURE, 100)))
+    payment, amount, supported = {
+        "globex": (p, 1, False), "globex_voided": (voided, 1, False),
+        "voided": (voided, 1, True), "captured": (captured, 1, True),
+        "processing": (msgspec.structs.replace(p, status=PaymentStatus.PROCESSING), 1, True),
+        "too_large": (p, 2**63 - 1, True)}[case]
+    with pytest.raises(PaymentError) as err:
+        check_increment(payment, amount, supported=supported)
+    assert err.value.code == code
+
+
+def test_an_increment_the_ledger_refuses_fails_without_compensation() -> None:
+    """No provider lowers an authorization again: a refused chain ends the step failed and
+    the payment keeps its amount."""
+    p = authorized()
+    s = on_ledger(started(p, 2, Kind.INCREMENT, 300), R.pending_transfer_expired)
+    assert (s.phase, s.error) == (Phase.FAILED, "ledger_pending_transfer_expired")
+    assert payment_after(p, s) == p
+
+
+@settings(max_examples=60, deadline=None)
+@given(actions=st.lists(st.tuples(
+    st.sampled_from(["capture", "final", "void", "refund", "increment"]),
+    st.integers(min_value=1, max_value=AMOUNT)), max_size=8))
+def test_increments_among_captures_keep_the_ledger_equal_to_the_payment(
+        actions: list[tuple[str, int]]) -> None:
+    """Increments mixed with captures, voids and refunds: the merchant's pending credit is
+    still what is capturable, and captured plus capturable never exceed the authorized
+    amount, which grew by every increment."""
+    cluster = ledger_with_merchant()
+    p = authorized()
+    auth = new_step(step_id=1, transfer_base=BASE, kind=Kind.AUTHORIZE, subject_id=p.id,
+                    amount=AMOUNT, currency="USD", provider="acme", merchant_account_id=MERCHANT)
+    apply(cluster, msgspec.structs.replace(auth, phase=Phase.APPLY))
+    increments = 0
+    for n, (action, amount) in enumerate(actions, start=2):
+        left_s = hold_left_s(cluster.lookup_transfer(p.hold_transfer_id), cluster.now_ns / 1e9)
+        try:
+            if action == "increment":
+                check_increment(p, amount, supported=True)
+                s = started(p, n, Kind.INCREMENT, amount, timeout_s=left_s)
+            elif action == "void":
+                check_void(p)
+                s = started(p, n, Kind.VOID, p.capturable_amount)
+            elif action == "refund":
+                check_refund(p, amount)
+                s = msgspec.structs.replace(started(p, n, Kind.REFUND, amount),
+                                            phase=Phase.RESERVE)
+            else:
+                check_capture(p, amount)
+                final = action == "final" or amount == p.capturable_amount
+                s = started(p, n, Kind.CAPTURE, amount, final=final, timeout_s=left_s)
+        except PaymentError:
+            continue
+        s = apply(cluster, s)
+        assert s.phase == Phase.SUCCEEDED, s
+        p = payment_after(p, s)
+        increments += amount if action == "increment" else 0
+        assert p.amount == AMOUNT + increments
+        assert p.captured_amount + p.capturable_amount <= p.amount
+        assert cluster.balances(MERCHANT) == (0, p.refunded_amount, p.capturable_amount,
+                                              p.captured_amount)
