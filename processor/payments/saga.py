@@ -1,7 +1,9 @@
 """Payment lifecycles as sagas: the pure state machine of every step and its ledger postings.
 
-A payment is authorized, then captured (fully or partly) or voided, then refunded (fully or
-partly, several times); a payout sends a merchant's posted balance to a bank. Each of these
+A payment is authorized (perhaps raised by increments), then captured (once, or in several
+partial captures until a final one) or voided (after partial captures: the rest), then
+refunded (fully or partly, several times, of the payment or of one capture); a payout
+sends a merchant's posted balance to a bank. Each of these
 operations is a *step*: a saga that talks to one provider and to the ledger, persisted
 before and after every external call (``actors/payments/engine.py`` does the I/O; this module only
 decides). ``docs/payments.md`` draws the machine.
@@ -29,6 +31,10 @@ The rules that keep money exact:
   again answers ``exists``: the ledger never applies a step twice.
 * Refunds and payouts hold the merchant's funds in the ledger *before* the provider moves
   money, so a provider can never pay out what the ledger would refuse.
+* An authorization has one ledger hold at a time (``Payment.hold_transfer_id``), holding
+  ``capturable_amount``. The ledger resolves a hold once, so a partial capture and an
+  increment replace it by a linked chain (post or void the old one, hold anew), never
+  leaving the rest unheld or held twice.
 """
 
 from __future__ import annotations
