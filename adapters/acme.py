@@ -97,6 +97,13 @@ class _CaptureBody(msgspec.Struct, frozen=True):
     amount: int
     currency: str
     reference: str
+    final: bool = True  # false: the rest of the authorization stays capturable
+
+
+class _IncrementBody(msgspec.Struct, frozen=True):
+    amount: int  # what to add to the authorization
+    currency: str
+    reference: str
 
 
 class _VoidBody(msgspec.Struct, frozen=True):
@@ -175,13 +182,14 @@ _EVENT = msgspec.json.Decoder(_Event)
 # What kind of object answers each operation, and which of its statuses mean what.
 _OBJECT_KINDS = {Operation.AUTHORIZE: "authorization", Operation.CAPTURE: "capture",
                  Operation.VOID: "authorization", Operation.REFUND: "refund",
-                 Operation.PAYOUT: "payout"}
+                 Operation.PAYOUT: "payout", Operation.INCREMENT: "authorization"}
 _STATUSES: dict[Operation, dict[str, Outcome]] = {
     Operation.AUTHORIZE: {"AUTHORIZED": Outcome.APPROVED, "CAPTURED": Outcome.APPROVED,
                           "SETTLED": Outcome.APPROVED, "VOIDED": Outcome.APPROVED,
                           "DECLINED": Outcome.DECLINED},
     Operation.CAPTURE: {"SETTLED": Outcome.APPROVED, "PENDING": Outcome.PENDING},
     Operation.VOID: {"VOIDED": Outcome.APPROVED},
+    Operation.INCREMENT: {"AUTHORIZED": Outcome.APPROVED, "CAPTURED": Outcome.APPROVED},
     Operation.REFUND: {"SETTLED": Outcome.APPROVED, "PENDING": Outcome.PENDING},
     Operation.PAYOUT: {"PAID": Outcome.APPROVED, "IN_TRANSIT": Outcome.PENDING,
                        "PENDING": Outcome.PENDING, "FAILED": Outcome.DECLINED},
@@ -213,6 +221,7 @@ _EVENTS: dict[str, tuple[Operation, Outcome]] = {
     "authorization.settled": (Operation.AUTHORIZE, Outcome.APPROVED),
     "authorization.declined": (Operation.AUTHORIZE, Outcome.DECLINED),
     "authorization.voided": (Operation.VOID, Outcome.APPROVED),
+    "authorization.incremented": (Operation.INCREMENT, Outcome.APPROVED),
     "capture.settled": (Operation.CAPTURE, Outcome.APPROVED),
     "refund.settled": (Operation.REFUND, Outcome.APPROVED),
     "payout.paid": (Operation.PAYOUT, Outcome.APPROVED),
@@ -235,6 +244,7 @@ class AcmeAdapter:
 
     name = "acme"
     currencies = frozenset({"USD", "EUR", "GBP"})
+    capabilities = frozenset({Operation.INCREMENT})
 
     def __init__(self, *, api_key: str, webhook_secret: str, timeout_s: float = 2.0) -> None:
         if not api_key or not webhook_secret:
@@ -277,10 +287,14 @@ class AcmeAdapter:
                                   request.reference)
         elif op is Operation.CAPTURE:
             path = f"/v1/authorizations/{_segment(request.provider_ref)}/capture"
-            body = _CaptureBody(request.amount, request.currency, request.reference)
+            body = _CaptureBody(request.amount, request.currency, request.reference,
+                                request.final)
         elif op is Operation.VOID:
             path = f"/v1/authorizations/{_segment(request.provider_ref)}/void"
             body = _VoidBody(request.reference)
+        elif op is Operation.INCREMENT:
+            path = f"/v1/authorizations/{_segment(request.provider_ref)}/increment"
+            body = _IncrementBody(request.amount, request.currency, request.reference)
         elif op is Operation.REFUND:
             _need(request.provider_ref, "provider_ref")
             path = "/v1/refunds"

@@ -73,6 +73,10 @@ class Adapter(Protocol):
     name: str
     currencies: frozenset[str]  # what it can authorize and pay out in
     timeout_s: float  # per-call timeout from the provider's SLA
+    # Operations beyond authorize, capture, void, refund and payout that the provider
+    # offers (``Operation.INCREMENT``). The engine refuses the others before any call, so
+    # ``build`` never sees them.
+    capabilities: frozenset[Operation]
 
     def build(self, request: ProviderRequest, now_s: float) -> HttpCall:
         """The call that performs ``request`` (signed or keyed as the provider wants)."""

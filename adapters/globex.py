@@ -105,6 +105,12 @@ class _MoneyBody(msgspec.Struct, frozen=True, rename="camel"):
     merchant_reference: str
 
 
+class _CaptureBody(msgspec.Struct, frozen=True, rename="camel"):
+    money: _Money
+    merchant_reference: str
+    final_capture: bool = True  # false: the rest of the payment stays capturable
+
+
 class _CancelBody(msgspec.Struct, frozen=True, rename="camel"):
     merchant_reference: str
 
@@ -249,6 +255,8 @@ class GlobexAdapter:
 
     name = "globex"
     currencies = frozenset({"USD", "EUR", "JPY"})
+    # globex has no incremental authorization: a payment's amount is fixed once authorized.
+    capabilities: frozenset[Operation] = frozenset()
 
     def __init__(self, *, key_id: str, signing_secret: str, webhook_secret: str,
                  timeout_s: float = 3.0) -> None:
@@ -287,6 +295,8 @@ class GlobexAdapter:
         operation needs is empty or the currency has no known exponent (caller bugs)."""
         op = request.operation
         body: msgspec.Struct
+        if op not in _OBJECT_KEYS:
+            raise ValueError(f"globex does not offer {op.value}")
         if op is Operation.AUTHORIZE:
             _need(request.payment_method, "payment_method")
             path = "/api/v2/payments"
@@ -294,7 +304,8 @@ class GlobexAdapter:
                                 _Token(request.payment_method), request.reference)
         elif op is Operation.CAPTURE:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/captures"
-            body = _MoneyBody(_money(request.amount, request.currency), request.reference)
+            body = _CaptureBody(_money(request.amount, request.currency), request.reference,
+                                request.final)
         elif op is Operation.VOID:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/cancellations"
             body = _CancelBody(request.reference)
@@ -341,6 +352,8 @@ class GlobexAdapter:
 
     def parse(self, request: ProviderRequest, status: int, headers: dict[str, str],
               body: bytes) -> ProviderReply:
+        if request.operation not in _OBJECT_KEYS:
+            return _not_offered(request, status)
         try:
             return self._parse(request, status, headers, body)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -406,6 +419,8 @@ class GlobexAdapter:
 
     def parse_status(self, request: ProviderRequest, status: int, headers: dict[str, str],
                      body: bytes) -> ProviderReply:
+        if request.operation not in _OBJECT_KEYS:
+            return _not_offered(request, status)
         try:
             return self._parse_status(request, status, headers, body)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
@@ -586,6 +601,12 @@ def _reply(outcome: Outcome, status: int, code: DeclineCode, word: str, *,
            provider_ref: str = "") -> ProviderReply:
     return ProviderReply(outcome=outcome, provider_ref=provider_ref, decline_code=code,
                          http_status=status, message=f"globex {status} {_safe(word)}")
+
+
+def _not_offered(request: ProviderRequest, status: int) -> ProviderReply:
+    """An operation globex does not offer (``build`` refuses it, so none is ever sent)."""
+    return _reply(Outcome.FAILED, status, DeclineCode.INVALID_REQUEST,
+                  f"{request.operation.value} not offered")
 
 
 def _unknown(status: int, why: str) -> ProviderReply:

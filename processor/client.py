@@ -313,14 +313,30 @@ class Client:
         return await self.payment_call("capture", idempotency_key=idempotency_key,
                                        subject_id=payment_id, body={"amount": amount})
 
+    async def create_capture(self, payment_id: str, *, idempotency_key: str, amount: int,
+                             final: bool) -> PaymentAnswer:
+        """One of several captures; ``final`` releases what is left of the authorization."""
+        return await self.payment_call("create_capture", idempotency_key=idempotency_key,
+                                       subject_id=payment_id,
+                                       body={"amount": amount, "final": final})
+
+    async def increment_payment(self, payment_id: str, *, idempotency_key: str,
+                                amount: int) -> PaymentAnswer:
+        """Raise an open authorization by ``amount`` (where its provider offers it)."""
+        return await self.payment_call("increment", idempotency_key=idempotency_key,
+                                       subject_id=payment_id, body={"amount": amount})
+
     async def void_payment(self, payment_id: str, *, idempotency_key: str) -> PaymentAnswer:
         return await self.payment_call("void", idempotency_key=idempotency_key,
                                        subject_id=payment_id)
 
     async def refund_payment(self, payment_id: str, *, idempotency_key: str,
                              amount: int | None = None,
+                             capture_id: str | None = None,
                              metadata: dict[str, str] | None = None) -> PaymentAnswer:
         body: dict[str, object] = {"amount": amount}
+        if capture_id is not None:
+            body["capture_id"] = capture_id
         if metadata:
             body["metadata"] = metadata
         return await self.payment_call("refund", idempotency_key=idempotency_key,

@@ -209,12 +209,12 @@ class LookupTransfers(
 class PaymentCall(msgspec.Struct, frozen=True, array_like=True, tag=6, forbid_unknown_fields=True):
     """One payments operation, with the HTTP API's semantics (docs/payments.md).
 
-    ``operation`` is authorize, capture, void, refund, payout, get_payment, get_payout,
-    list_events, list_payments, list_payouts, list_refunds, create_webhook_endpoint,
-    list_webhook_endpoints, get_webhook_endpoint or delete_webhook_endpoint;
-    ``subject_id`` the payment, payout or endpoint id where the operation names one;
-    ``body`` the same JSON the HTTP endpoint takes (a list's query as JSON:
-    processor/payments/listing.py). Creations need ``idempotency_key``.
+    ``operation`` is authorize, capture, create_capture, increment, void, refund, payout,
+    get_payment, get_payout, list_events, list_payments, list_payouts, list_refunds,
+    create_webhook_endpoint, list_webhook_endpoints, get_webhook_endpoint or
+    delete_webhook_endpoint; ``subject_id`` the payment, payout or endpoint id where the
+    operation names one; ``body`` the same JSON the HTTP endpoint takes (a list's query as
+    JSON: processor/payments/listing.py). Creations need ``idempotency_key``.
     """
 
     request_id: RequestId

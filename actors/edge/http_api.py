@@ -70,7 +70,9 @@ from processor.payments import (
     PAGE_LIMIT_MAX,
     AuthorizeRequest,
     CaptureRequest,
+    IncrementRequest,
     ListError,
+    PartialCaptureRequest,
     PaymentError,
     PaymentsPage,
     PaymentView,
@@ -954,6 +956,12 @@ class _Api:
     async def capture_payment(self, request: Request) -> Response:
         return await self._payments_call(request, "capture")
 
+    async def create_capture(self, request: Request) -> Response:
+        return await self._payments_call(request, "create_capture")
+
+    async def increment_payment(self, request: Request) -> Response:
+        return await self._payments_call(request, "increment")
+
     async def void_payment(self, request: Request) -> Response:
         return await self._payments_call(request, "void")
 
@@ -1327,9 +1335,12 @@ def _payment_replies(body: type, *, created: bool) -> tuple[Reply, ...]:
         _error_reply(422, "Refused by the payment rules, or the Idempotency-Key was used "
                           "with another request.", "idempotency_key_reused",
                      "payment_not_capturable", "capture_exceeds_authorized",
-                     "payment_not_voidable", "payment_not_refundable",
-                     "refund_exceeds_captured", "merchant_account_not_found",
-                     "currency_mismatch", "currency_not_supported", "provider_unknown",
+                     "capture_not_found", "authorization_expired", "increment_not_supported",
+                     "payment_not_incrementable", "increment_exceeds_maximum",
+                     "payment_not_voidable",
+                     "payment_not_refundable", "refund_exceeds_captured",
+                     "merchant_account_not_found", "currency_mismatch",
+                     "currency_not_supported", "provider_unknown",
                      "insufficient_funds", "amount_must_be_positive", "payment_failed",
                      "payout_failed"),
         _OVERLOADED,
@@ -1428,19 +1439,35 @@ OPERATIONS: tuple[Operation, ...] = (
     ),
     Operation(
         name="capture_payment", method="POST", path="/v1/payments/{payment_id}/capture",
-        summary="Capture all or part of an authorized payment (the rest is released).",
+        summary="Capture all or part of what is authorized, once (the rest is released).",
         handler=_Api.capture_payment, scope="payments:write", request=CaptureRequest,
         replies=_payment_replies(PaymentView, created=False),
     ),
     Operation(
+        name="create_capture", method="POST", path="/v1/payments/{payment_id}/captures",
+        summary="Capture part of an authorized payment, one of several: final releases the "
+                "rest, otherwise it stays capturable. Never more than was authorized.",
+        handler=_Api.create_capture, scope="payments:write", request=PartialCaptureRequest,
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
+        name="increment_payment", method="POST", path="/v1/payments/{payment_id}/increments",
+        summary="Raise an open authorization by amount (incremental authorization), where "
+                "its provider offers it (increment_not_supported otherwise).",
+        handler=_Api.increment_payment, scope="payments:write", request=IncrementRequest,
+        replies=_payment_replies(PaymentView, created=False),
+    ),
+    Operation(
         name="void_payment", method="POST", path="/v1/payments/{payment_id}/void",
-        summary="Release an authorization that was not captured.",
+        summary="Release what an authorization still holds (after partial captures, the "
+                "rest).",
         handler=_Api.void_payment, scope="payments:write",
         replies=_payment_replies(PaymentView, created=False),
     ),
     Operation(
         name="refund_payment", method="POST", path="/v1/payments/{payment_id}/refunds",
-        summary="Refund all or part of what was captured; may be repeated.",
+        summary="Refund all or part of what was captured, or of one capture (capture_id); "
+                "may be repeated.",
         handler=_Api.refund_payment, scope="payments:write", request=RefundRequest,
         replies=_payment_replies(PaymentView, created=False),
     ),

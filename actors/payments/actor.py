@@ -209,6 +209,7 @@ class PaymentsActor:
             engine = PaymentsEngine(
                 store=store, ledger=ledger, providers=links,
                 currencies={name: frozenset(a.currencies) for name, a in adapters.items()},
+                capabilities={name: frozenset(a.capabilities) for name, a in adapters.items()},
                 provider_deadline_s={name: PROVIDER_RETRY_DEADLINE_S + a.timeout_s
                                      for name, a in adapters.items()},
                 risk=risk, risk_config=cfg.risk, config=cfg.rules)

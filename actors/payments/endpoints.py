@@ -44,9 +44,11 @@ from processor.payments import (
     CaptureRequest,
     Decision,
     IdempotencyError,
+    IncrementRequest,
     ListCode,
     ListError,
     ListQuery,
+    PartialCaptureRequest,
     PaymentError,
     PaymentsPage,
     PaymentView,
@@ -108,6 +110,11 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "idempotency_key_reused": 422,
     "payment_not_capturable": 422,
     "capture_exceeds_authorized": 422,
+    "capture_not_found": 422,
+    "authorization_expired": 422,
+    "increment_not_supported": 422,
+    "payment_not_incrementable": 422,
+    "increment_exceeds_maximum": 422,
     "payment_not_voidable": 422,
     "payment_not_refundable": 422,
     "refund_exceeds_captured": 422,
@@ -448,11 +455,15 @@ class WebhookAnswer(msgspec.Struct, frozen=True):
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "authorize": msgspec.json.Decoder(AuthorizeRequest),
     "capture": msgspec.json.Decoder(CaptureRequest),
+    "create_capture": msgspec.json.Decoder(PartialCaptureRequest),
+    "increment": msgspec.json.Decoder(IncrementRequest),
     "void": msgspec.json.Decoder(EmptyRequest),
     "refund": msgspec.json.Decoder(RefundRequest),
     "payout": msgspec.json.Decoder(PayoutRequest),
 }
-_BODY_REQUIRED = frozenset({"authorize", "payout"})
+_BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture", "increment"})
+# Operations on an existing payment, named by its id.
+_ON_PAYMENT = frozenset({"capture", "create_capture", "void", "refund", "increment"})
 # Refusals that describe a moment, not the request: they are answered but never stored as
 # the key's answer, so a retry with the same key runs again.
 TRANSIENT_CODES = frozenset({"operation_in_progress", "step_exists"})
@@ -461,7 +472,9 @@ _AUTHORIZATION_OUTCOMES = {201: "authorized", 202: "processing", 402: "declined"
                            503: "failed"}
 # The scope each payments operation needs (HTTP routes and RPC calls alike).
 OPERATION_SCOPES: dict[str, str] = {
-    "authorize": "payments:write", "capture": "payments:write", "void": "payments:write",
+    "authorize": "payments:write", "capture": "payments:write",
+    "create_capture": "payments:write", "increment": "payments:write",
+    "void": "payments:write",
     "refund": "payments:write", "payout": "payouts:write", "get_payment": "payments:read",
     "get_payout": "payments:read", "list_events": "events:read",
     "list_payments": "payments:read", "list_payouts": "payments:read",
@@ -477,6 +490,8 @@ _WHOLE_NUMBER = re.compile(r"[0-9][0-9 _-]{11,30}[0-9]")
 _PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
 _CANONICAL_PATHS = {
     "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",
+    "create_capture": "/v1/payments/{}/captures",
+    "increment": "/v1/payments/{}/increments",
     "void": "/v1/payments/{}/void", "refund": "/v1/payments/{}/refunds",
     "payout": "/v1/payouts", "create_webhook_endpoint": "/v1/webhook_endpoints",
 }
@@ -554,7 +569,7 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     checked_key = require_key(key)
     scan_for_card_data(headers, body)
     item = _with_metadata(_decode(operation, body))
-    if operation in ("capture", "void", "refund") and _PAYMENT_ID.fullmatch(subject_id) is None:
+    if operation in _ON_PAYMENT and _PAYMENT_ID.fullmatch(subject_id) is None:
         raise PaymentsApiError("payment_not_found", "no payment has this id")
     canonical = _CANONICAL_PATHS[operation].format(subject_id)
     print_ = fingerprint("POST", canonical, body)
@@ -574,9 +589,16 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         if operation == "capture":
             view = await engine.capture(subject_id, amount, principal=principal,
                                         request_key=request_key)
+        elif operation == "increment":
+            view = await engine.increment(subject_id, item.amount, principal=principal,
+                                          request_key=request_key)
+        elif operation == "create_capture":
+            view = await engine.capture(subject_id, amount, principal=principal,
+                                        request_key=request_key, final=item.final)
         else:
             view = await engine.refund(subject_id, amount, principal=principal,
                                        request_key=request_key,
+                                       capture_id=item.capture_id if item is not None else None,
                                        metadata=item.metadata if item is not None else None)
         return payment_status(view, created=False)
 

@@ -37,7 +37,9 @@ from processor.errors import LedgerError
 from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
+    CaptureView,
     Kind,
+    Operation,
     OperationView,
     Outcome,
     Payment,
@@ -55,11 +57,16 @@ from processor.payments import (
     RefundView,
     Step,
     WebhookEvent,
+    capture_named,
+    captures_of,
+    chain_result,
     check_capture,
+    check_increment,
     check_refund,
     check_void,
     clearing_account_id,
     compensation_request,
+    hold_left_s,
     ledger_transfers,
     new_step,
     on_ledger,
@@ -68,6 +75,7 @@ from processor.payments import (
     payment_after,
     provider_request,
     recheck_delay_s,
+    refundable_amount,
     status_request,
 )
 from processor.risk import RiskConfig, RiskDecision, fallback
@@ -101,6 +109,11 @@ def _op_status(phase: Phase) -> str:
     return "processing"
 
 
+def capture_id_text(step_id: int) -> str:
+    """A capture's id in the API: ``cap_`` and its step id."""
+    return f"cap_{step_id}" if step_id else ""
+
+
 def payment_view(payment: Payment, steps: Sequence[Step]) -> PaymentView:
     return PaymentView(
         id=payment.id, status=payment.status.value, amount=payment.amount,
@@ -111,8 +124,13 @@ def payment_view(payment: Payment, steps: Sequence[Step]) -> PaymentView:
         operations=[OperationView(id=f"op_{s.id}", kind=s.kind.value,
                                   status=_op_status(s.phase), amount=s.amount,
                                   provider=s.provider, decline_code=s.decline_code,
-                                  error=s.error) for s in steps],
+                                  error=s.error, capture_id=capture_id_text(s.capture_id))
+                    for s in steps],
         metadata=payment.metadata, created_at=_rfc3339(payment.created_at),
+        capturable_amount=payment.capturable_amount,
+        captures=[CaptureView(id=capture_id_text(c.step_id), amount=c.amount, final=c.final,
+                              status=_op_status(c.phase), refunded_amount=c.refunded_amount)
+                  for c in captures_of(steps)],
     )
 
 
@@ -158,12 +176,16 @@ class PaymentsEngine:
         clock_s: Callable[[], float] = time.time,
         new_id: Callable[[str], str] | None = None,
         rng: random.Random | None = None,
+        capabilities: dict[str, frozenset[Operation]] | None = None,
     ) -> None:
         config.check()
         self.store = store
         self._ledger = ledger
         self._providers = providers
         self._currencies = currencies
+        # What each provider offers beyond the basic operations (its adapter's declaration),
+        # so a request it cannot serve is refused before it is asked.
+        self._capabilities = capabilities or {}
         self._deadline_s = provider_deadline_s
         self._risk = risk
         self._risk_config = risk_config
@@ -272,33 +294,73 @@ class PaymentsEngine:
         return await self.payment(payment.id, principal=principal)
 
     async def capture(self, payment_id: str, amount: int | None, *, principal: str,
-                      request_key: str = "") -> PaymentView:
+                      request_key: str = "", final: bool = True) -> PaymentView:
+        """Capture ``amount`` (None: all still authorized) of an authorized payment.
+
+        A ``final`` capture closes the authorization: the ledger releases the rest of the
+        hold and so does the provider. One that is not final leaves the rest capturable
+        until a final capture, a void, or the authorization's expiry; it holds the rest
+        again for the time the hold had left (``authorization_expired`` if none).
+        """
         payment = await self._own_payment(payment_id, principal)
         if await self._resumed(payment_id, request_key, Kind.CAPTURE):
             return await self.payment(payment_id, principal=principal)
-        amount = payment.amount if amount is None else amount
+        amount = payment.capturable_amount if amount is None else amount
         check_capture(payment, amount)
-        await self._start(payment, Kind.CAPTURE, amount, request_key)
+        # Taking all that is held leaves nothing to hold again: that capture is final.
+        final = final or amount == payment.capturable_amount
+        timeout_s = 0
+        if not final:
+            (hold,) = await self._ledger.lookup_transfers([payment.hold_transfer_id])
+            timeout_s = hold_left_s(hold, self._clock_s())
+        await self._start(payment, Kind.CAPTURE, amount, request_key, final=final,
+                          hold_timeout_s=timeout_s)
+        return await self.payment(payment_id, principal=principal)
+
+    async def increment(self, payment_id: str, amount: int, *, principal: str,
+                        request_key: str = "") -> PaymentView:
+        """Raise an open authorization by ``amount`` where its provider offers it: decided
+        from the adapter's capabilities before any call (``increment_not_supported``). The
+        ledger hold grows by the same amount, for the time the hold had left."""
+        payment = await self._own_payment(payment_id, principal)
+        if await self._resumed(payment_id, request_key, Kind.INCREMENT):
+            return await self.payment(payment_id, principal=principal)
+        offered = Operation.INCREMENT in self._capabilities.get(payment.provider, frozenset())
+        check_increment(payment, amount, supported=offered)
+        (hold,) = await self._ledger.lookup_transfers([payment.hold_transfer_id])
+        timeout_s = hold_left_s(hold, self._clock_s())
+        await self._start(payment, Kind.INCREMENT, amount, request_key,
+                          hold_timeout_s=timeout_s)
         return await self.payment(payment_id, principal=principal)
 
     async def void(self, payment_id: str, *, principal: str,
                    request_key: str = "") -> PaymentView:
+        """Release what the authorization still holds (after partial captures, the rest)."""
         payment = await self._own_payment(payment_id, principal)
         if await self._resumed(payment_id, request_key, Kind.VOID):
             return await self.payment(payment_id, principal=principal)
         check_void(payment)
-        await self._start(payment, Kind.VOID, payment.amount, request_key)
+        await self._start(payment, Kind.VOID, payment.capturable_amount, request_key)
         return await self.payment(payment_id, principal=principal)
 
     async def refund(self, payment_id: str, amount: int | None, *, principal: str,
-                     request_key: str = "", metadata: dict[str, str] | None = None
-                     ) -> PaymentView:
+                     request_key: str = "", capture_id: str | None = None,
+                     metadata: dict[str, str] | None = None) -> PaymentView:
+        """Refund ``amount`` (None: all that is left) of the payment, or of one of its
+        captures (``capture_id``): never more than was captured, nor than that capture.
+        ``metadata``: the client's pairs, shown in the refunds list."""
         payment = await self._own_payment(payment_id, principal)
         if await self._resumed(payment_id, request_key, Kind.REFUND):
             return await self.payment(payment_id, principal=principal)
-        amount = payment.captured_amount - payment.refunded_amount if amount is None else amount
-        check_refund(payment, amount)
-        await self._start(payment, Kind.REFUND, amount, request_key, metadata=metadata)
+        capture = None
+        if capture_id is not None:
+            capture = capture_named(await self.store.steps_of(payment_id),
+                                    int(capture_id.removeprefix("cap_")))
+        amount = refundable_amount(payment, capture) if amount is None else amount
+        check_refund(payment, amount, capture)
+        await self._start(payment, Kind.REFUND, amount, request_key,
+                          capture_id=0 if capture is None else capture.step_id,
+                          metadata=metadata)
         return await self.payment(payment_id, principal=principal)
 
     async def payout(self, request: PayoutRequest, *, principal: str,
@@ -544,7 +606,7 @@ class PaymentsEngine:
                 payment.status != PaymentStatus.AUTHORIZED):
             return
         try:
-            await self._start(payment, Kind.CAPTURE, payment.amount,
+            await self._start(payment, Kind.CAPTURE, payment.capturable_amount,
                               payment.request_key or payment.id)
         except PaymentError as exc:
             if exc.code not in ("operation_in_progress", "step_exists"):
@@ -572,7 +634,7 @@ class PaymentsEngine:
     async def _apply_ledger(self, step: Step) -> TransferResult:
         transfers = ledger_transfers(step, self.config)
         results = await self._ledger.create_transfers(transfers)
-        return results[0]
+        return chain_result(results)
 
     async def _call_provider(self, provider: str, method: str,
                              request: ProviderRequest) -> ProviderReply:
@@ -678,7 +740,8 @@ class PaymentsEngine:
                 await self.drive(claimed)
 
     async def _start(self, payment: Payment, kind: Kind, amount: int,
-                     request_key: str = "", *, metadata: dict[str, str] | None = None) -> Step:
+                     request_key: str = "", *, final: bool = True, capture_id: int = 0,
+                     hold_timeout_s: int = 0, metadata: dict[str, str] | None = None) -> Step:
         step_id, transfer_base = await self.store.new_step_ids()
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=kind,
                         subject_id=payment.id, amount=amount, currency=payment.currency,
@@ -686,10 +749,11 @@ class PaymentsEngine:
                         merchant_account_id=payment.merchant_account_id,
                         hold_transfer_id=payment.hold_transfer_id,
                         auth_ref=payment.provider_ref,
-                        origin=REQUEST_ORIGIN.get())
+                        origin=REQUEST_ORIGIN.get(), final=final, capture_id=capture_id,
+                        hold_amount=payment.capturable_amount, hold_timeout_s=hold_timeout_s)
         await self.store.create_step(step, due_at_s=self._clock_s() + self.config.claim_ttl_s,
                                      request_key=f"{request_key}:{kind.value}" if request_key
-                                     else "", metadata=metadata)
+                                     else "", checked=payment, metadata=metadata)
         return await self.drive(step)
 
     def _spawn(self, coro: Any) -> None:

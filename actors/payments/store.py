@@ -50,14 +50,16 @@ _FINAL = [p.value for p in FINAL_PHASES]
 _STEP_COLUMNS = (
     "id, subject_id, kind, phase, amount, currency, provider, provider_key, transfer_id, "
     "merchant_account_id, payment_method, destination, hold_transfer_id, auth_ref, "
-    "provider_ref, tried, decline_code, error, version, origin"
+    "provider_ref, tried, decline_code, error, version, origin, final_capture, capture_id, "
+    "hold_amount, hold_timeout_s"
 )
 # What a read gives a Step: its columns, and how often the recovery worker took it up.
 _STEP_READ = _STEP_COLUMNS + ", checks"
 _PAYMENT_COLUMNS = (
     "id, merchant_account_id, amount, currency, payment_method, status, provider, "
     "provider_ref, hold_transfer_id, captured_amount, refunded_amount, decline_code, error, "
-    "risk_reason, risk_source, reference, auto_capture, request_key, metadata, created_at"
+    "risk_reason, risk_source, reference, auto_capture, request_key, capturable_amount, "
+    "metadata, created_at"
 )
 _PAYOUT_COLUMNS = (
     "id, merchant_account_id, amount, currency, destination, status, provider, provider_ref, "
@@ -187,7 +189,8 @@ def _step_values(step: Step) -> tuple[Any, ...]:
             step.currency, step.provider, step.provider_key, step.transfer_id,
             step.merchant_account_id, step.payment_method, step.destination,
             step.hold_transfer_id, step.auth_ref, step.provider_ref, list(step.tried),
-            step.decline_code, step.error, step.version, step.origin)
+            step.decline_code, step.error, step.version, step.origin, step.final_capture,
+            step.capture_id, step.hold_amount, step.hold_timeout_s)
 
 
 class PaymentStore:
@@ -244,15 +247,15 @@ class PaymentStore:
         async with self._pool.acquire() as conn, conn.transaction():
             created = await conn.fetchval(
                 f"INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19::jsonb,"
-                "coalesce($20::timestamptz, now()),$21) "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20::jsonb,"
+                "coalesce($21::timestamptz, now()),$22) "
                 "ON CONFLICT (id) DO NOTHING RETURNING true",
                 payment.id, payment.merchant_account_id, payment.amount, payment.currency,
                 payment.payment_method, payment.status.value, payment.provider,
                 payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
                 payment.refunded_amount, payment.decline_code, payment.error,
                 payment.risk_reason, payment.risk_source, payment.reference,
-                payment.auto_capture, payment.request_key,
+                payment.auto_capture, payment.request_key, payment.capturable_amount,
                 _JSON.encode(payment.metadata).decode(), payment.created_at, principal)
             if not created:
                 return False
@@ -300,10 +303,25 @@ class PaymentStore:
         return True
 
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "",
+                          checked: Payment | None = None,
                           metadata: dict[str, str] | None = None) -> None:
         """A further step of an existing payment; refused while another one is open.
-        ``metadata``: the client's pairs of a refund (shown in the refunds list)."""
-        async with self._pool.acquire() as conn:  # one statement: atomic by itself
+
+        ``checked`` is the payment as the step's rules were checked against it: the step is
+        created only if the payment is still exactly that (locked meanwhile), so a step that
+        finished between the check and now (a refund, a capture) cannot let this one
+        refund or capture more than is left. Otherwise ``operation_in_progress``: the
+        request is answered, its key released, and a retry checks again. ``metadata``: the
+        client's pairs of a refund (shown in the refunds list).
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            if checked is not None:
+                row = await conn.fetchrow(
+                    f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 FOR UPDATE",
+                    checked.id)
+                if row is None or _payment(row) != checked:
+                    raise PaymentError("operation_in_progress",
+                                       "the payment changed while this operation was checked")
             await self._insert_step(conn, step, due_at_s, request_key, metadata)
 
     async def step_by_request(self, subject_id: str, request_key: str) -> Step | None:
@@ -321,7 +339,8 @@ class PaymentStore:
                 f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key, "
                 "metadata) "
                 "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
-                "$20,$21,$22,$23::jsonb) RETURNING id, version, phase, provider, provider_key), "
+                "$20,$21,$22,$23,$24,$25,$26,$27::jsonb) RETURNING id, version, phase, "
+                "provider, provider_key), "
                 "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
                 "SELECT provider_key, id FROM s) "
                 "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
@@ -419,11 +438,11 @@ class PaymentStore:
             return
         await conn.execute(
             "UPDATE payments SET status=$2, provider=$3, provider_ref=$4, hold_transfer_id=$5, "
-            "captured_amount=$6, refunded_amount=$7, decline_code=$8, error=$9, "
-            "updated_at=now() WHERE id=$1",
+            "captured_amount=$6, refunded_amount=$7, decline_code=$8, error=$9, amount=$10, "
+            "capturable_amount=$11, updated_at=now() WHERE id=$1",
             payment.id, payment.status.value, payment.provider, payment.provider_ref,
             payment.hold_transfer_id, payment.captured_amount, payment.refunded_amount,
-            payment.decline_code, payment.error)
+            payment.decline_code, payment.error, payment.amount, payment.capturable_amount)
         await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
                              aggregate_id=payment.id, payload=_event(payment))
 

@@ -55,7 +55,8 @@ __all__ = ["CURRENCIES", "AcmeSim", "main"]
 CURRENCIES = frozenset({"USD", "EUR", "GBP"})
 FEES = FeeSchedule(capture_bps=290, capture_fixed=30, refund_fixed=0, payout_fixed=25)
 ID_PREFIXES = {Operation.AUTHORIZE: "auth_", Operation.CAPTURE: "cap_",
-               Operation.VOID: "vd_", Operation.REFUND: "re_", Operation.PAYOUT: "po_"}
+               Operation.VOID: "vd_", Operation.REFUND: "re_", Operation.PAYOUT: "po_",
+               Operation.INCREMENT: "inc_"}
 REPORT_COLUMNS = ("settlement_date", "type", "id", "authorization_id", "idempotency_key",
                   "reference", "currency", "gross", "fee", "net")
 
@@ -91,6 +92,13 @@ class _AuthorizeParams(msgspec.Struct, forbid_unknown_fields=True):
 
 class _CaptureParams(msgspec.Struct, forbid_unknown_fields=True):
     amount: Amount
+    currency: Currency
+    reference: Text = ""
+    final: bool = True  # false: the rest of the authorization stays capturable
+
+
+class _IncrementParams(msgspec.Struct, forbid_unknown_fields=True):
+    amount: Amount  # what to add to the authorization
     currency: Currency
     reference: Text = ""
 
@@ -166,6 +174,8 @@ class AcmeSim(SimProvider):
                   self.api(self.capture, mutating=True), methods=["POST"]),
             Route("/v1/authorizations/{authorization_id}/void",
                   self.api(self.void, mutating=True), methods=["POST"]),
+            Route("/v1/authorizations/{authorization_id}/increment",
+                  self.api(self.increment, mutating=True), methods=["POST"]),
             Route("/v1/refunds", self.api(self.refund, mutating=True), methods=["POST"]),
             Route("/v1/payouts", self.api(self.payout, mutating=True), methods=["POST"]),
             Route("/v1/requests/{key:path}", self.api(self.request_status, mutating=False),
@@ -238,6 +248,10 @@ class AcmeSim(SimProvider):
         return await self._operate(request, body or b"{}", Operation.VOID, _VoidParams,
                                    self._void)
 
+    async def increment(self, request: Request, body: bytes) -> Response:
+        return await self._operate(request, body, Operation.INCREMENT, _IncrementParams,
+                                   self._increment)
+
     async def refund(self, request: Request, body: bytes) -> Response:
         return await self._operate(request, body, Operation.REFUND, _RefundParams,
                                    self._refund)
@@ -281,10 +295,15 @@ class AcmeSim(SimProvider):
     def _capture(self, key: str, p: _CaptureParams, authorization_id: str) -> Op:
         return self.book.capture(key=key, reference=p.reference,
                                  authorization_id=authorization_id, amount=p.amount,
-                                 currency=p.currency, settle_now=True)
+                                 currency=p.currency, settle_now=True, final=p.final)
 
     def _void(self, key: str, p: _VoidParams, authorization_id: str) -> Op:
         return self.book.void(key=key, reference=p.reference, authorization_id=authorization_id)
+
+    def _increment(self, key: str, p: _IncrementParams, authorization_id: str) -> Op:
+        return self.book.increment(key=key, reference=p.reference,
+                                   authorization_id=authorization_id, amount=p.amount,
+                                   currency=p.currency)
 
     def _refund(self, key: str, p: _RefundParams, _: str) -> Op:
         return self.book.refund(key=key, reference=p.reference,
@@ -317,7 +336,7 @@ class AcmeSim(SimProvider):
     # --- rendering ----------------------------------------------------------------------------
 
     def _render(self, op: Op) -> dict[str, Any]:
-        if op.operation in (Operation.AUTHORIZE, Operation.VOID):
+        if op.operation in (Operation.AUTHORIZE, Operation.VOID, Operation.INCREMENT):
             auth = self.book.get(op.authorization_id) or op
             return self._authorization(auth)
         rendered: dict[str, Any] = {
@@ -349,6 +368,7 @@ class AcmeSim(SimProvider):
         rendered: dict[str, Any] = {
             "id": auth.id, "object": "authorization", "status": status, "amount": auth.amount,
             "amount_captured": auth.captured, "amount_refunded": auth.refunded,
+            "amount_capturable": auth.capturable,
             "currency": auth.currency, "reference": auth.reference,
             "payment_method": {"last4": auth.card_last4}, "created": int(auth.created_at_s),
         }
@@ -421,6 +441,8 @@ def _event_type(op: Op) -> str | None:
         return "authorization.approved"
     if op.operation is Operation.VOID:
         return "authorization.voided"
+    if op.operation is Operation.INCREMENT:
+        return "authorization.incremented"
     if op.operation is Operation.PAYOUT:
         return {"settled": "payout.paid", "declined": "payout.failed",
                 "failed": "payout.failed"}.get(op.state)

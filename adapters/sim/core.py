@@ -365,8 +365,17 @@ class Op:
     # Running totals of an authorization:
     captured: int = 0
     refunded: int = 0
-    voided: bool = False
+    voided: bool = False  # a void released what it held (after partial captures, the rest)
     captured_at_authorization: bool = False
+    closed: bool = False  # a final capture took its last capture; the rest was released
+
+    @property
+    def capturable(self) -> int:
+        """What an authorization still holds for captures."""
+        if self.operation is not Operation.AUTHORIZE or self.voided or self.closed or (
+                self.state == "declined"):
+            return 0
+        return self.amount - self.captured
 
     @property
     def settled_on(self) -> str:
@@ -383,6 +392,7 @@ class Op:
             "fee": self.fee, "created_at_s": self.created_at_s,
             "settled_at_s": self.settled_at_s, "settled_on": self.settled_on or None,
             "captured": self.captured, "refunded": self.refunded, "voided": self.voided,
+            "closed": self.closed, "capturable": self.capturable,
         }
 
 
@@ -436,33 +446,58 @@ class Book:
         if decline is not None:
             op.state, op.refusal = "declined", decline
         elif capture:
-            op.captured, op.captured_at_authorization = amount, True
+            op.captured, op.captured_at_authorization, op.closed = amount, True, True
             self._start_settlement(op, settle_now)
         op.authorization_id = op.id
         return op
 
     def capture(self, *, key: str, reference: str, authorization_id: str, amount: int,
-                currency: str, settle_now: bool) -> Op:
+                currency: str, settle_now: bool, final: bool = True) -> Op:
+        """Capture ``amount`` of what the authorization still holds. A ``final`` capture
+        (the default, as with most acquirers) closes it and releases the rest; otherwise
+        the rest stays capturable by later captures, a void releasing it."""
         auth = self._authorization(authorization_id, currency)
         _check_amount(amount)
         if auth.voided:
             raise Refused(Refusal.ALREADY_VOIDED)
-        if amount > auth.amount - auth.captured:
+        if auth.closed:
+            raise Refused(Refusal.ALREADY_CAPTURED)
+        if amount > auth.capturable:
             raise Refused(Refusal.AMOUNT_EXCEEDS_AUTHORIZED)
         op = self._new(Operation.CAPTURE, key, reference, amount, currency, "pending",
                        authorization_id=auth.id, card_last4=auth.card_last4)
         auth.captured += amount
+        auth.closed = final or auth.capturable == 0
         self._start_settlement(op, settle_now)
         return op
 
+    def increment(self, *, key: str, reference: str, authorization_id: str, amount: int,
+                  currency: str) -> Op:
+        """Raise an open authorization by ``amount`` (incremental authorization): it holds,
+        and may capture, that much more."""
+        auth = self._authorization(authorization_id, currency)
+        _check_amount(amount)
+        if auth.voided:
+            raise Refused(Refusal.ALREADY_VOIDED)
+        if auth.closed:
+            raise Refused(Refusal.ALREADY_CAPTURED)
+        if auth.amount + amount > AMOUNT_MAX:
+            raise Refused(Refusal.AMOUNT_EXCEEDS_AUTHORIZED)
+        op = self._new(Operation.INCREMENT, key, reference, amount, currency, "authorized",
+                       authorization_id=auth.id, card_last4=auth.card_last4)
+        auth.amount += amount
+        return op
+
     def void(self, *, key: str, reference: str, authorization_id: str) -> Op:
+        """Release what the authorization holds: all of it, or after captures that were
+        not final, the rest (the void's amount)."""
         auth = self._authorization(authorization_id, None)
         if auth.voided:
             raise Refused(Refusal.ALREADY_VOIDED)
-        if auth.captured > 0:
+        if auth.closed:
             raise Refused(Refusal.ALREADY_CAPTURED)
-        op = self._new(Operation.VOID, key, reference, auth.amount, auth.currency, "voided",
-                       authorization_id=auth.id, card_last4=auth.card_last4)
+        op = self._new(Operation.VOID, key, reference, auth.capturable, auth.currency,
+                       "voided", authorization_id=auth.id, card_last4=auth.card_last4)
         op.settled_at_s = op.created_at_s
         auth.voided = True
         return op

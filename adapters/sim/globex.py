@@ -115,6 +115,12 @@ class _MoneyParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     merchant_reference: Text = ""
 
 
+class _CaptureParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
+    money: _Money
+    merchant_reference: Text = ""
+    final_capture: bool = True  # false: the rest of the payment stays capturable
+
+
 class _CancelParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     merchant_reference: Text = ""
 
@@ -289,7 +295,7 @@ class GlobexSim(SimProvider):
                                    self._authorize)
 
     async def capture(self, request: Request, body: bytes) -> Response:
-        return await self._operate(request, body, Operation.CAPTURE, _MoneyParams,
+        return await self._operate(request, body, Operation.CAPTURE, _CaptureParams,
                                    self._capture)
 
     async def cancel(self, request: Request, body: bytes) -> Response:
@@ -313,7 +319,8 @@ class GlobexSim(SimProvider):
                            "X-Globex-Idempotency-Key is required.")
         try:
             params = msgspec.json.decode(body, type=params_type)
-            if isinstance(params, _PaymentParams | _MoneyParams | _PayoutParams):
+            if isinstance(params, _PaymentParams | _MoneyParams | _CaptureParams
+                          | _PayoutParams):
                 _minor(params.money)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return problem(400, "invalid_request", "The request body is not valid.")
@@ -342,10 +349,11 @@ class GlobexSim(SimProvider):
                                    payment_method=p.instrument.token,
                                    capture=p.intent == "SALE", settle_now=False)
 
-    def _capture(self, key: str, p: _MoneyParams, payment_id: str) -> Op:
+    def _capture(self, key: str, p: _CaptureParams, payment_id: str) -> Op:
         return self.book.capture(key=key, reference=p.merchant_reference,
                                  authorization_id=payment_id, amount=_minor(p.money),
-                                 currency=p.money.currency, settle_now=False)
+                                 currency=p.money.currency, settle_now=False,
+                                 final=p.final_capture)
 
     def _cancel(self, key: str, p: _CancelParams, payment_id: str) -> Op:
         return self.book.void(key=key, reference=p.merchant_reference,
@@ -394,6 +402,7 @@ class GlobexSim(SimProvider):
                                     "createdAt": _instant(op.created_at_s)}
         if op.operation is Operation.AUTHORIZE:
             rendered["capturedMoney"] = _money(op.captured, op.currency)
+            rendered["capturableMoney"] = _money(op.capturable, op.currency)
             rendered["refundedMoney"] = _money(op.refunded, op.currency)
             rendered["instrument"] = {"last4": op.card_last4}
         elif op.operation is Operation.PAYOUT:

@@ -18,7 +18,10 @@ from processor.types import AMOUNT_MAX, ID_MAX
 __all__ = [
     "AuthorizeRequest",
     "CaptureRequest",
+    "CaptureView",
+    "IncrementRequest",
     "OperationView",
+    "PartialCaptureRequest",
     "PaymentView",
     "PaymentsPage",
     "PayoutRequest",
@@ -39,6 +42,8 @@ ProviderName = Annotated[str, Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
 # Checked after decoding (processor.payments.listing.check_metadata), so that every breach
 # of its limits is the one code invalid_metadata; the OpenAPI document states the limits.
 Metadata = dict[str, Any]
+# A capture of a payment: ``cap_`` and its step id (CaptureView.id).
+CaptureId = Annotated[str, Meta(pattern="^cap_[1-9][0-9]{0,18}$")]
 
 
 class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -53,11 +58,30 @@ class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
 
 
 class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    amount: Amount | None = None  # None: the whole authorized amount
+    """``POST /v1/payments/{id}/capture``: one final capture."""
+
+    amount: Amount | None = None  # None: all that is still authorized
+
+
+class PartialCaptureRequest(msgspec.Struct, frozen=True, kw_only=True,
+                            forbid_unknown_fields=True):
+    """``POST /v1/payments/{id}/captures``: one of several captures. ``final`` closes the
+    authorization (the rest is released); otherwise the rest stays capturable."""
+
+    amount: Amount
+    final: bool
+
+
+class IncrementRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v1/payments/{id}/increments``: raise the authorized amount by ``amount``."""
+
+    amount: Amount
 
 
 class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
-    amount: Amount | None = None  # None: everything captured and not yet refunded
+    # None: everything captured (of ``capture_id`` when given) and not yet refunded
+    amount: Amount | None = None
+    capture_id: CaptureId | None = None  # refund this capture; None: the payment
     metadata: Metadata = {}
 
 
@@ -75,12 +99,23 @@ class OperationView(msgspec.Struct, frozen=True, kw_only=True):
     """One step of a payment's life as the API shows it."""
 
     id: str  # op_<step id>
-    kind: str  # authorize, capture, void, refund, payout
+    kind: str  # authorize, capture, void, refund, payout, increment
     status: str  # processing, succeeded, failed, compensated
     amount: int
     provider: str
     decline_code: str = ""
     error: str = ""
+    capture_id: str = ""  # a refund of one capture: that capture's id
+
+
+class CaptureView(msgspec.Struct, frozen=True, kw_only=True):
+    """A capture of a payment (a child object: every capture operation is one)."""
+
+    id: str  # cap_<step id>
+    amount: int
+    final: bool  # it closed the authorization
+    status: str  # processing, succeeded, failed, compensated
+    refunded_amount: int  # by refunds that named this capture
 
 
 class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
@@ -99,6 +134,8 @@ class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
     operations: list[OperationView] = []
     metadata: dict[str, str] = {}
     created_at: str = ""  # RFC 3339, UTC
+    capturable_amount: int = 0  # still authorized (held) and capturable
+    captures: list[CaptureView] = []
 
 
 class PayoutView(msgspec.Struct, frozen=True, kw_only=True):

@@ -52,6 +52,9 @@ class Operation(enum.StrEnum):
     VOID = "void"  # release an authorization that was not captured
     REFUND = "refund"  # return (part of) a captured amount to the payer
     PAYOUT = "payout"  # send money to a bank account
+    # Raise an authorization by ``amount`` (incremental authorization); only providers
+    # whose adapter lists it in ``capabilities`` offer it.
+    INCREMENT = "increment"
 
 
 class DeclineCode(enum.StrEnum):
@@ -90,6 +93,9 @@ class ProviderRequest(msgspec.Struct, frozen=True, kw_only=True):
     payment_method: str = ""
     provider_ref: str = ""
     destination: str = ""
+    # capture: whether it closes the authorization (the provider releases the rest); a
+    # capture that is not final leaves the rest capturable by later captures.
+    final: bool = True
 
 
 class ProviderReply(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,7 +1,9 @@
 """Payment lifecycles as sagas: the pure state machine of every step and its ledger postings.
 
-A payment is authorized, then captured (fully or partly) or voided, then refunded (fully or
-partly, several times); a payout sends a merchant's posted balance to a bank. Each of these
+A payment is authorized (perhaps raised by increments), then captured (once, or in several
+partial captures until a final one) or voided (after partial captures: the rest), then
+refunded (fully or partly, several times, of the payment or of one capture); a payout
+sends a merchant's posted balance to a bank. Each of these
 operations is a *step*: a saga that talks to one provider and to the ledger, persisted
 before and after every external call (``actors/payments/engine.py`` does the I/O; this module only
 decides). ``docs/payments.md`` draws the machine.
@@ -29,6 +31,10 @@ The rules that keep money exact:
   again answers ``exists``: the ledger never applies a step twice.
 * Refunds and payouts hold the merchant's funds in the ledger *before* the provider moves
   money, so a provider can never pay out what the ledger would refuse.
+* An authorization has one ledger hold at a time (``Payment.hold_transfer_id``), holding
+  ``capturable_amount``. The ledger resolves a hold once, so a partial capture and an
+  increment replace it by a linked chain (post or void the old one, hold anew), never
+  leaving the rest unheld or held twice.
 """
 
 from __future__ import annotations
@@ -50,10 +56,11 @@ from processor.payments.provider import (
     ProviderReply,
     ProviderRequest,
 )
-from processor.types import Transfer, TransferFlags
+from processor.types import AMOUNT_MAX, Transfer, TransferFlags, require
 
 __all__ = [
     "FINAL_PHASES",
+    "Capture",
     "Kind",
     "LedgerVerdict",
     "Payment",
@@ -64,11 +71,16 @@ __all__ = [
     "PayoutStatus",
     "Phase",
     "Step",
+    "capture_named",
+    "captures_of",
+    "chain_result",
     "check_capture",
+    "check_increment",
     "check_refund",
     "check_void",
     "clearing_account_id",
     "compensation_request",
+    "hold_left_s",
     "ledger_transfers",
     "ledger_verdict",
     "new_step",
@@ -79,6 +91,8 @@ __all__ = [
     "payout_after",
     "provider_request",
     "recheck_delay_s",
+    "refundable_amount",
+    "settled_status",
     "status_request",
 ]
 
@@ -92,6 +106,7 @@ class Kind(enum.StrEnum):
     VOID = "void"
     REFUND = "refund"
     PAYOUT = "payout"
+    INCREMENT = "increment"  # raise the authorized amount (and its hold) by ``amount``
 
 
 class Phase(enum.StrEnum):
@@ -115,6 +130,8 @@ PROVIDER_PHASES = frozenset({Phase.PROVIDER, Phase.AWAIT_PROVIDER, Phase.RESOLVE
 class PaymentStatus(enum.StrEnum):
     PROCESSING = "processing"  # the authorization has no final answer yet
     AUTHORIZED = "authorized"
+    # Some of it captured, the rest still authorized (held) and capturable.
+    PARTIALLY_CAPTURED = "partially_captured"
     CAPTURED = "captured"
     PARTIALLY_REFUNDED = "partially_refunded"
     REFUNDED = "refunded"
@@ -208,6 +225,9 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     request_key: str = ""  # the creating request's identity (hash of its Idempotency-Key)
     metadata: dict[str, str] = {}  # the client's own pairs (processor.payments.listing)
     created_at: dt.datetime | None = None  # set when it is created; lists order by it
+    # What the authorization's ledger hold (``hold_transfer_id``) still holds: what may
+    # still be captured. 0 once a final capture, a void or a refused capture closed it.
+    capturable_amount: int = 0
 
 
 class Payout(msgspec.Struct, frozen=True, kw_only=True):
@@ -251,6 +271,17 @@ class Step(msgspec.Struct, frozen=True, kw_only=True):
     origin: int = 0  # the audit record of the request that started it (0: none)
     # How often the recovery worker has taken the step up (read only; the store counts).
     checks: int = 0
+    # capture: whether it closes the authorization (the rest of the hold is released).
+    final_capture: bool = True
+    # refund: the capture step it refunds (0: the payment as a whole).
+    capture_id: int = 0
+    # capture, void, increment: what the authorization's hold held when the step was
+    # created.
+    hold_amount: int = 0
+    # A partial capture, an increment: the timeout of the new hold (of the rest, of the
+    # raised amount), the time the authorization's hold had left when the step was created
+    # (0: it never expires).
+    hold_timeout_s: int = 0
 
     @property
     def final(self) -> bool:
@@ -263,6 +294,7 @@ _OPERATION = {
     Kind.VOID: Operation.VOID,
     Kind.REFUND: Operation.REFUND,
     Kind.PAYOUT: Operation.PAYOUT,
+    Kind.INCREMENT: Operation.INCREMENT,
 }
 
 
@@ -286,10 +318,21 @@ def provider_key(step_id: int, provider: str) -> str:
 def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, amount: int,
              currency: str, provider: str, merchant_account_id: int, payment_method: str = "",
              destination: str = "", hold_transfer_id: int = 0, auth_ref: str = "",
-             origin: int = 0) -> Step:
-    """A step as it is first persisted: refunds and payouts start by holding funds."""
+             origin: int = 0, final: bool = True, capture_id: int = 0, hold_amount: int = 0,
+             hold_timeout_s: int = 0) -> Step:
+    """A step as it is first persisted: refunds and payouts start by holding funds.
+
+    A capture that is not ``final`` leaves part of the hold (``hold_amount``) in place, so
+    it must take less than the hold; the engine makes a capture of all of it final.
+    """
     if amount <= 0:
         raise PaymentError("amount_must_be_positive", "amount must be at least 1")
+    if kind == Kind.CAPTURE and not final:
+        require(amount < hold_amount, "a partial capture leaves some of the hold")
+    if kind == Kind.INCREMENT:
+        require(hold_amount > 0, "an increment raises a hold that holds something")
+        require(hold_amount + amount <= AMOUNT_MAX, "an increment keeps the hold in range")
+    require(hold_timeout_s >= 0, "a new hold's timeout is not negative")
     first = Phase.RESERVE if kind in (Kind.REFUND, Kind.PAYOUT) else Phase.PROVIDER
     return Step(
         id=step_id, subject_id=subject_id, kind=kind, phase=first, amount=amount,
@@ -297,6 +340,8 @@ def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, a
         transfer_id=transfer_base, merchant_account_id=merchant_account_id,
         payment_method=payment_method, destination=destination,
         hold_transfer_id=hold_transfer_id, auth_ref=auth_ref, tried=(provider,), origin=origin,
+        final_capture=final, capture_id=capture_id, hold_amount=hold_amount,
+        hold_timeout_s=hold_timeout_s,
     )
 
 
@@ -309,7 +354,7 @@ def provider_request(step: Step) -> ProviderRequest:
         operation=_OPERATION[step.kind], idempotency_key=step.provider_key,
         amount=step.amount, currency=step.currency, reference=step.subject_id,
         payment_method=step.payment_method, provider_ref=step.auth_ref,
-        destination=step.destination,
+        destination=step.destination, final=step.final_capture,
     )
 
 
@@ -433,17 +478,60 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
                          amount=step.amount, currency=cur, flags=pending,
                          timeout_s=config.authorization_hold_s)]
     if kind == Kind.CAPTURE:
+        if step.final_capture:  # post part or all of the hold; the ledger releases the rest
+            return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                             amount=step.amount, currency=cur, flags=post,
+                             pending_id=step.hold_transfer_id)]
+        # A hold is resolved once, so a partial capture posts its part (releasing the rest)
+        # and holds the rest again as a new pending transfer, linked: both or neither. The
+        # new hold keeps the time the old one had left (``hold_timeout_s``).
         return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
-                         amount=step.amount, currency=cur, flags=post,
-                         pending_id=step.hold_transfer_id)]
+                         amount=step.amount, currency=cur, flags=post | LINKED,
+                         pending_id=step.hold_transfer_id),
+                Transfer(id=rehold_id(step), debit_account_id=clearing,
+                         credit_account_id=merchant, amount=step.hold_amount - step.amount,
+                         currency=cur, flags=pending, timeout_s=step.hold_timeout_s)]
+    if kind == Kind.INCREMENT:
+        # The hold grows by voiding it and holding the raised amount anew, linked: both or
+        # neither. The new hold keeps the time the old one had left.
+        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
+                         amount=step.hold_amount, currency=cur, flags=void | LINKED,
+                         pending_id=step.hold_transfer_id),
+                Transfer(id=rehold_id(step), debit_account_id=clearing,
+                         credit_account_id=merchant, amount=step.hold_amount + step.amount,
+                         currency=cur, flags=pending, timeout_s=step.hold_timeout_s)]
     if kind == Kind.VOID:
-        # A void names the whole hold (the authorized amount, which is the step's).
+        # A void names the whole hold (what it holds, which is the step's amount).
         return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
                          amount=step.amount, currency=cur, flags=void,
                          pending_id=step.hold_transfer_id)]
     # refund, payout: post the hold placed by RESERVE
     return [Transfer(id=base + 1, debit_account_id=merchant, credit_account_id=clearing,
                      amount=step.amount, currency=cur, flags=post, pending_id=base)]
+
+
+LINKED = int(TransferFlags.LINKED)
+
+
+def rehold_id(step: Step) -> int:
+    """The id of the new hold of what a partial capture leaves, or of the amount an
+    increment raised (the step's second id)."""
+    return step.transfer_id + 1
+
+
+def chain_result(codes: Sequence[TransferResult]) -> TransferResult:
+    """The one answer of a step's transfers: ``ok`` / ``exists`` when all applied, else the
+    refusal that decided (a linked chain fails whole, its other transfers answering
+    ``linked_event_failed``)."""
+    require(len(codes) >= 1, "a step applies at least one transfer")
+    applied = (TransferResult.ok, TransferResult.exists)
+    for code in codes:
+        if code not in applied and code != TransferResult.linked_event_failed:
+            return code
+    for code in codes:
+        if code not in applied:
+            return code
+    return codes[0]
 
 
 class LedgerVerdict(enum.StrEnum):
@@ -492,6 +580,22 @@ def on_ledger(step: Step, code: TransferResult) -> Step:
 # -- what a finished step means to its payment or payout -------------------------------------
 
 
+def settled_status(payment: Payment) -> PaymentStatus:
+    """The status an authorized payment's amounts give it: authorized while nothing is
+    captured and some is held, partially captured while some is captured and some still
+    held, voided when nothing was captured and nothing is held, then captured and
+    (partially) refunded as refunds follow."""
+    if payment.capturable_amount > 0:
+        return (PaymentStatus.AUTHORIZED if payment.captured_amount == 0
+                else PaymentStatus.PARTIALLY_CAPTURED)
+    if payment.captured_amount == 0:
+        return PaymentStatus.VOIDED
+    if payment.refunded_amount == 0:
+        return PaymentStatus.CAPTURED
+    return (PaymentStatus.REFUNDED if payment.refunded_amount == payment.captured_amount
+            else PaymentStatus.PARTIALLY_REFUNDED)
+
+
 def payment_after(payment: Payment, step: Step) -> Payment:
     """The payment once ``step`` (one of its steps) has reached a final phase."""
     r = msgspec.structs.replace
@@ -501,24 +605,40 @@ def payment_after(payment: Payment, step: Step) -> Payment:
     if step.kind == Kind.AUTHORIZE:
         if ok:
             return r(payment, status=PaymentStatus.AUTHORIZED, provider=step.provider,
-                     provider_ref=step.provider_ref, hold_transfer_id=step.transfer_id)
+                     provider_ref=step.provider_ref, hold_transfer_id=step.transfer_id,
+                     capturable_amount=step.amount)
         status = PaymentStatus.DECLINED if step.error == "provider_declined" else (
             PaymentStatus.FAILED)
         return r(payment, status=status, provider=step.provider,
                  decline_code=step.decline_code, error=step.error)
     if step.kind == Kind.CAPTURE:
         if ok:
-            return r(payment, status=PaymentStatus.CAPTURED, captured_amount=step.amount)
+            left = 0 if step.final_capture else payment.capturable_amount - step.amount
+            require(left >= 0, "a capture takes at most what is held")
+            hold = payment.hold_transfer_id if step.final_capture else rehold_id(step)
+            captured = r(payment, captured_amount=payment.captured_amount + step.amount,
+                         capturable_amount=left, hold_transfer_id=hold)
+            return r(captured, status=settled_status(captured))
         if step.phase == Phase.COMPENSATED:
-            return r(payment, status=PaymentStatus.FAILED, error=step.error)
+            # The ledger refused the hold's post (it lapsed): nothing is capturable any
+            # more; what earlier captures took stays captured.
+            closed = r(payment, capturable_amount=0, error=step.error)
+            status = (PaymentStatus.FAILED if payment.captured_amount == 0
+                      else settled_status(closed))
+            return r(closed, status=status)
         return payment  # a refused capture leaves the authorization as it was
     if step.kind == Kind.VOID:
-        return r(payment, status=PaymentStatus.VOIDED) if ok else payment
+        if not ok:
+            return payment
+        released = r(payment, capturable_amount=0)
+        return r(released, status=settled_status(released))
     if step.kind == Kind.REFUND and ok:
-        refunded = payment.refunded_amount + step.amount
-        status = (PaymentStatus.REFUNDED if refunded == payment.captured_amount
-                  else PaymentStatus.PARTIALLY_REFUNDED)
-        return r(payment, status=status, refunded_amount=refunded)
+        refunded = r(payment, refunded_amount=payment.refunded_amount + step.amount)
+        return r(refunded, status=settled_status(refunded))
+    if step.kind == Kind.INCREMENT and ok:
+        return r(payment, amount=payment.amount + step.amount,
+                 capturable_amount=payment.capturable_amount + step.amount,
+                 hold_transfer_id=rehold_id(step))
     return payment
 
 
@@ -532,28 +652,110 @@ def payout_after(payout: Payout, step: Step) -> Payout:
                                    decline_code=step.decline_code, error=step.error)
 
 
+# -- captures as child objects of a payment -------------------------------------------------
+
+
+class Capture(msgspec.Struct, frozen=True, kw_only=True):
+    """A capture of a payment: one of its capture steps, with what was refunded of it."""
+
+    step_id: int
+    amount: int
+    final: bool
+    phase: Phase
+    refunded_amount: int = 0  # by refunds that named this capture
+
+
+def captures_of(steps: Sequence[Step]) -> list[Capture]:
+    """A payment's captures, oldest first, from its steps (every capture step is one)."""
+    refunded: dict[int, int] = {}
+    for s in steps:
+        if s.kind == Kind.REFUND and s.capture_id and s.phase == Phase.SUCCEEDED:
+            refunded[s.capture_id] = refunded.get(s.capture_id, 0) + s.amount
+    return [Capture(step_id=s.id, amount=s.amount, final=s.final_capture, phase=s.phase,
+                    refunded_amount=refunded.get(s.id, 0))
+            for s in steps if s.kind == Kind.CAPTURE]
+
+
+def capture_named(steps: Sequence[Step], capture_id: int) -> Capture:
+    """The succeeded capture ``capture_id`` of these steps; ``capture_not_found`` if there
+    is none (another payment's, failed, or still running)."""
+    for capture in captures_of(steps):
+        if capture.step_id == capture_id and capture.phase == Phase.SUCCEEDED:
+            return capture
+    raise PaymentError("capture_not_found", "no succeeded capture of this payment has this id")
+
+
+def hold_left_s(hold: Transfer | None, now_s: float) -> int:
+    """Whole seconds (rounded up) until the authorization's ledger hold expires; 0 for a
+    hold without a timeout. ``authorization_expired`` when it has lapsed (or is gone)."""
+    if hold is None:
+        raise PaymentError("authorization_expired", "the authorization's hold is gone")
+    if hold.timeout_s == 0:
+        return 0
+    left_ns = hold.timestamp + hold.timeout_s * 10**9 - int(now_s * 10**9)
+    if left_ns <= 0:
+        raise PaymentError("authorization_expired",
+                           "the authorization has expired; nothing more can be captured")
+    return -(-left_ns // 10**9)
+
+
 # -- what a new step may ask ------------------------------------------------------------------
 
 
+_CAPTURABLE = (PaymentStatus.AUTHORIZED, PaymentStatus.PARTIALLY_CAPTURED)
+_REFUNDABLE = (PaymentStatus.PARTIALLY_CAPTURED, PaymentStatus.CAPTURED,
+               PaymentStatus.PARTIALLY_REFUNDED)
+
+
 def check_capture(payment: Payment, amount: int) -> None:
-    if payment.status != PaymentStatus.AUTHORIZED:
+    """A capture takes 1 up to what is still held: never more than was authorized."""
+    if payment.status not in _CAPTURABLE or payment.capturable_amount == 0:
         raise PaymentError("payment_not_capturable",
                            f"a payment in status {payment.status} cannot be captured")
-    if not 1 <= amount <= payment.amount:
+    if not 1 <= amount <= payment.capturable_amount:
         raise PaymentError("capture_exceeds_authorized",
-                           "capture amount must be between 1 and the authorized amount")
+                           "capture amount must be between 1 and what is still authorized")
+
+
+def check_increment(payment: Payment, amount: int, *, supported: bool) -> None:
+    """An increment raises what an open authorization holds by ``amount``, at a provider
+    that offers it (``supported``: decided from its adapter, before it is asked).
+
+    Precedence: ``increment_not_supported``, ``payment_not_incrementable`` (not authorized,
+    fully captured or voided), ``increment_exceeds_maximum`` (beyond 2^63 - 1).
+    """
+    if not supported:
+        raise PaymentError("increment_not_supported",
+                           f"{payment.provider} does not offer incremental authorization")
+    if payment.status not in _CAPTURABLE or payment.capturable_amount == 0:
+        raise PaymentError("payment_not_incrementable",
+                           f"a payment in status {payment.status} cannot be incremented")
+    if not 1 <= amount <= AMOUNT_MAX - payment.amount:
+        raise PaymentError("increment_exceeds_maximum",
+                           "the authorized amount would exceed 2^63 - 1")
 
 
 def check_void(payment: Payment) -> None:
-    if payment.status != PaymentStatus.AUTHORIZED:
+    """A void releases what is still held; after a partial capture, the rest."""
+    if payment.status not in _CAPTURABLE or payment.capturable_amount == 0:
         raise PaymentError("payment_not_voidable",
                            f"a payment in status {payment.status} cannot be voided")
 
 
-def check_refund(payment: Payment, amount: int) -> None:
-    if payment.status not in (PaymentStatus.CAPTURED, PaymentStatus.PARTIALLY_REFUNDED):
+def refundable_amount(payment: Payment, capture: Capture | None = None) -> int:
+    """What may still be refunded: of the payment, and of ``capture`` when one is named."""
+    left = payment.captured_amount - payment.refunded_amount
+    if capture is not None:
+        left = min(left, capture.amount - capture.refunded_amount)
+    return left
+
+
+def check_refund(payment: Payment, amount: int, capture: Capture | None = None) -> None:
+    """A refund returns 1 up to what was captured and not yet refunded, and when it names
+    a capture, up to what is left of that capture."""
+    if payment.status not in _REFUNDABLE or payment.captured_amount == 0:
         raise PaymentError("payment_not_refundable",
                            f"a payment in status {payment.status} cannot be refunded")
-    if not 1 <= amount <= payment.captured_amount - payment.refunded_amount:
+    if not 1 <= amount <= refundable_amount(payment, capture):
         raise PaymentError("refund_exceeds_captured",
                            "refund amount must be between 1 and what is left to refund")

@@ -80,7 +80,9 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
         first = _run("migrate", "--database-url", url)
         assert first.returncode == 0, first.stderr
         versions = [m.version for m in load_migrations()]
-        assert versions == list(range(1, len(versions) + 1))
+        # In order and each once; numbers are reserved per branch, so a branch may carry
+        # a gap until the others merge (0021 before 0019 and 0020).
+        assert versions == sorted(set(versions)) and versions[0] == 1
         assert f"applied: {versions}" in first.stdout
         second = _run("migrate", "--database-url", url)
         assert "nothing" in second.stdout

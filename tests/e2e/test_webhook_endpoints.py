@@ -13,11 +13,13 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from actors.app.runtime import Processor
+from actors.database import database_url_with_name
 from actors.payments import outbox
 from processor.client import Client
 from tests.payments_support import authorize, card_token, key, merchant
@@ -244,12 +246,16 @@ def _txproc(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 async def test_the_command_line_adds_lists_and_removes_what_the_api_sees(
-        processor: Processor, ids: IdSource, receiver: Receiver) -> None:
+        processor: Processor, ids: IdSource, receiver: Receiver, pg_admin_url: str) -> None:
     """``txproc webhooks add`` makes an endpoint the tenant sees over the API and that
     receives the tenant's events signed with the secret it printed; ``list`` shows it;
     ``remove`` takes it away (404 over the API), and a second remove is exit code 1."""
     tenant = _tenant("hooks-cli")
-    url = processor.config.shard.database_url
+    # The operator's URL to the processor's database, as an operator runs the command: the
+    # service role's password in the processor's URL is the one its data directory held,
+    # and a processor started later in the session (another data directory) sets another.
+    url = database_url_with_name(
+        pg_admin_url, urlsplit(processor.config.shard.database_url).path.lstrip("/"))
     added = _txproc("webhooks", "add", "--tenant", tenant, "--url", receiver.url("/cli"),
                     "--events", "payment.authorized,payment.captured", "--database-url", url)
     assert added.returncode == 0, added.stderr

@@ -73,7 +73,8 @@ def test_authorize_call_carries_key_idempotency_and_integer_amount() -> None:
 
 
 @pytest.mark.parametrize(("operation", "path", "body_keys"), [
-    (Operation.CAPTURE, "/v1/authorizations/auth_1/capture", {"amount", "currency", "reference"}),
+    (Operation.CAPTURE, "/v1/authorizations/auth_1/capture",
+     {"amount", "currency", "reference", "final"}),
     (Operation.VOID, "/v1/authorizations/auth_1/void", {"reference"}),
     (Operation.REFUND, "/v1/refunds", {"authorization", "amount", "currency", "reference"}),
     (Operation.PAYOUT, "/v1/payouts", {"destination", "amount", "currency", "reference"}),
@@ -84,6 +85,13 @@ def test_each_operation_has_its_call(operation: Operation, path: str,
     call = ADAPTER.build(request(operation), NOW)
     assert (call.method, call.path) == ("POST", path)
     assert set(json.loads(call.body)) == body_keys
+
+
+@pytest.mark.parametrize("final", [True, False])
+def test_a_capture_says_whether_it_is_final(final: bool) -> None:
+    """A capture carries acme's final flag: false leaves the rest capturable."""
+    call = ADAPTER.build(msgspec.structs.replace(request(Operation.CAPTURE), final=final), NOW)
+    assert json.loads(call.body)["final"] is final
 
 
 def test_references_and_keys_are_escaped_in_paths() -> None:

@@ -177,6 +177,7 @@ def authorized(ledger: Book, amount: int = 1_000, token: str = TOKEN) -> str:
 @pytest.mark.parametrize(("action", "refusal"), [
     ("capture_over", Refusal.AMOUNT_EXCEEDS_AUTHORIZED),
     ("capture_twice_over", Refusal.AMOUNT_EXCEEDS_AUTHORIZED),
+    ("capture_after_final", Refusal.ALREADY_CAPTURED),
     ("refund_uncaptured", Refusal.AMOUNT_EXCEEDS_CAPTURED),
     ("refund_over", Refusal.AMOUNT_EXCEEDS_CAPTURED),
     ("void_captured", Refusal.ALREADY_CAPTURED),
@@ -194,9 +195,10 @@ def test_book_rules(action: str, refusal: Refusal) -> None:
     ledger = book()
     auth = authorized(ledger)
 
-    def capture(amount: int, auth_id: str = auth, currency: str = "USD") -> None:
+    def capture(amount: int, auth_id: str = auth, currency: str = "USD",
+                final: bool = True) -> None:
         ledger.capture(key="c", reference="r", authorization_id=auth_id, amount=amount,
-                       currency=currency, settle_now=True)
+                       currency=currency, settle_now=True, final=final)
 
     def refund(amount: int) -> None:
         ledger.refund(key="f", reference="r", authorization_id=auth, amount=amount,
@@ -206,10 +208,12 @@ def test_book_rules(action: str, refusal: Refusal) -> None:
         ledger.void(key="v", reference="r", authorization_id=auth)
 
     setup: dict[str, Callable[[], object]] = {
-        "capture_twice_over": lambda: capture(600), "refund_over": lambda: capture(500),
+        "capture_twice_over": lambda: capture(600, final=False),
+        "capture_after_final": lambda: capture(600), "refund_over": lambda: capture(500),
         "void_captured": lambda: capture(1), "capture_voided": void, "void_twice": void}
     attempt: dict[str, Callable[[], object]] = {
         "capture_over": lambda: capture(1_001), "capture_twice_over": lambda: capture(401),
+        "capture_after_final": lambda: capture(1, final=False),
         "refund_uncaptured": lambda: refund(1), "refund_over": lambda: refund(501),
         "void_captured": void, "capture_voided": lambda: capture(1), "void_twice": void,
         "capture_unknown": lambda: capture(1, auth_id="auth_nope"),
@@ -235,6 +239,39 @@ def test_book_rules(action: str, refusal: Refusal) -> None:
     after = [op.to_admin() for op in ledger.ops()]
     if action != "capture_declined":
         assert after == before
+
+
+def test_partial_captures_sum_to_the_authorization_and_a_void_releases_the_rest() -> None:
+    """Captures that are not final leave the rest capturable; a final one or a void closes
+    the authorization, and nothing is ever captured beyond it."""
+    ledger = book()
+    auth = authorized(ledger, 1_000)
+    for amount in (300, 200):
+        ledger.capture(key=f"c{amount}", reference="r", authorization_id=auth, amount=amount,
+                       currency="USD", settle_now=True, final=False)
+    op = ledger.get(auth)
+    assert op is not None
+    assert (op.captured, op.capturable, op.closed) == (500, 500, False)
+    ledger.capture(key="c-last", reference="r", authorization_id=auth, amount=100,
+                   currency="USD", settle_now=True, final=True)
+    assert (op.captured, op.capturable, op.closed) == (600, 0, True)
+    with pytest.raises(Refused):
+        ledger.void(key="v", reference="r", authorization_id=auth)
+
+    other = authorized(ledger, 1_000)
+    ledger.capture(key="p", reference="r", authorization_id=other, amount=400,
+                   currency="USD", settle_now=True, final=False)
+    void = ledger.void(key="v2", reference="r", authorization_id=other)
+    released = ledger.get(other)
+    assert released is not None
+    assert (void.amount, released.captured, released.capturable) == (600, 400, 0)
+    with pytest.raises(Refused) as caught:
+        ledger.capture(key="late", reference="r", authorization_id=other, amount=1,
+                       currency="USD", settle_now=True, final=False)
+    assert caught.value.refusal is Refusal.ALREADY_VOIDED
+    # What was captured stays refundable.
+    ledger.refund(key="f", reference="r", authorization_id=other, amount=400, currency="USD",
+                  settle_now=True)
 
 
 @pytest.mark.parametrize(("last4", "refusal"), [

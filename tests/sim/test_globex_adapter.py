@@ -116,6 +116,14 @@ def test_each_operation_has_its_call(operation: Operation, path: str) -> None:
         "POST", path, str(int(NOW)), "key-1", call.body)
 
 
+@pytest.mark.parametrize("final", [True, False])
+def test_a_capture_says_whether_it_is_final(final: bool) -> None:
+    """A capture names the payment and carries finalCapture: false leaves the rest
+    capturable by later captures."""
+    call = ADAPTER.build(msgspec.structs.replace(request(Operation.CAPTURE), final=final), NOW)
+    assert json.loads(call.body)["finalCapture"] is final
+
+
 def test_status_and_report_calls_are_signed_gets() -> None:
     """The status query carries the key escaped in its query string, and is signed."""
     call = ADAPTER.build_status(request(idempotency_key="k/1&x=y"), NOW)

@@ -10,6 +10,7 @@ import time
 from datetime import UTC, datetime
 
 import httpx
+import msgspec
 import pytest
 
 from adapters.acme import AcmeAdapter
@@ -19,6 +20,11 @@ from adapters.sim.launch import SimProcess
 from tests.sim.conftest import Driver, authorize, follow_up, new_key, payout
 
 pytestmark = pytest.mark.timeout(60)
+
+
+def partial(request: ProviderRequest) -> ProviderRequest:
+    """The capture ``request`` with the rest of the authorization left capturable."""
+    return msgspec.structs.replace(request, final=False)
 
 
 async def settled(driver: Driver, request: ProviderRequest, reply: ProviderReply
@@ -43,13 +49,14 @@ async def approved_authorization(driver: Driver, amount: int = 1_000) -> str:
 
 
 async def test_payment_lifecycle_partial_capture_and_refunds(driver: Driver) -> None:
-    """Authorize, capture part, refund twice in part, and every rule about amounts holds."""
+    """Authorize, capture part (not final), refund twice in part, void the rest, and every
+    rule about amounts holds."""
     ref = await approved_authorization(driver, 1_000)
-    capture = follow_up(Operation.CAPTURE, ref, 600)
+    capture = partial(follow_up(Operation.CAPTURE, ref, 600))
     reply = await settled(driver, capture, await driver.send(capture))
     assert (reply.outcome, reply.amount, reply.provider_ref) == (Outcome.APPROVED, 600, ref)
 
-    too_much = await driver.send(follow_up(Operation.CAPTURE, ref, 401))
+    too_much = await driver.send(partial(follow_up(Operation.CAPTURE, ref, 401)))
     assert too_much.outcome is Outcome.FAILED
     assert too_much.decline_code is DeclineCode.AMOUNT_EXCEEDS_AUTHORIZED
 
@@ -62,12 +69,38 @@ async def test_payment_lifecycle_partial_capture_and_refunds(driver: Driver) -> 
     assert over.outcome is Outcome.FAILED
     assert over.decline_code is DeclineCode.AMOUNT_EXCEEDS_AUTHORIZED
 
-    void = await driver.send(follow_up(Operation.VOID, ref, 1_000))
-    assert void.outcome is Outcome.FAILED, "a captured authorization cannot be voided"
+    # A void after a capture that was not final releases the rest.
+    void = await driver.send(follow_up(Operation.VOID, ref, 400))
+    assert void.outcome is Outcome.APPROVED
+    late = await driver.send(partial(follow_up(Operation.CAPTURE, ref, 1)))
+    assert (late.outcome, late.decline_code) == (Outcome.FAILED, DeclineCode.ALREADY_VOIDED)
 
     ledger = await driver.charges()
     assert sorted((op["operation"], op["amount"]) for op in ledger) == [
-        ("authorize", 1_000), ("capture", 600), ("refund", 250), ("refund", 350)]
+        ("authorize", 1_000), ("capture", 600), ("refund", 250), ("refund", 350),
+        ("void", 400)]
+
+
+async def test_partial_captures_by_reference_then_a_final_one_closes(driver: Driver) -> None:
+    """Several captures of one authorization by its reference, with an amount and a final
+    flag: they add up, the final one closes it, and nothing more is captured or voided."""
+    ref = await approved_authorization(driver, 1_000)
+    for amount, final in ((300, False), (200, False), (100, True)):
+        capture = msgspec.structs.replace(follow_up(Operation.CAPTURE, ref, amount),
+                                          final=final)
+        reply = await settled(driver, capture, await driver.send(capture))
+        assert (reply.outcome, reply.amount) == (Outcome.APPROVED, amount)
+        # The same key replays the answer and captures nothing more.
+        again = await settled(driver, capture, await driver.send(capture))
+        assert (again.outcome, again.amount) == (Outcome.APPROVED, amount)
+    more = await driver.send(partial(follow_up(Operation.CAPTURE, ref, 1)))
+    assert more.outcome is Outcome.FAILED
+    void = await driver.send(follow_up(Operation.VOID, ref, 400))
+    assert void.outcome is Outcome.FAILED, "a closed authorization has nothing to release"
+    [auth] = [op for op in await driver.charges() if op["operation"] == "authorize"]
+    assert (auth["captured"], auth["capturable"], auth["closed"]) == (600, 0, True)
+    assert sorted(op["amount"] for op in await driver.charges()
+                  if op["operation"] == "capture") == [100, 200, 300]
 
 
 async def test_void_then_capture_is_refused(driver: Driver) -> None:
@@ -478,3 +511,28 @@ async def test_http_client_sees_a_reset_for_a_lost_response(driver: Driver) -> N
         await driver.client.request(call.method, driver.sim.url + call.path,
                                     headers=call.headers, content=call.body)
     assert not isinstance(caught.value, httpx.ConnectError)
+
+
+async def test_increments_where_the_provider_offers_them(driver: Driver) -> None:
+    """acme raises an open authorization by the amount (which may then be captured) and
+    replays a repeated key; globex does not offer it and its adapter refuses to build one."""
+    ref = await approved_authorization(driver, 1_000)
+    increment = follow_up(Operation.INCREMENT, ref, 250)
+    if Operation.INCREMENT not in driver.adapter.capabilities:
+        with pytest.raises(ValueError, match="does not offer"):
+            driver.adapter.build(increment, time.time())
+        return
+    reply = await driver.send(increment)
+    assert (reply.outcome, reply.provider_ref, reply.amount) == (Outcome.APPROVED, ref, 1_250)
+    again = await driver.send(increment)
+    assert (again.outcome, again.amount) == (Outcome.APPROVED, 1_250)
+    status = await driver.status(increment)
+    assert status.outcome is Outcome.APPROVED
+    capture = follow_up(Operation.CAPTURE, ref, 1_250)
+    assert (await driver.send(capture)).outcome is Outcome.APPROVED
+    closed = await driver.send(follow_up(Operation.INCREMENT, ref, 1))
+    assert closed.outcome is Outcome.FAILED
+    [auth] = [op for op in await driver.charges() if op["operation"] == "authorize"]
+    assert (auth["amount"], auth["captured"]) == (1_250, 1_250)
+    assert [op["amount"] for op in await driver.charges()
+            if op["operation"] == "increment"] == [250]

@@ -716,8 +716,9 @@ def test_the_fuzzed_routes_are_every_route() -> None:
               for method in getattr(route, "methods", ()) if method != "HEAD"}
     assert routes == {(op.method, op.path) for op in OPERATIONS}
     assert {op.name for op in PAYMENT_OPERATIONS} == {
-        "create_payment", "get_payment", "capture_payment", "void_payment", "refund_payment",
-        "create_payout", "get_payout", "provider_webhook", "list_payments", "list_payouts"}
+        "create_payment", "get_payment", "capture_payment", "create_capture", "void_payment",
+        "refund_payment", "increment_payment", "create_payout", "get_payout",
+        "provider_webhook", "list_payments", "list_payouts"}
 
 
 # ---------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def step(kind: Kind = Kind.AUTHORIZE, **changes: object) -> Step:
     s = new_step(step_id=9, transfer_base=CONFIG.system_id_base + 400, kind=kind,
                  subject_id="pay_" + "a" * 24, amount=1000, currency="USD", provider="acme",
                  merchant_account_id=MERCHANT, payment_method="pm_4242_abcdefgh",
-                 hold_transfer_id=CONFIG.system_id_base + 100, auth_ref="auth_1")
+                 hold_transfer_id=CONFIG.system_id_base + 100, auth_ref="auth_1",
+                 hold_amount=2_000)
     return msgspec.structs.replace(s, **changes) if changes else s
 
 
