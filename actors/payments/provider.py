@@ -169,21 +169,25 @@ class ProviderClient:
                    kind: str) -> ProviderReply:
         self.stats["calls"] += 1
         self._ensure_watch()
-        if not self.bulkhead.try_acquire():
-            self.stats["rejected_bulkhead"] += 1
-            metrics.OVERLOAD_REJECTIONS.labels(f"provider_{self.config.name}").inc()
-            return ProviderReply(outcome=Outcome.RETRYABLE, message="bulkhead_full",
-                                 retry_after_s=0.1)
-        try:
+        with self.bulkhead.slot() as admitted:
+            if not admitted:
+                self.stats["rejected_bulkhead"] += 1
+                metrics.OVERLOAD_REJECTIONS.labels(f"provider_{self.config.name}").inc()
+                return ProviderReply(outcome=Outcome.RETRYABLE, message="bulkhead_full",
+                                     retry_after_s=0.1)
             started_s = self._clock()
             attempt = 0
             while True:
                 attempt += 1
-                if not self.breaker.allow():
-                    self.stats["rejected_open"] += 1
-                    return ProviderReply(outcome=Outcome.RETRYABLE, message="circuit_open",
-                                         retry_after_s=self.breaker.retry_in_s())
-                reply = await self._attempt(request, build, parse, kind, attempt)
+                # A cancelled or failing attempt is abandoned: no verdict on the provider.
+                with self.breaker.attempt() as call:
+                    if not call.admitted:
+                        self.stats["rejected_open"] += 1
+                        return ProviderReply(outcome=Outcome.RETRYABLE,
+                                             message="circuit_open",
+                                             retry_after_s=self.breaker.retry_in_s())
+                    reply = await self._attempt(request, build, parse, kind, attempt)
+                    call.record(not _is_failure(reply.outcome))
                 if reply.outcome != Outcome.RETRYABLE or not request.idempotency_key:
                     return reply
                 delay_s = next_delay_s(self.config.retry, attempt, self._clock() - started_s,
@@ -193,8 +197,6 @@ class ProviderClient:
                 self.stats["retries"] += 1
                 metrics.PROVIDER_RETRIES.labels(self.config.name).inc()
                 await asyncio.sleep(delay_s)
-        finally:
-            self.bulkhead.release()
 
     async def _attempt(self, request: ProviderRequest, build: Build, parse: Parse, kind: str,
                        attempt: int) -> ProviderReply:
@@ -240,11 +242,6 @@ class ProviderClient:
         except (aiohttp.ClientError, TimeoutError) as exc:
             error: ProviderError = error_from_transport(exc)
             reply = ProviderReply(outcome=error.outcome, message=str(error))
-        except BaseException:
-            # Cancelled, or a bug in the adapter: no verdict on the provider's health.
-            self.breaker.abandon()
-            raise
-        self.breaker.record(not _is_failure(reply.outcome))
         return reply, status, self._clock() - started_s
 
 

@@ -32,6 +32,7 @@ from processor.payments.api import (
 )
 from processor.payments.breaker import (
     BUCKETS_MAX,
+    BreakerCall,
     BreakerConfig,
     BreakerState,
     Bulkhead,
@@ -138,6 +139,7 @@ __all__ = [
     "PAGE_LIMIT_MAX",
     "SECRET_BYTES",
     "AuthorizeRequest",
+    "BreakerCall",
     "BreakerConfig",
     "BreakerState",
     "Bulkhead",

@@ -5,32 +5,29 @@ monotonic seconds) and an injected ``random.Random``; the provider-adapter actor
 instances and does the I/O. None of these types is thread-safe; an actor uses them from one
 event loop.
 
-How the adapter is expected to use them for one provider call::
+How a caller uses them for one provider call: through the context managers, so that a
+slot or a breaker call is never lost (an exception or a cancellation ends it too)::
 
-    if not bulkhead.try_acquire():
-        raise Overloaded(...)                      # never queue behind a slow provider
-    try:
-        if not breaker.allow():
-            raise Unavailable(..., retry_after_s=breaker.retry_in_s())
-        try:
-            reply = await call()
-        except AdapterError:                       # timeout, 5xx: the provider failed us
-            breaker.record(ok=False)
-            raise
-        except BaseException:                      # cancelled: no verdict on the provider
-            breaker.abandon()
-            raise
-        breaker.record(ok=True)                    # a decline is a healthy reply too
-    finally:
-        bulkhead.release()
+    with bulkhead.slot() as admitted:
+        if not admitted:
+            return overloaded(...)                 # never queue behind a slow provider
+        with breaker.attempt() as call:
+            if not call.admitted:
+                return unavailable(retry_after_s=breaker.retry_in_s())
+            reply = await send()                   # raising or cancelled: abandoned
+            call.record(ok=reply_is_healthy)       # a decline is a healthy reply too
+
+``try_acquire``/``release`` and ``allow``/``record``/``abandon`` stay the primitives the
+context managers are made of (and what the property tests drive).
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import msgspec
 
@@ -38,6 +35,7 @@ from processor.types import require
 
 __all__ = [
     "BUCKETS_MAX",
+    "BreakerCall",
     "BreakerConfig",
     "BreakerState",
     "Bulkhead",
@@ -234,6 +232,25 @@ class CircuitBreaker:
         if self._end_call() and self._state is BreakerState.half_open:
             self._probe_out = False
 
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[BreakerCall]:
+        """One call through the breaker: ``admitted`` says whether it may go (``allow``);
+        an admitted call ends with the verdict given to ``record``, or is abandoned when
+        the block raises, is cancelled or ends without one."""
+        call = BreakerCall(self.allow())
+        if not call.admitted:
+            yield call
+            return
+        try:
+            yield call
+        except BaseException:
+            self.abandon()
+            raise
+        if call.verdict is None:
+            self.abandon()
+        else:
+            self.record(call.verdict)
+
     def _end_call(self) -> bool:
         """Count one call as ended; False if it is taken for a stale or forgotten one."""
         if self._in_flight == 0 and self._forgotten > 0:
@@ -398,6 +415,21 @@ def next_delay_s(
     return delay_s
 
 
+class BreakerCall:
+    """A call ``CircuitBreaker.attempt`` admitted (or not), and its verdict once known."""
+
+    __slots__ = ("admitted", "verdict")
+
+    def __init__(self, admitted: bool) -> None:
+        self.admitted = admitted
+        self.verdict: bool | None = None
+
+    def record(self, ok: bool) -> None:
+        """The call's outcome: True for a healthy reply (a decline included)."""
+        require(self.admitted, "only an admitted call has a verdict")
+        self.verdict = ok
+
+
 class Bulkhead:
     """At most ``limit`` concurrent calls; beyond it, fail fast instead of queueing.
 
@@ -433,3 +465,15 @@ class Bulkhead:
         """End one admitted call. Raises ``InvariantError`` if none is in flight (a bug)."""
         require(self._in_flight > 0, "bulkhead release matches an acquire")
         self._in_flight -= 1
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[bool]:
+        """Whether a call is admitted (``try_acquire``); an admitted one is released when
+        the block ends, however it ends."""
+        if not self.try_acquire():
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self.release()

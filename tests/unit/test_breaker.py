@@ -655,3 +655,62 @@ def test_bulkhead_matches_a_counter(limit: int, acquires: list[bool]) -> None:
             held -= 1
         assert bulkhead.in_flight == held <= limit
         assert bulkhead.rejected_total == rejected
+
+
+# --- the context managers: no call or slot is ever lost ------------------------------------
+
+
+def test_an_attempt_records_its_verdict() -> None:
+    breaker, _, _ = make()
+    for _ in range(breaker.config.calls_min):
+        with breaker.attempt() as call:
+            assert call.admitted
+            call.record(False)
+    assert breaker.state is OPEN
+    assert breaker.in_flight == 0
+    with breaker.attempt() as call:
+        assert not call.admitted
+        with pytest.raises(InvariantError):
+            call.record(True)
+    assert breaker.in_flight == 0
+
+
+@pytest.mark.parametrize("ending", ["raises", "cancelled", "no verdict"])
+def test_a_probe_that_ends_without_a_verdict_is_abandoned(ending: str) -> None:
+    """Raising, cancellation or forgetting the verdict frees the half-open probe slot and
+    counts nothing: the next attempt sends a new probe."""
+    import asyncio
+
+    breaker, clock, _ = make()
+    trip(breaker)
+    clock.advance(10.0)
+    errors = {"raises": RuntimeError, "cancelled": asyncio.CancelledError}
+    if ending in errors:
+        with pytest.raises(errors[ending]), breaker.attempt() as call:
+            assert call.admitted
+            raise errors[ending]()
+    else:
+        with breaker.attempt() as call:
+            assert call.admitted
+    assert breaker.state is HALF_OPEN
+    assert not breaker.probe_in_flight
+    assert breaker.in_flight == 0
+    with breaker.attempt() as call:
+        assert call.admitted
+        call.record(True)
+    assert breaker.state is CLOSED
+
+
+def test_a_bulkhead_slot_is_released_however_the_block_ends() -> None:
+    bulkhead = Bulkhead(1)
+    with pytest.raises(RuntimeError), bulkhead.slot() as admitted:
+        assert admitted
+        assert bulkhead.in_flight == 1
+        with bulkhead.slot() as second:
+            assert not second  # full: refused, and nothing to release
+        raise RuntimeError
+    assert bulkhead.in_flight == 0
+    assert bulkhead.rejected_total == 1
+    with bulkhead.slot() as admitted:
+        assert admitted
+    assert bulkhead.in_flight == 0
