@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -19,6 +20,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -26,7 +28,7 @@ import httpx
 import pytest
 
 from actors.app.certs import write_dev_certs
-from actors.database import create_database, drop_database
+from actors.database import APP_PASSWORD_FILE_NAME, create_database, drop_database
 from processor.client import client_tls_context
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
@@ -53,7 +55,8 @@ class Served:
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Iterator[Served]:
+def served(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
+           app_password_file: Path) -> Iterator[Served]:
     import asyncio
 
     root = tmp_path_factory.mktemp("tls-payments")
@@ -62,6 +65,13 @@ def served(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str) -> Itera
     name = f"txproc_tlspay_{uuid.uuid4().hex[:12]}"
     url = asyncio.run(create_database(pg_admin_url, name))
     data_dir = root / "data"
+    # The service role (and its password) belongs to the server: a processor with a data
+    # directory of its own would set a new password, and the session's processor could no
+    # longer open connections. Processors sharing a server share the file
+    # (docs/design.md §12), so this one gets the session's.
+    data_dir.mkdir()
+    shutil.copy(app_password_file, data_dir / APP_PASSWORD_FILE_NAME)
+    (data_dir / APP_PASSWORD_FILE_NAME).chmod(0o600)
     http_port, rpc_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     process = subprocess.Popen(
