@@ -40,11 +40,13 @@ __all__ = ["DATABASE_UNREACHABLE", "PaymentStore"]
 # Step ids (and their transfer ids) a store takes from the sequences at once.
 STEP_ID_BLOCK = 32
 
-# What a call meets when PostgreSQL cannot be reached or did not answer in time (the pool's
-# connect or statement timeout): the request may be sent again. Not a refused statement
-# (a constraint, a permission), which is a bug to see as one.
+# What a call meets when PostgreSQL cannot be reached, did not answer in time (the pool's
+# acquire, connect or statement timeout) or refused the service's login (its password
+# changed under it: an operator's matter, not the request's): the request may be sent
+# again. Not a refused statement (a constraint, a permission), which is a bug to see as one.
 DATABASE_UNREACHABLE = (OSError, TimeoutError, asyncpg.InterfaceError,
-                        asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError)
+                        asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError,
+                        asyncpg.InvalidAuthorizationSpecificationError)
 
 _FINAL = [p.value for p in FINAL_PHASES]
 _STEP_COLUMNS = (
