@@ -176,7 +176,8 @@ def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False
     if flt.reference is not None:
         where.add(f"{prefix}.reference = {{}}", flt.reference)
     if flt.payment_id is not None:
-        where.add(f"{prefix}.subject_id = {{}}", flt.payment_id)
+        column = "subject_id" if step else "payment_id"  # a refund step's, a dispute's
+        where.add(f"{prefix}.{column} = {{}}", flt.payment_id)
     if flt.metadata:
         where.add(f"{prefix}.metadata @> {{}}::jsonb", _JSON.encode(flt.metadata).decode())
     if flt.after is not None:

@@ -200,7 +200,7 @@ def apply(cluster: Cluster, s: Step) -> Step:
 
 def available(cluster: Cluster) -> int:
     debits_pending, debits_posted, _, credits_posted = cluster.balances(MERCHANT)
-    return credits_posted - debits_posted - debits_pending
+    return int(credits_posted - debits_posted - debits_pending)
 
 
 @settings(max_examples=60, deadline=None)
