@@ -57,6 +57,7 @@ from msgspec import Meta
 
 from adapters.base import (
     DeclineCode,
+    DisputeNotice,
     HttpCall,
     Operation,
     Outcome,
@@ -124,6 +125,11 @@ class _PayoutBody(msgspec.Struct, frozen=True):
     reference: str
 
 
+class _EvidenceBody(msgspec.Struct, frozen=True):
+    text: str
+    files: list[str]
+
+
 # --- acme's messages, inbound (unknown fields are ignored: acme adds fields) -----------------
 
 
@@ -157,6 +163,33 @@ class _RequestStatus(msgspec.Struct, frozen=True):
     response: msgspec.Raw
 
 
+class _Dispute(msgspec.Struct, frozen=True):
+    id: str
+    object: str
+    status: str
+    amount: Amount
+    currency: str
+    authorization: str
+    fee: Amount = 0
+    reason: str = ""
+    evidence_due_by: Annotated[int, Meta(ge=0, le=2**40)] = 0
+
+
+class _DisputeEventData(msgspec.Struct, frozen=True):
+    object: _Dispute
+
+
+class _DisputeEvent(msgspec.Struct, frozen=True):
+    id: str
+    type: str
+    created: int
+    data: _DisputeEventData
+
+
+class _EventType(msgspec.Struct, frozen=True):
+    type: str = ""
+
+
 class _EventRequest(msgspec.Struct, frozen=True):
     idempotency_key: str
 
@@ -178,11 +211,14 @@ _OBJECT = msgspec.json.Decoder(_Object)
 _ERROR = msgspec.json.Decoder(_ErrorBody)
 _REQUEST_STATUS = msgspec.json.Decoder(_RequestStatus)
 _EVENT = msgspec.json.Decoder(_Event)
+_EVENT_TYPE = msgspec.json.Decoder(_EventType)
+_DISPUTE_EVENT = msgspec.json.Decoder(_DisputeEvent)
 
 # What kind of object answers each operation, and which of its statuses mean what.
 _OBJECT_KINDS = {Operation.AUTHORIZE: "authorization", Operation.CAPTURE: "capture",
                  Operation.VOID: "authorization", Operation.REFUND: "refund",
-                 Operation.PAYOUT: "payout", Operation.INCREMENT: "authorization"}
+                 Operation.PAYOUT: "payout", Operation.INCREMENT: "authorization",
+                 Operation.DISPUTE_EVIDENCE: "dispute"}
 _STATUSES: dict[Operation, dict[str, Outcome]] = {
     Operation.AUTHORIZE: {"AUTHORIZED": Outcome.APPROVED, "CAPTURED": Outcome.APPROVED,
                           "SETTLED": Outcome.APPROVED, "VOIDED": Outcome.APPROVED,
@@ -193,7 +229,15 @@ _STATUSES: dict[Operation, dict[str, Outcome]] = {
     Operation.REFUND: {"SETTLED": Outcome.APPROVED, "PENDING": Outcome.PENDING},
     Operation.PAYOUT: {"PAID": Outcome.APPROVED, "IN_TRANSIT": Outcome.PENDING,
                        "PENDING": Outcome.PENDING, "FAILED": Outcome.DECLINED},
+    # Evidence taken: the dispute is under review (a replay may find it decided since).
+    Operation.DISPUTE_EVIDENCE: {"UNDER_REVIEW": Outcome.APPROVED, "WON": Outcome.APPROVED,
+                                 "LOST": Outcome.APPROVED},
 }
+# acme's dispute statuses and events, in the processor's words (DisputeNotice.status).
+_DISPUTE_STATUSES = {"NEEDS_RESPONSE": "needs_response", "UNDER_REVIEW": "under_review",
+                     "WON": "won", "LOST": "lost"}
+_DISPUTE_EVENTS = frozenset({"dispute.created", "dispute.updated", "dispute.won",
+                             "dispute.lost"})
 _DECLINE_CODES = {
     "insufficient_funds": DeclineCode.INSUFFICIENT_FUNDS,
     "expired_card": DeclineCode.CARD_EXPIRED,
@@ -215,6 +259,7 @@ _REQUEST_ERROR_CODES = {
     "payment_method_invalid": DeclineCode.INVALID_PAYMENT_METHOD,
     "destination_invalid": DeclineCode.INVALID_DESTINATION,
     "resource_missing": DeclineCode.NOT_FOUND,
+    "dispute_closed": DeclineCode.INVALID_REQUEST,
 }
 _EVENTS: dict[str, tuple[Operation, Outcome]] = {
     "authorization.approved": (Operation.AUTHORIZE, Outcome.APPROVED),
@@ -230,7 +275,7 @@ _EVENTS: dict[str, tuple[Operation, Outcome]] = {
 _REPORT_TYPES = {"capture": Operation.CAPTURE, "refund": Operation.REFUND,
                  "payout": Operation.PAYOUT}
 _KNOWN_WORDS = frozenset({
-    *_DECLINE_CODES, *_REQUEST_ERROR_CODES, *_EVENTS,
+    *_DECLINE_CODES, *_REQUEST_ERROR_CODES, *_EVENTS, *_DISPUTE_EVENTS, *_DISPUTE_STATUSES,
     *(status for table in _STATUSES.values() for status in table),
     "authentication_error", "request_in_progress", "idempotency_key_reused",
     "idempotency_key_missing", "parameter_invalid", "parameter_missing", "body_invalid",
@@ -295,6 +340,9 @@ class AcmeAdapter:
         elif op is Operation.INCREMENT:
             path = f"/v1/authorizations/{_segment(request.provider_ref)}/increment"
             body = _IncrementBody(request.amount, request.currency, request.reference)
+        elif op is Operation.DISPUTE_EVIDENCE:
+            path = f"/v1/disputes/{_segment(request.provider_ref)}/evidence"
+            body = _EvidenceBody(request.evidence_text, list(request.evidence_files))
         elif op is Operation.REFUND:
             _need(request.provider_ref, "provider_ref")
             path = "/v1/refunds"
@@ -417,6 +465,8 @@ class AcmeAdapter:
             raise WebhookRejected("webhook_timestamp_out_of_tolerance",
                                   "acme webhook timestamp too far from now")
         try:
+            if _EVENT_TYPE.decode(body).type in _DISPUTE_EVENTS:
+                return _dispute_event(_DISPUTE_EVENT.decode(body))
             event = _EVENT.decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
             raise WebhookRejected("webhook_malformed", "acme event body unreadable") from None
@@ -453,6 +503,29 @@ class AcmeAdapter:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _dispute_event(event: _DisputeEvent) -> WebhookEvent:
+    """An acme dispute event as a ``WebhookEvent`` carrying its ``DisputeNotice``; raises
+    ``ValueError`` for one that is not a dispute of a known status."""
+    obj = event.data.object
+    status = _DISPUTE_STATUSES.get(obj.status)
+    if obj.object != "dispute" or status is None or not (event.id and obj.id
+                                                        and obj.authorization):
+        raise ValueError("acme dispute event not understood")
+    notice = DisputeNotice(dispute_ref=obj.id, authorization_ref=obj.authorization,
+                           status=status, amount=obj.amount, fee=obj.fee,
+                           currency=obj.currency, reason=_safe_reason(obj.reason),
+                           evidence_due_by_s=float(obj.evidence_due_by))
+    return WebhookEvent(event_id=event.id, operation=Operation.DISPUTE_EVIDENCE,
+                        idempotency_key="", provider_ref=obj.authorization,
+                        outcome=Outcome.APPROVED, amount=obj.amount,
+                        occurred_at_s=float(event.created), dispute=notice)
+
+
+def _safe_reason(word: str) -> str:
+    """A dispute reason as acme words it (lower case and underscores), or ''."""
+    return word if len(word) <= 64 and re.fullmatch(r"[a-z_]*", word) else ""
 
 
 def _settlement_line(row: dict[str | None, str | None], number: int) -> SettlementLine:

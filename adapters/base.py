@@ -21,6 +21,7 @@ import msgspec
 
 from processor.payments import (
     DeclineCode,
+    DisputeNotice,
     Operation,
     Outcome,
     ProviderReply,
@@ -32,6 +33,7 @@ from processor.payments import (
 __all__ = [
     "Adapter",
     "DeclineCode",
+    "DisputeNotice",
     "HttpCall",
     "Operation",
     "Outcome",

@@ -60,6 +60,7 @@ import msgspec
 
 from adapters.base import (
     DeclineCode,
+    DisputeNotice,
     HttpCall,
     Operation,
     Outcome,
@@ -121,6 +122,11 @@ class _PayoutBody(msgspec.Struct, frozen=True, rename="camel"):
     merchant_reference: str
 
 
+class _DefenceBody(msgspec.Struct, frozen=True, rename="camel"):
+    statement: str
+    documents: list[str]
+
+
 # --- globex's messages, inbound (unknown fields are ignored: globex adds fields) -------------
 
 
@@ -145,10 +151,15 @@ class _Object(msgspec.Struct, frozen=True, rename="camel"):
     payment_id: str = ""
     idempotency_key: str = ""
     reason: _Reason | None = None
+    # chargebacks
+    fee_money: _Money | None = None
+    reason_code: str = ""
+    respond_by: str = ""
 
 
 class _Answer(msgspec.Struct, frozen=True):
     result: _Result
+    chargeback: _Object | None = None
     payment: _Object | None = None
     capture: _Object | None = None
     cancellation: _Object | None = None
@@ -194,10 +205,10 @@ _ENTRY = msgspec.json.Decoder(_Entry)
 
 _OBJECT_KEYS = {Operation.AUTHORIZE: "payment", Operation.CAPTURE: "capture",
                 Operation.VOID: "cancellation", Operation.REFUND: "refund",
-                Operation.PAYOUT: "payout"}
+                Operation.PAYOUT: "payout", Operation.DISPUTE_EVIDENCE: "chargeback"}
 _TYPE_WORDS = {Operation.AUTHORIZE: "PAYMENT", Operation.CAPTURE: "CAPTURE",
                Operation.VOID: "CANCELLATION", Operation.REFUND: "REFUND",
-               Operation.PAYOUT: "PAYOUT"}
+               Operation.PAYOUT: "PAYOUT", Operation.DISPUTE_EVIDENCE: "CHARGEBACK_DEFENCE"}
 _STATES: dict[Operation, dict[str, Outcome]] = {
     Operation.AUTHORIZE: {"AUTHORIZED": Outcome.APPROVED, "CAPTURED": Outcome.APPROVED,
                           "CANCELLED": Outcome.APPROVED, "COMPLETE": Outcome.APPROVED,
@@ -206,7 +217,15 @@ _STATES: dict[Operation, dict[str, Outcome]] = {
     Operation.VOID: {"COMPLETE": Outcome.APPROVED},
     Operation.REFUND: {"COMPLETE": Outcome.APPROVED, "PENDING": Outcome.PENDING},
     Operation.PAYOUT: {"COMPLETE": Outcome.APPROVED, "PENDING": Outcome.PENDING},
+    # The defence was taken: the chargeback is defended (or decided since, on a replay).
+    Operation.DISPUTE_EVIDENCE: {"DEFENDED": Outcome.APPROVED, "REVERSED": Outcome.APPROVED,
+                                 "CONFIRMED": Outcome.APPROVED},
 }
+# globex's chargeback states in the processor's words (DisputeNotice.status), and events.
+_CHARGEBACK_STATES = {"OPEN": "needs_response", "DEFENDED": "under_review",
+                      "REVERSED": "won", "CONFIRMED": "lost"}
+_CHARGEBACK_EVENTS = frozenset({"CHARGEBACK.OPENED", "CHARGEBACK.DEFENDED",
+                                "CHARGEBACK.REVERSED", "CHARGEBACK.CONFIRMED"})
 _REASONS: dict[str, tuple[Outcome, DeclineCode]] = {
     "INSUFFICIENT_FUNDS": (Outcome.DECLINED, DeclineCode.INSUFFICIENT_FUNDS),
     "EXPIRED_CARD": (Outcome.DECLINED, DeclineCode.CARD_EXPIRED),
@@ -225,6 +244,8 @@ _REASONS: dict[str, tuple[Outcome, DeclineCode]] = {
     "PAYMENT_NOT_CANCELLABLE": (Outcome.FAILED, DeclineCode.INVALID_REQUEST),
     "PAYMENT_REFUSED": (Outcome.FAILED, DeclineCode.INVALID_REQUEST),
     "PAYMENT_NOT_FOUND": (Outcome.FAILED, DeclineCode.NOT_FOUND),
+    "CHARGEBACK_CLOSED": (Outcome.FAILED, DeclineCode.INVALID_REQUEST),
+    "CHARGEBACK_NOT_FOUND": (Outcome.FAILED, DeclineCode.NOT_FOUND),
 }
 # A refusal globex has not told us about is still a refusal: final, nothing happened.
 _REASON_UNKNOWN = (Outcome.DECLINED, DeclineCode.OTHER)
@@ -242,6 +263,7 @@ _ENTRY_TYPES = {"CAPTURE": (Operation.CAPTURE, "CREDIT"), "REFUND": (Operation.R
                 "PAYOUT": (Operation.PAYOUT, "DEBIT")}
 _KNOWN_WORDS = frozenset({
     *_REASONS, *_EVENTS, *(state for table in _STATES.values() for state in table),
+    *_CHARGEBACK_EVENTS, *_CHARGEBACK_STATES, "chargeback_not_found",
     "authentication", "refused", "request_in_progress", "idempotency_key_mismatch",
     "idempotency_key_missing", "payment_not_found", "invalid_request", "invalid_money",
     "internal_error", "service_unavailable", "throttled",
@@ -309,6 +331,9 @@ class GlobexAdapter:
         elif op is Operation.VOID:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/cancellations"
             body = _CancelBody(request.reference)
+        elif op is Operation.DISPUTE_EVIDENCE:
+            path = f"/api/v2/chargebacks/{_segment(request.provider_ref)}/defence"
+            body = _DefenceBody(request.evidence_text, list(request.evidence_files))
         elif op is Operation.REFUND:
             path = f"/api/v2/payments/{_segment(request.provider_ref)}/refunds"
             body = _MoneyBody(_money(request.amount, request.currency), request.reference)
@@ -387,7 +412,7 @@ class GlobexAdapter:
             return ProviderReply(outcome=Outcome.RETRYABLE, http_status=status,
                                  retry_after_s=wait_s or RETRY_AFTER_DEFAULT_S,
                                  message="globex 409 request_in_progress")
-        if status == 404 and problem.code == "payment_not_found":
+        if status == 404 and problem.code in ("payment_not_found", "chargeback_not_found"):
             return _reply(Outcome.FAILED, status, DeclineCode.NOT_FOUND, problem.code)
         if not problem.code:
             return _unknown(status, "not a globex problem body")
@@ -474,6 +499,8 @@ class GlobexAdapter:
             raise WebhookRejected("webhook_malformed", "globex event unreadable") from None
 
     def _event(self, event: _Event) -> WebhookEvent:
+        if event.event_type in _CHARGEBACK_EVENTS:
+            return _chargeback_event(event)
         kind = _EVENTS.get(event.event_type)
         subject = event.subject
         if kind is None or subject.type != _TYPE_WORDS[kind[0]] or not event.event_id:
@@ -524,6 +551,40 @@ class GlobexAdapter:
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
+
+def _chargeback_event(event: _Event) -> WebhookEvent:
+    """A globex chargeback event as a ``WebhookEvent`` carrying its ``DisputeNotice``."""
+    subject = event.subject
+    status = _CHARGEBACK_STATES.get(subject.state)
+    if subject.type != "CHARGEBACK" or status is None or subject.money is None or not (
+            event.event_id and subject.id and subject.payment_id):
+        raise ValueError("chargeback event not understood")
+    occurred = datetime.fromisoformat(event.occurred_at)
+    if occurred.tzinfo is None:
+        raise ValueError("event time without zone")
+    amount = _to_minor(subject.money.value, subject.money.currency)
+    fee = 0
+    if subject.fee_money is not None:
+        if subject.fee_money.currency != subject.money.currency:
+            raise ValueError("chargeback fee in another currency")
+        fee = _to_minor(subject.fee_money.value, subject.fee_money.currency)
+    due_by_s = 0.0
+    if subject.respond_by:
+        respond_by = datetime.fromisoformat(subject.respond_by)
+        if respond_by.tzinfo is None:
+            raise ValueError("respondBy without zone")
+        due_by_s = respond_by.timestamp()
+    reason = subject.reason_code.lower() if re.fullmatch(r"[A-Z_]{0,64}",
+                                                         subject.reason_code) else ""
+    notice = DisputeNotice(dispute_ref=subject.id, authorization_ref=subject.payment_id,
+                           status=status, amount=amount, fee=fee,
+                           currency=subject.money.currency, reason=reason,
+                           evidence_due_by_s=due_by_s)
+    return WebhookEvent(event_id=event.event_id, operation=Operation.DISPUTE_EVIDENCE,
+                        idempotency_key="", provider_ref=subject.payment_id,
+                        outcome=Outcome.APPROVED, amount=amount,
+                        occurred_at_s=occurred.timestamp(), dispute=notice)
 
 
 def _settlement_line(entry: _Entry, number: int) -> SettlementLine:

@@ -82,6 +82,32 @@ class Sims:
             assert r.status_code == 200, r.text
             return [op for op in r.json()["operations"] if op["reference"] == reference]
 
+    async def open_dispute(self, name: str, authorization_id: str, amount: int, *,
+                           fee: int = 1500, reason: str = "fraudulent") -> dict[str, Any]:
+        """Open a dispute on a charge, as the payer's bank would (the sim sends its webhook)."""
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{self.urls[name]}/_sim/disputes",
+                                json={"authorization_id": authorization_id, "amount": amount,
+                                      "fee": fee, "reason": reason},
+                                headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 201, r.text
+            return dict(r.json())
+
+    async def decide_dispute(self, name: str, dispute_id: str, outcome: str) -> dict[str, Any]:
+        async with httpx.AsyncClient() as http:
+            r = await http.post(f"{self.urls[name]}/_sim/disputes/{dispute_id}/decision",
+                                json={"outcome": outcome},
+                                headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
+    async def disputes(self, name: str) -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{self.urls[name]}/_sim/disputes",
+                               headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 200, r.text
+            return list(r.json()["disputes"])
+
 
 @pytest.fixture
 async def sims(processor: Processor) -> AsyncIterator[Sims]:

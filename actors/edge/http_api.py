@@ -66,10 +66,16 @@ from processor.identity import (
 from processor.payments import (
     ENDPOINT_ID_PATTERN,
     EVENT_TYPES,
+    EVIDENCE_FILE_CHARS_MAX,
+    EVIDENCE_FILES_MAX,
+    EVIDENCE_TEXT_CHARS_MAX,
     LIST_KINDS,
     PAGE_LIMIT_MAX,
     AuthorizeRequest,
     CaptureRequest,
+    DisputesPage,
+    DisputeView,
+    EvidenceRequest,
     IncrementRequest,
     ListError,
     PartialCaptureRequest,
@@ -1006,6 +1012,15 @@ class _Api:
     async def list_refunds(self, request: Request) -> Response:
         return await self._list(request, "list_refunds", _list_query(request))
 
+    async def list_disputes(self, request: Request) -> Response:
+        return await self._list(request, "list_disputes", _list_query(request))
+
+    async def get_dispute(self, request: Request) -> Response:
+        return await self._payments_call(request, "get_dispute")
+
+    async def submit_evidence(self, request: Request) -> Response:
+        return await self._payments_call(request, "submit_evidence")
+
     async def create_webhook_endpoint(self, request: Request) -> Response:
         return await self._payments_call(request, "create_webhook_endpoint")
 
@@ -1503,6 +1518,50 @@ OPERATIONS: tuple[Operation, ...] = (
                                   ("payouts", PayoutsPage, _Api.list_payouts),
                                   ("refunds", RefundsPage, _Api.list_refunds))),
     Operation(
+        name="list_disputes", method="GET", path="/v1/disputes",
+        summary="The tenant's disputes (chargebacks), newest first, filtered, a page at a "
+                "time.",
+        handler=_Api.list_disputes, scope="payments:read",
+        replies=_list_replies(DisputesPage, "Up to limit disputes and the cursor of the next "
+                                            "page (null on the last)."),
+    ),
+    Operation(
+        name="get_dispute", method="GET", path="/v1/disputes/{dispute_id}",
+        summary="Read a dispute: its status, amount, fee, deadline and evidence.",
+        handler=_Api.get_dispute, scope="payments:read",
+        replies=(Reply(200, "The dispute.", DisputeView), _UNAUTHORIZED, _FORBIDDEN,
+                 _error_reply(404, "No dispute of yours has this id.", "dispute_not_found"),
+                 _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="submit_evidence", method="POST", path="/v1/disputes/{dispute_id}/evidence",
+        summary="Submit evidence against a dispute that needs a response (once); the "
+                "provider reviews it. Needs an Idempotency-Key header.",
+        handler=_Api.submit_evidence, scope="disputes:write", request=EvidenceRequest,
+        replies=(
+            Reply(200, "Taken by the provider: the dispute is under review.", DisputeView),
+            Reply(202, "Sent, the provider's answer not known yet; GET shows the outcome.",
+                  DisputeView),
+            _error_reply(400, "No or a malformed Idempotency-Key, a malformed body, evidence "
+                              "beyond its limits, or card data in the request.",
+                         "idempotency_key_missing", "idempotency_key_invalid",
+                         "card_data_not_allowed", "malformed_json", "invalid_body",
+                         "invalid_evidence"),
+            _UNAUTHORIZED_SIGNED, _FORBIDDEN,
+            _error_reply(404, "No dispute of yours has this id.", "dispute_not_found"),
+            _error_reply(409, "The same Idempotency-Key is in flight, or another step of "
+                              "this dispute is.", "idempotency_key_in_use",
+                         "operation_in_progress"),
+            _TOO_LARGE,
+            _error_reply(422, "The dispute takes no evidence (under review, decided, past its "
+                              "deadline), the provider did not take it, or the "
+                              "Idempotency-Key was used with another request.",
+                         "idempotency_key_reused", "dispute_not_open",
+                         "evidence_deadline_passed", "evidence_not_accepted"),
+            _RATE_LIMITED, _INTERNAL, _UNAVAILABLE,
+        ),
+    ),
+    Operation(
         name="create_webhook_endpoint", method="POST", path="/v1/webhook_endpoints",
         summary="Register where the tenant's payment and payout events are sent; the answer "
                 "shows the signing secret, once. Needs an Idempotency-Key header.",
@@ -1588,6 +1647,7 @@ _SCOPE_TEXT = {
     "events:read": "read the stream of payment and payout events",
     "webhooks:read": "read the tenant's webhook endpoints",
     "webhooks:write": "create and remove the tenant's webhook endpoints",
+    "disputes:write": "submit evidence against disputes",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -1694,7 +1754,9 @@ def _list_parameters(kind: str) -> list[dict[str, Any]]:
                                          "that value (every pair given must match).",
          "schema": _METADATA_SCHEMA},
     ]
-    if kind == "refunds":
+    if kind == "disputes":  # no metadata; payment_id as refunds
+        filters = filters[:-1]
+    if kind in ("refunds", "disputes"):
         filters.append({"name": "payment_id", "in": "query", "required": False,
                         "schema": {"type": "string", "pattern": "^pay_[0-9a-f]{24}$"}})
     else:
@@ -1726,6 +1788,12 @@ def _openapi_document() -> dict[str, Any]:
     for name in ("AuthorizeRequest", "PayoutRequest", "RefundRequest"):
         components[name]["properties"]["metadata"] = dict(_METADATA_SCHEMA)
     components["WebhookEndpointRequest"]["properties"]["url"] |= {"maxLength": 2048}
+    # Evidence limits (processor.payments.check_evidence: every breach invalid_evidence).
+    components["EvidenceRequest"]["properties"]["text"] |= {
+        "minLength": 1, "maxLength": EVIDENCE_TEXT_CHARS_MAX}
+    components["EvidenceRequest"]["properties"]["files"] |= {
+        "maxItems": EVIDENCE_FILES_MAX,
+        "items": {"type": "string", "minLength": 1, "maxLength": EVIDENCE_FILE_CHARS_MAX}}
     components["WebhookEndpointRequest"]["properties"]["events"] = {
         "anyOf": [{"type": "array", "minItems": 1, "maxItems": 32,
                    "items": {"type": "string", "enum": list(EVENT_TYPES)}},

@@ -24,6 +24,7 @@ from actors.ops import metrics
 from actors.payments.engine import (
     REQUEST_ORIGIN,
     PaymentsEngine,
+    dispute_view,
     payment_view,
     payout_view,
     refund_view,
@@ -43,6 +44,10 @@ from processor.payments import (
     AuthorizeRequest,
     CaptureRequest,
     Decision,
+    DisputeError,
+    DisputesPage,
+    DisputeView,
+    EvidenceRequest,
     IdempotencyError,
     IncrementRequest,
     ListCode,
@@ -57,6 +62,7 @@ from processor.payments import (
     PayoutView,
     RefundRequest,
     RefundsPage,
+    check_evidence,
     check_key,
     check_list_query,
     check_metadata,
@@ -138,6 +144,12 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "webhook_event_type_unknown": 400,
     "webhook_endpoint_not_found": 404,
     "webhook_endpoint_limit_reached": 422,
+    # Disputes (processor/payments/disputes.py).
+    "invalid_evidence": 400,
+    "dispute_not_found": 404,
+    "dispute_not_open": 422,
+    "evidence_deadline_passed": 422,
+    "evidence_not_accepted": 422,
 }
 
 
@@ -224,6 +236,20 @@ def payout_status(view: PayoutView) -> tuple[int, bytes]:
         return _failure("payment_declined", f"the provider declined it: {view.decline_code}",
                         payout=view)
     return _failure("payout_failed", f"the payout failed: {view.error}", payout=view)
+
+
+def evidence_status(view: DisputeView, submission: str) -> tuple[int, bytes]:
+    """The answer to an evidence submission: 200 with the dispute (now under review) when
+    the provider took it, 202 while its answer is unknown (the recovery worker asks it),
+    422 ``evidence_not_accepted`` when it refused or could not be reached (the dispute's
+    ``error`` says which; send again with a new Idempotency-Key)."""
+    if submission == "succeeded":
+        return 200, ENCODER.encode(view)
+    if submission == "processing":
+        return 202, ENCODER.encode(view)
+    return (PAYMENT_ERROR_STATUS["evidence_not_accepted"],
+            error_body("evidence_not_accepted",
+                       f"the provider did not take the evidence: {view.error}"))
 
 
 def _failure(code: str, message: str, *, payment: PaymentView | None = None,
@@ -420,10 +446,15 @@ async def _list_page(engine: PaymentsEngine, principal: str, kind: str, body: by
         payouts, last = await store.list_payouts(tenant, flt)
         page = PayoutsPage(data=[payout_view(p) for p in payouts],
                            next_cursor=None if last is None else encode_cursor(kind, last))
-    else:
+    elif kind == "refunds":
         refunds, last = await store.list_refunds(tenant, flt)
         page = RefundsPage(data=[refund_view(r) for r in refunds],
                            next_cursor=None if last is None else encode_cursor(kind, last))
+    else:
+        disputes, last = await store.list_disputes(tenant, flt)
+        return ENCODER.encode(DisputesPage(
+            data=[dispute_view(d) for d in disputes],
+            next_cursor=None if last is None else encode_cursor(kind, last)))
     return ENCODER.encode(page)
 
 
@@ -460,8 +491,10 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "void": msgspec.json.Decoder(EmptyRequest),
     "refund": msgspec.json.Decoder(RefundRequest),
     "payout": msgspec.json.Decoder(PayoutRequest),
+    "submit_evidence": msgspec.json.Decoder(EvidenceRequest),
 }
-_BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture", "increment"})
+_BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture", "increment",
+                            "submit_evidence"})
 # Operations on an existing payment, named by its id.
 _ON_PAYMENT = frozenset({"capture", "create_capture", "void", "refund", "increment"})
 # Refusals that describe a moment, not the request: they are answered but never stored as
@@ -481,19 +514,23 @@ OPERATION_SCOPES: dict[str, str] = {
     "list_refunds": "payments:read",
     "create_webhook_endpoint": "webhooks:write", "list_webhook_endpoints": "webhooks:read",
     "get_webhook_endpoint": "webhooks:read", "delete_webhook_endpoint": "webhooks:write",
+    "get_dispute": "payments:read", "list_disputes": "payments:read",
+    "submit_evidence": "disputes:write",
 }
 # The list operations, by the kind of object they list (processor.payments.LIST_KINDS).
 LIST_OPERATIONS = {"list_payments": "payments", "list_payouts": "payouts",
-                   "list_refunds": "refunds"}
+                   "list_refunds": "refunds", "list_disputes": "disputes"}
 _PAYMENT_ID = re.compile(r"pay_[0-9a-f]{24}")
 _WHOLE_NUMBER = re.compile(r"[0-9][0-9 _-]{11,30}[0-9]")
 _PAYOUT_ID = re.compile(r"po_[0-9a-f]{24}")
+_DISPUTE_ID = re.compile(r"dp_[0-9a-f]{24}")
 _CANONICAL_PATHS = {
     "authorize": "/v1/payments", "capture": "/v1/payments/{}/capture",
     "create_capture": "/v1/payments/{}/captures",
     "increment": "/v1/payments/{}/increments",
     "void": "/v1/payments/{}/void", "refund": "/v1/payments/{}/refunds",
     "payout": "/v1/payouts", "create_webhook_endpoint": "/v1/webhook_endpoints",
+    "submit_evidence": "/v1/disputes/{}/evidence",
 }
 
 
@@ -556,6 +593,11 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
             raise PaymentsApiError("payout_not_found", "no payout has this id")
         payout = await engine.get_payout(subject_id, principal=principal)
         return 200, ENCODER.encode(payout), {}
+    if operation == "get_dispute":
+        if _DISPUTE_ID.fullmatch(subject_id) is None:
+            raise PaymentsApiError("dispute_not_found", "no dispute has this id")
+        return 200, ENCODER.encode(await engine.get_dispute(subject_id,
+                                                            principal=principal)), {}
     if operation == "list_events":
         return 200, await _events_page(engine, principal, body), {}
     if operation in LIST_OPERATIONS:
@@ -571,6 +613,15 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     item = _with_metadata(_decode(operation, body))
     if operation in _ON_PAYMENT and _PAYMENT_ID.fullmatch(subject_id) is None:
         raise PaymentsApiError("payment_not_found", "no payment has this id")
+    if operation == "submit_evidence":
+        # Bounded before the key is claimed, as metadata is: a bad body is answered and
+        # the key stays free.
+        try:
+            item = check_evidence(item)
+        except DisputeError as exc:
+            raise PaymentsApiError(exc.code, str(exc)) from exc
+        if _DISPUTE_ID.fullmatch(subject_id) is None:
+            raise PaymentsApiError("dispute_not_found", "no dispute has this id")
     canonical = _CANONICAL_PATHS[operation].format(subject_id)
     print_ = fingerprint("POST", canonical, body)
     request_key = request_key_of(principal, checked_key, print_)
@@ -585,6 +636,9 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         if operation == "void":
             view = await engine.void(subject_id, principal=principal, request_key=request_key)
             return payment_status(view, created=False)
+        if operation == "submit_evidence":
+            return evidence_status(*await engine.submit_evidence(
+                subject_id, item, principal=principal, request_key=request_key))
         amount = item.amount if item is not None else None
         if operation == "capture":
             view = await engine.capture(subject_id, amount, principal=principal,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime as dt
+import hashlib
 import logging
 import random
 import secrets
@@ -38,6 +39,12 @@ from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
     CaptureView,
+    Dispute,
+    DisputeError,
+    DisputeNotice,
+    DisputeStatus,
+    DisputeView,
+    Evidence,
     Kind,
     Operation,
     OperationView,
@@ -61,11 +68,13 @@ from processor.payments import (
     captures_of,
     chain_result,
     check_capture,
+    check_evidence_allowed,
     check_increment,
     check_refund,
     check_void,
     clearing_account_id,
     compensation_request,
+    dispute_status_after,
     hold_left_s,
     ledger_transfers,
     new_step,
@@ -82,7 +91,7 @@ from processor.risk import RiskConfig, RiskDecision, fallback
 from processor.service import LedgerService
 from processor.types import Account
 
-__all__ = ["PaymentsEngine", "payment_view", "payout_view", "refund_view"]
+__all__ = ["PaymentsEngine", "dispute_view", "payment_view", "payout_view", "refund_view"]
 
 log = logging.getLogger("txproc.payments")
 
@@ -150,6 +159,23 @@ def refund_view(row: dict[str, Any]) -> RefundView:
         merchant_account_id=row["merchant_account_id"], provider=row["provider"],
         decline_code=row["decline_code"], error=row["error"], metadata=row["metadata"],
         created_at=_rfc3339(row["created_at"]))
+
+
+def dispute_view(dispute: Dispute) -> DisputeView:
+    return DisputeView(
+        id=dispute.id, payment_id=dispute.payment_id, status=dispute.status.value,
+        amount=dispute.amount, fee=dispute.fee, currency=dispute.currency,
+        merchant_account_id=dispute.merchant_account_id, provider=dispute.provider,
+        reason=dispute.reason, evidence_due_by=_rfc3339(dispute.evidence_due_at),
+        evidence=dispute.evidence, error=dispute.error,
+        created_at=_rfc3339(dispute.created_at))
+
+
+def dispute_id_of(provider: str, dispute_ref: str) -> str:
+    """Our id of a provider's dispute: derived, so every notice about it names the same
+    dispute without a lookup of its own."""
+    digest = hashlib.sha256(f"{provider}\x00{dispute_ref}".encode()).hexdigest()
+    return f"dp_{digest[:24]}"
 
 
 def payout_view(payout: Payout) -> PayoutView:
@@ -356,8 +382,11 @@ class PaymentsEngine:
         if capture_id is not None:
             capture = capture_named(await self.store.steps_of(payment_id),
                                     int(capture_id.removeprefix("cap_")))
-        amount = refundable_amount(payment, capture) if amount is None else amount
-        check_refund(payment, amount, capture)
+        # What open or lost disputes took back is not refundable (nor refunded twice).
+        disputed = await self.store.disputed_amount(payment_id)
+        amount = (refundable_amount(payment, capture, disputed=disputed) if amount is None
+                  else amount)
+        check_refund(payment, amount, capture, disputed=disputed)
         await self._start(payment, Kind.REFUND, amount, request_key,
                           capture_id=0 if capture is None else capture.step_id,
                           metadata=metadata)
@@ -440,6 +469,8 @@ class PaymentsEngine:
         once even when the provider sends it twice or the process dies in between. Events
         about steps that already moved on (late, out of order) change nothing.
         """
+        if event.dispute is not None:
+            return await self._apply_dispute_notice(provider, event, event.dispute)
         key = event.idempotency_key.removesuffix("-undo")
         step = await self.store.step_by_key(key)
         # A provider speaks only for its own calls: an event verified with one provider's
@@ -472,6 +503,145 @@ class PaymentsEngine:
         if saved.phase != step.phase and not saved.final:
             self._spawn(self.drive(saved))
         return "applied" if saved.phase != step.phase else "ignored"
+
+    # -- disputes (processor/payments/disputes.py) --------------------------------------------
+
+    async def _apply_dispute_notice(self, provider: str, event: WebhookEvent,
+                                    notice: DisputeNotice) -> str:
+        """A provider's dispute notice: open a dispute (and hold its money), or move one.
+
+        A notice about a payment we do not know, of another currency, or that the rules
+        refuse (nothing captured, more than captured minus refunded) is recorded and
+        answered ``ignored``: nothing is held (docs/runbooks/disputes.md). The first notice
+        of a dispute that is already a decision opens it and asks to be sent again, so
+        the decision then follows the opening as usual.
+        """
+        dispute_id = dispute_id_of(provider, notice.dispute_ref)
+        existing = await self.store.dispute(dispute_id)
+        webhook = (provider, event.event_id)
+        now_s = self._clock_s()
+        if existing is None:
+            payment = await self.store.payment_by_provider_ref(provider,
+                                                               notice.authorization_ref)
+            if payment is None or payment.currency != notice.currency or notice.amount < 1:
+                log.warning("dispute %s of %s names no payment of ours in %s; ignored",
+                            dispute_id, provider, notice.currency)
+                fresh = await self.store.record_webhook(provider, event.event_id)
+                return "ignored" if fresh else "duplicate"
+            step_id, transfer_base = await self.store.new_step_ids()
+            step = new_step(step_id=step_id, transfer_base=transfer_base,
+                            kind=Kind.DISPUTE_HOLD, subject_id=dispute_id,
+                            amount=notice.amount, currency=payment.currency,
+                            provider=provider, merchant_account_id=payment.merchant_account_id,
+                            hold_amount=notice.fee)
+            dispute = Dispute(
+                id=dispute_id, payment_id=payment.id, provider=provider,
+                provider_dispute_id=notice.dispute_ref,
+                merchant_account_id=payment.merchant_account_id, amount=notice.amount,
+                fee=notice.fee, currency=payment.currency,
+                status=DisputeStatus.NEEDS_RESPONSE, reason=notice.reason[:100],
+                evidence_due_at=_utc(notice.evidence_due_by_s) if notice.evidence_due_by_s
+                else None, hold_transfer_id=transfer_base, created_at=_utc(now_s))
+            opening = notice.status == DisputeStatus.NEEDS_RESPONSE.value
+            result = await self.store.open_dispute(
+                dispute, step, webhook=webhook, due_at_s=now_s + self.config.claim_ttl_s,
+                record_webhook=opening)
+            if result.startswith("refused:"):
+                log.warning("dispute %s of payment %s refused (%s); ignored", dispute_id,
+                            payment.id, result.removeprefix("refused:"))
+                return "ignored"
+            if result == "applied":
+                self._spawn(self.drive(step))
+                return "applied" if opening else "retry"
+            return result
+        status = dispute_status_after(existing.status, notice.status)
+        if status is None or existing.provider != provider:
+            fresh = await self.store.record_webhook(provider, event.event_id)
+            return "ignored" if fresh else "duplicate"
+        outcome: Step | None = None
+        if status in (DisputeStatus.WON, DisputeStatus.LOST) and existing.hold_transfer_id:
+            step_id, transfer_base = await self.store.new_step_ids()
+            kind = Kind.DISPUTE_WON if status == DisputeStatus.WON else Kind.DISPUTE_LOST
+            outcome = new_step(step_id=step_id, transfer_base=transfer_base, kind=kind,
+                            subject_id=existing.id, amount=existing.amount,
+                            currency=existing.currency, provider=provider,
+                            merchant_account_id=existing.merchant_account_id,
+                            hold_amount=existing.fee,
+                            hold_transfer_id=existing.hold_transfer_id)
+        result = await self.store.decide_dispute(existing, status, outcome, webhook=webhook,
+                                                 due_at_s=now_s + self.config.claim_ttl_s)
+        if result == "applied" and outcome is not None:
+            self._spawn(self.drive(outcome))
+        return result
+
+    async def submit_evidence(self, dispute_id: str, evidence: Evidence, *, principal: str,
+                              request_key: str = "") -> tuple[DisputeView, str]:
+        """Submit evidence against a dispute of the caller's tenant that needs a response:
+        stored with the step that sends it to the provider (idempotent there by the step's
+        key). Returns the dispute and how the submission stands (succeeded, processing,
+        failed)."""
+        dispute = await self.store.dispute(dispute_id, principal=principal)
+        if dispute is None:
+            raise PaymentError("dispute_not_found", "no dispute has this id")
+        resumed = request_key and await self.store.step_by_request(
+            dispute_id, f"{request_key}:{Kind.DISPUTE_EVIDENCE.value}")
+        if resumed:
+            await self._finish_open_steps(dispute_id)
+            return await self._evidence_answer(dispute_id, request_key)
+        try:
+            check_evidence_allowed(dispute)
+        except DisputeError as exc:
+            raise PaymentError(exc.code, str(exc)) from exc
+        if dispute.evidence_due_at is not None and (
+                dispute.evidence_due_at.timestamp() <= self._clock_s()):
+            raise PaymentError("evidence_deadline_passed",
+                               "the provider takes no evidence for this dispute any more")
+        step_id, transfer_base = await self.store.new_step_ids()
+        step = new_step(step_id=step_id, transfer_base=transfer_base,
+                        kind=Kind.DISPUTE_EVIDENCE, subject_id=dispute.id,
+                        amount=dispute.amount, currency=dispute.currency,
+                        provider=dispute.provider,
+                        merchant_account_id=dispute.merchant_account_id,
+                        auth_ref=dispute.provider_dispute_id, origin=REQUEST_ORIGIN.get())
+        try:
+            await self.store.start_evidence(
+                dispute, evidence, step, due_at_s=self._clock_s() + self.config.claim_ttl_s,
+                request_key=f"{request_key}:{Kind.DISPUTE_EVIDENCE.value}" if request_key
+                else "")
+        except DisputeError as exc:
+            raise PaymentError(exc.code, str(exc)) from exc
+        await self.drive(step)
+        return await self._evidence_answer(dispute_id, request_key)
+
+    async def _evidence_answer(self, dispute_id: str, request_key: str
+                               ) -> tuple[DisputeView, str]:
+        dispute = await self.store.dispute(dispute_id)
+        if dispute is None:
+            raise PaymentError("dispute_not_found", "no dispute has this id")
+        step = await self.store.step_by_request(
+            dispute_id, f"{request_key}:{Kind.DISPUTE_EVIDENCE.value}"
+        ) if request_key else None
+        if step is None:
+            steps = [s for s in await self.store.steps_of(dispute_id)
+                     if s.kind == Kind.DISPUTE_EVIDENCE]
+            step = steps[-1] if steps else None
+        return dispute_view(dispute), "processing" if step is None else _op_status(step.phase)
+
+    async def get_dispute(self, dispute_id: str, *, principal: str | None) -> DisputeView:
+        dispute = await self.store.dispute(dispute_id, principal=principal)
+        if dispute is None:
+            raise PaymentError("dispute_not_found", "no dispute has this id")
+        return dispute_view(dispute)
+
+    async def _request_of(self, step: Step) -> ProviderRequest:
+        """The provider call of a step in ``PROVIDER``; evidence is read from its dispute
+        (stored with the step, in one transaction, before the step could run)."""
+        request = provider_request(step)
+        if step.kind != Kind.DISPUTE_EVIDENCE:
+            return request
+        evidence = await self.store.dispute_evidence(step.subject_id)
+        return msgspec.structs.replace(request, evidence_text=evidence.text,
+                                       evidence_files=tuple(evidence.files))
 
     # -- recovery -----------------------------------------------------------------------------
 
@@ -568,7 +738,8 @@ class PaymentsEngine:
                 after = on_ledger(step, code)
                 detail = f"ledger {code.name}"
             elif step.phase == Phase.PROVIDER:
-                reply = await self._call_provider(step.provider, "call", provider_request(step))
+                reply = await self._call_provider(step.provider, "call",
+                                                  await self._request_of(step))
                 after = on_provider(step, reply, self._failover(step))
                 detail = f"provider {reply.outcome.value} {reply.message}"[:200]
             elif step.phase == Phase.COMPENSATE:

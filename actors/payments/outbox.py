@@ -266,7 +266,7 @@ def verify(
 # -- writing --------------------------------------------------------------------------------
 
 # One delivery per active subscriber that wants the event: every operator subscriber
-# (tenant NULL), and the endpoints of the tenant whose payment or payout the event is about
+# (tenant NULL), and the endpoints of the tenant whose payment, payout or dispute the event is about
 # (the slot in front of its principal, as GET /v1/events decides it) that take its type.
 _ENQUEUE_SQL = """
 WITH event AS (
@@ -277,6 +277,8 @@ WITH event AS (
     SELECT split_part(principal, '/', 1) AS tenant FROM payments WHERE id = $2
     UNION ALL
     SELECT split_part(principal, '/', 1) FROM payouts WHERE id = $2
+    UNION ALL
+    SELECT split_part(principal, '/', 1) FROM disputes WHERE id = $2
     LIMIT 1
 ), deliveries AS (
     INSERT INTO outbox_deliveries (event_id, subscriber)

@@ -20,7 +20,12 @@ from actors.database import bounded_pool, keep_session
 from actors.payments import outbox
 from actors.priority import lower_session_priority
 from processor.payments import (
+    DISPUTE_KINDS,
     FINAL_PHASES,
+    Dispute,
+    DisputeError,
+    DisputeStatus,
+    Evidence,
     KeyState,
     Kind,
     ListFilter,
@@ -71,6 +76,29 @@ _PAYOUT_COLUMNS = (
 # the same tenant wrote it, and to everyone when $2 is NULL (the processor's own reads).
 _SAME_TENANT = ("($2::text IS NULL OR split_part(principal, '/', 1) = "
                 "split_part($2::text, '/', 1))")
+
+
+_DISPUTE_COLUMNS = (
+    "id, payment_id, provider, provider_dispute_id, merchant_account_id, amount, fee, "
+    "currency, status, reason, evidence_due_at, hold_transfer_id, evidence, error, created_at"
+)
+_EVIDENCE = msgspec.json.Decoder(Evidence)
+
+
+def _dispute(row: asyncpg.Record) -> Dispute:
+    values = dict(row)
+    values["status"] = DisputeStatus(values["status"])
+    evidence = values["evidence"]
+    values["evidence"] = None if evidence is None else _EVIDENCE.decode(evidence)
+    return Dispute(**values)
+
+
+def _dispute_event(dispute: Dispute) -> dict[str, Any]:
+    """A dispute event's data: the dispute as it stands, without its evidence (which may be
+    long, and which consumers read with GET /v1/disputes/{id} if they need it)."""
+    payload: dict[str, Any] = msgspec.to_builtins(dispute)
+    payload.pop("evidence", None)
+    return payload
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -150,7 +178,8 @@ def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False
     if flt.reference is not None:
         where.add(f"{prefix}.reference = {{}}", flt.reference)
     if flt.payment_id is not None:
-        where.add(f"{prefix}.subject_id = {{}}", flt.payment_id)
+        column = "subject_id" if step else "payment_id"  # a refund step's, a dispute's
+        where.add(f"{prefix}.{column} = {{}}", flt.payment_id)
     if flt.metadata:
         where.add(f"{prefix}.metadata @> {{}}::jsonb", _JSON.encode(flt.metadata).decode())
     if flt.after is not None:
@@ -193,6 +222,10 @@ def _step_values(step: Step) -> tuple[Any, ...]:
             step.hold_transfer_id, step.auth_ref, step.provider_ref, list(step.tried),
             step.decline_code, step.error, step.version, step.origin, step.final_capture,
             step.capture_id, step.hold_amount, step.hold_timeout_s)
+
+
+class _Retry(Exception):
+    """Roll a dispute's transaction back: it changed since it was read."""
 
 
 class PaymentStore:
@@ -420,6 +453,9 @@ class PaymentStore:
     async def _finish(self, conn: asyncpg.Connection, step: Step) -> None:
         from processor.payments import payment_after, payout_after
 
+        if step.kind in DISPUTE_KINDS:
+            await self._finish_dispute(conn, step)
+            return
         if step.kind == Kind.PAYOUT:
             row = await conn.fetchrow(
                 f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 FOR UPDATE", step.subject_id)
@@ -481,7 +517,9 @@ class PaymentStore:
             "AND EXISTS (SELECT 1 FROM payments p WHERE p.id = e.aggregate_id "
             "AND split_part(p.principal, '/', 1) = split_part($3, '/', 1) "
             "UNION ALL SELECT 1 FROM payouts o WHERE o.id = e.aggregate_id "
-            "AND split_part(o.principal, '/', 1) = split_part($3, '/', 1)) "
+            "AND split_part(o.principal, '/', 1) = split_part($3, '/', 1) "
+            "UNION ALL SELECT 1 FROM disputes d WHERE d.id = e.aggregate_id "
+            "AND split_part(d.principal, '/', 1) = split_part($3, '/', 1)) "
             "ORDER BY e.id LIMIT $4", after, event_type, principal, limit)
         return [dict(r) for r in rows]
 
@@ -536,6 +574,180 @@ class PaymentStore:
             last = Position(_micros(page[-1]["created_at"]), str(page[-1]["id"]))
         return page, last
 
+    async def list_disputes(self, tenant: str, flt: ListFilter
+                            ) -> tuple[list[Dispute], Position | None]:
+        """A page of the tenant's disputes, as ``list_payments``."""
+        where = _list_where(flt, tenant, "p")
+        rows = await self._pool.fetch(
+            f"SELECT {', '.join('p.' + c for c in _DISPUTE_COLUMNS.split(', '))} "
+            f"FROM disputes p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
+            f"LIMIT {flt.limit + 1:d}", *where.args)
+        page = [_dispute(r) for r in rows[:flt.limit]]
+        last = None
+        if len(rows) > flt.limit:
+            moment = page[-1].created_at
+            if moment is None:
+                raise ValueError("a stored row has its creation time")
+            last = Position(_micros(moment), page[-1].id)
+        return page, last
+
+    # -- disputes (processor/payments/disputes.py) --------------------------------------------
+
+    async def payment_by_provider_ref(self, provider: str, provider_ref: str
+                                      ) -> Payment | None:
+        """The payment whose authorization ``provider`` knows as ``provider_ref``."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE provider=$1 AND provider_ref=$2 "
+            "AND provider_ref <> '' ORDER BY created_at LIMIT 1", provider, provider_ref)
+        return None if row is None else _payment(row)
+
+    async def dispute(self, dispute_id: str, *, principal: str | None = None
+                      ) -> Dispute | None:
+        """The dispute; with ``principal``, only if its payment is of the same tenant."""
+        row = await self._pool.fetchrow(
+            f"SELECT {_DISPUTE_COLUMNS} FROM disputes WHERE id=$1 AND {_SAME_TENANT}",
+            dispute_id, principal)
+        return None if row is None else _dispute(row)
+
+    async def disputed_amount(self, payment_id: str) -> int:
+        """What the payment's disputes took or hold: open and lost ones (won ones gave it
+        back)."""
+        return int(await self._pool.fetchval(
+            "SELECT coalesce(sum(amount), 0) FROM disputes WHERE payment_id=$1 "
+            "AND status <> 'won'", payment_id))
+
+    async def open_dispute(self, dispute: Dispute, step: Step, *, webhook: tuple[str, str],
+                           due_at_s: float, record_webhook: bool = True) -> str:
+        """A provider's new dispute: the webhook seen, the dispute, its hold step and its
+        ``dispute.needs_response`` event, in one transaction. Returns ``applied``,
+        ``duplicate`` (this event was seen), ``ignored`` (the dispute exists already) or
+        ``refused:<code>`` (the rules refuse it: nothing but the webhook is written).
+        Without ``record_webhook`` the event is not remembered (it is a decision that must
+        be applied when the provider sends it again).
+
+        The payment is locked while the rules are checked, so two disputes (or a dispute
+        and a refund's step creation, which locks it too) cannot both take the same money.
+        """
+        async with self._pool.acquire() as conn, conn.transaction():
+            if record_webhook:
+                fresh = await conn.fetchval(
+                    "INSERT INTO webhook_events (provider, event_id, step_id) "
+                    "VALUES ($1,$2,$3) ON CONFLICT DO NOTHING RETURNING true",
+                    webhook[0], webhook[1], step.id)
+                if not fresh:
+                    return "duplicate"
+            row = await conn.fetchrow(
+                "SELECT captured_amount, refunded_amount, principal FROM payments "
+                "WHERE id=$1 FOR UPDATE", dispute.payment_id)
+            disputed = await conn.fetchval(
+                "SELECT coalesce(sum(amount), 0) FROM disputes WHERE payment_id=$1 "
+                "AND status <> 'won' AND id <> $2", dispute.payment_id, dispute.id)
+            exists = await conn.fetchval("SELECT true FROM disputes WHERE id=$1", dispute.id)
+            if exists:
+                return "ignored"
+            from processor.payments import check_dispute_opening
+
+            try:
+                check_dispute_opening(captured=row["captured_amount"],
+                                      refunded=row["refunded_amount"], disputed=int(disputed),
+                                      amount=dispute.amount, fee=dispute.fee)
+            except DisputeError as exc:
+                return f"refused:{exc.code}"
+            await conn.execute(
+                f"INSERT INTO disputes ({_DISPUTE_COLUMNS}, principal) VALUES "
+                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,NULL,$13,"
+                "coalesce($14::timestamptz, now()),$15)",
+                dispute.id, dispute.payment_id, dispute.provider, dispute.provider_dispute_id,
+                dispute.merchant_account_id, dispute.amount, dispute.fee, dispute.currency,
+                dispute.status.value, dispute.reason, dispute.evidence_due_at,
+                dispute.hold_transfer_id, dispute.error, dispute.created_at, row["principal"])
+            await self._insert_step(conn, step, due_at_s)
+            await outbox.enqueue(conn, event_type=f"dispute.{dispute.status.value}",
+                                 aggregate_id=dispute.id, payload=_dispute_event(dispute))
+        return "applied"
+
+    async def decide_dispute(self, before: Dispute, status: DisputeStatus,
+                             step: Step | None, *, webhook: tuple[str, str],
+                             due_at_s: float) -> str:
+        """The provider's new word on a dispute (under review, won, lost): the webhook seen,
+        the new status (only if the dispute is still as read), its event, and the step that
+        posts or releases the holds, in one transaction. Returns ``applied``,
+        ``duplicate``, or ``retry`` (the dispute changed meanwhile, or one of its steps is
+        still running: the provider sends the event again later)."""
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                fresh = await conn.fetchval(
+                    "INSERT INTO webhook_events (provider, event_id, step_id) "
+                    "VALUES ($1,$2,$3) ON CONFLICT DO NOTHING RETURNING true",
+                    webhook[0], webhook[1], None if step is None else step.id)
+                if not fresh:
+                    return "duplicate"
+                row = await conn.fetchrow(
+                    f"UPDATE disputes SET status=$3, updated_at=now() WHERE id=$1 "
+                    f"AND status=$2 RETURNING {_DISPUTE_COLUMNS}",
+                    before.id, before.status.value, status.value)
+                if row is None:
+                    raise _Retry
+                if step is not None:
+                    await self._insert_step(conn, step, due_at_s)
+                await outbox.enqueue(conn, event_type=f"dispute.{status.value}",
+                                     aggregate_id=before.id, payload=_dispute_event(
+                                         _dispute(row)))
+        except _Retry:
+            return "retry"
+        except PaymentError as exc:  # another step of the dispute is still running
+            if exc.code != "operation_in_progress":
+                raise
+            return "retry"
+        return "applied"
+
+    async def start_evidence(self, dispute: Dispute, evidence: Evidence, step: Step, *,
+                             due_at_s: float, request_key: str) -> None:
+        """Store the evidence and create the step that submits it, if the dispute still
+        needs a response (``dispute_not_open`` otherwise) and no other step of it is
+        running (``operation_in_progress``)."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            status = await conn.fetchval(
+                "SELECT status FROM disputes WHERE id=$1 FOR UPDATE", dispute.id)
+            if status != DisputeStatus.NEEDS_RESPONSE.value:
+                raise DisputeError("dispute_not_open",
+                                   f"a dispute in status {status} takes no evidence")
+            await conn.execute(
+                "UPDATE disputes SET evidence=$2::jsonb, updated_at=now() WHERE id=$1",
+                dispute.id, _JSON.encode(evidence).decode())
+            await self._insert_step(conn, step, due_at_s, request_key)
+
+    async def dispute_evidence(self, dispute_id: str) -> Evidence:
+        raw = await self._pool.fetchval("SELECT evidence FROM disputes WHERE id=$1",
+                                        dispute_id)
+        return Evidence(text="") if raw is None else _EVIDENCE.decode(raw)
+
+    async def _finish_dispute(self, conn: asyncpg.Connection, step: Step) -> None:
+        """A dispute's step ended: evidence accepted moves it to ``under_review`` (with its
+        event); a failed step leaves its status and says why (``error``); holds the ledger
+        refused leave no hold to resolve (``hold_transfer_id`` 0)."""
+        row = await conn.fetchrow(
+            f"SELECT {_DISPUTE_COLUMNS} FROM disputes WHERE id=$1 FOR UPDATE", step.subject_id)
+        before = _dispute(row)
+        after = before
+        if step.phase == Phase.SUCCEEDED:
+            if step.kind == Kind.DISPUTE_EVIDENCE and (
+                    before.status == DisputeStatus.NEEDS_RESPONSE):
+                after = msgspec.structs.replace(before, status=DisputeStatus.UNDER_REVIEW,
+                                                error="")
+        else:
+            after = msgspec.structs.replace(before, error=step.error or step.phase.value)
+            if step.kind == Kind.DISPUTE_HOLD:
+                after = msgspec.structs.replace(after, hold_transfer_id=0)
+        if after == before:
+            return
+        await conn.execute(
+            "UPDATE disputes SET status=$2, error=$3, hold_transfer_id=$4, updated_at=now() "
+            "WHERE id=$1", after.id, after.status.value, after.error, after.hold_transfer_id)
+        if after.status != before.status:
+            await outbox.enqueue(conn, event_type=f"dispute.{after.status.value}",
+                                 aggregate_id=after.id, payload=_dispute_event(after))
+
     # -- steps for an operator (requires_review) ---------------------------------------------
 
     async def flag_for_review(self, *, now_s: float, review_after_s: float,
@@ -554,7 +766,8 @@ class PaymentStore:
             steps = [_step(r) for r in rows]
             for step in steps:
                 await self._log(conn, step, f"requires review after {step.checks} rechecks")
-                owner = "payout" if step.kind == Kind.PAYOUT else "payment"
+                owner = ("payout" if step.kind == Kind.PAYOUT
+                         else "dispute" if step.kind in DISPUTE_KINDS else "payment")
                 await outbox.enqueue(conn, event_type=f"{owner}.requires_review",
                                      aggregate_id=step.subject_id, payload=_review_event(step))
         return steps

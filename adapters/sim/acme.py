@@ -37,6 +37,7 @@ from starlette.routing import BaseRoute, Route
 from adapters.base import Operation
 from adapters.sim.core import (
     Book,
+    Dispute,
     FeeSchedule,
     Op,
     Refusal,
@@ -121,6 +122,11 @@ class _PayoutParams(msgspec.Struct, forbid_unknown_fields=True):
     reference: Text = ""
 
 
+class _EvidenceParams(msgspec.Struct, forbid_unknown_fields=True):
+    text: Annotated[str, Meta(min_length=1, max_length=20_000)]
+    files: Annotated[list[Annotated[str, Meta(max_length=500)]], Meta(max_length=10)] = []
+
+
 _DECLINES: dict[Refusal, tuple[str, str, str]] = {  # refusal -> (type, code, decline_code)
     Refusal.INSUFFICIENT_FUNDS: ("card_error", "card_declined", "insufficient_funds"),
     Refusal.CARD_EXPIRED: ("card_error", "expired_card", "expired_card"),
@@ -141,7 +147,12 @@ _RULES: dict[Refusal, tuple[int, str]] = {  # refusal -> (HTTP status, code)
     Refusal.ALREADY_CAPTURED: (400, "authorization_captured"),
     Refusal.AUTHORIZATION_DECLINED: (400, "authorization_declined"),
     Refusal.NOT_FOUND: (404, "resource_missing"),
+    Refusal.DISPUTE_NOT_OPEN: (400, "dispute_closed"),
 }
+_DISPUTE_STATES = {"needs_response": "NEEDS_RESPONSE", "under_review": "UNDER_REVIEW",
+                   "won": "WON", "lost": "LOST"}
+_DISPUTE_EVENTS = {"needs_response": "dispute.created", "under_review": "dispute.updated",
+                   "won": "dispute.won", "lost": "dispute.lost"}
 
 
 def _error(status: int, type_: str, code: str, headers: dict[str, str] | None = None,
@@ -160,6 +171,7 @@ def _ok(payload: Any) -> Response:
 
 class AcmeSim(SimProvider):
     name = "acme"
+    dispute_prefix = "dp_"
 
     def make_book(self) -> Book:
         return Book(currencies=CURRENCIES, fees=FEES, id_prefixes=ID_PREFIXES,
@@ -180,6 +192,8 @@ class AcmeSim(SimProvider):
             Route("/v1/payouts", self.api(self.payout, mutating=True), methods=["POST"]),
             Route("/v1/requests/{key:path}", self.api(self.request_status, mutating=False),
                   methods=["GET"]),
+            Route("/v1/disputes/{dispute_id}/evidence",
+                  self.api(self.dispute_evidence, mutating=True), methods=["POST"]),
             Route("/v1/settlements/{date}", self.settlement_report, methods=["GET"]),
         ]
 
@@ -315,6 +329,31 @@ class AcmeSim(SimProvider):
                                 currency=p.currency, destination=p.destination,
                                 settle_now=True)
 
+    async def dispute_evidence(self, request: Request, body: bytes) -> Response:
+        """Evidence against a dispute: it moves to UNDER_REVIEW (once; then
+        ``dispute_closed``). Answered with the dispute, replayed for its key."""
+        key = self.request_key(request, "idempotency-key")
+        if key is None:
+            return _error(400, "invalid_request_error", "idempotency_key_missing")
+        try:
+            params = msgspec.json.decode(body, type=_EvidenceParams)
+        except msgspec.ValidationError as exc:
+            return _error(400, "invalid_request_error", "parameter_invalid", param=_path(exc))
+        except msgspec.DecodeError:
+            return _error(400, "invalid_request_error", "body_invalid")
+        dispute_id = request.path_params["dispute_id"]
+
+        def work() -> Answer:
+            try:
+                dispute = self.book.submit_evidence(dispute_id, text=params.text,
+                                                    files=tuple(params.files))
+            except Refused as refused:
+                status, code = _RULES[refused.refusal]
+                return Answer(status, _error_body("invalid_request_error", code))
+            return Answer(200, msgspec.json.encode(self._dispute(dispute)))
+
+        return await self.idempotent(request, key, Operation.DISPUTE_EVIDENCE, body, work)
+
     async def request_status(self, request: Request, body: bytes) -> Response:
         """What became of the request made with this idempotency key."""
         self.counts.status_queries += 1
@@ -393,6 +432,21 @@ class AcmeSim(SimProvider):
             "id": event_id, "object": "event", "type": kind, "created": int(self.clock_s()),
             "request": {"idempotency_key": op.idempotency_key},
             "data": {"object": self._render(op)},
+        })
+        return event_id, body
+
+    def _dispute(self, dispute: Dispute) -> dict[str, Any]:
+        return {"id": dispute.id, "object": "dispute", "status": _DISPUTE_STATES[dispute.state],
+                "amount": dispute.amount, "fee": dispute.fee, "currency": dispute.currency,
+                "authorization": dispute.authorization_id, "reason": dispute.reason,
+                "evidence_due_by": int(dispute.evidence_due_by_s),
+                "created": int(dispute.created_at_s)}
+
+    def dispute_event(self, dispute: Dispute) -> tuple[str, bytes]:
+        event_id = f"evt_{secrets.token_hex(12)}"
+        body = msgspec.json.encode({
+            "id": event_id, "object": "event", "type": _DISPUTE_EVENTS[dispute.state],
+            "created": int(self.clock_s()), "data": {"object": self._dispute(dispute)},
         })
         return event_id, body
 

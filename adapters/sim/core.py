@@ -46,8 +46,10 @@ from processor.types import AMOUNT_MAX
 __all__ = [
     "BANK_BEHAVIOUR",
     "CARD_BEHAVIOUR",
+    "DISPUTE_EVIDENCE_DAYS",
     "PROVIDER_SECRET_FIELDS",
     "Book",
+    "Dispute",
     "FeeSchedule",
     "IdempotencyStore",
     "KeyState",
@@ -172,6 +174,7 @@ class Refusal(enum.StrEnum):
     ALREADY_CAPTURED = "already_captured"
     AUTHORIZATION_DECLINED = "authorization_declined"
     NOT_FOUND = "not_found"
+    DISPUTE_NOT_OPEN = "dispute_not_open"  # evidence for a dispute under review or decided
 
 
 class Refused(Exception):
@@ -396,6 +399,36 @@ class Op:
         }
 
 
+DisputeState = Literal["needs_response", "under_review", "won", "lost"]
+# How long a dispute takes evidence after it opened (card networks give a few weeks).
+DISPUTE_EVIDENCE_DAYS = 21
+
+
+@dataclass(slots=True)
+class Dispute:
+    """A chargeback the payer's bank raised against an authorization (opened and decided
+    through the admin API, ``/_sim/disputes``: no real bank drives the simulator)."""
+
+    id: str
+    authorization_id: str
+    amount: int
+    fee: int
+    currency: str
+    reason: str
+    state: DisputeState
+    created_at_s: float
+    evidence_due_by_s: float
+    evidence_text: str = ""
+    evidence_files: tuple[str, ...] = ()
+
+    def to_admin(self) -> dict[str, Any]:
+        return {"id": self.id, "authorization_id": self.authorization_id,
+                "amount": self.amount, "fee": self.fee, "currency": self.currency,
+                "reason": self.reason, "state": self.state,
+                "created_at_s": self.created_at_s, "evidence_due_by_s": self.evidence_due_by_s,
+                "evidence_text": self.evidence_text, "evidence_files": list(self.evidence_files)}
+
+
 class Book:
     """The provider's ledger and its business rules, in neutral words.
 
@@ -415,6 +448,7 @@ class Book:
         self._clock_s = clock_s
         self._ops_max = ops_max
         self._ops: dict[str, Op] = {}
+        self._disputes: dict[str, Dispute] = {}
 
     def __len__(self) -> int:
         return len(self._ops)
@@ -431,6 +465,58 @@ class Book:
 
     def clear(self) -> None:
         self._ops.clear()
+        self._disputes.clear()
+
+    # -- disputes ----------------------------------------------------------------------------
+
+    def dispute(self, dispute_id: str) -> Dispute | None:
+        return self._disputes.get(dispute_id)
+
+    def disputes(self) -> list[Dispute]:
+        return list(self._disputes.values())
+
+    def open_dispute(self, *, authorization_id: str, amount: int, fee: int, reason: str,
+                     prefix: str) -> Dispute:
+        """A dispute on an existing authorization. The admin API is fault injection: any
+        amount in range is taken, even beyond what was captured or on an authorization
+        never captured, so the processor's own rules can be tested."""
+        auth = self._ops.get(authorization_id)
+        if auth is None or auth.operation is not Operation.AUTHORIZE:
+            raise Refused(Refusal.NOT_FOUND)
+        _check_amount(amount)
+        if not 0 <= fee <= AMOUNT_MAX:
+            raise ValueError("fee out of range")
+        if len(self._disputes) >= self._ops_max:
+            raise RuntimeError("too many disputes")
+        now_s = self._clock_s()
+        dispute = Dispute(id=f"{prefix}{uuid.uuid4().hex[:20]}", authorization_id=auth.id,
+                          amount=amount, fee=fee, currency=auth.currency, reason=reason,
+                          state="needs_response", created_at_s=now_s,
+                          evidence_due_by_s=now_s + DISPUTE_EVIDENCE_DAYS * 86_400)
+        self._disputes[dispute.id] = dispute
+        return dispute
+
+    def submit_evidence(self, dispute_id: str, *, text: str,
+                        files: tuple[str, ...]) -> Dispute:
+        """Evidence moves a dispute that needs a response to review; once."""
+        dispute = self._disputes.get(dispute_id)
+        if dispute is None:
+            raise Refused(Refusal.NOT_FOUND)
+        if dispute.state != "needs_response":
+            raise Refused(Refusal.DISPUTE_NOT_OPEN)
+        dispute.state, dispute.evidence_text, dispute.evidence_files = (
+            "under_review", text, files)
+        return dispute
+
+    def decide_dispute(self, dispute_id: str, *, won: bool) -> Dispute:
+        """The bank's decision, with or without evidence; a decided dispute stays so."""
+        dispute = self._disputes.get(dispute_id)
+        if dispute is None:
+            raise Refused(Refusal.NOT_FOUND)
+        if dispute.state in ("won", "lost"):
+            raise Refused(Refusal.DISPUTE_NOT_OPEN)
+        dispute.state = "won" if won else "lost"
+        return dispute
 
     def authorize(self, *, key: str, reference: str, amount: int, currency: str,
                   payment_method: str, capture: bool, settle_now: bool) -> Op:

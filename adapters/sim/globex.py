@@ -43,6 +43,7 @@ from starlette.routing import BaseRoute, Route
 from adapters.base import Operation
 from adapters.sim.core import (
     Book,
+    Dispute,
     FeeSchedule,
     Op,
     Refusal,
@@ -131,6 +132,11 @@ class _PayoutParams(msgspec.Struct, forbid_unknown_fields=True, rename="camel"):
     merchant_reference: Text = ""
 
 
+class _DefenceParams(msgspec.Struct, forbid_unknown_fields=True):
+    statement: Annotated[str, Meta(min_length=1, max_length=20_000)]
+    documents: Annotated[list[Annotated[str, Meta(max_length=500)]], Meta(max_length=10)] = []
+
+
 class _BadMoney(Exception):
     pass
 
@@ -153,7 +159,14 @@ REASONS: dict[Refusal, str] = {
     Refusal.ALREADY_CAPTURED: "PAYMENT_NOT_CANCELLABLE",
     Refusal.AUTHORIZATION_DECLINED: "PAYMENT_REFUSED",
     Refusal.NOT_FOUND: "PAYMENT_NOT_FOUND",
+    Refusal.DISPUTE_NOT_OPEN: "CHARGEBACK_CLOSED",
 }
+CHARGEBACK_STATES = {"needs_response": "OPEN", "under_review": "DEFENDED", "won": "REVERSED",
+                     "lost": "CONFIRMED"}
+CHARGEBACK_EVENTS = {"needs_response": "CHARGEBACK.OPENED",
+                     "under_review": "CHARGEBACK.DEFENDED", "won": "CHARGEBACK.REVERSED",
+                     "lost": "CHARGEBACK.CONFIRMED"}
+DEFENCE_TYPE = "CHARGEBACK_DEFENCE"
 
 
 def problem(status: int, code: str, title: str, headers: dict[str, str] | None = None,
@@ -197,6 +210,7 @@ def _minor(money: _Money) -> int:
 
 class GlobexSim(SimProvider):
     name = "globex"
+    dispute_prefix = "gx_cb_"
 
     def make_book(self) -> Book:
         return Book(currencies=CURRENCIES, fees=FEES, id_prefixes=ID_PREFIXES,
@@ -215,6 +229,8 @@ class GlobexSim(SimProvider):
             Route("/api/v2/payouts", self.api(self.payout, mutating=True), methods=["POST"]),
             Route("/api/v2/operations", self.api(self.operation_status, mutating=False),
                   methods=["GET"]),
+            Route("/api/v2/chargebacks/{chargeback_id}/defence",
+                  self.api(self.defence, mutating=True), methods=["POST"]),
             Route("/reports/settlement", self.settlement_report, methods=["GET"]),
         ]
 
@@ -369,6 +385,34 @@ class GlobexSim(SimProvider):
                                 amount=_minor(p.money), currency=p.money.currency,
                                 destination=p.beneficiary.token, settle_now=False)
 
+    async def defence(self, request: Request, body: bytes) -> Response:
+        """Defend a chargeback (globex's word for evidence): OPEN -> DEFENDED, once; a
+        second defence is refused (``CHARGEBACK_CLOSED``, 200 with success false)."""
+        key = self.request_key(request, "x-globex-idempotency-key")
+        if key is None:
+            return problem(400, "idempotency_key_missing",
+                           "X-Globex-Idempotency-Key is required.")
+        try:
+            params = msgspec.json.decode(body, type=_DefenceParams)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return problem(400, "invalid_request", "The request body is not valid.")
+        chargeback_id = request.path_params["chargeback_id"]
+
+        def work() -> Answer:
+            try:
+                dispute = self.book.submit_evidence(chargeback_id, text=params.statement,
+                                                    files=tuple(params.documents))
+            except Refused as refused:
+                if refused.refusal is Refusal.NOT_FOUND:
+                    return Answer(404, _problem_body(404, "chargeback_not_found",
+                                                     "No such chargeback."),
+                                  media_type=PROBLEM)
+                return Answer(200, _json(_outcome(refused.refusal)))
+            return Answer(200, _json({"chargeback": self._chargeback(dispute),
+                                      **_outcome(None)}))
+
+        return await self.idempotent(request, key, Operation.DISPUTE_EVIDENCE, body, work)
+
     async def operation_status(self, request: Request, body: bytes) -> Response:
         """What became of the operation requested with this idempotency key."""
         self.counts.status_queries += 1
@@ -379,7 +423,16 @@ class GlobexSim(SimProvider):
         if found == "in_progress":
             return self.in_progress()
         op = self.book.get(found.op_id) if found.op_id else None
-        if op is not None:
+        if found.operation is Operation.DISPUTE_EVIDENCE:
+            stored = msgspec.json.decode(found.body)
+            chargeback = stored.get("chargeback") if isinstance(stored, dict) else None
+            result = stored.get("result") if isinstance(stored, dict) else None
+            payload = {"operation": {**(chargeback or {"state": "REJECTED",
+                                                        "idempotencyKey": key}),
+                                     "type": DEFENCE_TYPE},
+                       "result": result or {"outcome": {
+                           "success": False, "reason": {"code": "CHARGEBACK_NOT_FOUND"}}}}
+        elif op is not None:
             payload = {"operation": {"type": TYPE_WORDS[op.operation], **self._render(op)},
                        **_outcome(op.refusal)}
         else:
@@ -437,6 +490,23 @@ class GlobexSim(SimProvider):
             subject["reason"] = {"code": REASONS[op.refusal]}
         body = _json({"eventId": event_id, "eventType": kind,
                       "occurredAt": _instant(self.clock_s()), "subject": subject})
+        return event_id, body
+
+    def _chargeback(self, dispute: Dispute) -> dict[str, Any]:
+        return {"id": dispute.id, "type": "CHARGEBACK",
+                "state": CHARGEBACK_STATES[dispute.state],
+                "money": _money(dispute.amount, dispute.currency),
+                "feeMoney": _money(dispute.fee, dispute.currency),
+                "paymentId": dispute.authorization_id,
+                "reasonCode": dispute.reason.upper(),
+                "respondBy": _instant(dispute.evidence_due_by_s),
+                "createdAt": _instant(dispute.created_at_s)}
+
+    def dispute_event(self, dispute: Dispute) -> tuple[str, bytes]:
+        event_id = f"gx_evt_{uuid.uuid4()}"
+        body = _json({"eventId": event_id, "eventType": CHARGEBACK_EVENTS[dispute.state],
+                      "occurredAt": _instant(self.clock_s()),
+                      "subject": self._chargeback(dispute)})
         return event_id, body
 
     def sign_webhook(self, body: bytes, now_s: float) -> dict[str, str]:

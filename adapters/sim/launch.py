@@ -141,6 +141,25 @@ class SimProcess:
     async def reset(self) -> None:
         await self._admin("POST", "/_sim/reset")
 
+    async def open_dispute(self, authorization_id: str, amount: int, *, fee: int = 1500,
+                           reason: str = "fraudulent") -> dict[str, Any]:
+        """Open a dispute on a charge, as the payer's bank would; its webhook follows."""
+        result: dict[str, Any] = await self._admin(
+            "POST", "/_sim/disputes", {"authorization_id": authorization_id,
+                                       "amount": amount, "fee": fee, "reason": reason})
+        return result
+
+    async def decide_dispute(self, dispute_id: str, outcome: str) -> dict[str, Any]:
+        """Decide a dispute, ``won`` or ``lost``; its webhook follows."""
+        result: dict[str, Any] = await self._admin(
+            "POST", f"/_sim/disputes/{dispute_id}/decision", {"outcome": outcome})
+        return result
+
+    async def disputes(self) -> list[dict[str, Any]]:
+        result: dict[str, Any] = await self._admin("GET", "/_sim/disputes")
+        disputes: list[dict[str, Any]] = result["disputes"]
+        return disputes
+
     async def stats(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._admin("GET", "/_sim/stats")
         return result

@@ -34,11 +34,12 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import msgspec
 import uvicorn
 import uvloop
+from msgspec import Meta
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -48,9 +49,12 @@ from starlette.types import Receive, Scope, Send
 from adapters.base import Operation
 from adapters.sim.core import (
     Book,
+    Dispute,
     IdempotencyStore,
     KeyState,
     Op,
+    Refusal,
+    Refused,
     ReportWriter,
     Stored,
     fingerprint,
@@ -59,6 +63,7 @@ from adapters.sim.core import (
 from adapters.sim.faults import FAULTS_DECODER, FaultModel, Faults
 from adapters.sim.webhooks import WebhookDispatcher
 from processor.client import client_tls_context
+from processor.types import AMOUNT_MAX
 
 __all__ = ["OPS_MAX", "Answer", "SimOptions", "SimProvider", "parse_args", "run_main"]
 
@@ -192,6 +197,13 @@ class SimProvider(abc.ABC):
 
     @abc.abstractmethod
     def sign_webhook(self, body: bytes, now_s: float) -> dict[str, str]: ...
+
+    # The prefix of this provider's dispute ids.
+    dispute_prefix = "dp_"
+
+    @abc.abstractmethod
+    def dispute_event(self, dispute: Dispute) -> tuple[str, bytes]:
+        """The webhook event (id, body) announcing the state ``dispute`` is in."""
 
     @abc.abstractmethod
     def report(self, date: str) -> bytes:
@@ -340,6 +352,10 @@ class SimProvider(abc.ABC):
             Route("/_sim/charges", self._charges, methods=["GET"]),
             Route("/_sim/reset", self._reset, methods=["POST"]),
             Route("/_sim/stats", self._stats, methods=["GET"]),
+            Route("/_sim/disputes", self._open_dispute, methods=["POST"]),
+            Route("/_sim/disputes", self._disputes, methods=["GET"]),
+            Route("/_sim/disputes/{dispute_id}/decision", self._decide_dispute,
+                  methods=["POST"]),
         ]
 
     def _admin_denied(self, request: Request) -> Response | None:
@@ -390,6 +406,51 @@ class SimProvider(abc.ABC):
         self.webhooks.reset()
         self.counts = _Counts()
         return _json(200, {"reset": True})
+
+    async def _open_dispute(self, request: Request) -> Response:
+        """Open a dispute on a charge, as the payer's bank would, and send its webhook:
+        ``{"authorization_id", "amount", "fee" (default 1500), "reason"}``."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            params = _OPEN_DISPUTE.decode(await request.body())
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _json(400, {"error": "dispute_invalid", "detail": str(exc)[:200]})
+        try:
+            dispute = self.book.open_dispute(
+                authorization_id=params.authorization_id, amount=params.amount,
+                fee=params.fee, reason=params.reason, prefix=self.dispute_prefix)
+        except Refused:
+            return _json(404, {"error": "authorization_not_found"})
+        self.webhooks.emit(*self.dispute_event(dispute))
+        return _json(201, dispute.to_admin())
+
+    async def _decide_dispute(self, request: Request) -> Response:
+        """Decide a dispute (``{"outcome": "won" | "lost"}``) and send its webhook."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            params = _DECIDE_DISPUTE.decode(await request.body())
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return _json(400, {"error": "decision_invalid", "detail": str(exc)[:200]})
+        try:
+            dispute = self.book.decide_dispute(request.path_params["dispute_id"],
+                                               won=params.outcome == "won")
+        except Refused as refused:
+            if refused.refusal is Refusal.NOT_FOUND:
+                return _json(404, {"error": "dispute_not_found"})
+            return _json(409, {"error": "dispute_decided"})
+        self.webhooks.emit(*self.dispute_event(dispute))
+        return _json(200, dispute.to_admin())
+
+    async def _disputes(self, request: Request) -> Response:
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        return _json(200, {"provider": self.name,
+                           "disputes": [d.to_admin() for d in self.book.disputes()]})
 
     async def _stats(self, request: Request) -> Response:
         denied = self._admin_denied(request)
@@ -477,6 +538,21 @@ def _exit_at_stdin_eof() -> None:
         while os.read(0, 4096):
             pass
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _OpenDisputeParams(msgspec.Struct, forbid_unknown_fields=True):
+    authorization_id: Annotated[str, Meta(min_length=1, max_length=100)]
+    amount: Annotated[int, Meta(ge=1, le=AMOUNT_MAX)]
+    fee: Annotated[int, Meta(ge=0, le=AMOUNT_MAX)] = 1500
+    reason: Annotated[str, Meta(max_length=64, pattern="^[a-z_]*$")] = "fraudulent"
+
+
+class _DecideDisputeParams(msgspec.Struct, forbid_unknown_fields=True):
+    outcome: Literal["won", "lost"]
+
+
+_OPEN_DISPUTE = msgspec.json.Decoder(_OpenDisputeParams)
+_DECIDE_DISPUTE = msgspec.json.Decoder(_DecideDisputeParams)
 
 
 def _json(status: int, payload: Any, headers: dict[str, str] | None = None) -> Response:

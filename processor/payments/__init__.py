@@ -10,6 +10,7 @@ the modules inside (an import-linter contract, pyproject.toml):
 * ``idempotency``: Idempotency-Key claims and replay decisions;
 * ``listing``: list filters, cursors and metadata;
 * ``webhooks``: webhook endpoints (where a tenant's events are sent);
+* ``disputes``: disputes (chargebacks): their statuses, evidence and rules;
 
 Payments reach the ledger only through its service interface (``processor.service``).
 """
@@ -42,6 +43,24 @@ from processor.payments.breaker import (
     backoff_s,
     next_delay_s,
 )
+from processor.payments.disputes import (
+    DISPUTE_EVENT_TYPES,
+    EVIDENCE_FILE_CHARS_MAX,
+    EVIDENCE_FILES_MAX,
+    EVIDENCE_TEXT_CHARS_MAX,
+    Dispute,
+    DisputeError,
+    DisputesPage,
+    DisputeStatus,
+    DisputeView,
+    Evidence,
+    EvidenceRequest,
+    check_dispute_opening,
+    check_evidence,
+    check_evidence_allowed,
+    disputable_amount,
+    dispute_status_after,
+)
 from processor.payments.idempotency import (
     FINGERPRINT_BYTES,
     KEY_CHARS_MAX,
@@ -70,6 +89,7 @@ from processor.payments.listing import (
 )
 from processor.payments.provider import (
     DeclineCode,
+    DisputeNotice,
     Operation,
     Outcome,
     ProviderReply,
@@ -78,6 +98,7 @@ from processor.payments.provider import (
     WebhookEvent,
 )
 from processor.payments.saga import (
+    DISPUTE_KINDS,
     FINAL_PHASES,
     Capture,
     Kind,
@@ -129,9 +150,14 @@ from processor.payments.webhooks import (
 
 __all__ = [
     "BUCKETS_MAX",
+    "DISPUTE_EVENT_TYPES",
+    "DISPUTE_KINDS",
     "ENDPOINTS_PER_TENANT_MAX",
     "ENDPOINT_ID_PATTERN",
     "EVENT_TYPES",
+    "EVIDENCE_FILES_MAX",
+    "EVIDENCE_FILE_CHARS_MAX",
+    "EVIDENCE_TEXT_CHARS_MAX",
     "FINAL_PHASES",
     "FINGERPRINT_BYTES",
     "KEY_CHARS_MAX",
@@ -149,6 +175,14 @@ __all__ = [
     "CircuitBreaker",
     "Decision",
     "DeclineCode",
+    "Dispute",
+    "DisputeError",
+    "DisputeNotice",
+    "DisputeStatus",
+    "DisputeView",
+    "DisputesPage",
+    "Evidence",
+    "EvidenceRequest",
     "IdempotencyError",
     "IdempotencyErrorCode",
     "IncrementRequest",
@@ -195,7 +229,10 @@ __all__ = [
     "captures_of",
     "chain_result",
     "check_capture",
+    "check_dispute_opening",
     "check_endpoint",
+    "check_evidence",
+    "check_evidence_allowed",
     "check_increment",
     "check_key",
     "check_list_query",
@@ -206,6 +243,8 @@ __all__ = [
     "compensation_request",
     "decide",
     "decode_cursor",
+    "disputable_amount",
+    "dispute_status_after",
     "encode_cursor",
     "endpoint_id_of",
     "fingerprint",

@@ -18,7 +18,7 @@ HTTP                         JSON                         meaning
 ``created[gte]=T``           ``"created": {"gte": T}``    created at or after T
 ``created[lt]=T``            ``"created": {"lt": T}``     created before T
 ``reference=R``              ``"reference": "R"``         payments and payouts
-``payment_id=P``             ``"payment_id": "P"``        refunds of one payment
+``payment_id=P``             ``"payment_id": "P"``        refunds, disputes of one payment
 ``metadata[K]=V``            ``"metadata": {"K": "V"}``   metadata key K is exactly V (all
                                                           pairs must match)
 ``limit=N``                  ``"limit": N``               1 to 100, 10 by default
@@ -47,6 +47,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from processor.payments.disputes import DisputeStatus
 from processor.payments.saga import PaymentStatus, PayoutStatus
 from processor.types import ID_MAX
 
@@ -91,9 +92,13 @@ LIST_KINDS: dict[str, frozenset[str]] = {
     "payouts": frozenset(s.value for s in PayoutStatus),
     # A refund is a step: its status is the operation's (processor... engine._op_status).
     "refunds": frozenset({"processing", "succeeded", "failed", "compensated"}),
+    "disputes": frozenset(s.value for s in DisputeStatus),
 }
 # Filters that only some lists have.
-_ONLY_FOR = {"reference": frozenset({"payments", "payouts"}), "payment_id": frozenset({"refunds"})}
+_ONLY_FOR = {"reference": frozenset({"payments", "payouts"}),
+             "payment_id": frozenset({"refunds", "disputes"})}
+# Lists of objects without metadata.
+_NO_METADATA = frozenset({"disputes"})
 
 
 class ListCode(enum.StrEnum):
@@ -220,6 +225,8 @@ def check_list_query(kind: str, query: ListQuery) -> ListFilter:
     for name, kinds in _ONLY_FOR.items():
         if getattr(query, name) is not None and kind not in kinds:
             raise ListError(ListCode.invalid_query, f"the {kind} list takes no {name}")
+    if query.metadata and kind in _NO_METADATA:
+        raise ListError(ListCode.invalid_query, f"the {kind} list takes no metadata")
     created = query.created or CreatedRange()
     metadata = check_metadata(query.metadata, code=ListCode.invalid_query)
     return ListFilter(

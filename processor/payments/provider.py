@@ -13,6 +13,7 @@ import msgspec
 
 __all__ = [
     "DeclineCode",
+    "DisputeNotice",
     "Operation",
     "Outcome",
     "ProviderReply",
@@ -55,6 +56,9 @@ class Operation(enum.StrEnum):
     # Raise an authorization by ``amount`` (incremental authorization); only providers
     # whose adapter lists it in ``capabilities`` offer it.
     INCREMENT = "increment"
+    # Submit evidence against a dispute (a chargeback): ``provider_ref`` is the provider's
+    # id of the dispute, ``evidence_text`` and ``evidence_files`` what the merchant says.
+    DISPUTE_EVIDENCE = "dispute_evidence"
 
 
 class DeclineCode(enum.StrEnum):
@@ -96,6 +100,9 @@ class ProviderRequest(msgspec.Struct, frozen=True, kw_only=True):
     # capture: whether it closes the authorization (the provider releases the rest); a
     # capture that is not final leaves the rest capturable by later captures.
     final: bool = True
+    # dispute_evidence: the merchant's statement and its documents (references).
+    evidence_text: str = ""
+    evidence_files: tuple[str, ...] = ()
 
 
 class ProviderReply(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,8 +115,31 @@ class ProviderReply(msgspec.Struct, frozen=True, kw_only=True):
     message: str = ""  # short, safe for logs: never a token, key or card data
 
 
+class DisputeNotice(msgspec.Struct, frozen=True, kw_only=True):
+    """What a provider's dispute webhook says, in the processor's words.
+
+    A dispute is the payer's bank taking back (part of) a captured payment; the provider
+    tells us it opened (``needs_response``), that it is being reviewed, and how it ended
+    (``won``: the money stays with the merchant, ``lost``: it goes back to the payer).
+    """
+
+    dispute_ref: str  # the provider's id of the dispute
+    authorization_ref: str  # the provider's id of the disputed payment's authorization
+    status: str  # needs_response, under_review, won or lost
+    amount: int  # minor units disputed
+    fee: int  # minor units the provider charges for the dispute
+    currency: str
+    reason: str = ""  # the provider's reason word (fraudulent, product_not_received, ...)
+    evidence_due_by_s: float = 0.0  # when the provider stops taking evidence (0: not said)
+
+
 class WebhookEvent(msgspec.Struct, frozen=True, kw_only=True):
-    """A verified provider event in the processor's words."""
+    """A verified provider event in the processor's words.
+
+    A dispute event carries ``dispute`` (operation ``DISPUTE_EVIDENCE``, no idempotency
+    key: the provider started it, not a call of ours); every other event is about a call of
+    ours, named by its key.
+    """
 
     event_id: str  # the provider's event id: webhooks are deduplicated on it
     operation: Operation
@@ -119,6 +149,7 @@ class WebhookEvent(msgspec.Struct, frozen=True, kw_only=True):
     amount: int
     occurred_at_s: float  # the provider's timestamp, used to ignore stale events
     decline_code: DeclineCode | None = None
+    dispute: DisputeNotice | None = None
 
 
 class SettlementLine(msgspec.Struct, frozen=True, kw_only=True):

@@ -59,6 +59,7 @@ from processor.payments.provider import (
 from processor.types import AMOUNT_MAX, Transfer, TransferFlags, require
 
 __all__ = [
+    "DISPUTE_KINDS",
     "FINAL_PHASES",
     "Capture",
     "Kind",
@@ -107,6 +108,18 @@ class Kind(enum.StrEnum):
     REFUND = "refund"
     PAYOUT = "payout"
     INCREMENT = "increment"  # raise the authorized amount (and its hold) by ``amount``
+    # Steps of a dispute (``subject_id`` the dispute's id; processor/payments/disputes.py):
+    # ``amount`` the disputed amount, ``hold_amount`` the provider's dispute fee.
+    DISPUTE_HOLD = "dispute_hold"  # hold amount and fee on the merchant's account
+    DISPUTE_EVIDENCE = "dispute_evidence"  # submit evidence to the provider
+    DISPUTE_WON = "dispute_won"  # release the amount hold, post the fee hold
+    DISPUTE_LOST = "dispute_lost"  # post both holds
+
+
+DISPUTE_KINDS = frozenset({Kind.DISPUTE_HOLD, Kind.DISPUTE_EVIDENCE, Kind.DISPUTE_WON,
+                           Kind.DISPUTE_LOST})
+# Dispute steps that only post to the ledger: they start at APPLY.
+_LEDGER_ONLY = frozenset({Kind.DISPUTE_HOLD, Kind.DISPUTE_WON, Kind.DISPUTE_LOST})
 
 
 class Phase(enum.StrEnum):
@@ -295,6 +308,7 @@ _OPERATION = {
     Kind.REFUND: Operation.REFUND,
     Kind.PAYOUT: Operation.PAYOUT,
     Kind.INCREMENT: Operation.INCREMENT,
+    Kind.DISPUTE_EVIDENCE: Operation.DISPUTE_EVIDENCE,
 }
 
 
@@ -333,7 +347,12 @@ def new_step(*, step_id: int, transfer_base: int, kind: Kind, subject_id: str, a
         require(hold_amount > 0, "an increment raises a hold that holds something")
         require(hold_amount + amount <= AMOUNT_MAX, "an increment keeps the hold in range")
     require(hold_timeout_s >= 0, "a new hold's timeout is not negative")
-    first = Phase.RESERVE if kind in (Kind.REFUND, Kind.PAYOUT) else Phase.PROVIDER
+    if kind in _LEDGER_ONLY:
+        require(0 <= hold_amount <= AMOUNT_MAX, "a dispute fee is in range")
+        require(kind == Kind.DISPUTE_HOLD or hold_transfer_id > 0,
+                "a dispute's outcome resolves its holds")
+    first = (Phase.RESERVE if kind in (Kind.REFUND, Kind.PAYOUT)
+             else Phase.APPLY if kind in _LEDGER_ONLY else Phase.PROVIDER)
     return Step(
         id=step_id, subject_id=subject_id, kind=kind, phase=first, amount=amount,
         currency=currency, provider=provider, provider_key=provider_key(step_id, provider),
@@ -399,7 +418,9 @@ def on_provider(step: Step, reply: ProviderReply, failover: Sequence[str] = ()) 
     outcome = reply.outcome
     if outcome == Outcome.APPROVED:
         ref = reply.provider_ref or step.provider_ref
-        return msgspec.structs.replace(step, phase=Phase.APPLY, provider_ref=ref)
+        # Evidence moves no money: the provider's acceptance ends the step.
+        done = Phase.SUCCEEDED if step.kind == Kind.DISPUTE_EVIDENCE else Phase.APPLY
+        return msgspec.structs.replace(step, phase=done, provider_ref=ref)
     if outcome == Outcome.PENDING:
         ref = reply.provider_ref or step.provider_ref
         return msgspec.structs.replace(step, phase=Phase.AWAIT_PROVIDER, provider_ref=ref)
@@ -473,6 +494,8 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
                          amount=step.amount, currency=cur, flags=void, pending_id=base)]
     if phase != Phase.APPLY:
         return []
+    if kind in _LEDGER_ONLY:
+        return _dispute_transfers(step, clearing)
     if kind == Kind.AUTHORIZE:
         return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
                          amount=step.amount, currency=cur, flags=pending,
@@ -511,6 +534,33 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
 
 
 LINKED = int(TransferFlags.LINKED)
+
+
+def _dispute_transfers(step: Step, clearing: int) -> list[Transfer]:
+    """A dispute's postings (processor/payments/disputes.py): the hold of the disputed
+    amount (the step's first id) and of the fee (its second; none when the fee is 0),
+    merchant -> clearing, pending without timeout, linked; then either both posted (lost)
+    or the amount voided and the fee posted (won), from the outcome step's own ids, naming
+    the hold step's ids (``hold_transfer_id``, ``hold_transfer_id + 1``)."""
+    merchant, base, cur, fee = step.merchant_account_id, step.transfer_id, step.currency, \
+        step.hold_amount
+    pending, post, void = (int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),
+                           int(TransferFlags.VOID_PENDING))
+    linked = LINKED if fee > 0 else 0
+    if step.kind == Kind.DISPUTE_HOLD:
+        amount_flags, fee_flags, amount_pending, fee_pending = pending, pending, 0, 0
+    else:
+        amount_flags = post if step.kind == Kind.DISPUTE_LOST else void
+        fee_flags, amount_pending, fee_pending = (post, step.hold_transfer_id,
+                                                  step.hold_transfer_id + 1)
+    transfers = [Transfer(id=base, debit_account_id=merchant, credit_account_id=clearing,
+                          amount=step.amount, currency=cur, flags=amount_flags | linked,
+                          pending_id=amount_pending)]
+    if fee > 0:
+        transfers.append(Transfer(id=base + 1, debit_account_id=merchant,
+                                  credit_account_id=clearing, amount=fee, currency=cur,
+                                  flags=fee_flags, pending_id=fee_pending))
+    return transfers
 
 
 def rehold_id(step: Step) -> int:
@@ -742,20 +792,23 @@ def check_void(payment: Payment) -> None:
                            f"a payment in status {payment.status} cannot be voided")
 
 
-def refundable_amount(payment: Payment, capture: Capture | None = None) -> int:
-    """What may still be refunded: of the payment, and of ``capture`` when one is named."""
-    left = payment.captured_amount - payment.refunded_amount
+def refundable_amount(payment: Payment, capture: Capture | None = None, *,
+                      disputed: int = 0) -> int:
+    """What may still be refunded: of the payment, and of ``capture`` when one is named;
+    never what open or lost disputes (``disputed``) took back already."""
+    left = max(0, payment.captured_amount - payment.refunded_amount - disputed)
     if capture is not None:
         left = min(left, capture.amount - capture.refunded_amount)
     return left
 
 
-def check_refund(payment: Payment, amount: int, capture: Capture | None = None) -> None:
-    """A refund returns 1 up to what was captured and not yet refunded, and when it names
-    a capture, up to what is left of that capture."""
+def check_refund(payment: Payment, amount: int, capture: Capture | None = None, *,
+                 disputed: int = 0) -> None:
+    """A refund returns 1 up to what was captured and not yet refunded (nor disputed), and
+    when it names a capture, up to what is left of that capture."""
     if payment.status not in _REFUNDABLE or payment.captured_amount == 0:
         raise PaymentError("payment_not_refundable",
                            f"a payment in status {payment.status} cannot be refunded")
-    if not 1 <= amount <= refundable_amount(payment, capture):
+    if not 1 <= amount <= refundable_amount(payment, capture, disputed=disputed):
         raise PaymentError("refund_exceeds_captured",
                            "refund amount must be between 1 and what is left to refund")

@@ -25,6 +25,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from processor.payments.disputes import DISPUTE_EVENT_TYPES
 from processor.payments.saga import PaymentStatus, PayoutStatus
 
 __all__ = [
@@ -55,12 +56,14 @@ SECRET_PREFIX = "whsec_"  # noqa: S105 - a format's prefix, not a secret
 ENDPOINT_ID_PATTERN = "^we_[0-9a-f]{24}$"
 
 # Every event type the outbox writes (actors/payments/store.py): a payment's or payout's
-# new status, and a step set aside for an operator.
+# new status, a dispute's, and a step set aside for an operator.
 EVENT_TYPES: tuple[str, ...] = (
     *(f"payment.{status.value}" for status in PaymentStatus),
     "payment.requires_review",
     *(f"payout.{status.value}" for status in PayoutStatus),
     "payout.requires_review",
+    *DISPUTE_EVENT_TYPES,
+    "dispute.requires_review",
 )
 _EVENT_TYPES = frozenset(EVENT_TYPES)
 

@@ -81,6 +81,8 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "request_nonces": frozenset({"SELECT", "INSERT", "DELETE"}),
     # Tables of migrations after 0015 get the default privileges.
     "tenant_accounts": EVERY_ROW_CHANGE,
+    # Disputes (0022) change status but are never deleted.
+    "disputes": CHANGE,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids"}
