@@ -11,7 +11,8 @@ from __future__ import annotations
 import collections
 import datetime as dt
 import secrets
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import msgspec
@@ -41,6 +42,8 @@ from processor.payments import (
 )
 
 __all__ = ["DATABASE_UNREACHABLE", "PaymentStore"]
+
+_T = TypeVar("_T", bound="_Listed")
 
 # Step ids (and their transfer ids) a store takes from the sequences at once.
 STEP_ID_BLOCK = 32
@@ -198,7 +201,17 @@ def _event(obj: Payment | Payout) -> dict[str, Any]:
     return payload
 
 
-def _next(page: list[Payment] | list[Payout], more: bool) -> Position | None:
+class _Listed(Protocol):
+    """What a listed object gives its cursor: its id and when it was created."""
+
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def created_at(self) -> dt.datetime | None: ...
+
+
+def _next(page: Sequence[_Listed], more: bool) -> Position | None:
     """Where the next page starts: after this page's last row, if more rows follow."""
     if not more:
         return None
@@ -548,12 +561,18 @@ class PaymentStore:
     async def list_payouts(self, tenant: str, flt: ListFilter
                            ) -> tuple[list[Payout], Position | None]:
         """A page of the tenant's payouts, as ``list_payments``."""
+        return await self._list("payouts", _PAYOUT_COLUMNS, _payout, tenant, flt)
+
+    async def _list(self, table: str, columns: str, decode: Callable[[asyncpg.Record], _T],
+                    tenant: str, flt: ListFilter) -> tuple[list[_T], Position | None]:
+        """A page of one table's rows of the tenant, newest first, and where the next page
+        starts. ``table`` and ``columns`` are this module's constants, never input."""
         where = _list_where(flt, tenant, "p")
         rows = await self._pool.fetch(
-            f"SELECT {', '.join('p.' + c for c in _PAYOUT_COLUMNS.split(', '))} "
-            f"FROM payouts p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
+            f"SELECT {', '.join('p.' + c for c in columns.split(', '))} "
+            f"FROM {table} p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
             f"LIMIT {flt.limit + 1:d}", *where.args)
-        page = [_payout(r) for r in rows[:flt.limit]]
+        page = [decode(r) for r in rows[:flt.limit]]
         return page, _next(page, len(rows) > flt.limit)
 
     async def list_refunds(self, tenant: str, flt: ListFilter
@@ -577,19 +596,7 @@ class PaymentStore:
     async def list_disputes(self, tenant: str, flt: ListFilter
                             ) -> tuple[list[Dispute], Position | None]:
         """A page of the tenant's disputes, as ``list_payments``."""
-        where = _list_where(flt, tenant, "p")
-        rows = await self._pool.fetch(
-            f"SELECT {', '.join('p.' + c for c in _DISPUTE_COLUMNS.split(', '))} "
-            f"FROM disputes p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
-            f"LIMIT {flt.limit + 1:d}", *where.args)
-        page = [_dispute(r) for r in rows[:flt.limit]]
-        last = None
-        if len(rows) > flt.limit:
-            moment = page[-1].created_at
-            if moment is None:
-                raise ValueError("a stored row has its creation time")
-            last = Position(_micros(moment), page[-1].id)
-        return page, last
+        return await self._list("disputes", _DISPUTE_COLUMNS, _dispute, tenant, flt)
 
     # -- disputes (processor/payments/disputes.py) --------------------------------------------
 
