@@ -66,13 +66,13 @@ def transfers(draw: st.DrawFn, valid: bool) -> Transfer:
                     code=num(CODE_MAX), user_data=text, timestamp=timestamp)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.lists(transfers(valid=True), max_size=SMALL_BATCH_MAX + 3))
 def test_valid_lists_pack_to_the_reference_bytes(items: list[Transfer]) -> None:
     assert transfer_columns(items) == reference(items)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(st.lists(transfers(valid=False), min_size=1, max_size=5))
 def test_lists_with_bad_values_are_refused_as_the_reference_refuses_them(
         items: list[Transfer]) -> None:
