@@ -367,6 +367,22 @@ class Client:
         """As ``list_payments``, with ``payment_id`` instead of ``reference``."""
         return await self.payment_call("list_refunds", body=query)
 
+    async def get_dispute(self, dispute_id: str) -> PaymentAnswer:
+        return await self.payment_call("get_dispute", subject_id=dispute_id)
+
+    async def list_disputes(self, **query: object) -> PaymentAnswer:
+        """As ``list_payments``, with ``payment_id`` instead of ``reference``."""
+        return await self.payment_call("list_disputes", body=query)
+
+    async def submit_evidence(self, dispute_id: str, *, idempotency_key: str, text: str,
+                              files: list[str] | None = None) -> PaymentAnswer:
+        """Send evidence for a dispute to its provider (``disputes:write``), once."""
+        body: dict[str, object] = {"text": text}
+        if files:
+            body["files"] = files
+        return await self.payment_call("submit_evidence", idempotency_key=idempotency_key,
+                                       subject_id=dispute_id, body=body)
+
     async def _call(self, request_of: Callable[[int], wire.Request]) -> wire.Response:
         async with self._slots:
             for attempt in itertools.count():

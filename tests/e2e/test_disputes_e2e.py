@@ -145,6 +145,14 @@ async def test_open_then_lost_posts_amount_and_fee(
     r = await http.post(f"/v1/disputes/{dispute['id']}/evidence", json={"text": "late"},
                         headers={"idempotency-key": key()})
     assert (r.status_code, r.json()["error"]["code"]) == (422, "dispute_not_open")
+    # Over RPC, the same objects and the same refusal.
+    by_rpc = await client.get_dispute(dispute["id"])
+    assert (by_rpc.status, by_rpc.body) == (200, (await http.get(
+        f"/v1/disputes/{dispute['id']}")).json())
+    listed = await client.list_disputes(payment_id=pid)
+    assert [d["id"] for d in listed.body["data"]] == [dispute["id"]]
+    late = await client.submit_evidence(dispute["id"], idempotency_key=key(), text="late")
+    assert (late.status, late.body["error"]["code"]) == (422, "dispute_not_open")
     # 10000 captured, 4000 taken back by the bank: at most 6000 may still be refunded.
     r = await http.post(f"/v1/payments/{pid}/refunds", json={"amount": 6_001},
                         headers={"idempotency-key": key()})
