@@ -444,21 +444,23 @@ class PaymentStore:
                     " ON CONFLICT DO NOTHING RETURNING true", webhook[0], webhook[1], before.id)
                 if not fresh:
                     return None
+            # One statement for the fenced update, the new provider key (failover) and the
+            # log line: one round trip where three were, on every final step.
             done = await conn.fetchval(
-                "UPDATE payment_steps SET phase=$3, provider=$4, provider_key=$5, "
-                "provider_ref=$6, tried=$7, decline_code=$8, error=$9, version=$10, "
-                "due_at=$11, updated_at=now(), review_since=NULL WHERE id=$1 AND version=$2 "
-                "RETURNING true",
+                "WITH updated AS (UPDATE payment_steps SET phase=$3, provider=$4, "
+                "provider_key=$5, provider_ref=$6, tried=$7, decline_code=$8, error=$9, "
+                "version=$10, due_at=$11, updated_at=now(), review_since=NULL "
+                "WHERE id=$1 AND version=$2 RETURNING id), "
+                "keyed AS (INSERT INTO payment_step_keys (provider_key, step_id) "
+                "SELECT $5, id FROM updated WHERE $12 ON CONFLICT DO NOTHING) "
+                "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+                "SELECT id, $10, $3, $4, $13 FROM updated RETURNING true",
                 before.id, before.version, stored.phase.value, stored.provider,
                 stored.provider_key, stored.provider_ref, list(stored.tried),
-                stored.decline_code, stored.error, stored.version, _ts(due_at_s))
+                stored.decline_code, stored.error, stored.version, _ts(due_at_s),
+                stored.provider_key != before.provider_key, detail[:200])
             if not done:
                 return None
-            if stored.provider_key != before.provider_key:
-                await conn.execute(
-                    "INSERT INTO payment_step_keys (provider_key, step_id) VALUES ($1, $2) "
-                    "ON CONFLICT DO NOTHING", stored.provider_key, stored.id)
-            await self._log(conn, stored, detail)
             if stored.final:
                 await self._finish(conn, stored)
         return stored

@@ -262,3 +262,27 @@ async def test_waiting_for_a_connection_is_bounded(app_db_url: str) -> None:
         assert await store.payment("pay_nobody") is None
     finally:
         await store.close()
+
+
+async def test_a_final_save_after_failover_records_the_new_key_and_its_log_line(
+        store: PaymentStore) -> None:
+    """A step that moved to another provider (failover) and finished in one save: the
+    new provider key finds the step (a webhook of the new provider is applied to it), the
+    old one still does, the log has the line, and a stale writer changes none of it."""
+    p = payment("pay_" + "2" * 24)
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    moved = msgspec.structs.replace(step, provider="globex",
+                                    provider_key=f"txp-{step.id}-globex",
+                                    phase=Phase.FAILED, error="provider_declined")
+    assert await store.save_step(step, moved, due_at_s=NOW_S, detail="failover") is not None
+    assert await store.save_step(step, moved, due_at_s=NOW_S, detail="stale") is None
+    by_new = await store.step_by_key(f"txp-{step.id}-globex")
+    by_old = await store.step_by_key(step.provider_key)
+    assert by_new is not None and by_old is not None
+    assert (by_new.id, by_new.provider, by_new.phase) == (step.id, "globex", Phase.FAILED)
+    async with store.pool.acquire() as conn:
+        details = [r["detail"] for r in await conn.fetch(
+            "SELECT detail FROM payment_step_log WHERE step_id = $1 ORDER BY version",
+            step.id)]
+    assert details == ["created", "failover"]
