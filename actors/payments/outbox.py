@@ -100,6 +100,8 @@ __all__ = [
     "dlq_list",
     "dlq_replay",
     "enqueue",
+    "event_ctes",
+    "event_payload",
     "set_subscribers",
     "sign",
     "verdict_of",
@@ -289,6 +291,34 @@ WITH event AS (
 )
 SELECT id FROM event
 """
+
+
+def event_ctes(*, event_type: str, aggregate_id: str, payload: str, tenant: str,
+               gate: str) -> str:
+    """Two CTEs, for a caller's one-statement write, that add an event and its deliveries
+    as ``enqueue`` does: written once if the CTE named ``gate`` yields a row, not at all
+    otherwise. The arguments name the statement's parameters (``"$7"``); ``tenant`` is
+    the tenant of the object the event is about, given rather than looked up because a
+    row the same statement inserts is not visible to its other parts. The payload comes
+    from ``event_payload``, which keeps the size limit."""
+    # The arguments are SQL the caller writes (parameter names, a CTE name), never data.
+    return (
+        f"event AS (INSERT INTO events (event_type, aggregate_id, payload) "  # noqa: S608
+        f"SELECT {event_type}::text, {aggregate_id}::text, {payload}::jsonb "
+        f"FROM (SELECT 1 FROM {gate} LIMIT 1) AS gated RETURNING id), "
+        f"deliveries AS (INSERT INTO outbox_deliveries (event_id, subscriber) "
+        f"SELECT event.id, s.name FROM event, event_subscribers s WHERE s.active "
+        f"AND (s.tenant IS NULL OR s.tenant = {tenant}::text) "
+        f"AND (s.event_types IS NULL OR {event_type}::text = ANY (s.event_types)))")
+
+
+def event_payload(payload: dict[str, Any]) -> str:
+    """An event's payload as ``event_ctes`` takes it; ``PayloadTooLargeError`` beyond
+    ``PAYLOAD_BYTES_MAX``."""
+    encoded = _JSON_ENCODER.encode(payload)
+    if len(encoded) > PAYLOAD_BYTES_MAX:
+        raise PayloadTooLargeError(len(encoded))
+    return encoded.decode("utf-8")
 
 
 async def enqueue(

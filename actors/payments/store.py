@@ -12,7 +12,7 @@ import collections
 import datetime as dt
 import secrets
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Any, NoReturn, Protocol, TypeVar
 
 import asyncpg
 import msgspec
@@ -40,6 +40,7 @@ from processor.payments import (
     Step,
     StoredKey,
 )
+from processor.types import require
 
 __all__ = ["DATABASE_UNREACHABLE", "PaymentStore"]
 
@@ -237,6 +238,43 @@ def _step_values(step: Step) -> tuple[Any, ...]:
             step.capture_id, step.hold_amount, step.hold_timeout_s)
 
 
+# The parameters of a new step's row, in the order ``_step_ctes`` names them.
+_STEP_INSERT_PARAMS = 27
+
+
+def _step_insert_values(step: Step, due_at_s: float, request_key: str = "",
+                        metadata: dict[str, str] | None = None) -> tuple[Any, ...]:
+    values = (*_step_values(step), _ts(due_at_s), request_key,
+              _JSON.encode(metadata or {}).decode())
+    require(len(values) == _STEP_INSERT_PARAMS, "a new step has all its parameters")
+    return values
+
+
+def _step_ctes(first: int, *, gate: str | None) -> str:
+    """CTEs that insert a new step (parameters ``$first`` on, ``_step_insert_values``), its
+    provider key and its first log line; with ``gate``, only if the
+    CTE of that name yields a row (the payment it belongs to was created)."""
+    params = ",".join(f"${n}" for n in range(first, first + _STEP_INSERT_PARAMS - 1))
+    source = (f"VALUES ({params},${first + _STEP_INSERT_PARAMS - 1}::jsonb)" if gate is None
+              else f"SELECT {params},${first + _STEP_INSERT_PARAMS - 1}::jsonb FROM {gate}")
+    return (f"s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key, metadata) "
+            f"{source} RETURNING id, version, phase, provider, provider_key), "
+            "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
+            "SELECT provider_key, id FROM s), "
+            "l AS (INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+            "SELECT id, version, phase, provider, 'created' FROM s)")
+
+
+def _step_conflict(exc: asyncpg.UniqueViolationError) -> NoReturn:
+    """What a refused step insert means to the request: always raises."""
+    if exc.constraint_name == "payment_steps_one_open":
+        raise PaymentError("operation_in_progress",
+                           "another operation on this payment is still running") from exc
+    if exc.constraint_name == "payment_steps_request":
+        raise PaymentError("step_exists", "this request already started its step") from exc
+    raise exc
+
+
 class _Retry(Exception):
     """Roll a dispute's transaction back: it changed since it was read."""
 
@@ -289,29 +327,35 @@ class PaymentStore:
 
     async def create_payment(self, payment: Payment, step: Step | None, *, principal: str,
                              due_at_s: float) -> bool:
-        """The payment and its authorization step, in one transaction (None: refused by
-        the risk check before any step). False if a payment with this id exists: the same
-        request executed before (its id derives from the Idempotency-Key)."""
-        async with self._pool.acquire() as conn, conn.transaction():
-            created = await conn.fetchval(
-                f"INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20::jsonb,"
-                "coalesce($21::timestamptz, now()),$22) "
-                "ON CONFLICT (id) DO NOTHING RETURNING true",
-                payment.id, payment.merchant_account_id, payment.amount, payment.currency,
-                payment.payment_method, payment.status.value, payment.provider,
-                payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
-                payment.refunded_amount, payment.decline_code, payment.error,
-                payment.risk_reason, payment.risk_source, payment.reference,
-                payment.auto_capture, payment.request_key, payment.capturable_amount,
-                _JSON.encode(payment.metadata).decode(), payment.created_at, principal)
-            if not created:
-                return False
-            if step is not None:
-                await self._insert_step(conn, step, due_at_s)
-            await outbox.enqueue(conn, event_type=f"payment.{payment.status.value}",
-                                 aggregate_id=payment.id, payload=_event(payment))
-        return True
+        """The payment, its authorization step and its event, in one statement (so one
+        round trip and one commit; None: refused by the risk check before any step). False
+        if a payment with this id exists: the same request executed before (its id derives
+        from the Idempotency-Key)."""
+        values = (payment.id, payment.merchant_account_id, payment.amount, payment.currency,
+                  payment.payment_method, payment.status.value, payment.provider,
+                  payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
+                  payment.refunded_amount, payment.decline_code, payment.error,
+                  payment.risk_reason, payment.risk_source, payment.reference,
+                  payment.auto_capture, payment.request_key, payment.capturable_amount,
+                  _JSON.encode(payment.metadata).decode(), payment.created_at, principal)
+        event = (f"payment.{payment.status.value}", outbox.event_payload(_event(payment)),
+                 principal.split("/", 1)[0])
+        steps = ("" if step is None
+                 else _step_ctes(len(values) + len(event) + 1, gate="created") + ", ")
+        step_values = () if step is None else _step_insert_values(step, due_at_s)
+        sql = (f"WITH created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
+               "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20::jsonb,"
+               "coalesce($21::timestamptz, now()),$22) "
+               "ON CONFLICT (id) DO NOTHING RETURNING id), "
+               + steps
+               + outbox.event_ctes(event_type="$23", aggregate_id="$1", payload="$24",
+                                   tenant="$25", gate="created")
+               + " SELECT count(*) FROM created")
+        try:
+            created = await self._pool.fetchval(sql, *values, *event, *step_values)
+        except asyncpg.UniqueViolationError as exc:
+            _step_conflict(exc)
+        return bool(created)
 
     async def create_payout(self, payout: Payout, step: Step, *, principal: str,
                             due_at_s: float) -> bool:
@@ -384,26 +428,10 @@ class PaymentStore:
         try:
             # One statement: the step, its provider key and its first log line.
             await conn.execute(
-                f"WITH s AS (INSERT INTO payment_steps ({_STEP_COLUMNS}, due_at, request_key, "
-                "metadata) "
-                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
-                "$20,$21,$22,$23,$24,$25,$26,$27::jsonb) RETURNING id, version, phase, "
-                "provider, provider_key), "
-                "k AS (INSERT INTO payment_step_keys (provider_key, step_id) "
-                "SELECT provider_key, id FROM s) "
-                "INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
-                "SELECT id, version, phase, provider, 'created' FROM s",
-                *_step_values(step), _ts(due_at_s), request_key,
-                _JSON.encode(metadata or {}).decode())
+                "WITH " + _step_ctes(1, gate=None) + " SELECT 1",
+                *_step_insert_values(step, due_at_s, request_key, metadata))
         except asyncpg.UniqueViolationError as exc:
-            if exc.constraint_name == "payment_steps_one_open":
-                raise PaymentError("operation_in_progress",
-                                   "another operation on this payment is still running"
-                                   ) from exc
-            if exc.constraint_name == "payment_steps_request":
-                raise PaymentError("step_exists", "this request already started its step"
-                                   ) from exc
-            raise
+            _step_conflict(exc)
 
     async def _log(self, conn: asyncpg.Connection, step: Step, detail: str) -> None:
         await conn.execute(
@@ -414,15 +442,24 @@ class PaymentStore:
     # -- advancing ----------------------------------------------------------------------------
 
     async def save_step(self, before: Step, after: Step, *, due_at_s: float, detail: str = "",
-                        webhook: tuple[str, str] | None = None) -> Step | None:
+                        webhook: tuple[str, str] | None = None,
+                        payment: Payment | None = None) -> Step | None:
         """Write ``after`` over ``before`` if nobody else has written the step since.
 
         Returns the stored step (its version one higher), or None when the step was taken
         over (the caller stops) or, with ``webhook``, when that event was already applied.
         A step reaching a final phase updates its payment or payout, and emits their
-        event, in the same transaction.
+        event, in the same transaction. ``payment``: the payment of an authorization as
+        its request created it, so that finishing the authorization needs no read of it
+        (``_finish_authorization``).
         """
         stored = msgspec.structs.replace(after, version=before.version + 1)
+        if (payment is not None and webhook is None and stored.final
+                and stored.kind == Kind.AUTHORIZE and payment.id == stored.subject_id
+                and payment.status == PaymentStatus.PROCESSING
+                and await self._finish_authorization(before, stored, payment, due_at_s,
+                                                     detail)):
+            return stored
         if webhook is None and not stored.final and stored.provider_key == before.provider_key:
             # The common case, one statement (so one round trip, atomic by itself): the
             # fenced update and its log line.
@@ -464,6 +501,47 @@ class PaymentStore:
             if stored.final:
                 await self._finish(conn, stored)
         return stored
+
+    async def _finish_authorization(self, before: Step, stored: Step, payment: Payment,
+                                    due_at_s: float, detail: str) -> bool:
+        """The final save of an authorization in one statement (one round trip where the
+        general path takes six): the fenced step update, its log line, the payment's new
+        state and its event. While an authorization is open its payment is processing and
+        only the authorization changes it, and what the authorization's end writes comes
+        from the step alone (``payment_after``), so the payment need not be read; the
+        statement locks it and checks it is still processing all the same. False when
+        nothing was written (the step moved on, or the payment is not processing): the
+        caller takes the general path, which finds out which."""
+        from processor.payments import payment_after
+
+        done = payment_after(payment, stored)
+        values = (before.id, before.version, stored.phase.value, stored.provider,
+                  stored.provider_key, stored.provider_ref, list(stored.tried),
+                  stored.decline_code, stored.error, stored.version, _ts(due_at_s),
+                  stored.provider_key != before.provider_key, detail[:200],
+                  payment.id, done.status.value, done.provider_ref, done.hold_transfer_id,
+                  done.decline_code, done.capturable_amount,
+                  f"payment.{done.status.value}", outbox.event_payload(_event(done)),
+                  done.error, done.provider)
+        written = await self._pool.fetchval(
+            "WITH pay AS (SELECT id, split_part(principal, '/', 1) AS tenant FROM payments "
+            "WHERE id=$14 AND status='processing' FOR UPDATE), "
+            "updated AS (UPDATE payment_steps SET phase=$3, provider=$4, "
+            "provider_key=$5, provider_ref=$6, tried=$7, decline_code=$8, error=$9, "
+            "version=$10, due_at=$11, updated_at=now(), review_since=NULL "
+            "WHERE id=$1 AND version=$2 AND EXISTS (SELECT 1 FROM pay) RETURNING id), "
+            "keyed AS (INSERT INTO payment_step_keys (provider_key, step_id) "
+            "SELECT $5, id FROM updated WHERE $12 ON CONFLICT DO NOTHING), "
+            "logged AS (INSERT INTO payment_step_log (step_id, version, phase, provider, detail) "
+            "SELECT id, $10, $3, $4, $13 FROM updated), "
+            "paid AS (UPDATE payments SET status=$15, provider=$23, provider_ref=$16, "
+            "hold_transfer_id=$17, decline_code=$18, error=$22, capturable_amount=$19, "
+            "updated_at=now() WHERE id IN (SELECT id FROM pay) "
+            "AND EXISTS (SELECT 1 FROM updated) RETURNING id), "
+            + outbox.event_ctes(event_type="$20", aggregate_id="$14", payload="$21",
+                                tenant="(SELECT tenant FROM pay)", gate="paid")
+            + " SELECT count(*) FROM paid", *values)
+        return bool(written)
 
     async def _finish(self, conn: asyncpg.Connection, step: Step) -> None:
         from processor.payments import payment_after, payout_after

@@ -4,6 +4,7 @@ recovery claims and webhook deduplication."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 
 import asyncpg
 import msgspec
@@ -286,3 +287,80 @@ async def test_a_final_save_after_failover_records_the_new_key_and_its_log_line(
             "SELECT detail FROM payment_step_log WHERE step_id = $1 ORDER BY version",
             step.id)]
     assert details == ["created", "failover"]
+
+
+async def _finished(store: PaymentStore, pid: str, end: dict[str, object], *,
+                    known: bool) -> tuple[Payment, list[object], list[object]]:
+    """An authorization created and then finished as ``end`` says, with the payment known
+    to the final save (its one-statement path) or not (the general path); the stored
+    payment, its events' payloads and its step's log, without the ids that differ."""
+    p = msgspec.structs.replace(payment(pid), created_at=dt.datetime(
+        2026, 12, 6, 7, 30, 1, 123456, tzinfo=dt.UTC))
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice/u1", due_at_s=NOW_S + TTL_S)
+    applied = await store.save_step(step, msgspec.structs.replace(step, phase=Phase.APPLY),
+                                    due_at_s=NOW_S + TTL_S, detail="provider approved")
+    assert applied is not None
+    done = await store.save_step(applied, msgspec.structs.replace(applied, **end),
+                                 due_at_s=NOW_S, detail="final",
+                                 payment=p if known else None)
+    assert done is not None and done.version == applied.version + 1
+    stored = await store.payment(p.id)
+    assert stored is not None
+    async with store.pool.acquire() as conn:
+        events = [(r["event_type"], msgspec.json.decode(r["payload"])) for r in await conn.fetch(
+            "SELECT event_type, payload FROM events WHERE aggregate_id = $1 ORDER BY id", p.id)]
+        log = [(r["version"], r["phase"], r["detail"]) for r in await conn.fetch(
+            "SELECT version, phase, detail FROM payment_step_log WHERE step_id = $1 "
+            "ORDER BY version", step.id)]
+    for _, body in events:
+        body.pop("id")
+        body["hold_transfer_id"] = int(body["hold_transfer_id"] == step.transfer_id)
+    return (msgspec.structs.replace(stored, id="", hold_transfer_id=0),
+            events, log)
+
+
+@pytest.mark.parametrize("end", [
+    {"phase": Phase.SUCCEEDED, "provider_ref": "auth_9"},
+    {"phase": Phase.FAILED, "error": "provider_declined", "decline_code": "do_not_honor"},
+    {"phase": Phase.FAILED, "error": "provider_unavailable", "provider": "globex",
+     "provider_key": "txp-x-globex"},
+], ids=["authorized", "declined", "failed-after-failover"])
+async def test_an_authorizations_one_statement_finish_writes_what_the_general_path_does(
+        store: PaymentStore, end: dict[str, object], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Finishing an authorization with its payment known (one statement, no read of the
+    payment) stores the same payment, event and log as the general transaction does."""
+    suffix = str(sorted(end.items())).__hash__() % 10**8
+    if "provider_key" in end:
+        end = {**end, "provider_key": f"txp-{suffix}-globex"}
+
+    async def general_path(*_: object) -> None:
+        raise AssertionError("the known payment's finish took the general path")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(store, "_finish", general_path)
+        fast = await _finished(store, f"pay_f{suffix:023d}", end, known=True)
+    if "provider_key" in end:
+        end = {**end, "provider_key": f"txp-{suffix}-globex2"}
+    general = await _finished(store, f"pay_g{suffix:023d}", end, known=False)
+    for fast_part, general_part in zip(fast, general, strict=True):
+        assert fast_part == general_part
+    assert fast[0].status != PaymentStatus.PROCESSING
+    assert [kind for kind, _ in fast[1]] == ["payment.processing", f"payment.{fast[0].status}"]
+
+
+async def test_a_stale_one_statement_finish_writes_nothing(store: PaymentStore) -> None:
+    """A runner whose claim lapsed cannot finish the authorization through the one-statement
+    path either: the payment stays as its new owner left it, with no event."""
+    p = payment("pay_" + "3" * 24)
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    taken = await store.save_step(step, step, due_at_s=NOW_S, detail="recovery took it")
+    assert taken is not None
+    late = msgspec.structs.replace(step, phase=Phase.SUCCEEDED, provider_ref="auth_1")
+    assert await store.save_step(step, late, due_at_s=NOW_S, payment=p) is None
+    stored = await store.payment(p.id)
+    assert stored is not None and stored.status == PaymentStatus.PROCESSING
+    async with store.pool.acquire() as conn:
+        count = await conn.fetchval("SELECT count(*) FROM events WHERE aggregate_id = $1", p.id)
+    assert count == 1  # payment.processing, from its creation
