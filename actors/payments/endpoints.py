@@ -29,7 +29,7 @@ from actors.payments.engine import (
     payout_view,
     refund_view,
 )
-from actors.payments.store import DATABASE_UNREACHABLE
+from actors.payments.store import DATABASE_UNREACHABLE, KeyHold
 from actors.payments.webhook_endpoints import (
     ENDPOINT_OPERATIONS,
     EndpointRefused,
@@ -223,6 +223,15 @@ def payment_status(view: PaymentView, *, created: bool) -> tuple[int, bytes]:
     return _failure("payment_failed", f"the {last.kind} failed: {last.error}", payment=view)
 
 
+def _kept_creation(view: PaymentView) -> tuple[int, bytes] | None:
+    """A new payment's answer as its Idempotency-Key keeps it, or None when it is not kept
+    (``payment_status`` raises: no provider took it, so the request may be sent again)."""
+    try:
+        return payment_status(view, created=True)
+    except PaymentsApiError:
+        return None
+
+
 def payout_status(view: PayoutView) -> tuple[int, bytes]:
     if view.status == "paid":
         return 201, ENCODER.encode(view)
@@ -301,12 +310,14 @@ class Idempotent:
         self._claim_ttl_s = claim_ttl_s
 
     async def run(self, *, principal: str, key_header: str | None, fingerprint_: bytes,
-                  execute: Callable[[], Awaitable[tuple[int, bytes]]]
-                  ) -> tuple[int, bytes, dict[str, str]]:
+                  execute: Callable[[], Awaitable[tuple[int, bytes]]],
+                  hold: KeyHold | None = None) -> tuple[int, bytes, dict[str, str]]:
         """Returns (status, body, extra headers). ``execute`` runs at most once per key.
 
         ``fingerprint_`` identifies the request (method, canonical path and body); the same
-        key with another fingerprint is refused.
+        key with another fingerprint is refused. ``hold``, when given, is filled in with the
+        claim before ``execute`` runs; if ``execute`` stored its answer under the claim
+        itself (``hold.answered``), it is not stored again.
         """
         store = self._engine.store
         print_ = fingerprint_
@@ -332,6 +343,8 @@ class Idempotent:
             if not claim:
                 raise PaymentsApiError("idempotency_key_in_use",
                                        "a request with this Idempotency-Key is in progress")
+        if hold is not None:
+            hold.principal, hold.key, hold.claim = principal, key, claim
         try:
             status, answer = await execute()
         except PaymentsApiError as exc:
@@ -356,9 +369,11 @@ class Idempotent:
         except BaseException:
             # Nothing durable was decided (the ledger or the database was away): let the
             # client repeat the same request with the same key.
-            await self._release(principal, key, claim)
+            if hold is None or not hold.answered:
+                await self._release(principal, key, claim)
             raise
-        await self._complete(principal, key, claim, status, answer)
+        if hold is None or not hold.answered:
+            await self._complete(principal, key, claim, status, answer)
         return status, answer, {}
 
     async def _complete(self, principal: str, key: str, claim: int, status: int,
@@ -626,9 +641,12 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     print_ = fingerprint("POST", canonical, body)
     request_key = request_key_of(principal, checked_key, print_)
 
+    hold = KeyHold()
+
     async def execute() -> tuple[int, bytes]:
         if operation == "authorize":
-            view = await engine.authorize(item, principal=principal, request_key=request_key)
+            view = await engine.authorize(item, principal=principal, request_key=request_key,
+                                          hold=hold, answer=_kept_creation)
             return payment_status(view, created=True)
         if operation == "payout":
             return payout_status(await engine.payout(item, principal=principal,
@@ -664,7 +682,7 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     try:
         answer = await payments.idempotent.run(
             principal=principal, key_header=checked_key, fingerprint_=print_,
-            execute=execute)
+            execute=execute, hold=hold)
         outcome = _AUTHORIZATION_OUTCOMES.get(answer[0], "refused")
         return answer
     except PaymentsApiError as exc:

@@ -31,7 +31,7 @@ import msgspec
 
 from actors.ops import metrics, telemetry
 from actors.payments.provider import ProviderLink
-from actors.payments.store import PaymentStore
+from actors.payments.store import KeyHold, PaymentStore
 from actors.risk import RiskLink
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
@@ -246,7 +246,9 @@ class PaymentsEngine:
     # -- the API's operations -----------------------------------------------------------------
 
     async def authorize(self, request: AuthorizeRequest, *, principal: str,
-                        request_key: str = "") -> PaymentView:
+                        request_key: str = "", hold: KeyHold | None = None,
+                        answer: Callable[[PaymentView], tuple[int, bytes] | None] | None = None
+                        ) -> PaymentView:
         """Authorize (and with ``capture``, capture) a payment.
 
         ``request_key`` identifies the request (a hash of its Idempotency-Key); the payment
@@ -254,6 +256,11 @@ class PaymentsEngine:
         after it was released) finds the payment it created instead of creating another.
         That is found when the payment is created (``create_payment`` answers False), not
         looked up before: a new request, the common case, costs no read for it.
+
+        ``hold`` and ``answer`` (the request's Idempotency-Key and how its answer is
+        written, None for an answer not to keep): when the authorization ends in the
+        request, its final save stores the answer under the key as well
+        (``PaymentStore.save_step``).
         """
         providers = self._providers_for(request.currency, request.provider)
         await self._require_merchant(request.merchant_account_id, request.currency, principal)
@@ -286,7 +293,12 @@ class PaymentsEngine:
         if not await self.store.create_payment(payment, step, principal=principal,
                                                due_at_s=now_s + self.config.claim_ttl_s):
             return await self._existing(payment.id, request, principal)
-        done = await self.drive(step, auto_capture=payment.auto_capture, payment=payment)
+        answer_step = None
+        if answer is not None and not payment.auto_capture:
+            def answer_step(done: Step) -> tuple[int, bytes] | None:
+                return answer(payment_view(payment_after(payment, done), [done]))
+        done = await self.drive(step, auto_capture=payment.auto_capture, payment=payment,
+                                hold=hold, answer=answer_step)
         if done.final and not payment.auto_capture:
             # Saved final by this request, so the stored payment is this one after it
             # (PaymentStore._finish applies the same payment_after): no read needed.
@@ -713,24 +725,29 @@ class PaymentsEngine:
     # -- driving a step -----------------------------------------------------------------------
 
     async def drive(self, step: Step, *, auto_capture: bool | None = None,
-                    payment: Payment | None = None) -> Step:
+                    payment: Payment | None = None, hold: KeyHold | None = None,
+                    answer: Callable[[Step], tuple[int, bytes] | None] | None = None
+                    ) -> Step:
         """Move ``step`` until it is final or must wait; every phase is stored as it
         changes. Returns the last stored step (or the one it had when it lost its claim).
 
         ``auto_capture``: for an authorization, whether its payment asked for ``capture``
         when the caller knows (the request that created it); None reads the payment when
         the authorization succeeds. ``payment``: an authorization's payment as its request
-        created it, which spares the final save a read of it."""
+        created it, which spares the final save a read of it; ``hold`` and ``answer``: the
+        request's key and answer, stored by the final save too."""
         with telemetry.span("saga.step", attributes={
                 "txproc.kind": step.kind.value, "txproc.phase": step.phase.value,
                 "txproc.provider": step.provider}) as current:
-            step = await self._drive(step, auto_capture, payment)
+            step = await self._drive(step, auto_capture, payment, hold, answer)
             if current is not None:
                 current.set_attribute("txproc.final_phase", step.phase.value)
             return step
 
     async def _drive(self, step: Step, auto_capture: bool | None = None,
-                     payment: Payment | None = None) -> Step:
+                     payment: Payment | None = None, hold: KeyHold | None = None,
+                     answer: Callable[[Step], tuple[int, bytes] | None] | None = None
+                    ) -> Step:
         while not step.final:
             if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
                 try:
@@ -756,7 +773,8 @@ class PaymentsEngine:
                 await self._park(step, detail)
                 return step
             saved = await self.store.save_step(step, after, due_at_s=self._due_s(after),
-                                               detail=detail, payment=payment)
+                                               detail=detail, payment=payment,
+                                               hold=hold, answer=answer)
             if saved is None:
                 self.stats["lost_claims"] += 1
                 log.info("step %d was taken over; leaving it to its new owner", step.id)

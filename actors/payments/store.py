@@ -9,6 +9,7 @@ stale runner already made are harmless repeats.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import datetime as dt
 import secrets
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from processor.payments import (
 )
 from processor.types import require
 
-__all__ = ["DATABASE_UNREACHABLE", "PaymentStore"]
+__all__ = ["DATABASE_UNREACHABLE", "KeyHold", "PaymentStore"]
 
 _T = TypeVar("_T", bound="_Listed")
 
@@ -275,6 +276,19 @@ def _step_conflict(exc: asyncpg.UniqueViolationError) -> NoReturn:
     raise exc
 
 
+
+@dataclasses.dataclass(slots=True)
+class KeyHold:
+    """The Idempotency-Key a request holds while it runs, filled in by ``Idempotent.run``
+    once claimed. ``answered``: the request's last write stored its final answer under the
+    key too (``save_step`` with ``answer``), so there is nothing left to complete."""
+
+    principal: str = ""
+    key: str = ""
+    claim: int = 0
+    answered: bool = False
+
+
 class _Retry(Exception):
     """Roll a dispute's transaction back: it changed since it was read."""
 
@@ -443,7 +457,9 @@ class PaymentStore:
 
     async def save_step(self, before: Step, after: Step, *, due_at_s: float, detail: str = "",
                         webhook: tuple[str, str] | None = None,
-                        payment: Payment | None = None) -> Step | None:
+                        payment: Payment | None = None, hold: KeyHold | None = None,
+                        answer: Callable[[Step], tuple[int, bytes] | None] | None = None
+                        ) -> Step | None:
         """Write ``after`` over ``before`` if nobody else has written the step since.
 
         Returns the stored step (its version one higher), or None when the step was taken
@@ -451,14 +467,17 @@ class PaymentStore:
         A step reaching a final phase updates its payment or payout, and emits their
         event, in the same transaction. ``payment``: the payment of an authorization as
         its request created it, so that finishing the authorization needs no read of it
-        (``_finish_authorization``).
+        (``_finish_authorization``); with it, ``hold`` and ``answer`` (the request's answer
+        given the stored step) store that answer under the request's key in the same
+        statement, and mark the hold ``answered`` (``answer`` gives None for an answer that
+        is not to be kept: it is not final).
         """
         stored = msgspec.structs.replace(after, version=before.version + 1)
         if (payment is not None and webhook is None and stored.final
                 and stored.kind == Kind.AUTHORIZE and payment.id == stored.subject_id
                 and payment.status == PaymentStatus.PROCESSING
                 and await self._finish_authorization(before, stored, payment, due_at_s,
-                                                     detail)):
+                                                     detail, hold, answer)):
             return stored
         if webhook is None and not stored.final and stored.provider_key == before.provider_key:
             # The common case, one statement (so one round trip, atomic by itself): the
@@ -503,7 +522,9 @@ class PaymentStore:
         return stored
 
     async def _finish_authorization(self, before: Step, stored: Step, payment: Payment,
-                                    due_at_s: float, detail: str) -> bool:
+                                    due_at_s: float, detail: str, hold: KeyHold | None,
+                                    answer: Callable[[Step], tuple[int, bytes] | None] | None
+                                    ) -> bool:
         """The final save of an authorization in one statement (one round trip where the
         general path takes six): the fenced step update, its log line, the payment's new
         state and its event. While an authorization is open its payment is processing and
@@ -511,7 +532,8 @@ class PaymentStore:
         from the step alone (``payment_after``), so the payment need not be read; the
         statement locks it and checks it is still processing all the same. False when
         nothing was written (the step moved on, or the payment is not processing): the
-        caller takes the general path, which finds out which."""
+        caller takes the general path, which finds out which. The answer is stored only
+        under the claim the request holds, as ``complete_key`` would."""
         from processor.payments import payment_after
 
         done = payment_after(payment, stored)
@@ -523,7 +545,11 @@ class PaymentStore:
                   done.decline_code, done.capturable_amount,
                   f"payment.{done.status.value}", outbox.event_payload(_event(done)),
                   done.error, done.provider)
-        written = await self._pool.fetchval(
+        kept = answer(stored) if hold is not None and hold.claim and answer else None
+        answering = kept is not None
+        status, body = kept if kept is not None else (0, b"")
+        keyed = (hold.principal, hold.key, hold.claim) if hold is not None else ("", "", 0)
+        written = await self._pool.fetchrow(
             "WITH pay AS (SELECT id, split_part(principal, '/', 1) AS tenant FROM payments "
             "WHERE id=$14 AND status='processing' FOR UPDATE), "
             "updated AS (UPDATE payment_steps SET phase=$3, provider=$4, "
@@ -540,8 +566,15 @@ class PaymentStore:
             "AND EXISTS (SELECT 1 FROM updated) RETURNING id), "
             + outbox.event_ctes(event_type="$20", aggregate_id="$14", payload="$21",
                                 tenant="(SELECT tenant FROM pay)", gate="paid")
-            + " SELECT count(*) FROM paid", *values)
-        return bool(written)
+            + ", answered AS (UPDATE idempotency_keys SET state='completed', status=$25, "
+            "body=$26 WHERE $24 AND principal=$27 AND key=$28 AND claim=$29 "
+            "AND state='in_flight' AND EXISTS (SELECT 1 FROM paid) RETURNING 1) "
+            "SELECT (SELECT count(*) FROM paid) AS paid, "
+            "(SELECT count(*) FROM answered) AS answered",
+            *values, answering, status, body, *keyed)
+        if hold is not None and written["answered"]:
+            hold.answered = True
+        return bool(written["paid"])
 
     async def _finish(self, conn: asyncpg.Connection, step: Step) -> None:
         from processor.payments import payment_after, payout_after

@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from actors.ops import metrics
 from actors.payments.endpoints import Idempotent, PaymentsApiError
-from actors.payments.store import PaymentStore
+from actors.payments.store import KeyHold, PaymentStore
 from processor.payments import PaymentError
 
 NOW_S = 1_800_000_000.0
@@ -151,3 +152,27 @@ async def test_a_database_out_of_reach_is_answered_as_unavailable(app_db_url: st
     with pytest.raises(Unavailable) as away:
         await endpoint.call("1/p", "authorize", uuid.uuid4().hex, "", body, {})
     assert away.value.retry_after_s > 0
+
+
+async def test_a_request_that_kept_its_own_answer_is_not_completed_again(
+        store: PaymentStore) -> None:
+    """``run`` hands the claim to the request through its hold, and completes the key only
+    when the request did not store its answer itself (an authorization's final save does)."""
+    gate = idempotent(store, Clock())
+    key = uuid.uuid4().hex
+    hold = KeyHold()
+
+    async def keeps_its_answer() -> tuple[int, bytes]:
+        assert (hold.principal, hold.key) == ("p", key) and hold.claim
+        assert await store.complete_key("p", key, claim=hold.claim, status=201,
+                                        body=b'{"id":"pay_kept"}')
+        hold.answered = True
+        return 201, b'{"id":"pay_kept"}'
+
+    fenced = metrics.IDEMPOTENCY_FENCED.labels("complete")
+    before = fenced._value.get()
+    assert await gate.run(principal="p", key_header=key, fingerprint_=FP,
+                          execute=keeps_its_answer, hold=hold) == (201, b'{"id":"pay_kept"}', {})
+    assert fenced._value.get() == before  # no second, refused completion
+    kept = await store.load_key("p", key, now_s=NOW_S + 1)
+    assert kept is not None and kept.body == b'{"id":"pay_kept"}'

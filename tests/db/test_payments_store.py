@@ -10,7 +10,7 @@ import asyncpg
 import msgspec
 import pytest
 
-from actors.payments.store import PaymentStore
+from actors.payments.store import KeyHold, PaymentStore
 from processor.payments import (
     Decision,
     KeyState,
@@ -364,3 +364,58 @@ async def test_a_stale_one_statement_finish_writes_nothing(store: PaymentStore) 
     async with store.pool.acquire() as conn:
         count = await conn.fetchval("SELECT count(*) FROM events WHERE aggregate_id = $1", p.id)
     assert count == 1  # payment.processing, from its creation
+
+
+@pytest.mark.parametrize("lapsed", [False, True], ids=["held", "lapsed"])
+async def test_the_one_statement_finish_keeps_the_answer_only_under_the_claim_held(
+        store: PaymentStore, lapsed: bool) -> None:
+    """The final save of an authorization stores the request's answer under its key in the
+    same statement, but only while the request's claim holds the key: a lapsed claimant's
+    answer is not kept (its successor's stands) though its payment still finishes."""
+    p = payment(f"pay_{4 + lapsed}" + "4" * 23)
+    key = f"k-finish-{lapsed}"
+    claim = await store.claim_key("alice", key, b"f" * 32, now_s=NOW_S, retention_s=100)
+    hold = KeyHold("alice", key, claim)
+    if lapsed:
+        successor = await store.claim_key("alice", key, b"f" * 32, now_s=NOW_S + TTL_S + 1,
+                                          retention_s=100, stale_before_s=NOW_S + 1)
+        assert successor
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    answers: list[Step] = []
+
+    def answer(done: Step) -> tuple[int, bytes]:
+        answers.append(done)
+        return 201, b'{"id":"' + done.subject_id.encode() + b'"}'
+
+    done = await store.save_step(step, msgspec.structs.replace(step, phase=Phase.SUCCEEDED),
+                                 due_at_s=NOW_S, payment=p, hold=hold, answer=answer)
+    assert done is not None and answers == [done]
+    stored_payment = await store.payment(p.id)
+    assert stored_payment is not None and stored_payment.status == PaymentStatus.AUTHORIZED
+    kept = await store.load_key("alice", key, now_s=NOW_S + TTL_S + 2)
+    assert kept is not None
+    assert hold.answered is not lapsed
+    if lapsed:
+        assert (kept.state, kept.body) == (KeyState.in_flight, b"")
+    else:
+        assert (kept.state, kept.status, kept.body) == (
+            KeyState.completed, 201, b'{"id":"' + p.id.encode() + b'"}')
+
+
+async def test_an_answer_not_to_keep_leaves_the_key_to_the_request(
+        store: PaymentStore) -> None:
+    """An answer the request does not keep (None: not final) is not stored by the final
+    save; the key stays claimed for the request to release."""
+    p = payment("pay_6" + "6" * 23)
+    claim = await store.claim_key("alice", "k-none", b"f" * 32, now_s=NOW_S, retention_s=100)
+    hold = KeyHold("alice", "k-none", claim)
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    failed = msgspec.structs.replace(step, phase=Phase.FAILED, error="provider_unavailable")
+    assert await store.save_step(step, failed, due_at_s=NOW_S, payment=p, hold=hold,
+                                 answer=lambda _: None) is not None
+    assert not hold.answered
+    kept = await store.load_key("alice", "k-none", now_s=NOW_S + 1)
+    assert kept is not None and kept.state == KeyState.in_flight
+    assert await store.release_key("alice", "k-none", claim=claim)
