@@ -484,11 +484,11 @@ class PaymentsEngine:
         if event.dispute is not None:
             return await self._apply_dispute_notice(provider, event, event.dispute)
         key = event.idempotency_key.removesuffix("-undo")
-        step = await self.store.step_by_key(key)
         # A provider speaks only for its own calls: an event verified with one provider's
-        # secret never moves a step another provider is handling.
-        if step is None or step.final or step.provider != provider:
-            fresh = await self.store.record_webhook(provider, event.event_id)
+        # secret never moves a step another provider is handling. An event that cannot
+        # move its step is remembered by the same statement that finds the step.
+        step, fresh = await self.store.step_for_event(key, provider, event.event_id)
+        if fresh is not None or step is None:
             return "ignored" if fresh else "duplicate"
         if step.phase in (Phase.PROVIDER, Phase.RESERVE):
             # A runner is calling the provider right now and will store its answer; the

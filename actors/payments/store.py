@@ -110,7 +110,7 @@ def _ts(seconds: float) -> dt.datetime:
     return dt.datetime.fromtimestamp(seconds, tz=dt.UTC)
 
 
-def _step(row: asyncpg.Record) -> Step:
+def _step(row: asyncpg.Record | dict[str, Any]) -> Step:
     values = dict(row)
     values["kind"] = Kind(values["kind"])
     values["phase"] = Phase(values["phase"])
@@ -965,6 +965,30 @@ class PaymentStore:
         return bool(await self._pool.fetchval(
             "SELECT true FROM webhook_events WHERE provider=$1 AND event_id=$2",
             provider, event_id))
+
+    async def step_for_event(self, provider_key: str, provider: str, event_id: str
+                             ) -> tuple[Step | None, bool | None]:
+        """The step a provider's event is about (None if none), and in the same statement
+        the event remembered when it can change nothing: no such step, a final one, or one
+        another provider handles. The second value says whether it was new then (False: a
+        duplicate), None when the step may still move (the caller decides, and records the
+        event with the step's change)."""
+        row = await self._pool.fetchrow(
+            f"WITH st AS (SELECT {', '.join('s.' + c for c in _STEP_READ.split(', '))} "
+            "FROM payment_step_keys k JOIN payment_steps s ON s.id = k.step_id "
+            "WHERE k.provider_key = $1), "
+            "inert AS (SELECT 1 WHERE NOT EXISTS (SELECT 1 FROM st "
+            "WHERE st.provider = $2 AND NOT st.phase = ANY ($4::text[]))), "
+            "recorded AS (INSERT INTO webhook_events (provider, event_id) "
+            "SELECT $2, $3 FROM inert ON CONFLICT DO NOTHING RETURNING true) "
+            "SELECT EXISTS (SELECT 1 FROM inert) AS inert, "
+            "EXISTS (SELECT 1 FROM recorded) AS fresh, st.* "
+            "FROM (SELECT 1) AS one LEFT JOIN st ON true",
+            provider_key, provider, event_id, _FINAL)
+        values = dict(row)
+        inert, fresh = values.pop("inert"), values.pop("fresh")
+        step = None if values["id"] is None else _step(values)
+        return step, (bool(fresh) if inert else None)
 
     async def step_by_key(self, provider_key: str) -> Step | None:
         row = await self._pool.fetchrow(
