@@ -141,3 +141,18 @@ async def test_the_listing_pages_and_filters(app_conn: asyncpg.Connection) -> No
     assert (event.actor.subject, event.actor.token_id, event.target.id) == \
         ("ops-7", "jti-1", "we_2")
     assert first.data[0].details == {"n": 0}
+
+
+async def test_details_survive_jsonb_exactly(app_conn: asyncpg.Connection) -> None:
+    """Details that jsonb stores in its own form (key order, escapes, non-ASCII text, the
+    largest integers, nesting) read back to the same digest: the chain check finds
+    nothing."""
+    details = {"z": [1, -(2**63 - 1), 2**63 - 1, None, True, False],
+               "a": {"é": "\u2028 \"quoted\" \\ \t tab", "emoji": "\U0001f600", "": ""},
+               "long key with spaces": {"nested": {"deeper": ["x"]}}}
+    await record_audit_event(app_conn, actor=AuditActor(kind="service", subject="tests"),
+                             action="schema.migrated", target_kind="schema", target_id="25",
+                             details=details)
+    assert await check_audit_log(app_conn) == (1, [])
+    page = await list_audit_events(app_conn, AuditQuery(), tenant_slot=None)
+    assert page.data[0].details == details
