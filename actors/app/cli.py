@@ -540,7 +540,6 @@ def _record_key_change(args: argparse.Namespace, action: str, kid: str,
         print(f"{command}: not recorded as an audit event: {exc!r}", file=sys.stderr)
 
 
-
 @contextlib.contextmanager
 def _operator_database(args: argparse.Namespace) -> Iterator[str]:
     """The administrative URL of the database an operator command works on:
