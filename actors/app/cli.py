@@ -221,6 +221,12 @@ def _add_keys(sub: Any) -> None:
         "retire", help="stop verifying tokens of a key (not the active one)")
     retire.add_argument("kid", help="the key's id, as `txproc keys list` shows it")
     retire.add_argument("--data-dir", default=data_dir)
+    for changes in (rotate, retire):
+        changes.add_argument(
+            "--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
+            help="where the change is recorded as an audit event (the server's, as for "
+                 "`txproc serve`); without it, the embedded database of --data-dir if it "
+                 "has one and is not in use")
     listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
     listing.add_argument("--data-dir", default=data_dir)
     create_client = keys_sub.add_parser(
@@ -278,13 +284,26 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=4_000)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(migrate)
-    audit = sub.add_parser("audit", help="who made an account, transfer or payment step")
+    audit = sub.add_parser(
+        "audit", help="who made an account, transfer or payment step (--account, --transfer, "
+                      "--payment); `audit list`: the audit events of operator and "
+                      "configuration actions")
     _add_common(audit)
-    which_object = audit.add_mutually_exclusive_group(required=True)
+    # `txproc audit list` reads the audit events; `txproc audit --transfer ID` (no word)
+    # reads who made an object, as before the events existed.
+    audit.add_argument("listing", nargs="?", choices=["list"],
+                       help="list the audit events as JSON lines, oldest first")
+    which_object = audit.add_mutually_exclusive_group()
     for kind in ("account", "transfer", "payment"):
         which_object.add_argument(f"--{kind}", metavar="ID",
                                   help=f"the {kind}'s id" + (" (or a payout's)"
                                                              if kind == "payment" else ""))
+    audit.add_argument("--action", default=None,
+                       help="with list: only this action (e.g. keys.rotated)")
+    audit.add_argument("--after", type=int, default=0,
+                       help="with list: only events after this id")
+    audit.add_argument("--limit", type=int, default=None,
+                       help="with list: at most this many events (all by default)")
     dlq = sub.add_parser("dlq", help="payment events that could not be delivered")
     dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
     dlq_list = dlq_sub.add_parser("list", help="show dead letters not yet replayed")
@@ -453,10 +472,13 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"{command}: {ring.active.kid} signs from now on; every front verifies with "
                   "it within a second, and the keys before verify until retired",
                   file=sys.stderr)
+            _record_key_change(args, "keys.rotated", ring.active.kid,
+                               {"keys": len(ring.keys)})
         elif args.keys_command == "retire":
             retire_key(data_dir, args.kid, now_s=now_s)
             print(f"{command}: tokens of {args.kid} are refused on every front within a "
                   "second", file=sys.stderr)
+            _record_key_change(args, "keys.retired", args.kid, {})
         else:
             for key in load_or_create_ring(data_dir, now_s=now_s).keys:
                 retired = f" retired {_utc(key.retired_at_s)}" if key.retired_at_s else ""
@@ -470,6 +492,52 @@ def _keys(args: argparse.Namespace) -> int:
 def _utc(seconds: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(seconds))
 
+
+# One id for every audit event a command writes, so an operator's one command is one request.
+_CLI_REQUEST_ID = f"cli-{os.getpid()}-{time.time_ns():x}"
+
+
+async def _audit_event(conn: Any, action: str, target_kind: str, target_id: str, *,
+                       tenant_slot: int = 0, details: dict[str, Any] | None = None) -> None:
+    """Record what this command did as an audit event of the operating-system user running
+    it (actors/ops/audit_events.py), in ``conn``'s transaction."""
+    from actors.ops import operator_actor, record_audit_event
+
+    await record_audit_event(conn, actor=operator_actor(), action=action,
+                             target_kind=target_kind, target_id=target_id,
+                             tenant_slot=tenant_slot, details=details,
+                             request_id=_CLI_REQUEST_ID)
+
+
+def _record_key_change(args: argparse.Namespace, action: str, kid: str,
+                       details: dict[str, Any]) -> None:
+    """Record a key ring change (made in the key file already) as an audit event in the
+    server's database: ``--database-url``, or the embedded one of the data directory when
+    it has one that no server holds. When neither can be reached the change stands and is
+    said to be unrecorded (docs/security.md, "Audit events")."""
+    import asyncpg
+
+    from actors.database import EmbeddedPostgresError
+
+    command = f"txproc keys {args.keys_command}"
+    if not args.database_url and not (Path(args.data_dir) / "pg" / "PG_VERSION").exists():
+        print(f"{command}: not recorded as an audit event: no database (name the server's "
+              "with --database-url)", file=sys.stderr)
+        return
+
+    async def record() -> None:
+        with _operator_database(args) as url:
+            conn = await asyncpg.connect(url, timeout=10)
+            try:
+                await _audit_event(conn, action, "signing_key", kid, details=details)
+            finally:
+                await conn.close()
+
+    try:
+        asyncio.run(record())
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, EmbeddedPostgresError,
+            TimeoutError) as exc:
+        print(f"{command}: not recorded as an audit event: {exc!r}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -498,16 +566,26 @@ async def _token_revoke(args: argparse.Namespace) -> int:
         print("txproc token revoke: name one token (--jti J) or one principal (--tenant T "
               "--subject S)", file=sys.stderr)
         return 2
+    from processor.identity import tenant_slot
+
     with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
-            if by_subject:
-                at = await revoke_subject(conn, args.tenant, args.subject,
-                                          keep_s=args.ttl_s_max)
-                what = f"every token of {args.subject} of {args.tenant} issued up to now"
-            else:
-                at = await revoke_token_id(conn, args.jti, keep_s=args.ttl_s_max)
-                what = f"the token {args.jti}"
+            async with conn.transaction():
+                if by_subject:
+                    at = await revoke_subject(conn, args.tenant, args.subject,
+                                              keep_s=args.ttl_s_max)
+                    what = f"every token of {args.subject} of {args.tenant} issued up to now"
+                    await _audit_event(
+                        conn, "token.revoked", "principal", f"{args.tenant}/{args.subject}",
+                        tenant_slot=tenant_slot(args.tenant),
+                        details={"tenant": args.tenant, "subject": args.subject,
+                                 "issued_up_to": at.isoformat(), "keep_s": args.ttl_s_max})
+                else:
+                    at = await revoke_token_id(conn, args.jti, keep_s=args.ttl_s_max)
+                    what = f"the token {args.jti}"
+                    await _audit_event(conn, "token.revoked", "token", args.jti,
+                                       details={"keep_s": args.ttl_s_max})
         except ValueError as exc:
             print(f"txproc token revoke: {exc}", file=sys.stderr)
             return 2
@@ -540,20 +618,35 @@ async def _write_client_key(args: argparse.Namespace) -> int:
     import asyncpg
 
     from actors.edge import create_client_key, revoke_client_key
+    from processor.identity import tenant_slot
 
     command = f"txproc keys {args.keys_command}"
     with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
             if args.keys_command == "create-client":
-                key = await create_client_key(conn, args.tenant, args.subject)
+                async with conn.transaction():
+                    key = await create_client_key(conn, args.tenant, args.subject)
+                    await _audit_event(conn, "client_key.created", "client_key", key.key_id,
+                                       tenant_slot=tenant_slot(args.tenant),
+                                       details={"tenant": args.tenant,
+                                                "subject": args.subject})
                 print(json.dumps({"key_id": key.key_id,
                                   "secret": base64.b64encode(key.secret).decode(),
                                   "tenant": key.tenant, "subject": key.subject}))
                 print(f"{command}: every front accepts its signatures within a second; the "
                       "secret is not shown again", file=sys.stderr)
                 return 0
-            revoked_at = await revoke_client_key(conn, args.key_id)
+            async with conn.transaction():
+                revoked_at = await revoke_client_key(conn, args.key_id)
+                if revoked_at is not None:
+                    owner = await conn.fetchrow(
+                        "SELECT tenant, tenant_slot, subject FROM client_keys "
+                        "WHERE key_id = $1", args.key_id)
+                    await _audit_event(conn, "client_key.revoked", "client_key", args.key_id,
+                                       tenant_slot=owner["tenant_slot"],
+                                       details={"tenant": owner["tenant"],
+                                                "subject": owner["subject"]})
         except ValueError as exc:
             print(f"{command}: {exc}", file=sys.stderr)
             return 2
@@ -572,23 +665,47 @@ async def _write_client_key(args: argparse.Namespace) -> int:
 
 
 async def _migrate(args: argparse.Namespace) -> int:
+    import asyncpg
+
     from actors.migrate import migrate
 
     with _operator_database(args) as url:
         applied = await migrate(url)
+        if applied:
+            conn = await asyncpg.connect(url, timeout=10)
+            try:
+                await _audit_event(conn, "schema.migrated", "schema", str(max(applied)),
+                                   details={"applied": applied})
+            finally:
+                await conn.close()
         print(f"applied: {applied or 'nothing (up to date)'}")
     return 0
 
 
 async def _audit(args: argparse.Namespace) -> int:
-    """Print the audit records (JSON lines) of the object named, oldest first."""
+    """Print the audit records (JSON lines) of the object named, oldest first; or, with
+    ``list``, the audit events."""
     import json
 
     import asyncpg
 
     from actors.edge.audit import who_made
 
-    kind = next(k for k in ("account", "transfer", "payment") if getattr(args, k))
+    kinds = [k for k in ("account", "transfer", "payment") if getattr(args, k)]
+    if args.listing:
+        if kinds:
+            print("txproc audit list: --account, --transfer and --payment name an object's "
+                  "records, not the events; give one without list", file=sys.stderr)
+            return 2
+        return await _audit_list(args)
+    if not kinds:
+        print("txproc audit: name an object (--account, --transfer or --payment ID) or "
+              "list the events (txproc audit list)", file=sys.stderr)
+        return 2
+    if args.action is not None or args.after or args.limit is not None:
+        print("txproc audit: --action, --after and --limit go with list", file=sys.stderr)
+        return 2
+    kind = kinds[0]
     with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:
@@ -607,6 +724,56 @@ async def _audit(args: argparse.Namespace) -> int:
         return 0
 
 
+async def _audit_list(args: argparse.Namespace) -> int:
+    """``txproc audit list``: the audit events as JSON lines, oldest first, a page at a
+    time (every tenant's: this is the operator's view)."""
+    import asyncpg
+    import msgspec
+
+    from actors.ops.audit_events import list_audit_events
+    from processor.audit import AUDIT_PAGE_LIMIT_MAX, AuditQuery, AuditQueryError, audit_query_of
+
+    command = "txproc audit list"
+    if args.limit is not None and args.limit < 1:
+        print(f"{command}: --limit is at least 1", file=sys.stderr)
+        return 2
+    try:
+        params = [("after", str(args.after))]
+        if args.action is not None:
+            params.append(("action", args.action))
+        first = audit_query_of(params)
+    except AuditQueryError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
+    remaining = args.limit
+    with _operator_database(args) as url:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            after = first.after
+            while remaining is None or remaining > 0:
+                limit = min(AUDIT_PAGE_LIMIT_MAX, remaining or AUDIT_PAGE_LIMIT_MAX)
+                page = await list_audit_events(
+                    conn, AuditQuery(after=after, limit=limit, action=first.action),
+                    tenant_slot=None)
+                for view in page.data:
+                    print(msgspec.json.encode(view).decode())
+                if remaining is not None:
+                    remaining -= len(page.data)
+                if page.next_cursor is None or not page.data:
+                    break
+                after = page.data[-1].id
+        except asyncpg.UndefinedTableError:
+            print(f"{command}: the database has no audit_events table; run `txproc migrate` "
+                  "first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    return 0
+
+
+_EVENT_IDS_RECORDED_MAX = 100
+
+
 async def _dlq(args: argparse.Namespace) -> int:
     import asyncpg
 
@@ -621,7 +788,18 @@ async def _dlq(args: argparse.Namespace) -> int:
                         "event_id", "subscriber", "event_type", "aggregate_id", "attempts",
                         "last_error", "dead_at")))
                 return 0
-            count = await outbox.dlq_replay(conn, None if args.all else args.event_ids)
+            event_ids = None if args.all else sorted(set(args.event_ids))
+            async with conn.transaction():
+                count = await outbox.dlq_replay(conn, event_ids)
+                if count:
+                    details: dict[str, Any] = {"replayed": count}
+                    if event_ids is not None:
+                        # The first ids name the replay; the count says how many it named.
+                        details |= {"event_ids": event_ids[:_EVENT_IDS_RECORDED_MAX],
+                                    "event_ids_named": len(event_ids)}
+                    await _audit_event(conn, "dlq.replayed", "dead_letters",
+                                       "all" if event_ids is None else "selected",
+                                       details=details)
             print(f"replayed: {count}")
             return 0
         finally:
@@ -645,8 +823,12 @@ async def _payments_review(args: argparse.Namespace) -> int:
                 print("txproc payments review retry: --operator and --reason must say "
                       "something", file=sys.stderr)
                 return 2
+            from actors.ops import operator_actor
+
             step = await store.retry_reviewed(args.step_id, now_s=time.time(),
-                                              operator=args.operator, reason=args.reason)
+                                              operator=args.operator, reason=args.reason,
+                                              actor=operator_actor(),
+                                              request_id=_CLI_REQUEST_ID)
         finally:
             await store.close()
     if step is None:
@@ -676,6 +858,7 @@ async def _webhooks(args: argparse.Namespace) -> int:
 
     import asyncpg
 
+    from actors.ops import operator_actor
     from actors.payments import webhook_endpoints
     from processor.identity import tenant_slot
     from processor.payments import (
@@ -702,7 +885,8 @@ async def _webhooks(args: argparse.Namespace) -> int:
                 view, _ = await webhook_endpoints.create_endpoint(
                     conn, endpoint_id=endpoint_id_of(secrets.token_hex(12)),
                     tenant=str(tenant_slot(args.tenant)), url=endpoint_url, events=types,
-                    secret=secrets.token_bytes(SECRET_BYTES))
+                    secret=secrets.token_bytes(SECRET_BYTES), actor=operator_actor(),
+                    request_id=_CLI_REQUEST_ID)
                 print(msgspec.json.encode(view).decode())
                 print(f"{command}: the secret is not shown again", file=sys.stderr)
                 return 0
@@ -716,7 +900,9 @@ async def _webhooks(args: argparse.Namespace) -> int:
                         print(msgspec.json.encode(view).decode())
                     if after is None:
                         return 0
-            removed = await webhook_endpoints.remove_endpoint(conn, args.endpoint_id, None)
+            removed = await webhook_endpoints.remove_endpoint(
+                conn, args.endpoint_id, None, actor=operator_actor(),
+                request_id=_CLI_REQUEST_ID)
         except webhook_endpoints.EndpointRefused as exc:
             print(f"{command}: {exc}", file=sys.stderr)
             return 2

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import asyncpg
 
 from actors.database import keep_session
+from actors.ops.audit_events import list_audit_events
+from processor.audit import AuditEventsPage, AuditQuery
 from processor.errors import Unavailable
 from processor.identity import Claims
 
@@ -85,6 +87,16 @@ class AuditWriter:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    async def events(self, query: AuditQuery, *, tenant_slot: int | None) -> AuditEventsPage:
+        """A page of the audit events (``GET /v1/audit-events``; actors/ops/audit_events.py),
+        of ``tenant_slot`` only or, for None, every one. Raises ``Unavailable`` when the
+        database cannot answer."""
+        try:
+            return await list_audit_events(self._pool, query, tenant_slot=tenant_slot)
+        except _ERRORS as exc:
+            raise Unavailable("the audit events cannot be read now",
+                              retry_after_s=1.0) from exc
 
     async def record(self, claims: Claims, request_id: str, operation: str,
                      items: int) -> int:

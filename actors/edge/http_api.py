@@ -49,9 +49,17 @@ from actors.payments import (
     api_error_of,
     require_key,
 )
+from processor.audit import (
+    ACTIONS,
+    AUDIT_PAGE_LIMIT_MAX,
+    AuditEventsPage,
+    AuditQueryError,
+    audit_query_of,
+)
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Overloaded, QuotaExceeded
 from processor.identity import (
+    PROCESSOR_TENANT,
     SCOPES,
     SIGNATURE_ALGORITHM,
     SIGNATURE_CODES,
@@ -993,6 +1001,22 @@ class _Api:
             ENCODER.encode(query), _forwarded_headers(request))
         return Response(answer, status, headers=headers, media_type="application/json")
 
+    async def list_audit_events(self, request: Request) -> Response:
+        """The audit events of operator and configuration actions (actors/ops/
+        audit_events.py) after a cursor, oldest first: the caller's tenant's, or every one
+        for the processor's own token."""
+        try:
+            query = audit_query_of(request.query_params.multi_items())
+        except AuditQueryError as exc:
+            raise ApiError(400, exc.code, str(exc)) from exc
+        if self._audit is None:
+            raise ApiError(503, "unavailable", "this server keeps no audit events",
+                           {"Retry-After": "60"})
+        slot = request.state.claims.tenant_slot
+        page = await self._audit.events(
+            query, tenant_slot=None if slot == PROCESSOR_TENANT else slot)
+        return _json_response(200, page)
+
     async def _list(self, request: Request, operation: str, query: dict[str, Any]
                     ) -> Response:
         """A list operation: the query made JSON here, checked and read by the payments
@@ -1562,6 +1586,21 @@ OPERATIONS: tuple[Operation, ...] = (
         ),
     ),
     Operation(
+        name="list_audit_events", method="GET", path="/v1/audit-events",
+        summary="Audit events of operator and configuration actions (keys, tokens, client "
+                "keys, webhook endpoints, dead-letter replays, reviews) after a cursor, "
+                "oldest first: the tenant's, or every one for the processor's own token.",
+        handler=_Api.list_audit_events, scope="audit:read",
+        replies=(
+            Reply(200, "Up to limit events and the cursor of the next page (null on the "
+                       "last).", AuditEventsPage),
+            _error_reply(400, "A query parameter is unknown, repeated or out of range, "
+                              "after and cursor are both given, or the cursor is not one "
+                              "this list gave.", "invalid_query", "invalid_cursor"),
+            _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE,
+        ),
+    ),
+    Operation(
         name="create_webhook_endpoint", method="POST", path="/v1/webhook_endpoints",
         summary="Register where the tenant's payment and payout events are sent; the answer "
                 "shows the signing secret, once. Needs an Idempotency-Key header.",
@@ -1648,6 +1687,7 @@ _SCOPE_TEXT = {
     "webhooks:read": "read the tenant's webhook endpoints",
     "webhooks:write": "create and remove the tenant's webhook endpoints",
     "disputes:write": "submit evidence against disputes",
+    "audit:read": "read the audit events of operator and configuration actions",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -1706,7 +1746,20 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             {"name": "limit", "in": "query", "required": False,
              "schema": {"type": "integer", "minimum": 1, "maximum": EVENTS_PAGE_MAX}},
         ]
-    if op.method == "GET" and op.name.startswith("list_") and op.name != "list_events":
+    if op.path == "/v1/audit-events":
+        entry["parameters"] = [
+            {"name": "after", "in": "query", "required": False,
+             "description": "Events after this id (not with cursor).",
+             "schema": {"type": "integer", "minimum": 0, "maximum": ID_MAX}},
+            {"name": "cursor", "in": "query", "required": False,
+             "description": "The previous page's next_cursor (not with after).",
+             "schema": {"type": "string", "minLength": 1, "maxLength": 64}},
+            {"name": "limit", "in": "query", "required": False,
+             "schema": {"type": "integer", "minimum": 1, "maximum": AUDIT_PAGE_LIMIT_MAX}},
+            {"name": "action", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": sorted(ACTIONS)}},
+        ]
+    elif op.method == "GET" and op.name.startswith("list_") and op.name != "list_events":
         entry["parameters"] = _list_parameters(op.name.removeprefix("list_"))
     if op.scope is not None and op.method == "POST" and op.path.startswith(
             ("/v1/payments", "/v1/payouts", "/v1/webhook_endpoints")):

@@ -1,13 +1,25 @@
-"""Operations: metrics, traces and logs for every actor, and the per-node metrics server.
+"""Operations: metrics, traces and logs for every actor, the per-node metrics server, and
+the audit events of operator and configuration actions.
 
 Public interface: ``metrics`` (the Prometheus metrics every process records),
-``telemetry`` (structured, redacted logs and OpenTelemetry traces), and
-``make_node_metrics`` / ``node_metrics_name`` (one ``/metrics`` endpoint per Ray node).
+``telemetry`` (structured, redacted logs and OpenTelemetry traces),
+``make_node_metrics`` / ``node_metrics_name`` (one ``/metrics`` endpoint per Ray node),
+and ``audit_events`` (``record_audit_event``, the one writer of ``audit_events``, with the
+listing and the chain check; docs/security.md "Audit events").
 """
 
 from __future__ import annotations
 
-from actors.ops import metrics, telemetry
+from actors.ops import audit_events, metrics, telemetry
+from actors.ops.audit_events import operator_actor, record_audit_event
 from actors.ops.metrics_server import make_node_metrics, node_metrics_name
 
-__all__ = ["make_node_metrics", "metrics", "node_metrics_name", "telemetry"]
+__all__ = [
+    "audit_events",
+    "make_node_metrics",
+    "metrics",
+    "node_metrics_name",
+    "operator_actor",
+    "record_audit_event",
+    "telemetry",
+]

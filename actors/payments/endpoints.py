@@ -700,7 +700,8 @@ async def _endpoint_operation(payments: Payments, *, principal: str, operation: 
     if operation != "create_webhook_endpoint":
         return await serve_endpoint_operation(
             payments.engine.store.pool, principal=principal, operation=operation,
-            subject_id=subject_id, body=body, request_key="", idempotent=None)
+            subject_id=subject_id, body=body, request_key="", idempotent=None,
+            origin=REQUEST_ORIGIN.get())
     checked_key = require_key(key)
     scan_for_card_data(headers, body)
     decode_endpoint_request(body)
@@ -714,7 +715,8 @@ async def _endpoint_operation(payments: Payments, *, principal: str, operation: 
     return await serve_endpoint_operation(
         payments.engine.store.pool, principal=principal, operation=operation,
         subject_id=subject_id, body=body,
-        request_key=request_key_of(principal, checked_key, print_), idempotent=idempotent)
+        request_key=request_key_of(principal, checked_key, print_), idempotent=idempotent,
+        origin=REQUEST_ORIGIN.get())
 
 
 class PaymentsEndpoint:

@@ -19,8 +19,11 @@ import asyncpg
 import msgspec
 
 from actors.database import bounded_pool, keep_session
+from actors.ops.audit_events import record_audit_event
 from actors.payments import outbox
 from actors.priority import lower_session_priority
+from processor.audit import AuditActor
+from processor.identity import tenant_of_principal
 from processor.payments import (
     DISPUTE_KINDS,
     FINAL_PHASES,
@@ -104,6 +107,15 @@ def _dispute_event(dispute: Dispute) -> dict[str, Any]:
     payload: dict[str, Any] = msgspec.to_builtins(dispute)
     payload.pop("evidence", None)
     return payload
+
+
+def _tenant_slot_of(principal: str | None) -> int:
+    """The tenant slot of a stored principal; 0 (the processor's) for none or one written
+    before principals named their tenant (migration 0010)."""
+    try:
+        return tenant_of_principal(principal) if principal else 0
+    except ValueError:
+        return 0
 
 
 def _ts(seconds: float) -> dt.datetime:
@@ -906,10 +918,13 @@ class PaymentStore:
             "SELECT count(*) FROM payment_steps WHERE review_since IS NOT NULL"))
 
     async def retry_reviewed(self, step_id: int, *, now_s: float, operator: str,
-                             reason: str) -> Step | None:
+                             reason: str, actor: AuditActor | None = None,
+                             request_id: str = "") -> Step | None:
         """An operator hands a step in review back to the recovery worker, due now and with
         its backoff started over; the step's log records who and why. None if the step is
-        not in review."""
+        not in review. With ``actor``, the resolution is also a
+        ``payment_step.review_resolved`` audit event, in the same transaction, of the
+        tenant of the step's payment, payout or dispute."""
         async with self._pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 f"UPDATE payment_steps SET review_since=NULL, checks=0, due_at=$2, "
@@ -919,6 +934,18 @@ class PaymentStore:
                 return None
             step = _step(row)
             await self._log(conn, step, f"review: retried by {operator}: {reason}")
+            if actor is not None:
+                principal = await conn.fetchval(
+                    "SELECT principal FROM payments WHERE id = $1 UNION ALL "
+                    "SELECT principal FROM payouts WHERE id = $1 UNION ALL "
+                    "SELECT principal FROM disputes WHERE id = $1 LIMIT 1", step.subject_id)
+                await record_audit_event(
+                    conn, actor=actor, action="payment_step.review_resolved",
+                    target_kind="payment_step", target_id=str(step.id),
+                    tenant_slot=_tenant_slot_of(principal),
+                    details={"resolution": "retry", "operator": operator, "reason": reason,
+                             "subject_id": step.subject_id, "kind": step.kind.value},
+                    request_id=request_id)
         return step
 
     # -- reading ------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ import asyncpg
 import msgspec
 from msgspec import Meta
 
+from actors.ops.audit_events import actor_of_origin, record_audit_event
 from actors.payments.outbox import STATEMENT_TIMEOUT_S
+from processor.audit import AuditActor
 from processor.identity import tenant_of_principal
 from processor.payments import (
     ENDPOINT_ID_PATTERN,
@@ -106,12 +108,15 @@ def _tenant(principal_or_tenant: str) -> str:
 
 
 async def create_endpoint(conn: asyncpg.Connection, *, endpoint_id: str, tenant: str,
-                          url: str, events: tuple[str, ...], secret: bytes
+                          url: str, events: tuple[str, ...], secret: bytes,
+                          actor: AuditActor | None = None, request_id: str = ""
                           ) -> tuple[WebhookEndpointView, bool]:
     """Store an endpoint of ``tenant`` (a slot in decimal) and answer it with its secret, and
     whether it is new. An endpoint with this id (the same request, executed again) is
     answered as it is. Raises ``EndpointRefused`` (``webhook_endpoint_limit_reached``) when
-    the tenant already has ``ENDPOINTS_PER_TENANT_MAX`` endpoints."""
+    the tenant already has ``ENDPOINTS_PER_TENANT_MAX`` endpoints. With ``actor``, a new
+    endpoint is recorded as a ``webhook_endpoint.created`` audit event in the same
+    transaction (the secret is not)."""
     async with conn.transaction():
         # One creation per tenant at a time, so two at once cannot both pass the limit.
         await conn.execute("SELECT pg_advisory_xact_lock(hashtextextended($1, 19))",
@@ -133,6 +138,12 @@ async def create_endpoint(conn: asyncpg.Connection, *, endpoint_id: str, tenant:
             f"VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}",
             endpoint_id, url, tenant, list(events) or None, secret,
             timeout=STATEMENT_TIMEOUT_S)
+        if actor is not None:
+            await record_audit_event(
+                conn, actor=actor, action="webhook_endpoint.created",
+                target_kind="webhook_endpoint", target_id=endpoint_id,
+                tenant_slot=int(tenant), details={"url": url, "events": list(events)},
+                request_id=request_id)
     return _view(row, secret), True
 
 
@@ -164,21 +175,32 @@ async def endpoint_of(conn: asyncpg.Connection | asyncpg.Pool, tenant: str,
 
 
 async def remove_endpoint(conn: asyncpg.Connection, endpoint_id: str,
-                          tenant: str | None) -> WebhookEndpointView | None:
+                          tenant: str | None, *, actor: AuditActor | None = None,
+                          request_id: str = "") -> WebhookEndpointView | None:
     """Remove an endpoint (of ``tenant``; any tenant's for None, the operator's CLI): no
     event is sent to it any more, and its deliveries not yet made are dropped. None when
-    no such endpoint is in use."""
+    no such endpoint is in use. With ``actor``, the removal is recorded as a
+    ``webhook_endpoint.deleted`` audit event in the same transaction."""
     async with conn.transaction():
         row = await conn.fetchrow(
             f"UPDATE event_subscribers SET active = false, removed_at = now(), "
             f"updated_at = now() WHERE name = $1 AND tenant IS NOT NULL "
             f"AND ($2::text IS NULL OR tenant = $2) AND removed_at IS NULL "
-            f"RETURNING {_COLUMNS}", endpoint_id, tenant, timeout=STATEMENT_TIMEOUT_S)
+            f"RETURNING {_COLUMNS}, tenant", endpoint_id, tenant,
+            timeout=STATEMENT_TIMEOUT_S)
         if row is None:
             return None
-        await conn.execute(
-            "DELETE FROM outbox_deliveries WHERE subscriber = $1 AND delivered_at IS NULL",
+        dropped = await conn.fetchval(
+            "WITH dropped AS (DELETE FROM outbox_deliveries WHERE subscriber = $1 "
+            "AND delivered_at IS NULL RETURNING 1) SELECT count(*) FROM dropped",
             endpoint_id, timeout=STATEMENT_TIMEOUT_S)
+        if actor is not None:
+            await record_audit_event(
+                conn, actor=actor, action="webhook_endpoint.deleted",
+                target_kind="webhook_endpoint", target_id=endpoint_id,
+                tenant_slot=int(row["tenant"]),
+                details={"url": row["url"], "deliveries_dropped": int(dropped)},
+                request_id=request_id)
     return _view(row)
 
 
@@ -217,11 +239,15 @@ async def serve_endpoint_operation(
         request_key: str,
         idempotent: Callable[[Callable[[], Awaitable[tuple[int, bytes]]]],
                              Awaitable[tuple[int, bytes, dict[str, str]]]] | None,
+        origin: int = 0,
 ) -> tuple[int, bytes, dict[str, str]]:
     """One ``/v1/webhook_endpoints`` operation of ``principal``'s tenant. A creation's body
     must already be checked (``decode_endpoint_request``); it runs inside ``idempotent``.
-    Raises ``EndpointRefused`` for a refusal."""
+    A creation or removal is recorded as an audit event of the caller named by ``origin``
+    (the request's audit record, actors/edge/audit.py). Raises ``EndpointRefused`` for a
+    refusal."""
     tenant = _tenant(principal)
+    subject = principal.partition("/")[2]
     if operation == "create_webhook_endpoint":
         if idempotent is None:
             raise ValueError("a creation runs under its Idempotency-Key")
@@ -230,9 +256,11 @@ async def serve_endpoint_operation(
 
         async def execute() -> tuple[int, bytes]:
             async with pool.acquire() as conn:
+                actor, request_id = await actor_of_origin(conn, origin, subject=subject)
                 view, _ = await create_endpoint(
                     conn, endpoint_id=endpoint_id_of(request_key), tenant=tenant, url=url,
-                    events=events, secret=secrets.token_bytes(SECRET_BYTES))
+                    events=events, secret=secrets.token_bytes(SECRET_BYTES), actor=actor,
+                    request_id=request_id)
             return 201, _ENCODER.encode(view)
 
         return await idempotent(execute)
@@ -247,7 +275,9 @@ async def serve_endpoint_operation(
         found = await endpoint_of(pool, tenant, subject_id)
     else:
         async with pool.acquire() as conn:
-            found = await remove_endpoint(conn, subject_id, tenant)
+            actor, request_id = await actor_of_origin(conn, origin, subject=subject)
+            found = await remove_endpoint(conn, subject_id, tenant, actor=actor,
+                                          request_id=request_id)
     if found is None:
         raise _NOT_FOUND
     return 200, _ENCODER.encode(found), {}

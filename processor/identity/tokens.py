@@ -57,7 +57,7 @@ __all__ = [
 SCOPES = (
     "accounts:read", "accounts:write", "transfers:read", "transfers:write",
     "payments:read", "payments:write", "payouts:write", "events:read",
-    "webhooks:read", "webhooks:write", "disputes:write",
+    "webhooks:read", "webhooks:write", "disputes:write", "audit:read",
 )
 # Known, but granted only when asked for by name: ids in the processor's own range
 # (processor/reserved.py); the payments actor's token holds it.

@@ -57,6 +57,7 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "failed_transfers": APPEND,
     "pending_resolutions": APPEND,
     "audit_requests": APPEND,
+    "audit_events": APPEND,
     # Balance rows: UPDATE of the four sums only (column privileges, checked below).
     "accounts": APPEND,
     "remote_posting_blocks": frozenset({"SELECT", "INSERT", "DELETE"}),
@@ -163,6 +164,9 @@ async def test_app_role_holds_exactly_the_privileges_of_migration_0015(
         "DELETE FROM pending_resolutions",
         "UPDATE audit_requests SET subject = 'someone else'",
         "DELETE FROM audit_requests",
+        "UPDATE audit_events SET actor_subject = 'someone else'",
+        "DELETE FROM audit_events",
+        "TRUNCATE audit_events",
         "UPDATE events SET payload = '{}'",
         "DELETE FROM payment_step_log",
         "DELETE FROM accounts WHERE id = 91",
