@@ -57,6 +57,9 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "failed_transfers": APPEND,
     "pending_resolutions": APPEND,
     "audit_requests": APPEND,
+    # The hash chain over the ledger's commits and its anchors (0024).
+    "ledger_chain": APPEND,
+    "ledger_anchors": APPEND,
     # Balance rows: UPDATE of the four sums only (column privileges, checked below).
     "accounts": APPEND,
     "remote_posting_blocks": frozenset({"SELECT", "INSERT", "DELETE"}),
@@ -171,6 +174,12 @@ async def test_app_role_holds_exactly_the_privileges_of_migration_0015(
         "UPDATE accounts SET currency = 'USD' WHERE id = 91",
         "UPDATE accounts SET flags = 0 WHERE id = 91",
         "UPDATE partition_map SET shard = 0",
+        "DELETE FROM partition_checkpoints",
+        "DELETE FROM shard_epochs",
+        "UPDATE ledger_chain SET digest = prev_digest",
+        "DELETE FROM ledger_chain",
+        "UPDATE ledger_anchors SET reason = 'operator'",
+        "DELETE FROM ledger_anchors",
         "DELETE FROM revoked_tokens",
         "INSERT INTO client_keys (key_id, tenant, tenant_slot, subject, secret) VALUES"
         " ('ck_00000000000000000000000000000000', 't', 1, 's', '\\x00'::bytea)",
