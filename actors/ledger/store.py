@@ -233,9 +233,9 @@ WITH fence AS (
     WHERE $5::int IS NOT NULL
 ), link AS (
     INSERT INTO ledger_chain (shard, seq, epoch, timestamp_max, transfers, accounts, failed,
-                              resolutions, prev_digest, digest)
+                              resolutions, prev_digest, digest, sections)
     SELECT $11::int, $12::bigint, $13::bigint, $14::bigint, $15::int, $16::int, $17::int,
-           $18::int, $19::bytea, $20::bytea
+           $18::int, $19::bytea, $20::bytea, $21::bytea
     WHERE $11::int IS NOT NULL
 )
 SELECT (SELECT array_agg(shard ORDER BY shard) FROM fence) AS shards,
@@ -290,9 +290,9 @@ WITH fence AS (
     WHERE $23::int IS NOT NULL
 ), link AS (
     INSERT INTO ledger_chain (shard, seq, epoch, timestamp_max, transfers, accounts, failed,
-                              resolutions, prev_digest, digest)
+                              resolutions, prev_digest, digest, sections)
     SELECT $31::int, $32::bigint, $33::bigint, $34::bigint, $35::int, $36::int, $37::int,
-           $38::int, $39::bytea, $40::bytea
+           $38::int, $39::bytea, $40::bytea, $41::bytea
     WHERE $32::bigint IS NOT NULL
 ), seen AS (
     SELECT coalesce((SELECT array_agg(shard ORDER BY shard) FROM fence), '{}') AS shards,
@@ -433,9 +433,9 @@ def _link_parameters(shard: int, link: Link | None) -> tuple[Any, ...]:
     """The commit statements' parameters of a link: the shard, then the link's columns
     (NULL when the commit writes no row)."""
     if link is None:
-        return (shard, *(None,) * 9)
+        return (shard, *(None,) * 10)
     return (shard, link.seq, link.epoch, link.timestamp_max, link.transfers, link.accounts,
-            link.failed, link.resolutions, link.prev_digest, link.digest)
+            link.failed, link.resolutions, link.prev_digest, link.digest, link.sections)
 
 
 @dataclass(frozen=True, slots=True)
@@ -836,12 +836,14 @@ class LedgerStore:
         seq, prev = head
         counts = rows.counts()
         timestamp_max = rows.timestamp_max()
+        sections = rows.section_digests()
         digest = link_digest(shard=shard, seq=seq + 1, epoch=epoch,
                              timestamp_max=timestamp_max, counts=counts, prev_digest=prev,
-                             sections=rows.section_digests())
+                             sections=sections)
         return Link(shard=shard, seq=seq + 1, epoch=epoch, timestamp_max=timestamp_max,
                     transfers=counts[0], accounts=counts[1], failed=counts[2],
-                    resolutions=counts[3], prev_digest=prev, digest=digest)
+                    resolutions=counts[3], prev_digest=prev, digest=digest,
+                    sections=b"".join(sections))
 
     def _advance(self, shard: int, link: Link | None) -> None:
         if link is not None:

@@ -82,6 +82,9 @@ CREATE TABLE ledger_chain (
     resolutions   integer NOT NULL CHECK (resolutions >= 0),
     prev_digest   bytea   NOT NULL CHECK (octet_length(prev_digest) = 32),
     digest        bytea   NOT NULL CHECK (octet_length(digest) = 32),
+    -- The four section digests the link digest covers (transfers, accounts, burned ids,
+    -- resolutions), so verify can name the table whose rows changed.
+    sections      bytea   NOT NULL CHECK (octet_length(sections) = 128),
     PRIMARY KEY (shard, seq)
 );
 CREATE TRIGGER ledger_chain_append_only BEFORE UPDATE OR DELETE ON ledger_chain
@@ -90,7 +93,7 @@ CREATE TRIGGER ledger_chain_no_truncate BEFORE TRUNCATE ON ledger_chain
     FOR EACH STATEMENT EXECUTE FUNCTION ledger_append_only();
 
 INSERT INTO ledger_chain (shard, seq, epoch, timestamp_max, transfers, accounts, failed,
-                          resolutions, prev_digest, digest)
+                          resolutions, prev_digest, digest, sections)
 SELECT s.shard, 0, coalesce((SELECT e.epoch FROM shard_epochs e WHERE e.shard = s.shard), 0),
        greatest(
            coalesce((SELECT max(t."timestamp") FROM transfers t
@@ -104,7 +107,7 @@ SELECT s.shard, 0, coalesce((SELECT e.epoch FROM shard_epochs e WHERE e.shard = 
                      JOIN partition_map m ON m.partition = p.partition
                      WHERE m.shard = s.shard), 0)),
        0, 0, 0, 0, decode(repeat('00', 32), 'hex'),
-       decode(repeat('00', 32), 'hex')
+       decode(repeat('00', 32), 'hex'), decode(repeat('00', 128), 'hex')
 FROM (SELECT DISTINCT shard FROM partition_map) s;
 
 -- All shards' chain heads at one moment, written by every shard now and then and when it

@@ -54,6 +54,7 @@ from processor.ledger.columnar import (
 from processor.ledger.config import FrontConfig, ShardConfig
 from processor.ledger.kernel import warm_up as warm_up_kernels
 from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
+from processor.ledger.proof import BalanceCheck, ChainCheck, PendingCheck, Problem, Report
 from processor.ledger.rules import (
     NS_PER_S,
     Book,
@@ -79,7 +80,9 @@ __all__ = [
     "SECTIONS",
     "TRANSFER_ROW",
     "ArrayBook",
+    "BalanceCheck",
     "Book",
+    "ChainCheck",
     "CommitBatch",
     "EventKind",
     "Failed",
@@ -88,8 +91,11 @@ __all__ = [
     "Leg",
     "Link",
     "PartitionMap",
+    "PendingCheck",
     "PlainLegs",
     "Plan",
+    "Problem",
+    "Report",
     "Resolution",
     "ResolutionRow",
     "Rows",

@@ -277,6 +277,8 @@ class Link(msgspec.Struct, frozen=True, kw_only=True):
     resolutions: int
     prev_digest: bytes
     digest: bytes
+    # The four section digests, concatenated (what the digest covers besides the header).
+    sections: bytes
 
 
 def link_digest(*, shard: int, seq: int, epoch: int, timestamp_max: int,

@@ -349,7 +349,8 @@ async def test_every_ledger_table_only_grows_or_moves_forward(
                                  " ON CONFLICT DO NOTHING", timeout=CONNECT_TIMEOUT_S)
         await connection.execute(
             "INSERT INTO ledger_chain VALUES (7, 1, 3, 1, 0, 1, 0, 0,"
-            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'))",
+            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'),"
+            " decode(repeat('22', 128), 'hex'))",
             timeout=CONNECT_TIMEOUT_S)
         await connection.execute(
             "INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)"
