@@ -129,7 +129,13 @@ class Rows:
             return Rows(np.zeros(0, dtype=dtype))
         if len(parts) == 1:
             return parts[0]
-        fixed = np.concatenate([p.fixed for p in parts])
+        # Assigned into one array of ``dtype``: np.concatenate promotes structured dtypes to
+        # native byte order, which would change the bytes.
+        fixed = np.empty(sum(len(p) for p in parts), dtype=dtype)
+        at = 0
+        for p in parts:
+            fixed[at:at + len(p)] = p.fixed
+            at += len(p)
         if all(p.user_data is None for p in parts):
             return Rows(fixed)
         user_data: list[bytes] = []
