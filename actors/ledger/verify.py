@@ -29,6 +29,7 @@ import numpy as np
 from processor.ledger import (
     BalanceCheck,
     ChainCheck,
+    PartitionMap,
     PendingCheck,
     Report,
     Rows,
@@ -125,35 +126,39 @@ SELECT shard, seq, epoch, timestamp_max, transfers, accounts, failed, resolution
        prev_digest, digest, sections
 FROM ledger_chain ORDER BY shard, seq
 """
+# The partition map: the one recorded at first start, or (shards started without one, as
+# tests and tools do) the uniform layout over every shard that took an epoch ($1, $2).
+_LAYOUT = """(SELECT partition, shard FROM partition_map
+    UNION ALL SELECT * FROM unnest($1::int[], $2::int[]) AS u(partition, shard))"""
 # Each table's rows with the shard that wrote them (-1: none known), in section order.
-_RESOLUTIONS_SQL = """
+_RESOLUTIONS_SQL = f"""
 SELECT coalesce(m.shard, -1), r.pending_id, r.kind, r.transfer_id, r."timestamp"
 FROM pending_resolutions r
 LEFT JOIN transfers p ON p.id = r.pending_id
-LEFT JOIN partition_map m ON m.partition = p.partition
+LEFT JOIN {_LAYOUT} m ON m.partition = p.partition
 ORDER BY 1, r."timestamp", r.pending_id
-"""
-_ACCOUNTS_SQL = """
+"""  # noqa: S608 - built from this module's constants only
+_ACCOUNTS_SQL = f"""
 SELECT coalesce(m.shard, -1), a.id, a.currency, a.flags, a.code, a.user_data, a."timestamp",
        a.tenant, a.origin, a.partition, b.debits_pending, b.debits_posted,
        b.credits_pending, b.credits_posted
 FROM accounts a
 JOIN account_balances b ON b.id = a.id
-LEFT JOIN partition_map m ON m.partition = a.partition
+LEFT JOIN {_LAYOUT} m ON m.partition = a.partition
 ORDER BY 1, a."timestamp", a.id
-"""
+"""  # noqa: S608 - built from this module's constants only
 _FAILED_SQL = """
 SELECT coalesce(shard, -1), id, result, "timestamp" FROM failed_transfers
 ORDER BY 1, "timestamp", id
 """
-_TRANSFERS_SQL = """
+_TRANSFERS_SQL = f"""
 SELECT coalesce(m.shard, -1), t.id, t.debit_account_id, t.credit_account_id, t.amount,
        t.currency, t.flags, t.pending_id, t.timeout_s, t.code, t.user_data, t."timestamp",
        t.tenant, t.origin, t.partition, t.local_legs
 FROM transfers t
-LEFT JOIN partition_map m ON m.partition = t.partition
+LEFT JOIN {_LAYOUT} m ON m.partition = t.partition
 ORDER BY 1, t."timestamp", t.id
-"""
+"""  # noqa: S608 - built from this module's constants only
 _ANCHORS_SQL = "SELECT id, at, shards, seqs, digests FROM ledger_anchors ORDER BY id"
 
 
@@ -176,9 +181,10 @@ async def check_ledger(ctx: VerifyContext) -> None:
     report = ctx.report
     chain = ChainCheck(report)
     migrated = await _read_links(ctx, chain)
+    layout = await _layout(ctx)
     pending = PendingCheck(report)
-    await _read_resolutions(ctx, chain, pending)
-    balances = await _read_accounts(ctx, chain, pending)
+    await _read_resolutions(ctx, chain, pending, layout)
+    balances = await _read_accounts(ctx, chain, pending, layout)
     async for c in ctx.chunks(_FAILED_SQL):
         shards = _ints(c[0])
         rows = failed_rows(id=_ints(c[1]), result=_ints(c[2]), timestamp=_ints(c[3]))
@@ -188,7 +194,7 @@ async def check_ledger(ctx: VerifyContext) -> None:
                 report.count("rows_before_chain", b - a)
                 continue
             chain.feed(2, None if shard < 0 else shard, rows.slice(a, b), rows.fixed["id"][a:b])
-    async for c in ctx.chunks(_TRANSFERS_SQL):
+    async for c in ctx.chunks(_TRANSFERS_SQL, *layout):
         _feed_transfers(c, chain, balances, pending, report)
     chain.finish()
     balances.finish()
@@ -212,10 +218,21 @@ async def _read_links(ctx: VerifyContext, chain: ChainCheck) -> bool:
     return migrated
 
 
-async def _read_resolutions(ctx: VerifyContext, chain: ChainCheck,
-                            pending: PendingCheck) -> None:
+async def _layout(ctx: VerifyContext) -> tuple[list[int], list[int]]:
+    """The partitions and shards to add to an empty partition map (see _LAYOUT)."""
+    if await ctx.conn.fetchval("SELECT EXISTS (SELECT 1 FROM partition_map)"):
+        return [], []
+    shards = await ctx.conn.fetchval("SELECT max(shard) + 1 FROM shard_epochs")
+    if not shards:
+        return [], []
+    of_partition = PartitionMap.uniform(int(shards)).shard_of_partition
+    return list(range(len(of_partition))), list(of_partition)
+
+
+async def _read_resolutions(ctx: VerifyContext, chain: ChainCheck, pending: PendingCheck,
+                            layout: tuple[list[int], list[int]]) -> None:
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    async for c in ctx.chunks(_RESOLUTIONS_SQL):
+    async for c in ctx.chunks(_RESOLUTIONS_SQL, *layout):
         shards = _ints(c[0])
         rows = resolution_rows(pending_id=_ints(c[1]), kind=_ints(c[2]),
                                transfer_id=_ints(c[3]), timestamp=_ints(c[4]))
@@ -230,10 +247,10 @@ async def _read_resolutions(ctx: VerifyContext, chain: ChainCheck,
         pending.resolution_transfer = np.concatenate([p[2] for p in parts])
 
 
-async def _read_accounts(ctx: VerifyContext, chain: ChainCheck,
-                         pending: PendingCheck) -> BalanceCheck:
+async def _read_accounts(ctx: VerifyContext, chain: ChainCheck, pending: PendingCheck,
+                         layout: tuple[list[int], list[int]]) -> BalanceCheck:
     ids, currency, flags, stored = [], [], [], []
-    async for c in ctx.chunks(_ACCOUNTS_SQL):
+    async for c in ctx.chunks(_ACCOUNTS_SQL, *layout):
         shards = _ints(c[0])
         rows = account_rows(id=_ints(c[1]), currency=_letters(c[2]), flags=_ints(c[3]),
                             code=_ints(c[4]), user_data=c[5], timestamp=_ints(c[6]),

@@ -214,8 +214,8 @@ async def test_app_role_cannot_change_history_or_the_schema(
 
 async def test_app_role_writes_the_ledger_and_folds_balances(shared_app_url: str) -> None:
     """What the service needs of the ledger works as txproc_app: appending accounts and
-    transfers, folding into the balance sums, and summarizing the timestamp indexes through
-    the owner's function."""
+    transfers, folding into the balance sums, summarizing the timestamp indexes through
+    the owner's function, and appending links and anchors of the hash chain."""
     connection = await _connect(shared_app_url)
     transaction = connection.transaction()
     await transaction.start()
@@ -233,6 +233,16 @@ async def test_app_role_writes_the_ledger_and_folds_balances(shared_app_url: str
             timeout=CONNECT_TIMEOUT_S) == 5
         await connection.execute("SELECT ledger_summarize_new_ranges()",
                                  timeout=CONNECT_TIMEOUT_S)
+        # A link of the chain and an anchor (the anchor's id from its identity column,
+        # with no privilege on the sequence behind it).
+        await connection.execute(
+            "INSERT INTO ledger_chain VALUES (0, 1, 1, 1, 1, 0, 0, 0,"
+            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'),"
+            " decode(repeat('22', 128), 'hex'))", timeout=CONNECT_TIMEOUT_S)
+        assert await connection.fetchval(
+            "INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)"
+            " VALUES (now(), 'periodic', '{0}', '{1}', ARRAY[decode(repeat('11', 32), 'hex')])"
+            " RETURNING id", timeout=CONNECT_TIMEOUT_S) > 0
     finally:
         await transaction.rollback()
         await connection.close(timeout=CONNECT_TIMEOUT_S)

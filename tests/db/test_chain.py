@@ -111,8 +111,8 @@ async def test_the_writers_encoding_equals_the_encoding_of_the_rows_read_back(
             try:
                 ids = [t.id for t in written]
                 records = await conn.fetch(
-                    _TRANSFERS_SQL.replace("ORDER BY", "WHERE t.id = ANY($1::bigint[]) ORDER BY"),
-                    ids)
+                    _TRANSFERS_SQL.replace("ORDER BY", "WHERE t.id = ANY($3::bigint[]) ORDER BY"),
+                    [], [], ids)
                 link = await conn.fetchrow(
                     "SELECT * FROM ledger_chain WHERE shard = 0 ORDER BY seq DESC LIMIT 1")
             finally:
