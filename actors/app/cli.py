@@ -1,4 +1,4 @@
-"""The ``txproc`` command: serve, migrate, token issue, certs dev, demo.
+"""The ``txproc`` command: serve, migrate, verify, token issue, certs dev, demo.
 
 This is the composition root: the only place that reads the environment and the only
 module of ``processor`` that reaches into ``actors`` (imported inside the commands, so the
@@ -40,7 +40,7 @@ from processor.identity import (
     issue_token,
 )
 
-__all__ = ["build_config", "main"]
+__all__ = ["build_config", "main", "verify_summary"]
 
 log = logging.getLogger("txproc")
 DATA_DIR_DEFAULT = "./var/txproc"
@@ -284,6 +284,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--batch", type=int, default=4_000)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     _add_common(migrate)
+    verify = sub.add_parser(
+        "verify", help="check the whole ledger from one snapshot, live: balances re-derived "
+                       "from transfers, currencies balanced, holds resolved once, every "
+                       "hash-chain link and anchor (docs/design.md §15)")
+    _add_common(verify)
+    verify.add_argument("--json", action="store_true",
+                        help='print {"ok", "rows_per_s", "checked", "problems": [...]}')
     audit = sub.add_parser(
         "audit", help="who made an account, transfer or payment step (--account, --transfer, "
                       "--payment); `audit list`: the audit events of operator and "
@@ -387,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         return _certs_dev(args)
     if args.command == "migrate":
         return asyncio.run(_migrate(args))
+    if args.command == "verify":
+        return asyncio.run(_verify(args))
     if args.command == "dlq":
         return asyncio.run(_dlq(args))
     if args.command == "payments":
@@ -680,6 +689,85 @@ async def _migrate(args: argparse.Namespace) -> int:
                 await conn.close()
         print(f"applied: {applied or 'nothing (up to date)'}")
     return 0
+
+
+@contextlib.contextmanager
+def _live_database(args: argparse.Namespace) -> Iterator[str]:
+    """Like ``_operator_database``, but when the embedded server of ``--data-dir`` already
+    runs (a live ``txproc serve``), its URL, reached through the socket its
+    ``postmaster.pid`` names, instead of starting a second server on the same data."""
+    from urllib.parse import quote
+
+    from actors.database import PORT, SUPERUSER, SUPERUSER_PASSWORD_FILE_NAME
+
+    data_dir = Path(args.data_dir).resolve() / "pg"
+    lines = []
+    with contextlib.suppress(OSError):
+        lines = (data_dir / "postmaster.pid").read_text().splitlines()
+    running = False
+    if not args.database_url and len(lines) >= 5 and lines[0].strip().isdigit():
+        try:
+            os.kill(int(lines[0]), 0)
+            running = True
+        except PermissionError:  # the server runs as another user (root starts it so)
+            running = True
+        except OSError:
+            running = False
+    if not running:
+        with _operator_database(args) as url:
+            yield url
+        return
+    host = quote(lines[4].strip(), safe="/")
+    passfile = quote(str(data_dir / SUPERUSER_PASSWORD_FILE_NAME), safe="/")
+    yield f"postgresql://{SUPERUSER}@/{SUPERUSER}?host={host}&port={PORT}&passfile={passfile}"
+
+
+async def _verify(args: argparse.Namespace) -> int:
+    """``txproc verify``: the ledger's checks over one snapshot (actors/ledger/verify.py);
+    exit 0 when everything holds, 1 naming the first broken thing, 2 if it cannot read."""
+    import asyncpg
+
+    from actors.ledger import LEDGER_CHECKS, verify
+
+    # Other domains' checks (reconciliation records, the audit log's chain) join this list.
+    checks = [*LEDGER_CHECKS]
+    with _live_database(args) as url:
+        try:
+            result = await verify(url, checks)
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+            print(f"txproc verify: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+    if args.json:
+        print(json.dumps(result.as_json(), sort_keys=True))
+    else:
+        print(verify_summary(result))
+    return 0 if result.report.ok else 1
+
+
+def verify_summary(result: Any) -> str:
+    """``txproc verify``'s text: what was checked, how fast, and the problems (the first
+    twenty), the first one named on the first line."""
+    report = result.report
+    checked = report.checked
+    counts = ", ".join(f"{int(checked.get(k, 0)):,} {k.replace('_', ' ')}" for k in (
+        "transfers", "accounts", "failed_transfers", "pending_resolutions", "links",
+        "anchors"))
+    if "newest_anchor_age_s" in checked:
+        anchor = (f"newest anchor {checked['newest_anchor_age_s']:.1f} s old, "
+                  f"{int(checked.get('links_after_newest_anchor', 0))} links after it "
+                  "(not vouched for by an anchor)")
+    else:
+        anchor = "no anchor yet: nothing vouches for the chains' tails"
+    rate = f"in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s)"
+    if report.ok:
+        return f"verify: ok: {counts} {rate}; {anchor}"
+    first = report.problems[0]
+    lines = [f"verify: FAILED: {first.table} {first.id}: {first.kind} (expected {first.expected},"
+             f" found {first.found})",
+             f"{report.problems_total} problems; checked {counts} {rate}; {anchor}"]
+    lines += [f"  {p.table} {p.id}: {p.kind} (expected {p.expected}, found {p.found})"
+              for p in report.problems[:20]]
+    return "\n".join(lines)
 
 
 async def _audit(args: argparse.Namespace) -> int:

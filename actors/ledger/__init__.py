@@ -6,7 +6,9 @@ Public interface (what the composition root starts and the tools read):
   group, named, restartable, listening on the data-plane channel (``actors.channel``);
 * ``make_front``: the ``Front``, which implements ``LedgerService`` by routing to the
   shards through micro-batching lanes and serves the edge (``actors.edge``) on it;
-* ``LedgerStore``: the ledger's PostgreSQL persistence (commits, checkpoints, audit).
+* ``LedgerStore``: the ledger's PostgreSQL persistence (commits, checkpoints, audit);
+* ``verify`` and ``LEDGER_CHECKS``: ``txproc verify``'s reader, which runs a list of
+  checks (``Check``, given a ``VerifyContext``) over one snapshot of the database.
 
 Nothing here imports payments' engine, providers or risk (import contract
 ``ledger-alone``); the front reaches payments only through the edge's ``PaymentsLink``.
@@ -17,13 +19,19 @@ from __future__ import annotations
 from actors.ledger.front import Front, make_front
 from actors.ledger.shard import LedgerShard, endpoint_of, make_shard, shard_actor_name
 from actors.ledger.store import LedgerStore
+from actors.ledger.verify import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
 
 __all__ = [
+    "LEDGER_CHECKS",
+    "Check",
     "Front",
     "LedgerShard",
     "LedgerStore",
+    "VerifyContext",
+    "VerifyResult",
     "endpoint_of",
     "make_front",
     "make_shard",
     "shard_actor_name",
+    "verify",
 ]

@@ -227,6 +227,7 @@ class LedgerShard:
             loop.create_task(self._committer()),
             loop.create_task(self._orphan_sweeper()),
             loop.create_task(self._expiry_ticker()),
+            loop.create_task(self._anchor_ticker()),
         ]
         if self._channel_key is not None:
             self._channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key,
@@ -263,6 +264,11 @@ class LedgerShard:
             await asyncio.sleep(0.05)
         for task in self._tasks:
             task.cancel()
+        if self._store is not None and self._book is not None:
+            try:
+                await self._store.anchor("shutdown")
+            except Exception:  # the database may be gone; the last periodic anchor stands
+                log.warning("shard %d: the shutdown anchor failed", self._shard, exc_info=True)
         if self._channel is not None:
             self._channel.close()
         for client in self._peer_clients.values():
@@ -698,6 +704,15 @@ class LedgerShard:
                                         for block_id, b in orphans])
         log.info("shard %d: resolved %d hold blocks of restarted shard %d",
                  self._shard, len(orphans), coordinator)
+
+    async def _anchor_ticker(self) -> None:
+        """Record every shard's chain head now and then (docs/design.md §15)."""
+        while True:
+            await asyncio.sleep(self._config.anchor_interval_s)
+            try:
+                await self._require_store().anchor("periodic")
+            except Exception:  # the database may be restarting; the next one anchors
+                log.warning("shard %d: anchoring failed", self._shard, exc_info=True)
 
     async def _expiry_ticker(self) -> None:
         """Expire due holds even when no transfers arrive to carry the expiry."""

@@ -10,6 +10,7 @@ not written by commits: a shard's checkpoint folds its effects into them now and
 from __future__ import annotations
 
 import asyncio
+import datetime
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -20,16 +21,33 @@ import numpy as np
 
 from actors.database import keep_session
 from processor.ledger import (
+    ACCOUNT_ROW,
+    EMPTY_SECTIONS,
+    FAILED_ROW,
+    GENESIS_DIGEST,
+    RESOLUTION_ROW,
+    SECTIONS,
+    TRANSFER_ROW,
     CommitBatch,
     Failed,
     Known,
+    Link,
     PartitionMap,
     Resolution,
     ResolutionRow,
+    Rows,
     TransferColumns,
+    account_rows,
     currency_code,
+    currency_letters,
+    currency_number,
+    failed_rows,
+    link_digest,
     partition_of,
     partitions_of,
+    resolution_rows,
+    section_digest,
+    transfer_rows,
 )
 from processor.types import Account, Transfer, require
 
@@ -109,26 +127,10 @@ WHERE a.debits_pending <> coalesce(g.dp, 0) OR a.debits_posted <> coalesce(g.dpo
 
 # PostgreSQL's binary COPY format (the COPY documentation, "Binary Format"): a signature,
 # flags and header-extension length, then per row a field count and each field as a
-# length-prefixed big-endian value; -1 as the field count ends the data.
+# length-prefixed big-endian value; -1 as the field count ends the data. The rows are
+# processor.ledger.TRANSFER_ROW records, which the chain hashes as they are.
 _COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + bytes(8)
 _COPY_TRAILER = b"\xff\xff"
-
-
-def _field(name: str, kind: str) -> list[tuple[str, str]]:
-    return [(f"{name}_bytes", ">i4"), (name, kind)]
-
-
-# One row of ``transfers`` whose user_data is empty: every field has a fixed width.
-_TRANSFER_ROW = np.dtype([
-    ("fields", ">i2"),
-    *_field("id", ">i8"), *_field("debit_account_id", ">i8"),
-    *_field("credit_account_id", ">i8"), *_field("amount", ">i8"),
-    *_field("currency", "S3"), *_field("flags", ">i4"), *_field("pending_id", ">i8"),
-    *_field("timeout_s", ">i4"), *_field("code", ">i4"),
-    ("user_data_bytes", ">i4"),  # 0: the empty string (-1 would be NULL)
-    *_field("timestamp", ">i8"), *_field("tenant", ">i8"), *_field("origin", ">i8"),
-    *_field("partition", ">i4"), *_field("local_legs", ">i2"),
-])
 _WRITER_COLUMNS = ("partition", "local_legs")
 
 # transfers.local_legs: which legs are on the writing shard's own accounts.
@@ -149,25 +151,28 @@ def writer_columns(
     return partition.astype(np.int64), legs.astype(np.int64)
 
 
-def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray) -> bytes:
-    """``cols`` (every user_data empty) as a binary COPY of TRANSFER_COLUMNS + partition +
-    local_legs, for a shard owning the partitions ``own``."""
-    require(cols.user_data is None, "fixed-width rows have no user_data")
-    rows = np.zeros(len(cols), dtype=_TRANSFER_ROW)
-    rows["fields"] = len(TRANSFER_COLUMNS) + len(_WRITER_COLUMNS)
-    for name in ("id", "debit_account_id", "credit_account_id", "amount", "flags",
-                 "pending_id", "timeout_s", "code", "timestamp", "tenant", "origin"):
-        rows[f"{name}_bytes"] = _TRANSFER_ROW[name].itemsize
-        rows[name] = getattr(cols, name)
-    rows["currency_bytes"] = 3
-    # The currency's number is its three ASCII letters, least significant first.
-    rows["currency"] = cols.currency.astype("<i8").view("S8").astype("S3")
+def column_rows(cols: TransferColumns, own: np.ndarray) -> Rows:
+    """``cols`` as the records they are stored as (TRANSFER_ROW), for a shard owning the
+    partitions ``own``: the COPY of a batch without user_data, and its chain section."""
     partition, legs = writer_columns(cols.debit_account_id, cols.credit_account_id, own)
-    rows["partition_bytes"] = 4
-    rows["partition"] = partition
-    rows["local_legs_bytes"] = 2
-    rows["local_legs"] = legs
-    return _COPY_HEADER + rows.tobytes() + _COPY_TRAILER
+    return transfer_rows(
+        id=cols.id, debit_account_id=cols.debit_account_id,
+        credit_account_id=cols.credit_account_id, amount=cols.amount,
+        currency=currency_letters(cols.currency), flags=cols.flags,
+        pending_id=cols.pending_id, timeout_s=cols.timeout_s, code=cols.code,
+        user_data=cols.user_data, timestamp=cols.timestamp, tenant=cols.tenant,
+        origin=cols.origin, partition=partition, local_legs=legs)
+
+
+def transfer_copy_buffer(cols: TransferColumns, own: np.ndarray,
+                         rows: Rows | None = None) -> bytes:
+    """``cols`` (every user_data empty) as a binary COPY of TRANSFER_COLUMNS + partition +
+    local_legs, for a shard owning the partitions ``own`` (``rows``: their records, if
+    built already)."""
+    require(cols.user_data is None, "fixed-width rows have no user_data")
+    if rows is None:
+        rows = column_rows(cols, own)
+    return _COPY_HEADER + rows.fixed.tobytes() + _COPY_TRAILER
 
 
 async def _once(data: bytes) -> AsyncIterator[bytes]:
@@ -177,12 +182,12 @@ async def _once(data: bytes) -> AsyncIterator[bytes]:
 
 
 async def _copy_transfer_columns(
-    conn: asyncpg.Connection, cols: TransferColumns, own: np.ndarray
+    conn: asyncpg.Connection, cols: TransferColumns, own: np.ndarray, rows: Rows
 ) -> None:
     columns = (*TRANSFER_COLUMNS, *_WRITER_COLUMNS)
     if cols.user_data is None:
         await conn.copy_to_table(
-            "transfers", source=_once(transfer_copy_buffer(cols, own)),
+            "transfers", source=_once(transfer_copy_buffer(cols, own, rows)),
             columns=columns, format="binary")
         return
     currencies = [currency_code(c) for c in cols.currency.tolist()]
@@ -226,6 +231,12 @@ WITH fence AS (
                                        credits_pending, credits_posted)
     SELECT $5::int, $6::bigint[], $7::bigint[], $8::bigint[], $9::bigint[], $10::bigint[]
     WHERE $5::int IS NOT NULL
+), link AS (
+    INSERT INTO ledger_chain (shard, seq, epoch, timestamp_max, transfers, accounts, failed,
+                              resolutions, prev_digest, digest, sections)
+    SELECT $11::int, $12::bigint, $13::bigint, $14::bigint, $15::int, $16::int, $17::int,
+           $18::int, $19::bytea, $20::bytea, $21::bytea
+    WHERE $11::int IS NOT NULL
 )
 SELECT (SELECT array_agg(shard ORDER BY shard) FROM fence) AS shards,
        (SELECT array_agg(epoch ORDER BY shard) FROM fence) AS epochs,
@@ -267,8 +278,8 @@ WITH fence AS (
                          $13::bigint[], $14::int[], $15::smallint[], $29::bigint[],
                          $30::bigint[])
 ), burned AS (
-    INSERT INTO failed_transfers (id, result, "timestamp")
-    SELECT * FROM unnest($16::bigint[], $17::smallint[], $18::bigint[])
+    INSERT INTO failed_transfers (id, result, "timestamp", shard)
+    SELECT f.*, $31::int FROM unnest($16::bigint[], $17::smallint[], $18::bigint[]) AS f
 ), resolved AS (
     INSERT INTO pending_resolutions (pending_id, kind, transfer_id, "timestamp")
     SELECT * FROM unnest($19::bigint[], $20::smallint[], $21::bigint[], $22::bigint[])
@@ -277,6 +288,12 @@ WITH fence AS (
                                        credits_pending, credits_posted)
     SELECT $23::int, $24::bigint[], $25::bigint[], $26::bigint[], $27::bigint[], $28::bigint[]
     WHERE $23::int IS NOT NULL
+), link AS (
+    INSERT INTO ledger_chain (shard, seq, epoch, timestamp_max, transfers, accounts, failed,
+                              resolutions, prev_digest, digest, sections)
+    SELECT $31::int, $32::bigint, $33::bigint, $34::bigint, $35::int, $36::int, $37::int,
+           $38::int, $39::bytea, $40::bytea, $41::bytea
+    WHERE $32::bigint IS NOT NULL
 ), seen AS (
     SELECT coalesce((SELECT array_agg(shard ORDER BY shard) FROM fence), '{}') AS shards,
            coalesce((SELECT array_agg(epoch ORDER BY shard) FROM fence), '{}') AS epochs,
@@ -397,6 +414,99 @@ def _timestamp_max(batches: list[CommitBatch]) -> int:
     return high
 
 
+# Every shard's head, as committed when the statement runs (one index read per shard).
+_ANCHOR_SQL = """
+INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)
+SELECT coalesce($2::timestamptz, clock_timestamp()), $1::text,
+       coalesce(array_agg(h.shard ORDER BY h.shard), '{}'),
+       coalesce(array_agg(h.seq ORDER BY h.shard), '{}'),
+       coalesce(array_agg(h.digest ORDER BY h.shard), '{}')
+FROM (SELECT DISTINCT shard FROM ledger_chain) s
+CROSS JOIN LATERAL (
+    SELECT c.shard, c.seq, c.digest FROM ledger_chain c WHERE c.shard = s.shard
+    ORDER BY c.seq DESC LIMIT 1) h
+RETURNING id
+"""
+
+
+def _link_parameters(shard: int, link: Link | None) -> tuple[Any, ...]:
+    """The commit statements' parameters of a link: the shard, then the link's columns
+    (NULL when the commit writes no row)."""
+    if link is None:
+        return (shard, *(None,) * 10)
+    return (shard, link.seq, link.epoch, link.timestamp_max, link.transfers, link.accounts,
+            link.failed, link.resolutions, link.prev_digest, link.digest, link.sections)
+
+
+@dataclass(frozen=True, slots=True)
+class _ChainRows:
+    """A commit's rows in the chain's canonical encoding, one ``Rows`` per section."""
+
+    transfers: Rows
+    accounts: Rows
+    failed: Rows
+    resolutions: Rows
+
+    @classmethod
+    def of(cls, transfers: list[Transfer], chunk_rows: list[Rows], accounts: list[Account],
+           failed: list[Failed], resolutions: list[ResolutionRow], own: np.ndarray
+           ) -> _ChainRows:
+        parts = list(chunk_rows)
+        if transfers:
+            parts.append(column_rows(TransferColumns.from_transfers(transfers), own))
+        return cls(
+            Rows.concat(parts, TRANSFER_ROW).in_order("id"),
+            _account_rows(accounts).in_order("id"),
+            failed_rows(
+                id=np.array([f.id for f in failed], dtype=np.int64),
+                result=np.array([f.result for f in failed], dtype=np.int64),
+                timestamp=np.array([f.timestamp for f in failed], dtype=np.int64),
+            ).in_order("id") if failed else Rows(np.zeros(0, dtype=FAILED_ROW)),
+            resolution_rows(
+                pending_id=np.array([r.pending_id for r in resolutions], dtype=np.int64),
+                kind=np.array([r.kind for r in resolutions], dtype=np.int64),
+                transfer_id=np.array([r.transfer_id for r in resolutions], dtype=np.int64),
+                timestamp=np.array([r.timestamp for r in resolutions], dtype=np.int64),
+            ).in_order("pending_id") if resolutions
+            else Rows(np.zeros(0, dtype=RESOLUTION_ROW)),
+        )
+
+    def sections(self) -> tuple[Rows, Rows, Rows, Rows]:
+        return self.transfers, self.accounts, self.failed, self.resolutions
+
+    @property
+    def empty(self) -> bool:
+        return not any(len(r) for r in self.sections())
+
+    def counts(self) -> tuple[int, int, int, int]:
+        t, a, f, r = (len(rows) for rows in self.sections())
+        return t, a, f, r
+
+    def timestamp_max(self) -> int:
+        return max((int(r.fixed["timestamp"].max()) for r in self.sections() if len(r)),
+                   default=0)
+
+    def section_digests(self) -> list[bytes]:
+        return [section_digest(name, rows) if len(rows) else empty
+                for name, rows, empty in zip(SECTIONS, self.sections(), EMPTY_SECTIONS,
+                                             strict=True)]
+
+
+def _account_rows(accounts: list[Account]) -> Rows:
+    if not accounts:
+        return Rows(np.zeros(0, dtype=ACCOUNT_ROW))
+
+    def column(name: str) -> np.ndarray:
+        return np.array([getattr(a, name) for a in accounts], dtype=np.int64)
+
+    return account_rows(
+        id=column("id"), currency=currency_letters(
+            np.array([currency_number(a.currency) for a in accounts], dtype=np.int64)),
+        flags=column("flags"), code=column("code"), user_data=[a.user_data for a in accounts],
+        timestamp=column("timestamp"), tenant=column("tenant"), origin=column("origin"),
+        partition=np.array([partition_of(a.id) for a in accounts], dtype=np.int64))
+
+
 def _account(row: asyncpg.Record) -> Account:
     return Account(**{c: row[c] for c in ACCOUNT_COLUMNS})
 
@@ -414,6 +524,9 @@ class LedgerStore:
         # form to the same results.
         self.one_statement_rows_max = ONE_STATEMENT_ROWS_MAX
         self.checkpoint_accounts_per_statement = CHECKPOINT_ACCOUNTS_PER_STATEMENT
+        # Per shard committing through this store: its last link's sequence number and
+        # digest, read from the database at its first commit and after a failed one.
+        self._heads: dict[int, tuple[int, bytes]] = {}
 
     @classmethod
     async def connect(
@@ -618,10 +731,24 @@ class LedgerStore:
         Its transfers are recorded as its rows (``writer_columns``), and one block of
         postings is left for each other shard whose accounts it touched. No balance row is
         written: the effects on the shard's own accounts are
-        returned, for its next ``checkpoint``. Raises FenceError if a fenced shard has moved
-        on; the caller must then discard its in-memory state (crash), because nothing of
-        these batches was written.
+        returned, for its next ``checkpoint``. The rows are one link of the shard's hash
+        chain (``ledger_chain``), written by the same transaction, after the shard's last
+        stored link. Raises FenceError if a fenced shard has moved on; the caller must
+        then discard its in-memory state (crash), because nothing of these batches was
+        written.
         """
+        try:
+            return await self._commit(batches, fences=fences, shard=shard,
+                                      partition_map=partition_map)
+        except BaseException:
+            # Whatever happened, the next commit links to what the database holds.
+            self._heads.pop(shard, None)
+            raise
+
+    async def _commit(
+        self, batches: list[CommitBatch], *, fences: dict[int, int], shard: int,
+        partition_map: PartitionMap,
+    ) -> OwnEffects:
         accounts = [a for b in batches for a in b.accounts]
         transfers = [t for b in batches for t in b.transfers]
         columns = [b.transfer_columns for b in batches
@@ -641,11 +768,16 @@ class LedgerStore:
             blocks = [(int(owner), remote_ids[owners == owner].tolist(),
                        *remote_values[owners == owner].T.tolist())
                       for owner in np.unique(owners).tolist()]
+        chunk_rows = [column_rows(c, own_partitions) for c in columns]
+        link = await self._next_link(
+            shard, fences[shard] if shard in fences else 0,
+            _ChainRows.of(transfers, chunk_rows, accounts, failed, resolutions, own_partitions))
         rows = (len(transfers) + sum(len(c) for c in columns) + len(failed)
                 + len(resolutions))
         if not accounts and len(blocks) <= 1 and rows <= self.one_statement_rows_max:
             await self._commit_one_statement(transfers, columns, failed, resolutions,
-                                             blocks, fences, own_partitions)
+                                             blocks, fences, own_partitions, shard, link)
+            self._advance(shard, link)
             return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
         async with self._pool.acquire() as conn, conn.transaction():
             if accounts:
@@ -660,13 +792,13 @@ class LedgerStore:
                 )
             if transfers:
                 await _copy_transfers(conn, transfers, own_partitions)
-            for cols in columns:
-                await _copy_transfer_columns(conn, cols, own_partitions)
+            for cols, chunk in zip(columns, chunk_rows, strict=True):
+                await _copy_transfer_columns(conn, cols, own_partitions, chunk)
             if failed:
                 await conn.copy_records_to_table(
                     "failed_transfers",
-                    records=[(f.id, f.result, f.timestamp) for f in failed],
-                    columns=("id", "result", "timestamp"),
+                    records=[(f.id, f.result, f.timestamp, shard) for f in failed],
+                    columns=("id", "result", "timestamp", "shard"),
                 )
             if resolutions:
                 await conn.copy_records_to_table(
@@ -681,7 +813,7 @@ class LedgerStore:
             shards = sorted(fences)
             end = await conn.fetchrow(
                 _COMMIT_END_SQL, shards, low, high, [f.id for f in failed],
-                *(blocks[0] if blocks else (None,) * 6))
+                *(blocks[0] if blocks else (None,) * 6), *_link_parameters(shard, link))
             current = dict(zip(end["shards"] or [], end["epochs"] or [], strict=True))
             for fenced in shards:
                 if current.get(fenced) != fences[fenced]:
@@ -691,12 +823,55 @@ class LedgerStore:
                 raise IdConflict(f"transfer id {end['stored_burned']} is both stored and burned")
             if end["burned_stored"] is not None:
                 raise IdConflict(f"transfer id {end['burned_stored']} is both burned and stored")
+        self._advance(shard, link)
         return OwnEffects(ids[~remote], values[~remote], _timestamp_max(batches))
+
+    async def _next_link(self, shard: int, epoch: int, rows: _ChainRows) -> Link | None:
+        """The link these rows make after the shard's head (None if there are none)."""
+        if rows.empty:
+            return None
+        head = self._heads.get(shard)
+        if head is None:
+            head = self._heads[shard] = await self.chain_head(shard)
+        seq, prev = head
+        counts = rows.counts()
+        timestamp_max = rows.timestamp_max()
+        sections = rows.section_digests()
+        digest = link_digest(shard=shard, seq=seq + 1, epoch=epoch,
+                             timestamp_max=timestamp_max, counts=counts, prev_digest=prev,
+                             sections=sections)
+        return Link(shard=shard, seq=seq + 1, epoch=epoch, timestamp_max=timestamp_max,
+                    transfers=counts[0], accounts=counts[1], failed=counts[2],
+                    resolutions=counts[3], prev_digest=prev, digest=digest,
+                    sections=b"".join(sections))
+
+    def _advance(self, shard: int, link: Link | None) -> None:
+        if link is not None:
+            self._heads[shard] = (link.seq, link.digest)
+
+    async def chain_head(self, shard: int) -> tuple[int, bytes]:
+        """The sequence number and digest of ``shard``'s last stored link ((0, 32 zero
+        bytes) before its first). Read after the shard took its epoch, it is final: no
+        commit of an earlier incarnation can land afterwards (the fence)."""
+        async with self._pool.acquire() as conn:
+            row = await conn.fetchrow(
+                "SELECT seq, digest FROM ledger_chain WHERE shard = $1 "
+                "ORDER BY seq DESC LIMIT 1", shard)
+        if row is None:
+            return 0, GENESIS_DIGEST
+        return int(row["seq"]), bytes(row["digest"])
+
+    async def anchor(self, reason: str, *, at: datetime.datetime | None = None) -> int:
+        """Record every shard's chain head, as committed now, in ``ledger_anchors`` (one
+        index read per shard); returns the anchor's id. ``at`` defaults to the database's
+        clock."""
+        async with self._pool.acquire() as conn:
+            return int(await conn.fetchval(_ANCHOR_SQL, reason, at))
 
     async def _commit_one_statement(
         self, transfers: list[Transfer], columns: list[TransferColumns], failed: list[Failed],
         resolutions: list[ResolutionRow], blocks: list[tuple[Any, ...]],
-        fences: dict[int, int], own: np.ndarray,
+        fences: dict[int, int], own: np.ndarray, shard: int, link: Link | None,
     ) -> None:
         """A small commit as one statement (``_COMMIT_ONE_SQL``): its own transaction, one
         round trip, the same rows, fence and id checks as the longer form."""
@@ -712,7 +887,7 @@ class LedgerStore:
                     [f.timestamp for f in failed],
                     [r.pending_id for r in resolutions], [r.kind for r in resolutions],
                     [r.transfer_id for r in resolutions], [r.timestamp for r in resolutions],
-                    *block, tenants, origins)
+                    *block, tenants, origins, *_link_parameters(shard, link))
             except asyncpg.PostgresError as exc:
                 refused = _REFUSALS.get(getattr(exc, "sqlstate", ""))
                 if refused is not None:

@@ -8,6 +8,9 @@ This package is the ledger's public interface; its modules are private to it:
   path for batches of plain transfers, held to ``Book`` by a property test, and
   ``kernel`` its compiled (Numba) loops;
 * ``partition`` maps account ids to partitions and partitions to shards;
+* ``chain`` holds the canonical encoding of ledger rows and the digests of the hash chain
+  over a shard's commits, and ``proof`` the checks ``txproc verify`` runs over what it
+  reads back (both pure);
 * ``config`` holds the shards' and the front's settings.
 
 Other domains reach the ledger through ``processor.service.LedgerService`` and the shared
@@ -17,6 +20,26 @@ run from here.
 
 from __future__ import annotations
 
+from processor.ledger.chain import (
+    ACCOUNT_ROW,
+    EMPTY_SECTIONS,
+    FAILED_ROW,
+    GENESIS_DIGEST,
+    RESOLUTION_ROW,
+    SECTIONS,
+    TRANSFER_ROW,
+    Link,
+    Rows,
+    SectionHasher,
+    account_rows,
+    currency_letters,
+    encode_section,
+    failed_rows,
+    link_digest,
+    resolution_rows,
+    section_digest,
+    transfer_rows,
+)
 from processor.ledger.columnar import (
     ArrayBook,
     PlainLegs,
@@ -31,6 +54,7 @@ from processor.ledger.columnar import (
 from processor.ledger.config import FrontConfig, ShardConfig
 from processor.ledger.kernel import warm_up as warm_up_kernels
 from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
+from processor.ledger.proof import BalanceCheck, ChainCheck, PendingCheck, Problem, Report
 from processor.ledger.rules import (
     NS_PER_S,
     Book,
@@ -46,31 +70,54 @@ from processor.ledger.rules import (
 )
 
 __all__ = [
+    "ACCOUNT_ROW",
+    "EMPTY_SECTIONS",
+    "FAILED_ROW",
+    "GENESIS_DIGEST",
     "NS_PER_S",
     "PARTITIONS",
+    "RESOLUTION_ROW",
+    "SECTIONS",
+    "TRANSFER_ROW",
     "ArrayBook",
+    "BalanceCheck",
     "Book",
+    "ChainCheck",
     "CommitBatch",
     "EventKind",
     "Failed",
     "FrontConfig",
     "Known",
     "Leg",
+    "Link",
     "PartitionMap",
+    "PendingCheck",
     "PlainLegs",
     "Plan",
+    "Problem",
+    "Report",
     "Resolution",
     "ResolutionRow",
+    "Rows",
+    "SectionHasher",
     "ShardConfig",
     "TransferColumns",
+    "account_rows",
     "compare_existing",
     "currency_code",
+    "currency_letters",
     "currency_number",
     "decode_legs",
     "decode_reserve_answer",
     "encode_legs",
     "encode_reserve_answer",
+    "encode_section",
+    "failed_rows",
+    "link_digest",
     "partition_of",
     "partitions_of",
+    "resolution_rows",
+    "section_digest",
+    "transfer_rows",
     "warm_up_kernels",
 ]

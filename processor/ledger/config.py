@@ -46,6 +46,10 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # How often a shard reads the greatest transfer id stored or burned by any shard; ids
     # above it and above its own are new without a database read (docs/design.md §8).
     ids_refresh_interval_s: float = 1.0
+    # How often a shard records every shard's chain head in ledger_anchors (it also does
+    # when it stops cleanly): a chain's tail removed after an anchor is found missing by
+    # `txproc verify`, which reports the newest anchor's age (docs/design.md §15).
+    anchor_interval_s: float = 10.0
 
     def __repr__(self) -> str:
         """Every field, the database URL's password masked: a config may reach a log or a

@@ -4,7 +4,8 @@ A separate process holds two shards that commit every kind of transfer after the
 checkpoint (``checkpoint_worker``) and is SIGKILLed. The balance rows are then stale: the
 committed balances exist only as checkpoint + appended rows + postings. New shards recover
 from that, and must hold exactly the balances the ledger's full recomputation gives, fold
-them at their first checkpoint, and enforce limits against them.
+them at their first checkpoint, and enforce limits against them; their hash chains go on
+from the killed incarnations' last links.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from actors.ledger import verify
 from actors.ledger.store import LedgerStore
 from processor.codes import TransferResult
 from processor.types import Account, Transfer
@@ -139,6 +141,12 @@ async def test_sigkill_between_checkpoints_recovers_by_replay(db_url: str) -> No
             await asyncio.sleep(0.05)
         assert await _balances(conn, "accounts", accounts) == after
         assert (await store.audit()).passed
+        # The killed incarnations' links and the new ones' form one chain per shard, and
+        # every row of every kind belongs to it (txproc verify, on the live shards).
+        await store.anchor("operator")
+        proof = await verify(db_url)
+        assert proof.report.problems == []
+        assert proof.report.checked["links"] > 2
     finally:
         if worker.returncode is None:
             worker.kill()

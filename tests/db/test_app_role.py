@@ -58,6 +58,9 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "pending_resolutions": APPEND,
     "audit_requests": APPEND,
     "audit_events": APPEND,
+    # The hash chain over the ledger's commits and its anchors (0024).
+    "ledger_chain": APPEND,
+    "ledger_anchors": APPEND,
     # Balance rows: UPDATE of the four sums only (column privileges, checked below).
     "accounts": APPEND,
     "remote_posting_blocks": frozenset({"SELECT", "INSERT", "DELETE"}),
@@ -175,6 +178,12 @@ async def test_app_role_holds_exactly_the_privileges_of_migration_0015(
         "UPDATE accounts SET currency = 'USD' WHERE id = 91",
         "UPDATE accounts SET flags = 0 WHERE id = 91",
         "UPDATE partition_map SET shard = 0",
+        "DELETE FROM partition_checkpoints",
+        "DELETE FROM shard_epochs",
+        "UPDATE ledger_chain SET digest = prev_digest",
+        "DELETE FROM ledger_chain",
+        "UPDATE ledger_anchors SET reason = 'operator'",
+        "DELETE FROM ledger_anchors",
         "DELETE FROM revoked_tokens",
         "INSERT INTO client_keys (key_id, tenant, tenant_slot, subject, secret) VALUES"
         " ('ck_00000000000000000000000000000000', 't', 1, 's', '\\x00'::bytea)",
@@ -209,8 +218,8 @@ async def test_app_role_cannot_change_history_or_the_schema(
 
 async def test_app_role_writes_the_ledger_and_folds_balances(shared_app_url: str) -> None:
     """What the service needs of the ledger works as txproc_app: appending accounts and
-    transfers, folding into the balance sums, and summarizing the timestamp indexes through
-    the owner's function."""
+    transfers, folding into the balance sums, summarizing the timestamp indexes through
+    the owner's function, and appending links and anchors of the hash chain."""
     connection = await _connect(shared_app_url)
     transaction = connection.transaction()
     await transaction.start()
@@ -228,6 +237,16 @@ async def test_app_role_writes_the_ledger_and_folds_balances(shared_app_url: str
             timeout=CONNECT_TIMEOUT_S) == 5
         await connection.execute("SELECT ledger_summarize_new_ranges()",
                                  timeout=CONNECT_TIMEOUT_S)
+        # A link of the chain and an anchor (the anchor's id from its identity column,
+        # with no privilege on the sequence behind it).
+        await connection.execute(
+            "INSERT INTO ledger_chain VALUES (0, 1, 1, 1, 1, 0, 0, 0,"
+            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'),"
+            " decode(repeat('22', 128), 'hex'))", timeout=CONNECT_TIMEOUT_S)
+        assert await connection.fetchval(
+            "INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)"
+            " VALUES (now(), 'periodic', '{0}', '{1}', ARRAY[decode(repeat('11', 32), 'hex')])"
+            " RETURNING id", timeout=CONNECT_TIMEOUT_S) > 0
     finally:
         await transaction.rollback()
         await connection.close(timeout=CONNECT_TIMEOUT_S)

@@ -308,3 +308,65 @@ async def test_ledger_rows_are_append_only(shared_db_url: str, statement: str) -
     finally:
         await transaction.rollback()
         await connection.close(timeout=CONNECT_TIMEOUT_S)
+
+
+@pytest.mark.parametrize(
+    ("statement", "refusal"),
+    [
+        ("UPDATE accounts SET currency = 'USD' WHERE id = 94", "append-only"),
+        ("UPDATE accounts SET user_data = 'edited' WHERE id = 94", "append-only"),
+        ("DELETE FROM accounts WHERE id = 94", "append-only"),
+        ("TRUNCATE accounts CASCADE", "append-only"),
+        ('UPDATE partition_checkpoints SET "timestamp" = "timestamp" - 1', "only moves forward"),
+        ("DELETE FROM partition_checkpoints", "only moves forward"),
+        ("UPDATE shard_epochs SET epoch = epoch - 1", "only moves forward"),
+        ("DELETE FROM shard_epochs", "only moves forward"),
+        ("UPDATE partition_map SET shard = 1", "append-only"),
+        ("TRUNCATE remote_posting_blocks", "append-only"),
+        ("UPDATE ledger_chain SET digest = prev_digest", "append-only"),
+        ("DELETE FROM ledger_chain", "append-only"),
+        ("TRUNCATE ledger_chain", "append-only"),
+        ("DELETE FROM ledger_anchors", "append-only"),
+    ],
+)
+async def test_every_ledger_table_only_grows_or_moves_forward(
+    shared_db_url: str, statement: str, refusal: str
+) -> None:
+    """Beyond transfers, resolutions and burned ids (0011), migration 0024 refuses to the
+    tables' owner a change of an account's creation, removing an account, moving a
+    checkpoint or an epoch back, rewriting the partition map, truncating posting blocks,
+    and any change of the hash chain or its anchors."""
+    connection = await _connect(shared_db_url)
+    transaction = connection.transaction()
+    await transaction.start()
+    try:
+        await connection.execute(
+            "INSERT INTO accounts (id, currency, flags, code, user_data, timestamp, partition,"
+            " tenant) VALUES (94, 'EUR', 0, 1, '', 1, 0, 1)", timeout=CONNECT_TIMEOUT_S)
+        await connection.execute("INSERT INTO shard_epochs VALUES (7, 3)",
+                                 timeout=CONNECT_TIMEOUT_S)
+        await connection.execute("INSERT INTO partition_map VALUES (255, 7, 'main')"
+                                 " ON CONFLICT DO NOTHING", timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            "INSERT INTO ledger_chain VALUES (7, 1, 3, 1, 0, 1, 0, 0,"
+            " decode(repeat('00', 32), 'hex'), decode(repeat('11', 32), 'hex'),"
+            " decode(repeat('22', 128), 'hex'))",
+            timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            "INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)"
+            " VALUES (now(), 'operator', '{7}', '{1}', ARRAY[decode(repeat('11', 32), 'hex')])",
+            timeout=CONNECT_TIMEOUT_S)
+        # What checkpoints and recoveries do stays allowed.
+        await connection.execute("UPDATE accounts SET debits_posted = 5 WHERE id = 94",
+                                 timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            'UPDATE partition_checkpoints SET "timestamp" = "timestamp" + 1',
+            timeout=CONNECT_TIMEOUT_S)
+        await connection.execute("UPDATE shard_epochs SET epoch = epoch + 1",
+                                 timeout=CONNECT_TIMEOUT_S)
+        with pytest.raises(asyncpg.PostgresError, match=refusal) as refused:
+            await connection.execute(statement, timeout=CONNECT_TIMEOUT_S)
+        assert refused.value.sqlstate == "TXA01"
+    finally:
+        await transaction.rollback()
+        await connection.close(timeout=CONNECT_TIMEOUT_S)
