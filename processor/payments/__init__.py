@@ -94,7 +94,10 @@ from processor.payments.provider import (
     Outcome,
     ProviderReply,
     ProviderRequest,
+    SettlementFee,
     SettlementLine,
+    SettlementPayoutBatch,
+    SettlementReport,
     WebhookEvent,
 )
 from processor.payments.saga import (
@@ -216,7 +219,10 @@ __all__ = [
     "RefundView",
     "RefundsPage",
     "RetryPolicy",
+    "SettlementFee",
     "SettlementLine",
+    "SettlementPayoutBatch",
+    "SettlementReport",
     "Step",
     "StoredKey",
     "TransitionHook",
