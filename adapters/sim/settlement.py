@@ -180,13 +180,12 @@ class Discrepancies:
         naming none) once it settled; answers the dates whose reports it changes."""
         if op.id in self._bound:
             return []
-        for index, item in enumerate(self._waiting):
-            if item.target in (op.id, op.idempotency_key):
-                break
-        else:
-            index = next((i for i, item in enumerate(self._waiting) if not item.target), -1)
-            if index < 0:
-                return []
+        named = [i for i, item in enumerate(self._waiting)
+                 if item.target and item.target in (op.id, op.idempotency_key)]
+        index = named[0] if named else next(
+            (i for i, item in enumerate(self._waiting) if not item.target), -1)
+        if index < 0:
+            return []
         self._bound[op.id] = self._waiting.pop(index)
         return [next_date(op.settled_on)]
 

@@ -11,6 +11,7 @@ the modules inside (an import-linter contract, pyproject.toml):
 * ``listing``: list filters, cursors and metadata;
 * ``webhooks``: webhook endpoints (where a tenant's events are sent);
 * ``disputes``: disputes (chargebacks): their statuses, evidence and rules;
+* ``reconcile``: settlement reconciliation: a provider's report against our steps;
 
 Payments reach the ledger only through its service interface (``processor.service``).
 """
@@ -100,6 +101,22 @@ from processor.payments.provider import (
     SettlementReport,
     WebhookEvent,
 )
+from processor.payments.reconcile import (
+    FEE_ACCOUNT_OFFSET,
+    FEE_TRANSFER_OFFSET,
+    LOOKBACK_DAYS,
+    CurrencyTotals,
+    Discrepancy,
+    DiscrepancyKind,
+    FeePosting,
+    Match,
+    Reconciliation,
+    Record,
+    fee_account_id,
+    fee_transfer_id,
+    reconcile,
+    record_window,
+)
 from processor.payments.saga import (
     DISPUTE_KINDS,
     FINAL_PHASES,
@@ -161,10 +178,13 @@ __all__ = [
     "EVIDENCE_FILES_MAX",
     "EVIDENCE_FILE_CHARS_MAX",
     "EVIDENCE_TEXT_CHARS_MAX",
+    "FEE_ACCOUNT_OFFSET",
+    "FEE_TRANSFER_OFFSET",
     "FINAL_PHASES",
     "FINGERPRINT_BYTES",
     "KEY_CHARS_MAX",
     "LIST_KINDS",
+    "LOOKBACK_DAYS",
     "PAGE_LIMIT_MAX",
     "SECRET_BYTES",
     "AuthorizeRequest",
@@ -176,8 +196,11 @@ __all__ = [
     "CaptureRequest",
     "CaptureView",
     "CircuitBreaker",
+    "CurrencyTotals",
     "Decision",
     "DeclineCode",
+    "Discrepancy",
+    "DiscrepancyKind",
     "Dispute",
     "DisputeError",
     "DisputeNotice",
@@ -186,6 +209,7 @@ __all__ = [
     "DisputesPage",
     "Evidence",
     "EvidenceRequest",
+    "FeePosting",
     "IdempotencyError",
     "IdempotencyErrorCode",
     "IncrementRequest",
@@ -196,6 +220,7 @@ __all__ = [
     "ListError",
     "ListFilter",
     "ListQuery",
+    "Match",
     "Operation",
     "OperationView",
     "Outcome",
@@ -215,6 +240,8 @@ __all__ = [
     "Position",
     "ProviderReply",
     "ProviderRequest",
+    "Reconciliation",
+    "Record",
     "RefundRequest",
     "RefundView",
     "RefundsPage",
@@ -253,6 +280,8 @@ __all__ = [
     "dispute_status_after",
     "encode_cursor",
     "endpoint_id_of",
+    "fee_account_id",
+    "fee_transfer_id",
     "fingerprint",
     "hold_left_s",
     "ledger_transfers",
@@ -267,6 +296,8 @@ __all__ = [
     "provider_request",
     "query_of_params",
     "recheck_delay_s",
+    "reconcile",
+    "record_window",
     "refundable_amount",
     "secret_text",
     "settled_status",
