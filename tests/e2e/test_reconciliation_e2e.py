@@ -189,3 +189,80 @@ async def _step_keys(processor: Processor, subjects: list[str]) -> list[str]:
     finally:
         await conn.close()
     return [row["provider_key"] for row in rows]
+
+
+async def test_the_api_runs_lists_and_resolves(processor: Processor, http: httpx.AsyncClient,
+                                               client: Client, ids: IdSource,
+                                               sims: Sims) -> None:
+    """Over HTTP: a run is asked for and answered with its exceptions; runs and open
+    exceptions are listed a page at a time; a resolution is recorded once with who made it;
+    bad requests are 4xx with stable codes, and the scopes are required."""
+    account = await merchant(client, ids)
+    pid, step = await _captured(http, processor, account, "acme", 12_345)
+    await _admin(sims, "acme", "POST", "/_sim/reports/discrepancies", {"discrepancies": [
+        {"kind": "missing", "target": f"txp-{step}-acme"}]})
+    operator = token_for(processor, ("reconciliation:read", "reconciliation:write"),
+                         subject="ops-ana")
+    headers = {"authorization": f"Bearer {operator}"}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                 headers=headers, timeout=120) as ops:
+        r = await ops.post("/v1/reconciliation/runs",
+                           json={"provider": "acme", "date": _today()})
+        assert r.status_code == 200, r.text
+        run = r.json()
+        assert (run["provider"], run["date"], run["status"]) == ("acme", _today(), "succeeded")
+        [missing] = [e for e in run["exceptions"] if e["subject_id"] == pid]
+        assert (missing["kind"], missing["amount"], missing["status"]) == (
+            "missing", 12_345, "open")
+        assert run["requested_by"].endswith("/ops-ana")
+
+        got = await ops.get(f"/v1/reconciliation/runs/{run['id']}")
+        assert got.status_code == 200 and got.json()["id"] == run["id"]
+        page = (await ops.get("/v1/reconciliation/runs", params={"limit": 1})).json()
+        assert page["data"][0]["id"] == run["id"] and page["data"][0]["exceptions"] is None
+        assert page["next_cursor"] is not None
+        after = (await ops.get("/v1/reconciliation/runs",
+                               params={"limit": 1, "cursor": page["next_cursor"]})).json()
+        assert after["data"][0]["id"] < run["id"]
+        listed = (await ops.get("/v1/reconciliation/exceptions",
+                                params={"status": "open", "provider": "acme",
+                                        "kind": "missing", "limit": 500})).json()
+        assert missing["id"] in {e["id"] for e in listed["data"]}
+
+        r = await ops.post(f"/v1/reconciliation/exceptions/{missing['id']}/resolve",
+                           json={"resolution": "written_off", "note": "refunded by phone"})
+        assert r.status_code == 200, r.text
+        resolved = r.json()
+        assert resolved["status"] == "resolved"
+        assert resolved["resolution"]["resolution"] == "written_off"
+        assert resolved["resolution"]["resolved_by"].endswith("/ops-ana")
+        again = await ops.post(f"/v1/reconciliation/exceptions/{missing['id']}/resolve",
+                               json={"resolution": "accepted"})
+        assert (again.status_code, again.json()["error"]["code"]) == (
+            409, "exception_already_resolved")
+        still_open = (await ops.get("/v1/reconciliation/exceptions",
+                                    params={"status": "open", "limit": 500})).json()
+        assert missing["id"] not in {e["id"] for e in still_open["data"]}
+
+        for method, path, body, status, code in [
+            ("POST", "/v1/reconciliation/runs", {"provider": "nope", "date": _today()}, 422,
+             "provider_unknown"),
+            ("POST", "/v1/reconciliation/runs", {"provider": "acme", "date": "2999-01-01"},
+             422, "date_in_future"),
+            ("POST", "/v1/reconciliation/runs", {"provider": "acme"}, 400, "invalid_body"),
+            ("GET", "/v1/reconciliation/runs/999999999", None, 404,
+             "reconciliation_run_not_found"),
+            ("GET", "/v1/reconciliation/runs/abc", None, 404, "reconciliation_run_not_found"),
+            ("POST", "/v1/reconciliation/exceptions/999999999/resolve",
+             {"resolution": "accepted"}, 404, "reconciliation_exception_not_found"),
+            ("POST", f"/v1/reconciliation/exceptions/{missing['id']}/resolve",
+             {"resolution": "Not A Word"}, 400, "invalid_body"),
+            ("GET", "/v1/reconciliation/exceptions?status=closed", None, 400, "invalid_query"),
+            ("GET", "/v1/reconciliation/exceptions?colour=red", None, 400, "invalid_query"),
+            ("GET", "/v1/reconciliation/runs?limit=0", None, 400, "invalid_query"),
+        ]:
+            r = await ops.request(method, path, json=body)
+            assert (r.status_code, r.json()["error"]["code"]) == (status, code), (path, r.text)
+    r = await http.get("/v1/reconciliation/runs", headers={
+        "authorization": f"Bearer {token_for(processor, ('payments:read',))}"})
+    assert (r.status_code, r.json()["error"]["code"]) == (403, "scope_missing")
