@@ -266,3 +266,37 @@ async def test_the_api_runs_lists_and_resolves(processor: Processor, http: httpx
     r = await http.get("/v1/reconciliation/runs", headers={
         "authorization": f"Bearer {token_for(processor, ('payments:read',))}"})
     assert (r.status_code, r.json()["error"]["code"]) == (403, "scope_missing")
+
+
+async def test_the_command_line_asks_the_running_server(
+        processor: Processor, capsys: pytest.CaptureFixture[str]) -> None:
+    """`txproc recon run` finds the server by the address serve records in its data
+    directory, signs its token with the directory's key, prints the run as tables and exits
+    0; an unknown provider exits 2 naming the code; no address and no --url exits 2."""
+    import asyncio
+
+    from actors.app.cli import _write_api_address, main
+
+    data_dir = processor.config.data_dir
+    written = _write_api_address(processor.config, processor.http_port)
+    try:
+        status = await asyncio.to_thread(main, ["recon", "run", "--provider", "globex",
+                                                "--date", _today(), "--data-dir", data_dir])
+        out = capsys.readouterr().out
+        assert status == 0, out
+        assert f"globex {_today()} attempt" in out and "succeeded" in out
+        assert out.splitlines()[1].startswith("lines ") and "fees posted" in out
+        status = await asyncio.to_thread(main, ["recon", "run", "--provider", "nope",
+                                                "--date", _today(), "--data-dir", data_dir])
+        assert status == 2
+        assert "provider_unknown" in capsys.readouterr().err
+    finally:
+        written.unlink()
+    status = await asyncio.to_thread(main, ["recon", "run", "--provider", "acme", "--date",
+                                            _today(), "--data-dir", data_dir])
+    assert status == 2
+    assert "no server address" in capsys.readouterr().err
+    status = await asyncio.to_thread(main, [
+        "recon", "run", "--provider", "acme", "--date", _today(), "--data-dir", data_dir,
+        "--url", f"http://127.0.0.1:{processor.http_port}"])
+    assert status == 0
