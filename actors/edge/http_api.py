@@ -1689,10 +1689,7 @@ OPERATIONS: tuple[Operation, ...] = (
         request=RunRequest,
         replies=(Reply(200, "The run (succeeded, or failed with its error) and the day's "
                             "exceptions.", RunView),
-                 _BAD_BODY, _UNAUTHORIZED_SIGNED, _FORBIDDEN,
-                 _error_reply(409, "A run of the same provider and day is in progress.",
-                              "reconciliation_in_progress"),
-                 _TOO_LARGE,
+                 _BAD_BODY, _UNAUTHORIZED_SIGNED, _FORBIDDEN, _TOO_LARGE,
                  _error_reply(422, "No provider has this name, or the day is after "
                                    "tomorrow.", "provider_unknown", "date_in_future"),
                  _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),

@@ -101,7 +101,7 @@ RECONCILIATION_ERROR_STATUS = {
     "invalid_body": 400, "malformed_json": 400, "invalid_query": 400,
     "provider_unknown": 422, "date_in_future": 422,
     "reconciliation_run_not_found": 404, "reconciliation_exception_not_found": 404,
-    "exception_already_resolved": 409, "reconciliation_in_progress": 409,
+    "exception_already_resolved": 409,
 }
 
 
