@@ -35,7 +35,8 @@ flight, or when the query itself fails, the outcome stays UNKNOWN (ask again aft
 ``retry_after_s``).
 
 Webhooks carry ``Acme-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "<t>." + body>`` (several
-``v1`` while acme rotates the secret). Settlement reports are CSV with signed decimal amounts.
+``v1`` while acme rotates the secret). Settlement reports (``GET /v1/settlements/{date}``) are
+CSV with signed decimal amounts: transactions, fees on their own and payout batches.
 """
 
 from __future__ import annotations
@@ -63,7 +64,10 @@ from adapters.base import (
     Outcome,
     ProviderReply,
     ProviderRequest,
+    SettlementFee,
     SettlementLine,
+    SettlementPayoutBatch,
+    SettlementReport,
     WebhookEvent,
     WebhookRejected,
     header,
@@ -489,8 +493,15 @@ class AcmeAdapter:
     # --- settlement -------------------------------------------------------------------------
 
     def parse_settlement(self, report: bytes) -> list[SettlementLine]:
-        """acme's CSV report as lines; raises ``ValueError`` for a report that does not add
-        up (a column missing, an unknown row type, an inexact amount, net != gross - fee)."""
+        """The transactions of acme's CSV report; raises ``ValueError`` as ``parse_report``."""
+        return self.parse_report(report).lines
+
+    def parse_report(self, report: bytes) -> SettlementReport:
+        """acme's CSV report: a row per capture, refund and payout, per fee on its own
+        (``fee``: gross 0) and per payout batch (``payout_batch``: the day's net of a
+        currency; its ``reference`` counts the rows it sums). Raises ``ValueError`` for a
+        report that does not add up (a column missing, an unknown row type, an inexact
+        amount, net != gross - fee)."""
         reader = csv.DictReader(io.StringIO(report.decode("utf-8"), newline=""))
         try:
             missing = REPORT_COLUMNS - set(reader.fieldnames or ())
@@ -499,7 +510,16 @@ class AcmeAdapter:
             rows = list(reader)
         except csv.Error as exc:
             raise ValueError(f"acme report is not CSV: {exc}") from None
-        return [_settlement_line(row, number) for number, row in enumerate(rows, start=2)]
+        lines, fees, batches = [], [], []
+        for number, row in enumerate(rows, start=2):
+            kind = row.get("type")
+            if kind == "fee":
+                fees.append(_settlement_fee(row, number))
+            elif kind == "payout_batch":
+                batches.append(_payout_batch(row, number))
+            else:
+                lines.append(_settlement_line(row, number))
+        return SettlementReport(lines=lines, fees=fees, batches=batches)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -528,12 +548,54 @@ def _safe_reason(word: str) -> str:
     return word if len(word) <= 64 and re.fullmatch(r"[a-z_]*", word) else ""
 
 
-def _settlement_line(row: dict[str | None, str | None], number: int) -> SettlementLine:
+_Row = dict[str | None, str | None]
+
+
+def _cell(row: _Row, name: str, number: int) -> str:
+    value = row.get(name)
+    if value is None:  # a short row
+        raise ValueError(f"acme report line {number}: {name} missing")
+    return value
+
+
+def _amounts(row: _Row, number: int) -> tuple[str, int, int, int]:
+    """Currency, gross, fee and net of a row; net must be gross - fee."""
+    currency = _cell(row, "currency", number)
+    exponent = CURRENCY_EXPONENTS.get(currency)
+    if exponent is None:
+        raise ValueError(f"acme report line {number}: unknown currency")
+    gross, fee, net = (_to_minor(_cell(row, name, number), exponent, number)
+                       for name in ("gross", "fee", "net"))
+    if gross - fee != net:
+        raise ValueError(f"acme report line {number}: net is not gross - fee")
+    if not 0 <= fee <= AMOUNT_MAX or abs(gross) > AMOUNT_MAX or abs(net) > AMOUNT_MAX:
+        raise ValueError(f"acme report line {number}: amount out of range")
+    return currency, gross, fee, net
+
+
+def _settlement_fee(row: _Row, number: int) -> SettlementFee:
+    currency, gross, fee, _ = _amounts(row, number)
+    if gross != 0 or fee == 0 or not _cell(row, "id", number):
+        raise ValueError(f"acme report line {number}: a fee row has gross 0, a fee and an id")
+    return SettlementFee(fee_ref=_cell(row, "id", number), amount=fee, currency=currency,
+                         settled_on=Date.fromisoformat(
+                             _cell(row, "settlement_date", number)).isoformat())
+
+
+def _payout_batch(row: _Row, number: int) -> SettlementPayoutBatch:
+    currency, _, _, net = _amounts(row, number)
+    entries = _cell(row, "reference", number)
+    if not (entries.isascii() and entries.isdigit() and len(entries) <= 9):
+        raise ValueError(f"acme report line {number}: a batch counts its rows")
+    return SettlementPayoutBatch(batch_ref=_cell(row, "id", number), currency=currency,
+                                 net=net, entries=int(entries),
+                                 settled_on=Date.fromisoformat(
+                                     _cell(row, "settlement_date", number)).isoformat())
+
+
+def _settlement_line(row: _Row, number: int) -> SettlementLine:
     def cell(name: str) -> str:
-        value = row.get(name)
-        if value is None:  # a short row
-            raise ValueError(f"acme report line {number}: {name} missing")
-        return value
+        return _cell(row, name, number)
 
     operation = _REPORT_TYPES.get(cell("type"))
     currency = cell("currency")
@@ -551,7 +613,8 @@ def _settlement_line(row: dict[str | None, str | None], number: int) -> Settleme
     ref = cell("authorization_id") if operation is Operation.CAPTURE else cell("id")
     return SettlementLine(provider_ref=ref, idempotency_key=cell("idempotency_key"),
                           operation=operation, amount=abs(gross), currency=currency, fee=fee,
-                          settled_on=Date.fromisoformat(cell("settlement_date")).isoformat())
+                          settled_on=Date.fromisoformat(cell("settlement_date")).isoformat(),
+                          line_ref=cell("id"))
 
 
 def _need(value: str, what: str) -> None:

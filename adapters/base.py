@@ -26,7 +26,10 @@ from processor.payments import (
     Outcome,
     ProviderReply,
     ProviderRequest,
+    SettlementFee,
     SettlementLine,
+    SettlementPayoutBatch,
+    SettlementReport,
     WebhookEvent,
 )
 
@@ -42,7 +45,10 @@ __all__ = [
     "ProviderReply",
     "ProviderRequest",
     "ProviderUnavailable",
+    "SettlementFee",
     "SettlementLine",
+    "SettlementPayoutBatch",
+    "SettlementReport",
     "WebhookEvent",
     "WebhookRejected",
     "error_from_transport",
@@ -99,7 +105,14 @@ class Adapter(Protocol):
         """The event, if its signature and timestamp hold; raises ``WebhookRejected``."""
 
     def parse_settlement(self, report: bytes) -> list[SettlementLine]:
-        """The provider's daily settlement report in its own format, normalised."""
+        """The transactions of the provider's daily settlement report, normalised."""
+
+    def parse_report(self, report: bytes) -> SettlementReport:
+        """The whole daily report: transactions, fees on their own, payout batches; raises
+        ``ValueError`` for a report that does not add up."""
+
+    def build_settlement(self, settled_on: str, now_s: float) -> HttpCall:
+        """The authenticated call that fetches the report of ``settled_on`` (ISO date)."""
 
 
 class ProviderError(Exception):

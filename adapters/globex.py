@@ -37,7 +37,9 @@ UNKNOWN.
 
 Webhooks carry ``X-Globex-Webhook-Timestamp`` (Unix milliseconds) and
 ``X-Globex-Webhook-Signature: hmac-sha256=<base64 MAC of "<ms>\\n" + body>``. Settlement
-reports are JSON lines closed by a ``TRAILER`` record that counts the entries.
+reports (``GET /reports/settlement?date=``, signed) are JSON lines: ``ENTRY`` records
+(transactions; ``FEE`` entries for fees on their own), ``PAYOUT_BATCH`` records (the day's
+net per currency) and a ``TRAILER`` record that counts the entries.
 """
 
 from __future__ import annotations
@@ -66,7 +68,10 @@ from adapters.base import (
     Outcome,
     ProviderReply,
     ProviderRequest,
+    SettlementFee,
     SettlementLine,
+    SettlementPayoutBatch,
+    SettlementReport,
     WebhookEvent,
     WebhookRejected,
     header,
@@ -185,7 +190,7 @@ class _Event(msgspec.Struct, frozen=True, rename="camel"):
 
 
 class _Entry(msgspec.Struct, frozen=True, rename="camel"):
-    record_type: Literal["ENTRY", "TRAILER"]
+    record_type: Literal["ENTRY", "PAYOUT_BATCH", "TRAILER"]
     settlement_date: str
     entry_type: str = ""
     operation_id: str = ""
@@ -195,6 +200,8 @@ class _Entry(msgspec.Struct, frozen=True, rename="camel"):
     gross: _Money | None = None
     fee: _Money | None = None
     entry_count: int = -1
+    batch_id: str = ""
+    net: _Money | None = None
 
 
 _ENCODER = msgspec.json.Encoder()
@@ -527,10 +534,17 @@ class GlobexAdapter:
     # --- settlement -------------------------------------------------------------------------
 
     def parse_settlement(self, report: bytes) -> list[SettlementLine]:
-        """globex's JSON-lines report as lines; raises ``ValueError`` if a record is
-        unreadable, an amount inexact, or the trailer missing or not matching the count (a
-        truncated report)."""
+        """The transactions of globex's report; raises ``ValueError`` as ``parse_report``."""
+        return self.parse_report(report).lines
+
+    def parse_report(self, report: bytes) -> SettlementReport:
+        """globex's JSON-lines report: ``ENTRY`` records (transactions, and ``FEE`` entries:
+        fees on their own), ``PAYOUT_BATCH`` records and a ``TRAILER`` counting the entries.
+        Raises ``ValueError`` if a record is unreadable, an amount inexact, or the trailer
+        missing or not matching the count (a truncated report)."""
         lines: list[SettlementLine] = []
+        fees: list[SettlementFee] = []
+        batches: list[SettlementPayoutBatch] = []
         trailer: _Entry | None = None
         for number, raw in enumerate(report.splitlines(), start=1):
             if not raw.strip():
@@ -543,11 +557,15 @@ class GlobexAdapter:
                 raise ValueError(f"globex report line {number}: unreadable") from None
             if entry.record_type == "TRAILER":
                 trailer = entry
-                continue
-            lines.append(_settlement_line(entry, number))
-        if trailer is None or trailer.entry_count != len(lines):
+            elif entry.record_type == "PAYOUT_BATCH":
+                batches.append(_payout_batch(entry, number))
+            elif entry.entry_type == "FEE":
+                fees.append(_settlement_fee(entry, number))
+            else:
+                lines.append(_settlement_line(entry, number))
+        if trailer is None or trailer.entry_count != len(lines) + len(fees):
             raise ValueError("globex report: trailer missing or count does not match")
-        return lines
+        return SettlementReport(lines=lines, fees=fees, batches=batches)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -601,7 +619,32 @@ def _settlement_line(entry: _Entry, number: int) -> SettlementLine:
     ref = entry.payment_id if operation is Operation.CAPTURE else entry.operation_id
     return SettlementLine(provider_ref=ref, idempotency_key=entry.idempotency_key,
                           operation=operation, amount=amount, currency=entry.gross.currency,
-                          fee=fee, settled_on=Date.fromisoformat(entry.settlement_date).isoformat())
+                          fee=fee, settled_on=Date.fromisoformat(entry.settlement_date).isoformat(),
+                          line_ref=entry.operation_id)
+
+
+def _settlement_fee(entry: _Entry, number: int) -> SettlementFee:
+    if entry.direction != "DEBIT" or entry.fee is None or not entry.operation_id or (
+            entry.gross is not None and entry.gross.currency != entry.fee.currency):
+        raise ValueError(f"globex report line {number}: a FEE entry is a debit with a fee")
+    if entry.gross is not None and _to_minor(entry.gross.value, entry.gross.currency) != 0:
+        raise ValueError(f"globex report line {number}: a FEE entry has no gross")
+    fee = _to_minor(entry.fee.value, entry.fee.currency)
+    if fee == 0:
+        raise ValueError(f"globex report line {number}: a FEE entry of zero")
+    return SettlementFee(fee_ref=entry.operation_id, amount=fee, currency=entry.fee.currency,
+                         settled_on=Date.fromisoformat(entry.settlement_date).isoformat())
+
+
+def _payout_batch(entry: _Entry, number: int) -> SettlementPayoutBatch:
+    if entry.net is None or entry.direction not in ("CREDIT", "DEBIT") or not entry.batch_id \
+            or not 0 <= entry.entry_count <= 10**9:
+        raise ValueError(f"globex report line {number}: a batch has an id, a net and a count")
+    net = _to_minor(entry.net.value, entry.net.currency)
+    return SettlementPayoutBatch(
+        batch_ref=entry.batch_id, currency=entry.net.currency,
+        net=net if entry.direction == "CREDIT" else -net, entries=entry.entry_count,
+        settled_on=Date.fromisoformat(entry.settlement_date).isoformat())
 
 
 def _money(amount: int, currency: str) -> _Money:

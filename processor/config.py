@@ -53,6 +53,9 @@ class PaymentsSection(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_retention_s: float = 24 * 3600.0
     # The recovery worker looks for due steps this often (and once at start-up).
     recovery_interval_s: float = 1.0
+    # Settlement reconciliation runs every this many seconds (and once at start), for
+    # each provider's days up to yesterday not yet reconciled; 0: not on a schedule.
+    recon_every_s: float = 86_400.0
     # Downstream consumers of payment events (name -> URL), delivered at least once.
     event_subscribers: dict[str, str] = {}
     pool_size_max: int = 8

@@ -93,6 +93,10 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                         "without, its simulated server is started")
     p.add_argument("--no-payments", action="store_true",
                    help="serve the ledger only: no providers, no payments API")
+    p.add_argument("--recon-every-s", type=float, default=86_400.0, metavar="S",
+                   help="reconcile each provider's settlement reports every S seconds (and "
+                        "at start) for the days up to yesterday not yet reconciled; 0: "
+                        "only when asked (docs/reconciliation.md)")
     p.add_argument("--event-subscriber", action="append", default=[], metavar="NAME=URL",
                    help="deliver every payment and payout event, signed, at least once, to "
                         "this URL (repeatable); subscribers not named are deactivated")
@@ -159,8 +163,10 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
     if args.no_payments:
         return PaymentsSection(enabled=False, providers=())
     subscribers = _subscribers(args.event_subscriber)
+    if not 0 <= args.recon_every_s <= 30 * 86_400:
+        raise SystemExit("txproc: --recon-every-s must be from 0 (off) to 2592000 (30 days)")
     if not args.provider:
-        return PaymentsSection(event_subscribers=subscribers)
+        return PaymentsSection(event_subscribers=subscribers, recon_every_s=args.recon_every_s)
     endpoints = []
     for text in args.provider:
         name, _, rest = text.partition("=")
@@ -173,7 +179,8 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
     order = tuple(e.name for e in endpoints)
     defaults = PaymentsSection()
     return PaymentsSection(providers=tuple(endpoints), event_subscribers=subscribers,
-                           rules=msgspec.structs.replace(defaults.rules, provider_order=order))
+                           rules=msgspec.structs.replace(defaults.rules, provider_order=order),
+                           recon_every_s=args.recon_every_s)
 
 
 def _subscribers(texts: list[str]) -> dict[str, str]:
@@ -267,6 +274,24 @@ def _add_webhooks(sub: Any) -> None:
     _add_common(remove)
 
 
+def _add_recon(sub: Any) -> None:
+    recon = sub.add_parser("recon", help="settlement reconciliation (docs/reconciliation.md)")
+    recon_sub = recon.add_subparsers(dest="recon_command", required=True)
+    run = recon_sub.add_parser(
+        "run", help="ask the running server to reconcile a provider's report of a day now, "
+                    "and print what it found; exit 0 when the run succeeded")
+    run.add_argument("--provider", required=True)
+    run.add_argument("--date", required=True, help="the day, YYYY-MM-DD (UTC)")
+    run.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT),
+                     help="the server's data directory: its API address (api.json, written "
+                          "by serve) and the key that signs this command's token")
+    run.add_argument("--url", default="",
+                     help="the server's API instead of the one recorded in --data-dir")
+    run.add_argument("--token", default=os.environ.get("TXPROC_TOKEN", ""),
+                     help="a bearer token with reconciliation:write (default: one signed "
+                          "here with the data directory's key, for the OS user)")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="txproc", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,6 +362,7 @@ def _parser() -> argparse.ArgumentParser:
     retry.add_argument("--reason", required=True, help="why (recorded in the step's log)")
     _add_common(retry)
     _add_webhooks(sub)
+    _add_recon(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -404,6 +430,8 @@ def main(argv: list[str] | None = None) -> int:
         return _webhooks_in_data_dir(args)
     if args.command == "audit":
         return asyncio.run(_audit(args))
+    if args.command == "recon":
+        return _recon_run(args)
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -1007,6 +1035,97 @@ async def _webhooks(args: argparse.Namespace) -> int:
     return 0
 
 
+API_ADDRESS_FILE = "api.json"
+
+
+def _recon_run(args: argparse.Namespace) -> int:
+    """``recon run``: POST /v1/reconciliation/runs to the running server, then a summary."""
+    import getpass
+
+    import httpx
+
+    command = "txproc recon run"
+    data_dir = Path(args.data_dir).resolve()
+    url = args.url
+    if not url:
+        try:
+            url = json.loads((data_dir / API_ADDRESS_FILE).read_text())["url"]
+        except (OSError, ValueError, KeyError, TypeError):
+            print(f"{command}: no server address in {data_dir / API_ADDRESS_FILE}; start "
+                  "`txproc serve` with this --data-dir, or name it with --url", file=sys.stderr)
+            return 2
+    token = args.token
+    if not token:
+        from processor.identity import load_or_create_ring
+
+        if not data_dir.is_dir():
+            print(f"{command}: no --token and no data directory {data_dir} to sign one with",
+                  file=sys.stderr)
+            return 2
+        user = re.sub(r"[^A-Za-z0-9_.-]", "_", getpass.getuser())[:60] or "unknown"
+        ring = load_or_create_ring(data_dir, now_s=int(time.time()))
+        token = issue_token(ring.active.secret, ["reconciliation:read", "reconciliation:write"],
+                            ttl_s=600, now_s=int(time.time()), subject=f"cli-{user}")
+    try:
+        answer = httpx.post(f"{url.rstrip('/')}/v1/reconciliation/runs",
+                            json={"provider": args.provider, "date": args.date},
+                            headers={"authorization": f"Bearer {token}"}, timeout=300)
+    except httpx.HTTPError as exc:
+        print(f"{command}: the server at {url} did not answer: {type(exc).__name__}",
+              file=sys.stderr)
+        return 2
+    try:
+        body = answer.json()
+    except ValueError:
+        body = {}
+    if answer.status_code != 200:
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        print(f"{command}: {answer.status_code} {error.get('code', '')}: "
+              f"{error.get('message', answer.text[:200])}", file=sys.stderr)
+        return 2
+    print(_run_summary(body))
+    return 0 if body.get("status") == "succeeded" else 1
+
+
+def _run_summary(run: dict[str, Any]) -> str:
+    """A run as a few aligned tables: the run, its totals per currency, its exceptions."""
+    lines = [f"run {run['id']}: {run['provider']} {run['date']} attempt {run['attempt']} "
+             f"{run['status']}" + (f" ({run['error']})" if run.get("error") else ""),
+             f"lines {run['lines']}, matched {run['matched_count']}, exceptions "
+             f"{run['unmatched_count']}, closed {run['closed_count']}, fees posted "
+             f"{run['fees_posted']}"]
+    rows = [("currency", "lines", "matched", "matched_amount", "exceptions", "at_stake",
+             "fees")]
+    for currency, t in sorted(run.get("totals", {}).items()):
+        rows.append((currency, *(str(t[k]) for k in (
+            "lines", "matched_count", "matched_amount", "unmatched_count",
+            "unmatched_amount", "fees"))))
+    exceptions = run.get("exceptions") or []
+    table = [("exception", "kind", "status", "amount", "currency", "subject", "step")]
+    table += [(str(e["id"]), e["kind"], e["status"], str(e["amount"]), e["currency"],
+               e["subject_id"] or "-", str(e["step_id"] or "-")) for e in exceptions]
+    for block in (rows, table):
+        if len(block) == 1:
+            continue
+        widths = [max(len(row[i]) for row in block) for i in range(len(block[0]))]
+        lines.append("")
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                  for row in block]
+    return "\n".join(lines)
+
+
+def _write_api_address(config: Config, http_port: int) -> Path:
+    """Record where the API listens, for commands that ask the server (``recon run``)."""
+    scheme = "https" if config.front.tls else "http"
+    host = "127.0.0.1" if config.front.host in ("0.0.0.0", "") else config.front.host  # noqa: S104 - a wildcard bind is reached on loopback
+    target = Path(config.data_dir) / API_ADDRESS_FILE
+    partial = target.with_name(f".{API_ADDRESS_FILE}.partial")
+    partial.write_text(json.dumps({"url": f"{scheme}://{host}:{http_port}",
+                                   "pid": os.getpid()}) + "\n")
+    os.replace(partial, target)
+    return target
+
+
 async def _serve(config: Config) -> int:
     from actors.app.runtime import start_processor
 
@@ -1031,8 +1150,11 @@ async def _serve(config: Config) -> int:
              processor.http_port, " over TLS" if config.front.tls else "", config.front.host,
              processor.rpc_port, config.front.host,
              processor.metrics_port, config.shard.shards, config.data_dir)
+    address = _write_api_address(config, processor.http_port)
     supervisor = loop.create_task(processor.supervise())
     await stop.wait()
+    with contextlib.suppress(OSError):
+        address.unlink()
     log.info("shutting down: flushing shards and closing")
     supervisor.cancel()
     await processor.stop()

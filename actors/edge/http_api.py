@@ -39,12 +39,20 @@ from actors.payments import (
     ENDPOINTS_PAGE_MAX,
     EVENT_TYPE_PATTERN,
     EVENTS_PAGE_MAX,
+    EXCEPTIONS_PAGE_MAX,
     ORIGIN_HEADER,
     PAYMENT_ERROR_STATUS,
+    RUNS_PAGE_MAX,
     EndpointsPage,
     EventsPage,
+    ExceptionsPage,
+    ExceptionView,
     PaymentFailure,
     PaymentsApiError,
+    ResolveRequest,
+    RunRequest,
+    RunsPage,
+    RunView,
     WebhookAnswer,
     api_error_of,
     require_key,
@@ -1060,6 +1068,45 @@ class _Api:
     async def delete_webhook_endpoint(self, request: Request) -> Response:
         return await self._payments_call(request, "delete_webhook_endpoint")
 
+    # -- settlement reconciliation (operators; docs/reconciliation.md) ---------------------
+
+    async def _reconciliation_call(self, request: Request, operation: str,
+                                   query: dict[str, Any] | None = None) -> Response:
+        """A reconciliation operation, forwarded like the payments routes; a POST needs no
+        Idempotency-Key (a run of a day is idempotent, a resolution happens once) and
+        writes its audit record first."""
+        payments = self._require_payments()
+        body = ENCODER.encode(query) if query is not None else b""
+        forwarded = _forwarded_headers(request)
+        if request.method == "POST":
+            body = await _read_body(request, self._body_bytes_max)
+            origin = await self._origin(request.state.claims,
+                                        request.headers.get("x-request-id"),
+                                        f"reconciliation.{operation}", 1)
+            forwarded[ORIGIN_HEADER] = str(origin)
+        status, answer, headers = await payments.call(
+            principal_of(request.state.claims), operation, "",
+            next(iter(request.path_params.values()), ""), body, forwarded)
+        return Response(answer, status, headers=headers, media_type="application/json")
+
+    async def create_reconciliation_run(self, request: Request) -> Response:
+        return await self._reconciliation_call(request, "create_reconciliation_run")
+
+    async def list_reconciliation_runs(self, request: Request) -> Response:
+        return await self._reconciliation_call(request, "list_reconciliation_runs",
+                                               _reconciliation_query(request, _RUNS_PARAMS))
+
+    async def get_reconciliation_run(self, request: Request) -> Response:
+        return await self._reconciliation_call(request, "get_reconciliation_run")
+
+    async def list_reconciliation_exceptions(self, request: Request) -> Response:
+        return await self._reconciliation_call(
+            request, "list_reconciliation_exceptions",
+            _reconciliation_query(request, _EXCEPTIONS_PARAMS))
+
+    async def resolve_reconciliation_exception(self, request: Request) -> Response:
+        return await self._reconciliation_call(request, "resolve_reconciliation_exception")
+
     async def provider_webhook(self, request: Request) -> Response:
         payments = self._require_payments()
         body = await _read_body(request, self._body_bytes_max)
@@ -1149,6 +1196,29 @@ def _list_query(request: Request) -> dict[str, Any]:
         return query_of_params(request.query_params.multi_items())
     except ListError as exc:
         raise ApiError(400, exc.code, str(exc)) from exc
+
+
+# The query parameters of the reconciliation lists, and which are integers.
+_RUNS_PARAMS = {"provider": False, "date": False, "status": False, "limit": True,
+                "cursor": False}
+_EXCEPTIONS_PARAMS = {"status": False, "provider": False, "kind": False, "date": False,
+                      "run_id": True, "limit": True, "cursor": False}
+
+
+def _reconciliation_query(request: Request, known: dict[str, bool]) -> dict[str, Any]:
+    """A reconciliation list's query as JSON; 400 ``invalid_query`` for an unknown or
+    repeated parameter or an integer that is not one (the rest is checked there)."""
+    query: dict[str, Any] = {}
+    for name, value in request.query_params.multi_items():
+        if name not in known or name in query:
+            raise ApiError(400, "invalid_query", f"unknown or repeated parameter {name[:40]!r}")
+        if known[name]:
+            if not (value.isascii() and value.isdigit() and len(value) <= 18):
+                raise ApiError(400, "invalid_query", f"{name} is not a whole number")
+            query[name] = int(value)
+        else:
+            query[name] = value
+    return query
 
 
 def _answer(request: Request, exc: Exception) -> Response:
@@ -1651,6 +1721,64 @@ OPERATIONS: tuple[Operation, ...] = (
                  _INTERNAL, _UNAVAILABLE),
     ),
     Operation(
+        name="create_reconciliation_run", method="POST", path="/v1/reconciliation/runs",
+        summary="Reconcile a provider's settlement report of a day now and answer the run "
+                "with the day's exceptions (docs/reconciliation.md).",
+        handler=_Api.create_reconciliation_run, scope="reconciliation:write",
+        request=RunRequest,
+        replies=(Reply(200, "The run (succeeded, or failed with its error) and the day's "
+                            "exceptions.", RunView),
+                 _BAD_BODY, _UNAUTHORIZED_SIGNED, _FORBIDDEN, _TOO_LARGE,
+                 _error_reply(422, "No provider has this name, or the day is after "
+                                   "tomorrow.", "provider_unknown", "date_in_future"),
+                 _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="list_reconciliation_runs", method="GET", path="/v1/reconciliation/runs",
+        summary="Reconciliation runs, newest first, filtered, a page at a time.",
+        handler=_Api.list_reconciliation_runs, scope="reconciliation:read",
+        replies=(Reply(200, "Up to limit runs and the cursor of the next page (null on the "
+                            "last).", RunsPage),
+                 _error_reply(400, "A query parameter is unknown, repeated or out of range.",
+                              "invalid_query"),
+                 _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="get_reconciliation_run", method="GET", path="/v1/reconciliation/runs/{run_id}",
+        summary="One reconciliation run with its day's exceptions.",
+        handler=_Api.get_reconciliation_run, scope="reconciliation:read",
+        replies=(Reply(200, "The run.", RunView), _UNAUTHORIZED, _FORBIDDEN,
+                 _error_reply(404, "No run has this id.", "reconciliation_run_not_found"),
+                 _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="list_reconciliation_exceptions", method="GET",
+        path="/v1/reconciliation/exceptions",
+        summary="Reconciliation exceptions, newest first, filtered (status=open), a page at "
+                "a time.",
+        handler=_Api.list_reconciliation_exceptions, scope="reconciliation:read",
+        replies=(Reply(200, "Up to limit exceptions and the cursor of the next page (null "
+                            "on the last).", ExceptionsPage),
+                 _error_reply(400, "A query parameter is unknown, repeated or out of range.",
+                              "invalid_query"),
+                 _UNAUTHORIZED, _FORBIDDEN, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
+        name="resolve_reconciliation_exception", method="POST",
+        path="/v1/reconciliation/exceptions/{exception_id}/resolve",
+        summary="Resolve an open reconciliation exception with a resolution and a note, "
+                "recorded with who did it (once).",
+        handler=_Api.resolve_reconciliation_exception, scope="reconciliation:write",
+        request=ResolveRequest,
+        replies=(Reply(200, "The exception, resolved.", ExceptionView),
+                 _BAD_BODY, _UNAUTHORIZED_SIGNED, _FORBIDDEN,
+                 _error_reply(404, "No exception has this id.",
+                              "reconciliation_exception_not_found"),
+                 _error_reply(409, "The exception is resolved already.",
+                              "exception_already_resolved"),
+                 _TOO_LARGE, _RATE_LIMITED, _INTERNAL, _UNAVAILABLE),
+    ),
+    Operation(
         name="provider_webhook", method="POST", path="/v1/providers/{provider}/webhooks",
         summary="A provider's signed event (HMAC over timestamp and body; no bearer token).",
         # The event is a JSON object in the provider's own shape (adapters/), so the
@@ -1688,6 +1816,8 @@ _SCOPE_TEXT = {
     "webhooks:write": "create and remove the tenant's webhook endpoints",
     "disputes:write": "submit evidence against disputes",
     "audit:read": "read the audit events of operator and configuration actions",
+    "reconciliation:read": "read settlement reconciliation runs and exceptions",
+    "reconciliation:write": "run settlement reconciliation and resolve its exceptions",
 }
 _require(set(_SCOPE_TEXT) == set(SCOPES), "every scope is described")
 
@@ -1730,7 +1860,9 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
     for name, pattern in (("payment_id", "^pay_[0-9a-f]{24}$"),
                           ("payout_id", "^po_[0-9a-f]{24}$"),
                           ("provider", "^[a-z][a-z0-9_]{0,31}$"),
-                          ("webhook_endpoint_id", ENDPOINT_ID_PATTERN)):
+                          ("webhook_endpoint_id", ENDPOINT_ID_PATTERN),
+                          ("run_id", "^[1-9][0-9]{0,17}$"),
+                          ("exception_id", "^[1-9][0-9]{0,17}$")):
         if "{" + name + "}" in op.path:
             entry["parameters"] = [{
                 "name": name, "in": "path", "required": True,
@@ -1759,6 +1891,8 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             {"name": "action", "in": "query", "required": False,
              "schema": {"type": "string", "enum": sorted(ACTIONS)}},
         ]
+    elif op.name in _RECONCILIATION_LISTS:
+        entry["parameters"] = _RECONCILIATION_LISTS[op.name]
     elif op.method == "GET" and op.name.startswith("list_") and op.name != "list_events":
         entry["parameters"] = _list_parameters(op.name.removeprefix("list_"))
     if op.scope is not None and op.method == "POST" and op.path.startswith(
@@ -1774,6 +1908,29 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
             "content": {"application/json": {"schema": refs[op.request]}},
         }
     return entry
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+_DAY = {"type": "string", "pattern": "^[0-9]{4}-[0-9]{2}-[0-9]{2}$"}
+_PROVIDER = {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,31}$"}
+_CURSOR = {"type": "string", "pattern": "^[0-9]{1,19}$"}
+_RECONCILIATION_LISTS: dict[str, list[dict[str, Any]]] = {
+    "list_reconciliation_runs": [
+        _query("provider", _PROVIDER), _query("date", _DAY),
+        _query("status", {"type": "string", "enum": ["succeeded", "failed"]}),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": RUNS_PAGE_MAX}),
+        _query("cursor", _CURSOR)],
+    "list_reconciliation_exceptions": [
+        _query("status", {"type": "string", "enum": ["open", "resolved"]}),
+        _query("provider", _PROVIDER),
+        _query("kind", {"type": "string", "pattern": "^[a-z_]{1,40}$"}), _query("date", _DAY),
+        _query("run_id", {"type": "integer", "minimum": 1, "maximum": ID_MAX}),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": EXCEPTIONS_PAGE_MAX}),
+        _query("cursor", _CURSOR)],
+}
 
 
 def _list_parameters(kind: str) -> list[dict[str, Any]]:

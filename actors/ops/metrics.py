@@ -40,6 +40,11 @@ __all__ = [
     "PROVIDER_CALLS",
     "PROVIDER_CALL_SECONDS",
     "PROVIDER_RETRIES",
+    "RECONCILIATION_LAG_SECONDS",
+    "RECONCILIATION_OPEN_EXCEPTIONS",
+    "RECONCILIATION_OPEN_EXCEPTION_AMOUNT",
+    "RECONCILIATION_RUNS",
+    "RECONCILIATION_RUN_SECONDS",
     "SHARD_CALLS_IN_FLIGHT",
     "SHARD_QUEUE_ITEMS",
     "TRANSFERS",
@@ -73,6 +78,29 @@ PAYMENT_STEPS_IN_REVIEW = Gauge(
     "Payment and payout steps set aside for an operator: unfinished past review_after_s, "
     "no longer rechecked (docs/runbooks/requires-review.md).",
     multiprocess_mode="livemax")
+# Settlement reconciliation (actors/payments/reconciliation.py, docs/reconciliation.md).
+RECONCILIATION_LAG_SECONDS = Gauge(
+    "txproc_reconciliation_lag_seconds",
+    "Per provider: how long the oldest settled day not yet reconciled has been over (0 when "
+    "every day up to yesterday has a succeeded run).",
+    ["provider"], multiprocess_mode="livemax")
+RECONCILIATION_OPEN_EXCEPTIONS = Gauge(
+    "txproc_reconciliation_open_exceptions",
+    "Reconciliation exceptions not resolved, by provider and kind.",
+    ["provider", "kind"], multiprocess_mode="livemax")
+RECONCILIATION_OPEN_EXCEPTION_AMOUNT = Gauge(
+    "txproc_reconciliation_open_exception_amount",
+    "Minor units at stake in open reconciliation exceptions, by provider, kind and currency.",
+    ["provider", "kind", "currency"], multiprocess_mode="livemax")
+RECONCILIATION_RUN_SECONDS = Histogram(
+    "txproc_reconciliation_run_seconds",
+    "How long a reconciliation run took (fetching the report, matching, posting fees, "
+    "storing), by provider and status.",
+    ["provider", "status"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+RECONCILIATION_RUNS = Counter(
+    "txproc_reconciliation_runs_total",
+    "Reconciliation runs, by provider and status (succeeded, failed).",
+    ["provider", "status"])
 PAYMENT_OPERATIONS = Counter(
     "txproc_payment_operations_total",
     "Payment saga steps that reached a final phase, by kind and result.",

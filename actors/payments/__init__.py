@@ -12,6 +12,9 @@ Public interface:
   ``WebhookAnswer``, ``api_error_of``, ``require_key``, ``ORIGIN_HEADER`` (the audit
   record a request forwards);
 * ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``);
+* settlement reconciliation's API messages (``RunRequest``, ``RunView``, ``RunsPage``,
+  ``ExceptionView``, ``ExceptionsPage``, ``ResolveRequest``) for the edge's document, and
+  ``cli_principal`` (who a command-line request is recorded as);
 * ``webhook_endpoints``: tenants' webhook endpoints (the API's and ``txproc webhooks``),
   with ``EndpointsPage`` and ``ENDPOINTS_PAGE_MAX`` for the edge's document.
 """
@@ -34,24 +37,44 @@ from actors.payments.endpoints import (
     require_key,
 )
 from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
+from actors.payments.reconciliation import (
+    EXCEPTIONS_PAGE_MAX,
+    RUNS_PAGE_MAX,
+    ExceptionsPage,
+    ExceptionView,
+    ResolveRequest,
+    RunRequest,
+    RunsPage,
+    RunView,
+    cli_principal,
+)
 from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
 
 __all__ = [
     "ENDPOINTS_PAGE_MAX",
     "EVENTS_PAGE_MAX",
     "EVENT_TYPE_PATTERN",
+    "EXCEPTIONS_PAGE_MAX",
     "OPERATION_SCOPES",
     "ORIGIN_HEADER",
     "PAYMENTS_ACTOR_NAME",
     "PAYMENT_ERROR_STATUS",
+    "RUNS_PAGE_MAX",
     "EndpointsPage",
     "EventsPage",
+    "ExceptionView",
+    "ExceptionsPage",
     "PaymentFailure",
     "PaymentsActor",
     "PaymentsApiError",
     "ProviderConfig",
+    "ResolveRequest",
+    "RunRequest",
+    "RunView",
+    "RunsPage",
     "WebhookAnswer",
     "api_error_of",
+    "cli_principal",
     "make_payments",
     "make_provider",
     "outbox",

@@ -39,6 +39,7 @@ from actors.payments import outbox
 from actors.payments.endpoints import Idempotent, Payments, PaymentsEndpoint
 from actors.payments.engine import PaymentsEngine
 from actors.payments.provider import ProviderConfig, ProviderLink
+from actors.payments.reconciliation import Reconciler, RunView
 from actors.payments.store import PaymentStore
 from actors.priority import lower_priority
 from actors.risk import RISK_ACTOR_NAME, RiskLink
@@ -214,6 +215,10 @@ class PaymentsActor:
                                      for name, a in adapters.items()},
                 risk=risk, risk_config=cfg.risk, config=cfg.rules)
             await engine.open_clearing_accounts()
+            reconciler = Reconciler(
+                pool=store.pool, ledger=ledger, adapters=adapters,
+                base_urls={p.name: p.base_url for p in self._providers}, config=cfg.rules)
+            await reconciler.open_fee_accounts()
             idempotent = Idempotent(engine, clock_s=time.time,
                                     retention_s=cfg.idempotency_retention_s,
                                     claim_ttl_s=cfg.rules.claim_ttl_s)
@@ -229,7 +234,8 @@ class PaymentsActor:
         self._links = links
         self._ledger = ledger
         self._endpoint = PaymentsEndpoint(
-            Payments(engine=engine, idempotent=idempotent, adapters=adapters),
+            Payments(engine=engine, idempotent=idempotent, adapters=adapters,
+                     reconciler=reconciler),
             clock_s=time.time)
         self._channel = channel
         loop = asyncio.get_running_loop()
@@ -237,6 +243,9 @@ class PaymentsActor:
         relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
                                    limits=outbox.RelayLimits())
         self._tasks.append(loop.create_task(relay.run(self._stopping)))
+        if cfg.recon_every_s > 0:
+            self._tasks.append(loop.create_task(
+                reconciler.run_schedule(cfg.recon_every_s, self._stopping)))
         self._address = address
         log.info("payments serving over %s on %s:%d", ", ".join(sorted(adapters)), *address)
         return address
@@ -275,6 +284,14 @@ class PaymentsActor:
         await self.start()
         assert self._endpoint is not None  # noqa: S101 - narrows the type; start() sets it or raises
         return await self._endpoint.payments.engine.recover_once()
+
+    async def reconcile(self, provider: str, date: str, requested_by: str = "drill") -> RunView:
+        """Run one reconciliation now (tests and drills; the API's route does the same)."""
+        await self.start()
+        assert self._endpoint is not None  # noqa: S101 - narrows the type; start() sets it or raises
+        reconciler = self._endpoint.payments.reconciler
+        assert reconciler is not None  # noqa: S101 - start() always makes one
+        return await reconciler.run(provider, date, requested_by=requested_by)
 
     async def stop(self) -> None:
         self._stopping.set()

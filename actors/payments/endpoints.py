@@ -29,6 +29,13 @@ from actors.payments.engine import (
     payout_view,
     refund_view,
 )
+from actors.payments.reconciliation import (
+    RECONCILIATION_ERROR_STATUS,
+    RECONCILIATION_OPERATIONS,
+    Reconciler,
+    ReconciliationRefused,
+    serve_operation,
+)
 from actors.payments.store import DATABASE_UNREACHABLE, KeyHold
 from actors.payments.webhook_endpoints import (
     ENDPOINT_OPERATIONS,
@@ -150,6 +157,8 @@ PAYMENT_ERROR_STATUS: dict[str, int] = {
     "dispute_not_open": 422,
     "evidence_deadline_passed": 422,
     "evidence_not_accepted": 422,
+    # Settlement reconciliation (actors/payments/reconciliation.py).
+    **RECONCILIATION_ERROR_STATUS,
 }
 
 
@@ -531,6 +540,7 @@ OPERATION_SCOPES: dict[str, str] = {
     "get_webhook_endpoint": "webhooks:read", "delete_webhook_endpoint": "webhooks:write",
     "get_dispute": "payments:read", "list_disputes": "payments:read",
     "submit_evidence": "disputes:write",
+    **RECONCILIATION_OPERATIONS,
 }
 # The list operations, by the kind of object they list (processor.payments.LIST_KINDS).
 LIST_OPERATIONS = {"list_payments": "payments", "list_payouts": "payouts",
@@ -570,6 +580,8 @@ class Payments:
     engine: PaymentsEngine
     idempotent: Idempotent
     adapters: dict[str, Adapter]
+    # Settlement reconciliation (None where it does not run: its routes answer so).
+    reconciler: Reconciler | None = None
 
 
 def _decode(operation: str, body: bytes) -> Any:
@@ -617,6 +629,11 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
         return 200, await _events_page(engine, principal, body), {}
     if operation in LIST_OPERATIONS:
         return 200, await _list_page(engine, principal, LIST_OPERATIONS[operation], body), {}
+    if operation in RECONCILIATION_OPERATIONS:
+        status, reconciled = await serve_operation(
+            payments.reconciler, principal=principal, operation=operation,
+            subject_id=subject_id, body=body)
+        return status, reconciled, {}
     if operation in ENDPOINT_OPERATIONS:
         return await _endpoint_operation(payments, principal=principal, operation=operation,
                                          key=key, subject_id=subject_id, body=body,
@@ -746,7 +763,7 @@ class PaymentsEndpoint:
             return _refusal(api_error_of(exc))
         except PaymentsApiError as exc:
             return _refusal(exc)
-        except (ListError, EndpointRefused) as exc:
+        except (ListError, EndpointRefused, ReconciliationRefused) as exc:
             return _refusal(PaymentsApiError(exc.code, str(exc)))
         except DATABASE_UNREACHABLE as exc:
             raise _database_away(exc) from exc

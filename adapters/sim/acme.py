@@ -13,7 +13,8 @@ Run it with ``python -m adapters.sim.acme --port 0 --secrets-file PATH``. Its wi
   with ``Retry-After`` (answered before anything happens), 500 ``api_error`` (acme does not
   say whether anything happened).
 - Webhooks carry ``Acme-Signature: t=<unix s>,v1=<hex HMAC-SHA256 of "<t>." + body>``.
-- The settlement report is CSV with decimal major units.
+- The settlement report (``GET /v1/settlements/{date}``, with the API key) is CSV with
+  decimal major units: transactions, fees on their own, and a payout batch per currency.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _ok(payload: Any) -> Response:
 class AcmeSim(SimProvider):
     name = "acme"
     dispute_prefix = "dp_"
+    batch_prefix = "batch_"
 
     def make_book(self) -> Book:
         return Book(currencies=CURRENCIES, fees=FEES, id_prefixes=ID_PREFIXES,
@@ -469,17 +471,24 @@ class AcmeSim(SimProvider):
         return Response(self.report(on), 200, media_type="text/csv")
 
     def report(self, date: str) -> bytes:
+        """CSV: a row per transaction (``capture``, ``refund``, ``payout``) and per fee on
+        its own (``fee``), then a ``payout_batch`` row per currency: the day's net."""
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\r\n")
         writer.writerow(REPORT_COLUMNS)
-        for op in self.book.settled_on(date):
-            sign = 1 if op.operation in (Operation.CAPTURE, Operation.AUTHORIZE) else -1
-            gross = sign * op.amount
-            kind = "capture" if sign == 1 else op.operation.value
-            writer.writerow([date, kind, op.id, op.authorization_id, op.idempotency_key,
-                             op.reference, op.currency, minor_to_text(gross, op.currency),
-                             minor_to_text(op.fee, op.currency),
-                             minor_to_text(gross - op.fee, op.currency)])
+        entries = self.report_entries(date)
+        for entry in entries:
+            gross = entry.signed_gross
+            writer.writerow([entry.settlement_date, entry.kind, entry.op_id,
+                             entry.authorization_id, entry.idempotency_key, entry.reference,
+                             entry.currency, minor_to_text(gross, entry.currency),
+                             minor_to_text(entry.fee, entry.currency),
+                             minor_to_text(gross - entry.fee, entry.currency)])
+        for batch in self.report_batches(entries, date):
+            writer.writerow([date, "payout_batch", batch.batch_id, "", "", str(batch.entries),
+                             batch.currency, minor_to_text(batch.net, batch.currency),
+                             minor_to_text(0, batch.currency),
+                             minor_to_text(batch.net, batch.currency)])
         return out.getvalue().encode()
 
     def report_file_name(self, date: str) -> str:

@@ -634,10 +634,14 @@ class Book:
 
     def settled_on(self, date: str) -> list[Op]:
         """Operations that moved money and settled on ``date`` (UTC), oldest first."""
-        return [op for op in self._ops.values()
-                if op.settled_on == date and op.state in ("settled", "authorized")
-                and (op.operation in (Operation.CAPTURE, Operation.REFUND, Operation.PAYOUT)
-                     or op.captured_at_authorization)]
+        return [op for op in self._ops.values() if op.settled_on == date and self.reportable(op)]
+
+    @staticmethod
+    def reportable(op: Op) -> bool:
+        """Whether ``op`` moved money and settled: a line of a settlement report."""
+        return bool(op.settled_on) and op.state in ("settled", "authorized") and (
+            op.operation in (Operation.CAPTURE, Operation.REFUND, Operation.PAYOUT)
+            or op.captured_at_authorization)
 
     def _start_settlement(self, op: Op, settle_now: bool) -> None:
         op.state = "pending"

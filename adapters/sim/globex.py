@@ -18,7 +18,8 @@ Run it with ``python -m adapters.sim.globex --port 0 --secrets-file PATH``. Its 
   ``throttled`` with ``Globex-Retry-After-Ms``; 500 ``internal_error`` with ``committed``.
 - Webhooks carry ``X-Globex-Webhook-Timestamp`` (Unix milliseconds) and
   ``X-Globex-Webhook-Signature: hmac-sha256=<base64 HMAC-SHA256 of "<ms>\\n" + body>``.
-- The settlement report is JSON lines: ``ENTRY`` records and a ``TRAILER`` with the count.
+- The settlement report (``GET /reports/settlement?date=``, signed) is JSON lines: ``ENTRY``
+  records (transactions and fees), ``PAYOUT_BATCH`` records and a ``TRAILER`` with the count.
 """
 
 from __future__ import annotations
@@ -211,6 +212,7 @@ def _minor(money: _Money) -> int:
 class GlobexSim(SimProvider):
     name = "globex"
     dispute_prefix = "gx_cb_"
+    batch_prefix = "gx_batch_"
 
     def make_book(self) -> Book:
         return Book(currencies=CURRENCIES, fees=FEES, id_prefixes=ID_PREFIXES,
@@ -529,18 +531,28 @@ class GlobexSim(SimProvider):
         return Response(self.report(on), 200, media_type="application/x-ndjson")
 
     def report(self, date: str) -> bytes:
+        """JSON lines: an ``ENTRY`` per transaction and per fee on its own (``FEE``), a
+        ``PAYOUT_BATCH`` per currency (the day's net), and a ``TRAILER`` counting entries."""
         lines = []
-        for op in self.book.settled_on(date):
-            entry = "CAPTURE" if op.operation is Operation.AUTHORIZE else TYPE_WORDS[op.operation]
+        entries = self.report_entries(date)
+        for entry in entries:
+            kind = "FEE" if entry.kind == "fee" else entry.kind.upper()
             lines.append(_json({
-                "recordType": "ENTRY", "settlementDate": date, "entryType": entry,
-                "operationId": op.id, "paymentId": op.authorization_id,
-                "idempotencyKey": op.idempotency_key, "merchantReference": op.reference,
-                "direction": "CREDIT" if entry == "CAPTURE" else "DEBIT",
-                "gross": _money(op.amount, op.currency), "fee": _money(op.fee, op.currency),
+                "recordType": "ENTRY", "settlementDate": entry.settlement_date,
+                "entryType": kind, "operationId": entry.op_id,
+                "paymentId": entry.authorization_id, "idempotencyKey": entry.idempotency_key,
+                "merchantReference": entry.reference,
+                "direction": "CREDIT" if kind == "CAPTURE" else "DEBIT",
+                "gross": _money(entry.amount, entry.currency),
+                "fee": _money(entry.fee, entry.currency),
             }))
+        for batch in self.report_batches(entries, date):
+            lines.append(_json({
+                "recordType": "PAYOUT_BATCH", "settlementDate": date, "batchId": batch.batch_id,
+                "direction": "CREDIT" if batch.net >= 0 else "DEBIT",
+                "net": _money(abs(batch.net), batch.currency), "entryCount": batch.entries}))
         lines.append(_json({"recordType": "TRAILER", "settlementDate": date,
-                            "entryCount": len(lines)}))
+                            "entryCount": len(entries)}))
         return b"\n".join(lines) + b"\n"
 
     def report_file_name(self, date: str) -> str:

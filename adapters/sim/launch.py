@@ -128,6 +128,13 @@ class SimProcess:
         result: dict[str, Any] = await self._admin("PUT", "/_sim/faults", faults)
         return result
 
+    async def add_discrepancies(self, *items: dict[str, Any]) -> dict[str, Any]:
+        """Make the next settlement reports carry these discrepancies (see
+        ``adapters.sim.settlement.Discrepancy``); answers what waits and what is bound."""
+        result: dict[str, Any] = await self._admin("POST", "/_sim/reports/discrepancies",
+                                                   {"discrepancies": list(items)})
+        return result
+
     async def faults(self) -> dict[str, Any]:
         result: dict[str, Any] = await self._admin("GET", "/_sim/faults")
         return result

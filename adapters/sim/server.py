@@ -61,6 +61,7 @@ from adapters.sim.core import (
     load_secrets,
 )
 from adapters.sim.faults import FAULTS_DECODER, FaultModel, Faults
+from adapters.sim.settlement import DISCREPANCIES_DECODER, Batch, Discrepancies, Entry, batches_of
 from adapters.sim.webhooks import WebhookDispatcher
 from processor.client import client_tls_context
 from processor.types import AMOUNT_MAX
@@ -155,6 +156,7 @@ class SimProvider(abc.ABC):
             clock_s=clock_s, attempts_max=options.webhook_attempts_max,
             backoff_s=options.webhook_backoff_s, tls=_webhook_tls(options))
         self.reports = ReportWriter(options.report_dir, self.report, self.report_file_name)
+        self.discrepancies = Discrepancies(currencies=self.book.currencies, clock_s=clock_s)
         self.counts = _Counts()
         self._settlements: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
@@ -207,7 +209,19 @@ class SimProvider(abc.ABC):
 
     @abc.abstractmethod
     def report(self, date: str) -> bytes:
-        """The settlement report of ``date`` in the provider's format."""
+        """The settlement report of ``date`` in the provider's format (``report_entries``
+        and ``report_batches`` say what it holds)."""
+
+    # The prefix of this provider's payout batch ids.
+    batch_prefix = "batch_"
+
+    def report_entries(self, date: str) -> list[Entry]:
+        """The lines of the report of ``date``, discrepancies applied (adapters/sim/
+        settlement.py)."""
+        return self.discrepancies.entries(self.book, date)
+
+    def report_batches(self, entries: list[Entry], date: str) -> list[Batch]:
+        return batches_of(entries, date, self.batch_prefix)
 
     @abc.abstractmethod
     def report_file_name(self, date: str) -> str: ...
@@ -303,6 +317,9 @@ class SimProvider(abc.ABC):
         if event is not None:
             self.webhooks.emit(*event)
         self.reports.touch(op.settled_on)
+        if self.book.reportable(op):
+            for date in self.discrepancies.on_settled(op):
+                self.reports.touch(date)
 
     def _settle_later(self, op_id: str) -> None:
         if len(self._settlements) >= SETTLEMENTS_PENDING_MAX:
@@ -356,6 +373,8 @@ class SimProvider(abc.ABC):
             Route("/_sim/disputes", self._disputes, methods=["GET"]),
             Route("/_sim/disputes/{dispute_id}/decision", self._decide_dispute,
                   methods=["POST"]),
+            Route("/_sim/reports/discrepancies", self._add_discrepancies, methods=["POST"]),
+            Route("/_sim/reports/discrepancies", self._get_discrepancies, methods=["GET"]),
         ]
 
     def _admin_denied(self, request: Request) -> Response | None:
@@ -404,8 +423,27 @@ class SimProvider(abc.ABC):
         self.faults.configure(Faults(seed=self.options.seed))
         self.faults.counts = type(self.faults.counts)()
         self.webhooks.reset()
+        self.discrepancies.clear()
         self.counts = _Counts()
         return _json(200, {"reset": True})
+
+    async def _add_discrepancies(self, request: Request) -> Response:
+        """Make the next reports carry discrepancies: ``{"discrepancies": [{"kind", ...}]}``
+        (adapters/sim/settlement.py, docs/providers.md)."""
+        denied = self._admin_denied(request)
+        if denied is not None:
+            return denied
+        try:
+            items = DISCREPANCIES_DECODER.decode(await request.body()).discrepancies
+            touched = self.discrepancies.add(items, self.book)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            return _json(400, {"error": "discrepancies_invalid", "detail": str(exc)[:200]})
+        for date in touched:
+            self.reports.touch(date)
+        return _json(200, self.discrepancies.snapshot())
+
+    async def _get_discrepancies(self, request: Request) -> Response:
+        return self._admin_denied(request) or _json(200, self.discrepancies.snapshot())
 
     async def _open_dispute(self, request: Request) -> Response:
         """Open a dispute on a charge, as the payer's bank would, and send its webhook:

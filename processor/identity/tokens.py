@@ -58,6 +58,8 @@ SCOPES = (
     "accounts:read", "accounts:write", "transfers:read", "transfers:write",
     "payments:read", "payments:write", "payouts:write", "events:read",
     "webhooks:read", "webhooks:write", "disputes:write", "audit:read",
+    # Settlement reconciliation: operators' scopes (every provider's report, all tenants).
+    "reconciliation:read", "reconciliation:write",
 )
 # Known, but granted only when asked for by name: ids in the processor's own range
 # (processor/reserved.py); the payments actor's token holds it.

@@ -18,7 +18,10 @@ __all__ = [
     "Outcome",
     "ProviderReply",
     "ProviderRequest",
+    "SettlementFee",
     "SettlementLine",
+    "SettlementPayoutBatch",
+    "SettlementReport",
     "WebhookEvent",
 ]
 
@@ -162,3 +165,36 @@ class SettlementLine(msgspec.Struct, frozen=True, kw_only=True):
     currency: str
     fee: int  # minor units the provider kept
     settled_on: str  # ISO date
+    # The provider's own id of the operation (its capture, refund or payout), when the
+    # report names it; ``provider_ref`` is what our calls know it by (for a capture, the
+    # authorization), shared by several partial captures.
+    line_ref: str = ""
+
+
+class SettlementFee(msgspec.Struct, frozen=True, kw_only=True):
+    """A fee the provider charged on its own, tied to no transaction of ours (an account
+    fee, a correction): a report that carries one is saying we owe it this."""
+
+    fee_ref: str
+    amount: int  # minor units, positive
+    currency: str
+    settled_on: str  # ISO date
+
+
+class SettlementPayoutBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """What the provider transferred to (or took from) our bank account for one currency of
+    the day: the net of its transactions and fees."""
+
+    batch_ref: str
+    currency: str
+    net: int  # signed minor units: positive, the provider paid us; negative, we owe it
+    entries: int  # how many transactions and fees it sums
+    settled_on: str  # ISO date
+
+
+class SettlementReport(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider's whole daily report, normalised: transactions, fees and payout batches."""
+
+    lines: list[SettlementLine]
+    fees: list[SettlementFee] = []
+    batches: list[SettlementPayoutBatch] = []

@@ -87,9 +87,16 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "tenant_accounts": EVERY_ROW_CHANGE,
     # Disputes (0022) change status but are never deleted.
     "disputes": CHANGE,
+    # Reconciliation (0023): history, append-only by privilege and by trigger.
+    "reconciliation_runs": APPEND,
+    "reconciliation_exceptions": APPEND,
+    "reconciliation_resolutions": APPEND,
+    "reconciliation_matches": APPEND,
+    "reconciliation_fees": APPEND,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
-SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids"}
+SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",
+                  "reconciliation_exceptions_id_seq"}
 
 ACCOUNT_SQL = (
     "INSERT INTO accounts (id, currency, flags, code, user_data, timestamp, partition, tenant)"

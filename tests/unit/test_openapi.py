@@ -37,10 +37,12 @@ PAYMENTS_DOC = pathlib.Path(__file__).parents[2] / "docs" / "payments.md"
 # Payments operations need providers and a database; their documented statuses are produced
 # over the real stack by tests/e2e/test_payments_e2e.py (events: tests/e2e/test_events.py;
 # lists and webhook endpoints: tests/e2e/test_payment_lists.py, test_webhook_endpoints.py;
-# disputes: tests/e2e/test_disputes_e2e.py). Audit events need the database as well:
+# disputes: tests/e2e/test_disputes_e2e.py; reconciliation:
+# tests/e2e/test_reconciliation_e2e.py). Audit events need the database as well:
 # tests/e2e/test_audit_events.py.
 PAYMENTS_PATHS = ("/v1/payments", "/v1/payouts", "/v1/providers", "/v1/events", "/v1/refunds",
-                  "/v1/webhook_endpoints", "/v1/disputes", "/v1/audit-events")
+                  "/v1/webhook_endpoints", "/v1/disputes", "/v1/reconciliation",
+                  "/v1/audit-events")
 DOCUMENT = http_api.OPENAPI
 NO_SCOPES = bearer(token([]))
 
