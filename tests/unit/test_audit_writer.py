@@ -57,3 +57,40 @@ def test_request_ids_are_kept_only_when_printable_ascii(header: str | None, kept
     value = request_id_of(header)
     assert (value == header) is kept
     assert value.isascii() and value.isprintable() and 0 < len(value) <= 128
+
+
+async def test_records_arriving_while_one_insert_runs_share_the_next() -> None:
+    """One INSERT in flight at a time: records arriving while it runs are written together
+    by the next one, whatever the number of event-loop passes they came in."""
+    release = asyncio.Event()
+
+    class _SlowPool(_Pool):
+        async def execute(self, sql: str, *args: Any) -> str:
+            self.calls.append(args)
+            if len(self.calls) == 1:
+                await release.wait()
+            return "INSERT"
+
+    pool = _SlowPool()
+    writer = AuditWriter(pool, clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    first = asyncio.ensure_future(writer.record(CLAIMS, "r0", "create_transfers", 1))
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    later = []
+    for i in range(4):  # four passes of the loop while the first INSERT waits
+        later.append(asyncio.ensure_future(writer.record(CLAIMS, f"r{i + 1}", "op", 1)))
+        await asyncio.sleep(0)
+    assert len(pool.calls) == 1
+    release.set()
+    await asyncio.gather(first, *later)
+    assert len(pool.calls) == 2 and pool.calls[1][5] == ["r1", "r2", "r3", "r4"]
+
+
+async def test_a_failed_insert_refuses_only_its_own_records() -> None:
+    """A record arriving after a failed INSERT is written by the next one."""
+    pool = _Pool(fail=True)
+    writer = AuditWriter(pool, clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await writer.record(CLAIMS, "r", "create_accounts", 1)
+    pool.fail = False
+    assert await writer.record(CLAIMS, "r2", "create_accounts", 1) > 0
