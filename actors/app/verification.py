@@ -1,0 +1,56 @@
+"""What ``txproc verify`` checks, in one list: ``ALL_CHECKS``.
+
+``verify`` (actors/ledger/verify.py) runs a list of checks over one snapshot of the
+database; each domain brings its own, and this module, in the composition root, puts them
+together so that the command and the demo run the same list (docs/design.md §15):
+
+* the ledger's (``LEDGER_CHECKS``): balances re-derived, holds, every chain link and anchor;
+* the audit log's (``check_audit_log``): every event's digest and id in sequence
+  (processor.audit.check_audit_chain);
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.ledger import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
+from processor.audit import AUDIT_EVENTS_TABLE, GENESIS_DIGEST, check_audit_chain, record_of_row
+
+__all__ = ["ALL_CHECKS", "check_audit_log", "verify_all"]
+
+# Every column of an audit event, in id order: the chain is checked in the order written.
+_AUDIT_EVENTS_SQL = f"""
+SELECT id, at, actor_kind, actor_tenant, actor_subject, actor_token_id, tenant_slot, action,
+       target_kind, target_id, details::text AS details, request_id, digest
+FROM {AUDIT_EVENTS_TABLE} ORDER BY id
+"""  # noqa: S608 - built from a constant
+_AUDIT_COLUMNS = ("id", "at", "actor_kind", "actor_tenant", "actor_subject", "actor_token_id",
+                  "tenant_slot", "action", "target_kind", "target_id", "details",
+                  "request_id", "digest")
+
+
+async def check_audit_log(ctx: VerifyContext) -> None:
+    """The audit events' chain: streamed in id order, a chunk at a time, each chunk
+    checked from the last digest of the one before."""
+    previous, next_id = GENESIS_DIGEST, 1
+    async for c in ctx.chunks(_AUDIT_EVENTS_SQL):
+        records = [record_of_row(dict(zip(_AUDIT_COLUMNS, row, strict=True)))
+                   for row in zip(*c, strict=True)]
+        for problem in check_audit_chain(records, previous_digest=previous, first_id=next_id):
+            _add(ctx, problem)
+        ctx.report.count("audit_events", len(records))
+        last = records[-1]
+        previous, next_id = last.digest, last.event.id + 1
+
+
+def _add(ctx: VerifyContext, problem: Any) -> None:
+    ctx.report.add(problem["table"], problem["id"], problem["kind"], problem["expected"],
+                   problem["found"])
+
+
+ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log)
+
+
+async def verify_all(url: str, **options: Any) -> VerifyResult:
+    """``verify`` with every check (``ALL_CHECKS``); ``options`` as ``verify`` takes them."""
+    return await verify(url, ALL_CHECKS, **options)
