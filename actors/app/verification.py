@@ -7,6 +7,9 @@ together so that the command and the demo run the same list (docs/design.md §15
 * the ledger's (``LEDGER_CHECKS``): balances re-derived, holds, every chain link and anchor;
 * the audit log's (``check_audit_log``): every event's digest and id in sequence
   (processor.audit.check_audit_chain);
+* the reconciliation records' (``check_reconciliation``): every fee posting, match and
+  exception names a transfer, payment step, payment or payout that is there, as it was
+  (actors/payments/reconciliation_check.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from __future__ import annotations
 from typing import Any
 
 from actors.ledger import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
+from actors.payments import check_reconciliation_records
 from processor.audit import AUDIT_EVENTS_TABLE, GENESIS_DIGEST, check_audit_chain, record_of_row
 
-__all__ = ["ALL_CHECKS", "check_audit_log", "verify_all"]
+__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all"]
 
 # Every column of an audit event, in id order: the chain is checked in the order written.
 _AUDIT_EVENTS_SQL = f"""
@@ -48,7 +52,12 @@ def _add(ctx: VerifyContext, problem: Any) -> None:
                    problem["found"])
 
 
-ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log)
+async def check_reconciliation(ctx: VerifyContext) -> None:
+    """The reconciliation records' links, checked in the database (anti-joins)."""
+    ctx.rows_read += await check_reconciliation_records(ctx.conn, ctx.report)
+
+
+ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log, check_reconciliation)
 
 
 async def verify_all(url: str, **options: Any) -> VerifyResult:

@@ -14,7 +14,7 @@ import pytest
 from actors.app.verification import ALL_CHECKS, verify_all
 from actors.ledger import LedgerStore
 from actors.ops.audit_events import operator_actor, record_audit_event
-from tests.db.test_verify import build_ledger
+from tests.db.test_verify import Ledger, build_ledger
 
 pytestmark = pytest.mark.asyncio
 
@@ -54,6 +54,50 @@ async def _superuser(url: str, *statements: str) -> None:
         await conn.close()
 
 
+PAYMENT = "pay_" + "0" * 23 + "1"
+
+
+async def _reconciliation(url: str, ledger: Ledger) -> None:
+    """Reconciliation records as a run writes them, over the ledger of ``build_ledger``: a
+    capture step that posted transfer 10 (500 EUR) and a refund step that posted 12 (40
+    EUR), both matched; a fee posted as transfer 41 (b -> a, 41 EUR); an exception about
+    the capture, its payment and its transfer."""
+    a, b = ledger.accounts[:2]
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO payments (id, merchant_account_id, amount, currency, "
+                "payment_method, status, provider, captured_amount, principal) "
+                "VALUES ($1, $2, 500, 'EUR', 'pm_test', 'captured', 'acme', 500, '1/t')",
+                PAYMENT, a)
+            await conn.executemany(
+                "INSERT INTO payment_steps (id, subject_id, kind, phase, amount, currency,"
+                " provider, provider_key, transfer_id, merchant_account_id, due_at)"
+                " VALUES ($1, $2, $3, 'succeeded', $4, 'EUR', 'acme', $5, $6, $7, now())",
+                [(1, PAYMENT, "capture", 500, "k1", 10, a),
+                 (2, PAYMENT, "refund", 40, "k2", 11, a)])
+            run = await conn.fetchval(
+                "INSERT INTO reconciliation_runs (provider, settled_on, attempt, status,"
+                " requested_by, started_at, finished_at) VALUES ('acme', current_date, 1,"
+                " 'succeeded', 'test', now(), now()) RETURNING id")
+            await conn.executemany(
+                "INSERT INTO reconciliation_matches (provider, record_key, step_id, settled_on,"
+                " run_id) VALUES ('acme', $1, $2, current_date, $3)",
+                [("1", 1, run), ("2", 2, run)])
+            await conn.execute(
+                "INSERT INTO reconciliation_fees (transfer_id, provider, settled_on, record_key,"
+                " debit_account_id, credit_account_id, amount, currency, run_id)"
+                " VALUES (41, 'acme', current_date, '1', $1, $2, 41, 'EUR', $3)", b, a, run)
+            await conn.execute(
+                "INSERT INTO reconciliation_exceptions (provider, settled_on, kind, key, amount,"
+                " currency, step_id, subject_id, transfer_id, run_id) VALUES ('acme',"
+                " current_date, 'missing', 'missing:1', 500, 'EUR', 1, $1, 10, $2)",
+                PAYMENT, run)
+    finally:
+        await conn.close()
+
+
 def _named(problems: list[object]) -> list[tuple[str, str, str]]:
     return [(p.table, p.id, p.kind) for p in problems]  # type: ignore[attr-defined]
 
@@ -61,13 +105,17 @@ def _named(problems: list[object]) -> list[tuple[str, str, str]]:
 async def test_an_untouched_deployment_passes_every_check(db_url: str) -> None:
     """A ledger, audit events before and after an anchor: every check passes, and the
     audit events are counted as checked."""
-    await build_ledger(db_url)
+    ledger = await build_ledger(db_url)
+    await _reconciliation(db_url, ledger)
     await _events(db_url, 5)
     await _anchor(db_url)
     await _events(db_url, 2, first=5)
     result = await verify_all(db_url, chunk_rows=2)
     assert result.report.problems == []
-    assert result.report.checked["audit_events"] == 7
+    checked = result.report.checked
+    assert checked["audit_events"] == 7
+    assert (checked["reconciliation_fees"], checked["reconciliation_matches"],
+            checked["reconciliation_exceptions"]) == (1, 2, 1)
     assert len(ALL_CHECKS) >= 2
 
 
@@ -80,3 +128,45 @@ async def test_an_edited_audit_event_is_named(db_url: str) -> None:
     report = (await verify_all(db_url)).report
     assert not report.ok
     assert _named(report.problems) == [("audit_events", "2", "digest_mismatch")]
+
+
+RUN = "(SELECT max(id) FROM reconciliation_runs)"
+
+
+@pytest.mark.parametrize(("statements", "named"), [
+    # A fee naming a transfer the ledger never had.
+    ([f"INSERT INTO reconciliation_fees (transfer_id, provider, settled_on, record_key,"
+      f" debit_account_id, credit_account_id, amount, currency, run_id) SELECT 777, 'acme',"
+      f" current_date, '9', 1, 2, 5, 'EUR', {RUN}"],
+     {("reconciliation_fees", "777", "fee_transfer_missing")}),
+    # A fee whose transfer holds another amount.
+    ([f"INSERT INTO reconciliation_fees (transfer_id, provider, settled_on, record_key,"
+      f" debit_account_id, credit_account_id, amount, currency, run_id) SELECT 42, 'acme',"
+      f" current_date, '8', debit_account_id, credit_account_id, 43, 'EUR', {RUN}"
+      f" FROM transfers WHERE id = 42"],
+     {("reconciliation_fees", "42", "fee_transfer_differs")}),
+    # The transfer a matched refund posted, deleted (its chain link breaks too).
+    (["DELETE FROM transfers WHERE id = 12"],
+     {("reconciliation_matches", "acme/2", "match_transfer_missing")}),
+    # The matched capture's step removed: its match and its exception name it.
+    (["DELETE FROM payment_steps WHERE id = 1"],
+     {("reconciliation_matches", "acme/1", "match_step_missing"),
+      ("reconciliation_exceptions", "1", "exception_step_missing")}),
+    # An exception naming a transfer and a payment that are not there.
+    ([f"INSERT INTO reconciliation_exceptions (provider, settled_on, kind, key, amount,"
+      f" currency, subject_id, transfer_id, run_id) SELECT 'acme', current_date, 'missing',"
+      f" 'missing:x', 1, 'EUR', 'pay_{'f' * 24}', 888, {RUN}"],
+     {("reconciliation_exceptions", "2", "exception_subject_missing"),
+      ("reconciliation_exceptions", "2", "exception_transfer_missing")}),
+])
+async def test_a_reconciliation_record_naming_what_is_not_there_is_named(
+        db_url: str, statements: list[str], named: set[tuple[str, str, str]]) -> None:
+    """A reconciliation record whose transfer, payment step or payment is missing, or
+    whose transfer differs from what it recorded, is named by table, record and kind (and
+    only those records are)."""
+    ledger = await build_ledger(db_url)
+    await _reconciliation(db_url, ledger)
+    assert (await verify_all(db_url)).report.ok
+    await _superuser(db_url, *statements)
+    report = (await verify_all(db_url)).report
+    assert {p for p in _named(report.problems) if p[0].startswith("reconciliation")} == named
