@@ -781,8 +781,11 @@ def verify_summary(result: Any) -> str:
         "transfers", "accounts", "failed_transfers", "pending_resolutions", "links",
         "anchors", "audit_events", "reconciliation_records"))
     if "newest_anchor_age_s" in checked:
+        audit = ""
+        if "audit_events_after_newest_anchor" in checked:
+            audit = f" and {int(checked['audit_events_after_newest_anchor'])} audit events"
         anchor = (f"newest anchor {checked['newest_anchor_age_s']:.1f} s old, "
-                  f"{int(checked.get('links_after_newest_anchor', 0))} links after it "
+                  f"{int(checked.get('links_after_newest_anchor', 0))} links{audit} after it "
                   "(not vouched for by an anchor)")
     else:
         anchor = "no anchor yet: nothing vouches for the chains' tails"

@@ -14,6 +14,7 @@ import pytest
 from actors.app.verification import ALL_CHECKS, verify_all
 from actors.ledger import LedgerStore
 from actors.ops.audit_events import operator_actor, record_audit_event
+from processor.audit import chain_digest, record_of_row
 from tests.db.test_verify import Ledger, build_ledger
 
 pytestmark = pytest.mark.asyncio
@@ -128,6 +129,58 @@ async def test_an_edited_audit_event_is_named(db_url: str) -> None:
     report = (await verify_all(db_url)).report
     assert not report.ok
     assert _named(report.problems) == [("audit_events", "2", "digest_mismatch")]
+
+
+async def test_the_audit_logs_tail_removed_after_an_anchor_is_named(db_url: str) -> None:
+    """Deleting the audit log's last events leaves a chain that holds in itself, but
+    shorter than the newest anchor recorded: verify names the anchored event as missing."""
+    await build_ledger(db_url)
+    await _events(db_url, 5)
+    await _anchor(db_url)
+    assert (await verify_all(db_url)).report.ok
+    await _superuser(db_url, "DELETE FROM audit_events WHERE id > 3")
+    report = (await verify_all(db_url)).report
+    assert [(p.table, p.id, p.kind, p.found) for p in report.problems] == [
+        ("audit_events", "5", "anchored_event_missing", "last event 3")]
+
+
+async def test_an_audit_log_rewritten_to_its_end_is_found_by_the_anchor(db_url: str) -> None:
+    """An event edited with its digest recomputed, the last one so no later digest
+    breaks, passes the chain check; the anchor that recorded its digest names it."""
+    await build_ledger(db_url)
+    await _events(db_url, 3)
+    await _anchor(db_url)
+    conn = await asyncpg.connect(db_url, timeout=10)
+    try:
+        rows = await conn.fetch("SELECT *, details::text AS details FROM audit_events "
+                                "ORDER BY id")
+        edited = {**dict(rows[2]), "details": '{"n": 99}'}
+        digest = chain_digest(bytes(rows[1]["digest"]), record_of_row(edited).event)
+    finally:
+        await conn.close()
+    await _superuser(db_url, "UPDATE audit_events SET details = '{\"n\": 99}', "
+                             f"digest = '\\x{digest.hex()}' WHERE id = 3")
+    report = (await verify_all(db_url)).report
+    assert _named(report.problems) == [("audit_events", "3", "anchored_digest_mismatch")]
+    assert report.checked["audit_events"] == 3
+
+
+async def test_an_anchor_records_the_audit_logs_head(db_url: str) -> None:
+    """The anchor statement records the last event's id and digest with the shards'
+    heads (0 and zero bytes before any event)."""
+    await build_ledger(db_url)
+    empty = await _anchor(db_url)
+    await _events(db_url, 2)
+    second = await _anchor(db_url)
+    conn = await asyncpg.connect(db_url, timeout=10)
+    try:
+        heads = {r["id"]: (r["audit_id"], bytes(r["audit_digest"])) for r in await conn.fetch(
+            "SELECT id, audit_id, audit_digest FROM ledger_anchors")}
+        last = await conn.fetchrow("SELECT id, digest FROM audit_events WHERE id = 2")
+    finally:
+        await conn.close()
+    assert heads[empty] == (0, bytes(32))
+    assert heads[second] == (2, bytes(last["digest"]))
 
 
 RUN = "(SELECT max(id) FROM reconciliation_runs)"
