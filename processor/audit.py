@@ -85,7 +85,7 @@ ACTIONS = frozenset({
     "dlq.replayed",                       # txproc dlq replay
     "payment_step.review_resolved",       # txproc payments review retry
     "schema.migrated",                    # txproc migrate (when it applied something)
-    "reconciliation_exception.resolved",  # reserved for the reconciliation's resolutions
+    "reconciliation_exception.resolved",  # POST /v1/reconciliation/exceptions/{id}/resolve
 })
 ActorKind = Literal["token", "operator", "service"]
 _ACTOR_KINDS = ("token", "operator", "service")
