@@ -8,6 +8,11 @@ reconciliation record naming a transfer that is not there) is named by table, ro
 
 from __future__ import annotations
 
+import asyncio
+import json
+import subprocess
+import sys
+
 import asyncpg
 import pytest
 
@@ -129,6 +134,30 @@ async def test_an_edited_audit_event_is_named(db_url: str) -> None:
     report = (await verify_all(db_url)).report
     assert not report.ok
     assert _named(report.problems) == [("audit_events", "2", "digest_mismatch")]
+
+
+async def test_the_command_runs_every_check(db_url: str) -> None:
+    """``txproc verify --json`` runs ALL_CHECKS: it counts the audit events and the
+    reconciliation records, and exits 1 naming an edited audit event."""
+    ledger = await build_ledger(db_url)
+    await _reconciliation(db_url, ledger)
+    await _events(db_url, 3)
+
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "actors.app.cli", "verify", "--database-url", db_url,
+             "--json"], capture_output=True, text=True, timeout=120, check=False)
+
+    ok = await asyncio.to_thread(run)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    checked = json.loads(ok.stdout)["checked"]
+    assert (checked["audit_events"], checked["reconciliation_records"]) == (3, 4)
+    await _superuser(db_url, "UPDATE audit_events SET target_id = 'k9' WHERE id = 1")
+    broken = await asyncio.to_thread(run)
+    assert broken.returncode == 1
+    first = json.loads(broken.stdout)["problems"][0]
+    assert (first["table"], first["id"], first["kind"]) == (
+        "audit_events", "1", "digest_mismatch")
 
 
 async def test_the_audit_logs_tail_removed_after_an_anchor_is_named(db_url: str) -> None:
