@@ -23,6 +23,7 @@ from processor.audit import (
     AUDIT_EVENTS_TABLE,
     GENESIS_DIGEST,
     AuditHead,
+    ChainProblem,
     check_audit_anchors,
     check_audit_chain,
     record_of_row,
@@ -39,8 +40,6 @@ FROM {AUDIT_EVENTS_TABLE} ORDER BY id
 _AUDIT_COLUMNS = ("id", "at", "actor_kind", "actor_tenant", "actor_subject", "actor_token_id",
                   "tenant_slot", "action", "target_kind", "target_id", "details",
                   "request_id", "digest")
-
-
 # Each distinct audit head the anchors recorded, with the first anchor that recorded it
 # (anchors are written every few seconds; the audit log changes rarely), and the newest
 # anchor's head. Anchors from before migration 0026 recorded none.
@@ -60,6 +59,7 @@ async def check_audit_log(ctx: VerifyContext) -> None:
     anchored = {head.id for head in heads}
     stored: dict[int, bytes] = {}
     previous, next_id, last_id = GENESIS_DIGEST, 1, 0
+    ctx.report.count("audit_events", 0)  # counted when the log is empty too
     async for c in ctx.chunks(_AUDIT_EVENTS_SQL):
         records = [record_of_row(dict(zip(_AUDIT_COLUMNS, row, strict=True)))
                    for row in zip(*c, strict=True)]
@@ -79,7 +79,7 @@ async def check_audit_log(ctx: VerifyContext) -> None:
                      max(0, last_id - (newest if newest is not None else 0)))
 
 
-def _add(ctx: VerifyContext, problem: Any) -> None:
+def _add(ctx: VerifyContext, problem: ChainProblem) -> None:
     ctx.report.add(problem["table"], problem["id"], problem["kind"], problem["expected"],
                    problem["found"])
 
