@@ -11,11 +11,12 @@ encoding of the row)``, the first row's previous digest 32 zero bytes, and ids r
 3, ... without gaps (the writer takes the next id and the previous digest under one lock,
 actors/ops/audit_events.py). Editing a row breaks its digest; removing or inserting one
 breaks the id sequence and the next row's digest; rewriting the chain from some row to its
-end is only visible against a digest kept elsewhere (an anchor, docs/security.md).
+end is only visible against a digest kept elsewhere: every ledger anchor records the
+chain's head (migration 0026), and ``check_audit_anchors`` holds the table to it.
 
-This module is the pure part: the encoding, the digests, the chain check that
-``txproc verify`` runs (``check_audit_chain``), and the checks of the API's query. It does
-no I/O and reads no clock: the writer passes the time in.
+This module is the pure part: the encoding, the digests, the checks that ``txproc verify``
+runs (``check_audit_chain``, ``check_audit_anchors``), and the checks of the API's query.
+It does no I/O and reads no clock: the writer passes the time in.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ __all__ = [
     "AuditEventError",
     "AuditEventView",
     "AuditEventsPage",
+    "AuditHead",
     "AuditQuery",
     "AuditQueryError",
     "AuditRecord",
@@ -55,6 +57,7 @@ __all__ = [
     "audit_query_of",
     "canonical_event",
     "chain_digest",
+    "check_audit_anchors",
     "check_audit_chain",
     "decode_audit_cursor",
     "encode_audit_cursor",
@@ -82,7 +85,7 @@ ACTIONS = frozenset({
     "dlq.replayed",                       # txproc dlq replay
     "payment_step.review_resolved",       # txproc payments review retry
     "schema.migrated",                    # txproc migrate (when it applied something)
-    "reconciliation_exception.resolved",  # reserved for the reconciliation's resolutions
+    "reconciliation_exception.resolved",  # POST /v1/reconciliation/exceptions/{id}/resolve
 })
 ActorKind = Literal["token", "operator", "service"]
 _ACTOR_KINDS = ("token", "operator", "service")
@@ -316,6 +319,50 @@ def check_audit_chain(rows: Iterable[AuditRecord | Mapping[str, Any]], *,
                                          found=record.digest.hex()))
         expected_id = event.id + 1
         previous = record.digest if len(record.digest) == DIGEST_BYTES else expected
+    return problems
+
+
+class AuditHead(msgspec.Struct, frozen=True):
+    """The chain's head as a ledger anchor recorded it (migration 0026): the last event's
+    ``id`` and ``digest`` when anchor ``anchor_id`` was written (0 and
+    ``GENESIS_DIGEST``: the log was empty)."""
+
+    anchor_id: int
+    id: int
+    digest: bytes
+
+
+def check_audit_anchors(heads: Iterable[AuditHead], stored: Mapping[int, bytes], *,
+                        last_id: int) -> list[ChainProblem]:
+    """Every anchored head the table no longer holds as it was: an event the anchor named
+    that is gone (``anchored_event_missing``: the log's tail truncated, or the row removed)
+    or whose digest is not the one anchored (``anchored_digest_mismatch``: the chain
+    rewritten from that event back). ``stored`` is the stored digest of each event a head
+    names that the table holds; ``last_id`` the table's last id (0: empty). Each distinct
+    head is reported once, with the first anchor that named it."""
+    problems: list[ChainProblem] = []
+    seen: set[tuple[int, bytes]] = set()
+    for head in heads:
+        if (head.id, head.digest) in seen:
+            continue
+        seen.add((head.id, head.digest))
+        if head.id == 0:  # the log was empty; an anchor saying otherwise was forged
+            if head.digest != GENESIS_DIGEST:
+                problems.append(ChainProblem(
+                    table="ledger_anchors", id=head.anchor_id, kind="anchored_digest_mismatch",
+                    expected=GENESIS_DIGEST.hex(), found=head.digest.hex()))
+            continue
+        digest = stored.get(head.id)
+        if digest is None:
+            problems.append(ChainProblem(
+                table=AUDIT_EVENTS_TABLE, id=head.id, kind="anchored_event_missing",
+                expected=f"event {head.id} (anchor {head.anchor_id})",
+                found=f"last event {last_id}" if head.id > last_id else "no such event"))
+        elif digest != head.digest:
+            problems.append(ChainProblem(
+                table=AUDIT_EVENTS_TABLE, id=head.id, kind="anchored_digest_mismatch",
+                expected=f"{head.digest.hex()} (anchor {head.anchor_id})",
+                found=digest.hex()))
     return problems
 
 

@@ -312,7 +312,8 @@ def _parser() -> argparse.ArgumentParser:
     verify = sub.add_parser(
         "verify", help="check the whole ledger from one snapshot, live: balances re-derived "
                        "from transfers, currencies balanced, holds resolved once, every "
-                       "hash-chain link and anchor (docs/design.md §15)")
+                       "hash-chain link and anchor, the audit log's chain, and that "
+                       "reconciliation records name real transfers (docs/design.md §15)")
     _add_common(verify)
     verify.add_argument("--json", action="store_true",
                         help='print {"ok", "rows_per_s", "checked", "problems": [...]}')
@@ -751,17 +752,16 @@ def _live_database(args: argparse.Namespace) -> Iterator[str]:
 
 
 async def _verify(args: argparse.Namespace) -> int:
-    """``txproc verify``: the ledger's checks over one snapshot (actors/ledger/verify.py);
-    exit 0 when everything holds, 1 naming the first broken thing, 2 if it cannot read."""
+    """``txproc verify``: every check (actors/app/verification.py: the ledger, the audit
+    log, the reconciliation records) over one snapshot; exit 0 when everything holds, 1
+    naming the first broken thing, 2 if it cannot read."""
     import asyncpg
 
-    from actors.ledger import LEDGER_CHECKS, verify
+    from actors.app.verification import verify_all
 
-    # Other domains' checks (reconciliation records, the audit log's chain) join this list.
-    checks = [*LEDGER_CHECKS]
     with _live_database(args) as url:
         try:
-            result = await verify(url, checks)
+            result = await verify_all(url)
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             print(f"txproc verify: {exc}; run `txproc migrate` first", file=sys.stderr)
             return 2
@@ -779,10 +779,13 @@ def verify_summary(result: Any) -> str:
     checked = report.checked
     counts = ", ".join(f"{int(checked.get(k, 0)):,} {k.replace('_', ' ')}" for k in (
         "transfers", "accounts", "failed_transfers", "pending_resolutions", "links",
-        "anchors"))
+        "anchors", "audit_events", "reconciliation_records"))
     if "newest_anchor_age_s" in checked:
+        audit = ""
+        if "audit_events_after_newest_anchor" in checked:
+            audit = f" and {int(checked['audit_events_after_newest_anchor'])} audit events"
         anchor = (f"newest anchor {checked['newest_anchor_age_s']:.1f} s old, "
-                  f"{int(checked.get('links_after_newest_anchor', 0))} links after it "
+                  f"{int(checked.get('links_after_newest_anchor', 0))} links{audit} after it "
                   "(not vouched for by an anchor)")
     else:
         anchor = "no anchor yet: nothing vouches for the chains' tails"

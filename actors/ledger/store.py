@@ -419,13 +419,18 @@ def _timestamp_max(batches: list[CommitBatch]) -> int:
     return high
 
 
-# Every shard's head, as committed when the statement runs (one index read per shard).
+# Every shard's head, as committed when the statement runs (one index read per shard), and
+# the audit log's head (its last event: one index read; 0 and 32 zero bytes when there is
+# none), in one statement, so one snapshot gives both.
 _ANCHOR_SQL = """
-INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)
+INSERT INTO ledger_anchors (at, reason, shards, seqs, digests, audit_id, audit_digest)
 SELECT coalesce($2::timestamptz, clock_timestamp()), $1::text,
        coalesce(array_agg(h.shard ORDER BY h.shard), '{}'),
        coalesce(array_agg(h.seq ORDER BY h.shard), '{}'),
-       coalesce(array_agg(h.digest ORDER BY h.shard), '{}')
+       coalesce(array_agg(h.digest ORDER BY h.shard), '{}'),
+       coalesce((SELECT max(id) FROM audit_events), 0),
+       coalesce((SELECT digest FROM audit_events ORDER BY id DESC LIMIT 1),
+                decode(repeat('00', 32), 'hex'))
 FROM (SELECT DISTINCT shard FROM ledger_chain) s
 CROSS JOIN LATERAL (
     SELECT c.shard, c.seq, c.digest FROM ledger_chain c WHERE c.shard = s.shard
@@ -869,8 +874,9 @@ class LedgerStore:
         return int(row["seq"]), bytes(row["digest"])
 
     async def anchor(self, reason: str, *, at: datetime.datetime | None = None) -> int:
-        """Record every shard's chain head, as committed now, in ``ledger_anchors`` (one
-        index read per shard); returns the anchor's id. ``at`` defaults to the database's
+        """Record every shard's chain head and the audit log's head, as committed now, in
+        ``ledger_anchors`` (one index read per shard, one for the audit log); returns the
+        anchor's id. ``at`` defaults to the database's
         clock."""
         async with self._pool.acquire() as conn:
             return int(await conn.fetchval(_ANCHOR_SQL, reason, at))

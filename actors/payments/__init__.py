@@ -14,7 +14,8 @@ Public interface:
 * ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``);
 * settlement reconciliation's API messages (``RunRequest``, ``RunView``, ``RunsPage``,
   ``ExceptionView``, ``ExceptionsPage``, ``ResolveRequest``) for the edge's document, and
-  ``cli_principal`` (who a command-line request is recorded as);
+  ``cli_principal`` (who a command-line request is recorded as), and
+  ``check_reconciliation_records`` (``txproc verify``'s check of their links);
 * ``webhook_endpoints``: tenants' webhook endpoints (the API's and ``txproc webhooks``),
   with ``EndpointsPage`` and ``ENDPOINTS_PAGE_MAX`` for the edge's document.
 """
@@ -48,6 +49,7 @@ from actors.payments.reconciliation import (
     RunView,
     cli_principal,
 )
+from actors.payments.reconciliation_check import check_reconciliation_records
 from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
 
 __all__ = [
@@ -74,6 +76,7 @@ __all__ = [
     "RunsPage",
     "WebhookAnswer",
     "api_error_of",
+    "check_reconciliation_records",
     "cli_principal",
     "make_payments",
     "make_provider",

@@ -632,7 +632,7 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     if operation in RECONCILIATION_OPERATIONS:
         status, reconciled = await serve_operation(
             payments.reconciler, principal=principal, operation=operation,
-            subject_id=subject_id, body=body)
+            subject_id=subject_id, body=body, origin=REQUEST_ORIGIN.get())
         return status, reconciled, {}
     if operation in ENDPOINT_OPERATIONS:
         return await _endpoint_operation(payments, principal=principal, operation=operation,

@@ -39,6 +39,7 @@ import msgspec
 import yarl
 
 from actors.ops import metrics
+from actors.ops.audit_events import actor_of_origin, record_audit_event
 from adapters.base import Adapter
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
@@ -84,6 +85,8 @@ RUN_EXCEPTIONS_MAX = 1_000
 CATCH_UP_DAYS = 7
 ERROR_CHARS_MAX = 300
 RESOLVER = "reconciliation"  # who closes an exception a run closed
+# The part of a resolution's note its audit event repeats (an event holds at most 4 KiB).
+AUDIT_NOTE_CHARS_MAX = 500
 
 Date = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 ProviderName = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
@@ -564,16 +567,20 @@ class Reconciler:
         more = len(rows) > query.limit
         return ExceptionsPage(data=page, next_cursor=str(page[-1].id) if more else None)
 
-    async def resolve(self, exception_id: int, body: bytes, *, resolved_by: str
-                      ) -> ExceptionView:
-        """Record an operator's resolution of an open exception (once)."""
+    async def resolve(self, exception_id: int, body: bytes, *, resolved_by: str,
+                      origin: int = 0) -> ExceptionView:
+        """Record an operator's resolution of an open exception (once), and with it, in
+        the same transaction, a ``reconciliation_exception.resolved`` audit event of the
+        API caller whose request's audit record is ``origin`` (actors/edge/audit.py)."""
         request: ResolveRequest = _decode(_RESOLVE_REQUEST, body)
-        if "\0" in request.note:
-            raise ReconciliationRefused("invalid_body", "the note holds U+0000")
+        if "\0" in request.note or any(0xD800 <= ord(c) <= 0xDFFF for c in request.note):
+            raise ReconciliationRefused("invalid_body",
+                                        "the note holds U+0000 or a lone surrogate")
         async with self._pool.acquire() as conn, conn.transaction():
-            exists = await conn.fetchval(
-                "SELECT 1 FROM reconciliation_exceptions WHERE id = $1", exception_id)
-            if exists is None:
+            exception = await conn.fetchrow(
+                "SELECT provider, settled_on, kind, amount, currency"
+                " FROM reconciliation_exceptions WHERE id = $1", exception_id)
+            if exception is None:
                 raise ReconciliationRefused("reconciliation_exception_not_found",
                                             "no reconciliation exception has this id")
             inserted = await conn.fetchval(
@@ -584,6 +591,17 @@ class Reconciler:
             if inserted is None:
                 raise ReconciliationRefused("exception_already_resolved",
                                             "this exception is resolved already")
+            actor, request_id = await actor_of_origin(
+                conn, origin, subject=resolved_by.partition("/")[2] or resolved_by)
+            await record_audit_event(
+                conn, actor=actor, action="reconciliation_exception.resolved",
+                target_kind="reconciliation_exception", target_id=str(exception_id),
+                tenant_slot=0, request_id=request_id, details={
+                    "provider": exception["provider"],
+                    "date": exception["settled_on"].isoformat(), "kind": exception["kind"],
+                    "amount": exception["amount"], "currency": exception["currency"],
+                    "resolution": request.resolution,
+                    "note": request.note[:AUDIT_NOTE_CHARS_MAX]})
             row = await conn.fetchrow(_exceptions_sql("e.id = $1", "1"), exception_id)
         await self.refresh_metrics()
         return _exception_view(row)
@@ -717,9 +735,10 @@ def _run_view(row: Mapping[str, Any], exceptions: list[ExceptionView] | None) ->
 
 
 async def serve_operation(reconciler: Reconciler | None, *, principal: str, operation: str,
-                          subject_id: str, body: bytes) -> tuple[int, bytes]:
+                          subject_id: str, body: bytes, origin: int = 0) -> tuple[int, bytes]:
     """One reconciliation operation of the API (HTTP and RPC alike): (status, JSON body).
-    Raises ``ReconciliationRefused`` for what it refuses."""
+    ``origin`` is the request's audit record, whose caller a resolution's audit event
+    names. Raises ``ReconciliationRefused`` for what it refuses."""
     if reconciler is None:
         raise ReconciliationRefused("provider_unknown", "reconciliation is not running here")
     if operation == "create_reconciliation_run":
@@ -740,7 +759,7 @@ async def serve_operation(reconciler: Reconciler | None, *, principal: str, oper
     if number == 0:
         raise ReconciliationRefused("reconciliation_exception_not_found",
                                     "no reconciliation exception has this id")
-    view_ = await reconciler.resolve(number, body, resolved_by=principal)
+    view_ = await reconciler.resolve(number, body, resolved_by=principal, origin=origin)
     return 200, _ENCODER.encode(view_)
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import httpx
 import jwt
 import psutil
+import pytest
 
 from actors.database import create_database, drop_database
 from actors.migrate import load_migrations
@@ -197,3 +198,32 @@ def test_token_revoke_names_one_token_or_one_principal(tmp_path: Path) -> None:
                  ["--jti", "j", "--tenant", "acme", "--subject", "gw-1"]):
         done = _run("token", "revoke", *args, "--data-dir", str(tmp_path))
         assert done.returncode == 2 and "name one token" in done.stderr, args
+
+
+@pytest.mark.timeout(450)
+def test_demo_ends_with_a_reconciliation_and_verify_ok(tmp_path: Path) -> None:
+    """`txproc demo` on embedded defaults (a small workload) exits 0, and ends with a
+    reconciliation table of both simulated providers' reports of the day, each run
+    succeeded with every line matched, and a verify summary of every check that is ok."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
+    done = subprocess.run(
+        [*TXPROC, "demo", "--data-dir", str(tmp_path / "data"), "--accounts", "20",
+         "--transfers", "500", "--batch", "100"],
+        capture_output=True, text=True, timeout=400, env={**env, "COLUMNS": "140"},
+        check=False)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    out = done.stdout
+    assert "settlement reconciliation" in out
+    rows = [line for line in out.splitlines()
+            if line.startswith("│ acme ") or line.startswith("│ globex ")]
+    runs = {cells[0]: cells for cells in
+            ([c.strip() for c in row.strip("│").split("│")] for row in rows) if len(cells) == 7}
+    assert set(runs) == {"acme", "globex"}, out
+    for provider, (_, _date, status, lines, matched, exceptions, _fees) in runs.items():
+        assert status == "succeeded", (provider, out)
+        assert int(lines) > 0 and matched == lines and exceptions == "none open", out
+    summary = out[out.index("verify: "):]
+    assert summary.startswith("verify: ok: "), summary
+    for counted in ("transfers", "links", "anchors", "audit events", "reconciliation records"):
+        assert counted in " ".join(summary.split()), summary

@@ -6,6 +6,9 @@ over the real report endpoints, fees posted to the real ledger, records in Postg
 from __future__ import annotations
 
 import datetime as dt
+import json
+import time
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -14,7 +17,7 @@ import pytest
 
 from actors.app.runtime import Processor
 from processor.client import Client
-from processor.identity import SCOPES, SYSTEM_SCOPES
+from processor.identity import SCOPES, SYSTEM_SCOPES, load_or_create_ring, verify_token
 from processor.payments import PaymentsConfig, clearing_account_id, fee_account_id
 from tests.payments_support import Sims, authorize, bank_token, key, merchant, settled
 from tests.running import IdSource, token_for
@@ -191,11 +194,24 @@ async def _step_keys(processor: Processor, subjects: list[str]) -> list[str]:
     return [row["provider_key"] for row in rows]
 
 
+async def _audit_events(processor: Processor, target_id: str) -> list[dict[str, Any]]:
+    """The reconciliation exception's audit events, oldest first."""
+    conn = await asyncpg.connect(processor.config.shard.database_url, timeout=10)
+    try:
+        rows = await conn.fetch(
+            "SELECT *, details::text AS details FROM audit_events WHERE target_kind ="
+            " 'reconciliation_exception' AND target_id = $1 ORDER BY id", target_id)
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
 async def test_the_api_runs_lists_and_resolves(processor: Processor, http: httpx.AsyncClient,
                                                client: Client, ids: IdSource,
                                                sims: Sims) -> None:
     """Over HTTP: a run is asked for and answered with its exceptions; runs and open
-    exceptions are listed a page at a time; a resolution is recorded once with who made it;
+    exceptions are listed a page at a time; a resolution is recorded once with who made it,
+    and written as one audit event of the caller's token and request;
     bad requests are 4xx with stable codes, and the scopes are required."""
     account = await merchant(client, ids)
     pid, step = await _captured(http, processor, account, "acme", 12_345)
@@ -230,7 +246,8 @@ async def test_the_api_runs_lists_and_resolves(processor: Processor, http: httpx
         assert missing["id"] in {e["id"] for e in listed["data"]}
 
         r = await ops.post(f"/v1/reconciliation/exceptions/{missing['id']}/resolve",
-                           json={"resolution": "written_off", "note": "refunded by phone"})
+                           json={"resolution": "written_off", "note": "refunded by phone"},
+                           headers={"x-request-id": "req-recon-resolve"})
         assert r.status_code == 200, r.text
         resolved = r.json()
         assert resolved["status"] == "resolved"
@@ -240,6 +257,18 @@ async def test_the_api_runs_lists_and_resolves(processor: Processor, http: httpx
                                json={"resolution": "accepted"})
         assert (again.status_code, again.json()["error"]["code"]) == (
             409, "exception_already_resolved")
+        # The resolution is an audit event of the caller's token, written once.
+        [event] = await _audit_events(processor, str(missing["id"]))
+        assert (event["action"], event["target_kind"], event["actor_kind"],
+                event["actor_subject"], event["request_id"], event["tenant_slot"]) == (
+            "reconciliation_exception.resolved", "reconciliation_exception", "token",
+            "ops-ana", "req-recon-resolve", 0)
+        ring = load_or_create_ring(Path(processor.config.data_dir), now_s=int(time.time()))
+        claims = verify_token(ring.verifying(), operator, now_s=int(time.time()))
+        assert event["actor_token_id"] == claims.token_id
+        assert json.loads(event["details"]) == {
+            "provider": "acme", "date": _today(), "kind": "missing", "amount": 12_345,
+            "currency": CURRENCY, "resolution": "written_off", "note": "refunded by phone"}
         still_open = (await ops.get("/v1/reconciliation/exceptions",
                                     params={"status": "open", "limit": 500})).json()
         assert missing["id"] not in {e["id"] for e in still_open["data"]}

@@ -1,0 +1,97 @@
+"""What ``txproc verify`` checks, in one list: ``ALL_CHECKS``.
+
+``verify`` (actors/ledger/verify.py) runs a list of checks over one snapshot of the
+database; each domain brings its own, and this module, in the composition root, puts them
+together so that the command and the demo run the same list (docs/design.md §15):
+
+* the ledger's (``LEDGER_CHECKS``): balances re-derived, holds, every chain link and anchor;
+* the audit log's (``check_audit_log``): every event's digest and id in sequence
+  (processor.audit.check_audit_chain), and the head every anchor recorded of it still
+  there with its digest (``check_audit_anchors``: a truncated tail, a rewritten end);
+* the reconciliation records' (``check_reconciliation``): every fee posting, match and
+  exception names a transfer, payment step, payment or payout that is there, as it was
+  (actors/payments/reconciliation_check.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from actors.ledger import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
+from actors.payments import check_reconciliation_records
+from processor.audit import (
+    AUDIT_EVENTS_TABLE,
+    GENESIS_DIGEST,
+    AuditHead,
+    ChainProblem,
+    check_audit_anchors,
+    check_audit_chain,
+    record_of_row,
+)
+
+__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all"]
+
+# Every column of an audit event, in id order: the chain is checked in the order written.
+_AUDIT_EVENTS_SQL = f"""
+SELECT id, at, actor_kind, actor_tenant, actor_subject, actor_token_id, tenant_slot, action,
+       target_kind, target_id, details::text AS details, request_id, digest
+FROM {AUDIT_EVENTS_TABLE} ORDER BY id
+"""  # noqa: S608 - built from a constant
+_AUDIT_COLUMNS = ("id", "at", "actor_kind", "actor_tenant", "actor_subject", "actor_token_id",
+                  "tenant_slot", "action", "target_kind", "target_id", "details",
+                  "request_id", "digest")
+# Each distinct audit head the anchors recorded, with the first anchor that recorded it
+# (anchors are written every few seconds; the audit log changes rarely), and the newest
+# anchor's head. Anchors from before migration 0026 recorded none.
+_AUDIT_HEADS_SQL = """
+SELECT min(id) AS anchor_id, audit_id, audit_digest FROM ledger_anchors
+WHERE audit_id IS NOT NULL GROUP BY audit_id, audit_digest ORDER BY 1
+"""
+_NEWEST_AUDIT_HEAD_SQL = "SELECT audit_id FROM ledger_anchors ORDER BY id DESC LIMIT 1"
+
+
+async def check_audit_log(ctx: VerifyContext) -> None:
+    """The audit events' chain: streamed in id order, a chunk at a time, each chunk
+    checked from the last digest of the one before; then every anchored head against the
+    events (a head beyond the last event: the log's tail was removed)."""
+    heads = [AuditHead(r["anchor_id"], r["audit_id"], bytes(r["audit_digest"]))
+             for r in await ctx.conn.fetch(_AUDIT_HEADS_SQL)]
+    anchored = {head.id for head in heads}
+    stored: dict[int, bytes] = {}
+    previous, next_id, last_id = GENESIS_DIGEST, 1, 0
+    ctx.report.count("audit_events", 0)  # counted when the log is empty too
+    async for c in ctx.chunks(_AUDIT_EVENTS_SQL):
+        records = [record_of_row(dict(zip(_AUDIT_COLUMNS, row, strict=True)))
+                   for row in zip(*c, strict=True)]
+        for problem in check_audit_chain(records, previous_digest=previous, first_id=next_id):
+            _add(ctx, problem)
+        stored.update((r.event.id, r.digest) for r in records if r.event.id in anchored)
+        ctx.report.count("audit_events", len(records))
+        last = records[-1]
+        previous, next_id, last_id = last.digest, last.event.id + 1, last.event.id
+    for problem in check_audit_anchors(heads, stored, last_id=last_id):
+        _add(ctx, problem)
+    ctx.report.count("audit_anchors", len(heads))
+    newest = await ctx.conn.fetchval(_NEWEST_AUDIT_HEAD_SQL)
+    # What no anchor vouches for: events written after the newest anchor (all of them
+    # when it recorded no head).
+    ctx.report.count("audit_events_after_newest_anchor",
+                     max(0, last_id - (newest if newest is not None else 0)))
+
+
+def _add(ctx: VerifyContext, problem: ChainProblem) -> None:
+    ctx.report.add(problem["table"], problem["id"], problem["kind"], problem["expected"],
+                   problem["found"])
+
+
+async def check_reconciliation(ctx: VerifyContext) -> None:
+    """The reconciliation records' links, checked in the database (anti-joins)."""
+    ctx.rows_read += await check_reconciliation_records(ctx.conn, ctx.report)
+
+
+ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log, check_reconciliation)
+
+
+async def verify_all(url: str, **options: Any) -> VerifyResult:
+    """``verify`` with every check (``ALL_CHECKS``); ``options`` as ``verify`` takes them."""
+    return await verify(url, ALL_CHECKS, **options)
