@@ -13,7 +13,7 @@ import time
 import asyncpg
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, assume, given, settings
 from hypothesis import strategies as st
 
 from actors.ledger import LedgerStore
@@ -91,6 +91,7 @@ async def test_the_writers_encoding_equals_the_encoding_of_the_rows_read_back(
             rest = [t for t in rest if not t.user_data]
         columns = TransferColumns.from_transfers(rest) if rest else None
         written = [*objects, *rest]
+        assume(written)  # user_data filtered out of every row: nothing to commit
         expected = _ChainRows.of(
             objects, [column_rows(columns, OWN)] if columns is not None else [], [], [], [],
             OWN).transfers
