@@ -21,9 +21,21 @@ ALTER TABLE remote_posting_blocks ADD COLUMN xid xid8 NOT NULL DEFAULT pg_curren
 
 -- Whatever an INSERT names, the id stored is the inserting transaction's: the fold's
 -- exactness rests on it (a block claiming an id below a horizon would never be counted).
+-- And no block is ever stored below its shard's horizon. In one cluster that cannot
+-- happen: a horizon is the xmin of a snapshot, and a transaction still running has an id
+-- at or above every such xmin taken while or before it ran. It happens if the transaction
+-- ids start again below the stored horizons (the ledger restored from a logical dump into
+-- another cluster): the block would count as folded and never be. The insert refuses
+-- instead (SQLSTATE TXP01), as the checkpoint does (docs/design.md §7).
 CREATE FUNCTION remote_posting_block_xid() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     NEW.xid := pg_current_xact_id();
+    IF NEW.xid < posting_horizon(NEW.shard) THEN
+        RAISE EXCEPTION 'posting block for shard % below its fold horizon %: the '
+                        'transaction ids are behind the ledger''s (docs/design.md §7)',
+                        NEW.shard, posting_horizon(NEW.shard)
+            USING ERRCODE = 'TXP01';
+    END IF;
     RETURN NEW;
 END
 $$;

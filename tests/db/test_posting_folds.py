@@ -172,8 +172,9 @@ async def test_a_horizon_ahead_of_the_transaction_ids_stops_the_checkpoint(
     db_url: str, app_db_url: str
 ) -> None:
     """A fold horizon above every transaction id the server can still hand out (a ledger
-    restored into another cluster) makes the checkpoint refuse rather than let new blocks
-    count as folded; nothing is folded."""
+    restored into another cluster) makes the checkpoint refuse, and a new block for that
+    shard refuse itself, rather than let a block count as folded without being folded;
+    nothing is folded."""
     [_, [a]] = account_ids_on_shards(PARTITIONS, 1)
     store, epoch = await _setup(db_url, app_db_url, [a])
     owner = await asyncpg.connect(db_url)
@@ -186,6 +187,10 @@ async def test_a_horizon_ahead_of_the_transaction_ids_stops_the_checkpoint(
         with pytest.raises(FoldHorizonError):
             await store.checkpoint(SHARD, epoch, OWN)
         assert await _rows(owner, [a]) == {a: 0}
+        with pytest.raises(asyncpg.PostgresError, match="below its fold horizon") as refused:
+            await _block(owner, a, 7)
+        assert refused.value.sqlstate == "TXP01"
+        assert await owner.fetchval("SELECT count(*) FROM remote_posting_blocks") == 1
     finally:
         await owner.close()
         await store.close()
