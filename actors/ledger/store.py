@@ -103,7 +103,7 @@ class FenceError(RuntimeError):
 class FoldHorizonError(RuntimeError):
     """A shard's posting fold horizon is ahead of the database's transaction ids, so blocks
     written from now on would count as folded without being folded: the checkpoint refuses
-    (docs/design.md §15, "Posting blocks")."""
+    (docs/design.md §7, "Posting blocks and the fold horizon")."""
 
 
 # The SQLSTATEs a one-statement commit refuses itself with (_COMMIT_ONE_SQL).
@@ -934,7 +934,7 @@ class LedgerStore:
             if await conn.fetchval(_HORIZON_AHEAD_SQL, shard):
                 raise FoldHorizonError(
                     f"shard {shard}'s posting fold horizon is ahead of the database's "
-                    "transaction ids: restored into another cluster? (docs/design.md §15)")
+                    "transaction ids: restored into another cluster? (docs/design.md §7)")
             await conn.execute(_RECENT_ROWS_ONLY)
             old = int(await conn.fetchval(
                 'SELECT min("timestamp") FROM partition_checkpoints '
@@ -1117,6 +1117,6 @@ _CHECKPOINT_FOLD_OWN_SQL = _checkpoint_fold_sql(
 # xmin. Horizons are snapshot xmins, which never move back in one cluster; this one is
 # ahead only if the transaction ids started again below it (the database was restored
 # from a logical dump into another cluster), when new blocks would get ids below it and
-# never be counted. The checkpoint refuses instead (docs/design.md §15).
+# never be counted. The checkpoint refuses instead (docs/design.md §7).
 _HORIZON_AHEAD_SQL = (
     "SELECT posting_horizon($1) > pg_snapshot_xmin(pg_current_snapshot())")
