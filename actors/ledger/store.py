@@ -4,7 +4,9 @@ Every write of a batch is one transaction: COPY for the append-only rows (transf
 postings for other shards' accounts) and the epoch fence that keeps a dead shard's
 successor and a zombie from both committing (docs/design.md, "Fencing"). Balance rows are
 not written by commits: a shard's checkpoint folds its effects into them now and then, and
-``account_balances`` adds what is not folded yet (docs/design.md §7).
+``account_balances`` adds what is not folded yet (docs/design.md §7). Posting blocks are
+never deleted: a checkpoint folds those below a transaction-id horizon and appends the
+horizon; readers add the blocks at or above it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from processor.ledger import (
 )
 from processor.types import Account, Transfer, require
 
-__all__ = ["Audit", "FenceError", "IdConflict", "LedgerStore", "OwnEffects"]
+__all__ = ["Audit", "FenceError", "FoldHorizonError", "IdConflict", "LedgerStore", "OwnEffects"]
 
 ACCOUNT_COLUMNS = (
     "id", "currency", "flags", "code", "user_data", "debits_pending", "debits_posted",
@@ -96,6 +98,12 @@ class IdConflict(RuntimeError):
 
 class FenceError(RuntimeError):
     """A shard this batch depends on has a newer incarnation; the batch must not commit."""
+
+
+class FoldHorizonError(RuntimeError):
+    """A shard's posting fold horizon is ahead of the database's transaction ids, so blocks
+    written from now on would count as folded without being folded: the checkpoint refuses
+    (docs/design.md §7, "Posting blocks and the fold horizon")."""
 
 
 # The SQLSTATEs a one-statement commit refuses itself with (_COMMIT_ONE_SQL).
@@ -912,8 +920,10 @@ class LedgerStore:
         own: OwnEffects | None = None, floor_ns: int = 0,
     ) -> int:
         """Fold into the balance rows of ``partitions`` (shard ``shard``'s) the effects of
-        every row the shard wrote since its last checkpoint, and every posting other shards
-        left for its accounts; returns the new checkpoint timestamp.
+        every row the shard wrote since its last checkpoint, and the posting blocks other
+        shards left for its accounts whose transactions had all ended when it read them
+        (below its fold horizon, ``_checkpoint_fold_sql``); returns the new checkpoint
+        timestamp.
 
         ``own`` are those effects as the shard committed them since its last checkpoint
         (``commit``'s answers, summed): the cheap way. Without it they are computed from
@@ -927,6 +937,10 @@ class LedgerStore:
         """
         async with self._pool.acquire() as conn, conn.transaction():
             await _check_fences(conn, {shard: epoch})
+            if await conn.fetchval(_HORIZON_AHEAD_SQL, shard):
+                raise FoldHorizonError(
+                    f"shard {shard}'s posting fold horizon is ahead of the database's "
+                    "transaction ids: restored into another cluster? (docs/design.md §7)")
             await conn.execute(_RECENT_ROWS_ONLY)
             old = int(await conn.fetchval(
                 'SELECT min("timestamp") FROM partition_checkpoints '
@@ -934,7 +948,7 @@ class LedgerStore:
             if own is None:
                 high = await conn.fetchval(_CHECKPOINT_HIGH_SQL, partitions, old)
                 new = max(int(high or 0), old, floor_ns)
-                await conn.execute(_CHECKPOINT_FOLD_ROWS_SQL, partitions, new, shard)
+                await conn.execute(_CHECKPOINT_FOLD_ROWS_SQL, partitions, new, shard, epoch)
             else:
                 new = max(own.timestamp_max, old, floor_ns)
                 # In pieces, with a pause between them: one transaction still (readers see
@@ -948,7 +962,7 @@ class LedgerStore:
                     await conn.execute(
                         _CHECKPOINT_FOLD_OWN_SQL if at == 0 else _FOLD_ACCOUNTS_SQL,
                         own.ids[part].tolist(), *own.values[part].T.tolist(),
-                        *((shard,) if at == 0 else ()))
+                        *((shard, epoch) if at == 0 else ()))
             await conn.execute(
                 'UPDATE partition_checkpoints SET "timestamp" = $2 '
                 "WHERE partition = ANY($1::int[])", partitions, new)
@@ -997,9 +1011,14 @@ _RECENT_ROWS_ONLY = "SET LOCAL enable_seqscan = off"
 # one pass rather than per account.
 _LOAD_ACCOUNTS_SQL = """
 WITH r AS (
-    SELECT account_id, sum(debits_pending) AS dp, sum(debits_posted) AS dpo,
-           sum(credits_pending) AS cp, sum(credits_posted) AS cpo
-    FROM remote_postings_unfolded WHERE shard = $2 GROUP BY account_id
+    SELECT l.account_id, sum(l.debits_pending) AS dp, sum(l.debits_posted) AS dpo,
+           sum(l.credits_pending) AS cp, sum(l.credits_posted) AS cpo
+    FROM remote_posting_blocks b,
+         unnest(b.account_ids, b.debits_pending, b.debits_posted, b.credits_pending,
+                b.credits_posted)
+             AS l(account_id, debits_pending, debits_posted, credits_pending, credits_posted)
+    WHERE b.shard = $2 AND b.xid >= posting_horizon($2)
+    GROUP BY l.account_id
 ), u AS (
     SELECT account_id, sum(debits_pending) AS dp, sum(debits_posted) AS dpo,
            sum(credits_pending) AS cp, sum(credits_posted) AS cpo
@@ -1027,13 +1046,39 @@ SELECT greatest(
      WHERE r."timestamp" > $2 AND r.kind = 3 AND p.partition = ANY($1::int[])))
 """
 
-def _checkpoint_fold_sql(own_legs: str, shard_param: str) -> str:
+def _checkpoint_fold_sql(own_legs: str, shard_param: str, epoch_param: str) -> str:
     """One statement moving into a shard's balance rows its own effects (the rows of
     ``own_legs``: account and four balance deltas) and the posting blocks other shards left
-    it (deleted: folded exactly once)."""
+    it below the fold horizon, and appending that horizon (docs/design.md §7, "Posting
+    blocks and the fold horizon").
+
+    The horizon is the statement's own snapshot's xmin: every transaction with an id below
+    it has ended, so the blocks below it that this snapshot sees are exactly the committed
+    ones, and none can be added. Those at or above the previous horizon are folded (each
+    exactly once: the previous fold took those below it); the new horizon is appended to
+    ``posting_folds`` in the same statement, so a reader sees the blocks in the balance rows
+    and the horizon above them together, or neither. A fold that moves no block appends
+    nothing: no committed block lies between the two horizons, so the old one counts the
+    same blocks."""
     return f"""
-WITH folded AS (
-    DELETE FROM remote_posting_blocks WHERE shard = {shard_param} RETURNING *
+WITH h AS MATERIALIZED (
+    SELECT coalesce(f.seq, 0) AS seq, coalesce(f.horizon, '0'::xid8) AS prev,
+           greatest(coalesce(f.horizon, '0'::xid8),
+                    pg_snapshot_xmin(pg_current_snapshot())) AS next
+    FROM (SELECT 1) AS one
+    LEFT JOIN LATERAL (
+        SELECT p.seq, p.horizon FROM posting_folds p WHERE p.shard = {shard_param}
+        ORDER BY p.seq DESC LIMIT 1) f ON true
+), folded AS MATERIALIZED (
+    SELECT b.* FROM h, remote_posting_blocks b
+    WHERE b.shard = {shard_param} AND b.xid >= h.prev AND b.xid < h.next
+), horizon AS (
+    INSERT INTO posting_folds (shard, seq, horizon, epoch, blocks, legs)
+    SELECT {shard_param}, h.seq + 1, h.next, {epoch_param}, c.blocks, c.legs
+    FROM h, (SELECT count(*)::int AS blocks,
+                    coalesce(sum(cardinality(folded.account_ids)), 0)::bigint AS legs
+             FROM folded) c
+    WHERE c.blocks > 0
 ), legs AS (
     SELECT * FROM {own_legs}
     UNION ALL
@@ -1065,8 +1110,19 @@ FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[]
     AS s(account_id, dp, dpo, cp, cpo)
 WHERE a.id = s.account_id
 """
-# The shard of the partitions $1 (shard $3): its effects up to $2, computed from its rows.
-_CHECKPOINT_FOLD_ROWS_SQL = _checkpoint_fold_sql("unfolded_legs($1::int[], $2)", "$3")
-# The same, with its effects given as arrays ($1-$5; the shard is $6).
+# The shard of the partitions $1 (shard $3, epoch $4): its effects up to $2, computed from
+# its rows.
+_CHECKPOINT_FOLD_ROWS_SQL = _checkpoint_fold_sql(
+    "unfolded_legs($1::int[], $2)", "$3::int", "$4::bigint")
+# The same, with its effects given as arrays ($1-$5; the shard is $6, its epoch $7).
 _CHECKPOINT_FOLD_OWN_SQL = _checkpoint_fold_sql(
-    "unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])", "$6")
+    "unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::bigint[], $5::bigint[])",
+    "$6::int", "$7::bigint")
+
+# Whether shard $1's newest fold horizon is above what any snapshot can now have as its
+# xmin. Horizons are snapshot xmins, which never move back in one cluster; this one is
+# ahead only if the transaction ids started again below it (the database was restored
+# from a logical dump into another cluster), when new blocks would get ids below it and
+# never be counted. The checkpoint refuses instead (docs/design.md §7).
+_HORIZON_AHEAD_SQL = (
+    "SELECT posting_horizon($1) > pg_snapshot_xmin(pg_current_snapshot())")

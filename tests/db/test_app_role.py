@@ -63,7 +63,9 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "ledger_anchors": APPEND,
     # Balance rows: UPDATE of the four sums only (column privileges, checked below).
     "accounts": APPEND,
-    "remote_posting_blocks": frozenset({"SELECT", "INSERT", "DELETE"}),
+    # Posting blocks are folded by a horizon, never deleted (0027); the horizons likewise.
+    "remote_posting_blocks": APPEND,
+    "posting_folds": APPEND,
     "shard_epochs": CHANGE,
     "partition_checkpoints": frozenset({"SELECT", "UPDATE"}),
     "partition_map": READ,

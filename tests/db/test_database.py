@@ -323,6 +323,11 @@ async def test_ledger_rows_are_append_only(shared_db_url: str, statement: str) -
         ("DELETE FROM shard_epochs", "only moves forward"),
         ("UPDATE partition_map SET shard = 1", "append-only"),
         ("TRUNCATE remote_posting_blocks", "append-only"),
+        ("DELETE FROM remote_posting_blocks", "append-only"),
+        ("UPDATE remote_posting_blocks SET shard = shard", "append-only"),
+        ("DELETE FROM posting_folds", "append-only"),
+        ("UPDATE posting_folds SET seq = seq + 1", "append-only"),
+        ("TRUNCATE posting_folds", "append-only"),
         ("UPDATE ledger_chain SET digest = prev_digest", "append-only"),
         ("DELETE FROM ledger_chain", "append-only"),
         ("TRUNCATE ledger_chain", "append-only"),
@@ -335,7 +340,8 @@ async def test_every_ledger_table_only_grows_or_moves_forward(
     """Beyond transfers, resolutions and burned ids (0011), migration 0024 refuses to the
     tables' owner a change of an account's creation, removing an account, moving a
     checkpoint or an epoch back, rewriting the partition map, truncating posting blocks,
-    and any change of the hash chain or its anchors."""
+    and any change of the hash chain or its anchors; 0027 any change or removal of a
+    posting block or a fold horizon."""
     connection = await _connect(shared_db_url)
     transaction = connection.transaction()
     await transaction.start()
@@ -356,6 +362,13 @@ async def test_every_ledger_table_only_grows_or_moves_forward(
             "INSERT INTO ledger_anchors (at, reason, shards, seqs, digests)"
             " VALUES (now(), 'operator', '{7}', '{1}', ARRAY[decode(repeat('11', 32), 'hex')])",
             timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            "INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending,"
+            " debits_posted, credits_pending, credits_posted)"
+            " VALUES (7, '{94}', '{0}', '{0}', '{0}', '{5}')", timeout=CONNECT_TIMEOUT_S)
+        await connection.execute(
+            "INSERT INTO posting_folds (shard, seq, horizon, epoch, blocks, legs)"
+            " VALUES (7, 1, '1', 3, 1, 1)", timeout=CONNECT_TIMEOUT_S)
         # What checkpoints and recoveries do stays allowed.
         await connection.execute("UPDATE accounts SET debits_posted = 5 WHERE id = 94",
                                  timeout=CONNECT_TIMEOUT_S)
