@@ -45,10 +45,8 @@ import csv
 import hmac
 import io
 import json
-import math
 import re
 from datetime import date as Date
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Annotated
 from urllib.parse import quote
@@ -73,6 +71,7 @@ from adapters.base import (
     header,
     path_segment,
 )
+from adapters.decoding import Replies, decimal_to_minor, header_seconds, require_fresh
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
 
@@ -285,7 +284,6 @@ _KNOWN_WORDS = frozenset({
     "idempotency_key_missing", "parameter_invalid", "parameter_missing", "body_invalid",
     "currency_mismatch", "authorization_captured", "authorization_declined",
 })
-_DECIMAL = re.compile(r"-?\d{1,20}(\.\d{1,8})?")
 
 
 class AcmeAdapter:
@@ -379,10 +377,7 @@ class AcmeAdapter:
 
     def parse(self, request: ProviderRequest, status: int, headers: dict[str, str],
               body: bytes) -> ProviderReply:
-        try:
-            return self._parse(request, status, headers, body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return _unknown(status, "unreadable answer")
+        return _REPLIES.read(self._parse, request, status, headers, body)
 
     def _parse(self, request: ProviderRequest, status: int, headers: dict[str, str],
                body: bytes) -> ProviderReply:
@@ -430,10 +425,8 @@ class AcmeAdapter:
 
     def parse_status(self, request: ProviderRequest, status: int, headers: dict[str, str],
                      body: bytes) -> ProviderReply:
-        try:
-            return self._parse_status(request, status, headers, body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return _unknown(status, "unreadable status answer")
+        return _REPLIES.read(self._parse_status, request, status, headers, body,
+                             what="status answer")
 
     def _parse_status(self, request: ProviderRequest, status: int, headers: dict[str, str],
                       body: bytes) -> ProviderReply:
@@ -465,9 +458,7 @@ class AcmeAdapter:
                             "sha256").hexdigest()
         if not any(hmac.compare_digest(expected, given) for given in signatures):
             raise WebhookRejected("webhook_signature_invalid", "acme signature does not match")
-        if abs(now_s - stamp) > WEBHOOK_TOLERANCE_S:
-            raise WebhookRejected("webhook_timestamp_out_of_tolerance",
-                                  "acme webhook timestamp too far from now")
+        require_fresh("acme", stamp, now_s, WEBHOOK_TOLERANCE_S)
         try:
             if _EVENT_TYPE.decode(body).type in _DISPUTE_EVENTS:
                 return _dispute_event(_DISPUTE_EVENT.decode(body))
@@ -628,13 +619,7 @@ def _segment(value: str) -> str:
 def _retry_after(value: str) -> float:
     """Seconds from a ``Retry-After`` of delta-seconds; 0 when absent or an HTTP date (the
     adapter has no clock to subtract from; the caller's default wait applies)."""
-    try:
-        seconds = float(value.strip())
-    except ValueError:
-        return 0.0
-    if not math.isfinite(seconds) or seconds < 0:
-        return 0.0
-    return min(seconds, RETRY_AFTER_MAX_S)
+    return header_seconds(value, cap_s=RETRY_AFTER_MAX_S) or 0.0
 
 
 def _signatureheader(value: str) -> tuple[int, list[str]]:
@@ -654,29 +639,14 @@ def _signatureheader(value: str) -> tuple[int, list[str]]:
 
 
 def _to_minor(text: str, exponent: int, line: int) -> int:
-    if not _DECIMAL.fullmatch(text or ""):
-        raise ValueError(f"acme report line {line}: amount is not a decimal")
     try:
-        scaled = Decimal(text).scaleb(exponent)
-    except InvalidOperation:
-        raise ValueError(f"acme report line {line}: amount is not a decimal") from None
-    if scaled != scaled.to_integral_value():
-        raise ValueError(f"acme report line {line}: amount has more decimals than the currency")
-    return int(scaled)
+        return decimal_to_minor(text, exponent)
+    except ValueError as exc:
+        raise ValueError(f"acme report line {line}: amount {exc}") from None
 
 
-def _safe(text: str) -> str:
-    """A provider word fit for ``ProviderReply.message``: only words acme documents are
-    repeated, so nothing acme echoes back (a token, a card number) reaches a log line."""
-    return text if text in _KNOWN_WORDS else "unrecognised"
-
-
-def _reply(outcome: Outcome, status: int, code: DeclineCode, word: str, *,
-           provider_ref: str = "") -> ProviderReply:
-    return ProviderReply(outcome=outcome, provider_ref=provider_ref, decline_code=code,
-                         http_status=status, message=f"acme {status} {_safe(word)}")
-
-
-def _unknown(status: int, why: str) -> ProviderReply:
-    return ProviderReply(outcome=Outcome.UNKNOWN, http_status=status,
-                         message=f"acme {status}: {why}")
+# Only words acme documents are repeated in a reply's message (Replies.safe).
+_REPLIES = Replies("acme", _KNOWN_WORDS)
+_safe = _REPLIES.safe
+_reply = _REPLIES.reply
+_unknown = _REPLIES.unknown

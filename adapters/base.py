@@ -19,6 +19,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
+from processor.errors import TxprocError, register
 from processor.payments import (
     DeclineCode,
     DisputeNotice,
@@ -66,13 +67,20 @@ class HttpCall(msgspec.Struct, frozen=True, kw_only=True):
     body: bytes = b""
 
 
-class WebhookRejected(Exception):
-    """A webhook that must not be believed; ``code`` is the stable error code answered."""
+register(400, {"webhook_malformed": "the provider's webhook cannot be read"})
+register(401, {
+    "webhook_signature_invalid": "the webhook's signature is missing or does not match",
+    "webhook_timestamp_out_of_tolerance": "the webhook's timestamp is too far from now",
+})
+
+
+class WebhookRejected(TxprocError):
+    """A webhook that must not be believed; ``code`` is the stable error code answered:
+    ``webhook_signature_invalid``, ``webhook_timestamp_out_of_tolerance`` or
+    ``webhook_malformed``."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code  # webhook_signature_invalid, webhook_timestamp_out_of_tolerance,
-        # webhook_malformed
+        super().__init__(message, code=code)
 
 
 class Adapter(Protocol):
@@ -115,13 +123,15 @@ class Adapter(Protocol):
         """The authenticated call that fetches the report of ``settled_on`` (ISO date)."""
 
 
-class ProviderError(Exception):
+class ProviderError(TxprocError):
     """A provider call that did not produce an answer the saga can act on.
 
     Retry policies read ``retryable`` and never parse messages; ``outcome`` is what the saga
-    records for the step.
+    records for the step, and decides the answer: ``code`` is the one a request ends with
+    when the error is its last word (an unknown outcome answers 202, not an error).
     """
 
+    code = "payment_failed"
     retryable: ClassVar[bool] = False
     outcome: ClassVar[Outcome] = Outcome.FAILED
 
@@ -133,6 +143,7 @@ class ProviderError(Exception):
 class ProviderUnavailable(ProviderError):
     """Certainly not performed: not sent, refused with 429/503, or our breaker is open."""
 
+    code = "provider_unavailable"
     retryable = True
     outcome = Outcome.RETRYABLE
 

@@ -49,11 +49,9 @@ import binascii
 import hashlib
 import hmac
 import json
-import math
 import re
 from datetime import date as Date
 from datetime import datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Literal
 from urllib.parse import quote
@@ -76,6 +74,13 @@ from adapters.base import (
     WebhookRejected,
     header,
     path_segment,
+)
+from adapters.decoding import (
+    Replies,
+    decimal_to_minor,
+    header_seconds,
+    minor_to_decimal,
+    require_fresh,
 )
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
@@ -275,7 +280,6 @@ _KNOWN_WORDS = frozenset({
     "idempotency_key_missing", "payment_not_found", "invalid_request", "invalid_money",
     "internal_error", "service_unavailable", "throttled",
 })
-_DECIMAL = re.compile(r"\d{1,20}(\.\d{1,8})?")
 _SIGNATURE_PREFIX = "hmac-sha256="
 
 
@@ -386,10 +390,7 @@ class GlobexAdapter:
               body: bytes) -> ProviderReply:
         if request.operation not in _OBJECT_KEYS:
             return _not_offered(request, status)
-        try:
-            return self._parse(request, status, headers, body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return _unknown(status, "unreadable answer")
+        return _REPLIES.read(self._parse, request, status, headers, body)
 
     def _parse(self, request: ProviderRequest, status: int, headers: dict[str, str],
                body: bytes) -> ProviderReply:
@@ -453,10 +454,8 @@ class GlobexAdapter:
                      body: bytes) -> ProviderReply:
         if request.operation not in _OBJECT_KEYS:
             return _not_offered(request, status)
-        try:
-            return self._parse_status(request, status, headers, body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-            return _unknown(status, "unreadable status answer")
+        return _REPLIES.read(self._parse_status, request, status, headers, body,
+                             what="status answer")
 
     def _parse_status(self, request: ProviderRequest, status: int, headers: dict[str, str],
                       body: bytes) -> ProviderReply:
@@ -497,9 +496,7 @@ class GlobexAdapter:
                             "sha256").digest()
         if not hmac.compare_digest(expected, given):
             raise WebhookRejected("webhook_signature_invalid", "globex signature does not match")
-        if abs(now_s - int(stamp) / 1000.0) > WEBHOOK_TOLERANCE_S:
-            raise WebhookRejected("webhook_timestamp_out_of_tolerance",
-                                  "globex webhook timestamp too far from now")
+        require_fresh("globex", int(stamp) / 1000.0, now_s, WEBHOOK_TOLERANCE_S)
         try:
             return self._event(_EVENT.decode(body))
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
@@ -653,22 +650,18 @@ def _money(amount: int, currency: str) -> _Money:
         raise ValueError("globex: unknown currency")
     if not 0 <= amount <= AMOUNT_MAX:
         raise ValueError("globex: amount out of range")
-    whole, fraction = divmod(amount, 10**exponent)
-    return _Money(f"{whole}.{fraction:0{exponent}d}" if exponent else str(whole), currency)
+    return _Money(minor_to_decimal(amount, exponent), currency)
 
 
 def _to_minor(text: str, currency: str) -> int:
     """Decimal major units as minor units, exactly; raises ``ValueError`` otherwise."""
     exponent = CURRENCY_EXPONENTS.get(currency)
-    if exponent is None or not _DECIMAL.fullmatch(text):
+    if exponent is None:
         raise ValueError("globex: not a money value")
     try:
-        scaled = Decimal(text).scaleb(exponent)
-    except InvalidOperation:
-        raise ValueError("globex: not a money value") from None
-    if scaled != scaled.to_integral_value():
-        raise ValueError("globex: money value has more decimals than its currency")
-    amount = int(scaled)
+        amount = decimal_to_minor(text, exponent, signed=False)
+    except ValueError as exc:
+        raise ValueError(f"globex: money value {exc}") from None
     if amount > AMOUNT_MAX:
         raise ValueError("globex: amount out of range")
     return amount
@@ -686,33 +679,20 @@ def _wait_s(headers: dict[str, str]) -> float:
     """How long globex asked us to wait: its ``Globex-Retry-After-Ms``, else a standard
     ``Retry-After`` in seconds; 0 when neither is there or readable."""
     for name, scale in (("globex-retry-after-ms", 0.001), ("retry-after", 1.0)):
-        try:
-            value = float(header(headers, name).strip()) * scale
-        except ValueError:
-            continue
-        if math.isfinite(value) and value >= 0:
-            return min(value, RETRY_AFTER_MAX_S)
+        seconds = header_seconds(header(headers, name), cap_s=RETRY_AFTER_MAX_S, scale=scale)
+        if seconds is not None:
+            return seconds
     return 0.0
 
 
-def _safe(text: str) -> str:
-    """A provider word fit for ``ProviderReply.message``: only words globex documents are
-    repeated, so nothing globex echoes back (a token, a card number) reaches a log line."""
-    return text if text in _KNOWN_WORDS else "unrecognised"
-
-
-def _reply(outcome: Outcome, status: int, code: DeclineCode, word: str, *,
-           provider_ref: str = "") -> ProviderReply:
-    return ProviderReply(outcome=outcome, provider_ref=provider_ref, decline_code=code,
-                         http_status=status, message=f"globex {status} {_safe(word)}")
+# Only words globex documents are repeated in a reply's message (Replies.safe).
+_REPLIES = Replies("globex", _KNOWN_WORDS)
+_safe = _REPLIES.safe
+_reply = _REPLIES.reply
+_unknown = _REPLIES.unknown
 
 
 def _not_offered(request: ProviderRequest, status: int) -> ProviderReply:
     """An operation globex does not offer (``build`` refuses it, so none is ever sent)."""
     return _reply(Outcome.FAILED, status, DeclineCode.INVALID_REQUEST,
                   f"{request.operation.value} not offered")
-
-
-def _unknown(status: int, why: str) -> ProviderReply:
-    return ProviderReply(outcome=Outcome.UNKNOWN, http_status=status,
-                         message=f"globex {status}: {why}")

@@ -32,6 +32,8 @@ from typing import Any, Literal, TypedDict
 
 import msgspec
 
+from processor.errors import TxprocError
+
 __all__ = [
     "ACTIONS",
     "AUDIT_EVENTS_TABLE",
@@ -413,13 +415,12 @@ def event_view(record: AuditRecord) -> AuditEventView:
         digest=record.digest.hex())
 
 
-class AuditQueryError(ValueError):
+class AuditQueryError(TxprocError, ValueError):
     """A query of the audit events that cannot be answered: ``code`` is
     ``invalid_query`` or ``invalid_cursor`` (HTTP 400)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class AuditQuery(msgspec.Struct, frozen=True, kw_only=True):

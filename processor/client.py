@@ -41,7 +41,7 @@ import numpy as np
 from processor import wire
 from processor.batch import TransferBatch, transfer_columns
 from processor.codes import AccountResult, TransferResult
-from processor.errors import Overloaded, Unavailable
+from processor.errors import Overloaded, TxprocError, Unavailable
 from processor.types import Account, Transfer
 
 __all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError", "PaymentAnswer",
@@ -82,19 +82,20 @@ def client_tls_context(ca_path: str = "", cert_path: str = "",
     return context
 
 
-class ClientError(Exception):
+class ClientError(TxprocError):
     """The server refused a request or the connection with ``code`` (see wire.ERROR_CODES).
 
     Also raised locally with ``client_closed`` (a call after ``close()``), ``frame_too_large``
     (a request too big to send), ``protocol_mismatch`` (the server sent a frame this
     client cannot read) and ``tls_failed`` (the TLS layer reported an error on an open
-    connection).
+    connection). These are the RPC protocol's codes, not HTTP ones, so they are listed in
+    wire.ERROR_CODES rather than registered (processor.errors). ``str()`` is
+    ``"code: message"``.
     """
 
     def __init__(self, code: str, message: str, *, retry_after_s: float = 0.0) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
+        self.args = (f"{code}: {message}",)
         self.retry_after_s = retry_after_s
 
 

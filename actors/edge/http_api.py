@@ -18,7 +18,7 @@ import math
 import re
 import types
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Annotated, Any, Literal, Protocol, TypeVar, get_args
 
 import msgspec
@@ -41,7 +41,6 @@ from actors.payments import (
     EVENTS_PAGE_MAX,
     EXCEPTIONS_PAGE_MAX,
     ORIGIN_HEADER,
-    PAYMENT_ERROR_STATUS,
     RUNS_PAGE_MAX,
     EndpointsPage,
     EventsPage,
@@ -65,7 +64,15 @@ from processor.audit import (
     audit_query_of,
 )
 from processor.codes import AccountResult, TransferResult
-from processor.errors import LedgerError, Overloaded, QuotaExceeded
+from processor.errors import (
+    ERROR_STATUS,
+    LedgerError,
+    Overloaded,
+    QuotaExceeded,
+    TxprocError,
+    register,
+    statuses,
+)
 from processor.identity import (
     PROCESSOR_TENANT,
     SCOPES,
@@ -458,53 +465,53 @@ TRANSFER_CONFLICT_CODES = _conflict_codes(TransferResult)
 ACCOUNT_RULE_CODES = _rule_codes(AccountResult)
 TRANSFER_RULE_CODES = _rule_codes(TransferResult)
 
-REQUEST_ERROR_CODES: dict[str, int] = {
-    "malformed_json": 400,
-    "invalid_body": 400,
-    "invalid_id": 400,
-    "batch_empty": 400,
-    "invalid_query": 400,
-    "token_missing": 401,
-    "token_invalid": 401,
-    "token_expired": 401,
-    "token_revoked": 401,
+register(400, {
+    "invalid_id": "the {id} in the path is not a decimal integer from 1 to 2^63-1",
+    "batch_empty": "a batch with no items",
+})
+register(403, {"id_reserved": "an id of the request is in the processor's own range"})
+register(404, {
+    "not_found": "no route has this path",
+    "account_not_found": "no account has this id",
+    "transfer_not_found": "no transfer has this id",
+})
+register(405, {"method_not_allowed": "the route does not accept this method"})
+register(413, {
+    "body_too_large": "the body exceeds the server's limit",
+    "batch_too_large": "a batch holds more items than the limit",
+})
+register(429, {"rate_limited": "the caller spent its rate limit; retry after Retry-After"})
+register(503, {"not_ready": "/readyz: the service is starting or stopping"})
+register(409, dict.fromkeys(ACCOUNT_CONFLICT_CODES + TRANSFER_CONFLICT_CODES,
+                            "a single create found an item with the same id but other fields"))
+# currency_mismatch is answered by payments too: registered once, in processor.errors.
+register(422, dict.fromkeys(
+    (code for code in ACCOUNT_RULE_CODES + TRANSFER_RULE_CODES if code != "currency_mismatch"),
+    "a single create broke this ledger rule; nothing was written"))
+# The codes about a request as a whole, as the edge answers them (statuses: the registry's).
+REQUEST_ERROR_CODES: dict[str, int] = statuses((
+    "malformed_json", "invalid_body", "invalid_id", "batch_empty", "invalid_query",
+    "token_missing", "token_invalid", "token_expired", "token_revoked",
     # Signed requests (actors/edge/signatures.py), checked after the token.
-    **dict.fromkeys(SIGNATURE_CODES, 401),
-    "scope_missing": 403,
-    "id_reserved": 403,
-    "not_found": 404,
-    "account_not_found": 404,
-    "transfer_not_found": 404,
-    "method_not_allowed": 405,
-    "body_too_large": 413,
-    "batch_too_large": 413,
-    "overloaded": 429,
-    "rate_limited": 429,
-    "account_quota_exceeded": 422,
-    "internal": 500,
-    "unavailable": 503,
-    "not_ready": 503,
-}
-# Every code an error body can carry, with its HTTP status.
-ERROR_CODES: dict[str, int] = {
-    **REQUEST_ERROR_CODES,
-    **dict.fromkeys(ACCOUNT_CONFLICT_CODES + TRANSFER_CONFLICT_CODES, 409),
-    **dict.fromkeys(ACCOUNT_RULE_CODES + TRANSFER_RULE_CODES, 422),
-    **PAYMENT_ERROR_STATUS,
-}
+    *SIGNATURE_CODES,
+    "scope_missing", "id_reserved", "not_found", "account_not_found", "transfer_not_found",
+    "method_not_allowed", "body_too_large", "batch_too_large", "overloaded", "rate_limited",
+    "account_quota_exceeded", "internal", "unavailable", "not_ready",
+))
+# Every code an error body can carry, with its HTTP status: the whole registry
+# (processor.errors), the payments' codes included.
+ERROR_CODES: Mapping[str, int] = ERROR_STATUS
 
 
-class ApiError(Exception):
+class ApiError(TxprocError):
     """A request refused with an HTTP status and a stable error code."""
 
     def __init__(
         self, status: int, code: str, message: str, headers: dict[str, str] | None = None
     ) -> None:
-        super().__init__(message)
+        super().__init__(message, code=code)
         _require(ERROR_CODES.get(code) == status, f"error code {code} belongs to status {status}")
         self.status = status
-        self.code = code
-        self.message = message
         self.headers = headers or {}
 
 

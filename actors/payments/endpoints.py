@@ -45,7 +45,7 @@ from actors.payments.webhook_endpoints import (
 )
 from adapters.base import Adapter, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
-from processor.errors import Unavailable
+from processor.errors import TxprocError, Unavailable, register, statuses
 from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
@@ -105,72 +105,35 @@ ORIGIN_HEADER = "txproc-origin"
 log = logging.getLogger("txproc.payments.http")
 ENCODER = msgspec.json.Encoder()
 
-# Every error code of the payments endpoints, with its HTTP status.
-PAYMENT_ERROR_STATUS: dict[str, int] = {
-    "idempotency_key_missing": 400,
-    "idempotency_key_invalid": 400,
-    "card_data_not_allowed": 400,
-    "webhook_malformed": 400,
-    "webhook_signature_invalid": 401,
-    "webhook_timestamp_out_of_tolerance": 401,
-    "payment_declined": 402,
-    "risk_declined": 402,
-    "payment_not_found": 404,
-    "payout_not_found": 404,
-    "webhook_provider_unknown": 404,
-    "idempotency_key_in_use": 409,
-    "operation_in_progress": 409,
-    "idempotency_key_reused": 422,
-    "payment_not_capturable": 422,
-    "capture_exceeds_authorized": 422,
-    "capture_not_found": 422,
-    "authorization_expired": 422,
-    "increment_not_supported": 422,
-    "payment_not_incrementable": 422,
-    "increment_exceeds_maximum": 422,
-    "payment_not_voidable": 422,
-    "payment_not_refundable": 422,
-    "refund_exceeds_captured": 422,
-    "merchant_account_not_found": 422,
-    "insufficient_funds": 422,
-    "currency_mismatch": 422,
-    "currency_not_supported": 422,
-    "provider_unknown": 422,
-    "amount_must_be_positive": 422,
-    "payment_failed": 422,
-    "payout_failed": 422,
-    "invalid_body": 400,
-    "malformed_json": 400,
-    "provider_unavailable": 503,
-    # Lists and metadata (processor/payments/listing.py).
-    "invalid_query": 400,
-    "invalid_cursor": 400,
-    "invalid_metadata": 400,
-    # Webhook endpoints (processor/payments/webhooks.py, webhook_endpoints.py).
-    "webhook_url_invalid": 400,
-    "webhook_event_type_unknown": 400,
-    "webhook_endpoint_not_found": 404,
-    "webhook_endpoint_limit_reached": 422,
-    # Disputes (processor/payments/disputes.py).
-    "invalid_evidence": 400,
-    "dispute_not_found": 404,
-    "dispute_not_open": 422,
-    "evidence_deadline_passed": 422,
-    "evidence_not_accepted": 422,
-    # Settlement reconciliation (actors/payments/reconciliation.py).
-    **RECONCILIATION_ERROR_STATUS,
-}
+register(400, {"card_data_not_allowed": "the body holds what looks like a card number"})
+register(404, {"webhook_provider_unknown": "no provider has the webhook URL's name"})
+# Every error code of the payments endpoints, with its HTTP status (the registry's).
+PAYMENT_ERROR_STATUS: dict[str, int] = statuses((
+    "idempotency_key_missing", "idempotency_key_invalid", "card_data_not_allowed",
+    "webhook_malformed", "webhook_signature_invalid", "webhook_timestamp_out_of_tolerance",
+    "payment_declined", "risk_declined", "payment_not_found", "payout_not_found",
+    "webhook_provider_unknown", "idempotency_key_in_use", "operation_in_progress",
+    "idempotency_key_reused", "payment_not_capturable", "capture_exceeds_authorized",
+    "capture_not_found", "authorization_expired", "increment_not_supported",
+    "payment_not_incrementable", "increment_exceeds_maximum", "payment_not_voidable",
+    "payment_not_refundable", "refund_exceeds_captured", "merchant_account_not_found",
+    "insufficient_funds", "currency_mismatch", "currency_not_supported", "provider_unknown",
+    "amount_must_be_positive", "payment_failed", "payout_failed", "invalid_body", "malformed_json",
+    "provider_unavailable", "invalid_query", "invalid_cursor", "invalid_metadata",
+    "webhook_url_invalid", "webhook_event_type_unknown", "webhook_endpoint_not_found",
+    "webhook_endpoint_limit_reached", "invalid_evidence", "dispute_not_found", "dispute_not_open",
+    "evidence_deadline_passed", "evidence_not_accepted",
+    *RECONCILIATION_ERROR_STATUS,
+))
 
 
-class PaymentsApiError(Exception):
+class PaymentsApiError(TxprocError):
     """A payments request refused with an HTTP status and a stable error code."""
 
     def __init__(self, code: str, message: str, *, body: bytes = b"",
                  retry_after_s: int = 0) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
         self.status = PAYMENT_ERROR_STATUS[code]
-        self.message = message
         self.body = body  # a full JSON answer, when the error carries the payment
         self.retry_after_s = retry_after_s
 

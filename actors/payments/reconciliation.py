@@ -42,7 +42,7 @@ from actors.ops import metrics
 from actors.ops.audit_events import actor_of_origin, record_audit_event
 from adapters.base import Adapter
 from processor.codes import AccountResult, TransferResult
-from processor.errors import LedgerError
+from processor.errors import LedgerError, TxprocError, register, statuses
 from processor.payments import (
     Operation,
     PaymentsConfig,
@@ -92,20 +92,26 @@ Date = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")]
 ProviderName = Annotated[str, msgspec.Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
 
 
-class ReconciliationRefused(Exception):
+class ReconciliationRefused(TxprocError):
     """A reconciliation request refused; ``code`` is stable (RECONCILIATION_ERROR_STATUS)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
-RECONCILIATION_ERROR_STATUS = {
-    "invalid_body": 400, "malformed_json": 400, "invalid_query": 400,
-    "provider_unknown": 422, "date_in_future": 422,
-    "reconciliation_run_not_found": 404, "reconciliation_exception_not_found": 404,
-    "exception_already_resolved": 409,
-}
+register(404, {
+    "reconciliation_run_not_found": "no reconciliation run has this id",
+    "reconciliation_exception_not_found": "no reconciliation exception has this id",
+})
+register(409, {"exception_already_resolved": "the exception's resolution is already recorded"})
+register(422, {"date_in_future": "the day to reconcile is after tomorrow"})
+# Every code a reconciliation request can be refused with; the statuses are the registry's.
+RECONCILIATION_ERROR_STATUS = statuses((
+    "invalid_body", "malformed_json", "invalid_query",
+    "provider_unknown", "date_in_future",
+    "reconciliation_run_not_found", "reconciliation_exception_not_found",
+    "exception_already_resolved",
+))
 
 
 class RunRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

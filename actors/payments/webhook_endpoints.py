@@ -27,6 +27,7 @@ from msgspec import Meta
 from actors.ops.audit_events import actor_of_origin, record_audit_event
 from actors.payments.outbox import STATEMENT_TIMEOUT_S
 from processor.audit import AuditActor
+from processor.errors import TxprocError
 from processor.identity import tenant_of_principal
 from processor.payments import (
     ENDPOINT_ID_PATTERN,
@@ -67,13 +68,11 @@ ENDPOINT_OPERATIONS = frozenset({"create_webhook_endpoint", "list_webhook_endpoi
                                  "get_webhook_endpoint", "delete_webhook_endpoint"})
 
 
-class EndpointRefused(Exception):
+class EndpointRefused(TxprocError):
     """An endpoint operation refused with a stable code (its status: PAYMENT_ERROR_STATUS)."""
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 class EndpointsQuery(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):

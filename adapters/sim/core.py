@@ -35,11 +35,11 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any, Literal
 
 from adapters.base import Operation
+from adapters.decoding import decimal_to_minor, minor_to_decimal
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
 
@@ -117,31 +117,20 @@ def load_secrets(path: Path, provider: str) -> dict[str, str]:
 
 # --- money and time ---------------------------------------------------------------------------
 
-_DECIMAL_TEXT = re.compile(r"-?\d{1,20}(\.\d{1,8})?")
-
-
 def minor_to_text(amount: int, currency: str) -> str:
     """``amount`` minor units as the decimal text of major units (``1050, EUR -> "10.50"``)."""
-    exponent = CURRENCY_EXPONENTS[currency]
-    sign = "-" if amount < 0 else ""
-    whole, fraction = divmod(abs(amount), 10**exponent)
-    if exponent == 0:
-        return f"{sign}{whole}"
-    return f"{sign}{whole}.{fraction:0{exponent}d}"
+    return minor_to_decimal(amount, CURRENCY_EXPONENTS[currency])
 
 
 def text_to_minor(text: str, currency: str) -> int | None:
     """Decimal text of major units as minor units, or None when it is not exact or not sane."""
     exponent = CURRENCY_EXPONENTS.get(currency)
-    if exponent is None or not _DECIMAL_TEXT.fullmatch(text):
+    if exponent is None:
         return None
     try:
-        scaled = Decimal(text).scaleb(exponent)
-    except InvalidOperation:
+        return decimal_to_minor(text, exponent)
+    except ValueError:
         return None
-    if scaled != scaled.to_integral_value():
-        return None
-    return int(scaled)
 
 
 def utc_date(at_s: float) -> str:

@@ -47,6 +47,7 @@ from processor.identity.signatures import (
 from processor.identity.tokens import (
     ALGORITHM,
     AUDIENCE,
+    AUTH_CODES,
     DEFAULT_TENANT,
     KEY_BYTES,
     KEY_FILE_NAME,
@@ -72,6 +73,7 @@ from processor.identity.tokens import (
 __all__ = [
     "ALGORITHM",
     "AUDIENCE",
+    "AUTH_CODES",
     "CLIENT_SECRET_BYTES",
     "COVERED_COMPONENTS",
     "CREATED_AGE_S_MAX",

@@ -35,6 +35,8 @@ from typing import Literal
 
 import msgspec
 
+from processor.errors import TxprocError, register
+
 __all__ = [
     "CLIENT_SECRET_BYTES",
     "COVERED_COMPONENTS",
@@ -86,9 +88,16 @@ SignatureCode = Literal[
     "signature_required", "signature_invalid", "signature_expired", "request_replayed"]
 SIGNATURE_CODES: tuple[SignatureCode, ...] = (
     "signature_required", "signature_invalid", "signature_expired", "request_replayed")
+register(401, {
+    "signature_required": "this state-changing request needs a signature and carries none",
+    "signature_invalid": "the request's signature cannot be read, names another key or "
+                         "does not match",
+    "signature_expired": "the signature's created is outside the accepted window; sign again",
+    "request_replayed": "this client key's nonce was used before; sign every request anew",
+})
 
 
-class SignatureError(Exception):
+class SignatureError(TxprocError):
     """A state-changing request whose signature is missing or does not hold (HTTP 401).
 
     ``code`` is one of ``SIGNATURE_CODES``: ``signature_required`` (the server wants one
@@ -98,10 +107,10 @@ class SignatureError(Exception):
     ``message`` names the rule, never a secret or a value the client sent.
     """
 
+    code: SignatureCode
+
     def __init__(self, code: SignatureCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 def _invalid(message: str) -> SignatureError:

@@ -27,11 +27,13 @@ from collections.abc import Iterable, Mapping
 import jwt
 import msgspec
 
+from processor.errors import TxprocError, register
 from processor.identity.keyfile import KeyFileError, read_private_file, write_private_file
 
 __all__ = [
     "ALGORITHM",
     "AUDIENCE",
+    "AUTH_CODES",
     "DEFAULT_TENANT",
     "KEY_BYTES",
     "KEY_FILE_NAME",
@@ -111,20 +113,27 @@ class _Payload(msgspec.Struct, frozen=True):
     exp: int
 
 
-class AuthError(Exception):
+AUTH_CODES = register(401, {
+    "token_missing": "no Authorization header, another scheme than Bearer, or no token",
+    "token_invalid": "the token's signature, algorithm, claims or signing key are not valid",
+    "token_expired": "the token's expiry has passed",
+    "token_revoked": "the token was revoked; get a new one",
+})
+register(403, {"scope_missing": "the token is valid but lacks the operation's scope"})
+
+
+class AuthError(TxprocError):
     """The request carries no usable token (HTTP 401).
 
-    ``code`` is one of ``token_missing``, ``token_invalid``, ``token_expired`` and
-    ``token_revoked``.
+    ``code`` is one of ``AUTH_CODES``: ``token_missing``, ``token_invalid``,
+    ``token_expired`` and ``token_revoked``.
     """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
-class ScopeError(Exception):
+class ScopeError(TxprocError):
     """The token is valid but lacks the scope the operation needs (HTTP 403)."""
 
     code = "scope_missing"
@@ -132,7 +141,6 @@ class ScopeError(Exception):
     def __init__(self, scope: str) -> None:
         super().__init__(f"the token lacks the scope {scope!r}")
         self.scope = scope
-        self.message = str(self)
 
 
 class Claims(msgspec.Struct, frozen=True, kw_only=True):

@@ -28,6 +28,7 @@ import enum
 
 import msgspec
 
+from processor.errors import TxprocError, register
 from processor.types import AMOUNT_MAX
 
 __all__ = [
@@ -65,12 +66,25 @@ DISPUTE_EVENT_TYPES: tuple[str, ...] = tuple(f"dispute.{s.value}" for s in Dispu
 _DECIDED = frozenset({DisputeStatus.WON, DisputeStatus.LOST})
 
 
-class DisputeError(Exception):
-    """A dispute request or notice the rules refuse; ``code`` is stable."""
+register(400, {"invalid_evidence": "evidence text or files outside their limits"})
+register(404, {"dispute_not_found": "no dispute of the tenant has this id"})
+register(422, {
+    "dispute_not_open": "the dispute no longer takes evidence",
+    "evidence_deadline_passed": "the provider takes no evidence for this dispute any more",
+    "evidence_not_accepted": "the provider refused the evidence",
+})
+
+
+class DisputeError(TxprocError):
+    """A dispute request or notice the rules refuse; ``code`` is stable.
+
+    The codes of a provider's notice (``dispute_payment_not_captured``,
+    ``dispute_exceeds_captured``, ``dispute_fee_invalid``) are recorded with the notice and
+    never answered, so they are not registered.
+    """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class Evidence(msgspec.Struct, frozen=True, kw_only=True):

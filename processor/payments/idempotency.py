@@ -22,6 +22,7 @@ import re
 
 import msgspec
 
+from processor.errors import TxprocError, register
 from processor.types import require
 
 __all__ = [
@@ -55,16 +56,26 @@ class IdempotencyErrorCode(enum.StrEnum):
     idempotency_key_invalid = "idempotency_key_invalid"
 
 
-class IdempotencyError(Exception):
+register(400, {
+    "idempotency_key_missing": "the request needs an Idempotency-Key header",
+    "idempotency_key_invalid": "the Idempotency-Key is not 1 to 255 visible ASCII characters",
+})
+register(409, {
+    "idempotency_key_in_use": "a request with this Idempotency-Key is still being answered",
+})
+register(422, {
+    "idempotency_key_reused": "this Idempotency-Key was used with another request",
+})
+
+
+class IdempotencyError(TxprocError):
     """The request's ``Idempotency-Key`` is missing or malformed (HTTP 400).
 
     ``code`` is stable and appears in API error bodies; ``message`` never repeats the key.
     """
 
     def __init__(self, code: IdempotencyErrorCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+        super().__init__(message, code=code)
 
 
 def check_key(header: str | None) -> str:

@@ -47,6 +47,7 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta
 
+from processor.errors import TxprocError, register
 from processor.payments.disputes import DisputeStatus
 from processor.payments.saga import PaymentStatus, PayoutStatus
 from processor.types import ID_MAX
@@ -109,12 +110,16 @@ class ListCode(enum.StrEnum):
     invalid_metadata = "invalid_metadata"
 
 
-class ListError(ValueError):
+# invalid_query and invalid_cursor are every list's (processor.errors).
+register(400, {"invalid_metadata": "metadata that breaks its limits (pairs, key or value "
+                                   "lengths, U+0000)"})
+
+
+class ListError(TxprocError, ValueError):
     """A list query or a metadata object breaks a rule; ``code`` names which."""
 
     def __init__(self, code: ListCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code.value
+        super().__init__(message, code=code.value)
 
 
 Reference = Annotated[str, Meta(min_length=1, max_length=64, pattern="^[A-Za-z0-9_.:-]*$")]

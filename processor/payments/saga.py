@@ -48,6 +48,7 @@ from collections.abc import Sequence
 import msgspec
 
 from processor.codes import TransferResult
+from processor.errors import TxprocError, register
 from processor.payments.breaker import backoff_s
 from processor.payments.provider import (
     DeclineCode,
@@ -159,12 +160,49 @@ class PayoutStatus(enum.StrEnum):
     FAILED = "failed"
 
 
-class PaymentError(Exception):
-    """A request the payment rules refuse; ``code`` is stable and names the rule."""
+register(402, {
+    "payment_declined": "the provider declined; the body carries the payment or payout",
+    "risk_declined": "the risk check declined; the body carries the payment",
+})
+register(404, {
+    "payment_not_found": "no payment of the tenant has this id",
+    "payout_not_found": "no payout of the tenant has this id",
+})
+register(409, {"operation_in_progress": "another operation on this payment is still running"})
+register(422, {
+    "payment_not_capturable": "the payment is not authorized, or nothing is left to capture",
+    "capture_exceeds_authorized": "the capture is more than what is left of the authorization",
+    "capture_not_found": "the refund names no succeeded capture of the payment",
+    "authorization_expired": "the authorization lapsed before a partial capture or increment",
+    "increment_not_supported": "the payment's provider cannot increment an authorization",
+    "payment_not_incrementable": "the payment is not an authorization that can grow",
+    "increment_exceeds_maximum": "the increment would take the authorization past the maximum",
+    "payment_not_voidable": "the payment is not an authorization left to void",
+    "payment_not_refundable": "the payment has nothing captured left to refund",
+    "refund_exceeds_captured": "the refund is more than what is captured and not refunded",
+    "merchant_account_not_found": "no merchant account of the tenant has this id",
+    "insufficient_funds": "the payout is more than the merchant account's available balance",
+    "currency_not_supported": "no provider takes this currency",
+    "provider_unknown": "no provider has this name",
+    # currency_mismatch is the ledger's too: registered once, in processor.errors.
+    "amount_must_be_positive": "the amount must be at least 1 minor unit",
+    "payment_failed": "the payment was compensated or refused by the ledger",
+    "payout_failed": "the payout was compensated or refused by the ledger",
+})
+register(503, {
+    "provider_unavailable": "no provider could take the request; nothing happened",
+})
+
+
+class PaymentError(TxprocError):
+    """A request the payment rules refuse; ``code`` is stable and names the rule.
+
+    Codes that are not registered (``step_exists``, ``step_not_waiting``, ...) are the
+    engine's own reasons, answered as ``payment_failed`` when one ends a request.
+    """
 
     def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code=code)
 
 
 class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):

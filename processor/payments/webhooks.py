@@ -25,6 +25,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from processor.errors import TxprocError, register
 from processor.payments.disputes import DISPUTE_EVENT_TYPES
 from processor.payments.saga import PaymentStatus, PayoutStatus
 
@@ -75,12 +76,21 @@ class WebhookEndpointCode(enum.StrEnum):
     event_type_unknown = "webhook_event_type_unknown"
 
 
-class WebhookEndpointError(ValueError):
+register(400, {
+    "webhook_url_invalid": "the endpoint's URL is not an absolute http(s) URL within the rules",
+    "webhook_event_type_unknown": "an event type the service does not send",
+})
+register(404, {"webhook_endpoint_not_found": "no webhook endpoint of the tenant has this id"})
+register(422, {
+    "webhook_endpoint_limit_reached": "the tenant already has as many endpoints as allowed",
+})
+
+
+class WebhookEndpointError(TxprocError, ValueError):
     """An endpoint request breaks a rule; ``code`` names the rule."""
 
     def __init__(self, code: WebhookEndpointCode, message: str) -> None:
-        super().__init__(message)
-        self.code = code.value
+        super().__init__(message, code=code.value)
 
 
 EventType = Annotated[str, Meta(min_length=1, max_length=100)]
