@@ -42,6 +42,12 @@ from processor import wire
 from processor.batch import TransferBatch, transfer_columns
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, TxprocError, Unavailable
+from processor.history import (
+    HISTORY_LIMIT_DEFAULT,
+    TIMESTAMP_END,
+    AccountBalancesAt,
+    TransfersPage,
+)
 from processor.types import Account, Transfer
 
 __all__ = ["CONNECT_ATTEMPTS_MAX_DEFAULT", "Client", "ClientError", "PaymentAnswer",
@@ -280,6 +286,42 @@ class Client:
         result = _expect(response, wire.LookupTransfersResult)
         _check_count(result.items, ids)
         return result.items
+
+    # -- history, queries, balances at an instant (processor.history; docs/api.md) ----------
+
+    async def get_account_transfers(
+        self, account_id: int, *, from_ns: int = 0, to_ns: int = TIMESTAMP_END,
+        limit: int = HISTORY_LIMIT_DEFAULT, cursor: str = "", order: str = "asc",
+        side: str = "both",
+    ) -> TransfersPage:
+        """A page of the account's transfers with a timestamp in ``[from_ns, to_ns)``
+        (nanoseconds since the Unix epoch), ``order`` "asc" or "desc", ``side`` "debits",
+        "credits" or "both"; pass the page's ``next_cursor`` back as ``cursor`` for the next.
+        Raises ``ClientError`` ``account_not_found``, ``invalid_query``, ``invalid_cursor``."""
+        response = await self._call(lambda request_id: wire.GetAccountTransfers(
+            request_id, account_id, from_ns, to_ns, limit, cursor, order, side))
+        result = _expect(response, wire.TransfersPageResult)
+        return TransfersPage(data=result.items, next_cursor=result.next_cursor)
+
+    async def query_transfers(
+        self, *, code: int | None = None, user_data: str | None = None, from_ns: int = 0,
+        to_ns: int = TIMESTAMP_END, limit: int = HISTORY_LIMIT_DEFAULT, cursor: str = "",
+    ) -> TransfersPage:
+        """A page of the transfers the caller's tenant created with ``code`` and
+        ``user_data`` (None: any), oldest first. A filtered page may hold fewer than
+        ``limit`` transfers and still have a ``next_cursor``: each request reads a bounded
+        number of rows. Raises ``ClientError`` ``invalid_query``, ``invalid_cursor``."""
+        response = await self._call(lambda request_id: wire.QueryTransfers(
+            request_id, code, user_data, from_ns, to_ns, limit, cursor))
+        result = _expect(response, wire.TransfersPageResult)
+        return TransfersPage(data=result.items, next_cursor=result.next_cursor)
+
+    async def get_account_balances(self, account_id: int, at_ns: int) -> AccountBalancesAt:
+        """The account's balances counting every movement at or before ``at_ns``. Raises
+        ``ClientError`` ``account_not_found``, ``invalid_query``."""
+        response = await self._call(lambda request_id: wire.GetAccountBalances(
+            request_id, account_id, at_ns))
+        return _expect(response, wire.AccountBalancesResult).balances
 
     # -- payments (the HTTP API's semantics and JSON bodies; docs/payments.md) ---------------
 

@@ -40,6 +40,7 @@ from typing import Annotated, Final
 import msgspec
 from msgspec import Meta
 
+from processor.history import AccountBalancesAt
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_CHARS_MAX, Account, Transfer
 
@@ -52,6 +53,7 @@ __all__ = [
     "PROTOCOL_VERSIONS",
     "REQUEST_ID_MAX",
     "TOKEN_CHARS_MAX",
+    "AccountBalancesResult",
     "CreateAccounts",
     "CreateAccountsResult",
     "CreateTransferBatch",
@@ -60,6 +62,8 @@ __all__ = [
     "CreateTransfersResult",
     "Error",
     "FrameTooLarge",
+    "GetAccountBalances",
+    "GetAccountTransfers",
     "Hello",
     "HelloOk",
     "LookupAccounts",
@@ -69,8 +73,10 @@ __all__ = [
     "MalformedFrame",
     "PaymentCall",
     "PaymentResult",
+    "QueryTransfers",
     "Request",
     "Response",
+    "TransfersPageResult",
     "decode_request",
     "decode_response",
     "encode_frame",
@@ -126,6 +132,11 @@ ERROR_CODES: Final = frozenset(
         "idle_timeout",
         "frame_timeout",  # a frame's body came too slowly (the server's frame timeout)
         "internal",  # a bug on the server; the request may or may not have been applied
+        # a history request's filter is out of range (processor.history): nothing read
+        "invalid_query",
+        "invalid_cursor",  # a cursor that list did not give for these filters
+        # GetAccountTransfers, GetAccountBalances: no account of the caller's has the id
+        "account_not_found",
     }
 )
 
@@ -224,6 +235,54 @@ class PaymentCall(msgspec.Struct, frozen=True, array_like=True, tag=6, forbid_un
     body: Annotated[bytes, Meta(max_length=65536)] = b""
 
 
+# History, queries and balances at an instant (processor.history; docs/api.md, "History
+# and queries"). Their fields are loosely typed here and checked by the server against
+# processor.history's filters, so a value out of range is answered ``invalid_query`` for
+# that request instead of closing the connection as a malformed frame. A server older
+# than these messages does close it (malformed_frame).
+
+
+class GetAccountTransfers(
+    msgspec.Struct, frozen=True, array_like=True, tag=8, forbid_unknown_fields=True
+):
+    """One account's transfers with a timestamp in ``[from_ns, to_ns)``, ``limit`` (1 to
+    8,189) at a time, ``order`` "asc" or "desc", ``side`` "debits", "credits" or "both";
+    ``cursor`` is the previous page's ``next_cursor``. Answered by ``TransfersPageResult``."""
+
+    request_id: RequestId
+    account_id: int
+    from_ns: int = 0
+    to_ns: int = ID_MAX
+    limit: int = 100
+    cursor: Annotated[str, Meta(max_length=64)] = ""
+    order: Annotated[str, Meta(max_length=8)] = "asc"
+    side: Annotated[str, Meta(max_length=8)] = "both"
+
+
+class QueryTransfers(msgspec.Struct, frozen=True, array_like=True, tag=9,
+                     forbid_unknown_fields=True):
+    """The caller's tenant's transfers with ``code`` and ``user_data`` (None: any) and a
+    timestamp in ``[from_ns, to_ns)``, oldest first. Answered by ``TransfersPageResult``."""
+
+    request_id: RequestId
+    code: int | None = None
+    user_data: Annotated[str, Meta(max_length=USER_DATA_CHARS_MAX)] | None = None
+    from_ns: int = 0
+    to_ns: int = ID_MAX
+    limit: int = 100
+    cursor: Annotated[str, Meta(max_length=64)] = ""
+
+
+class GetAccountBalances(msgspec.Struct, frozen=True, array_like=True, tag=10,
+                         forbid_unknown_fields=True):
+    """An account's balances counting every movement at or before ``at_ns`` (nanoseconds
+    since the Unix epoch). Answered by ``AccountBalancesResult``."""
+
+    request_id: RequestId
+    account_id: int
+    at_ns: int
+
+
 # Responses tolerate fields added by a newer server, so clients survive a rolling deploy.
 class HelloOk(msgspec.Struct, frozen=True, array_like=True, tag=64):
     """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch).
@@ -279,6 +338,21 @@ class PaymentResult(msgspec.Struct, frozen=True, array_like=True, tag=70):
     replayed: bool = False
 
 
+class TransfersPageResult(msgspec.Struct, frozen=True, array_like=True, tag=72):
+    """A page of transfers in the order asked for; ``next_cursor`` None on the last."""
+
+    request_id: RequestId
+    items: list[Transfer]
+    next_cursor: str | None = None
+
+
+class AccountBalancesResult(msgspec.Struct, frozen=True, array_like=True, tag=73):
+    """The balances a ``GetAccountBalances`` asked for."""
+
+    request_id: RequestId
+    balances: AccountBalancesAt
+
+
 class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
     """A request, or with ``request_id`` None the connection, failed with ``code``.
 
@@ -293,7 +367,7 @@ class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
 
 Request = (
     Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers | PaymentCall
-    | CreateTransferBatch
+    | CreateTransferBatch | GetAccountTransfers | QueryTransfers | GetAccountBalances
 )
 Response = (
     HelloOk
@@ -303,6 +377,8 @@ Response = (
     | LookupTransfersResult
     | PaymentResult
     | CreateTransferBatchResult
+    | TransfersPageResult
+    | AccountBalancesResult
     | Error
 )
 

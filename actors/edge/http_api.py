@@ -73,6 +73,16 @@ from processor.errors import (
     register,
     statuses,
 )
+from processor.history import (
+    HISTORY_LIMIT_MAX,
+    AccountBalancesAt,
+    AccountTransfersFilter,
+    HistoryError,
+    HistoryService,
+    TransfersPage,
+    TransfersQuery,
+    parse_rfc3339_ns,
+)
 from processor.identity import (
     PROCESSOR_TENANT,
     SCOPES,
@@ -307,6 +317,25 @@ class TransferResponse(msgspec.Struct, frozen=True, kw_only=True):
     code: Code
     user_data: UserData
     timestamp: TimestampNs
+
+
+class TransferPageResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """A page of transfers in the order asked for; ``next_cursor`` reads the next page,
+    null on the last."""
+
+    data: list[TransferResponse]
+    next_cursor: str | None
+
+
+class BalancesAtResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """An account's balances counting every movement with a timestamp at or before ``at``."""
+
+    account_id: Id
+    at: TimestampNs
+    debits_pending: Amount
+    debits_posted: Amount
+    credits_pending: Amount
+    credits_posted: Amount
 
 
 class AccountBatchResult(msgspec.Struct, frozen=True):
@@ -948,6 +977,48 @@ class _Api:
             raise ApiError(404, "transfer_not_found", f"no transfer has the id {transfer_id}")
         return _json_response(200, transfer_to_response(transfer))
 
+    # -- history, queries, balances at an instant (processor/history.py) -------------------
+
+    def _history(self) -> HistoryService:
+        """The service's history reads; 503 where the service has none."""
+        if not hasattr(self._service, "query_transfers"):
+            raise ApiError(503, "unavailable", "this server keeps no history",
+                           {"Retry-After": "60"})
+        return self._service  # type: ignore[return-value]
+
+    async def get_account_transfers(self, request: Request) -> Response:
+        account_id = _path_id(request)
+        params = _history_params(request, _ACCOUNT_TRANSFERS_PARAMS)
+        try:
+            query = AccountTransfersFilter(account_id=account_id, **params)
+            page = await self._history().get_account_transfers(
+                query, request.state.claims.tenant_slot)
+        except HistoryError as exc:
+            raise ApiError(400, exc.code, exc.message) from exc
+        if page is None:
+            raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
+        return _json_response(200, _page_response(page))
+
+    async def query_transfers(self, request: Request) -> Response:
+        params = _history_params(request, _QUERY_TRANSFERS_PARAMS)
+        try:
+            page = await self._history().query_transfers(
+                TransfersQuery(**params), request.state.claims.tenant_slot)
+        except HistoryError as exc:
+            raise ApiError(400, exc.code, exc.message) from exc
+        return _json_response(200, _page_response(page))
+
+    async def get_account_balances(self, request: Request) -> Response:
+        account_id = _path_id(request)
+        params = _history_params(request, {"at": "instant"})
+        if "at_ns" not in params:
+            raise ApiError(400, "invalid_query", "at (an RFC 3339 time) is required")
+        balances = await self._history().get_account_balances(
+            account_id, params["at_ns"], request.state.claims.tenant_slot)
+        if balances is None:
+            raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
+        return _json_response(200, _balances_response(balances))
+
     # -- payments -------------------------------------------------------------------------
 
     def _require_payments(self) -> PaymentsService:
@@ -1165,6 +1236,69 @@ class _Api:
             raise ApiError(503, "unavailable", "the transfer was stored; retry to read it",
                            headers={"Retry-After": "1"})
         return transfer_to_response(transfer)
+
+
+# The query parameters of the history routes: name -> kind (how it is read).
+_ACCOUNT_TRANSFERS_PARAMS = {"from": "instant", "to": "instant", "limit": "limit",
+                             "cursor": "cursor", "order": "order", "side": "side"}
+_QUERY_TRANSFERS_PARAMS = {"code": "code", "user_data": "user_data", "from": "instant",
+                           "to": "instant", "limit": "limit", "cursor": "cursor"}
+_HISTORY_CHOICES = {"order": ("asc", "desc"), "side": ("debits", "credits", "both")}
+_USER_DATA = re.compile(USER_DATA_PATTERN)
+
+
+def _history_params(request: Request, known: dict[str, str]) -> dict[str, Any]:
+    """The history route's query as the keyword arguments of its filter: instants as
+    ``<name>_ns`` nanoseconds, whole numbers as ints. 400 ``invalid_query`` for an unknown
+    or repeated parameter or a value out of its range (the cursor is checked by the
+    store, against the filters: ``invalid_cursor``)."""
+    out: dict[str, Any] = {}
+    seen: set[str] = set()
+    for name, value in request.query_params.multi_items():
+        kind = known.get(name)
+        if kind is None or name in seen:
+            raise ApiError(400, "invalid_query", f"unknown or repeated parameter {name[:40]!r}; "
+                                                 f"this route takes {', '.join(known)}")
+        seen.add(name)
+        if kind == "instant":
+            try:
+                out[f"{name}_ns"] = parse_rfc3339_ns(value, name)
+            except HistoryError as exc:
+                raise ApiError(400, exc.code, exc.message) from exc
+        elif kind in ("limit", "code"):
+            low, high = (1, HISTORY_LIMIT_MAX) if kind == "limit" else (0, CODE_MAX)
+            if not (value.isascii() and value.isdigit() and len(value) <= 10
+                    and low <= int(value) <= high):
+                raise ApiError(400, "invalid_query", f"{name} is a whole number from {low} "
+                                                     f"to {high}")
+            out[name] = int(value)
+        elif kind in _HISTORY_CHOICES:
+            if value not in _HISTORY_CHOICES[kind]:
+                raise ApiError(400, "invalid_query",
+                               f"{name} is one of {', '.join(_HISTORY_CHOICES[kind])}")
+            out[name] = value
+        elif kind == "user_data":
+            if len(value) > USER_DATA_CHARS_MAX or _USER_DATA.fullmatch(value) is None:
+                raise ApiError(400, "invalid_query", f"user_data is at most "
+                                                     f"{USER_DATA_CHARS_MAX} characters, no NUL")
+            out[name] = value
+        else:  # the cursor: its length here, its contents against the filters later
+            if not 1 <= len(value) <= 64:
+                raise ApiError(400, "invalid_cursor", "the cursor is not one this list gave")
+            out[name] = value
+    return out
+
+
+def _page_response(page: TransfersPage) -> TransferPageResponse:
+    return TransferPageResponse(data=[transfer_to_response(t) for t in page.data],
+                                next_cursor=page.next_cursor)
+
+
+def _balances_response(b: AccountBalancesAt) -> BalancesAtResponse:
+    return BalancesAtResponse(account_id=b.account_id, at=b.at_ns,
+                              debits_pending=b.debits_pending, debits_posted=b.debits_posted,
+                              credits_pending=b.credits_pending,
+                              credits_posted=b.credits_posted)
 
 
 _EVENT_TYPE = re.compile(EVENT_TYPE_PATTERN)
@@ -1477,6 +1611,21 @@ def _list_replies(body: type, description: str) -> tuple[Reply, ...]:
     )
 
 
+def _history_replies(not_found: str | None) -> tuple[Reply, ...]:
+    missing = (_error_reply(404, "No account of yours has this id.", not_found),
+               ) if not_found else ()
+    bad_id = ("invalid_id",) if not_found else ()
+    return (
+        Reply(200, "Up to limit transfers and the cursor of the next page (null on the "
+                   "last).", TransferPageResponse),
+        _error_reply(400, "A query parameter is unknown, repeated or out of range, the "
+                          "cursor is not one this list gave for these filters"
+                          + (", or the id is not an integer from 1 to 2^63-1." if not_found
+                             else "."), *bad_id, "invalid_query", "invalid_cursor"),
+        _UNAUTHORIZED, _FORBIDDEN, *missing, *_LEDGER_TROUBLE,
+    )
+
+
 _ENDPOINT_NOT_FOUND = _error_reply(404, "No webhook endpoint of yours has this id.",
                                    "webhook_endpoint_not_found")
 
@@ -1537,6 +1686,35 @@ OPERATIONS: tuple[Operation, ...] = (
         name="get_transfer", method="GET", path="/v1/transfers/{id}",
         summary="Read one transfer.", handler=_Api.get_transfer, scope="transfers:read",
         replies=_get_replies(TransferResponse, "transfer", "transfer_not_found"),
+    ),
+    Operation(
+        name="get_account_transfers", method="GET", path="/v1/accounts/{id}/transfers",
+        summary="The account's transfers in a time range, oldest (or newest) first, a page "
+                "at a time.",
+        handler=_Api.get_account_transfers, scope="accounts:read",
+        replies=_history_replies("account_not_found"),
+    ),
+    Operation(
+        name="get_account_balances", method="GET", path="/v1/accounts/{id}/balances",
+        summary="The account's four balances as of an instant (at, RFC 3339).",
+        handler=_Api.get_account_balances, scope="accounts:read",
+        replies=(
+            Reply(200, "The balances counting every movement at or before at.",
+                  BalancesAtResponse),
+            _error_reply(400, "The id is not an integer from 1 to 2^63-1, or at is missing, "
+                              "repeated or not an RFC 3339 time from 1970 to 2262.",
+                         "invalid_id", "invalid_query"),
+            _UNAUTHORIZED, _FORBIDDEN,
+            _error_reply(404, "No account of yours has this id.", "account_not_found"),
+            *_LEDGER_TROUBLE,
+        ),
+    ),
+    Operation(
+        name="query_transfers", method="GET", path=TRANSFERS_PATH,
+        summary="The transfers your tenant created, filtered by code and user_data, oldest "
+                "first, a page at a time.",
+        handler=_Api.query_transfers, scope="transfers:read",
+        replies=_history_replies(None),
     ),
     Operation(
         name="create_payment", method="POST", path="/v1/payments",
@@ -1902,6 +2080,8 @@ def _operation_object(op: Operation, refs: dict[Any, Any]) -> dict[str, Any]:
         entry["parameters"] = _RECONCILIATION_LISTS[op.name]
     elif op.method == "GET" and op.name.startswith("list_") and op.name != "list_events":
         entry["parameters"] = _list_parameters(op.name.removeprefix("list_"))
+    if op.name in _HISTORY_PARAMETERS:
+        entry.setdefault("parameters", []).extend(_HISTORY_PARAMETERS[op.name])
     if op.scope is not None and op.method == "POST" and op.path.startswith(
             ("/v1/payments", "/v1/payouts", "/v1/webhook_endpoints")):
         entry.setdefault("parameters", []).append({
@@ -1937,6 +2117,36 @@ _RECONCILIATION_LISTS: dict[str, list[dict[str, Any]]] = {
         _query("run_id", {"type": "integer", "minimum": 1, "maximum": ID_MAX}),
         _query("limit", {"type": "integer", "minimum": 1, "maximum": EXCEPTIONS_PAGE_MAX}),
         _query("cursor", _CURSOR)],
+}
+
+
+_INSTANT = {"type": "string", "format": "date-time", "maxLength": 40,
+            "description": "RFC 3339 with its offset and up to nine fractional digits."}
+_HISTORY_PAGING = [
+    _query("from", _INSTANT | {"description": "Transfers at or after this instant."}),
+    _query("to", _INSTANT | {"description": "Transfers before this instant."}),
+    _query("limit", {"type": "integer", "minimum": 1, "maximum": HISTORY_LIMIT_MAX,
+                     "default": 100}),
+    _query("cursor", {"type": "string", "minLength": 1, "maxLength": 64,
+                      "description": "The previous page's next_cursor, with the same "
+                                     "filters."}),
+]
+_HISTORY_PARAMETERS: dict[str, list[dict[str, Any]]] = {
+    "get_account_transfers": [
+        *_HISTORY_PAGING,
+        _query("order", {"type": "string", "enum": ["asc", "desc"], "default": "asc"}),
+        _query("side", {"type": "string", "enum": ["debits", "credits", "both"],
+                        "default": "both"}),
+    ],
+    "query_transfers": [
+        _query("code", {"type": "integer", "minimum": 0, "maximum": CODE_MAX}),
+        _query("user_data", {"type": "string", "maxLength": USER_DATA_CHARS_MAX,
+                             "pattern": USER_DATA_PATTERN}),
+        *_HISTORY_PAGING,
+    ],
+    "get_account_balances": [
+        {"name": "at", "in": "query", "required": True, "schema": _INSTANT},
+    ],
 }
 
 

@@ -29,6 +29,7 @@ import ssl
 from collections.abc import Callable, Sized
 from typing import Any, cast
 
+import msgspec
 import numpy as np
 from msgspec.structs import replace
 
@@ -41,6 +42,7 @@ from actors.payments import OPERATION_SCOPES
 from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
+from processor.history import AccountTransfersFilter, HistoryError, HistoryService, TransfersQuery
 from processor.ratelimit import RateLimiter
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
@@ -50,7 +52,7 @@ from processor.reserved import (
     transfers_reserved,
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
-from processor.types import InvariantError
+from processor.types import ID_MAX, InvariantError
 
 __all__ = [
     "CLOSE_DRAIN_TIMEOUT_S",
@@ -94,7 +96,8 @@ _CONNECTIONS_FULL_RETRY_AFTER_S = 1.0
 
 _Batch = (
     wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
-    | wire.PaymentCall | wire.CreateTransferBatch
+    | wire.PaymentCall | wire.CreateTransferBatch | wire.GetAccountTransfers
+    | wire.QueryTransfers | wire.GetAccountBalances
 )
 
 _RPC_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("rpc")
@@ -105,7 +108,11 @@ _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.CreateTransferBatch: "transfers:write",
     wire.LookupAccounts: "accounts:read",
     wire.LookupTransfers: "transfers:read",
+    wire.GetAccountTransfers: "accounts:read",
+    wire.GetAccountBalances: "accounts:read",
+    wire.QueryTransfers: "transfers:read",
 }
+_HISTORY_REQUESTS = (wire.GetAccountTransfers, wire.QueryTransfers, wire.GetAccountBalances)
 
 
 class _Refused(Exception):
@@ -479,6 +486,8 @@ class _Connection:
         # Whatever tenant a client wrote into an item, it is created as the token's tenant's
         # (actors/edge/tenancy.py); reads show only what that tenant may see.
         tenant = self._current_claims.tenant_slot
+        if isinstance(request, _HISTORY_REQUESTS):
+            return await _history_call(service, request, tenant)
         if isinstance(request, wire.CreateAccounts):
             origin = await self._origin(request, "create_accounts", len(request.items))
             accounts = [replace(a, tenant=tenant, origin=origin) for a in request.items]
@@ -565,13 +574,50 @@ class _Connection:
 
 
 def _items_count(request: _Batch) -> int:
-    if isinstance(request, wire.PaymentCall):
+    if isinstance(request, (wire.PaymentCall, *_HISTORY_REQUESTS)):
         return 1
     if isinstance(request, wire.CreateAccounts | wire.CreateTransfers):
         return len(request.items)
     if isinstance(request, wire.CreateTransferBatch):
         return len(request.id) // 8
     return len(request.ids)
+
+
+async def _history_call(service: LedgerService, request: _Batch,
+                        tenant: int) -> wire.Response:
+    """A history request (processor.history): its filter checked, then read by the
+    service's ``HistoryService`` side; ``invalid_query``, ``invalid_cursor`` or
+    ``account_not_found`` for that request alone."""
+    if not hasattr(service, "query_transfers"):
+        raise Unavailable("this server keeps no history", retry_after_s=60)
+    history = cast(HistoryService, service)
+    request_id = request.request_id
+    try:
+        if isinstance(request, wire.GetAccountBalances):
+            if not (1 <= request.account_id <= ID_MAX and 0 <= request.at_ns <= ID_MAX):
+                return wire.Error(request_id, "invalid_query",
+                                  "account_id and at_ns are integers from 1 and 0 to 2^63-1")
+            balances = await history.get_account_balances(request.account_id, request.at_ns,
+                                                          tenant)
+            if balances is None:
+                return wire.Error(request_id, "account_not_found",
+                                  f"no account has the id {request.account_id}")
+            return wire.AccountBalancesResult(request_id, balances)
+        fields = msgspec.structs.asdict(request)
+        del fields["request_id"]
+        if isinstance(request, wire.GetAccountTransfers):
+            page = await history.get_account_transfers(
+                msgspec.convert(fields, AccountTransfersFilter), tenant)
+            if page is None:
+                return wire.Error(request_id, "account_not_found",
+                                  f"no account has the id {request.account_id}")
+        else:
+            page = await history.query_transfers(msgspec.convert(fields, TransfersQuery), tenant)
+    except msgspec.ValidationError as exc:
+        return wire.Error(request_id, "invalid_query", str(exc)[:300])
+    except HistoryError as exc:
+        return wire.Error(request_id, exc.code, exc.message)
+    return wire.TransfersPageResult(request_id, page.data, page.next_cursor)
 
 
 def _require_count(results: Sized, requested: Sized) -> None:

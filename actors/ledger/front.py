@@ -39,6 +39,7 @@ from actors.edge import (
     server_context,
     start_rpc_server,
 )
+from actors.ledger.history import HistoryStore
 from actors.ledger.quota import AccountQuota
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
@@ -49,6 +50,12 @@ from processor.batch import TransferBatch, encode_batch
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config, FrontConfig
 from processor.errors import LedgerError, Overloaded, Unavailable
+from processor.history import (
+    AccountBalancesAt,
+    AccountTransfersFilter,
+    TransfersPage,
+    TransfersQuery,
+)
 from processor.ledger import PartitionMap, compare_existing
 from processor.ratelimit import RateLimiter
 from processor.types import Account, Transfer, TransferFlags
@@ -68,6 +75,9 @@ NOT_APPLIED = int(TransferResult.not_applied)
 REMEMBER_REQUEST_ITEMS_MAX = 64
 PLAIN_ROUTING_ITEMS_MIN = 64
 # What a database outage looks like to a reader: answered as a retryable ``unavailable``.
+# Connections of the front's history reads (actors/ledger/history.py), apart from the
+# lookups' pool so a deep history read never delays a lookup after a create.
+HISTORY_POOL_SIZE_MAX = 2
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -209,6 +219,8 @@ class Front:
         self._channels: list[ChannelClient] = []
         self._lanes: dict[tuple[int, str], _Lane] = {}
         self._store: LedgerStore | None = None
+        # History, queries and balances at an instant: a pool of their own (history.py).
+        self._history: HistoryStore | None = None
         self._audit: AuditWriter | None = None
         # Per-tenant account counts, with --max-accounts-per-tenant (actors/ledger/quota.py).
         self._quota: AccountQuota | None = None
@@ -241,6 +253,10 @@ class Front:
             connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s,
         )
+        self._history = await HistoryStore.connect(
+            cfg.shard.database_url, pool_size_max=HISTORY_POOL_SIZE_MAX,
+            connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s)
         self._audit = await AuditWriter.connect(
             cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s, clock_s=time.time)
@@ -346,6 +362,8 @@ class Front:
             self._payments.close()
         if self._store is not None:
             await self._store.close()
+        if self._history is not None:
+            await self._history.close()
         if self._audit is not None:
             await self._audit.close()
         if self._quota is not None:
@@ -691,6 +709,33 @@ class Front:
             except DATABASE_ERRORS as exc:
                 raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
         return [found.get(i) for i in ids]
+
+    # -- history, queries, balances at an instant (processor.history.HistoryService) ----------
+
+    async def get_account_transfers(self, query: AccountTransfersFilter,
+                                    tenant: int) -> TransfersPage | None:
+        try:
+            return await self._require_history().account_transfers(query, tenant)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
+    async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
+        try:
+            return await self._require_history().query_transfers(query, tenant)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
+    async def get_account_balances(self, account_id: int, at_ns: int,
+                                   tenant: int) -> AccountBalancesAt | None:
+        try:
+            return await self._require_history().balances_at(account_id, at_ns, tenant)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
+    def _require_history(self) -> HistoryStore:
+        if self._history is None:
+            raise Unavailable("the front is starting", retry_after_s=1.0)
+        return self._history
 
     def _require_store(self) -> LedgerStore:
         if self._store is None:

@@ -22,8 +22,15 @@ from actors.edge.http_api import (
     TransferResponse,
     build_app,
 )
+from processor import history
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
+from processor.history import (
+    AccountBalancesAt,
+    AccountTransfersFilter,
+    TransfersPage,
+    TransfersQuery,
+)
 from processor.identity import SCOPES, issue_token
 from processor.ratelimit import RateLimiter
 from processor.service import BATCH_ITEMS_MAX
@@ -125,6 +132,47 @@ class FakeLedger:
             transfer, timestamp=self._tick_ns()
         )
         return TransferResult.ok
+
+    # History (processor.history.HistoryService), in memory: every stored row is final.
+
+    def _page(self, query: AccountTransfersFilter | TransfersQuery, rows: list[Transfer],
+              descending: bool) -> TransfersPage:
+        after = history.decode_cursor(query)
+        key = (lambda t: (-t.timestamp, -t.id)) if descending else (
+            lambda t: (t.timestamp, t.id))
+        rows = sorted((t for t in rows if query.from_ns <= t.timestamp < query.to_ns), key=key)
+        if after is not None:
+            rows = [t for t in rows if key(t) > key(msgspec.structs.replace(
+                t, timestamp=after.timestamp, id=after.id))]
+        if len(rows) <= query.limit:
+            return TransfersPage(data=rows, next_cursor=None)
+        last = rows[query.limit - 1]
+        return TransfersPage(data=rows[:query.limit], next_cursor=history.encode_cursor(
+            query, history.Position(last.timestamp, last.id)))
+
+    async def get_account_transfers(self, query: AccountTransfersFilter,
+                                    tenant: int) -> TransfersPage | None:
+        self._raise_if_told()
+        if query.account_id not in self.accounts:
+            return None
+        sides = {"debits": ("debit",), "credits": ("credit",), "both": ("debit", "credit")}
+        rows = [t for t in self.transfers.values() if any(
+            getattr(t, f"{side}_account_id") == query.account_id
+            for side in sides[query.side])]
+        return self._page(query, rows, query.order == "desc")
+
+    async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
+        self._raise_if_told()
+        rows = [t for t in self.transfers.values()
+                if query.code in (None, t.code) and query.user_data in (None, t.user_data)]
+        return self._page(query, rows, False)
+
+    async def get_account_balances(self, account_id: int, at_ns: int,
+                                   tenant: int) -> AccountBalancesAt | None:
+        self._raise_if_told()
+        if account_id not in self.accounts:
+            return None
+        return history.balances_at(self.transfers.values(), [], account_id, at_ns)
 
 
 def token(scopes: Iterable[str] = SCOPES, *, key: bytes = KEY, now_s: int = NOW_S,

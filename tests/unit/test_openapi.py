@@ -146,6 +146,26 @@ SCENARIOS: dict[tuple[str, str], dict[int, Scenario]] = {
         400: Scenario(path="/v1/transfers/0"),
         404: Scenario(path="/v1/transfers/11"),
     },
+    ("GET", "/v1/accounts/{id}/transfers"): {
+        **ledger_trouble(None),
+        200: Scenario(path="/v1/accounts/1/transfers?limit=1&side=debits", prepare=seeded),
+        400: Scenario(path="/v1/accounts/1/transfers?order=sideways"),
+        404: Scenario(path="/v1/accounts/2/transfers"),
+    },
+    ("GET", "/v1/accounts/{id}/balances"): {
+        **{status: msgspec.structs.replace(
+            scenario, path="/v1/accounts/1/balances?at=2026-12-01T00:00:00Z")
+           for status, scenario in ledger_trouble(None).items()},
+        200: Scenario(path="/v1/accounts/1/balances?at=2026-12-01T00:00:00.000000001Z",
+                      prepare=seeded),
+        400: Scenario(path="/v1/accounts/1/balances?at=2026-12-01"),
+        404: Scenario(path="/v1/accounts/2/balances?at=2026-12-01T00:00:00Z"),
+    },
+    ("GET", "/v1/transfers"): {
+        **ledger_trouble(None),
+        200: Scenario(path="/v1/transfers?code=0", prepare=seeded),
+        400: Scenario(path="/v1/transfers?cursor=nonsense"),
+    },
 }
 
 

@@ -1,0 +1,231 @@
+"""Account history, transfer queries and balances at an instant, read from PostgreSQL.
+
+The front reads these through a pool of its own (``HistoryStore``), never through the
+shards: a deep history read must not queue behind commits or hold a shard's event loop.
+Migration 0028 gives each query its index; docs/design.md ("History and queries") says
+what each costs.
+
+**The horizon.** Shards assign timestamps when they plan and commit a little later, each
+on its own clock, so a transfer with a timestamp below one already committed can still
+commit (another shard's, or the same shard's next batch in flight). A page ending at such
+a position would leave that transfer behind its cursor forever. So lists serve only rows
+at or below the *horizon*: the least, over the shards, of the position every row of that
+shard up to which is committed, which is the greater of its chain head (the last committed
+batch's ``timestamp_max``, written in that batch's transaction) and its checkpoint position
+(an idle shard's moves to a timestamp it promises never to use). A busy shard's horizon is
+its last commit, milliseconds old; an idle shard moves it at every checkpoint, at most
+``checkpoint_interval_max_s`` (5 s) apart.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+
+from actors.database import keep_session
+from actors.ledger.store import TRANSFER_COLUMNS
+from processor.history import (
+    QUERY_SCAN_ROWS_MAX,
+    AccountBalancesAt,
+    AccountTransfersFilter,
+    Position,
+    TransfersPage,
+    TransfersQuery,
+    decode_cursor,
+    encode_cursor,
+)
+from processor.identity import PROCESSOR_TENANT
+from processor.types import Transfer, require
+
+__all__ = ["HistoryStore"]
+
+_COLUMNS = ", ".join(f't."{c}"' for c in TRANSFER_COLUMNS)
+
+# The least position, over the shards, up to which all of that shard's rows are committed.
+_HORIZON_SQL = """
+SELECT min(greatest(c.ts, coalesce(h.timestamp_max, 0))) AS horizon
+FROM (SELECT m.shard, min(p."timestamp") AS ts
+      FROM partition_checkpoints p JOIN partition_map m ON m.partition = p.partition
+      GROUP BY m.shard) c
+LEFT JOIN LATERAL (
+    SELECT l.timestamp_max FROM ledger_chain l WHERE l.shard = c.shard
+    ORDER BY l.seq DESC LIMIT 1) h ON true
+"""
+
+
+def _side_sql(column: str, descending: bool) -> str:
+    """One side's ordered range of an account's transfers: $1 account, ($2, $3) the
+    position to start after (before, newest first), $4 from (inclusive), $5 to
+    (exclusive), $6 how many."""
+    if descending:
+        where, order = '("timestamp", id) < ($2, $3)', '"timestamp" DESC, id DESC'
+    else:
+        where, order = '("timestamp", id) > ($2, $3)', '"timestamp", id'
+    # Built from this module's constants only.
+    sql = f"(SELECT {_COLUMNS} FROM transfers t WHERE {column} = $1 AND {where} "  # noqa: S608
+    return sql + f'AND "timestamp" >= $4 AND "timestamp" < $5 ORDER BY {order} LIMIT $6)'
+
+
+
+def _account_sql(side: str, descending: bool) -> str:
+    parts = [_side_sql(f"{name}_account_id", descending)
+             for name in ("debit", "credit") if side in (f"{name}s", "both")]
+    order = '"timestamp" DESC, id DESC' if descending else '"timestamp", id'
+    union = " UNION ALL ".join(parts)
+    return f"SELECT * FROM ({union}) u ORDER BY {order} LIMIT $6"  # noqa: S608 - constants only
+
+
+_ACCOUNT_SQL = {(side, descending): _account_sql(side, descending)
+                for side in ("debits", "credits", "both") for descending in (False, True)}
+
+# The tenant's rows in order after ($2, $3) and before $4, at most $5 of them read; of
+# those, the ones matching the filters ($6 code, $7 user_data; NULL: any), at most $8. The
+# inner LIMIT bounds the rows read; the outer one stops the scan once a page is full.
+_QUERY_SQL = f"""
+SELECT * FROM (
+    SELECT {_COLUMNS} FROM transfers t
+    WHERE t.tenant = $1 AND (t."timestamp", t.id) > ($2, $3) AND t."timestamp" < $4
+    ORDER BY t."timestamp", t.id LIMIT $5) s
+WHERE ($6::integer IS NULL OR s.code = $6) AND ($7::text IS NULL OR s.user_data = $7)
+ORDER BY s."timestamp", s.id LIMIT $8
+"""  # noqa: S608 - built from this module's constants only
+# The last row a bounded scan read ($5 is the bound): where the next page starts.
+_QUERY_SCANNED_SQL = """
+SELECT t."timestamp", t.id FROM transfers t
+WHERE t.tenant = $1 AND (t."timestamp", t.id) > ($2, $3) AND t."timestamp" < $4
+ORDER BY t."timestamp", t.id OFFSET $5 - 1 LIMIT 1
+"""
+
+# An account's balances at $2: the effects of its legs with a timestamp at or before $2
+# (a pending transfer adds to pending; a post or void releases its hold's whole amount,
+# found by primary key, and a post adds its own amount to posted; anything else adds to
+# posted), then the expiries at or before $2 of its holds. One index range per side.
+_BALANCES_SQL = """
+WITH legs AS (
+    SELECT 1 AS side, t.id, t.amount, t.flags, t.pending_id FROM transfers t
+    WHERE t.debit_account_id = $1 AND t."timestamp" <= $2
+    UNION ALL
+    SELECT 2, t.id, t.amount, t.flags, t.pending_id FROM transfers t
+    WHERE t.credit_account_id = $1 AND t."timestamp" <= $2
+), effects AS (
+    SELECT l.side,
+           CASE WHEN (l.flags & 2) <> 0 THEN l.amount::numeric
+                WHEN (l.flags & 12) <> 0
+                THEN -(SELECT p.amount FROM transfers p WHERE p.id = l.pending_id)::numeric
+                ELSE 0 END AS pend,
+           CASE WHEN (l.flags & 14) = 0 OR (l.flags & 4) <> 0 THEN l.amount::numeric
+                ELSE 0 END AS post
+    FROM legs l
+    UNION ALL
+    SELECT l.side, -l.amount::numeric, 0
+    FROM legs l JOIN pending_resolutions r ON r.pending_id = l.id
+    WHERE (l.flags & 2) <> 0 AND r.kind = 3 AND r."timestamp" <= $2
+)
+SELECT side, coalesce(sum(pend), 0) AS pend, coalesce(sum(post), 0) AS post
+FROM effects GROUP BY side
+"""
+
+
+def _transfer(row: asyncpg.Record) -> Transfer:
+    return Transfer(**{c: row[c] for c in TRANSFER_COLUMNS})
+
+
+class HistoryStore:
+    """The front's reads of history: its own small pool, read-only statements."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def connect(cls, url: str, *, pool_size_max: int, connect_timeout_s: float,
+                      command_timeout_s: float) -> HistoryStore:
+        require(pool_size_max >= 1, "a history read needs a connection")
+        pool = await asyncpg.create_pool(
+            url, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
+            command_timeout=command_timeout_s,
+            server_settings={"application_name": "txproc-history",
+                             "default_transaction_read_only": "on"},
+            reset=keep_session)
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def horizon(self, conn: Any) -> int:
+        """The greatest timestamp at or below which every shard's rows are committed."""
+        value = await conn.fetchval(_HORIZON_SQL)
+        return int(value or 0)
+
+    @staticmethod
+    async def _visible(conn: Any, account_id: int, tenant: int) -> bool:
+        """Whether the account exists and ``tenant`` may see it (actors/edge/tenancy.py):
+        its own tenant's, or any for the processor's token. Every transfer on a visible
+        account is visible too: the rules let only its tenant's and the processor's
+        transfers touch it."""
+        owner = await conn.fetchval("SELECT tenant FROM accounts WHERE id = $1", account_id)
+        return owner is not None and tenant in (owner, PROCESSOR_TENANT)
+
+    async def account_transfers(self, query: AccountTransfersFilter,
+                                tenant: int) -> TransfersPage | None:
+        """A page of ``query.account_id``'s transfers; None if ``tenant`` may not see the
+        account (or there is none). Raises ``HistoryError`` (``invalid_cursor``)."""
+        after = decode_cursor(query)
+        descending = query.order == "desc"
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            if not await self._visible(conn, query.account_id, tenant):
+                return None
+            to_ns = min(query.to_ns, await self.horizon(conn) + 1)
+            if after is None:
+                after = Position(to_ns if descending else query.from_ns, 0)
+            rows = await conn.fetch(_ACCOUNT_SQL[query.side, descending], query.account_id,
+                                    after.timestamp, after.id, query.from_ns, to_ns,
+                                    query.limit + 1)
+        return self._page(query, [_transfer(r) for r in rows])
+
+    async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
+        """A page of the transfers ``tenant`` created that match ``query``. Raises
+        ``HistoryError`` (``invalid_cursor``)."""
+        after = decode_cursor(query) or Position(query.from_ns, 0)
+        filtered = query.code is not None or query.user_data is not None
+        scan_max = QUERY_SCAN_ROWS_MAX if filtered else query.limit + 1
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            to_ns = min(query.to_ns, await self.horizon(conn) + 1)
+            args = (tenant, after.timestamp, after.id, to_ns)
+            rows = await conn.fetch(_QUERY_SQL, *args, scan_max, query.code,
+                                    query.user_data, query.limit + 1)
+            page = self._page(query, [_transfer(r) for r in rows])
+            if page.next_cursor is not None or not filtered:
+                return page
+            # Fewer matches than a page: either the range ended, or the scan's bound did
+            # and the page says where it stopped.
+            last = await conn.fetchrow(_QUERY_SCANNED_SQL, *args, scan_max)
+        if last is None:
+            return page
+        return TransfersPage(data=page.data, next_cursor=encode_cursor(
+            query, Position(last["timestamp"], last["id"])))
+
+    @staticmethod
+    def _page(query: AccountTransfersFilter | TransfersQuery,
+              rows: list[Transfer]) -> TransfersPage:
+        if len(rows) <= query.limit:
+            return TransfersPage(data=rows, next_cursor=None)
+        last = rows[query.limit - 1]
+        return TransfersPage(data=rows[: query.limit], next_cursor=encode_cursor(
+            query, Position(last.timestamp, last.id)))
+
+    async def balances_at(self, account_id: int, at_ns: int,
+                          tenant: int) -> AccountBalancesAt | None:
+        """The account's four balances counting every movement at or before ``at_ns``;
+        None if ``tenant`` may not see the account (or there is none)."""
+        async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            if not await self._visible(conn, account_id, tenant):
+                return None
+            rows = await conn.fetch(_BALANCES_SQL, account_id, at_ns)
+        sums = {r["side"]: (int(r["pend"]), int(r["post"])) for r in rows}
+        debits, credits = sums.get(1, (0, 0)), sums.get(2, (0, 0))
+        require(min(*debits, *credits) >= 0, "balances at an instant are not negative")
+        return AccountBalancesAt(account_id=account_id, at_ns=at_ns,
+                                 debits_pending=debits[0], debits_posted=debits[1],
+                                 credits_pending=credits[0], credits_posted=credits[1])
+
