@@ -2,8 +2,8 @@
 
 The front reads these through a pool of its own (``HistoryStore``), never through the
 shards: a deep history read must not queue behind commits or hold a shard's event loop.
-Migration 0028 gives each query its index; docs/design.md ("History and queries") says
-what each costs.
+They run without indexes of their own for now (each would cost every committed transfer a
+B-tree insertion; docs/design.md, "History and queries", has the measurement and the plan).
 
 **The horizon.** Shards assign timestamps when they plan and commit a little later, each
 on its own clock, so a transfer with a timestamp below one already committed can still
