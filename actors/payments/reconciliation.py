@@ -40,6 +40,7 @@ import yarl
 
 from actors.ops import metrics
 from actors.ops.audit_events import actor_of_origin, record_audit_event
+from actors.payments.store import Where
 from adapters.base import Adapter
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, TxprocError, register, statuses
@@ -525,50 +526,35 @@ class Reconciler:
 
     async def list_runs(self, body: bytes) -> RunsPage:
         query: RunsQuery = _decode(_RUNS_QUERY, body, "invalid_query")
-        where: list[str] = ["TRUE"]
-        args: list[Any] = []
-        for column, value in (("provider", query.provider), ("status", query.status)):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} = ${len(args)}")
-        if query.date is not None:
-            args.append(_day(query.date))
-            where.append(f"settled_on = ${len(args)}")
-        if query.cursor is not None:
-            args.append(int(query.cursor))
-            where.append(f"id < ${len(args)}")
-        args.append(query.limit + 1)
+        where = Where()
+        where.add_if("provider = {}", query.provider)
+        where.add_if("status = {}", query.status)
+        where.add_if("settled_on = {}", None if query.date is None else _day(query.date))
+        where.add_if("id < {}", None if query.cursor is None else int(query.cursor))
+        limit = where.param(query.limit + 1)
         async with self._pool.acquire() as conn:
             # Fixed column names and placeholders only; the values are bound.
-            sql = (f"SELECT * FROM reconciliation_runs WHERE {' AND '.join(where)}"  # noqa: S608
-                   f" ORDER BY id DESC LIMIT ${len(args)}")
-            rows = await conn.fetch(sql, *args)
+            sql = (f"SELECT * FROM reconciliation_runs WHERE {where.sql()}"  # noqa: S608
+                   f" ORDER BY id DESC LIMIT {limit}")
+            rows = await conn.fetch(sql, *where.args)
         page = [_run_view(r, None) for r in rows[:query.limit]]
         more = len(rows) > query.limit
         return RunsPage(data=page, next_cursor=str(page[-1].id) if more else None)
 
     async def list_exceptions(self, body: bytes) -> ExceptionsPage:
         query: ExceptionsQuery = _decode(_EXCEPTIONS_QUERY, body, "invalid_query")
-        where: list[str] = ["TRUE"]
-        args: list[Any] = []
-        for column, value in (("e.provider", query.provider), ("e.kind", query.kind),
-                              ("e.run_id", query.run_id)):
-            if value is not None:
-                args.append(value)
-                where.append(f"{column} = ${len(args)}")
-        if query.date is not None:
-            args.append(_day(query.date))
-            where.append(f"e.settled_on = ${len(args)}")
+        where = Where()
+        where.add_if("e.provider = {}", query.provider)
+        where.add_if("e.kind = {}", query.kind)
+        where.add_if("e.run_id = {}", query.run_id)
+        where.add_if("e.settled_on = {}", None if query.date is None else _day(query.date))
         if query.status is not None:
-            where.append("r.exception_id IS NULL" if query.status == "open"
-                         else "r.exception_id IS NOT NULL")
-        if query.cursor is not None:
-            args.append(int(query.cursor))
-            where.append(f"e.id < ${len(args)}")
-        args.append(query.limit + 1)
+            where.add("r.exception_id IS NULL" if query.status == "open"
+                      else "r.exception_id IS NOT NULL")
+        where.add_if("e.id < {}", None if query.cursor is None else int(query.cursor))
+        limit = where.param(query.limit + 1)
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                _exceptions_sql(" AND ".join(where), f"${len(args)}", "DESC"), *args)
+            rows = await conn.fetch(_exceptions_sql(where.sql(), limit, "DESC"), *where.args)
         page = [_exception_view(r) for r in rows[:query.limit]]
         more = len(rows) > query.limit
         return ExceptionsPage(data=page, next_cursor=str(page[-1].id) if more else None)

@@ -46,7 +46,7 @@ from processor.payments import (
 )
 from processor.types import require
 
-__all__ = ["DATABASE_UNREACHABLE", "KeyHold", "PaymentStore"]
+__all__ = ["DATABASE_UNREACHABLE", "KeyHold", "PaymentStore", "Where"]
 
 _T = TypeVar("_T", bound="_Listed")
 
@@ -160,25 +160,35 @@ def _moment(micros: int) -> dt.datetime:
     return _EPOCH + dt.timedelta(microseconds=micros)
 
 
-class _Where:
-    """A list query's conditions, each value a parameter ($n) of its own."""
+class Where:
+    """A list query's conditions, each value a parameter ($n) of its own: a condition is
+    SQL with ``{}`` where its values go (the statement's text never holds a value)."""
 
-    def __init__(self, first: str, value: Any) -> None:
-        self.conditions = [first.format("$1")]
-        self.args: list[Any] = [value]
+    def __init__(self, first: str = "TRUE", *values: Any) -> None:
+        self.conditions: list[str] = []
+        self.args: list[Any] = []
+        self.add(first, *values)
 
     def add(self, condition: str, *values: Any) -> None:
-        names = [f"${len(self.args) + i + 1}" for i in range(len(values))]
-        self.args.extend(values)
-        self.conditions.append(condition.format(*names))
+        self.conditions.append(condition.format(*(self.param(v) for v in values)))
+
+    def add_if(self, condition: str, value: Any) -> None:
+        """``add`` when ``value`` is given (not None): an optional filter."""
+        if value is not None:
+            self.add(condition, value)
+
+    def param(self, value: Any) -> str:
+        """A further parameter (a LIMIT, say); its placeholder."""
+        self.args.append(value)
+        return f"${len(self.args)}"
 
     def sql(self) -> str:
         return " AND ".join(self.conditions)
 
 
-def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False) -> _Where:
+def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False) -> Where:
     """The conditions of a list's filter over the table aliased ``prefix``."""
-    where = _Where("split_part(p.principal, '/', 1) = {}", tenant)
+    where = Where("split_part(p.principal, '/', 1) = {}", tenant)
     if flt.status is not None:
         if not step:
             where.add(f"{prefix}.status = {{}}", flt.status)
