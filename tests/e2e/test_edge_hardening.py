@@ -376,7 +376,13 @@ async def test_rpc_connection_is_closed_after_its_token_expires_unless_renewed(
                 break
             codes.append(response.code if isinstance(response, wire.Error) else "ok")
             await asyncio.sleep(0.2)
-        assert await reader.read(1) == b""
+        try:
+            tail = await reader.read(1)
+        except ConnectionResetError:
+            # Closed with the client's last request still unread: the kernel resets the
+            # connection instead of ending it; closed all the same.
+            tail = b""
+        assert tail == b""
     writer.close()
     assert closing is not None
     assert closing.code == "token_expired"
