@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
+import msgspec
 import pytest
 
 from actors.app.verification import verify_all
@@ -21,7 +22,15 @@ from actors.payments import outbox
 from actors.payments.store import PaymentStore
 from actors.payments.subjects import erase_subject
 from processor.identity import tenant_slot
-from processor.payments import Kind, Payment, PaymentStatus, Payout, PayoutStatus, new_step
+from processor.payments import (
+    Kind,
+    ListFilter,
+    Payment,
+    PaymentStatus,
+    Payout,
+    PayoutStatus,
+    new_step,
+)
 from processor.privacy import MasterKey
 
 TENANT = "erasure-db"
@@ -132,6 +141,22 @@ async def test_sealed_fields_read_back_and_no_table_holds_them_in_clear_but_even
     assert payout is not None and payout.reference == "payout-alice"
     nobody = await sealing_store.payment(ids["n1"])
     assert nobody is not None and (nobody.reference, nobody.customer_ref) == ("ref-nobody", "")
+    [listed_payout], _ = await sealing_store.list_payouts(str(SLOT), ListFilter(kind="payouts"))
+    assert (listed_payout.customer_ref, listed_payout.reference) == ("cus_alice", "payout-alice")
+    listed, _ = await sealing_store.list_payments(str(SLOT), ListFilter(kind="payments"))
+    assert {p.id: p.reference for p, _ in listed}[ids["b1"]] == "ref-bob-1"
+    # A payment whose authorization did nothing is reopened: its event is of the opened
+    # fields (the reopening reads the row back through the same columns).
+    unavailable = msgspec.structs.replace(
+        _payment("pay_" + "9" * 24, customer_ref="cus_bob", reference="ref-bob-2"),
+        status=PaymentStatus.FAILED, error="provider_unavailable")
+    assert await sealing_store.create_payment(unavailable, None, principal=PRINCIPAL,
+                                              due_at_s=time.time())
+    step_id, base = await sealing_store.new_step_ids()
+    assert await sealing_store.reopen_payment(unavailable.id, new_step(
+        step_id=step_id, transfer_base=base, kind=Kind.AUTHORIZE, subject_id=unavailable.id,
+        amount=1_234, currency="USD", provider="acme", merchant_account_id=7),
+        due_at_s=time.time())
     conn = await asyncpg.connect(db_url)
     try:
         rows = "\n".join(r["row"] for r in await conn.fetch(
@@ -142,6 +167,11 @@ async def test_sealed_fields_read_back_and_no_table_holds_them_in_clear_but_even
         payload = await conn.fetchval(
             "SELECT payload::text FROM events WHERE aggregate_id = $1", ids["a1"])
         assert "ref-alice-1" in payload and "cus_alice" in payload
+        reopened = json.loads(await conn.fetchval(
+            "SELECT payload::text FROM events WHERE aggregate_id = $1 "
+            "AND event_type = 'payment.processing'", unavailable.id))
+        assert (reopened["customer_ref"], reopened["reference"], reopened["erased"]) == (
+            "cus_bob", "ref-bob-2", False)
     finally:
         await conn.close()
 

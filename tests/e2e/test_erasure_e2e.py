@@ -17,7 +17,7 @@ import httpx
 from actors.app.runtime import Processor
 from actors.app.verification import verify_all
 from processor.client import Client
-from tests.payments_support import card_token, key, merchant
+from tests.payments_support import bank_token, card_token, key, merchant
 from tests.running import IdSource, token_for
 
 SCOPES = ("payments:write", "payments:read", "events:read")
@@ -65,7 +65,11 @@ async def test_erasing_one_subject_leaves_the_money_and_the_other_subject(
     tenant = f"erasure-{uuid.uuid4().hex[:8]}"
     async with Client("127.0.0.1", processor.rpc_port,
                       token_for(processor, tenant=tenant, subject="m")) as client:
-        account = await merchant(client, ids)
+        account = await merchant(client, ids, funded=10_000)
+        payout = await client.create_payout(
+            idempotency_key=key(), amount=700, currency="USD", merchant_account_id=account,
+            destination=bank_token(), customer_ref="cus-a")
+        assert payout.status == 201 and payout.body["customer_ref"] == "cus-a", payout.body
     async with _http(processor, tenant) as http:
         bad = await http.post("/v1/payments", json={
             "amount": 1, "currency": "USD", "payment_method": card_token(),
@@ -89,7 +93,7 @@ async def test_erasing_one_subject_leaves_the_money_and_the_other_subject(
 
         erased = _erase(processor, tenant, "cus-a")
         assert erased.returncode == 0, erased.stderr
-        assert "2 payment(s)" in erased.stdout
+        assert "2 payment(s) and 1 payout(s)" in erased.stdout
 
         for payment in (a1, a2):
             view = (await http.get(f"/v1/payments/{payment['id']}")).json()
@@ -113,6 +117,14 @@ async def test_erasing_one_subject_leaves_the_money_and_the_other_subject(
             if event["object_id"] in (a1["id"], a2["id"]) and "reference" in event["data"]:
                 assert event["data"]["erased"] and event["data"]["reference"] is None
         assert any(e["data"].get("reference") == "order-b1" for e in events)
+
+        async with Client("127.0.0.1", processor.rpc_port,
+                          token_for(processor, tenant=tenant, subject="m")) as client:
+            over_rpc = (await client.get_payout(payout.body["id"])).body
+            assert over_rpc["erased"] and over_rpc["customer_ref"] is None
+            assert (over_rpc["id"], over_rpc["amount"]) == (payout.body["id"], 700)
+            rpc_payment = (await client.get_payment(a1["id"])).body
+            assert rpc_payment["erased"] and rpc_payment["metadata"] is None
 
         again = _erase(processor, tenant, "cus-a")
         assert again.returncode == 0 and "nothing left to erase" in again.stdout
