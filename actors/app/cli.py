@@ -33,6 +33,7 @@ from processor.config import (
 )
 from processor.identity import (
     DEFAULT_TENANT,
+    KEYS_FILE_NAME,
     SCOPES,
     TOKEN_TTL_S_DEFAULT,
     TOKEN_TTL_S_MAX,
@@ -56,8 +57,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "<data-dir>/txproc_app.pgpass)")
 
 
+def _add_key_file(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key-file", default=os.environ.get("TXPROC_KEY_FILE", ""), metavar="FILE",
+                   help=f"the token key ring ({KEYS_FILE_NAME}) to {what}, instead of the one "
+                        "in --data-dir: the same file (or a copy of one Secret) on every "
+                        "node of a cluster")
+
+
+def _key_directory(args: argparse.Namespace) -> Path:
+    """The directory of the key ring the command uses: --key-file's, else --data-dir.
+    Raises ``KeyFileError`` if --key-file does not name a ring's file."""
+    if not args.key_file:
+        return Path(args.data_dir).resolve()
+    # absolute(), not resolve(): the ring's file must not be a symbolic link, and resolving
+    # it would hide one from the check that refuses it.
+    path = Path(args.key_file).absolute()
+    if path.name != KEYS_FILE_NAME:
+        raise KeyFileError(f"--key-file {path}: a key ring's file is named {KEYS_FILE_NAME} "
+                           "(its directory also holds the lock its changes take)")
+    return path.parent
+
+
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_common(p)
+    _add_key_file(p, "verify tokens with; it must exist (`txproc keys rotate --key-file` "
+                     "makes one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--rpc-port", type=int, default=7070)
@@ -134,6 +158,7 @@ def build_config(args: argparse.Namespace) -> Config:
     config = Config(
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
+                          key_path=str(Path(args.key_file).absolute()) if args.key_file else "",
                           rate_limit_rps=args.rate_limit_rps,
                           rate_limit_burst=args.rate_limit_burst,
                           require_signed_requests=args.require_signed_requests,
@@ -228,14 +253,16 @@ def _add_keys(sub: Any) -> None:
         "retire", help="stop verifying tokens of a key (not the active one)")
     retire.add_argument("kid", help="the key's id, as `txproc keys list` shows it")
     retire.add_argument("--data-dir", default=data_dir)
+    listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
+    listing.add_argument("--data-dir", default=data_dir)
+    for ring_command in (rotate, retire, listing):
+        _add_key_file(ring_command, "change or list (made by the first rotate)")
     for changes in (rotate, retire):
         changes.add_argument(
             "--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
             help="where the change is recorded as an audit event (the server's, as for "
                  "`txproc serve`); without it, the embedded database of --data-dir if it "
                  "has one and is not in use")
-    listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
-    listing.add_argument("--data-dir", default=data_dir)
     create_client = keys_sub.add_parser(
         "create-client", help="a client key that signs one principal's HTTP requests "
                               "(RFC 9421); prints its id and secret as JSON, once")
@@ -379,6 +406,7 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--subject", default="local",
                        help="the principal within the tenant (recorded with what it does)")
     issue.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT))
+    _add_key_file(issue, "sign with; it must exist")
     _add_token_revoke(token_sub)
     _add_keys(sub)
     certs = sub.add_parser("certs", help="TLS certificates for local use")
@@ -447,7 +475,16 @@ def _token_issue(args: argparse.Namespace) -> int:
     from processor.identity import load_or_create_ring
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir = _key_directory(args)
+    except KeyFileError as exc:
+        print(f"txproc token issue: {exc}", file=sys.stderr)
+        return 2
+    if args.key_file and not (data_dir / KEYS_FILE_NAME).exists():
+        # A key ring named by --key-file is the one the servers share: never made here.
+        print(f"txproc token issue: the key file {data_dir / KEYS_FILE_NAME} does not exist; "
+              "make it with `txproc keys rotate --key-file`", file=sys.stderr)
+        return 2
     if not data_dir.is_dir():
         # A mistyped directory would otherwise get a new key, and the token would be
         # refused by the server that uses the real one.
@@ -497,10 +534,15 @@ def _keys(args: argparse.Namespace) -> int:
     from processor.identity import load_or_create_ring, retire_key, rotate_key
 
     command = f"txproc keys {args.keys_command}"
-    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir = _key_directory(args)
+    except KeyFileError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
     if not data_dir.is_dir():
-        print(f"{command}: the data directory {data_dir} does not exist; name the server's "
-              "--data-dir", file=sys.stderr)
+        what = "key file's directory" if args.key_file else "data directory"
+        print(f"{command}: the {what} {data_dir} does not exist; name the server's "
+              f"{'--key-file' if args.key_file else '--data-dir'}", file=sys.stderr)
         return 2
     now_s = int(time.time())
     try:
