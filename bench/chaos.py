@@ -372,31 +372,43 @@ class Run:
     # -- RSS
 
     async def sample_rss(self, every_s: float) -> None:
+        """Sample the RSS of this run's own server processes only (the machine may run
+        others): what this process started (Ray's daemons and workers descend from the
+        driver) and the embedded PostgreSQL, by group."""
         import psutil
 
+        me = psutil.Process()
         while not self.stop.is_set():
             groups: Counter[str] = Counter()
-            for p in psutil.process_iter(["cmdline", "name", "memory_info"]):
-                with contextlib.suppress(psutil.Error, TypeError, IndexError):
-                    group = _rss_group(p.info["name"] or "", p.info["cmdline"] or [])
-                    if group:
-                        groups[group] += p.info["memory_info"].rss / 2**20
+            trees: list[tuple[str | None, psutil.Process]] = [(None, me)]
+            if self.processor.embedded is not None:
+                with contextlib.suppress(psutil.Error):
+                    trees.append(("postgres", psutil.Process(self.processor.embedded.pid)))
+            for fixed, root in trees:
+                with contextlib.suppress(psutil.Error):
+                    members = root.children(recursive=True)
+                    if fixed:
+                        members.append(root)
+                    for member in members:
+                        with contextlib.suppress(psutil.Error):
+                            group = fixed or _rss_group(member.cmdline())
+                            groups[group] += member.memory_info().rss / 2**20
             for group, mib in groups.items():
                 self.rss[group].append((self.now(), mib))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=every_s)
 
 
-def _rss_group(name: str, cmdline: list[str]) -> str | None:
-    head = " ".join(cmdline[:2])
-    if name.startswith("postgres") or head.startswith("postgres"):
-        return "postgres"
-    if name.startswith("ray::"):
-        return name.split(":", 2)[2].split(".")[0] if name.count(":") >= 2 else name
-    for part in ("raylet", "gcs_server"):
-        if part in name:
-            return part
-    return None
+def _rss_group(cmdline: list[str]) -> str:
+    """A process's group from its command line: a Ray worker by its actor class
+    (``ray::LedgerShard.method`` → ``LedgerShard``), anything else by its program."""
+    head = cmdline[0] if cmdline else "?"
+    if head.startswith("ray::"):
+        return head[5:].split(".")[0].split(" ")[0] or "ray"
+    program = Path(head).name
+    if program.startswith("python") and len(cmdline) > 1:
+        return Path(cmdline[1]).name.removesuffix(".py")
+    return program
 
 
 # -- faults -----------------------------------------------------------------------------------
