@@ -73,9 +73,10 @@ STREAM_SCAN_ROWS_MAX = 65_536
 # A shard's read covers growing windows of timestamps after the cursor: the first 10 ms
 # wide, each next one 16 times wider, at most 12 of them per request (together about 5,900
 # years: a consumer from the beginning, 1970, reaches today in one request, over empty
-# windows the BRIN answers without reading a row). Rows are stored roughly in timestamp order and the BRIN
-# on timestamp skips the blocks outside a window, so a consumer that fell far behind reads
-# about one page's worth per request instead of everything after its cursor.
+# windows the BRIN answers without reading a row). Rows are stored roughly in timestamp
+# order and the BRIN on timestamp skips the blocks outside a window, so a consumer that
+# fell far behind reads about one page's worth per request instead of everything after
+# its cursor.
 STREAM_WINDOW_NS_FIRST = 10_000_000
 STREAM_WINDOW_GROWTH = 16
 STREAM_WINDOW_ROUNDS_MAX = 12

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import random
 
 import pytest
@@ -121,7 +122,7 @@ def test_windows_are_bounded_per_request() -> None:
     now_ns = 1_765_000_000 * 10**9
     spans = list(windows(0, now_ns))
     assert len(spans) <= STREAM_WINDOW_ROUNDS_MAX and spans[-1][1] == now_ns
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
 
 
 def test_merge_orders_by_timestamp_and_moves_each_shard() -> None:
