@@ -20,7 +20,7 @@ import base64
 import hashlib
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import msgspec
@@ -50,7 +50,7 @@ __all__ = [
     "encode_stream_cursor",
     "item_cursors",
     "merge_reads",
-    "windows",
+    "next_span_ns",
 ]
 
 # A page holds at most as many transfers as a create request, as history pages do.
@@ -70,13 +70,14 @@ STREAM_WAITERS_MAX = 64
 # a tenant with few transfers among many gets a short (even empty) page with a cursor that
 # moved on, never one unbounded scan.
 STREAM_SCAN_ROWS_MAX = 65_536
-# A shard's read covers growing windows of timestamps after the cursor: the first 10 ms
-# wide, each next one 16 times wider, at most 12 of them per request (together about 5,900
-# years: a consumer from the beginning, 1970, reaches today in one request, over empty
-# windows the BRIN answers without reading a row). Rows are stored roughly in timestamp
-# order and the BRIN on timestamp skips the blocks outside a window, so a consumer that
-# fell far behind reads about one page's worth per request instead of everything after
-# its cursor.
+# A shard's read covers windows of timestamps after the cursor: the first 10 ms wide, each
+# next one sized for the rows still wanted at the last one's density (``next_span_ns``),
+# 2 to 16 times wider, at most 12 of them per request (16-fold each time they reach about
+# 5,900 years: a consumer from the beginning, 1970, reaches today in one request, over
+# empty windows the BRIN answers without reading a row). Rows are stored roughly in
+# timestamp order and the BRIN on timestamp skips the blocks outside a window, so a
+# consumer that fell far behind reads about a page's worth per request instead of
+# everything after its cursor.
 STREAM_WINDOW_NS_FIRST = 10_000_000
 STREAM_WINDOW_GROWTH = 16
 STREAM_WINDOW_ROUNDS_MAX = 12
@@ -189,18 +190,16 @@ def decode_stream_cursor(text: str, shards: int | None) -> StreamCursor:
     return StreamCursor(positions)
 
 
-def windows(after_ns: int, position_ns: int) -> Iterator[tuple[int, int]]:
-    """The windows ``(low, high]`` a shard's read covers, in order, from ``after_ns`` up
-    to the shard's committed ``position_ns``: contiguous, each ``STREAM_WINDOW_GROWTH``
-    times wider than the last, at most ``STREAM_WINDOW_ROUNDS_MAX`` of them. The reader
-    stops early once its page is full."""
-    low, span = after_ns, STREAM_WINDOW_NS_FIRST
-    for _ in range(STREAM_WINDOW_ROUNDS_MAX):
-        if low >= position_ns:
-            return
-        high = min(position_ns, low + span)
-        yield low, high
-        low, span = high, span * STREAM_WINDOW_GROWTH
+def next_span_ns(span_ns: int, matched: int, wanted: int) -> int:
+    """The width of a shard read's next window after one ``span_ns`` wide gave ``matched``
+    rows of the tenant and ``wanted`` more would fill the page: wide enough for them at
+    that window's density, with a quarter to spare, and from 2 to ``STREAM_WINDOW_GROWTH``
+    times the last width (that many times when nothing matched)."""
+    require(span_ns >= 1 and matched >= 0 and wanted >= 1, "a window and a page to fill")
+    if matched == 0:
+        return span_ns * STREAM_WINDOW_GROWTH
+    estimate = span_ns * wanted * 5 // (matched * 4)
+    return min(span_ns * STREAM_WINDOW_GROWTH, max(span_ns * 2, estimate))
 
 
 class ShardRead(msgspec.Struct, frozen=True):

@@ -26,12 +26,14 @@ from processor.stream import (
     STREAM_POLL_INTERVAL_S,
     STREAM_SCAN_ROWS_MAX,
     STREAM_WAITERS_MAX,
+    STREAM_WINDOW_NS_FIRST,
+    STREAM_WINDOW_ROUNDS_MAX,
     ShardRead,
     StreamCursor,
     StreamPage,
     decode_stream_cursor,
     merge_reads,
-    windows,
+    next_span_ns,
 )
 from processor.types import Transfer, require
 
@@ -131,9 +133,11 @@ class StreamReader:
         window, reading at most ``STREAM_SCAN_ROWS_MAX`` rows of any tenant."""
         rows: list[Transfer] = []
         scan_left = STREAM_SCAN_ROWS_MAX
-        scanned = cursor.positions[shard]
-        for low, high in windows(scanned, position):
-            want = limit - len(rows)
+        low, span = cursor.positions[shard], STREAM_WINDOW_NS_FIRST
+        for _ in range(STREAM_WINDOW_ROUNDS_MAX):
+            if low >= position:
+                break
+            high, want = min(position, low + span), limit - len(rows)
             found = await conn.fetch(_WINDOW_SQL, partitions, low, high, scan_left, tenant,
                                      want)
             matched = [_transfer(r) for r in found if r["id"] is not None]
@@ -144,5 +148,5 @@ class StreamReader:
             if scanned_rows == scan_left:  # the scan's budget ended inside the window
                 return ShardRead(shard, rows, int(found[0]["scanned_max"]))
             scan_left -= scanned_rows
-            scanned = high
-        return ShardRead(shard, rows, scanned)
+            low, span = high, next_span_ns(high - low, len(matched), want - len(matched))
+        return ShardRead(shard, rows, low)

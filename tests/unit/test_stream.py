@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import itertools
 import random
 
 import pytest
@@ -23,7 +22,7 @@ from processor.stream import (
     encode_stream_cursor,
     item_cursors,
     merge_reads,
-    windows,
+    next_span_ns,
 )
 from processor.types import ID_MAX, InvariantError, Transfer
 
@@ -101,28 +100,26 @@ def test_a_cursor_moves_forward_only() -> None:
         cursor.advance(0, 4)
 
 
-@pytest.mark.parametrize(("after", "position", "expected"), [
-    (100, 100, []),
-    (100, 50, []),
-    (100, 101, [(100, 101)]),
-    (0, STREAM_WINDOW_NS_FIRST, [(0, STREAM_WINDOW_NS_FIRST)]),
-    (0, 17 * STREAM_WINDOW_NS_FIRST,
-     [(0, STREAM_WINDOW_NS_FIRST), (STREAM_WINDOW_NS_FIRST, 17 * STREAM_WINDOW_NS_FIRST)]),
+@pytest.mark.parametrize(("span", "matched", "wanted", "expected"), [
+    (100, 0, 50, 1_600),  # nothing matched: 16 times wider
+    (100, 10, 10, 200),  # as many again wanted: at least twice as wide
+    (100, 10, 40, 500),  # four times as many wanted, a quarter to spare
+    (100, 1, 8_000, 1_600),  # never more than 16 times wider
+    (100, 50, 1, 200),  # never less than twice as wide
 ])
-def test_windows_cover_the_range_in_growing_steps(
-        after: int, position: int, expected: list[tuple[int, int]]) -> None:
-    """Windows start at the cursor, touch each other, grow 16-fold and stop at the
-    shard's position."""
-    assert list(windows(after, position)) == expected
+def test_the_next_window_is_sized_for_the_rows_still_wanted(
+        span: int, matched: int, wanted: int, expected: int) -> None:
+    """A window's width follows the density of the last one, between 2 and 16 times it."""
+    assert next_span_ns(span, matched, wanted) == expected
 
 
-def test_windows_are_bounded_per_request() -> None:
-    """From the epoch to today takes at most the rounds allowed, and they reach it: a
-    consumer starting from nothing gets there in one request."""
-    now_ns = 1_765_000_000 * 10**9
-    spans = list(windows(0, now_ns))
-    assert len(spans) <= STREAM_WINDOW_ROUNDS_MAX and spans[-1][1] == now_ns
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+def test_empty_windows_reach_from_the_epoch_to_today_in_one_request() -> None:
+    """A consumer starting from nothing reaches today's transfers within the rounds a
+    request allows, over windows with nothing in them."""
+    low, span, now_ns = 0, STREAM_WINDOW_NS_FIRST, 1_765_000_000 * 10**9
+    for _ in range(STREAM_WINDOW_ROUNDS_MAX):
+        low, span = min(now_ns, low + span), next_span_ns(span, 0, 100)
+    assert low == now_ns
 
 
 def test_merge_orders_by_timestamp_and_moves_each_shard() -> None:
