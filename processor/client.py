@@ -31,7 +31,7 @@ import collections
 import contextlib
 import itertools
 import ssl
-from collections.abc import Callable, Sized
+from collections.abc import AsyncIterator, Callable, Sized
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
@@ -47,6 +47,12 @@ from processor.history import (
     TIMESTAMP_END,
     AccountBalancesAt,
     TransfersPage,
+)
+from processor.stream import (
+    STREAM_LIMIT_DEFAULT,
+    StreamItem,
+    StreamPage,
+    item_cursors,
 )
 from processor.types import Account, Transfer
 
@@ -322,6 +328,48 @@ class Client:
         response = await self._call(lambda request_id: wire.GetAccountBalances(
             request_id, account_id, at_ns))
         return _expect(response, wire.AccountBalancesResult).balances
+
+    # -- the change stream (processor.stream; docs/api.md, "The change stream") -------------
+
+    async def stream_transfers(self, after: str = "", *, limit: int = STREAM_LIMIT_DEFAULT,
+                               wait_s: float = 0.0) -> StreamPage:
+        """One page of the caller's tenant's committed transfers after the cursor ``after``
+        ("" from the beginning), at most ``limit``; with none yet, the server waits up to
+        ``wait_s`` seconds (0 to 20, below this client's ``timeout_s``) for some. Continue
+        from the page's ``next_cursor``. Raises ``ClientError`` ``invalid_query``,
+        ``invalid_cursor``; ``Overloaded`` when the server has too many waiting."""
+        if wait_s >= self._timeout_s:
+            raise ValueError("wait_s must be below the client's timeout_s")
+        response = await self._call(lambda request_id: wire.StreamTransfers(
+            request_id, after, limit, wait_s))
+        result = _expect(response, wire.TransfersStreamResult)
+        _check_count(result.shards, result.items)
+        return StreamPage(data=result.items, shards=list(result.shards),
+                          next_cursor=result.next_cursor)
+
+    async def subscribe_transfers(self, after: str = "", *, limit: int = 1000,
+                                  wait_s: float = 10.0, retry_deadline_s: float = 60.0,
+                                  ) -> AsyncIterator[StreamItem]:
+        """Every committed transfer of the caller's tenant after the cursor ``after``, for
+        ever, each once and with the cursor that resumes right after it (save it: a new
+        subscription from it, by any client, continues without a gap or a repeat). Pages of
+        ``limit`` long-polled ``wait_s`` seconds at a time; at most one page is held.
+        Retryable errors (the front or the database restarting) are retried after their
+        ``retry_after_s`` until ``retry_deadline_s`` passes without an answer, then raised."""
+        loop = asyncio.get_running_loop()
+        answered_at = loop.time()
+        while True:
+            try:
+                page = await self.stream_transfers(after, limit=limit, wait_s=wait_s)
+            except (Overloaded, Unavailable) as exc:
+                if loop.time() - answered_at > retry_deadline_s:
+                    raise
+                await asyncio.sleep(exc.retry_after_s)
+                continue
+            answered_at = loop.time()
+            for cursor, transfer in zip(item_cursors(after, page), page.data, strict=True):
+                yield StreamItem(cursor, transfer)
+            after = page.next_cursor
 
     # -- payments (the HTTP API's semantics and JSON bodies; docs/payments.md) ---------------
 

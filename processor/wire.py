@@ -42,6 +42,7 @@ from msgspec import Meta
 
 from processor.history import AccountBalancesAt
 from processor.service import BATCH_ITEMS_MAX
+from processor.stream import STREAM_CURSOR_CHARS_MAX
 from processor.types import CODE_MAX, ID_MAX, TIMEOUT_S_MAX, USER_DATA_CHARS_MAX, Account, Transfer
 
 __all__ = [
@@ -76,7 +77,9 @@ __all__ = [
     "QueryTransfers",
     "Request",
     "Response",
+    "StreamTransfers",
     "TransfersPageResult",
+    "TransfersStreamResult",
     "decode_request",
     "decode_response",
     "encode_frame",
@@ -283,6 +286,19 @@ class GetAccountBalances(msgspec.Struct, frozen=True, array_like=True, tag=10,
     at_ns: int
 
 
+class StreamTransfers(msgspec.Struct, frozen=True, array_like=True, tag=15,
+                      forbid_unknown_fields=True):
+    """The change stream (processor.stream): the caller's tenant's transfers committed
+    after the cursor ``after`` ("" from the beginning), at most ``limit`` (1 to 8,189); if
+    there are none yet, the server waits up to ``wait_s`` seconds (0 to 20) for some.
+    Answered by ``TransfersStreamResult``."""
+
+    request_id: RequestId
+    after: Annotated[str, Meta(max_length=STREAM_CURSOR_CHARS_MAX)] = ""
+    limit: int = 100
+    wait_s: float = 0.0
+
+
 # Responses tolerate fields added by a newer server, so clients survive a rolling deploy.
 class HelloOk(msgspec.Struct, frozen=True, array_like=True, tag=64):
     """The token was accepted; it expires at ``expires_at_s`` (seconds since the epoch).
@@ -353,6 +369,17 @@ class AccountBalancesResult(msgspec.Struct, frozen=True, array_like=True, tag=73
     balances: AccountBalancesAt
 
 
+class TransfersStreamResult(msgspec.Struct, frozen=True, array_like=True, tag=79):
+    """A page of the change stream: the transfers in delivery order, the shard of each
+    (one byte per transfer), and the cursor to continue from, also after an empty page.
+    The cursor after each transfer is ``processor.stream.item_cursors``'s."""
+
+    request_id: RequestId
+    items: list[Transfer]
+    shards: bytes
+    next_cursor: str
+
+
 class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
     """A request, or with ``request_id`` None the connection, failed with ``code``.
 
@@ -368,6 +395,7 @@ class Error(msgspec.Struct, frozen=True, array_like=True, tag=69):
 Request = (
     Hello | CreateAccounts | CreateTransfers | LookupAccounts | LookupTransfers | PaymentCall
     | CreateTransferBatch | GetAccountTransfers | QueryTransfers | GetAccountBalances
+    | StreamTransfers
 )
 Response = (
     HelloOk
@@ -379,6 +407,7 @@ Response = (
     | CreateTransferBatchResult
     | TransfersPageResult
     | AccountBalancesResult
+    | TransfersStreamResult
     | Error
 )
 

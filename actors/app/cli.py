@@ -33,12 +33,14 @@ from processor.config import (
 )
 from processor.identity import (
     DEFAULT_TENANT,
+    KEYS_FILE_NAME,
     SCOPES,
     TOKEN_TTL_S_DEFAULT,
     TOKEN_TTL_S_MAX,
     KeyFileError,
     issue_token,
 )
+from processor.privacy import MasterKey
 
 __all__ = ["build_config", "main", "verify_summary"]
 
@@ -56,8 +58,31 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                         "<data-dir>/txproc_app.pgpass)")
 
 
+def _add_key_file(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--key-file", default=os.environ.get("TXPROC_KEY_FILE", ""), metavar="FILE",
+                   help=f"the token key ring ({KEYS_FILE_NAME}) to {what}, instead of the one "
+                        "in --data-dir: the same file (or a copy of one Secret) on every "
+                        "node of a cluster")
+
+
+def _key_directory(args: argparse.Namespace) -> Path:
+    """The directory of the key ring the command uses: --key-file's, else --data-dir.
+    Raises ``KeyFileError`` if --key-file does not name a ring's file."""
+    if not args.key_file:
+        return Path(args.data_dir).resolve()
+    # absolute(), not resolve(): the ring's file must not be a symbolic link, and resolving
+    # it would hide one from the check that refuses it.
+    path = Path(args.key_file).absolute()
+    if path.name != KEYS_FILE_NAME:
+        raise KeyFileError(f"--key-file {path}: a key ring's file is named {KEYS_FILE_NAME} "
+                           "(its directory also holds the lock its changes take)")
+    return path.parent
+
+
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_common(p)
+    _add_key_file(p, "verify tokens with; it must exist (`txproc keys rotate --key-file` "
+                     "makes one)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--rpc-port", type=int, default=7070)
@@ -134,6 +159,7 @@ def build_config(args: argparse.Namespace) -> Config:
     config = Config(
         shard=ShardConfig(database_url=args.database_url, shards=args.shards),
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
+                          key_path=str(Path(args.key_file).absolute()) if args.key_file else "",
                           rate_limit_rps=args.rate_limit_rps,
                           rate_limit_burst=args.rate_limit_burst,
                           require_signed_requests=args.require_signed_requests,
@@ -228,14 +254,16 @@ def _add_keys(sub: Any) -> None:
         "retire", help="stop verifying tokens of a key (not the active one)")
     retire.add_argument("kid", help="the key's id, as `txproc keys list` shows it")
     retire.add_argument("--data-dir", default=data_dir)
+    listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
+    listing.add_argument("--data-dir", default=data_dir)
+    for ring_command in (rotate, retire, listing):
+        _add_key_file(ring_command, "change or list (made by the first rotate)")
     for changes in (rotate, retire):
         changes.add_argument(
             "--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
             help="where the change is recorded as an audit event (the server's, as for "
                  "`txproc serve`); without it, the embedded database of --data-dir if it "
                  "has one and is not in use")
-    listing = keys_sub.add_parser("list", help="the keys' ids, states and dates (no secrets)")
-    listing.add_argument("--data-dir", default=data_dir)
     create_client = keys_sub.add_parser(
         "create-client", help="a client key that signs one principal's HTTP requests "
                               "(RFC 9421); prints its id and secret as JSON, once")
@@ -283,9 +311,10 @@ def _add_erase(sub: Any) -> None:
     erase.add_argument("--tenant", required=True, help="the tenant's name")
     erase.add_argument("--subject-ref", required=True,
                        help="the customer_ref its payments and payouts named")
-    erase.add_argument("--key-file", default="",
-                       help="the master key (default <data-dir>/erasure.key, where the "
-                            "server keeps it)")
+    erase.add_argument("--master-key-file", default="", metavar="FILE",
+                       help="the master key (default: erasure.key in the server's key "
+                            "directory, --key-file's or --data-dir)")
+    _add_key_file(erase, "find the server's key directory by (erasure.key is beside it)")
     _add_common(erase)
 
 
@@ -395,6 +424,7 @@ def _parser() -> argparse.ArgumentParser:
     issue.add_argument("--subject", default="local",
                        help="the principal within the tenant (recorded with what it does)")
     issue.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT))
+    _add_key_file(issue, "sign with; it must exist")
     _add_token_revoke(token_sub)
     _add_keys(sub)
     certs = sub.add_parser("certs", help="TLS certificates for local use")
@@ -450,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "recon":
         return _recon_run(args)
     if args.command == "erase":
-        return asyncio.run(_erase(args))
+        return _erase(args)
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -465,7 +495,16 @@ def _token_issue(args: argparse.Namespace) -> int:
     from processor.identity import load_or_create_ring
 
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir = _key_directory(args)
+    except KeyFileError as exc:
+        print(f"txproc token issue: {exc}", file=sys.stderr)
+        return 2
+    if args.key_file and not (data_dir / KEYS_FILE_NAME).exists():
+        # A key ring named by --key-file is the one the servers share: never made here.
+        print(f"txproc token issue: the key file {data_dir / KEYS_FILE_NAME} does not exist; "
+              "make it with `txproc keys rotate --key-file`", file=sys.stderr)
+        return 2
     if not data_dir.is_dir():
         # A mistyped directory would otherwise get a new key, and the token would be
         # refused by the server that uses the real one.
@@ -515,10 +554,15 @@ def _keys(args: argparse.Namespace) -> int:
     from processor.identity import load_or_create_ring, retire_key, rotate_key
 
     command = f"txproc keys {args.keys_command}"
-    data_dir = Path(args.data_dir).resolve()
+    try:
+        data_dir = _key_directory(args)
+    except KeyFileError as exc:
+        print(f"{command}: {exc}", file=sys.stderr)
+        return 2
     if not data_dir.is_dir():
-        print(f"{command}: the data directory {data_dir} does not exist; name the server's "
-              "--data-dir", file=sys.stderr)
+        what = "key file's directory" if args.key_file else "data directory"
+        print(f"{command}: the {what} {data_dir} does not exist; name the server's "
+              f"{'--key-file' if args.key_file else '--data-dir'}", file=sys.stderr)
         return 2
     now_s = int(time.time())
     try:
@@ -977,14 +1021,10 @@ async def _payments_review(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _erase(args: argparse.Namespace) -> int:
+def _erase(args: argparse.Namespace) -> int:
     """``txproc erase``: exit 0 when the subject is erased (now or before), 1 when the
     tenant has no such subject, 2 for a bad argument or a missing master key."""
-    import asyncpg
-
-    from actors.ops import operator_actor
-    from actors.payments.subjects import erase_subject
-    from processor.identity import KeyFileError, tenant_slot
+    from processor.identity import KeyFileError
     from processor.identity.keyfile import read_private_file
     from processor.privacy import (
         CUSTOMER_REF_CHARS_MAX,
@@ -1003,16 +1043,29 @@ async def _erase(args: argparse.Namespace) -> int:
     if not args.tenant.strip():
         print("txproc erase: --tenant names the tenant", file=sys.stderr)
         return 2
-    key_file = Path(args.key_file or Path(args.data_dir) / MASTER_KEY_FILE_NAME)
     try:
+        key_file = Path(args.master_key_file
+                        or _key_directory(args) / MASTER_KEY_FILE_NAME).absolute()
         master = MasterKey(read_private_file(key_file))
     except FileNotFoundError:
-        print(f"txproc erase: no master key at {key_file}: name the server's with --key-file "
-              "(a server that never had one sealed nothing)", file=sys.stderr)
+        print(f"txproc erase: no master key at {key_file}: name the server's with "
+              "--master-key-file (a server that never had one sealed nothing)",
+              file=sys.stderr)
         return 2
     except (KeyFileError, PrivacyError, OSError) as exc:
         print(f"txproc erase: {exc}", file=sys.stderr)
         return 2
+    return asyncio.run(_erase_subject(args, master))
+
+
+async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
+    import asyncpg
+
+    from actors.ops import operator_actor
+    from actors.payments.subjects import erase_subject
+    from processor.identity import tenant_slot
+
+    ref = args.subject_ref
     with _live_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
         try:

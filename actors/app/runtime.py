@@ -37,7 +37,7 @@ from actors.payments import (
 )
 from actors.risk import RISK_ACTOR_NAME, make_risk
 from processor.config import Config
-from processor.identity import load_or_create_ring
+from processor.identity import KEYS_FILE_NAME, KeyFileError, load_or_create_ring, load_ring
 from processor.ledger import PartitionMap
 
 __all__ = ["Processor", "app_password_file", "ensure_database", "start_processor"]
@@ -195,7 +195,19 @@ async def start_processor(config: Config) -> Processor:
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up, before any work
     # Before anything starts: a refused key file (KeyFileError: a symbolic link, another
     # owner, readable by others) is reported here, by name, rather than by a failed actor.
-    load_or_create_ring(config.keys_path, now_s=int(time.time()))
+    if config.front.key_path:
+        # A ring named by --key-file is shared by every node: made by an operator
+        # (`txproc keys rotate --key-file`), never here, where each node would make its own.
+        if Path(config.front.key_path).name != KEYS_FILE_NAME:
+            raise KeyFileError(f"--key-file {config.front.key_path}: a key ring's file is "
+                               f"named {KEYS_FILE_NAME}")
+        try:
+            load_ring(config.keys_path)
+        except FileNotFoundError:
+            raise KeyFileError(f"the key file {config.front.key_path} does not exist; make it "
+                               "with `txproc keys rotate --key-file`") from None
+    else:
+        load_or_create_ring(config.keys_path, now_s=int(time.time()))
     admin_url, embedded = ensure_database(config)
     try:
         applied = await migrate(admin_url)

@@ -19,7 +19,7 @@ import re
 import types
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Annotated, Any, Literal, Protocol, TypeVar, get_args
+from typing import Annotated, Any, Literal, Protocol, TypeVar, cast, get_args
 
 import msgspec
 from msgspec import Meta
@@ -132,6 +132,15 @@ from processor.reserved import (
     transfers_reserved,
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService
+from processor.stream import (
+    STREAM_CURSOR_CHARS_MAX,
+    STREAM_LIMIT_DEFAULT,
+    STREAM_LIMIT_MAX,
+    STREAM_WAIT_S_DEFAULT,
+    STREAM_WAIT_S_MAX,
+    StreamService,
+    item_cursors,
+)
 from processor.types import (
     CODE_MAX,
     ID_MAX,
@@ -327,6 +336,19 @@ class TransferPageResponse(msgspec.Struct, frozen=True, kw_only=True):
     next_cursor: str | None
 
 
+class StreamLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One line of the change stream: a transfer and the cursor that resumes after it."""
+
+    cursor: str
+    transfer: TransferResponse
+
+
+class StreamEnd(msgspec.Struct, frozen=True, kw_only=True):
+    """The change stream's last line: the cursor the next request continues from."""
+
+    next_cursor: str
+
+
 class BalancesAtResponse(msgspec.Struct, frozen=True, kw_only=True):
     """An account's balances counting every movement with a timestamp at or before ``at``."""
 
@@ -388,6 +410,9 @@ TRANSFER_DECODER = msgspec.json.Decoder(TransferRequest)
 ACCOUNT_BATCH_DECODER = msgspec.json.Decoder(AccountBatchRequest)
 TRANSFER_BATCH_DECODER = msgspec.json.Decoder(TransferBatchRequest)
 ENCODER = msgspec.json.Encoder()
+# The change stream answers newline-delimited JSON, its resume cursor also in this header.
+NDJSON = "application/x-ndjson"
+STREAM_CURSOR_HEADER = "Txproc-Next-Cursor"
 
 
 # ---------------------------------------------------------------------------------------
@@ -1008,6 +1033,28 @@ class _Api:
             raise ApiError(400, exc.code, exc.message) from exc
         return _json_response(200, _page_response(page))
 
+    async def stream_transfers(self, request: Request) -> Response:
+        """The change stream's next page as newline-delimited JSON: a line per transfer with
+        its cursor, then ``{"next_cursor"}``, which the header repeats."""
+        params = _history_params(request, _STREAM_PARAMS)
+        service = self._service
+        if not hasattr(service, "stream_transfers"):
+            raise ApiError(503, "unavailable", "this server keeps no change stream",
+                           {"Retry-After": "60"})
+        after = params.get("after", "")
+        try:
+            page = await cast(StreamService, service).stream_transfers(
+                after, params.get("limit", STREAM_LIMIT_DEFAULT),
+                params.get("wait_s", STREAM_WAIT_S_DEFAULT), request.state.claims.tenant_slot)
+            cursors = item_cursors(after, page)
+        except HistoryError as exc:
+            raise ApiError(400, exc.code, exc.message) from exc
+        lines = [ENCODER.encode(StreamLine(cursor=c, transfer=transfer_to_response(t)))
+                 for c, t in zip(cursors, page.data, strict=True)]
+        lines.append(ENCODER.encode(StreamEnd(next_cursor=page.next_cursor)))
+        return Response(b"\n".join(lines) + b"\n", 200, media_type=NDJSON,
+                        headers={STREAM_CURSOR_HEADER: page.next_cursor})
+
     async def get_account_balances(self, request: Request) -> Response:
         account_id = _path_id(request)
         params = _history_params(request, {"at": "instant"})
@@ -1243,6 +1290,7 @@ _ACCOUNT_TRANSFERS_PARAMS = {"from": "instant", "to": "instant", "limit": "limit
                              "cursor": "cursor", "order": "order", "side": "side"}
 _QUERY_TRANSFERS_PARAMS = {"code": "code", "user_data": "user_data", "from": "instant",
                            "to": "instant", "limit": "limit", "cursor": "cursor"}
+_STREAM_PARAMS = {"after": "after", "limit": "limit", "wait": "wait"}
 _HISTORY_CHOICES = {"order": ("asc", "desc"), "side": ("debits", "credits", "both")}
 _USER_DATA = re.compile(USER_DATA_PATTERN)
 
@@ -1281,6 +1329,16 @@ def _history_params(request: Request, known: dict[str, str]) -> dict[str, Any]:
             if len(value) > USER_DATA_CHARS_MAX or _USER_DATA.fullmatch(value) is None:
                 raise ApiError(400, "invalid_query", f"user_data is at most "
                                                      f"{USER_DATA_CHARS_MAX} characters, no NUL")
+            out[name] = value
+        elif kind == "wait":
+            if not (value.isascii() and value.isdigit() and len(value) <= 2
+                    and int(value) <= STREAM_WAIT_S_MAX):
+                raise ApiError(400, "invalid_query", f"wait is a whole number of seconds "
+                                                     f"from 0 to {STREAM_WAIT_S_MAX:g}")
+            out["wait_s"] = float(value)
+        elif kind == "after":  # a stream cursor: checked by the store
+            if len(value) > STREAM_CURSOR_CHARS_MAX:
+                raise ApiError(400, "invalid_cursor", "the cursor is not one this stream gave")
             out[name] = value
         else:  # the cursor: its length here, its contents against the filters later
             if not 1 <= len(value) <= 64:
@@ -1439,13 +1497,15 @@ async def _unhandled(request: Request, exc: Exception) -> Response:
 class Reply(msgspec.Struct, frozen=True):
     """One documented response of an operation; ``codes`` are the error codes it carries.
 
-    ``body`` is the struct type of the body, or ``dict`` for a free-form JSON object.
+    ``body`` is the struct type of the body (of each line, for newline-delimited JSON), or
+    ``dict`` for a free-form JSON object.
     """
 
     status: int
     description: str
     body: Any
     codes: tuple[str, ...] = ()
+    media_type: str = "application/json"
 
 
 class Operation(msgspec.Struct, frozen=True, kw_only=True):
@@ -1681,6 +1741,22 @@ OPERATIONS: tuple[Operation, ...] = (
         summary="Create up to 8189 transfers.", handler=_Api.create_transfers,
         scope="transfers:write", request=TransferBatchRequest,
         replies=_batch_replies(TransferBatchResponse, "transfer"),
+    ),
+    # Before /v1/transfers/{id}, which would take "stream" for an id.
+    Operation(
+        name="stream_transfers", method="GET", path="/v1/transfers/stream",
+        summary="The change stream: your tenant's committed transfers after a cursor, as "
+                "newline-delimited JSON, long-polled.",
+        handler=_Api.stream_transfers, scope="transfers:read",
+        replies=(
+            Reply(200, "A line per transfer (a StreamLine: the transfer and the cursor after "
+                       "it), then a line {\"next_cursor\": ...} to continue from.",
+                  StreamLine, media_type=NDJSON),
+            _error_reply(400, "A query parameter is unknown, repeated or out of range, or the "
+                              "cursor is not one this stream gave.", "invalid_query",
+                         "invalid_cursor"),
+            _UNAUTHORIZED, _FORBIDDEN, *_LEDGER_TROUBLE,
+        ),
     ),
     Operation(
         name="get_transfer", method="GET", path="/v1/transfers/{id}",
@@ -2014,8 +2090,12 @@ def _response_object(reply: Reply, refs: dict[Any, Any]) -> dict[str, Any]:
     schema = {"type": "object"} if reply.body is dict else refs[reply.body]
     entry: dict[str, Any] = {
         "description": description,
-        "content": {"application/json": {"schema": schema}},
+        "content": {reply.media_type: {"schema": schema}},
     }
+    if reply.media_type == NDJSON:
+        entry["headers"] = {STREAM_CURSOR_HEADER: {
+            "description": "The cursor to continue from, as on the last line.",
+            "schema": {"type": "string"}}}
     if reply.codes:
         entry["x-error-codes"] = list(reply.codes)
     if reply.status in (429, 503):
@@ -2146,6 +2226,17 @@ _HISTORY_PARAMETERS: dict[str, list[dict[str, Any]]] = {
     ],
     "get_account_balances": [
         {"name": "at", "in": "query", "required": True, "schema": _INSTANT},
+    ],
+    "stream_transfers": [
+        _query("after", {"type": "string", "maxLength": STREAM_CURSOR_CHARS_MAX,
+                         "pattern": "^[A-Za-z0-9_-]*$",
+                         "description": "A cursor the stream gave (a line's or next_cursor); "
+                                        "none: from the beginning."}),
+        _query("limit", {"type": "integer", "minimum": 1, "maximum": STREAM_LIMIT_MAX,
+                         "default": STREAM_LIMIT_DEFAULT}),
+        _query("wait", {"type": "integer", "minimum": 0, "maximum": int(STREAM_WAIT_S_MAX),
+                        "default": int(STREAM_WAIT_S_DEFAULT),
+                        "description": "Seconds to wait for a transfer when none is new."}),
     ],
 }
 

@@ -52,6 +52,7 @@ from processor.reserved import (
     transfers_reserved,
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
+from processor.stream import STREAM_LIMIT_MAX, STREAM_WAIT_S_MAX, StreamService
 from processor.types import ID_MAX, InvariantError
 
 __all__ = [
@@ -97,7 +98,7 @@ _CONNECTIONS_FULL_RETRY_AFTER_S = 1.0
 _Batch = (
     wire.CreateAccounts | wire.CreateTransfers | wire.LookupAccounts | wire.LookupTransfers
     | wire.PaymentCall | wire.CreateTransferBatch | wire.GetAccountTransfers
-    | wire.QueryTransfers | wire.GetAccountBalances
+    | wire.QueryTransfers | wire.GetAccountBalances | wire.StreamTransfers
 )
 
 _RPC_TRANSFER_SECONDS = metrics.TRANSFER_REQUEST_SECONDS.labels("rpc")
@@ -111,6 +112,7 @@ _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.GetAccountTransfers: "accounts:read",
     wire.GetAccountBalances: "accounts:read",
     wire.QueryTransfers: "transfers:read",
+    wire.StreamTransfers: "transfers:read",
 }
 _HISTORY_REQUESTS = (wire.GetAccountTransfers, wire.QueryTransfers, wire.GetAccountBalances)
 
@@ -488,6 +490,8 @@ class _Connection:
         tenant = self._current_claims.tenant_slot
         if isinstance(request, _HISTORY_REQUESTS):
             return await _history_call(service, request, tenant)
+        if isinstance(request, wire.StreamTransfers):
+            return await _stream_call(service, request, tenant)
         if isinstance(request, wire.CreateAccounts):
             origin = await self._origin(request, "create_accounts", len(request.items))
             accounts = [replace(a, tenant=tenant, origin=origin) for a in request.items]
@@ -574,7 +578,7 @@ class _Connection:
 
 
 def _items_count(request: _Batch) -> int:
-    if isinstance(request, (wire.PaymentCall, *_HISTORY_REQUESTS)):
+    if isinstance(request, (wire.PaymentCall, wire.StreamTransfers, *_HISTORY_REQUESTS)):
         return 1
     if isinstance(request, wire.CreateAccounts | wire.CreateTransfers):
         return len(request.items)
@@ -618,6 +622,26 @@ async def _history_call(service: LedgerService, request: _Batch,
     except HistoryError as exc:
         return wire.Error(request_id, exc.code, exc.message)
     return wire.TransfersPageResult(request_id, page.data, page.next_cursor)
+
+
+async def _stream_call(service: LedgerService, request: wire.StreamTransfers,
+                       tenant: int) -> wire.Response:
+    """A page of the change stream (processor.stream); ``invalid_query`` or
+    ``invalid_cursor`` for that request alone."""
+    if not hasattr(service, "stream_transfers"):
+        raise Unavailable("this server keeps no change stream", retry_after_s=60)
+    request_id = request.request_id
+    if not (1 <= request.limit <= STREAM_LIMIT_MAX
+            and 0 <= request.wait_s <= STREAM_WAIT_S_MAX):  # NaN fails both
+        return wire.Error(request_id, "invalid_query", f"limit is 1 to {STREAM_LIMIT_MAX}, "
+                                                       f"wait_s 0 to {STREAM_WAIT_S_MAX:g}")
+    try:
+        page = await cast(StreamService, service).stream_transfers(
+            request.after, request.limit, request.wait_s, tenant)
+    except HistoryError as exc:
+        return wire.Error(request_id, exc.code, exc.message)
+    return wire.TransfersStreamResult(request_id, page.data, bytes(page.shards),
+                                      page.next_cursor)
 
 
 def _require_count(results: Sized, requested: Sized) -> None:

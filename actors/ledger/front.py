@@ -58,6 +58,7 @@ from processor.history import (
 )
 from processor.ledger import PartitionMap, compare_existing
 from processor.ratelimit import RateLimiter
+from processor.stream import StreamPage
 from processor.types import Account, Transfer, TransferFlags
 
 __all__ = ["Front", "make_front"]
@@ -729,6 +730,15 @@ class Front:
                                    tenant: int) -> AccountBalancesAt | None:
         try:
             return await self._require_history().balances_at(account_id, at_ns, tenant)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
+    async def stream_transfers(self, after: str, limit: int, wait_s: float,
+                               tenant: int) -> StreamPage:
+        """The change stream's next page (processor.stream.StreamService)."""
+        try:
+            return await self._require_history().stream.page(after, limit=limit,
+                                                             wait_s=wait_s, tenant=tenant)
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 

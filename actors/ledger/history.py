@@ -25,6 +25,7 @@ import asyncpg
 
 from actors.database import keep_session
 from actors.ledger.store import TRANSFER_COLUMNS
+from actors.ledger.stream import StreamReader
 from processor.history import (
     QUERY_SCAN_ROWS_MAX,
     AccountBalancesAt,
@@ -136,6 +137,7 @@ class HistoryStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
+        self.stream = StreamReader(pool)  # the change stream's pages, on the same pool
 
     @classmethod
     async def connect(cls, url: str, *, pool_size_max: int, connect_timeout_s: float,

@@ -198,7 +198,7 @@ async def test_erase_removes_one_subject_everywhere_and_leaves_the_record(
         assert all(text in everything for text in ("cus_alice", "refund-for-alice"))
 
         erased = txproc("erase", "--tenant", TENANT, "--subject-ref", "cus_alice",
-                        "--key-file", str(key_file), "--database-url", db_url)
+                        "--master-key-file", str(key_file), "--database-url", db_url)
         assert erased.returncode == 0, erased.stderr
         assert "erased data subject" in erased.stdout and "cus_alice" not in erased.stdout
 
@@ -243,18 +243,18 @@ async def test_erase_removes_one_subject_everywhere_and_leaves_the_record(
     assert result.report.ok, result.report.problems
 
     again = txproc("erase", "--tenant", TENANT, "--subject-ref", "cus_alice",
-                   "--key-file", str(key_file), "--database-url", db_url)
+                   "--master-key-file", str(key_file), "--database-url", db_url)
     assert again.returncode == 0, again.stderr
     assert "erased before; nothing left to erase" in again.stdout
     unknown = txproc("erase", "--tenant", TENANT, "--subject-ref", "cus_nobody",
-                     "--key-file", str(key_file), "--database-url", db_url)
+                     "--master-key-file", str(key_file), "--database-url", db_url)
     assert unknown.returncode == 1
     assert "has no data subject with that reference" in unknown.stderr
     other_tenant = txproc("erase", "--tenant", "someone-else", "--subject-ref", "cus_bob",
-                          "--key-file", str(key_file), "--database-url", db_url)
+                          "--master-key-file", str(key_file), "--database-url", db_url)
     assert other_tenant.returncode == 1
     bad = txproc("erase", "--tenant", TENANT, "--subject-ref", "not a ref",
-                 "--key-file", str(key_file), "--database-url", db_url)
+                 "--master-key-file", str(key_file), "--database-url", db_url)
     assert bad.returncode == 2 and "--subject-ref" in bad.stderr
     conn = await asyncpg.connect(db_url)
     try:

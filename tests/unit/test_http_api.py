@@ -22,7 +22,7 @@ from actors.edge.http_api import (
     TransferResponse,
     build_app,
 )
-from processor import history
+from processor import history, stream
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, Unavailable
 from processor.history import (
@@ -166,6 +166,16 @@ class FakeLedger:
         rows = [t for t in self.transfers.values()
                 if query.code in (None, t.code) and query.user_data in (None, t.user_data)]
         return self._page(query, rows, False)
+
+    async def stream_transfers(self, after: str, limit: int, wait_s: float,
+                               tenant: int) -> stream.StreamPage:
+        """Every stored transfer as one shard's, in timestamp order."""
+        self._raise_if_told()
+        cursor = stream.decode_stream_cursor(after, 1)
+        rows = sorted((t for t in self.transfers.values()
+                       if t.timestamp > cursor.positions[0]), key=lambda t: t.timestamp)
+        scanned = max([cursor.positions[0], *(t.timestamp for t in rows)])
+        return stream.merge_reads(cursor, [stream.ShardRead(0, rows, scanned)], limit)
 
     async def get_account_balances(self, account_id: int, at_ns: int,
                                    tenant: int) -> AccountBalancesAt | None:

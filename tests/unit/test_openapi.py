@@ -161,6 +161,11 @@ SCENARIOS: dict[tuple[str, str], dict[int, Scenario]] = {
         400: Scenario(path="/v1/accounts/1/balances?at=2026-12-01"),
         404: Scenario(path="/v1/accounts/2/balances?at=2026-12-01T00:00:00Z"),
     },
+    ("GET", "/v1/transfers/stream"): {
+        **ledger_trouble(None),
+        200: Scenario(path="/v1/transfers/stream?limit=1&wait=0", prepare=seeded),
+        400: Scenario(path="/v1/transfers/stream?after=nonsense"),
+    },
     ("GET", "/v1/transfers"): {
         **ledger_trouble(None),
         200: Scenario(path="/v1/transfers?code=0", prepare=seeded),
@@ -264,6 +269,15 @@ async def test_documented_status_is_produced(
                                          headers=scenario.headers)
     assert response.status_code == status, response.text
     documented = documented_operations()[(method, path)]["responses"][str(status)]
+    if http_api.NDJSON in documented["content"]:
+        # A line per item in the documented schema, then the line to continue from.
+        *lines, last = response.content.splitlines()
+        name = documented["content"][http_api.NDJSON]["schema"]["$ref"].rsplit("/", 1)[1]
+        assert lines and all(msgspec.json.decode(line, type=getattr(http_api, name))
+                             for line in lines)
+        end = msgspec.json.decode(last, type=http_api.StreamEnd)
+        assert response.headers[http_api.STREAM_CURSOR_HEADER] == end.next_cursor
+        return
     schema = documented["content"]["application/json"]["schema"]
     if "$ref" in schema:
         name = schema["$ref"].rsplit("/", 1)[1]

@@ -1,0 +1,37 @@
+"""`python -m bench.chaos` with its short profile: every fault of the schedule injected into
+a processor of its own (its own Ray and embedded PostgreSQL, which it stops with SIGSTOP),
+then the audit. Zero anomalies is the only pass."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.timeout(900)
+def test_short_chaos_run_finds_no_anomaly(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL", "TXPROC_BENCH_DATABASE_URL")}
+    out = tmp_path / "chaos.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.chaos", "--duration", "30s", "--pg-stop-s", "3",
+         "--ledger-gateways", "3", "--payment-gateways", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=840, env={**env, "COLUMNS": "160"},
+        check=False)
+    tail = done.stdout[-6000:] + done.stderr[-3000:]
+    assert done.stdout.rstrip().splitlines()[-1] == "anomalies=0", tail
+    assert done.returncode == 0, tail
+    results = json.loads(out.read_text())
+    injected = {f["fault"]: f["done"] for f in results["faults"]}
+    for fault in ("sigkill shard 0", "sigkill front", "sigkill payments",
+                  "sigkill provider acme", "sigstop postgres", "outage provider acme",
+                  "slow provider globex"):
+        assert fault in injected and not injected[fault].startswith("could not"), injected
+    checks = {c["check"]: c for c in results["checks"]}
+    assert "txproc verify" in checks and all(c["anomalies"] == 0 for c in checks.values())
+    assert results["transfers_acknowledged"] > 100 and results["payments"] > 0, results
