@@ -88,6 +88,7 @@ ACTIONS = frozenset({
     "payment_step.review_resolved",       # txproc payments review retry
     "schema.migrated",                    # txproc migrate (when it applied something)
     "reconciliation_exception.resolved",  # POST /v1/reconciliation/exceptions/{id}/resolve
+    "subject.erased",                     # txproc erase
 })
 ActorKind = Literal["token", "operator", "service"]
 _ACTOR_KINDS = ("token", "operator", "service")

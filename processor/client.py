@@ -387,7 +387,10 @@ class Client:
                                 payment_method: str, merchant_account_id: int,
                                 capture: bool = False, provider: str | None = None,
                                 reference: str = "",
-                                metadata: dict[str, str] | None = None) -> PaymentAnswer:
+                                metadata: dict[str, str] | None = None,
+                                customer_ref: str = "") -> PaymentAnswer:
+        """``customer_ref``: the payment's data subject, whose personal fields are sealed
+        with its key and erased with it (docs/payments.md, "Data subjects")."""
         body: dict[str, object] = {
             "amount": amount, "currency": currency, "payment_method": payment_method,
             "merchant_account_id": merchant_account_id, "capture": capture,
@@ -396,6 +399,8 @@ class Client:
             body["provider"] = provider
         if metadata:
             body["metadata"] = metadata
+        if customer_ref:
+            body["customer_ref"] = customer_ref
         return await self.payment_call("authorize", idempotency_key=idempotency_key,
                                        body=body)
 
@@ -434,10 +439,14 @@ class Client:
                                        subject_id=payment_id, body=body)
 
     async def create_payout(self, *, idempotency_key: str, amount: int, currency: str,
-                            merchant_account_id: int, destination: str) -> PaymentAnswer:
-        return await self.payment_call("payout", idempotency_key=idempotency_key, body={
+                            merchant_account_id: int, destination: str,
+                            customer_ref: str = "") -> PaymentAnswer:
+        body: dict[str, object] = {
             "amount": amount, "currency": currency,
-            "merchant_account_id": merchant_account_id, "destination": destination})
+            "merchant_account_id": merchant_account_id, "destination": destination}
+        if customer_ref:
+            body["customer_ref"] = customer_ref
+        return await self.payment_call("payout", idempotency_key=idempotency_key, body=body)
 
     async def get_payment(self, payment_id: str) -> PaymentAnswer:
         return await self.payment_call("get_payment", subject_id=payment_id)

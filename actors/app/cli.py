@@ -40,6 +40,7 @@ from processor.identity import (
     KeyFileError,
     issue_token,
 )
+from processor.privacy import MasterKey
 
 __all__ = ["build_config", "main", "verify_summary"]
 
@@ -301,6 +302,22 @@ def _add_webhooks(sub: Any) -> None:
     _add_common(remove)
 
 
+def _add_erase(sub: Any) -> None:
+    erase = sub.add_parser(
+        "erase", help="erase one data subject of a tenant everywhere the processor stores "
+                      "it: its key destroyed, its sealed fields cleared, its events and "
+                      "stored answers scrubbed; amounts, ids and times stay (docs/design.md "
+                      "§17, docs/operations.md)")
+    erase.add_argument("--tenant", required=True, help="the tenant's name")
+    erase.add_argument("--subject-ref", required=True,
+                       help="the customer_ref its payments and payouts named")
+    erase.add_argument("--master-key-file", default="", metavar="FILE",
+                       help="the master key (default: erasure.key in the server's key "
+                            "directory, --key-file's or --data-dir)")
+    _add_key_file(erase, "find the server's key directory by (erasure.key is beside it)")
+    _add_common(erase)
+
+
 def _add_recon(sub: Any) -> None:
     recon = sub.add_parser("recon", help="settlement reconciliation (docs/reconciliation.md)")
     recon_sub = recon.add_subparsers(dest="recon_command", required=True)
@@ -391,6 +408,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(retry)
     _add_webhooks(sub)
     _add_recon(sub)
+    _add_erase(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -461,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_audit(args))
     if args.command == "recon":
         return _recon_run(args)
+    if args.command == "erase":
+        return _erase(args)
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -998,6 +1018,79 @@ async def _payments_review(args: argparse.Namespace) -> int:
         return 1
     print(f"step {step.id} of {step.subject_id} handed back to the recovery worker "
           f"(phase {step.phase.value}); recorded as retried by {args.operator}")
+    return 0
+
+
+def _erase(args: argparse.Namespace) -> int:
+    """``txproc erase``: exit 0 when the subject is erased (now or before), 1 when the
+    tenant has no such subject, 2 for a bad argument or a missing master key."""
+    from processor.identity import KeyFileError
+    from processor.identity.keyfile import read_private_file
+    from processor.privacy import (
+        CUSTOMER_REF_CHARS_MAX,
+        CUSTOMER_REF_PATTERN,
+        MASTER_KEY_FILE_NAME,
+        MasterKey,
+        PrivacyError,
+    )
+
+    ref = args.subject_ref
+    if not ref or len(ref) > CUSTOMER_REF_CHARS_MAX or not re.fullmatch(CUSTOMER_REF_PATTERN,
+                                                                        ref):
+        print(f"txproc erase: --subject-ref must be 1..{CUSTOMER_REF_CHARS_MAX} letters, "
+              "digits or _.:@+- (as customer_ref is)", file=sys.stderr)
+        return 2
+    if not args.tenant.strip():
+        print("txproc erase: --tenant names the tenant", file=sys.stderr)
+        return 2
+    try:
+        key_file = Path(args.master_key_file
+                        or _key_directory(args) / MASTER_KEY_FILE_NAME).absolute()
+        master = MasterKey(read_private_file(key_file))
+    except FileNotFoundError:
+        print(f"txproc erase: no master key at {key_file}: name the server's with "
+              "--master-key-file (a server that never had one sealed nothing)",
+              file=sys.stderr)
+        return 2
+    except (KeyFileError, PrivacyError, OSError) as exc:
+        print(f"txproc erase: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_erase_subject(args, master))
+
+
+async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
+    import asyncpg
+
+    from actors.ops import operator_actor
+    from actors.payments.subjects import erase_subject
+    from processor.identity import tenant_slot
+
+    ref = args.subject_ref
+    with _live_database(args) as url:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            erasure = await erase_subject(conn, master, tenant_slot=tenant_slot(args.tenant),
+                                          customer_ref=ref, actor=operator_actor(),
+                                          request_id=_CLI_REQUEST_ID)
+        except asyncpg.UndefinedTableError as exc:
+            print(f"txproc erase: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    who = f"data subject {erasure.digest_hex[:16]} of tenant {args.tenant}"
+    if not erasure.known:
+        print(f"txproc erase: tenant {args.tenant} has no data subject with that reference "
+              "(no payment or payout named it as customer_ref); nothing erased",
+              file=sys.stderr)
+        return 1
+    if not erasure.changed:
+        print(f"{who} was erased before; nothing left to erase")
+        return 0
+    print(f"erased {who}: {erasure.keys_destroyed} key(s) destroyed; {erasure.payments} "
+          f"payment(s) and {erasure.payouts} payout(s) keep their amounts, ids and times; "
+          f"{erasure.events_scrubbed} event(s), {erasure.answers_scrubbed} stored answer(s) "
+          f"and {erasure.refunds_scrubbed} refund(s) scrubbed; recorded as audit event "
+          "subject.erased")
     return 0
 
 

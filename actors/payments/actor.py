@@ -47,7 +47,14 @@ from processor.client import Client, ClientError, client_tls_context
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import Unavailable
-from processor.identity import SYSTEM_SCOPES, KeyFileError, KeyRingFile, issue_token
+from processor.identity import (
+    SYSTEM_SCOPES,
+    KeyFileError,
+    KeyRingFile,
+    issue_token,
+    load_or_create_key,
+)
+from processor.privacy import MASTER_KEY_FILE_NAME, MasterKey
 from processor.types import Account, Transfer
 
 __all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
@@ -197,7 +204,8 @@ class PaymentsActor:
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
             command_timeout_s=cfg.statement_timeout_s, session_nice=cfg.cpu_nice,
-            acquire_timeout_s=cfg.pool_acquire_timeout_s)
+            acquire_timeout_s=cfg.pool_acquire_timeout_s,
+            master=MasterKey(load_or_create_key(self.config.keys_path / MASTER_KEY_FILE_NAME)))
         links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
             adapters = {p.name: ADAPTERS[p.name].from_secrets_file(p.secrets_file)

@@ -129,17 +129,21 @@ def payment_view(payment: Payment, steps: Sequence[Step]) -> PaymentView:
         currency=payment.currency, merchant_account_id=payment.merchant_account_id,
         provider=payment.provider, captured_amount=payment.captured_amount,
         refunded_amount=payment.refunded_amount, decline_code=payment.decline_code,
-        error=payment.error, risk_reason=payment.risk_reason, reference=payment.reference,
+        error=payment.error, risk_reason=payment.risk_reason,
+        reference=None if payment.erased else payment.reference,
         operations=[OperationView(id=f"op_{s.id}", kind=s.kind.value,
                                   status=_op_status(s.phase), amount=s.amount,
                                   provider=s.provider, decline_code=s.decline_code,
                                   error=s.error, capture_id=capture_id_text(s.capture_id))
                     for s in steps],
-        metadata=payment.metadata, created_at=_rfc3339(payment.created_at),
+        metadata=None if payment.erased else payment.metadata,
+        created_at=_rfc3339(payment.created_at),
         capturable_amount=payment.capturable_amount,
         captures=[CaptureView(id=capture_id_text(c.step_id), amount=c.amount, final=c.final,
                               status=_op_status(c.phase), refunded_amount=c.refunded_amount)
                   for c in captures_of(steps)],
+        customer_ref=None if payment.erased else payment.customer_ref,
+        erased=payment.erased,
     )
 
 
@@ -183,8 +187,11 @@ def payout_view(payout: Payout) -> PayoutView:
         id=payout.id, status=payout.status.value, amount=payout.amount,
         currency=payout.currency, merchant_account_id=payout.merchant_account_id,
         destination=payout.destination, provider=payout.provider,
-        decline_code=payout.decline_code, error=payout.error, reference=payout.reference,
-        metadata=payout.metadata, created_at=_rfc3339(payout.created_at))
+        decline_code=payout.decline_code, error=payout.error,
+        reference=None if payout.erased else payout.reference,
+        metadata=None if payout.erased else payout.metadata,
+        created_at=_rfc3339(payout.created_at),
+        customer_ref=None if payout.erased else payout.customer_ref, erased=payout.erased)
 
 
 class PaymentsEngine:
@@ -274,7 +281,8 @@ class PaymentsEngine:
             provider=providers[0], risk_reason=decision.reason.value,
             risk_source=decision.source, reference=request.reference,
             auto_capture=request.capture, request_key=request_key,
-            metadata=request.metadata, created_at=_utc(self._clock_s()))
+            metadata=request.metadata, created_at=_utc(self._clock_s()),
+            customer_ref=request.customer_ref)
         now_s = self._clock_s()
         if not decision.allowed:
             payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
@@ -443,7 +451,8 @@ class PaymentsEngine:
             id=payout_id, merchant_account_id=request.merchant_account_id,
             amount=request.amount, currency=request.currency, destination=request.destination,
             status=PayoutStatus.PROCESSING, provider=providers[0], reference=request.reference,
-            metadata=request.metadata, created_at=_utc(self._clock_s()))
+            metadata=request.metadata, created_at=_utc(self._clock_s()),
+            customer_ref=request.customer_ref)
         step_id, transfer_base = await self.store.new_step_ids()
         step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.PAYOUT,
                         subject_id=payout.id, amount=request.amount, currency=request.currency,

@@ -21,6 +21,7 @@ import msgspec
 from actors.database import bounded_pool, keep_session
 from actors.ops.audit_events import record_audit_event
 from actors.payments import outbox
+from actors.payments.subjects import SubjectKeys, subject_read
 from actors.priority import lower_session_priority
 from processor.audit import AuditActor
 from processor.identity import tenant_of_principal
@@ -44,7 +45,8 @@ from processor.payments import (
     Step,
     StoredKey,
 )
-from processor.types import require
+from processor.privacy import MasterKey, Personal, erased_object
+from processor.types import InvariantError, require
 
 __all__ = ["DATABASE_UNREACHABLE", "KeyHold", "PaymentStore", "Where"]
 
@@ -80,6 +82,10 @@ _PAYOUT_COLUMNS = (
     "id, merchant_account_id, amount, currency, destination, status, provider, provider_ref, "
     "decline_code, error, reference, metadata, created_at"
 )
+# What a read of a payment or payout selects: its columns and what opens its personal
+# fields (actors/payments/subjects.py), in the same statement.
+_PAYMENT_READ = f"{_PAYMENT_COLUMNS}, {subject_read('payments')}"
+_PAYOUT_READ = f"{_PAYOUT_COLUMNS}, {subject_read('payouts')}"
 # A row is visible to the principal $2 (``<tenant slot>/<subject>``) when a principal of
 # the same tenant wrote it, and to everyone when $2 is NULL (the processor's own reads).
 _SAME_TENANT = ("($2::text IS NULL OR split_part(principal, '/', 1) = "
@@ -130,18 +136,32 @@ def _step(row: asyncpg.Record | dict[str, Any]) -> Step:
     return Step(**values)
 
 
-def _payment(row: asyncpg.Record) -> Payment:
+def _payment(row: asyncpg.Record, subjects: SubjectKeys | None) -> Payment:
     values = dict(row)
     values["status"] = PaymentStatus(values["status"])
     values["metadata"] = _METADATA.decode(values["metadata"])
+    values |= _opened(values, subjects)
     return Payment(**values)
 
 
-def _payout(row: asyncpg.Record) -> Payout:
+def _payout(row: asyncpg.Record, subjects: SubjectKeys | None) -> Payout:
     values = dict(row)
     values["status"] = PayoutStatus(values["status"])
     values["metadata"] = _METADATA.decode(values["metadata"])
+    values |= _opened(values, subjects)
     return Payout(**values)
+
+
+def _opened(values: dict[str, Any], subjects: SubjectKeys | None) -> dict[str, Any]:
+    """The personal fields of a row read with ``_PAYMENT_READ`` or ``_PAYOUT_READ`` (the
+    columns that open them removed from ``values``)."""
+    if subjects is None:
+        require(values.pop("subject_key_id") is None,
+                "a store that reads data subjects' rows holds the master key")
+        values.pop("personal")
+        values.pop("subject_key")
+        return {}
+    return subjects.opened(values["id"], values)
 
 
 # jsonb travels as text (no codec is set on the pool): metadata is encoded and decoded here.
@@ -218,10 +238,17 @@ def _list_where(flt: ListFilter, tenant: str, prefix: str, *, step: bool = False
 
 def _event(obj: Payment | Payout) -> dict[str, Any]:
     """What downstream consumers are told: the object without its payment-method token and
-    request identity (they need neither, and every copy of a token is one more to guard)."""
+    request identity (they need neither, and every copy of a token is one more to guard).
+    An erased object's personal fields are null; one without a data subject has neither
+    ``customer_ref`` nor ``erased``, as before subjects existed."""
     payload: dict[str, Any] = msgspec.to_builtins(obj)
     for private in ("payment_method", "request_key", "destination"):
         payload.pop(private, None)
+    if obj.erased:
+        return erased_object(payload)
+    if not obj.customer_ref:
+        payload.pop("customer_ref", None)
+        payload.pop("erased", None)
     return payload
 
 
@@ -316,8 +343,11 @@ class _Retry(Exception):
 
 
 class PaymentStore:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, master: MasterKey | None = None) -> None:
+        """``master``: the deployment's master key (processor/privacy.py), without which
+        the store refuses to write or read payments that name a data subject."""
         self._pool = pool
+        self._subjects = None if master is None else SubjectKeys(pool, master)
         # Step and transfer ids taken from the sequences a block at a time (STEP_ID_BLOCK):
         # one round trip per block instead of one per step. Unused ones are a harmless gap.
         self._free_ids: collections.deque[tuple[int, int]] = collections.deque()
@@ -325,7 +355,8 @@ class PaymentStore:
     @classmethod
     async def connect(cls, dsn: str, *, pool_size_max: int, connect_timeout_s: float,
                       command_timeout_s: float, session_nice: int = 0,
-                      acquire_timeout_s: float = 2.0) -> PaymentStore:
+                      acquire_timeout_s: float = 2.0,
+                      master: MasterKey | None = None) -> PaymentStore:
         """A pool of at most ``pool_size_max`` connections; ``session_nice`` lowers the CPU
         priority of their backends when the server runs on this machine (priority.py).
         Waiting for a free connection ends in ``TimeoutError`` after ``acquire_timeout_s``
@@ -338,7 +369,7 @@ class PaymentStore:
             dsn, acquire_timeout_s=acquire_timeout_s, min_size=1, max_size=pool_size_max,
             timeout=connect_timeout_s, command_timeout=command_timeout_s,
             init=init if session_nice else None, reset=keep_session)
-        return cls(pool)
+        return cls(pool, master=master)
 
     @property
     def pool(self) -> asyncpg.Pool:
@@ -346,6 +377,24 @@ class PaymentStore:
 
     async def close(self) -> None:
         await self._pool.close()
+
+    # -- data subjects (processor/privacy.py) -------------------------------------------------
+
+    async def _sealed(self, obj: Payment | Payout, principal: str
+                      ) -> tuple[str, str, bytes | None, int | None]:
+        """What a new row stores of ``obj``'s personal fields: its clear ``reference`` and
+        ``metadata`` (JSON), its sealed fields and its subject's key id. Without a data
+        subject the fields are stored in clear as they always were; with one, sealed with
+        the subject's key (one upsert the first time this store meets the subject)."""
+        if not obj.customer_ref:
+            return obj.reference, _JSON.encode(obj.metadata).decode(), None, None
+        subjects = self._subjects
+        if subjects is None:
+            raise InvariantError("a store that writes data subjects' rows holds the master key")
+        key_id, key = await subjects.key_for(tenant_of_principal(principal), obj.customer_ref)
+        personal = Personal(customer_ref=obj.customer_ref, reference=obj.reference,
+                            metadata=obj.metadata)
+        return "", "{}", subjects.seal(key, personal, row_id=obj.id), key_id
 
     # -- ids ----------------------------------------------------------------------------------
 
@@ -367,25 +416,27 @@ class PaymentStore:
         round trip and one commit; None: refused by the risk check before any step). False
         if a payment with this id exists: the same request executed before (its id derives
         from the Idempotency-Key)."""
+        reference, metadata, personal, key_id = await self._sealed(payment, principal)
         values = (payment.id, payment.merchant_account_id, payment.amount, payment.currency,
                   payment.payment_method, payment.status.value, payment.provider,
                   payment.provider_ref, payment.hold_transfer_id, payment.captured_amount,
                   payment.refunded_amount, payment.decline_code, payment.error,
-                  payment.risk_reason, payment.risk_source, payment.reference,
+                  payment.risk_reason, payment.risk_source, reference,
                   payment.auto_capture, payment.request_key, payment.capturable_amount,
-                  _JSON.encode(payment.metadata).decode(), payment.created_at, principal)
+                  metadata, payment.created_at, principal, personal, key_id)
         event = (f"payment.{payment.status.value}", outbox.event_payload(_event(payment)),
                  principal.split("/", 1)[0])
         steps = ("" if step is None
                  else _step_ctes(len(values) + len(event) + 1, gate="created") + ", ")
         step_values = () if step is None else _step_insert_values(step, due_at_s)
-        sql = (f"WITH created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal) VALUES "
+        sql = (f"WITH created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "
+               "personal, subject_key_id) VALUES "
                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20::jsonb,"
-               "coalesce($21::timestamptz, now()),$22) "
+               "coalesce($21::timestamptz, now()),$22,$23,$24) "
                "ON CONFLICT (id) DO NOTHING RETURNING id), "
                + steps
-               + outbox.event_ctes(event_type="$23", aggregate_id="$1", payload="$24",
-                                   tenant="$25", gate="created")
+               + outbox.event_ctes(event_type="$25", aggregate_id="$1", payload="$26",
+                                   tenant="$27", gate="created")
                + " SELECT count(*) FROM created")
         try:
             created = await self._pool.fetchval(sql, *values, *event, *step_values)
@@ -395,16 +446,17 @@ class PaymentStore:
 
     async def create_payout(self, payout: Payout, step: Step, *, principal: str,
                             due_at_s: float) -> bool:
+        reference, metadata, personal, key_id = await self._sealed(payout, principal)
         async with self._pool.acquire() as conn, conn.transaction():
             created = await conn.fetchval(
-                f"INSERT INTO payouts ({_PAYOUT_COLUMNS}, principal) VALUES "
-                "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12::jsonb,"
-                "coalesce($13::timestamptz, now()),$14) "
+                f"INSERT INTO payouts ({_PAYOUT_COLUMNS}, principal, personal, subject_key_id) "
+                "VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12::jsonb,"
+                "coalesce($13::timestamptz, now()),$14,$15,$16) "
                 "ON CONFLICT (id) DO NOTHING RETURNING true",
                 payout.id, payout.merchant_account_id, payout.amount, payout.currency,
                 payout.destination, payout.status.value, payout.provider, payout.provider_ref,
-                payout.decline_code, payout.error, payout.reference,
-                _JSON.encode(payout.metadata).decode(), payout.created_at, principal)
+                payout.decline_code, payout.error, reference, metadata, payout.created_at,
+                principal, personal, key_id)
             if not created:
                 return False
             await self._insert_step(conn, step, due_at_s)
@@ -420,14 +472,14 @@ class PaymentStore:
             row = await conn.fetchrow(
                 f"UPDATE payments SET status='processing', error='', decline_code='', "
                 f"provider=$2, updated_at=now() WHERE id=$1 AND status='failed' "
-                f"AND error='provider_unavailable' RETURNING {_PAYMENT_COLUMNS}",
+                f"AND error='provider_unavailable' RETURNING {_PAYMENT_READ}",
                 payment_id, step.provider)
             if row is None:
                 return False
             await self._insert_step(conn, step, due_at_s)
             # Every status change writes its event, this one (failed -> processing) too.
-            await outbox.enqueue(conn, event_type="payment.processing",
-                                 aggregate_id=payment_id, payload=_event(_payment(row)))
+            await outbox.enqueue(conn, event_type="payment.processing", aggregate_id=payment_id,
+                                 payload=_event(_payment(row, self._subjects)))
         return True
 
     async def create_step(self, step: Step, *, due_at_s: float, request_key: str = "",
@@ -445,9 +497,9 @@ class PaymentStore:
         async with self._pool.acquire() as conn, conn.transaction():
             if checked is not None:
                 row = await conn.fetchrow(
-                    f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 FOR UPDATE",
+                    f"SELECT {_PAYMENT_READ} FROM payments WHERE id=$1 FOR UPDATE",
                     checked.id)
-                if row is None or _payment(row) != checked:
+                if row is None or _payment(row, self._subjects) != checked:
                     raise PaymentError("operation_in_progress",
                                        "the payment changed while this operation was checked")
             await self._insert_step(conn, step, due_at_s, request_key, metadata)
@@ -606,8 +658,8 @@ class PaymentStore:
             return
         if step.kind == Kind.PAYOUT:
             row = await conn.fetchrow(
-                f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 FOR UPDATE", step.subject_id)
-            payout = payout_after(_payout(row), step)
+                f"SELECT {_PAYOUT_READ} FROM payouts WHERE id=$1 FOR UPDATE", step.subject_id)
+            payout = payout_after(_payout(row, self._subjects), step)
             await conn.execute(
                 "UPDATE payouts SET status=$2, provider=$3, provider_ref=$4, decline_code=$5, "
                 "error=$6, updated_at=now() WHERE id=$1",
@@ -617,8 +669,8 @@ class PaymentStore:
                                  aggregate_id=payout.id, payload=_event(payout))
             return
         row = await conn.fetchrow(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 FOR UPDATE", step.subject_id)
-        before = _payment(row)
+            f"SELECT {_PAYMENT_READ} FROM payments WHERE id=$1 FOR UPDATE", step.subject_id)
+        before = _payment(row, self._subjects)
         payment = payment_after(before, step)
         if payment == before:
             return
@@ -681,10 +733,11 @@ class PaymentStore:
         async with (self._pool.acquire() as conn,
                     conn.transaction(isolation="repeatable_read", readonly=True)):
             rows = await conn.fetch(
-                f"SELECT {', '.join('p.' + c for c in _PAYMENT_COLUMNS.split(', '))} "
-                f"FROM payments p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
+                f"SELECT {', '.join('p.' + c for c in _PAYMENT_COLUMNS.split(', '))}, "
+                f"{subject_read('p')} FROM payments p WHERE {where.sql()} "
+                "ORDER BY p.created_at DESC, p.id DESC "
                 f"LIMIT {flt.limit + 1:d}", *where.args)
-            page = [_payment(r) for r in rows[:flt.limit]]
+            page = [_payment(r, self._subjects) for r in rows[:flt.limit]]
             steps = await conn.fetch(
                 f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id = ANY($1::text[]) "
                 "ORDER BY id", [p.id for p in page])
@@ -696,15 +749,20 @@ class PaymentStore:
     async def list_payouts(self, tenant: str, flt: ListFilter
                            ) -> tuple[list[Payout], Position | None]:
         """A page of the tenant's payouts, as ``list_payments``."""
-        return await self._list("payouts", _PAYOUT_COLUMNS, _payout, tenant, flt)
+        return await self._list("payouts", _PAYOUT_COLUMNS,
+                                lambda row: _payout(row, self._subjects), tenant, flt,
+                                extra=subject_read("p"))
 
     async def _list(self, table: str, columns: str, decode: Callable[[asyncpg.Record], _T],
-                    tenant: str, flt: ListFilter) -> tuple[list[_T], Position | None]:
+                    tenant: str, flt: ListFilter, *, extra: str = ""
+                    ) -> tuple[list[_T], Position | None]:
         """A page of one table's rows of the tenant, newest first, and where the next page
-        starts. ``table`` and ``columns`` are this module's constants, never input."""
+        starts. ``table``, ``columns`` and ``extra`` (further expressions selected) are this
+        module's constants, never input."""
         where = _list_where(flt, tenant, "p")
+        selected = ", ".join(["p." + c for c in columns.split(", ")] + ([extra] if extra else []))
         rows = await self._pool.fetch(
-            f"SELECT {', '.join('p.' + c for c in columns.split(', '))} "
+            f"SELECT {selected} "
             f"FROM {table} p WHERE {where.sql()} ORDER BY p.created_at DESC, p.id DESC "
             f"LIMIT {flt.limit + 1:d}", *where.args)
         page = [decode(r) for r in rows[:flt.limit]]
@@ -739,9 +797,9 @@ class PaymentStore:
                                       ) -> Payment | None:
         """The payment whose authorization ``provider`` knows as ``provider_ref``."""
         row = await self._pool.fetchrow(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE provider=$1 AND provider_ref=$2 "
+            f"SELECT {_PAYMENT_READ} FROM payments WHERE provider=$1 AND provider_ref=$2 "
             "AND provider_ref <> '' ORDER BY created_at LIMIT 1", provider, provider_ref)
-        return None if row is None else _payment(row)
+        return None if row is None else _payment(row, self._subjects)
 
     async def dispute(self, dispute_id: str, *, principal: str | None = None
                       ) -> Dispute | None:
@@ -965,9 +1023,9 @@ class PaymentStore:
         """The payment; with ``principal``, only if a principal of the same tenant created
         it (``processor.identity.principal_of``; others are told it does not exist)."""
         row = await self._pool.fetchrow(
-            f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
+            f"SELECT {_PAYMENT_READ} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
             payment_id, principal)
-        return None if row is None else _payment(row)
+        return None if row is None else _payment(row, self._subjects)
 
     async def payment_with_steps(self, payment_id: str, *, principal: str | None = None
                                  ) -> tuple[Payment, list[Step]] | None:
@@ -976,20 +1034,20 @@ class PaymentStore:
         async with (self._pool.acquire() as conn,
                     conn.transaction(isolation="repeatable_read", readonly=True)):
             row = await conn.fetchrow(
-                f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
+                f"SELECT {_PAYMENT_READ} FROM payments WHERE id=$1 AND {_SAME_TENANT}",
                 payment_id, principal)
             if row is None:
                 return None
             steps = await conn.fetch(
                 f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
                 payment_id)
-        return _payment(row), [_step(r) for r in steps]
+        return _payment(row, self._subjects), [_step(r) for r in steps]
 
     async def payout(self, payout_id: str, *, principal: str | None = None) -> Payout | None:
         row = await self._pool.fetchrow(
-            f"SELECT {_PAYOUT_COLUMNS} FROM payouts WHERE id=$1 AND {_SAME_TENANT}",
+            f"SELECT {_PAYOUT_READ} FROM payouts WHERE id=$1 AND {_SAME_TENANT}",
             payout_id, principal)
-        return None if row is None else _payout(row)
+        return None if row is None else _payout(row, self._subjects)
 
     async def record_webhook(self, provider: str, event_id: str) -> bool:
         """Remember an event that changes nothing; False if it was seen before."""

@@ -38,6 +38,10 @@ Currency = Annotated[str, Meta(pattern="^[A-Z]{3}$")]
 PaymentMethod = Annotated[str, Meta(pattern="^pm_[A-Za-z0-9_]{8,64}$")]
 Destination = Annotated[str, Meta(pattern="^ba_[A-Za-z0-9_]{8,64}$")]
 Reference = Annotated[str, Meta(max_length=64, pattern="^[A-Za-z0-9_.:-]*$")]
+# The data subject (the client's reference for the person a payment concerns): its
+# personal fields are sealed with that subject's key and erased with it (processor/
+# privacy.py). Spelled here, not imported, so the API's structs stand alone.
+CustomerRef = Annotated[str, Meta(max_length=100, pattern="^[A-Za-z0-9_.:@+-]*$")]
 ProviderName = Annotated[str, Meta(pattern="^[a-z][a-z0-9_]{0,31}$")]
 # Checked after decoding (processor.payments.listing.check_metadata), so that every breach
 # of its limits is the one code invalid_metadata; the OpenAPI document states the limits.
@@ -55,6 +59,7 @@ class AuthorizeRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown
     provider: ProviderName | None = None  # a preference; failover may still choose another
     reference: Reference = ""
     metadata: Metadata = {}
+    customer_ref: CustomerRef = ""  # "": no data subject named
 
 
 class CaptureRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -93,6 +98,7 @@ class PayoutRequest(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fi
     provider: ProviderName | None = None
     reference: Reference = ""
     metadata: Metadata = {}
+    customer_ref: CustomerRef = ""  # "": no data subject named
 
 
 class OperationView(msgspec.Struct, frozen=True, kw_only=True):
@@ -130,12 +136,14 @@ class PaymentView(msgspec.Struct, frozen=True, kw_only=True):
     decline_code: str = ""
     error: str = ""
     risk_reason: str = ""
-    reference: str = ""
+    reference: str | None = ""  # null once erased
     operations: list[OperationView] = []
-    metadata: dict[str, str] = {}
+    metadata: dict[str, str] | None = {}  # null once erased
     created_at: str = ""  # RFC 3339, UTC
     capturable_amount: int = 0  # still authorized (held) and capturable
     captures: list[CaptureView] = []
+    customer_ref: str | None = ""  # the data subject; null once erased
+    erased: bool = False  # the subject was erased: its personal fields are gone
 
 
 class PayoutView(msgspec.Struct, frozen=True, kw_only=True):
@@ -148,9 +156,11 @@ class PayoutView(msgspec.Struct, frozen=True, kw_only=True):
     provider: str
     decline_code: str = ""
     error: str = ""
-    reference: str = ""
-    metadata: dict[str, str] = {}
+    reference: str | None = ""  # null once erased
+    metadata: dict[str, str] | None = {}  # null once erased
     created_at: str = ""  # RFC 3339, UTC
+    customer_ref: str | None = ""  # the data subject; null once erased
+    erased: bool = False  # the subject was erased: its personal fields are gone
 
 
 class RefundView(msgspec.Struct, frozen=True, kw_only=True):

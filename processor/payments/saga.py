@@ -279,6 +279,11 @@ class Payment(msgspec.Struct, frozen=True, kw_only=True):
     # What the authorization's ledger hold (``hold_transfer_id``) still holds: what may
     # still be captured. 0 once a final capture, a void or a refused capture closed it.
     capturable_amount: int = 0
+    # The data subject (processor/privacy.py): with one, customer_ref, reference and
+    # metadata are stored sealed with its key. ``erased``: that key was destroyed, and
+    # those three are empty here and null in the API.
+    customer_ref: str = ""
+    erased: bool = False
 
 
 class Payout(msgspec.Struct, frozen=True, kw_only=True):
@@ -295,6 +300,8 @@ class Payout(msgspec.Struct, frozen=True, kw_only=True):
     reference: str = ""
     metadata: dict[str, str] = {}
     created_at: dt.datetime | None = None
+    customer_ref: str = ""  # as Payment's
+    erased: bool = False
 
 
 class Step(msgspec.Struct, frozen=True, kw_only=True):

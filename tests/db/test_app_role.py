@@ -73,6 +73,9 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "remote_postings_unfolded": READ,
     "payments": CHANGE,
     "payouts": CHANGE,
+    # Data subjects' keys (0029): created (an upsert, hence UPDATE), never deleted, since
+    # an erased key's row is the erasure's tombstone.
+    "subject_keys": CHANGE,
     "payment_steps": CHANGE,
     "payment_step_keys": APPEND,
     "payment_step_log": APPEND,
@@ -98,7 +101,7 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",
-                  "reconciliation_exceptions_id_seq"}
+                  "reconciliation_exceptions_id_seq", "subject_keys_id_seq"}
 
 ACCOUNT_SQL = (
     "INSERT INTO accounts (id, currency, flags, code, user_data, timestamp, partition, tenant)"
