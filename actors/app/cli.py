@@ -551,7 +551,8 @@ def _certs_dev(args: argparse.Namespace) -> int:
 
 
 def _keys(args: argparse.Namespace) -> int:
-    from processor.identity import load_or_create_ring, retire_key, rotate_key
+    from processor.identity import load_or_create_key, load_or_create_ring, retire_key, rotate_key
+    from processor.privacy import MASTER_KEY_FILE_NAME
 
     command = f"txproc keys {args.keys_command}"
     try:
@@ -568,6 +569,10 @@ def _keys(args: argparse.Namespace) -> int:
     try:
         if args.keys_command == "rotate":
             ring = rotate_key(data_dir, now_s=now_s)
+            if args.key_file:
+                # A shared key directory gets its erasure master key here too: the servers
+                # only read it (actors/payments/actor.py), so every node has the same one.
+                load_or_create_key(data_dir / MASTER_KEY_FILE_NAME)
             print(ring.active.kid)
             print(f"{command}: {ring.active.kid} signs from now on; every front verifies with "
                   "it within a second, and the keys before verify until retired",

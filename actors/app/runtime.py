@@ -37,8 +37,15 @@ from actors.payments import (
 )
 from actors.risk import RISK_ACTOR_NAME, make_risk
 from processor.config import Config
-from processor.identity import KEYS_FILE_NAME, KeyFileError, load_or_create_ring, load_ring
+from processor.identity import (
+    KEYS_FILE_NAME,
+    KeyFileError,
+    load_or_create_ring,
+    load_ring,
+    read_key,
+)
 from processor.ledger import PartitionMap
+from processor.privacy import MASTER_KEY_FILE_NAME
 
 __all__ = ["Processor", "app_password_file", "ensure_database", "start_processor"]
 
@@ -203,8 +210,10 @@ async def start_processor(config: Config) -> Processor:
                                f"named {KEYS_FILE_NAME}")
         try:
             load_ring(config.keys_path)
-        except FileNotFoundError:
-            raise KeyFileError(f"the key file {config.front.key_path} does not exist; make it "
+            if config.payments.enabled:
+                read_key(config.keys_path / MASTER_KEY_FILE_NAME)  # actors/payments/actor.py
+        except FileNotFoundError as missing:
+            raise KeyFileError(f"the key file {missing.filename} does not exist; make it "
                                "with `txproc keys rotate --key-file`") from None
     else:
         load_or_create_ring(config.keys_path, now_s=int(time.time()))

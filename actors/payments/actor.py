@@ -53,6 +53,7 @@ from processor.identity import (
     KeyRingFile,
     issue_token,
     load_or_create_key,
+    read_key,
 )
 from processor.privacy import MASTER_KEY_FILE_NAME, MasterKey
 from processor.types import Account, Transfer
@@ -205,7 +206,7 @@ class PaymentsActor:
             connect_timeout_s=shard_cfg.connect_timeout_s,
             command_timeout_s=cfg.statement_timeout_s, session_nice=cfg.cpu_nice,
             acquire_timeout_s=cfg.pool_acquire_timeout_s,
-            master=MasterKey(load_or_create_key(self.config.keys_path / MASTER_KEY_FILE_NAME)))
+            master=MasterKey(_master_key(self.config)))
         links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
             adapters = {p.name: ADAPTERS[p.name].from_secrets_file(p.secrets_file)
@@ -338,3 +339,13 @@ def make_payments(config: Config, channel_key: bytes, *, providers: list[Provide
     return actor_class.options(name=PAYMENTS_ACTOR_NAME, namespace=NAMESPACE).remote(
         config, channel_key, providers=providers, outbox_secret=outbox_secret,
         front_rpc=front_rpc)
+
+
+def _master_key(config: Config) -> bytes:
+    """The erasure master key of the key directory. A directory named by ``--key-file`` is
+    shared by every node: its key is made by an operator (`txproc keys rotate --key-file`)
+    and only read here, where a node making its own would leave every subject's data
+    unreadable to the others."""
+    path = config.keys_path / MASTER_KEY_FILE_NAME
+    return read_key(path) if config.front.key_path else load_or_create_key(path)
+

@@ -50,6 +50,7 @@ __all__ = [
     "key_id",
     "load_or_create_key",
     "principal_of",
+    "read_key",
     "require_scope",
     "tenant_of_principal",
     "tenant_slot",
@@ -223,6 +224,13 @@ def load_or_create_key(path: pathlib.Path) -> bytes:
     # The file was created and then removed between our create and read: someone else is
     # managing it, which is not a race to settle by looping.
     raise OSError(f"the key file {path} vanished while it was being created")
+
+
+def read_key(path: pathlib.Path) -> bytes:
+    """The key stored at ``path``, never created: for keys an operator makes once and every
+    node shares. Raises ``FileNotFoundError`` if there is none, and ``KeyFileError`` as
+    ``load_or_create_key`` does."""
+    return _read_key(path)
 
 
 def _read_key(path: pathlib.Path) -> bytes:
