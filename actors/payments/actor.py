@@ -25,14 +25,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
 
 from actors.channel import ChannelServer
+from actors.lease import Fence, Work, hold
 from actors.names import NAMESPACE
 from actors.ops import telemetry
 from actors.payments import outbox
@@ -48,9 +51,11 @@ from processor.codes import AccountResult, TransferResult
 from processor.config import Config
 from processor.errors import Unavailable
 from processor.identity import SYSTEM_SCOPES, KeyFileError, KeyRingFile, issue_token
+from processor.lease import LeaseConfig
 from processor.types import Account, Transfer
 
-__all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
+__all__ = ["LEASE", "LEASE_RECONCILIATION", "LEASE_RECOVERY", "LEASE_RELAY",
+           "PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
 
 log = logging.getLogger("txproc.payments.actor")
 
@@ -69,6 +74,12 @@ LEDGER_CALL_TIMEOUT_S = 30.0
 PROVIDER_RETRY_DEADLINE_S = 5.0
 # How often the key file is looked at for a rotation (the front's pace too).
 KEYS_REFRESH_INTERVAL_S = 0.5
+# The leases of the work that runs in one place (actors.lease, migration 0030): renewed every
+# second, taken over within about four seconds of their holder's death.
+LEASE = LeaseConfig(ttl_s=4.0, renew_interval_s=1.0, margin_s=1.0)
+LEASE_RECOVERY = "payments-recovery"
+LEASE_RELAY = "outbox-relay"
+LEASE_RECONCILIATION = "reconciliation-schedule"
 # Refusals after which the next call signs a new token with the current active key.
 _TOKEN_REFUSALS = frozenset({"token_invalid", "token_expired", "token_revoked"})
 
@@ -166,6 +177,8 @@ class PaymentsActor:
         self._starting: asyncio.Task[tuple[str, int]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        # This incarnation's name as a lease holder: a restarted actor is another holder.
+        self._holder = f"payments@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     async def start(self) -> tuple[str, int]:
         """Start (once per incarnation; concurrent callers share the attempt) and answer
@@ -238,17 +251,43 @@ class PaymentsActor:
                      reconciler=reconciler),
             clock_s=time.time)
         self._channel = channel
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(engine.run_recovery(cfg.recovery_interval_s)))
-        relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
-                                   limits=outbox.RelayLimits())
-        self._tasks.append(loop.create_task(relay.run(self._stopping)))
-        if cfg.recon_every_s > 0:
-            self._tasks.append(loop.create_task(
-                reconciler.run_schedule(cfg.recon_every_s, self._stopping)))
+        self._start_leased_work(store, engine, reconciler)
         self._address = address
         log.info("payments serving over %s on %s:%d", ", ".join(sorted(adapters)), *address)
         return address
+
+    def _start_leased_work(self, store: PaymentStore, engine: PaymentsEngine,
+                           reconciler: Reconciler) -> None:
+        """The recovery worker, the outbox relay and the reconciliation scheduler, each
+        under its lease (``actors.lease``): wherever several payments actors run (or a
+        restarted one overlaps its predecessor), each job runs in one of them, and moves
+        within ``LEASE.ttl_s`` when that one dies.
+
+        Where a stale holder could do harm: the recovery worker's steps and the relay's
+        deliveries are claimed row by row, and their writes fenced on the claim (a step's
+        version, a delivery's attempt), so a stale worker only repeats an attempt; the
+        reconciliation run checks the lease's fence where it stores the run.
+        """
+        cfg = self.config.payments
+        loop = asyncio.get_running_loop()
+        relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
+                                   limits=outbox.RelayLimits())
+
+        async def recovery(_: Fence) -> None:
+            await engine.run_recovery(cfg.recovery_interval_s)
+
+        async def relaying(_: Fence) -> None:
+            await relay.run(self._stopping)
+
+        async def reconciling(fence: Fence) -> None:
+            await reconciler.run_schedule(cfg.recon_every_s, self._stopping, fence)
+
+        jobs: list[tuple[str, Work]] = [(LEASE_RECOVERY, recovery), (LEASE_RELAY, relaying)]
+        if cfg.recon_every_s > 0:
+            jobs.append((LEASE_RECONCILIATION, reconciling))
+        for name, work in jobs:
+            self._tasks.append(loop.create_task(
+                hold(store.pool, name, self._holder, LEASE, work)))
 
     def is_started(self) -> bool:
         return self._address is not None
