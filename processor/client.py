@@ -206,7 +206,9 @@ class Client:
         # One address: no failover, as before; several: each may be tried once per call.
         self._failovers_max = (failovers_max if failovers_max is not None
                                else 0 if len(self._addresses) == 1 else len(self._addresses))
-        self._current = failover.first_index(len(self._addresses), rng or random.Random())
+        # Spreading load, not a secret: any generator will do.
+        self._current = failover.first_index(len(self._addresses),
+                                             rng or random.Random())  # noqa: S311
         self._timeout_s = timeout_s
         self._retries_max = retries_max
         self._connect_attempts_max = connect_attempts_max
