@@ -94,7 +94,7 @@ class RpcLedger:
     written, the step is parked and tried again.
     """
 
-    def __init__(self, host: str, port: int, keys: KeyRingFile, *,
+    def __init__(self, fronts: list[tuple[str, int]], keys: KeyRingFile, *,
                  clock_s: Callable[[], float] = time.time,
                  monotonic_s: Callable[[], float] = time.monotonic,
                  tls: ssl.SSLContext | None = None) -> None:
@@ -103,8 +103,11 @@ class RpcLedger:
         self._monotonic_s = monotonic_s
         self._renew_at_s = 0.0
         self._signed_kid = ""
-        self._client = Client(host, port, self._token(), timeout_s=LEDGER_CALL_TIMEOUT_S,
-                              retries_max=2, connect_attempts_max=2, ssl=tls)
+        # Every front's RPC: a broken connection fails over to another (processor.failover).
+        addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in fronts]
+        self._client = Client(addresses=addresses, token=self._token(),
+                              timeout_s=LEDGER_CALL_TIMEOUT_S, retries_max=2,
+                              connect_attempts_max=2, ssl=tls)
 
     def _token(self) -> str:
         now_s = int(self._clock_s())
@@ -161,7 +164,7 @@ class PaymentsActor:
 
     def __init__(self, config: Config, channel_key: bytes, *,
                  providers: list[ProviderConfig], outbox_secret: bytes,
-                 front_rpc: tuple[str, int]) -> None:
+                 front_rpc: list[tuple[str, int]]) -> None:
         telemetry.setup(config.observability, "payments")
         lower_priority(config.payments.cpu_nice)
         self.config = config
@@ -205,7 +208,7 @@ class PaymentsActor:
         shard_cfg = self.config.shard
         keys = KeyRingFile(self.config.keys_path, now_s=int(time.time()),
                            interval_s=KEYS_REFRESH_INTERVAL_S)
-        ledger = RpcLedger(*self._front_rpc, keys, tls=_front_tls(self.config))
+        ledger = RpcLedger(self._front_rpc, keys, tls=_front_tls(self.config))
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
@@ -359,10 +362,11 @@ def _front_tls(config: Config) -> ssl.SSLContext | None:
 
 
 def make_payments(config: Config, channel_key: bytes, *, providers: list[ProviderConfig],
-                  outbox_secret: bytes, front_rpc: tuple[str, int]) -> Any:
+                  outbox_secret: bytes, front_rpc: list[tuple[str, int]]) -> Any:
     """Start the payments actor (the one place it is made remote); Ray restarts it if it
     dies, and it starts itself on the next call. ``channel_key`` authenticates the front's
-    forwarded requests; ``front_rpc`` is where the ledger's RPC listens."""
+    forwarded requests; ``front_rpc`` is where the fronts' RPC listens (host, port), this
+    node's first."""
     actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(PaymentsActor)
