@@ -190,8 +190,6 @@ class Client:
             raise ValueError("addresses is a list of host:port, not one string")
         self._addresses = ([failover.parse_address(a) for a in addresses] if addresses
                            else [(host, port)])
-        if not token:
-            raise ValueError("a token is required")
         if failovers_max is not None and failovers_max < 0:
             raise ValueError("failovers_max must not be negative")
         if timeout_s <= 0:

@@ -400,6 +400,10 @@ class Front:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this front runs on (it is pinned there: actors.app.runtime)."""
+        return str(ray.get_runtime_context().get_node_id())
+
     async def call_shard(self, shard: int, method: str, raw: bytes,
                          links: list[dict[str, str]] | None = None) -> bytes:
         """One call over the shard's channel, retried (bounded) while the shard restarts

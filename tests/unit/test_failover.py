@@ -101,7 +101,6 @@ def test_next_step(changes: dict[str, object], expected: Step) -> None:
     ({"host": "h", "port": 1, "addresses": ["h:1"], "token": "t"}, "either"),
     ({"addresses": "h:1", "token": "t"}, "list"),
     ({"addresses": ["h"], "token": "t"}, "host:port"),
-    ({"addresses": ["h:1"]}, "token"),
     ({"addresses": ["h:1"], "token": "t", "failovers_max": -1}, "failovers_max"),
 ])
 def test_client_refuses_bad_addresses(kwargs: dict[str, object], match: str) -> None:
