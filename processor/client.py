@@ -21,7 +21,16 @@ ended), which reads as ``Unavailable``.
 
 After a dropped connection, the next call opens a new one (at most ``connect_attempts_max``
 attempts). A call is sent again only for ``Overloaded`` or ``Unavailable``, at most
-``retries_max`` times (default 0), which is safe because ledger ids are idempotency keys.
+``retries_max`` times (default 0), which is safe because ledger ids are idempotency keys;
+a payments operation only if it reads or carries an idempotency key.
+
+**Several fronts.** ``Client(addresses=["host:port", ...], token=...)`` starts at a front
+drawn at random and, when its connection breaks, opens the next one to the following
+front (connecting goes round the list). A call lost with a broken connection is sent
+again at once over the new one, at most ``failovers_max`` times (default: the number of
+addresses) and only within ``timeout_s`` of its first sending, if sending it twice is
+harmless (``processor.failover``): a create the lost attempt applied then answers
+``exists``, a transfer it refused by the ledger's state ``id_already_failed``.
 """
 
 from __future__ import annotations
@@ -30,15 +39,17 @@ import asyncio
 import collections
 import contextlib
 import itertools
+import random
 import ssl
-from collections.abc import AsyncIterator, Callable, Sized
+import time
+from collections.abc import AsyncIterator, Callable, Sequence, Sized
 from types import TracebackType
 from typing import Any, TypeVar, overload
 
 import msgspec
 import numpy as np
 
-from processor import wire
+from processor import failover, wire
 from processor.batch import TransferBatch, transfer_columns
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, TxprocError, Unavailable
@@ -139,6 +150,7 @@ class _Connection:
         self.closing_error: wire.Error | None = None
         self.lost = False
         self.reader_task: asyncio.Task[None] | None = None
+        self.address_index = 0  # which of the client's addresses it is connected to
 
     @property
     def usable(self) -> bool:
@@ -156,21 +168,36 @@ class Client:
     With ``ssl`` (a client context: the CA that signed the server's certificate, and for a
     server that requires one, the client's certificate and key) the connection is TLS; the
     server's certificate must name ``server_hostname``, by default ``host``.
+
+    ``Client(host, port, token)`` talks to one front; ``Client(addresses=[...], token=...)``
+    to several (the module docstring), the first tried drawn from ``rng``. Raises
+    ``ValueError`` for an address that is not ``host:port``, or for neither or both forms.
     """
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        token: str,
+        host: str = "",
+        port: int = 0,
+        token: str = "",
         *,
+        addresses: Sequence[str] = (),
         timeout_s: float = 30.0,
         in_flight_max: int = 64,
         retries_max: int = 0,
         connect_attempts_max: int = CONNECT_ATTEMPTS_MAX_DEFAULT,
+        failovers_max: int | None = None,
         ssl: ssl.SSLContext | None = None,
         server_hostname: str | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        if bool(addresses) == bool(host):
+            raise ValueError("give either host and port or addresses")
+        if isinstance(addresses, str):
+            raise ValueError("addresses is a list of host:port, not one string")
+        self._addresses = ([failover.parse_address(a) for a in addresses] if addresses
+                           else [(host, port)])
+        if failovers_max is not None and failovers_max < 0:
+            raise ValueError("failovers_max must not be negative")
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if in_flight_max <= 0:
@@ -179,9 +206,13 @@ class Client:
             raise ValueError("retries_max must not be negative")
         if connect_attempts_max <= 0:
             raise ValueError("connect_attempts_max must be positive")
-        self._host = host
-        self._port = port
         self._token = token
+        # One address: no failover, as before; several: each may be tried once per call.
+        self._failovers_max = (failovers_max if failovers_max is not None
+                               else 0 if len(self._addresses) == 1 else len(self._addresses))
+        # Spreading load, not a secret: any generator will do.
+        self._current = failover.first_index(len(self._addresses),
+                                             rng or random.Random())  # noqa: S311
         self._timeout_s = timeout_s
         self._retries_max = retries_max
         self._connect_attempts_max = connect_attempts_max
@@ -195,6 +226,7 @@ class Client:
         self._connection: _Connection | None = None
         self._closed = False
         self.token_expires_at_s: int | None = None
+        self.failovers = 0  # calls sent again to another front after a broken connection
 
     async def __aenter__(self) -> Client:
         await self.connect()
@@ -378,7 +410,8 @@ class Client:
         """One payments operation; ``body`` is encoded as the HTTP endpoint's JSON."""
         raw = b"" if body is None else msgspec.json.encode(body)
         response = await self._call(lambda request_id: wire.PaymentCall(
-            request_id, operation, idempotency_key, subject_id, raw))
+            request_id, operation, idempotency_key, subject_id, raw),
+            safe=failover.call_is_safe(operation, idempotency_key))
         result = _expect(response, wire.PaymentResult)
         return PaymentAnswer(status=result.status, body=msgspec.json.decode(result.body),
                              replayed=result.replayed)
@@ -483,18 +516,33 @@ class Client:
         return await self.payment_call("submit_evidence", idempotency_key=idempotency_key,
                                        subject_id=dispute_id, body=body)
 
-    async def _call(self, request_of: Callable[[int], wire.Request]) -> wire.Response:
+    async def _call(self, request_of: Callable[[int], wire.Request], *,
+                    safe: bool = True) -> wire.Response:
+        """Send one request and wait for its answer; ``safe``: whether it may be sent twice
+        (``processor.failover.call_is_safe``)."""
         async with self._slots:
-            for attempt in itertools.count():
+            started_s = time.monotonic()
+            failovers = retries = 0
+            while True:
+                connection: _Connection | None = None
                 try:
                     connection = await self._ready_connection()
                     request_id = next(self._request_ids)
                     return await self._exchange(connection, request_of(request_id), request_id)
                 except (Overloaded, Unavailable) as exc:
-                    if attempt >= self._retries_max:
+                    step = failover.next_step(
+                        safe=safe, broken=connection is not None and not connection.usable,
+                        failovers=failovers, failovers_max=self._failovers_max,
+                        retries=retries, retries_max=self._retries_max,
+                        elapsed_s=time.monotonic() - started_s, deadline_s=self._timeout_s)
+                    if step is failover.Step.RAISE:
                         raise
-                    await asyncio.sleep(exc.retry_after_s)
-        raise AssertionError("unreachable: itertools.count() does not end")
+                    if step is failover.Step.FAIL_OVER:
+                        failovers += 1
+                        self.failovers += 1
+                    else:
+                        retries += 1
+                        await asyncio.sleep(exc.retry_after_s)
 
     async def _exchange(
         self, connection: _Connection, request: wire.Request, request_id: int
@@ -529,19 +577,23 @@ class Client:
             return connection
 
     async def _open(self) -> _Connection:
-        for attempt in range(self._connect_attempts_max):
-            if attempt:
-                await asyncio.sleep(_CONNECT_BACKOFF_S * attempt)
+        count = len(self._addresses)
+        order = failover.connect_order(count, self._current, self._connect_attempts_max)
+        for attempt, index in enumerate(order):
+            if attempt and attempt % count == 0:  # a pause before each round of the list
+                await asyncio.sleep(_CONNECT_BACKOFF_S * (attempt // count))
+            self._current = index
+            host, port = self._addresses[index]
             try:
                 async with asyncio.timeout(self._timeout_s):
-                    reader, writer = await asyncio.open_connection(
-                        self._host, self._port, **self._tls)
+                    reader, writer = await asyncio.open_connection(host, port, **self._tls)
             except ssl.SSLCertVerificationError:
                 raise  # the server is not who the context trusts: trying again cannot help
             except (OSError, TimeoutError) as exc:
                 last_error: BaseException = exc
                 continue
             connection = _Connection(reader, writer)
+            connection.address_index = index
             connection.reader_task = asyncio.create_task(self._read_responses(connection))
             try:
                 await self._hello(connection)
@@ -556,7 +608,8 @@ class Client:
         if isinstance(last_error, Overloaded):
             # The server answered, and it is full: say so rather than call it unreachable.
             raise last_error
-        message = f"cannot connect to {self._address} in {self._connect_attempts_max} attempts"
+        where = self._address if count == 1 else f"any of {count} fronts"
+        message = f"cannot connect to {where} in {self._connect_attempts_max} attempts"
         raise Unavailable(message) from last_error
 
     async def _hello(self, connection: _Connection) -> None:
@@ -635,10 +688,14 @@ class Client:
         connection.writer.close()
         if self._connection is connection:
             self._connection = None
+            if fault is None or fault[0] != "client_closed":
+                # The next connection goes to the following front (one address: the same).
+                self._current = (connection.address_index + 1) % len(self._addresses)
 
     @property
     def _address(self) -> str:
-        return f"{self._host}:{self._port}"
+        host, port = self._addresses[self._current]
+        return f"{host}:{port}"
 
 
 def _resolve(future: asyncio.Future[_ResultT], result: _ResultT) -> None:

@@ -18,6 +18,7 @@ import msgspec
 from processor.ledger import FrontConfig, ShardConfig
 from processor.ops_config import ObservabilityConfig
 from processor.payments import PaymentsConfig
+from processor.placement import FRONTS_MAX
 from processor.risk import RiskConfig
 from processor.service import BATCH_ITEMS_MAX
 from processor.wire import FRAME_BYTES_MAX, HELLO_BYTES_MAX
@@ -76,6 +77,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ray_address: str | None = None
     payments: PaymentsSection = PaymentsSection()
     observability: ObservabilityConfig = ObservabilityConfig()
+    # Fronts (processor/placement.py): 0 starts one per alive Ray node; N > 0 starts N on
+    # this node, on consecutive ports (tests and development on one machine).
+    fronts: int = 0
 
     def check(self) -> None:
         """Limits agree with each other; raises ValueError naming the first that does not."""
@@ -101,6 +105,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             (self.payments.pool_acquire_timeout_s > 0, "payments pool_acquire_timeout_s > 0"),
             (self.payments.statement_timeout_s > 0, "payments statement_timeout_s > 0"),
             (0 <= self.observability.metrics_port <= 65535, "0 <= metrics_port <= 65535"),
+            (0 <= self.fronts <= FRONTS_MAX, f"0 <= fronts <= {FRONTS_MAX}"),
             (self.observability.vcpu_hour_price >= 0, "vcpu_hour_price >= 0"),
             (self.observability.trace_exporter in ("off", "console", "otlp"),
              "trace_exporter is off, console or otlp"),

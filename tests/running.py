@@ -118,6 +118,7 @@ class ExtraFront:
     http_port: int
     rpc_port: int
     token: str
+    actor: Any = None  # its Ray handle (the pid to kill: ``actor.pid.remote()``)
 
 
 @contextlib.asynccontextmanager
@@ -141,9 +142,11 @@ async def extra_front(processor: Processor, **front: Any) -> AsyncIterator[Extra
         config, processor.channel_key)
     try:
         ports = await asyncio.wait_for(actor.start.remote(), timeout=120)
-        yield ExtraFront(ports["http_port"], ports["rpc_port"], token_for(processor))
+        yield ExtraFront(ports["http_port"], ports["rpc_port"], token_for(processor), actor)
     finally:
         try:
             await asyncio.wait_for(actor.stop.remote(), timeout=15)
+        except ray.exceptions.RayActorError:
+            pass  # the test killed it
         finally:
             ray.kill(actor, no_restart=True)

@@ -87,6 +87,9 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--http-port", type=int, default=8080)
     p.add_argument("--rpc-port", type=int, default=7070)
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--fronts", type=int, default=0, metavar="N",
+                   help="start N fronts on this node, on consecutive ports (tests, "
+                        "development); 0, the default, starts one per Ray node")
     front = FrontConfig()
     p.add_argument("--rate-limit-rps", type=float, default=front.rate_limit_rps,
                    help="operations per second per principal (a batch counts its items); "
@@ -173,6 +176,7 @@ def build_config(args: argparse.Namespace) -> Config:
                           tls_internal_key_path=_absolute(args.internal_client_key)),
         data_dir=str(Path(args.data_dir).resolve()),
         ray_address=args.ray_address,
+        fronts=getattr(args, "fronts", 0),
         payments=_payments(args),
         observability=ObservabilityConfig(
             metrics_port=args.metrics_port, vcpu_hour_price=args.vcpu_hour_price,
@@ -1270,7 +1274,7 @@ def _write_api_address(config: Config, http_port: int) -> Path:
 
 
 async def _serve(config: Config) -> int:
-    from actors.app.runtime import start_processor
+    from actors.app.runtime import FRONTS_FILE, start_processor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1293,6 +1297,11 @@ async def _serve(config: Config) -> int:
              processor.http_port, " over TLS" if config.front.tls else "", config.front.host,
              processor.rpc_port, config.front.host,
              processor.metrics_port, config.shard.shards, config.data_dir)
+    for front in processor.fronts:
+        log.info("front %d on node %s: http %s://%s:%d, rpc %s (%s)",
+                 front.placement.index, front.placement.node_id[:12],
+                 "https" if config.front.tls else "http", front.placement.address,
+                 front.http_port, front.rpc_address, FRONTS_FILE)
     address = _write_api_address(config, processor.http_port)
     supervisor = loop.create_task(processor.supervise())
     await stop.wait()

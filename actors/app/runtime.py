@@ -1,4 +1,4 @@
-"""Starting and stopping a whole processor: database, Ray, shards and front.
+"""Starting and stopping a whole processor: database, Ray, shards and fronts.
 
 Used by ``txproc serve``, the demo, the benchmark and the tests, so that all of them run
 the same real parts the same way.
@@ -7,6 +7,8 @@ the same real parts the same way.
 from __future__ import annotations
 
 import asyncio
+import itertools
+import json
 import logging
 import os
 import secrets
@@ -25,6 +27,7 @@ import ray
 
 from actors.database import APP_PASSWORD_FILE_NAME, EmbeddedPostgres, app_role_url
 from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
+from actors.ledger.front import front_actor_name
 from actors.migrate import migrate
 from actors.names import NAMESPACE
 from actors.ops import make_node_metrics, node_metrics_name
@@ -45,16 +48,40 @@ from processor.identity import (
     read_key,
 )
 from processor.ledger import PartitionMap
+from processor.placement import FrontPlacement, NodeView, fronts_document, place_fronts
 from processor.privacy import MASTER_KEY_FILE_NAME
 
-__all__ = ["Processor", "app_password_file", "ensure_database", "start_processor"]
+__all__ = ["FRONTS_FILE", "Processor", "RunningFront", "app_password_file", "ensure_database",
+           "start_processor"]
+
+# Every front's URLs, written by start_processor into the data directory.
+FRONTS_FILE = "fronts.json"
 
 log = logging.getLogger("txproc.runtime")
 
 
 @dataclass
+class RunningFront:
+    """One front: its actor, where it was placed and the ports it bound."""
+
+    actor: Any
+    placement: FrontPlacement
+    http_port: int
+    rpc_port: int
+    event_loop: str = ""  # the event loop's module (uvloop where installed)
+
+    @property
+    def rpc_address(self) -> str:
+        return f"{self.placement.address}:{self.rpc_port}"
+
+
+@dataclass
 class Processor:
-    """A running processor and what it started (so it stops exactly that)."""
+    """A running processor and what it started (so it stops exactly that).
+
+    ``front``, ``http_port`` and ``rpc_port`` are the first front's (the one on this node);
+    ``fronts`` lists every front, that one first.
+    """
 
     config: Config
     front: Any
@@ -77,9 +104,15 @@ class Processor:
     # The administrative URL (migrations, operator commands); config.shard.database_url is
     # the service's, as the application role (actors.database.app_role_url).
     admin_database_url: str = field(default="", repr=False)
+    fronts: list[RunningFront] = field(default_factory=list)
+
+    @property
+    def rpc_addresses(self) -> list[str]:
+        """Every front's RPC address (``host:port``), for ``Client(addresses=...)``."""
+        return [f.rpc_address for f in self.fronts]
 
     async def supervise(self, interval_s: float = 0.5) -> None:
-        """Run until cancelled: start the front again whenever Ray has restarted it, and
+        """Run until cancelled: start a front again whenever Ray has restarted it, and
         wake a restarted payments actor (whose recovery worker then finishes what its
         predecessor left).
 
@@ -93,20 +126,7 @@ class Processor:
                     await asyncio.wait_for(self.payments.start.remote(), timeout=10)
                 except Exception as exc:  # noqa: BLE001 - restarting, or the ledger or database away
                     log.warning("payments not started: %r", exc)
-            try:
-                listening = await asyncio.wait_for(
-                    self.front.is_listening.remote(), timeout=10)
-            except Exception as exc:  # noqa: BLE001 - dead or restarting: try again next round
-                log.warning("front not answering: %r", exc)
-                continue
-            if listening:
-                continue
-            try:
-                await asyncio.wait_for(
-                    self.front.start.remote(self.http_port, self.rpc_port), timeout=60)
-                log.info("front restarted on http %d, rpc %d", self.http_port, self.rpc_port)
-            except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
-                log.warning("front restart failed: %r", exc)
+            await asyncio.gather(*[_restart_if_needed(f) for f in self.fronts])
 
     async def stop(self) -> None:
         """Flush and close the front and shards, then stop what this process started."""
@@ -115,10 +135,11 @@ class Processor:
                 await asyncio.wait_for(self.payments.stop.remote(), timeout=15)
             except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("payments stop: %r", exc)
-        try:
-            await asyncio.wait_for(self.front.stop.remote(), timeout=15)
-        except Exception as exc:  # noqa: BLE001 - a dead front has nothing left to flush
-            log.warning("front stop: %r", exc)
+        for front in self.fronts:
+            try:
+                await asyncio.wait_for(front.actor.stop.remote(), timeout=15)
+            except Exception as exc:  # noqa: BLE001 - a dead front has nothing left to flush
+                log.warning("front %d stop: %r", front.placement.index, exc)
         for shard in self.shards:
             try:
                 await asyncio.wait_for(shard.stop.remote(), timeout=15)
@@ -134,7 +155,8 @@ class Processor:
                 await asyncio.wait_for(server.stop.remote(), timeout=5)
             except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
                 log.warning("metrics server stop: %r", exc)
-        for actor in [self.front, *self.shards, *self.providers, *self.metrics,
+        for actor in [*(f.actor for f in self.fronts), *self.shards, *self.providers,
+                      *self.metrics,
                       *([self.risk] if self.risk is not None else []),
                       *([self.payments] if self.payments is not None else [])]:
             ray.kill(actor, no_restart=True)
@@ -147,6 +169,26 @@ class Processor:
         metrics_dir = self.extra.get("metrics_dir")
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _restart_if_needed(front: RunningFront) -> None:
+    """Start ``front`` on its ports again if Ray restarted it (its new incarnation does not
+    listen yet)."""
+    index = front.placement.index
+    try:
+        listening = await asyncio.wait_for(front.actor.is_listening.remote(), timeout=10)
+    except Exception as exc:  # noqa: BLE001 - dead or restarting: try again next round
+        log.warning("front %d not answering: %r", index, exc)
+        return
+    if listening:
+        return
+    try:
+        await asyncio.wait_for(
+            front.actor.start.remote(front.http_port, front.rpc_port), timeout=60)
+        log.info("front %d restarted on http %d, rpc %d", index, front.http_port,
+                 front.rpc_port)
+    except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
+        log.warning("front %d restart failed: %r", index, exc)
 
 
 def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
@@ -239,20 +281,21 @@ async def start_processor(config: Config) -> Processor:
         started_ray = init_ray(config.ray_address, metrics_dir)
         for s in range(config.shard.shards):
             _kill_stale(shard_actor_name(s))
-        _kill_stale("txproc-front")
-        # Authenticates the front's and the shards' data-plane channel (actors.channel);
+        _kill_stale_fronts()
+        # Authenticates the fronts' and the shards' data-plane channel (actors.channel);
         # lives only in those actors' arguments, never in a file or a log.
         channel_key = secrets.token_bytes(32)
         shards = [make_shard(s, config.shard, channel_key, config.observability)
                   for s in range(config.shard.shards)]
-        front = make_front(config, channel_key)
-        ports = await front.start.remote()
+        fronts = await _start_fronts(config, channel_key)
         processor = Processor(
-            config=config, front=front, shards=shards, http_port=ports["http_port"],
-            rpc_port=ports["rpc_port"], embedded=embedded, started_ray=started_ray,
-            extra={"front_event_loop": ports["loop"], "metrics_dir": metrics_dir},
-            channel_key=channel_key, admin_database_url=admin_url,
+            config=config, front=fronts[0].actor, shards=shards,
+            http_port=fronts[0].http_port, rpc_port=fronts[0].rpc_port, embedded=embedded,
+            started_ray=started_ray,
+            extra={"front_event_loop": fronts[0].event_loop, "metrics_dir": metrics_dir},
+            channel_key=channel_key, admin_database_url=admin_url, fronts=fronts,
         )
+        _write_fronts_file(processor)
         await _start_metrics(processor, embedded)
     except BaseException:
         if embedded is not None:
@@ -265,6 +308,53 @@ async def start_processor(config: Config) -> Processor:
             await processor.stop()
             raise
     return processor
+
+
+async def _start_fronts(config: Config, channel_key: bytes) -> list[RunningFront]:
+    """One front per alive node (or ``config.fronts`` on this node), each pinned to its
+    node and listening on its address (processor/placement.py)."""
+    nodes = [NodeView(n["NodeID"], n["NodeManagerAddress"])
+             for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+    front = config.front
+    placements = place_fronts(nodes, here=ray.get_runtime_context().get_node_id(),
+                              host=front.host, http_port=front.http_port,
+                              rpc_port=front.rpc_port, count=config.fronts)
+    actors = [make_front(msgspec.structs.replace(config, front=msgspec.structs.replace(
+                  front, host=p.bind_host, http_port=p.http_port, rpc_port=p.rpc_port)),
+                         channel_key, index=p.index, node_id=p.node_id)
+              for p in placements]
+    try:
+        ports = await asyncio.gather(*[a.start.remote() for a in actors])
+    except BaseException:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise
+    return [RunningFront(actor=a, placement=p, http_port=port["http_port"],
+                         rpc_port=port["rpc_port"], event_loop=port["loop"])
+            for a, p, port in zip(actors, placements, ports, strict=True)]
+
+
+def _write_fronts_file(processor: Processor) -> Path:
+    """``fronts.json`` in the data directory: every front's node, HTTP URL and RPC address,
+    replaced whole (docs/operations.md, "Several fronts")."""
+    document = fronts_document([f.placement for f in processor.fronts],
+                               [(f.http_port, f.rpc_port) for f in processor.fronts],
+                               tls=processor.config.front.tls)
+    target = Path(processor.config.data_dir) / FRONTS_FILE
+    partial = target.with_name(f".{FRONTS_FILE}.partial")
+    partial.write_text(json.dumps(document, indent=2) + "\n")
+    partial.replace(target)
+    return target
+
+
+def _kill_stale_fronts() -> None:
+    """Fronts left by an earlier run in the same cluster, however many it had."""
+    for index in itertools.count():
+        try:
+            ray.get_actor(front_actor_name(index), namespace=NAMESPACE)
+        except ValueError:
+            return
+        _kill_stale(front_actor_name(index))
 
 
 def _fresh_metrics_dir() -> str:
@@ -348,7 +438,8 @@ async def _start_payments(processor: Processor) -> None:
     processor.payments = make_payments(
         config, processor.channel_key, providers=processor.provider_configs,
         outbox_secret=_outbox_secret(data / "providers" / "outbox.key"),
-        front_rpc=(host, processor.rpc_port))
+        front_rpc=[(host, processor.rpc_port),
+                   *((f.placement.address, f.rpc_port) for f in processor.fronts[1:])])
     await processor.payments.start.remote()
 
 

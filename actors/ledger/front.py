@@ -25,6 +25,7 @@ import msgspec
 import numpy as np
 import ray
 import uvicorn
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.channel import ChannelBroken, ChannelClient
 from actors.edge import (
@@ -61,7 +62,7 @@ from processor.ratelimit import RateLimiter
 from processor.stream import StreamPage
 from processor.types import Account, Transfer, TransferFlags
 
-__all__ = ["Front", "make_front"]
+__all__ = ["Front", "front_actor_name", "make_front"]
 
 log = logging.getLogger("txproc.front")
 ENCODER = msgspec.msgpack.Encoder()
@@ -399,6 +400,10 @@ class Front:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        """The Ray node this front runs on (it is pinned there: actors.app.runtime)."""
+        return str(ray.get_runtime_context().get_node_id())
 
     async def call_shard(self, shard: int, method: str, raw: bytes,
                          links: list[dict[str, str]] | None = None) -> bytes:
@@ -768,13 +773,25 @@ def _plain_groups_of(partitions: PartitionMap, flags: np.ndarray, pending_id: np
     return {shard: np.flatnonzero(shards == shard) for shard in np.unique(shards).tolist()}
 
 
-def make_front(config: Config, channel_key: bytes) -> Any:
-    """Start the front as a Ray actor (the one place it is made remote); ``channel_key``
-    authenticates its calls to the shards (actors.channel)."""
+def front_actor_name(index: int) -> str:
+    """The Ray name of front ``index`` (processor.placement numbers them)."""
+    return f"txproc-front-{index}"
+
+
+def make_front(config: Config, channel_key: bytes, *, index: int = 0,
+               node_id: str | None = None) -> Any:
+    """Start front ``index`` as a Ray actor (the one place it is made remote), on node
+    ``node_id`` when given (and only there: a front serves its node's address);
+    ``channel_key`` authenticates its calls to the shards (actors.channel).
+
+    Several fronts share nothing but the shards and the database: each is its own process
+    with its own listeners, lanes, pools, rate limiter and credentials watch."""
     # Restarted by Ray if it dies; it holds nothing durable, and Processor.supervise()
     # starts the new incarnation on the same ports.
     actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(Front)
-    return actor_class.options(name="txproc-front", namespace=NAMESPACE).remote(
-        config, channel_key)
+    options: dict[str, Any] = {"name": front_actor_name(index), "namespace": NAMESPACE}
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return actor_class.options(**options).remote(config, channel_key)

@@ -25,14 +25,17 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
 
 from actors.channel import ChannelServer
+from actors.lease import Fence, Work, hold
 from actors.names import NAMESPACE
 from actors.ops import telemetry
 from actors.payments import outbox
@@ -55,10 +58,12 @@ from processor.identity import (
     load_or_create_key,
     read_key,
 )
+from processor.lease import LeaseConfig
 from processor.privacy import MASTER_KEY_FILE_NAME, MasterKey
 from processor.types import Account, Transfer
 
-__all__ = ["PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
+__all__ = ["LEASE", "LEASE_RECONCILIATION", "LEASE_RECOVERY", "LEASE_RELAY",
+           "PAYMENTS_ACTOR_NAME", "PaymentsActor", "RpcLedger", "make_payments"]
 
 log = logging.getLogger("txproc.payments.actor")
 
@@ -77,6 +82,12 @@ LEDGER_CALL_TIMEOUT_S = 30.0
 PROVIDER_RETRY_DEADLINE_S = 5.0
 # How often the key file is looked at for a rotation (the front's pace too).
 KEYS_REFRESH_INTERVAL_S = 0.5
+# The leases of the work that runs in one place (actors.lease, migration 0030): renewed every
+# second, taken over within about four seconds of their holder's death.
+LEASE = LeaseConfig(ttl_s=4.0, renew_interval_s=1.0, margin_s=1.0)
+LEASE_RECOVERY = "payments-recovery"
+LEASE_RELAY = "outbox-relay"
+LEASE_RECONCILIATION = "reconciliation-schedule"
 # Refusals after which the next call signs a new token with the current active key.
 _TOKEN_REFUSALS = frozenset({"token_invalid", "token_expired", "token_revoked"})
 
@@ -91,7 +102,7 @@ class RpcLedger:
     written, the step is parked and tried again.
     """
 
-    def __init__(self, host: str, port: int, keys: KeyRingFile, *,
+    def __init__(self, fronts: list[tuple[str, int]], keys: KeyRingFile, *,
                  clock_s: Callable[[], float] = time.time,
                  monotonic_s: Callable[[], float] = time.monotonic,
                  tls: ssl.SSLContext | None = None) -> None:
@@ -100,8 +111,11 @@ class RpcLedger:
         self._monotonic_s = monotonic_s
         self._renew_at_s = 0.0
         self._signed_kid = ""
-        self._client = Client(host, port, self._token(), timeout_s=LEDGER_CALL_TIMEOUT_S,
-                              retries_max=2, connect_attempts_max=2, ssl=tls)
+        # Every front's RPC: a broken connection fails over to another (processor.failover).
+        addresses = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in fronts]
+        self._client = Client(addresses=addresses, token=self._token(),
+                              timeout_s=LEDGER_CALL_TIMEOUT_S, retries_max=2,
+                              connect_attempts_max=2, ssl=tls)
 
     def _token(self) -> str:
         now_s = int(self._clock_s())
@@ -158,7 +172,7 @@ class PaymentsActor:
 
     def __init__(self, config: Config, channel_key: bytes, *,
                  providers: list[ProviderConfig], outbox_secret: bytes,
-                 front_rpc: tuple[str, int]) -> None:
+                 front_rpc: list[tuple[str, int]]) -> None:
         telemetry.setup(config.observability, "payments")
         lower_priority(config.payments.cpu_nice)
         self.config = config
@@ -174,6 +188,8 @@ class PaymentsActor:
         self._starting: asyncio.Task[tuple[str, int]] | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
+        # This incarnation's name as a lease holder: a restarted actor is another holder.
+        self._holder = f"payments@{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
     async def start(self) -> tuple[str, int]:
         """Start (once per incarnation; concurrent callers share the attempt) and answer
@@ -200,7 +216,7 @@ class PaymentsActor:
         shard_cfg = self.config.shard
         keys = KeyRingFile(self.config.keys_path, now_s=int(time.time()),
                            interval_s=KEYS_REFRESH_INTERVAL_S)
-        ledger = RpcLedger(*self._front_rpc, keys, tls=_front_tls(self.config))
+        ledger = RpcLedger(self._front_rpc, keys, tls=_front_tls(self.config))
         store = await PaymentStore.connect(
             shard_cfg.database_url, pool_size_max=cfg.pool_size_max,
             connect_timeout_s=shard_cfg.connect_timeout_s,
@@ -247,17 +263,43 @@ class PaymentsActor:
                      reconciler=reconciler),
             clock_s=time.time)
         self._channel = channel
-        loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(engine.run_recovery(cfg.recovery_interval_s)))
-        relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
-                                   limits=outbox.RelayLimits())
-        self._tasks.append(loop.create_task(relay.run(self._stopping)))
-        if cfg.recon_every_s > 0:
-            self._tasks.append(loop.create_task(
-                reconciler.run_schedule(cfg.recon_every_s, self._stopping)))
+        self._start_leased_work(store, engine, reconciler)
         self._address = address
         log.info("payments serving over %s on %s:%d", ", ".join(sorted(adapters)), *address)
         return address
+
+    def _start_leased_work(self, store: PaymentStore, engine: PaymentsEngine,
+                           reconciler: Reconciler) -> None:
+        """The recovery worker, the outbox relay and the reconciliation scheduler, each
+        under its lease (``actors.lease``): wherever several payments actors run (or a
+        restarted one overlaps its predecessor), each job runs in one of them, and moves
+        within ``LEASE.ttl_s`` when that one dies.
+
+        Where a stale holder could do harm: the recovery worker's steps and the relay's
+        deliveries are claimed row by row, and their writes fenced on the claim (a step's
+        version, a delivery's attempt), so a stale worker only repeats an attempt; the
+        reconciliation run checks the lease's fence where it stores the run.
+        """
+        cfg = self.config.payments
+        loop = asyncio.get_running_loop()
+        relay = outbox.OutboxRelay(store.pool, signing_secret=self._outbox_secret,
+                                   limits=outbox.RelayLimits())
+
+        async def recovery(_: Fence) -> None:
+            await engine.run_recovery(cfg.recovery_interval_s)
+
+        async def relaying(_: Fence) -> None:
+            await relay.run(self._stopping)
+
+        async def reconciling(fence: Fence) -> None:
+            await reconciler.run_schedule(cfg.recon_every_s, self._stopping, fence)
+
+        jobs: list[tuple[str, Work]] = [(LEASE_RECOVERY, recovery), (LEASE_RELAY, relaying)]
+        if cfg.recon_every_s > 0:
+            jobs.append((LEASE_RECONCILIATION, reconciling))
+        for name, work in jobs:
+            self._tasks.append(loop.create_task(
+                hold(store.pool, name, self._holder, LEASE, work)))
 
     def is_started(self) -> bool:
         return self._address is not None
@@ -329,10 +371,11 @@ def _front_tls(config: Config) -> ssl.SSLContext | None:
 
 
 def make_payments(config: Config, channel_key: bytes, *, providers: list[ProviderConfig],
-                  outbox_secret: bytes, front_rpc: tuple[str, int]) -> Any:
+                  outbox_secret: bytes, front_rpc: list[tuple[str, int]]) -> Any:
     """Start the payments actor (the one place it is made remote); Ray restarts it if it
     dies, and it starts itself on the next call. ``channel_key`` authenticates the front's
-    forwarded requests; ``front_rpc`` is where the ledger's RPC listens."""
+    forwarded requests; ``front_rpc`` is where the fronts' RPC listens (host, port), this
+    node's first."""
     actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(PaymentsActor)

@@ -38,6 +38,7 @@ import asyncpg
 import msgspec
 import yarl
 
+from actors.lease import Fence, LeaseLost
 from actors.ops import metrics
 from actors.ops.audit_events import actor_of_origin, record_audit_event
 from actors.payments.store import Where
@@ -332,11 +333,15 @@ class Reconciler:
 
     # -- one run -------------------------------------------------------------------------------
 
-    async def run(self, provider: str, date: str, *, requested_by: str) -> RunView:
+    async def run(self, provider: str, date: str, *, requested_by: str,
+                  fence: Fence | None = None) -> RunView:
         """Reconcile ``provider``'s report of ``date`` now and answer the run (which may
         have failed: the report could not be fetched or read, or the ledger was away).
 
-        Raises ``ReconciliationRefused`` for an unknown provider or a day not begun.
+        The scheduler passes the ``fence`` of the lease it runs under: the run is stored
+        only if that lease is still its own (``actors.lease``). Raises
+        ``ReconciliationRefused`` for an unknown provider or a day not begun, ``LeaseLost``
+        when the fence is stale (nothing of the run is stored).
         """
         if provider not in self._adapters:
             raise ReconciliationRefused("provider_unknown", "no provider has this name")
@@ -355,11 +360,11 @@ class Reconciler:
             started_s, started = time.perf_counter(), dt.datetime.now(dt.UTC)
             status = "failed"
             try:
-                run_id = await self._run(provider, date, requested_by, started)
+                run_id = await self._run(provider, date, requested_by, started, fence)
                 status = "succeeded"
             except _RunFailed as failed:
                 run_id = await self._store_failure(provider, date, requested_by, started,
-                                                   str(failed))
+                                                   str(failed), fence)
             finally:
                 metrics.RECONCILIATION_RUN_SECONDS.labels(provider, status).observe(
                     time.perf_counter() - started_s)
@@ -369,7 +374,7 @@ class Reconciler:
         return view
 
     async def _run(self, provider: str, date: str, requested_by: str,
-                   started: dt.datetime) -> int:
+                   started: dt.datetime, fence: Fence | None) -> int:
         report = await self._fetch(provider, date)
         first, last = record_window(date)
         async with self._pool.acquire() as conn:
@@ -380,7 +385,8 @@ class Reconciler:
                                     dt.time(), dt.UTC))
         result = reconcile(provider, date, report, records_of(rows), self._config)
         posted = await self._post_fees(result)
-        return await self._store(provider, date, requested_by, started, report, result, posted)
+        return await self._store(provider, date, requested_by, started, report, result, posted,
+                                 fence)
 
     async def _fetch(self, provider: str, date: str) -> SettlementReport:
         adapter = self._adapters[provider]
@@ -428,13 +434,15 @@ class Reconciler:
 
     async def _store(self, provider: str, date: str, requested_by: str,
                      started: dt.datetime, report: SettlementReport, result: Reconciliation,
-                     posted: set[int]) -> int:
+                     posted: set[int], fence: Fence | None) -> int:
         day = dt.date.fromisoformat(date)
         keys = {d.key for d in result.discrepancies}
         late_keys = [f"missing:{key}" for key in result.late]
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _LOCK_CLASS,
                                zlib.crc32(f"{provider}/{date}".encode()) - 2**31)
+            if fence is not None:
+                await fence.check(conn)  # a stale scheduler stores no run (actors.lease)
             attempt = await conn.fetchval(
                 "SELECT coalesce(max(attempt), 0) + 1 FROM reconciliation_runs"
                 " WHERE provider = $1 AND settled_on = $2", provider, day)
@@ -497,12 +505,14 @@ class Reconciler:
         return run_id
 
     async def _store_failure(self, provider: str, date: str, requested_by: str,
-                             started: dt.datetime, error: str) -> int:
+                             started: dt.datetime, error: str, fence: Fence | None) -> int:
         log.warning("reconciliation of %s %s failed: %s", provider, date, error)
         day = dt.date.fromisoformat(date)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", _LOCK_CLASS,
                                zlib.crc32(f"{provider}/{date}".encode()) - 2**31)
+            if fence is not None:
+                await fence.check(conn)  # a stale scheduler stores no run (actors.lease)
             run_id: int = await conn.fetchval(
                 "INSERT INTO reconciliation_runs (provider, settled_on, attempt, status, error,"
                 " requested_by, started_at, finished_at)"
@@ -614,23 +624,26 @@ class Reconciler:
         days = [first + dt.timedelta(days=n) for n in range(CATCH_UP_DAYS)]
         return [day.isoformat() for day in days if day not in done]
 
-    async def run_due(self) -> int:
-        """Run every provider's days not yet reconciled (oldest first); answers how many."""
+    async def run_due(self, fence: Fence | None = None) -> int:
+        """Run every provider's days not yet reconciled (oldest first); answers how many.
+        ``fence``: the scheduler's lease (``run``)."""
         count = 0
         for provider in self.providers:
             for date in await self.days_to_run(provider):
-                await self.run(provider, date, requested_by="schedule")
+                await self.run(provider, date, requested_by="schedule", fence=fence)
                 count += 1
         return count
 
-    async def run_schedule(self, every_s: float, stopping: asyncio.Event) -> None:
+    async def run_schedule(self, every_s: float, stopping: asyncio.Event,
+                           fence: Fence | None = None) -> None:
         """Catch up at start, then every ``every_s``: each day up to yesterday gets a run
-        (a day whose run failed is tried again on the next round)."""
+        (a day whose run failed is tried again on the next round). ``fence``: the lease the
+        schedule runs under (``run``)."""
         while not stopping.is_set():
             try:
-                await self.run_due()
-            except asyncio.CancelledError:
-                raise
+                await self.run_due(fence)
+            except (asyncio.CancelledError, LeaseLost):
+                raise  # LeaseLost: another scheduler holds the lease; this one ends
             except Exception:
                 log.exception("scheduled reconciliation failed; trying again next round")
             try:

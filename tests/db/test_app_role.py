@@ -98,6 +98,8 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "reconciliation_resolutions": APPEND,
     "reconciliation_matches": APPEND,
     "reconciliation_fees": APPEND,
+    # Leases (0030): taken over and renewed, never deleted, so a fence never goes back.
+    "leases": CHANGE,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",

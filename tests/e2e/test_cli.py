@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -91,14 +92,30 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
         await drop_database(pg_admin_url, name)
 
 
+def _free_port_pair() -> int:
+    """A port that is free and whose successor is too (for a second front)."""
+    for _ in range(100):
+        port = _free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two consecutive free ports")
+
+
 def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
-    """`txproc serve` with no database starts everything, serves, and stops it all on SIGTERM."""
-    http_port, rpc_port = _free_port(), _free_port()
+    """`txproc serve` with no database starts everything, serves (here with two fronts on
+    consecutive ports, both listed in fronts.json and serving one ledger), and stops it all
+    on SIGTERM."""
+    http_port = _free_port_pair()
+    rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 1)
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     proc = subprocess.Popen(
         [*TXPROC, "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),
-         "--rpc-port", str(rpc_port), "--shards", "1"],
+         "--rpc-port", str(rpc_port), "--shards", "1", "--fronts", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )
     try:
@@ -124,6 +141,16 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         r = httpx.post(f"{base}/v1/accounts", json={"id": 42, "currency": "EUR"}, headers=auth,
                        timeout=10)
         assert r.status_code == 201, r.text
+        fronts = json.loads((data_dir / "fronts.json").read_text())
+        assert [(f["http"], f["rpc"]) for f in fronts] == [
+            (f"http://127.0.0.1:{http_port + i}", f"127.0.0.1:{rpc_port + i}") for i in (0, 1)]
+        second = fronts[1]["http"]
+        for _ in range(240):  # the second front becomes ready on its own pace
+            if httpx.get(f"{second}/readyz", timeout=2).status_code == 200:
+                break
+            time.sleep(0.25)
+        found = httpx.get(f"{second}/v1/accounts/42", headers=auth, timeout=10)
+        assert found.status_code == 200 and found.json()["id"] == 42, found.text
         postmasters = [p for p in psutil.process_iter(["cmdline"])
                        if str(data_dir) in " ".join(p.info["cmdline"] or [])
                        and p.pid != proc.pid]
@@ -132,6 +159,7 @@ def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
         output, _ = proc.communicate(timeout=90)
         assert proc.returncode == 0, output
         assert f"{http_port}" in output and "stopped" in output
+        assert "front 1 on node" in output, output[-4000:]
         _gone, alive = psutil.wait_procs(postmasters, timeout=10)
         assert not alive, "the embedded database was left running"
     finally:
