@@ -3,7 +3,8 @@
 A processor on embedded defaults (local Ray, embedded PostgreSQL, both simulated providers)
 takes, for ``--duration`` (``60s``, ``10m``), a bank workload:
 
-* ledger gateways over RPC, each sending batches of plain transfers, holds (pending), posts
+* ledger gateways over RPC, given every front's address (two fronts by default), each
+  sending batches of plain transfers, holds (pending), posts
   and voids of its own holds, and linked chains, between customer accounts that may not go
   below zero (so some transfers are refused, and their ids burned);
 * payment gateways over HTTP, authorizing through both providers and capturing half.
@@ -280,8 +281,10 @@ class Run:
                     began = time.monotonic()
                     try:
                         if client is None:
-                            client = Client("127.0.0.1", self.processor.rpc_port,
-                                            self.token(), timeout_s=20)
+                            # Every front's address: a gateway fails over when one goes.
+                            client = Client(addresses=[f.rpc_address
+                                                       for f in self.processor.fronts],
+                                            token=self.token(), timeout_s=20)
                             await client.connect()
                         codes = await client.create_transfers(batch)
                         self.calls.append(Call(self.now(), (time.monotonic() - began) * 1e3,
@@ -433,7 +436,8 @@ async def inject(fault: Fault, processor: Any, sims: Any, http: Any) -> str:
             stats = await asyncio.wait_for(shard.stats.remote(), timeout=60)
             await _kill(int(stats["pid"]))
             return f"pid {int(stats['pid'])}"
-        actor = {"front": processor.front, "payments": processor.payments}.get(fault.target)
+        actor = {"front": processor.fronts[0].actor,
+                 "payments": processor.payments}.get(fault.target)
         if fault.target.startswith("provider"):
             name = fault.target.split()[1]
             infos = await asyncio.gather(*[p.info.remote() for p in processor.providers])
@@ -655,6 +659,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pg-stop-s", type=float, default=30.0,
                    help="how long PostgreSQL stays stopped (capped at a fifth of the run)")
     p.add_argument("--shards", type=int, default=2)
+    p.add_argument("--fronts", type=int, default=2,
+                   help="fronts on this node; the ledger gateways are given every one, the "
+                        "first is killed and the payment gateways use it over HTTP")
     p.add_argument("--ledger-gateways", type=int, default=4)
     p.add_argument("--payment-gateways", type=int, default=3)
     p.add_argument("--resolve-wait-s", type=float, default=180.0,
@@ -679,7 +686,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  t={f.at_s:6.1f} s  {f.label}" + (f" for {f.hold_s:.0f} s" if f.hold_s else ""))
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
-    async with ledger.scratch_processor(args.database_url, args.shards,
+    async with ledger.scratch_processor(args.database_url, args.shards, fronts=args.fronts,
                                         prefix="txproc-chaos-") as (processor, startup_s):
         if processor.embedded is None:
             faults = [f for f in faults if f.kind != "sigstop"]

@@ -935,11 +935,11 @@ async def _run(
 
 @contextlib.asynccontextmanager
 async def scratch_processor(database_url: str, shards: int, *, prefix: str,
-                            shard_options: dict[str, Any] | None = None,
+                            shard_options: dict[str, Any] | None = None, fronts: int = 0,
                             ) -> AsyncIterator[tuple[Any, float]]:
     """A processor on loopback with free ports, in a data directory removed afterwards;
     yields it with its start-up time in seconds, and stops everything it started.
-    ``shard_options`` are further ShardConfig fields."""
+    ``shard_options`` are further ShardConfig fields; ``fronts`` as ``Config.fronts``."""
     from actors.app.runtime import start_processor
     from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 
@@ -949,6 +949,7 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0),
         data_dir=str(scratch),
         observability=ObservabilityConfig(metrics_port=0),
+        fronts=fronts,
     )
     try:
         started = time.perf_counter()
