@@ -383,16 +383,21 @@ class Run:
         me = psutil.Process()
         while not self.stop.is_set():
             groups: Counter[str] = Counter()
-            trees: list[tuple[str | None, psutil.Process]] = [(None, me)]
+            trees: list[tuple[str | None, psutil.Process]] = []
             if self.processor.embedded is not None:
                 with contextlib.suppress(psutil.Error):
                     trees.append(("postgres", psutil.Process(self.processor.embedded.pid)))
+            trees.append((None, me))
+            seen: set[int] = set()  # PostgreSQL may descend from this process too: once
             for fixed, root in trees:
                 with contextlib.suppress(psutil.Error):
                     members = root.children(recursive=True)
                     if fixed:
                         members.append(root)
                     for member in members:
+                        if member.pid in seen:
+                            continue
+                        seen.add(member.pid)
                         with contextlib.suppress(psutil.Error):
                             group = fixed or _rss_group(member.cmdline())
                             groups[group] += member.memory_info().rss / 2**20
@@ -409,8 +414,11 @@ def _rss_group(cmdline: list[str]) -> str:
     if head.startswith("ray::"):
         return head[5:].split(".")[0].split(" ")[0] or "ray"
     program = Path(head).name
-    if program.startswith("python") and len(cmdline) > 1:
-        return Path(cmdline[1]).name.removesuffix(".py")
+    if program.startswith("python"):
+        # python [-u] [-m module | script.py] ...: the module or the script names it.
+        rest = [a for a in cmdline[1:] if a != "-u"]
+        target = rest[1] if rest[:1] == ["-m"] and len(rest) > 1 else (rest[:1] or ["?"])[0]
+        return Path(target).name.removesuffix(".py")
     return program
 
 
