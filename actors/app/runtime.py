@@ -231,7 +231,10 @@ def init_ray(address: str | None, metrics_dir: str = "") -> bool:
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, **kwargs)
+        # "local": a Ray of its own, never one that `ray start` left on this machine (which
+        # ray.init would otherwise join, with other programs' actors on it).
+        ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False,
+                 **kwargs)
     for sig, handler in handlers.items():
         if handler is not None:
             signal.signal(sig, handler)

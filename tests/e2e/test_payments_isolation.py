@@ -171,7 +171,12 @@ async def test_a_killed_front_loses_no_payment_in_flight(
     in_flight = [asyncio.create_task(authorize(http, merchant_id, provider="acme", idem=idem,
                                                token=token))
                  for idem, token in requests]
-    await asyncio.sleep(0.4)  # in the payments actor, waiting on the provider
+    # Every request in the payments actor (its payment stored, the provider call under
+    # way), however long the loaded machine takes to get them there.
+    deadline = time.monotonic() + 30
+    while len(await _payments_of(processor, merchant_id)) < IN_FLIGHT:
+        assert time.monotonic() < deadline, "the payments never reached the payments actor"
+        await asyncio.sleep(0.05)
     front_pid = await processor.front.pid.remote()
     os.kill(front_pid, signal.SIGKILL)
     # The edge is gone, so the gateways' connections break; the payments go on: their
