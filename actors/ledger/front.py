@@ -40,6 +40,7 @@ from actors.edge import (
     start_rpc_server,
 )
 from actors.ledger.history import HistoryStore
+from actors.ledger.indexer import HistoryIndexer
 from actors.ledger.quota import AccountQuota
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
@@ -221,6 +222,10 @@ class Front:
         self._store: LedgerStore | None = None
         # History, queries and balances at an instant: a pool of their own (history.py).
         self._history: HistoryStore | None = None
+        # Appends account_history below the horizon, off the commit path (indexer.py). One
+        # per front; with several fronts a lease should pick one (docs/design.md §16).
+        self._indexer: HistoryIndexer | None = None
+        self._indexer_task: asyncio.Task[None] | None = None
         self._audit: AuditWriter | None = None
         # Per-tenant account counts, with --max-accounts-per-tenant (actors/ledger/quota.py).
         self._quota: AccountQuota | None = None
@@ -320,6 +325,10 @@ class Front:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
         self._credentials_task = asyncio.get_running_loop().create_task(
             self._credentials.run())
+        self._indexer = HistoryIndexer(
+            cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s)
+        self._indexer_task = asyncio.get_running_loop().create_task(self._indexer.run())
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
@@ -346,6 +355,9 @@ class Front:
             self._watch_task.cancel()
         if self._credentials_task is not None:
             self._credentials_task.cancel()
+        if self._indexer_task is not None:
+            self._indexer_task.cancel()
+            await asyncio.wait([self._indexer_task], timeout=5)
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -364,6 +376,8 @@ class Front:
             await self._store.close()
         if self._history is not None:
             await self._history.close()
+        if self._indexer is not None:
+            await self._indexer.close()
         if self._audit is not None:
             await self._audit.close()
         if self._quota is not None:
