@@ -190,7 +190,11 @@ class HistoryStore:
             url, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
             command_timeout=command_timeout_s,
             server_settings={"application_name": "txproc-history",
-                             "default_transaction_read_only": "on"},
+                             "default_transaction_read_only": "on",
+                             # A plan per call, for its values: a generic plan cannot
+                             # tell a narrow tail above the indexer's position (a BRIN
+                             # range) from the whole table.
+                             "plan_cache_mode": "force_custom_plan"},
             reset=keep_session)
         return cls(pool)
 

@@ -55,6 +55,31 @@ log = logging.getLogger("txproc.history.indexer")
 # The four balance columns, in the order rows carry them.
 BALANCES = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
 
+# Each movement in ($1, $2]: both legs of every transfer, both sides of every expiry.
+_MOVES = """
+    SELECT l.account_id, t."timestamp", t.id AS transfer_id, l.side, false AS expiry,
+           CASE WHEN (t.flags & 2) <> 0 THEN t.amount
+                WHEN (t.flags & 12) <> 0
+                THEN -(SELECT p.amount FROM transfers p WHERE p.id = t.pending_id)
+                ELSE 0 END AS pending_delta,
+           CASE WHEN (t.flags & 14) = 0 OR (t.flags & 4) <> 0 THEN t.amount
+                ELSE 0 END AS posted_delta
+    FROM transfers t
+    CROSS JOIN LATERAL (VALUES (t.debit_account_id, 1::smallint),
+                               (t.credit_account_id, 2::smallint)) l(account_id, side)
+    WHERE t."timestamp" > $1 AND t."timestamp" <= $2
+    UNION ALL
+    SELECT l.account_id, r."timestamp", r.pending_id, l.side, true, -p.amount, 0
+    FROM pending_resolutions r JOIN transfers p ON p.id = r.pending_id
+    CROSS JOIN LATERAL (VALUES (p.debit_account_id, 1::smallint),
+                               (p.credit_account_id, 2::smallint)) l(account_id, side)
+    WHERE r.kind = 3 AND r."timestamp" > $1 AND r."timestamp" <= $2
+"""
+# The same rows when no account has the history flag: one pipeline, no running sums.
+_PLAIN_MOVEMENTS_SQL = f"""
+SELECT m.*, NULL::bigint, NULL::bigint, NULL::bigint, NULL::bigint FROM ({_MOVES}) m
+ORDER BY m.account_id, m."timestamp", m.transfer_id
+"""  # noqa: S608 - constants only
 # The movements with a timestamp in ($1, $2], as account_history rows, sorted by account.
 # A pending transfer adds to pending; a post or void releases its hold's whole amount
 # (found by primary key) and a post adds its own amount to posted; an expiry releases the
@@ -62,27 +87,8 @@ BALANCES = ("debits_pending", "debits_posted", "credits_pending", "credits_poste
 # is the reference). Accounts with the history flag (bit 4; few, found by a partial index)
 # get their balances after each movement: their last row at or before $1 plus the running
 # sum of this window's movements. ``txproc verify`` runs the same SELECT from 0 to compare.
-MOVEMENTS_SQL = """
-WITH moved AS MATERIALIZED (
-    SELECT t."timestamp", t.id, t.debit_account_id, t.credit_account_id, t.amount, t.flags,
-           CASE WHEN (t.flags & 12) <> 0
-                THEN (SELECT p.amount FROM transfers p WHERE p.id = t.pending_id) END AS hold
-    FROM transfers t WHERE t."timestamp" > $1 AND t."timestamp" <= $2
-), moves AS MATERIALIZED (
-    SELECT l.account_id, m."timestamp", m.id AS transfer_id, l.side, false AS expiry,
-           CASE WHEN (m.flags & 2) <> 0 THEN m.amount
-                WHEN (m.flags & 12) <> 0 THEN -m.hold ELSE 0 END AS pending_delta,
-           CASE WHEN (m.flags & 14) = 0 OR (m.flags & 4) <> 0 THEN m.amount
-                ELSE 0 END AS posted_delta
-    FROM moved m CROSS JOIN LATERAL (VALUES (m.debit_account_id, 1::smallint),
-                                            (m.credit_account_id, 2::smallint)) l(account_id, side)
-    UNION ALL
-    SELECT l.account_id, r."timestamp", r.pending_id, l.side, true, -p.amount, 0
-    FROM pending_resolutions r JOIN transfers p ON p.id = r.pending_id
-    CROSS JOIN LATERAL (VALUES (p.debit_account_id, 1::smallint),
-                               (p.credit_account_id, 2::smallint)) l(account_id, side)
-    WHERE r.kind = 3 AND r."timestamp" > $1 AND r."timestamp" <= $2
-), starts AS (
+MOVEMENTS_SQL = f"""
+WITH moves AS MATERIALIZED ({_MOVES}), starts AS (
     SELECT a.id, coalesce(h.debits_pending, 0) AS dp, coalesce(h.debits_posted, 0) AS dq,
            coalesce(h.credits_pending, 0) AS cp, coalesce(h.credits_posted, 0) AS cq
     FROM accounts a LEFT JOIN LATERAL (
@@ -108,12 +114,15 @@ SELECT * FROM (
                  ROWS UNBOUNDED PRECEDING)
 ) r
 ORDER BY r.account_id, r."timestamp", r.transfer_id
-"""
+"""  # noqa: S608 - constants only
 
 HISTORY_COLUMNS = ("account_id", "timestamp", "transfer_id", "side", "expiry",
                    "pending_delta", "posted_delta", *BALANCES)
 _COLUMN_LIST = ", ".join(f'"{c}"' for c in HISTORY_COLUMNS)
 _INSERT_SQL = f"INSERT INTO account_history ({_COLUMN_LIST}) {MOVEMENTS_SQL}"
+_PLAIN_INSERT_SQL = f"INSERT INTO account_history ({_COLUMN_LIST}) {_PLAIN_MOVEMENTS_SQL}"
+# Whether any account has the history flag (the partial index of migration 0028).
+_FLAGGED_SQL = "SELECT EXISTS (SELECT 1 FROM accounts WHERE (flags & 4) <> 0)"
 _POSITION_SQL = 'SELECT "timestamp" FROM account_history_position WHERE id = 1'
 _MOVE_SQL = 'UPDATE account_history_position SET "timestamp" = $1 WHERE id = 1'
 # The earliest movement above $1: read once, when nothing was ever indexed (position 0),
@@ -178,7 +187,9 @@ class HistoryIndexer:
             if end <= position:
                 self.position = position
                 return 0, True
-            status = await conn.execute(_INSERT_SQL, position, end)
+            flagged = await conn.fetchval(_FLAGGED_SQL)
+            status = await conn.execute(_INSERT_SQL if flagged else _PLAIN_INSERT_SQL,
+                                        position, end)
             await conn.execute(_MOVE_SQL, end)
         rows = int(status.split()[-1])
         # Two rows per movement: one per side.

@@ -87,7 +87,7 @@ def _workload(seed: int, steps: int = 160) -> Workload:
     return Workload(transfers, expiries, resolutions, ts + 1)
 
 
-def _expected_rows(w: Workload) -> list[tuple[Any, ...]]:
+def _expected_rows(w: Workload, flagged: set[int]) -> list[tuple[Any, ...]]:
     """account_history as it must be: one row per leg and per expiry, in key order, with
     running balances for the flagged accounts."""
     by_id = {t.id: t for t in w.transfers}
@@ -109,7 +109,7 @@ def _expected_rows(w: Workload) -> list[tuple[Any, ...]]:
     rows: list[tuple[Any, ...]] = []
     running: dict[int, list[int]] = {}
     for m in moves:
-        if m[0] not in FLAGGED:
+        if m[0] not in flagged:
             rows.append((*m, None, None, None, None))
             continue
         b = running.setdefault(m[0], [0, 0, 0, 0])
@@ -120,13 +120,13 @@ def _expected_rows(w: Workload) -> list[tuple[Any, ...]]:
     return rows
 
 
-async def _write(url: str, w: Workload) -> None:
+async def _write(url: str, w: Workload, flagged: set[int]) -> None:
     conn = await asyncpg.connect(url)
     try:
         await conn.executemany(
             "INSERT INTO accounts (id, currency, flags, code, user_data, \"timestamp\", "
             "partition, tenant) VALUES ($1, 'EUR', $2, 1, '', $3, 0, 1)",
-            [(a, HISTORY if a in FLAGGED else 0, BASE_NS - 10 + i)
+            [(a, HISTORY if a in flagged else 0, BASE_NS - 10 + i)
              for i, a in enumerate(ACCOUNTS)])
         await conn.executemany(
             "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency,"
@@ -171,14 +171,16 @@ async def _run_to_horizon(indexer: HistoryIndexer) -> None:
     raise AssertionError("the indexer never reached the horizon")
 
 
+@pytest.mark.parametrize("flagged", [FLAGGED, set()], ids=["flagged", "none_flagged"])
 async def test_indexer_killed_mid_window_leaves_no_gap_or_double(
-        db_url: str, app_db_url: str) -> None:
+        db_url: str, app_db_url: str, flagged: set[int]) -> None:
     """Windows, a backend terminated in the middle of a window's INSERT, a new indexer:
     account_history equals the recomputation; verify's check agrees, and names a row
-    removed behind its back."""
+    removed behind its back. With flagged accounts (running balances) and without (the
+    indexer's plain INSERT)."""
     w = _workload(seed=7)
-    await _write(db_url, w)
-    expected = _expected_rows(w)
+    await _write(db_url, w, flagged)
+    expected = _expected_rows(w, flagged)
     first = _indexer(app_db_url, w)
     for _ in range(4):
         await first.step()
@@ -277,7 +279,7 @@ async def test_reads_are_the_same_at_any_indexer_position(db_url: str) -> None:
     are the same with nothing indexed, part of it, or all of it, and balances equal the
     reference replay for flagged and unflagged accounts."""
     w = _workload(seed=11, steps=120)
-    await _write(db_url, w)
+    await _write(db_url, w, FLAGGED)
     indexer = _indexer(db_url, w)
     await _run_to_horizon(indexer)
     await indexer.close()
