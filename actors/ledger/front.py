@@ -79,6 +79,8 @@ PLAIN_ROUTING_ITEMS_MIN = 64
 # Connections of the front's history reads (actors/ledger/history.py), apart from the
 # lookups' pool so a deep history read never delays a lookup after a create.
 HISTORY_POOL_SIZE_MAX = 2
+# The history indexer waits while a write was routed this recently (actors/ledger/indexer.py).
+INDEXER_YIELD_S = 0.25
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -113,6 +115,7 @@ class _Lane:
         self.check_room(len(group))
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(group, future, telemetry.carrier()))
+        self._front.last_write_s = time.monotonic()
         self._queued_items += len(group)
         self._kick()
         self._queue_gauge.set(self._queued_items)
@@ -226,6 +229,8 @@ class Front:
         # per front; with several fronts a lease should pick one (docs/design.md §16).
         self._indexer: HistoryIndexer | None = None
         self._indexer_task: asyncio.Task[None] | None = None
+        # When a lane last took a write: the indexer yields to ingest (indexer.py).
+        self.last_write_s = 0.0
         self._audit: AuditWriter | None = None
         # Per-tenant account counts, with --max-accounts-per-tenant (actors/ledger/quota.py).
         self._quota: AccountQuota | None = None
@@ -327,7 +332,8 @@ class Front:
             self._credentials.run())
         self._indexer = HistoryIndexer(
             cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
-            command_timeout_s=cfg.shard.command_timeout_s)
+            command_timeout_s=cfg.shard.command_timeout_s,
+            busy=lambda: time.monotonic() - self.last_write_s < INDEXER_YIELD_S)
         self._indexer_task = asyncio.get_running_loop().create_task(self._indexer.run())
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).

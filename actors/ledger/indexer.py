@@ -19,9 +19,11 @@ exactly the movements at or below the stored position, and the next run goes on 
 there (restart-safe, nothing doubled or missing). The lock makes a second indexer wait
 and then continue after the first one's window, never repeat it; still, one per cluster
 is the intent: today there is one front; with several, a lease should pick the one that
-runs it (docs/design.md §16). Its lag (``txproc_history_indexer_lag_seconds``) is bounded
-by the poll interval plus a window's INSERT while it keeps up; reads stay exact at any lag,
-reading the movements above the position from ``transfers`` as before.
+runs it (docs/design.md §16). It yields to ingest: while the front is routing writes it
+waits, unless its lag (``txproc_history_indexer_lag_seconds``) reached ``lag_max_s``
+(10 s), so its PostgreSQL CPU lands between bursts and, under sustained load, in windows
+of about ten seconds. Reads stay exact at any lag, reading the movements above the
+position from ``transfers`` as before.
 
 The commit path is untouched: the shards write nothing here. The indexer's cost is
 PostgreSQL CPU on its own backend (``application_name`` txproc-history-indexer), measured
@@ -143,7 +145,8 @@ class HistoryIndexer:
     def __init__(self, url: str, *, connect_timeout_s: float, command_timeout_s: float,
                  interval_s: float = 0.5, clock_ns: Callable[[], int] = time.time_ns,
                  horizon: Callable[[Any], Awaitable[int]] = read_horizon,
-                 rows_target: int = WINDOW_ROWS_TARGET) -> None:
+                 rows_target: int = WINDOW_ROWS_TARGET,
+                 busy: Callable[[], bool] = lambda: False, lag_max_s: float = 10.0) -> None:
         self._url = url
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
@@ -151,6 +154,10 @@ class HistoryIndexer:
         self._clock_ns = clock_ns
         self._horizon = horizon
         self._rows_target = rows_target
+        # While ``busy()`` (the front is routing writes), the indexer waits as long as its
+        # lag stays under ``lag_max_s``: it takes the cores when the commits do not.
+        self._busy = busy
+        self._lag_max_s = lag_max_s
         self._conn: asyncpg.Connection | None = None
         self.width_ns = WINDOW_NS_INITIAL
         # The position as last read or written by this indexer (0: not known yet).
@@ -206,10 +213,15 @@ class HistoryIndexer:
 
     async def run(self) -> None:
         """Index until cancelled: at once while behind, every ``interval_s`` once caught
-        up; a database error closes the connection and retries after a pause (a statement
-        timeout also halves the window)."""
+        up, deferred while ``busy()`` unless the lag reached ``lag_max_s``; a database
+        error closes the connection and retries after a pause (a statement timeout also
+        halves the window)."""
         pause_s = self._interval_s
         while True:
+            if self.position and self._busy() and self.lag_s() < self._lag_max_s:
+                metrics.HISTORY_INDEXER_LAG_SECONDS.set(self.lag_s())
+                await asyncio.sleep(self._interval_s)
+                continue
             try:
                 _, caught_up = await self.step()
             except asyncio.CancelledError:
