@@ -177,6 +177,8 @@ async def _indexer_caught_up(url: str, last_ns: int, transfers: int) -> dict[str
     conn = await asyncpg.connect(url)
     try:
         started = time.perf_counter()
+        # The greatest timestamp of the run (the last transfer sent need not have it).
+        last_ns = max(last_ns, int(await conn.fetchval('SELECT max("timestamp") FROM transfers')))
         position = 0
         while time.perf_counter() - started < 600:
             position = int(await conn.fetchval(

@@ -170,6 +170,10 @@ ORDER BY "timestamp" DESC, transfer_id DESC LIMIT 1
 # Every movement at or below this instant is in account_history (actors/ledger/indexer.py).
 _POSITION_SQL = 'SELECT "timestamp" FROM account_history_position WHERE id = 1'
 HISTORY_FLAG = int(AccountFlags.HISTORY)
+# The tail above the indexer's position is a narrow timestamp range of ``transfers``: read
+# it through the timestamp's BRIN, never a scan of the table (which a planner without
+# fresh statistics, or with unsummarized ranges, would otherwise choose).
+_TAIL_BY_TIMESTAMP = "SET LOCAL enable_seqscan = off"
 
 
 def _transfer(row: asyncpg.Record) -> Transfer:
@@ -236,6 +240,7 @@ class HistoryStore:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             if not await self._visible(conn, query.account_id, tenant):
                 return None
+            await conn.execute(_TAIL_BY_TIMESTAMP)
             to_ns = min(query.to_ns, await self.horizon(conn) + 1)
             if after is None:
                 after = Position(to_ns if descending else query.from_ns, 0)
@@ -288,6 +293,7 @@ class HistoryStore:
             flags = await self._visible_flags(conn, account_id, tenant)
             if flags is None:
                 return None
+            await conn.execute(_TAIL_BY_TIMESTAMP)
             position = await self.position(conn)
             cut = min(at_ns, position)
             debits, credits = [0, 0], [0, 0]

@@ -157,7 +157,7 @@ class HistoryIndexer:
         # While ``busy()`` (the front is routing writes), the indexer waits as long as its
         # lag stays under ``lag_max_s``: it takes the cores when the commits do not.
         self._busy = busy
-        self._lag_max_s = lag_max_s
+        self.lag_max_s = lag_max_s
         self._conn: asyncpg.Connection | None = None
         self.width_ns = WINDOW_NS_INITIAL
         # The position as last read or written by this indexer (0: not known yet).
@@ -218,7 +218,7 @@ class HistoryIndexer:
         halves the window)."""
         pause_s = self._interval_s
         while True:
-            if self.position and self._busy() and self.lag_s() < self._lag_max_s:
+            if self.position and self._busy() and self.lag_s() < self.lag_max_s:
                 metrics.HISTORY_INDEXER_LAG_SECONDS.set(self.lag_s())
                 await asyncio.sleep(self._interval_s)
                 continue

@@ -14,6 +14,7 @@ the indexer's position: 0 (nothing indexed), in the middle, or caught up.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -318,3 +319,37 @@ async def test_reads_are_the_same_at_any_indexer_position(db_url: str) -> None:
                         position, account, at)
     finally:
         await store.close()
+
+
+async def test_indexer_yields_to_ingest_until_its_lag_bound(db_url: str) -> None:
+    """While the front is busy writing, the indexer waits, unless its lag reached
+    lag_max_s; then it indexes regardless."""
+    w = _workload(seed=5, steps=40)
+    await _write(db_url, w, set())
+
+    async def horizon(conn: Any) -> int:
+        return w.horizon
+
+    def clock_ns() -> int:  # ten seconds after the position it reaches first
+        return indexer.position + 10 * 10**9
+
+    indexer = HistoryIndexer(db_url, connect_timeout_s=10, command_timeout_s=30,
+                             horizon=horizon, clock_ns=clock_ns, interval_s=0.01,
+                             busy=lambda: True, lag_max_s=60.0)
+    indexer.width_ns = 1_000_000
+    await indexer.step()
+    first = indexer.position
+    assert BASE_NS < first < w.horizon
+    task = asyncio.create_task(indexer.run())
+    await asyncio.sleep(0.3)
+    assert indexer.position == first  # busy, lag 10 s under 60 s: waiting
+    indexer.lag_max_s = 5.0  # the lag bound passed: it indexes although busy
+    for _ in range(300):
+        if indexer.position == w.horizon:
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await indexer.close()
+    assert indexer.position == w.horizon
