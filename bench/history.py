@@ -11,7 +11,14 @@ them touching one hot account), waits for the history horizon to pass them, then
 * ``balances_at``: a random account's balances at a random instant (the SUM over its
   transfers up to that instant: its cost grows with the account's transfers);
 * ``hot_balances_at``: the hot account's, at a random instant;
-* ``query_by_code``: the first page of transfers with a code (one in ten has it).
+* ``query_by_code``: the first page of transfers with a code (one in ten has it);
+* ``flagged_balances_at``: the same for an account with the ``history`` flag (one in ten
+  accounts has it): one index lookup of its stored balances.
+
+It also waits for the account-history indexer (actors/ledger/indexer.py) to pass the last
+transfer and reports, under ``indexer``, how long that took after the load ended and the
+PostgreSQL CPU its backend spent (psutil, when the server runs on this machine) per
+transfer indexed. The reads are timed once the indexer has caught up.
 
 The lead's run uses ``--transfers 1000000``; the default is small.
 """
@@ -30,6 +37,7 @@ from typing import Any
 
 from bench import ledger
 from processor.service import BATCH_ITEMS_MAX
+from processor.types import AccountFlags
 
 __all__ = ["main", "parse_args"]
 
@@ -38,6 +46,7 @@ ID_BLOCK = 10**9
 SHARDS = 2
 HOT_SHARE = 10  # one transfer in this many touches the hot account
 CODE = 17
+HISTORY = int(AccountFlags.HISTORY)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,7 +114,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         key = signing_key(Path(processor.config.data_dir), now_s=int(time.time()))
         token = issue_token(key, SCOPES, ttl_s=3600, now_s=int(time.time()))
         first_id = int(time.time()) * ID_BLOCK
-        accounts = ledger.make_accounts(first_id, args.accounts)
+        accounts = [msgspec.structs.replace(a, flags=HISTORY if i % 10 == 1 else 0)
+                    for i, a in enumerate(ledger.make_accounts(first_id, args.accounts))]
+        flagged = [a.id for a in accounts if a.flags]
         ids = [a.id for a in accounts]
         hot = ids[0]
         transfers = ledger.uniform_transfers(ids, args.transfers,
@@ -134,6 +145,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     break
                 await asyncio.sleep(0.5)
 
+            out["indexer"] = await _indexer_caught_up(processor.config.shard.database_url,
+                                                      last_ns, len(transfers))
+
             def instant() -> int:
                 return rng.randrange(first_ns, last_ns + 1)
 
@@ -146,9 +160,47 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "balances_at": lambda: client.get_account_balances(rng.choice(ids), instant()),
                 "hot_balances_at": lambda: client.get_account_balances(hot, instant()),
                 "query_by_code": lambda: client.query_transfers(code=CODE),
+                "flagged_balances_at": lambda: client.get_account_balances(
+                    rng.choice(flagged), instant()),
             }
             for name, call in reads.items():
                 out["reads"][name] = await _timed(args.samples, call)
+    return out
+
+
+async def _indexer_caught_up(url: str, last_ns: int, transfers: int) -> dict[str, Any]:
+    """Waits for the indexer's position to pass ``last_ns``; its catch-up time and its
+    backend's CPU per transfer (every transfer of the run, the accounts' none)."""
+    import asyncpg
+    import psutil
+
+    conn = await asyncpg.connect(url)
+    try:
+        started = time.perf_counter()
+        # The greatest timestamp of the run (the last transfer sent need not have it).
+        last_ns = max(last_ns, int(await conn.fetchval('SELECT max("timestamp") FROM transfers')))
+        position = 0
+        while time.perf_counter() - started < 600:
+            position = int(await conn.fetchval(
+                'SELECT "timestamp" FROM account_history_position'))
+            if position >= last_ns:
+                break
+            await asyncio.sleep(0.1)
+        waited_s = time.perf_counter() - started
+        pid = await conn.fetchval("SELECT pid FROM pg_stat_activity "
+                                  "WHERE application_name = 'txproc-history-indexer'")
+        rows = await conn.fetchval("SELECT count(*) FROM account_history")
+    finally:
+        await conn.close()
+    out: dict[str, Any] = {"caught_up": position >= last_ns,
+                           "waited_after_load_s": round(waited_s, 2), "rows": rows}
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except (psutil.Error, TypeError, ValueError):
+        return out  # not on this machine
+    cpu_s = times.user + times.system
+    out["backend_cpu_s"] = round(cpu_s, 3)
+    out["backend_cpu_us_per_transfer"] = round(cpu_s * 1e6 / transfers, 2)
     return out
 
 

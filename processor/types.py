@@ -65,10 +65,15 @@ class AccountFlags(enum.IntFlag):
     DEBITS_MUST_NOT_EXCEED_CREDITS = 1 << 0
     # The account's credits (pending and posted) may never exceed its posted debits.
     CREDITS_MUST_NOT_EXCEED_DEBITS = 1 << 1
+    # Keep the account's four balances after each of its movements in account_history
+    # (docs/design.md §16), so that its balances at an instant are one index lookup.
+    # Changes nothing on the commit path.
+    HISTORY = 1 << 2
 
 
 ACCOUNT_FLAGS_KNOWN = int(
     AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS | AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS
+    | AccountFlags.HISTORY
 )
 
 

@@ -221,7 +221,8 @@ TimestampNs = Annotated[
     int, Meta(ge=0, le=ID_MAX, description="Assigned by the server: ns since the Unix epoch.")
 ]
 
-AccountFlagName = Literal["debits_must_not_exceed_credits", "credits_must_not_exceed_debits"]
+AccountFlagName = Literal["debits_must_not_exceed_credits", "credits_must_not_exceed_debits",
+                          "history"]
 TransferFlagName = Literal["linked", "pending", "post_pending", "void_pending"]
 
 # Flag names are the lower-cased enum member names; the Literals above are spelled out so a

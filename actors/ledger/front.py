@@ -13,6 +13,8 @@ import asyncio
 import collections
 import logging
 import os
+import secrets
+import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -40,7 +42,9 @@ from actors.edge import (
     server_context,
     start_rpc_server,
 )
+from actors.lease import Fence, hold
 from actors.ledger.history import HistoryStore
+from actors.ledger.indexer import HistoryIndexer
 from actors.ledger.quota import AccountQuota
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
@@ -57,6 +61,7 @@ from processor.history import (
     TransfersPage,
     TransfersQuery,
 )
+from processor.lease import LeaseConfig
 from processor.ledger import PartitionMap, compare_existing
 from processor.ratelimit import RateLimiter
 from processor.stream import StreamPage
@@ -80,6 +85,11 @@ PLAIN_ROUTING_ITEMS_MIN = 64
 # Connections of the front's history reads (actors/ledger/history.py), apart from the
 # lookups' pool so a deep history read never delays a lookup after a create.
 HISTORY_POOL_SIZE_MAX = 2
+# The history indexer runs on one front at a time, under this lease (actors/lease.py).
+LEASE_HISTORY_INDEXER = "history-indexer"
+INDEXER_LEASE = LeaseConfig(ttl_s=4.0, renew_interval_s=1.0, margin_s=1.0)
+# The history indexer waits while a write was routed this recently (actors/ledger/indexer.py).
+INDEXER_YIELD_S = 0.25
 DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -114,6 +124,7 @@ class _Lane:
         self.check_room(len(group))
         future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
         self._queue.append(_Entry(group, future, telemetry.carrier()))
+        self._front.last_write_s = time.monotonic()
         self._queued_items += len(group)
         self._kick()
         self._queue_gauge.set(self._queued_items)
@@ -223,6 +234,13 @@ class Front:
         self._store: LedgerStore | None = None
         # History, queries and balances at an instant: a pool of their own (history.py).
         self._history: HistoryStore | None = None
+        # Appends account_history below the horizon, off the commit path (indexer.py): on
+        # the one front that holds the lease ``history-indexer`` (several would only queue
+        # on the position row's lock; docs/design.md §16).
+        self._indexer: HistoryIndexer | None = None
+        self._indexer_task: asyncio.Task[None] | None = None
+        # When a lane last took a write: the indexer yields to ingest (indexer.py).
+        self.last_write_s = 0.0
         self._audit: AuditWriter | None = None
         # Per-tenant account counts, with --max-accounts-per-tenant (actors/ledger/quota.py).
         self._quota: AccountQuota | None = None
@@ -322,6 +340,18 @@ class Front:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
         self._credentials_task = asyncio.get_running_loop().create_task(
             self._credentials.run())
+        self._indexer = HistoryIndexer(
+            cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s,
+            busy=lambda: time.monotonic() - self.last_write_s < INDEXER_YIELD_S)
+        indexer = self._indexer
+
+        async def indexing(_: Fence) -> None:
+            await indexer.run()
+
+        holder = f"front@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._indexer_task = asyncio.get_running_loop().create_task(hold(
+            self._store.pool, LEASE_HISTORY_INDEXER, holder, INDEXER_LEASE, indexing))
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
@@ -348,6 +378,9 @@ class Front:
             self._watch_task.cancel()
         if self._credentials_task is not None:
             self._credentials_task.cancel()
+        if self._indexer_task is not None:
+            self._indexer_task.cancel()
+            await asyncio.wait([self._indexer_task], timeout=5)
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -366,6 +399,8 @@ class Front:
             await self._store.close()
         if self._history is not None:
             await self._history.close()
+        if self._indexer is not None:
+            await self._indexer.close()
         if self._audit is not None:
             await self._audit.close()
         if self._quota is not None:

@@ -2,8 +2,12 @@
 
 The front reads these through a pool of its own (``HistoryStore``), never through the
 shards: a deep history read must not queue behind commits or hold a shard's event loop.
-They run without indexes of their own for now (each would cost every committed transfer a
-B-tree insertion; docs/design.md, "History and queries", has the measurement and the plan).
+``transfers`` has no index by account (each would cost every committed transfer a B-tree
+insertion; docs/design.md §16 has the measurement). An account's history and its balances
+at an instant read ``account_history`` (migration 0028, appended off the commit path by
+actors/ledger/indexer.py) up to the indexer's position, and only the movements above it
+from ``transfers``, the way all of them were read before it existed. The transfer query
+still scans ``transfers``.
 
 **The horizon.** Shards assign timestamps when they plan and commit a little later, each
 on its own clock, so a transfer with a timestamp below one already committed can still
@@ -37,9 +41,9 @@ from processor.history import (
     encode_cursor,
 )
 from processor.identity import PROCESSOR_TENANT
-from processor.types import Transfer, require
+from processor.types import AccountFlags, Transfer, require
 
-__all__ = ["HistoryStore"]
+__all__ = ["HistoryStore", "read_horizon"]
 
 _COLUMNS = ", ".join(f't."{c}"' for c in TRANSFER_COLUMNS)
 
@@ -55,23 +59,46 @@ LEFT JOIN LATERAL (
 """
 
 
+async def read_horizon(conn: Any) -> int:
+    """The greatest timestamp at or below which every shard's rows are committed."""
+    value = await conn.fetchval(_HORIZON_SQL)
+    return int(value or 0)
+
+
 def _side_sql(column: str, descending: bool) -> str:
-    """One side's ordered range of an account's transfers: $1 account, ($2, $3) the
-    position to start after (before, newest first), $4 from (inclusive), $5 to
-    (exclusive), $6 how many."""
+    """One side's ordered range of an account's transfers, read from ``transfers``: $1
+    account, ($2, $3) the position to start after (before, newest first), $4 from
+    (inclusive), $5 to (exclusive), $6 how many, $7 the indexer's position (only rows
+    above it: account_history holds the rest)."""
     if descending:
         where, order = '("timestamp", id) < ($2, $3)', '"timestamp" DESC, id DESC'
     else:
         where, order = '("timestamp", id) > ($2, $3)', '"timestamp", id'
     # Built from this module's constants only.
     sql = f"(SELECT {_COLUMNS} FROM transfers t WHERE {column} = $1 AND {where} "  # noqa: S608
-    return sql + f'AND "timestamp" >= $4 AND "timestamp" < $5 ORDER BY {order} LIMIT $6)'
+    return sql + (f'AND "timestamp" >= $4 AND "timestamp" < $5 AND "timestamp" > $7 '
+                  f"ORDER BY {order} LIMIT $6)")
 
+
+def _indexed_sql(side: str, descending: bool) -> str:
+    """The same range at or below the indexer's position ($7), from account_history: one
+    range scan of its primary key, each row's transfer by primary key."""
+    if descending:
+        where, order = '(h."timestamp", h.transfer_id) < ($2, $3)', \
+            'h."timestamp" DESC, h.transfer_id DESC'
+    else:
+        where, order = '(h."timestamp", h.transfer_id) > ($2, $3)', 'h."timestamp", h.transfer_id'
+    sides = {"debits": " AND h.side = 1", "credits": " AND h.side = 2", "both": ""}[side]
+    return (f"(SELECT {_COLUMNS} FROM account_history h JOIN transfers t ON t.id = "  # noqa: S608
+            f"h.transfer_id WHERE h.account_id = $1 AND NOT h.expiry{sides} AND {where} "
+            f'AND h."timestamp" >= $4 AND h."timestamp" < $5 AND h."timestamp" <= $7 '
+            f"ORDER BY {order} LIMIT $6)")
 
 
 def _account_sql(side: str, descending: bool) -> str:
-    parts = [_side_sql(f"{name}_account_id", descending)
-             for name in ("debit", "credit") if side in (f"{name}s", "both")]
+    parts = [_indexed_sql(side, descending)]
+    parts += [_side_sql(f"{name}_account_id", descending)
+              for name in ("debit", "credit") if side in (f"{name}s", "both")]
     order = '"timestamp" DESC, id DESC' if descending else '"timestamp", id'
     union = " UNION ALL ".join(parts)
     return f"SELECT * FROM ({union}) u ORDER BY {order} LIMIT $6"  # noqa: S608 - constants only
@@ -98,17 +125,18 @@ WHERE t.tenant = $1 AND (t."timestamp", t.id) > ($2, $3) AND t."timestamp" < $4
 ORDER BY t."timestamp", t.id OFFSET $5 - 1 LIMIT 1
 """
 
-# An account's balances at $2: the effects of its legs with a timestamp at or before $2
-# (a pending transfer adds to pending; a post or void releases its hold's whole amount,
-# found by primary key, and a post adds its own amount to posted; anything else adds to
-# posted), then the expiries at or before $2 of its holds. One index range per side.
+# An account's balances from its movements in ($3, $2], read from ``transfers`` (the tail
+# above the indexer's position; $3 = 0: all of them): the effects of its legs (a pending
+# transfer adds to pending; a post or void releases its hold's whole amount, found by
+# primary key, and a post adds its own amount to posted; anything else adds to posted),
+# then the expiries in that range of its holds (any age), each hold by primary key.
 _BALANCES_SQL = """
 WITH legs AS (
     SELECT 1 AS side, t.id, t.amount, t.flags, t.pending_id FROM transfers t
-    WHERE t.debit_account_id = $1 AND t."timestamp" <= $2
+    WHERE t.debit_account_id = $1 AND t."timestamp" <= $2 AND t."timestamp" > $3
     UNION ALL
     SELECT 2, t.id, t.amount, t.flags, t.pending_id FROM transfers t
-    WHERE t.credit_account_id = $1 AND t."timestamp" <= $2
+    WHERE t.credit_account_id = $1 AND t."timestamp" <= $2 AND t."timestamp" > $3
 ), effects AS (
     SELECT l.side,
            CASE WHEN (l.flags & 2) <> 0 THEN l.amount::numeric
@@ -119,13 +147,34 @@ WITH legs AS (
                 ELSE 0 END AS post
     FROM legs l
     UNION ALL
-    SELECT l.side, -l.amount::numeric, 0
-    FROM legs l JOIN pending_resolutions r ON r.pending_id = l.id
-    WHERE (l.flags & 2) <> 0 AND r.kind = 3 AND r."timestamp" <= $2
+    SELECT CASE WHEN p.debit_account_id = $1 THEN 1 ELSE 2 END, -p.amount::numeric, 0
+    FROM pending_resolutions r JOIN transfers p ON p.id = r.pending_id
+    WHERE r.kind = 3 AND r."timestamp" <= $2 AND r."timestamp" > $3
+      AND $1 IN (p.debit_account_id, p.credit_account_id)
 )
 SELECT side, coalesce(sum(pend), 0) AS pend, coalesce(sum(post), 0) AS post
 FROM effects GROUP BY side
 """
+# The same sums over the account's movements at or before $2 from account_history (the
+# caller keeps $2 at or below the indexer's position): one range of its primary key.
+_INDEXED_SUMS_SQL = """
+SELECT side, coalesce(sum(pending_delta), 0) AS pend, coalesce(sum(posted_delta), 0) AS post
+FROM account_history WHERE account_id = $1 AND "timestamp" <= $2 GROUP BY side
+"""
+# An account with the history flag: its balances after its last movement at or before $2
+# (at or below the indexer's position): one index lookup, newest first.
+_STORED_BALANCES_SQL = """
+SELECT debits_pending, debits_posted, credits_pending, credits_posted FROM account_history
+WHERE account_id = $1 AND "timestamp" <= $2
+ORDER BY "timestamp" DESC, transfer_id DESC LIMIT 1
+"""
+# Every movement at or below this instant is in account_history (actors/ledger/indexer.py).
+_POSITION_SQL = 'SELECT "timestamp" FROM account_history_position WHERE id = 1'
+HISTORY_FLAG = int(AccountFlags.HISTORY)
+# The tail above the indexer's position is a narrow timestamp range of ``transfers``: read
+# it through the timestamp's BRIN, never a scan of the table (which a planner without
+# fresh statistics, or with unsummarized ranges, would otherwise choose).
+_TAIL_BY_TIMESTAMP = "SET LOCAL enable_seqscan = off"
 
 
 def _transfer(row: asyncpg.Record) -> Transfer:
@@ -147,7 +196,11 @@ class HistoryStore:
             url, min_size=1, max_size=pool_size_max, timeout=connect_timeout_s,
             command_timeout=command_timeout_s,
             server_settings={"application_name": "txproc-history",
-                             "default_transaction_read_only": "on"},
+                             "default_transaction_read_only": "on",
+                             # A plan per call, for its values: a generic plan cannot
+                             # tell a narrow tail above the indexer's position (a BRIN
+                             # range) from the whole table.
+                             "plan_cache_mode": "force_custom_plan"},
             reset=keep_session)
         return cls(pool)
 
@@ -156,8 +209,12 @@ class HistoryStore:
 
     async def horizon(self, conn: Any) -> int:
         """The greatest timestamp at or below which every shard's rows are committed."""
-        value = await conn.fetchval(_HORIZON_SQL)
-        return int(value or 0)
+        return await read_horizon(conn)
+
+    async def position(self, conn: Any) -> int:
+        """The indexer's position: every movement at or below it is in account_history
+        (actors/ledger/indexer.py); the reads take what is above it from ``transfers``."""
+        return int(await conn.fetchval(_POSITION_SQL))
 
     @staticmethod
     async def _visible(conn: Any, account_id: int, tenant: int) -> bool:
@@ -165,8 +222,16 @@ class HistoryStore:
         its own tenant's, or any for the processor's token. Every transfer on a visible
         account is visible too: the rules let only its tenant's and the processor's
         transfers touch it."""
-        owner = await conn.fetchval("SELECT tenant FROM accounts WHERE id = $1", account_id)
-        return owner is not None and tenant in (owner, PROCESSOR_TENANT)
+        return await HistoryStore._visible_flags(conn, account_id, tenant) is not None
+
+    @staticmethod
+    async def _visible_flags(conn: Any, account_id: int, tenant: int) -> int | None:
+        """The account's flags if ``tenant`` may see it (``_visible``), else None."""
+        row = await conn.fetchrow("SELECT tenant, flags FROM accounts WHERE id = $1",
+                                  account_id)
+        if row is None or tenant not in (row["tenant"], PROCESSOR_TENANT):
+            return None
+        return int(row["flags"])
 
     async def account_transfers(self, query: AccountTransfersFilter,
                                 tenant: int) -> TransfersPage | None:
@@ -177,12 +242,13 @@ class HistoryStore:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             if not await self._visible(conn, query.account_id, tenant):
                 return None
+            await conn.execute(_TAIL_BY_TIMESTAMP)
             to_ns = min(query.to_ns, await self.horizon(conn) + 1)
             if after is None:
                 after = Position(to_ns if descending else query.from_ns, 0)
             rows = await conn.fetch(_ACCOUNT_SQL[query.side, descending], query.account_id,
                                     after.timestamp, after.id, query.from_ns, to_ns,
-                                    query.limit + 1)
+                                    query.limit + 1, await self.position(conn))
         return self._page(query, [_transfer(r) for r in rows])
 
     async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
@@ -219,15 +285,40 @@ class HistoryStore:
     async def balances_at(self, account_id: int, at_ns: int,
                           tenant: int) -> AccountBalancesAt | None:
         """The account's four balances counting every movement at or before ``at_ns``;
-        None if ``tenant`` may not see the account (or there is none)."""
+        None if ``tenant`` may not see the account (or there is none).
+
+        Up to the indexer's position from account_history (for an account with the
+        ``history`` flag, the balances stored with its last movement there; for another,
+        the sum of its rows), plus the movements after the position read from
+        ``transfers``."""
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
-            if not await self._visible(conn, account_id, tenant):
+            flags = await self._visible_flags(conn, account_id, tenant)
+            if flags is None:
                 return None
-            rows = await conn.fetch(_BALANCES_SQL, account_id, at_ns)
-        sums = {r["side"]: (int(r["pend"]), int(r["post"])) for r in rows}
-        debits, credits = sums.get(1, (0, 0)), sums.get(2, (0, 0))
+            await conn.execute(_TAIL_BY_TIMESTAMP)
+            position = await self.position(conn)
+            cut = min(at_ns, position)
+            debits, credits = [0, 0], [0, 0]
+            stored = None
+            if flags & HISTORY_FLAG:
+                stored = await conn.fetchrow(_STORED_BALANCES_SQL, account_id, cut)
+            if stored is not None and stored["debits_pending"] is not None:
+                debits = [stored["debits_pending"], stored["debits_posted"]]
+                credits = [stored["credits_pending"], stored["credits_posted"]]
+            elif cut > 0:
+                _add_sums(debits, credits, await conn.fetch(_INDEXED_SUMS_SQL, account_id, cut))
+            if at_ns > position:
+                _add_sums(debits, credits,
+                          await conn.fetch(_BALANCES_SQL, account_id, at_ns, position))
         require(min(*debits, *credits) >= 0, "balances at an instant are not negative")
         return AccountBalancesAt(account_id=account_id, at_ns=at_ns,
                                  debits_pending=debits[0], debits_posted=debits[1],
                                  credits_pending=credits[0], credits_posted=credits[1])
 
+
+def _add_sums(debits: list[int], credits: list[int], rows: list[asyncpg.Record]) -> None:
+    """Adds per-side (pending, posted) sums (``side`` 1: debits, 2: credits) in place."""
+    for r in rows:
+        side = debits if r["side"] == 1 else credits
+        side[0] += int(r["pend"])
+        side[1] += int(r["post"])

@@ -546,6 +546,11 @@ class LedgerStore:
         # digest, read from the database at its first commit and after a failed one.
         self._heads: dict[int, tuple[int, bytes]] = {}
 
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        """The service's connections (leases of work that runs in one place use it too)."""
+        return self._pool
     @classmethod
     async def connect(
         cls, url: str, *, pool_size_max: int, connect_timeout_s: float, command_timeout_s: float

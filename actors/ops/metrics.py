@@ -28,6 +28,8 @@ __all__ = [
     "AUTHORIZATION_SECONDS",
     "BREAKER_STATE",
     "EDGE_CONNECTIONS_CLOSED",
+    "HISTORY_INDEXER_LAG_SECONDS",
+    "HISTORY_INDEXER_TRANSFERS",
     "IDEMPOTENCY_FENCED",
     "LATENCY_BUCKETS_S",
     "LEDGER_CHECKPOINT_SECONDS",
@@ -125,6 +127,15 @@ LEDGER_COMMIT_TRANSFERS = Histogram(
     "txproc_ledger_commit_transfers",
     "Transfers written by one group commit of a shard.",
     ["shard"], buckets=BATCH_BUCKETS)
+HISTORY_INDEXER_LAG_SECONDS = Gauge(
+    "txproc_history_indexer_lag_seconds",
+    "How far account_history's position is behind the wall clock: movements newer than "
+    "this are read from transfers by history reads (design.md §16). Includes the history "
+    "horizon's own delay (up to 5 s on an idle shard).",
+    multiprocess_mode="livemax")
+HISTORY_INDEXER_TRANSFERS = Counter(
+    "txproc_history_indexer_transfers_total",
+    "Movements (transfers and expiries) the history indexer copied into account_history.")
 LEDGER_CHECKPOINT_SECONDS = Histogram(
     "txproc_ledger_checkpoint_duration_seconds",
     "Duration of one balance checkpoint of a shard (folding its unfolded effects into the "

@@ -100,6 +100,10 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "reconciliation_fees": APPEND,
     # Leases (0030): taken over and renewed, never deleted, so a fence never goes back.
     "leases": CHANGE,
+    # Account history (0028): derived rows the indexer appends, and its position; a
+    # rebuild (TRUNCATE, position to 0) is the owner's.
+    "account_history": APPEND,
+    "account_history_position": frozenset({"SELECT", "UPDATE"}),
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",

@@ -773,7 +773,7 @@ def test_holds_of_one_chain_on_two_shards_are_refused_whole() -> None:
 ACCOUNT_CASES = [
     ("ok", {}, A.ok),
     ("id_zero", {"id": 0}, A.id_must_not_be_zero),
-    ("flags_unknown", {"flags": 1 << 2}, A.flags_unknown),
+    ("flags_unknown", {"flags": 1 << 3}, A.flags_unknown),
     ("flags_exclusive", {"flags": DL | CL}, A.flags_are_mutually_exclusive),
     ("currency_unknown", {"currency": "ZZZ"}, A.currency_unknown),
     ("debits_pending", {"debits_pending": 1}, A.debits_pending_must_be_zero),
