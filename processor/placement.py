@@ -1,8 +1,10 @@
-"""Where the fronts go: one per Ray node by default, each on its node's address, and on
-ports that do not collide where several nodes share a host (docs/design.md §12).
+"""Where the fronts and the shards go: one front per Ray node by default, each on its node's
+address, and on ports that do not collide where several nodes share a host; the shards
+dealt round the nodes (docs/design.md §12).
 
-``place_fronts`` is pure: the runtime gives it the alive nodes (``ray.nodes()``), which one
-is its own, and the configured host and ports; it answers one ``FrontPlacement`` per front.
+``place_fronts`` and ``place_shards`` are pure: the runtime gives them the alive nodes
+(``ray.nodes()``) and which one is its own; ``place_fronts`` also the configured host and
+ports, and answers one ``FrontPlacement`` per front.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-__all__ = ["FRONTS_MAX", "FrontPlacement", "NodeView", "fronts_document", "place_fronts"]
+__all__ = ["FRONTS_MAX", "FrontPlacement", "NodeView", "fronts_document", "place_fronts",
+           "place_shards"]
 
 FRONTS_MAX = 64
 PORT_MAX = 65535
@@ -68,6 +71,24 @@ def place_fronts(nodes: Sequence[NodeView], *, here: str, host: str, http_port: 
             address=node.address if bind in _WILDCARDS else bind,
             http_port=_shifted(http_port, i), rpc_port=_shifted(rpc_port, i)))
     return placements
+
+
+def place_shards(nodes: Sequence[NodeView], *, here: str, shards: int) -> list[str]:
+    """The node each shard starts on: dealt round the nodes, node ``here`` first and then
+    the others by id (the fronts' order), so ``shards`` over N nodes puts
+    ``ceil(shards / N)`` at most on any one.
+
+    It is where a shard starts, not where it must stay: the runtime pins it softly, and
+    Ray restarts a shard whose node was lost on a surviving one. Raises ``ValueError`` for
+    no nodes, ``here`` not among them, or fewer than one shard.
+    """
+    if shards < 1:
+        raise ValueError(f"at least one shard, not {shards}")
+    ids = sorted(n.node_id for n in nodes)
+    if here not in ids:
+        raise ValueError(f"this node {here!r} is not among the alive nodes")
+    order = [here, *(i for i in ids if i != here)]
+    return [order[s % len(order)] for s in range(shards)]
 
 
 def _shifted(port: int, by: int) -> int:

@@ -48,7 +48,13 @@ from processor.identity import (
     read_key,
 )
 from processor.ledger import PartitionMap
-from processor.placement import FrontPlacement, NodeView, fronts_document, place_fronts
+from processor.placement import (
+    FrontPlacement,
+    NodeView,
+    fronts_document,
+    place_fronts,
+    place_shards,
+)
 from processor.privacy import MASTER_KEY_FILE_NAME
 
 __all__ = ["FRONTS_FILE", "Processor", "RunningFront", "app_password_file", "ensure_database",
@@ -241,8 +247,11 @@ def init_ray(address: str | None, metrics_dir: str = "") -> bool:
     return True
 
 
-async def start_processor(config: Config) -> Processor:
-    """Start everything ``config`` describes and return once /readyz would answer 200."""
+async def start_processor(config: Config, *, payments_node: str | None = None) -> Processor:
+    """Start everything ``config`` describes and return once /readyz would answer 200.
+
+    ``payments_node``: the Ray node to start the payments actor on (softly: it moves to a
+    surviving node if that one is lost); None, Ray's default placement."""
     config.check()
     Path(config.data_dir).mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, at start-up, before any work
     # Before anything starts: a refused key file (KeyFileError: a symbolic link, another
@@ -288,9 +297,12 @@ async def start_processor(config: Config) -> Processor:
         # Authenticates the fronts' and the shards' data-plane channel (actors.channel);
         # lives only in those actors' arguments, never in a file or a log.
         channel_key = secrets.token_bytes(32)
-        shards = [make_shard(s, config.shard, channel_key, config.observability)
-                  for s in range(config.shard.shards)]
-        fronts = await _start_fronts(config, channel_key)
+        nodes = _alive_nodes()
+        here = ray.get_runtime_context().get_node_id()
+        shard_nodes = place_shards(nodes, here=here, shards=config.shard.shards)
+        shards = [make_shard(s, config.shard, channel_key, config.observability, node_id=n)
+                  for s, n in enumerate(shard_nodes)]
+        fronts = await _start_fronts(config, channel_key, nodes, here)
         processor = Processor(
             config=config, front=fronts[0].actor, shards=shards,
             http_port=fronts[0].http_port, rpc_port=fronts[0].rpc_port, embedded=embedded,
@@ -306,21 +318,24 @@ async def start_processor(config: Config) -> Processor:
         raise
     if config.payments.enabled and config.payments.providers:
         try:
-            await _start_payments(processor)
+            await _start_payments(processor, payments_node)
         except BaseException:
             await processor.stop()
             raise
     return processor
 
 
-async def _start_fronts(config: Config, channel_key: bytes) -> list[RunningFront]:
-    """One front per alive node (or ``config.fronts`` on this node), each pinned to its
-    node and listening on its address (processor/placement.py)."""
-    nodes = [NodeView(n["NodeID"], n["NodeManagerAddress"])
-             for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+def _alive_nodes() -> list[NodeView]:
+    return [NodeView(n["NodeID"], n["NodeManagerAddress"])
+            for n in ray.nodes() if n.get("Alive")]  # type: ignore[no-untyped-call]
+
+
+async def _start_fronts(config: Config, channel_key: bytes, nodes: list[NodeView],
+                        here: str) -> list[RunningFront]:
+    """One front per alive node (or ``config.fronts`` on this node ``here``), each pinned
+    to its node and listening on its address (processor/placement.py)."""
     front = config.front
-    placements = place_fronts(nodes, here=ray.get_runtime_context().get_node_id(),
-                              host=front.host, http_port=front.http_port,
+    placements = place_fronts(nodes, here=here, host=front.host, http_port=front.http_port,
                               rpc_port=front.rpc_port, count=config.fronts)
     actors = [make_front(msgspec.structs.replace(config, front=msgspec.structs.replace(
                   front, host=p.bind_host, http_port=p.http_port, rpc_port=p.rpc_port)),
@@ -396,7 +411,7 @@ async def _start_metrics(processor: Processor, embedded: EmbeddedPostgres | None
             processor.metrics_port = port
 
 
-async def _start_payments(processor: Processor) -> None:
+async def _start_payments(processor: Processor, node_id: str | None = None) -> None:
     """Simulated providers (where no URL is configured), provider actors, the risk actor,
     then the payments actor, to which the front forwards the payments API."""
     from adapters.registry import ADAPTERS
@@ -442,7 +457,8 @@ async def _start_payments(processor: Processor) -> None:
         config, processor.channel_key, providers=processor.provider_configs,
         outbox_secret=_outbox_secret(data / "providers" / "outbox.key"),
         front_rpc=[(host, processor.rpc_port),
-                   *((f.placement.address, f.rpc_port) for f in processor.fronts[1:])])
+                   *((f.placement.address, f.rpc_port) for f in processor.fronts[1:])],
+        node_id=node_id)
     await processor.payments.start.remote()
 
 

@@ -20,6 +20,7 @@ import asyncpg
 import msgspec
 import numpy as np
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.channel import ChannelClient, ChannelServer
 from actors.ledger.store import LedgerStore, OwnEffects
@@ -277,6 +278,11 @@ class LedgerShard:
             self._checkpointing.cancel()
         if self._store is not None:
             await self._store.close()
+
+    def node_id(self) -> str:
+        """The Ray node this incarnation runs on (a shard restarted after its node was lost
+        runs on another: make_shard's SPREAD is no pin)."""
+        return str(ray.get_runtime_context().get_node_id())
 
     async def stats(self) -> dict[str, float]:
         await self._ensure_started()
@@ -784,11 +790,14 @@ def endpoint_of(handle: Any) -> Callable[[], Awaitable[tuple[str, int]]]:
 
 
 def make_shard(shard: int, config: ShardConfig, channel_key: bytes,
-               observability: ObservabilityConfig | None = None) -> object:
+               observability: ObservabilityConfig | None = None, *,
+               node_id: str | None = None) -> object:
     """Start shard ``shard`` as a named, restartable Ray actor (the one place it is remote).
 
     ``channel_key`` authenticates the data-plane channel (actors.channel) between the
-    front and the shards; a restarted shard is given the same one."""
+    front and the shards; a restarted shard is given the same one. ``node_id``: the node
+    to start it on (processor.placement.place_shards), softly, so that Ray restarts it on
+    a surviving node when that one is lost; None: Ray's SPREAD."""
     actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0,
         # Restart forever: a shard is the only way to its partitions, and recovery is the
@@ -797,9 +806,13 @@ def make_shard(shard: int, config: ShardConfig, channel_key: bytes,
         max_task_retries=0,
         max_concurrency=1000,
     )(LedgerShard)
+    # SPREAD alone does not spread actors that ask for no CPU (all of a cluster's shards
+    # were found on the driver's node): a placed shard is pinned to its node, softly, as a
+    # preference that a lost node lifts (docs/design.md §12, "Losing a node").
+    strategy: Any = "SPREAD" if node_id is None else NodeAffinitySchedulingStrategy(
+        node_id, soft=True)
     return actor_class.options(
         name=shard_actor_name(shard),
         namespace=NAMESPACE,
-        # On a cluster, spread shards over the nodes; on one box this changes nothing.
-        scheduling_strategy="SPREAD",
+        scheduling_strategy=strategy,
     ).remote(shard, config, observability=observability, channel_key=channel_key)

@@ -33,6 +33,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.channel import ChannelServer
 from actors.lease import Fence, Work, hold
@@ -307,6 +308,14 @@ class PaymentsActor:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        """The Ray node this incarnation runs on."""
+        return str(ray.get_runtime_context().get_node_id())
+
+    def lease_holder(self) -> str:
+        """This incarnation's name as a lease holder (the ``leases`` table's ``holder``)."""
+        return self._holder
+
     # -- what the front forwards (actors.channel) ---------------------------------------------
 
     async def call(self, principal: str, operation: str, key: str, subject_id: str,
@@ -371,15 +380,23 @@ def _front_tls(config: Config) -> ssl.SSLContext | None:
 
 
 def make_payments(config: Config, channel_key: bytes, *, providers: list[ProviderConfig],
-                  outbox_secret: bytes, front_rpc: list[tuple[str, int]]) -> Any:
+                  outbox_secret: bytes, front_rpc: list[tuple[str, int]],
+                  node_id: str | None = None) -> Any:
     """Start the payments actor (the one place it is made remote); Ray restarts it if it
     dies, and it starts itself on the next call. ``channel_key`` authenticates the front's
     forwarded requests; ``front_rpc`` is where the fronts' RPC listens (host, port), this
-    node's first."""
+    node's first.
+
+    ``node_id``: start it on that node, softly: when the node is lost, Ray restarts it on
+    a surviving one (where its run-once jobs' leases follow it: docs/design.md §12). None:
+    Ray's default placement (the caller's node while it has room)."""
     actor_class = ray.remote(  # type: ignore[call-overload]
         num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=100_000
     )(PaymentsActor)
-    return actor_class.options(name=PAYMENTS_ACTOR_NAME, namespace=NAMESPACE).remote(
+    options: dict[str, Any] = {"name": PAYMENTS_ACTOR_NAME, "namespace": NAMESPACE}
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    return actor_class.options(**options).remote(
         config, channel_key, providers=providers, outbox_secret=outbox_secret,
         front_rpc=front_rpc)
 

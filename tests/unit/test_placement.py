@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from processor.placement import FrontPlacement, NodeView, fronts_document, place_fronts
+from processor.placement import (
+    FrontPlacement,
+    NodeView,
+    fronts_document,
+    place_fronts,
+    place_shards,
+)
 
 HERE = NodeView("n-here", "10.0.0.1")
 SAME_HOST = NodeView("n-b", "10.0.0.1")  # a second raylet on this machine
@@ -68,3 +74,22 @@ def test_fronts_document() -> None:
         {"node": "n1", "http": "https://[::1]:40001", "rpc": "[::1]:40002"},
         {"node": "n2", "http": "https://10.0.0.2:8080", "rpc": "10.0.0.2:7070"},
     ]
+
+
+def test_shards_dealt_round_the_nodes_this_one_first() -> None:
+    """Shards go round the nodes in the fronts' order: this node, then the others by id."""
+    nodes = [OTHER, SAME_HOST, HERE]
+    order = ["n-here", *sorted(n.node_id for n in (OTHER, SAME_HOST))]
+    assert place_shards(nodes, here="n-here", shards=7) == [order[i % 3] for i in range(7)]
+    assert place_shards(nodes, here="n-here", shards=2) == order[:2]
+    assert place_shards([HERE], here="n-here", shards=3) == ["n-here"] * 3
+
+
+@pytest.mark.parametrize(("nodes", "here", "shards", "match"), [
+    ([], "n-here", 1, "not among"),
+    ([OTHER], "n-here", 1, "not among"),
+    ([HERE], "n-here", 0, "at least one shard"),
+])
+def test_shards_refused(nodes: list[NodeView], here: str, shards: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        place_shards(nodes, here=here, shards=shards)

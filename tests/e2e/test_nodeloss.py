@@ -1,0 +1,61 @@
+"""Losing a Ray node under load: three raylets on this machine, three fronts, ledger load
+through all of them, and the worker node that runs the payments actor (and shards) killed
+mid-load (tests/nodeloss.py, in a process of its own)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.e2e.test_cli import _free_port_pair
+
+RETRYABLE = ("Overloaded:", "Unavailable:", "ConnectionError:", "ConnectionRefusedError:",
+             "ConnectionResetError:", "TimeoutError:")
+
+
+def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
+    """The load goes on through the surviving fronts and clients meet only retryable
+    errors; the shards of the lost node come back on surviving ones; the payments actor is
+    restarted on a surviving node and its new incarnation holds the recovery worker's and
+    the relay's leases with the next fence; every acknowledged transfer is stored once
+    with its fields, none refused is stored, and the balances audit."""
+    http_port = _free_port_pair()
+    rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 2)
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.nodeloss", str(tmp_path / "data"), str(http_port),
+         str(rpc_port)], capture_output=True, text=True, timeout=600, env=env, check=False,
+        cwd=Path(__file__).parents[2])
+    assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    print(json.dumps({k: report[k] for k in ("errors", "failovers", "times", "timeline",
+                                             "acknowledged_before_loss",
+                                             "acknowledged_total")}))
+    victim = report["victim"]
+    assert len(report["nodes"]) == 3 and len(report["fronts"]) == 3, report
+    assert report["ready"] == [True, True, True]
+    assert sorted(report["gateway_first_fronts"]) == [0, 0, 1, 1, 2, 2]  # load on every front
+    # The load went on after the loss, through the other fronts; only retryable errors.
+    assert report["acknowledged_total"] > report["acknowledged_before_loss"], report
+    assert report["not_retryable"] == [], report
+    assert all(e.startswith(RETRYABLE) for e in report["errors"]), report["errors"]
+    # A shard lived on the lost node; every shard now runs on a surviving one.
+    assert victim in report["shard_nodes_before"], report
+    assert victim not in report["shard_nodes_after"], report
+    # The payments actor moved, and its run-once jobs with it.
+    assert report["payments_node_before"] == victim
+    assert report["payments_node_after"] != victim
+    first, second = report["holders"]
+    assert first != second
+    for name, lease in report["leases_before"].items():
+        assert lease["holder"] == first
+        assert report["leases_after"][name] == {"holder": second, "fence": lease["fence"] + 1}
+    assert set(report["leases_after"]) == {"payments-recovery", "outbox-relay"}
+    ledger = report["ledger"]
+    assert ledger["missing"] == 0 and ledger["differing"] == 0, ledger
+    assert ledger["refused_stored"] == 0, ledger
+    assert ledger["rows"] == report["acknowledged_total"], ledger
+    assert ledger["audit_passed"], ledger

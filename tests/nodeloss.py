@@ -1,0 +1,426 @@
+"""A processor on a Ray cluster of three nodes on this machine (``ray.cluster_utils.Cluster``:
+a head and two workers, three raylets) that loses a worker node under load, run as its own
+process so that its Ray is not the test session's:
+
+    python -m tests.nodeloss DATA_DIR HTTP_PORT RPC_PORT
+
+It starts the cluster and the processor (embedded PostgreSQL, three shards spread over the
+nodes, payments with both simulated providers, the payments actor placed on the worker
+that will be lost), drives ledger load through all three fronts (gateways with
+``Client(addresses=[...every front...])``, each batch sent again unchanged after a
+retryable error), removes that worker's raylet and its processes mid-load, keeps the load
+on until it has done as much again, then checks the ledger and prints a JSON report on its
+last line: where the shards and the payments actor ran before and after, the leases'
+holders and fences, every error the gateways saw (by class and code), what was
+acknowledged before and after the loss, the ledger checks, and the takeover times it
+measured (reported, never asserted). It stops everything it started (its own raylets
+only). Used by tests/e2e/test_nodeloss.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import collections.abc
+import json
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import ray
+from ray.cluster_utils import Cluster
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from actors.app.runtime import Processor, start_processor
+from actors.ledger.store import LedgerStore
+from actors.payments.actor import LEASE_RECOVERY, LEASE_RELAY
+from processor.client import Client, ClientError
+from processor.codes import TransferResult
+from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+from processor.errors import LedgerError
+from processor.identity import SCOPES, issue_token, load_or_create_ring
+from processor.types import Account, AccountFlags, Transfer, TransferFlags
+from tests.multinode import _ready
+
+OK = {TransferResult.ok, TransferResult.exists}
+SHARDS = 3
+GATEWAYS = 6
+BATCH = 50
+CUSTOMERS = 60
+# Work, not time: acknowledged transfers before the loss, and after it.
+BEFORE_LOSS = 400
+AFTER_LOSS = 600
+ROUNDS_MAX = 2400  # 0.1 s each, for every wait below
+LEASES = (LEASE_RECOVERY, LEASE_RELAY)
+# The GCS declares a raylet dead after this many missed health checks this far apart (Ray's
+# defaults, 3 s and 5, take some 15 s; docs/design.md §12 "Losing a node"): shorter here so
+# that the test waits less for what it shows.
+HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+def _retryable(exc: BaseException) -> bool:
+    """What a gateway may send again: the server's retryable codes (``Overloaded``,
+    ``Unavailable``: their class says so) and a call that got no answer in time or lost its
+    connection (tests/actors/test_crash.py)."""
+    if isinstance(exc, LedgerError):
+        return exc.retryable
+    return isinstance(exc, (ConnectionError, TimeoutError))
+
+
+def _seed_starting_at(front: int, count: int, after: int) -> int:
+    """A seed whose client starts at front ``front`` (processor.failover.first_index draws
+    it first from the client's generator), so that every front gets gateways."""
+    seed = after
+    while random.Random(seed).randrange(count) != front:
+        seed += 1
+    return seed
+
+
+class Load:
+    """Gateways that send batches of transfers through every front, each batch again
+    unchanged until it is answered; what they saw is kept for the report."""
+
+    def __init__(self, addresses: list[str], token: str, customers: list[int],
+                 next_id: collections.abc.Iterator[int]) -> None:
+        self.addresses = addresses
+        self.token = token
+        self.customers = customers
+        self.next_id = next_id
+        self.acknowledged: dict[int, Transfer] = {}
+        self.refused: dict[int, TransferResult] = {}
+        self.errors: collections.Counter[str] = collections.Counter()
+        self.not_retryable: list[str] = []
+        self.failovers = 0
+        self.last_ack_s = 0.0
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+
+    def batch(self, rng: random.Random) -> list[Transfer]:
+        out = []
+        for _ in range(BATCH):
+            a, b = rng.sample(self.customers, 2)
+            pending = rng.random() < 0.1
+            out.append(Transfer(id=next(self.next_id), debit_account_id=a,
+                                credit_account_id=b, amount=rng.randint(1, 900),
+                                currency="EUR",
+                                flags=int(TransferFlags.PENDING) if pending else 0))
+        return out
+
+    async def gateway(self, seed: int) -> None:
+        rng = random.Random(seed)
+        async with Client(addresses=self.addresses, token=self.token, timeout_s=30,
+                          rng=random.Random(seed)) as client:
+            try:
+                while not self.stop.is_set():
+                    batch = self.batch(rng)
+                    codes = await self._until_answered(client, batch)
+                    for t, code in zip(batch, codes, strict=True):
+                        if code in OK:
+                            self.acknowledged[t.id] = t
+                        else:
+                            self.refused[t.id] = code
+                    self.last_ack_s = time.monotonic()
+            finally:
+                self.failovers += client.failovers
+
+    def run(self, seeds: list[int]) -> threading.Thread:
+        """The gateways, on an event loop of their own in a thread of their own: what the
+        driver's loop waits on (Ray calls to actors that are restarting) never holds them
+        up."""
+
+        async def gateways() -> None:
+            await asyncio.gather(*[self.gateway(s) for s in seeds])
+
+        def main() -> None:
+            try:
+                asyncio.run(gateways())
+            except BaseException as exc:
+                self.error = exc
+
+        thread = threading.Thread(target=main, name="gateways", daemon=True)
+        thread.start()
+        return thread
+
+    async def _until_answered(self, client: Client,
+                              batch: list[Transfer]) -> list[TransferResult]:
+        while True:
+            try:
+                return await client.create_transfers(batch)
+            except (LedgerError, ClientError, ConnectionError, TimeoutError) as exc:
+                self.errors[f"{type(exc).__name__}:{getattr(exc, 'code', '')}"] += 1
+                if not _retryable(exc):
+                    self.not_retryable.append(repr(exc))
+                    raise
+                await asyncio.sleep(0.25)  # the same batch again: ids make it safe
+
+
+async def _until(what: str, check: Any) -> Any:
+    """Poll ``check()`` (an awaitable factory) until it answers something true."""
+    for _ in range(ROUNDS_MAX):
+        try:
+            answer = await check()
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
+                ray.exceptions.GetTimeoutError, TimeoutError, asyncpg.PostgresError):
+            answer = None
+        if answer:
+            return answer
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"never: {what}")
+
+
+async def _leases(url: str) -> dict[str, dict[str, Any]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT name, holder, fence FROM leases WHERE name = ANY($1)",
+                                list(LEASES))
+    finally:
+        await conn.close()
+    return {r["name"]: {"holder": r["holder"], "fence": int(r["fence"])} for r in rows}
+
+
+async def _shard_nodes(processor: Processor) -> list[str]:
+    return list(await asyncio.gather(*[
+        asyncio.wait_for(s.node_id.remote(), timeout=5) for s in processor.shards]))
+
+
+async def _check_ledger(load: Load, url: str) -> dict[str, Any]:
+    """Every acknowledged transfer stored once with its fields, no refused one stored,
+    balances audited."""
+    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                      command_timeout_s=120)
+    try:
+        stored = await store.lookup_transfers(sorted(load.acknowledged))
+        missing = set(load.acknowledged) - set(stored)
+        differing = [tid for tid, t in load.acknowledged.items() if tid in stored and (
+            stored[tid].debit_account_id, stored[tid].credit_account_id, stored[tid].amount,
+            stored[tid].flags) != (t.debit_account_id, t.credit_account_id, t.amount,
+                                   t.flags)]
+        refused_stored = set(load.refused) & set(
+            await store.lookup_transfers(sorted(load.refused)))
+        audit = await store.audit()
+    finally:
+        await store.close()
+    # Stored once: the primary key on the id already says so; count the rows anyway.
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetchval("SELECT count(*) FROM transfers WHERE id = ANY($1::bigint[])",
+                                   list(load.acknowledged))
+    finally:
+        await conn.close()
+    return {"missing": len(missing), "differing": len(differing),
+            "refused_stored": len(refused_stored), "rows": int(rows),
+            "audit_passed": bool(audit.passed), "audit": repr(audit)[:500]}
+
+
+async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
+              workers: list[Any]) -> dict[str, Any]:
+    config = Config(
+        shard=ShardConfig(database_url="", shards=SHARDS),
+        front=FrontConfig(host="127.0.0.1", http_port=http_port, rpc_port=rpc_port),
+        data_dir=str(data_dir), ray_address=cluster.address,
+        observability=ObservabilityConfig(metrics_port=0))
+    started_s = time.monotonic()
+    processor = await start_processor(config, payments_node=workers[-1].node_id)
+    supervisor = asyncio.create_task(processor.supervise(interval_s=0.2))
+    report: dict[str, Any] = {}
+    try:
+        url = processor.config.shard.database_url
+        report["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+        report["fronts"] = [{"node": f.placement.node_id, "rpc": f.rpc_address}
+                            for f in processor.fronts]
+        report["ready"] = [await _ready(f"http://{f.placement.address}:{f.http_port}")
+                           for f in processor.fronts]
+        report["shard_nodes_before"] = await _shard_nodes(processor)
+        payments = processor.payments
+        report["payments_node_before"] = await payments.node_id.remote()
+        # The node to lose is the worker the payments actor runs on: it was asked for the
+        # last one, softly, and Ray may have placed it on the other.
+        victim = next((w for w in workers if w.node_id == report["payments_node_before"]),
+                      None)
+        if victim is None:
+            raise AssertionError("the payments actor is on the head node")
+        report["victim"] = victim_id = victim.node_id
+        holder_before = await payments.lease_holder.remote()
+
+        async def held_by_first() -> Any:
+            leases = await _leases(url)
+            return leases if all(leases.get(n, {}).get("holder") == holder_before
+                                 for n in LEASES) else None
+
+        report["leases_before"] = await _until("the first payments actor holds the leases",
+                                               held_by_first)
+        times: dict[str, float] = {"processor_started_s": time.monotonic() - started_s}
+        front_pids = {f.placement.node_id: await f.actor.pid.remote()
+                      for f in processor.fronts}
+
+        now_s = int(time.time())
+        ring = load_or_create_ring(data_dir, now_s=now_s)
+        token = issue_token(ring.active.secret, SCOPES, ttl_s=900, now_s=now_s)
+        addresses = processor.rpc_addresses
+        ids = iter(range(now_s * 1_000_000, now_s * 1_000_000 + 10_000_000))
+        async with Client(addresses=addresses, token=token) as client:
+            operator, *customers = [next(ids) for _ in range(CUSTOMERS + 1)]
+            accounts = [Account(id=operator, currency="EUR")] + [
+                Account(id=c, currency="EUR",
+                        flags=int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS))
+                for c in customers]
+            assert set(await client.create_accounts(accounts)) == {0}
+            funding = [Transfer(id=next(ids), debit_account_id=operator, credit_account_id=c,
+                                amount=50_000, currency="EUR") for c in customers]
+            assert set(await client.create_transfers(funding)) == {TransferResult.ok}
+
+        load = Load(addresses, token, customers, ids)
+        seeds = []
+        for g in range(GATEWAYS):
+            seeds.append(_seed_starting_at(g % len(addresses), len(addresses),
+                                           seeds[-1] + 1 if seeds else 0))
+        thread = load.run(seeds)
+
+        async def acknowledged(count: int) -> bool:
+            if not thread.is_alive():
+                load.stop.set()
+                raise AssertionError(f"a gateway stopped: {load.not_retryable[-3:]}"
+                                     f" {dict(load.errors)}") from load.error
+            return len(load.acknowledged) >= count
+
+        await _until(f"{BEFORE_LOSS} acknowledged", lambda: acknowledged(BEFORE_LOSS))
+        report["acknowledged_before_loss"] = before = len(load.acknowledged)
+        errors_before = sum(load.errors.values())
+
+        # The loss: the worker's raylet and every process it ran, killed (SIGKILL).
+        lost_s = time.monotonic()
+        timeline: list[tuple[float, int, int]] = []
+
+        async def sample() -> None:  # acknowledged and errors, every second after the loss
+            while True:
+                timeline.append((round(time.monotonic() - lost_s, 1), len(load.acknowledged),
+                                 sum(load.errors.values())))
+                await asyncio.sleep(1.0)
+
+        sampler = asyncio.create_task(sample())
+        await asyncio.to_thread(cluster.remove_node, victim, False)
+        front_pid = front_pids[victim_id]
+        for _ in range(50):  # a worker whose raylet is gone exits on its own; make sure
+            if not Path(f"/proc/{front_pid}").exists():
+                break
+            await asyncio.sleep(0.1)
+        else:
+            os.kill(front_pid, signal.SIGKILL)
+
+        async def first_ack() -> bool:
+            return await acknowledged(before + BATCH) and load.last_ack_s > lost_s
+
+        await _until("an acknowledgement after the loss", first_ack)
+        times["first_batch_after_loss_s"] = load.last_ack_s - lost_s
+
+        async def shards_elsewhere() -> list[str] | None:
+            nodes = await _shard_nodes(processor)
+            await asyncio.gather(*[asyncio.wait_for(s.stats.remote(), timeout=5)
+                                   for s in processor.shards])
+            return nodes if victim_id not in nodes else None
+
+        report["shard_nodes_after"] = await _until("every shard on a surviving node",
+                                                   shards_elsewhere)
+        times["shards_back_s"] = time.monotonic() - lost_s
+
+        async def payments_moved() -> str | None:
+            node = await asyncio.wait_for(payments.node_id.remote(), timeout=5)
+            started = await asyncio.wait_for(payments.is_started.remote(), timeout=5)
+            return node if node != victim_id and started else None
+
+        report["payments_node_after"] = await _until("the payments actor on a surviving node",
+                                                     payments_moved)
+        times["payments_restarted_s"] = time.monotonic() - lost_s
+        holder_after = await payments.lease_holder.remote()
+
+        async def held_by_second() -> Any:
+            leases = await _leases(url)
+            return leases if all(leases.get(n, {}).get("holder") == holder_after
+                                 for n in LEASES) else None
+
+        report["leases_after"] = await _until("the restarted payments actor holds the leases",
+                                              held_by_second)
+        times["leases_taken_over_s"] = time.monotonic() - lost_s
+        report["holders"] = [holder_before, holder_after]
+
+        await _until(f"{AFTER_LOSS} more acknowledged",
+                     lambda: acknowledged(before + AFTER_LOSS))
+        load.stop.set()
+        sampler.cancel()
+        await asyncio.to_thread(thread.join)
+        if load.error is not None:
+            raise AssertionError("a gateway failed") from load.error
+        report["timeline"] = timeline
+        report["acknowledged_total"] = len(load.acknowledged)
+        report["refused"] = len(load.refused)
+        report["errors"] = dict(load.errors)
+        report["errors_after_loss"] = sum(load.errors.values()) - errors_before
+        report["not_retryable"] = load.not_retryable
+        report["failovers"] = load.failovers
+        report["gateway_first_fronts"] = [random.Random(s).randrange(len(addresses))
+                                          for s in seeds]
+
+        async def settled() -> bool:
+            stats = await asyncio.gather(*[s.stats.remote() for s in processor.shards])
+            return all(s["holds_granted"] == 0 for s in stats)
+
+        times["load_s"] = time.monotonic() - lost_s
+        await _until("holds settled", settled)
+        report["ledger"] = await _check_ledger(load, url)
+        report["times"] = {k: round(v, 2) for k, v in times.items()}
+        return report
+    finally:
+        supervisor.cancel()
+        await asyncio.gather(supervisor, return_exceptions=True)
+        await processor.stop()
+
+
+@ray.remote(num_cpus=0)
+def _where() -> str:
+    return str(ray.get_runtime_context().get_node_id())
+
+
+def _until_schedulable(address: str, node_ids: list[str]) -> None:
+    """Wait until a soft pin to each node lands there: a node the GCS lists may not yet be
+    in the head raylet's view of the cluster, and a soft pin to it then goes elsewhere."""
+    ray.init(address=address, log_to_driver=False)
+    try:
+        for node_id in node_ids:
+            strategy = NodeAffinitySchedulingStrategy(node_id, soft=True)
+            for _ in range(ROUNDS_MAX):
+                if ray.get(_where.options(scheduling_strategy=strategy).remote()) == node_id:
+                    break
+                time.sleep(0.1)
+            else:
+                raise AssertionError(f"node {node_id} never schedulable")
+    finally:
+        ray.shutdown()
+
+
+def main() -> int:
+    data_dir, http_port, rpc_port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
+        "num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH_CHECK})
+    try:
+        survivor = cluster.add_node(num_cpus=1)
+        victim = cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        _until_schedulable(cluster.address, [survivor.node_id, victim.node_id])
+        report = asyncio.run(run(data_dir, http_port, rpc_port, cluster, [survivor, victim]))
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
