@@ -20,7 +20,7 @@ transfer and reports, under ``indexer``, how long that took after the load ended
 PostgreSQL CPU its backend spent (psutil, when the server runs on this machine) per
 transfer indexed. The reads are timed once the indexer has caught up.
 
-The lead's run uses ``--transfers 1000000``; the default is small.
+README's figures use ``--transfers 1000000``; the default is small.
 """
 
 from __future__ import annotations
