@@ -382,7 +382,7 @@ class Run:
 
         me = psutil.Process()
         while not self.stop.is_set():
-            groups: Counter[str] = Counter()
+            groups: dict[str, float] = defaultdict(float)
             trees: list[tuple[str | None, psutil.Process]] = []
             if self.processor.embedded is not None:
                 with contextlib.suppress(psutil.Error):
@@ -400,11 +400,24 @@ class Run:
                         seen.add(member.pid)
                         with contextlib.suppress(psutil.Error):
                             group = fixed or _rss_group(member.cmdline())
-                            groups[group] += member.memory_info().rss / 2**20
+                            groups[group] += _resident_mib(member)
             for group, mib in groups.items():
                 self.rss[group].append((self.now(), mib))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), timeout=every_s)
+
+
+def _resident_mib(process: Any) -> float:
+    """A process's share of resident memory (PSS: each shared page divided among the
+    processes that map it), so that a group's sum is memory really used; RSS where PSS
+    cannot be read. Summing RSS would count PostgreSQL's shared buffers once per backend
+    that touched them, and grow with the backends, not with any leak."""
+    import psutil
+
+    try:
+        return float(process.memory_full_info().pss) / 2**20
+    except (psutil.AccessDenied, AttributeError):
+        return float(process.memory_info().rss) / 2**20
 
 
 def _rss_group(cmdline: list[str]) -> str:
@@ -781,7 +794,7 @@ def print_report(results: dict[str, Any]) -> None:
     for c in results["checks"]:
         checks.add_row(c["check"], str(c["anomalies"]), c["detail"])
     console.print(checks)
-    rss = Table(title="RSS by process group (MiB)")
+    rss = Table(title="resident memory by process group (MiB, PSS)")
     for column in ("group", "start", "max", "end", "late/early"):
         rss.add_column(column)
     for r in results["rss"]:
