@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
 from actors.app.runtime import Processor, start_processor
@@ -30,24 +29,13 @@ from actors.database import (
 )
 from actors.ledger.store import LedgerStore
 from processor.client import Client
-from processor.config import (
-    Config,
-    FrontConfig,
-    ObservabilityConfig,
-    PaymentsSection,
-    ShardConfig,
-)
+from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 
 __all__ = ["ExtraFront", "IdSource", "client", "extra_front", "ids", "ledger_store",
            "processor", "token_for"]
 
 SHARDS = 2
-# Seconds a live payment step owns its claim (production: 30). Tests that kill the payments
-# actor, the front or the database wait for the claims of the lost runs to lapse before the
-# recovery worker finishes them; a live step here takes well under a second. The design
-# does not rely on its length: a runner whose claim lapsed is fenced (docs/design.md).
-CLAIM_TTL_S = 10.0
 
 
 class IdSource:
@@ -88,8 +76,6 @@ async def processor(
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0, retry_deadline_s=30.0,
                           retry_attempts_max=5),
         data_dir=str(data_dir),
-        payments=PaymentsSection(rules=msgspec.structs.replace(
-            PaymentsSection().rules, claim_ttl_s=CLAIM_TTL_S)),
         observability=ObservabilityConfig(metrics_port=0),
     )
     running = await start_processor(config)
@@ -139,6 +125,7 @@ class ExtraFront:
 async def extra_front(processor: Processor, **front: Any) -> AsyncIterator[ExtraFront]:
     """A front with ``front``'s settings (free ports, payments off) beside the session's
     own, sharing its shards; stopped and killed on the way out."""
+    import msgspec
     import ray
 
     from actors.ledger.front import Front
