@@ -687,6 +687,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--payment-gateways", type=int, default=3)
     p.add_argument("--resolve-wait-s", type=float, default=180.0,
                    help="how long payments may take to reach a final state after the run")
+    p.add_argument("--claim-ttl-s", type=float, default=None,
+                   help="seconds a live payment step owns its claim; the payments actor's "
+                        "SIGKILL leaves its steps to the recovery worker once their claims "
+                        "lapse (default: the service's, PaymentsConfig.claim_ttl_s)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--database-url", default=os.environ.get("TXPROC_BENCH_DATABASE_URL", ""),
                    help="default: an embedded PostgreSQL (needed for the SIGSTOP fault)")
@@ -707,8 +711,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print(f"  t={f.at_s:6.1f} s  {f.label}" + (f" for {f.hold_s:.0f} s" if f.hold_s else ""))
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    rules = {} if args.claim_ttl_s is None else {"claim_ttl_s": args.claim_ttl_s}
     async with ledger.scratch_processor(args.database_url, args.shards, fronts=args.fronts,
-                                        prefix="txproc-chaos-") as (processor, startup_s):
+                                        prefix="txproc-chaos-", payments_rules=rules,
+                                        ) as (processor, startup_s):
         if processor.embedded is None:
             faults = [f for f in faults if f.kind != "sigstop"]
         supervisor = asyncio.create_task(processor.supervise())

@@ -936,12 +936,20 @@ async def _run(
 @contextlib.asynccontextmanager
 async def scratch_processor(database_url: str, shards: int, *, prefix: str,
                             shard_options: dict[str, Any] | None = None, fronts: int = 0,
+                            payments_rules: dict[str, Any] | None = None,
                             ) -> AsyncIterator[tuple[Any, float]]:
     """A processor on loopback with free ports, in a data directory removed afterwards;
     yields it with its start-up time in seconds, and stops everything it started.
-    ``shard_options`` are further ShardConfig fields; ``fronts`` as ``Config.fronts``."""
+    ``shard_options`` are further ShardConfig fields; ``fronts`` as ``Config.fronts``;
+    ``payments_rules`` further PaymentsConfig fields."""
     from actors.app.runtime import start_processor
-    from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+    from processor.config import (
+        Config,
+        FrontConfig,
+        ObservabilityConfig,
+        PaymentsSection,
+        ShardConfig,
+    )
 
     scratch = Path(tempfile.mkdtemp(prefix=prefix))
     config = Config(
@@ -950,6 +958,8 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
         data_dir=str(scratch),
         observability=ObservabilityConfig(metrics_port=0),
         fronts=fronts,
+        payments=PaymentsSection(rules=msgspec.structs.replace(
+            PaymentsSection().rules, **(payments_rules or {}))),
     )
     try:
         started = time.perf_counter()

@@ -5,16 +5,19 @@ process so that its Ray is not the test session's:
     python -m tests.nodeloss DATA_DIR HTTP_PORT RPC_PORT
 
 It starts the cluster and the processor (embedded PostgreSQL, three shards spread over the
-nodes, payments with both simulated providers, the payments actor placed on the worker
-that will be lost), drives ledger load through all three fronts (gateways with
-``Client(addresses=[...every front...])``, each batch sent again unchanged after a
-retryable error), removes that worker's raylet and its processes mid-load, keeps the load
-on until it has done as much again, then checks the ledger and prints a JSON report on its
-last line: where the shards and the payments actor ran before and after, the leases'
-holders and fences, every error the gateways saw (by class and code), what was
-acknowledged before and after the loss, the ledger checks, and the takeover times it
-measured (reported, never asserted). It stops everything it started (its own raylets
-only). Used by tests/e2e/test_nodeloss.py.
+nodes, payments with both simulated providers, the payments actor placed on the worker that
+will be lost), records where each front runs and what ``fronts.json`` says of it (one front
+per node, each pinned to its node, the driver's on the configured host and ports, the others
+on ports + 1, + 2 of the shared address), creates accounts through the first front and reads
+them through each of the others, drives ledger load through all three fronts (gateways with
+``Client(addresses=[...every front...])``, each batch sent again unchanged after a retryable
+error), removes that worker's raylet and its processes mid-load, keeps the load on until it
+has done as much again, then checks the ledger and prints a JSON report on its last line:
+where the shards and the payments actor ran before and after, the leases' holders and
+fences, every error the gateways saw (by class and code), what was acknowledged before and
+after the loss, the ledger checks, and the takeover times it measured (reported, never
+asserted). It stops everything it started (its own raylets only). Used by
+tests/e2e/test_nodeloss.py.
 """
 
 from __future__ import annotations
@@ -33,20 +36,20 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import ray
 from ray.cluster_utils import Cluster
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.app.runtime import Processor, start_processor
+from actors.app.runtime import FRONTS_FILE, Processor, start_processor
 from actors.ledger.store import LedgerStore
 from actors.payments.actor import LEASE_RECOVERY, LEASE_RELAY
 from processor.client import Client, ClientError
-from processor.codes import TransferResult
+from processor.codes import AccountResult, TransferResult
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.errors import LedgerError
 from processor.identity import SCOPES, issue_token, load_or_create_ring
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
-from tests.multinode import _ready
 
 OK = {TransferResult.ok, TransferResult.exists}
 SHARDS = 3
@@ -57,11 +60,24 @@ CUSTOMERS = 60
 BEFORE_LOSS = 400
 AFTER_LOSS = 600
 ROUNDS_MAX = 2400  # 0.1 s each, for every wait below
+READY_ROUNDS_MAX = 240  # 0.25 s each
 LEASES = (LEASE_RECOVERY, LEASE_RELAY)
 # The GCS declares a raylet dead after this many missed health checks this far apart (Ray's
 # defaults, 3 s and 5, take some 15 s; docs/design.md §12 "Losing a node"): shorter here so
 # that the test waits less for what it shows.
 HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+
+
+async def _ready(url: str) -> bool:
+    async with httpx.AsyncClient(timeout=2) as http:
+        for _ in range(READY_ROUNDS_MAX):
+            try:
+                if (await http.get(f"{url}/readyz")).status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(0.25)
+    return False
 
 
 def _retryable(exc: BaseException) -> bool:
@@ -234,8 +250,10 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["nodes"] = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
         report["fronts"] = [{"node": f.placement.node_id, "rpc": f.rpc_address}
                             for f in processor.fronts]
-        report["ready"] = [await _ready(f"http://{f.placement.address}:{f.http_port}")
-                           for f in processor.fronts]
+        # Where each front runs, and what fronts.json tells clients of it.
+        report["fronts_file"] = fronts_file = json.loads((data_dir / FRONTS_FILE).read_text())
+        report["actor_nodes"] = [await f.actor.node_id.remote() for f in processor.fronts]
+        report["ready"] = [await _ready(f["http"]) for f in fronts_file]
         report["shard_nodes_before"] = await _shard_nodes(processor)
         payments = processor.payments
         report["payments_node_before"] = await payments.node_id.remote()
@@ -264,6 +282,19 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         token = issue_token(ring.active.secret, SCOPES, ttl_s=900, now_s=now_s)
         addresses = processor.rpc_addresses
         ids = iter(range(now_s * 1_000_000, now_s * 1_000_000 + 10_000_000))
+        # One ledger behind every front: accounts created through the first front only
+        # are found through each of the others only.
+        probe = [next(ids) for _ in range(2)]
+        first, *others = (f["rpc"] for f in fronts_file)
+        async with Client(addresses=[first], token=token) as one:
+            report["created"] = [int(c) for c in await one.create_accounts(
+                [Account(id=i, currency="EUR") for i in probe])]
+        report["created_ok"] = report["created"] == [int(AccountResult.ok)] * len(probe)
+        report["found"] = []
+        for other in others:
+            async with Client(addresses=[other], token=token) as elsewhere:
+                report["found"].append([a is not None
+                                        for a in await elsewhere.lookup_accounts(probe)])
         async with Client(addresses=addresses, token=token) as client:
             operator, *customers = [next(ids) for _ in range(CUSTOMERS + 1)]
             accounts = [Account(id=operator, currency="EUR")] + [

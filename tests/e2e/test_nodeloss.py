@@ -1,6 +1,9 @@
-"""Losing a Ray node under load: three raylets on this machine, three fronts, ledger load
-through all of them, and the worker node that runs the payments actor (and shards) killed
-mid-load (tests/nodeloss.py, in a process of its own)."""
+"""A processor on a Ray cluster of three raylets on this machine, then losing a node under
+load: three fronts, one per node, ledger load through all of them, and the worker node that
+runs the payments actor (and shards) killed mid-load (tests/nodeloss.py, in a process of its
+own). One cluster start serves both: before the loss, what a cluster gives its fronts
+(one per node, each pinned to its node, the next ports on a shared address, fronts.json,
+one ledger behind them all)."""
 
 from __future__ import annotations
 
@@ -17,11 +20,13 @@ RETRYABLE = ("Overloaded:", "Unavailable:", "ConnectionError:", "ConnectionRefus
 
 
 def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
-    """The load goes on through the surviving fronts and clients meet only retryable
-    errors; the shards of the lost node come back on surviving ones; the payments actor is
-    restarted on a surviving node and its new incarnation holds the recovery worker's and
-    the relay's leases with the next fence; every acknowledged transfer is stored once
-    with its fields, none refused is stored, and the balances audit."""
+    """One front per node: the driver's node binds the configured host and ports, the others their
+    node address on ports + 1 and + 2; an account created through one front is read through
+    each other. Then the load goes on through the surviving fronts and clients meet only
+    retryable errors; the shards of the lost node come back on surviving ones; the payments
+    actor is restarted on a surviving node and its new incarnation holds the recovery
+    worker's and the relay's leases with the next fence; every acknowledged transfer is
+    stored once with its fields, none refused is stored, and the balances audit."""
     http_port = _free_port_pair()
     rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 2)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
@@ -37,6 +42,19 @@ def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
     victim = report["victim"]
     assert len(report["nodes"]) == 3 and len(report["fronts"]) == 3, report
     assert report["ready"] == [True, True, True]
+    # One front per node, each pinned to its node, all in fronts.json.
+    fronts = report["fronts_file"]
+    assert len(fronts) == 3, fronts
+    assert sorted(f["node"] for f in fronts) == report["nodes"]
+    assert report["actor_nodes"] == [f["node"] for f in fronts]  # each front on its node
+    assert fronts[0]["http"] == f"http://127.0.0.1:{http_port}"
+    assert fronts[0]["rpc"] == f"127.0.0.1:{rpc_port}"
+    # The other raylets share this machine's address: the next ports on that address.
+    for i, front in enumerate(fronts[1:], start=1):
+        assert front["http"].endswith(f":{http_port + i}"), fronts
+        assert front["rpc"].endswith(f":{rpc_port + i}"), fronts
+    # One ledger: created through the first front, found through each of the others.
+    assert report["created_ok"] and report["found"] == [[True, True]] * 2, report
     assert sorted(report["gateway_first_fronts"]) == [0, 0, 1, 1, 2, 2]  # load on every front
     # The load went on after the loss, through the other fronts; only retryable errors.
     assert report["acknowledged_total"] > report["acknowledged_before_loss"], report
