@@ -256,13 +256,23 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["ready"] = [await _ready(f["http"]) for f in fronts_file]
         report["shard_nodes_before"] = await _shard_nodes(processor)
         payments = processor.payments
-        report["payments_node_before"] = await payments.node_id.remote()
-        # The node to lose is the worker the payments actor runs on: it was asked for the
-        # last one, softly, and Ray may have placed it on the other.
+        worker_ids = {w.node_id for w in workers}
+        # The payments actor was asked for the last worker, softly: Ray may place it on
+        # another node, the head included. The head cannot be lost here, so a payments
+        # actor there is killed until Ray restarts it on a worker (a few tries at most).
+        for _ in range(5):
+            node = await _until("the payments actor answers", payments.node_id.remote)
+            if node in worker_ids:
+                break
+            os.kill(int(await payments.pid.remote()), signal.SIGKILL)
+            await asyncio.sleep(1.0)
+        report["payments_node_before"] = await _until("the payments actor answers",
+                                                      payments.node_id.remote)
+        # The node to lose is the worker the payments actor runs on.
         victim = next((w for w in workers if w.node_id == report["payments_node_before"]),
                       None)
         if victim is None:
-            raise AssertionError("the payments actor is on the head node")
+            raise AssertionError("the payments actor stayed on the head node")
         report["victim"] = victim_id = victim.node_id
         holder_before = await payments.lease_holder.remote()
 
