@@ -256,11 +256,14 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["ready"] = [await _ready(f["http"]) for f in fronts_file]
         report["shard_nodes_before"] = await _shard_nodes(processor)
         payments = processor.payments
-        worker_ids = {w.node_id for w in workers}
-        # The payments actor was asked for the last worker, softly: Ray may place it on
-        # another node, the head included. The head cannot be lost here, so a payments
-        # actor there is killed until Ray restarts it on a worker (a few tries at most).
-        for _ in range(5):
+        # The node to lose must be a worker that holds a shard and the payments actor.
+        # Placement is only a preference (Ray may put a shard or the payments actor on
+        # another node, the head included, which cannot be lost here), so a payments actor
+        # elsewhere is killed until Ray restarts it on such a worker (a few tries at most).
+        worker_ids = {w.node_id for w in workers} & set(report["shard_nodes_before"])
+        if not worker_ids:
+            raise AssertionError(f"no worker holds a shard: {report['shard_nodes_before']}")
+        for _ in range(8):
             node = await _until("the payments actor answers", payments.node_id.remote)
             if node in worker_ids:
                 break
