@@ -32,8 +32,8 @@ from processor.client import Client
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 
-__all__ = ["ExtraFront", "IdSource", "client", "extra_front", "ids", "ledger_store",
-           "processor", "token_for"]
+__all__ = ["ExtraFront", "IdSource", "client", "create_eur_accounts", "extra_front", "ids",
+           "ledger_store", "processor", "token_for"]
 
 SHARDS = 2
 
@@ -93,6 +93,15 @@ def token_for(processor: Processor, scopes: tuple[str, ...] = SCOPES, ttl_s: int
     ring = load_or_create_ring(Path(processor.config.data_dir), now_s=int(time.time()))
     return issue_token(ring.active.secret, scopes, ttl_s=ttl_s, now_s=int(time.time()),
                        tenant=tenant, subject=subject)
+
+
+async def create_eur_accounts(client: Client, ids: list[int]) -> None:
+    """Plain EUR accounts with these ids, each created."""
+    from processor.codes import AccountResult
+    from processor.types import Account
+
+    codes = await client.create_accounts([Account(id=i, currency="EUR") for i in ids])
+    assert codes == [AccountResult.ok] * len(ids)
 
 
 @pytest.fixture

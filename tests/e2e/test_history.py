@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
 
 import asyncpg
 import httpx
@@ -28,26 +27,13 @@ from processor.history import (
 )
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 from tests.e2e.test_history_flag import indexed_up_to
-from tests.running import IdSource, token_for
+from tests.running import IdSource, create_eur_accounts, token_for
 
 PENDING, POST, VOID = (int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),
                        int(TransferFlags.VOID_PENDING))
 # Rows show in history once every shard's horizon passed them: at most a checkpoint
 # interval (5 s) for an idle shard.
 VISIBLE_WITHIN_S = 20.0
-
-
-@pytest.fixture
-async def http(processor: Processor) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{processor.http_port}", timeout=30,
-            headers={"Authorization": f"Bearer {token_for(processor)}"}) as c:
-        yield c
-
-
-async def _accounts(client: Client, ids: list[int]) -> None:
-    codes = await client.create_accounts([Account(id=i, currency="EUR") for i in ids])
-    assert codes == [AccountResult.ok] * len(ids)
 
 
 def _t(tid: int, debit: int, credit: int, amount: int, **kw: int | str) -> Transfer:
@@ -81,7 +67,7 @@ async def test_account_history_pages_orders_sides_and_ranges(
     """Every transfer of an account comes back once, in (timestamp, id) order either way,
     split by side, bounded by from/to, over RPC and HTTP alike."""
     a, b, c = ids.take(3)
-    await _accounts(client, [a, b, c])
+    await create_eur_accounts(client, [a, b, c])
     transfers = [_t(i, *( (a, b) if k % 3 else (b, a) ), 1 + k, code=7 if k % 2 else 8,
                     user_data=f"u{k % 4}")
                  for k, i in enumerate(ids.take(25))]
@@ -149,7 +135,7 @@ async def test_another_tenant_sees_no_history(processor: Processor, client: Clie
     """Another tenant's token gets account_not_found for the account and none of its
     transfers from the query."""
     a, b = ids.take(2)
-    await _accounts(client, [a, b])
+    await create_eur_accounts(client, [a, b])
     tid = ids.one()
     assert await client.create_transfers([_t(tid, a, b, 3, code=4242)]) == [TransferResult.ok]
     assert len(await _visible(client, a, 1)) == 1
@@ -260,7 +246,7 @@ async def test_pages_are_complete_and_stable_while_transfers_commit(
     page by page to its last page, is exactly a prefix of the final history, so nothing
     appeared behind a cursor once given."""
     hub, *others = ids.take(9)
-    await _accounts(client, [hub, *others])
+    await create_eur_accounts(client, [hub, *others])
     # Reads bounded to this test's time: without an index by account (design §16), the
     # timestamp's BRIN keeps each page from scanning every earlier test's transfers.
     since = {"from_ns": time.time_ns() - 60 * 10**9}

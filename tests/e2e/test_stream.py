@@ -13,7 +13,6 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -23,11 +22,11 @@ import ray
 
 from actors.app.runtime import Processor
 from processor.client import Client, ClientError
-from processor.codes import AccountResult, TransferResult
+from processor.codes import TransferResult
 from processor.errors import LedgerError
 from processor.stream import StreamCursor, StreamPage, encode_stream_cursor, item_cursors
-from processor.types import ID_MAX, Account, Transfer
-from tests.running import IdSource, token_for
+from processor.types import ID_MAX, Transfer
+from tests.running import IdSource, create_eur_accounts, token_for
 
 # A transfer is in the stream once its shard's commit is: milliseconds; allow for a slow,
 # shared machine and a shard restarting.
@@ -38,19 +37,6 @@ class Delivered(msgspec.Struct, frozen=True):
     cursor: str
     transfer: Transfer
     shard: int
-
-
-@pytest.fixture
-async def http(processor: Processor) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-            base_url=f"http://127.0.0.1:{processor.http_port}", timeout=60,
-            headers={"Authorization": f"Bearer {token_for(processor)}"}) as c:
-        yield c
-
-
-async def _accounts(client: Client, ids: list[int]) -> None:
-    codes = await client.create_accounts([Account(id=i, currency="EUR") for i in ids])
-    assert codes == [AccountResult.ok] * len(ids)
 
 
 def _t(tid: int, debit: int, credit: int) -> Transfer:
@@ -95,7 +81,7 @@ async def test_every_transfer_arrives_once_while_both_shards_commit(
     tenant's; the HTTP lines carry the same transfers with cursors that resume after
     each; a long poll returns the transfer committed while it waited."""
     hub, *others = ids.take(9)
-    await _accounts(client, [hub, *others])
+    await create_eur_accounts(client, [hub, *others])
     beta_token = token_for(processor, tenant="beta", subject="b")
     beta_accounts = ids.take(2)
     written: list[int] = []
@@ -119,7 +105,7 @@ async def test_every_transfer_arrives_once_while_both_shards_commit(
             await asyncio.sleep(0.02)
 
     async with Client("127.0.0.1", processor.rpc_port, beta_token) as beta:
-        await _accounts(beta, beta_accounts)
+        await create_eur_accounts(beta, beta_accounts)
         # Start at the stream's end now: what earlier tests committed is not this test's.
         start = await _end(client)
         beta_start = await _end(beta)
@@ -204,7 +190,7 @@ async def test_a_consumer_resumes_across_a_shard_sigkill_and_its_own_restart(
     until answered); a new client from the saved cursor then reads the rest. What the two
     consumers read together is every acknowledged transfer, exactly once."""
     hub, *others = ids.take(7)
-    await _accounts(client, [hub, *others])
+    await create_eur_accounts(client, [hub, *others])
     start = await _end(client)
     acknowledged: list[int] = []
     stop = asyncio.Event()
