@@ -101,12 +101,14 @@ async def test_payments_and_keys_belong_to_their_tenant_and_principal(
     body = {"amount": 700, "currency": "USD", "payment_method": card_token(),
             "merchant_account_id": account, "capture": True}
     key = _key()
+    # 201, or 202 when the capture is still processing on a loaded machine: either way the
+    # payment exists and is a1's.
     first = await a1.post("/v1/payments", json=body, headers={"idempotency-key": key})
-    assert first.status_code == 201, first.text
+    assert first.status_code in (201, 202), first.text
     # The same key from another principal is another request: a new payment, not a replay
     # of a1's answer.
     second = await a2.post("/v1/payments", json=body, headers={"idempotency-key": key})
-    assert second.status_code == 201, second.text
+    assert second.status_code in (201, 202), second.text
     assert second.json()["id"] != first.json()["id"]
     # Nor is it a replay for another tenant's principal that happens to share the subject.
     third = await tenants["b_a1"].post("/v1/payments", json=body,
