@@ -24,9 +24,10 @@ from actors.app.runtime import Processor
 from processor.client import Client, ClientError
 from processor.codes import TransferResult
 from processor.errors import LedgerError
+from processor.ledger.partition import PartitionMap
 from processor.stream import StreamCursor, StreamPage, encode_stream_cursor, item_cursors
 from processor.types import ID_MAX, Transfer
-from tests.running import IdSource, create_eur_accounts, token_for
+from tests.running import SHARDS, IdSource, create_eur_accounts, token_for
 
 # A transfer is in the stream once its shard's commit is: milliseconds; allow for a slow,
 # shared machine and a shard restarting.
@@ -81,6 +82,11 @@ async def test_every_transfer_arrives_once_while_both_shards_commit(
     tenant's; the HTTP lines carry the same transfers with cursors that resume after
     each; a long poll returns the transfer committed while it waited."""
     hub, *others = ids.take(9)
+    # Ids hash to partitions, and a transfer is coordinated by its debit account's shard:
+    # make sure a counterparty that debits (even k below) lives on the hub's other shard.
+    owner = PartitionMap.uniform(SHARDS).shard_of
+    while len({owner(hub), *(owner(o) for o in others[::2])}) < 2:
+        others[0] = ids.one()
     await create_eur_accounts(client, [hub, *others])
     beta_token = token_for(processor, tenant="beta", subject="b")
     beta_accounts = ids.take(2)
