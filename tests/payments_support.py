@@ -75,6 +75,13 @@ class Sims:
                                headers={"authorization": f"Bearer {self.admin[name]}"})
             assert r.status_code == 200, r.text
 
+    async def stats(self, name: str) -> dict[str, Any]:
+        async with httpx.AsyncClient() as http:
+            r = await http.get(f"{self.urls[name]}/_sim/stats",
+                               headers={"authorization": f"Bearer {self.admin[name]}"})
+            assert r.status_code == 200, r.text
+            return dict(r.json())
+
     async def charges(self, name: str, reference: str) -> list[dict[str, Any]]:
         async with httpx.AsyncClient() as http:
             r = await http.get(f"{self.urls[name]}/_sim/charges",

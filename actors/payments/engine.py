@@ -16,6 +16,7 @@ decide and persists each phase before and after every external call:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import hashlib
@@ -106,6 +107,9 @@ PROVIDER_CALL_MARGIN_S = 5.0
 RECOVERY_BATCH_MAX = 64
 MERCHANTS_REMEMBERED_MAX = 100_000
 KEY_PURGE_INTERVAL_S = 300.0
+# How long a provider's event about a call this process is making waits for the call's
+# answer to be stored, rather than being sent back to be delivered again later.
+EVENT_WAITS_FOR_ANSWER_S = 5.0
 
 
 def _op_status(phase: Phase) -> str:
@@ -228,13 +232,17 @@ class PaymentsEngine:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not a secret
         self._new_id = new_id or (lambda prefix: prefix + secrets.token_hex(12))
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0}
+        self.stats: dict[str, int] = {"recovered": 0, "parked": 0, "lost_claims": 0,
+                                      "events_waited": 0}
         # Merchant account id -> (currency, tenant slot): neither ever changes.
         self._merchant_currency: dict[int, tuple[str, int]] = {}
         # One payout at a time per merchant account, from its funds check until its step
         # has run (see payout()).
         self._payout_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = \
             weakref.WeakValueDictionary()
+        # Provider key -> set once the answer to the provider call this process is making
+        # under that key is stored (see apply_webhook).
+        self._answers_pending: dict[str, asyncio.Event] = {}
 
     # -- start-up -----------------------------------------------------------------------------
 
@@ -493,6 +501,15 @@ class PaymentsEngine:
         if event.dispute is not None:
             return await self._apply_dispute_notice(provider, event, event.dispute)
         key = event.idempotency_key.removesuffix("-undo")
+        pending = self._answers_pending.get(key)
+        if pending is not None:
+            # A provider often sends its event as it answers, so the event overtakes the
+            # answer it repeats. This process is making that call: wait until its answer
+            # is stored, so the event is judged against it (usually: nothing to learn),
+            # instead of answering "retry" and being delivered again.
+            self.stats["events_waited"] += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(pending.wait(), EVENT_WAITS_FOR_ANSWER_S)
         # A provider speaks only for its own calls: an event verified with one provider's
         # secret never moves a step another provider is handling. An event that cannot
         # move its step is remembered by the same statement that finds the step.
@@ -758,46 +775,66 @@ class PaymentsEngine:
                      answer: Callable[[Step], tuple[int, bytes] | None] | None = None
                     ) -> Step:
         while not step.final:
-            if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
+            if step.phase not in (Phase.PROVIDER, Phase.COMPENSATE) or (
+                    step.provider_key in self._answers_pending):
+                moved = await self._move(step, auto_capture, payment, hold, answer)
+            else:
+                stored = self._answers_pending[step.provider_key] = asyncio.Event()
                 try:
-                    code = await self._apply_ledger(step)
-                except (LedgerError, OSError, TimeoutError) as exc:
-                    await self._park(step, f"ledger unavailable: {type(exc).__name__}")
-                    return step
-                after = on_ledger(step, code)
-                detail = f"ledger {code.name}"
-            elif step.phase == Phase.PROVIDER:
-                reply = await self._call_provider(step.provider, "call",
-                                                  await self._request_of(step))
-                after = on_provider(step, reply, self._failover(step))
-                detail = f"provider {reply.outcome.value} {reply.message}"[:200]
-            elif step.phase == Phase.COMPENSATE:
-                reply = await self._call_provider(step.provider, "call",
-                                                  compensation_request(step))
-                after = on_status(step, reply)
-                detail = f"compensation {reply.outcome.value}"
-            else:  # RESOLVE, AWAIT_PROVIDER: the recovery worker asks when due
+                    moved = await self._move(step, auto_capture, payment, hold, answer)
+                finally:
+                    del self._answers_pending[step.provider_key]
+                    stored.set()
+            if moved is None:
                 return step
-            if after == step:
-                await self._park(step, detail)
-                return step
-            saved = await self.store.save_step(step, after, due_at_s=self._due_s(after),
-                                               detail=detail, payment=payment,
-                                               hold=hold, answer=answer)
-            if saved is None:
-                self.stats["lost_claims"] += 1
-                log.info("step %d was taken over; leaving it to its new owner", step.id)
-                return step
-            step = saved
-            if step.final:
-                result = ("declined" if step.error in ("provider_declined", "risk_declined")
-                          else "compensation_refused" if step.error == "compensation_refused"
-                          else step.phase.value)
-                metrics.PAYMENT_OPERATIONS.labels(step.kind.value, result).inc()
+            step = moved
         if step.kind == Kind.AUTHORIZE and step.phase == Phase.SUCCEEDED and (
                 auto_capture is not False):
             await self._auto_capture(step.subject_id)
         return step
+
+    async def _move(self, step: Step, auto_capture: bool | None, payment: Payment | None,
+                    hold: KeyHold | None,
+                    answer: Callable[[Step], tuple[int, bytes] | None] | None
+                    ) -> Step | None:
+        """One phase of ``_drive``: act, then store the step after it. None when the step
+        must wait (parked or waiting for the recovery worker) or its claim was lost."""
+        if step.phase in (Phase.RESERVE, Phase.APPLY, Phase.RELEASE):
+            try:
+                code = await self._apply_ledger(step)
+            except (LedgerError, OSError, TimeoutError) as exc:
+                await self._park(step, f"ledger unavailable: {type(exc).__name__}")
+                return None
+            after = on_ledger(step, code)
+            detail = f"ledger {code.name}"
+        elif step.phase == Phase.PROVIDER:
+            reply = await self._call_provider(step.provider, "call",
+                                              await self._request_of(step))
+            after = on_provider(step, reply, self._failover(step))
+            detail = f"provider {reply.outcome.value} {reply.message}"[:200]
+        elif step.phase == Phase.COMPENSATE:
+            reply = await self._call_provider(step.provider, "call",
+                                              compensation_request(step))
+            after = on_status(step, reply)
+            detail = f"compensation {reply.outcome.value}"
+        else:  # RESOLVE, AWAIT_PROVIDER: the recovery worker asks when due
+            return None
+        if after == step:
+            await self._park(step, detail)
+            return None
+        saved = await self.store.save_step(step, after, due_at_s=self._due_s(after),
+                                           detail=detail, payment=payment,
+                                           hold=hold, answer=answer)
+        if saved is None:
+            self.stats["lost_claims"] += 1
+            log.info("step %d was taken over; leaving it to its new owner", step.id)
+            return None
+        if saved.final:
+            result = ("declined" if saved.error in ("provider_declined", "risk_declined")
+                      else "compensation_refused" if saved.error == "compensation_refused"
+                      else saved.phase.value)
+            metrics.PAYMENT_OPERATIONS.labels(saved.kind.value, result).inc()
+        return saved
 
     async def _auto_capture(self, payment_id: str) -> None:
         """Capture an authorization asked for with ``capture: true`` (once, whoever

@@ -50,6 +50,9 @@ class Faults(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tr
     rate_limit_rps: Annotated[float, Meta(gt=0.0, le=1_000_000.0)] | None = None
     rate_limit_burst: Annotated[int, Meta(ge=1, le=1_000_000)] = 1
     lost_response_rate: Rate = 0.0  # takes effect, then the connection is aborted
+    # A call that takes effect is answered this much later; its webhook goes at once, so
+    # the event overtakes the answer it repeats (a slow path back to the caller).
+    answer_delay_ms: Annotated[float, Meta(ge=0.0, le=60_000.0)] = 0.0
     outage: Literal["none", "unavailable", "refuse"] = "none"
     outage_s: Annotated[float, Meta(gt=0.0, le=86_400.0)] | None = None  # then it ends
     retry_after_s: Annotated[int, Meta(ge=0, le=3_600)] = 1  # said with 503 bursts/outages

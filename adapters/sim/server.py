@@ -251,6 +251,8 @@ class SimProvider(abc.ABC):
                 if struck is not None:
                     return struck
             response = await handler(request, body)
+            if mutating and self.faults.faults.answer_delay_ms > 0.0:
+                await asyncio.sleep(self.faults.faults.answer_delay_ms / 1000.0)
             if self.faults.lost():
                 return await self._drop(request)
             return response
