@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from processor.codes import AccountResult, TransferResult
 from processor.types import Account, Transfer
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from processor.batch import TransferBatch
 
 __all__ = ["BATCH_ITEMS_MAX", "LedgerService", "create_transfer_batch"]
@@ -45,5 +45,7 @@ async def create_transfer_batch(service: LedgerService, batch: TransferBatch) ->
     if columnar is not None:
         codes: np.ndarray = await columnar(batch)
         return codes
+    import numpy as np  # here: the configuration reads this module's limits without NumPy
+
     results = await service.create_transfers(batch.transfers())
     return np.array([int(c) for c in results], dtype=np.uint8)

@@ -654,7 +654,7 @@ def _operator_database(args: argparse.Namespace) -> Iterator[str]:
     """The administrative URL of the database an operator command works on:
     ``--database-url``, or the embedded server of ``--data-dir`` (as its superuser, whose
     password file is in its data directory), started for the command and stopped after."""
-    from actors.app.runtime import ensure_database
+    from actors.app.databases import ensure_database
 
     config = Config(shard=ShardConfig(database_url=args.database_url, shards=1),
                     front=FrontConfig(), data_dir=str(Path(args.data_dir).resolve()))

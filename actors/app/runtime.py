@@ -25,7 +25,8 @@ from typing import Any
 import msgspec
 import ray
 
-from actors.database import APP_PASSWORD_FILE_NAME, EmbeddedPostgres, app_role_url
+from actors.app.databases import app_password_file, ensure_database
+from actors.database import EmbeddedPostgres, app_role_url
 from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
 from actors.ledger.front import front_actor_name
 from actors.migrate import migrate
@@ -195,25 +196,6 @@ async def _restart_if_needed(front: RunningFront) -> None:
                  front.rpc_port)
     except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
         log.warning("front %d restart failed: %r", index, exc)
-
-
-def ensure_database(config: Config) -> tuple[str, EmbeddedPostgres | None]:
-    """The administrative URL of the database (migrations, operator commands): the one
-    configured, or the embedded server's, which this call starts if none was configured."""
-    if config.shard.database_url:
-        return config.shard.database_url, None
-    embedded = EmbeddedPostgres()
-    embedded.start(Path(config.data_dir) / "pg")
-    return embedded.url, embedded
-
-
-def app_password_file(config: Config, embedded: EmbeddedPostgres | None) -> Path:
-    """Where the application role's password is kept: beside the embedded server's data, or
-    in the data directory for a configured server (which every processor sharing that
-    server must share, docs/security.md "The database")."""
-    if embedded is not None:
-        return embedded.app_password_file
-    return Path(config.data_dir) / APP_PASSWORD_FILE_NAME
 
 
 def init_ray(address: str | None, metrics_dir: str = "") -> bool:

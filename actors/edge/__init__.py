@@ -23,23 +23,31 @@ Public interface:
   "Signed requests").
 
 The edge verifies tokens and scopes; it holds no money rules of its own.
+
+Its names are imported when first read (``processor.lazy``): a command that writes a
+revocation does not load the HTTP API, its web framework or Ray.
 """
 
 from __future__ import annotations
 
-from actors.edge.audit import AuditWriter
-from actors.edge.credentials import (
-    Credentials,
-    CredentialsWatch,
-    revoke_subject,
-    revoke_token_id,
-)
-from actors.edge.http_api import PaymentsService, build_app
-from actors.edge.limits import HttpLimits, http_server
-from actors.edge.payments_link import PaymentsLink
-from actors.edge.rpc_server import start_rpc_server
-from actors.edge.signatures import RequestSignatures, create_client_key, revoke_client_key
-from actors.edge.tls import server_context
+from typing import TYPE_CHECKING
+
+from processor.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from actors.edge.audit import AuditWriter
+    from actors.edge.credentials import (
+        Credentials,
+        CredentialsWatch,
+        revoke_subject,
+        revoke_token_id,
+    )
+    from actors.edge.http_api import PaymentsService, build_app
+    from actors.edge.limits import HttpLimits, http_server
+    from actors.edge.payments_link import PaymentsLink
+    from actors.edge.rpc_server import start_rpc_server
+    from actors.edge.signatures import RequestSignatures, create_client_key, revoke_client_key
+    from actors.edge.tls import server_context
 
 __all__ = [
     "AuditWriter",
@@ -58,3 +66,17 @@ __all__ = [
     "server_context",
     "start_rpc_server",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(__name__, {
+        "actors.edge.audit": ("AuditWriter",),
+        "actors.edge.credentials": (
+            "Credentials", "CredentialsWatch", "revoke_subject", "revoke_token_id",
+        ),
+        "actors.edge.http_api": ("PaymentsService", "build_app"),
+        "actors.edge.limits": ("HttpLimits", "http_server"),
+        "actors.edge.payments_link": ("PaymentsLink",),
+        "actors.edge.rpc_server": ("start_rpc_server",),
+        "actors.edge.signatures": ("RequestSignatures", "create_client_key", "revoke_client_key"),
+        "actors.edge.tls": ("server_context",),
+    })

@@ -18,39 +18,47 @@ Public interface:
   ``check_reconciliation_records`` (``txproc verify``'s check of their links);
 * ``webhook_endpoints``: tenants' webhook endpoints (the API's and ``txproc webhooks``),
   with ``EndpointsPage`` and ``ENDPOINTS_PAGE_MAX`` for the edge's document.
+
+Its names are imported when first read (``processor.lazy``): a command that reads the
+dead letters does not load the payments actor, its providers' HTTP clients or Ray.
 """
 
 from __future__ import annotations
 
-from actors.payments import outbox, webhook_endpoints
-from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
-from actors.payments.endpoints import (
-    EVENT_TYPE_PATTERN,
-    EVENTS_PAGE_MAX,
-    OPERATION_SCOPES,
-    ORIGIN_HEADER,
-    PAYMENT_ERROR_STATUS,
-    EventsPage,
-    PaymentFailure,
-    PaymentsApiError,
-    WebhookAnswer,
-    api_error_of,
-    require_key,
-)
-from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
-from actors.payments.reconciliation import (
-    EXCEPTIONS_PAGE_MAX,
-    RUNS_PAGE_MAX,
-    ExceptionsPage,
-    ExceptionView,
-    ResolveRequest,
-    RunRequest,
-    RunsPage,
-    RunView,
-    cli_principal,
-)
-from actors.payments.reconciliation_check import check_reconciliation_records
-from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
+from typing import TYPE_CHECKING
+
+from processor.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from actors.payments import outbox, webhook_endpoints
+    from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
+    from actors.payments.endpoints import (
+        EVENT_TYPE_PATTERN,
+        EVENTS_PAGE_MAX,
+        OPERATION_SCOPES,
+        ORIGIN_HEADER,
+        PAYMENT_ERROR_STATUS,
+        EventsPage,
+        PaymentFailure,
+        PaymentsApiError,
+        WebhookAnswer,
+        api_error_of,
+        require_key,
+    )
+    from actors.payments.provider import ProviderConfig, make_provider, provider_actor_name
+    from actors.payments.reconciliation import (
+        EXCEPTIONS_PAGE_MAX,
+        RUNS_PAGE_MAX,
+        ExceptionsPage,
+        ExceptionView,
+        ResolveRequest,
+        RunRequest,
+        RunsPage,
+        RunView,
+        cli_principal,
+    )
+    from actors.payments.reconciliation_check import check_reconciliation_records
+    from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
 
 __all__ = [
     "ENDPOINTS_PAGE_MAX",
@@ -85,3 +93,21 @@ __all__ = [
     "require_key",
     "webhook_endpoints",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(__name__, {
+        "actors.payments": ("outbox", "webhook_endpoints"),
+        "actors.payments.actor": ("PAYMENTS_ACTOR_NAME", "PaymentsActor", "make_payments"),
+        "actors.payments.endpoints": (
+            "EVENT_TYPE_PATTERN", "EVENTS_PAGE_MAX", "OPERATION_SCOPES", "ORIGIN_HEADER",
+            "PAYMENT_ERROR_STATUS", "EventsPage", "PaymentFailure", "PaymentsApiError",
+            "WebhookAnswer", "api_error_of", "require_key",
+        ),
+        "actors.payments.provider": ("ProviderConfig", "make_provider", "provider_actor_name"),
+        "actors.payments.reconciliation": (
+            "EXCEPTIONS_PAGE_MAX", "RUNS_PAGE_MAX", "ExceptionsPage", "ExceptionView",
+            "ResolveRequest", "RunRequest", "RunsPage", "RunView", "cli_principal",
+        ),
+        "actors.payments.reconciliation_check": ("check_reconciliation_records",),
+        "actors.payments.webhook_endpoints": ("ENDPOINTS_PAGE_MAX", "EndpointsPage"),
+    })

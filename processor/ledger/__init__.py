@@ -16,58 +16,66 @@ This package is the ledger's public interface; its modules are private to it:
 Other domains reach the ledger through ``processor.service.LedgerService`` and the shared
 types (``processor.types``); the ledger's own actors (``actors.ledger``) import what they
 run from here.
+
+Its names are imported when first read (``processor.lazy``): a command that reads the
+shards' settings does not compile the kernels.
 """
 
 from __future__ import annotations
 
-from processor.ledger.chain import (
-    ACCOUNT_ROW,
-    EMPTY_SECTIONS,
-    FAILED_ROW,
-    GENESIS_DIGEST,
-    RESOLUTION_ROW,
-    SECTIONS,
-    TRANSFER_ROW,
-    Link,
-    Rows,
-    SectionHasher,
-    account_rows,
-    currency_letters,
-    encode_section,
-    failed_rows,
-    link_digest,
-    resolution_rows,
-    section_digest,
-    transfer_rows,
-)
-from processor.ledger.columnar import (
-    ArrayBook,
-    PlainLegs,
-    TransferColumns,
-    currency_code,
-    currency_number,
-    decode_legs,
-    decode_reserve_answer,
-    encode_legs,
-    encode_reserve_answer,
-)
-from processor.ledger.config import FrontConfig, ShardConfig
-from processor.ledger.kernel import warm_up as warm_up_kernels
-from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
-from processor.ledger.proof import BalanceCheck, ChainCheck, PendingCheck, Problem, Report
-from processor.ledger.rules import (
-    NS_PER_S,
-    Book,
-    CommitBatch,
-    EventKind,
-    Failed,
-    Known,
-    Leg,
-    Plan,
-    Resolution,
-    ResolutionRow,
-    compare_existing,
-)
+from typing import TYPE_CHECKING
+
+from processor.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from processor.ledger.chain import (
+        ACCOUNT_ROW,
+        EMPTY_SECTIONS,
+        FAILED_ROW,
+        GENESIS_DIGEST,
+        RESOLUTION_ROW,
+        SECTIONS,
+        TRANSFER_ROW,
+        Link,
+        Rows,
+        SectionHasher,
+        account_rows,
+        currency_letters,
+        encode_section,
+        failed_rows,
+        link_digest,
+        resolution_rows,
+        section_digest,
+        transfer_rows,
+    )
+    from processor.ledger.columnar import (
+        ArrayBook,
+        PlainLegs,
+        TransferColumns,
+        currency_code,
+        currency_number,
+        decode_legs,
+        decode_reserve_answer,
+        encode_legs,
+        encode_reserve_answer,
+    )
+    from processor.ledger.config import FrontConfig, ShardConfig
+    from processor.ledger.kernel import warm_up as warm_up_kernels
+    from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
+    from processor.ledger.proof import BalanceCheck, ChainCheck, PendingCheck, Problem, Report
+    from processor.ledger.rules import (
+        NS_PER_S,
+        Book,
+        CommitBatch,
+        EventKind,
+        Failed,
+        Known,
+        Leg,
+        Plan,
+        Resolution,
+        ResolutionRow,
+        compare_existing,
+    )
 
 __all__ = [
     "ACCOUNT_ROW",
@@ -121,3 +129,29 @@ __all__ = [
     "transfer_rows",
     "warm_up_kernels",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(__name__, {
+        "processor.ledger.chain": (
+            "ACCOUNT_ROW", "EMPTY_SECTIONS", "FAILED_ROW", "GENESIS_DIGEST", "RESOLUTION_ROW",
+            "SECTIONS", "TRANSFER_ROW", "Link", "Rows", "SectionHasher", "account_rows",
+            "currency_letters", "encode_section", "failed_rows", "link_digest", "resolution_rows",
+            "section_digest", "transfer_rows",
+        ),
+        "processor.ledger.columnar": (
+            "ArrayBook", "PlainLegs", "TransferColumns", "currency_code", "currency_number",
+            "decode_legs", "decode_reserve_answer", "encode_legs", "encode_reserve_answer",
+        ),
+        "processor.ledger.config": ("FrontConfig", "ShardConfig"),
+        "processor.ledger.kernel": ("warm_up as warm_up_kernels",),
+        "processor.ledger.partition": (
+            "PARTITIONS", "PartitionMap", "partition_of", "partitions_of",
+        ),
+        "processor.ledger.proof": (
+            "BalanceCheck", "ChainCheck", "PendingCheck", "Problem", "Report",
+        ),
+        "processor.ledger.rules": (
+            "NS_PER_S", "Book", "CommitBatch", "EventKind", "Failed", "Known", "Leg", "Plan",
+            "Resolution", "ResolutionRow", "compare_existing",
+        ),
+    })

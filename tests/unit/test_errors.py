@@ -8,7 +8,7 @@ import re
 import pytest
 
 import actors.edge.http_api as http_api
-import actors.payments  # noqa: F401  (registers the payments' codes)
+import actors.payments.endpoints  # noqa: F401  (registers the payments' codes)
 import adapters.registry  # noqa: F401  (imports every adapter)
 from processor import errors, wire
 from processor.errors import (
