@@ -624,6 +624,16 @@ class _Sims:
         self.admin = {name: json.loads((data / f"{name}.json").read_text())["admin_token"]
                       for name in self.urls}
 
+    async def webhooks(self, http: Any) -> dict[str, dict[str, int]]:
+        """Each simulator's webhook counts so far (emitted, delivered, attempts_failed...)."""
+        out = {}
+        for name, url in sorted(self.urls.items()):
+            r = await http.get(f"{url}/_sim/stats",
+                               headers={"authorization": f"Bearer {self.admin[name]}"})
+            if r.status_code == 200:
+                out[name] = {k: int(v) for k, v in r.json()["webhooks"].items()}
+        return out
+
     async def set_faults(self, http: Any, faults: dict[str, Any], seed: int) -> None:
         for i, (name, url) in enumerate(sorted(self.urls.items())):
             body = {**faults, "seed": seed + i} if "seed" in faults else faults
@@ -803,6 +813,7 @@ async def measure(
                                     duration_s=warmup_s, in_flight_max=in_flight_max,
                                     timeout_s=timeout_s)
                 providers_before = await _provider_stats(processor)
+                webhooks_before = await sims.webhooks(admin)
                 cpu_before = await asyncio.to_thread(processes.cpu_by_pid)
                 started = time.perf_counter()
                 run = await open_loop(make_send(str(n)), rate_per_s=rate_per_s,
@@ -815,6 +826,13 @@ async def measure(
                          "provider_choice": provider, **summarize(run)}
                 phase.update(_cpu_figures(cpu_before, cpu_after, phase["answered"], wall_s))
                 phase["provider_actors"] = _provider_delta(providers_before, providers_after)
+                # Deliveries per event show events sent back to be delivered again; read
+                # right after the phase, so the last events may still be on their way.
+                webhooks_after = await sims.webhooks(admin)
+                phase["provider_webhooks"] = {
+                    name: {k: v - webhooks_before.get(name, {}).get(k, 0)
+                           for k, v in counts.items()}
+                    for name, counts in webhooks_after.items()}
                 processing = [a.payment_id for a in run.answers if a.http_status == 202]
                 if processing and resolve_wait_s > 0:
                     phase["processing_resolved"] = await _resolve(http, processing,
@@ -917,6 +935,8 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                       f"{p['generator_cpu_cores_busy']} cores; CPU s {p['cpu_s']}")
         for name, d in p["provider_actors"].items():
             console.print(f"    provider {name}: {d}")
+        for name, d in p.get("provider_webhooks", {}).items():
+            console.print(f"    {name} webhooks: {d}")
         if "processing_resolved" in p:
             console.print(f"    202s afterwards: {p['processing_resolved']}")
     for problem in results["problems"]:
