@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from actors.app.runtime import Processor, start_processor
@@ -29,7 +30,13 @@ from actors.database import (
 )
 from actors.ledger.store import LedgerStore
 from processor.client import Client
-from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
+from processor.config import (
+    Config,
+    FrontConfig,
+    ObservabilityConfig,
+    PaymentsSection,
+    ShardConfig,
+)
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 
 __all__ = ["ExtraFront", "IdSource", "client", "create_eur_accounts", "extra_front", "ids",
@@ -77,6 +84,10 @@ async def processor(
                           retry_attempts_max=5),
         data_dir=str(data_dir),
         observability=ObservabilityConfig(metrics_port=0),
+        # A payment step whose runner died is taken over after its claim lapses: 10 s
+        # rather than 30 keeps the recovery tests short.
+        payments=PaymentsSection(rules=msgspec.structs.replace(PaymentsSection().rules,
+                                                               claim_ttl_s=10.0)),
     )
     running = await start_processor(config)
     try:
