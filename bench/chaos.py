@@ -1,9 +1,11 @@
 """``python -m bench.chaos``: a bank workload under injected faults, then an audit.
 
-A processor on embedded defaults (local Ray, embedded PostgreSQL, both simulated providers)
-takes, for ``--duration`` (``60s``, ``10m``), a bank workload:
+A processor on embedded defaults (embedded PostgreSQL, both simulated providers) on a Ray
+cluster of ``--nodes`` raylets on this machine (three by default, ``bench/cluster.py``; one
+front per node; ``--nodes 1``: a local Ray with ``--fronts`` fronts) takes, for
+``--duration`` (``60s``, ``10m``), a bank workload:
 
-* ledger gateways over RPC, given every front's address (two fronts by default), each
+* ledger gateways over RPC, given every front's address, each
   sending batches of plain transfers, holds (pending), posts
   and voids of its own holds, and linked chains, between customer accounts that may not go
   below zero (so some transfers are refused, and their ids burned);
@@ -13,8 +15,8 @@ Every request whose outcome is unknown (an error, a dropped connection, no answe
 is sent again, unchanged: a transfer by its id, a payment by its ``Idempotency-Key``. While
 it runs, faults are injected on a schedule printed at the start: SIGKILL of a shard, of
 the front, of the payments actor and of a provider actor, PostgreSQL stopped with SIGSTOP
-(``--pg-stop-s``) and continued, a provider outage and slow provider answers. Removing a
-Ray worker node needs a cluster of several nodes; on one node it is listed as not run.
+(``--pg-stop-s``) and continued, a provider outage and slow provider answers, and, with
+several nodes, the removal of a worker node (its raylet and every process on it).
 
 At the end it checks, and prints as a table, what a bank auditor would (anomalies, each
 counted): every acknowledged transfer stored exactly once and as sent; no transfer answered
@@ -447,9 +449,27 @@ async def _kill(pid: int) -> None:
         os.kill(pid, signal.SIGKILL)
 
 
-async def inject(fault: Fault, processor: Any, sims: Any, http: Any) -> str:
-    """Inject ``fault`` (holding it ``hold_s`` where it has one); what was done."""
+async def inject(fault: Fault, processor: Any, sims: Any, http: Any, *,
+                 cluster: Any = None, workers: Any = None) -> str:
+    """Inject ``fault`` (holding it ``hold_s`` where it has one); what was done.
+    ``cluster`` and ``workers``: the local cluster (bench/cluster.py) and its worker nodes,
+    of which the last is removed; None on one node."""
     import psutil
+
+    if fault.kind == "remove":
+        if cluster is None or not workers:
+            return "not run: one Ray node"
+        victim = workers[-1]
+        fronts = [f for f in processor.fronts if f.placement.node_id == victim.node_id]
+        pids = [await _pid(f.actor) for f in fronts]
+        await asyncio.to_thread(cluster.remove_node, victim, False)
+        # A worker whose raylet is gone exits by itself; a front that lingers would keep
+        # answering on its port, which a lost machine's front would not.
+        await asyncio.sleep(5.0)
+        for pid in pids:
+            await _kill(pid)
+        return (f"node {victim.node_id[:12]} removed (its fronts: "
+                f"{', '.join(f.rpc_address for f in fronts) or 'none'})")
 
     if fault.kind == "sigkill":
         if fault.target.startswith("shard"):
@@ -490,7 +510,7 @@ async def inject(fault: Fault, processor: Any, sims: Any, http: Any) -> str:
         finally:
             await sims.set_faults_of(http, name, {})
         return f"{fault.hold_s:.0f} s"
-    return "not run: one Ray node"
+    raise ValueError(f"unknown fault {fault.kind!r}")
 
 
 class _SimAdmin:
@@ -683,6 +703,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fronts", type=int, default=2,
                    help="fronts on this node; the ledger gateways are given every one, the "
                         "first is killed and the payment gateways use it over HTTP")
+    p.add_argument("--nodes", type=int, default=3,
+                   help="Ray nodes: 1 (this process's local Ray) or more, a head and workers "
+                        "as separate raylets on this machine (bench/cluster.py), one front "
+                        "per node instead of --fronts; a worker node is then removed")
     p.add_argument("--ledger-gateways", type=int, default=4)
     p.add_argument("--payment-gateways", type=int, default=3)
     p.add_argument("--resolve-wait-s", type=float, default=180.0,
@@ -699,22 +723,42 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    import httpx
-
-    from bench import ledger
     from bench.__main__ import machine_info
-    from bench.authorization import CURRENCIES, create_merchants
 
-    faults = schedule(args.duration, pg_stop_s=args.pg_stop_s, shards=args.shards)
+    if args.nodes < 1:
+        raise SystemExit("--nodes must be at least 1")
+    faults = schedule(args.duration, pg_stop_s=args.pg_stop_s, shards=args.shards,
+                      nodes=args.nodes)
     print(f"chaos: {args.duration:.0f} s of load, then the audit. Schedule:")
     for f in faults:
         print(f"  t={f.at_s:6.1f} s  {f.label}" + (f" for {f.hold_s:.0f} s" if f.hold_s else ""))
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    cluster = workers = None
+    if args.nodes > 1:
+        from bench.cluster import local_cluster
+
+        # Ray starts a raylet with signal handlers: only from the main thread.
+        cluster, workers = local_cluster(args.nodes - 1)
+    try:
+        return await _run_on(args, faults, results, cluster, workers)
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+
+
+async def _run_on(args: argparse.Namespace, faults: list[Fault], results: dict[str, Any],
+                  cluster: Any, workers: Any) -> dict[str, Any]:
+    import httpx
+
+    from bench import ledger
+    from bench.authorization import CURRENCIES, create_merchants
+
     rules = {} if args.claim_ttl_s is None else {"claim_ttl_s": args.claim_ttl_s}
-    async with ledger.scratch_processor(args.database_url, args.shards, fronts=args.fronts,
-                                        prefix="txproc-chaos-", payments_rules=rules,
-                                        ) as (processor, startup_s):
+    async with ledger.scratch_processor(
+            args.database_url, args.shards, fronts=0 if cluster else args.fronts,
+            prefix="txproc-chaos-", payments_rules=rules,
+            ray_address=cluster.address if cluster else "") as (processor, startup_s):
         if processor.embedded is None:
             faults = [f for f in faults if f.kind != "sigstop"]
         supervisor = asyncio.create_task(processor.supervise())
@@ -737,7 +781,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 await asyncio.sleep(max(0.0, fault.at_s - chaos.now()))
                 began = chaos.now()
                 try:
-                    what = await inject(fault, processor, sims, http)
+                    what = await inject(fault, processor, sims, http, cluster=cluster,
+                                        workers=workers)
                 except Exception as exc:
                     what = f"could not inject: {exc!r}"[:200]
                 print(f"  t={began:6.1f} s  {fault.label}: {what}", flush=True)

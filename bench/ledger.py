@@ -937,11 +937,13 @@ async def _run(
 async def scratch_processor(database_url: str, shards: int, *, prefix: str,
                             shard_options: dict[str, Any] | None = None, fronts: int = 0,
                             payments_rules: dict[str, Any] | None = None,
+                            ray_address: str = "",
                             ) -> AsyncIterator[tuple[Any, float]]:
     """A processor on loopback with free ports, in a data directory removed afterwards;
     yields it with its start-up time in seconds, and stops everything it started.
     ``shard_options`` are further ShardConfig fields; ``fronts`` as ``Config.fronts``;
-    ``payments_rules`` further PaymentsConfig fields."""
+    ``payments_rules`` further PaymentsConfig fields; ``ray_address`` a running cluster
+    to start on (default: a local Ray of its own)."""
     from actors.app.runtime import start_processor
     from processor.config import (
         Config,
@@ -958,6 +960,7 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
         data_dir=str(scratch),
         observability=ObservabilityConfig(metrics_port=0),
         fronts=fronts,
+        ray_address=ray_address,
         payments=PaymentsSection(rules=msgspec.structs.replace(
             PaymentsSection().rules, **(payments_rules or {}))),
     )

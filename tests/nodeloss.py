@@ -39,11 +39,11 @@ import asyncpg
 import httpx
 import ray
 from ray.cluster_utils import Cluster
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from actors.app.runtime import FRONTS_FILE, Processor, start_processor
 from actors.ledger.store import LedgerStore
 from actors.payments.actor import LEASE_RECOVERY, LEASE_RELAY
+from bench.cluster import local_cluster
 from processor.client import Client, ClientError
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
@@ -62,10 +62,6 @@ AFTER_LOSS = 600
 ROUNDS_MAX = 2400  # 0.1 s each, for every wait below
 READY_ROUNDS_MAX = 240  # 0.25 s each
 LEASES = (LEASE_RECOVERY, LEASE_RELAY)
-# The GCS declares a raylet dead after this many missed health checks this far apart (Ray's
-# defaults, 3 s and 5, take some 15 s; docs/design.md §12 "Losing a node"): shorter here so
-# that the test waits less for what it shows.
-HEALTH_CHECK = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 async def _ready(url: str) -> bool:
@@ -425,39 +421,12 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         await processor.stop()
 
 
-@ray.remote(num_cpus=0)
-def _where() -> str:
-    return str(ray.get_runtime_context().get_node_id())
-
-
-def _until_schedulable(address: str, node_ids: list[str]) -> None:
-    """Wait until a soft pin to each node lands there: a node the GCS lists may not yet be
-    in the head raylet's view of the cluster, and a soft pin to it then goes elsewhere."""
-    ray.init(address=address, log_to_driver=False)
-    try:
-        for node_id in node_ids:
-            strategy = NodeAffinitySchedulingStrategy(node_id, soft=True)
-            for _ in range(ROUNDS_MAX):
-                if ray.get(_where.options(scheduling_strategy=strategy).remote()) == node_id:
-                    break
-                time.sleep(0.1)
-            else:
-                raise AssertionError(f"node {node_id} never schedulable")
-    finally:
-        ray.shutdown()
-
-
 def main() -> int:
     data_dir, http_port, rpc_port = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     data_dir.mkdir(parents=True, exist_ok=True)
-    cluster = Cluster(initialize_head=True, connect=False, head_node_args={
-        "num_cpus": 1, "include_dashboard": False, "_system_config": HEALTH_CHECK})
+    cluster, workers = local_cluster(2)
     try:
-        survivor = cluster.add_node(num_cpus=1)
-        victim = cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        _until_schedulable(cluster.address, [survivor.node_id, victim.node_id])
-        report = asyncio.run(run(data_dir, http_port, rpc_port, cluster, [survivor, victim]))
+        report = asyncio.run(run(data_dir, http_port, rpc_port, cluster, workers))
     finally:
         if ray.is_initialized():
             ray.shutdown()

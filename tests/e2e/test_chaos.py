@@ -22,10 +22,12 @@ def test_short_chaos_run_finds_no_anomaly(tmp_path: Path) -> None:
     # 0.72 of the run), PostgreSQL stopped for 3 s. The run lasts at least until the claims
     # the killed payments actor left lapse (its payments are finished by the recovery
     # worker after that): a 10 s claim TTL, not the service's 30 s, lets that fall within
-    # the 20 s instead of stretching the run and its audit past it.
+    # the 20 s instead of stretching the run and its audit past it. One Ray node: losing a
+    # node is the default profile's (three nodes) and tests/e2e/test_nodeloss.py's.
     done = subprocess.run(
         [sys.executable, "-m", "bench.chaos", "--duration", "20s", "--pg-stop-s", "3",
          "--claim-ttl-s", "10", "--ledger-gateways", "3", "--payment-gateways", "2",
+         "--nodes", "1",
          "--out", str(out)],
         capture_output=True, text=True, timeout=840, env={**env, "COLUMNS": "160"},
         check=False)

@@ -3,11 +3,13 @@ model of the balances and the RSS growth measure. The run itself is tests/e2e/te
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.chaos import Model, parse_duration, rss_growth, schedule
+from bench.chaos import Fault, Model, inject, parse_args, parse_duration, rss_growth, schedule
 from processor.history import balances_at
 from processor.types import Transfer, TransferFlags
 
@@ -96,3 +98,12 @@ def test_rss_growth_compares_the_last_fifth_with_the_second() -> None:
     assert growth is not None and growth > 2.0
     warm_then_flat = [(i, 50.0 if i < 10 else 300.0) for i in range(50)]
     assert rss_growth(warm_then_flat) == pytest.approx(1.0)
+
+
+def test_three_nodes_by_default_and_a_removal_needs_a_cluster() -> None:
+    assert parse_args([]).nodes == 3
+    assert parse_args(["--nodes", "1"]).nodes == 1
+    remove = Fault(1.0, "remove", "worker node")
+    assert asyncio.run(inject(remove, None, None, None)) == "not run: one Ray node"
+    with pytest.raises(ValueError, match="unknown fault"):
+        asyncio.run(inject(Fault(1.0, "melt", "front"), None, None, None))
