@@ -173,8 +173,13 @@ _POSITION_SQL = 'SELECT "timestamp" FROM account_history_position WHERE id = 1'
 HISTORY_FLAG = int(AccountFlags.HISTORY)
 # The tail above the indexer's position is a narrow timestamp range of ``transfers``: read
 # it through the timestamp's BRIN, never a scan of the table (which a planner without
-# fresh statistics, or with unsummarized ranges, would otherwise choose).
-_TAIL_BY_TIMESTAMP = "SET LOCAL enable_seqscan = off"
+# fresh statistics, or with unsummarized ranges, would otherwise choose). And without
+# parallel workers: the BRIN's estimate for the tail is a fraction of the whole table
+# (about 235,000 rows of 300,000 where the tail held none), so past a few hundred thousand
+# transfers the planner gathered each tail with two workers, and starting them cost 11-15
+# ms per tail: a page of 100 took 31 ms where its rows take 0.5 (docs/design.md §16).
+_TAIL_BY_TIMESTAMP = ("SET LOCAL enable_seqscan = off; "
+                      "SET LOCAL max_parallel_workers_per_gather = 0")
 
 
 def _transfer(row: asyncpg.Record) -> Transfer:
