@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import msgspec
 
-__all__ = ["FRONTS_MAX", "FrontPlacement", "NodeView", "fronts_document", "place_fronts",
-           "place_shards"]
+__all__ = ["FRONTS_MAX", "FrontPlacement", "FrontsChange", "NodeView", "follow_nodes",
+           "fronts_document", "place_fronts", "place_shards"]
 
 FRONTS_MAX = 64
 PORT_MAX = 65535
@@ -89,6 +89,56 @@ def place_shards(nodes: Sequence[NodeView], *, here: str, shards: int) -> list[s
         raise ValueError(f"this node {here!r} is not among the alive nodes")
     order = [here, *(i for i in ids if i != here)]
     return [order[s % len(order)] for s in range(shards)]
+
+
+class FrontsChange(msgspec.Struct, frozen=True):
+    """What ``follow_nodes`` decided: the indexes of fronts to retire, the fronts to add."""
+
+    retire: tuple[int, ...] = ()
+    add: tuple[FrontPlacement, ...] = ()
+
+
+def follow_nodes(current: Sequence[FrontPlacement], nodes: Sequence[NodeView], *, here: str,
+                 host: str, http_port: int, rpc_port: int) -> FrontsChange:
+    """Keep one front per alive node as nodes come and go (``serve`` without ``--fronts``).
+
+    A front whose node is no longer in ``nodes`` is retired (it was pinned there: it cannot
+    come back elsewhere, and its address went with its node), except this node's (``here``:
+    losing it is losing the process that asks). A node without a front gets one, placed as
+    ``place_fronts`` would: binding the node's address, on the lowest port shift that no
+    front left on that address uses (a retired front's ports are free again: its process
+    died with its node), with the lowest free index (its actor's name). Raises
+    ``ValueError`` for a shift past port 65535 or more than ``FRONTS_MAX`` fronts.
+    """
+    alive = {node.node_id: node for node in nodes}
+    retire = tuple(p.index for p in current if p.node_id not in alive and p.node_id != here)
+    kept = [p for p in current if p.index not in retire]
+    covered = {p.node_id for p in kept}
+    indexes = {p.index for p in kept}
+    shifts: dict[str, set[int]] = {}
+    for p in kept:
+        node = alive.get(p.node_id)
+        shift = (p.http_port - http_port if http_port
+                 else p.rpc_port - rpc_port if rpc_port else 0)
+        shifts.setdefault(node.address if node else p.address, set()).add(shift)
+    add: list[FrontPlacement] = []
+    for node in sorted(alive.values(), key=lambda n: n.node_id):
+        if node.node_id in covered:
+            continue
+        if len(kept) + len(add) >= FRONTS_MAX:
+            raise ValueError(f"at most {FRONTS_MAX} fronts")
+        index = next(i for i in range(FRONTS_MAX + 1) if i not in indexes)
+        indexes.add(index)
+        used = shifts.setdefault(node.address, set())
+        shift = (next(i for i in range(FRONTS_MAX + 1) if i not in used)
+                 if http_port or rpc_port else 0)
+        used.add(shift)
+        bind = host if node.node_id == here else node.address
+        add.append(FrontPlacement(
+            index=index, node_id=node.node_id, bind_host=bind,
+            address=node.address if bind in _WILDCARDS else bind,
+            http_port=_shifted(http_port, shift), rpc_port=_shifted(rpc_port, shift)))
+    return FrontsChange(retire=retire, add=tuple(add))
 
 
 def _shifted(port: int, by: int) -> int:

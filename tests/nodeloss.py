@@ -16,8 +16,9 @@ has done as much again, then checks the ledger and prints a JSON report on its l
 where the shards and the payments actor ran before and after, the leases' holders and
 fences, every error the gateways saw (by class and code), what was acknowledged before and
 after the loss, the ledger checks, and the takeover times it measured (reported, never
-asserted). It stops everything it started (its own raylets only). Used by
-tests/e2e/test_nodeloss.py.
+asserted). Then it waits for the lost node's front to leave ``fronts.json``, adds a node,
+and reads the accounts through the front the supervisor starts there. It stops everything
+it started (its own raylets only). Used by tests/e2e/test_nodeloss.py.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from processor.codes import AccountResult, TransferResult
 from processor.config import Config, FrontConfig, ObservabilityConfig, ShardConfig
 from processor.errors import LedgerError
 from processor.identity import SCOPES, issue_token, load_or_create_ring
+from processor.placement import NodeView, place_shards
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 OK = {TransferResult.ok, TransferResult.exists}
@@ -59,7 +61,9 @@ CUSTOMERS = 60
 # Work, not time: acknowledged transfers before the loss, and after it.
 BEFORE_LOSS = 400
 AFTER_LOSS = 600
-ROUNDS_MAX = 2400  # 0.1 s each, for every wait below
+UNTIL_S = 240.0  # for every wait below
+ROUND_S = 10.0  # for each look of a wait
+WAITING_SAY_S = 10.0
 READY_ROUNDS_MAX = 240  # 0.25 s each
 LEASES = (LEASE_RECOVERY, LEASE_RELAY)
 
@@ -173,17 +177,29 @@ class Load:
 
 
 async def _until(what: str, check: Any) -> Any:
-    """Poll ``check()`` (an awaitable factory) until it answers something true."""
-    for _ in range(ROUNDS_MAX):
+    """Poll ``check()`` (an awaitable factory) until it answers something true, for at
+    most ``UNTIL_S`` seconds (a round that hangs counts: each is bounded too), saying on
+    stderr every ``WAITING_SAY_S`` what it still waits for and what it last saw."""
+    started = time.monotonic()
+    said = started
+    last: Any = None
+    while time.monotonic() - started < UNTIL_S:
         try:
-            answer = await check()
+            answer = await asyncio.wait_for(check(), timeout=ROUND_S)
         except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
-                ray.exceptions.GetTimeoutError, TimeoutError, asyncpg.PostgresError):
-            answer = None
+                ray.exceptions.GetTimeoutError, TimeoutError, asyncpg.PostgresError,
+                OSError) as exc:
+            answer, last = None, exc
+        else:
+            last = answer
         if answer:
             return answer
+        if time.monotonic() - said > WAITING_SAY_S:
+            said = time.monotonic()
+            print(f"waiting {said - started:.0f} s for {what}; last: {last!r}"[:500],
+                  file=sys.stderr, flush=True)
         await asyncio.sleep(0.1)
-    raise AssertionError(f"never: {what}")
+    raise AssertionError(f"never, in {UNTIL_S} s: {what}; last: {last!r}"[:1000])
 
 
 async def _leases(url: str) -> dict[str, dict[str, Any]]:
@@ -199,6 +215,26 @@ async def _leases(url: str) -> dict[str, dict[str, Any]]:
 async def _shard_nodes(processor: Processor) -> list[str]:
     return list(await asyncio.gather(*[
         asyncio.wait_for(s.node_id.remote(), timeout=5) for s in processor.shards]))
+
+
+async def _on_dealt_nodes(processor: Processor, nodes: list[str]) -> list[str]:
+    """Where the shards run, once each runs on the node it was dealt (place_shards). A soft
+    pin is a preference: Ray has put a shard dealt to a worker that had only just joined
+    on the head instead (in CI, all three once, so no worker held one). Such a shard is
+    killed, and Ray restarts it under the same pin, on its node (a few tries at most)."""
+    here = ray.get_runtime_context().get_node_id()
+    dealt = place_shards([NodeView(n, "") for n in nodes], here=here, shards=SHARDS)
+    for _ in range(8):
+        where = await _until("every shard answers", lambda: _shard_nodes(processor))
+        misplaced = [s for s, (at, want) in enumerate(zip(where, dealt, strict=True))
+                     if at != want]
+        if not misplaced:
+            return list(where)
+        for s in misplaced:
+            pid = await asyncio.wait_for(processor.shards[s].pid.remote(), timeout=5)
+            os.kill(int(pid), signal.SIGKILL)
+        await asyncio.sleep(1.0)
+    return list(await _until("every shard answers", lambda: _shard_nodes(processor)))
 
 
 async def _check_ledger(load: Load, url: str) -> dict[str, Any]:
@@ -250,7 +286,7 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["fronts_file"] = fronts_file = json.loads((data_dir / FRONTS_FILE).read_text())
         report["actor_nodes"] = [await f.actor.node_id.remote() for f in processor.fronts]
         report["ready"] = [await _ready(f["http"]) for f in fronts_file]
-        report["shard_nodes_before"] = await _shard_nodes(processor)
+        report["shard_nodes_before"] = await _on_dealt_nodes(processor, report["nodes"])
         payments = processor.payments
         # The node to lose must be a worker that holds a shard and the payments actor.
         # Placement is only a preference (Ray may put a shard or the payments actor on
@@ -413,6 +449,34 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         times["load_s"] = time.monotonic() - lost_s
         await _until("holds settled", settled)
         report["ledger"] = await _check_ledger(load, url)
+
+        # The lost node's front is retired from fronts.json; a node joins, the supervisor
+        # starts a front on it (on the ports the lost one freed), and it serves the ledger.
+        def fronts_now() -> list[dict[str, str]]:
+            return list(json.loads((data_dir / FRONTS_FILE).read_text()))
+
+        async def lost_front_retired() -> list[dict[str, str]] | None:
+            now = fronts_now()
+            return now if all(f["node"] != victim_id for f in now) else None
+
+        report["fronts_after_loss"] = await _until("the lost front retired",
+                                                   lost_front_retired)
+        joined = cluster.add_node(num_cpus=1)  # Ray's signal handlers: the main thread only
+        joined_s = time.monotonic()
+        report["joined"] = joined.node_id
+
+        async def front_on_joined() -> list[dict[str, str]] | None:
+            now = fronts_now()
+            return now if any(f["node"] == joined.node_id for f in now) else None
+
+        report["fronts_after_join"] = await _until("a front on the node that joined",
+                                                   front_on_joined)
+        times["front_on_joined_s"] = time.monotonic() - joined_s
+        new_rpc = next(f["rpc"] for f in report["fronts_after_join"]
+                       if f["node"] == joined.node_id)
+        async with Client(addresses=[new_rpc], token=token) as through_joined:
+            report["found_through_joined"] = [
+                a is not None for a in await through_joined.lookup_accounts(probe)]
         report["times"] = {k: round(v, 2) for k, v in times.items()}
         return report
     finally:

@@ -52,6 +52,7 @@ from processor.ledger import PartitionMap
 from processor.placement import (
     FrontPlacement,
     NodeView,
+    follow_nodes,
     fronts_document,
     place_fronts,
     place_shards,
@@ -63,6 +64,10 @@ __all__ = ["FRONTS_FILE", "Processor", "RunningFront", "app_password_file", "ens
 
 # Every front's URLs, written by start_processor into the data directory.
 FRONTS_FILE = "fronts.json"
+# How often the supervisor compares the fronts with the alive nodes, and how long a front
+# it starts on a node that joined may take to listen.
+NODES_EVERY_S = 1.0
+FRONT_START_S = 60.0
 
 log = logging.getLogger("txproc.runtime")
 
@@ -126,6 +131,7 @@ class Processor:
         A restarted actor runs its constructor only; listening is ``start``, so the new
         front is started here on the ports its predecessor bound.
         """
+        nodes_seen_s = 0.0
         while True:
             await asyncio.sleep(interval_s)
             if self.payments is not None:
@@ -133,7 +139,41 @@ class Processor:
                     await asyncio.wait_for(self.payments.start.remote(), timeout=10)
                 except Exception as exc:  # noqa: BLE001 - restarting, or the ledger or database away
                     log.warning("payments not started: %r", exc)
+            if self.config.fronts == 0 and time.monotonic() - nodes_seen_s >= NODES_EVERY_S:
+                nodes_seen_s = time.monotonic()
+                await self.follow_nodes()
             await asyncio.gather(*[_restart_if_needed(f) for f in self.fronts])
+
+    async def follow_nodes(self) -> None:
+        """One front per alive node (processor.placement.follow_nodes): retire the fronts
+        of nodes Ray has declared dead, start one on each node that joined, and rewrite
+        ``fronts.json`` when that changed anything. A front that fails to start is
+        killed and tried again next time."""
+        nodes = await asyncio.to_thread(_alive_nodes)
+        front = self.config.front
+        change = follow_nodes([f.placement for f in self.fronts], nodes,
+                              here=self.fronts[0].placement.node_id, host=front.host,
+                              http_port=front.http_port, rpc_port=front.rpc_port)
+        if not change.retire and not change.add:
+            return
+        for gone in [f for f in self.fronts if f.placement.index in change.retire]:
+            log.warning("front %d retired: its node %s is gone", gone.placement.index,
+                        gone.placement.node_id)
+            ray.kill(gone.actor, no_restart=True)
+            self.fronts.remove(gone)
+        for placement in change.add:
+            try:
+                [started] = await _launch_fronts(self.config, self.channel_key, [placement],
+                                                 timeout_s=FRONT_START_S)
+            except Exception as exc:  # noqa: BLE001 - a node that has only just joined: next round
+                log.warning("front %d on node %s not started: %r", placement.index,
+                            placement.node_id, exc)
+                continue
+            self.fronts.append(started)
+            log.info("front %d started on node %s: http %d, rpc %s", placement.index,
+                     placement.node_id, started.http_port, started.rpc_address)
+        self.fronts.sort(key=lambda f: f.placement.index)
+        _write_fronts_file(self)
 
     async def stop(self) -> None:
         """Flush and close the front and shards, then stop what this process started."""
@@ -319,12 +359,22 @@ async def _start_fronts(config: Config, channel_key: bytes, nodes: list[NodeView
     front = config.front
     placements = place_fronts(nodes, here=here, host=front.host, http_port=front.http_port,
                               rpc_port=front.rpc_port, count=config.fronts)
+    return await _launch_fronts(config, channel_key, placements)
+
+
+async def _launch_fronts(config: Config, channel_key: bytes,
+                         placements: list[FrontPlacement],
+                         timeout_s: float | None = None) -> list[RunningFront]:
+    """Start a front actor per placement and wait until each listens; on any failure
+    every one of them is killed and the failure raised."""
+    front = config.front
     actors = [make_front(msgspec.structs.replace(config, front=msgspec.structs.replace(
                   front, host=p.bind_host, http_port=p.http_port, rpc_port=p.rpc_port)),
                          channel_key, index=p.index, node_id=p.node_id)
               for p in placements]
     try:
-        ports = await asyncio.gather(*[a.start.remote() for a in actors])
+        ports = await asyncio.wait_for(
+            asyncio.gather(*[a.start.remote() for a in actors]), timeout=timeout_s)
     except BaseException:
         for actor in actors:
             ray.kill(actor, no_restart=True)

@@ -281,8 +281,12 @@ class LedgerShard:
 
     def node_id(self) -> str:
         """The Ray node this incarnation runs on (a shard restarted after its node was lost
-        runs on another: make_shard's SPREAD is no pin)."""
+        runs on another: its pin is soft)."""
         return str(ray.get_runtime_context().get_node_id())
+
+    def pid(self) -> int:
+        """This incarnation's process id (what a fault test kills)."""
+        return os.getpid()
 
     async def stats(self) -> dict[str, float]:
         await self._ensure_started()

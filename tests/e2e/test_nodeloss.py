@@ -77,3 +77,13 @@ def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
     assert ledger["refused_stored"] == 0, ledger
     assert ledger["rows"] == report["acknowledged_total"], ledger
     assert ledger["audit_passed"], ledger
+    # The lost node's front left fronts.json; a node that joined got one, on the ports the
+    # lost front had freed, serving the same ledger.
+    lost = next(f for f in fronts if f["node"] == victim)
+    assert sorted(f["node"] for f in report["fronts_after_loss"]) == sorted(
+        f["node"] for f in fronts if f["node"] != victim), report["fronts_after_loss"]
+    after_join = report["fronts_after_join"]
+    assert len(after_join) == 3, after_join
+    new = next(f for f in after_join if f["node"] == report["joined"])
+    assert new["http"] == lost["http"] and new["rpc"] == lost["rpc"], (new, lost)
+    assert report["found_through_joined"] == [True, True], report

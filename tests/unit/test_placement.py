@@ -4,10 +4,13 @@ its node's address, consecutive ports where nodes share a host."""
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from processor.placement import (
     FrontPlacement,
     NodeView,
+    follow_nodes,
     fronts_document,
     place_fronts,
     place_shards,
@@ -93,3 +96,73 @@ def test_shards_dealt_round_the_nodes_this_one_first() -> None:
 def test_shards_refused(nodes: list[NodeView], here: str, shards: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         place_shards(nodes, here=here, shards=shards)
+
+
+def _follow(current: list[FrontPlacement], nodes: list[NodeView],
+            **ports: int) -> list[FrontPlacement]:
+    """The fronts after one round of follow_nodes, by index."""
+    kw = {"http_port": 8080, "rpc_port": 7070, **ports}
+    change = follow_nodes(current, nodes, here="n-here", host="127.0.0.1", **kw)
+    kept = [p for p in current if p.index not in change.retire]
+    return sorted([*kept, *change.add], key=lambda p: p.index)
+
+
+def test_a_lost_node_s_front_is_retired_and_a_new_node_gets_one_on_its_ports() -> None:
+    """A raylet on this machine is lost: its front is retired; another joins: it gets a front
+    on the lost one's ports and index (both free again), and fronts.json then names it."""
+    start = place_fronts([HERE, SAME_HOST, OTHER], here="n-here", host="127.0.0.1",
+                         http_port=8080, rpc_port=7070)
+    change = follow_nodes(start, [HERE, OTHER], here="n-here", host="127.0.0.1",
+                          http_port=8080, rpc_port=7070)
+    assert change.retire == (2,) and change.add == ()
+    after_loss = _follow(start, [HERE, OTHER])
+    joined = NodeView("n-c", "10.0.0.1")
+    after_join = _follow(after_loss, [HERE, OTHER, joined])
+    assert _summary(after_join) == [
+        ("n-here", "127.0.0.1", "127.0.0.1", 8080, 7070),
+        ("n-a", "10.0.0.2", "10.0.0.2", 8080, 7070),
+        ("n-c", "10.0.0.1", "10.0.0.1", 8081, 7071),
+    ]
+    assert [p.index for p in after_join] == [0, 1, 2]
+    # Nothing changes while the nodes stay.
+    assert follow_nodes(after_join, [HERE, OTHER, joined], here="n-here", host="127.0.0.1",
+                        http_port=8080, rpc_port=7070) == follow_nodes(
+        after_join, [joined, OTHER, HERE], here="n-here", host="x", http_port=8080,
+        rpc_port=7070)
+    assert _follow(after_join, [HERE, OTHER, joined]) == after_join
+
+
+def test_this_node_s_front_is_never_retired() -> None:
+    start = place_fronts([HERE, OTHER], here="n-here", host="127.0.0.1", http_port=0,
+                         rpc_port=0)
+    change = follow_nodes(start, [OTHER], here="n-here", host="127.0.0.1", http_port=0,
+                          rpc_port=0)
+    assert change.retire == ()
+
+
+@given(st.lists(st.tuples(st.booleans(), st.integers(0, 5), st.integers(0, 2)), max_size=30),
+       st.sampled_from([(8080, 7070), (0, 0), (0, 7070)]))
+def test_fronts_follow_any_history_of_joins_and_losses(
+        events: list[tuple[bool, int, int]], ports: tuple[int, int]) -> None:
+    """Whatever nodes join (on one of three machines) and leave, after each round: one
+    front per alive node, this node's unchanged, indexes distinct, and no two fronts on one
+    address share a configured port."""
+    http_port, rpc_port = ports
+    alive = {"n-here": HERE}
+    fronts = place_fronts([HERE], here="n-here", host="127.0.0.1", http_port=http_port,
+                          rpc_port=rpc_port)
+    first = fronts[0]
+    for join, name, machine in events:
+        node_id = f"n-{name}"
+        if join:
+            alive.setdefault(node_id, NodeView(node_id, f"10.0.0.{machine + 1}"))
+        else:
+            alive.pop(node_id, None)
+        fronts = _follow(fronts, list(alive.values()), http_port=http_port, rpc_port=rpc_port)
+        assert sorted(p.node_id for p in fronts) == sorted(alive)
+        assert fronts[0] == first
+        assert len({p.index for p in fronts}) == len(fronts)
+        for port in ("http_port", "rpc_port"):
+            taken = [(alive[p.node_id].address, getattr(p, port)) for p in fronts
+                     if getattr(p, port)]
+            assert len(set(taken)) == len(taken), fronts
