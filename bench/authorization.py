@@ -68,6 +68,7 @@ __all__ = [
     "parse_args",
     "parse_error_rates",
     "payment_body",
+    "processor_added",
     "summarize",
 ]
 
@@ -489,6 +490,25 @@ def summarize(run: OpenLoopRun) -> dict[str, Any]:
     }
 
 
+def processor_added(answers: Sequence[Answer], served_ms: Mapping[str, float]
+                    ) -> dict[str, Any]:
+    """What the processor added to each authorized request (201): its latency from the
+    scheduled send less the time the provider spent on its authorization (``served_ms``
+    by our payment id, the reference the provider records: the simulators'
+    ``GET /_sim/charges``). Figures as ``latency_figures``, plus ``unmatched``: authorized
+    answers whose provider time was not found (they are left out)."""
+    added, unmatched = [], 0
+    for a in answers:
+        if a.http_status != 201:
+            continue
+        provider_ms = served_ms.get(a.payment_id)
+        if provider_ms is None:
+            unmatched += 1
+            continue
+        added.append(a.latency_ms - provider_ms)
+    return {**latency_figures(added), "unmatched": unmatched}
+
+
 def share(phase: dict[str, Any], status: int) -> float:
     """The share of sent requests answered with HTTP ``status``."""
     sent: int = phase["sent"] or 1
@@ -498,6 +518,13 @@ def share(phase: dict[str, Any], status: int) -> float:
 
 def _fmt(value: Any, spec: str = ",.0f") -> str:
     return "-" if value is None else format(value, spec)
+
+
+def _added(phase: dict[str, Any]) -> str:
+    added = phase.get("processor_added_ms")
+    if not added or not added["count"]:
+        return "-"
+    return f"{added['p50']:,.1f} / {added['p99']:,.1f}"
 
 
 def _phase_label(phase: dict[str, Any]) -> str:
@@ -517,8 +544,9 @@ def markdown_rows(results: dict[str, Any]) -> str:
         f"{machine['load_average_at_start'][0]:g}:",
         "",
         "| date | provider errors, latency median/p99 | offered/s | authorized/s | p50 ms "
-        "| p95 ms | p99 ms | 201 / 202 / 402 / 503 / other | server CPU ms/request |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+        "| p95 ms | p99 ms | 201 / 202 / 402 / 503 / other | server CPU ms/request "
+        "| processor-added p50 / p99 ms |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | ---: |",
     ]
     for p in results["phases"]:
         lat = p["latency_ms"]["answered"]
@@ -529,7 +557,8 @@ def markdown_rows(results: dict[str, Any]) -> str:
             f"{_fmt(p['achieved_authorizations_per_s'], ',.1f')} | {_fmt(lat['p50'], ',.1f')} | "
             f"{_fmt(lat['p95'], ',.1f')} | {_fmt(lat['p99'], ',.1f')} | "
             f"{' / '.join(f'{s:.1%}' for s in (*shares, other))} | "
-            f"{_fmt(p.get('server_cpu_ms_per_request'), ',.2f')} |")
+            f"{_fmt(p.get('server_cpu_ms_per_request'), ',.2f')} | "
+            f"{_added(p)} |")
     return "\n".join(lines)
 
 
@@ -632,6 +661,21 @@ class _Sims:
                                headers={"authorization": f"Bearer {self.admin[name]}"})
             if r.status_code == 200:
                 out[name] = {k: int(v) for k, v in r.json()["webhooks"].items()}
+        return out
+
+    async def served(self, http: Any) -> dict[str, float]:
+        """Every simulator's time per authorization so far, by our payment id (its
+        ``reference``), in milliseconds (docs/providers.md, ``served_ms``)."""
+        out: dict[str, float] = {}
+        for name, url in sorted(self.urls.items()):
+            r = await http.get(f"{url}/_sim/charges",
+                               headers={"authorization": f"Bearer {self.admin[name]}"},
+                               timeout=60)
+            if r.status_code != 200:
+                raise RuntimeError(f"{name}: GET /_sim/charges answered {r.status_code}")
+            for op in r.json()["operations"]:
+                if op["operation"] == "authorize" and op.get("served_ms") is not None:
+                    out[str(op["reference"])] = float(op["served_ms"])
         return out
 
     async def set_faults(self, http: Any, faults: dict[str, Any], seed: int) -> None:
@@ -833,6 +877,8 @@ async def measure(
                     name: {k: v - webhooks_before.get(name, {}).get(k, 0)
                            for k, v in counts.items()}
                     for name, counts in webhooks_after.items()}
+                phase["processor_added_ms"] = processor_added(run.answers,
+                                                              await sims.served(admin))
                 processing = [a.payment_id for a in run.answers if a.http_status == 202]
                 if processing and resolve_wait_s > 0:
                     phase["processing_resolved"] = await _resolve(http, processing,
@@ -913,7 +959,8 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                           "client; latency from the scheduled send; CPU: shards, front, "
                           "payments, provider and risk actors, postgres")
     for column in ("phase", "offered/s", "authorized/s", "p50 ms", "p95 ms", "p99 ms",
-                   "auth p50", "auth p99", "201", "202", "402", "503", "other",
+                   "auth p50", "auth p99", "added p50/p99", "201", "202", "402", "503",
+                   "other",
                    "CPU ms/req", "cores busy"):
         table.add_column(column, justify="left" if column == "phase" else "right")
     for p in results["phases"]:
@@ -924,7 +971,7 @@ def print_table(results: dict[str, Any], console: Console) -> None:
                       _fmt(p["achieved_authorizations_per_s"], ",.1f"),
                       _fmt(lat["p50"], ",.1f"), _fmt(lat["p95"], ",.1f"),
                       _fmt(lat["p99"], ",.1f"), _fmt(ok["p50"], ",.1f"),
-                      _fmt(ok["p99"], ",.1f"), *[str(c) for c in counts],
+                      _fmt(ok["p99"], ",.1f"), _added(p), *[str(c) for c in counts],
                       str(p["sent"] - sum(counts)),
                       _fmt(p["server_cpu_ms_per_request"], ",.2f"),
                       _fmt(p["server_cpu_cores_busy"], ".2f"))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import argparse
 import asyncio
+import collections
 import contextlib
 import hmac
 import logging
@@ -76,6 +77,8 @@ OPS_MAX = 1_000_000
 KEYS_MAX = 1_000_000
 IDEMPOTENCY_KEY_CHARS_MAX = 255
 SETTLEMENTS_PENDING_MAX = 100_000
+# Operations whose serving time is kept for GET /_sim/charges (the oldest go first).
+SERVED_MAX = 100_000
 REBIND_ATTEMPTS_MAX = 100  # 10 s of trying to listen again after a refusing outage
 JSON = "application/json"
 
@@ -158,6 +161,11 @@ class SimProvider(abc.ABC):
         self.reports = ReportWriter(options.report_dir, self.report, self.report_file_name)
         self.discrepancies = Discrepancies(currencies=self.book.currencies, clock_s=clock_s)
         self.counts = _Counts()
+        self._monotonic_s = monotonic_s
+        # Milliseconds from an operation's start (its key claimed) to its answer, latency
+        # injected included: what a caller's measured time owes the provider, so that a
+        # benchmark can say what the caller itself added (bench.authorization).
+        self.served_ms: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._settlements: set[asyncio.Task[None]] = set()
         self._background: list[asyncio.Task[None]] = []
         self._server: uvicorn.Server | None = None
@@ -278,6 +286,7 @@ class SimProvider(abc.ABC):
             if state is KeyState.NEW:
                 self.store.abandon(key)
             return self.unavailable(float(self.faults.faults.retry_after_s))
+        started_s = self._monotonic_s()
         try:
             struck = await self._strike()
             if struck is not None:
@@ -288,6 +297,10 @@ class SimProvider(abc.ABC):
             self.store.abandon(key)
             raise
         self.counts.operations += 1
+        if answer.op_id:
+            self.served_ms[answer.op_id] = round((self._monotonic_s() - started_s) * 1000, 3)
+            if len(self.served_ms) > SERVED_MAX:
+                self.served_ms.popitem(last=False)
         if answer.store:
             self.store.finish(key, Stored(fp, operation, answer.status, answer.body,
                                           answer.op_id, answer.media_type))
@@ -411,8 +424,9 @@ class SimProvider(abc.ABC):
         denied = self._admin_denied(request)
         if denied is not None:
             return denied
-        return _json(200, {"provider": self.name,
-                           "operations": [op.to_admin() for op in self.book.ops()]})
+        return _json(200, {"provider": self.name, "operations": [
+            {**op.to_admin(), "served_ms": self.served_ms.get(op.id)}
+            for op in self.book.ops()]})
 
     async def _reset(self, request: Request) -> Response:
         denied = self._admin_denied(request)
@@ -427,6 +441,7 @@ class SimProvider(abc.ABC):
         self.webhooks.reset()
         self.discrepancies.clear()
         self.counts = _Counts()
+        self.served_ms.clear()
         return _json(200, {"reset": True})
 
     async def _add_discrepancies(self, request: Request) -> Response:

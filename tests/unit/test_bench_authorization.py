@@ -230,7 +230,23 @@ def test_markdown_rows_render_one_row_per_phase() -> None:
     assert "`python -m bench.authorization` on 2026-11-25, 2 cores (Test CPU)" in text
     assert ("| 2026-11-25 | 5% errors, 40/250 ms | 100 | 88.5 | 61.2 | 180.0 | 260.5 | "
             "90.0% / 5.0% / 0.0% / 4.0% / 1.0% | 21.50 |") in text
-    assert "| 2026-11-25 | 0% errors, no latency |" in text and text.endswith("| - |")
+    assert "| 2026-11-25 | 0% errors, no latency |" in text and text.endswith("| - | - |")
+    with_added = auth.markdown_rows({**results, "phases": [
+        {**phase, "processor_added_ms": {"count": 3, "p50": 4.25, "p99": 9.5}}]})
+    assert with_added.endswith("| 21.50 | 4.2 / 9.5 |")
+
+
+def test_processor_added_is_latency_less_the_provider_s_time() -> None:
+    """Per authorized answer, its latency less the provider's time for its payment (by our
+    payment id); other answers and authorizations the provider has no time for are left
+    out, the latter counted."""
+    answers = [auth.Answer(i, "201 authorized", 50.0 + i, 201, f"pay_{i}") for i in range(10)]
+    answers += [auth.Answer(10, "402 payment_declined", 7.0, 402, "pay_10"),
+                auth.Answer(11, "201 authorized", 80.0, 201, "pay_unknown")]
+    served = {f"pay_{i}": 45.0 + i for i in range(11)}  # every one 5 ms under its latency
+    added = auth.processor_added(answers, served)
+    assert (added["count"], added["p50"], added["p99"], added["max"]) == (10, 5.0, 5.0, 5.0)
+    assert added["unmatched"] == 1
 
 
 async def test_a_tiny_run_against_the_session_processor(processor) -> None:  # type: ignore[no-untyped-def]
@@ -248,6 +264,11 @@ async def test_a_tiny_run_against_the_session_processor(processor) -> None:  # t
                                       "503 provider_unavailable", "timeout"}, p["outcomes"]
         assert p["provider_actors"]["acme"]["calls"] >= 1
         assert p["server_cpu_ms_per_request"] is None or p["server_cpu_ms_per_request"] > 0
+        # The provider's time is found for every authorization, and is less than the whole.
+        added = p["processor_added_ms"]
+        assert added["unmatched"] == 0, added
+        assert added["count"] == p["outcomes"].get("201 authorized", 0)
+        assert added["count"] == 0 or added["p50"] > 0, added
     assert results["phases"][0]["outcomes"].get("201 authorized", 0) >= 1
     sims = auth._Sims(processor)
     async with httpx.AsyncClient(timeout=10) as http:
