@@ -28,8 +28,10 @@ from processor.audit import (
     check_audit_chain,
     record_of_row,
 )
+from processor.ledger import Report
 
-__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all"]
+__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all",
+           "verify_databases"]
 
 # Every column of an audit event, in id order: the chain is checked in the order written.
 _AUDIT_EVENTS_SQL = f"""
@@ -95,3 +97,30 @@ ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log, check_reconcil
 async def verify_all(url: str, **options: Any) -> VerifyResult:
     """``verify`` with every check (``ALL_CHECKS``); ``options`` as ``verify`` takes them."""
     return await verify(url, ALL_CHECKS, **options)
+
+
+async def verify_databases(urls: dict[str, str], **options: Any) -> VerifyResult:
+    """Every check over a ledger of several databases (docs/design.md §12): ``verify_all``
+    over the main one (the first of ``urls``, which alone holds the audit log and the
+    payments), the ledger's checks over each further one, each in one snapshot of its own;
+    one result, counts summed, problems named ``key:table``. No transfer spans two
+    databases (they are refused), so each one's balances and chains stand alone."""
+    results: list[tuple[str, VerifyResult]] = []
+    for i, (key, url) in enumerate(urls.items()):
+        checks = ALL_CHECKS if i == 0 else LEDGER_CHECKS
+        results.append((key, await verify(url, checks, **options)))
+    if len(results) == 1:
+        return results[0][1]
+    report = Report()
+    for key, result in results:
+        for name, n in result.report.checked.items():
+            if name.endswith("_age_s"):  # an age: the oldest database's, not a sum
+                report.checked[name] = max(report.checked.get(name, 0), n)
+            else:
+                report.count(name, n)
+        for p in result.report.problems:
+            report.add(f"{key}:{p.table}", p.id, p.kind, p.expected, p.found)
+        report.problems_total += result.report.problems_total - len(result.report.problems)
+    report.count("databases", len(results))
+    return VerifyResult(report, sum(r.seconds for _, r in results),
+                        sum(r.rows for _, r in results))

@@ -1,0 +1,80 @@
+"""The partition map over several databases (processor/ledger/partition.py): how shards
+are dealt over databases, and which items of a request the front refuses because they
+span two (docs/design.md §12)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from processor.codes import TransferResult
+from processor.ledger import PartitionMap, crossing_mask, refused_across_databases
+
+R = TransferResult
+LINKED, PENDING = 1, 2
+TWO = PartitionMap.dealt(4, ("main", "db1"))
+
+
+def _account(shard: int, skip: int = 0) -> int:
+    found = [i for i in range(1, 10_000) if TWO.shard_of(i) == shard]
+    return found[skip]
+
+
+def test_shards_are_dealt_round_robin_over_the_databases() -> None:
+    """Shard s writes to database s mod n; one database is the old uniform map."""
+    assert TWO.database_of_shard == ("main", "db1", "main", "db1")
+    assert TWO.databases == ("main", "db1") and not TWO.single_database
+    assert TWO.shards_of_database("db1") == [1, 3]
+    assert PartitionMap.uniform(3) == PartitionMap.dealt(3, ("main",))
+    assert PartitionMap.uniform(3).single_database
+    rows = TWO.rows_of_database("db1")
+    assert {s for _, s, _ in rows} == {1, 3} and {k for _, _, k in rows} == {"db1"}
+    assert len(rows) + len(TWO.rows_of_database("main")) == 256
+
+
+@pytest.mark.parametrize(("shards", "keys"), [
+    (1, ("main", "db1")),        # a database without a shard
+    (2, ("main", "main")),       # the same key twice
+    (0, ("main",)),
+])
+def test_impossible_layouts_are_refused(shards: int, keys: tuple[str, ...]) -> None:
+    """Every database needs a shard, keys are distinct."""
+    with pytest.raises(ValueError):
+        PartitionMap.dealt(shards, keys)
+
+
+MAIN0, DB1, MAIN2, DB3 = _account(0), _account(1), _account(2), _account(3)
+MAIN0B = _account(0, 1)
+
+
+@pytest.mark.parametrize(("transfers", "expected"), [
+    # (debit, credit, flags) per item -> refused index -> code
+    ([(MAIN0, MAIN2, 0)], {}),                                      # within main, 2 shards
+    ([(DB1, DB3, 0)], {}),                                          # within db1
+    ([(MAIN0, DB1, 0)], {0: R.accounts_in_different_databases}),
+    ([(MAIN0, MAIN2, LINKED), (MAIN2, DB3, 0), (DB1, DB3, 0)],     # a chain that leaves
+     {0: R.linked_event_failed, 1: R.accounts_in_different_databases}),
+    ([(DB1, DB3, LINKED), (DB3, DB1, 0), (MAIN0, MAIN0B, 0)], {}),  # chains stay home
+    ([(MAIN0, 0, 0)], {}),                                          # id 0 names no database
+    ([(DB3, MAIN2, PENDING)], {0: R.accounts_in_different_databases}),
+])
+def test_requests_spanning_databases(transfers: list[tuple[int, int, int]],
+                                     expected: dict[int, R]) -> None:
+    """A chain with a transfer outside its coordinator's database is refused whole; every
+    other chain is routed."""
+    refused = refused_across_databases(
+        TWO, [d for d, _, _ in transfers], [c for _, c, _ in transfers],
+        [f for _, _, f in transfers], crossing=int(R.accounts_in_different_databases),
+        linked_failed=int(R.linked_event_failed))
+    assert refused == {i: int(c) for i, c in expected.items()}
+
+
+def test_one_database_refuses_nothing_and_columns_agree() -> None:
+    """With one database nothing spans; in columns the mask matches the objects' rule."""
+    one = PartitionMap.uniform(4)
+    assert refused_across_databases(one, [MAIN0], [DB1], [0], crossing=52,
+                                    linked_failed=1) == {}
+    debit = np.array([MAIN0, DB1, DB3, MAIN2], dtype=np.int64)
+    credit = np.array([MAIN2, MAIN0, DB1, DB3], dtype=np.int64)
+    assert crossing_mask(TWO, debit, credit).tolist() == [False, True, False, True]
+    assert not crossing_mask(one, debit, credit).any()
