@@ -13,6 +13,7 @@ stream read each shard's rows from its database; `txproc verify` checks both.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 
 from actors.database import (
@@ -37,8 +39,9 @@ from actors.database import (
     write_password_file,
 )
 from processor.batch import TransferBatch
-from processor.client import Client
+from processor.client import Client, ClientError
 from processor.codes import AccountResult, TransferResult
+from processor.errors import LedgerError
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 from processor.ledger import PartitionMap
 from processor.types import Account, Transfer, TransferFlags
@@ -55,6 +58,7 @@ class Served:
     rpc_port: int
     token: str
     urls: dict[str, str]  # database key -> administrative URL
+    pid: int  # the `txproc serve` process
 
 
 def _free_port() -> int:
@@ -97,7 +101,7 @@ async def served(pg_admin_url: str, second_pg_admin_url: str, app_password_file:
         ring = load_or_create_ring(data_dir, now_s=int(time.time()))
         token = issue_token(ring.active.secret, SCOPES, ttl_s=3600, now_s=int(time.time()),
                             tenant=DEFAULT_TENANT, subject="local")
-        yield Served(base, rpc_port, token, urls)
+        yield Served(base, rpc_port, token, urls, proc.pid)
     finally:
         _stop(proc)
         await drop_database(pg_admin_url, name + "_a")
@@ -305,6 +309,60 @@ async def test_history_queries_and_the_stream_read_every_database(
     # Each from the shard that coordinated it (its debit account's), of either database.
     assert {shard_of[t.id] for t in made} == {0, 1, 2, 3}
     assert all(shard_of[t.id] == LAYOUT.shard_of(t.debit_account_id) for t in made)
+
+
+async def _epochs(url: str) -> dict[int, int]:
+    conn = await asyncpg.connect(url)
+    try:
+        return {r["shard"]: r["epoch"] for r in await conn.fetch(
+            "SELECT shard, epoch FROM shard_epochs")}
+    finally:
+        await conn.close()
+
+
+async def test_killed_shards_recover_from_their_own_database(
+        served: Served, client: Client, ids: Ids) -> None:
+    """SIGKILL of every shard process: each comes back with the next epoch taken in its
+    own database, its accounts' balances rebuilt from that database's rows, and transfers
+    within either database go on."""
+    a0, a1, a2, a3 = await _accounts(client, ids, [0, 1, 2, 3])
+    before = [Transfer(id=ids.transfer(), debit_account_id=d, credit_account_id=c,
+                       amount=11, currency="EUR") for d, c in [(a0, a2), (a1, a3)]]
+    assert await client.create_transfers(before) == [R.ok, R.ok]
+    epochs = {k: await _epochs(url) for k, url in served.urls.items()}
+    assert set(epochs["main"]) == {0, 2} and set(epochs["db1"]) == {1, 3}
+    victims = [p for p in psutil.Process(served.pid).children(recursive=True)
+               if "LedgerShard" in " ".join(_cmdline(p))]
+    assert len(victims) == SHARDS
+    for p in victims:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    after = [Transfer(id=ids.transfer(), debit_account_id=d, credit_account_id=c,
+                      amount=1, currency="EUR") for d, c in [(a2, a0), (a3, a1)]]
+    deadline = time.monotonic() + 120
+    while True:  # the front retries a restarting shard; a request may still fail whole
+        try:
+            codes = await client.create_transfers(after)
+            break
+        except (LedgerError, ClientError, TimeoutError):
+            if time.monotonic() > deadline:
+                raise
+            await _sleep(0.5)
+    assert codes == [R.ok, R.ok]
+    for key, url in served.urls.items():
+        now = await _epochs(url)
+        assert set(now) == set(epochs[key])
+        assert all(now[s] > epochs[key][s] for s in now), (key, epochs[key], now)
+    found = await client.lookup_accounts([a0, a1, a2, a3])
+    assert [(a.debits_posted, a.credits_posted) for a in found if a is not None] == [
+        (11, 1), (11, 1), (1, 11), (1, 11)]
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return p.cmdline()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return []
 
 
 async def test_verify_checks_every_database(served: Served, client: Client,
