@@ -43,6 +43,7 @@ from actors.edge import (
     start_rpc_server,
 )
 from actors.lease import Fence, hold
+from actors.ledger.crossdb import LEASE_CROSSDB_RELAY, CrossDatabase
 from actors.ledger.history import HistoryStore, query_across
 from actors.ledger.indexer import HistoryIndexer
 from actors.ledger.quota import AccountQuota
@@ -82,6 +83,8 @@ CODES = msgspec.msgpack.Decoder(list[int])
 RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 OK_OR_EXISTS = frozenset({int(TransferResult.ok), int(TransferResult.exists)})
 LINKED = int(TransferFlags.LINKED)
+# Transfers between databases of one request carried at once (each a few round trips).
+SAGAS_AT_ONCE_MAX = 64
 RESULTS_BY_VALUE = {int(c): c for c in TransferResult}
 NOT_APPLIED = int(TransferResult.not_applied)
 # Requests up to this size have their stored transfers remembered (HTTP answers a create
@@ -244,6 +247,9 @@ class Front:
         self._stores: dict[str, LedgerStore] = {}
         self._histories: dict[str, HistoryStore] = {}
         self._stream: MultiStreamReader | None = None
+        # Transfers between databases (actors/ledger/crossdb.py), with several databases.
+        self._crossdb: CrossDatabase | None = None
+        self._relay_tasks: list[asyncio.Task[None]] = []
         # History, queries and balances at an instant: a pool of their own (history.py).
         self._history: HistoryStore | None = None
         # Appends account_history below the horizon, off the commit path (indexer.py): on
@@ -293,6 +299,10 @@ class Front:
         self._store = self._stores[MAIN_DATABASE]
         self._history = self._histories[MAIN_DATABASE]
         if not self._partitions.single_database:
+            self._crossdb = CrossDatabase(
+                self._partitions, {db: store.pool for db, store in self._stores.items()},
+                submit=lambda ts: self._create_transfers(ts, [0] * len(ts)),
+                create_accounts=self._create_accounts)
             self._stream = MultiStreamReader(
                 [(self._histories[db].pool, self._partitions.shards_of_database(db))
                  for db in self._partitions.databases], shards=self._partitions.shards)
@@ -370,6 +380,10 @@ class Front:
             self._indexer_tasks.append(asyncio.get_running_loop().create_task(hold(
                 store.pool, LEASE_HISTORY_INDEXER, holder, INDEXER_LEASE,
                 _indexing(indexer))))
+            if self._crossdb is not None:  # the sagas of this debit database left behind
+                self._relay_tasks.append(asyncio.get_running_loop().create_task(hold(
+                    store.pool, LEASE_CROSSDB_RELAY, holder, INDEXER_LEASE,
+                    _relaying(self._crossdb, db))))
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
@@ -396,10 +410,10 @@ class Front:
             self._watch_task.cancel()
         if self._credentials_task is not None:
             self._credentials_task.cancel()
-        for task in self._indexer_tasks:
+        for task in [*self._indexer_tasks, *self._relay_tasks]:
             task.cancel()
-        if self._indexer_tasks:
-            await asyncio.wait(self._indexer_tasks, timeout=5)
+        if self._indexer_tasks or self._relay_tasks:
+            await asyncio.wait([*self._indexer_tasks, *self._relay_tasks], timeout=5)
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -538,6 +552,13 @@ class Front:
             [t.credit_account_id for t in transfers], [t.flags for t in transfers],
             crossing=int(TransferResult.accounts_in_different_databases),
             linked_failed=int(TransferResult.linked_event_failed))
+        crossing = int(TransferResult.accounts_in_different_databases)
+        sagas = [i for i, code in refused.items() if code == crossing and _alone(transfers, i)]
+        for start in range(0, len(sagas), SAGAS_AT_ONCE_MAX):
+            part = sagas[start:start + SAGAS_AT_ONCE_MAX]
+            answers = await asyncio.gather(*[self._between_databases(transfers[i])
+                                             for i in part])
+            refused.update((i, int(a)) for i, a in zip(part, answers, strict=True))
         rest = [i for i in range(len(transfers)) if i not in refused]
         answered = (await self._create_transfers([transfers[i] for i in rest], [0] * len(rest))
                     if rest else [])
@@ -548,6 +569,19 @@ class Front:
         out.update((i, RESULTS_BY_VALUE[c]) for i, c in refused.items())
         return [out[i] for i in range(len(transfers))]
 
+    async def _between_databases(self, transfer: Transfer) -> TransferResult:
+        """A transfer whose accounts live in two databases: a plain one goes through the
+        saga (actors/ledger/crossdb.py); a pending, post or void one is refused."""
+        if self._crossdb is None or transfer.flags or transfer.pending_id:
+            return TransferResult.accounts_in_different_databases
+        answer = await self._crossdb.transfer(transfer)
+        if answer in (TransferResult.ok, TransferResult.exists):
+            # What the HTTP API answers with: the transfer as sent, not its steps.
+            step = self._stored.get(transfer.id)
+            self._remember(msgspec.structs.replace(
+                transfer, timestamp=step.timestamp if step is not None else 0))
+        return answer
+
     async def _create_transfer(self, transfer: Transfer) -> TransferResult:
         """One transfer (an HTTP create): a segment of one chain, so straight to the lane of
         the shard of its debit account (``PartitionMap.coordinator_of`` of one transfer),
@@ -555,8 +589,9 @@ class Front:
         shard = self._partitions.shard_of(transfer.debit_account_id)
         if not self._partitions.single_database and self._partitions.crosses_databases(
                 transfer.debit_account_id, transfer.credit_account_id):
-            _transfers_counter(TransferResult.accounts_in_different_databases).inc()
-            return TransferResult.accounts_in_different_databases
+            answer = await self._between_databases(transfer)
+            _transfers_counter(answer).inc()
+            return answer
         try:
             [(code, timestamp)] = await self._lane(shard, "create_transfers").submit([transfer])
         except Unavailable as exc:
@@ -871,6 +906,19 @@ class Front:
 
     async def shard_stats(self) -> list[dict[str, float]]:
         return list(await asyncio.gather(*[s.stats.remote() for s in self._shards]))
+
+
+def _alone(transfers: list[Transfer], i: int) -> bool:
+    """Whether item ``i`` is a chain of its own (no linked flag on it or before it)."""
+    return not transfers[i].flags & LINKED and (i == 0 or not transfers[i - 1].flags & LINKED)
+
+
+def _relaying(crossdb: CrossDatabase, database: str
+              ) -> Callable[[Fence], Coroutine[Any, Any, None]]:
+    """The work the relay's lease runs."""
+    async def run(_: Fence) -> None:
+        await crossdb.relay(database)
+    return run
 
 
 def _indexing(indexer: HistoryIndexer) -> Callable[[Fence], Coroutine[Any, Any, None]]:

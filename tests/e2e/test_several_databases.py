@@ -44,7 +44,7 @@ from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 from processor.ledger import PartitionMap
-from processor.types import Account, Transfer, TransferFlags
+from processor.types import Account, AccountFlags, Transfer, TransferFlags
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 SHARDS = 4
@@ -202,14 +202,14 @@ async def test_each_shard_writes_to_its_database(served: Served, client: Client,
     assert [t.id for t in stored if t is not None] == [t.id for t in within]
 
 
-async def test_a_transfer_between_databases_is_refused_whole(served: Served, client: Client,
-                                                             ids: Ids) -> None:
-    """A transfer whose accounts live in two databases answers
-    accounts_in_different_databases over RPC (objects and columns) and 422 over HTTP; the
-    rest of its chain answers linked_event_failed, other chains of the request commit, and
-    nothing refused is stored or burned."""
+async def test_linked_and_pending_transfers_between_databases_are_refused(
+        served: Served, client: Client, ids: Ids) -> None:
+    """A transfer between databases inside a linked chain, or a pending one, answers
+    accounts_in_different_databases (over RPC and as a 422 over HTTP), the rest of its
+    chain linked_event_failed; other chains of the request commit; nothing refused is
+    stored or burned, so the same request answers the same again."""
     a0, a1, a2, a3 = await _accounts(client, ids, [0, 1, 2, 3])
-    linked = int(TransferFlags.LINKED)
+    linked, pending = int(TransferFlags.LINKED), int(TransferFlags.PENDING)
     request = [
         Transfer(id=ids.transfer(), debit_account_id=a0, credit_account_id=a2, amount=1,
                  currency="EUR"),                              # main only: ok
@@ -218,7 +218,7 @@ async def test_a_transfer_between_databases_is_refused_whole(served: Served, cli
         Transfer(id=ids.transfer(), debit_account_id=a2, credit_account_id=a1, amount=1,
                  currency="EUR"),                              # ... then main -> db1
         Transfer(id=ids.transfer(), debit_account_id=a3, credit_account_id=a0, amount=1,
-                 currency="EUR"),                              # db1 -> main
+                 currency="EUR", flags=pending, timeout_s=60),  # a hold across
         Transfer(id=ids.transfer(), debit_account_id=a1, credit_account_id=a3, amount=1,
                  currency="EUR"),                              # db1 only: ok
     ]
@@ -229,37 +229,115 @@ async def test_a_transfer_between_databases_is_refused_whole(served: Served, cli
     for url in served.urls.values():
         assert await _rows(url, "transfers", refused) == set()
         assert await _rows(url, "failed_transfers", refused) == set()
-    # The same transfers again: the same answers (nothing burned), the stored ones exist.
     again = await client.create_transfers(request)
     assert again == [R.exists, *expected[1:4], R.exists]
-    # Columns: a batch of plain transfers, one of them across.
-    batch = TransferBatch.from_transfers([
-        Transfer(id=ids.transfer(), debit_account_id=a0, credit_account_id=a2, amount=2,
-                 currency="EUR"),
-        Transfer(id=ids.transfer(), debit_account_id=a1, credit_account_id=a2, amount=2,
-                 currency="EUR"),
-        Transfer(id=ids.transfer(), debit_account_id=a3, credit_account_id=a1, amount=2,
-                 currency="EUR")])
-    codes = await client.create_transfers(batch)
-    assert [TransferResult(int(c)) for c in codes] == [
-        R.ok, R.accounts_in_different_databases, R.ok]
-    # HTTP: one transfer across is a 422 with the stable code, one within is created.
     auth = {"Authorization": f"Bearer {served.token}"}
     async with httpx.AsyncClient(base_url=served.base, headers=auth, timeout=10) as http:
         r = await http.post("/v1/transfers", json={
             "id": ids.transfer(), "debit_account_id": a2, "credit_account_id": a3,
-            "amount": 1, "currency": "EUR"})
+            "amount": 1, "currency": "EUR", "flags": ["pending"], "timeout_s": 60})
         assert (r.status_code, r.json()["error"]["code"]) == (
             422, "accounts_in_different_databases"), r.text
-        r = await http.post("/v1/transfers", json={
-            "id": ids.transfer(), "debit_account_id": a2, "credit_account_id": a0,
-            "amount": 1, "currency": "EUR"})
+
+
+async def _log(url: str, transfer_ids: list[int]) -> dict[int, tuple[str, int | None]]:
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch("SELECT id, state, result FROM crossdb_transfers "
+                                "WHERE id = ANY($1::bigint[])", transfer_ids)
+    finally:
+        await conn.close()
+    return {r["id"]: (r["state"], r["result"]) for r in rows}
+
+
+async def test_a_transfer_between_databases_moves_through_transit_accounts(
+        served: Served, client: Client, ids: Ids) -> None:
+    """A plain transfer between databases commits as two steps, one in each database,
+    over RPC (objects and columns) and HTTP (201 with the transfer as sent); a repeat
+    answers exists and moves nothing again; the log records each as credited."""
+    a0, a1, a2, a3 = await _accounts(client, ids, [0, 1, 2, 3])
+    request = [Transfer(id=ids.transfer(), debit_account_id=d, credit_account_id=c,
+                        amount=a, currency="EUR")
+               for d, c, a in [(a0, a1, 10), (a3, a2, 20), (a0, a2, 1)]]
+    assert await client.create_transfers(request) == [R.ok, R.ok, R.ok]
+    assert await client.create_transfers(request) == [R.exists, R.exists, R.exists]
+    batch = TransferBatch.from_transfers([
+        Transfer(id=ids.transfer(), debit_account_id=a2, credit_account_id=a3, amount=5,
+                 currency="EUR"),
+        Transfer(id=ids.transfer(), debit_account_id=a1, credit_account_id=a3, amount=2,
+                 currency="EUR")])
+    codes = await client.create_transfers(batch)
+    assert [TransferResult(int(c)) for c in codes] == [R.ok, R.ok]
+    auth = {"Authorization": f"Bearer {served.token}"}
+    single = {"id": ids.transfer(), "debit_account_id": a1, "credit_account_id": a0,
+              "amount": 3, "currency": "EUR"}
+    async with httpx.AsyncClient(base_url=served.base, headers=auth, timeout=10) as http:
+        r = await http.post("/v1/transfers", json=single)
         assert r.status_code == 201, r.text
-        r = await http.get(f"/v1/accounts/{a3}")
-        assert r.status_code == 200 and r.json()["id"] == a3, r.text
+        body = r.json()
+        assert (body["debit_account_id"], body["credit_account_id"]) == (a1, a0), body
     balances = {a.id: (a.debits_posted, a.credits_posted)
                 for a in await client.lookup_accounts([a0, a1, a2, a3]) if a is not None}
-    assert balances == {a0: (3, 1), a1: (1, 2), a2: (1, 3), a3: (2, 1)}
+    assert balances == {a0: (11, 3), a1: (5, 10), a2: (5, 21), a3: (20, 7)}
+    crossing = [request[0].id, request[1].id, single["id"]]
+    logs = {**await _log(served.urls["main"], crossing), **await _log(served.urls["db1"],
+                                                                       crossing)}
+    assert logs == {i: ("credited", 0) for i in crossing}
+
+
+async def test_a_refused_credit_is_compensated(served: Served, client: Client,
+                                               ids: Ids) -> None:
+    """When the credit side refuses (a limit, an account that does not exist), the debit
+    is given back by a compensation in its own database and the transfer answers the
+    refusal; a repeat answers the same, and nothing moves twice."""
+    a0, = await _accounts(client, ids, [0])
+    limited = ids.account(1)
+    flags = int(AccountFlags.CREDITS_MUST_NOT_EXCEED_DEBITS)
+    assert await client.create_accounts([Account(id=limited, currency="EUR", flags=flags)]
+                                        ) == [AccountResult.ok]
+    missing = ids.account(3)
+    request = [Transfer(id=ids.transfer(), debit_account_id=a0, credit_account_id=c,
+                        amount=9, currency="EUR") for c in (limited, missing)]
+    expected = [R.exceeds_debits, R.credit_account_not_found]
+    assert await client.create_transfers(request) == expected
+    assert await client.create_transfers(request) == expected
+    [found] = await client.lookup_accounts([a0])
+    assert found is not None and (found.debits_posted, found.credits_posted) == (18, 18)
+    logs = await _log(served.urls["main"], [t.id for t in request])
+    assert logs == {t.id: ("compensated", int(code))
+                    for t, code in zip(request, expected, strict=True)}
+
+
+async def test_the_relay_finishes_what_a_front_left(served: Served, client: Client,
+                                                    ids: Ids) -> None:
+    """A logged transfer no front drives any more (its front died after writing the row)
+    is finished by the relay of its debit database: credited, or compensated when its
+    credit side refuses."""
+    a0, a1 = await _accounts(client, ids, [0, 1])
+    t_ok, t_missing = ids.transfer(), ids.transfer()
+    conn = await asyncpg.connect(served.urls["main"])
+    try:
+        for t, credit in ((t_ok, a1), (t_missing, ids.account(3))):
+            await conn.execute(
+                "INSERT INTO crossdb_transfers (id, tenant, debit_account_id, "
+                "credit_account_id, amount, currency, code, user_data, debit_database, "
+                "credit_database, state, updated_at) VALUES ($1, $2, $3, $4, 4, 'EUR', 0, "
+                "'', 'main', 'db1', 'started', now() - interval '1 minute')",
+                t, await conn.fetchval("SELECT tenant FROM accounts WHERE id = $1", a0),
+                a0, credit)
+    finally:
+        await conn.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        logs = await _log(served.urls["main"], [t_ok, t_missing])
+        if all(state in ("credited", "compensated") for state, _ in logs.values()):
+            break
+        await _sleep(0.5)
+    assert logs == {t_ok: ("credited", 0),
+                    t_missing: ("compensated", int(R.credit_account_not_found))}
+    balances = {a.id: (a.debits_posted, a.credits_posted)
+                for a in await client.lookup_accounts([a0, a1]) if a is not None}
+    assert balances == {a0: (8, 4), a1: (0, 4)}
 
 
 async def test_history_queries_and_the_stream_read_every_database(
@@ -294,18 +372,22 @@ async def test_history_queries_and_the_stream_read_every_database(
     balances = await client.get_account_balances(a3, at)
     assert (balances.debits_posted, balances.credits_posted) == (6, 3)
     streamed: list[int] = []
+    rows: list[tuple[int, int, int]] = []
     shard_of: dict[int, int] = {}
     after = ""
     for _ in range(10_000):
         s = await client.stream_transfers(after, limit=50)
         streamed += [t.id for t in s.data]
+        rows += [(t.id, t.debit_account_id, t.credit_account_id) for t in s.data]
         shard_of.update((t.id, shard) for t, shard in zip(s.data, s.shards, strict=True))
         after = s.next_cursor
         if want <= set(streamed):
             break
         if not s.data:
             await _sleep(0.2)
-    assert want <= set(streamed) and len(streamed) == len(set(streamed))
+    # Each stored row once; a transfer between databases (other tests') is two rows, its
+    # steps, one in each database, under its id.
+    assert want <= set(streamed) and len(rows) == len(set(rows))
     # Each from the shard that coordinated it (its debit account's), of either database.
     assert {shard_of[t.id] for t in made} == {0, 1, 2, 3}
     assert all(shard_of[t.id] == LAYOUT.shard_of(t.debit_account_id) for t in made)
@@ -375,6 +457,28 @@ async def test_verify_checks_every_database(served: Served, client: Client,
         "--database-url", served.urls["db1"]])
     assert both.returncode == 0, both.stdout + both.stderr
     assert '"databases": 2' in both.stdout
+    # The sagas of the other tests moved money between the databases (all finished): it
+    # is all there, each transit account mirroring its pair's.
+    assert '"transit_pairs"' in both.stdout and "transit_skipped" not in both.stdout
+    # A log row claiming a credit that never moved breaks the mirror, and verify says so.
+    a0, = await _accounts(client, ids, [0])
+    conn = await asyncpg.connect(served.urls["main"])
+    try:
+        tenant = await conn.fetchval("SELECT tenant FROM accounts WHERE id = $1", a0)
+        forged = ids.transfer()
+        await conn.execute(
+            "INSERT INTO crossdb_transfers (id, tenant, debit_account_id, credit_account_id, "
+            "amount, currency, code, user_data, debit_database, credit_database, state, "
+            "result) VALUES ($1, $2, $3, $4, 7, 'EUR', 0, '', 'main', 'db1', 'credited', 0)",
+            forged, tenant, a0, ids.account(1))
+        broken = await asyncio.to_thread(_run, [
+            "verify", "--database-url", served.urls["main"],
+            "--database-url", served.urls["db1"]])
+    finally:
+        await conn.execute("DELETE FROM crossdb_transfers WHERE id = $1", forged)
+        await conn.close()
+    assert broken.returncode == 1, broken.stdout + broken.stderr
+    assert "transit_mirror" in broken.stdout
     main = await asyncio.to_thread(
         _run, ["verify", "--json", "--database-url", served.urls["main"]])
     assert main.returncode == 0, main.stdout + main.stderr

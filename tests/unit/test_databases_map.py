@@ -78,3 +78,31 @@ def test_one_database_refuses_nothing_and_columns_agree() -> None:
     credit = np.array([MAIN2, MAIN0, DB1, DB3], dtype=np.int64)
     assert crossing_mask(TWO, debit, credit).tolist() == [False, True, False, True]
     assert not crossing_mask(one, debit, credit).any()
+
+
+def test_transit_ids_land_in_their_database_and_stay_in_their_range() -> None:
+    """Transit accounts are derived (every front agrees), in the reserved slice, each in
+    the database of its side; a skip takes another candidate; compensation ids are in
+    their own slice and differ per transfer."""
+    from processor.ledger.transit import (
+        COMPENSATION_ID_BASE,
+        TRANSIT_ID_BASE,
+        compensation_id,
+        next_step,
+        transit_account_id,
+    )
+
+    kw = {"tenant": 7, "debit_database": "main", "credit_database": "db1", "currency": "EUR"}
+    out = transit_account_id(TWO, side="out", **kw)
+    into = transit_account_id(TWO, side="in", **kw)
+    assert TWO.database_of(out) == "main" and TWO.database_of(into) == "db1"
+    assert out == transit_account_id(TWO, side="out", **kw)
+    assert transit_account_id(TWO, side="out", skip=1, **kw) != out
+    assert transit_account_id(TWO, side="out", tenant=8, debit_database="main",
+                              credit_database="db1", currency="EUR") != out
+    assert all(TRANSIT_ID_BASE <= i < COMPENSATION_ID_BASE for i in (out, into))
+    ids = {compensation_id(t) for t in range(1, 1001)}
+    assert len(ids) == 1000 and all(COMPENSATION_ID_BASE <= i < 2**63 for i in ids)
+    assert [next_step(s) for s in ("started", "debited", "compensating", "credited",
+                                   "refused", "compensated")] == [
+        "debit", "credit", "compensate", "done", "done", "done"]
