@@ -23,6 +23,8 @@ from processor.codes import AccountResult, TransferResult
 from processor.errors import Unavailable
 from processor.ledger import PartitionMap, compare_existing
 from processor.ledger.transit import (
+    COMPENSATION_ID_BASE,
+    TRANSIT_ID_BASE,
     SagaState,
     compensation_id,
     next_step,
@@ -64,6 +66,10 @@ ORDER BY updated_at LIMIT $2
 
 Submit = Callable[[list[Transfer]], Awaitable[list[TransferResult]]]
 CreateAccounts = Callable[[list[Account]], Awaitable[list[AccountResult]]]
+
+
+def _is_transit(account_id: int) -> bool:
+    return TRANSIT_ID_BASE <= account_id < COMPENSATION_ID_BASE
 
 
 def _as_transfer(row: Any) -> Transfer:
@@ -173,6 +179,30 @@ class CrossDatabase:
                 raise RuntimeError(f"no transit account for tenant {t.tenant} {d1}->{d2}")
         self._transit[key] = (ids[0], ids[1])
         return ids[0], ids[1]
+
+    async def as_sent(self, found: dict[int, Transfer]) -> dict[int, Transfer | None]:
+        """``found`` (id -> a stored row) with each step of a transfer between databases
+        replaced by the transfer as sent (the timestamp its step has), or by None while it
+        is not credited (in flight, refused or compensated: not a transfer of the ledger)."""
+        steps = [i for i, t in found.items() if _is_transit(t.debit_account_id)
+                 or _is_transit(t.credit_account_id)]
+        if not steps:
+            return dict(found)
+        rows: dict[int, Any] = {}
+        for pool in self._pools.values():
+            async with pool.acquire() as conn:
+                for r in await conn.fetch(
+                        f"SELECT {_COLUMNS} FROM crossdb_transfers "  # noqa: S608 - constants
+                        "WHERE id = ANY($1::bigint[])", steps):
+                    rows[r["id"]] = r
+        out: dict[int, Transfer | None] = dict(found)
+        for i in steps:
+            row = rows.get(i)
+            if row is None:
+                continue  # a transit account's id another way (not a saga's step)
+            out[i] = (msgspec.structs.replace(_as_transfer(row), timestamp=found[i].timestamp)
+                      if row["state"] == "credited" else None)
+        return out
 
     async def relay(self, database: str) -> None:
         """Run until cancelled: drive the transfers of ``database`` whose rows stood still

@@ -575,9 +575,9 @@ class Front:
         if self._crossdb is None or transfer.flags or transfer.pending_id:
             return TransferResult.accounts_in_different_databases
         answer = await self._crossdb.transfer(transfer)
+        step = self._stored.pop(transfer.id, None)  # a step, remembered by its routing
         if answer in (TransferResult.ok, TransferResult.exists):
             # What the HTTP API answers with: the transfer as sent, not its steps.
-            step = self._stored.get(transfer.id)
             self._remember(msgspec.structs.replace(
                 transfer, timestamp=step.timestamp if step is not None else 0))
         return answer
@@ -850,6 +850,12 @@ class Front:
                         break
             except DATABASE_ERRORS as exc:
                 raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+        if self._crossdb is not None and len(found) > 0:
+            try:
+                sent = await self._crossdb.as_sent(found)
+            except DATABASE_ERRORS as exc:
+                raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+            return [sent.get(i) for i in ids]
         return [found.get(i) for i in ids]
 
     # -- history, queries, balances at an instant (processor.history.HistoryService) ----------

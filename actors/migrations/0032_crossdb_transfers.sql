@@ -28,5 +28,8 @@ CREATE TABLE crossdb_transfers (
 CREATE INDEX crossdb_transfers_open ON crossdb_transfers (updated_at)
     WHERE state IN ('started', 'debited', 'compensating');
 
+-- The service writes a row once and moves its state forward; the transfer's fields never
+-- change and no row is deleted (the default privileges of 0015 would allow both).
+REVOKE UPDATE, DELETE ON crossdb_transfers FROM txproc_app;
 GRANT SELECT, INSERT ON crossdb_transfers TO txproc_app;
 GRANT UPDATE (state, result, updated_at) ON crossdb_transfers TO txproc_app;

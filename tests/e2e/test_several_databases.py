@@ -280,6 +280,10 @@ async def test_a_transfer_between_databases_moves_through_transit_accounts(
                 for a in await client.lookup_accounts([a0, a1, a2, a3]) if a is not None}
     assert balances == {a0: (11, 3), a1: (5, 10), a2: (5, 21), a3: (20, 7)}
     crossing = [request[0].id, request[1].id, single["id"]]
+    # A lookup answers the transfer as sent, not one of its steps.
+    looked = await client.lookup_transfers(crossing)
+    assert [(t.debit_account_id, t.credit_account_id, t.amount) for t in looked
+            if t is not None] == [(a0, a1, 10), (a3, a2, 20), (a1, a0, 3)]
     logs = {**await _log(served.urls["main"], crossing), **await _log(served.urls["db1"],
                                                                        crossing)}
     assert logs == {i: ("credited", 0) for i in crossing}
@@ -303,6 +307,7 @@ async def test_a_refused_credit_is_compensated(served: Served, client: Client,
     assert await client.create_transfers(request) == expected
     [found] = await client.lookup_accounts([a0])
     assert found is not None and (found.debits_posted, found.credits_posted) == (18, 18)
+    assert await client.lookup_transfers([t.id for t in request]) == [None, None]
     logs = await _log(served.urls["main"], [t.id for t in request])
     assert logs == {t.id: ("compensated", int(code))
                     for t, code in zip(request, expected, strict=True)}
@@ -391,6 +396,61 @@ async def test_history_queries_and_the_stream_read_every_database(
     # Each from the shard that coordinated it (its debit account's), of either database.
     assert {shard_of[t.id] for t in made} == {0, 1, 2, 3}
     assert all(shard_of[t.id] == LAYOUT.shard_of(t.debit_account_id) for t in made)
+
+
+async def test_a_front_killed_between_steps_loses_and_doubles_nothing(
+        served: Served, ids: Ids) -> None:
+    """SIGKILL of the front while transfers between databases are in flight: the relay
+    finishes every one whose row was written, the gateway's resend of every request
+    answers ok or exists, and the money moved is exactly the sum of the transfers, once,
+    on both sides."""
+    async with Client("127.0.0.1", served.rpc_port, served.token) as c:
+        a0, a1 = await _accounts(c, ids, [0, 1])
+    requests = [[Transfer(id=ids.transfer(), debit_account_id=a0, credit_account_id=a1,
+                          amount=1 + (k % 7), currency="EUR") for k in range(5)]
+                for _ in range(200)]
+    total = sum(t.amount for r in requests for t in r)
+
+    async def gateway() -> int:
+        """How many requests were answered before the front went away."""
+        async with Client("127.0.0.1", served.rpc_port, served.token) as c:
+            for n, r in enumerate(requests):
+                try:
+                    await c.create_transfers(r)
+                except (LedgerError, ClientError, TimeoutError, OSError):
+                    return n  # everything is resent below
+        return len(requests)
+
+    sending = asyncio.create_task(gateway())
+    await _sleep(0.3)
+    fronts = [p for p in psutil.Process(served.pid).children(recursive=True)
+              if "ray::Front" in " ".join(_cmdline(p))]
+    assert fronts, "the front's process"
+    for p in fronts:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.send_signal(signal.SIGKILL)
+    answered = await asyncio.wait_for(sending, timeout=60)
+    assert 0 < answered < len(requests), answered  # the kill fell inside the burst
+    deadline = time.monotonic() + 120
+    answers: list[TransferResult] = []
+    while True:  # the supervisor starts the front again on its ports
+        try:
+            async with Client("127.0.0.1", served.rpc_port, served.token) as c:
+                answers = []
+                for r in requests:
+                    answers += await c.create_transfers(r)
+            break
+        except (LedgerError, ClientError, TimeoutError, OSError):
+            if time.monotonic() > deadline:
+                raise
+            await _sleep(0.5)
+    assert set(answers) <= {R.ok, R.exists}
+    every = [t.id for r in requests for t in r]
+    assert set((await _log(served.urls["main"], every)).values()) == {("credited", 0)}
+    async with Client("127.0.0.1", served.rpc_port, served.token) as c:
+        found = await c.lookup_accounts([a0, a1])
+    assert [(a.debits_posted, a.credits_posted) for a in found if a is not None] == [
+        (total, 0), (0, total)]
 
 
 async def _epochs(url: str) -> dict[int, int]:
