@@ -927,13 +927,16 @@ async def _audit(args: argparse.Namespace) -> int:
     kind = kinds[0]
     with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
+        ledgers = [await asyncpg.connect(u, timeout=10)
+                   for u in further_databases(args).values()]
         try:
-            records = await who_made(conn, kind, getattr(args, kind))
+            records = await who_made(conn, kind, getattr(args, kind), ledgers)
         except ValueError as exc:
             print(f"txproc audit: {exc}", file=sys.stderr)
             return 2
         finally:
-            await conn.close()
+            for c in (conn, *ledgers):
+                await c.close()
         for record in records:
             print(json.dumps(record, sort_keys=True))
         if not records:

@@ -507,6 +507,24 @@ def _cmdline(p: psutil.Process) -> list[str]:
         return []
 
 
+async def test_audit_names_who_made_a_row_of_either_database(
+        served: Served, client: Client, ids: Ids) -> None:
+    """`txproc audit` given both databases finds the request that made an account or a
+    transfer kept in the further database (its record is in main's audit log)."""
+    a0, a1, a3 = await _accounts(client, ids, [0, 1, 3])
+    t = Transfer(id=ids.transfer(), debit_account_id=a1, credit_account_id=a3, amount=1,
+                 currency="EUR")  # db1 -> db1
+    assert await client.create_transfers([t]) == [R.ok]
+    urls = ["--database-url", served.urls["main"], "--database-url", served.urls["db1"]]
+    for kind, object_id in (("account", a1), ("transfer", t.id), ("account", a0)):
+        done = await asyncio.to_thread(_run, ["audit", f"--{kind}", str(object_id), *urls])
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f'"object": "{object_id}"' in done.stdout
+    alone = await asyncio.to_thread(
+        _run, ["audit", "--account", str(a1), "--database-url", served.urls["main"]])
+    assert alone.returncode == 1  # main alone does not hold it
+
+
 async def test_verify_checks_every_database(served: Served, client: Client,
                                             ids: Ids) -> None:
     """`txproc verify` given both databases checks each (its own rows, chains and
