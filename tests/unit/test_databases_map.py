@@ -106,3 +106,29 @@ def test_transit_ids_land_in_their_database_and_stay_in_their_range() -> None:
     assert [next_step(s) for s in ("started", "debited", "compensating", "credited",
                                    "refused", "compensated")] == [
         "debit", "credit", "compensate", "done", "done", "done"]
+
+
+@pytest.mark.parametrize(("databases", "shards", "payments", "complaint"), [
+    ({"db1": "postgresql://b/x"}, 1, False, "at most one database per shard"),
+    ({"main": "postgresql://b/x"}, 2, False, "further database keys"),
+    ({"DB1": "postgresql://b/x"}, 2, False, "further database keys"),
+    ({"db1": ""}, 2, False, "every further database has a URL"),
+    ({"db1": "postgresql://b/x"}, 2, True, "several databases need --no-payments"),
+    ({"db1": "postgresql://b/x"}, 2, False, None),
+    ({}, 2, True, None),
+])
+def test_configuration_of_several_databases(databases: dict[str, str], shards: int,
+                                            payments: bool, complaint: str | None) -> None:
+    """Config.check refuses a layout that cannot run, naming what is wrong."""
+    from processor.config import Config, FrontConfig, PaymentsSection, ShardConfig
+
+    config = Config(shard=ShardConfig(database_url="postgresql://a/x", shards=shards,
+                                      databases=databases),
+                    front=FrontConfig(), data_dir="/tmp/x",
+                    payments=PaymentsSection() if payments else PaymentsSection(
+                        enabled=False, providers=()))
+    if complaint is None:
+        config.check()
+    else:
+        with pytest.raises(ValueError, match=complaint):
+            config.check()
