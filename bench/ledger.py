@@ -937,13 +937,14 @@ async def _run(
 async def scratch_processor(database_url: str, shards: int, *, prefix: str,
                             shard_options: dict[str, Any] | None = None, fronts: int = 0,
                             payments_rules: dict[str, Any] | None = None,
-                            ray_address: str = "",
+                            ray_address: str = "", payments: bool = True,
                             ) -> AsyncIterator[tuple[Any, float]]:
     """A processor on loopback with free ports, in a data directory removed afterwards;
     yields it with its start-up time in seconds, and stops everything it started.
     ``shard_options`` are further ShardConfig fields; ``fronts`` as ``Config.fronts``;
     ``payments_rules`` further PaymentsConfig fields; ``ray_address`` a running cluster
-    to start on (default: a local Ray of its own)."""
+    to start on (default: a local Ray of its own); ``payments`` False serves the ledger
+    only."""
     from actors.app.runtime import start_processor
     from processor.config import (
         Config,
@@ -962,7 +963,8 @@ async def scratch_processor(database_url: str, shards: int, *, prefix: str,
         fronts=fronts,
         ray_address=ray_address,
         payments=PaymentsSection(rules=msgspec.structs.replace(
-            PaymentsSection().rules, **(payments_rules or {}))),
+            PaymentsSection().rules, **(payments_rules or {}))) if payments else
+        PaymentsSection(enabled=False, providers=()),
     )
     try:
         started = time.perf_counter()

@@ -61,7 +61,7 @@ async def build(url: str, args: argparse.Namespace) -> dict[str, Any]:
     store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=600)
     try:
-        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.ensure_partition_map(partitions)
         epoch = await store.take_epoch(0)
         book = ArrayBook(0, partitions, recent_ids_max=args.batch * 2)
         now = time.time_ns()

@@ -95,6 +95,10 @@ class TransferResult(enum.IntEnum):
     # The id is taken by another tenant's transfer. Reported before the fields are
     # compared, so nothing of that transfer is revealed; it burns nothing.
     exists_with_different_tenant = 51
+    # The debit and credit accounts live in different databases (several databases,
+    # docs/design.md §12), which one transaction cannot span; refused by the front before
+    # any shard sees it, so it burns nothing and depends only on the two account ids.
+    accounts_in_different_databases = 52
 
 
 def is_success(code: AccountResult | TransferResult) -> bool:

@@ -11,11 +11,12 @@ No code below the CLI reads the environment. Every limit is spelled out with its
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import msgspec
 
-from processor.ledger import FrontConfig, ShardConfig
+from processor.ledger import MAIN_DATABASE, FrontConfig, ShardConfig
 from processor.ops_config import ObservabilityConfig
 from processor.payments import PaymentsConfig
 from processor.placement import FRONTS_MAX
@@ -31,6 +32,9 @@ __all__ = [
     "ProviderEndpoint",
     "ShardConfig",
 ]
+
+
+_DATABASE_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 
 class ProviderEndpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -86,6 +90,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         s, f = self.shard, self.front
         checks = [
             (1 <= s.shards <= 64, "1 <= shards <= 64"),
+            (len(s.database_keys) <= s.shards,
+             "at most one database per shard (each database needs a shard)"),
+            (all(_DATABASE_KEY.fullmatch(k) and k != MAIN_DATABASE for k in s.databases),
+             "further database keys are 1-32 of a-z, 0-9, _ starting with a letter, "
+             "not main"),
+            (all(s.databases.values()), "every further database has a URL"),
+            # A payment's holds join a merchant's account and a clearing account that may
+            # live in different databases (docs/design.md §12, "Limits").
+            (not s.databases or not (self.payments.enabled and self.payments.providers),
+             "several databases need --no-payments (payments are not ready for them)"),
             (0 < f.call_items_max <= f.queue_items_max, "0 < call_items_max <= queue_items_max"),
             (f.queue_items_max <= s.items_in_flight_max,
              "front queue_items_max <= shard items_in_flight_max"),

@@ -30,7 +30,7 @@ from actors.database import (
 from actors.migrate import migrate
 
 __all__ = ["DATABASE_URL_ENV", "app_db_url", "app_password_file", "db_url", "embedded_pg",
-           "empty_db_url", "pg_admin_url"]
+           "empty_db_url", "pg_admin_url", "second_pg_admin_url"]
 
 pytest_plugins = ["tests.running", "tests.payments_support"]
 
@@ -70,6 +70,26 @@ def pg_admin_url(embedded_pg: EmbeddedPostgres | None) -> str:
         return external_url
     assert embedded_pg is not None
     return embedded_pg.url
+
+
+@pytest.fixture(scope="session")
+def second_pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL that may create databases on a second server, for the tests of a ledger over
+    several databases (docs/design.md §12): a second embedded server, started only for the
+    sessions that ask for it; with an external server configured, that same server (two
+    databases of one server are as separate to the processor as two servers)."""
+    external_url = os.environ.get(DATABASE_URL_ENV)
+    if external_url:
+        yield external_url
+        return
+    server = EmbeddedPostgres(settings=EMBEDDED_SETTINGS)
+    data_dir = tmp_path_factory.mktemp("postgres2") / "data"
+    server.start(data_dir)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

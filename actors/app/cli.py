@@ -52,10 +52,35 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", default=os.environ.get("TXPROC_DATA_DIR", DATA_DIR_DEFAULT),
                    help="where the embedded database and the signing key live")
     p.add_argument("--database-url", default=os.environ.get("TXPROC_DATABASE_URL", ""),
+                   action=_DatabaseUrls,
                    help="an existing PostgreSQL instead of the embedded one: a URL of the "
                         "role that owns the tables (migrations and operator commands use it; "
                         "the service connects as txproc_app, its password kept in "
-                        "<data-dir>/txproc_app.pgpass)")
+                        "<data-dir>/txproc_app.pgpass). Given again, each further URL is "
+                        "another database for the ledger's shards (db1, db2, ...; shards are "
+                        "dealt over main and these; docs/operations.md, 'Adding a database')")
+
+
+class _DatabaseUrls(argparse.Action):
+    """``--database-url``: the first names the main database (replacing the environment's
+    default), each further one a database of the ledger's shards (``database_urls_more``)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        more = getattr(namespace, "database_urls_more", None)
+        if more is None:  # the first: replaces the default
+            namespace.database_url = values
+            namespace.database_urls_more = []
+        else:
+            more.append(values)
+
+
+def further_databases(args: argparse.Namespace) -> dict[str, str]:
+    """The ledger's further databases by key (db1, db2, ...), from repeated --database-url."""
+    more = getattr(args, "database_urls_more", None) or []
+    if more and not args.database_url:
+        raise SystemExit("txproc: --database-url: further databases need a first one")
+    return {f"db{i}": url for i, url in enumerate(more, start=1)}
 
 
 def _add_key_file(p: argparse.ArgumentParser, what: str) -> None:
@@ -160,7 +185,8 @@ def _absolute(path: str) -> str:
 def build_config(args: argparse.Namespace) -> Config:
     """The one config tree, from parsed arguments (and the environment, via defaults)."""
     config = Config(
-        shard=ShardConfig(database_url=args.database_url, shards=args.shards),
+        shard=ShardConfig(database_url=args.database_url, shards=args.shards,
+                          databases=further_databases(args)),
         front=FrontConfig(host=args.host, http_port=args.http_port, rpc_port=args.rpc_port,
                           key_path=str(Path(args.key_file).absolute()) if args.key_file else "",
                           rate_limit_rps=args.rate_limit_rps,
@@ -788,6 +814,9 @@ async def _migrate(args: argparse.Namespace) -> int:
             finally:
                 await conn.close()
         print(f"applied: {applied or 'nothing (up to date)'}")
+    for key, url in further_databases(args).items():
+        applied = await migrate(url)
+        print(f"{key}: applied: {applied or 'nothing (up to date)'}")
     return 0
 
 
@@ -828,11 +857,11 @@ async def _verify(args: argparse.Namespace) -> int:
     naming the first broken thing, 2 if it cannot read."""
     import asyncpg
 
-    from actors.app.verification import verify_all
+    from actors.app.verification import verify_databases
 
     with _live_database(args) as url:
         try:
-            result = await verify_all(url)
+            result = await verify_databases({"main": url, **further_databases(args)})
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             print(f"txproc verify: {exc}; run `txproc migrate` first", file=sys.stderr)
             return 2
@@ -898,13 +927,16 @@ async def _audit(args: argparse.Namespace) -> int:
     kind = kinds[0]
     with _operator_database(args) as url:
         conn = await asyncpg.connect(url, timeout=10)
+        ledgers = [await asyncpg.connect(u, timeout=10)
+                   for u in further_databases(args).values()]
         try:
-            records = await who_made(conn, kind, getattr(args, kind))
+            records = await who_made(conn, kind, getattr(args, kind), ledgers)
         except ValueError as exc:
             print(f"txproc audit: {exc}", file=sys.stderr)
             return 2
         finally:
-            await conn.close()
+            for c in (conn, *ledgers):
+                await c.close()
         for record in records:
             print(json.dumps(record, sort_keys=True))
         if not records:

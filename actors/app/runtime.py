@@ -48,7 +48,7 @@ from processor.identity import (
     load_ring,
     read_key,
 )
-from processor.ledger import PartitionMap
+from processor.ledger import MAIN_DATABASE
 from processor.placement import (
     FrontPlacement,
     NodeView,
@@ -116,6 +116,9 @@ class Processor:
     # The administrative URL (migrations, operator commands); config.shard.database_url is
     # the service's, as the application role (actors.database.app_role_url).
     admin_database_url: str = field(default="", repr=False)
+    # Every database's administrative URL by key (main's is admin_database_url): what
+    # `txproc verify` and the tests read, database by database.
+    admin_database_urls: dict[str, str] = field(default_factory=dict, repr=False)
     fronts: list[RunningFront] = field(default_factory=list)
 
     @property
@@ -294,23 +297,13 @@ async def start_processor(config: Config, *, payments_node: str | None = None) -
     else:
         load_or_create_ring(config.keys_path, now_s=int(time.time()))
     admin_url, embedded = ensure_database(config)
+    config_admin_databases = dict(config.shard.databases)
     try:
-        applied = await migrate(admin_url)
-        if applied:
-            log.info("applied migrations %s", applied)
-        partitions = PartitionMap.uniform(config.shard.shards)
-        # As the administrative role: it locks the table, which the service may not.
-        store = await LedgerStore.connect(admin_url, pool_size_max=2, connect_timeout_s=10,
-                                          command_timeout_s=30)
-        try:
-            await store.ensure_partition_map(partitions.shard_of_partition)
-        finally:
-            await store.close()
+        service_urls = await _prepare_databases(config, admin_url, embedded)
         # Every actor connects as the application role from here on.
-        url = await app_role_url(admin_url, app_password_file(config, embedded))
-        config = msgspec.structs.replace(
-            config, shard=msgspec.structs.replace(config.shard, database_url=url)
-        )
+        config = msgspec.structs.replace(config, shard=msgspec.structs.replace(
+            config.shard, database_url=service_urls[MAIN_DATABASE],
+            databases={k: service_urls[k] for k in config.shard.databases}))
         metrics_dir = _fresh_metrics_dir()
         started_ray = init_ray(config.ray_address, metrics_dir)
         for s in range(config.shard.shards):
@@ -331,6 +324,7 @@ async def start_processor(config: Config, *, payments_node: str | None = None) -
             started_ray=started_ray,
             extra={"front_event_loop": fronts[0].event_loop, "metrics_dir": metrics_dir},
             channel_key=channel_key, admin_database_url=admin_url, fronts=fronts,
+            admin_database_urls={MAIN_DATABASE: admin_url, **config_admin_databases},
         )
         _write_fronts_file(processor)
         await _start_metrics(processor, embedded)
@@ -345,6 +339,31 @@ async def start_processor(config: Config, *, payments_node: str | None = None) -
             await processor.stop()
             raise
     return processor
+
+
+async def _prepare_databases(config: Config, admin_url: str,
+                             embedded: EmbeddedPostgres | None) -> dict[str, str]:
+    """Migrate every database, record in each its part of the partition map (refusing a
+    layout other than its first start's), and return each one's service URL (as the
+    application role), by key. One database, the default, is what it always was."""
+    partitions = config.shard.partition_map()
+    password_file = app_password_file(config, embedded)
+    urls: dict[str, str] = {}
+    for key in partitions.databases:
+        url = admin_url if key == MAIN_DATABASE else config.shard.databases[key]
+        applied = await migrate(url)
+        if applied:
+            log.info("database %s: applied migrations %s", key, applied)
+        # As the administrative role: it locks the table, which the service may not.
+        store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                          command_timeout_s=30)
+        try:
+            await store.ensure_partition_map(partitions, key)
+        finally:
+            await store.close()
+        # One password file for the role on every server: the processor keeps one.
+        urls[key] = await app_role_url(url, password_file)
+    return urls
 
 
 def _alive_nodes() -> list[NodeView]:

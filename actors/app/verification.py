@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
+
 from actors.ledger import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
 from actors.payments import check_reconciliation_records
 from processor.audit import (
@@ -28,8 +30,10 @@ from processor.audit import (
     check_audit_chain,
     record_of_row,
 )
+from processor.ledger import Report
 
-__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all"]
+__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all",
+           "verify_databases"]
 
 # Every column of an audit event, in id order: the chain is checked in the order written.
 _AUDIT_EVENTS_SQL = f"""
@@ -95,3 +99,127 @@ ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log, check_reconcil
 async def verify_all(url: str, **options: Any) -> VerifyResult:
     """``verify`` with every check (``ALL_CHECKS``); ``options`` as ``verify`` takes them."""
     return await verify(url, ALL_CHECKS, **options)
+
+
+async def verify_databases(urls: dict[str, str], **options: Any) -> VerifyResult:
+    """Every check over a ledger of several databases (docs/design.md §12): ``verify_all``
+    over the main one (the first of ``urls``, which alone holds the audit log and the
+    payments), the ledger's checks over each further one, each in one snapshot of its own;
+    one result, counts summed, problems named ``key:table``. Each step of a transfer between
+    databases is a transfer in one, so each one's balances and chains stand alone; what
+    crossed is checked by ``check_transit_mirror``."""
+    results: list[tuple[str, VerifyResult]] = []
+    for i, (key, url) in enumerate(urls.items()):
+        checks = ALL_CHECKS if i == 0 else LEDGER_CHECKS
+        results.append((key, await verify(url, checks, **options)))
+    if len(results) == 1:
+        return results[0][1]
+    report = Report()
+    for key, result in results:
+        for name, n in result.report.checked.items():
+            if name.endswith("_age_s"):  # an age: the oldest database's, not a sum
+                report.checked[name] = max(report.checked.get(name, 0), n)
+            else:
+                report.count(name, n)
+        for p in result.report.problems:
+            report.add(f"{key}:{p.table}", p.id, p.kind, p.expected, p.found)
+        report.problems_total += result.report.problems_total - len(result.report.problems)
+    report.count("databases", len(results))
+    await check_transit_mirror(urls, report)
+    return VerifyResult(report, sum(r.seconds for _, r in results),
+                        sum(r.rows for _, r in results))
+
+
+# -- transfers between databases: the transit accounts mirror each other -----------------
+
+_OPEN_STATES = ("started", "debited", "compensating")
+_LOG_SQL = """
+SELECT tenant, debit_database, credit_database, currency, state, sum(amount) AS amount,
+       count(*) AS n
+FROM crossdb_transfers GROUP BY 1, 2, 3, 4, 5 ORDER BY 1, 2, 3, 4, 5
+"""
+_TRANSIT_SUMS_SQL = """
+SELECT account_id, sum(debits) AS debits, sum(credits) AS credits FROM (
+    SELECT debit_account_id AS account_id, amount AS debits, 0 AS credits FROM transfers
+    WHERE debit_account_id >= $1 AND debit_account_id < $2
+    UNION ALL
+    SELECT credit_account_id, 0, amount FROM transfers
+    WHERE credit_account_id >= $1 AND credit_account_id < $2) m
+GROUP BY account_id
+"""
+_ACCOUNTS_OF_SQL = "SELECT id, tenant, currency FROM accounts WHERE id = ANY($1::bigint[])"
+
+
+async def _logs(urls: dict[str, str]) -> list[tuple[Any, ...]]:
+    rows: list[tuple[Any, ...]] = []
+    for url in urls.values():
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            rows += [tuple(r) for r in await conn.fetch(_LOG_SQL)]
+        finally:
+            await conn.close()
+    return rows
+
+
+async def check_transit_mirror(urls: dict[str, str], report: Report) -> None:
+    """Money moved between databases (actors/ledger/crossdb.py) is all accounted for: for
+    each tenant, database pair and currency, what its transit account in the debit's
+    database holds (credits less debits) equals what its transit account in the credit's
+    database gave (debits less credits) and the amounts of the transfers the log says were
+    credited. The databases are read one after another, so this holds only for a quiet
+    moment: the logs are read before and after the sums, and when a transfer was in flight
+    or moved meanwhile the check is counted as skipped (``transit_skipped``), not failed."""
+    from processor.ledger import PartitionMap
+    from processor.ledger.transit import (
+        COMPENSATION_ID_BASE,
+        TRANSIT_ID_BASE,
+        transit_account_id,
+    )
+
+    before = await _logs(urls)
+    if not before:
+        return
+    sums: dict[str, dict[int, tuple[int, int]]] = {}
+    shards = 0
+    for key, url in urls.items():
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            shards += int(await conn.fetchval("SELECT count(DISTINCT shard) FROM partition_map"))
+            rows = await conn.fetch(_TRANSIT_SUMS_SQL, TRANSIT_ID_BASE, COMPENSATION_ID_BASE)
+            sums[key] = {r["account_id"]: (int(r["debits"]), int(r["credits"])) for r in rows}
+        finally:
+            await conn.close()
+    after = await _logs(urls)
+    if before != after or any(r[4] in _OPEN_STATES for r in after):
+        report.count("transit_skipped", 1)
+        return
+    partitions = PartitionMap.dealt(shards, tuple(urls))
+    credited: dict[tuple[int, str, str, str], int] = {}
+    for tenant, d1, d2, currency, state, amount, _ in after:
+        pair = (tenant, d1, d2, currency)
+        credited[pair] = credited.get(pair, 0) + (int(amount) if state == "credited" else 0)
+    for (tenant, d1, d2, currency), total in credited.items():
+        nets = []
+        for side, home in (("out", d1), ("in", d2)):
+            account = await _transit_of(urls[home], partitions, tenant, d1, d2, currency, side,
+                                        transit_account_id)
+            debits, credits = sums[home].get(account, (0, 0)) if account else (0, 0)
+            nets.append(credits - debits if side == "out" else debits - credits)
+        report.count("transit_pairs", 1)
+        if not nets[0] == nets[1] == total:
+            report.add("transit", f"{tenant}/{d1}->{d2}/{currency}", "transit_mirror",
+                       f"{total} in both", f"out {nets[0]}, in {nets[1]}")
+
+
+async def _transit_of(url: str, partitions: Any, tenant: int, d1: str, d2: str, currency: str,
+                      side: str, derive: Any) -> int | None:
+    """The transit account the sagas use (the first candidate of the tenant's), or None."""
+    candidates = [derive(partitions, tenant=tenant, debit_database=d1, credit_database=d2,
+                         currency=currency, side=side, skip=skip) for skip in range(8)]
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        found = {r["id"]: (r["tenant"], r["currency"])
+                 for r in await conn.fetch(_ACCOUNTS_OF_SQL, candidates)}
+    finally:
+        await conn.close()
+    return next((c for c in candidates if found.get(c) == (tenant, currency)), None)

@@ -23,7 +23,7 @@ import asyncio
 import datetime as dt
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -160,11 +160,27 @@ _WHO_MADE = {
 }
 
 
-async def who_made(conn: asyncpg.Connection, kind: str, object_id: str) -> list[dict[str, str]]:
+# A ledger row kept in a further database (docs/design.md §12): its origin there, its
+# record in the main database's audit_requests.
+_ORIGIN_OF = {
+    "account": "SELECT origin, id::text AS object FROM accounts WHERE id = $1::text::bigint",
+    "transfer": "SELECT origin, id::text AS object FROM transfers WHERE id = $1::text::bigint",
+}
+_RECORD_SQL = "SELECT a.*, $2::text AS object FROM audit_requests a WHERE a.id = $1"
+
+
+async def who_made(conn: asyncpg.Connection, kind: str, object_id: str,
+                   ledgers: Sequence[asyncpg.Connection] = ()) -> list[dict[str, str]]:
     """The audit records of an account or transfer (by id) or of the steps of a payment or
     payout (by its id), oldest first: what ``txproc audit`` prints. ``kind`` is one of
-    account, transfer, payment (payouts are payments here)."""
+    account, transfer, payment (payouts are payments here). ``conn`` is the main
+    database's; ``ledgers`` the further databases' of a ledger over several, asked for an
+    account or transfer the main one does not hold (its record is in main's)."""
     if kind in ("account", "transfer") and not object_id.isdigit():
         raise ValueError(f"a {kind} id is a number, got {object_id!r}")
-    rows = await conn.fetch(_WHO_MADE[kind], object_id)
+    rows = list(await conn.fetch(_WHO_MADE[kind], object_id))
+    if kind in _ORIGIN_OF:
+        for ledger in ledgers:
+            for made in await ledger.fetch(_ORIGIN_OF[kind], object_id):
+                rows += await conn.fetch(_RECORD_SQL, made["origin"], made["object"])
     return [{k: str(v) for k, v in row.items()} for row in rows]

@@ -18,7 +18,7 @@ import socket
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,11 +43,13 @@ from actors.edge import (
     start_rpc_server,
 )
 from actors.lease import Fence, hold
-from actors.ledger.history import HistoryStore
+from actors.ledger.crossdb import LEASE_CROSSDB_RELAY, CrossDatabase
+from actors.ledger.history import HistoryStore, query_across
 from actors.ledger.indexer import HistoryIndexer
 from actors.ledger.quota import AccountQuota
 from actors.ledger.shard import endpoint_of, settle_garbage_collector, shard_actor_name
 from actors.ledger.store import LedgerStore
+from actors.ledger.stream import MultiStreamReader
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
 from actors.payments import ORIGIN_HEADER
@@ -62,7 +64,13 @@ from processor.history import (
     TransfersQuery,
 )
 from processor.lease import LeaseConfig
-from processor.ledger import PartitionMap, compare_existing
+from processor.ledger import (
+    MAIN_DATABASE,
+    PartitionMap,
+    compare_existing,
+    crossing_mask,
+    refused_across_databases,
+)
 from processor.ratelimit import RateLimiter
 from processor.stream import StreamPage
 from processor.types import Account, Transfer, TransferFlags
@@ -75,6 +83,8 @@ CODES = msgspec.msgpack.Decoder(list[int])
 RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 OK_OR_EXISTS = frozenset({int(TransferResult.ok), int(TransferResult.exists)})
 LINKED = int(TransferFlags.LINKED)
+# Transfers between databases of one request carried at once (each a few round trips).
+SAGAS_AT_ONCE_MAX = 64
 RESULTS_BY_VALUE = {int(c): c for c in TransferResult}
 NOT_APPLIED = int(TransferResult.not_applied)
 # Requests up to this size have their stored transfers remembered (HTTP answers a create
@@ -225,20 +235,28 @@ class Front:
     def __init__(self, config: Config, channel_key: bytes) -> None:
         telemetry.setup(config.observability, "front")
         self.config = config
-        self._partitions = PartitionMap.uniform(config.shard.shards)
+        self._partitions = config.shard.partition_map()
         self._shards: list[Any] = []
         self._channel_key = channel_key
         # One data-plane connection per shard (actors.channel); Ray calls for the rest.
         self._channels: list[ChannelClient] = []
         self._lanes: dict[tuple[int, str], _Lane] = {}
-        self._store: LedgerStore | None = None
+        self._store: LedgerStore | None = None  # the main database's
+        # Every database's store and history reads, by key (main's are _store and
+        # _history): a shard's rows are read from its own database (docs/design.md §12).
+        self._stores: dict[str, LedgerStore] = {}
+        self._histories: dict[str, HistoryStore] = {}
+        self._stream: MultiStreamReader | None = None
+        # Transfers between databases (actors/ledger/crossdb.py), with several databases.
+        self._crossdb: CrossDatabase | None = None
+        self._relay_tasks: list[asyncio.Task[None]] = []
         # History, queries and balances at an instant: a pool of their own (history.py).
         self._history: HistoryStore | None = None
         # Appends account_history below the horizon, off the commit path (indexer.py): on
         # the one front that holds the lease ``history-indexer`` (several would only queue
         # on the position row's lock; docs/design.md §16).
-        self._indexer: HistoryIndexer | None = None
-        self._indexer_task: asyncio.Task[None] | None = None
+        self._indexers: list[HistoryIndexer] = []
+        self._indexer_tasks: list[asyncio.Task[None]] = []
         # When a lane last took a write: the indexer yields to ingest (indexer.py).
         self.last_write_s = 0.0
         self._audit: AuditWriter | None = None
@@ -268,15 +286,26 @@ class Front:
         predecessor bound, so gateways reconnect to the same address.
         """
         cfg = self.config
-        self._store = await LedgerStore.connect(
-            cfg.shard.database_url, pool_size_max=4,
-            connect_timeout_s=cfg.shard.connect_timeout_s,
-            command_timeout_s=cfg.shard.command_timeout_s,
-        )
-        self._history = await HistoryStore.connect(
-            cfg.shard.database_url, pool_size_max=HISTORY_POOL_SIZE_MAX,
-            connect_timeout_s=cfg.shard.connect_timeout_s,
-            command_timeout_s=cfg.shard.command_timeout_s)
+        for db in self._partitions.databases:
+            url = cfg.shard.database_url_of(db)
+            self._stores[db] = await LedgerStore.connect(
+                url, pool_size_max=4, connect_timeout_s=cfg.shard.connect_timeout_s,
+                command_timeout_s=cfg.shard.command_timeout_s,
+            )
+            self._histories[db] = await HistoryStore.connect(
+                url, pool_size_max=HISTORY_POOL_SIZE_MAX,
+                connect_timeout_s=cfg.shard.connect_timeout_s,
+                command_timeout_s=cfg.shard.command_timeout_s)
+        self._store = self._stores[MAIN_DATABASE]
+        self._history = self._histories[MAIN_DATABASE]
+        if not self._partitions.single_database:
+            self._crossdb = CrossDatabase(
+                self._partitions, {db: store.pool for db, store in self._stores.items()},
+                submit=lambda ts: self._create_transfers(ts, [0] * len(ts)),
+                create_accounts=self._create_accounts)
+            self._stream = MultiStreamReader(
+                [(self._histories[db].pool, self._partitions.shards_of_database(db))
+                 for db in self._partitions.databases], shards=self._partitions.shards)
         self._audit = await AuditWriter.connect(
             cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s, clock_s=time.time)
@@ -340,18 +369,21 @@ class Front:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
         self._credentials_task = asyncio.get_running_loop().create_task(
             self._credentials.run())
-        self._indexer = HistoryIndexer(
-            cfg.shard.database_url, connect_timeout_s=cfg.shard.connect_timeout_s,
-            command_timeout_s=cfg.shard.command_timeout_s,
-            busy=lambda: time.monotonic() - self.last_write_s < INDEXER_YIELD_S)
-        indexer = self._indexer
-
-        async def indexing(_: Fence) -> None:
-            await indexer.run()
-
         holder = f"front@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        self._indexer_task = asyncio.get_running_loop().create_task(hold(
-            self._store.pool, LEASE_HISTORY_INDEXER, holder, INDEXER_LEASE, indexing))
+        # One indexer per database, under a lease kept in that database.
+        for db, store in self._stores.items():
+            indexer = HistoryIndexer(
+                cfg.shard.database_url_of(db), connect_timeout_s=cfg.shard.connect_timeout_s,
+                command_timeout_s=cfg.shard.command_timeout_s,
+                busy=lambda: time.monotonic() - self.last_write_s < INDEXER_YIELD_S)
+            self._indexers.append(indexer)
+            self._indexer_tasks.append(asyncio.get_running_loop().create_task(hold(
+                store.pool, LEASE_HISTORY_INDEXER, holder, INDEXER_LEASE,
+                _indexing(indexer))))
+            if self._crossdb is not None:  # the sagas of this debit database left behind
+                self._relay_tasks.append(asyncio.get_running_loop().create_task(hold(
+                    store.pool, LEASE_CROSSDB_RELAY, holder, INDEXER_LEASE,
+                    _relaying(self._crossdb, db))))
         settle_garbage_collector()
         # Ray runs async actors on uvloop when it is installed (it is a dependency).
         loop_name = type(asyncio.get_running_loop()).__module__
@@ -378,9 +410,10 @@ class Front:
             self._watch_task.cancel()
         if self._credentials_task is not None:
             self._credentials_task.cancel()
-        if self._indexer_task is not None:
-            self._indexer_task.cancel()
-            await asyncio.wait([self._indexer_task], timeout=5)
+        for task in [*self._indexer_tasks, *self._relay_tasks]:
+            task.cancel()
+        if self._indexer_tasks or self._relay_tasks:
+            await asyncio.wait([*self._indexer_tasks, *self._relay_tasks], timeout=5)
         if self._rpc is not None:
             self._rpc.close()
         if self._http is not None:
@@ -395,12 +428,12 @@ class Front:
             channel.close()
         if self._payments is not None:
             self._payments.close()
-        if self._store is not None:
-            await self._store.close()
-        if self._history is not None:
-            await self._history.close()
-        if self._indexer is not None:
-            await self._indexer.close()
+        for store in self._stores.values():
+            await store.close()
+        for history in self._histories.values():
+            await history.close()
+        for indexer in self._indexers:
+            await indexer.close()
         if self._audit is not None:
             await self._audit.close()
         if self._quota is not None:
@@ -502,16 +535,63 @@ class Front:
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
         if len(transfers) == 1:
             return [await self._create_transfer(transfers[0])]
+        if not self._partitions.single_database:
+            return await self._create_transfers_across(transfers)
         results = await self._create_transfers(transfers, [0] * len(transfers))
         for code, n in collections.Counter(results).items():
             _transfers_counter(code).inc(n)
         return results
+
+    async def _create_transfers_across(self, transfers: list[Transfer]
+                                       ) -> list[TransferResult]:
+        """A request with several databases: the chains that span two are answered here
+        (``accounts_in_different_databases``, ``linked_event_failed`` for the rest of the
+        chain) and the others routed as ever."""
+        refused = refused_across_databases(
+            self._partitions, [t.debit_account_id for t in transfers],
+            [t.credit_account_id for t in transfers], [t.flags for t in transfers],
+            crossing=int(TransferResult.accounts_in_different_databases),
+            linked_failed=int(TransferResult.linked_event_failed))
+        crossing = int(TransferResult.accounts_in_different_databases)
+        sagas = [i for i, code in refused.items() if code == crossing and _alone(transfers, i)]
+        for start in range(0, len(sagas), SAGAS_AT_ONCE_MAX):
+            part = sagas[start:start + SAGAS_AT_ONCE_MAX]
+            answers = await asyncio.gather(*[self._between_databases(transfers[i])
+                                             for i in part])
+            refused.update((i, int(a)) for i, a in zip(part, answers, strict=True))
+        rest = [i for i in range(len(transfers)) if i not in refused]
+        answered = (await self._create_transfers([transfers[i] for i in rest], [0] * len(rest))
+                    if rest else [])
+        results = [RESULTS_BY_VALUE[c] for c in refused.values()] + answered
+        for code, n in collections.Counter(results).items():
+            _transfers_counter(code).inc(n)
+        out = dict(zip(rest, answered, strict=True))
+        out.update((i, RESULTS_BY_VALUE[c]) for i, c in refused.items())
+        return [out[i] for i in range(len(transfers))]
+
+    async def _between_databases(self, transfer: Transfer) -> TransferResult:
+        """A transfer whose accounts live in two databases: a plain one goes through the
+        saga (actors/ledger/crossdb.py); a pending, post or void one is refused."""
+        if self._crossdb is None or transfer.flags or transfer.pending_id:
+            return TransferResult.accounts_in_different_databases
+        answer = await self._crossdb.transfer(transfer)
+        step = self._stored.pop(transfer.id, None)  # a step, remembered by its routing
+        if answer in (TransferResult.ok, TransferResult.exists):
+            # What the HTTP API answers with: the transfer as sent, not its steps.
+            self._remember(msgspec.structs.replace(
+                transfer, timestamp=step.timestamp if step is not None else 0))
+        return answer
 
     async def _create_transfer(self, transfer: Transfer) -> TransferResult:
         """One transfer (an HTTP create): a segment of one chain, so straight to the lane of
         the shard of its debit account (``PartitionMap.coordinator_of`` of one transfer),
         and remembered as stored, as ``_create_transfers`` does for a small request."""
         shard = self._partitions.shard_of(transfer.debit_account_id)
+        if not self._partitions.single_database and self._partitions.crosses_databases(
+                transfer.debit_account_id, transfer.credit_account_id):
+            answer = await self._between_databases(transfer)
+            _transfers_counter(answer).inc()
+            return answer
         try:
             [(code, timestamp)] = await self._lane(shard, "create_transfers").submit([transfer])
         except Unavailable as exc:
@@ -602,7 +682,8 @@ class Front:
             return [(NOT_APPLIED, 0)] * len(transfers)
         if not isinstance(error, Unavailable):
             raise error
-        store = self._require_store()
+        self._require_store()
+        store = self._stores[self._partitions.database_of_shard[shard]]
         try:
             stored, burned = await store.fence_and_find(shard, [t.id for t in transfers])
         except DATABASE_ERRORS as exc:
@@ -630,6 +711,12 @@ class Front:
         """
         groups = _plain_groups_of(self._partitions, batch.flags, batch.pending_id, batch.id,
                                   batch.debit_account_id)
+        if not self._partitions.single_database and (groups is None or bool(crossing_mask(
+                self._partitions, batch.debit_account_id, batch.credit_account_id).any())):
+            # Several databases and a batch that may span two: the general path, which
+            # answers the spanning chains itself (rare; batches within one stay columnar).
+            results = await self._create_transfers_across(batch.transfers())
+            return np.array([int(c) for c in results], dtype=np.uint8)
         if groups is None:
             results = await self._create_transfers(batch.transfers(), [0] * len(batch))
             codes = np.array([int(c) for c in results], dtype=np.uint8)
@@ -734,7 +821,15 @@ class Front:
     async def lookup_accounts(self, ids: list[int]) -> list[Account | None]:
         store = self._require_store()
         try:
-            found = await store.lookup_accounts(list(ids))
+            if self._partitions.single_database:
+                found = await store.lookup_accounts(list(ids))
+            else:  # each account from the database of its shard
+                by_database: dict[str, list[int]] = {}
+                for i in ids:
+                    by_database.setdefault(self._partitions.database_of(i), []).append(i)
+                found = {}
+                for key, part in by_database.items():
+                    found.update(await self._stores[key].lookup_accounts(part))
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
         return [found.get(i) for i in ids]
@@ -744,11 +839,23 @@ class Front:
         found: dict[int, Transfer] = {i: self._stored[i] for i in ids if i in self._stored}
         missing = [i for i in ids if i not in found]
         if missing:
-            store = self._require_store()
+            self._require_store()
             try:
-                found.update(await store.lookup_transfers(missing))
+                # A transfer id names no database: each is asked, main first, for what the
+                # ones before it did not have (one database: one read, as ever).
+                for store in self._stores.values():
+                    found.update(await store.lookup_transfers(missing))
+                    missing = [i for i in missing if i not in found]
+                    if not missing:
+                        break
             except DATABASE_ERRORS as exc:
                 raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+        if self._crossdb is not None and len(found) > 0:
+            try:
+                sent = await self._crossdb.as_sent(found)
+            except DATABASE_ERRORS as exc:
+                raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+            return [sent.get(i) for i in ids]
         return [found.get(i) for i in ids]
 
     # -- history, queries, balances at an instant (processor.history.HistoryService) ----------
@@ -756,20 +863,23 @@ class Front:
     async def get_account_transfers(self, query: AccountTransfersFilter,
                                     tenant: int) -> TransfersPage | None:
         try:
-            return await self._require_history().account_transfers(query, tenant)
+            return await self._history_of(query.account_id).account_transfers(query, tenant)
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 
     async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
         try:
-            return await self._require_history().query_transfers(query, tenant)
+            if self._partitions.single_database:
+                return await self._require_history().query_transfers(query, tenant)
+            self._require_history()
+            return await query_across(list(self._histories.values()), query, tenant)
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 
     async def get_account_balances(self, account_id: int, at_ns: int,
                                    tenant: int) -> AccountBalancesAt | None:
         try:
-            return await self._require_history().balances_at(account_id, at_ns, tenant)
+            return await self._history_of(account_id).balances_at(account_id, at_ns, tenant)
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 
@@ -777,10 +887,18 @@ class Front:
                                tenant: int) -> StreamPage:
         """The change stream's next page (processor.stream.StreamService)."""
         try:
-            return await self._require_history().stream.page(after, limit=limit,
-                                                             wait_s=wait_s, tenant=tenant)
+            history = self._require_history()
+            reader = history.stream if self._stream is None else self._stream
+            return await reader.page(after, limit=limit, wait_s=wait_s, tenant=tenant)
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
+    def _history_of(self, account_id: int) -> HistoryStore:
+        """The history reads of the database that holds the account's rows."""
+        history = self._require_history()
+        if self._partitions.single_database:
+            return history
+        return self._histories[self._partitions.database_of(account_id)]
 
     def _require_history(self) -> HistoryStore:
         if self._history is None:
@@ -794,6 +912,26 @@ class Front:
 
     async def shard_stats(self) -> list[dict[str, float]]:
         return list(await asyncio.gather(*[s.stats.remote() for s in self._shards]))
+
+
+def _alone(transfers: list[Transfer], i: int) -> bool:
+    """Whether item ``i`` is a chain of its own (no linked flag on it or before it)."""
+    return not transfers[i].flags & LINKED and (i == 0 or not transfers[i - 1].flags & LINKED)
+
+
+def _relaying(crossdb: CrossDatabase, database: str
+              ) -> Callable[[Fence], Coroutine[Any, Any, None]]:
+    """The work the relay's lease runs."""
+    async def run(_: Fence) -> None:
+        await crossdb.relay(database)
+    return run
+
+
+def _indexing(indexer: HistoryIndexer) -> Callable[[Fence], Coroutine[Any, Any, None]]:
+    """The work the indexer's lease runs."""
+    async def run(_: Fence) -> None:
+        await indexer.run()
+    return run
 
 
 def _plain_groups_of(partitions: PartitionMap, flags: np.ndarray, pending_id: np.ndarray,

@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 import asyncpg
+import msgspec
 
 from actors.database import keep_session
 from actors.ledger.store import TRANSFER_COLUMNS
@@ -41,9 +42,9 @@ from processor.history import (
     encode_cursor,
 )
 from processor.identity import PROCESSOR_TENANT
-from processor.types import AccountFlags, Transfer, require
+from processor.types import ID_MAX, AccountFlags, Transfer, require
 
-__all__ = ["HistoryStore", "read_horizon"]
+__all__ = ["HistoryStore", "query_across", "read_horizon"]
 
 _COLUMNS = ", ".join(f't."{c}"' for c in TRANSFER_COLUMNS)
 
@@ -209,8 +210,17 @@ class HistoryStore:
             reset=keep_session)
         return cls(pool)
 
+    @property
+    def pool(self) -> asyncpg.Pool:
+        return self._pool
+
     async def close(self) -> None:
         await self._pool.close()
+
+    async def horizon_now(self) -> int:
+        """The horizon as of now (``horizon``), in a statement of its own."""
+        async with self._pool.acquire() as conn:
+            return await read_horizon(conn)
 
     async def horizon(self, conn: Any) -> int:
         """The greatest timestamp at or below which every shard's rows are committed."""
@@ -327,3 +337,33 @@ def _add_sums(debits: list[int], credits: list[int], rows: list[asyncpg.Record])
         side = debits if r["side"] == 1 else credits
         side[0] += int(r["pend"])
         side[1] += int(r["post"])
+
+
+async def query_across(histories: list[HistoryStore], query: TransfersQuery,
+                       tenant: int) -> TransfersPage:
+    """``HistoryStore.query_transfers`` over several databases (docs/design.md §12): each
+    database's page for the same query, merged in ``(timestamp, id)`` order, and cut where
+    the first of them stopped, so that no row is passed that one of them may still serve.
+
+    Each database serves rows only up to its own horizon; the least horizon, read before
+    the pages, bounds the merged page too, since a database's later commits all come
+    after its horizon. Raises ``HistoryError`` (``invalid_cursor``)."""
+    horizon = min([await h.horizon_now() for h in histories])
+    bound = Position(horizon, ID_MAX)
+    rows: list[Transfer] = []
+    for history in histories:
+        page = await history.query_transfers(query, tenant)
+        rows += page.data
+        if page.next_cursor is not None:
+            stop = decode_cursor(msgspec.structs.replace(query, cursor=page.next_cursor))
+            if stop is not None:
+                bound = min(bound, stop, key=lambda p: (p.timestamp, p.id))
+    rows = sorted((r for r in rows if (r.timestamp, r.id) <= (bound.timestamp, bound.id)),
+                  key=lambda r: (r.timestamp, r.id))
+    if len(rows) > query.limit:
+        last = rows[query.limit - 1]
+        return TransfersPage(data=rows[:query.limit], next_cursor=encode_cursor(
+            query, Position(last.timestamp, last.id)))
+    if bound == Position(horizon, ID_MAX):  # no database was cut: the list ends here
+        return TransfersPage(data=rows, next_cursor=None)
+    return TransfersPage(data=rows, next_cursor=encode_cursor(query, bound))

@@ -33,7 +33,6 @@ from processor.ledger import (
     CommitBatch,
     EventKind,
     Leg,
-    PartitionMap,
     PlainLegs,
     Plan,
     ShardConfig,
@@ -120,7 +119,9 @@ class LedgerShard:
         # Series exist at zero from the start, so rate() and increase() see the first one.
         metrics.LEDGER_WRITE_FAILURES.labels(self._label)
         self._config = config
-        self._partitions = PartitionMap.uniform(config.shards)
+        self._partitions = config.partition_map()
+        # The database this shard's rows live in (several databases: docs/design.md §12).
+        self._database = self._partitions.database_of_shard[shard]
         self._own_partitions = self._partitions.partitions_of_shard(shard)
         self._clock_ns = clock_ns
         # The data plane (actors.channel): peers are called over it, and with a key this
@@ -181,7 +182,7 @@ class LedgerShard:
         while True:
             try:
                 self._store = await LedgerStore.connect(
-                    cfg.database_url,
+                    cfg.database_url_of(self._database),
                     pool_size_max=cfg.pool_size_max,
                     connect_timeout_s=cfg.connect_timeout_s,
                     command_timeout_s=cfg.command_timeout_s,
@@ -478,9 +479,17 @@ class LedgerShard:
     async def reserve(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
         """Check and hold legs of a transfer coordinated by shard ``coordinator``."""
         await self._ensure_started()
+        self._require_same_database(coordinator)
         book = self._require_book()
         answers = book.reserve(coordinator, epoch, LEGS.decode(raw_legs))
         return ENCODER.encode((self._epoch, answers))
+
+    def _require_same_database(self, coordinator: int) -> None:
+        """A coordinator commits this shard's legs in its own database; in another one
+        they would be lost to this shard. The front refuses such transfers
+        (``accounts_in_different_databases``), so one reaching here is a bug."""
+        require(self._partitions.database_of_shard[coordinator] == self._database,
+                "a remote leg comes from a coordinator in this shard's database")
 
     async def settle(self, coordinator: int, raw_outcomes: bytes) -> None:
         await self._ensure_started()
@@ -489,6 +498,7 @@ class LedgerShard:
     async def reserve_plain(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
         """Check and hold plain credit legs (columns) of a batch coordinated elsewhere."""
         await self._ensure_started()
+        self._require_same_database(coordinator)
         codes, block_id = self._require_book().reserve_plain(
             coordinator, epoch, decode_legs(raw_legs))
         return encode_reserve_answer(self._epoch, block_id, codes)

@@ -27,6 +27,7 @@ from processor.ledger import (
     EMPTY_SECTIONS,
     FAILED_ROW,
     GENESIS_DIGEST,
+    MAIN_DATABASE,
     PARTITIONS,
     RESOLUTION_ROW,
     SECTIONS,
@@ -612,25 +613,39 @@ class LedgerStore:
             )
         return [_account(r) for r in accounts], [_transfer(r) for r in pending]
 
-    async def ensure_partition_map(self, shard_of_partition: tuple[int, ...]) -> None:
-        """Record the partition map at first start; refuse a different one later."""
+    async def ensure_partition_map(self, partitions: PartitionMap,
+                                   database_key: str = MAIN_DATABASE) -> None:
+        """Record at first start the rows of the partition map that this database
+        ``database_key`` holds (those of its own shards: ``PartitionMap.rows_of_database``);
+        refuse a different map later, with ValueError: another shard count, or another
+        database layout (a shard moved to another database, or the URLs given in another
+        order, would start a shard on a database without its rows)."""
+        expected = partitions.rows_of_database(database_key)
         async with self._pool.acquire() as conn, conn.transaction():
             await conn.execute("LOCK TABLE partition_map IN EXCLUSIVE MODE")
-            rows = await conn.fetch("SELECT partition, shard FROM partition_map ORDER BY 1")
+            rows = await conn.fetch(
+                "SELECT partition, shard, database_key FROM partition_map ORDER BY 1")
             if not rows:
                 await conn.copy_records_to_table(
-                    "partition_map",
-                    records=[(p, s, "main") for p, s in enumerate(shard_of_partition)],
+                    "partition_map", records=expected,
                     columns=("partition", "shard", "database_key"),
                 )
                 return
-            stored = tuple(r["shard"] for r in rows)
-            if stored != shard_of_partition:
-                shards = max(stored) + 1
+            stored = [(r["partition"], r["shard"], r["database_key"]) for r in rows]
+            if stored == expected:
+                return
+            keys = sorted({r[2] for r in stored})
+            if keys != [database_key]:
                 raise ValueError(
-                    f"this ledger was created with {shards} shards; start it with "
-                    f"--shards {shards} (re-sharding a live ledger is not supported yet)"
-                )
+                    f"the database given as {database_key!r} holds the partitions of "
+                    f"database {', '.join(keys)}: give the databases in the order of the "
+                    "first start (moving shards between databases is not supported yet)")
+            shards = max(r[1] for r in stored) + 1
+            raise ValueError(
+                f"this ledger was created with {shards} shards; start it with "
+                f"--shards {shards} and the databases of its first start (re-sharding a "
+                "live ledger is not supported yet)"
+            )
 
     # -- reads ------------------------------------------------------------------------------
 

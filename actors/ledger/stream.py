@@ -37,7 +37,7 @@ from processor.stream import (
 )
 from processor.types import Transfer, require
 
-__all__ = ["StreamReader"]
+__all__ = ["MultiStreamReader", "StreamReader"]
 
 _COLUMNS = ", ".join(f't."{c}"' for c in TRANSFER_COLUMNS)
 _MATCHED = ", ".join(f'm."{c}"' for c in TRANSFER_COLUMNS)
@@ -116,37 +116,72 @@ class StreamReader:
             require([r["shard"] for r in shards] == list(range(len(shards))),
                     "shards are numbered from 0")
             cursor = decode_stream_cursor(after, len(shards))
-            if any(c > r["position"] for c, r in zip(cursor.positions, shards, strict=True)):
-                # Positions only move forward, and a cursor never passes one: this one
-                # comes from another ledger, or from before a restore of this one.
-                raise HistoryError("invalid_cursor",
-                                   "the cursor is ahead of this ledger's committed transfers")
-            reads = [await self._read_shard(conn, r["shard"], r["partitions"],
-                                            cursor, r["position"], limit, tenant)
-                     for r in shards if cursor.positions[r["shard"]] < r["position"]]
+            reads = await _read_shards(conn, shards, cursor, limit, tenant)
         return merge_reads(cursor, reads, limit)
 
-    @staticmethod
-    async def _read_shard(conn: Any, shard: int, partitions: list[int], cursor: StreamCursor,
-                          position: int, limit: int, tenant: int) -> ShardRead:
-        """Up to ``limit`` of the tenant's rows of ``shard`` after its cursor, window by
-        window, reading at most ``STREAM_SCAN_ROWS_MAX`` rows of any tenant."""
-        rows: list[Transfer] = []
-        scan_left = STREAM_SCAN_ROWS_MAX
-        low, span = cursor.positions[shard], STREAM_WINDOW_NS_FIRST
-        for _ in range(STREAM_WINDOW_ROUNDS_MAX):
-            if low >= position:
-                break
-            high, want = min(position, low + span), limit - len(rows)
-            found = await conn.fetch(_WINDOW_SQL, partitions, low, high, scan_left, tenant,
-                                     want)
-            matched = [_transfer(r) for r in found if r["id"] is not None]
-            rows.extend(matched)
-            if len(matched) == want:  # the page is full: resume after its last row
-                return ShardRead(shard, rows, rows[-1].timestamp)
-            scanned_rows = int(found[0]["scanned_rows"])
-            if scanned_rows == scan_left:  # the scan's budget ended inside the window
-                return ShardRead(shard, rows, int(found[0]["scanned_max"]))
-            scan_left -= scanned_rows
-            low, span = high, next_span_ns(high - low, len(matched), want - len(matched))
-        return ShardRead(shard, rows, low)
+
+async def _read_shards(conn: Any, shards: list[Any], cursor: StreamCursor, limit: int,
+                       tenant: int) -> list[ShardRead]:
+    """The reads of ``shards`` (rows of _POSITIONS_SQL) the cursor is behind, in the
+    transaction that read their positions."""
+    if any(cursor.positions[r["shard"]] > r["position"] for r in shards):
+        # Positions only move forward, and a cursor never passes one: this one comes from
+        # another ledger, or from before a restore of this one.
+        raise HistoryError("invalid_cursor",
+                           "the cursor is ahead of this ledger's committed transfers")
+    return [await _read_shard(conn, r["shard"], r["partitions"], cursor, r["position"],
+                              limit, tenant)
+            for r in shards if cursor.positions[r["shard"]] < r["position"]]
+
+
+class MultiStreamReader(StreamReader):
+    """The change stream of a ledger over several databases (docs/design.md §12): each
+    database's shards read in one transaction of that database, as ``StreamReader`` reads
+    all of them. A cursor is per shard, and each shard's rows live in one database, so
+    pages from separate snapshots of separate databases still never skip or repeat a row;
+    rows of shards of different databases are merged by timestamp as ever."""
+
+    def __init__(self, databases: list[tuple[asyncpg.Pool, list[int]]], *, shards: int,
+                 clock_s: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(databases[0][0], clock_s=clock_s)
+        require(sorted(s for _, own in databases for s in own) == list(range(shards)),
+                "every shard is in one database")
+        self._databases = databases
+        self._shards = shards
+
+    async def _read(self, after: str, limit: int, tenant: int) -> StreamPage:
+        cursor = decode_stream_cursor(after, self._shards)
+        reads: list[ShardRead] = []
+        for pool, own in self._databases:
+            async with pool.acquire() as conn, conn.transaction(
+                    isolation="repeatable_read", readonly=True):
+                shards = await conn.fetch(_POSITIONS_SQL)
+                require(sorted(r["shard"] for r in shards) == own,
+                        "a database holds the map rows of its own shards")
+                reads += await _read_shards(conn, shards, cursor, limit, tenant)
+        return merge_reads(cursor, reads, limit)
+
+
+async def _read_shard(conn: Any, shard: int, partitions: list[int], cursor: StreamCursor,
+                      position: int, limit: int, tenant: int) -> ShardRead:
+    """Up to ``limit`` of the tenant's rows of ``shard`` after its cursor, window by
+    window, reading at most ``STREAM_SCAN_ROWS_MAX`` rows of any tenant."""
+    rows: list[Transfer] = []
+    scan_left = STREAM_SCAN_ROWS_MAX
+    low, span = cursor.positions[shard], STREAM_WINDOW_NS_FIRST
+    for _ in range(STREAM_WINDOW_ROUNDS_MAX):
+        if low >= position:
+            break
+        high, want = min(position, low + span), limit - len(rows)
+        found = await conn.fetch(_WINDOW_SQL, partitions, low, high, scan_left, tenant,
+                                 want)
+        matched = [_transfer(r) for r in found if r["id"] is not None]
+        rows.extend(matched)
+        if len(matched) == want:  # the page is full: resume after its last row
+            return ShardRead(shard, rows, rows[-1].timestamp)
+        scanned_rows = int(found[0]["scanned_rows"])
+        if scanned_rows == scan_left:  # the scan's budget ended inside the window
+            return ShardRead(shard, rows, int(found[0]["scanned_max"]))
+        scan_left -= scanned_rows
+        low, span = high, next_span_ns(high - low, len(matched), want - len(matched))
+    return ShardRead(shard, rows, low)

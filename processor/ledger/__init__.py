@@ -61,7 +61,15 @@ if TYPE_CHECKING:
     )
     from processor.ledger.config import FrontConfig, ShardConfig
     from processor.ledger.kernel import warm_up as warm_up_kernels
-    from processor.ledger.partition import PARTITIONS, PartitionMap, partition_of, partitions_of
+    from processor.ledger.partition import (
+        MAIN_DATABASE,
+        PARTITIONS,
+        PartitionMap,
+        crossing_mask,
+        partition_of,
+        partitions_of,
+        refused_across_databases,
+    )
     from processor.ledger.proof import BalanceCheck, ChainCheck, PendingCheck, Problem, Report
     from processor.ledger.rules import (
         NS_PER_S,
@@ -82,6 +90,7 @@ __all__ = [
     "EMPTY_SECTIONS",
     "FAILED_ROW",
     "GENESIS_DIGEST",
+    "MAIN_DATABASE",
     "NS_PER_S",
     "PARTITIONS",
     "RESOLUTION_ROW",
@@ -112,6 +121,7 @@ __all__ = [
     "TransferColumns",
     "account_rows",
     "compare_existing",
+    "crossing_mask",
     "currency_code",
     "currency_letters",
     "currency_number",
@@ -124,6 +134,7 @@ __all__ = [
     "link_digest",
     "partition_of",
     "partitions_of",
+    "refused_across_databases",
     "resolution_rows",
     "section_digest",
     "transfer_rows",
@@ -145,7 +156,8 @@ if not TYPE_CHECKING:
         "processor.ledger.config": ("FrontConfig", "ShardConfig"),
         "processor.ledger.kernel": ("warm_up as warm_up_kernels",),
         "processor.ledger.partition": (
-            "PARTITIONS", "PartitionMap", "partition_of", "partitions_of",
+            "MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of",
+            "partitions_of", "refused_across_databases",
         ),
         "processor.ledger.proof": (
             "BalanceCheck", "ChainCheck", "PendingCheck", "Problem", "Report",

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
+from processor.ledger.partition import MAIN_DATABASE, PartitionMap
 from processor.service import BATCH_ITEMS_MAX
 
 __all__ = ["FrontConfig", "ShardConfig"]
@@ -50,12 +51,32 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # when it stops cleanly): a chain's tail removed after an anchor is found missing by
     # `txproc verify`, which reports the newest anchor's age (docs/design.md §15).
     anchor_interval_s: float = 10.0
+    # Further databases for the ledger's shards, key -> URL, besides the main one
+    # (``database_url``, key "main", which alone holds the control plane: keys, audit log,
+    # payments, leases). Shards are dealt round-robin over main and these, in this order
+    # (PartitionMap.dealt); empty, the default, is one database as before. A transfer
+    # between accounts of two databases is refused (docs/design.md §12).
+    databases: dict[str, str] = {}
+
+    @property
+    def database_keys(self) -> tuple[str, ...]:
+        """Every database's key, main first."""
+        return (MAIN_DATABASE, *self.databases)
+
+    def database_url_of(self, key: str) -> str:
+        """The URL of database ``key``; KeyError if there is none of that key."""
+        return self.database_url if key == MAIN_DATABASE else self.databases[key]
+
+    def partition_map(self) -> PartitionMap:
+        """The shards' partitions and databases, as every actor derives it."""
+        return PartitionMap.dealt(self.shards, self.database_keys)
 
     def __repr__(self) -> str:
         """Every field, the database URL's password masked: a config may reach a log or a
         traceback, and the service's URL carries its role's password."""
         fields = {name: getattr(self, name) for name in self.__struct_fields__}
         fields["database_url"] = redact_url(self.database_url)
+        fields["databases"] = {k: redact_url(v) for k, v in self.databases.items()}
         return "ShardConfig(" + ", ".join(f"{k}={v!r}" for k, v in fields.items()) + ")"
 
 

@@ -13,7 +13,12 @@ import functools
 import msgspec
 import numpy as np
 
-__all__ = ["PARTITIONS", "PartitionMap", "partition_of", "partitions_of"]
+__all__ = ["MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of",
+           "partitions_of", "refused_across_databases"]
+
+# The key of the first database: the one every deployment has, and the only one that holds
+# the control plane (keys, revocations, audit log, payments, leases).
+MAIN_DATABASE = "main"
 
 # TransferFlags.PENDING | POST_PENDING | VOID_PENDING, spelled out to keep this module
 # free of the types module.
@@ -63,18 +68,70 @@ class PartitionMap(msgspec.Struct, frozen=True):
     database_of_shard: tuple[str, ...]
 
     @classmethod
-    def uniform(cls, shards: int, database_key: str = "main") -> PartitionMap:
+    def uniform(cls, shards: int, database_key: str = MAIN_DATABASE) -> PartitionMap:
         """Partitions dealt round-robin over ``shards`` shards, all on one database."""
+        return cls.dealt(shards, (database_key,))
+
+    @classmethod
+    def dealt(cls, shards: int, database_keys: tuple[str, ...]) -> PartitionMap:
+        """Partitions dealt round-robin over ``shards`` shards, and the shards round-robin
+        over the databases: shard ``s`` writes to ``database_keys[s % len(database_keys)]``.
+        Raises ValueError unless 1 <= shards <= PARTITIONS and every database gets a shard
+        (keys distinct)."""
         if not 1 <= shards <= PARTITIONS:
             raise ValueError(f"shards must be in 1..{PARTITIONS}, got {shards}")
+        if not 1 <= len(database_keys) <= shards:
+            raise ValueError(f"{len(database_keys)} databases need 1 to {shards} of them "
+                             f"for {shards} shards (each database has a shard)")
+        if len(set(database_keys)) != len(database_keys):
+            raise ValueError(f"database keys must be distinct: {database_keys}")
         return cls(
             shard_of_partition=tuple(p % shards for p in range(PARTITIONS)),
-            database_of_shard=tuple(database_key for _ in range(shards)),
+            database_of_shard=tuple(database_keys[s % len(database_keys)]
+                                    for s in range(shards)),
         )
 
     @property
     def shards(self) -> int:
         return len(self.database_of_shard)
+
+    @property
+    def databases(self) -> tuple[str, ...]:
+        """The database keys, in the order of their first shard."""
+        return tuple(dict.fromkeys(self.database_of_shard))
+
+    @property
+    def single_database(self) -> bool:
+        """Whether every shard writes to one database (the default, and the hot path)."""
+        return len(self.databases) == 1
+
+    def database_of(self, account_id: int) -> str:
+        """The key of the database that holds the account's rows."""
+        return self.database_of_shard[self.shard_of(account_id)]
+
+    def shards_of_database(self, key: str) -> list[int]:
+        return [s for s, k in enumerate(self.database_of_shard) if k == key]
+
+    def crosses_databases(self, debit_account_id: int, credit_account_id: int) -> bool:
+        """Whether a transfer's two accounts live in different databases: such a transfer
+        cannot commit as one transaction, and is refused (docs/design.md §12)."""
+        if self.single_database:
+            return False
+        return self.database_of(debit_account_id) != self.database_of(credit_account_id)
+
+    def database_table(self) -> np.ndarray:
+        """Per shard, the index of its database in ``databases`` (int64): a lookup table
+        for the columnar path."""
+        order = {k: i for i, k in enumerate(self.databases)}
+        return np.asarray([order[k] for k in self.database_of_shard], dtype=np.int64)
+
+    def rows_of_database(self, key: str) -> list[tuple[int, int, str]]:
+        """The partition map's rows that database ``key`` stores: (partition, shard, key)
+        for the partitions of its own shards. Each database holds only its own, so that
+        what reads the map there (horizon, stream, verify) sees only the shards whose rows
+        it has."""
+        return [(p, s, key) for p, s in enumerate(self.shard_of_partition)
+                if self.database_of_shard[s] == key]
 
     def shard_of(self, account_id: int) -> int:
         return self.shard_of_partition[partition_of(account_id)]
@@ -100,3 +157,52 @@ class PartitionMap(msgspec.Struct, frozen=True):
 
     def partitions_of_shard(self, shard: int) -> list[int]:
         return [p for p, s in enumerate(self.shard_of_partition) if s == shard]
+
+
+# TransferFlags.LINKED, spelled out as TWO_PHASE_FLAGS is.
+LINKED_FLAG = 1 << 0
+
+
+def refused_across_databases(partitions: PartitionMap, debit_account_ids: list[int],
+                             credit_account_ids: list[int], flags: list[int],
+                             *, crossing: int, linked_failed: int) -> dict[int, int]:
+    """The items of a request that cannot commit because they span databases: index ->
+    result code (``crossing`` for a transfer with an account outside its chain's
+    coordinator's database, ``linked_failed`` for the others of such a chain). Empty with
+    one database, and for every request whose chains each stay in one database.
+
+    Chains are cut as the front and the shards cut them (an item with the linked flag
+    continues to the next; an open chain at the end is the shards' to refuse). An account
+    id of 0 (a post or void that leaves them to the hold) names no database."""
+    if partitions.single_database:
+        return {}
+    refused: dict[int, int] = {}
+    n = len(flags)
+    i = 0
+    while i < n:
+        j = i
+        while j < n - 1 and flags[j] & LINKED_FLAG:
+            j += 1
+        chain = range(i, j + 1)
+        home = partitions.database_of_shard[partitions.coordinator_of(
+            [debit_account_ids[k] for k in chain], [flags[k] for k in chain])]
+        away = [k for k in chain
+                if any(a and partitions.database_of(a) != home
+                       for a in (debit_account_ids[k], credit_account_ids[k]))]
+        if away:
+            for k in chain:
+                refused[k] = crossing if k in away else linked_failed
+        i = j + 1
+    return refused
+
+
+def crossing_mask(partitions: PartitionMap, debit_account_ids: np.ndarray,
+                  credit_account_ids: np.ndarray) -> np.ndarray:
+    """Per flagless transfer (columns), whether its two accounts live in different
+    databases (bool array); all False with one database."""
+    if partitions.single_database:
+        return np.zeros(debit_account_ids.shape[0], dtype=np.bool_)
+    table = partitions.database_table()
+    mask: np.ndarray = (table[partitions.shards_of(debit_account_ids)]
+                        != table[partitions.shards_of(credit_account_ids)])
+    return mask

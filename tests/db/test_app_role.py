@@ -104,6 +104,9 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     # rebuild (TRUNCATE, position to 0) is the owner's.
     "account_history": APPEND,
     "account_history_position": frozenset({"SELECT", "UPDATE"}),
+    # Transfers between databases (0032): a row written once, its state moved forward
+    # (UPDATE of state, result and updated_at only, checked below), never deleted.
+    "crossdb_transfers": APPEND,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",
@@ -163,6 +166,11 @@ async def test_app_role_holds_exactly_the_privileges_of_migration_0015(
             "SELECT relname FROM pg_class WHERE relnamespace = current_schema()::regnamespace"
             " AND CASE WHEN relkind = 'S' THEN has_sequence_privilege(oid, 'USAGE') END",
             timeout=CONNECT_TIMEOUT_S)
+        crossdb_updatable = await connection.fetch(
+            "SELECT attname FROM pg_attribute WHERE attrelid = 'crossdb_transfers'::regclass"
+            " AND attnum > 0 AND NOT attisdropped"
+            " AND has_column_privilege('crossdb_transfers'::regclass, attnum, 'UPDATE')",
+            timeout=CONNECT_TIMEOUT_S)
     finally:
         await connection.close(timeout=CONNECT_TIMEOUT_S)
     held: dict[str, set[str]] = {row["relname"]: set() for row in tables}
@@ -171,6 +179,7 @@ async def test_app_role_holds_exactly_the_privileges_of_migration_0015(
     assert held == {name: set(privileges) for name, privileges in EXPECTED_PRIVILEGES.items()}
     assert {row["attname"] for row in updatable} == BALANCE_COLUMNS
     assert {row["relname"] for row in sequences} == SEQUENCES_USED
+    assert {row["attname"] for row in crossdb_updatable} == {"state", "result", "updated_at"}
 
 
 @pytest.mark.parametrize(

@@ -51,7 +51,7 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
     (a0, b0), (a1, _) = account_ids_on_shards(partitions, 2)
     store = await _store(db_url, form)
     try:
-        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.ensure_partition_map(partitions)
         books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
         for s in (0, 1):
             await store.take_epoch(s)
@@ -99,7 +99,7 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> 
     partitions = PartitionMap.uniform(1)
     store = await _store(db_url, form)
     try:
-        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.ensure_partition_map(partitions)
         await store.take_epoch(0)
         book = ArrayBook(0, partitions, recent_ids_max=64)
         now = time.time_ns()
@@ -149,7 +149,7 @@ async def test_a_fenced_commit_writes_nothing(db_url: str, form: str) -> None:
     (a0, _), (a1, _) = account_ids_on_shards(partitions, 2)
     store = await _store(db_url, form)
     try:
-        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.ensure_partition_map(partitions)
         for s in (0, 1):
             await store.take_epoch(s)
         now = time.time_ns()

@@ -48,7 +48,7 @@ async def _setup(owner_url: str, url: str, accounts: list[int]) -> tuple[LedgerS
     owner = await LedgerStore.connect(owner_url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=30)
     try:
-        await owner.ensure_partition_map(PARTITIONS.shard_of_partition)
+        await owner.ensure_partition_map(PARTITIONS)
     finally:
         await owner.close()
     store = await LedgerStore.connect(url, pool_size_max=4, connect_timeout_s=10,

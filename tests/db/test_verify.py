@@ -61,7 +61,7 @@ async def build_ledger(url: str) -> Ledger:
                                       command_timeout_s=30)
     store.one_statement_rows_max = 4  # both commit forms
     try:
-        await store.ensure_partition_map(partitions.shard_of_partition)
+        await store.ensure_partition_map(partitions)
         books = [ArrayBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
         epochs = [await store.take_epoch(s) for s in (0, 1)]
         ids = account_ids_on_shards(partitions, 4)
