@@ -121,8 +121,9 @@ class Credentials:
     def verify(self, token: str, *, now_s: int) -> Claims:
         """The claims of ``token``, verified with the keys that verify now and checked
         against the revocations. A token signed with an unknown key makes the key file be
-        looked at again (at most every ``REFRESH_INTERVAL_S``), so a key just rotated in
-        verifies at once. Raises ``AuthError``."""
+        looked at again (at most every ``REFRESH_INTERVAL_S``, so that tokens of made-up
+        keys cannot make every request read the file), so a key just rotated in verifies
+        at once, or within that interval of the last look. Raises ``AuthError``."""
         try:
             claims = verify_token(self._verifying, token, now_s=now_s)
         except AuthError as exc:

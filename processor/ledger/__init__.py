@@ -59,10 +59,9 @@ if TYPE_CHECKING:
         encode_legs,
         encode_reserve_answer,
     )
-    from processor.ledger.config import FrontConfig, ShardConfig
+    from processor.ledger.config import MAIN_DATABASE, FrontConfig, ShardConfig
     from processor.ledger.kernel import warm_up as warm_up_kernels
     from processor.ledger.partition import (
-        MAIN_DATABASE,
         PARTITIONS,
         PartitionMap,
         crossing_mask,
@@ -153,11 +152,11 @@ if not TYPE_CHECKING:
             "ArrayBook", "PlainLegs", "TransferColumns", "currency_code", "currency_number",
             "decode_legs", "decode_reserve_answer", "encode_legs", "encode_reserve_answer",
         ),
-        "processor.ledger.config": ("FrontConfig", "ShardConfig"),
+        "processor.ledger.config": ("MAIN_DATABASE", "FrontConfig", "ShardConfig"),
         "processor.ledger.kernel": ("warm_up as warm_up_kernels",),
         "processor.ledger.partition": (
-            "MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of",
-            "partitions_of", "refused_across_databases",
+            "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of", "partitions_of",
+            "refused_across_databases",
         ),
         "processor.ledger.proof": (
             "BalanceCheck", "ChainCheck", "PendingCheck", "Problem", "Report",

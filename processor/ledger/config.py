@@ -7,12 +7,20 @@ contract ``ledger-alone`` in pyproject.toml holds this).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 
-from processor.ledger.partition import MAIN_DATABASE, PartitionMap
 from processor.service import BATCH_ITEMS_MAX
+
+if TYPE_CHECKING:
+    from processor.ledger.partition import PartitionMap
+
+# The main database's key (processor.ledger.partition exports it), defined here so that
+# reading the settings does not import the partition map and with it NumPy (a small
+# command starts without it: tests/unit/test_cli_startup.py).
+MAIN_DATABASE = "main"
 
 __all__ = ["FrontConfig", "ShardConfig"]
 
@@ -69,6 +77,8 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def partition_map(self) -> PartitionMap:
         """The shards' partitions and databases, as every actor derives it."""
+        from processor.ledger.partition import PartitionMap  # NumPy: only where used
+
         return PartitionMap.dealt(self.shards, self.database_keys)
 
     def __repr__(self) -> str:

@@ -13,12 +13,13 @@ import functools
 import msgspec
 import numpy as np
 
+# The key of the first database: the one every deployment has, and the only one that holds
+# the control plane (keys, revocations, audit log, payments, leases).
+from processor.ledger.config import MAIN_DATABASE
+
 __all__ = ["MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of",
            "partitions_of", "refused_across_databases"]
 
-# The key of the first database: the one every deployment has, and the only one that holds
-# the control plane (keys, revocations, audit log, payments, leases).
-MAIN_DATABASE = "main"
 
 # TransferFlags.PENDING | POST_PENDING | VOID_PENDING, spelled out to keep this module
 # free of the types module.
