@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 import httpx
 import msgspec
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from actors.edge.http_api import (
@@ -733,10 +733,13 @@ async def post_everywhere(body: bytes) -> set[int]:
 
 @settings(max_examples=300, deadline=None)
 @given(body=BODIES)
+# An id in the processor's own range is refused 403 id_reserved (found by this test in a
+# fresh-clone run: the set below had left that answer out).
+@example(body=encode(transfer_json(credit_account_id=2**62)))
 def test_no_body_is_a_server_error(body: bytes) -> None:
     """Arbitrary bytes, JSON and near-valid items get a 2xx or 4xx answer, never a 500."""
     statuses = asyncio.run(post_everywhere(body))
-    assert statuses <= {200, 201, 400, 409, 413, 422}
+    assert statuses <= {200, 201, 400, 403, 409, 413, 422}
 
 
 # Every Authorization a request may carry: the good token, none, one lacking scopes, an
