@@ -60,6 +60,7 @@ __all__ = [
     "due_count",
     "fault_body",
     "latency_figures",
+    "loopback_source",
     "main",
     "markdown_rows",
     "measure",
@@ -349,8 +350,9 @@ class _RawConnection:
 
     IDLE_REUSE_S = 2.0
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, source: str | None = None) -> None:
         self._host, self._port = host, port
+        self._source = source
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
         self._used_s = 0.0
@@ -363,8 +365,7 @@ class _RawConnection:
         self._used_s = now_s
         try:
             if self._writer is None:
-                self._reader, self._writer = await asyncio.open_connection(self._host,
-                                                                           self._port)
+                self._reader, self._writer = await self._connect()
             assert self._reader is not None
             self._writer.write(head + body)
             answer = await self._reader.readuntil(b"\r\n\r\n")
@@ -382,10 +383,30 @@ class _RawConnection:
             self.close()  # the connection's state is unknown: start afresh next time
             raise
 
+    async def _connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        if self._source is not None:
+            try:
+                return await asyncio.open_connection(self._host, self._port,
+                                                     local_addr=(self._source, 0))
+            except OSError:  # the address is not this machine's: connect as usual
+                self._source = None
+        return await asyncio.open_connection(self._host, self._port)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+def loopback_source(base_url: str, n: int) -> str | None:
+    """A loopback address of its own for load generator ``n`` (``127.0.0.{n + 2}``) when
+    the server is on 127.0.0.1, else None. Linux routes all of 127.0.0.0/8 to loopback.
+    The server limits connections per peer address (``http_connections_per_peer_max``),
+    and the simulated providers' webhooks come from 127.0.0.1 too: a generator sharing
+    that address would be refused by that limit (a bare 503) past saturation, and the
+    benchmark would count the refusals as the processor's."""
+    host = base_url.removeprefix("http://").rpartition(":")[0]
+    return f"127.0.0.{n + 2}" if host == "127.0.0.1" else None
 
 
 class RawClient:
@@ -393,8 +414,10 @@ class RawClient:
     time, opened as needed (at most ``connections_max``): httpx costs several times the
     CPU per request, which on two cores the server would miss."""
 
-    def __init__(self, base_url: str, token: str, connections_max: int) -> None:
+    def __init__(self, base_url: str, token: str, connections_max: int,
+                 source: str | None = None) -> None:
         host_port = base_url.removeprefix("http://").rstrip("/")
+        self._source = source  # the local address to connect from (loopback_source)
         self._host, _, port = host_port.rpartition(":")
         self._port = int(port)
         self._auth = f"Authorization: Bearer {token}\r\n".encode()
@@ -411,7 +434,7 @@ class RawClient:
             connection = self._free.pop()
         elif self._open < self._max:
             self._open += 1
-            connection = _RawConnection(self._host, self._port)
+            connection = _RawConnection(self._host, self._port, self._source)
         else:
             raise RuntimeError("all connections busy")
         try:
@@ -814,7 +837,8 @@ async def measure(
     # The load goes through ``load``; payment look-ups and the simulators' admin API, which
     # are not measured, through httpx.
     load: RawClient | HttpxClient = (
-        RawClient(base_url, token, in_flight_max) if client == "raw"
+        RawClient(base_url, token, in_flight_max, loopback_source(base_url, 0))
+        if client == "raw"
         else HttpxClient(base_url, token, in_flight_max, timeout_s))
     async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(timeout_s),
                                  headers={"authorization": f"Bearer {token}"}) as http, \

@@ -52,6 +52,7 @@ from bench.authorization import (
     create_merchants,
     fault_body,
     latency_figures,
+    loopback_source,
     open_loop,
     outcome_label,
     payment_body,
@@ -181,7 +182,8 @@ def _payments_child() -> None:
     keys = iter(range(10**12))
 
     async def main() -> dict[str, Any]:
-        http = RawClient(orders["base"], orders["token"], orders["in_flight"] + 8)
+        http = RawClient(orders["base"], orders["token"], orders["in_flight"] + 8,
+                         loopback_source(orders["base"], 1))
 
         async def send(_: int) -> tuple[int, str, str]:
             status, body = await http.post(
@@ -253,7 +255,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         sims = _Sims(processor)
         base = f"http://127.0.0.1:{processor.http_port}"
         run_id = uuid.uuid4().hex[:12]
-        ledger_http = RawClient(base, token, 256)
+        ledger_http = RawClient(base, token, 256, loopback_source(base, 0))
 
         async def send_transfer(_: int) -> tuple[int, str, str]:
             status, _body = await ledger_http.post(

@@ -276,3 +276,31 @@ async def test_a_tiny_run_against_the_session_processor(processor) -> None:  # t
             r = await http.get(f"{url}/_sim/faults",
                                headers={"authorization": f"Bearer {sims.admin[name]}"})
             assert r.json()["faults"] == msgspec.to_builtins(Faults())
+
+
+async def test_a_generator_connects_from_a_loopback_address_of_its_own() -> None:
+    """On 127.0.0.1 a load generator connects from 127.0.0.{n + 2}, so that the server's
+    per-address connection limit does not count it with the simulators' webhooks; another
+    host gets no source address."""
+    peers: list[str] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peers.append(writer.get_extra_info("peername")[0])
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    base = f"http://127.0.0.1:{port}"
+    try:
+        assert auth.loopback_source(base, 0) == "127.0.0.2"
+        assert auth.loopback_source("http://10.0.0.5:8080", 0) is None
+        client = auth.RawClient(base, "t", 2, auth.loopback_source(base, 1))
+        assert await client.post("/x", b"{}", {}) == (200, b"ok")
+        client.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert peers == ["127.0.0.3"]
