@@ -29,6 +29,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from actors.ops import metrics
+from processor.errors import register
 
 __all__ = [
     "TCP_KEEPALIVE_IDLE_S",
@@ -48,14 +49,41 @@ TCP_KEEPALIVE_IDLE_S = 60
 TCP_KEEPALIVE_INTERVAL_S = 10
 TCP_KEEPALIVE_PROBES = 6
 
-# Written straight to the transport: these answers leave before (or instead of) a request
-# reaching the app, so the app's own error bodies do not apply.
-_REQUEST_TIMEOUT = (b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\n"
-                    b"connection: close\r\n\r\n")
-_HEADERS_TOO_LARGE = (b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n"
-                      b"connection: close\r\n\r\n")
-_PEER_FULL = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nretry-after: 1\r\n"
-              b"connection: close\r\n\r\n")
+# Codes of the answers the listener gives before (or instead of) a request reaching the app.
+register(408, {"request_timeout": "the request's headers or body did not arrive in time"})
+register(431, {"headers_too_large": "the request line and headers exceed the server's limit"})
+
+
+def _raw_answer(status: int, reason: str, code: str, message: str,
+                extra_headers: bytes = b"") -> bytes:
+    """A complete HTTP/1.1 answer that closes the connection, with the API's JSON error body
+    (``{"error": {"code", "message"}}``), written straight to the transport: these answers
+    leave before (or instead of) a request reaching the app, so the app cannot write them."""
+    body = msgspec.json.encode({"error": {"code": code, "message": message}})
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n".encode() + extra_headers
+            + b"connection: close\r\n\r\n" + body)
+
+
+_REQUEST_TIMEOUT = _raw_answer(408, "Request Timeout", "request_timeout",
+                               "the request's headers did not arrive in time")
+_HEADERS_TOO_LARGE = _raw_answer(431, "Request Header Fields Too Large", "headers_too_large",
+                                 "the request line and headers exceed the server's limit")
+_PEER_FULL = _raw_answer(503, "Service Unavailable", "unavailable",
+                         "too many connections from this address; retry after Retry-After",
+                         b"retry-after: 1\r\n")
+_BUSY_BODY = msgspec.json.encode({"error": {
+    "code": "unavailable",
+    "message": "the server is at its connection or request limit; retry after Retry-After"}})
+
+
+async def _busy(scope: Any, receive: Any, send: Any) -> None:
+    """The answer past ``connections_max`` (in place of uvicorn's plain-text 503)."""
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(_BUSY_BODY)).encode()),
+        (b"retry-after", b"1"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _BUSY_BODY, "more_body": False})
 
 
 class HttpLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -191,6 +219,10 @@ class _GuardedHttpProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._write_timer: asyncio.TimerHandle | None = None
         self._peer: str | None = None  # set once the peer holds one of its slots
+        # The connection and request cap is checked here (on_headers_complete), not by
+        # uvicorn, so that its 503 carries the API's JSON error body.
+        self._concurrency_max: int | None = self.limit_concurrency
+        self.limit_concurrency = None
 
     # -- the connection ---------------------------------------------------------------------
 
@@ -250,6 +282,17 @@ class _GuardedHttpProtocol(HttpToolsProtocol):
         _cancel(self._header_timer)
         self._header_timer = None
         self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_late)
+        cap = self._concurrency_max
+        if cap is not None and (len(self.connections) >= cap or len(self.tasks) >= cap):
+            # uvicorn's own check (switched off in __init__) answers in plain text; this
+            # one answers as every other refusal does.
+            _closed("http", "concurrency")
+            app, self.app = self.app, _busy
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:

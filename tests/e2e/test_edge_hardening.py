@@ -19,10 +19,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 import pytest
 
 from actors.app.runtime import Processor
 from actors.edge import start_rpc_server
+from actors.edge.limits import HttpLimits, http_server
 from processor import wire
 from processor.client import Client
 from processor.codes import AccountResult
@@ -53,6 +55,13 @@ SLACK_S = 2.5
 WAIT_MAX_S = 8.0
 
 _addresses = itertools.count(2)
+
+
+def _error_code(answer: bytes) -> str:
+    """The ``error.code`` of a raw HTTP answer's JSON body (its headers must say JSON)."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\ncontent-type: application/json" in head.lower()
+    return str(msgspec.json.decode(body)["error"]["code"])
 
 
 def _own_address() -> str:
@@ -125,6 +134,7 @@ async def test_http_headers_trickled_a_byte_at_a_time_are_cut_off_at_the_header_
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: edge\r\nX-Slow: ")
     received, elapsed_s = await _closed_while_trickling(reader, writer)
     assert received.startswith(b"HTTP/1.1 408 ")
+    assert _error_code(received) == "request_timeout"
     deadline_s = EDGE_LIMITS["http_header_timeout_s"]
     assert deadline_s - 0.1 <= elapsed_s <= deadline_s + SLACK_S
 
@@ -194,6 +204,45 @@ async def test_http_connection_over_the_per_peer_cap_is_refused_503(edge: ExtraF
     for writer in held:
         writer.close()
     assert refused.startswith(b"HTTP/1.1 503 ")
+    assert _error_code(refused) == "unavailable"
+    assert b"\r\nretry-after: 1\r\n" in refused.lower()
+    assert served.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_http_request_over_the_connection_cap_is_refused_503_with_a_json_code() -> None:
+    """Past http_connections_max open connections, a request is answered 503 with the API's
+    JSON error body (not uvicorn's plain text), and served again once connections close."""
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server = http_server(app, host="127.0.0.1", port=0,
+                         limits=HttpLimits(connections_max=3, header_timeout_s=5.0))
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        async with asyncio.timeout(WAIT_MAX_S):
+            while not server.started:
+                await asyncio.sleep(0.01)
+            port = server.servers[0].sockets[0].getsockname()[1]
+            held = [(await _open(port, _own_address()))[1] for _ in range(3)]
+            await asyncio.sleep(0.1)  # accepted and counted before the request below
+            reader, writer = await _open(port, _own_address())
+            writer.write(b"GET / HTTP/1.1\r\nHost: edge\r\n\r\n")
+            refused = await _until_closed(reader)
+            writer.close()
+            for held_writer in held:
+                held_writer.close()
+            await asyncio.sleep(0.2)
+            reader, writer = await _open(port, _own_address())
+            writer.write(b"GET / HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n")
+            served = await _until_closed(reader)
+            writer.close()
+    finally:
+        server.should_exit = True
+        await serving
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert _error_code(refused) == "unavailable"
+    assert b"\r\nretry-after: 1\r\n" in refused.lower()
     assert served.startswith(b"HTTP/1.1 200 ")
 
 
@@ -209,6 +258,7 @@ async def test_http_headers_over_the_size_limit_are_refused_431(edge: ExtraFront
         received = await _until_closed(reader)
     writer.close()
     assert received.startswith(b"HTTP/1.1 431 ")
+    assert _error_code(received) == "headers_too_large"
     assert time.monotonic() - started < EDGE_LIMITS["http_header_timeout_s"]
 
 
