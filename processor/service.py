@@ -18,11 +18,32 @@ if TYPE_CHECKING:
 
     from processor.batch import TransferBatch
 
-__all__ = ["BATCH_ITEMS_MAX", "LedgerService", "create_transfer_batch"]
+__all__ = ["BATCH_ITEMS_MAX", "PLACEMENTS", "LedgerService", "create_transfer_batch",
+           "placement_of"]
 
 # The largest batch of one request, the batch size TigerBeetle uses; a request with more
 # items is rejected whole (HTTP 413, RPC error ``batch_too_large``).
 BATCH_ITEMS_MAX = 8189
+
+
+# How many placements (the ledger's logical partitions) accounts are spread over: enough
+# to spread over many more shards than one box runs, few enough that the map stays a small
+# table. Fixed for the life of a ledger (processor.ledger.partition).
+PLACEMENTS = 256
+
+
+def placement_of(account_id: int) -> int:
+    """Where the ledger keeps an account: its logical partition, 0 .. PLACEMENTS - 1, a hash
+    of the id, fixed for the life of the ledger.
+
+    Accounts of one placement are always owned by one shard in one database, wherever
+    partitions are moved, so a transfer between two of them never crosses shards or
+    databases. A client with one busy counterparty account for many others (payments'
+    clearing accounts) can keep one per placement and pair each account with its own.
+    """
+    from processor.ledger import partition_of  # the ledger imports this module
+
+    return partition_of(account_id)
 
 
 class LedgerService(Protocol):

@@ -32,6 +32,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -226,6 +227,14 @@ class PaymentsActor:
             master=MasterKey(_master_key(self.config)))
         links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
+            # The clearing layout is the ledger's, not this process's: a ledger whose holds
+            # already name one clearing account per currency keeps it (migration 0034).
+            rules = msgspec.structs.replace(
+                cfg.rules, clearing_per_partition=await store.clearing_per_partition())
+            if not rules.clearing_per_partition:
+                log.info("payments post against one clearing account per provider and "
+                         "currency: this ledger held payments before migration 0034 "
+                         "(docs/operations.md, \"Payments' clearing accounts per placement\")")
             adapters = {p.name: ADAPTERS[p.name].from_secrets_file(p.secrets_file)
                         for p in self._providers}
             try:
@@ -239,15 +248,15 @@ class PaymentsActor:
                 capabilities={name: frozenset(a.capabilities) for name, a in adapters.items()},
                 provider_deadline_s={name: PROVIDER_RETRY_DEADLINE_S + a.timeout_s
                                      for name, a in adapters.items()},
-                risk=risk, risk_config=cfg.risk, config=cfg.rules)
+                risk=risk, risk_config=cfg.risk, config=rules)
             await engine.open_clearing_accounts()
             reconciler = Reconciler(
                 pool=store.pool, ledger=ledger, adapters=adapters,
-                base_urls={p.name: p.base_url for p in self._providers}, config=cfg.rules)
+                base_urls={p.name: p.base_url for p in self._providers}, config=rules)
             await reconciler.open_fee_accounts()
             idempotent = Idempotent(engine, clock_s=time.time,
                                     retention_s=cfg.idempotency_retention_s,
-                                    claim_ttl_s=cfg.rules.claim_ttl_s)
+                                    claim_ttl_s=rules.claim_ttl_s)
             await outbox.set_subscribers(store.pool, dict(cfg.event_subscribers))
             channel = ChannelServer(self, CHANNEL_METHODS, self._channel_key, name="payments")
             address = await channel.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]

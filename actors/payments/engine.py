@@ -74,6 +74,7 @@ from processor.payments import (
     check_refund,
     check_void,
     clearing_account_id,
+    clearing_accounts_of,
     compensation_request,
     dispute_status_after,
     hold_left_s,
@@ -249,12 +250,16 @@ class PaymentsEngine:
     # -- start-up -----------------------------------------------------------------------------
 
     async def open_clearing_accounts(self) -> None:
-        """Create every provider's clearing account per currency (repeats are ``exists``)."""
-        accounts = [
-            Account(id=clearing_account_id(self.config, name, currency), currency=currency)
-            for name in self.config.provider_order if name in self._currencies
-            for currency in sorted(self._currencies[name])
-        ]
+        """Create every provider's clearing account per currency, and with
+        ``clearing_per_partition`` its clearing account in each ledger placement (repeats
+        are ``exists``)."""
+        accounts = []
+        for name in self.config.provider_order:
+            for currency in sorted(self._currencies.get(name, ())):
+                ids = [clearing_account_id(self.config, name, currency)]
+                if self.config.clearing_per_partition:
+                    ids += clearing_accounts_of(self.config.system_id_base, name, currency)
+                accounts += [Account(id=i, currency=currency) for i in ids]
         results = await self._ledger.create_accounts(accounts)
         bad = [r for r in results if r not in (AccountResult.ok, AccountResult.exists)]
         if bad:

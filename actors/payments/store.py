@@ -396,6 +396,12 @@ class PaymentStore:
                             metadata=obj.metadata)
         return "", "{}", subjects.seal(key, personal, row_id=obj.id), key_id
 
+    async def clearing_per_partition(self) -> bool:
+        """Whether this ledger's payments post against a clearing account per ledger
+        placement (migration 0034, docs/payments.md "Ledger model")."""
+        return bool(await self._pool.fetchval(
+            "SELECT clearing_per_partition FROM payments_layout"))
+
     # -- ids ----------------------------------------------------------------------------------
 
     async def new_step_ids(self) -> tuple[int, int]:

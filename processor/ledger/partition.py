@@ -16,6 +16,7 @@ import numpy as np
 # The key of the first database: the one every deployment has, and the only one that holds
 # the control plane (keys, revocations, audit log, payments, leases).
 from processor.ledger.config import MAIN_DATABASE
+from processor.service import PLACEMENTS
 
 __all__ = ["MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "partition_of",
            "partitions_of", "refused_across_databases"]
@@ -25,9 +26,8 @@ __all__ = ["MAIN_DATABASE", "PARTITIONS", "PartitionMap", "crossing_mask", "part
 # free of the types module.
 TWO_PHASE_FLAGS = (1 << 1) | (1 << 2) | (1 << 3)
 
-# Enough partitions to spread over many more shards than a single box runs, few enough
-# that the map stays a small table. Fixed for the life of a ledger.
-PARTITIONS = 256
+# The service interface's placements (processor.service.PLACEMENTS) are these partitions.
+PARTITIONS = PLACEMENTS
 
 _MASK_64 = (1 << 64) - 1
 

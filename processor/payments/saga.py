@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
+import functools
 import random
 import zlib
 from collections.abc import Sequence
@@ -57,6 +58,7 @@ from processor.payments.provider import (
     ProviderReply,
     ProviderRequest,
 )
+from processor.service import PLACEMENTS, placement_of
 from processor.types import AMOUNT_MAX, Transfer, TransferFlags, require
 
 __all__ = [
@@ -80,7 +82,9 @@ __all__ = [
     "check_increment",
     "check_refund",
     "check_void",
+    "clearing_account_for",
     "clearing_account_id",
+    "clearing_accounts_of",
     "compensation_request",
     "hold_left_s",
     "ledger_transfers",
@@ -226,6 +230,11 @@ class PaymentsConfig(msgspec.Struct, frozen=True, kw_only=True):
     # is set aside for an operator (``requires_review``, docs/runbooks/requires-review.md):
     # rechecking stops until someone resolves it.
     review_after_s: float = 3600.0
+    # Whether a step posts against the clearing account of its merchant account's ledger
+    # placement (``clearing_account_for``) rather than the provider's one clearing account
+    # per currency. The payments actor sets it from the database (migration 0034): a
+    # ledger whose holds already name the one account keeps it.
+    clearing_per_partition: bool = True
 
     def check(self) -> None:
         checks = [
@@ -253,6 +262,45 @@ def clearing_account_id(config: PaymentsConfig, provider: str, currency: str) ->
     for ch in currency:
         letters = letters * 26 + (ord(ch) - ord("A"))
     return config.system_id_base + slot * 2**20 + letters
+
+
+# Clearing accounts per placement: from system_id_base + 2^58 (above the clearing and fee
+# accounts, below the transit accounts at + 2^60), 2^16 candidate ids per provider and
+# currency.
+_PLACED_CLEARING_OFFSET = 2**58
+_PLACED_CLEARING_CANDIDATES = 2**16
+
+
+@functools.lru_cache(maxsize=256)
+def clearing_accounts_of(system_id_base: int, provider: str, currency: str) -> tuple[int, ...]:
+    """The clearing accounts of ``provider`` in ``currency``, one per ledger placement:
+    element ``p`` is the one in placement ``p`` (``processor.service.placement_of``).
+
+    Derived, not stored: the ``2^16`` candidate ids of the pair (its clearing account's
+    offset from the base, shifted left 16 bits, above ``system_id_base + 2^58``) are taken
+    in order, and each placement gets the first that falls in it (about 1,600 are looked
+    at; every placement is found long before the candidates run out).
+    """
+    main = clearing_account_id(PaymentsConfig(system_id_base=system_id_base), provider,
+                               currency)
+    start = system_id_base + _PLACED_CLEARING_OFFSET + ((main - system_id_base) << 16)
+    found: dict[int, int] = {}
+    for candidate in range(start, start + _PLACED_CLEARING_CANDIDATES):
+        found.setdefault(placement_of(candidate), candidate)
+        if len(found) == PLACEMENTS:
+            return tuple(found[p] for p in range(PLACEMENTS))
+    raise AssertionError(f"placements without a clearing account for {provider} {currency}")
+
+
+def clearing_account_for(config: PaymentsConfig, provider: str, currency: str,
+                         merchant_account_id: int) -> int:
+    """The clearing account a step of ``merchant_account_id`` posts against: the one in the
+    merchant account's placement, so that every posting of the step stays on the merchant
+    account's shard; or, with ``clearing_per_partition`` off, the provider's one."""
+    if not config.clearing_per_partition:
+        return clearing_account_id(config, provider, currency)
+    accounts = clearing_accounts_of(config.system_id_base, provider, currency)
+    return accounts[placement_of(merchant_account_id)]
 
 
 class Payment(msgspec.Struct, frozen=True, kw_only=True):
@@ -524,8 +572,8 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
 
     Ids are the step's own (``transfer_id`` + 0..3), so applying them twice is harmless.
     """
-    clearing = clearing_account_id(config, step.provider, step.currency)
     merchant = step.merchant_account_id
+    clearing = clearing_account_for(config, step.provider, step.currency, merchant)
     base = step.transfer_id
     cur = step.currency
     pending, post, void = (int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),

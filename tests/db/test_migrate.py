@@ -161,3 +161,24 @@ async def test_concurrent_migrations_apply_each_version_once(empty_db_url: str) 
     assert sorted(results, key=len) == [[], [], [], versions]
     rows = await _fetch(empty_db_url, "SELECT version FROM schema_migrations ORDER BY version")
     assert [row["version"] for row in rows] == versions
+
+
+async def test_payments_clearing_layout_is_per_placement_only_on_a_ledger_without_payments(
+    empty_db_url: str, db_url: str, tmp_path: Path,
+) -> None:
+    """Migration 0034: a ledger with no payment or payout yet posts payments against a
+    clearing account per placement; one that already has some keeps the provider's one
+    clearing account, which its open holds name."""
+    packaged = PACKAGED_MIGRATION.parent
+    before = _write(tmp_path / "before", {
+        path.name: path.read_text() for path in packaged.glob("*.sql") if path.name < "0034"})
+    await migrate(empty_db_url, source=before)
+    await _execute(empty_db_url, (
+        "INSERT INTO payouts (id, merchant_account_id, amount, currency, destination, status,"
+        " principal) VALUES ('po_1', 7, 100, 'USD', 'tok_1', 'processing', 'acme')"))
+    assert 34 in await migrate(empty_db_url)
+    rows = await _fetch(empty_db_url, "SELECT clearing_per_partition FROM payments_layout")
+    assert [row["clearing_per_partition"] for row in rows] == [False]
+    # The session's ledger was migrated before any payment.
+    rows = await _fetch(db_url, "SELECT clearing_per_partition FROM payments_layout")
+    assert [row["clearing_per_partition"] for row in rows] == [True]

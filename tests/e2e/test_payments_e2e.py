@@ -24,6 +24,9 @@ from actors.app.runtime import Processor
 from adapters.acme import WEBHOOK_TOLERANCE_S as ACME_TOLERANCE_S
 from adapters.globex import WEBHOOK_TOLERANCE_S as GLOBEX_TOLERANCE_S
 from processor.client import Client
+from processor.identity import SCOPES, SYSTEM_SCOPES
+from processor.payments import clearing_account_for, clearing_account_id
+from processor.service import placement_of
 from tests.payments_support import (
     Sims,
     authorize,
@@ -74,6 +77,40 @@ async def test_authorize_capture_refund_agree_with_the_ledger_and_the_provider(
                         headers={"idempotency-key": key()})
     assert (r.status_code, r.json()["error"]["code"]) == (422, "refund_exceeds_captured")
     assert await balances(client, account) == (0, 200, 0, 600)
+
+
+async def test_a_payments_postings_stay_in_its_merchant_accounts_placement(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource) -> None:
+    """Each posting of an authorization, capture and refund names the provider's clearing
+    account in the merchant account's placement (so it never crosses shards); the
+    provider's one clearing account is not touched."""
+    config = processor.config.payments.rules
+    account = await merchant(client, ids)
+    placed = clearing_account_for(config, "acme", "USD", account)
+    one = clearing_account_id(config, "acme", "USD")
+    assert placed != one and placement_of(placed) == placement_of(account)
+    system = token_for(processor, (*SCOPES, *SYSTEM_SCOPES))
+    async with Client("127.0.0.1", processor.rpc_port, system) as admin:
+        placed_before, one_before = await admin.lookup_accounts([placed, one])
+        assert placed_before is not None and one_before is not None
+        payment = (await authorize(http, account, amount=900, provider="acme")).json()
+        assert payment["status"] == "authorized"
+        r = await http.post(f"/v1/payments/{payment['id']}/capture", json={"amount": 500},
+                            headers={"idempotency-key": key()})
+        assert r.status_code == 200, r.text
+        r = await http.post(f"/v1/payments/{payment['id']}/refunds", json={"amount": 100},
+                            headers={"idempotency-key": key()})
+        assert r.status_code == 200, r.text
+        placed_after, one_after = await admin.lookup_accounts([placed, one])
+    assert placed_after is not None
+    # Clearing -> merchant: 500 captured (the rest of the hold released); merchant ->
+    # clearing: 100 refunded. Other tests' merchants may share the placement, so deltas.
+    assert (placed_after.debits_posted - placed_before.debits_posted,
+            placed_after.credits_posted - placed_before.credits_posted) == (500, 100)
+    # Fees are posted to the one account (credits posted); holds and captures never.
+    assert one_after is not None
+    assert (one_after.debits_pending, one_after.credits_pending, one_after.debits_posted) == (
+        one_before.debits_pending, one_before.credits_pending, one_before.debits_posted)
 
 
 async def test_void_releases_the_hold(http: httpx.AsyncClient, client: Client,

@@ -30,7 +30,7 @@ from processor.payments import (
     check_evidence,
     check_evidence_allowed,
     check_refund,
-    clearing_account_id,
+    clearing_account_for,
     dispute_status_after,
     ledger_transfers,
     new_step,
@@ -85,7 +85,7 @@ def test_dispute_steps_start_at_the_ledger_and_evidence_at_the_provider() -> Non
 
 def test_holds_are_pending_linked_merchant_to_clearing_without_timeout() -> None:
     hold = hold_step(1, 500, 15)
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     amount, fee = ledger_transfers(hold, CONFIG)
     assert (amount.id, amount.flags, amount.amount, amount.timeout_s) == (
         BASE + 4, TransferFlags.PENDING | TransferFlags.LINKED, 500, 0)
@@ -175,7 +175,7 @@ def funded_ledger(captured: int) -> Cluster:
     """A merchant that may not go below zero, credited ``captured`` (posted) as a capture
     would have done it, and the provider's clearing account."""
     cluster = Cluster(shards=2)
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     assert cluster.create_accounts([
         Account(id=clearing, currency="USD"), Account(id=PAYER_SIDE, currency="USD"),
         Account(id=MERCHANT, currency="USD",
@@ -211,7 +211,7 @@ def test_every_dispute_sequence_keeps_the_books(captured: int, data: st.DataObje
     posted debit the lost amounts plus the decided fees, the clearing account's credits
     mirror them, and the sum of all balances stays zero."""
     cluster = funded_ledger(captured)
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     left = captured
     open_holds: list[Step] = []
     step_id = 1

@@ -27,7 +27,7 @@ from processor.payments import (
     check_increment,
     check_refund,
     check_void,
-    clearing_account_id,
+    clearing_account_for,
     hold_left_s,
     ledger_transfers,
     new_step,
@@ -74,7 +74,7 @@ def test_a_partial_capture_posts_its_part_and_holds_the_rest_again_linked() -> N
     """Not final: post the part (which releases the rest) linked to a new hold of the rest
     with the old hold's remaining time; final: the post alone."""
     p = authorized()
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     post, rehold = ledger_transfers(started(p, 2, Kind.CAPTURE, 300, final=False,
                                             timeout_s=5_000), CONFIG)
     assert (post.id, post.flags, post.pending_id, post.amount) == (
@@ -226,7 +226,7 @@ ACTIONS = st.lists(st.tuples(st.sampled_from(["capture", "final", "void", "refun
 
 def ledger_with_merchant() -> Cluster:
     cluster = Cluster(shards=2)
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     assert cluster.create_accounts([
         Account(id=clearing, currency="USD"),
         Account(id=MERCHANT, currency="USD",

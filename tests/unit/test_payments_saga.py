@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from processor.codes import TransferResult
 from processor.payments import (
+    FEE_ACCOUNT_OFFSET,
     DeclineCode,
     Kind,
     Operation,
@@ -23,7 +24,9 @@ from processor.payments import (
     check_capture,
     check_refund,
     check_void,
+    clearing_account_for,
     clearing_account_id,
+    clearing_accounts_of,
     compensation_request,
     ledger_transfers,
     new_step,
@@ -33,6 +36,7 @@ from processor.payments import (
     payment_after,
     provider_request,
 )
+from processor.service import PLACEMENTS, placement_of
 from processor.types import TransferFlags
 
 CONFIG = PaymentsConfig()
@@ -149,7 +153,7 @@ def test_late_answers_about_a_finished_step_change_nothing() -> None:
 
 def test_ledger_postings_of_each_step() -> None:
     base = CONFIG.system_id_base + 400
-    clearing = clearing_account_id(CONFIG, "acme", "USD")
+    clearing = clearing_account_for(CONFIG, "acme", "USD", MERCHANT)
     [auth] = ledger_transfers(step(phase=Phase.APPLY), CONFIG)
     assert (auth.id, auth.debit_account_id, auth.credit_account_id, auth.flags) == (
         base, clearing, MERCHANT, TransferFlags.PENDING)
@@ -178,6 +182,48 @@ def test_clearing_accounts_are_distinct_per_provider_and_currency_and_system_ran
            for c in ("USD", "EUR", "GBP", "JPY", "ZZZ", "AAA")}
     assert len(ids) == 2 * 6
     assert all(CONFIG.system_id_base <= i < 2**63 for i in ids)
+
+
+def test_every_posting_of_a_step_stays_in_its_merchant_accounts_placement() -> None:
+    """With clearing accounts per placement (the default), each posting's two accounts are
+    in one ledger placement, so no payment posting crosses shards or databases; with the
+    layout off (a ledger that already had payments), the provider's one account, as before."""
+    for merchant in (77, 78, 2**40 + 5, 2**61):
+        for kind, phase in ((Kind.AUTHORIZE, Phase.APPLY), (Kind.REFUND, Phase.RESERVE),
+                            (Kind.PAYOUT, Phase.RESERVE), (Kind.VOID, Phase.APPLY)):
+            s = msgspec.structs.replace(step(kind, phase=phase), merchant_account_id=merchant)
+            for t in ledger_transfers(s, CONFIG):
+                assert placement_of(t.debit_account_id) == placement_of(t.credit_account_id)
+                assert t.debit_account_id in clearing_accounts_of(
+                    CONFIG.system_id_base, "acme", "USD") or t.credit_account_id in (
+                    clearing_accounts_of(CONFIG.system_id_base, "acme", "USD"))
+    one = msgspec.structs.replace(CONFIG, clearing_per_partition=False)
+    [auth] = ledger_transfers(step(phase=Phase.APPLY), one)
+    assert auth.debit_account_id == clearing_account_id(one, "acme", "USD")
+
+
+@given(st.sampled_from(("acme", "globex", "a", "provider-with-a-long-name")),
+       st.text(alphabet="ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=3, max_size=3),
+       st.integers(1, 2**62 - 1))
+def test_clearing_accounts_per_placement_cover_every_placement_in_their_own_range(
+        provider: str, currency: str, merchant: int) -> None:
+    """One account per placement, each in that placement; all above the clearing and fee
+    accounts and below the transit accounts (processor/ledger/transit.py); the merchant's
+    is the one of its placement."""
+    ids = clearing_accounts_of(CONFIG.system_id_base, provider, currency)
+    assert len(ids) == PLACEMENTS == len(set(ids))
+    assert [placement_of(i) for i in ids] == list(range(PLACEMENTS))
+    main = clearing_account_id(CONFIG, provider, currency)
+    assert all(main + FEE_ACCOUNT_OFFSET < CONFIG.system_id_base + 2**58 <= i
+               < CONFIG.system_id_base + 2**60 for i in ids)
+    mine = clearing_account_for(CONFIG, provider, currency, merchant)
+    assert mine == ids[placement_of(merchant)]
+
+
+def test_clearing_accounts_per_placement_differ_between_providers_and_currencies() -> None:
+    sets = [set(clearing_accounts_of(CONFIG.system_id_base, p, c))
+            for p in ("acme", "globex") for c in ("USD", "EUR", "GBP")]
+    assert len(set().union(*sets)) == PLACEMENTS * len(sets)
 
 
 def test_ledger_refusal_of_an_approved_authorization_is_compensated_at_the_provider() -> None:
