@@ -96,10 +96,6 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
              "further database keys are 1-32 of a-z, 0-9, _ starting with a letter, "
              "not main"),
             (all(s.databases.values()), "every further database has a URL"),
-            # A payment's holds join a merchant's account and a clearing account that may
-            # live in different databases (docs/design.md §12, "Limits").
-            (not s.databases or not (self.payments.enabled and self.payments.providers),
-             "several databases need --no-payments (payments are not ready for them)"),
             (0 < f.call_items_max <= f.queue_items_max, "0 < call_items_max <= queue_items_max"),
             (f.queue_items_max <= s.items_in_flight_max,
              "front queue_items_max <= shard items_in_flight_max"),

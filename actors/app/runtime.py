@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import msgspec
 import ray
 
@@ -363,7 +364,27 @@ async def _prepare_databases(config: Config, admin_url: str,
             await store.close()
         # One password file for the role on every server: the processor keeps one.
         urls[key] = await app_role_url(url, password_file)
+    if len(partitions.databases) > 1 and config.payments.enabled and config.payments.providers:
+        await _require_placed_clearing(admin_url)
     return urls
+
+
+async def _require_placed_clearing(main_url: str) -> None:
+    """Payments over several databases need each payment's postings in its merchant
+    account's database: clearing accounts per placement (migration 0034). A ledger that
+    held payments before keeps one clearing account per currency, whose holds would join
+    two databases: refused before anything starts, naming the way out."""
+    connection = await asyncpg.connect(main_url, timeout=10)
+    try:
+        placed = await connection.fetchval("SELECT clearing_per_partition FROM payments_layout")
+    finally:
+        await connection.close(timeout=10)
+    if not placed:
+        raise ValueError(
+            "several databases with payments need clearing accounts per placement, and this "
+            "ledger posts payments against one clearing account per currency (it held "
+            "payments before migration 0034): switch it first (docs/operations.md, "
+            "\"Payments' clearing accounts per placement\") or start with --no-payments")
 
 
 def _alive_nodes() -> list[NodeView]:

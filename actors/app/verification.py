@@ -93,6 +93,30 @@ async def check_reconciliation(ctx: VerifyContext) -> None:
     ctx.rows_read += await check_reconciliation_records(ctx.conn, ctx.report)
 
 
+def _reconciliation_across(further: list[str]) -> Check:
+    """``check_reconciliation`` for the main database of several: a record's transfer may
+    be in the database of its merchant's (or fee) account, so what main lacks is looked up
+    in ``further`` too."""
+    async def elsewhere(ids: list[int]) -> dict[int, tuple[int, int, int, str]]:
+        found: dict[int, tuple[int, int, int, str]] = {}
+        for url in further:
+            conn = await asyncpg.connect(url)
+            try:
+                rows = await conn.fetch(
+                    "SELECT id, debit_account_id, credit_account_id, amount::bigint, "
+                    "currency::text FROM transfers WHERE id = ANY($1::bigint[])", ids)
+            finally:
+                await conn.close()
+            found.update((r["id"], (r["debit_account_id"], r["credit_account_id"],
+                                    r["amount"], r["currency"])) for r in rows)
+        return found
+
+    async def check(ctx: VerifyContext) -> None:
+        ctx.rows_read += await check_reconciliation_records(ctx.conn, ctx.report, elsewhere)
+
+    return check
+
+
 ALL_CHECKS: tuple[Check, ...] = (*LEDGER_CHECKS, check_audit_log, check_reconciliation)
 
 
@@ -109,8 +133,10 @@ async def verify_databases(urls: dict[str, str], **options: Any) -> VerifyResult
     databases is a transfer in one, so each one's balances and chains stand alone; what
     crossed is checked by ``check_transit_mirror``."""
     results: list[tuple[str, VerifyResult]] = []
+    further = list(urls.values())[1:]
     for i, (key, url) in enumerate(urls.items()):
-        checks = ALL_CHECKS if i == 0 else LEDGER_CHECKS
+        checks = ((*LEDGER_CHECKS, check_audit_log, _reconciliation_across(further))
+                  if i == 0 else LEDGER_CHECKS)
         results.append((key, await verify(url, checks, **options)))
     if len(results) == 1:
         return results[0][1]

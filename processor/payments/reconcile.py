@@ -35,7 +35,7 @@ from typing import Any
 import msgspec
 
 from processor.payments.provider import Operation, SettlementLine, SettlementReport
-from processor.payments.saga import PaymentsConfig, clearing_account_id
+from processor.payments.saga import PaymentsConfig, clearing_account_for, clearing_account_id
 from processor.types import AMOUNT_MAX
 
 __all__ = [
@@ -274,11 +274,14 @@ class _Matcher:
         self.matches.append(Match(record_key=record.key, step_id=record.step_id, line=index,
                                   agrees=agrees, late=record.expected_on < self.date))
         if line.fee > 0 and record.settled and line.currency == record.currency:
+            fees = fee_account_id(self.config, self.provider, record.currency)
             self.fees.append(FeePosting(
                 transfer_id=fee_transfer_id(self.config, self.provider, record.key),
-                debit_account_id=fee_account_id(self.config, self.provider, record.currency),
-                credit_account_id=clearing_account_id(self.config, self.provider,
-                                                      record.currency),
+                debit_account_id=fees,
+                # The clearing account in the fee account's placement: one shard, one
+                # database (the provider's one account where the ledger keeps the old layout).
+                credit_account_id=clearing_account_for(self.config, self.provider,
+                                                       record.currency, fees),
                 amount=line.fee, currency=record.currency, record_key=record.key))
             total = self._total(record.currency)
             total.fees = min(AMOUNT_MAX, total.fees + line.fee)

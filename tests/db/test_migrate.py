@@ -182,3 +182,16 @@ async def test_payments_clearing_layout_is_per_placement_only_on_a_ledger_withou
     # The session's ledger was migrated before any payment.
     rows = await _fetch(db_url, "SELECT clearing_per_partition FROM payments_layout")
     assert [row["clearing_per_partition"] for row in rows] == [True]
+
+
+async def test_several_databases_with_payments_are_refused_on_the_one_clearing_layout(
+        empty_db_url: str) -> None:
+    """`serve` over several databases with payments needs clearing accounts per placement:
+    a ledger that keeps one clearing account per currency is refused, naming the way out."""
+    from actors.app.runtime import _require_placed_clearing
+
+    await migrate(empty_db_url)
+    await _require_placed_clearing(empty_db_url)  # a new ledger: per placement
+    await _execute(empty_db_url, "UPDATE payments_layout SET clearing_per_partition = false")
+    with pytest.raises(ValueError, match=r"clearing accounts per placement.*--no-payments"):
+        await _require_placed_clearing(empty_db_url)

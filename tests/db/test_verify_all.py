@@ -252,3 +252,45 @@ async def test_a_reconciliation_record_naming_what_is_not_there_is_named(
     await _superuser(db_url, *statements)
     report = (await verify_all(db_url)).report
     assert {p for p in _named(report.problems) if p[0].startswith("reconciliation")} == named
+
+
+async def test_a_reconciliation_records_transfer_in_another_database_is_found_there(
+        db_url: str) -> None:
+    """With several databases a payment's postings live in its merchant account's database:
+    a transfer this database lacks is looked up in the others (``elsewhere``), and a record
+    is a problem only if none has it as recorded."""
+    from actors.payments import check_reconciliation_records
+    from processor.ledger import Report
+
+    ledger = await build_ledger(db_url)
+    await _reconciliation(db_url, ledger)
+    conn = await asyncpg.connect(db_url, timeout=10)
+    try:
+        refund = await conn.fetchrow("SELECT debit_account_id, credit_account_id, amount,"
+                                     " currency::text FROM transfers WHERE id = 12")
+    finally:
+        await conn.close()
+    as_it_was = (refund["debit_account_id"], refund["credit_account_id"], refund["amount"],
+                 refund["currency"])
+    await _superuser(db_url, "DELETE FROM transfers WHERE id = 12")
+    asked: list[list[int]] = []
+
+    async def run(elsewhere: dict[int, tuple[int, int, int, str]]) -> set[tuple[str, str, str]]:
+        async def look(ids: list[int]) -> dict[int, tuple[int, int, int, str]]:
+            asked.append(ids)
+            return {i: elsewhere[i] for i in ids if i in elsewhere}
+
+        report = Report()
+        conn = await asyncpg.connect(db_url, timeout=10)
+        try:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                await check_reconciliation_records(conn, report, look)
+        finally:
+            await conn.close()
+        return set(_named(report.problems))
+
+    assert await run({12: as_it_was}) == set()
+    assert asked == [[12]]  # only what this database lacks
+    assert await run({12: (*as_it_was[:2], as_it_was[2] + 1, as_it_was[3])}) == {
+        ("reconciliation_matches", "acme/2", "match_transfer_differs")}
+    assert await run({}) == {("reconciliation_matches", "acme/2", "match_transfer_missing")}

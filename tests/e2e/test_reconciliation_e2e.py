@@ -20,7 +20,7 @@ from processor.client import Client
 from processor.identity import SCOPES, SYSTEM_SCOPES, load_or_create_ring, verify_token
 from processor.payments import (
     PaymentsConfig,
-    clearing_account_id,
+    clearing_account_for,
     fee_account_id,
     fee_transfer_id,
 )
@@ -63,9 +63,9 @@ async def _captured(http: httpx.AsyncClient, processor: Processor, account: int,
 async def _fee_balances(client: Client, provider: str) -> tuple[int, int]:
     """Debits posted on the provider's USD fee account, credits posted... of its clearing."""
     config = PaymentsConfig()
+    fees = fee_account_id(config, provider, CURRENCY)
     fee, clearing = await client.lookup_accounts([
-        fee_account_id(config, provider, CURRENCY),
-        clearing_account_id(config, provider, CURRENCY)])
+        fees, clearing_account_for(config, provider, CURRENCY, fees)])
     assert fee is not None and clearing is not None
     return fee.debits_posted, clearing.credits_posted
 

@@ -7,7 +7,9 @@ What it shows: each shard's rows land in its own database; transfers whose accou
 database commit as before, across shards too; a transfer between databases is refused with
 ``accounts_in_different_databases`` (422 over HTTP, the result code over RPC, in columns
 too) and nothing of it or of its chain is stored; lookups, history, queries and the change
-stream read each shard's rows from its database; `txproc verify` checks both.
+stream read each shard's rows from its database; `txproc verify` checks both. Payments run
+too (one simulated provider): each payment's postings stay in its merchant account's
+database, against the provider's clearing account in the merchant account's placement.
 """
 
 from __future__ import annotations
@@ -84,7 +86,8 @@ async def served(pg_admin_url: str, second_pg_admin_url: str, app_password_file:
     proc = _start([
         "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),
         "--rpc-port", str(rpc_port), "--metrics-port", "0", "--shards", str(SHARDS),
-        "--no-payments", "--database-url", urls["main"], "--database-url", urls["db1"]], env)
+        "--provider", "acme", "--database-url", urls["main"], "--database-url", urls["db1"]],
+        env)
     base = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 180
@@ -523,6 +526,50 @@ async def test_audit_names_who_made_a_row_of_either_database(
     alone = await asyncio.to_thread(
         _run, ["audit", "--account", str(a1), "--database-url", served.urls["main"]])
     assert alone.returncode == 1  # main alone does not hold it
+
+
+async def test_payments_postings_stay_in_each_merchant_accounts_database(
+        served: Served, client: Client, ids: Ids) -> None:
+    """An authorization, a partial capture and a refund for a merchant account in each
+    database: the balances are the payment's, every posting (hold, capture, refund hold and
+    its post) is stored in the merchant account's database and none in the other, and no
+    transfer between databases was needed for them."""
+    merchants = [ids.account(0), ids.account(1)]  # shard 0 on main, shard 1 on db1
+    codes = await client.create_accounts([
+        Account(id=m, currency="USD", flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+        for m in merchants])
+    assert codes == [AccountResult.ok] * 2
+    headers = {"authorization": f"Bearer {served.token}"}
+    async with httpx.AsyncClient(base_url=served.base, headers=headers, timeout=30) as http:
+        for m in merchants:
+            r = await http.post("/v1/payments", headers={"idempotency-key": uuid.uuid4().hex},
+                                json={"amount": 800, "currency": "USD", "merchant_account_id": m,
+                                      "payment_method": "pm_4242_" + uuid.uuid4().hex[:12],
+                                      "capture": False, "provider": "acme"})
+            assert (r.status_code, r.json()["status"]) == (201, "authorized"), r.text
+            payment = r.json()["id"]
+            r = await http.post(f"/v1/payments/{payment}/capture", json={"amount": 500},
+                                headers={"idempotency-key": uuid.uuid4().hex})
+            assert (r.status_code, r.json()["status"]) == (200, "captured"), r.text
+            r = await http.post(f"/v1/payments/{payment}/refunds", json={"amount": 100},
+                                headers={"idempotency-key": uuid.uuid4().hex})
+            assert r.status_code == 200, r.text
+    found = await client.lookup_accounts(merchants)
+    assert [(a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted)
+            for a in found if a is not None] == [(0, 100, 0, 500)] * 2
+    for m, home, other in ((merchants[0], "main", "db1"), (merchants[1], "db1", "main")):
+        counts = {}
+        for db in (home, other):
+            conn = await asyncpg.connect(served.urls[db])
+            try:
+                counts[db] = (
+                    await conn.fetchval("SELECT count(*) FROM transfers WHERE "
+                                        "debit_account_id = $1 OR credit_account_id = $1", m),
+                    await conn.fetchval("SELECT count(*) FROM crossdb_transfers WHERE "
+                                        "debit_account_id = $1 OR credit_account_id = $1", m))
+            finally:
+                await conn.close()
+        assert counts == {home: (4, 0), other: (0, 0)}
 
 
 async def test_verify_checks_every_database(served: Served, client: Client,

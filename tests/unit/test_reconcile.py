@@ -18,12 +18,14 @@ from processor.payments import (
     SettlementLine,
     SettlementPayoutBatch,
     SettlementReport,
+    clearing_account_for,
     clearing_account_id,
     fee_account_id,
     fee_transfer_id,
     reconcile,
     record_window,
 )
+from processor.service import placement_of
 from processor.types import AMOUNT_MAX
 
 CONFIG = PaymentsConfig()
@@ -73,7 +75,14 @@ def test_everything_agrees() -> None:
     fees = result.fees  # type: ignore[attr-defined]
     assert [f.amount for f in fees] == [30, 30, 30]
     assert {f.debit_account_id for f in fees} == {fee_account_id(CONFIG, "acme", "EUR")}
-    assert {f.credit_account_id for f in fees} == {clearing_account_id(CONFIG, "acme", "EUR")}
+    # Credited to the clearing account in the fee account's placement: one shard.
+    fees_account = fee_account_id(CONFIG, "acme", "EUR")
+    assert {f.credit_account_id for f in fees} == {
+        clearing_account_for(CONFIG, "acme", "EUR", fees_account)}
+    assert all(placement_of(f.credit_account_id) == placement_of(fees_account) for f in fees)
+    one = msgspec.structs.replace(CONFIG, clearing_per_partition=False)
+    assert clearing_account_for(one, "acme", "EUR", fees_account) == clearing_account_id(
+        CONFIG, "acme", "EUR")
 
 
 @pytest.mark.parametrize(("change", "kind", "amount"), [
