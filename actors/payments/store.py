@@ -27,6 +27,7 @@ from processor.audit import AuditActor
 from processor.identity import tenant_of_principal
 from processor.payments import (
     DISPUTE_KINDS,
+    EVENT_INERT_PHASES,
     FINAL_PHASES,
     Dispute,
     DisputeError,
@@ -64,6 +65,7 @@ DATABASE_UNREACHABLE = (OSError, TimeoutError, asyncpg.InterfaceError,
                         asyncpg.InvalidAuthorizationSpecificationError)
 
 _FINAL = [p.value for p in FINAL_PHASES]
+_EVENT_INERT = sorted(p.value for p in EVENT_INERT_PHASES)
 _STEP_COLUMNS = (
     "id, subject_id, kind, phase, amount, currency, provider, provider_key, transfer_id, "
     "merchant_account_id, payment_method, destination, hold_transfer_id, auth_ref, "
@@ -1070,10 +1072,12 @@ class PaymentStore:
     async def step_for_event(self, provider_key: str, provider: str, event_id: str
                              ) -> tuple[Step | None, bool | None]:
         """The step a provider's event is about (None if none), and in the same statement
-        the event remembered when it can change nothing: no such step, a final one, or one
-        another provider handles. The second value says whether it was new then (False: a
-        duplicate), None when the step may still move (the caller decides, and records the
-        event with the step's change)."""
+        the event remembered when it can change nothing: no such step, one in a phase no
+        event moves (``EVENT_INERT_PHASES``: final, or past the provider's answer, which is
+        when the provider's own event about it usually arrives), or one another provider
+        handles. The second value says whether it was new then (False: a duplicate), None
+        when the step may still move (the caller decides, and records the event with the
+        step's change)."""
         row = await self._pool.fetchrow(
             f"WITH st AS (SELECT {', '.join('s.' + c for c in _STEP_READ.split(', '))} "
             "FROM payment_step_keys k JOIN payment_steps s ON s.id = k.step_id "
@@ -1085,7 +1089,7 @@ class PaymentStore:
             "SELECT EXISTS (SELECT 1 FROM inert) AS inert, "
             "EXISTS (SELECT 1 FROM recorded) AS fresh, st.* "
             "FROM (SELECT 1) AS one LEFT JOIN st ON true",
-            provider_key, provider, event_id, _FINAL)
+            provider_key, provider, event_id, _EVENT_INERT)
         values = dict(row)
         inert, fresh = values.pop("inert"), values.pop("fresh")
         step = None if values["id"] is None else _step(values)

@@ -119,6 +119,7 @@ from processor.payments.reconcile import (
 )
 from processor.payments.saga import (
     DISPUTE_KINDS,
+    EVENT_INERT_PHASES,
     FINAL_PHASES,
     Capture,
     Kind,
@@ -182,6 +183,7 @@ __all__ = [
     "EVIDENCE_TEXT_CHARS_MAX",
     "FEE_ACCOUNT_OFFSET",
     "FEE_TRANSFER_OFFSET",
+    "EVENT_INERT_PHASES",
     "FINAL_PHASES",
     "FINGERPRINT_BYTES",
     "KEY_CHARS_MAX",

@@ -63,6 +63,7 @@ from processor.types import AMOUNT_MAX, Transfer, TransferFlags, require
 
 __all__ = [
     "DISPUTE_KINDS",
+    "EVENT_INERT_PHASES",
     "FINAL_PHASES",
     "Capture",
     "Kind",
@@ -143,6 +144,10 @@ class Phase(enum.StrEnum):
 FINAL_PHASES = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.COMPENSATED})
 # Phases that need the provider's word before anything else can happen.
 PROVIDER_PHASES = frozenset({Phase.PROVIDER, Phase.AWAIT_PROVIDER, Phase.RESOLVE})
+# Phases in which no provider event can move a step (``on_status`` answers it unchanged):
+# the provider has spoken, and what is left is the ledger's, or nothing. The provider's
+# own event usually arrives now, just after its answer: it is only remembered.
+EVENT_INERT_PHASES = frozenset(Phase) - PROVIDER_PHASES - {Phase.COMPENSATE, Phase.RESERVE}
 
 
 class PaymentStatus(enum.StrEnum):

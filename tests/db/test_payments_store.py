@@ -423,9 +423,10 @@ async def test_an_answer_not_to_keep_leaves_the_key_to_the_request(
 
 async def test_an_event_that_cannot_move_its_step_is_remembered_as_it_is_found(
         store: PaymentStore) -> None:
-    """A provider event about no step, a final step or another provider's step is
-    remembered by the statement that finds the step (new once, a duplicate after); an event
-    about a step that may still move is left to the caller, unrecorded."""
+    """A provider event about no step, a step no event moves (final, or applying the
+    provider's answer) or another provider's step is remembered by the statement that finds
+    the step (new once, a duplicate after); an event about a step that may still move is
+    left to the caller, unrecorded."""
     p = payment("pay_" + "7" * 24)
     step = await first_step(store, p.id)
     assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
@@ -436,9 +437,14 @@ async def test_an_event_that_cannot_move_its_step_is_remembered_as_it_is_found(
     assert not await store.webhook_seen("acme", "evt_b")
     found, fresh = await store.step_for_event(step.provider_key, "globex", "evt_c")
     assert found is not None and fresh is True  # another provider's step: inert
-    done = await store.save_step(step, msgspec.structs.replace(step, phase=Phase.FAILED,
-                                                               error="provider_declined"),
-                                 due_at_s=NOW_S)
+    # The provider answered; the ledger's part is left: its own event moves nothing now.
+    applying = await store.save_step(step, msgspec.structs.replace(step, phase=Phase.APPLY),
+                                     due_at_s=NOW_S)
+    assert applying is not None
+    assert (await store.step_for_event(step.provider_key, "acme", "evt_d"))[1] is True
+    assert (await store.step_for_event(step.provider_key, "acme", "evt_d"))[1] is False
+    done = await store.save_step(applying, msgspec.structs.replace(
+        applying, phase=Phase.FAILED, error="provider_declined"), due_at_s=NOW_S)
     assert done is not None
     assert (await store.step_for_event(step.provider_key, "acme", "evt_b"))[1] is True
     assert (await store.step_for_event(step.provider_key, "acme", "evt_b"))[1] is False

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from processor.codes import TransferResult
 from processor.payments import (
+    EVENT_INERT_PHASES,
     FEE_ACCOUNT_OFFSET,
     DeclineCode,
     Kind,
@@ -149,6 +150,19 @@ def test_late_answers_about_a_finished_step_change_nothing() -> None:
         s = step(phase=phase)
         assert on_status(s, reply(Outcome.DECLINED)) == s
         assert on_status(s, reply(Outcome.APPROVED)) == s
+
+
+@given(st.sampled_from(sorted(EVENT_INERT_PHASES)), st.sampled_from(list(Kind)),
+       st.sampled_from(list(Outcome)), st.sampled_from(["", *DeclineCode]))
+def test_no_provider_event_moves_a_step_in_an_inert_phase(
+        phase: Phase, kind: Kind, outcome: Outcome, decline_code: str) -> None:
+    """The store remembers an event about a step in EVENT_INERT_PHASES without asking the
+    engine (one statement): that is right only if no answer could have moved it."""
+    s = step(kind, phase=phase)
+    assert on_status(s, reply(outcome, decline_code=decline_code)) == s
+    # The phases an event may move, or that ask the provider to send it again, are not.
+    assert not EVENT_INERT_PHASES & {Phase.PROVIDER, Phase.AWAIT_PROVIDER, Phase.RESOLVE,
+                                     Phase.COMPENSATE, Phase.RESERVE}
 
 
 def test_ledger_postings_of_each_step() -> None:
