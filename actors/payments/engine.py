@@ -818,7 +818,23 @@ class PaymentsEngine:
             reply = await self._call_provider(step.provider, "call",
                                               await self._request_of(step))
             after = on_provider(step, reply, self._failover(step))
-            detail = f"provider {reply.outcome.value} {reply.message}"[:200]
+            detail = f"provider {reply.outcome.value} {reply.message}"[:160]
+            if after.phase == Phase.APPLY:
+                # Approved: apply it in the ledger before storing anything, so that one
+                # save records both. Should this process die in between, the stored step is
+                # still at PROVIDER: whoever takes it over sends the call again under its
+                # key, which replays the approval, and posts again under the step's
+                # transfer ids, which answer exists. The provider's own event about it
+                # waits for this save (_answers_pending) and then finds the step final.
+                try:
+                    code = await self._apply_ledger(after)
+                except (LedgerError, OSError, TimeoutError) as exc:
+                    await self._stored_then_parked(
+                        step, after, detail, payment, hold, answer,
+                        f"ledger unavailable: {type(exc).__name__}")
+                    return None
+                after = on_ledger(after, code)
+                detail = f"{detail}; ledger {code.name}"[:200]
         elif step.phase == Phase.COMPENSATE:
             reply = await self._call_provider(step.provider, "call",
                                               compensation_request(step))
@@ -866,6 +882,20 @@ class PaymentsEngine:
     def _recheck_s(self, step: Step) -> float:
         """When to look at a waiting step again: backing off the more it was looked at."""
         return recheck_delay_s(step.checks, self.config, self._rng)
+
+    async def _stored_then_parked(
+            self, before: Step, after: Step, detail: str, payment: Payment | None,
+            hold: KeyHold | None, answer: Callable[[Step], tuple[int, bytes] | None] | None,
+            why: str) -> None:
+        """Store ``after`` (the provider's approval, not yet in the ledger) and park it:
+        the ledger could not be reached, so the recovery worker applies it when due."""
+        saved = await self.store.save_step(before, after, due_at_s=self._due_s(after),
+                                           detail=detail, payment=payment, hold=hold,
+                                           answer=answer)
+        if saved is None:
+            self.stats["lost_claims"] += 1
+            return
+        await self._park(saved, why)
 
     async def _park(self, step: Step, detail: str) -> None:
         """Leave the step where it is, due again after its recheck delay."""
