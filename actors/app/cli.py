@@ -348,6 +348,26 @@ def _add_erase(sub: Any) -> None:
     _add_common(erase)
 
 
+def _add_archive(sub: Any) -> None:
+    archive = sub.add_parser(
+        "archive", help="export the closed months before --before to Parquet files with a "
+                        "manifest, check them, record a balance checkpoint, then delete their "
+                        "transfers and resolutions (docs/operations.md, 'Archive and "
+                        "restore')")
+    archive.add_argument("--before", required=True, metavar="YYYY-MM",
+                         help="the first month kept: everything before its first instant "
+                              "(UTC) is archived")
+    archive.add_argument("--to", default="archives", metavar="DIR",
+                         help="where the archive's directory is made (default ./archives)")
+    _add_common(archive)
+    restore = sub.add_parser(
+        "restore", help="put an archive's rows back after checking its manifest, its files' "
+                        "checksums and its record (newest archive first)")
+    restore.add_argument("archive_dir", metavar="ARCHIVE_DIR",
+                         help="the directory `txproc archive` made (holds manifest.json)")
+    _add_common(restore)
+
+
 def _add_recon(sub: Any) -> None:
     recon = sub.add_parser("recon", help="settlement reconciliation (docs/reconciliation.md)")
     recon_sub = recon.add_subparsers(dest="recon_command", required=True)
@@ -439,6 +459,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_webhooks(sub)
     _add_recon(sub)
     _add_erase(sub)
+    _add_archive(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -511,6 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         return _recon_run(args)
     if args.command == "erase":
         return _erase(args)
+    if args.command in ("archive", "restore"):
+        return asyncio.run(_archive_or_restore(args))
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -1097,6 +1120,36 @@ def _erase(args: argparse.Namespace) -> int:
         print(f"txproc erase: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_erase_subject(args, master))
+
+
+async def _archive_or_restore(args: argparse.Namespace) -> int:
+    """``txproc archive`` / ``txproc restore``: exit 0 when done, 1 when refused (the message
+    says why; nothing was deleted or inserted), 2 when the database is not migrated."""
+    import asyncpg
+
+    from actors.ledger.archive import ArchiveRefused, archive, restore
+
+    command = f"txproc {args.command}"
+    with _live_database(args) as url:
+        try:
+            if args.command == "archive":
+                done = await archive(url, args.before, Path(args.to))
+                m = done.manifest
+                print(f"archived {m.transfers:,} transfers and {m.resolutions:,} resolutions "
+                      f"before {m.boundary} into {done.directory} in {done.seconds:.2f} s "
+                      f"({len(m.files)} files, {m.accounts:,} accounts in the checkpoint)")
+            else:
+                back = await restore(url, Path(args.archive_dir))
+                print(f"restored {back.name}: {back.transfers:,} transfers and "
+                      f"{back.resolutions:,} resolutions in {back.seconds:.2f} s; "
+                      "run `txproc verify`")
+        except (ArchiveRefused, ValueError, FileExistsError) as exc:
+            print(f"{command}: {exc}", file=sys.stderr)
+            return 1
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+            print(f"{command}: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+    return 0
 
 
 async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
