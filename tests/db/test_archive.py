@@ -13,8 +13,11 @@ manifest is refused by restore; the service's role cannot delete even with the f
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -340,3 +343,48 @@ async def test_only_the_owner_with_the_flag_deletes(db_url: str, app_db_url: str
         await owner.close()
         await app.close()
 
+
+
+async def test_two_archives_restore_newest_first(db_url: str, history: HistoryStore,
+                                                 tmp_path: Path) -> None:
+    """January, then February and March: verify passes with both in force (checkpoints
+    summed, each archive's cut checked); the older cannot be restored before the newer;
+    restored newest first, verify passes and the reads answer as at the start. The CLI
+    runs the same commands."""
+    built = await build(db_url)
+    accounts = built.accounts[0] + built.accounts[1]
+    start = await history.account_transfers(AccountTransfersFilter(
+        account_id=accounts[0], limit=50), PROCESSOR_TENANT)
+    first = await archive(db_url, "2026-02", tmp_path)
+    done = await _cli("archive", "--before", "2026-04", "--to", str(tmp_path),
+                      "--database-url", db_url)
+    assert done.returncode == 0 and "archived 12 transfers" in done.stdout, done.stderr
+    [second] = [p for p in tmp_path.iterdir() if p != first.directory]
+    result = await verify(db_url)
+    assert result.report.problems == []
+    assert result.report.checked["archives"] == 2
+    assert result.report.checked["transfers"] == 2  # April's, one a shard
+    with pytest.raises(HistoryError, match=second.name):
+        await history.balances_at(accounts[0], MAR + 3 * DAY_NS, PROCESSOR_TENANT)
+    assert await history.balances_at(accounts[0], APR + 5 * DAY_NS, PROCESSOR_TENANT) \
+        is not None
+    with pytest.raises(ArchiveRefused, match="restore that one first"):
+        await restore(db_url, first.directory)
+    again = await _cli("archive", "--before", "2026-03", "--to", str(tmp_path),
+                       "--database-url", db_url)
+    assert again.returncode == 1 and "archived already" in again.stderr
+    back = await _cli("restore", str(second), "--database-url", db_url)
+    assert back.returncode == 0 and "restored " + second.name in back.stdout, back.stderr
+    assert (await verify(db_url)).report.problems == []
+    await restore(db_url, first.directory)
+    assert (await verify(db_url)).report.problems == []
+    assert await history.account_transfers(AccountTransfersFilter(
+        account_id=accounts[0], limit=50), PROCESSOR_TENANT) == start
+
+
+async def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``txproc`` with these arguments, in a process of its own."""
+    return await asyncio.to_thread(
+        subprocess.run, [sys.executable, "-c", "import sys; from actors.app.cli import main; "
+                         "sys.exit(main(sys.argv[1:]))", *argv],
+        capture_output=True, text=True, timeout=120, check=False)
