@@ -38,6 +38,7 @@ __all__ = [
     "month_start_ns",
     "posted_mask",
     "resolutions_digest",
+    "retention_before",
     "sha256_hex",
     "transfers_digest",
 ]
@@ -67,6 +68,15 @@ def month_of_ns(nanos: int) -> str:
     """The month ``YYYY-MM`` (UTC) of an instant in nanoseconds since the epoch."""
     moment = datetime.datetime.fromtimestamp(nanos // NS_PER_S, tz=datetime.UTC)
     return f"{moment.year:04d}-{moment.month:02d}"
+
+
+def retention_before(now: datetime.datetime, hot_months: int) -> str:
+    """The ``--before`` month that keeps the current month and the ``hot_months`` whole
+    months before it in the database (``YYYY-MM``, UTC): on 2026-12-06 with 3, 2026-09."""
+    require(1 <= hot_months <= 1200, "hot months from 1 to 1200")
+    moment = now.astimezone(datetime.UTC)
+    index = moment.year * 12 + (moment.month - 1) - hot_months
+    return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
 def archive_name(before: str, now: datetime.datetime) -> str:

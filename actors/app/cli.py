@@ -354,9 +354,14 @@ def _add_archive(sub: Any) -> None:
                         "manifest, check them, record a balance checkpoint, then delete their "
                         "transfers and resolutions (docs/operations.md, 'Archive and "
                         "restore')")
-    archive.add_argument("--before", required=True, metavar="YYYY-MM",
-                         help="the first month kept: everything before its first instant "
-                              "(UTC) is archived")
+    when = archive.add_mutually_exclusive_group(required=True)
+    when.add_argument("--before", metavar="YYYY-MM",
+                      help="the first month kept: everything before its first instant (UTC) "
+                           "is archived")
+    when.add_argument("--retain-hot-months", type=int, metavar="N",
+                      help="keep the current month and the N whole months before it; archive "
+                           "what is older and not archived yet (for a timer: exits 0 when "
+                           "there is nothing new to archive)")
     archive.add_argument("--to", default="archives", metavar="DIR",
                          help="where the archive's directory is made (default ./archives)")
     _add_common(archive)
@@ -1125,15 +1130,25 @@ def _erase(args: argparse.Namespace) -> int:
 async def _archive_or_restore(args: argparse.Namespace) -> int:
     """``txproc archive`` / ``txproc restore``: exit 0 when done, 1 when refused (the message
     says why; nothing was deleted or inserted), 2 when the database is not migrated."""
+    import datetime
+
     import asyncpg
 
-    from actors.ledger.archive import ArchiveRefused, archive, restore
+    from actors.ledger.archive import ArchiveRefused, archive, archived_up_to, restore
+    from processor.archive import retention_before
 
     command = f"txproc {args.command}"
     with _live_database(args) as url:
         try:
             if args.command == "archive":
-                done = await archive(url, args.before, Path(args.to))
+                before = args.before
+                if before is None:
+                    before = retention_before(datetime.datetime.now(datetime.UTC),
+                                              args.retain_hot_months)
+                    if await archived_up_to(url, before):
+                        print(f"nothing to archive: everything before {before} is archived")
+                        return 0
+                done = await archive(url, before, Path(args.to))
                 m = done.manifest
                 print(f"archived {m.transfers:,} transfers and {m.resolutions:,} resolutions "
                       f"before {m.boundary} into {done.directory} in {done.seconds:.2f} s "

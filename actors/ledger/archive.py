@@ -62,7 +62,8 @@ from processor.archive import (
 from processor.history import format_rfc3339_ns
 from processor.ledger import SECTIONS, PartitionMap, SectionHasher
 
-__all__ = ["ArchiveRefused", "ArchiveResult", "RestoreResult", "archive", "restore"]
+__all__ = ["ArchiveRefused", "ArchiveResult", "RestoreResult", "archive", "archived_up_to",
+           "restore"]
 
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 3_600.0
@@ -488,6 +489,16 @@ async def _check_checkpoint(conn: asyncpg.Connection, archive_id: int,
     if found != expected or sum(r["accounts"] for r in rows) != manifest.accounts:
         raise ArchiveRefused(f"the balance checkpoint's sums {found} are not the export's "
                              f"{expected}; nothing deleted")
+
+
+async def archived_up_to(url: str, before: str) -> bool:
+    """Whether an archive in force covers everything before ``before`` (``YYYY-MM``)."""
+    conn = await _connect(url)
+    try:
+        bound = await active_archive(conn)
+    finally:
+        await conn.close(timeout=CONNECT_TIMEOUT_S)
+    return bound is not None and bound.boundary_ns >= month_start_ns(before)
 
 
 # -- restore ---------------------------------------------------------------------------------
