@@ -160,8 +160,9 @@ async def _reads(history: HistoryStore, accounts: list[int]) -> dict[str, Any]:
 
 
 @pytest.fixture
-async def history(db_url: str) -> Any:
-    store = await HistoryStore.connect(db_url, pool_size_max=2, connect_timeout_s=10,
+async def history(app_db_url: str) -> Any:
+    """The front's history reads, as the service's role."""
+    store = await HistoryStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=10,
                                        command_timeout_s=30)
     try:
         yield store
@@ -261,7 +262,8 @@ def _old_cursor() -> str:
     return encode_stream_cursor(StreamCursor((JAN + DAY_NS, JAN + DAY_NS)))
 
 
-async def test_a_retry_of_an_archived_id_is_not_applied(db_url: str, tmp_path: Path) -> None:
+async def test_a_retry_of_an_archived_id_is_not_applied(db_url: str, app_db_url: str,
+                                                        tmp_path: Path) -> None:
     """A shard that has forgotten January (a new incarnation's book) reads an archived id
     back with the burned ones and answers ``id_archived``; the high-water mark covers it;
     nothing is written; after restore the same retry is ``exists`` again."""
@@ -270,7 +272,8 @@ async def test_a_retry_of_an_archived_id_is_not_applied(db_url: str, tmp_path: P
     a, b, _ = built.accounts[0]
     retry = Transfer(id=1001, debit_account_id=a, credit_account_id=b, amount=500,
                      currency="EUR", user_data="jan")
-    store = await LedgerStore.connect(db_url, pool_size_max=2, connect_timeout_s=10,
+    # As the service's role, as a shard reads and commits.
+    store = await LedgerStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=30)
     try:
         assert await store.ids_max() >= 2022
