@@ -66,9 +66,12 @@ TRANSFER_COLUMNS = (
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
     "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant", "origin",
 )
+# The archived ids' part is gated by a one-time probe, so while nothing is archived it reads
+# no more than one index page (PostgreSQL evaluates the uncorrelated EXISTS once).
 _FAILED_OR_ARCHIVED_SQL = (
     "SELECT id, result FROM failed_transfers WHERE id = ANY($1::bigint[]) "
-    "UNION ALL SELECT id, $2::smallint FROM archived_transfer_ids WHERE id = ANY($1::bigint[])")
+    "UNION ALL SELECT id, $2::smallint FROM archived_transfer_ids "
+    "WHERE (SELECT EXISTS (SELECT 1 FROM archived_transfer_ids)) AND id = ANY($1::bigint[])")
 # One block of postings: the legs a commit leaves for one other shard's accounts.
 _POSTING_BLOCK_SQL = (
     "INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending, debits_posted, "
