@@ -391,3 +391,45 @@ async def _cli(*argv: str) -> subprocess.CompletedProcess[str]:
         subprocess.run, [sys.executable, "-c", "import sys; from actors.app.cli import main; "
                          "sys.exit(main(sys.argv[1:]))", *argv],
         capture_output=True, text=True, timeout=120, check=False)
+
+
+async def test_archive_beside_live_commits(db_url: str, app_db_url: str,
+                                           tmp_path: Path) -> None:
+    """Online: shard 0 goes on committing (and checkpointing) in April while January is
+    archived; every commit lands, nothing archived is touched, and verify passes after."""
+    built = await build(db_url)
+    a, b, _ = built.accounts[0]
+    store = await LedgerStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=10,
+                                      command_timeout_s=30)
+    book = ArrayBook(0, built.partitions, recent_ids_max=1024)
+    try:
+        epoch = await store.take_epoch(0)
+        await store.checkpoint(0, epoch, built.partitions.partitions_of_shard(0))
+        # A new incarnation of shard 0, recovered as a shard recovers.
+        accounts, pending = await store.load_shard(0, built.partitions.partitions_of_shard(0))
+        for account in accounts:
+            book.load_account(account)
+        for hold in pending:
+            book.load_pending(hold)
+        assert pending == []
+        committed: list[int] = []
+
+        async def writer() -> None:
+            for k in range(20):
+                now = APR + 20 * DAY_NS + k * 10**6
+                codes = await _commit(store, book, built.partitions, [
+                    Transfer(id=5000 + k, debit_account_id=a, credit_account_id=b, amount=1,
+                             currency="EUR")], now, epoch)
+                assert codes == [0]
+                committed.append(5000 + k)
+                if k % 5 == 4:
+                    await store.checkpoint(0, epoch, built.partitions.partitions_of_shard(0))
+                await asyncio.sleep(0)
+
+        done, _ = await asyncio.gather(archive(db_url, "2026-02", tmp_path), writer())
+    finally:
+        await store.close()
+    assert done.manifest.transfers == 12 and len(committed) == 20
+    result = await verify(db_url)
+    assert result.report.problems == []
+    assert result.report.checked["transfers"] == 14 + 20
