@@ -144,6 +144,7 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     resolutions: int
     accounts: int  # rows of the balance checkpoint
     currencies: dict[str, CurrencySums]
+    months: list[str] = []  # the months the files hold, in order
 
 
 _DECODER = msgspec.json.Decoder(Manifest)

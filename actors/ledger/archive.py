@@ -429,7 +429,8 @@ async def archive(url: str, before: str, to: Path, *,
             format=ARCHIVE_FORMAT, name=name, before=before, boundary_ns=plan.boundary,
             boundary=format_rfc3339_ns(plan.boundary), created_at=clock.isoformat(),
             shards=plan.cuts, files=files, transfers=transfers, resolutions=resolutions,
-            accounts=int(accounts), currencies=currencies)
+            accounts=int(accounts), currencies=currencies,
+            months=sorted({f.month for f in files}))
         data = encode_manifest(manifest)
         _write_new(directory / MANIFEST_NAME, data)
         await _record_and_delete(conn, plan, manifest, data)

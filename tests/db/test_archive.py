@@ -206,7 +206,7 @@ async def test_archive_verify_read_restore_round_trip(db_url: str, history: Hist
                                          "pending_resolutions-2026-01.parquet"]
     assert m.currencies["EUR"].amount == 2 * (500 + 70 + 100 + 30 + 60 + 30)
     assert m.currencies["EUR"].posted == 2 * (500 + 70 + 60)
-    assert {c.shard for c in m.shards} == {0, 1}
+    assert {c.shard for c in m.shards} == {0, 1} and m.months == ["2026-01"]
 
     result = await verify(db_url)
     assert result.report.problems == []
