@@ -917,6 +917,11 @@ def verify_summary(result: Any) -> str:
                   "(not vouched for by an anchor)")
     else:
         anchor = "no anchor yet: nothing vouches for the chains' tails"
+    if "archives" in checked:
+        # docs/design.md §16, "Archive and restore": what verify took from the archives.
+        anchor += (f"; {int(checked['archives'])} archive(s) in force: "
+                   f"{int(checked.get('archived_rows', 0)):,} rows in their files, balances "
+                   "from their checkpoints, chains from their cuts")
     rate = f"in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s)"
     if report.ok:
         return f"verify: ok: {counts} {rate}; {anchor}"

@@ -366,6 +366,8 @@ async def test_two_archives_restore_newest_first(db_url: str, history: HistorySt
     result = await verify(db_url)
     assert result.report.problems == []
     assert result.report.checked["archives"] == 2
+    text = await _cli("verify", "--database-url", db_url)
+    assert text.returncode == 0 and "2 archive(s) in force: 30 rows" in text.stdout, text
     assert result.report.checked["transfers"] == 2  # April's, one a shard
     with pytest.raises(HistoryError, match=second.name):
         await history.balances_at(accounts[0], MAR + 3 * DAY_NS, PROCESSOR_TENANT)
