@@ -3,10 +3,10 @@ restore").
 
 What ``txproc archive`` and ``txproc restore`` (actors/ledger/archive.py) and the reads
 share: months as nanosecond boundaries, the manifest written beside the files and its
-digest, the digest of a file's rows (the chain's own canonical encoding,
-processor/ledger/chain.py, so a row differs in any column or it hashes the same), the sums
-the manifest records, and the rule a read applies to an archive in force (``ArchiveBound``).
-No I/O here.
+digest, the sums the manifest records, the retention schedule's settings, and the rule a read
+applies to an archive in force (``ArchiveBound``). No I/O here, and nothing heavy: the
+configuration tree imports it, and the small commands must start fast (the digest of a
+file's rows, over numpy and the chain's encoding, is actors/ledger/archive.py's).
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ import re
 from collections.abc import Sequence
 
 import msgspec
-import numpy as np
 
 from processor.history import HistoryError, format_rfc3339_ns
-from processor.ledger.chain import SECTIONS, SectionHasher, resolution_rows, transfer_rows
-from processor.types import TransferFlags, require
+from processor.types import require
 
 __all__ = [
     "ARCHIVE_FORMAT",
@@ -30,25 +28,20 @@ __all__ = [
     "ArchiveFile",
     "CurrencySums",
     "Manifest",
+    "RetentionConfig",
     "ShardCut",
     "archive_name",
     "decode_manifest",
     "encode_manifest",
     "month_of_ns",
     "month_start_ns",
-    "posted_mask",
-    "resolutions_digest",
     "retention_before",
     "sha256_hex",
-    "transfers_digest",
 ]
 
 ARCHIVE_FORMAT = 1
 NS_PER_S = 1_000_000_000
 _MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
-_PENDING = int(TransferFlags.PENDING)
-_POST = int(TransferFlags.POST_PENDING)
-_VOID = int(TransferFlags.VOID_PENDING)
 
 
 def month_start_ns(text: str) -> int:
@@ -79,6 +72,24 @@ def retention_before(now: datetime.datetime, hot_months: int) -> str:
     return f"{index // 12:04d}-{index % 12 + 1:02d}"
 
 
+class RetentionConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``serve --retain-hot-months``: keep the current month and ``hot_months`` whole months
+    before it in the database, archiving what is older into ``directory`` every
+    ``interval_s`` (0 months: off). Checked on construction."""
+
+    hot_months: int = 0
+    directory: str = ""
+    interval_s: float = 3_600.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.hot_months <= 1200:
+            raise ValueError(f"retain_hot_months is 0 (off) to 1200, not {self.hot_months}")
+        if self.hot_months and not self.directory:
+            raise ValueError("retain_hot_months needs an archive directory")
+        if not 1.0 <= self.interval_s <= 31 * 86_400:
+            raise ValueError(f"archive interval_s is 1 to 2678400, not {self.interval_s}")
+
+
 def archive_name(before: str, now: datetime.datetime) -> str:
     """A name for an archive of everything before ``before``, unique per second: the same
     months may be archived again after a restore."""
@@ -87,13 +98,6 @@ def archive_name(before: str, now: datetime.datetime) -> str:
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def posted_mask(flags: np.ndarray) -> np.ndarray:
-    """Which transfers count their amount as posted: plain ones and posts (a pending
-    transfer counts as pending until resolved, a void posts nothing)."""
-    posted: np.ndarray = ((flags & (_PENDING | _POST | _VOID)) == 0) | ((flags & _POST) != 0)
-    return posted
 
 
 # -- the manifest ----------------------------------------------------------------------------
@@ -164,32 +168,6 @@ def decode_manifest(data: bytes) -> Manifest:
         raise ValueError(f"archive format {manifest.format}; this version reads "
                          f"{ARCHIVE_FORMAT}")
     return manifest
-
-
-# -- the digest of a file's rows -------------------------------------------------------------
-
-
-def transfers_digest(columns: dict[str, np.ndarray | list[str]],
-                     hasher: SectionHasher | None = None) -> SectionHasher:
-    """Feed transfers (a dict of the table's columns; ``currency`` as ``S3``,
-    ``user_data`` a list of str) into ``hasher`` (a new one if None), in the order given."""
-    hasher = hasher or SectionHasher(SECTIONS[0])
-    ints = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()
-            if k not in ("currency", "user_data")}
-    user_data = list(columns["user_data"])
-    hasher.update(transfer_rows(
-        currency=np.asarray(columns["currency"], dtype="S3"),
-        user_data=user_data if any(user_data) else None, **ints))
-    return hasher
-
-
-def resolutions_digest(columns: dict[str, np.ndarray],
-                       hasher: SectionHasher | None = None) -> SectionHasher:
-    """Feed pending resolutions into ``hasher`` (a new one if None), in the order given."""
-    hasher = hasher or SectionHasher(SECTIONS[3])
-    hasher.update(resolution_rows(**{k: np.asarray(v, dtype=np.int64)
-                                     for k, v in columns.items()}))
-    return hasher
 
 
 # -- what a read does with the archive in force ----------------------------------------------

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from processor.config import (
     ObservabilityConfig,
     PaymentsSection,
     ProviderEndpoint,
+    RetentionConfig,
     ShardConfig,
 )
 from processor.identity import (
@@ -106,6 +108,15 @@ def _key_directory(args: argparse.Namespace) -> Path:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_common(p)
+    p.add_argument("--retain-hot-months", type=int, default=0, metavar="N",
+                   help="archive, on a schedule and under a lease (one process of the "
+                        "cluster), the months older than the current one and the N before "
+                        "it, as `txproc archive --retain-hot-months N` would (0: off; "
+                        "docs/operations.md, 'Archive and restore')")
+    p.add_argument("--archive-dir", default="", metavar="DIR",
+                   help="where the scheduled archives go (default <data-dir>/archives)")
+    p.add_argument("--archive-interval-s", type=float, default=3_600.0,
+                   help="how often the schedule looks for a month to archive")
     _add_key_file(p, "verify tokens with; it must exist (`txproc keys rotate --key-file` "
                      "makes one)")
     p.add_argument("--host", default="127.0.0.1")
@@ -208,9 +219,22 @@ def build_config(args: argparse.Namespace) -> Config:
             metrics_port=args.metrics_port, vcpu_hour_price=args.vcpu_hour_price,
             trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
             trace_sample_ratio=args.trace_sample_ratio),
+        retention=_retention(args),
     )
     config.check()
     return config
+
+
+def _retention(args: argparse.Namespace) -> RetentionConfig:
+    """``--retain-hot-months``, ``--archive-dir``, ``--archive-interval-s``."""
+    months = getattr(args, "retain_hot_months", 0)
+    directory = getattr(args, "archive_dir", "") or str(
+        Path(args.data_dir).resolve() / "archives")
+    try:
+        return RetentionConfig(hot_months=months, directory=directory,
+                               interval_s=getattr(args, "archive_interval_s", 3_600.0))
+    except ValueError as exc:
+        raise SystemExit(f"txproc: {exc}") from exc
 
 
 def _payments(args: argparse.Namespace) -> PaymentsSection:
@@ -1409,11 +1433,21 @@ async def _serve(config: Config) -> int:
                  front.http_port, front.rpc_address, FRONTS_FILE)
     address = _write_api_address(config, processor.http_port)
     supervisor = loop.create_task(processor.supervise())
+    retention = None
+    if config.retention.hot_months:
+        from actors.ledger.archive import retention_loop
+
+        # As the owner role (the service's cannot delete), from this process only.
+        retention = loop.create_task(retention_loop(
+            processor.admin_database_url, config.retention,
+            holder=f"serve-{socket.gethostname()}-{os.getpid()}"))
     await stop.wait()
     with contextlib.suppress(OSError):
         address.unlink()
     log.info("shutting down: flushing shards and closing")
     supervisor.cancel()
+    if retention is not None:
+        retention.cancel()
     await processor.stop()
     log.info("stopped")
     return 0

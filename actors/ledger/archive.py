@@ -27,11 +27,14 @@ row is committed, folded and below every shard's position, so no commit touches 
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hashlib
+import logging
 import os
+import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from actors.lease import Fence, LeaseLost, hold
 from actors.ledger.archived import active_archive
 from actors.ledger.history import read_horizon
 from processor.archive import (
@@ -49,21 +53,28 @@ from processor.archive import (
     ArchiveFile,
     CurrencySums,
     Manifest,
+    RetentionConfig,
     ShardCut,
     archive_name,
     decode_manifest,
     encode_manifest,
     month_of_ns,
     month_start_ns,
-    posted_mask,
-    resolutions_digest,
-    transfers_digest,
+    retention_before,
 )
 from processor.history import format_rfc3339_ns
-from processor.ledger import SECTIONS, PartitionMap, SectionHasher
+from processor.lease import LeaseConfig
+from processor.ledger import (
+    SECTIONS,
+    PartitionMap,
+    SectionHasher,
+    resolution_rows,
+    transfer_rows,
+)
+from processor.types import TransferFlags
 
-__all__ = ["ArchiveRefused", "ArchiveResult", "RestoreResult", "archive", "archived_up_to",
-           "restore"]
+__all__ = ["LEASE_RETENTION", "ArchiveRefused", "ArchiveResult", "RestoreResult", "archive",
+           "archived_up_to", "restore", "retain", "retention_loop"]
 
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 3_600.0
@@ -110,6 +121,46 @@ class RestoreResult:
     transfers: int
     resolutions: int
     seconds: float
+
+
+_PENDING = int(TransferFlags.PENDING)
+_POST = int(TransferFlags.POST_PENDING)
+_VOID = int(TransferFlags.VOID_PENDING)
+
+
+def posted_mask(flags: np.ndarray) -> np.ndarray:
+    """Which transfers count their amount as posted: plain ones and posts (a pending
+    transfer counts as pending until resolved, a void posts nothing)."""
+    posted: np.ndarray = ((flags & (_PENDING | _POST | _VOID)) == 0) | ((flags & _POST) != 0)
+    return posted
+
+
+# The digest of a file's rows: the chain's own canonical encoding (processor/ledger/chain.py),
+# so a row that differs in any column hashes differently.
+
+
+def transfers_digest(columns: dict[str, np.ndarray | list[str]],
+                     hasher: SectionHasher | None = None) -> SectionHasher:
+    """Feed transfers (a dict of the table's columns; ``currency`` as ``S3``,
+    ``user_data`` a list of str) into ``hasher`` (a new one if None), in the order given."""
+    hasher = hasher or SectionHasher(SECTIONS[0])
+    ints = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()
+            if k not in ("currency", "user_data")}
+    user_data = list(columns["user_data"])
+    hasher.update(transfer_rows(
+        currency=np.asarray(columns["currency"], dtype="S3"),
+        user_data=user_data if any(user_data) else None, **ints))
+    return hasher
+
+
+def resolutions_digest(columns: dict[str, np.ndarray],
+                       hasher: SectionHasher | None = None) -> SectionHasher:
+    """Feed pending resolutions into ``hasher`` (a new one if None), in the order given."""
+    hasher = hasher or SectionHasher(SECTIONS[3])
+    hasher.update(resolution_rows(**{k: np.asarray(v, dtype=np.int64)
+                                     for k, v in columns.items()}))
+    return hasher
+
 
 
 # -- the archived set ------------------------------------------------------------------------
@@ -390,12 +441,14 @@ def _check_file(directory: Path, entry: ArchiveFile) -> dict[str, list[Any]]:
     return columns
 
 
-async def archive(url: str, before: str, to: Path, *,
-                  now: datetime.datetime | None = None) -> ArchiveResult:
+async def archive(url: str, before: str, to: Path, *, now: datetime.datetime | None = None,
+                  fence: Fence | None = None) -> ArchiveResult:
     """Archive every closed month before ``before`` (``YYYY-MM``) into a new directory under
     ``to``; raises ``ArchiveRefused`` (nothing deleted) when the month is not closed, a hold
     before it is unresolved, the export does not read back as written, or the deletion
-    does not match the manifest; ``ValueError`` for a month that is not ``YYYY-MM``."""
+    does not match the manifest; ``ValueError`` for a month that is not ``YYYY-MM``. With
+    ``fence`` (the schedule's lease), the deleting transaction checks it and refuses
+    (``LeaseLost``) once another process has taken the lease over."""
     started = datetime.datetime.now(datetime.UTC)
     clock = now or started
     steps: dict[str, float] = {}
@@ -414,31 +467,46 @@ async def archive(url: str, before: str, to: Path, *,
             name = archive_name(before, clock)
             directory = to / name
             directory.mkdir(parents=True, exist_ok=False)
-            files, currencies, transfers, resolutions = await _export(conn, plan, directory)
-            accounts = await conn.fetchval(_ACCOUNTS_SQL, *plan.args)
-            step("export")
-        if transfers == 0 and resolutions == 0:
-            for leftover in directory.iterdir():
-                leftover.unlink()
-            directory.rmdir()
-            raise ArchiveRefused(f"nothing to archive before {before}")
-        for entry in files:  # the export, read back
-            _check_file(directory, entry)
-        step("read_back")
-        manifest = Manifest(
-            format=ARCHIVE_FORMAT, name=name, before=before, boundary_ns=plan.boundary,
-            boundary=format_rfc3339_ns(plan.boundary), created_at=clock.isoformat(),
-            shards=plan.cuts, files=files, transfers=transfers, resolutions=resolutions,
-            accounts=int(accounts), currencies=currencies,
-            months=sorted({f.month for f in files}))
+            try:
+                manifest = await _export_and_check(conn, plan, directory, name, before, clock,
+                                                   step)
+            except BaseException:
+                shutil.rmtree(directory, ignore_errors=True)  # nothing refers to it
+                raise
         data = encode_manifest(manifest)
         _write_new(directory / MANIFEST_NAME, data)
-        await _record_and_delete(conn, plan, manifest, data)
+        try:
+            await _record_and_delete(conn, plan, manifest, data, fence)
+        except (ArchiveRefused, LeaseLost, asyncpg.PostgresError):
+            # The server answered, so the transaction rolled back: no record names the
+            # files. Any other error (the connection lost during COMMIT) leaves the outcome
+            # unknown, and the files stay: `verify` or the record says which it was.
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
         step("delete")
     finally:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
     seconds = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
     return ArchiveResult(name, directory, manifest, seconds, steps)
+
+
+async def _export_and_check(conn: asyncpg.Connection, plan: _Plan, directory: Path, name: str,
+                            before: str, clock: datetime.datetime,
+                            step: Callable[[str], None]) -> Manifest:
+    """The files, read back, and the manifest that describes them (not yet written)."""
+    files, currencies, transfers, resolutions = await _export(conn, plan, directory)
+    accounts = await conn.fetchval(_ACCOUNTS_SQL, *plan.args)
+    step("export")
+    if transfers == 0 and resolutions == 0:
+        raise ArchiveRefused(f"nothing to archive before {before}")
+    for entry in files:  # the export, read back
+        _check_file(directory, entry)
+    step("read_back")
+    return Manifest(
+        format=ARCHIVE_FORMAT, name=name, before=before, boundary_ns=plan.boundary,
+        boundary=format_rfc3339_ns(plan.boundary), created_at=clock.isoformat(),
+        shards=plan.cuts, files=files, transfers=transfers, resolutions=resolutions,
+        accounts=int(accounts), currencies=currencies, months=sorted({f.month for f in files}))
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -449,12 +517,14 @@ def _write_new(path: Path, data: bytes) -> None:
 
 
 async def _record_and_delete(conn: asyncpg.Connection, plan: _Plan, manifest: Manifest,
-                             data: bytes) -> None:
+                             data: bytes, fence: Fence | None) -> None:
     """The record, the checkpoint, the archived ids and the DELETEs, in one transaction
-    that rolls back unless each count and sum is the manifest's."""
+    that rolls back unless each count and sum is the manifest's (and ``fence`` holds)."""
     async with conn.transaction():
         await conn.execute("SET LOCAL txproc.archive = 'on'")
         await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+        if fence is not None:
+            await fence.check(conn)
         previous = await active_archive(conn)
         if previous is not None and previous.boundary_ns >= plan.boundary:
             raise ArchiveRefused(f"{previous.name} was archived meanwhile; nothing deleted")
@@ -492,6 +562,10 @@ async def _check_checkpoint(conn: asyncpg.Connection, archive_id: int,
                              f"{expected}; nothing deleted")
 
 
+def _utc_now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
 async def archived_up_to(url: str, before: str) -> bool:
     """Whether an archive in force covers everything before ``before`` (``YYYY-MM``)."""
     conn = await _connect(url)
@@ -500,6 +574,53 @@ async def archived_up_to(url: str, before: str) -> bool:
     finally:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
     return bound is not None and bound.boundary_ns >= month_start_ns(before)
+
+
+# -- the schedule (serve --retain-hot-months) ------------------------------------------------
+
+LEASE_RETENTION = "archive-retention"
+log = logging.getLogger("txproc.archive")
+
+
+async def retain(url: str, config: RetentionConfig, *, now: datetime.datetime,
+                 fence: Fence | None = None) -> ArchiveResult | None:
+    """One pass of the schedule: archive what ``config`` says is no longer hot, unless it is
+    archived already (None). Raises what ``archive`` raises."""
+    before = retention_before(now, config.hot_months)
+    if await archived_up_to(url, before):
+        return None
+    return await archive(url, before, Path(config.directory), now=now, fence=fence)
+
+
+async def retention_loop(url: str, config: RetentionConfig, *, holder: str,
+                         clock: Callable[[], datetime.datetime] = _utc_now,
+                         lease: LeaseConfig | None = None) -> None:
+    """Run ``retain`` every ``config.interval_s`` while ``holder`` holds the lease
+    ``archive-retention`` (one process of the cluster at a time), until cancelled. A refusal
+    (a month not closed yet, a hold open across the boundary) is logged and tried again at
+    the next pass; nothing is deleted by a refused pass."""
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT_S,
+                                     command_timeout=60.0,
+                                     server_settings={"application_name": "txproc retention"})
+
+    async def work(fence: Fence) -> None:
+        while True:
+            try:
+                done = await retain(url, config, now=clock(), fence=fence)
+            except ArchiveRefused as exc:
+                log.info("archive retention: not now: %s", exc)
+            except (asyncpg.PostgresError, OSError, LeaseLost) as exc:
+                log.warning("archive retention: failed, retried next pass: %r", exc)
+            else:
+                if done is not None:
+                    log.info("archive retention: archived %d transfers before %s into %s",
+                             done.manifest.transfers, done.manifest.boundary, done.directory)
+            await asyncio.sleep(config.interval_s)
+
+    try:
+        await hold(pool, LEASE_RETENTION, holder, lease or LeaseConfig(), work)
+    finally:
+        await pool.close()
 
 
 # -- restore ---------------------------------------------------------------------------------

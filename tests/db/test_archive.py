@@ -14,7 +14,9 @@ manifest is refused by restore; the service's role cannot delete even with the f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import datetime
 import shutil
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import numpy as np
 import pytest
 
 from actors.ledger import LedgerStore, verify
@@ -435,3 +438,50 @@ async def test_archive_beside_live_commits(db_url: str, app_db_url: str,
     result = await verify(db_url)
     assert result.report.problems == []
     assert result.report.checked["transfers"] == 14 + 20
+
+
+async def test_the_retention_schedule(db_url: str, tmp_path: Path) -> None:
+    """serve --retain-hot-months: on 2026-05-02 with 3 hot months a pass archives January
+    (the boundary 2026-02), the next pass finds nothing new; the loop under its lease does
+    the same with its clock, and a stale fence refuses the deletion."""
+    from actors.lease import Fence, LeaseLost
+    from actors.ledger.archive import LEASE_RETENTION, retain, retention_loop
+    from processor.archive import RetentionConfig
+    from processor.lease import LeaseConfig
+
+    await build(db_url)
+    config = RetentionConfig(hot_months=3, directory=str(tmp_path / "a"), interval_s=1.0)
+    may = datetime.datetime(2026, 5, 2, tzinfo=datetime.UTC)
+    with pytest.raises(LeaseLost):  # no lease row: no fence of it holds
+        await retain(db_url, config, now=may, fence=Fence(LEASE_RETENTION, 7))
+    assert list((tmp_path / "a").iterdir()) == []  # the refused pass left no files
+    first = await retain(db_url, config, now=may)
+    assert first is not None and first.manifest.before == "2026-02"
+    assert await retain(db_url, config, now=may) is None
+    # The loop, a month later: February (and March) wait for the hold posted in March, so
+    # with 1 hot month on 2026-05-02 it archives up to April once that month is closed.
+    later = RetentionConfig(hot_months=1, directory=str(tmp_path / "b"), interval_s=1.0)
+    task = asyncio.get_running_loop().create_task(retention_loop(
+        db_url, later, holder="test", clock=lambda: may,
+        lease=LeaseConfig(ttl_s=4.0, renew_interval_s=0.5, margin_s=1.0)))
+    try:
+        for _ in range(100):
+            if (tmp_path / "b").exists() and any((tmp_path / "b").iterdir()):
+                break
+            await asyncio.sleep(0.1)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    [made] = list((tmp_path / "b").iterdir())
+    assert made.name.startswith("before-2026-04-")
+    result = await verify(db_url)
+    assert result.report.problems == [] and result.report.checked["archives"] == 2
+
+
+async def test_posted_mask() -> None:
+    """Plain transfers and posts count as posted; pending transfers and voids do not."""
+    from actors.ledger.archive import posted_mask
+
+    flags = np.array([0, PENDING, POST, VOID, int(TransferFlags.LINKED)])
+    assert posted_mask(flags).tolist() == [True, False, True, False, True]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 
 import msgspec
-import numpy as np
 import pytest
 
 from processor.archive import (
@@ -19,11 +18,9 @@ from processor.archive import (
     encode_manifest,
     month_of_ns,
     month_start_ns,
-    posted_mask,
     retention_before,
 )
 from processor.history import HistoryError
-from processor.types import TransferFlags
 
 FEB = month_start_ns("2026-02")
 
@@ -55,13 +52,6 @@ def test_month_refused(text: str) -> None:
 def test_retention_before(now: str, hot: int, before: str) -> None:
     """--retain-hot-months keeps the current month and N whole months before it."""
     assert retention_before(datetime.datetime.fromisoformat(now), hot) == before
-
-
-def test_posted_mask() -> None:
-    """Plain transfers and posts count as posted; pending transfers and voids do not."""
-    flags = np.array([0, int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),
-                      int(TransferFlags.VOID_PENDING), int(TransferFlags.LINKED)])
-    assert posted_mask(flags).tolist() == [True, False, True, False, True]
 
 
 def test_manifest_round_trip_and_bytes() -> None:
