@@ -330,7 +330,8 @@ async def test_restore_refuses_a_changed_file_or_manifest(db_url: str,
 
 async def test_only_the_owner_with_the_flag_deletes(db_url: str, app_db_url: str) -> None:
     """The append-only trigger admits a DELETE of transfers only under txproc.archive, and
-    the service's role is refused it even with the flag (no privilege)."""
+    the service's role is refused it even with the flag (no privilege); the owner's DELETE
+    under the flag without an archive's record is named by verify."""
     await build(db_url)
     owner = await asyncpg.connect(db_url, timeout=10)
     app = await asyncpg.connect(app_db_url, timeout=10)
@@ -345,9 +346,16 @@ async def test_only_the_owner_with_the_flag_deletes(db_url: str, app_db_url: str
             async with owner.transaction():
                 await owner.execute("SET LOCAL txproc.archive = 'on'")
                 await owner.execute("UPDATE transfers SET amount = 1 WHERE id = 1001")
+        # The flag misused by the owner, without an archive: verify names it.
+        async with owner.transaction():
+            await owner.execute("SET LOCAL txproc.archive = 'on'")
+            await owner.execute("DELETE FROM transfers WHERE id = 1002")
     finally:
         await owner.close()
         await app.close()
+    kinds = {(p.table, p.kind) for p in (await verify(db_url)).report.problems}
+    assert ("transfers", "row_count") in kinds
+    assert ("accounts", "credits_posted_mismatch") in kinds
 
 
 
