@@ -99,6 +99,11 @@ class TransferResult(enum.IntEnum):
     # docs/design.md §12), which one transaction cannot span; refused by the front before
     # any shard sees it, so it burns nothing and depends only on the two account ids.
     accounts_in_different_databases = 52
+    # The id is that of a transfer stored in a month an archive took out of the database
+    # (`txproc archive`, docs/operations.md): it is not applied again and nothing is
+    # compared (the fields are in the archive's files); it burns nothing. After the archive
+    # is restored the same transfer answers ``exists`` (or a conflict) as before.
+    id_archived = 53
 
 
 def is_success(code: AccountResult | TransferResult) -> bool:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import msgspec
 
+from processor.archive import RetentionConfig
 from processor.ledger import MAIN_DATABASE, FrontConfig, ShardConfig
 from processor.ops_config import ObservabilityConfig
 from processor.payments import PaymentsConfig
@@ -30,6 +31,7 @@ __all__ = [
     "ObservabilityConfig",
     "PaymentsSection",
     "ProviderEndpoint",
+    "RetentionConfig",
     "ShardConfig",
 ]
 
@@ -84,6 +86,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # Fronts (processor/placement.py): 0 starts one per alive Ray node; N > 0 starts N on
     # this node, on consecutive ports (tests and development on one machine).
     fronts: int = 0
+    # Closed months archived on a schedule (processor/archive.py; off by default).
+    retention: RetentionConfig = RetentionConfig()
 
     def check(self) -> None:
         """Limits agree with each other; raises ValueError naming the first that does not."""

@@ -26,7 +26,7 @@ from typing import Annotated, Literal, Protocol
 import msgspec
 from msgspec import Meta
 
-from processor.errors import TxprocError
+from processor.errors import TxprocError, register
 from processor.service import BATCH_ITEMS_MAX
 from processor.types import CODE_MAX, ID_MAX, USER_DATA_CHARS_MAX, Transfer, TransferFlags
 
@@ -67,10 +67,17 @@ CursorText = Annotated[str, Meta(max_length=64)]
 
 class HistoryError(TxprocError, ValueError):
     """A filter, instant or cursor the caller sent is not usable: ``code`` is
-    ``invalid_query`` or ``invalid_cursor`` (HTTP 400, RPC error of that code)."""
+    ``invalid_query`` or ``invalid_cursor`` (HTTP 400), or ``archived`` (HTTP 410: it reaches
+    into months an archive took out of the database, processor/archive.py); over RPC, an
+    error of that code."""
 
-    def __init__(self, code: Literal["invalid_query", "invalid_cursor"], message: str) -> None:
+    def __init__(self, code: Literal["invalid_query", "invalid_cursor", "archived"],
+                 message: str) -> None:
         super().__init__(message, code=code)
+
+
+register(410, {"archived": "the read reaches into archived months; the message names the "
+                           "archive and its boundary (restore it to read them)"})
 
 
 class AccountTransfersFilter(msgspec.Struct, frozen=True, kw_only=True,

@@ -138,6 +138,9 @@ ERROR_CODES: Final = frozenset(
         # a history request's filter is out of range (processor.history): nothing read
         "invalid_query",
         "invalid_cursor",  # a cursor that list did not give for these filters
+        # a history read, balances at an instant or a stream cursor reaching into months an
+        # archive took out of the database; the message names the archive (processor/archive.py)
+        "archived",
         # GetAccountTransfers, GetAccountBalances: no account of the caller's has the id
         "account_not_found",
     }

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from processor.config import (
     ObservabilityConfig,
     PaymentsSection,
     ProviderEndpoint,
+    RetentionConfig,
     ShardConfig,
 )
 from processor.identity import (
@@ -106,6 +108,15 @@ def _key_directory(args: argparse.Namespace) -> Path:
 
 def _add_serve(p: argparse.ArgumentParser) -> None:
     _add_common(p)
+    p.add_argument("--retain-hot-months", type=int, default=0, metavar="N",
+                   help="archive, on a schedule and under a lease (one process of the "
+                        "cluster), the months older than the current one and the N before "
+                        "it, as `txproc archive --retain-hot-months N` would (0: off; "
+                        "docs/operations.md, 'Archive and restore')")
+    p.add_argument("--archive-dir", default="", metavar="DIR",
+                   help="where the scheduled archives go (default <data-dir>/archives)")
+    p.add_argument("--archive-interval-s", type=float, default=3_600.0,
+                   help="how often the schedule looks for a month to archive")
     _add_key_file(p, "verify tokens with; it must exist (`txproc keys rotate --key-file` "
                      "makes one)")
     p.add_argument("--host", default="127.0.0.1")
@@ -208,9 +219,22 @@ def build_config(args: argparse.Namespace) -> Config:
             metrics_port=args.metrics_port, vcpu_hour_price=args.vcpu_hour_price,
             trace_exporter=args.trace_exporter, otlp_endpoint=args.otlp_endpoint,
             trace_sample_ratio=args.trace_sample_ratio),
+        retention=_retention(args),
     )
     config.check()
     return config
+
+
+def _retention(args: argparse.Namespace) -> RetentionConfig:
+    """``--retain-hot-months``, ``--archive-dir``, ``--archive-interval-s``."""
+    months = getattr(args, "retain_hot_months", 0)
+    directory = getattr(args, "archive_dir", "") or str(
+        Path(args.data_dir).resolve() / "archives")
+    try:
+        return RetentionConfig(hot_months=months, directory=directory,
+                               interval_s=getattr(args, "archive_interval_s", 3_600.0))
+    except ValueError as exc:
+        raise SystemExit(f"txproc: {exc}") from exc
 
 
 def _payments(args: argparse.Namespace) -> PaymentsSection:
@@ -348,6 +372,31 @@ def _add_erase(sub: Any) -> None:
     _add_common(erase)
 
 
+def _add_archive(sub: Any) -> None:
+    archive = sub.add_parser(
+        "archive", help="export the closed months before --before to Parquet files with a "
+                        "manifest, check them, record a balance checkpoint, then delete their "
+                        "transfers and resolutions (docs/operations.md, 'Archive and "
+                        "restore')")
+    when = archive.add_mutually_exclusive_group(required=True)
+    when.add_argument("--before", metavar="YYYY-MM",
+                      help="the first month kept: everything before its first instant (UTC) "
+                           "is archived")
+    when.add_argument("--retain-hot-months", type=int, metavar="N",
+                      help="keep the current month and the N whole months before it; archive "
+                           "what is older and not archived yet (for a timer: exits 0 when "
+                           "there is nothing new to archive)")
+    archive.add_argument("--to", default="archives", metavar="DIR",
+                         help="where the archive's directory is made (default ./archives)")
+    _add_common(archive)
+    restore = sub.add_parser(
+        "restore", help="put an archive's rows back after checking its manifest, its files' "
+                        "checksums and its record (newest archive first)")
+    restore.add_argument("archive_dir", metavar="ARCHIVE_DIR",
+                         help="the directory `txproc archive` made (holds manifest.json)")
+    _add_common(restore)
+
+
 def _add_recon(sub: Any) -> None:
     recon = sub.add_parser("recon", help="settlement reconciliation (docs/reconciliation.md)")
     recon_sub = recon.add_subparsers(dest="recon_command", required=True)
@@ -439,6 +488,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_webhooks(sub)
     _add_recon(sub)
     _add_erase(sub)
+    _add_archive(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
     issue = token_sub.add_parser("issue", help="print a signed token")
@@ -511,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         return _recon_run(args)
     if args.command == "erase":
         return _erase(args)
+    if args.command in ("archive", "restore"):
+        return asyncio.run(_archive_or_restore(args))
     if args.command == "serve":
         return asyncio.run(_serve(build_config(args)))
     if args.command == "demo":
@@ -889,6 +941,11 @@ def verify_summary(result: Any) -> str:
                   "(not vouched for by an anchor)")
     else:
         anchor = "no anchor yet: nothing vouches for the chains' tails"
+    if "archives" in checked:
+        # docs/design.md §16, "Archive and restore": what verify took from the archives.
+        anchor += (f"; {int(checked['archives'])} archive(s) in force: "
+                   f"{int(checked.get('archived_rows', 0)):,} rows in their files, balances "
+                   "from their checkpoints, chains from their cuts")
     rate = f"in {result.seconds:.2f} s ({result.rows_per_s:,.0f} rows/s)"
     if report.ok:
         return f"verify: ok: {counts} {rate}; {anchor}"
@@ -1097,6 +1154,46 @@ def _erase(args: argparse.Namespace) -> int:
         print(f"txproc erase: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_erase_subject(args, master))
+
+
+async def _archive_or_restore(args: argparse.Namespace) -> int:
+    """``txproc archive`` / ``txproc restore``: exit 0 when done, 1 when refused (the message
+    says why; nothing was deleted or inserted), 2 when the database is not migrated."""
+    import datetime
+
+    import asyncpg
+
+    from actors.ledger.archive import ArchiveRefused, archive, archived_up_to, restore
+    from processor.archive import retention_before
+
+    command = f"txproc {args.command}"
+    with _live_database(args) as url:
+        try:
+            if args.command == "archive":
+                before = args.before
+                if before is None:
+                    before = retention_before(datetime.datetime.now(datetime.UTC),
+                                              args.retain_hot_months)
+                    if await archived_up_to(url, before):
+                        print(f"nothing to archive: everything before {before} is archived")
+                        return 0
+                done = await archive(url, before, Path(args.to))
+                m = done.manifest
+                print(f"archived {m.transfers:,} transfers and {m.resolutions:,} resolutions "
+                      f"before {m.boundary} into {done.directory} in {done.seconds:.2f} s "
+                      f"({len(m.files)} files, {m.accounts:,} accounts in the checkpoint)")
+            else:
+                back = await restore(url, Path(args.archive_dir))
+                print(f"restored {back.name}: {back.transfers:,} transfers and "
+                      f"{back.resolutions:,} resolutions in {back.seconds:.2f} s; "
+                      "run `txproc verify`")
+        except (ArchiveRefused, ValueError, FileExistsError) as exc:
+            print(f"{command}: {exc}", file=sys.stderr)
+            return 1
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+            print(f"{command}: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+    return 0
 
 
 async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
@@ -1336,11 +1433,21 @@ async def _serve(config: Config) -> int:
                  front.http_port, front.rpc_address, FRONTS_FILE)
     address = _write_api_address(config, processor.http_port)
     supervisor = loop.create_task(processor.supervise())
+    retention = None
+    if config.retention.hot_months:
+        from actors.ledger.archive import retention_loop
+
+        # As the owner role (the service's cannot delete), from this process only.
+        retention = loop.create_task(retention_loop(
+            processor.admin_database_url, config.retention,
+            holder=f"serve-{socket.gethostname()}-{os.getpid()}"))
     await stop.wait()
     with contextlib.suppress(OSError):
         address.unlink()
     log.info("shutting down: flushing shards and closing")
     supervisor.cancel()
+    if retention is not None:
+        retention.cancel()
     await processor.stop()
     log.info("stopped")
     return 0

@@ -1000,6 +1000,12 @@ class _Api:
         transfer_id = _path_id(request)
         transfer = await self._lookup_transfer(transfer_id, request.state.claims)
         if transfer is None:
+            archived = getattr(self._service, "archived_transfer", None)
+            name = None if archived is None else await archived(
+                transfer_id, request.state.claims.tenant_slot)
+            if name is not None:
+                raise ApiError(410, "archived", f"transfer {transfer_id} is in a month "
+                                                f"archived as {name}; restore it to read it")
             raise ApiError(404, "transfer_not_found", f"no transfer has the id {transfer_id}")
         return _json_response(200, transfer_to_response(transfer))
 
@@ -1020,7 +1026,7 @@ class _Api:
             page = await self._history().get_account_transfers(
                 query, request.state.claims.tenant_slot)
         except HistoryError as exc:
-            raise ApiError(400, exc.code, exc.message) from exc
+            raise ApiError(ERROR_CODES[exc.code], exc.code, exc.message) from exc
         if page is None:
             raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
         return _json_response(200, _page_response(page))
@@ -1031,7 +1037,7 @@ class _Api:
             page = await self._history().query_transfers(
                 TransfersQuery(**params), request.state.claims.tenant_slot)
         except HistoryError as exc:
-            raise ApiError(400, exc.code, exc.message) from exc
+            raise ApiError(ERROR_CODES[exc.code], exc.code, exc.message) from exc
         return _json_response(200, _page_response(page))
 
     async def stream_transfers(self, request: Request) -> Response:
@@ -1049,7 +1055,7 @@ class _Api:
                 params.get("wait_s", STREAM_WAIT_S_DEFAULT), request.state.claims.tenant_slot)
             cursors = item_cursors(after, page)
         except HistoryError as exc:
-            raise ApiError(400, exc.code, exc.message) from exc
+            raise ApiError(ERROR_CODES[exc.code], exc.code, exc.message) from exc
         lines = [ENCODER.encode(StreamLine(cursor=c, transfer=transfer_to_response(t)))
                  for c, t in zip(cursors, page.data, strict=True)]
         lines.append(ENCODER.encode(StreamEnd(next_cursor=page.next_cursor)))
@@ -1061,8 +1067,11 @@ class _Api:
         params = _history_params(request, {"at": "instant"})
         if "at_ns" not in params:
             raise ApiError(400, "invalid_query", "at (an RFC 3339 time) is required")
-        balances = await self._history().get_account_balances(
-            account_id, params["at_ns"], request.state.claims.tenant_slot)
+        try:
+            balances = await self._history().get_account_balances(
+                account_id, params["at_ns"], request.state.claims.tenant_slot)
+        except HistoryError as exc:  # archived
+            raise ApiError(ERROR_CODES[exc.code], exc.code, exc.message) from exc
         if balances is None:
             raise ApiError(404, "account_not_found", f"no account has the id {account_id}")
         return _json_response(200, _balances_response(balances))
@@ -1683,10 +1692,12 @@ def _history_replies(not_found: str | None) -> tuple[Reply, ...]:
                           "cursor is not one this list gave for these filters"
                           + (", or the id is not an integer from 1 to 2^63-1." if not_found
                              else "."), *bad_id, "invalid_query", "invalid_cursor"),
-        _UNAUTHORIZED, _FORBIDDEN, *missing, *_LEDGER_TROUBLE,
+        _UNAUTHORIZED, _FORBIDDEN, *missing, _ARCHIVED, *_LEDGER_TROUBLE,
     )
 
 
+_ARCHIVED = _error_reply(410, "The read reaches into months archived by `txproc archive`; "
+                              "the message names the archive and its boundary.", "archived")
 _ENDPOINT_NOT_FOUND = _error_reply(404, "No webhook endpoint of yours has this id.",
                                    "webhook_endpoint_not_found")
 
@@ -1756,13 +1767,13 @@ OPERATIONS: tuple[Operation, ...] = (
             _error_reply(400, "A query parameter is unknown, repeated or out of range, or the "
                               "cursor is not one this stream gave.", "invalid_query",
                          "invalid_cursor"),
-            _UNAUTHORIZED, _FORBIDDEN, *_LEDGER_TROUBLE,
+            _UNAUTHORIZED, _FORBIDDEN, _ARCHIVED, *_LEDGER_TROUBLE,
         ),
     ),
     Operation(
         name="get_transfer", method="GET", path="/v1/transfers/{id}",
         summary="Read one transfer.", handler=_Api.get_transfer, scope="transfers:read",
-        replies=_get_replies(TransferResponse, "transfer", "transfer_not_found"),
+        replies=(*_get_replies(TransferResponse, "transfer", "transfer_not_found"), _ARCHIVED),
     ),
     Operation(
         name="get_account_transfers", method="GET", path="/v1/accounts/{id}/transfers",
@@ -1783,7 +1794,7 @@ OPERATIONS: tuple[Operation, ...] = (
                          "invalid_id", "invalid_query"),
             _UNAUTHORIZED, _FORBIDDEN,
             _error_reply(404, "No account of yours has this id.", "account_not_found"),
-            *_LEDGER_TROUBLE,
+            _ARCHIVED, *_LEDGER_TROUBLE,
         ),
     ),
     Operation(

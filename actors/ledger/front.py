@@ -883,6 +883,14 @@ class Front:
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 
+    async def archived_transfer(self, transfer_id: int, tenant: int) -> str | None:
+        """The name of the archive in force that holds the transfer, if ``tenant`` may see
+        it (a GET of an archived transfer answers ``archived``; docs/api.md)."""
+        try:
+            return await self._require_history().archive_of(transfer_id, tenant)
+        except DATABASE_ERRORS as exc:
+            raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
+
     async def stream_transfers(self, after: str, limit: int, wait_s: float,
                                tenant: int) -> StreamPage:
         """The change stream's next page (processor.stream.StreamService)."""

@@ -29,6 +29,7 @@ import asyncpg
 import msgspec
 
 from actors.database import keep_session
+from actors.ledger.archived import active_archive, archived_transfer
 from actors.ledger.store import TRANSFER_COLUMNS
 from actors.ledger.stream import StreamReader
 from processor.history import (
@@ -248,6 +249,15 @@ class HistoryStore:
             return None
         return int(row["flags"])
 
+    async def archive_of(self, transfer_id: int, tenant: int) -> str | None:
+        """The name of the archive in force holding transfer ``transfer_id``, if ``tenant``
+        may see it (its own tenant's, or any for the processor's token); else None."""
+        async with self._pool.acquire() as conn:
+            found = await archived_transfer(conn, transfer_id)
+        if found is None or tenant not in (found[1], PROCESSOR_TENANT):
+            return None
+        return found[0]
+
     async def account_transfers(self, query: AccountTransfersFilter,
                                 tenant: int) -> TransfersPage | None:
         """A page of ``query.account_id``'s transfers; None if ``tenant`` may not see the
@@ -257,22 +267,25 @@ class HistoryStore:
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
             if not await self._visible(conn, query.account_id, tenant):
                 return None
+            from_ns = await _archive_start(conn, query.from_ns, query.to_ns, after)
             await conn.execute(_TAIL_BY_TIMESTAMP)
             to_ns = min(query.to_ns, await self.horizon(conn) + 1)
             if after is None:
-                after = Position(to_ns if descending else query.from_ns, 0)
+                after = Position(to_ns if descending else from_ns, 0)
             rows = await conn.fetch(_ACCOUNT_SQL[query.side, descending], query.account_id,
-                                    after.timestamp, after.id, query.from_ns, to_ns,
+                                    after.timestamp, after.id, from_ns, to_ns,
                                     query.limit + 1, await self.position(conn))
         return self._page(query, [_transfer(r) for r in rows])
 
     async def query_transfers(self, query: TransfersQuery, tenant: int) -> TransfersPage:
         """A page of the transfers ``tenant`` created that match ``query``. Raises
         ``HistoryError`` (``invalid_cursor``)."""
-        after = decode_cursor(query) or Position(query.from_ns, 0)
+        cursor = decode_cursor(query)
         filtered = query.code is not None or query.user_data is not None
         scan_max = QUERY_SCAN_ROWS_MAX if filtered else query.limit + 1
         async with self._pool.acquire() as conn, conn.transaction(isolation="repeatable_read"):
+            from_ns = await _archive_start(conn, query.from_ns, query.to_ns, cursor)
+            after = cursor or Position(from_ns, 0)
             to_ns = min(query.to_ns, await self.horizon(conn) + 1)
             args = (tenant, after.timestamp, after.id, to_ns)
             rows = await conn.fetch(_QUERY_SQL, *args, scan_max, query.code,
@@ -310,6 +323,9 @@ class HistoryStore:
             flags = await self._visible_flags(conn, account_id, tenant)
             if flags is None:
                 return None
+            bound = await active_archive(conn)
+            if bound is not None:
+                bound.check_instant(at_ns)
             await conn.execute(_TAIL_BY_TIMESTAMP)
             position = await self.position(conn)
             cut = min(at_ns, position)
@@ -329,6 +345,19 @@ class HistoryStore:
         return AccountBalancesAt(account_id=account_id, at_ns=at_ns,
                                  debits_pending=debits[0], debits_posted=debits[1],
                                  credits_pending=credits[0], credits_posted=credits[1])
+
+
+async def _archive_start(conn: Any, from_ns: int, to_ns: int, cursor: Position | None) -> int:
+    """Where a time range read starts, with an archive in force: no ``from`` (0) starts at
+    its boundary; a range or a cursor that reaches before it is refused ``archived``
+    (``HistoryError``). Without an archive, ``from_ns``."""
+    bound = await active_archive(conn)
+    if bound is None:
+        return from_ns
+    start = bound.range_start(from_ns, to_ns)
+    if cursor is not None:
+        bound.check_position(cursor.timestamp)
+    return start
 
 
 def _add_sums(debits: list[int], credits: list[int], rows: list[asyncpg.Record]) -> None:

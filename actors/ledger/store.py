@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 
 from actors.database import keep_session
+from processor.codes import TransferResult
 from processor.ledger import (
     ACCOUNT_ROW,
     EMPTY_SECTIONS,
@@ -65,6 +66,12 @@ TRANSFER_COLUMNS = (
     "id", "debit_account_id", "credit_account_id", "amount", "currency", "flags",
     "pending_id", "timeout_s", "code", "user_data", "timestamp", "tenant", "origin",
 )
+# The archived ids' part is gated by a one-time probe, so while nothing is archived it reads
+# no more than one index page (PostgreSQL evaluates the uncorrelated EXISTS once).
+_FAILED_OR_ARCHIVED_SQL = (
+    "SELECT id, result FROM failed_transfers WHERE id = ANY($1::bigint[]) "
+    "UNION ALL SELECT id, $2::smallint FROM archived_transfer_ids "
+    "WHERE (SELECT EXISTS (SELECT 1 FROM archived_transfer_ids)) AND id = ANY($1::bigint[])")
 # One block of postings: the legs a commit leaves for one other shard's accounts.
 _POSTING_BLOCK_SQL = (
     "INSERT INTO remote_posting_blocks (shard, account_ids, debits_pending, debits_posted, "
@@ -654,7 +661,8 @@ class LedgerStore:
         async with self._pool.acquire() as conn:
             high = await conn.fetchval(
                 "SELECT greatest((SELECT max(id) FROM transfers), "
-                "(SELECT max(id) FROM failed_transfers))")
+                "(SELECT max(id) FROM failed_transfers), "
+                "(SELECT max(id) FROM archived_transfer_ids))")
         return int(high or 0)
 
     async def fetch_known(self, ids: list[int], pending_ids: list[int]) -> Known:
@@ -668,9 +676,12 @@ class LedgerStore:
                     f"SELECT {_TRANSFER_SELECT} FROM transfers WHERE id = ANY($1::bigint[])", ids
                 ):
                     known.transfers[row["id"]] = _transfer(row)
-                for row in await conn.fetch(
-                    "SELECT id, result FROM failed_transfers WHERE id = ANY($1::bigint[])", ids
-                ):
+                # Burned ids, and the ids of archived transfers (migration 0033) answered
+                # ``id_archived``: never applied again. One more probe of a small table's
+                # key per id read, in the same statement; new ids above the high-water
+                # mark are not read at all (docs/design.md §8).
+                for row in await conn.fetch(_FAILED_OR_ARCHIVED_SQL, ids,
+                                            int(TransferResult.id_archived)):
                     known.failed[row["id"]] = row["result"]
             if pending_ids:
                 for row in await conn.fetch(

@@ -19,6 +19,7 @@ from typing import Any
 
 import asyncpg
 
+from actors.ledger.archived import stream_start
 from actors.ledger.store import TRANSFER_COLUMNS
 from processor.errors import Overloaded
 from processor.history import HistoryError
@@ -116,6 +117,7 @@ class StreamReader:
             require([r["shard"] for r in shards] == list(range(len(shards))),
                     "shards are numbered from 0")
             cursor = decode_stream_cursor(after, len(shards))
+            cursor = await stream_start(conn, cursor, bool(after))
             reads = await _read_shards(conn, shards, cursor, limit, tenant)
         return merge_reads(cursor, reads, limit)
 
@@ -158,6 +160,7 @@ class MultiStreamReader(StreamReader):
                 shards = await conn.fetch(_POSITIONS_SQL)
                 require(sorted(r["shard"] for r in shards) == own,
                         "a database holds the map rows of its own shards")
+                cursor = await stream_start(conn, cursor, bool(after))
                 reads += await _read_shards(conn, shards, cursor, limit, tenant)
         return merge_reads(cursor, reads, limit)
 

@@ -49,6 +49,8 @@ __all__ = [
 
 # The table each chain section hashes, in SECTIONS order.
 SECTION_TABLES = ("transfers", "accounts", "failed_transfers", "pending_resolutions")
+# The sections whose rows an archive takes out of the database (transfers, resolutions).
+ARCHIVED_SECTIONS = (0, 3)
 PROBLEMS_MAX = 1_000
 _PENDING = int(TransferFlags.PENDING)
 _POST = int(TransferFlags.POST_PENDING)
@@ -124,6 +126,9 @@ class ChainCheck:
         # The open section: (section, shard, link index) and its hasher.
         self._open: tuple[int, int, int] | None = None
         self._hasher: SectionHasher | None = None
+        # Per shard, the last link whose transfers and resolutions an archive in force
+        # holds (docs/design.md §16, "Archive and restore").
+        self._archived: dict[int, int] = {}
 
     def add_links(self, shard: int, seq: np.ndarray, epoch: np.ndarray,
                   timestamp_max: np.ndarray, counts: np.ndarray, prev: list[bytes],
@@ -140,6 +145,24 @@ class ChainCheck:
         known.prev += prev
         known.digest += digest
         known.sections += sections
+
+    def archived_through(self, shard: int, seq: int) -> None:
+        """The transfers and resolutions of ``shard``'s links up to ``seq`` are archived:
+        those sections are not compared with rows (none may be left), the links' digests,
+        their order and the other sections still are."""
+        self._archived[shard] = max(seq, self._archived.get(shard, -1))
+
+    def check_archive_cut(self, archive: str, shard: int, seq: int, digest: bytes) -> None:
+        """The link an archive's manifest names as its shard's cut is in the chain with the
+        digest it recorded."""
+        links = self._shards.get(shard)
+        at = -1 if links is None else int(np.searchsorted(links.seq, seq))
+        if links is None or at >= len(links.seq) or int(links.seq[at]) != seq:
+            self._report.add("ledger_archives", archive, "archived_link_missing",
+                             f"shard {shard} link {seq} {digest.hex()}", "none")
+        elif links.digest[at] != digest:
+            self._report.add("ledger_archives", archive, "archived_digest_mismatch",
+                             digest.hex(), links.digest[at].hex())
 
     def feed(self, section: int, shard: int | None, rows: Rows, ids: np.ndarray) -> None:
         """Rows of ``SECTIONS[section]`` written by ``shard`` (None: by no known shard),
@@ -230,9 +253,15 @@ class ChainCheck:
     def _check_sections(self, shard: int, links: _ShardLinks, i: int, name: str) -> None:
         found = links.found.get(i, [None] * len(SECTIONS))
         stored = _split_sections(links.sections[i]) or EMPTY_SECTIONS
+        archived = int(links.seq[i]) <= self._archived.get(shard, -1)
         for section, table in enumerate(SECTION_TABLES):
             expected_rows = int(links.counts[i][section])
             digest, rows = found[section] or (EMPTY_SECTIONS[section], 0)
+            if archived and section in ARCHIVED_SECTIONS:
+                if rows:
+                    self._report.add(table, name, "archived_rows_present", 0, rows)
+                self._report.count(f"archived_{table}", expected_rows)
+                continue
             if rows != expected_rows:
                 self._report.add(table, name, "row_count", expected_rows, rows)
             elif digest != stored[section]:
@@ -310,6 +339,14 @@ class BalanceCheck:
         np.add.at(self._derived[:, 1], d, post[known])
         np.add.at(self._derived[:, 2], c, pend[known])
         np.add.at(self._derived[:, 3], c, post[known])
+
+    def add_checkpoint(self, ids: np.ndarray, sums: np.ndarray) -> None:
+        """Start the re-derivation of these accounts from an archive's balance checkpoint
+        (``sums``: (n, 4), the _SUMS each account's archived transfers added)."""
+        self._report.count("checkpoint_accounts", len(ids))
+        at = self._find(ids, ids, "checkpoint_account_missing")
+        known = at >= 0
+        np.add.at(self._derived, at[known], sums[known])
 
     def _find(self, accounts: np.ndarray, ids: np.ndarray, kind: str) -> np.ndarray:
         at = np.searchsorted(self._ids, accounts)

@@ -655,6 +655,10 @@ class Book:
             if t.id in in_batch:
                 item.dup_of = in_batch[t.id]
             if isinstance(previous, Failed):
+                # An archived transfer's id is read back beside the burned ones
+                # (LedgerStore.fetch_known), with this code as its result.
+                if previous.result == R.id_archived:
+                    return R.id_archived
                 return R.id_already_failed
             item.stored = previous
             return _compare_existing(t, previous)

@@ -107,6 +107,11 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     # Transfers between databases (0032): a row written once, its state moved forward
     # (UPDATE of state, result and updated_at only, checked below), never deleted.
     "crossdb_transfers": APPEND,
+    # Archives (0033): written by `txproc archive` and `restore` as the owner; the service
+    # reads them (the shards' id reads, history's `archived` answers) and writes none.
+    "ledger_archives": READ,
+    "archive_checkpoints": READ,
+    "archived_transfer_ids": READ,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",

@@ -59,6 +59,8 @@ class FakeLedger:
         self.transfers: dict[int, Transfer] = {}
         # Raised by every method when set, as a shard at capacity or restarting would.
         self.error: Exception | None = None
+        # Transfer ids an archive in force holds, with the archive's name.
+        self.archived: dict[int, str] = {}
         # Lookups answer None, as a read that does not yet see a committed write would.
         self.forget = False
         self.ready = True
@@ -176,6 +178,10 @@ class FakeLedger:
                        if t.timestamp > cursor.positions[0]), key=lambda t: t.timestamp)
         scanned = max([cursor.positions[0], *(t.timestamp for t in rows)])
         return stream.merge_reads(cursor, [stream.ShardRead(0, rows, scanned)], limit)
+
+    async def archived_transfer(self, transfer_id: int, tenant: int) -> str | None:
+        self._raise_if_told()
+        return self.archived.get(transfer_id)
 
     async def get_account_balances(self, account_id: int, at_ns: int,
                                    tenant: int) -> AccountBalancesAt | None:

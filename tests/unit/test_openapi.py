@@ -16,6 +16,7 @@ from starlette.routing import Route
 import actors.edge.http_api as http_api
 from processor.codes import AccountResult, TransferResult
 from processor.errors import Overloaded, QuotaExceeded, Unavailable
+from processor.history import HistoryError
 from processor.identity import SCOPES
 from processor.service import BATCH_ITEMS_MAX
 from tests.unit.test_http_api import (
@@ -64,6 +65,15 @@ def failing(error: Exception) -> Prepare:
         ledger.error = error
 
     return prepare
+
+
+# A read reaching into archived months (docs/api.md, "archived").
+ARCHIVED = failing(HistoryError("archived", "the range reaches before 2026-02-01, archived "
+                                            "as before-2026-02-20261206T180000Z"))
+
+
+async def archived_transfer(client: httpx.AsyncClient, ledger: FakeLedger) -> None:
+    ledger.archived[11] = "before-2026-02-20261206T180000Z"
 
 
 async def not_ready(client: httpx.AsyncClient, ledger: FakeLedger) -> None:
@@ -145,12 +155,14 @@ SCENARIOS: dict[tuple[str, str], dict[int, Scenario]] = {
         200: Scenario(path="/v1/transfers/10", prepare=seeded),
         400: Scenario(path="/v1/transfers/0"),
         404: Scenario(path="/v1/transfers/11"),
+        410: Scenario(path="/v1/transfers/11", prepare=archived_transfer),
     },
     ("GET", "/v1/accounts/{id}/transfers"): {
         **ledger_trouble(None),
         200: Scenario(path="/v1/accounts/1/transfers?limit=1&side=debits", prepare=seeded),
         400: Scenario(path="/v1/accounts/1/transfers?order=sideways"),
         404: Scenario(path="/v1/accounts/2/transfers"),
+        410: Scenario(path="/v1/accounts/1/transfers", prepare=ARCHIVED),
     },
     ("GET", "/v1/accounts/{id}/balances"): {
         **{status: msgspec.structs.replace(
@@ -160,16 +172,20 @@ SCENARIOS: dict[tuple[str, str], dict[int, Scenario]] = {
                       prepare=seeded),
         400: Scenario(path="/v1/accounts/1/balances?at=2026-12-01"),
         404: Scenario(path="/v1/accounts/2/balances?at=2026-12-01T00:00:00Z"),
+        410: Scenario(path="/v1/accounts/1/balances?at=2026-01-01T00:00:00Z",
+                      prepare=ARCHIVED),
     },
     ("GET", "/v1/transfers/stream"): {
         **ledger_trouble(None),
         200: Scenario(path="/v1/transfers/stream?limit=1&wait=0", prepare=seeded),
         400: Scenario(path="/v1/transfers/stream?after=nonsense"),
+        410: Scenario(path="/v1/transfers/stream", prepare=ARCHIVED),
     },
     ("GET", "/v1/transfers"): {
         **ledger_trouble(None),
         200: Scenario(path="/v1/transfers?code=0", prepare=seeded),
         400: Scenario(path="/v1/transfers?cursor=nonsense"),
+        410: Scenario(path="/v1/transfers", prepare=ARCHIVED),
     },
 }
 
