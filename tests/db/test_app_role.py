@@ -112,6 +112,8 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     "ledger_archives": READ,
     "archive_checkpoints": READ,
     "archived_transfer_ids": READ,
+    # Payments' clearing layout (0034): read by the payments actor, changed by the owner.
+    "payments_layout": READ,
 }
 BALANCE_COLUMNS = {"debits_pending", "debits_posted", "credits_pending", "credits_posted"}
 SEQUENCES_USED = {"payment_step_ids", "payment_transfer_ids", "reconciliation_runs_id_seq",
