@@ -226,3 +226,57 @@ async def _until_not_in_use(http: httpx.AsyncClient, merchant_id: int, idem: str
         if answer.status_code not in (409, 503) or time.monotonic() > deadline:
             return answer
         await asyncio.sleep(0.5)
+
+
+async def test_a_payments_actor_killed_between_an_approval_and_its_save_loses_nothing(
+        supervised: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    """An approval goes to the ledger before anything is stored, and one save records both
+    (docs/design.md §14). The payments actor is SIGKILLed in that window: every provider
+    call answered, every posting sent (the front is stopped, so they wait), nothing stored
+    beyond PROVIDER. Once it is back, each payment ends authorized, held in the ledger once
+    and charged by the provider once."""
+    processor = supervised
+    merchant_id = await merchant(client, ids)
+    await sims.faults("acme", latency={"median_ms": 400, "p99_ms": 500})
+    requests = [(key(), card_token()) for _ in range(IN_FLIGHT)]
+    in_flight = [asyncio.create_task(authorize(http, merchant_id, provider="acme", idem=idem,
+                                               token=token))
+                 for idem, token in requests]
+    deadline = time.monotonic() + 30
+    while len(await _payments_of(processor, merchant_id)) < IN_FLIGHT:
+        assert time.monotonic() < deadline, "the payments never reached the payments actor"
+        await asyncio.sleep(0.05)
+    front_pid = await processor.front.pid.remote()
+    payments_pid = await processor.payments.pid.remote()
+    os.kill(front_pid, signal.SIGSTOP)
+    try:
+        ids_now = [p["id"] for p in await _payments_of(processor, merchant_id)]
+        deadline = time.monotonic() + 20
+        while sum([len([op for op in await sims.charges("acme", p)
+                        if op["operation"] == "authorize"]) for p in ids_now]) < IN_FLIGHT:
+            assert time.monotonic() < deadline, "the provider never answered them all"
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)  # the answers reach the engine, the postings go out
+        assert set(await _phases(processor, ids_now)) == {"provider"}
+        os.kill(payments_pid, signal.SIGKILL)
+    finally:
+        os.kill(front_pid, signal.SIGCONT)
+    await sims.faults("acme")
+    for answer in await asyncio.gather(*in_flight, return_exceptions=True):
+        assert isinstance(answer, httpx.HTTPError) or answer.status_code in (201, 503), answer
+    payments = await _all_final(processor, merchant_id)
+    assert len(payments) == IN_FLIGHT, payments
+    async with Client("127.0.0.1", processor.rpc_port, token_for(processor)) as fresh:
+        await _check_exact(fresh, sims, merchant_id, payments)
+    assert all(p["status"] == "authorized" for p in payments), payments
+
+
+async def _phases(processor: Processor, payment_ids: list[str]) -> list[str]:
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        rows = await conn.fetch("SELECT phase FROM payment_steps WHERE subject_id = ANY($1)",
+                                payment_ids)
+    finally:
+        await conn.close()
+    return [row["phase"] for row in rows]
