@@ -167,16 +167,7 @@ async def test_a_killed_front_loses_no_payment_in_flight(
     processor = supervised
     merchant_id = await merchant(client, ids)
     await sims.faults("acme", latency=PROVIDER_LATENCY)
-    requests = [(key(), card_token()) for _ in range(IN_FLIGHT)]
-    in_flight = [asyncio.create_task(authorize(http, merchant_id, provider="acme", idem=idem,
-                                               token=token))
-                 for idem, token in requests]
-    # Every request in the payments actor (its payment stored, the provider call under
-    # way), however long the loaded machine takes to get them there.
-    deadline = time.monotonic() + 30
-    while len(await _payments_of(processor, merchant_id)) < IN_FLIGHT:
-        assert time.monotonic() < deadline, "the payments never reached the payments actor"
-        await asyncio.sleep(0.05)
+    requests, in_flight = await _authorizations_in_flight(processor, http, merchant_id)
     front_pid = await processor.front.pid.remote()
     os.kill(front_pid, signal.SIGKILL)
     # The edge is gone, so the gateways' connections break; the payments go on: their
@@ -201,6 +192,24 @@ async def test_a_killed_front_loses_no_payment_in_flight(
             answer = await _until_not_in_use(again, merchant_id, idem, token)
             assert answer.status_code in (201, 202), answer.text
             assert answer.json()["id"] in {p["id"] for p in payments}
+
+
+async def _authorizations_in_flight(
+        processor: Processor, http: httpx.AsyncClient, merchant_id: int,
+) -> tuple[list[tuple[str, str]], list[asyncio.Task[httpx.Response]]]:
+    """IN_FLIGHT authorizations sent through acme, each with its own key and card, once
+    every one is in the payments actor (its payment stored, the provider call under way),
+    however long the loaded machine takes to get them there: their (key, card) pairs and
+    the requests' tasks."""
+    requests = [(key(), card_token()) for _ in range(IN_FLIGHT)]
+    in_flight = [asyncio.create_task(authorize(http, merchant_id, provider="acme", idem=idem,
+                                               token=token))
+                 for idem, token in requests]
+    deadline = time.monotonic() + 30
+    while len(await _payments_of(processor, merchant_id)) < IN_FLIGHT:
+        assert time.monotonic() < deadline, "the payments never reached the payments actor"
+        await asyncio.sleep(0.05)
+    return requests, in_flight
 
 
 async def _wait_ready(processor: Processor, timeout_s: float = 60.0) -> None:
@@ -239,14 +248,7 @@ async def test_a_payments_actor_killed_between_an_approval_and_its_save_loses_no
     processor = supervised
     merchant_id = await merchant(client, ids)
     await sims.faults("acme", latency={"median_ms": 400, "p99_ms": 500})
-    requests = [(key(), card_token()) for _ in range(IN_FLIGHT)]
-    in_flight = [asyncio.create_task(authorize(http, merchant_id, provider="acme", idem=idem,
-                                               token=token))
-                 for idem, token in requests]
-    deadline = time.monotonic() + 30
-    while len(await _payments_of(processor, merchant_id)) < IN_FLIGHT:
-        assert time.monotonic() < deadline, "the payments never reached the payments actor"
-        await asyncio.sleep(0.05)
+    _, in_flight = await _authorizations_in_flight(processor, http, merchant_id)
     front_pid = await processor.front.pid.remote()
     payments_pid = await processor.payments.pid.remote()
     os.kill(front_pid, signal.SIGSTOP)
