@@ -35,8 +35,9 @@ from processor.archive import month_start_ns
 from processor.codes import TransferResult
 from processor.history import AccountTransfersFilter, HistoryError, TransfersQuery
 from processor.identity import PROCESSOR_TENANT
-from processor.ledger import ArrayBook, Known, PartitionMap
+from processor.ledger import ArrayBook, PartitionMap
 from processor.types import Account, Transfer, TransferFlags
+from tests.db.test_verify import commit_batch
 from tests.unit.ledger_sim import account_ids_on_shards
 
 pytestmark = pytest.mark.asyncio
@@ -53,16 +54,6 @@ class Built:
     epochs: list[int]
     accounts: list[list[int]]
     january_ids: list[int]
-
-
-async def _commit(store: LedgerStore, book: ArrayBook, partitions: PartitionMap,
-                  transfers: list[Transfer], now: int, epoch: int) -> list[int]:
-    plan = book.plan_transfers([transfers], now, Known())
-    batch = book.finalize(plan, {}, now)
-    await store.commit([batch], fences={book.shard: epoch}, shard=book.shard,
-                       partition_map=partitions)
-    book.committed(batch)
-    return batch.codes
 
 
 async def build(url: str) -> Built:
@@ -100,31 +91,31 @@ async def build(url: str) -> Built:
                      # an id burned by a missing pending transfer instead.
                      e(id=base + 5, debit_account_id=a, credit_account_id=b, amount=1,
                        currency="EUR", pending_id=999_999, flags=POST)]
-            codes = await _commit(store, book, partitions, batch, JAN + 5 * DAY_NS, epoch)
+            codes = await commit_batch(store, book, partitions, batch, JAN + 5 * DAY_NS, epoch)
             assert codes[:4] == [0, 0, 0, 0] and codes[4] != 0
-            codes = await _commit(store, book, partitions, [
+            codes = await commit_batch(store, book, partitions, [
                 e(id=base + 6, debit_account_id=a, credit_account_id=c, amount=60,
                   currency="EUR", pending_id=base + 3, flags=POST),
                 e(id=base + 7, debit_account_id=b, credit_account_id=a, amount=30,
                   currency="EUR", pending_id=base + 4, flags=VOID)], JAN + 9 * DAY_NS, epoch)
             assert codes == [0, 0]
             january += [base + k for k in (1, 2, 3, 4, 6, 7)]
-            codes = await _commit(store, book, partitions, [
+            codes = await commit_batch(store, book, partitions, [
                 e(id=base + 10 + k, debit_account_id=b, credit_account_id=a, amount=10 + k,
                   currency="EUR") for k in range(3)], FEB + 3 * DAY_NS, epoch)
             assert codes == [0, 0, 0]
             # A hold of February posted in March: February cannot be archived alone.
-            codes = await _commit(store, book, partitions, [
+            codes = await commit_batch(store, book, partitions, [
                 e(id=base + 20, debit_account_id=c, credit_account_id=a, amount=5,
                   currency="EUR", flags=PENDING)], FEB + 20 * DAY_NS, epoch)
             assert codes == [0]
-            codes = await _commit(store, book, partitions, [
+            codes = await commit_batch(store, book, partitions, [
                 e(id=base + 21, debit_account_id=c, credit_account_id=a, amount=5,
                   currency="EUR", pending_id=base + 20, flags=POST),
                 e(id=base + 22, debit_account_id=a, credit_account_id=b, amount=3,
                   currency="EUR")], MAR + 2 * DAY_NS, epoch)
             assert codes == [0, 0]
-            codes = await _commit(store, book, partitions, [
+            codes = await commit_batch(store, book, partitions, [
                 e(id=base + 30, debit_account_id=b, credit_account_id=c, amount=2,
                   currency="EUR", user_data="apr")], APR + 2 * DAY_NS, epoch)
             assert codes == [0]
@@ -430,7 +421,7 @@ async def test_archive_beside_live_commits(db_url: str, app_db_url: str,
         async def writer() -> None:
             for k in range(20):
                 now = APR + 20 * DAY_NS + k * 10**6
-                codes = await _commit(store, book, built.partitions, [
+                codes = await commit_batch(store, book, built.partitions, [
                     Transfer(id=5000 + k, debit_account_id=a, credit_account_id=b, amount=1,
                              currency="EUR")], now, epoch)
                 assert codes == [0]

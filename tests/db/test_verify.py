@@ -44,8 +44,10 @@ class Ledger:
     last_batch: list[int]
 
 
-async def _commit(store: LedgerStore, book: ArrayBook, partitions: PartitionMap,
-                  transfers: list[Transfer], now: int, epoch: int) -> list[int]:
+async def commit_batch(store: LedgerStore, book: ArrayBook, partitions: PartitionMap,
+                       transfers: list[Transfer], now: int, epoch: int) -> list[int]:
+    """Plan, commit and settle ``transfers`` as the shard of ``book`` does (one batch at
+    ``now``, fenced by ``epoch``); their result codes."""
     plan = book.plan_transfers([transfers], now, Known())
     batch = book.finalize(plan, {}, now)
     await store.commit([batch], fences={book.shard: epoch}, shard=book.shard,
@@ -77,7 +79,7 @@ async def build_ledger(url: str) -> Ledger:
         a, b, c, limited = ids[0]
         e = Transfer  # short
         book, epoch = books[0], epochs[0]
-        codes = await _commit(store, book, partitions, [
+        codes = await commit_batch(store, book, partitions, [
             e(id=10, debit_account_id=a, credit_account_id=b, amount=500, currency="EUR"),
             e(id=11, debit_account_id=b, credit_account_id=c, amount=70, currency="EUR",
               user_data="invoice 11"),
@@ -85,7 +87,7 @@ async def build_ledger(url: str) -> Ledger:
               currency="EUR"),
         ], now + 1, epoch)
         assert codes == [0, 0, 0]
-        codes = await _commit(store, book, partitions, [
+        codes = await commit_batch(store, book, partitions, [
             e(id=20, debit_account_id=a, credit_account_id=c, amount=100, currency="EUR",
               flags=PENDING),
             e(id=21, debit_account_id=b, credit_account_id=a, amount=30, currency="EUR",
@@ -97,7 +99,7 @@ async def build_ledger(url: str) -> Ledger:
               currency="EUR"),
         ], now + 2, epoch)
         assert codes[:3] == [0, 0, 0] and codes[3] != 0
-        codes = await _commit(store, book, partitions, [
+        codes = await commit_batch(store, book, partitions, [
             e(id=30, debit_account_id=a, credit_account_id=c, amount=60, currency="EUR",
               pending_id=20, flags=POST),
             e(id=31, debit_account_id=b, credit_account_id=a, amount=30, currency="EUR",
@@ -107,12 +109,12 @@ async def build_ledger(url: str) -> Ledger:
         # The hold of 22 expires with the next batch (its timeout is 1 s).
         await store.checkpoint(0, epoch, partitions.partitions_of_shard(0))
         plain = list(range(40, 50))
-        codes = await _commit(store, book, partitions, [
+        codes = await commit_batch(store, book, partitions, [
             e(id=i, debit_account_id=b, credit_account_id=a, amount=i, currency="EUR")
             for i in plain], now + 3 * 10**9, epoch)
         assert codes == [0] * len(plain)
         last = [60, 61]
-        codes = await _commit(store, book, partitions, [
+        codes = await commit_batch(store, book, partitions, [
             e(id=i, debit_account_id=a, credit_account_id=c, amount=1, currency="EUR")
             for i in last], now + 4 * 10**9, epoch)
         assert codes == [0, 0]
@@ -247,7 +249,7 @@ async def test_verify_runs_beside_commits_on_one_snapshot(db_url: str) -> None:
 
         async def commits() -> None:
             for k in range(20):
-                await _commit(store, book, partitions, [
+                await commit_batch(store, book, partitions, [
                     Transfer(id=1000 + 10 * k + j, debit_account_id=a, credit_account_id=b,
                              amount=1, currency="EUR") for j in range(5)],
                     time.time_ns(), epoch)
