@@ -15,13 +15,9 @@ is unaffected by construction.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime as dt
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from bench import ledger
+from bench.scratch import run_main, scratch_database
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -112,20 +109,13 @@ async def build(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from actors.app.verification import verify_all
-    from actors.database import EmbeddedPostgres, create_database
     from actors.ledger.archive import archive, restore
-    from actors.migrate import migrate
     from bench.__main__ import machine_info
 
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         "transfers": args.transfers, "accounts": args.accounts, "batch": args.batch,
         "months": args.months}}
-    directory = Path(tempfile.mkdtemp(prefix="txproc-bench-archive-"))
-    server = EmbeddedPostgres()
-    server.start(directory / "pg")
-    try:
-        url = await create_database(server.url, "txproc_bench_archive")
-        await migrate(url)
+    async with scratch_database("txproc_bench_archive") as (url, directory):
         results["build"] = await build(url, args)
         before = f"2026-{args.months:02d}" if args.months < 12 else "2026-12"
         done = await archive(url, before, directory / "archives")
@@ -147,20 +137,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         results["verify_restored"] = {"ok": restored.report.ok,
                                       "seconds": round(restored.seconds, 2),
                                       "problems": [p.kind for p in restored.report.problems[:5]]}
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    results = asyncio.run(run(args))
+    results = run_main(lambda: run(args))
     ledger.write_results(args.out, results)
     a, r = results["archive"], results["restore"]
     print(f"\narchive of {a['transfers']:,} transfers ({a['rows']:,} rows, {a['files']} files,"

@@ -14,13 +14,9 @@ and written to ``--out``, never asserted: this machine is shared.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import datetime as dt
 import logging
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from bench import ledger
+from bench.scratch import run_main, scratch_database
 
 __all__ = ["main", "parse_args", "run"]
 
@@ -95,19 +92,12 @@ async def build(url: str, args: argparse.Namespace) -> dict[str, Any]:
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     from actors.app.verification import verify_all
-    from actors.database import EmbeddedPostgres, create_database
-    from actors.migrate import migrate
     from bench.__main__ import machine_info
 
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         "transfers": args.transfers, "accounts": args.accounts, "batch": args.batch,
         "chunk_rows": args.chunk_rows}}
-    directory = Path(tempfile.mkdtemp(prefix="txproc-bench-verify-"))
-    server = EmbeddedPostgres()
-    server.start(directory / "pg")
-    try:
-        url = await create_database(server.url, "txproc_bench_verify")
-        await migrate(url)
+    async with scratch_database("txproc_bench_verify") as (url, _):
         results["build"] = await build(url, args)
         # Every check txproc verify runs (the audit log and the reconciliation records are
         # empty here: the ledger's are what a million transfers cost).
@@ -119,20 +109,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             "checked": result.report.checked,
             "problems": [p.kind for p in result.report.problems[:10]],
         }
-    finally:
-        server.stop()
-        shutil.rmtree(directory, ignore_errors=True)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parse_args(argv)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
-    results = asyncio.run(run(args))
+    results = run_main(lambda: run(args))
     ledger.write_results(args.out, results)
     v = results["verify"]
     print(f"\nverify of {args.transfers:,} transfers: ok={v['ok']} in {v['seconds']} s, "
