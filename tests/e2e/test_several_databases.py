@@ -72,6 +72,26 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 async def served(pg_admin_url: str, second_pg_admin_url: str, app_password_file: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
+    """The ledger alone: the fault tests below kill its parts."""
+    async with _serving(pg_admin_url, second_pg_admin_url, app_password_file,
+                        tmp_path_factory, ["--no-payments"]) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+async def served_with_payments(
+        pg_admin_url: str, second_pg_admin_url: str, app_password_file: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
+    """Another ledger over two databases, with payments through one simulated provider."""
+    async with _serving(pg_admin_url, second_pg_admin_url, app_password_file,
+                        tmp_path_factory, ["--provider", "acme"]) as running:
+        yield running
+
+
+@contextlib.asynccontextmanager
+async def _serving(pg_admin_url: str, second_pg_admin_url: str, app_password_file: Path,
+                   tmp_path_factory: pytest.TempPathFactory,
+                   payments: list[str]) -> AsyncIterator[Served]:
     name = f"txproc_mdb_{uuid.uuid4().hex[:12]}"
     urls = {"main": await create_database(pg_admin_url, name + "_a"),
             "db1": await create_database(second_pg_admin_url, name + "_b")}
@@ -86,8 +106,7 @@ async def served(pg_admin_url: str, second_pg_admin_url: str, app_password_file:
     proc = _start([
         "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),
         "--rpc-port", str(rpc_port), "--metrics-port", "0", "--shards", str(SHARDS),
-        "--provider", "acme", "--database-url", urls["main"], "--database-url", urls["db1"]],
-        env)
+        *payments, "--database-url", urls["main"], "--database-url", urls["db1"]], env)
     base = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 180
@@ -529,23 +548,31 @@ async def test_audit_names_who_made_a_row_of_either_database(
 
 
 async def test_payments_postings_stay_in_each_merchant_accounts_database(
-        served: Served, client: Client, ids: Ids) -> None:
+        served_with_payments: Served, ids: Ids) -> None:
     """An authorization, a partial capture and a refund for a merchant account in each
     database: the balances are the payment's, every posting (hold, capture, refund hold and
     its post) is stored in the merchant account's database and none in the other, and no
-    transfer between databases was needed for them."""
+    transfer between databases was needed for them; `txproc verify` passes over both."""
+    served = served_with_payments
     merchants = [ids.account(0), ids.account(1)]  # shard 0 on main, shard 1 on db1
-    codes = await client.create_accounts([
-        Account(id=m, currency="USD", flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-        for m in merchants])
+    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
+        codes = await client.create_accounts([
+            Account(id=m, currency="USD", flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+            for m in merchants])
     assert codes == [AccountResult.ok] * 2
     headers = {"authorization": f"Bearer {served.token}"}
     async with httpx.AsyncClient(base_url=served.base, headers=headers, timeout=30) as http:
         for m in merchants:
-            r = await http.post("/v1/payments", headers={"idempotency-key": uuid.uuid4().hex},
-                                json={"amount": 800, "currency": "USD", "merchant_account_id": m,
-                                      "payment_method": "pm_4242_" + uuid.uuid4().hex[:12],
-                                      "capture": False, "provider": "acme"})
+            idem, deadline = uuid.uuid4().hex, time.monotonic() + 60
+            body = {"amount": 800, "currency": "USD", "merchant_account_id": m,
+                    "payment_method": "pm_4242_" + uuid.uuid4().hex[:12], "capture": False,
+                    "provider": "acme"}
+            while True:  # 503 while the payments actor is still starting; same key again
+                r = await http.post("/v1/payments", headers={"idempotency-key": idem},
+                                    json=body)
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                await _sleep(0.5)
             assert (r.status_code, r.json()["status"]) == (201, "authorized"), r.text
             payment = r.json()["id"]
             r = await http.post(f"/v1/payments/{payment}/capture", json={"amount": 500},
@@ -554,7 +581,8 @@ async def test_payments_postings_stay_in_each_merchant_accounts_database(
             r = await http.post(f"/v1/payments/{payment}/refunds", json={"amount": 100},
                                 headers={"idempotency-key": uuid.uuid4().hex})
             assert r.status_code == 200, r.text
-    found = await client.lookup_accounts(merchants)
+    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
+        found = await client.lookup_accounts(merchants)
     assert [(a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted)
             for a in found if a is not None] == [(0, 100, 0, 500)] * 2
     for m, home, other in ((merchants[0], "main", "db1"), (merchants[1], "db1", "main")):
@@ -570,6 +598,10 @@ async def test_payments_postings_stay_in_each_merchant_accounts_database(
             finally:
                 await conn.close()
         assert counts == {home: (4, 0), other: (0, 0)}
+    both = await asyncio.to_thread(_run, [
+        "verify", "--json", "--database-url", served.urls["main"],
+        "--database-url", served.urls["db1"]])
+    assert both.returncode == 0, both.stdout + both.stderr
 
 
 async def test_verify_checks_every_database(served: Served, client: Client,
