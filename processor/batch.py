@@ -191,6 +191,13 @@ class TransferBatch:
         return dataclasses.replace(self, tenant=np.full(len(self), slot, dtype=_LE64),
                                    origin=np.full(len(self), origin, dtype=_LE64))
 
+    def with_user_data(self, texts: list[str]) -> TransferBatch:
+        """The same transfers with ``texts`` as their user_data (one per transfer; the
+        edge's pseudonyms of personal values, actors/edge/personal.py)."""
+        if len(texts) != len(self):
+            raise BatchInvalid(f"user_data has {len(texts)} values, id has {len(self)}")
+        return dataclasses.replace(self, user_data=texts if any(texts) else None)
+
     def _tenants(self) -> np.ndarray:
         return np.zeros(len(self), dtype=_LE64) if self.tenant is None else self.tenant
 

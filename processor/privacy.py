@@ -8,6 +8,12 @@ from the deployment's master key (``MASTER_KEY_FILE_NAME`` in the key directory)
 Erasure destroys the wrapped data key: every sealed copy of the subject's fields is then
 noise, wherever it lies, while amounts, ids and timestamps, which were never sealed, stay.
 
+A tenant may also mark its accounts' and transfers' ``user_data`` personal: each value is
+then a subject's reference, and the ledger stores its *pseudonym* (``pseudonym_of``: a
+fixed prefix and the subject key's id) in its place, the value itself sealed beside the
+key (``user_data_row_id``). The ledger's rows and hash chain cover only the pseudonym, so
+an erasure changes nothing they cover.
+
 The subject is found by a keyed digest of (tenant slot, customer_ref), never by the
 reference in clear, so the table of keys and the audit event of an erasure name no one.
 
@@ -35,12 +41,16 @@ __all__ = [
     "MASTER_KEY_FILE_NAME",
     "NONCE_BYTES",
     "PERSONAL_FIELDS",
+    "PSEUDONYM_PREFIX",
     "MasterKey",
     "Personal",
     "PrivacyError",
     "erased_object",
+    "key_id_of",
     "open_personal",
+    "pseudonym_of",
     "seal_personal",
+    "user_data_row_id",
 ]
 
 MASTER_KEY_FILE_NAME = "erasure.key"
@@ -53,6 +63,10 @@ CUSTOMER_REF_CHARS_MAX = 100
 CUSTOMER_REF_PATTERN = "^[A-Za-z0-9_.:@+-]*$"
 # The fields an erased payment or payout shows as null (with "erased": true).
 PERSONAL_FIELDS = ("customer_ref", "reference", "metadata")
+# What the ledger stores in place of a personal user_data value: this and the decimal id
+# of the subject's key (at most 21 characters, well within user_data's 128).
+PSEUDONYM_PREFIX = "~s"
+_KEY_ID_MAX = 2**63 - 1
 
 _ENVELOPE_VERSION = b"\x01"
 _DIGEST_LABEL = b"txproc.privacy.subject-digest.v1"
@@ -151,3 +165,26 @@ def erased_object(obj: dict[str, Any]) -> dict[str, Any]:
             erased[name] = None
     erased["erased"] = True
     return erased
+
+
+def pseudonym_of(key_id: int) -> str:
+    """The user_data the ledger stores for a personal value whose subject key is
+    ``key_id``."""
+    if not 1 <= key_id <= _KEY_ID_MAX:
+        raise PrivacyError("a subject key's id is from 1 to 2^63-1")
+    return f"{PSEUDONYM_PREFIX}{key_id}"
+
+
+def key_id_of(user_data: str) -> int | None:
+    """The subject key id of a pseudonym (``pseudonym_of``), None for any other text."""
+    digits = user_data[len(PSEUDONYM_PREFIX):]
+    if (not user_data.startswith(PSEUDONYM_PREFIX) or not 1 <= len(digits) <= 19
+            or not digits.isascii() or not digits.isdigit() or digits[0] == "0"):
+        return None
+    key_id = int(digits)
+    return key_id if key_id <= _KEY_ID_MAX else None
+
+
+def user_data_row_id(key_id: int) -> str:
+    """What a personal user_data value's seal is bound to: its key's row."""
+    return f"user_data:{key_id}"

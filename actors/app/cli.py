@@ -364,12 +364,26 @@ def _add_erase(sub: Any) -> None:
                       "§17, docs/operations.md)")
     erase.add_argument("--tenant", required=True, help="the tenant's name")
     erase.add_argument("--subject-ref", required=True,
-                       help="the customer_ref its payments and payouts named")
+                       help="the customer_ref its payments and payouts named, or the "
+                            "user_data value of a tenant that marks user_data personal")
     erase.add_argument("--master-key-file", default="", metavar="FILE",
                        help="the master key (default: erasure.key in the server's key "
                             "directory, --key-file's or --data-dir)")
     _add_key_file(erase, "find the server's key directory by (erasure.key is beside it)")
     _add_common(erase)
+
+
+def _add_tenants(sub: Any) -> None:
+    tenants = sub.add_parser("tenants", help="settings of a tenant")
+    tenants_sub = tenants.add_subparsers(dest="tenants_command", required=True)
+    personal = tenants_sub.add_parser(
+        "personal-user-data",
+        help="from now on, keep the tenant's user_data as personal data: the ledger stores "
+             "a pseudonym, the value is sealed with its subject's key, and `txproc erase "
+             "--subject-ref VALUE` erases it (every front within 5 s; it cannot be undone; "
+             "docs/design.md §17)")
+    personal.add_argument("--tenant", required=True, help="the tenant's name")
+    _add_common(personal)
 
 
 def _add_archive(sub: Any) -> None:
@@ -488,6 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_webhooks(sub)
     _add_recon(sub)
     _add_erase(sub)
+    _add_tenants(sub)
     _add_archive(sub)
     token = sub.add_parser("token", help="bearer tokens for local use")
     token_sub = token.add_subparsers(dest="token_command", required=True)
@@ -561,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
         return _recon_run(args)
     if args.command == "erase":
         return _erase(args)
+    if args.command == "tenants":
+        return asyncio.run(_tenants(args))
     if args.command in ("archive", "restore"):
         return asyncio.run(_archive_or_restore(args))
     if args.command == "serve":
@@ -1125,18 +1142,18 @@ def _erase(args: argparse.Namespace) -> int:
     from processor.identity import KeyFileError
     from processor.identity.keyfile import read_private_file
     from processor.privacy import (
-        CUSTOMER_REF_CHARS_MAX,
-        CUSTOMER_REF_PATTERN,
         MASTER_KEY_FILE_NAME,
         MasterKey,
         PrivacyError,
     )
+    from processor.types import USER_DATA_CHARS_MAX
 
+    # A customer_ref (payments), or a personal user_data value, which may hold any text.
     ref = args.subject_ref
-    if not ref or len(ref) > CUSTOMER_REF_CHARS_MAX or not re.fullmatch(CUSTOMER_REF_PATTERN,
-                                                                        ref):
-        print(f"txproc erase: --subject-ref must be 1..{CUSTOMER_REF_CHARS_MAX} letters, "
-              "digits or _.:@+- (as customer_ref is)", file=sys.stderr)
+    if not ref or len(ref) > USER_DATA_CHARS_MAX or "\x00" in ref:
+        print(f"txproc erase: --subject-ref must be 1..{USER_DATA_CHARS_MAX} characters "
+              "without U+0000 (a customer_ref, or a personal user_data value)",
+              file=sys.stderr)
         return 2
     if not args.tenant.strip():
         print("txproc erase: --tenant names the tenant", file=sys.stderr)
@@ -1154,6 +1171,37 @@ def _erase(args: argparse.Namespace) -> int:
         print(f"txproc erase: {exc}", file=sys.stderr)
         return 2
     return asyncio.run(_erase_subject(args, master))
+
+
+async def _tenants(args: argparse.Namespace) -> int:
+    """``txproc tenants personal-user-data``: exit 0 when the tenant is marked (now or
+    before), 2 for a bad argument or a database that is not migrated."""
+    import asyncpg
+
+    from actors.edge.personal import REFRESH_S, mark_personal
+    from actors.ops import operator_actor
+    from processor.identity import tenant_slot
+
+    if not args.tenant.strip():
+        print("txproc tenants: --tenant names the tenant", file=sys.stderr)
+        return 2
+    with _live_database(args) as url:
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            marked = await mark_personal(conn, tenant_slot=tenant_slot(args.tenant),
+                                         tenant=args.tenant, actor=operator_actor())
+        except asyncpg.UndefinedTableError as exc:
+            print(f"txproc tenants: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+        finally:
+            await conn.close()
+    if not marked:
+        print(f"tenant {args.tenant}'s user_data was marked personal before")
+        return 0
+    print(f"tenant {args.tenant}'s user_data is personal from now on: every front stores "
+          f"pseudonyms for it within {REFRESH_S:g} s; recorded as audit event "
+          "tenant.personal_user_data")
+    return 0
 
 
 async def _archive_or_restore(args: argparse.Namespace) -> int:
@@ -1218,7 +1266,8 @@ async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
     who = f"data subject {erasure.digest_hex[:16]} of tenant {args.tenant}"
     if not erasure.known:
         print(f"txproc erase: tenant {args.tenant} has no data subject with that reference "
-              "(no payment or payout named it as customer_ref); nothing erased",
+              "(no payment or payout named it as customer_ref, and no personal user_data "
+              "held it); nothing erased",
               file=sys.stderr)
         return 1
     if not erasure.changed:
@@ -1227,8 +1276,8 @@ async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
     print(f"erased {who}: {erasure.keys_destroyed} key(s) destroyed; {erasure.payments} "
           f"payment(s) and {erasure.payouts} payout(s) keep their amounts, ids and times; "
           f"{erasure.events_scrubbed} event(s), {erasure.answers_scrubbed} stored answer(s) "
-          f"and {erasure.refunds_scrubbed} refund(s) scrubbed; recorded as audit event "
-          "subject.erased")
+          f"and {erasure.refunds_scrubbed} refund(s) scrubbed; {erasure.user_data_values} "
+          "personal user_data value(s) deleted; recorded as audit event subject.erased")
     return 0
 
 

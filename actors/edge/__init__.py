@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from actors.edge.http_api import PaymentsService, build_app
     from actors.edge.limits import HttpLimits, http_server
     from actors.edge.payments_link import PaymentsLink
+    from actors.edge.personal import PersonalUserData
     from actors.edge.rpc_server import start_rpc_server
     from actors.edge.signatures import RequestSignatures, create_client_key, revoke_client_key
     from actors.edge.tls import server_context
@@ -56,6 +57,7 @@ __all__ = [
     "HttpLimits",
     "PaymentsLink",
     "PaymentsService",
+    "PersonalUserData",
     "RequestSignatures",
     "build_app",
     "create_client_key",
@@ -76,6 +78,7 @@ if not TYPE_CHECKING:
         "actors.edge.http_api": ("PaymentsService", "build_app"),
         "actors.edge.limits": ("HttpLimits", "http_server"),
         "actors.edge.payments_link": ("PaymentsLink",),
+        "actors.edge.personal": ("PersonalUserData",),
         "actors.edge.rpc_server": ("start_rpc_server",),
         "actors.edge.signatures": ("RequestSignatures", "create_client_key", "revoke_client_key"),
         "actors.edge.tls": ("server_context",),

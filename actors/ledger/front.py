@@ -36,6 +36,7 @@ from actors.edge import (
     CredentialsWatch,
     HttpLimits,
     PaymentsLink,
+    PersonalUserData,
     RequestSignatures,
     build_app,
     http_server,
@@ -272,6 +273,10 @@ class Front:
         self._credentials_task: asyncio.Task[None] | None = None
         # Checks signed HTTP requests; keeps the client keys current (actors.edge.signatures).
         self._signatures: RequestSignatures | None = None
+        # The service both listeners are given: this front's, with the user_data of tenants
+        # marked personal kept as pseudonyms (actors.edge.personal).
+        self._personal: PersonalUserData | None = None
+        self._personal_task: asyncio.Task[None] | None = None
         self._stored: OrderedDict[int, Transfer] = OrderedDict()  # oldest first
         # Payments run in their own actor; the edge forwards to it (actors.edge.payments_link).
         payments = config.payments
@@ -330,9 +335,13 @@ class Front:
             cfg.shard.database_url, required=cfg.front.require_signed_requests,
             connect_timeout_s=cfg.shard.connect_timeout_s,
             command_timeout_s=cfg.shard.command_timeout_s)
+        self._personal = await PersonalUserData.connect(
+            self, cfg.shard.database_url, cfg.keys_path, shared_keys=bool(cfg.front.key_path),
+            connect_timeout_s=cfg.shard.connect_timeout_s,
+            command_timeout_s=cfg.shard.command_timeout_s)
         # One budget per principal across both listeners of this front.
         limiter = RateLimiter(cfg.front.rate_limit_rps, cfg.front.rate_limit_burst)
-        app = build_app(self, key, clock_s=time.time, ready=self.is_ready,
+        app = build_app(self._personal, key, clock_s=time.time, ready=self.is_ready,
                         body_bytes_max=cfg.front.body_bytes_max,
                         payments=self._payments,
                         reserved_id_min=cfg.payments.rules.system_id_base,
@@ -354,7 +363,7 @@ class Front:
             await asyncio.sleep(0.025)
         f = cfg.front
         self._rpc = await start_rpc_server(
-            self, key, host=f.host, port=f.rpc_port if rpc_port is None else rpc_port,
+            self._personal, key, host=f.host, port=f.rpc_port if rpc_port is None else rpc_port,
             clock_s=time.time,
             reserved_id_min=cfg.payments.rules.system_id_base,
             connections_max=f.rpc_connections_max,
@@ -369,6 +378,7 @@ class Front:
         self._watch_task = asyncio.get_running_loop().create_task(self._watch_shards())
         self._credentials_task = asyncio.get_running_loop().create_task(
             self._credentials.run())
+        self._personal_task = asyncio.get_running_loop().create_task(self._personal.run())
         holder = f"front@{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         # One indexer per database, under a lease kept in that database.
         for db, store in self._stores.items():
@@ -410,6 +420,8 @@ class Front:
             self._watch_task.cancel()
         if self._credentials_task is not None:
             self._credentials_task.cancel()
+        if self._personal_task is not None:
+            self._personal_task.cancel()
         for task in [*self._indexer_tasks, *self._relay_tasks]:
             task.cancel()
         if self._indexer_tasks or self._relay_tasks:
@@ -438,6 +450,8 @@ class Front:
             await self._audit.close()
         if self._quota is not None:
             await self._quota.close()
+        if self._personal is not None:
+            await self._personal.close()
         if self._credentials is not None:
             await self._credentials.close()
         if self._signatures is not None:

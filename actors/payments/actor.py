@@ -48,6 +48,7 @@ from actors.payments.reconciliation import Reconciler, RunView
 from actors.payments.store import PaymentStore
 from actors.priority import lower_priority
 from actors.risk import RISK_ACTOR_NAME, RiskLink
+from actors.subjects import master_key_of
 from processor.client import Client, ClientError, client_tls_context
 from processor.codes import AccountResult, TransferResult
 from processor.config import Config
@@ -57,11 +58,8 @@ from processor.identity import (
     KeyFileError,
     KeyRingFile,
     issue_token,
-    load_or_create_key,
-    read_key,
 )
 from processor.lease import LeaseConfig
-from processor.privacy import MASTER_KEY_FILE_NAME, MasterKey
 from processor.types import Account, Transfer
 
 __all__ = ["LEASE", "LEASE_RECONCILIATION", "LEASE_RECOVERY", "LEASE_RELAY",
@@ -224,7 +222,8 @@ class PaymentsActor:
             connect_timeout_s=shard_cfg.connect_timeout_s,
             command_timeout_s=cfg.statement_timeout_s, session_nice=cfg.cpu_nice,
             acquire_timeout_s=cfg.pool_acquire_timeout_s,
-            master=MasterKey(_master_key(self.config)))
+            master=master_key_of(self.config.keys_path,
+                                 shared=bool(self.config.front.key_path)))
         links = {p.name: ProviderLink(p.name, self._channel_key) for p in self._providers}
         try:
             # The clearing layout is the ledger's, not this process's: a ledger whose holds
@@ -408,13 +407,4 @@ def make_payments(config: Config, channel_key: bytes, *, providers: list[Provide
     return actor_class.options(**options).remote(
         config, channel_key, providers=providers, outbox_secret=outbox_secret,
         front_rpc=front_rpc)
-
-
-def _master_key(config: Config) -> bytes:
-    """The erasure master key of the key directory. A directory named by ``--key-file`` is
-    shared by every node: its key is made by an operator (`txproc keys rotate --key-file`)
-    and only read here, where a node making its own would leave every subject's data
-    unreadable to the others."""
-    path = config.keys_path / MASTER_KEY_FILE_NAME
-    return read_key(path) if config.front.key_path else load_or_create_key(path)
 

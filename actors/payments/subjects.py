@@ -1,9 +1,8 @@
 """Data subjects' keys in PostgreSQL (migration 0029), and their erasure.
 
-``SubjectKeys`` gives the payments store the data key of a (tenant, customer_ref): from
-a bounded cache, or from one upsert that creates the key the first time the subject is
-seen (so a subject's second payment costs no extra round trip), and opens sealed fields
-with the wrapped key a read fetched in its own statement. ``erase_subject`` is what
+``SubjectKeys`` (actors/subjects.py, shared with the edge's personal user_data) gives the
+payments store the data key of a (tenant, customer_ref), and opens sealed fields with the
+wrapped key a read fetched in its own statement (``subject_read``). ``erase_subject`` is what
 ``txproc erase`` runs: it destroys the subject's keys, clears what was sealed with them,
 scrubs what was never sealed (event payloads, stored answers, refund metadata) and
 writes a ``subject.erased`` audit event, in one transaction. The pure part (digests,
@@ -12,27 +11,22 @@ wrapping, sealing) is processor/privacy.py; the design is docs/design.md §17.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import json
-import secrets
-import time
-from collections.abc import Callable
-from typing import Any
 
 import asyncpg
 
 from actors.ops.audit_events import record_audit_event
+from actors.subjects import (
+    STATEMENT_TIMEOUT_S,
+    SUBJECT_KEY_CACHE_TTL_S,
+    SUBJECT_KEYS_CACHED_MAX,
+    SubjectKeys,
+)
 from processor.audit import AuditActor
 from processor.privacy import (
-    DATA_KEY_BYTES,
-    DIGEST_BYTES,
-    NONCE_BYTES,
     MasterKey,
-    Personal,
     erased_object,
-    open_personal,
-    seal_personal,
 )
 
 __all__ = [
@@ -41,22 +35,11 @@ __all__ = [
     "Erasure",
     "SubjectKeys",
     "erase_subject",
+    "subject_read",
 ]
 
-# A key cached for writing is trusted this long: an erasure run by another process is
-# seen by this one's new writes within it (a payment written in between is sealed with
-# the destroyed key, and reads as erased). Reads never use the cache: they fetch the
-# wrapped key in their own statement, so an erased key is seen at once.
-SUBJECT_KEY_CACHE_TTL_S = 30.0
-SUBJECT_KEYS_CACHED_MAX = 10_000
-STATEMENT_TIMEOUT_S = 30.0
 # Stored answers rewritten per statement while scrubbing.
 ANSWERS_PAGE_ROWS = 500
-
-_UPSERT = (
-    "INSERT INTO subject_keys (tenant_slot, subject_digest, wrapped_key) VALUES ($1, $2, $3) "
-    "ON CONFLICT (tenant_slot, subject_digest) WHERE erased_at IS NULL "
-    "DO UPDATE SET tenant_slot = EXCLUDED.tenant_slot RETURNING id, wrapped_key")
 
 
 def subject_read(table: str) -> str:
@@ -67,69 +50,6 @@ def subject_read(table: str) -> str:
     return (f"{table}.personal, {table}.subject_key_id, (SELECT k.subject_digest || "  # noqa: S608
             f"k.wrapped_key FROM subject_keys k WHERE k.id = {table}.subject_key_id) "
             "AS subject_key")
-
-
-class SubjectKeys:
-    """The data keys of subjects, for one store's pool; see the module docstring."""
-
-    def __init__(self, pool: asyncpg.Pool, master: MasterKey, *,
-                 clock_s: Callable[[], float] = time.monotonic,
-                 cache_ttl_s: float = SUBJECT_KEY_CACHE_TTL_S,
-                 cached_max: int = SUBJECT_KEYS_CACHED_MAX) -> None:
-        if cache_ttl_s < 0 or cached_max < 1:
-            raise ValueError("cache_ttl_s >= 0 and cached_max >= 1")
-        self._pool = pool
-        self._master = master
-        self._clock_s = clock_s
-        self._ttl_s = cache_ttl_s
-        self._cached_max = cached_max
-        # (tenant slot, digest) -> (key id, data key, when fetched), oldest first.
-        self._cache: collections.OrderedDict[tuple[int, bytes], tuple[int, bytes, float]] = (
-            collections.OrderedDict())
-
-    @property
-    def master(self) -> MasterKey:
-        return self._master
-
-    async def key_for(self, tenant_slot: int, customer_ref: str) -> tuple[int, bytes]:
-        """The live key of the subject (its id and the data key), created if it has none."""
-        digest = self._master.subject_digest(tenant_slot, customer_ref)
-        now_s = self._clock_s()
-        cached = self._cache.get((tenant_slot, digest))
-        if cached is not None and now_s - cached[2] < self._ttl_s:
-            return cached[0], cached[1]
-        fresh = secrets.token_bytes(DATA_KEY_BYTES)
-        wrapped = self._master.wrap(fresh, digest=digest, nonce=secrets.token_bytes(NONCE_BYTES))
-        row = await self._pool.fetchrow(_UPSERT, tenant_slot, digest, wrapped,
-                                        timeout=STATEMENT_TIMEOUT_S)
-        # Ours, or the one another writer created first: open what was stored either way.
-        key = self._master.unwrap(bytes(row["wrapped_key"]), digest=digest)
-        self._cache[(tenant_slot, digest)] = (int(row["id"]), key, now_s)
-        self._cache.move_to_end((tenant_slot, digest))
-        while len(self._cache) > self._cached_max:
-            self._cache.popitem(last=False)
-        return int(row["id"]), key
-
-    def seal(self, key: bytes, personal: Personal, *, row_id: str) -> bytes:
-        return seal_personal(key, personal, row_id=row_id,
-                             nonce=secrets.token_bytes(NONCE_BYTES))
-
-    def opened(self, row_id: str, values: dict[str, Any]) -> dict[str, Any]:
-        """The fields a row read with ``subject_read`` gives its Payment or Payout, the
-        three columns removed from ``values``: nothing for a row without a subject; the
-        personal fields opened; or ``erased`` when its key or its sealed fields are gone."""
-        sealed = values.pop("personal")
-        key_id = values.pop("subject_key_id")
-        key_blob = values.pop("subject_key")
-        if key_id is None:
-            return {}
-        if sealed is None or key_blob is None:
-            return {"erased": True, "reference": "", "metadata": {}, "customer_ref": ""}
-        blob = bytes(key_blob)
-        key = self._master.unwrap(blob[DIGEST_BYTES:], digest=blob[:DIGEST_BYTES])
-        personal = open_personal(key, bytes(sealed), row_id=row_id)
-        return {"customer_ref": personal.customer_ref, "reference": personal.reference,
-                "metadata": personal.metadata}
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -145,11 +65,13 @@ class Erasure:
     events_scrubbed: int = 0
     answers_scrubbed: int = 0
     refunds_scrubbed: int = 0
+    # Sealed user_data values deleted (a tenant's personal user_data, migration 0036).
+    user_data_values: int = 0
 
     @property
     def changed(self) -> int:
         return (self.keys_destroyed + self.events_scrubbed + self.answers_scrubbed
-                + self.refunds_scrubbed)
+                + self.refunds_scrubbed + self.user_data_values)
 
 
 async def erase_subject(conn: asyncpg.Connection, master: MasterKey, *, tenant_slot: int,
@@ -178,12 +100,17 @@ async def erase_subject(conn: asyncpg.Connection, master: MasterKey, *, tenant_s
             "WITH s AS (UPDATE payment_steps SET metadata = '{}' WHERE subject_id = "
             "ANY($1::text[]) AND metadata <> '{}' RETURNING 1) SELECT count(*) FROM s",
             owned, timeout=STATEMENT_TIMEOUT_S)
+        # The value behind the subject's user_data pseudonym: noise once the key is gone,
+        # deleted all the same (the ledger's rows keep the pseudonym, which names no one).
+        values = await conn.fetchval(
+            "WITH d AS (DELETE FROM personal_values WHERE subject_key_id = ANY($1::bigint[]) "
+            "RETURNING 1) SELECT count(*) FROM d", key_ids, timeout=STATEMENT_TIMEOUT_S)
         events = await _scrub_events(conn, owned)
         answers = await _scrub_answers(conn, tenant_slot, set(owned))
         erasure = Erasure(known=True, digest_hex=digest.hex(), keys_destroyed=int(destroyed),
                           payments=len(payments), payouts=len(payouts),
                           events_scrubbed=events, answers_scrubbed=answers,
-                          refunds_scrubbed=int(refunds))
+                          refunds_scrubbed=int(refunds), user_data_values=int(values))
         if erasure.changed:
             await record_audit_event(
                 conn, actor=actor, action="subject.erased", target_kind="data_subject",
@@ -191,7 +118,8 @@ async def erase_subject(conn: asyncpg.Connection, master: MasterKey, *, tenant_s
                 details={"keys_destroyed": erasure.keys_destroyed,
                          "payments": erasure.payments, "payouts": erasure.payouts,
                          "events_scrubbed": events, "answers_scrubbed": answers,
-                         "refunds_scrubbed": erasure.refunds_scrubbed},
+                         "refunds_scrubbed": erasure.refunds_scrubbed,
+                         "user_data_values": erasure.user_data_values},
                 request_id=request_id)
     return erasure
 

@@ -76,6 +76,10 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     # Data subjects' keys (0029): created (an upsert, hence UPDATE), never deleted, since
     # an erased key's row is the erasure's tombstone.
     "subject_keys": CHANGE,
+    # Personal user_data (0036): the edge reads which tenants opted in (the operator's
+    # command marks them) and stores sealed values it never changes; erasure deletes them.
+    "tenant_privacy": READ,
+    "personal_values": APPEND,
     "payment_steps": CHANGE,
     "payment_step_keys": APPEND,
     "payment_step_log": APPEND,

@@ -95,3 +95,17 @@ def test_take_and_concat_keep_rows_and_user_data() -> None:
     parts = [batch.take(np.array([2, 0])), batch.take(np.array([1]))]
     joined = TransferBatch.concat(parts).transfers()
     assert [(t.id, t.user_data) for t in joined] == [(3, "c"), (1, "a"), (2, "")]
+
+
+def test_with_user_data_replaces_each_text_and_keeps_the_rest() -> None:
+    """The edge's pseudonyms replace user_data one for one (all empty: none kept); a list
+    of another length is refused."""
+    transfers = [Transfer(id=i, debit_account_id=1, credit_account_id=2, amount=i,
+                          currency="EUR", user_data=u) for i, u in ((1, "a"), (2, ""))]
+    batch = TransferBatch.from_transfers(transfers)
+    swapped = batch.with_user_data(["~s9", ""]).transfers()
+    assert [t.user_data for t in swapped] == ["~s9", ""]
+    assert [t.amount for t in swapped] == [1, 2]
+    assert batch.with_user_data(["", ""]).user_data is None
+    with pytest.raises(BatchInvalid):
+        batch.with_user_data(["~s9"])

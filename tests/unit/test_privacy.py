@@ -4,16 +4,22 @@ open only with their key and where they were written, and erased objects show nu
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from processor.privacy import (
     DATA_KEY_BYTES,
+    PSEUDONYM_PREFIX,
     MasterKey,
     Personal,
     PrivacyError,
     erased_object,
+    key_id_of,
     open_personal,
+    pseudonym_of,
     seal_personal,
 )
+from processor.types import USER_DATA_CHARS_MAX
 
 MASTER = MasterKey(b"m" * 32)
 DATA_KEY = bytes(range(DATA_KEY_BYTES))
@@ -87,3 +93,31 @@ def test_an_erased_object_has_null_personal_fields_and_keeps_the_rest() -> None:
     assert erased_object(payload) == {"id": "pay_1", "amount": 5, "reference": None,
                                       "metadata": None, "erased": True}
     assert payload["reference"] == "r"  # a new dict
+
+
+@given(st.integers(min_value=1, max_value=2**63 - 1))
+def test_a_pseudonym_names_its_key_and_fits_user_data(key_id: int) -> None:
+    """Every key id has one pseudonym, short enough for user_data, that gives it back."""
+    pseudonym = pseudonym_of(key_id)
+    assert len(pseudonym) <= USER_DATA_CHARS_MAX and key_id_of(pseudonym) == key_id
+
+
+@given(st.text(max_size=40))
+def test_only_a_pseudonym_names_a_key(text: str) -> None:
+    """Any text that is not exactly a pseudonym (prefix, then an id without a leading
+    zero) names no key, so such a value is never looked up."""
+    key_id = key_id_of(text)
+    assert key_id is None or pseudonym_of(key_id) == text
+
+
+@pytest.mark.parametrize("text", ["", "~s", "~s0", "~s07", "~s-1", "~s 1", "~s1 ", "x~s1",
+                                  "~s9223372036854775808", "~s\u0661", "~S1"])
+def test_texts_near_a_pseudonym_name_no_key(text: str) -> None:
+    assert key_id_of(text.encode().decode("unicode_escape")) is None
+
+
+def test_a_key_id_out_of_range_has_no_pseudonym() -> None:
+    for key_id in (0, -1, 2**63):
+        with pytest.raises(PrivacyError):
+            pseudonym_of(key_id)
+    assert pseudonym_of(1) == f"{PSEUDONYM_PREFIX}1"
