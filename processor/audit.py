@@ -89,6 +89,7 @@ ACTIONS = frozenset({
     "schema.migrated",                    # txproc migrate (when it applied something)
     "reconciliation_exception.resolved",  # POST /v1/reconciliation/exceptions/{id}/resolve
     "subject.erased",                     # txproc erase
+    "ledger.shard_moved",                 # txproc move-shard
 })
 ActorKind = Literal["token", "operator", "service"]
 _ACTOR_KINDS = ("token", "operator", "service")
