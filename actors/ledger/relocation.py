@@ -140,6 +140,9 @@ async def move_shard(urls: dict[str, str], shard: int, target: str, *,
     source = layout.database_of_shard[shard]
     if source == target:
         raise MoveRefused("same_database", f"shard {shard} is in {target} already")
+    if layout.shards_of_database(source) == [shard] and not resumed:
+        raise MoveRefused("last_shard", f"shard {shard} is the last one in {source}, and "
+                          "every database of the ledger holds a shard")
     moved = Moved(shard, source, target, resumed=resumed)
     await _check_sagas(urls, layout, layout.with_shard_in(shard, target), shard)
     partitions = layout.partitions_of_shard(shard)
