@@ -90,6 +90,7 @@ ACTIONS = frozenset({
     "reconciliation_exception.resolved",  # POST /v1/reconciliation/exceptions/{id}/resolve
     "subject.erased",                     # txproc erase
     "tenant.personal_user_data",          # txproc tenants personal-user-data
+    "ledger.shard_moved",                 # txproc move-shard
 })
 ActorKind = Literal["token", "operator", "service"]
 _ACTOR_KINDS = ("token", "operator", "service")

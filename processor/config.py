@@ -100,6 +100,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
              "further database keys are 1-32 of a-z, 0-9, _ starting with a letter, "
              "not main"),
             (all(s.databases.values()), "every further database has a URL"),
+            (not s.layout or (len(s.layout) == s.shards
+                              and set(s.layout) == set(s.database_keys)),
+             "a recorded layout names a database of the ones given for every shard, and "
+             "every database given holds a shard"),
             (0 < f.call_items_max <= f.queue_items_max, "0 < call_items_max <= queue_items_max"),
             (f.queue_items_max <= s.items_in_flight_max,
              "front queue_items_max <= shard items_in_flight_max"),

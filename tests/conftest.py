@@ -30,7 +30,7 @@ from actors.database import (
 from actors.migrate import migrate
 
 __all__ = ["DATABASE_URL_ENV", "app_db_url", "app_password_file", "db_url", "embedded_pg",
-           "empty_db_url", "pg_admin_url", "second_pg_admin_url"]
+           "empty_db_url", "pg_admin_url", "second_db_url", "second_pg_admin_url"]
 
 pytest_plugins = ["tests.running", "tests.payments_support"]
 
@@ -126,6 +126,15 @@ async def empty_db_url(pg_admin_url: str) -> AsyncIterator[str]:
 async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
     """Yield the URL of a fresh, fully migrated database, dropped after the test."""
     async with _scratch_database(pg_admin_url) as url:
+        await migrate(url)
+        yield url
+
+
+@pytest.fixture
+async def second_db_url(second_pg_admin_url: str) -> AsyncIterator[str]:
+    """Yield the URL of a fresh, fully migrated database on the second server (a further
+    database of a ledger, docs/design.md §12), dropped after the test."""
+    async with _scratch_database(second_pg_admin_url) as url:
         await migrate(url)
         yield url
 

@@ -454,6 +454,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_common(verify)
     verify.add_argument("--json", action="store_true",
                         help='print {"ok", "rows_per_s", "checked", "problems": [...]}')
+    move = sub.add_parser(
+        "move-shard", help="move one shard's rows to another database of the ledger, with "
+                           "the processor stopped (docs/operations.md, 'Adding a database')")
+    _add_common(move)
+    move.add_argument("--shard", type=int, required=True, help="the shard to move")
+    move.add_argument("--to", required=True, metavar="KEY",
+                      help="the database to move it to: db1, db2, ... (the further "
+                           "--database-url in order), or main")
     audit = sub.add_parser(
         "audit", help="who made an account, transfer or payment step (--account, --transfer, "
                       "--payment); `audit list`: the audit events of operator and "
@@ -564,6 +572,8 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(_migrate(args))
     if args.command == "verify":
         return asyncio.run(_verify(args))
+    if args.command == "move-shard":
+        return asyncio.run(_move_shard(args))
     if args.command == "dlq":
         return asyncio.run(_dlq(args))
     if args.command == "payments":
@@ -939,6 +949,37 @@ async def _verify(args: argparse.Namespace) -> int:
     else:
         print(verify_summary(result))
     return 0 if result.report.ok else 1
+
+
+async def _move_shard(args: argparse.Namespace) -> int:
+    """``txproc move-shard``: exit 0 when the shard moved, 1 when refused (the message says
+    why, with a stable code; nothing was written), 2 when a database is not migrated."""
+    import asyncpg
+
+    from actors.ledger.relocation import MoveRefused, move_shard
+
+    with _operator_database(args) as url:
+        urls = {"main": url, **further_databases(args)}
+        try:
+            moved = await move_shard(urls, args.shard, args.to)
+        except MoveRefused as exc:
+            print(f"txproc move-shard: refused: {exc}", file=sys.stderr)
+            return 2 if exc.code == "not_migrated" else 1
+        except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
+            print(f"txproc move-shard: {exc}; run `txproc migrate` first", file=sys.stderr)
+            return 2
+        conn = await asyncpg.connect(url, timeout=10)
+        try:
+            await _audit_event(conn, "ledger.shard_moved", "shard", str(moved.shard),
+                               details={"from": moved.source, "to": moved.target,
+                                        "rows": moved.rows, "resumed": moved.resumed})
+        finally:
+            await conn.close()
+    counts = ", ".join(f"{n:,} {table}" for table, n in moved.rows.items())
+    print(f"moved shard {moved.shard} from {moved.source} to {moved.target}"
+          f"{' (resumed)' if moved.resumed else ''} in {moved.seconds:.2f} s: {counts}; "
+          "start `txproc serve` with the same --database-url list, then run `txproc verify`")
+    return 0
 
 
 def verify_summary(result: Any) -> str:

@@ -30,6 +30,7 @@ from actors.app.databases import app_password_file, ensure_database
 from actors.database import EmbeddedPostgres, app_role_url
 from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
 from actors.ledger.front import front_actor_name
+from actors.ledger.relocation import recorded_layout
 from actors.migrate import migrate
 from actors.names import NAMESPACE
 from actors.ops import make_node_metrics, node_metrics_name
@@ -300,11 +301,13 @@ async def start_processor(config: Config, *, payments_node: str | None = None) -
     admin_url, embedded = ensure_database(config)
     config_admin_databases = dict(config.shard.databases)
     try:
-        service_urls = await _prepare_databases(config, admin_url, embedded)
-        # Every actor connects as the application role from here on.
+        service_urls, layout = await _prepare_databases(config, admin_url, embedded)
+        # Every actor connects as the application role from here on, and finds each shard
+        # in the database that holds its rows.
         config = msgspec.structs.replace(config, shard=msgspec.structs.replace(
             config.shard, database_url=service_urls[MAIN_DATABASE],
-            databases={k: service_urls[k] for k in config.shard.databases}))
+            databases={k: service_urls[k] for k in config.shard.databases}, layout=layout))
+        config.check()
         metrics_dir = _fresh_metrics_dir()
         started_ray = init_ray(config.ray_address, metrics_dir)
         for s in range(config.shard.shards):
@@ -343,18 +346,28 @@ async def start_processor(config: Config, *, payments_node: str | None = None) -
 
 
 async def _prepare_databases(config: Config, admin_url: str,
-                             embedded: EmbeddedPostgres | None) -> dict[str, str]:
-    """Migrate every database, record in each its part of the partition map (refusing a
-    layout other than its first start's), and return each one's service URL (as the
-    application role), by key. One database, the default, is what it always was."""
-    partitions = config.shard.partition_map()
-    password_file = app_password_file(config, embedded)
-    urls: dict[str, str] = {}
-    for key in partitions.databases:
-        url = admin_url if key == MAIN_DATABASE else config.shard.databases[key]
+                             embedded: EmbeddedPostgres | None
+                             ) -> tuple[dict[str, str], tuple[str, ...]]:
+    """Migrate every database, find the layout (the one the databases recorded, else, at
+    a ledger's first start, shards dealt round-robin), record in each its part of the
+    partition map (refusing a layout other than the recorded one), and return each one's
+    service URL (as the application role), by key, with the database key of each shard.
+    One database, the default, is what it always was."""
+    admin_urls = {MAIN_DATABASE: admin_url, **config.shard.databases}
+    for key, url in admin_urls.items():
         applied = await migrate(url)
         if applied:
             log.info("database %s: applied migrations %s", key, applied)
+    # The databases' own record, once there is one; else (a first start) dealt.
+    dealt = config.shard.partition_map()
+    partitions = await recorded_layout(admin_urls, dealt) or dealt
+    if partitions.shards != config.shard.shards:
+        raise ValueError(
+            f"this ledger was created with {partitions.shards} shards; start it with "
+            f"--shards {partitions.shards} (re-sharding a live ledger is not supported)")
+    password_file = app_password_file(config, embedded)
+    urls: dict[str, str] = {}
+    for key, url in admin_urls.items():
         # As the administrative role: it locks the table, which the service may not.
         store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
                                           command_timeout_s=30)
@@ -366,7 +379,7 @@ async def _prepare_databases(config: Config, admin_url: str,
         urls[key] = await app_role_url(url, password_file)
     if len(partitions.databases) > 1 and config.payments.enabled and config.payments.providers:
         await _require_placed_clearing(admin_url)
-    return urls
+    return urls, partitions.database_of_shard
 
 
 async def _require_placed_clearing(main_url: str) -> None:

@@ -195,6 +195,7 @@ async def check_transit_mirror(urls: dict[str, str], report: Report) -> None:
     credited. The databases are read one after another, so this holds only for a quiet
     moment: the logs are read before and after the sums, and when a transfer was in flight
     or moved meanwhile the check is counted as skipped (``transit_skipped``), not failed."""
+    from actors.ledger.relocation import read_partition_rows
     from processor.ledger import PartitionMap
     from processor.ledger.transit import (
         COMPENSATION_ID_BASE,
@@ -206,11 +207,9 @@ async def check_transit_mirror(urls: dict[str, str], report: Report) -> None:
     if not before:
         return
     sums: dict[str, dict[int, tuple[int, int]]] = {}
-    shards = 0
     for key, url in urls.items():
         conn = await asyncpg.connect(url, timeout=10)
         try:
-            shards += int(await conn.fetchval("SELECT count(DISTINCT shard) FROM partition_map"))
             rows = await conn.fetch(_TRANSIT_SUMS_SQL, TRANSIT_ID_BASE, COMPENSATION_ID_BASE)
             sums[key] = {r["account_id"]: (int(r["debits"]), int(r["credits"])) for r in rows}
         finally:
@@ -219,7 +218,8 @@ async def check_transit_mirror(urls: dict[str, str], report: Report) -> None:
     if before != after or any(r[4] in _OPEN_STATES for r in after):
         report.count("transit_skipped", 1)
         return
-    partitions = PartitionMap.dealt(shards, tuple(urls))
+    # The layout the databases recorded: the transit accounts' ids derive from it.
+    partitions = PartitionMap.recorded(await read_partition_rows(urls))
     credited: dict[tuple[int, str, str, str], int] = {}
     for tenant, d1, d2, currency, state, amount, _ in after:
         pair = (tenant, d1, d2, currency)

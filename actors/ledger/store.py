@@ -646,12 +646,12 @@ class LedgerStore:
                 raise ValueError(
                     f"the database given as {database_key!r} holds the partitions of "
                     f"database {', '.join(keys)}: give the databases in the order of the "
-                    "first start (moving shards between databases is not supported yet)")
+                    "first start (a shard changes database only by `txproc move-shard`)")
             shards = max(r[1] for r in stored) + 1
             raise ValueError(
                 f"this ledger was created with {shards} shards; start it with "
-                f"--shards {shards} and the databases of its first start (re-sharding a "
-                "live ledger is not supported yet)"
+                f"--shards {shards} and every database that holds its shards (re-sharding "
+                "a live ledger is not supported)"
             )
 
     # -- reads ------------------------------------------------------------------------------

@@ -387,9 +387,13 @@ def _feed_transfers(c: list[tuple[Any, ...]], chain: ChainCheck, balances: Balan
 
 async def _check_anchors(ctx: VerifyContext, chain: ChainCheck) -> None:
     newest: tuple[datetime.datetime, dict[int, int]] | None = None
+    # The shards whose rows this database holds (its part of the partition map): an older
+    # anchor may name a shard moved to another database since.
+    mapped = await ctx.conn.fetchval("SELECT array_agg(DISTINCT shard) FROM partition_map")
+    held = None if mapped is None else frozenset(int(s) for s in mapped)
     async for c in ctx.chunks(_ANCHORS_SQL):
         for anchor_id, at, shards, seqs, digests in zip(*c, strict=True):
-            chain.check_anchor(anchor_id, shards, seqs, [bytes(d) for d in digests])
+            chain.check_anchor(anchor_id, shards, seqs, [bytes(d) for d in digests], held)
             newest = (at, dict(zip(shards, seqs, strict=True)))
     report = ctx.report
     if newest is None:

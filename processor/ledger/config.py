@@ -65,6 +65,11 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
     # (PartitionMap.dealt); empty, the default, is one database as before. A transfer
     # between accounts of two databases is refused (docs/design.md §12).
     databases: dict[str, str] = {}
+    # The database key of each shard, as the databases recorded it (PartitionMap.recorded):
+    # set by `serve` from the partition map rows once a ledger has them, so that a shard
+    # moved to another database (`txproc move-shard`) is found there. Empty: dealt
+    # round-robin as above (a ledger's first start).
+    layout: tuple[str, ...] = ()
 
     @property
     def database_keys(self) -> tuple[str, ...]:
@@ -77,8 +82,12 @@ class ShardConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def partition_map(self) -> PartitionMap:
         """The shards' partitions and databases, as every actor derives it."""
-        from processor.ledger.partition import PartitionMap  # NumPy: only where used
+        from processor.ledger.partition import PARTITIONS, PartitionMap  # NumPy: where used
 
+        if self.layout:
+            return PartitionMap(
+                shard_of_partition=tuple(p % self.shards for p in range(PARTITIONS)),
+                database_of_shard=self.layout)
         return PartitionMap.dealt(self.shards, self.database_keys)
 
     def __repr__(self) -> str:

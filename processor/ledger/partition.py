@@ -92,6 +92,59 @@ class PartitionMap(msgspec.Struct, frozen=True):
                                     for s in range(shards)),
         )
 
+    @classmethod
+    def recorded(cls, rows: dict[str, list[tuple[int, int, str]]]) -> PartitionMap:
+        """The layout the databases recorded: ``rows`` by database key (in the order the
+        URLs were given, main first), each database's ``partition_map`` rows (partition,
+        shard, key). Each database holds the rows of its own shards only, so the layout is
+        their union; shard ``s`` owns partitions ``p % shards`` as ``dealt`` gives them, and
+        lives in whichever database holds its rows (``move-shard`` changes that). Raises
+        ValueError naming what is wrong: rows under another database's key (URLs in
+        another order), a shard in two databases (an interrupted move), a shard in none
+        (a database left out), partitions not dealt, or a database without a shard."""
+        shard_of: dict[int, int] = {}
+        database_of: dict[int, str] = {}
+        for key, part in rows.items():
+            for partition, shard, recorded_key in part:
+                if recorded_key != key:
+                    raise ValueError(
+                        f"the database given as {key!r} holds the partitions of database "
+                        f"{recorded_key!r}: give the databases in the order of the first "
+                        "start")
+                if database_of.setdefault(shard, key) != key:
+                    raise ValueError(
+                        f"shard {shard} is recorded in databases {database_of[shard]!r} and "
+                        f"{key!r}: a move was interrupted; run `txproc move-shard` again "
+                        "with the same arguments to finish it")
+                shard_of[partition] = shard
+        if not shard_of:
+            raise ValueError("no database holds a partition map")
+        missing = PARTITIONS - len(shard_of)
+        if missing:
+            raise ValueError(
+                f"{missing} partitions are recorded in none of the databases given: give "
+                "every database of the ledger, in the order of its first start")
+        shards = max(database_of) + 1
+        if [shard_of.get(p) for p in range(PARTITIONS)] != [p % shards
+                                                             for p in range(PARTITIONS)]:
+            raise ValueError(f"the recorded partitions are not dealt over {shards} shards")
+        empty = [key for key in rows if key not in database_of.values()]
+        if empty:
+            raise ValueError(
+                f"database {empty[0]!r} holds no shard: move one there first (`txproc "
+                "move-shard`, docs/operations.md \"Adding a database\") or leave it out")
+        return cls(shard_of_partition=tuple(p % shards for p in range(PARTITIONS)),
+                   database_of_shard=tuple(database_of[s] for s in range(shards)))
+
+    def with_shard_in(self, shard: int, key: str) -> PartitionMap:
+        """This layout with ``shard`` living in database ``key`` (the others unchanged)."""
+        if not 0 <= shard < self.shards:
+            raise ValueError(f"shard must be in 0..{self.shards - 1}, got {shard}")
+        return PartitionMap(
+            shard_of_partition=self.shard_of_partition,
+            database_of_shard=tuple(key if s == shard else k
+                                    for s, k in enumerate(self.database_of_shard)))
+
     @property
     def shards(self) -> int:
         return len(self.database_of_shard)

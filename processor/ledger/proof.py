@@ -270,10 +270,15 @@ class ChainCheck:
             self._report.count(f"chained_{table}", rows)
 
     def check_anchor(self, anchor_id: int, shards: Sequence[int], seqs: Sequence[int],
-                     digests: Sequence[bytes]) -> None:
-        """Every head the anchor recorded is a link of the chain with that digest."""
+                     digests: Sequence[bytes], held: frozenset[int] | None = None) -> None:
+        """Every head the anchor recorded is a link of the chain with that digest; of the
+        shards the database holds (``held``; None: every one), since a shard moved to
+        another database (``txproc move-shard``) took its links along."""
         self._report.count("anchors", 1)
         for shard, seq, digest in zip(shards, seqs, digests, strict=True):
+            if held is not None and shard not in held:
+                self._report.count("anchored_elsewhere", 1)
+                continue
             links = self._shards.get(shard)
             at = -1 if links is None else int(np.searchsorted(links.seq, seq))
             if links is None or at >= len(links.seq) or int(links.seq[at]) != seq:

@@ -132,3 +132,63 @@ def test_configuration_of_several_databases(databases: dict[str, str], shards: i
     else:
         with pytest.raises(ValueError, match=complaint):
             config.check()
+
+
+MOVED = TWO.with_shard_in(2, "db2")   # shard 2 moved from main to a third database
+
+
+def _recorded(layout: PartitionMap) -> dict[str, list[tuple[int, int, str]]]:
+    return {key: layout.rows_of_database(key) for key in ("main", "db1", "db2")
+            if layout.rows_of_database(key)}
+
+
+def test_the_recorded_layout_is_the_union_of_each_databases_rows() -> None:
+    """Each database's own rows together give the layout back, a moved shard where its rows
+    are (not where dealing would put it); the partitions stay dealt over the shards."""
+    assert PartitionMap.recorded(_recorded(TWO)) == TWO
+    assert MOVED.database_of_shard == ("main", "db1", "db2", "db1")
+    assert PartitionMap.recorded(_recorded(MOVED)) == MOVED
+    assert MOVED.shard_of_partition == TWO.shard_of_partition
+    with pytest.raises(ValueError, match=r"shard must be in 0\.\.3"):
+        TWO.with_shard_in(4, "db1")
+
+
+def _swapped() -> dict[str, list[tuple[int, int, str]]]:
+    rows = _recorded(TWO)
+    return {"main": rows["db1"], "db1": rows["main"]}
+
+
+def _interrupted() -> dict[str, list[tuple[int, int, str]]]:
+    rows = _recorded(MOVED)
+    return {**rows, "main": rows["main"] + [(p, s, "main") for p, s, _ in rows["db2"]]}
+
+
+@pytest.mark.parametrize(("rows", "complaint"), [
+    ({"main": TWO.rows_of_database("main")}, "128 partitions are recorded in none"),
+    (_swapped(), "holds the partitions of database 'db1'"),
+    (_interrupted(), "shard 2 is recorded in databases 'main' and 'db2'"),
+    ({**_recorded(TWO), "db2": []}, "database 'db2' holds no shard"),
+    ({"main": [(p, p % 3, "main") for p in range(256)], "db1": [(5, 3, "db1")]},
+     "not dealt over 4 shards"),
+    ({"main": []}, "no database holds a partition map"),
+])
+def test_a_recorded_layout_that_cannot_be_served_is_refused(
+        rows: dict[str, list[tuple[int, int, str]]], complaint: str) -> None:
+    """A database left out, URLs in another order, an interrupted move, a database without
+    a shard, partitions not dealt: each refused, naming what is wrong."""
+    with pytest.raises(ValueError, match=complaint):
+        PartitionMap.recorded(rows)
+
+
+def test_a_recorded_layout_is_what_the_actors_derive() -> None:
+    """ShardConfig.layout, once set from the databases' record, is the map every actor
+    derives; empty, the dealt one."""
+    from processor.ledger.config import ShardConfig
+
+    config = ShardConfig(database_url="postgresql://a/x", shards=4,
+                         databases={"db1": "postgresql://b/x", "db2": "postgresql://c/x"})
+    assert config.partition_map() == PartitionMap.dealt(4, ("main", "db1", "db2"))
+    moved = ShardConfig(database_url="postgresql://a/x", shards=4,
+                        databases={"db1": "postgresql://b/x", "db2": "postgresql://c/x"},
+                        layout=MOVED.database_of_shard)
+    assert moved.partition_map() == MOVED

@@ -1,0 +1,102 @@
+"""Moving a shard between two databases (actors/ledger/relocation.py; docs/design.md §12,
+"Moving a shard") on the ledger the verify tests build with the shards' own rules and
+store (tests/db/test_verify.py: two shards, shard 0's transfers plain, posted, voided,
+expired and burned, part of them folded by a checkpoint and part not).
+
+What it shows: a move stopped between its two commits leaves a layout `serve` refuses,
+and the same move again finishes it; every balance is then what it was and `verify`
+passes over both databases; a shard whose transfers reach a shard that stays, and the
+last shard of a database, are refused with nothing written.
+"""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from actors.app.verification import verify_databases
+from actors.ledger import relocation
+from actors.ledger.relocation import MoveRefused, move_shard, recorded_layout
+from processor.ledger import PartitionMap
+from tests.db.test_verify import build_ledger
+
+LAYOUT = PartitionMap.uniform(2)
+_BALANCES_SQL = """
+SELECT id, debits_pending, debits_posted, credits_pending, credits_posted
+FROM account_balances ORDER BY id
+"""
+
+
+async def _fetch(url: str, sql: str, *args: object) -> list[tuple[object, ...]]:
+    conn = await asyncpg.connect(url)
+    try:
+        return [tuple(r) for r in await conn.fetch(sql, *args)]
+    finally:
+        await conn.close()
+
+
+async def _count(url: str, table: str) -> int:
+    rows = await _fetch(url, f"SELECT count(*) FROM {table}")
+    return int(rows[0][0])  # type: ignore[call-overload]
+
+
+async def test_an_interrupted_move_is_finished_by_running_it_again(
+        db_url: str, second_db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A move that stops after the target committed is refused by serve's layout reading
+    and finished by the same command: balances unchanged, nothing of the shard left behind,
+    verify passing over both databases."""
+    await build_ledger(db_url)
+    urls = {"main": db_url, "db1": second_db_url}
+    before = await _fetch(db_url, _BALANCES_SQL)
+
+    async def crash(*_: object) -> None:
+        raise ConnectionResetError("lost the source between the commits")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(relocation, "_delete", crash)
+        with pytest.raises(ConnectionResetError):
+            await move_shard(urls, 0, "db1", chunk_rows=3)
+    with pytest.raises(ValueError, match="shard 0 is recorded in databases 'main' and 'db1'"):
+        await recorded_layout(urls)
+
+    moved = await move_shard(urls, 0, "db1", chunk_rows=3)
+    assert moved.resumed and moved.rows["transfers"] == 20
+    assert moved.rows["failed_transfers"] == 1 and moved.rows["pending_resolutions"] == 3
+    assert await recorded_layout(urls) == LAYOUT.with_shard_in(0, "db1")
+    after = sorted(await _fetch(db_url, _BALANCES_SQL)
+                   + await _fetch(second_db_url, _BALANCES_SQL))
+    assert after == before
+    for table in ("transfers", "failed_transfers", "pending_resolutions", "ledger_chain"):
+        assert await _count(db_url, table) == (1 if table == "ledger_chain" else 0), table
+    result = await verify_databases(urls)
+    assert result.report.problems == []
+    assert result.report.checked["anchored_elsewhere"] >= 1
+
+    with pytest.raises(MoveRefused, match="last_shard"):
+        await move_shard(urls, 1, "db1")
+
+
+async def test_a_shard_joined_to_one_that_stays_is_refused(db_url: str,
+                                                           second_db_url: str) -> None:
+    """A transfer with one account on each shard keeps both where they are: refused with
+    crosses_shards, the target left empty."""
+    ledger = await build_ledger(db_url)
+    other = next(i for i in range(10**9, 10**9 + 10_000) if LAYOUT.shard_of(i) == 1)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(
+            "INSERT INTO accounts (id, currency, flags, code, user_data, \"timestamp\", "
+            "partition, tenant, origin) SELECT $1, 'EUR', 0, 1, '', 1, $2, tenant, 0 "
+            "FROM accounts LIMIT 1", other, LAYOUT.partitions_of_shard(1)[0])
+        await conn.execute(
+            "INSERT INTO transfers (id, debit_account_id, credit_account_id, amount, currency, "
+            "flags, pending_id, timeout_s, code, user_data, \"timestamp\", partition, "
+            "local_legs, tenant, origin) SELECT 99, $1, $2, 1, 'EUR', 0, 0, 0, 1, '', 2, "
+            "partition, 1, tenant, 0 FROM accounts WHERE id = $1",
+            ledger.accounts[0], other)
+    finally:
+        await conn.close()
+    with pytest.raises(MoveRefused, match="transfer 99 joins an account of shard 0"):
+        await move_shard({"main": db_url, "db1": second_db_url}, 0, "db1")
+    assert await _count(second_db_url, "accounts") == 0
+    assert await _count(second_db_url, "partition_map") == 0
