@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -59,6 +59,7 @@ __all__ = ["REFRESH_S", "PersonalUserData", "mark_personal"]
 log = logging.getLogger(__name__)
 
 _Item = TypeVar("_Item", Account | None, Transfer | None, Transfer)
+_Created = TypeVar("_Created", Account, Transfer)
 
 # How soon a tenant newly marked personal is seen by every front.
 REFRESH_S = 5.0
@@ -146,19 +147,13 @@ class PersonalUserData:
     # -- writes --------------------------------------------------------------------------
 
     async def create_accounts(self, accounts: list[Account]) -> list[AccountResult]:
-        mapping = await self._pseudonyms_for(accounts)
-        if mapping:
-            accounts = [replace(a, user_data=mapping[a.user_data]) if a.user_data else a
-                        for a in accounts]
-        results: list[AccountResult] = await self._inner.create_accounts(accounts)
+        results: list[AccountResult] = await self._inner.create_accounts(
+            await self._pseudonymized(accounts))
         return results
 
     async def create_transfers(self, transfers: list[Transfer]) -> list[TransferResult]:
-        mapping = await self._pseudonyms_for(transfers)
-        if mapping:
-            transfers = [replace(t, user_data=mapping[t.user_data]) if t.user_data else t
-                         for t in transfers]
-        results: list[TransferResult] = await self._inner.create_transfers(transfers)
+        results: list[TransferResult] = await self._inner.create_transfers(
+            await self._pseudonymized(transfers))
         return results
 
     async def create_transfer_batch(self, batch: TransferBatch) -> Any:
@@ -170,13 +165,17 @@ class PersonalUserData:
                 batch = batch.with_user_data([mapping[t] if t else t for t in texts])
         return await self._inner.create_transfer_batch(batch)
 
-    async def _pseudonyms_for(self, items: Sequence[Account | Transfer]) -> dict[str, str]:
-        """Each personal value of ``items`` (all of one tenant: the edge sets it) and its
-        pseudonym; empty when their tenant is not marked or none has user_data."""
+    async def _pseudonymized(self, items: list[_Created]) -> list[_Created]:
+        """``items`` (all of one tenant: the edge sets it) with each personal value
+        replaced by its pseudonym; as they are when their tenant is not marked."""
         if not self.tenants or not items or items[0].tenant not in self.tenants:
-            return {}
+            return items
         values = {i.user_data for i in items if i.user_data}
-        return await self._pseudonyms(items[0].tenant, values) if values else {}
+        if not values:
+            return items
+        mapping = await self._pseudonyms(items[0].tenant, values)
+        return [replace(i, user_data=mapping[i.user_data]) if i.user_data else i
+                for i in items]
 
     async def _pseudonyms(self, tenant: int, values: Iterable[str]) -> dict[str, str]:
         subjects = self._subject_keys()

@@ -34,7 +34,8 @@ from actors.ledger.store import LedgerStore
 from processor.ledger import PartitionMap
 from processor.ledger.transit import transit_account_id
 
-__all__ = ["MoveRefused", "Moved", "move_shard", "read_partition_rows", "recorded_layout"]
+__all__ = ["MoveRefused", "Moved", "move_shard", "read_partition_rows", "recorded_layout",
+           "rows_of_shard"]
 
 CONNECT_TIMEOUT_S = 10.0
 # A move of a large shard copies for minutes; each statement may take this long.
@@ -325,8 +326,14 @@ SELECT (SELECT count(*) FROM accounts WHERE partition = ANY($1::int[]))
 """
 
 
+async def rows_of_shard(conn: asyncpg.Connection, shard: int, partitions: list[int]) -> int:
+    """How many rows of ``shard`` (whose partitions are ``partitions``) this database
+    holds, over every table a move copies."""
+    return int(await conn.fetchval(_HOLDS_SQL, partitions, shard))
+
+
 async def _check_target(conn: asyncpg.Connection, shard: int, partitions: list[int]) -> None:
-    held = int(await conn.fetchval(_HOLDS_SQL, partitions, shard))
+    held = await rows_of_shard(conn, shard, partitions)
     if held:
         raise MoveRefused("target_holds_shard", f"the target holds {held} row(s) of shard "
                           f"{shard} already")
