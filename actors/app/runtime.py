@@ -139,15 +139,21 @@ class Processor:
         nodes_seen_s = 0.0
         while True:
             await asyncio.sleep(interval_s)
-            if self.payments is not None:
-                try:
-                    await asyncio.wait_for(self.payments.start.remote(), timeout=10)
-                except Exception as exc:  # noqa: BLE001 - restarting, or the ledger or database away
-                    log.warning("payments not started: %r", exc)
             if self.config.fronts == 0 and time.monotonic() - nodes_seen_s >= NODES_EVERY_S:
                 nodes_seen_s = time.monotonic()
                 await self.follow_nodes()
-            await asyncio.gather(*[_restart_if_needed(f) for f in self.fronts])
+            # Side by side: a payments actor that cannot start while a front is down (its
+            # start posts through a front) must not hold up that front's restart.
+            await asyncio.gather(self._wake_payments(),
+                                 *[_restart_if_needed(f) for f in self.fronts])
+
+    async def _wake_payments(self) -> None:
+        if self.payments is None:
+            return
+        try:
+            await asyncio.wait_for(self.payments.start.remote(), timeout=10)
+        except Exception as exc:  # noqa: BLE001 - restarting, or the ledger or database away
+            log.warning("payments not started: %r", exc)
 
     async def follow_nodes(self) -> None:
         """One front per alive node (processor.placement.follow_nodes): retire the fronts
