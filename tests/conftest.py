@@ -131,6 +131,15 @@ async def db_url(pg_admin_url: str) -> AsyncIterator[str]:
 
 
 @pytest.fixture
+async def second_db_url(second_pg_admin_url: str) -> AsyncIterator[str]:
+    """Yield the URL of a fresh, fully migrated database on the second server (a ledger's
+    further database, docs/design.md §12), dropped after the test."""
+    async with _scratch_database(second_pg_admin_url) as url:
+        await migrate(url)
+        yield url
+
+
+@pytest.fixture
 async def app_db_url(db_url: str, app_password_file: Path) -> str:
     """Return the URL of ``db_url``'s database as the application role, as the service
     connects to it."""
