@@ -376,8 +376,8 @@ def _add_archive(sub: Any) -> None:
     archive = sub.add_parser(
         "archive", help="export the closed months before --before to Parquet files with a "
                         "manifest, check them, record a balance checkpoint, then delete their "
-                        "transfers and resolutions (docs/operations.md, 'Archive and "
-                        "restore')")
+                        "transfers and resolutions; given several --database-url, a part per "
+                        "database (docs/operations.md, 'Archive and restore')")
     when = archive.add_mutually_exclusive_group(required=True)
     when.add_argument("--before", metavar="YYYY-MM",
                       help="the first month kept: everything before its first instant (UTC) "
@@ -391,7 +391,8 @@ def _add_archive(sub: Any) -> None:
     _add_common(archive)
     restore = sub.add_parser(
         "restore", help="put an archive's rows back after checking its manifest, its files' "
-                        "checksums and its record (newest archive first)")
+                        "checksums and its record (newest archive first); each part of an "
+                        "archive of several databases into its own")
     restore.add_argument("archive_dir", metavar="ARCHIVE_DIR",
                          help="the directory `txproc archive` made (holds manifest.json)")
     _add_common(restore)

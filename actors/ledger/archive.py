@@ -713,8 +713,11 @@ async def archive_databases(urls: Mapping[str, str], before: str, to: Path, *,
         parts: dict[str, _Prepared] = {}
         try:
             for key in todo:
-                parts[key] = await _prepare(conns[key], before, parent / key, parent.name,
-                                            clock, key, allow_empty=True)
+                try:
+                    parts[key] = await _prepare(conns[key], before, parent / key,
+                                                parent.name, clock, key, allow_empty=True)
+                except ArchiveRefused as exc:
+                    raise ArchiveRefused(f"{key}: {exc}") from exc  # which database
             if not any(p.manifest.transfers or p.manifest.resolutions
                        for p in parts.values()):
                 raise ArchiveRefused(f"nothing to archive before {before} in any database")

@@ -170,7 +170,7 @@ async def test_a_refusal_in_one_database_deletes_nothing_in_any(
             'SELECT "timestamp" FROM account_history_position WHERE id = 1')
         await owner.execute('UPDATE account_history_position SET "timestamp" = $1 WHERE id = 1',
                             JAN)
-        with pytest.raises(ArchiveRefused, match="history indexer"):
+        with pytest.raises(ArchiveRefused, match=r"^db1: the history indexer"):
             await archive_databases(urls, "2026-02", tmp_path)
         assert list(tmp_path.iterdir()) == []
         assert not await archived_up_to({"main": urls["main"]}, "2026-02")
@@ -236,3 +236,20 @@ async def test_a_commit_failing_between_databases_is_finished_by_running_again(
     finally:
         await main.close()
     assert "archives" not in await _ok(urls)
+
+
+async def test_the_retention_schedule_archives_every_database(urls: dict[str, str],
+                                                              tmp_path: Path) -> None:
+    """serve --retain-hot-months over two databases: on 2026-05-02 with 3 hot months one
+    pass archives January of both (a part each), the next finds nothing new."""
+    from actors.ledger.archive import retain
+    from processor.archive import RetentionConfig
+
+    await build_over(urls, LAYOUT)
+    config = RetentionConfig(hot_months=3, directory=str(tmp_path), interval_s=1.0)
+    may = datetime.datetime(2026, 5, 2, tzinfo=datetime.UTC)
+    parts = await retain(urls, config, now=may)
+    assert [(p.manifest.database, p.manifest.before) for p in parts] == [
+        ("main", "2026-02"), ("db1", "2026-02")]
+    assert await retain(urls, config, now=may) == []
+    assert (await _ok(urls))["archives"] == 2
