@@ -23,6 +23,12 @@ DELETE). The order of an archive:
 
 Nothing here runs on the commit path; shards go on committing beside it (every archived
 row is committed, folded and below every shard's position, so no commit touches it).
+
+A ledger over several databases (``archive_databases``, ``restore_databases``) has one
+archive with a part per database, each exactly the above in its own database; every part
+is exported before any deletes, and the deleting transactions commit one after another
+only once all have done their work (docs/design.md §16, "Archive over several
+databases").
 """
 
 from __future__ import annotations
@@ -697,7 +703,8 @@ async def archive_databases(urls: Mapping[str, str], before: str, to: Path, *,
     if len(urls) == 1:
         [(key, url)] = urls.items()
         return [await archive(url, before, to, now=now, fence=fence, database=key)]
-    require(MAIN_DATABASE in urls, "the ledger's databases include main")
+    # Main first: its transaction opens first and commits last, holding the fence.
+    require(next(iter(urls)) == MAIN_DATABASE, "the ledger's databases start with main")
     started = _utc_now()
     clock = now or started
     boundary = month_start_ns(before)
