@@ -7,14 +7,18 @@ writes them (ArrayBook plans each batch, LedgerStore.commit copies and chains it
 book's clock spread evenly over ``--months`` months from January 2026; then checkpoints
 past the last month, lets the history indexer catch up, and times: the archive of every
 month but the last, ``verify`` with the archive in force, the restore, and ``verify``
-after it. Figures are printed and written to ``--out``, never asserted: this machine is
-shared. Nothing here touches the commit path, so the write benchmark (``python -m bench``)
-is unaffected by construction.
+after it. ``--databases N`` deals N shards over N databases, each on an embedded server of
+its own (shard s in the s-th: docs/design.md §12), the transfers split evenly, each
+shard's between its own accounts; the archive and the restore then go over all of them
+(§16, "Archive over several databases"). Figures are printed and written to ``--out``,
+never asserted: this machine is shared. Nothing here touches the commit path, so the
+write benchmark (``python -m bench``) is unaffected by construction.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import logging
 import sys
@@ -41,99 +45,140 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8_000, help="transfers per commit (link)")
     p.add_argument("--months", type=int, default=3, help="months the clock spans (>= 2)")
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--databases", type=int, default=1,
+                   help="databases (one embedded server and one shard each)")
     p.add_argument("--out", type=Path, default=None,
                    help="JSON results file (default bench/results/archive-<date>.json)")
     args = p.parse_args(argv)
     if args.months < 2:
         p.error("--months is at least 2: one to archive, one kept")
+    if not 1 <= args.databases <= 8:
+        p.error("--databases is 1 to 8")
     if args.out is None:
         args.out = RESULTS_DIR / f"archive-{dt.date.today().isoformat()}.json"
     return args
 
 
-async def build(url: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Write the ledger as shard 0 writes it, its clock over ``--months`` months."""
-    from actors.ledger import LedgerStore
+async def build(urls: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Write the ledger as its shards write it (one per database of ``urls``), the clock
+    over ``--months`` months."""
     from actors.ledger.indexer import HistoryIndexer
-    from processor.archive import month_start_ns
-    from processor.ledger import ArrayBook, Known, PartitionMap
-    from processor.types import Account, Transfer
+    from processor.ledger import PartitionMap
 
-    start_ns = month_start_ns("2026-01")
-    span_ns = args.months * 30 * DAY_NS
-    partitions = PartitionMap.uniform(1)
-    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
-                                      command_timeout_s=600)
-    try:
-        await store.ensure_partition_map(partitions)
-        epoch = await store.take_epoch(0)
-        book = ArrayBook(0, partitions, recent_ids_max=args.batch * 2)
-        _, batch = book.create_accounts(
-            [[Account(id=i, currency="EUR", code=1) for i in range(1, args.accounts + 1)]],
-            start_ns)
-        await store.commit([batch], fences={0: epoch}, shard=0, partition_map=partitions)
-        book.accounts_committed(batch)
-        rng = np.random.default_rng(args.seed)
-        started = time.perf_counter()
-        for first in range(0, args.transfers, args.batch):
-            n = min(args.batch, args.transfers - first)
-            debit = rng.integers(1, args.accounts + 1, n)
-            credit = (debit + rng.integers(1, args.accounts, n) - 1) % args.accounts + 1
-            amount = rng.integers(1, 10_000, n)
-            transfers = [Transfer(id=first + k + 1, debit_account_id=d, credit_account_id=c,
-                                  amount=a, currency="EUR", code=1)
-                         for k, (d, c, a) in enumerate(zip(debit.tolist(), credit.tolist(),
-                                                           amount.tolist(), strict=True))]
-            now = start_ns + span_ns * first // args.transfers + DAY_NS
-            plan = book.plan_transfers([transfers], now, Known())
-            batch = book.finalize(plan, {}, now)
-            await store.commit([batch], fences={0: epoch}, shard=0, partition_map=partitions)
-            book.committed(batch)
-        built_s = time.perf_counter() - started
-        await store.checkpoint(0, epoch, partitions.partitions_of_shard(0),
-                               floor_ns=start_ns + span_ns + 5 * DAY_NS)
-        await store.anchor("operator")
-    finally:
-        await store.close()
-    indexer = HistoryIndexer(url, connect_timeout_s=10, command_timeout_s=600)
+    partitions = (PartitionMap.uniform(1) if len(urls) == 1
+                  else PartitionMap.dealt(len(urls), tuple(urls)))
+    ids = np.arange(1, args.accounts + 1)
+    owners = partitions.shards_of(ids)
+    started = time.perf_counter()
+    for shard, (key, url) in enumerate(urls.items()):
+        await _build_shard(url, key, partitions, shard, ids[owners == shard].tolist(), args)
+    built_s = time.perf_counter() - started
     indexed = time.perf_counter()
-    try:
-        while not (await indexer.step())[1]:
-            pass
-    finally:
-        await indexer.close()
+    for url in urls.values():
+        indexer = HistoryIndexer(url, connect_timeout_s=10, command_timeout_s=600)
+        try:
+            while not (await indexer.step())[1]:
+                pass
+        finally:
+            await indexer.close()
     return {"build_seconds": round(built_s, 2),
             "build_transfers_per_s": round(args.transfers / built_s, 1),
             "index_seconds": round(time.perf_counter() - indexed, 2)}
 
 
+async def _build_shard(url: str, key: str, partitions: Any, shard: int, accounts: list[int],
+                       args: argparse.Namespace) -> None:
+    """Shard ``shard``'s part: its accounts, its share of the transfers between them."""
+    from actors.ledger import LedgerStore
+    from processor.archive import month_start_ns
+    from processor.ledger import ArrayBook, Known
+    from processor.types import Account, Transfer
+
+    start_ns = month_start_ns("2026-01")
+    span_ns = args.months * 30 * DAY_NS
+    count = args.transfers // args.databases
+    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                      command_timeout_s=600)
+    try:
+        await store.ensure_partition_map(partitions, key)
+        epoch = await store.take_epoch(shard)
+        book = ArrayBook(shard, partitions, recent_ids_max=args.batch * 2)
+        _, batch = book.create_accounts(
+            [[Account(id=i, currency="EUR", code=1) for i in accounts]], start_ns)
+        await store.commit([batch], fences={shard: epoch}, shard=shard,
+                           partition_map=partitions)
+        book.accounts_committed(batch)
+        rng = np.random.default_rng(args.seed + shard)
+        mine = np.asarray(accounts)
+        for first in range(0, count, args.batch):
+            n = min(args.batch, count - first)
+            debit = rng.integers(0, len(mine), n)
+            credit = (debit + rng.integers(1, len(mine), n)) % len(mine)
+            amount = rng.integers(1, 10_000, n)
+            transfers = [Transfer(id=shard * count + first + k + 1, debit_account_id=d,
+                                  credit_account_id=c, amount=a, currency="EUR", code=1)
+                         for k, (d, c, a) in enumerate(zip(
+                             mine[debit].tolist(), mine[credit].tolist(), amount.tolist(),
+                             strict=True))]
+            now = start_ns + span_ns * first // count + DAY_NS
+            plan = book.plan_transfers([transfers], now, Known())
+            batch = book.finalize(plan, {}, now)
+            await store.commit([batch], fences={shard: epoch}, shard=shard,
+                               partition_map=partitions)
+            book.committed(batch)
+        await store.checkpoint(shard, epoch, partitions.partitions_of_shard(shard),
+                               floor_ns=start_ns + span_ns + 5 * DAY_NS)
+        await store.anchor("operator")
+    finally:
+        await store.close()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    from actors.app.verification import verify_all
-    from actors.ledger.archive import archive, restore
+    from actors.app.verification import verify_all, verify_databases
+    from actors.ledger.archive import archive_databases, restore_databases
     from bench.__main__ import machine_info
 
     results: dict[str, Any] = {"machine": machine_info(), "args": {
         "transfers": args.transfers, "accounts": args.accounts, "batch": args.batch,
-        "months": args.months}}
-    async with scratch_database("txproc_bench_archive") as (url, directory):
-        results["build"] = await build(url, args)
+        "months": args.months, "databases": args.databases}}
+    async with contextlib.AsyncExitStack() as stack:
+        urls: dict[str, str] = {}
+        scratches: list[Path] = []
+        for i in range(args.databases):
+            url, scratch = await stack.enter_async_context(
+                scratch_database(f"txproc_bench_archive{i or ''}"))
+            urls["main" if i == 0 else f"db{i}"] = url
+            scratches.append(scratch)
+        directory = scratches[0]
+
+        async def verify() -> Any:
+            if len(urls) == 1:
+                return await verify_all(urls["main"])
+            return await verify_databases(urls)
+
+        results["build"] = await build(urls, args)
         before = f"2026-{args.months:02d}" if args.months < 12 else "2026-12"
-        done = await archive(url, before, directory / "archives")
-        rows = done.manifest.transfers + done.manifest.resolutions
-        size = sum(f.stat().st_size for f in done.directory.iterdir())
+        parts = await archive_databases(urls, before, directory / "archives")
+        rows = sum(p.manifest.transfers + p.manifest.resolutions for p in parts)
+        size = sum(f.stat().st_size for p in parts for f in p.directory.iterdir())
+        seconds = max(p.seconds for p in parts)
         results["archive"] = {
-            "before": before, "transfers": done.manifest.transfers, "rows": rows,
-            "seconds": round(done.seconds, 2), "rows_per_s": round(rows / done.seconds, 1),
+            "before": before, "transfers": sum(p.manifest.transfers for p in parts),
+            "rows": rows, "seconds": round(seconds, 2), "rows_per_s": round(rows / seconds, 1),
             "bytes": size, "bytes_per_transfer": round(size / max(rows, 1), 1),
-            "files": len(done.manifest.files), "steps_s": done.steps_s}
-        archived = await verify_all(url)
+            "files": sum(len(p.manifest.files) for p in parts),
+            "steps_s": {p.manifest.database: p.steps_s for p in parts}
+            if len(parts) > 1 else parts[0].steps_s}
+        archived = await verify()
         results["verify_archived"] = {"ok": archived.report.ok,
                                       "seconds": round(archived.seconds, 2),
                                       "problems": [p.kind for p in archived.report.problems[:5]]}
-        back = await restore(url, done.directory)
-        results["restore"] = {"rows": rows, "seconds": round(back.seconds, 2),
-                              "rows_per_s": round(rows / back.seconds, 1)}
-        restored = await verify_all(url)
+        where = parts[0].directory if len(parts) == 1 else parts[0].directory.parent
+        back = await restore_databases(urls, where)
+        seconds = max(b.seconds for b in back)
+        results["restore"] = {"rows": rows, "seconds": round(seconds, 2),
+                              "rows_per_s": round(rows / seconds, 1)}
+        restored = await verify()
         results["verify_restored"] = {"ok": restored.report.ok,
                                       "seconds": round(restored.seconds, 2),
                                       "problems": [p.kind for p in restored.report.problems[:5]]}

@@ -149,6 +149,10 @@ class Manifest(msgspec.Struct, frozen=True, kw_only=True):
     accounts: int  # rows of the balance checkpoint
     currencies: dict[str, CurrencySums]
     months: list[str] = []  # the months the files hold, in order
+    # The key of the database whose rows these are (main, db1, ...: docs/design.md §12);
+    # restore puts them back there. Manifests written before several databases were
+    # archivable name none, and were main's.
+    database: str = "main"
 
 
 _DECODER = msgspec.json.Decoder(Manifest)

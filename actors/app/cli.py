@@ -390,8 +390,8 @@ def _add_archive(sub: Any) -> None:
     archive = sub.add_parser(
         "archive", help="export the closed months before --before to Parquet files with a "
                         "manifest, check them, record a balance checkpoint, then delete their "
-                        "transfers and resolutions (docs/operations.md, 'Archive and "
-                        "restore')")
+                        "transfers and resolutions; given several --database-url, a part per "
+                        "database (docs/operations.md, 'Archive and restore')")
     when = archive.add_mutually_exclusive_group(required=True)
     when.add_argument("--before", metavar="YYYY-MM",
                       help="the first month kept: everything before its first instant (UTC) "
@@ -405,7 +405,8 @@ def _add_archive(sub: Any) -> None:
     _add_common(archive)
     restore = sub.add_parser(
         "restore", help="put an archive's rows back after checking its manifest, its files' "
-                        "checksums and its record (newest archive first)")
+                        "checksums and its record (newest archive first); each part of an "
+                        "archive of several databases into its own")
     restore.add_argument("archive_dir", metavar="ARCHIVE_DIR",
                          help="the directory `txproc archive` made (holds manifest.json)")
     _add_common(restore)
@@ -1247,42 +1248,58 @@ async def _tenants(args: argparse.Namespace) -> int:
 
 async def _archive_or_restore(args: argparse.Namespace) -> int:
     """``txproc archive`` / ``txproc restore``: exit 0 when done, 1 when refused (the message
-    says why; nothing was deleted or inserted), 2 when the database is not migrated."""
+    says why; nothing was deleted or inserted) or done in some databases only (the message
+    says which; the same command again finishes it), 2 when a database is not migrated.
+    With several ``--database-url``, every database's part (docs/design.md §16)."""
     import datetime
 
     import asyncpg
 
-    from actors.ledger.archive import ArchiveRefused, archive, archived_up_to, restore
+    from actors.ledger.archive import (
+        ArchiveIncomplete,
+        ArchiveRefused,
+        archive_databases,
+        archived_up_to,
+        restore_databases,
+    )
     from processor.archive import retention_before
+    from processor.ledger import MAIN_DATABASE
 
     command = f"txproc {args.command}"
     with _live_database(args) as url:
+        urls = {MAIN_DATABASE: url, **further_databases(args)}
         try:
             if args.command == "archive":
                 before = args.before
                 if before is None:
                     before = retention_before(datetime.datetime.now(datetime.UTC),
                                               args.retain_hot_months)
-                    if await archived_up_to(url, before):
+                    if await archived_up_to(urls, before):
                         print(f"nothing to archive: everything before {before} is archived")
                         return 0
-                done = await archive(url, before, Path(args.to))
-                m = done.manifest
-                print(f"archived {m.transfers:,} transfers and {m.resolutions:,} resolutions "
-                      f"before {m.boundary} into {done.directory} in {done.seconds:.2f} s "
-                      f"({len(m.files)} files, {m.accounts:,} accounts in the checkpoint)")
+                for done in await archive_databases(urls, before, Path(args.to)):
+                    m = done.manifest
+                    print(f"archived {m.transfers:,} transfers and {m.resolutions:,} "
+                          f"resolutions{_of_database(urls, m.database)} before {m.boundary} "
+                          f"into {done.directory} in {done.seconds:.2f} s ({len(m.files)} "
+                          f"files, {m.accounts:,} accounts in the checkpoint)")
             else:
-                back = await restore(url, Path(args.archive_dir))
-                print(f"restored {back.name}: {back.transfers:,} transfers and "
-                      f"{back.resolutions:,} resolutions in {back.seconds:.2f} s; "
-                      "run `txproc verify`")
-        except (ArchiveRefused, ValueError, FileExistsError) as exc:
+                for back in await restore_databases(urls, Path(args.archive_dir)):
+                    print(f"restored {back.name}{_of_database(urls, back.database)}: "
+                          f"{back.transfers:,} transfers and {back.resolutions:,} "
+                          f"resolutions in {back.seconds:.2f} s; run `txproc verify`")
+        except (ArchiveRefused, ArchiveIncomplete, ValueError, FileExistsError) as exc:
             print(f"{command}: {exc}", file=sys.stderr)
             return 1
         except (asyncpg.UndefinedTableError, asyncpg.UndefinedColumnError) as exc:
             print(f"{command}: {exc}; run `txproc migrate` first", file=sys.stderr)
             return 2
     return 0
+
+
+def _of_database(urls: dict[str, str], key: str) -> str:
+    """`` of db1`` where the ledger has several databases; nothing where it has one."""
+    return f" of {key}" if len(urls) > 1 else ""
 
 
 async def _erase_subject(args: argparse.Namespace, master: MasterKey) -> int:
@@ -1529,7 +1546,7 @@ async def _serve(config: Config) -> int:
 
         # As the owner role (the service's cannot delete), from this process only.
         retention = loop.create_task(retention_loop(
-            processor.admin_database_url, config.retention,
+            processor.admin_database_urls, config.retention,
             holder=f"serve-{socket.gethostname()}-{os.getpid()}"))
     await stop.wait()
     with contextlib.suppress(OSError):

@@ -23,18 +23,25 @@ DELETE). The order of an archive:
 
 Nothing here runs on the commit path; shards go on committing beside it (every archived
 row is committed, folded and below every shard's position, so no commit touches it).
+
+A ledger over several databases (``archive_databases``, ``restore_databases``) has one
+archive with a part per database, each exactly the above in its own database; every part
+is exported before any deletes, and the deleting transactions commit one after another
+only once all have done their work (docs/design.md §16, "Archive over several
+databases").
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import hashlib
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +57,7 @@ from actors.ledger.archived import active_archive
 from actors.ledger.history import read_horizon
 from processor.archive import (
     ARCHIVE_FORMAT,
+    ArchiveBound,
     ArchiveFile,
     CurrencySums,
     Manifest,
@@ -65,16 +73,18 @@ from processor.archive import (
 from processor.history import format_rfc3339_ns
 from processor.lease import LeaseConfig
 from processor.ledger import (
+    MAIN_DATABASE,
     SECTIONS,
     PartitionMap,
     SectionHasher,
     resolution_rows,
     transfer_rows,
 )
-from processor.types import TransferFlags
+from processor.types import TransferFlags, require
 
-__all__ = ["LEASE_RETENTION", "ArchiveRefused", "ArchiveResult", "RestoreResult", "archive",
-           "archived_up_to", "restore", "retain", "retention_loop"]
+__all__ = ["LEASE_RETENTION", "ArchiveIncomplete", "ArchiveRefused", "ArchiveResult",
+           "RestoreResult", "archive", "archive_databases", "archived_up_to", "restore",
+           "restore_databases", "retain", "retention_loop"]
 
 CONNECT_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 3_600.0
@@ -121,6 +131,7 @@ class RestoreResult:
     transfers: int
     resolutions: int
     seconds: float
+    database: str = MAIN_DATABASE  # whose rows they were (the manifest's key)
 
 
 _PENDING = int(TransferFlags.PENDING)
@@ -441,63 +452,98 @@ def _check_file(directory: Path, entry: ArchiveFile) -> dict[str, list[Any]]:
     return columns
 
 
+class _Laps:
+    """Seconds per step of a command, as ``ArchiveResult.steps_s`` reports them."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = {}
+        self._lap = time.perf_counter()
+
+    def __call__(self, name: str) -> None:
+        self.steps[name] = round(time.perf_counter() - self._lap, 3)
+        self._lap = time.perf_counter()
+
+
+@dataclass(slots=True)
+class _Prepared:
+    """One database's part of an archive, exported and read back, not yet deleted."""
+
+    directory: Path
+    plan: _Plan
+    manifest: Manifest
+    data: bytes  # the manifest's bytes, as written
+    laps: _Laps
+
+    def result(self, started: datetime.datetime) -> ArchiveResult:
+        seconds = (_utc_now() - started).total_seconds()
+        return ArchiveResult(self.manifest.name, self.directory, self.manifest, seconds,
+                             self.laps.steps)
+
+
 async def archive(url: str, before: str, to: Path, *, now: datetime.datetime | None = None,
-                  fence: Fence | None = None) -> ArchiveResult:
+                  fence: Fence | None = None, database: str = MAIN_DATABASE) -> ArchiveResult:
     """Archive every closed month before ``before`` (``YYYY-MM``) into a new directory under
     ``to``; raises ``ArchiveRefused`` (nothing deleted) when the month is not closed, a hold
     before it is unresolved, the export does not read back as written, or the deletion
     does not match the manifest; ``ValueError`` for a month that is not ``YYYY-MM``. With
     ``fence`` (the schedule's lease), the deleting transaction checks it and refuses
-    (``LeaseLost``) once another process has taken the lease over."""
-    started = datetime.datetime.now(datetime.UTC)
+    (``LeaseLost``) once another process has taken the lease over. ``database`` is the
+    key the manifest names (``archive_databases`` archives a ledger of several)."""
+    started = _utc_now()
     clock = now or started
-    steps: dict[str, float] = {}
-    lap = time.perf_counter()
-
-    def step(name: str) -> None:
-        nonlocal lap
-        steps[name] = round(time.perf_counter() - lap, 3)
-        lap = time.perf_counter()
-
     conn = await _connect(url)
     try:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            plan = await _plan(conn, before)
-            step("plan")
-            name = archive_name(before, clock)
-            directory = to / name
-            directory.mkdir(parents=True, exist_ok=False)
-            try:
-                manifest = await _export_and_check(conn, plan, directory, name, before, clock,
-                                                   step)
-            except BaseException:
-                shutil.rmtree(directory, ignore_errors=True)  # nothing refers to it
-                raise
-        data = encode_manifest(manifest)
-        _write_new(directory / MANIFEST_NAME, data)
+        name = archive_name(before, clock)
+        part = await _prepare(conn, before, to / name, name, clock, database,
+                              allow_empty=False)
         try:
-            await _record_and_delete(conn, plan, manifest, data, fence)
+            async with conn.transaction():
+                await _record_and_delete(conn, part, fence)
         except (ArchiveRefused, LeaseLost, asyncpg.PostgresError):
             # The server answered, so the transaction rolled back: no record names the
             # files. Any other error (the connection lost during COMMIT) leaves the outcome
             # unknown, and the files stay: `verify` or the record says which it was.
-            shutil.rmtree(directory, ignore_errors=True)
+            shutil.rmtree(part.directory, ignore_errors=True)
             raise
-        step("delete")
+        part.laps("delete")
     finally:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
-    seconds = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-    return ArchiveResult(name, directory, manifest, seconds, steps)
+    return part.result(started)
+
+
+async def _prepare(conn: asyncpg.Connection, before: str, directory: Path, name: str,
+                   clock: datetime.datetime, database: str, *,
+                   allow_empty: bool) -> _Prepared:
+    """Plan, export, read back and write the manifest of one database's part into
+    ``directory`` (made here; removed again if this raises)."""
+    laps = _Laps()
+    async with conn.transaction(isolation="repeatable_read", readonly=True):
+        plan = await _plan(conn, before)
+        laps("plan")
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=False)
+        try:
+            manifest = await _export_and_check(conn, plan, directory, name, before, clock,
+                                               laps, database=database,
+                                               allow_empty=allow_empty)
+            data = encode_manifest(manifest)
+            _write_new(directory / MANIFEST_NAME, data)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)  # nothing refers to it
+            raise
+    return _Prepared(directory, plan, manifest, data, laps)
 
 
 async def _export_and_check(conn: asyncpg.Connection, plan: _Plan, directory: Path, name: str,
                             before: str, clock: datetime.datetime,
-                            step: Callable[[str], None]) -> Manifest:
-    """The files, read back, and the manifest that describes them (not yet written)."""
+                            step: Callable[[str], None], *, database: str,
+                            allow_empty: bool) -> Manifest:
+    """The files, read back, and the manifest that describes them (not yet written); an
+    archive without rows is refused unless ``allow_empty`` (a database's part of an archive
+    of several: every database then has the same boundary in force)."""
     files, currencies, transfers, resolutions = await _export(conn, plan, directory)
     accounts = await conn.fetchval(_ACCOUNTS_SQL, *plan.args)
     step("export")
-    if transfers == 0 and resolutions == 0:
+    if transfers == 0 and resolutions == 0 and not allow_empty:
         raise ArchiveRefused(f"nothing to archive before {before}")
     for entry in files:  # the export, read back
         _check_file(directory, entry)
@@ -506,7 +552,8 @@ async def _export_and_check(conn: asyncpg.Connection, plan: _Plan, directory: Pa
         format=ARCHIVE_FORMAT, name=name, before=before, boundary_ns=plan.boundary,
         boundary=format_rfc3339_ns(plan.boundary), created_at=clock.isoformat(),
         shards=plan.cuts, files=files, transfers=transfers, resolutions=resolutions,
-        accounts=int(accounts), currencies=currencies, months=sorted({f.month for f in files}))
+        accounts=int(accounts), currencies=currencies, months=sorted({f.month for f in files}),
+        database=database)
 
 
 def _write_new(path: Path, data: bytes) -> None:
@@ -516,35 +563,36 @@ def _write_new(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-async def _record_and_delete(conn: asyncpg.Connection, plan: _Plan, manifest: Manifest,
-                             data: bytes, fence: Fence | None) -> None:
-    """The record, the checkpoint, the archived ids and the DELETEs, in one transaction
-    that rolls back unless each count and sum is the manifest's (and ``fence`` holds)."""
-    async with conn.transaction():
-        await conn.execute("SET LOCAL txproc.archive = 'on'")
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-        if fence is not None:
-            await fence.check(conn)
-        previous = await active_archive(conn)
-        if previous is not None and previous.boundary_ns >= plan.boundary:
-            raise ArchiveRefused(f"{previous.name} was archived meanwhile; nothing deleted")
-        archive_id = await conn.fetchval(
-            "INSERT INTO ledger_archives (name, boundary, shards, seqs, cuts, digests, "
-            "transfers, resolutions, manifest, manifest_sha256) VALUES ($1, $2, $3, $4, $5, "
-            "$6, $7, $8, $9, $10) RETURNING id",
-            manifest.name, plan.boundary, [c.shard for c in plan.cuts],
-            [c.seq for c in plan.cuts], [c.timestamp_max for c in plan.cuts],
-            [bytes.fromhex(c.digest) for c in plan.cuts], manifest.transfers,
-            manifest.resolutions, data, hashlib.sha256(data).digest())
-        await conn.execute(_CHECKPOINT_SQL, *plan.args, archive_id)
-        ids = await conn.execute(_ARCHIVED_IDS_SQL, *plan.args, archive_id)
-        resolutions = await conn.execute(_DELETE_RESOLUTIONS_SQL, *plan.args)
-        transfers = await conn.execute(_DELETE_TRANSFERS_SQL, *plan.args)
-        found = (_count(ids), _count(transfers), _count(resolutions))
-        if found != (manifest.transfers, manifest.transfers, manifest.resolutions):
-            raise ArchiveRefused(f"the database holds other rows than the export (ids, "
-                                 f"transfers, resolutions: {found}); nothing deleted")
-        await _check_checkpoint(conn, archive_id, manifest)
+async def _record_and_delete(conn: asyncpg.Connection, part: _Prepared,
+                             fence: Fence | None) -> None:
+    """The record, the checkpoint, the archived ids and the DELETEs, in the caller's
+    transaction; raises (so that it rolls back) unless each count and sum is the
+    manifest's (and ``fence`` holds)."""
+    plan, manifest = part.plan, part.manifest
+    await conn.execute("SET LOCAL txproc.archive = 'on'")
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+    if fence is not None:
+        await fence.check(conn)
+    previous = await active_archive(conn)
+    if previous is not None and previous.boundary_ns >= plan.boundary:
+        raise ArchiveRefused(f"{previous.name} was archived meanwhile; nothing deleted")
+    archive_id = await conn.fetchval(
+        "INSERT INTO ledger_archives (name, boundary, shards, seqs, cuts, digests, "
+        "transfers, resolutions, manifest, manifest_sha256) VALUES ($1, $2, $3, $4, $5, "
+        "$6, $7, $8, $9, $10) RETURNING id",
+        manifest.name, plan.boundary, [c.shard for c in plan.cuts],
+        [c.seq for c in plan.cuts], [c.timestamp_max for c in plan.cuts],
+        [bytes.fromhex(c.digest) for c in plan.cuts], manifest.transfers,
+        manifest.resolutions, part.data, hashlib.sha256(part.data).digest())
+    await conn.execute(_CHECKPOINT_SQL, *plan.args, archive_id)
+    ids = await conn.execute(_ARCHIVED_IDS_SQL, *plan.args, archive_id)
+    resolutions = await conn.execute(_DELETE_RESOLUTIONS_SQL, *plan.args)
+    transfers = await conn.execute(_DELETE_TRANSFERS_SQL, *plan.args)
+    found = (_count(ids), _count(transfers), _count(resolutions))
+    if found != (manifest.transfers, manifest.transfers, manifest.resolutions):
+        raise ArchiveRefused(f"the database holds other rows than the export (ids, "
+                             f"transfers, resolutions: {found}); nothing deleted")
+    await _check_checkpoint(conn, archive_id, manifest)
 
 
 def _count(status: str) -> int:
@@ -566,14 +614,167 @@ def _utc_now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-async def archived_up_to(url: str, before: str) -> bool:
-    """Whether an archive in force covers everything before ``before`` (``YYYY-MM``)."""
-    conn = await _connect(url)
+# -- several databases (docs/design.md §16, "Archive over several databases") ----------------
+
+
+class ArchiveIncomplete(Exception):
+    """An archive or restore over several databases committed in some databases and not in
+    others (a commit failed between them: the databases cannot commit together). The
+    message names both; the same command again finishes it (the databases done are
+    skipped). ``done``: the keys committed; ``failed``: the key whose commit failed, and
+    ``answered`` whether its server answered the failure (then it rolled back; otherwise
+    its outcome is unknown until the command runs again)."""
+
+    def __init__(self, message: str, *, done: list[str], failed: str, answered: bool) -> None:
+        super().__init__(message)
+        self.done, self.failed, self.answered = done, failed, answered
+
+
+async def _connect_all(urls: Mapping[str, str]) -> dict[str, asyncpg.Connection]:
+    conns: dict[str, asyncpg.Connection] = {}
     try:
-        bound = await active_archive(conn)
-    finally:
+        for key, url in urls.items():
+            conns[key] = await _connect(url)
+    except BaseException:
+        await _close_all(conns)
+        raise
+    return conns
+
+
+async def _close_all(conns: Mapping[str, asyncpg.Connection]) -> None:
+    for conn in conns.values():
         await conn.close(timeout=CONNECT_TIMEOUT_S)
-    return bound is not None and bound.boundary_ns >= month_start_ns(before)
+
+
+async def _commit_together(conns: Mapping[str, asyncpg.Connection], keys: list[str],
+                           work: Callable[[str, asyncpg.Connection], Any],
+                           what: str) -> None:
+    """Run ``work(key, conn)`` in one transaction per database of ``keys`` (main first), all
+    of them open at once, then commit them in the reverse order, main last (its transaction
+    holds the schedule's fence until the end). A failure before the first commit rolls every
+    one back and is raised as is; a failure of a later commit leaves the earlier ones
+    committed and raises ``ArchiveIncomplete`` naming them."""
+    opened: list[tuple[str, Any]] = []
+    try:
+        for key in keys:
+            transaction = conns[key].transaction()
+            await transaction.start()
+            opened.append((key, transaction))
+            await work(key, conns[key])
+    except BaseException:
+        for _, transaction in reversed(opened):
+            with contextlib.suppress(Exception):
+                await transaction.rollback()
+        raise
+    done: list[str] = []
+    for key, transaction in reversed(opened):
+        try:
+            await transaction.commit()
+        except BaseException as exc:
+            left = [k for k, _ in opened if k not in done]
+            for k, other in opened:
+                if k in left and k != key:
+                    with contextlib.suppress(Exception):
+                        await other.rollback()
+            if not done:
+                raise
+            raise ArchiveIncomplete(
+                f"{what} committed in {', '.join(reversed(done))} but not in "
+                f"{', '.join(left)} ({key}: {exc!r}); run the same command again to finish "
+                "(the databases done are skipped), then `txproc verify`",
+                done=list(done), failed=key,
+                answered=isinstance(exc, asyncpg.PostgresError)) from exc
+        done.append(key)
+
+
+async def archive_databases(urls: Mapping[str, str], before: str, to: Path, *,
+                            now: datetime.datetime | None = None,
+                            fence: Fence | None = None) -> list[ArchiveResult]:
+    """``archive`` over a ledger's databases (``urls``: key -> URL, main first): one archive,
+    one part per database in ``to/<name>/<key>/`` (each a complete archive of that
+    database's rows, recorded in that database), archived and deleted in all of them or in
+    none, as far as separate databases allow (``_commit_together``). Databases that an
+    archive in force covers up to ``before`` already are skipped (that finishes an earlier
+    run that ended with ``ArchiveIncomplete``). One database: exactly ``archive``.
+
+    Raises ``ArchiveRefused`` (nothing deleted anywhere) when any database refuses (not
+    closed, an open hold, a check) or every one is archived already; ``ArchiveIncomplete``
+    when some databases committed and others did not; ``LeaseLost`` as ``archive``."""
+    if len(urls) == 1:
+        [(key, url)] = urls.items()
+        return [await archive(url, before, to, now=now, fence=fence, database=key)]
+    # Main first: its transaction opens first and commits last, holding the fence.
+    require(next(iter(urls)) == MAIN_DATABASE, "the ledger's databases start with main")
+    started = _utc_now()
+    clock = now or started
+    boundary = month_start_ns(before)
+    conns = await _connect_all(urls)
+    try:
+        todo = [key for key, conn in conns.items()
+                if not _covers(await active_archive(conn), boundary)]
+        if not todo:
+            raise ArchiveRefused(f"everything before {format_rfc3339_ns(boundary)} is "
+                                 "archived already in every database; archive a later month")
+        parent = to / archive_name(before, clock)
+        parent.mkdir(parents=True, exist_ok=False)
+        parts: dict[str, _Prepared] = {}
+        try:
+            for key in todo:
+                try:
+                    parts[key] = await _prepare(conns[key], before, parent / key,
+                                                parent.name, clock, key, allow_empty=True)
+                except ArchiveRefused as exc:
+                    raise ArchiveRefused(f"{key}: {exc}") from exc  # which database
+            if not any(p.manifest.transfers or p.manifest.resolutions
+                       for p in parts.values()):
+                raise ArchiveRefused(f"nothing to archive before {before} in any database")
+
+            async def delete(key: str, conn: asyncpg.Connection) -> None:
+                if key == MAIN_DATABASE and fence is not None:
+                    await fence.check(conn)  # held in share mode until main commits, last
+                if key in parts:
+                    await _record_and_delete(conn, parts[key], None)
+
+            # Main's transaction opens too when main is done already: the fence is there.
+            keys = [k for k in conns if k in parts or (k == MAIN_DATABASE and fence)]
+            deleting = time.perf_counter()
+            try:
+                await _commit_together(conns, keys, delete, f"the archive {parent.name}")
+            except ArchiveIncomplete as exc:
+                if set(parts) - set(exc.done):
+                    raise
+                # Only main's transaction, holding the fence and nothing else, failed.
+        except ArchiveIncomplete as exc:
+            # A part whose database rolled back is named by no record: its files go; a
+            # part whose commit's outcome is unknown keeps them (its record may exist).
+            keep = {*exc.done, *(() if exc.answered else (exc.failed,))}
+            for key, part in parts.items():
+                if key not in keep:
+                    shutil.rmtree(part.directory, ignore_errors=True)
+            raise
+        except (ArchiveRefused, LeaseLost, asyncpg.PostgresError):
+            shutil.rmtree(parent, ignore_errors=True)  # nothing committed names the files
+            raise
+    finally:
+        await _close_all(conns)
+    for part in parts.values():  # one phase for all: the transactions commit together
+        part.laps.steps["delete"] = round(time.perf_counter() - deleting, 3)
+    return [part.result(started) for part in parts.values()]
+
+
+def _covers(bound: ArchiveBound | None, boundary_ns: int) -> bool:
+    return bound is not None and bound.boundary_ns >= boundary_ns
+
+
+async def archived_up_to(urls: Mapping[str, str], before: str) -> bool:
+    """Whether an archive in force covers everything before ``before`` (``YYYY-MM``) in
+    every database of ``urls`` (key -> URL)."""
+    boundary = month_start_ns(before)
+    conns = await _connect_all(urls)
+    try:
+        return all([_covers(await active_archive(c), boundary) for c in conns.values()])
+    finally:
+        await _close_all(conns)
 
 
 # -- the schedule (serve --retain-hot-months) ------------------------------------------------
@@ -582,39 +783,41 @@ LEASE_RETENTION = "archive-retention"
 log = logging.getLogger("txproc.archive")
 
 
-async def retain(url: str, config: RetentionConfig, *, now: datetime.datetime,
-                 fence: Fence | None = None) -> ArchiveResult | None:
-    """One pass of the schedule: archive what ``config`` says is no longer hot, unless it is
-    archived already (None). Raises what ``archive`` raises."""
+async def retain(urls: Mapping[str, str], config: RetentionConfig, *, now: datetime.datetime,
+                 fence: Fence | None = None) -> list[ArchiveResult]:
+    """One pass of the schedule over the ledger's databases (``urls``: key -> URL, main
+    first): archive what ``config`` says is no longer hot, unless it is archived already
+    (an empty list). Raises what ``archive_databases`` raises."""
     before = retention_before(now, config.hot_months)
-    if await archived_up_to(url, before):
-        return None
-    return await archive(url, before, Path(config.directory), now=now, fence=fence)
+    if await archived_up_to(urls, before):
+        return []
+    return await archive_databases(urls, before, Path(config.directory), now=now, fence=fence)
 
 
-async def retention_loop(url: str, config: RetentionConfig, *, holder: str,
+async def retention_loop(urls: Mapping[str, str], config: RetentionConfig, *, holder: str,
                          clock: Callable[[], datetime.datetime] = _utc_now,
                          lease: LeaseConfig | None = None) -> None:
     """Run ``retain`` every ``config.interval_s`` while ``holder`` holds the lease
-    ``archive-retention`` (one process of the cluster at a time), until cancelled. A refusal
-    (a month not closed yet, a hold open across the boundary) is logged and tried again at
-    the next pass; nothing is deleted by a refused pass."""
-    pool = await asyncpg.create_pool(url, min_size=1, max_size=2, timeout=CONNECT_TIMEOUT_S,
-                                     command_timeout=60.0,
+    ``archive-retention`` (kept in main: one process of the cluster at a time), until
+    cancelled. A refusal (a month not closed yet, a hold open across the boundary) is
+    logged and tried again at the next pass; nothing is deleted by a refused pass."""
+    pool = await asyncpg.create_pool(urls[MAIN_DATABASE], min_size=1, max_size=2,
+                                     timeout=CONNECT_TIMEOUT_S, command_timeout=60.0,
                                      server_settings={"application_name": "txproc retention"})
 
     async def work(fence: Fence) -> None:
         while True:
             try:
-                done = await retain(url, config, now=clock(), fence=fence)
+                done = await retain(urls, config, now=clock(), fence=fence)
             except ArchiveRefused as exc:
                 log.info("archive retention: not now: %s", exc)
-            except (asyncpg.PostgresError, OSError, LeaseLost) as exc:
+            except (asyncpg.PostgresError, OSError, LeaseLost, ArchiveIncomplete) as exc:
                 log.warning("archive retention: failed, retried next pass: %r", exc)
             else:
-                if done is not None:
-                    log.info("archive retention: archived %d transfers before %s into %s",
-                             done.manifest.transfers, done.manifest.boundary, done.directory)
+                for part in done:
+                    log.info("archive retention: archived %d transfers of %s before %s into "
+                             "%s", part.manifest.transfers, part.manifest.database,
+                             part.manifest.boundary, part.directory)
             await asyncio.sleep(config.interval_s)
 
     try:
@@ -626,11 +829,19 @@ async def retention_loop(url: str, config: RetentionConfig, *, holder: str,
 # -- restore ---------------------------------------------------------------------------------
 
 
-async def restore(url: str, directory: Path) -> RestoreResult:
-    """Put an archive's rows back; raises ``ArchiveRefused`` (nothing inserted) when the
-    manifest is not the one recorded, a file does not match it, the archive is restored
-    already, or a newer archive is in force (restore that one first)."""
-    started = datetime.datetime.now(datetime.UTC)
+@dataclass(frozen=True, slots=True)
+class _Part:
+    """An archive's part read from its directory and checked against its manifest."""
+
+    directory: Path
+    manifest: Manifest
+    data: bytes  # the manifest's bytes
+    tables: dict[str, list[dict[str, list[Any]]]]
+
+
+def _load(directory: Path) -> _Part:
+    """Read and check a part: the manifest's form, each file against it (sha256, rows,
+    months, rows digest), the counts; raises ``ArchiveRefused``."""
     path = directory / MANIFEST_NAME
     if not path.is_file():
         raise ArchiveRefused(f"{directory} holds no {MANIFEST_NAME}")
@@ -649,27 +860,98 @@ async def restore(url: str, directory: Path) -> RestoreResult:
         raise ArchiveRefused(f"the files hold {counts}, the manifest says "
                              f"{manifest.transfers} transfers, {manifest.resolutions} "
                              "resolutions")
+    return _Part(directory, manifest, data, tables)
+
+
+async def _insert(conn: asyncpg.Connection, part: _Part) -> None:
+    """In the caller's transaction: check the record, put the rows back, remove the ids
+    and mark the record restored."""
+    await conn.execute("SET LOCAL txproc.archive = 'on'")
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
+    archive_id = await _check_record(conn, part.manifest, part.data)
+    for table, fields in (("transfers", TRANSFER_FIELDS),
+                          ("pending_resolutions", RESOLUTION_FIELDS)):
+        names = [n for n, _ in fields]
+        for columns in part.tables[table]:
+            await conn.copy_records_to_table(
+                table, columns=names, records=zip(*(columns[n] for n in names), strict=True))
+    await conn.execute("DELETE FROM archived_transfer_ids WHERE archive_id = $1", archive_id)
+    await conn.execute("UPDATE ledger_archives SET restored_at = now() WHERE id = $1",
+                       archive_id)
+
+
+def _restored(started: datetime.datetime, part: _Part) -> RestoreResult:
+    seconds = (_utc_now() - started).total_seconds()
+    return RestoreResult(part.manifest.name, part.manifest.transfers,
+                         part.manifest.resolutions, seconds, part.manifest.database)
+
+
+async def restore(url: str, directory: Path) -> RestoreResult:
+    """Put an archive's rows back; raises ``ArchiveRefused`` (nothing inserted) when the
+    manifest is not the one recorded, a file does not match it, the archive is restored
+    already, or a newer archive is in force (restore that one first)."""
+    started = _utc_now()
+    part = _load(directory)
     conn = await _connect(url)
     try:
         async with conn.transaction():
-            await conn.execute("SET LOCAL txproc.archive = 'on'")
-            await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_KEY)
-            archive_id = await _check_record(conn, manifest, data)
-            for table, fields in (("transfers", TRANSFER_FIELDS),
-                                  ("pending_resolutions", RESOLUTION_FIELDS)):
-                names = [n for n, _ in fields]
-                for columns in tables[table]:
-                    await conn.copy_records_to_table(
-                        table, columns=names,
-                        records=zip(*(columns[n] for n in names), strict=True))
-            await conn.execute("DELETE FROM archived_transfer_ids WHERE archive_id = $1",
-                               archive_id)
-            await conn.execute("UPDATE ledger_archives SET restored_at = now() WHERE id = $1",
-                               archive_id)
+            await _insert(conn, part)
     finally:
         await conn.close(timeout=CONNECT_TIMEOUT_S)
-    seconds = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
-    return RestoreResult(manifest.name, manifest.transfers, manifest.resolutions, seconds)
+    return _restored(started, part)
+
+
+def _parts(directory: Path) -> list[_Part]:
+    """The parts an archive directory holds: itself (a ``manifest.json`` in it: an archive
+    of one database, or one part of an archive of several), else each subdirectory with
+    one (an archive of several databases), all of one archive."""
+    if (directory / MANIFEST_NAME).is_file():
+        return [_load(directory)]
+    found = sorted(p for p in directory.iterdir() if (p / MANIFEST_NAME).is_file()) \
+        if directory.is_dir() else []
+    if not found:
+        raise ArchiveRefused(f"{directory} holds no {MANIFEST_NAME}, nor parts holding one")
+    parts = [_load(p) for p in found]
+    if len({p.manifest.name for p in parts}) != 1 or len(
+            {p.manifest.database for p in parts}) != len(parts):
+        raise ArchiveRefused(f"{directory}'s parts are not one archive's, one per database")
+    return parts
+
+
+async def restore_databases(urls: Mapping[str, str], directory: Path) -> list[RestoreResult]:
+    """``restore`` of an archive of one or several databases (``urls``: key -> URL, as
+    given to ``archive_databases``): each part back into the database its manifest names,
+    in all of them or in none, as far as separate databases allow (``_commit_together``).
+    Parts restored already are skipped when others are left (that finishes a run that
+    ended with ``ArchiveIncomplete``). Raises ``ArchiveRefused`` (nothing inserted) as
+    ``restore`` does, or when a part's database is not among ``urls``."""
+    started = _utc_now()
+    found = {p.manifest.database: p for p in _parts(directory)}
+    missing = sorted(set(found) - set(urls))
+    if missing:
+        raise ArchiveRefused(
+            f"the archive holds rows of database {', '.join(missing)}, which is not given: "
+            "give every --database-url the ledger was served with, in the same order")
+    parts = {key: found[key] for key in urls if key in found}  # main first
+    conns = await _connect_all({key: urls[key] for key in urls if key in parts})
+    try:
+        if len(parts) > 1:  # parts restored by an earlier run are skipped
+            for key, conn in conns.items():
+                if await conn.fetchval(
+                        "SELECT restored_at IS NOT NULL FROM ledger_archives WHERE name = $1",
+                        parts[key].manifest.name):
+                    del parts[key]
+        if not parts:
+            raise ArchiveRefused(f"{directory.name} was restored already in every database")
+
+        async def insert(key: str, conn: asyncpg.Connection) -> None:
+            await _insert(conn, parts[key])
+
+        await _commit_together(conns, [k for k in conns if k in parts], insert,
+                               f"the restore of {directory.name}")
+    finally:
+        await _close_all(conns)
+    return [_restored(started, part) for part in parts.values()]
 
 
 async def _check_record(conn: asyncpg.Connection, manifest: Manifest, data: bytes) -> int:

@@ -899,9 +899,16 @@ class Front:
 
     async def archived_transfer(self, transfer_id: int, tenant: int) -> str | None:
         """The name of the archive in force that holds the transfer, if ``tenant`` may see
-        it (a GET of an archived transfer answers ``archived``; docs/api.md)."""
+        it (a GET of an archived transfer answers ``archived``; docs/api.md). Over several
+        databases each keeps its own archived ids: asked in turn, main first, as lookups."""
         try:
-            return await self._require_history().archive_of(transfer_id, tenant)
+            history = self._require_history()
+            if self._partitions.single_database:
+                return await history.archive_of(transfer_id, tenant)
+            for each in self._histories.values():
+                if (name := await each.archive_of(transfer_id, tenant)) is not None:
+                    return name
+            return None
         except DATABASE_ERRORS as exc:
             raise Unavailable("the database is unreachable", retry_after_s=1.0) from exc
 

@@ -59,80 +59,98 @@ class Built:
 async def build(url: str) -> Built:
     """Four months on two shards (module docstring); both shards checkpointed past April
     and the history indexer caught up, so January, February and March are closed."""
-    partitions = PartitionMap.uniform(2)
-    store = await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
-                                      command_timeout_s=30)
+    return await build_over({"main": url}, PartitionMap.uniform(2))
+
+
+async def build_over(urls: dict[str, str], partitions: PartitionMap) -> Built:
+    """``build`` over the databases of ``urls`` (key -> URL) that ``partitions`` deals two
+    shards to: each shard's rows, checkpoint, anchor and history index in its database."""
+    stores = {key: await LedgerStore.connect(url, pool_size_max=2, connect_timeout_s=10,
+                                             command_timeout_s=30)
+              for key, url in urls.items()}
+    store_of = {s: stores[key] for key in urls for s in partitions.shards_of_database(key)}
     try:
-        await store.ensure_partition_map(partitions)
+        for key, each in stores.items():
+            await each.ensure_partition_map(partitions, key)
         books = [ArrayBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
-        epochs = [await store.take_epoch(s) for s in (0, 1)]
+        epochs = [await store_of[s].take_epoch(s) for s in (0, 1)]
         ids = account_ids_on_shards(partitions, 3)
-        for book in books:
-            accounts = [Account(id=i, currency="EUR", code=1) for i in ids[book.shard]]
-            _, batch = book.create_accounts([accounts], JAN + DAY_NS)
-            await store.commit([batch], fences={book.shard: epochs[book.shard]},
-                               shard=book.shard, partition_map=partitions)
-            book.accounts_committed(batch)
-        e = Transfer
         january: list[int] = []
         for book in books:
-            a, b, c = ids[book.shard]
-            base = 1000 * (book.shard + 1)
-            epoch = epochs[book.shard]
-            batch = [e(id=base + 1, debit_account_id=a, credit_account_id=b, amount=500,
-                       currency="EUR", user_data="jan"),
-                     e(id=base + 2, debit_account_id=b, credit_account_id=c, amount=70,
-                       currency="EUR"),
-                     e(id=base + 3, debit_account_id=a, credit_account_id=c, amount=100,
-                       currency="EUR", flags=PENDING),
-                     e(id=base + 4, debit_account_id=b, credit_account_id=a, amount=30,
-                       currency="EUR", flags=PENDING),
-                     # Beyond nothing: c has 70 credits; a limit-free account, so this is
-                     # an id burned by a missing pending transfer instead.
-                     e(id=base + 5, debit_account_id=a, credit_account_id=b, amount=1,
-                       currency="EUR", pending_id=999_999, flags=POST)]
-            codes = await commit_batch(store, book, partitions, batch, JAN + 5 * DAY_NS, epoch)
-            assert codes[:4] == [0, 0, 0, 0] and codes[4] != 0
-            codes = await commit_batch(store, book, partitions, [
-                e(id=base + 6, debit_account_id=a, credit_account_id=c, amount=60,
-                  currency="EUR", pending_id=base + 3, flags=POST),
-                e(id=base + 7, debit_account_id=b, credit_account_id=a, amount=30,
-                  currency="EUR", pending_id=base + 4, flags=VOID)], JAN + 9 * DAY_NS, epoch)
-            assert codes == [0, 0]
-            january += [base + k for k in (1, 2, 3, 4, 6, 7)]
-            codes = await commit_batch(store, book, partitions, [
-                e(id=base + 10 + k, debit_account_id=b, credit_account_id=a, amount=10 + k,
-                  currency="EUR") for k in range(3)], FEB + 3 * DAY_NS, epoch)
-            assert codes == [0, 0, 0]
-            # A hold of February posted in March: February cannot be archived alone.
-            codes = await commit_batch(store, book, partitions, [
-                e(id=base + 20, debit_account_id=c, credit_account_id=a, amount=5,
-                  currency="EUR", flags=PENDING)], FEB + 20 * DAY_NS, epoch)
-            assert codes == [0]
-            codes = await commit_batch(store, book, partitions, [
-                e(id=base + 21, debit_account_id=c, credit_account_id=a, amount=5,
-                  currency="EUR", pending_id=base + 20, flags=POST),
-                e(id=base + 22, debit_account_id=a, credit_account_id=b, amount=3,
-                  currency="EUR")], MAR + 2 * DAY_NS, epoch)
-            assert codes == [0, 0]
-            codes = await commit_batch(store, book, partitions, [
-                e(id=base + 30, debit_account_id=b, credit_account_id=c, amount=2,
-                  currency="EUR", user_data="apr")], APR + 2 * DAY_NS, epoch)
-            assert codes == [0]
+            january += await _four_months(store_of[book.shard], book, partitions,
+                                          ids[book.shard], epochs[book.shard])
         for shard in (0, 1):
-            await store.checkpoint(shard, epochs[shard], partitions.partitions_of_shard(shard),
-                                   floor_ns=APR + 10 * DAY_NS)
-        await store.anchor("operator")
+            await store_of[shard].checkpoint(shard, epochs[shard],
+                                             partitions.partitions_of_shard(shard),
+                                             floor_ns=APR + 10 * DAY_NS)
+        for each in stores.values():
+            await each.anchor("operator")
     finally:
-        await store.close()
-    indexer = HistoryIndexer(url, connect_timeout_s=10, command_timeout_s=30)
-    indexer.width_ns = 200 * DAY_NS
-    try:
-        while not (await indexer.step())[1]:
-            pass
-    finally:
-        await indexer.close()
+        for each in stores.values():
+            await each.close()
+    for url in urls.values():
+        indexer = HistoryIndexer(url, connect_timeout_s=10, command_timeout_s=30)
+        indexer.width_ns = 200 * DAY_NS
+        try:
+            while not (await indexer.step())[1]:
+                pass
+        finally:
+            await indexer.close()
     return Built(partitions, epochs, ids, january)
+
+
+async def _four_months(store: LedgerStore, book: ArrayBook, partitions: PartitionMap,
+                       accounts: list[int], epoch: int) -> list[int]:
+    """One shard's accounts and transfers of January to April (module docstring); the ids
+    of its January transfers."""
+    created = [Account(id=i, currency="EUR", code=1) for i in accounts]
+    _, batch = book.create_accounts([created], JAN + DAY_NS)
+    await store.commit([batch], fences={book.shard: epoch}, shard=book.shard,
+                       partition_map=partitions)
+    book.accounts_committed(batch)
+    e = Transfer
+    a, b, c = accounts
+    base = 1000 * (book.shard + 1)
+    batch = [e(id=base + 1, debit_account_id=a, credit_account_id=b, amount=500,
+               currency="EUR", user_data="jan"),
+             e(id=base + 2, debit_account_id=b, credit_account_id=c, amount=70,
+               currency="EUR"),
+             e(id=base + 3, debit_account_id=a, credit_account_id=c, amount=100,
+               currency="EUR", flags=PENDING),
+             e(id=base + 4, debit_account_id=b, credit_account_id=a, amount=30,
+               currency="EUR", flags=PENDING),
+             # Beyond nothing: c has 70 credits; a limit-free account, so this is
+             # an id burned by a missing pending transfer instead.
+             e(id=base + 5, debit_account_id=a, credit_account_id=b, amount=1,
+               currency="EUR", pending_id=999_999, flags=POST)]
+    codes = await commit_batch(store, book, partitions, batch, JAN + 5 * DAY_NS, epoch)
+    assert codes[:4] == [0, 0, 0, 0] and codes[4] != 0
+    codes = await commit_batch(store, book, partitions, [
+        e(id=base + 6, debit_account_id=a, credit_account_id=c, amount=60,
+          currency="EUR", pending_id=base + 3, flags=POST),
+        e(id=base + 7, debit_account_id=b, credit_account_id=a, amount=30,
+          currency="EUR", pending_id=base + 4, flags=VOID)], JAN + 9 * DAY_NS, epoch)
+    assert codes == [0, 0]
+    codes = await commit_batch(store, book, partitions, [
+        e(id=base + 10 + k, debit_account_id=b, credit_account_id=a, amount=10 + k,
+          currency="EUR") for k in range(3)], FEB + 3 * DAY_NS, epoch)
+    assert codes == [0, 0, 0]
+    # A hold of February posted in March: February cannot be archived alone.
+    codes = await commit_batch(store, book, partitions, [
+        e(id=base + 20, debit_account_id=c, credit_account_id=a, amount=5,
+          currency="EUR", flags=PENDING)], FEB + 20 * DAY_NS, epoch)
+    assert codes == [0]
+    codes = await commit_batch(store, book, partitions, [
+        e(id=base + 21, debit_account_id=c, credit_account_id=a, amount=5,
+          currency="EUR", pending_id=base + 20, flags=POST),
+        e(id=base + 22, debit_account_id=a, credit_account_id=b, amount=3,
+          currency="EUR")], MAR + 2 * DAY_NS, epoch)
+    assert codes == [0, 0]
+    codes = await commit_batch(store, book, partitions, [
+        e(id=base + 30, debit_account_id=b, credit_account_id=c, amount=2,
+          currency="EUR", user_data="apr")], APR + 2 * DAY_NS, epoch)
+    assert codes == [0]
+    return [base + k for k in (1, 2, 3, 4, 6, 7)]
 
 
 async def _reads(history: HistoryStore, accounts: list[int]) -> dict[str, Any]:
@@ -444,7 +462,7 @@ async def test_the_retention_schedule(db_url: str, tmp_path: Path) -> None:
     (the boundary 2026-02), the next pass finds nothing new; the loop under its lease does
     the same with its clock, and a stale fence refuses the deletion."""
     from actors.lease import Fence, LeaseLost
-    from actors.ledger.archive import LEASE_RETENTION, retain, retention_loop
+    from actors.ledger.archive import LEASE_RETENTION, archived_up_to, retain, retention_loop
     from processor.archive import RetentionConfig
     from processor.lease import LeaseConfig
 
@@ -452,20 +470,20 @@ async def test_the_retention_schedule(db_url: str, tmp_path: Path) -> None:
     config = RetentionConfig(hot_months=3, directory=str(tmp_path / "a"), interval_s=1.0)
     may = datetime.datetime(2026, 5, 2, tzinfo=datetime.UTC)
     with pytest.raises(LeaseLost):  # no lease row: no fence of it holds
-        await retain(db_url, config, now=may, fence=Fence(LEASE_RETENTION, 7))
+        await retain({"main": db_url}, config, now=may, fence=Fence(LEASE_RETENTION, 7))
     assert list((tmp_path / "a").iterdir()) == []  # the refused pass left no files
-    first = await retain(db_url, config, now=may)
-    assert first is not None and first.manifest.before == "2026-02"
-    assert await retain(db_url, config, now=may) is None
+    [first] = await retain({"main": db_url}, config, now=may)
+    assert first.manifest.before == "2026-02"
+    assert await retain({"main": db_url}, config, now=may) == []
     # The loop, a month later: February (and March) wait for the hold posted in March, so
     # with 1 hot month on 2026-05-02 it archives up to April once that month is closed.
     later = RetentionConfig(hot_months=1, directory=str(tmp_path / "b"), interval_s=1.0)
     task = asyncio.get_running_loop().create_task(retention_loop(
-        db_url, later, holder="test", clock=lambda: may,
+        {"main": db_url}, later, holder="test", clock=lambda: may,
         lease=LeaseConfig(ttl_s=4.0, renew_interval_s=0.5, margin_s=1.0)))
     try:
-        for _ in range(100):
-            if (tmp_path / "b").exists() and any((tmp_path / "b").iterdir()):
+        for _ in range(100):  # until the pass has committed (its files exist before that)
+            if await archived_up_to({"main": db_url}, "2026-04"):
                 break
             await asyncio.sleep(0.1)
     finally:

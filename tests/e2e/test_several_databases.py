@@ -61,6 +61,7 @@ class Served:
     token: str
     urls: dict[str, str]  # database key -> administrative URL
     pid: int  # the `txproc serve` process
+    data_dir: Path  # its --data-dir (the token key ring is there)
 
 
 def _free_port() -> int:
@@ -95,7 +96,22 @@ async def _serving(pg_admin_url: str, second_pg_admin_url: str, app_password_fil
     name = f"txproc_mdb_{uuid.uuid4().hex[:12]}"
     urls = {"main": await create_database(pg_admin_url, name + "_a"),
             "db1": await create_database(second_pg_admin_url, name + "_b")}
-    data_dir = tmp_path_factory.mktemp("several-databases")
+    try:
+        async with serving_over(urls, tmp_path_factory.mktemp("several-databases"),
+                                app_password_file, ["--shards", str(SHARDS), *payments]
+                                ) as running:
+            yield running
+    finally:
+        await drop_database(pg_admin_url, name + "_a")
+        await drop_database(second_pg_admin_url, name + "_b")
+
+
+@contextlib.asynccontextmanager
+async def serving_over(urls: dict[str, str], data_dir: Path, app_password_file: Path,
+                       args: list[str]) -> AsyncIterator[Served]:
+    """`txproc serve` over the databases of ``urls`` (main first) with ``args``, in its own
+    process and its own Ray, until ready; stopped on the way out. ``Served.token`` is the
+    default tenant's, with every scope of a tenant."""
     # The session's servers keep the application role's password of the session: the
     # processor is given that one, so it changes no password other tests rely on.
     password = read_password_file(app_password_file, APP_ROLE)
@@ -103,10 +119,10 @@ async def _serving(pg_admin_url: str, second_pg_admin_url: str, app_password_fil
     write_password_file(data_dir / APP_PASSWORD_FILE_NAME, APP_ROLE, password)
     http_port, rpc_port = _free_port(), _free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
+    given = [arg for url in urls.values() for arg in ("--database-url", url)]
     proc = _start([
         "serve", "--data-dir", str(data_dir), "--http-port", str(http_port),
-        "--rpc-port", str(rpc_port), "--metrics-port", "0", "--shards", str(SHARDS),
-        *payments, "--database-url", urls["main"], "--database-url", urls["db1"]], env)
+        "--rpc-port", str(rpc_port), "--metrics-port", "0", *args, *given], env)
     base = f"http://127.0.0.1:{http_port}"
     try:
         deadline = time.monotonic() + 180
@@ -123,11 +139,9 @@ async def _serving(pg_admin_url: str, second_pg_admin_url: str, app_password_fil
         ring = load_or_create_ring(data_dir, now_s=int(time.time()))
         token = issue_token(ring.active.secret, SCOPES, ttl_s=3600, now_s=int(time.time()),
                             tenant=DEFAULT_TENANT, subject="local")
-        yield Served(base, rpc_port, token, urls, proc.pid)
+        yield Served(base, rpc_port, token, urls, proc.pid, data_dir)
     finally:
         _stop(proc)
-        await drop_database(pg_admin_url, name + "_a")
-        await drop_database(second_pg_admin_url, name + "_b")
 
 
 def _start(args: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
