@@ -7,7 +7,10 @@ insertion; docs/design.md §16 has the measurement). An account's history and it
 at an instant read ``account_history`` (migration 0028, appended off the commit path by
 actors/ledger/indexer.py) up to the indexer's position, and only the movements above it
 from ``transfers``, the way all of them were read before it existed. The transfer query
-still scans ``transfers``.
+still scans ``transfers``. Per-account reads also take the *mirrors* a shard move left
+(migration 0035; docs/design.md §12, "Moving a shard"): transfers stored in another
+database with a leg on an account of this one. The transfer query does not: each
+transfer is listed once, where it is stored.
 
 **The horizon.** Shards assign timestamps when they plan and commit a little later, each
 on its own clock, so a transfer with a timestamp below one already committed can still
@@ -68,7 +71,8 @@ async def read_horizon(conn: Any) -> int:
 
 
 def _side_sql(column: str, descending: bool) -> str:
-    """One side's ordered range of an account's transfers, read from ``transfers``: $1
+    """One side's ordered range of an account's transfers, read from ``transfers`` and
+    the mirrors (migration 0035; ``transfers_and_mirrors``): $1
     account, ($2, $3) the position to start after (before, newest first), $4 from
     (inclusive), $5 to (exclusive), $6 how many, $7 the indexer's position (only rows
     above it: account_history holds the rest)."""
