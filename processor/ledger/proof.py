@@ -489,6 +489,9 @@ class PendingCheck:
                        "a pending transfer", "none")
         order = np.argsort(ids)
         by_id, by_pending, by_flags = ids[order], pending_ids[order], flags[order]
+        if len(by_id) == 0:  # expiries only: one row that matches nothing, to index safely
+            by_id, by_pending, by_flags = (np.full(1, -1, np.int64), np.full(1, -1, np.int64),
+                                           np.zeros(1, np.int64))
         at = _index_of(by_id, rt)
         expected_flag = np.where(kind == 1, _POST, np.where(kind == 2, _VOID, 0))
         found = at >= 0
