@@ -525,9 +525,9 @@ WHERE NOT t.partition = ANY($2::int[]) AND {on_t}
 """
 # The target's mirrors of the shard's own transfers: stored there from now on.
 _DROP_STORED_SQL = (
-    ("mirrored_resolutions", "DELETE FROM mirrored_resolutions r USING mirrored_transfers t "
-                             "WHERE t.id = r.pending_id AND t.partition = ANY($1::int[])"),
-    ("mirrored_transfers", "DELETE FROM mirrored_transfers WHERE partition = ANY($1::int[])"),
+    "DELETE FROM mirrored_resolutions r USING mirrored_transfers t "
+    "WHERE t.id = r.pending_id AND t.partition = ANY($1::int[])",
+    "DELETE FROM mirrored_transfers WHERE partition = ANY($1::int[])",
 )
 
 
@@ -538,7 +538,7 @@ async def _mirror_into_target(src: asyncpg.Connection, dst: asyncpg.Connection,
     dropped = 0
     for table in _MIRRORS:
         await dst.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
-    for _, sql in _DROP_STORED_SQL:
+    for sql in _DROP_STORED_SQL:
         dropped += int((await dst.execute(sql, partitions)).split()[-1])
     for table in _MIRRORS:
         await dst.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
