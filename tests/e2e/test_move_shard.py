@@ -7,7 +7,9 @@ is refused; stopped, the move is refused into a database not yet migrated and in
 holding a row of the shard; then shard 2 moves to a second PostgreSQL server (where
 dealing would not put it), `txproc verify` passes over both, and `serve` started again
 with both URLs answers every account and transfer as before and commits new transfers on
-the moved shard, in its new database.
+the moved shard, in its new database. A second ledger joins the moved shard to a staying
+one by cross-shard transfers of every kind; it moves too, each database keeping mirrors
+of the other's transfers that reach its accounts (migration 0035).
 """
 
 from __future__ import annotations
