@@ -32,8 +32,8 @@ from processor.audit import (
 )
 from processor.ledger import Report
 
-__all__ = ["ALL_CHECKS", "check_audit_log", "check_reconciliation", "verify_all",
-           "verify_databases"]
+__all__ = ["ALL_CHECKS", "check_audit_log", "check_mirrors", "check_reconciliation",
+           "verify_all", "verify_databases"]
 
 # Every column of an audit event, in id order: the chain is checked in the order written.
 _AUDIT_EVENTS_SQL = f"""
@@ -152,6 +152,7 @@ async def verify_databases(urls: dict[str, str], **options: Any) -> VerifyResult
         report.problems_total += result.report.problems_total - len(result.report.problems)
     report.count("databases", len(results))
     await check_transit_mirror(urls, report)
+    await check_mirrors(urls, report)
     return VerifyResult(report, sum(r.seconds for _, r in results),
                         sum(r.rows for _, r in results))
 
@@ -249,3 +250,59 @@ async def _transit_of(url: str, partitions: Any, tenant: int, d1: str, d2: str, 
     finally:
         await conn.close()
     return next((c for c in candidates if found.get(c) == (tenant, currency)), None)
+
+
+# -- mirrors: transfers kept where an account of theirs moved (migration 0035) ------------
+
+# (mirror table, the table of the stored rows, their key). Both tables of a pair have the
+# same columns in the same order (0035 created the mirrors LIKE the stored tables).
+_MIRRORED = (("mirrored_transfers", "transfers", "id"),
+             ("mirrored_resolutions", "pending_resolutions", "pending_id"))
+_MIRROR_CHUNK_ROWS = 20_000
+
+
+async def check_mirrors(urls: dict[str, str], report: Report) -> None:
+    """Each mirror (docs/design.md §12, "Moving a shard") equals, column for column, a
+    row stored in another database, where the coordinator's chain covers it: a mirror
+    changed or made up, which would otherwise explain a balance it should not, is a
+    problem (``mirror_without_original``). A mirror whose original was archived since is
+    counted (``mirrors_archived``), not compared. Mirrors and their originals are
+    append-only, so the databases need not be read in one moment."""
+    conns = {key: await asyncpg.connect(url, timeout=10) for key, url in urls.items()}
+    try:
+        for key, conn in conns.items():
+            if not await conn.fetchval("SELECT to_regclass('mirrored_transfers') IS NOT NULL"):
+                continue
+            others = [c for k, c in conns.items() if k != key]
+            for mirror, stored, column in _MIRRORED:
+                async with conn.transaction(readonly=True):
+                    cursor = await conn.cursor(
+                        f"SELECT * FROM {mirror} ORDER BY {column}")  # noqa: S608 - constants
+                    while rows := await cursor.fetch(_MIRROR_CHUNK_ROWS):
+                        await _compare_mirrors(key, mirror, stored, column,
+                                               {r[column]: tuple(r) for r in rows},
+                                               others, report)
+    finally:
+        for conn in conns.values():
+            await conn.close()
+
+
+async def _compare_mirrors(key: str, mirror: str, stored: str, column: str,
+                           mirrors: dict[int, tuple[Any, ...]], others: list[Any],
+                           report: Report) -> None:
+    ids = list(mirrors)
+    equal: set[int] = set()
+    archived: set[int] = set()
+    for other in others:
+        for r in await other.fetch(f"SELECT * FROM {stored} "  # noqa: S608 - constants
+                                   f"WHERE {column} = ANY($1::bigint[])", ids):
+            if mirrors[r[column]] == tuple(r):
+                equal.add(r[column])
+        if await other.fetchval("SELECT to_regclass('archived_transfer_ids') IS NOT NULL"):
+            archived.update(r[0] for r in await other.fetch(
+                "SELECT id FROM archived_transfer_ids WHERE id = ANY($1::bigint[])", ids))
+    report.count("mirrors_checked", len(ids))
+    report.count("mirrors_archived", len((set(ids) - equal) & archived))
+    for id_ in sorted(set(ids) - equal - archived):
+        report.add(f"{key}:{mirror}", id_, "mirror_without_original",
+                   f"an equal row of {stored} in another database", list(mirrors[id_]))

@@ -7,7 +7,10 @@ insertion; docs/design.md §16 has the measurement). An account's history and it
 at an instant read ``account_history`` (migration 0028, appended off the commit path by
 actors/ledger/indexer.py) up to the indexer's position, and only the movements above it
 from ``transfers``, the way all of them were read before it existed. The transfer query
-still scans ``transfers``.
+still scans ``transfers``. Per-account reads also take the *mirrors* a shard move left
+(migration 0035; docs/design.md §12, "Moving a shard"): transfers stored in another
+database with a leg on an account of this one. The transfer query does not: each
+transfer is listed once, where it is stored.
 
 **The horizon.** Shards assign timestamps when they plan and commit a little later, each
 on its own clock, so a transfer with a timestamp below one already committed can still
@@ -68,7 +71,8 @@ async def read_horizon(conn: Any) -> int:
 
 
 def _side_sql(column: str, descending: bool) -> str:
-    """One side's ordered range of an account's transfers, read from ``transfers``: $1
+    """One side's ordered range of an account's transfers, read from ``transfers`` and
+    the mirrors (migration 0035; ``transfers_and_mirrors``): $1
     account, ($2, $3) the position to start after (before, newest first), $4 from
     (inclusive), $5 to (exclusive), $6 how many, $7 the indexer's position (only rows
     above it: account_history holds the rest)."""
@@ -77,7 +81,8 @@ def _side_sql(column: str, descending: bool) -> str:
     else:
         where, order = '("timestamp", id) > ($2, $3)', '"timestamp", id'
     # Built from this module's constants only.
-    sql = f"(SELECT {_COLUMNS} FROM transfers t WHERE {column} = $1 AND {where} "  # noqa: S608
+    sql = (f"(SELECT {_COLUMNS} FROM transfers_and_mirrors t "  # noqa: S608
+           f"WHERE {column} = $1 AND {where} ")
     return sql + (f'AND "timestamp" >= $4 AND "timestamp" < $5 AND "timestamp" > $7 '
                   f"ORDER BY {order} LIMIT $6)")
 
@@ -91,8 +96,11 @@ def _indexed_sql(side: str, descending: bool) -> str:
     else:
         where, order = '(h."timestamp", h.transfer_id) > ($2, $3)', 'h."timestamp", h.transfer_id'
     sides = {"debits": " AND h.side = 1", "credits": " AND h.side = 2", "both": ""}[side]
-    return (f"(SELECT {_COLUMNS} FROM account_history h JOIN transfers t ON t.id = "  # noqa: S608
-            f"h.transfer_id WHERE h.account_id = $1 AND NOT h.expiry{sides} AND {where} "
+    # A transfer stored here or mirrored (migration 0035); an id may name one of each (ids
+    # are unique per database only), their instants never coincide.
+    return (f"(SELECT {_COLUMNS} FROM account_history h JOIN transfers_and_mirrors t "  # noqa: S608
+            f'ON t.id = h.transfer_id AND t."timestamp" = h."timestamp" '
+            f"WHERE h.account_id = $1 AND NOT h.expiry{sides} AND {where} "
             f'AND h."timestamp" >= $4 AND h."timestamp" < $5 AND h."timestamp" <= $7 '
             f"ORDER BY {order} LIMIT $6)")
 
@@ -134,23 +142,26 @@ ORDER BY t."timestamp", t.id OFFSET $5 - 1 LIMIT 1
 # then the expiries in that range of its holds (any age), each hold by primary key.
 _BALANCES_SQL = """
 WITH legs AS (
-    SELECT 1 AS side, t.id, t.amount, t.flags, t.pending_id FROM transfers t
+    SELECT 1 AS side, t.id, t.amount, t.flags, t.pending_id, t.mirrored
+    FROM transfers_and_mirrors t
     WHERE t.debit_account_id = $1 AND t."timestamp" <= $2 AND t."timestamp" > $3
     UNION ALL
-    SELECT 2, t.id, t.amount, t.flags, t.pending_id FROM transfers t
+    SELECT 2, t.id, t.amount, t.flags, t.pending_id, t.mirrored FROM transfers_and_mirrors t
     WHERE t.credit_account_id = $1 AND t."timestamp" <= $2 AND t."timestamp" > $3
 ), effects AS (
     SELECT l.side,
            CASE WHEN (l.flags & 2) <> 0 THEN l.amount::numeric
                 WHEN (l.flags & 12) <> 0
-                THEN -(SELECT p.amount FROM transfers p WHERE p.id = l.pending_id)::numeric
+                THEN -(SELECT p.amount FROM transfers_and_mirrors p
+                       WHERE p.id = l.pending_id AND p.mirrored = l.mirrored)::numeric
                 ELSE 0 END AS pend,
            CASE WHEN (l.flags & 14) = 0 OR (l.flags & 4) <> 0 THEN l.amount::numeric
                 ELSE 0 END AS post
     FROM legs l
     UNION ALL
     SELECT CASE WHEN p.debit_account_id = $1 THEN 1 ELSE 2 END, -p.amount::numeric, 0
-    FROM pending_resolutions r JOIN transfers p ON p.id = r.pending_id
+    FROM resolutions_and_mirrors r JOIN transfers_and_mirrors p
+        ON p.id = r.pending_id AND p.mirrored = r.mirrored
     WHERE r.kind = 3 AND r."timestamp" <= $2 AND r."timestamp" > $3
       AND $1 IN (p.debit_account_id, p.credit_account_id)
 )

@@ -57,25 +57,31 @@ log = logging.getLogger("txproc.history.indexer")
 # The four balance columns, in the order rows carry them.
 BALANCES = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
 
-# Each movement in ($1, $2]: both legs of every transfer, both sides of every expiry.
+# Each movement in ($1, $2] of an account of this database: the legs of every transfer
+# stored or mirrored here (migration 0035), the sides of every expiry. A leg whose account
+# moved to another database with its shard is that database's (docs/design.md §12).
 _MOVES = """
     SELECT l.account_id, t."timestamp", t.id AS transfer_id, l.side, false AS expiry,
            CASE WHEN (t.flags & 2) <> 0 THEN t.amount
                 WHEN (t.flags & 12) <> 0
-                THEN -(SELECT p.amount FROM transfers p WHERE p.id = t.pending_id)
+                THEN -(SELECT p.amount FROM transfers_and_mirrors p
+                       WHERE p.id = t.pending_id AND p.mirrored = t.mirrored)
                 ELSE 0 END AS pending_delta,
            CASE WHEN (t.flags & 14) = 0 OR (t.flags & 4) <> 0 THEN t.amount
                 ELSE 0 END AS posted_delta
-    FROM transfers t
+    FROM transfers_and_mirrors t
     CROSS JOIN LATERAL (VALUES (t.debit_account_id, 1::smallint),
                                (t.credit_account_id, 2::smallint)) l(account_id, side)
     WHERE t."timestamp" > $1 AND t."timestamp" <= $2
+      AND EXISTS (SELECT 1 FROM accounts a WHERE a.id = l.account_id)
     UNION ALL
     SELECT l.account_id, r."timestamp", r.pending_id, l.side, true, -p.amount, 0
-    FROM pending_resolutions r JOIN transfers p ON p.id = r.pending_id
+    FROM resolutions_and_mirrors r JOIN transfers_and_mirrors p
+        ON p.id = r.pending_id AND p.mirrored = r.mirrored
     CROSS JOIN LATERAL (VALUES (p.debit_account_id, 1::smallint),
                                (p.credit_account_id, 2::smallint)) l(account_id, side)
     WHERE r.kind = 3 AND r."timestamp" > $1 AND r."timestamp" <= $2
+      AND EXISTS (SELECT 1 FROM accounts a WHERE a.id = l.account_id)
 """
 # The same rows when no account has the history flag: one pipeline, no running sums.
 _PLAIN_MOVEMENTS_SQL = f"""
@@ -130,8 +136,8 @@ _MOVE_SQL = 'UPDATE account_history_position SET "timestamp" = $1 WHERE id = 1'
 # The earliest movement above $1: read once, when nothing was ever indexed (position 0),
 # so the first window starts at the ledger's first transfer rather than at 1970.
 _FIRST_SQL = """
-SELECT least((SELECT min("timestamp") FROM transfers WHERE "timestamp" > $1),
-             (SELECT min("timestamp") FROM pending_resolutions
+SELECT least((SELECT min("timestamp") FROM transfers_and_mirrors WHERE "timestamp" > $1),
+             (SELECT min("timestamp") FROM resolutions_and_mirrors
               WHERE kind = 3 AND "timestamp" > $1))
 """
 # A window's rows sort in memory rather than on disk (about 120 bytes per movement).

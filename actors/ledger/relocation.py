@@ -11,13 +11,22 @@ nothing writes the shard meanwhile. A crash between the two commits leaves the s
 recorded in both databases: `serve` refuses that layout, and the same command run again
 finds the copy complete and finishes the deletion.
 
+A transfer between an account of the shard and one of a shard that stays stays stored
+once, where its coordinator's rows are; the other database gets a read-only *mirror* of it
+(migration 0035: ``mirrored_transfers``, ``mirrored_resolutions``), so each database's
+accounts are still explained by the rows it holds (verify, account history, balances at
+an instant). The target's transaction copies into it the mirrors of the source's
+transfers that reach the shard and drops the mirrors it held of the shard's own transfers
+(those are stored there now); the source's transaction keeps mirrors of the shard's
+transfers that reach a shard staying, drops the mirrors it held for the shard's accounts,
+and records the shard's posting blocks left in it as folded (the balances moved whole).
+
 Refused (``MoveRefused``, nothing written) unless it is safe: the processor stopped (no
 session of the application role, no lease held), every saga between databases finished
-and none touching the shard, the shard's transfers all within the shard (a transfer with
-one account in it and one in a shard that stays would leave a database whose balances its
-own transfers cannot explain), no archive in force in the source, the target migrated as
-far as the source and holding nothing of the shard, and no id of the shard's stored or
-burned already in the target.
+and none touching the shard, no open pending transfer between the shard and a shard that
+stays (its post, void or expiry would have to post in both databases), no archive in
+force in the source, the target migrated as far as the source and holding nothing of the
+shard, and no id of the shard's stored or burned already in the target.
 """
 
 from __future__ import annotations
@@ -52,11 +61,16 @@ TRANSIT_SKIPS_MAX = 8
 # The tables a move touches, locked in both databases for the whole move.
 _TABLES = ("partition_map", "accounts", "transfers", "pending_resolutions", "failed_transfers",
            "ledger_chain", "shard_epochs", "partition_checkpoints", "account_history",
-           "remote_posting_blocks", "posting_folds", "crossdb_transfers")
+           "remote_posting_blocks", "posting_folds", "crossdb_transfers",
+           "mirrored_transfers", "mirrored_resolutions")
+# The mirror tables (migration 0035), append-only: a move drops the mirrors that become
+# stored rows or lose their last account in a database, with their triggers set aside
+# inside its own transaction as for _GUARDED.
+_MIRRORS = ("mirrored_transfers", "mirrored_resolutions")
 # Tables whose append-only triggers the source's deletion sets aside, inside its own
 # transaction (the owner's ALTER TABLE ... DISABLE TRIGGER, enabled again before commit).
 _GUARDED = ("partition_map", "accounts", "transfers", "pending_resolutions",
-            "failed_transfers", "ledger_chain", "shard_epochs")
+            "failed_transfers", "ledger_chain", "shard_epochs", *_MIRRORS)
 _BALANCES = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
 _OPEN_SAGAS = ("started", "debited", "compensating")
 
@@ -147,6 +161,10 @@ async def move_shard(urls: dict[str, str], shard: int, target: str, *,
     moved = Moved(shard, source, target, resumed=resumed)
     await _check_sagas(urls, layout, layout.with_shard_in(shard, target), shard)
     partitions = layout.partitions_of_shard(shard)
+    after = layout.with_shard_in(shard, target)
+    # The partitions whose shards are in the target once the shard is there.
+    target_partitions = [p for s in after.shards_of_database(target)
+                         for p in after.partitions_of_shard(s)]
     src = await _connect(urls[source])
     dst = await _connect(urls[target])
     try:
@@ -160,6 +178,9 @@ async def move_shard(urls: dict[str, str], shard: int, target: str, *,
                 else:
                     await _check_target(dst, shard, partitions)
                     await _copy(src, dst, shard, partitions, moved, chunk_rows)
+                    await _mirror_into_target(src, dst, partitions, target_partitions,
+                                              moved, chunk_rows)
+                    moved.rows["account_history"] = await _index_history(dst, partitions)
             await _delete(src, shard, partitions, moved)
     finally:
         await dst.close(timeout=CONNECT_TIMEOUT_S)
@@ -283,32 +304,30 @@ async def _lock(conn: asyncpg.Connection, key: str) -> None:
                           "connected: stop the processor first")
 
 
-# A transfer of the source with one account on the shard and one elsewhere, or coordinated
-# on one side with both accounts on the other (an account id 0 names no shard).
-_CROSSING_SQL = """
+# A pending transfer of the source, not resolved, between an account of the shard and one
+# of a shard that stays (a hold is coordinated by its debit account's shard; both accounts
+# are in the source).
+_OPEN_CROSSING_SQL = """
 SELECT t.id FROM transfers t
-LEFT JOIN accounts d ON d.id = t.debit_account_id
-LEFT JOIN accounts c ON c.id = t.credit_account_id
-WHERE (t.debit_account_id <> 0 AND coalesce(d.partition = ANY($1::int[]), false)
-       <> (t.partition = ANY($1::int[])))
-   OR (t.credit_account_id <> 0 AND coalesce(c.partition = ANY($1::int[]), false)
-       <> (t.partition = ANY($1::int[])))
+JOIN accounts d ON d.id = t.debit_account_id
+JOIN accounts c ON c.id = t.credit_account_id
+WHERE (t.flags & 2) <> 0 AND (d.partition = ANY($1::int[])) <> (c.partition = ANY($1::int[]))
+  AND NOT EXISTS (SELECT 1 FROM pending_resolutions r WHERE r.pending_id = t.id)
 LIMIT 1
 """
 
 
 async def _check_source(conn: asyncpg.Connection, shard: int, partitions: list[int]) -> None:
-    crossing = await conn.fetchval(_CROSSING_SQL, partitions)
+    crossing = await conn.fetchval(_OPEN_CROSSING_SQL, partitions)
     if crossing is not None:
-        raise MoveRefused("crosses_shards", f"transfer {crossing} joins an account of shard "
-                          f"{shard} and one of a shard that stays: a shard moves only with "
-                          "every transfer of its accounts inside it")
-    legs = await conn.fetchval(
-        "SELECT (SELECT count(*) FROM remote_posting_blocks WHERE shard = $1) "
-        "+ (SELECT count(*) FROM posting_folds WHERE shard = $1)", shard)
-    if legs:
-        raise MoveRefused("crosses_shards", f"other shards posted legs to shard {shard} "
-                          "(remote posting blocks): its transfers are not all inside it")
+        raise MoveRefused("pending_crosses_shards", f"pending transfer {crossing} joins an "
+                          f"account of shard {shard} and one of a shard that stays, and is "
+                          "open: post or void it (or start the processor until it expired), "
+                          "then move")
+    collision = await conn.fetchval(_SOURCE_MIRROR_COLLISION_SQL, partitions)
+    if collision is not None:
+        raise MoveRefused("id_collision", f"transfer {collision} of shard {shard} would be "
+                          "mirrored in the source, which holds a mirror of that id already")
     archives = await conn.fetchval(
         "SELECT count(*) FROM ledger_archives WHERE restored_at IS NULL")
     if archives:
@@ -388,14 +407,13 @@ async def _copy(src: asyncpg.Connection, dst: asyncpg.Connection, shard: int,
     for table, query, arg in copies:
         names = accounts if table == "accounts" else await _columns(src, table)
         sql = query.format(cols=", ".join(_quoted(c) for c in names))
-        moved.rows[table] = await _stream(src, dst, table, names, sql, arg, chunk_rows)
+        moved.rows[table] = await _stream(src, dst, table, names, sql, (arg,), chunk_rows)
     await dst.copy_records_to_table("partition_map", records=[
         (p, shard, moved.target) for p in partitions],
         columns=("partition", "shard", "database_key"))
     moved.rows["partition_map"] = len(partitions)
     await _check_ids(dst, shard, partitions)
     await _fold_checkpoints(src, dst, partitions)
-    moved.rows["account_history"] = await _index_history(dst, partitions)
 
 
 def _quoted(column: str) -> str:
@@ -403,15 +421,15 @@ def _quoted(column: str) -> str:
 
 
 async def _stream(src: asyncpg.Connection, dst: asyncpg.Connection, table: str,
-                  columns: list[str], sql: str, arg: Any, chunk_rows: int) -> int:
-    """The rows of ``sql`` (one argument) in the source, copied into ``table`` of the
+                  columns: list[str], sql: str, args: tuple[Any, ...], chunk_rows: int) -> int:
+    """The rows of ``sql`` (with ``args``) in the source, copied into ``table`` of the
     target ``chunk_rows`` at a time; a duplicate key there refuses the move."""
     count = 0
     # A cursor of its own, closed at the end: the source's deletion later in the same
     # transaction may not alter a table an open portal still reads.
     # Named per table, so each FETCH is a statement of its own (asyncpg caches a
     # statement's row description by its text).
-    await src.execute(f"DECLARE move_{table} NO SCROLL CURSOR FOR {sql}", arg)
+    await src.execute(f"DECLARE move_{table} NO SCROLL CURSOR FOR {sql}", *args)
     while records := await src.fetch(f"FETCH {int(chunk_rows)} FROM move_{table}"):
         try:
             await dst.copy_records_to_table(table, records=[tuple(r) for r in records],
@@ -476,6 +494,133 @@ async def _index_history(dst: asyncpg.Connection, partitions: list[int]) -> int:
     return int(status.split()[-1])
 
 
+# -- mirrors (migration 0035) ---------------------------------------------------------------
+
+def _on_shard(alias: str, on: bool) -> str:
+    """Whether the debit or credit account of transfer ``alias`` is an account of this
+    database on the shard's partitions ($1), or (``on`` False) one of a shard here that
+    stays. A database holds only its own shards' accounts, so an account elsewhere is
+    neither."""
+    where = "a.partition = ANY($1::int[])" if on else "NOT a.partition = ANY($1::int[])"
+    return (f"EXISTS (SELECT 1 FROM accounts a WHERE a.id IN ({alias}.debit_account_id, "  # noqa: S608
+            f"{alias}.credit_account_id) AND {where})")
+
+
+def _listed(alias: str, columns: list[str]) -> str:
+    return ", ".join(f"{alias}.{_quoted(c)}" for c in columns)
+
+
+def _names(columns: list[str]) -> str:
+    return ", ".join(_quoted(c) for c in columns)
+
+
+# What the target mirrors, read in the source: the transfers of shards staying there with
+# a leg on the shard, and the mirrors the source kept for the shard's accounts whose
+# originals are not stored in the target ($2: the target's partitions once the shard is
+# there). Then the resolutions of those that were pending.
+_REACHING_SQL = """
+SELECT {t} FROM transfers t WHERE NOT t.partition = ANY($1::int[]) AND {on_t}
+UNION ALL
+SELECT {t} FROM mirrored_transfers t WHERE NOT t.partition = ANY($2::int[]) AND {on_t}
+"""
+_REACHING_RESOLUTIONS_SQL = """
+SELECT {r} FROM pending_resolutions r JOIN transfers t ON t.id = r.pending_id
+WHERE NOT t.partition = ANY($1::int[]) AND {on_t}
+UNION ALL
+SELECT {r} FROM mirrored_resolutions r JOIN mirrored_transfers t ON t.id = r.pending_id
+WHERE NOT t.partition = ANY($2::int[]) AND {on_t}
+"""
+# The target's mirrors of the shard's own transfers: stored there from now on.
+_DROP_STORED_SQL = (
+    "DELETE FROM mirrored_resolutions r USING mirrored_transfers t "
+    "WHERE t.id = r.pending_id AND t.partition = ANY($1::int[])",
+    "DELETE FROM mirrored_transfers WHERE partition = ANY($1::int[])",
+)
+
+
+async def _mirror_into_target(src: asyncpg.Connection, dst: asyncpg.Connection,
+                              partitions: list[int], target_partitions: list[int],
+                              moved: Moved, chunk_rows: int) -> None:
+    """The target's mirrors as the shard's arrival leaves them (module docstring)."""
+    dropped = 0
+    for table in _MIRRORS:
+        await dst.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+    for sql in _DROP_STORED_SQL:
+        dropped += int((await dst.execute(sql, partitions)).split()[-1])
+    for table in _MIRRORS:
+        await dst.execute(f"ALTER TABLE {table} ENABLE TRIGGER USER")
+    moved.rows["mirrors_dropped_in_target"] = dropped
+    transfers = await _columns(src, "mirrored_transfers")
+    resolutions = await _columns(src, "mirrored_resolutions")
+    copies = (
+        ("mirrored_transfers", transfers,
+         _REACHING_SQL.format(t=_listed("t", transfers), on_t=_on_shard("t", True))),
+        ("mirrored_resolutions", resolutions,
+         _REACHING_RESOLUTIONS_SQL.format(r=_listed("r", resolutions),
+                                          on_t=_on_shard("t", True))),
+    )
+    for table, names, sql in copies:
+        moved.rows[f"{table}_into_target"] = await _stream(
+            src, dst, table, names, sql, (partitions, target_partitions), chunk_rows)
+
+
+# A transfer of the shard the source will mirror whose id a mirror it keeps has already.
+_SOURCE_MIRROR_COLLISION_SQL = f"""
+SELECT t.id FROM transfers t JOIN mirrored_transfers m ON m.id = t.id
+WHERE t.partition = ANY($1::int[]) AND {_on_shard("t", False)}
+  AND NOT {_on_shard("m", True)}
+LIMIT 1
+"""  # noqa: S608 - built from this module's constants only
+
+
+async def _mirror_in_source(conn: asyncpg.Connection, shard: int, partitions: list[int],
+                            moved: Moved) -> None:
+    """Inside the source's deletion, before the shard's rows go: its mirrors for the
+    shard's accounts dropped (no account of theirs stays), mirrors kept of the shard's
+    transfers that reach a shard staying, and the shard's posting blocks left here
+    recorded as folded."""
+    on, off = _on_shard("t", True), _on_shard("t", False)
+    dropped = 0
+    for sql in (f"DELETE FROM mirrored_resolutions r USING mirrored_transfers t "  # noqa: S608
+                f"WHERE t.id = r.pending_id AND {on}",
+                f"DELETE FROM mirrored_transfers t WHERE {on}"):  # noqa: S608
+        dropped += int((await conn.execute(sql, partitions)).split()[-1])
+    moved.rows["mirrors_dropped_in_source"] = dropped
+    transfers = await _columns(conn, "mirrored_transfers")
+    resolutions = await _columns(conn, "mirrored_resolutions")
+    kept = 0
+    for sql in (
+        f"INSERT INTO mirrored_transfers ({_names(transfers)}) "  # noqa: S608
+        f"SELECT {_listed('t', transfers)} FROM transfers t "
+        f"WHERE t.partition = ANY($1::int[]) AND {off}",
+        f"INSERT INTO mirrored_resolutions ({_names(resolutions)}) "  # noqa: S608
+        f"SELECT {_listed('r', resolutions)} FROM pending_resolutions r "
+        f"JOIN transfers t ON t.id = r.pending_id "
+        f"WHERE t.partition = ANY($1::int[]) AND {off}",
+    ):
+        kept += int((await conn.execute(sql, partitions)).split()[-1])
+    moved.rows["mirrors_kept_in_source"] = kept
+    # The balances moved whole (the view's blocks included): the blocks left here for the
+    # shard are in them. Recorded as folded up to this transaction (no block is being
+    # written: the blocks table is locked), so were the shard ever to come back, none
+    # would count twice.
+    await conn.execute(_FOLD_LEFT_BLOCKS_SQL, shard)
+
+
+_FOLD_LEFT_BLOCKS_SQL = """
+INSERT INTO posting_folds (shard, seq, horizon, epoch, blocks, legs)
+SELECT $1, coalesce((SELECT max(f.seq) FROM posting_folds f WHERE f.shard = $1), 0) + 1,
+       pg_current_xact_id(),
+       coalesce((SELECT e.epoch FROM shard_epochs e WHERE e.shard = $1), 0),
+       c.blocks, c.legs
+FROM (SELECT count(*)::int AS blocks,
+             coalesce(sum(cardinality(b.account_ids)), 0)::bigint AS legs
+      FROM remote_posting_blocks b
+      WHERE b.shard = $1 AND b.xid >= posting_horizon($1)) c
+WHERE c.blocks > 0
+"""
+
+
 # -- the source's deletion ------------------------------------------------------------------
 
 # (table, statement, whether its one argument is the shard's partitions or the shard).
@@ -501,6 +646,7 @@ async def _delete(conn: asyncpg.Connection, shard: int, partitions: list[int],
     the rows the target received, or nothing commits."""
     for table in _GUARDED:
         await conn.execute(f"ALTER TABLE {table} DISABLE TRIGGER USER")
+    await _mirror_in_source(conn, shard, partitions, moved)
     for table, sql, by_partitions in _DELETES:
         status = await conn.execute(sql, partitions if by_partitions else shard)
         deleted = int(status.split()[-1])

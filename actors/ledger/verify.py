@@ -31,6 +31,7 @@ import numpy as np
 from actors.ledger.indexer import HISTORY_COLUMNS, MOVEMENTS_SQL
 from processor.archive import decode_manifest
 from processor.ledger import (
+    PARTITIONS,
     BalanceCheck,
     ChainCheck,
     PartitionMap,
@@ -205,6 +206,7 @@ async def check_ledger(ctx: VerifyContext) -> None:
             chain.feed(2, None if shard < 0 else shard, rows.slice(a, b), rows.fixed["id"][a:b])
     async for c in ctx.chunks(_TRANSFERS_SQL, *layout):
         _feed_transfers(c, chain, balances, pending, report)
+    await _read_mirrors(ctx, balances)
     chain.finish()
     balances.finish()
     pending.finish()
@@ -364,7 +366,43 @@ async def _read_accounts(ctx: VerifyContext, chain: ChainCheck, pending: Pending
     return BalanceCheck(
         ctx.report, ids=joined(ids, none), currency=joined(currency, np.zeros(0, "S3")),
         flags=joined(flags, none), stored=joined(stored, np.zeros((0, 4), np.int64)),
-        resolved=np.unique(pending.resolution_pending))
+        resolved=np.unique(pending.resolution_pending), mapped=await _mapped(ctx))
+
+
+async def _mapped(ctx: VerifyContext) -> np.ndarray | None:
+    """Which partitions this database holds (its part of the partition map), or None when
+    it records none (shards started without a map: everything is here)."""
+    held = await ctx.conn.fetchval("SELECT array_agg(partition) FROM partition_map")
+    if held is None:
+        return None
+    mapped = np.zeros(PARTITIONS, dtype=bool)
+    mapped[np.array(held, dtype=np.int64)] = True
+    return mapped
+
+
+# Transfers stored in another database with a leg here (migration 0035), and how those
+# that were pending were resolved.
+_MIRRORS_SQL = """
+SELECT id, debit_account_id, credit_account_id, amount, currency, flags
+FROM mirrored_transfers ORDER BY "timestamp", id
+"""
+_MIRRORED_RESOLVED_SQL = "SELECT pending_id FROM mirrored_resolutions ORDER BY pending_id"
+
+
+async def _read_mirrors(ctx: VerifyContext, balances: BalanceCheck) -> None:
+    """The mirrors' legs on this database's accounts, into the balance re-derivation only:
+    they are in no chain here (their coordinator's chain, in their own database, covers
+    them; ``verify_databases`` compares each with it)."""
+    if not await ctx.conn.fetchval("SELECT to_regclass('mirrored_transfers') IS NOT NULL"):
+        return
+    resolved = np.array([r[0] for r in await ctx.conn.fetch(_MIRRORED_RESOLVED_SQL)],
+                        dtype=np.int64)
+    ctx.report.count("mirrored_transfers", 0)
+    async for c in ctx.chunks(_MIRRORS_SQL):
+        ctx.report.count("mirrored_transfers", len(c[0]))
+        balances.feed(id=_ints(c[0]), debit=_ints(c[1]), credit=_ints(c[2]),
+                      amount=_ints(c[3]), currency=_letters(c[4]), flags=_ints(c[5]),
+                      resolved=resolved)
 
 
 def _feed_transfers(c: list[tuple[Any, ...]], chain: ChainCheck, balances: BalanceCheck,

@@ -36,6 +36,7 @@ from processor.ledger.chain import (
     SectionHasher,
     link_digest,
 )
+from processor.ledger.partition import partitions_of
 from processor.types import AccountFlags, TransferFlags
 
 __all__ = [
@@ -309,10 +310,15 @@ class BalanceCheck:
 
     Built with every account (ids sorted), fed the transfers in chunks of arrays, then
     ``finish``. ``resolved`` are the ids of pending transfers that are resolved, sorted: a
-    resolved hold counts nothing (its post counts what it posted)."""
+    resolved hold counts nothing (its post counts what it posted). ``mapped``, when given,
+    says which partitions this database holds (indexed by partition): a leg on an account
+    of another partition is in another database (its shard moved there, docs/design.md
+    §12) and counts there, not here; a missing account of a partition held here is a
+    problem as before."""
 
     def __init__(self, report: Report, *, ids: np.ndarray, currency: np.ndarray,
-                 flags: np.ndarray, stored: np.ndarray, resolved: np.ndarray) -> None:
+                 flags: np.ndarray, stored: np.ndarray, resolved: np.ndarray,
+                 mapped: np.ndarray | None = None) -> None:
         order = np.argsort(ids, kind="stable")
         self._report = report
         self._ids = ids[order]
@@ -321,46 +327,62 @@ class BalanceCheck:
         self._stored = stored[order]  # (n, 4): the _SUMS
         self._derived = np.zeros_like(self._stored)
         self._resolved = resolved
+        self._mapped = mapped
+        # Per currency, the _SUMS of the legs counted in another database.
+        self._elsewhere: dict[bytes, list[int]] = {}
 
     def feed(self, *, id: np.ndarray, debit: np.ndarray, credit: np.ndarray,
-             amount: np.ndarray, currency: np.ndarray, flags: np.ndarray) -> None:
-        """Transfers: ids, accounts, amounts, currencies (``S3``) and flags."""
+             amount: np.ndarray, currency: np.ndarray, flags: np.ndarray,
+             resolved: np.ndarray | None = None) -> None:
+        """Transfers: ids, accounts, amounts, currencies (``S3``) and flags; ``resolved``
+        (sorted) in place of the constructor's for these rows (mirrors, whose resolutions
+        are mirrored with them)."""
         self._report.count("balance_transfers", len(id))
-        debit_at = self._find(debit, id, "debit_account_missing")
-        credit_at = self._find(credit, id, "credit_account_missing")
-        known = (debit_at >= 0) & (credit_at >= 0)
+        debit_at, debit_away = self._find(debit, id, "debit_account_missing")
+        credit_at, credit_away = self._find(credit, id, "credit_account_missing")
         for side, at in (("debit", debit_at), ("credit", credit_at)):
-            wrong = known & (self._currency[np.maximum(at, 0)] != currency)
+            wrong = (at >= 0) & (self._currency[np.maximum(at, 0)] != currency)
             for i in np.flatnonzero(wrong)[:10].tolist():
                 self._report.add("transfers", int(id[i]), f"{side}_account_currency",
                                  self._currency[at[i]].decode(), currency[i].decode())
         pending = (flags & _PENDING) != 0
-        open_hold = pending & ~np.isin(id, self._resolved)
+        open_hold = pending & ~np.isin(id, self._resolved if resolved is None else resolved)
         posts = ((flags & (_PENDING | _POST | _VOID)) == 0) | ((flags & _POST) != 0)
         pend = np.where(open_hold, amount, 0)
         post = np.where(posts, amount, 0)
-        d, c = debit_at[known], credit_at[known]
-        np.add.at(self._derived[:, 0], d, pend[known])
-        np.add.at(self._derived[:, 1], d, post[known])
-        np.add.at(self._derived[:, 2], c, pend[known])
-        np.add.at(self._derived[:, 3], c, post[known])
+        d, c = debit_at >= 0, credit_at >= 0
+        np.add.at(self._derived[:, 0], debit_at[d], pend[d])
+        np.add.at(self._derived[:, 1], debit_at[d], post[d])
+        np.add.at(self._derived[:, 2], credit_at[c], pend[c])
+        np.add.at(self._derived[:, 3], credit_at[c], post[c])
+        for k, away in ((0, debit_away), (2, credit_away)):
+            for i in np.flatnonzero(away).tolist():
+                sums = self._elsewhere.setdefault(bytes(currency[i]), [0, 0, 0, 0])
+                sums[k] += int(pend[i])
+                sums[k + 1] += int(post[i])
+        self._report.count("legs_elsewhere", int(debit_away.sum() + credit_away.sum()))
 
     def add_checkpoint(self, ids: np.ndarray, sums: np.ndarray) -> None:
         """Start the re-derivation of these accounts from an archive's balance checkpoint
         (``sums``: (n, 4), the _SUMS each account's archived transfers added)."""
         self._report.count("checkpoint_accounts", len(ids))
-        at = self._find(ids, ids, "checkpoint_account_missing")
+        at, _ = self._find(ids, ids, "checkpoint_account_missing")
         known = at >= 0
         np.add.at(self._derived, at[known], sums[known])
 
-    def _find(self, accounts: np.ndarray, ids: np.ndarray, kind: str) -> np.ndarray:
+    def _find(self, accounts: np.ndarray, ids: np.ndarray,
+              kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Each account's index (-1: not here), and whether it is in another database."""
         at = np.searchsorted(self._ids, accounts)
         clipped = np.minimum(at, max(len(self._ids) - 1, 0))
         found = (at < len(self._ids)) & (self._ids[clipped] == accounts) if len(self._ids) \
             else np.zeros(len(accounts), dtype=bool)
-        for i in np.flatnonzero(~found)[:10].tolist():
+        away = np.zeros(len(accounts), dtype=bool)
+        if self._mapped is not None:
+            away = ~found & ~self._mapped[partitions_of(accounts)]
+        for i in np.flatnonzero(~found & ~away)[:10].tolist():
             self._report.add("transfers", int(ids[i]), kind, int(accounts[i]), "none")
-        return np.where(found, clipped, -1)
+        return np.where(found, clipped, -1), away
 
     def finish(self) -> None:
         report = self._report
@@ -376,12 +398,16 @@ class BalanceCheck:
         self._check_limits()
 
     def _check_currencies(self) -> None:
-        """Per currency, the stored debits equal the stored credits (pending and posted)."""
+        """Per currency, the stored debits equal the stored credits (pending and posted),
+        with the legs of this database's transfers counted in another one added."""
         codes = np.unique(self._currency)
         self._report.count("currencies", len(codes))
         for code in codes.tolist():
             rows = self._stored[self._currency == code].astype(object)
-            sums = rows.sum(axis=0) if len(rows) else [0, 0, 0, 0]
+            sums = list(rows.sum(axis=0)) if len(rows) else [0, 0, 0, 0]
+            # The legs counted in another database balance this one's.
+            sums = [a + b for a, b in zip(sums, self._elsewhere.get(code, [0, 0, 0, 0]),
+                                          strict=True)]
             for kind, debits, credits in (("pending", sums[0], sums[2]),
                                           ("posted", sums[1], sums[3])):
                 if debits != credits:
@@ -463,6 +489,9 @@ class PendingCheck:
                        "a pending transfer", "none")
         order = np.argsort(ids)
         by_id, by_pending, by_flags = ids[order], pending_ids[order], flags[order]
+        if len(by_id) == 0:  # expiries only: one row that matches nothing, to index safely
+            by_id, by_pending, by_flags = (np.full(1, -1, np.int64), np.full(1, -1, np.int64),
+                                           np.zeros(1, np.int64))
         at = _index_of(by_id, rt)
         expected_flag = np.where(kind == 1, _POST, np.where(kind == 2, _VOID, 0))
         found = at >= 0

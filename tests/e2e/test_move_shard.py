@@ -7,7 +7,9 @@ is refused; stopped, the move is refused into a database not yet migrated and in
 holding a row of the shard; then shard 2 moves to a second PostgreSQL server (where
 dealing would not put it), `txproc verify` passes over both, and `serve` started again
 with both URLs answers every account and transfer as before and commits new transfers on
-the moved shard, in its new database.
+the moved shard, in its new database. A second ledger joins the moved shard to a staying
+one by cross-shard transfers of every kind; it moves too, each database keeping mirrors
+of the other's transfers that reach its accounts (migration 0035).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import asyncpg
+import msgspec
 import pytest
 
 from actors.database import (
@@ -34,6 +39,7 @@ from actors.database import (
 from actors.ledger.relocation import rows_of_shard
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
+from processor.history import AccountBalancesAt
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 from processor.ledger import PartitionMap
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
@@ -217,9 +223,149 @@ async def _plant_and_refuse(main: str, second: str, partition: int) -> None:
         await conn.close()
 
 
-def _verified(urls: list[str]) -> None:
+def _verified(urls: list[str]) -> dict[str, Any]:
     done = _run(["verify", "--json", *[a for u in urls for a in ("--database-url", u)]])
-    result = json.loads(done.stdout)
+    result: dict[str, Any] = json.loads(done.stdout)
     assert done.returncode == 0 and result["ok"], result["problems"]
     assert result["checked"]["databases"] == 2
+    return result
 
+
+
+# What the reads answer about the moved shard's accounts and the ledger's transfers, to be
+# the same before and after the move (the stream and the query: each id exactly once).
+@dataclass(frozen=True)
+class _Seen:
+    accounts: list[Account | None]
+    transfers: list[Transfer | None]
+    history: list[int]
+    balances_at: list[AccountBalancesAt]
+    queried: list[int]
+    streamed: list[int]
+
+
+async def _seen(client: Client, accounts: list[int], transfers: list[int], moved: int,
+                instants: list[int]) -> _Seen:
+    """The reads once every transfer is inside the horizon (lists serve only rows at or
+    below it; an idle shard moves it within seconds)."""
+    deadline = time.monotonic() + 60
+    while True:
+        history = [t.id for t in (await client.get_account_transfers(moved, limit=100)).data]
+        queried = [t.id for t in (await client.query_transfers(limit=100)).data]
+        streamed: list[int] = []
+        cursor = ""
+        while page := await client.stream_transfers(cursor, limit=100):
+            streamed += [t.id for t in page.data]
+            cursor = page.next_cursor
+            if not page.data:
+                break
+        if (set(transfers) <= set(queried) and set(transfers) <= set(streamed)) \
+                or time.monotonic() > deadline:
+            break
+        await _sleep(0.5)
+    return _Seen(await client.lookup_accounts(accounts), await client.lookup_transfers(transfers),
+                 history, [await client.get_account_balances(moved, at) for at in instants],
+                 sorted(queried), sorted(streamed))
+
+
+async def test_a_shard_joined_to_one_that_stays_moves(
+        databases: tuple[Path, list[str]]) -> None:
+    """Shard 2, joined to shard 0 by plain, posted, voided and expired cross-shard
+    transfers both ways, moves to a second server: verify passes over both databases (each
+    database's balances explained by its stored transfers and mirrors, every mirror equal
+    to its stored original), every balance, transfer lookup, account history and balance
+    at an instant of a moved account is as before, the query and the stream list each
+    transfer once, and new transfers within a database across shards and between the
+    databases commit."""
+    data_dir, (main, second) = databases
+    base = int(time.time()) * 1_000_000 + 7_000
+    a0, b0 = _ids(0, base, 2)
+    (c1,) = _ids(1, base, 1)
+    a2, b2 = _ids(MOVED, base, 2)
+    tids = iter(range(base + 900_000, base + 999_999))
+
+    def t(debit: int, credit: int, amount: int, **kw: Any) -> Transfer:
+        return Transfer(id=next(tids), debit_account_id=debit, credit_account_id=credit,
+                        amount=amount, currency="EUR", **kw)
+
+    async with _serving(data_dir, [main]) as (rpc_port, token), \
+            Client("127.0.0.1", rpc_port, token) as client:
+        accounts = [Account(id=a, currency="EUR", flags=AccountFlags.HISTORY if a == a2
+                            else AccountFlags.NONE) for a in (a0, b0, c1, a2, b2)]
+        assert await client.create_accounts(accounts) == [AccountResult.ok] * 5
+        hold_in, hold_out, lapsing = (t(a0, a2, 50, flags=TransferFlags.PENDING, timeout_s=3600),
+                                      t(a2, b0, 20, flags=TransferFlags.PENDING, timeout_s=3600),
+                                      t(a0, b2, 10, flags=TransferFlags.PENDING, timeout_s=1))
+        sent = [t(a0, a2, 100), t(a2, b0, 30), t(a2, b2, 7), t(a0, c1, 3), hold_in, hold_out,
+                lapsing]
+        sent += [t(a0, a2, 40, flags=TransferFlags.POST_PENDING, pending_id=hold_in.id),
+                 t(a2, b0, 20, flags=TransferFlags.VOID_PENDING, pending_id=hold_out.id)]
+        for one in sent:
+            assert await client.create_transfers([one]) == [R.ok], one
+        deadline = time.monotonic() + 30  # the short hold expires
+        while (await client.lookup_accounts([b2]))[0].credits_pending:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "the hold never expired"
+            await _sleep(0.5)
+        stamps = [s.timestamp for s in await client.lookup_transfers([sent[0].id, sent[1].id])
+                  if s is not None]
+        instants = [stamps[0], stamps[1] - 1, time.time_ns()]
+        ids = [one.id for one in sent]
+        before = await _seen(client, [a0, b0, c1, a2, b2], ids, a2, instants)
+    assert len(before.history) == 7 and before.queried == before.streamed == sorted(ids)
+    assert before.accounts[3] is not None and before.accounts[3].credits_posted == 140
+
+    done = _run(["migrate", "--database-url", main, "--database-url", second])
+    assert done.returncode == 0, done.stdout + done.stderr
+    code, said = _move([main, second])
+    assert code == 0, said
+    # Each database keeps mirrors of the transfers stored in the other with a leg on its
+    # accounts: the main one of shard 2's (30, the hold of 20 and its void), the new one
+    # of shard 0's (100, the hold of 50 and its post, the lapsed hold).
+    mirrors = "SELECT array_agg(id ORDER BY id) FROM mirrored_transfers"
+    assert await _fetchval(main, mirrors) == sorted([sent[1].id, hold_out.id, sent[8].id])
+    assert await _fetchval(second, mirrors) == sorted(
+        [sent[0].id, hold_in.id, sent[7].id, lapsing.id])
+    assert await _fetchval(second, "SELECT count(*) FROM mirrored_resolutions") == 2
+    checked = _verified([main, second])["checked"]
+    assert checked["mirrors_checked"] == 7 + 3 and checked["mirrored_transfers"] == 7
+
+    async with _serving(data_dir, [main, second]) as (rpc_port, token), \
+            Client("127.0.0.1", rpc_port, token) as client:
+        after = await _seen(client, [a0, b0, c1, a2, b2], ids, a2, instants)
+        assert after == before
+        fresh = [t(a0, c1, 2), t(a2, b2, 1), t(a0, a2, 5), t(a2, b0, 4)]
+        assert await client.create_transfers(fresh) == [R.ok] * 4
+        assert await client.lookup_accounts([a0, c1, a2]) == [
+            msgspec.structs.replace(before.accounts[0], debits_posted=(
+                before.accounts[0].debits_posted + 7)),  # type: ignore[union-attr]
+            msgspec.structs.replace(before.accounts[2], credits_posted=(
+                before.accounts[2].credits_posted + 2)),  # type: ignore[union-attr]
+            msgspec.structs.replace(before.accounts[3], debits_posted=(
+                before.accounts[3].debits_posted + 5),  # type: ignore[union-attr]
+                credits_posted=before.accounts[3].credits_posted + 5)]  # type: ignore[union-attr]
+    _verified([main, second])
+
+    # A mirror changed: the moved account's balance no longer follows from the rows, and
+    # the mirror equals no stored transfer.
+    conn = await asyncpg.connect(second)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE mirrored_transfers DISABLE TRIGGER USER")
+            await conn.execute("UPDATE mirrored_transfers SET amount = amount + 1 "
+                               "WHERE id = $1", sent[0].id)
+            await conn.execute("ALTER TABLE mirrored_transfers ENABLE TRIGGER USER")
+    finally:
+        await conn.close()
+    done = _run(["verify", "--json", "--database-url", main, "--database-url", second])
+    problems = {(str(p["id"]), p["kind"]) for p in json.loads(done.stdout)["problems"]}
+    assert done.returncode == 1
+    assert {(str(a2), "credits_posted_mismatch"),
+            (str(sent[0].id), "mirror_without_original")} <= problems, problems
+
+
+async def _fetchval(url: str, sql: str) -> Any:
+    conn = await asyncpg.connect(url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
