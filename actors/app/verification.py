@@ -252,10 +252,10 @@ async def _transit_of(url: str, partitions: Any, tenant: int, d1: str, d2: str, 
     return next((c for c in candidates if found.get(c) == (tenant, currency)), None)
 
 
-# -- mirrors: transfers kept where an account of theirs moved (migration 0035) ------------
+# -- mirrors: transfers kept where an account of theirs moved (migration 0037) ------------
 
 # (mirror table, the table of the stored rows, their key). Both tables of a pair have the
-# same columns in the same order (0035 created the mirrors LIKE the stored tables).
+# same columns in the same order (0037 created the mirrors LIKE the stored tables).
 _MIRRORED = (("mirrored_transfers", "transfers", "id"),
              ("mirrored_resolutions", "pending_resolutions", "pending_id"))
 _MIRROR_CHUNK_ROWS = 20_000

@@ -8,7 +8,7 @@ at an instant read ``account_history`` (migration 0028, appended off the commit 
 actors/ledger/indexer.py) up to the indexer's position, and only the movements above it
 from ``transfers``, the way all of them were read before it existed. The transfer query
 still scans ``transfers``. Per-account reads also take the *mirrors* a shard move left
-(migration 0035; docs/design.md §12, "Moving a shard"): transfers stored in another
+(migration 0037; docs/design.md §12, "Moving a shard"): transfers stored in another
 database with a leg on an account of this one. The transfer query does not: each
 transfer is listed once, where it is stored.
 
@@ -72,7 +72,7 @@ async def read_horizon(conn: Any) -> int:
 
 def _side_sql(column: str, descending: bool) -> str:
     """One side's ordered range of an account's transfers, read from ``transfers`` and
-    the mirrors (migration 0035; ``transfers_and_mirrors``): $1
+    the mirrors (migration 0037; ``transfers_and_mirrors``): $1
     account, ($2, $3) the position to start after (before, newest first), $4 from
     (inclusive), $5 to (exclusive), $6 how many, $7 the indexer's position (only rows
     above it: account_history holds the rest)."""
@@ -96,7 +96,7 @@ def _indexed_sql(side: str, descending: bool) -> str:
     else:
         where, order = '(h."timestamp", h.transfer_id) > ($2, $3)', 'h."timestamp", h.transfer_id'
     sides = {"debits": " AND h.side = 1", "credits": " AND h.side = 2", "both": ""}[side]
-    # A transfer stored here or mirrored (migration 0035); an id may name one of each (ids
+    # A transfer stored here or mirrored (migration 0037); an id may name one of each (ids
     # are unique per database only), their instants never coincide.
     return (f"(SELECT {_COLUMNS} FROM account_history h JOIN transfers_and_mirrors t "  # noqa: S608
             f'ON t.id = h.transfer_id AND t."timestamp" = h."timestamp" '

@@ -58,7 +58,7 @@ log = logging.getLogger("txproc.history.indexer")
 BALANCES = ("debits_pending", "debits_posted", "credits_pending", "credits_posted")
 
 # Each movement in ($1, $2] of an account of this database: the legs of every transfer
-# stored or mirrored here (migration 0035), the sides of every expiry. A leg whose account
+# stored or mirrored here (migration 0037), the sides of every expiry. A leg whose account
 # moved to another database with its shard is that database's (docs/design.md §12).
 _MOVES = """
     SELECT l.account_id, t."timestamp", t.id AS transfer_id, l.side, false AS expiry,

@@ -13,7 +13,7 @@ finds the copy complete and finishes the deletion.
 
 A transfer between an account of the shard and one of a shard that stays stays stored
 once, where its coordinator's rows are; the other database gets a read-only *mirror* of it
-(migration 0035: ``mirrored_transfers``, ``mirrored_resolutions``), so each database's
+(migration 0037: ``mirrored_transfers``, ``mirrored_resolutions``), so each database's
 accounts are still explained by the rows it holds (verify, account history, balances at
 an instant). The target's transaction copies into it the mirrors of the source's
 transfers that reach the shard and drops the mirrors it held of the shard's own transfers
@@ -63,7 +63,7 @@ _TABLES = ("partition_map", "accounts", "transfers", "pending_resolutions", "fai
            "ledger_chain", "shard_epochs", "partition_checkpoints", "account_history",
            "remote_posting_blocks", "posting_folds", "crossdb_transfers",
            "mirrored_transfers", "mirrored_resolutions")
-# The mirror tables (migration 0035), append-only: a move drops the mirrors that become
+# The mirror tables (migration 0037), append-only: a move drops the mirrors that become
 # stored rows or lose their last account in a database, with their triggers set aside
 # inside its own transaction as for _GUARDED.
 _MIRRORS = ("mirrored_transfers", "mirrored_resolutions")
@@ -494,7 +494,7 @@ async def _index_history(dst: asyncpg.Connection, partitions: list[int]) -> int:
     return int(status.split()[-1])
 
 
-# -- mirrors (migration 0035) ---------------------------------------------------------------
+# -- mirrors (migration 0037) ---------------------------------------------------------------
 
 def _on_shard(alias: str, on: bool) -> str:
     """Whether the debit or credit account of transfer ``alias`` is an account of this

@@ -380,7 +380,7 @@ async def _mapped(ctx: VerifyContext) -> np.ndarray | None:
     return mapped
 
 
-# Transfers stored in another database with a leg here (migration 0035), and how those
+# Transfers stored in another database with a leg here (migration 0037), and how those
 # that were pending were resolved.
 _MIRRORS_SQL = """
 SELECT id, debit_account_id, credit_account_id, amount, currency, flags

@@ -9,7 +9,7 @@ dealing would not put it), `txproc verify` passes over both, and `serve` started
 with both URLs answers every account and transfer as before and commits new transfers on
 the moved shard, in its new database. A second ledger joins the moved shard to a staying
 one by cross-shard transfers of every kind; it moves too, each database keeping mirrors
-of the other's transfers that reach its accounts (migration 0035).
+of the other's transfers that reach its accounts (migration 0037).
 """
 
 from __future__ import annotations
