@@ -48,6 +48,9 @@ SELECT r.*, false AS mirrored FROM pending_resolutions r
 UNION ALL
 SELECT m.*, true FROM mirrored_resolutions m;
 
-REVOKE ALL ON mirrored_transfers, mirrored_resolutions FROM txproc_app;
+-- Read-only for the service: the mirrors are written by the operator's move only, and the
+-- views (which the default privileges would open to writes) only read.
+REVOKE ALL ON mirrored_transfers, mirrored_resolutions, transfers_and_mirrors,
+    resolutions_and_mirrors FROM txproc_app;
 GRANT SELECT ON mirrored_transfers, mirrored_resolutions, transfers_and_mirrors,
     resolutions_and_mirrors TO txproc_app;

@@ -79,6 +79,12 @@ EXPECTED_PRIVILEGES: dict[str, frozenset[str]] = {
     # Personal user_data (0036): the edge reads which tenants opted in (the operator's
     # command marks them) and stores sealed values it never changes; erasure deletes them.
     "tenant_privacy": READ,
+    # Transfers mirrored where an account of theirs moved (0037): written by the
+    # operator's move only; the views beside them read.
+    "mirrored_transfers": READ,
+    "mirrored_resolutions": READ,
+    "transfers_and_mirrors": READ,
+    "resolutions_and_mirrors": READ,
     "personal_values": APPEND,
     "payment_steps": CHANGE,
     "payment_step_keys": APPEND,
