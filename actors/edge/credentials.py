@@ -20,6 +20,7 @@ revoke``) sits here too, beside the one query that reads them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -62,6 +63,9 @@ REFRESH_INTERVAL_S = 0.5
 # are kept and an error is logged; revocations expire with the tokens they cover.
 REVOCATIONS_MAX = 100_000
 _NAME_CHARS_MAX = 128
+# A read of the revocations that takes longer than this is given up and started again on a
+# new connection; the key file is looked at meanwhile all the same.
+READ_BOUND_S = 5.0
 _DATABASE_ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 _READ = f"""
@@ -214,18 +218,31 @@ def _check_name(what: str, value: str) -> None:
 
 class CredentialsWatch:
     """Keeps one front's ``Credentials`` current: the key file and the revocations, every
-    ``interval_s``, on a database connection of its own."""
+    ``interval_s``, on a database connection of its own.
+
+    The two are looked at apart: the key file every round whatever the database does, the
+    revocations by one read at a time in a task of its own. A read that takes longer than
+    ``read_bound_s`` (a hung connection, a lock on the table) is cancelled and its
+    connection dropped; the next round starts a new one. No failure of either stops the
+    watch: it is what makes a retired key or a revoked token stop working, so its loss
+    would leave them working in silence."""
 
     def __init__(self, credentials: Credentials, database_url: str, *,
                  connect_timeout_s: float, command_timeout_s: float,
-                 interval_s: float = REFRESH_INTERVAL_S) -> None:
+                 interval_s: float = REFRESH_INTERVAL_S,
+                 read_bound_s: float = READ_BOUND_S,
+                 monotonic_s: Callable[[], float] = time.monotonic) -> None:
         if not interval_s > 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
+        if not read_bound_s > 0:
+            raise ValueError(f"read_bound_s must be positive, got {read_bound_s}")
         self._credentials = credentials
         self._url = database_url
         self._connect_timeout_s = connect_timeout_s
         self._command_timeout_s = command_timeout_s
         self._interval_s = interval_s
+        self._read_bound_s = read_bound_s
+        self._monotonic_s = monotonic_s
         self._conn: asyncpg.Connection | None = None
         self._failing = False
 
@@ -233,6 +250,47 @@ class CredentialsWatch:
         """Look at the key file and read the revocations once. Raises the database's
         errors (the revocations known before stay in force)."""
         self._credentials.refresh_keys(force=True)
+        await self._read_revocations()
+
+    async def run(self) -> None:
+        """Every ``interval_s`` until cancelled: look at the key file, and start a read of
+        the revocations unless one is under way (one running past ``read_bound_s`` is
+        cancelled). Failures are logged once per outage; the next round tries again on a
+        new connection."""
+        read: asyncio.Task[None] | None = None
+        read_started_s = 0.0
+        try:
+            while True:
+                await asyncio.sleep(self._interval_s)
+                self._refresh_keys()
+                if read is not None and read.done():
+                    self._settle(read)
+                    read = None
+                if read is None:
+                    read = asyncio.get_running_loop().create_task(self._read_revocations())
+                    read_started_s = self._monotonic_s()
+                elif self._monotonic_s() - read_started_s > self._read_bound_s:
+                    read.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, *_DATABASE_ERRORS):
+                        await read
+                    read = None
+                    self._failed(TimeoutError(
+                        f"the revocations were not read within {self._read_bound_s} s"))
+                    self._abandon_connection()
+        finally:
+            if read is not None:
+                read.cancel()
+                with contextlib.suppress(BaseException):
+                    await read
+
+    def _refresh_keys(self) -> None:
+        try:
+            self._credentials.refresh_keys(force=True)
+        except Exception:  # a fault here must not stop the revocations being read
+            log.exception("the key file could not be looked at; the keys read before stay "
+                          "in use")
+
+    async def _read_revocations(self) -> None:
         if self._conn is None or self._conn.is_closed():
             self._conn = await asyncpg.connect(
                 self._url, timeout=self._connect_timeout_s,
@@ -240,26 +298,36 @@ class CredentialsWatch:
                 server_settings={"application_name": "txproc-credentials"})
         self._credentials.set_revocations(await read_revocations(self._conn))
 
-    async def run(self) -> None:
-        """``poll`` every ``interval_s`` until cancelled; failures are logged (once per
-        outage) and the next round tries again on a new connection."""
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                await self.poll()
-            except _DATABASE_ERRORS as exc:
-                if not self._failing:
-                    log.warning("revocations could not be read; those read before stay in "
-                                "force: %r", exc)
-                self._failing = True
-                await self._drop_connection()
-                continue
+    def _settle(self, read: asyncio.Task[None]) -> None:
+        """Log the outcome of a finished read; after a failure, drop its connection."""
+        exc = read.exception()
+        if exc is None:
             if self._failing:
                 log.info("revocations are read again")
             self._failing = False
+            return
+        self._failed(exc)
+        self._abandon_connection()
+
+    def _failed(self, exc: BaseException) -> None:
+        if not self._failing:
+            if isinstance(exc, _DATABASE_ERRORS):
+                log.warning("revocations could not be read; those read before stay in "
+                            "force: %r", exc)
+            else:
+                log.error("revocations could not be read; those read before stay in "
+                          "force", exc_info=exc)
+        self._failing = True
 
     async def close(self) -> None:
         await self._drop_connection()
+
+    def _abandon_connection(self) -> None:
+        """Drop the connection at once, without the close handshake a hung server would
+        not answer."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
