@@ -614,6 +614,8 @@ class Front:
             [(code, timestamp)] = await self._resolve_part(shard, [transfer], exc)
             if code == NOT_APPLIED:
                 raise
+        if code == NOT_APPLIED:  # a peer of its shard was not reached: nothing stored
+            raise _nothing_applied()
         if code in OK_OR_EXISTS:
             self._remember(msgspec.structs.replace(transfer, timestamp=timestamp))
         result = RESULTS_BY_VALUE[code]
@@ -635,7 +637,14 @@ class Front:
         remember = len(transfers) <= REMEMBER_REQUEST_ITEMS_MAX
         error: BaseException | None = None
         sent = False
+        previous: dict[int, list[int]] = {}
         for segment in self._segments(transfers):
+            if error is None and sent and any(
+                    out[i] == NOT_APPLIED for ix in previous.values() for i in ix):
+                # A shard answered part of the last segment not_applied (a peer of it was
+                # not reached): what follows may depend on it, as after an error.
+                error = _nothing_applied()
+            previous = segment
             if error is not None:
                 for indices in segment.values():
                     for i in indices:
@@ -655,8 +664,8 @@ class Front:
                     # ``exists`` means identical fields: with the stored timestamp, this is
                     # the stored transfer.
                     self._remember(msgspec.structs.replace(transfers[i], timestamp=timestamp))
-        if error is not None and all(c == NOT_APPLIED for c in out):
-            raise error
+        if all(c == NOT_APPLIED for c in out):
+            raise error or _nothing_applied()
         return [RESULTS_BY_VALUE[c] for c in out]
 
     async def _route_transfers(
@@ -751,8 +760,8 @@ class Front:
                     codes[index] = np.array([code for code, _ in pairs], dtype=np.uint8)
                 else:
                     codes[index] = answer
-            if error is not None and bool((codes == NOT_APPLIED).all()):
-                raise error
+            if len(codes) and bool((codes == NOT_APPLIED).all()):
+                raise error or _nothing_applied()
         values, counts = np.unique(codes, return_counts=True)
         for value, count in zip(values.tolist(), counts.tolist(), strict=True):
             _transfers_counter(RESULTS_BY_VALUE[value]).inc(count)
@@ -961,6 +970,13 @@ def _indexing(indexer: HistoryIndexer) -> Callable[[Fence], Coroutine[Any, Any, 
     async def run(_: Fence) -> None:
         await indexer.run()
     return run
+
+
+def _nothing_applied() -> Unavailable:
+    """The error of a request no part of which was applied because a shard could not reach
+    a peer its transfers need (docs/api.md, "Partial answers"): retryable, nothing stored."""
+    return Unavailable("a shard these transfers need could not be reached; nothing was "
+                       "stored: send the same request again", retry_after_s=1.0)
 
 
 def _plain_groups_of(partitions: PartitionMap, flags: np.ndarray, pending_id: np.ndarray,

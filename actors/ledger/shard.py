@@ -22,11 +22,12 @@ import numpy as np
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from actors.channel import ChannelClient, ChannelServer
+from actors.channel import ChannelBroken, ChannelClient, ChannelServer
 from actors.ledger.store import LedgerStore, OwnEffects
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
 from processor.batch import decode_batch
+from processor.codes import TransferResult
 from processor.errors import Overloaded
 from processor.ledger import (
     ArrayBook,
@@ -57,11 +58,16 @@ BLOCK_OUTCOMES = msgspec.msgpack.Decoder(list[tuple[int, bytes]])
 RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, int]]])
 RESULTS = msgspec.msgpack.Decoder(list[tuple[int, int]])
 ENCODER = msgspec.msgpack.Encoder()
+NOT_APPLIED = int(TransferResult.not_applied)
+# How long a shard keeps trying to cancel, on a peer that did not answer, a reservation it
+# gave up on before it restarts instead (LedgerShard._cancel): longer than a peer takes to
+# restart and recover, so that a peer's restart does not restart its coordinators too.
+CANCEL_DEADLINE_S = 120.0
 # What the front and the peers call over the channel (the data plane); everything else
 # (ready, endpoint, stats, stop) stays a Ray call.
 CHANNEL_METHODS = (
     "create_accounts", "create_transfers", "create_transfer_columns",
-    "reserve", "settle", "reserve_plain", "settle_plain",
+    "reserve", "settle", "reserve_plain", "settle_plain", "cancel_reservation",
 )
 
 
@@ -151,6 +157,10 @@ class LedgerShard:
         self._unfolded_rows = 0  # transfers committed since the last checkpoint
         self._committing = False
         self._checkpointing: asyncio.Task[None] | None = None
+        # Reservation calls of this incarnation, numbered so that one given up on can be
+        # cancelled on its peer (_reserve_remote); the cancels still being delivered.
+        self._reservation_seq = 0
+        self._cancels: set[asyncio.Task[None]] = set()
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -264,7 +274,7 @@ class LedgerShard:
             if not self._queue and self._in_flight == 0:
                 break
             await asyncio.sleep(0.05)
-        for task in self._tasks:
+        for task in [*self._tasks, *self._cancels]:
             task.cancel()
         if self._store is not None and self._book is not None:
             try:
@@ -362,13 +372,18 @@ class LedgerShard:
                     ids, pending_ids = book.lookups_needed(remaining)
                     known = await store.fetch_known(self._maybe_stored(ids), pending_ids)
                     plan = book.plan_transfers(remaining, self._clock_ns(), known)
-                    answers, plain_answers = await self._reserve_remote(plan)
+                    answers, plain_answers, unreached = await self._reserve_remote(plan)
                     batch = book.finalize(plan, answers, self._clock_ns(), plain_answers)
                     pendings.append(self._enqueue(batch))
                     codes.extend(zip(batch.codes, batch.timestamps, strict=True))
                     # Items that depend on a distributed item of this batch are planned
                     # again once it is final; they commit after it, in order.
                     if not plan.rest:
+                        break
+                    if unreached:
+                        # They may depend on an item a peer's failure left not applied:
+                        # they are not evaluated, and are sent again with it.
+                        codes.extend((NOT_APPLIED, 0) for r in plan.rest for _ in r)
                         break
                     remaining = plan.rest
                 # After the loop: until then this request's ids are in the book's memory,
@@ -411,7 +426,7 @@ class LedgerShard:
                 if items:
                     self._ids_high = max(high, int(cols.id.max()))
                 if plan is not None:
-                    answers, plain_answers = await self._reserve_remote(plan)
+                    answers, plain_answers, _ = await self._reserve_remote(plan)
                     commit = book.finalize(plan, answers, self._clock_ns(), plain_answers)
                     pending = self._enqueue(commit)
             if plan is not None:
@@ -439,50 +454,107 @@ class LedgerShard:
 
     async def _reserve_remote(
         self, plan: Plan
-    ) -> tuple[dict[int, tuple[int, list[tuple[int, int]]]], dict[int, object]]:
-        """Reserve the plan's remote legs: one call per shard for each kind of leg."""
+    ) -> tuple[dict[int, tuple[int, list[tuple[int, int]]]], dict[int, object], bool]:
+        """Reserve the plan's remote legs: one call per shard for each kind of leg.
+
+        A peer that does not answer within ``peer_call_timeout_s`` (dead, restarting,
+        overloaded) fails only the legs sent to it: they answer ``not_applied`` and the call
+        is cancelled on that peer (``_cancel``), so whatever it granted is released; this
+        shard goes on. The third value says whether any peer was not reached. Expiry legs
+        must be reached (they always commit): their peer's failure still restarts this
+        shard, whose successor's epoch releases every hold of this one (orphan sweep)."""
         remote: dict[int, list[tuple[int, Leg]]] = plan.remote
         plain: dict[int, PlainLegs] = plan.remote_plain
         if not remote and not plain:
-            return {}, {}
+            return {}, {}, False
         shards = sorted(remote)
         plain_shards = sorted(plain)
+        self._reservation_seq += 1
+        request = self._reservation_seq
+        timeout_s = self._config.peer_call_timeout_s
         calls = [
-            self._peers(s).call("reserve", self._shard, self._epoch,
-                                ENCODER.encode([leg for _, leg in remote[s]]))
+            asyncio.wait_for(self._peers(s).call(
+                "reserve", self._shard, self._epoch,
+                ENCODER.encode([leg for _, leg in remote[s]]), request), timeout_s)
             for s in shards
         ] + [
-            self._peers(s).call("reserve_plain", self._shard, self._epoch,
-                                encode_legs(plain[s]))
+            asyncio.wait_for(self._peers(s).call(
+                "reserve_plain", self._shard, self._epoch, encode_legs(plain[s]), request),
+                timeout_s)
             for s in plain_shards
         ]
-        try:
-            raws = await asyncio.wait_for(
-                asyncio.gather(*calls), timeout=self._config.peer_call_timeout_s
-            )
-        except Exception:
-            # Some holds may have been granted before the failure; they are owned by this
-            # incarnation, which must now end so its peers release them (orphan sweep).
-            log.exception("shard %d: reserve on peers failed; restarting", self._shard)
+        raws = await asyncio.gather(*calls, return_exceptions=True)
+        unreached = sorted({s for s, r in zip([*shards, *plain_shards], raws, strict=True)
+                            if isinstance(r, BaseException)})
+        if any(index < 0 for s in unreached if s in remote for index, _ in remote[s]):
+            log.error("shard %d: an expiry's reservation on shard(s) %s failed; restarting",
+                      self._shard, unreached)
             self._crash()
-            raise
-        answers = {s: RESERVE_ANSWER.decode(r)
-                   for s, r in zip(shards, raws[:len(shards)], strict=True)}
+            raise ChannelBroken(f"shard(s) {unreached} not reached for an expiry")
+        for s in unreached:
+            log.warning("shard %d: reservation %d on shard %d failed, its legs answer "
+                        "not_applied: %r", self._shard, request, s,
+                        raws[[*shards, *plain_shards].index(s)])
+            task = asyncio.get_running_loop().create_task(self._cancel(s, request))
+            self._cancels.add(task)
+            task.add_done_callback(self._cancels.discard)
+        answers = {
+            s: (RESERVE_ANSWER.decode(r) if not isinstance(r, BaseException)
+                else ArrayBook.unreachable_answer(remote[s]))
+            for s, r in zip(shards, raws[:len(shards)], strict=True)
+        }
         plain_answers: dict[int, object] = {
-            s: decode_reserve_answer(r)
+            s: (decode_reserve_answer(r) if not isinstance(r, BaseException)
+                else ArrayBook.unreachable_plain_answer(plain[s]))
             for s, r in zip(plain_shards, raws[len(shards):], strict=True)
         }
-        return answers, plain_answers
+        return answers, plain_answers, bool(unreached)
+
+    async def _cancel(self, shard: int, request: int) -> None:
+        """Cancel reservation call ``request`` on ``shard`` until the peer confirms it, for
+        at most ``CANCEL_DEADLINE_S``. A peer that restarted meanwhile confirms it too
+        (its memory held nothing of the call, and a copy arriving late is refused); one
+        that cannot be reached for that long may still hold what it granted, so then this
+        shard restarts: its successor's epoch makes the peer release every hold of this
+        incarnation (orphan sweep)."""
+        deadline = time.monotonic() + CANCEL_DEADLINE_S
+        pause_s = 0.1
+        while True:
+            try:
+                await asyncio.wait_for(self._peers(shard).call(
+                    "cancel_reservation", self._shard, self._epoch, request),
+                    self._config.peer_call_timeout_s)
+                return
+            except Exception as exc:  # noqa: BLE001 - any failure: try again, then restart
+                if time.monotonic() + pause_s >= deadline:
+                    log.error("shard %d: reservation %d could not be cancelled on shard %d "
+                              "within %.0f s (%r); restarting", self._shard, request, shard,
+                              CANCEL_DEADLINE_S, exc)
+                    self._crash()
+                    return
+            await asyncio.sleep(pause_s)
+            pause_s = min(pause_s * 2, 2.0)
 
     # -- holds granted to other coordinators ----------------------------------------------
 
-    async def reserve(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
+    async def reserve(self, coordinator: int, epoch: int, raw_legs: bytes,
+                      request: int = 0) -> bytes:
         """Check and hold legs of a transfer coordinated by shard ``coordinator``."""
         await self._ensure_started()
         self._require_same_database(coordinator)
         book = self._require_book()
-        answers = book.reserve(coordinator, epoch, LEGS.decode(raw_legs))
+        answers = book.reserve(coordinator, epoch, LEGS.decode(raw_legs), request)
         return ENCODER.encode((self._epoch, answers))
+
+    async def cancel_reservation(self, coordinator: int, epoch: int, request: int) -> int:
+        """The coordinator got no answer to its reservation call ``request``: release what
+        it holds here, and refuse it should it still arrive (Book.cancel_reservation)."""
+        await self._ensure_started()
+        released = self._require_book().cancel_reservation(coordinator, epoch, request)
+        if released:
+            log.info("shard %d: released %d holds of shard %d's cancelled reservation %d",
+                     self._shard, released, coordinator, request)
+        return released
 
     def _require_same_database(self, coordinator: int) -> None:
         """A coordinator commits this shard's legs in its own database; in another one
@@ -495,12 +567,13 @@ class LedgerShard:
         await self._ensure_started()
         self._require_book().settle(coordinator, OUTCOMES.decode(raw_outcomes))
 
-    async def reserve_plain(self, coordinator: int, epoch: int, raw_legs: bytes) -> bytes:
+    async def reserve_plain(self, coordinator: int, epoch: int, raw_legs: bytes,
+                            request: int = 0) -> bytes:
         """Check and hold plain credit legs (columns) of a batch coordinated elsewhere."""
         await self._ensure_started()
         self._require_same_database(coordinator)
         codes, block_id = self._require_book().reserve_plain(
-            coordinator, epoch, decode_legs(raw_legs))
+            coordinator, epoch, decode_legs(raw_legs), request)
         return encode_reserve_answer(self._epoch, block_id, codes)
 
     async def settle_plain(self, coordinator: int, raw_outcomes: bytes) -> None:

@@ -37,6 +37,7 @@ from processor.currency import CURRENCY_EXPONENTS
 from processor.ledger import kernel
 from processor.ledger.partition import PartitionMap
 from processor.ledger.rules import (
+    UNREACHED_EPOCH,
     AccountState,
     Book,
     CommitBatch,
@@ -66,6 +67,7 @@ __all__ = [
 
 R = TransferResult
 OK = int(R.ok)
+NOT_APPLIED = int(R.not_applied)
 _I64 = np.int64
 _ENCODER = msgspec.msgpack.Encoder()
 _LEGS = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes, bytes, bytes])
@@ -265,6 +267,7 @@ class HoldBlock:
     slots: np.ndarray  # -1 where the leg was refused (nothing held)
     amounts: np.ndarray
     event_ids: np.ndarray
+    request: int = 0  # the coordinator's reservation call (Book.cancel_reservation)
 
 
 @dataclass(slots=True)
@@ -456,10 +459,14 @@ class ArrayBook(Book):
 
     # -- holds granted to other shards ----------------------------------------------------
 
-    def reserve_plain(self, coordinator: int, epoch: int,
-                      legs: PlainLegs) -> tuple[np.ndarray, int]:
-        """Check and hold plain credit legs coordinated elsewhere; (codes, block id)."""
+    def reserve_plain(self, coordinator: int, epoch: int, legs: PlainLegs,
+                      request: int = 0) -> tuple[np.ndarray, int]:
+        """Check and hold plain credit legs coordinated elsewhere; (codes, block id). A
+        call already cancelled (``cancel_reservation``) holds nothing: every leg
+        ``not_applied``, block id 0."""
         n = legs.account_ids.shape[0]
+        if request and (coordinator, epoch, request) in self.cancelled:
+            return np.full(n, NOT_APPLIED, dtype=_I64), 0
         ids = legs.account_ids.tolist()
         require(bool((self.partitions.shards_of(legs.account_ids) == self.shard).all()),
                 "legs routed to their owner")
@@ -472,7 +479,7 @@ class ArrayBook(Book):
         if granted.any():
             self.blocks[(coordinator, self.block_seq)] = HoldBlock(
                 epoch, np.where(granted, slots, -1), legs.amounts.copy(),
-                legs.event_ids.copy())
+                legs.event_ids.copy(), request)
         return codes, self.block_seq
 
     def settle_plain(self, coordinator: int, outcomes: list[tuple[int, Any]]) -> None:
@@ -490,6 +497,20 @@ class ArrayBook(Book):
             kernel.scatter_add(self.bal, block.slots[held], kernel.RES_C, block.amounts[held], -1)
             done = held & mask
             kernel.scatter_add(self.bal, block.slots[done], kernel.CPO, block.amounts[done], 1)
+
+    def cancel_reservation(self, coordinator: int, epoch: int, request: int) -> int:
+        released = super().cancel_reservation(coordinator, epoch, request)
+        mine = [block_id for (c, block_id), b in self.blocks.items()
+                if c == coordinator and b.epoch == epoch and b.request == request]
+        self.settle_plain(coordinator, [
+            (block_id, np.zeros(self.blocks[(coordinator, block_id)].slots.shape[0],
+                                dtype=np.bool_)) for block_id in mine])
+        return released + len(mine)
+
+    @staticmethod
+    def unreachable_plain_answer(legs: PlainLegs) -> tuple[int, int, np.ndarray]:
+        """``unreachable_answer`` for plain legs: every leg ``not_applied``, no block."""
+        return UNREACHED_EPOCH, 0, np.full(legs.event_ids.shape[0], NOT_APPLIED, dtype=_I64)
 
     def blocks_of_old_epochs(self, coordinator: int, epoch: int) -> list[tuple[int, HoldBlock]]:
         return [(block_id, b) for (c, block_id), b in self.blocks.items()
@@ -510,8 +531,10 @@ class ArrayBook(Book):
         for shard, legs in plan.remote_plain.items():
             epoch, block_id, remote_codes = answers[shard]
             require(remote_codes.shape == legs.event_ids.shape, "one answer per reserved leg")
-            batch.fences[shard] = epoch
             codes[legs.index] = remote_codes
+            if epoch == UNREACHED_EPOCH:  # not reached: nothing held there, no fence
+                continue
+            batch.fences[shard] = epoch
             batch.plain_settlements.setdefault(shard, []).append(
                 (block_id, remote_codes == OK))
         bal, debit_slot, amount = self.bal, pp.debit_slot, pp.cols.amount
@@ -519,8 +542,13 @@ class ArrayBook(Book):
         applied = distributed[codes[distributed] == OK]
         kernel.scatter_add(bal, debit_slot[applied], kernel.U_DPO, amount[applied], 1)
         kernel.scatter_add(bal, debit_slot[applied], kernel.UP_D, amount[applied], 1)
-        for i in distributed[codes[distributed] != OK].tolist():
+        for i in distributed[codes[distributed] == NOT_APPLIED].tolist():
+            # Remembered as stored when planned: it is not, and may be sent again.
+            self.recent.pop(int(pp.cols.id[i]), None)
+        refused = (codes[distributed] != OK) & (codes[distributed] != NOT_APPLIED)
+        for i in distributed[refused].tolist():
             # Refused by the credit's shard: a state-dependent code, so the id is burned.
+            # (``not_applied``: that shard was not reached; nothing burns.)
             f = Failed(int(pp.cols.id[i]), int(codes[i]), self._timestamp(now_ns))
             pp.failed.append(f)
             self._remember(f.id, f)

@@ -70,6 +70,13 @@ PENDING = int(TransferFlags.PENDING)
 POST = int(TransferFlags.POST_PENDING)
 VOID = int(TransferFlags.VOID_PENDING)
 NS_PER_S = 1_000_000_000
+# Cancelled reservation calls a shard remembers (Book.cancelled): a call arrives after its
+# cancel only if it was delayed past its coordinator's timeout, which is seconds, while
+# this many cancels take far longer to accumulate.
+CANCELLED_MAX = 100_000
+# The epoch an answer carries for a shard that was not reached (``unreachable_answer``):
+# it sets no commit fence, as nothing of the batch is held there.
+UNREACHED_EPOCH = -1
 
 
 class Side(enum.IntEnum):
@@ -272,6 +279,7 @@ class Hold:
     coordinator: int
     epoch: int
     leg: Leg
+    request: int = 0  # the coordinator's reservation call that asked for it (0: untagged)
 
 
 @dataclass(slots=True)
@@ -393,6 +401,9 @@ class Book:
         self.resolved: OrderedDict[int, int] = OrderedDict()  # pending id -> Resolution
         self.holds: dict[tuple[int, int], Hold] = {}  # (coordinator, hold id) -> Hold
         self.hold_seq = 0
+        # Reservation calls their coordinator gave up on (cancel_reservation): a call of
+        # one that arrives afterwards is granted nothing. The newest CANCELLED_MAX are kept.
+        self.cancelled: OrderedDict[tuple[int, int, int], None] = OrderedDict()
         self.last_timestamp = 0
         # While a distributed chain is evaluated: its tag, and per (account, side) what its
         # earlier held legs posted (see Leg.chain).
@@ -809,12 +820,17 @@ class Book:
 
     # -- holds granted to other shards ----------------------------------------------------
 
-    def reserve(self, coordinator: int, epoch: int, legs: list[Leg]) -> list[tuple[int, int]]:
+    def reserve(self, coordinator: int, epoch: int, legs: list[Leg],
+                request: int = 0) -> list[tuple[int, int]]:
         """Check and hold legs for a distributed item coordinated elsewhere.
 
         Returns one (code, hold id) per leg; a refused leg holds nothing (hold id 0). Legs of
         the same chain are held even if a sibling is refused; the coordinator settles each.
+        ``request`` tags the holds with the coordinator's call (``cancel_reservation``); a
+        call already cancelled holds nothing and answers ``not_applied`` for every leg.
         """
+        if request and (coordinator, epoch, request) in self.cancelled:
+            return [(int(R.not_applied), 0)] * len(legs)
         out: list[tuple[int, int]] = []
         chain, chain_posted = 0, dict[tuple[int, int], int]()
         for leg in legs:
@@ -835,7 +851,7 @@ class Book:
             state.reserve(leg)
             _add_chain_posted(chain_posted, leg)
             self.hold_seq += 1
-            self.holds[(coordinator, self.hold_seq)] = Hold(coordinator, epoch, leg)
+            self.holds[(coordinator, self.hold_seq)] = Hold(coordinator, epoch, leg, request)
             out.append((int(R.ok), self.hold_seq))
         return out
 
@@ -853,6 +869,27 @@ class Book:
             state.release(hold.leg)
             if committed:
                 state.settle_committed(hold.leg)
+
+    def cancel_reservation(self, coordinator: int, epoch: int, request: int) -> int:
+        """The coordinator gave up on its reservation call ``request`` (it got no answer):
+        release what that call holds, and grant nothing to it should it arrive later.
+        Returns how many holds (or hold blocks) were released."""
+        require(request > 0, "a cancelled reservation names its call")
+        self.cancelled[(coordinator, epoch, request)] = None
+        while len(self.cancelled) > CANCELLED_MAX:
+            self.cancelled.popitem(last=False)
+        mine = [hold_id for (c, hold_id), hold in self.holds.items()
+                if c == coordinator and hold.epoch == epoch and hold.request == request]
+        self.settle(coordinator, [(hold_id, False) for hold_id in mine])
+        return len(mine)
+
+    @staticmethod
+    def unreachable_answer(legs: list[tuple[int, Leg]]) -> tuple[int, list[tuple[int, int]]]:
+        """The answer ``finalize`` takes for a shard whose reservation call failed: every
+        leg ``not_applied`` (nothing held there, nothing stored, no id burned), no fence.
+        Expiry legs must be reached (they always commit), so they have none."""
+        require(all(index >= 0 for index, _ in legs), "expiry legs are reached")
+        return UNREACHED_EPOCH, [(int(R.not_applied), 0)] * len(legs)
 
     def holds_of_old_epochs(self, coordinator: int, epoch: int) -> list[tuple[int, Hold]]:
         """Holds granted to incarnations of ``coordinator`` older than ``epoch``."""
@@ -882,7 +919,8 @@ class Book:
         for shard, legs in plan.remote.items():
             epoch, answers = remote_answers[shard]
             require(len(answers) == len(legs), "one answer per reserved leg")
-            batch.fences[shard] = epoch
+            if epoch != UNREACHED_EPOCH:
+                batch.fences[shard] = epoch
             for (index, _leg), (code, hold_id) in zip(legs, answers, strict=True):
                 if index < 0:
                     # An expiry only releases; it is always accepted and always commits.
@@ -902,7 +940,10 @@ class Book:
             for k in range(start, end):
                 item = items[k]
                 dependency = item.pending_from if item.pending_from >= 0 else item.dup_of
-                if dependency >= 0 and items[dependency].code not in (R.ok, R.exists):
+                if dependency >= 0 and items[dependency].code == R.not_applied:
+                    # Not stored, not refused: this one is sent again with it.
+                    item.code = R.not_applied
+                elif dependency >= 0 and items[dependency].code not in (R.ok, R.exists):
                     item.code = (R.pending_transfer_not_found if item.pending_from >= 0
                                  else items[dependency].code)
                 elif item.remote_codes:

@@ -197,6 +197,7 @@ class _Work:
     plain_answers: dict[int, Any] = field(default_factory=dict)
     batches: list[CommitBatch] = field(default_factory=list)  # finalized, in commit order
     codes: list[int] = field(default_factory=list)
+    unreached: bool = False  # a reservation of the current plan failed
 
 
 class Cluster:
@@ -224,6 +225,13 @@ class Cluster:
         # Called after each coordinator's batch is committed and settled, for checks of the
         # store "after every batch" (other coordinators may still hold uncommitted work).
         self.after_commit: Callable[[], None] | None = None
+        # Whether a coordinator's reservation call on a peer fails, and how (None: it is
+        # answered): ``answer_lost`` (the peer granted, the answer never came back),
+        # ``late`` (the call reaches the peer only after its cancel), ``never_sent``. The
+        # coordinator then takes the unreachable answer and cancels the call on the peer,
+        # as actors.ledger.shard does.
+        self.reservation_fault: Callable[[int, int], str | None] | None = None
+        self.reservation_seq = 0
 
     # -- clock and reads --------------------------------------------------------------------
 
@@ -342,19 +350,50 @@ class Cluster:
         w.plan = book.plan_transfers(w.remaining, self.now_ns, known)
         w.answers = {}
         w.plain_answers = {}
+        w.unreached = False
+
+    def _fault(self, coordinator: int, peer: int, expiries: bool) -> str | None:
+        if self.reservation_fault is None or expiries:  # an expiry's peer must be reached
+            return None
+        return self.reservation_fault(coordinator, peer)
 
     def _reserve(self, w: _Work) -> None:
         assert w.plan is not None
         epoch = self.store.epochs[w.shard]
         for shard, legs in w.plan.remote.items():
-            answers = self.books[shard].reserve(
-                coordinator=w.shard, epoch=epoch, legs=[leg for _, leg in legs]
-            )
+            self.reservation_seq += 1
+            request = self.reservation_seq
+            book = self.books[shard]
+            fault = self._fault(w.shard, shard, any(index < 0 for index, _ in legs))
+            if fault == "answer_lost":
+                book.reserve(w.shard, epoch, [leg for _, leg in legs], request)
+            if fault is not None:
+                book.cancel_reservation(w.shard, epoch, request)
+                if fault == "late":
+                    late = book.reserve(w.shard, epoch, [leg for _, leg in legs], request)
+                    assert all(hold_id == 0 for _, hold_id in late), "granted after cancel"
+                w.answers[shard] = Book.unreachable_answer(legs)
+                w.unreached = True
+                continue
+            answers = book.reserve(w.shard, epoch, [leg for _, leg in legs], request)
             w.answers[shard] = (self.store.epochs[shard], answers)
         for shard, plain_legs in w.plan.remote_plain.items():
+            self.reservation_seq += 1
+            request = self.reservation_seq
             remote = self.books[shard]
             assert isinstance(remote, ArrayBook), "only a columnar book plans plain legs"
-            codes, block = remote.reserve_plain(w.shard, epoch, plain_legs)
+            fault = self._fault(w.shard, shard, False)
+            if fault == "answer_lost":
+                remote.reserve_plain(w.shard, epoch, plain_legs, request)
+            if fault is not None:
+                remote.cancel_reservation(w.shard, epoch, request)
+                if fault == "late":
+                    _, block = remote.reserve_plain(w.shard, epoch, plain_legs, request)
+                    assert block == 0, "granted after cancel"
+                w.plain_answers[shard] = ArrayBook.unreachable_plain_answer(plain_legs)
+                w.unreached = True
+                continue
+            codes, block = remote.reserve_plain(w.shard, epoch, plain_legs, request)
             w.plain_answers[shard] = (self.store.epochs[shard], block, codes)
 
     def _finalize(self, w: _Work) -> None:
@@ -363,7 +402,12 @@ class Cluster:
                                              w.plain_answers)
         w.batches.append(batch)
         w.codes.extend(batch.codes)
-        w.remaining = w.plan.rest or None
+        if w.unreached and w.plan.rest:
+            # As the shard does: what follows may depend on an item left not applied.
+            w.codes.extend(int(TransferResult.not_applied) for r in w.plan.rest for _ in r)
+            w.remaining = None
+        else:
+            w.remaining = w.plan.rest or None
 
     def _commit(self, shard: int, batch: CommitBatch) -> None:
         self.store.commit(batch, {shard: self.store.epochs[shard], **batch.fences})

@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from processor.codes import TransferResult, burns_id
-from processor.ledger import Resolution, ResolutionRow
+from processor.ledger import Book, Resolution, ResolutionRow
+from processor.ledger.columnar import ArrayBook
 from processor.types import AMOUNT_MAX, Account, AccountFlags, Transfer, TransferFlags
 from tests.unit.ledger_sim import Cluster, book_mismatches, chains_of, postings_of
 
@@ -260,6 +261,8 @@ def check_books(cluster: Cluster) -> None:
 def _replayable(codes: list[TransferResult], request: list[Transfer]) -> bool:
     """False if a chain failed only through another item of its batch (every code
     linked_event_failed): such items were neither stored nor burned and may succeed now."""
+    if R.not_applied in codes:  # not stored and not burned: it may be applied now
+        return False
     for start, end in chains_of(request):
         if all(c == R.linked_event_failed for c in codes[start:end]):
             return False
@@ -290,8 +293,10 @@ def check_replay(cluster: Cluster, request: list[Transfer], codes: list[Transfer
 # -- the run ----------------------------------------------------------------------------------
 
 def run(data: st.DataObject, shards: int, w: Workload, interleaved: bool,
-        recent_ids_max: int) -> None:
-    cluster = Cluster(shards, recent_ids_max=recent_ids_max, interleaved=interleaved)
+        recent_ids_max: int, *, faults: bool = False,
+        book_class: type[Book] = Book) -> None:
+    cluster = Cluster(shards, recent_ids_max=recent_ids_max, interleaved=interleaved,
+                      book_class=book_class)
     h = History()
     cluster.after_commit = lambda: check_store(cluster, h)
     accounts = [
@@ -307,14 +312,38 @@ def run(data: st.DataObject, shards: int, w: Workload, interleaved: bool,
     ]
     assert cluster.create_transfers(funding) == [R.ok] * len(funding)
     check_store(cluster, h)
+    if faults:
+        cluster.reservation_fault = lambda coordinator, peer: data.draw(
+            st.sampled_from([None, None, "answer_lost", "late", "never_sent"]),
+            label="reservation fault")
     for _ in range(data.draw(st.integers(1, 10), label="steps")):
         step = data.draw(st.sampled_from(STEPS))
         if step == "batch":
             requests = _draw_batch(data, w, h, cluster)
+            burned_before = set(cluster.store.failed)
+            stored_before = set(cluster.store.transfers)
             results = cluster.submit(requests)
             for request, codes in zip(requests, results, strict=True):
                 h.transfers.extend(request)
                 h.requests.append((request, codes))
+                for t, code in zip(request, codes, strict=True):
+                    if code == R.not_applied:  # neither stored nor burned by this batch
+                        assert t.id not in set(cluster.store.failed) - burned_before, t
+                        assert t.id not in set(cluster.store.transfers) - stored_before, t
+                    if code in SUCCESS:  # acknowledged: stored
+                        assert t.id in cluster.store.transfers, (t, code)
+            again = [t for request, codes in zip(requests, results, strict=True)
+                     for t, code in zip(request, codes, strict=True)
+                     if code == R.not_applied and not t.flags & LINKED]
+            if again:
+                # Sent again, each on its own: answered as a transfer never seen before.
+                codes = cluster.submit([again])[0]
+                h.transfers.extend(again)
+                h.requests.append((again, codes))
+                for t, code in zip(again, codes, strict=True):
+                    assert code != R.exists or t.id in stored_before, (t, code)
+                    if code in SUCCESS:
+                        assert t.id in cluster.store.transfers, (t, code)
         elif step == "advance":
             cluster.advance(seconds=data.draw(st.integers(1, 4)))
         elif step == "pulse":
@@ -353,4 +382,28 @@ def test_invariants(
     """Any workload on one, two or three shards, under either schedule, keeps every store
     and book invariant and replays are no-ops."""
     run(data, shards, full_workload(data), interleaved and shards > 1, recent_ids_max)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@SETTINGS
+@given(data=st.data(), interleaved=st.booleans())
+def test_invariants_when_reservations_fail(
+    shards: int, data: st.DataObject, interleaved: bool
+) -> None:
+    """Reservation calls that fail (the answer lost, the call arriving after its cancel,
+    or never sent) leave their legs ``not_applied``, cancelled on the peer: every store
+    and book invariant still holds, nothing is held afterwards, and a ``not_applied``
+    transfer is neither stored nor burned."""
+    run(data, shards, full_workload(data), interleaved, 1_024, faults=True)
+
+
+@pytest.mark.parametrize("shards", [2, 3])
+@SETTINGS
+@given(data=st.data(), interleaved=st.booleans())
+def test_columnar_invariants_when_reservations_fail(
+    shards: int, data: st.DataObject, interleaved: bool
+) -> None:
+    """The same over the columnar book, whose plain batches reserve hold blocks."""
+    run(data, shards, full_workload(data), interleaved, 1_024, faults=True,
+        book_class=ArrayBook)
 
