@@ -78,8 +78,11 @@ async def processor(
     assert password is not None
     write_password_file(data_dir / APP_PASSWORD_FILE_NAME, APP_ROLE, password)
     config = Config(
+        # A peer that does not answer a reserve within 10 s (30 by default) fails only
+        # the legs sent to it: the tests that keep a peer down wait that long.
         shard=ShardConfig(database_url=url, shards=SHARDS, orphan_sweep_interval_s=0.2,
-                          expiry_interval_s=0.1, recovery_deadline_s=30.0),
+                          expiry_interval_s=0.1, recovery_deadline_s=30.0,
+                          peer_call_timeout_s=10.0),
         front=FrontConfig(host="127.0.0.1", http_port=0, rpc_port=0, retry_deadline_s=30.0,
                           retry_attempts_max=5),
         data_dir=str(data_dir),
