@@ -609,8 +609,15 @@ async def audit(run: Run, http: Any, sims: _SimAdmin, *, resolve_wait_s: float,
         check("every customer's balances equal the acknowledged transfers'", len(wrong),
               f"{len(run.customers)} accounts, the gateways' own arithmetic")
         ledger = await store.audit()
+        detail = str(ledger)[:160]
+        if ledger.accounts_beyond_limit:
+            beyond = await store.accounts_beyond_limit()
+            detail += "; beyond their limit: " + "; ".join(
+                f"{r['id']}{' (customer)' if r['id'] in run.customers else ''} flags "
+                f"{r['flags']} dp {r['debits_pending']} dP {r['debits_posted']} cp "
+                f"{r['credits_pending']} cP {r['credits_posted']}" for r in beyond)
         check("balances equal postings, every currency sums to zero",
-              0 if ledger.passed else 1, str(ledger)[:160])
+              0 if ledger.passed else 1, detail)
     finally:
         await store.close()
     statuses, not_final = await _final_payments(http, run.payments, resolve_wait_s)
@@ -622,7 +629,9 @@ async def audit(run: Run, http: Any, sims: _SimAdmin, *, resolve_wait_s: float,
           f"{len(disagreeing)} disagree" + (f": {disagreeing[:3]}" if disagreeing else ""))
     proof = await verify_all(run.processor.admin_database_url)
     check("txproc verify", 0 if proof.report.ok else proof.report.problems_total,
-          f"{proof.rows:,} rows in {proof.seconds:.1f} s")
+          f"{proof.rows:,} rows in {proof.seconds:.1f} s" + "".join(
+              f"; {p.table} {p.id}: {p.kind} (expected {p.expected}, found {p.found})"
+              for p in proof.report.problems[:5]))
     if run.fatal:
         check("only retryable errors while faults last", len(run.fatal), run.fatal[0][:160])
     else:

@@ -768,6 +768,18 @@ class LedgerStore:
             accounts_not_equal_to_postings=mismatched, accounts_beyond_limit=beyond,
         )
 
+    async def accounts_beyond_limit(self, limit: int = 10) -> list[dict[str, int]]:
+        """Up to ``limit`` accounts whose balances break their own limit flag (what
+        ``audit`` counts as ``accounts_beyond_limit``), with those balances."""
+        async with self._pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT id, flags, debits_pending, debits_posted, credits_pending, "
+                "credits_posted FROM account_balances WHERE "
+                "((flags & 1) <> 0 AND debits_pending + debits_posted > credits_posted) OR "
+                "((flags & 2) <> 0 AND credits_pending + credits_posted > debits_posted) "
+                "ORDER BY id LIMIT $1", limit)
+        return [{k: int(v) for k, v in r.items()} for r in rows]
+
     # -- the write path ---------------------------------------------------------------------
 
     async def commit(

@@ -35,7 +35,7 @@ from actors.payments.provider import ProviderLink
 from actors.payments.store import KeyHold, PaymentStore
 from actors.risk import RiskLink
 from processor.codes import AccountResult, TransferResult
-from processor.errors import LedgerError
+from processor.errors import LedgerError, Unavailable
 from processor.identity import tenant_of_principal
 from processor.payments import (
     AuthorizeRequest,
@@ -907,9 +907,17 @@ class PaymentsEngine:
             self.stats["lost_claims"] += 1
 
     async def _apply_ledger(self, step: Step) -> TransferResult:
+        """The step's transfers applied; the code that decides them (``chain_result``).
+        Raises ``Unavailable`` when the ledger applied nothing of them without refusing
+        (``not_applied``: a shard's peer was not reached), as when it cannot be reached:
+        the step is parked and tried again, never taken as refused."""
         transfers = ledger_transfers(step, self.config)
         results = await self._ledger.create_transfers(transfers)
-        return chain_result(results)
+        code = chain_result(results)
+        if code == TransferResult.not_applied:
+            raise Unavailable("the ledger applied none of the step's transfers (not_applied)",
+                              retry_after_s=1.0)
+        return code
 
     async def _call_provider(self, provider: str, method: str,
                              request: ProviderRequest) -> ProviderReply:

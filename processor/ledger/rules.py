@@ -636,11 +636,15 @@ class Book:
         self, items: list[_Item], start: int, end: int, failed_at: int, now_ns: int
     ) -> None:
         """Codes of a refused chain whose effects were undone: the refused item keeps its
-        own code (and burns its id if the code says so), the others are linked failures."""
+        own code (and burns its id if the code says so), the others are linked failures.
+        A chain that failed because a shard was not reached (``not_applied``) is not
+        refused: every item of it answers ``not_applied``, so that a caller sends the
+        whole chain again rather than take the others for a decided failure."""
+        failing = items[failed_at]
+        other = R.not_applied if failing.code == R.not_applied else R.linked_event_failed
         for k in range(start, end):
             if k != failed_at:
-                items[k].code = R.linked_event_failed
-        failing = items[failed_at]
+                items[k].code = other
         if burns_id(failing.code):
             failing.failed = Failed(failing.transfer.id, int(failing.code),
                                     self._timestamp(now_ns))

@@ -332,11 +332,15 @@ def run(data: st.DataObject, shards: int, w: Workload, interleaved: bool,
                         assert t.id not in set(cluster.store.transfers) - stored_before, t
                     if code in SUCCESS:  # acknowledged: stored
                         assert t.id in cluster.store.transfers, (t, code)
+                for start, end in chains_of(request):
+                    # A chain a shard's failure left not applied is so as a whole.
+                    if R.not_applied in codes[start:end]:
+                        assert set(codes[start:end]) == {R.not_applied}, codes[start:end]
             again = [t for request, codes in zip(requests, results, strict=True)
                      for t, code in zip(request, codes, strict=True)
-                     if code == R.not_applied and not t.flags & LINKED]
+                     if code == R.not_applied]
             if again:
-                # Sent again, each on its own: answered as a transfer never seen before.
+                # Sent again, chains whole: answered as transfers never seen before.
                 codes = cluster.submit([again])[0]
                 h.transfers.extend(again)
                 h.requests.append((again, codes))
