@@ -266,6 +266,24 @@ async def _check_ledger(load: Load, url: str) -> dict[str, Any]:
             "audit_passed": bool(audit.passed), "audit": repr(audit)[:500]}
 
 
+# What the scenario is doing, said on stderr every HEARTBEAT_S: a run that hangs (once,
+# inside a full suite, with nothing printed for 600 s) then says where.
+PHASE = ["starting the processor"]
+HEARTBEAT_S = 20.0
+
+
+async def _heartbeat(started_s: float) -> None:
+    while True:
+        await asyncio.sleep(HEARTBEAT_S)
+        print(f"nodeloss: {time.monotonic() - started_s:.0f} s in, {PHASE[0]}",
+              file=sys.stderr, flush=True)
+
+
+def _phase(what: str) -> None:
+    PHASE[0] = what
+    print(f"nodeloss: {what}", file=sys.stderr, flush=True)
+
+
 async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
               workers: list[Any]) -> dict[str, Any]:
     config = Config(
@@ -274,7 +292,14 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         data_dir=str(data_dir), ray_address=cluster.address,
         observability=ObservabilityConfig(metrics_port=0))
     started_s = time.monotonic()
-    processor = await start_processor(config, payments_node=workers[-1].node_id)
+    heartbeat = asyncio.create_task(_heartbeat(started_s))
+    _phase("starting the processor")
+    try:
+        processor = await start_processor(config, payments_node=workers[-1].node_id)
+    except BaseException:
+        heartbeat.cancel()
+        raise
+    _phase("placing the payments actor on a worker")
     supervisor = asyncio.create_task(processor.supervise(interval_s=0.2))
     report: dict[str, Any] = {}
     try:
@@ -319,6 +344,7 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["leases_before"] = await _until("the first payments actor holds the leases",
                                                held_by_first)
         times: dict[str, float] = {"processor_started_s": time.monotonic() - started_s}
+        _phase("creating the accounts")
         front_pids = {f.placement.node_id: await f.actor.pid.remote()
                       for f in processor.fronts}
 
@@ -357,6 +383,7 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
             seeds.append(_seed_starting_at(g % len(addresses), len(addresses),
                                            seeds[-1] + 1 if seeds else 0))
         thread = load.run(seeds)
+        _phase("load before the loss")
 
         async def acknowledged(count: int) -> bool:
             if not thread.is_alive():
@@ -380,7 +407,9 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
                 await asyncio.sleep(1.0)
 
         sampler = asyncio.create_task(sample())
+        _phase("removing the node")
         await asyncio.to_thread(cluster.remove_node, victim, False)
+        _phase("load through the loss")
         front_pid = front_pids[victim_id]
         for _ in range(50):  # a worker whose raylet is gone exits on its own; make sure
             if not Path(f"/proc/{front_pid}").exists():
@@ -447,6 +476,7 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
             return all(s["holds_granted"] == 0 for s in stats)
 
         times["load_s"] = time.monotonic() - lost_s
+        _phase("checking the ledger")
         await _until("holds settled", settled)
         report["ledger"] = await _check_ledger(load, url)
 
@@ -480,9 +510,11 @@ async def run(data_dir: Path, http_port: int, rpc_port: int, cluster: Cluster,
         report["times"] = {k: round(v, 2) for k, v in times.items()}
         return report
     finally:
+        _phase("stopping")
         supervisor.cancel()
         await asyncio.gather(supervisor, return_exceptions=True)
         await processor.stop()
+        heartbeat.cancel()
 
 
 def main() -> int:

@@ -36,10 +36,17 @@ def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
     http_port = _free_port_pair()
     rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 2)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.nodeloss", str(tmp_path / "data"), str(http_port),
-         str(rpc_port)], capture_output=True, text=True, timeout=600, env=env, check=False,
-        cwd=Path(__file__).parents[2])
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "tests.nodeloss", str(tmp_path / "data"), str(http_port),
+             str(rpc_port)], capture_output=True, text=True, timeout=600, env=env,
+            check=False, cwd=Path(__file__).parents[2])
+    except subprocess.TimeoutExpired as exc:
+        said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+        # Its phases and waits, without Ray's own log lines.
+        lines = [line for line in said.splitlines() if line.startswith(("nodeloss:", "waiting"))]
+        raise AssertionError("the scenario did not end in 600 s; it said:\n"
+                             + "\n".join(lines[-40:])) from None
     assert done.returncode == 0, (done.stdout[-3000:], done.stderr[-3000:])
     report = json.loads(done.stdout.strip().splitlines()[-1])
     print(json.dumps({k: report[k] for k in ("errors", "failovers", "times", "timeline",
