@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
+import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +28,7 @@ from actors.channel import ChannelBroken, ChannelClient, ChannelServer
 from actors.ledger.store import LedgerStore, OwnEffects
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
+from processor.backoff import backoff_s
 from processor.batch import decode_batch
 from processor.codes import TransferResult
 from processor.errors import Overloaded
@@ -161,6 +164,7 @@ class LedgerShard:
         # cancelled on its peer (_reserve_remote); the cancels still being delivered.
         self._reservation_seq = 0
         self._cancels: set[asyncio.Task[None]] = set()
+        self._rng = random.Random()  # noqa: S311 - the jitter of those cancels, not a secret
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -484,8 +488,9 @@ class LedgerShard:
             for s in plain_shards
         ]
         raws = await asyncio.gather(*calls, return_exceptions=True)
-        unreached = sorted({s for s, r in zip([*shards, *plain_shards], raws, strict=True)
-                            if isinstance(r, BaseException)})
+        failures = {s: r for s, r in zip([*shards, *plain_shards], raws, strict=True)
+                    if isinstance(r, BaseException)}
+        unreached = sorted(failures)
         if any(index < 0 for s in unreached if s in remote for index, _ in remote[s]):
             log.error("shard %d: an expiry's reservation on shard(s) %s failed; restarting",
                       self._shard, unreached)
@@ -493,8 +498,7 @@ class LedgerShard:
             raise ChannelBroken(f"shard(s) {unreached} not reached for an expiry")
         for s in unreached:
             log.warning("shard %d: reservation %d on shard %d failed, its legs answer "
-                        "not_applied: %r", self._shard, request, s,
-                        raws[[*shards, *plain_shards].index(s)])
+                        "not_applied: %r", self._shard, request, s, failures[s])
             task = asyncio.get_running_loop().create_task(self._cancel(s, request))
             self._cancels.add(task)
             task.add_done_callback(self._cancels.discard)
@@ -518,14 +522,14 @@ class LedgerShard:
         shard restarts: its successor's epoch makes the peer release every hold of this
         incarnation (orphan sweep)."""
         deadline = time.monotonic() + CANCEL_DEADLINE_S
-        pause_s = 0.1
-        while True:
+        for attempt in itertools.count(1):
             try:
                 await asyncio.wait_for(self._peers(shard).call(
                     "cancel_reservation", self._shard, self._epoch, request),
                     self._config.peer_call_timeout_s)
                 return
             except Exception as exc:  # noqa: BLE001 - any failure: try again, then restart
+                pause_s = backoff_s(attempt, base_s=0.1, cap_s=2.0, rng=self._rng)
                 if time.monotonic() + pause_s >= deadline:
                     log.error("shard %d: reservation %d could not be cancelled on shard %d "
                               "within %.0f s (%r); restarting", self._shard, request, shard,
@@ -533,7 +537,6 @@ class LedgerShard:
                     self._crash()
                     return
             await asyncio.sleep(pause_s)
-            pause_s = min(pause_s * 2, 2.0)
 
     # -- holds granted to other coordinators ----------------------------------------------
 

@@ -31,6 +31,7 @@ from collections.abc import Callable, Iterator
 
 import msgspec
 
+from processor.backoff import backoff_s
 from processor.types import require
 
 __all__ = [
@@ -48,10 +49,6 @@ __all__ = [
 
 # The ring of time buckets is the breaker's whole memory; its size is a limit like any other.
 BUCKETS_MAX = 1_000
-
-# 2.0 ** 1000 is still a finite float, and any larger exponent would exceed every cap anyway.
-_BACKOFF_EXPONENT_MAX = 1_000
-
 
 class BreakerState(enum.StrEnum):
     closed = "closed"
@@ -345,20 +342,6 @@ class CircuitBreaker:
             self._slices[at] = -1
             self._calls[at] = 0
             self._failures[at] = 0
-
-
-def backoff_s(attempt: int, *, base_s: float, cap_s: float, rng: random.Random) -> float:
-    """Seconds to wait after failed attempt ``attempt`` (1-based): capped exponential backoff
-    with full jitter, uniform over ``[0, min(cap_s, base_s * 2 ** (attempt - 1))]``.
-
-    Raises ``InvariantError`` if ``attempt < 1`` or a duration is negative.
-    """
-    require(attempt >= 1, "backoff attempt >= 1")
-    require(base_s >= 0, "backoff base_s >= 0")
-    require(cap_s >= 0, "backoff cap_s >= 0")
-    # Float multiplication overflows to inf rather than raising, and min() then picks cap_s.
-    ceiling_s = min(cap_s, base_s * 2.0 ** min(attempt - 1, _BACKOFF_EXPONENT_MAX))
-    return rng.uniform(0.0, ceiling_s)
 
 
 class RetryPolicy(msgspec.Struct, frozen=True, kw_only=True):
