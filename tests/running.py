@@ -146,8 +146,8 @@ class ExtraFront:
 
 @contextlib.asynccontextmanager
 async def extra_front(processor: Processor, **front: Any) -> AsyncIterator[ExtraFront]:
-    """A front with ``front``'s settings (free ports, payments off) beside the session's
-    own, sharing its shards; stopped and killed on the way out."""
+    """A front with ``front``'s settings (free ports unless given, payments off) beside the
+    session's own, sharing its shards; stopped and killed on the way out."""
     import msgspec
     import ray
 
@@ -155,8 +155,8 @@ async def extra_front(processor: Processor, **front: Any) -> AsyncIterator[Extra
 
     config = msgspec.structs.replace(
         processor.config,
-        front=msgspec.structs.replace(processor.config.front, http_port=0, rpc_port=0,
-                                      **front),
+        front=msgspec.structs.replace(processor.config.front,
+                                      **{"http_port": 0, "rpc_port": 0, **front}),
         payments=msgspec.structs.replace(processor.config.payments, enabled=False),
     )
     config.check()

@@ -1510,7 +1510,7 @@ def _write_api_address(config: Config, http_port: int) -> Path:
 
 
 async def _serve(config: Config) -> int:
-    from actors.app.runtime import FRONTS_FILE, start_processor
+    from actors.app.runtime import FRONTS_FILE, ListenError, start_processor
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -1518,8 +1518,9 @@ async def _serve(config: Config) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         processor = await start_processor(config)
-    except KeyFileError as exc:
-        # Checked before anything starts: the message names the file and the fix.
+    except (KeyFileError, ListenError) as exc:
+        # A key file is checked before anything starts: the message names the file and the
+        # fix. A front's address is known only when it binds.
         print(f"txproc serve: {exc}", file=sys.stderr)
         return 2
     # ray.init installs its own SIGTERM handler, which exits at once; take the signals back

@@ -61,8 +61,8 @@ from processor.placement import (
 )
 from processor.privacy import MASTER_KEY_FILE_NAME
 
-__all__ = ["FRONTS_FILE", "Processor", "RunningFront", "app_password_file", "ensure_database",
-           "start_processor"]
+__all__ = ["FRONTS_FILE", "ListenError", "Processor", "RunningFront", "app_password_file",
+           "ensure_database", "start_processor"]
 
 # Every front's URLs, written by start_processor into the data directory.
 FRONTS_FILE = "fronts.json"
@@ -72,6 +72,11 @@ NODES_EVERY_S = 1.0
 FRONT_START_S = 60.0
 
 log = logging.getLogger("txproc.runtime")
+
+
+class ListenError(RuntimeError):
+    """A front could not bind its HTTP or RPC address (a port taken, an address that is
+    not this machine's)."""
 
 
 @dataclass
@@ -434,9 +439,13 @@ async def _launch_fronts(config: Config, channel_key: bytes,
     try:
         ports = await asyncio.wait_for(
             asyncio.gather(*[a.start.remote() for a in actors]), timeout=timeout_s)
-    except BaseException:
+    except BaseException as exc:
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, OSError):
+            # A port taken or an address not this machine's: said in one line, not as the
+            # actor's traceback.
+            raise ListenError(f"a front could not listen: {exc.cause}") from None
         raise
     return [RunningFront(actor=a, placement=p, http_port=port["http_port"],
                          rpc_port=port["rpc_port"], event_loop=port["loop"])

@@ -36,6 +36,7 @@ __all__ = [
     "HttpLimits",
     "PeerConnections",
     "enable_tcp_keepalive",
+    "http_listener",
     "http_server",
     "peer_host",
 ]
@@ -369,6 +370,20 @@ def _cancel(timer: asyncio.TimerHandle | None) -> None:
 
 def _closed(listener: str, reason: str) -> None:
     metrics.EDGE_CONNECTIONS_CLOSED.labels(listener, reason).inc()
+
+
+def http_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host:port`` (0 picks a free port) for
+    ``uvicorn.Server.serve(sockets=...)``.
+
+    uvicorn binds by itself only when given no socket, and then answers a bind failure
+    (the port taken) by logging it and calling ``sys.exit``. Inside an actor that
+    SystemExit ends the event loop's task without failing the call that waits for the
+    listener, so a front whose port is taken never answered its start. Bound here, the
+    failure is an ``OSError`` the start raises and its caller reports.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    return socket.create_server((host, port), family=family, backlog=2048)
 
 
 def http_server(app: Any, *, host: str, port: int, limits: HttpLimits,

@@ -39,6 +39,7 @@ from actors.edge import (
     PersonalUserData,
     RequestSignatures,
     build_app,
+    http_listener,
     http_server,
     server_context,
     start_rpc_server,
@@ -349,12 +350,14 @@ class Front:
                         signatures=self._signatures)
         # One context for both listeners; a missing or unreadable file fails the start.
         tls = _server_context(cfg.front)
-        server = http_server(
-            app, host=cfg.front.host,
-            port=cfg.front.http_port if http_port is None else http_port,
-            limits=_http_limits(cfg.front), ssl_context=tls)
+        # Bound here, so a taken port fails the start with an OSError (http_listener).
+        listener = http_listener(cfg.front.host,
+                                 cfg.front.http_port if http_port is None else http_port)
+        server = http_server(app, host=cfg.front.host, port=listener.getsockname()[1],
+                             limits=_http_limits(cfg.front), ssl_context=tls)
         self._http = server
-        self._http_task = asyncio.get_running_loop().create_task(server.serve())
+        self._http_task = asyncio.get_running_loop().create_task(
+            server.serve(sockets=[listener]))
         for _ in range(200):
             if server.started:
                 break

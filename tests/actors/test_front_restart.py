@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 
 import httpx
+import pytest
 
 from actors.app.runtime import Processor
 from processor.client import Client
@@ -44,3 +46,20 @@ async def test_sigkilled_front_comes_back_on_the_same_ports(
             assert found[0] is not None and found[0].id == account
     finally:
         supervisor.cancel()
+
+
+async def test_a_front_whose_http_port_is_taken_fails_its_start(processor: Processor) -> None:
+    """A taken HTTP port fails the front's start with the bind error. uvicorn, left to bind
+    by itself, calls sys.exit, which ended the actor's task and left the start unanswered:
+    `txproc serve` then waited forever for a front that would never listen."""
+    import ray
+
+    from tests.running import extra_front
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ray.exceptions.RayTaskError) as raised:
+            async with asyncio.timeout(60):
+                async with extra_front(processor, http_port=port):
+                    pass
+    assert "address already in use" in str(raised.value).lower()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from processor.identity import (
     load_or_create_ring,
     verify_token,
 )
+from tests.ports import free_port_pair
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 
@@ -35,10 +35,6 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
                           env={**os.environ, **(env or {})}, check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_token_issue_signs_with_the_data_dir_key(tmp_path: Path) -> None:
@@ -92,25 +88,14 @@ async def test_migrate_applies_once(pg_admin_url: str) -> None:
         await drop_database(pg_admin_url, name)
 
 
-def _free_port_pair() -> int:
-    """A port that is free and whose successor is too (for a second front)."""
-    for _ in range(100):
-        port = _free_port()
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 1))
-            except OSError:
-                continue
-        return port
-    raise AssertionError("no two consecutive free ports")
 
 
 def test_serve_on_embedded_defaults_then_sigterm(tmp_path: Path) -> None:
     """`txproc serve` with no database starts everything, serves (here with two fronts on
     consecutive ports, both listed in fronts.json and serving one ledger), and stops it all
     on SIGTERM."""
-    http_port = _free_port_pair()
-    rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 1)
+    http_port = free_port_pair()
+    rpc_port = next(p for p in iter(free_port_pair, None) if abs(p - http_port) > 1)
     data_dir = tmp_path / "data"
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     proc = subprocess.Popen(

@@ -43,7 +43,8 @@ from processor.history import AccountBalancesAt
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 from processor.ledger import PartitionMap
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
-from tests.e2e.test_several_databases import _free_port, _run, _sleep, _start, _stop
+from tests.e2e.test_several_databases import _run, _sleep, _start, _stop
+from tests.ports import free_port
 
 SHARDS = 3
 # Shard 2 moves: dealt over two databases it would be in main (shards 0 and 2 in main, 1 in
@@ -57,9 +58,9 @@ R = TransferResult
 async def _serving(data_dir: Path, urls: list[str]) -> AsyncIterator[tuple[int, str]]:
     """`txproc serve` of three shards over ``urls``, until the block ends: its RPC port
     and a token."""
-    rpc_port = _free_port()
+    rpc_port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
-    proc = _start(["serve", "--data-dir", str(data_dir), "--http-port", str(_free_port()),
+    proc = _start(["serve", "--data-dir", str(data_dir), "--http-port", str(free_port()),
                    "--rpc-port", str(rpc_port), "--metrics-port", "0", "--shards", str(SHARDS),
                    "--no-payments", *[a for u in urls for a in ("--database-url", u)]], env)
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli import _free_port_pair
+from tests.ports import free_port
 
 RETRYABLE = ("Overloaded:", "Unavailable:", "ConnectionError:", "ConnectionRefusedError:",
              "ConnectionResetError:", "TimeoutError:")
@@ -33,8 +33,10 @@ def test_load_goes_on_through_the_loss_of_a_node(tmp_path: Path) -> None:
     actor is restarted on a surviving node and its new incarnation holds the recovery
     worker's and the relay's leases with the next fence; every acknowledged transfer is
     stored once with its fields, none refused is stored, and the balances audit."""
-    http_port = _free_port_pair()
-    rpc_port = next(p for p in iter(_free_port_pair, None) if abs(p - http_port) > 2)
+    # Three fronts on one host take three consecutive ports of each kind.
+    http_port = free_port(consecutive=3)
+    rpc_port = next(p for p in iter(lambda: free_port(consecutive=3), None)
+                    if abs(p - http_port) > 2)
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     try:
         done = subprocess.run(

@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +46,7 @@ from processor.errors import LedgerError
 from processor.identity import DEFAULT_TENANT, SCOPES, issue_token, load_or_create_ring
 from processor.ledger import PartitionMap
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
+from tests.ports import free_port
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 SHARDS = 4
@@ -64,10 +64,6 @@ class Served:
     data_dir: Path  # its --data-dir (the token key ring is there)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +113,7 @@ async def serving_over(urls: dict[str, str], data_dir: Path, app_password_file: 
     password = read_password_file(app_password_file, APP_ROLE)
     assert password is not None
     write_password_file(data_dir / APP_PASSWORD_FILE_NAME, APP_ROLE, password)
-    http_port, rpc_port = _free_port(), _free_port()
+    http_port, rpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     given = [arg for url in urls.values() for arg in ("--database-url", url)]
     proc = _start([

@@ -13,7 +13,6 @@ import datetime
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -30,16 +29,13 @@ import pytest
 from actors.app.certs import write_dev_certs
 from actors.database import APP_PASSWORD_FILE_NAME, create_database, drop_database
 from processor.client import client_tls_context
+from tests.ports import free_port
 
 TXPROC = [sys.executable, "-m", "actors.app.cli"]
 READY_WAIT_S = 150.0
 SETTLE_WAIT_S = 30.0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Served:
@@ -72,7 +68,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
     data_dir.mkdir()
     shutil.copy(app_password_file, data_dir / APP_PASSWORD_FILE_NAME)
     (data_dir / APP_PASSWORD_FILE_NAME).chmod(0o600)
-    http_port, rpc_port = _free_port(), _free_port()
+    http_port, rpc_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TXPROC_DATABASE_URL")}
     process = subprocess.Popen(
         [*TXPROC, "serve", "--data-dir", str(data_dir), "--database-url", url,
