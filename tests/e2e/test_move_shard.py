@@ -2,14 +2,14 @@
 docs/design.md §12, "Moving a shard"; docs/operations.md, "Adding a database").
 
 A `txproc serve` with three shards on one database takes accounts and transfers (each
-shard's within it, a two-phase one and a refused one among them); while it runs, the move
-is refused; stopped, the move is refused into a database not yet migrated and into one
-holding a row of the shard; then shard 2 moves to a second PostgreSQL server (where
-dealing would not put it), `txproc verify` passes over both, and `serve` started again
-with both URLs answers every account and transfer as before and commits new transfers on
-the moved shard, in its new database. A second ledger joins the moved shard to a staying
-one by cross-shard transfers of every kind; it moves too, each database keeping mirrors
-of the other's transfers that reach its accounts (migration 0037).
+shard's within it, a two-phase one and a refused one among them, and cross-shard ones of
+every kind joining the moved shard to a staying one); while it runs, the move is refused;
+stopped, the move is refused into a database not yet migrated and into one holding a row
+of the shard; then shard 2 moves to a second PostgreSQL server (where dealing would not
+put it), each database keeping mirrors of the other's transfers that reach its accounts
+(migration 0037), `txproc verify` passes over both, and `serve` started again with both
+URLs answers every account and transfer as before and commits new transfers on the moved
+shard, in its new database.
 """
 
 from __future__ import annotations
@@ -135,40 +135,73 @@ async def databases(pg_admin_url: str, second_pg_admin_url: str, app_password_fi
 
 
 async def test_a_shard_moves_to_a_new_database(databases: tuple[Path, list[str]]) -> None:
-    """Shard 2 of a populated one-database ledger moves to a second server: nothing of it
-    stays behind, verify passes over both, and serve over both answers every account and
-    transfer as before and commits new ones on the moved shard in its new database."""
+    """Shard 2 of a populated one-database ledger moves to a second server. Its accounts
+    carry transfers within it (a two-phase one and a refused one among them) and transfers
+    joining it to shard 0 of every cross-shard kind, both ways (plain, posted, voided,
+    expired). While serve runs, the move is refused; stopped, it is refused into a database
+    not yet migrated and into one holding a row of the shard. Then nothing of the shard
+    stays behind, each database keeps mirrors of the other's transfers that reach its
+    accounts, and verify passes over both (each database's balances explained by its stored
+    transfers and mirrors, every mirror equal to its stored original). serve over both
+    answers every balance, transfer lookup, account history and balance at an instant as
+    before, the query and the stream list each transfer once, a refused id stays refused,
+    and new transfers commit within the moved shard (in its new database), across shards
+    within a database and between the databases. A mirror changed is then found by verify.
+
+    One ledger serves both stories (a shard on its own, a shard joined to a staying one):
+    every serve start is a Ray of its own, the suite's most expensive step."""
     data_dir, (main, second) = databases
     base = int(time.time()) * 1_000_000
+    # Within shards: a0, b0 on shard 0; a1, b1, c1 on the moved one.
     a0, b0 = _ids(0, base, 2)
     a1, b1, c1 = _ids(MOVED, base, 3)
+    # Across shards: j0, k0 on shard 0, c2 on shard 1, a2, b2 on the moved one.
+    j0, k0 = _ids(0, base + 7_000, 2)
+    (c2,) = _ids(1, base + 7_000, 1)
+    a2, b2 = _ids(MOVED, base + 7_000, 2)
     tids = iter(range(base + 900_000, base + 999_999))
+
+    def t(debit: int, credit: int, amount: int, **kw: Any) -> Transfer:
+        return Transfer(id=next(tids), debit_account_id=debit, credit_account_id=credit,
+                        amount=amount, currency="EUR", **kw)
+
+    watched = [a0, b0, a1, b1, c1, j0, k0, c2, a2, b2]
     async with _serving(data_dir, [main]) as (rpc_port, token):
         async with Client("127.0.0.1", rpc_port, token) as client:
-            accounts = [Account(id=a, currency="EUR", flags=AccountFlags.HISTORY if a == a1
-                                else AccountFlags.NONE) for a in (a0, b0, a1, b1, c1)]
-            assert await client.create_accounts(accounts) == [AccountResult.ok] * 5
-            hold = next(tids)
-            sent = [Transfer(id=next(tids), debit_account_id=a0, credit_account_id=b0,
-                             amount=700, currency="EUR"),
-                    Transfer(id=next(tids), debit_account_id=a1, credit_account_id=b1,
-                             amount=300, currency="EUR"),
-                    Transfer(id=hold, debit_account_id=b1, credit_account_id=c1, amount=50,
-                             currency="EUR", flags=TransferFlags.PENDING, timeout_s=3600),
-                    Transfer(id=next(tids), debit_account_id=b1, credit_account_id=c1,
-                             amount=20, currency="EUR", flags=TransferFlags.POST_PENDING,
-                             pending_id=hold)]
-            for t in sent:
-                assert await client.create_transfers([t]) == [R.ok]
+            accounts = [Account(id=a, currency="EUR", flags=AccountFlags.HISTORY
+                                if a in (a1, a2) else AccountFlags.NONE) for a in watched]
+            assert await client.create_accounts(accounts) == [AccountResult.ok] * 10
+            hold = t(b1, c1, 50, flags=TransferFlags.PENDING, timeout_s=3600)
+            within = [t(a0, b0, 700), t(a1, b1, 300), hold,
+                      t(b1, c1, 20, flags=TransferFlags.POST_PENDING, pending_id=hold.id)]
+            hold_in, hold_out, lapsing = (
+                t(j0, a2, 50, flags=TransferFlags.PENDING, timeout_s=3600),
+                t(a2, k0, 20, flags=TransferFlags.PENDING, timeout_s=3600),
+                t(j0, b2, 10, flags=TransferFlags.PENDING, timeout_s=1))
+            across = [t(j0, a2, 100), t(a2, k0, 30), t(a2, b2, 7), t(j0, c2, 3), hold_in,
+                      hold_out, lapsing]
+            across += [t(j0, a2, 40, flags=TransferFlags.POST_PENDING, pending_id=hold_in.id),
+                       t(a2, k0, 20, flags=TransferFlags.VOID_PENDING, pending_id=hold_out.id)]
+            for one in within + across:
+                assert await client.create_transfers([one]) == [R.ok], one
             missing = next(_ids(MOVED, base + 500_000, 1))
-            refused = Transfer(id=next(tids), debit_account_id=a1, credit_account_id=missing,
-                               amount=1, currency="EUR")
+            refused = t(a1, missing, 1)
             assert await client.create_transfers([refused]) != [R.ok]
-            before = await client.lookup_accounts([a0, b0, a1, b1, c1])
-            stored = await client.lookup_transfers([t.id for t in sent])
+            deadline = time.monotonic() + 30  # the short hold expires
+            while _plus((await client.lookup_accounts([b2]))[0]).credits_pending:
+                assert time.monotonic() < deadline, "the hold never expired"
+                await _sleep(0.5)
+            stamps = [s.timestamp for s in
+                      await client.lookup_transfers([across[0].id, across[1].id])
+                      if s is not None]
+            instants = [stamps[0], stamps[1] - 1, time.time_ns()]
+            ids = [one.id for one in within + across]
+            before = await _seen(client, watched, ids, a2, instants)
         # While the processor runs, nothing moves.
         code, said = _move([main, second])
         assert code == 1 and "server_running" in said, said
+    assert len(before.history) == 7 and before.queried == before.streamed == sorted(ids)
+    assert before.accounts[8] is not None and before.accounts[8].credits_posted == 140
 
     code, said = _move([main, second])
     assert code == 2 and "not_migrated" in said, said
@@ -183,27 +216,55 @@ async def test_a_shard_moves_to_a_new_database(databases: tuple[Path, list[str]]
     assert await _rows_of_shard(second, MOVED, partitions) > 0
     assert await _count(main, "SELECT count(*) FROM account_history WHERE account_id = $1",
                         a1) == 0
+    # Each database keeps mirrors of the transfers stored in the other with a leg on its
+    # accounts: the main one of the moved shard's (30, the hold of 20 and its void), the
+    # new one of shard 0's (100, the hold of 50 and its post, the lapsed hold). Transfers
+    # within a shard need none.
+    mirrors = "SELECT array_agg(id ORDER BY id) FROM mirrored_transfers"
+    assert await _fetchval(main, mirrors) == sorted([across[1].id, hold_out.id, across[8].id])
+    assert await _fetchval(second, mirrors) == sorted(
+        [across[0].id, hold_in.id, across[7].id, lapsing.id])
+    assert await _fetchval(second, "SELECT count(*) FROM mirrored_resolutions") == 2
     code, said = _move([main, second])
     assert code == 1 and "same_database" in said, said
-    _verified([main, second])
+    checked = _verified([main, second])["checked"]
+    assert checked["mirrors_checked"] == 7 + 3 and checked["mirrored_transfers"] == 7
 
     async with _serving(data_dir, [main, second]) as (rpc_port, token), \
             Client("127.0.0.1", rpc_port, token) as client:
-        assert await client.lookup_accounts([a0, b0, a1, b1, c1]) == before
-        assert await client.lookup_transfers([t.id for t in sent]) == stored
+        after = await _seen(client, watched, ids, a2, instants)
+        assert after == before
         again = Transfer(id=refused.id, debit_account_id=a1, credit_account_id=b1, amount=1,
                          currency="EUR")
         assert await client.create_transfers([again]) == [R.id_already_failed]
-        new = Transfer(id=next(tids), debit_account_id=a1, credit_account_id=b1, amount=5,
-                       currency="EUR")
-        assert await client.create_transfers([new]) == [R.ok]
-        moved = await client.lookup_accounts([a1, b1])
-        assert moved[0] is not None and before[2] is not None
-        assert moved[0].debits_posted == before[2].debits_posted + 5
+        new = t(a1, b1, 5)
+        fresh = [new, t(j0, c2, 2), t(a2, b2, 1), t(j0, a2, 5), t(a2, k0, 4)]
+        assert await client.create_transfers(fresh) == [R.ok] * 5
+        was = before.accounts
+        assert await client.lookup_accounts([a1, j0, c2, a2]) == [
+            _plus(was[2], debits_posted=5), _plus(was[5], debits_posted=7),
+            _plus(was[7], credits_posted=2), _plus(was[8], debits_posted=5, credits_posted=5)]
         assert await _count(second, "SELECT count(*) FROM transfers WHERE id = $1",
                             new.id) == 1
         assert await _count(main, "SELECT count(*) FROM transfers WHERE id = $1", new.id) == 0
     _verified([main, second])
+
+    # A mirror changed: the moved account's balance no longer follows from the rows, and
+    # the mirror equals no stored transfer.
+    conn = await asyncpg.connect(second)
+    try:
+        async with conn.transaction():
+            await conn.execute("ALTER TABLE mirrored_transfers DISABLE TRIGGER USER")
+            await conn.execute("UPDATE mirrored_transfers SET amount = amount + 1 "
+                               "WHERE id = $1", across[0].id)
+            await conn.execute("ALTER TABLE mirrored_transfers ENABLE TRIGGER USER")
+    finally:
+        await conn.close()
+    done = _run(["verify", "--json", "--database-url", main, "--database-url", second])
+    problems = {(str(p["id"]), p["kind"]) for p in json.loads(done.stdout)["problems"]}
+    assert done.returncode == 1
+    assert {(str(a2), "credits_posted_mismatch"),
+            (str(across[0].id), "mirror_without_original")} <= problems, problems
 
 
 async def _plant_and_refuse(main: str, second: str, partition: int) -> None:
@@ -269,99 +330,11 @@ async def _seen(client: Client, accounts: list[int], transfers: list[int], moved
                  sorted(queried), sorted(streamed))
 
 
-async def test_a_shard_joined_to_one_that_stays_moves(
-        databases: tuple[Path, list[str]]) -> None:
-    """Shard 2, joined to shard 0 by plain, posted, voided and expired cross-shard
-    transfers both ways, moves to a second server: verify passes over both databases (each
-    database's balances explained by its stored transfers and mirrors, every mirror equal
-    to its stored original), every balance, transfer lookup, account history and balance
-    at an instant of a moved account is as before, the query and the stream list each
-    transfer once, and new transfers within a database across shards and between the
-    databases commit."""
-    data_dir, (main, second) = databases
-    base = int(time.time()) * 1_000_000 + 7_000
-    a0, b0 = _ids(0, base, 2)
-    (c1,) = _ids(1, base, 1)
-    a2, b2 = _ids(MOVED, base, 2)
-    tids = iter(range(base + 900_000, base + 999_999))
-
-    def t(debit: int, credit: int, amount: int, **kw: Any) -> Transfer:
-        return Transfer(id=next(tids), debit_account_id=debit, credit_account_id=credit,
-                        amount=amount, currency="EUR", **kw)
-
-    async with _serving(data_dir, [main]) as (rpc_port, token), \
-            Client("127.0.0.1", rpc_port, token) as client:
-        accounts = [Account(id=a, currency="EUR", flags=AccountFlags.HISTORY if a == a2
-                            else AccountFlags.NONE) for a in (a0, b0, c1, a2, b2)]
-        assert await client.create_accounts(accounts) == [AccountResult.ok] * 5
-        hold_in, hold_out, lapsing = (t(a0, a2, 50, flags=TransferFlags.PENDING, timeout_s=3600),
-                                      t(a2, b0, 20, flags=TransferFlags.PENDING, timeout_s=3600),
-                                      t(a0, b2, 10, flags=TransferFlags.PENDING, timeout_s=1))
-        sent = [t(a0, a2, 100), t(a2, b0, 30), t(a2, b2, 7), t(a0, c1, 3), hold_in, hold_out,
-                lapsing]
-        sent += [t(a0, a2, 40, flags=TransferFlags.POST_PENDING, pending_id=hold_in.id),
-                 t(a2, b0, 20, flags=TransferFlags.VOID_PENDING, pending_id=hold_out.id)]
-        for one in sent:
-            assert await client.create_transfers([one]) == [R.ok], one
-        deadline = time.monotonic() + 30  # the short hold expires
-        while (await client.lookup_accounts([b2]))[0].credits_pending:  # type: ignore[union-attr]
-            assert time.monotonic() < deadline, "the hold never expired"
-            await _sleep(0.5)
-        stamps = [s.timestamp for s in await client.lookup_transfers([sent[0].id, sent[1].id])
-                  if s is not None]
-        instants = [stamps[0], stamps[1] - 1, time.time_ns()]
-        ids = [one.id for one in sent]
-        before = await _seen(client, [a0, b0, c1, a2, b2], ids, a2, instants)
-    assert len(before.history) == 7 and before.queried == before.streamed == sorted(ids)
-    assert before.accounts[3] is not None and before.accounts[3].credits_posted == 140
-
-    done = _run(["migrate", "--database-url", main, "--database-url", second])
-    assert done.returncode == 0, done.stdout + done.stderr
-    code, said = _move([main, second])
-    assert code == 0, said
-    # Each database keeps mirrors of the transfers stored in the other with a leg on its
-    # accounts: the main one of shard 2's (30, the hold of 20 and its void), the new one
-    # of shard 0's (100, the hold of 50 and its post, the lapsed hold).
-    mirrors = "SELECT array_agg(id ORDER BY id) FROM mirrored_transfers"
-    assert await _fetchval(main, mirrors) == sorted([sent[1].id, hold_out.id, sent[8].id])
-    assert await _fetchval(second, mirrors) == sorted(
-        [sent[0].id, hold_in.id, sent[7].id, lapsing.id])
-    assert await _fetchval(second, "SELECT count(*) FROM mirrored_resolutions") == 2
-    checked = _verified([main, second])["checked"]
-    assert checked["mirrors_checked"] == 7 + 3 and checked["mirrored_transfers"] == 7
-
-    async with _serving(data_dir, [main, second]) as (rpc_port, token), \
-            Client("127.0.0.1", rpc_port, token) as client:
-        after = await _seen(client, [a0, b0, c1, a2, b2], ids, a2, instants)
-        assert after == before
-        fresh = [t(a0, c1, 2), t(a2, b2, 1), t(a0, a2, 5), t(a2, b0, 4)]
-        assert await client.create_transfers(fresh) == [R.ok] * 4
-        assert await client.lookup_accounts([a0, c1, a2]) == [
-            msgspec.structs.replace(before.accounts[0], debits_posted=(
-                before.accounts[0].debits_posted + 7)),  # type: ignore[union-attr]
-            msgspec.structs.replace(before.accounts[2], credits_posted=(
-                before.accounts[2].credits_posted + 2)),  # type: ignore[union-attr]
-            msgspec.structs.replace(before.accounts[3], debits_posted=(
-                before.accounts[3].debits_posted + 5),  # type: ignore[union-attr]
-                credits_posted=before.accounts[3].credits_posted + 5)]  # type: ignore[union-attr]
-    _verified([main, second])
-
-    # A mirror changed: the moved account's balance no longer follows from the rows, and
-    # the mirror equals no stored transfer.
-    conn = await asyncpg.connect(second)
-    try:
-        async with conn.transaction():
-            await conn.execute("ALTER TABLE mirrored_transfers DISABLE TRIGGER USER")
-            await conn.execute("UPDATE mirrored_transfers SET amount = amount + 1 "
-                               "WHERE id = $1", sent[0].id)
-            await conn.execute("ALTER TABLE mirrored_transfers ENABLE TRIGGER USER")
-    finally:
-        await conn.close()
-    done = _run(["verify", "--json", "--database-url", main, "--database-url", second])
-    problems = {(str(p["id"]), p["kind"]) for p in json.loads(done.stdout)["problems"]}
-    assert done.returncode == 1
-    assert {(str(a2), "credits_posted_mismatch"),
-            (str(sent[0].id), "mirror_without_original")} <= problems, problems
+def _plus(account: Account | None, **added: int) -> Account:
+    """``account`` (which must exist) with ``added`` added to those balances."""
+    assert account is not None
+    return msgspec.structs.replace(
+        account, **{field: getattr(account, field) + n for field, n in added.items()})
 
 
 async def _fetchval(url: str, sql: str) -> Any:
