@@ -69,17 +69,9 @@ class Served:
 @pytest.fixture(scope="module")
 async def served(pg_admin_url: str, second_pg_admin_url: str, app_password_file: Path,
                  tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
-    """The ledger alone: the fault tests below kill its parts."""
-    async with _serving(pg_admin_url, second_pg_admin_url, app_password_file,
-                        tmp_path_factory, ["--no-payments"]) as running:
-        yield running
-
-
-@pytest.fixture(scope="module")
-async def served_with_payments(
-        pg_admin_url: str, second_pg_admin_url: str, app_password_file: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Served]:
-    """Another ledger over two databases, with payments through one simulated provider."""
+    """The ledger over two databases, with payments through one simulated provider; the
+    fault tests below kill its parts (after the payments test). One serve for the module:
+    each start is a Ray of its own."""
     async with _serving(pg_admin_url, second_pg_admin_url, app_password_file,
                         tmp_path_factory, ["--provider", "acme"]) as running:
         yield running
@@ -232,6 +224,62 @@ async def test_each_shard_writes_to_its_database(served: Served, client: Client,
         (a0, 5, 0), (a1, 0, 7), (a2, 0, 5), (a3, 7, 0)]
     stored = await client.lookup_transfers([t.id for t in within])
     assert [t.id for t in stored if t is not None] == [t.id for t in within]
+
+
+async def test_payments_postings_stay_in_each_merchant_accounts_database(
+        served: Served, ids: Ids) -> None:
+    """An authorization, a partial capture and a refund for a merchant account in each
+    database: the balances are the payment's, every posting (hold, capture, refund hold and
+    its post) is stored in the merchant account's database and none in the other, and no
+    transfer between databases was needed for them; `txproc verify` passes over both."""
+    merchants = [ids.account(0), ids.account(1)]  # shard 0 on main, shard 1 on db1
+    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
+        codes = await client.create_accounts([
+            Account(id=m, currency="USD", flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
+            for m in merchants])
+    assert codes == [AccountResult.ok] * 2
+    headers = {"authorization": f"Bearer {served.token}"}
+    async with httpx.AsyncClient(base_url=served.base, headers=headers, timeout=30) as http:
+        for m in merchants:
+            idem, deadline = uuid.uuid4().hex, time.monotonic() + 60
+            body = {"amount": 800, "currency": "USD", "merchant_account_id": m,
+                    "payment_method": "pm_4242_" + uuid.uuid4().hex[:12], "capture": False,
+                    "provider": "acme"}
+            while True:  # 503 while the payments actor is still starting; same key again
+                r = await http.post("/v1/payments", headers={"idempotency-key": idem},
+                                    json=body)
+                if r.status_code != 503 or time.monotonic() > deadline:
+                    break
+                await _sleep(0.5)
+            assert (r.status_code, r.json()["status"]) == (201, "authorized"), r.text
+            payment = r.json()["id"]
+            r = await http.post(f"/v1/payments/{payment}/capture", json={"amount": 500},
+                                headers={"idempotency-key": uuid.uuid4().hex})
+            assert (r.status_code, r.json()["status"]) == (200, "captured"), r.text
+            r = await http.post(f"/v1/payments/{payment}/refunds", json={"amount": 100},
+                                headers={"idempotency-key": uuid.uuid4().hex})
+            assert r.status_code == 200, r.text
+    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
+        found = await client.lookup_accounts(merchants)
+    assert [(a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted)
+            for a in found if a is not None] == [(0, 100, 0, 500)] * 2
+    for m, home, other in ((merchants[0], "main", "db1"), (merchants[1], "db1", "main")):
+        counts = {}
+        for db in (home, other):
+            conn = await asyncpg.connect(served.urls[db])
+            try:
+                counts[db] = (
+                    await conn.fetchval("SELECT count(*) FROM transfers WHERE "
+                                        "debit_account_id = $1 OR credit_account_id = $1", m),
+                    await conn.fetchval("SELECT count(*) FROM crossdb_transfers WHERE "
+                                        "debit_account_id = $1 OR credit_account_id = $1", m))
+            finally:
+                await conn.close()
+        assert counts == {home: (4, 0), other: (0, 0)}
+    both = await asyncio.to_thread(_run, [
+        "verify", "--json", "--database-url", served.urls["main"],
+        "--database-url", served.urls["db1"]])
+    assert both.returncode == 0, both.stdout + both.stderr
 
 
 async def test_linked_and_pending_transfers_between_databases_are_refused(
@@ -563,63 +611,6 @@ async def test_audit_names_who_made_a_row_of_either_database(
     alone = await asyncio.to_thread(
         _run, ["audit", "--account", str(a1), "--database-url", served.urls["main"]])
     assert alone.returncode == 1  # main alone does not hold it
-
-
-async def test_payments_postings_stay_in_each_merchant_accounts_database(
-        served_with_payments: Served, ids: Ids) -> None:
-    """An authorization, a partial capture and a refund for a merchant account in each
-    database: the balances are the payment's, every posting (hold, capture, refund hold and
-    its post) is stored in the merchant account's database and none in the other, and no
-    transfer between databases was needed for them; `txproc verify` passes over both."""
-    served = served_with_payments
-    merchants = [ids.account(0), ids.account(1)]  # shard 0 on main, shard 1 on db1
-    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
-        codes = await client.create_accounts([
-            Account(id=m, currency="USD", flags=AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
-            for m in merchants])
-    assert codes == [AccountResult.ok] * 2
-    headers = {"authorization": f"Bearer {served.token}"}
-    async with httpx.AsyncClient(base_url=served.base, headers=headers, timeout=30) as http:
-        for m in merchants:
-            idem, deadline = uuid.uuid4().hex, time.monotonic() + 60
-            body = {"amount": 800, "currency": "USD", "merchant_account_id": m,
-                    "payment_method": "pm_4242_" + uuid.uuid4().hex[:12], "capture": False,
-                    "provider": "acme"}
-            while True:  # 503 while the payments actor is still starting; same key again
-                r = await http.post("/v1/payments", headers={"idempotency-key": idem},
-                                    json=body)
-                if r.status_code != 503 or time.monotonic() > deadline:
-                    break
-                await _sleep(0.5)
-            assert (r.status_code, r.json()["status"]) == (201, "authorized"), r.text
-            payment = r.json()["id"]
-            r = await http.post(f"/v1/payments/{payment}/capture", json={"amount": 500},
-                                headers={"idempotency-key": uuid.uuid4().hex})
-            assert (r.status_code, r.json()["status"]) == (200, "captured"), r.text
-            r = await http.post(f"/v1/payments/{payment}/refunds", json={"amount": 100},
-                                headers={"idempotency-key": uuid.uuid4().hex})
-            assert r.status_code == 200, r.text
-    async with Client("127.0.0.1", served.rpc_port, served.token) as client:
-        found = await client.lookup_accounts(merchants)
-    assert [(a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted)
-            for a in found if a is not None] == [(0, 100, 0, 500)] * 2
-    for m, home, other in ((merchants[0], "main", "db1"), (merchants[1], "db1", "main")):
-        counts = {}
-        for db in (home, other):
-            conn = await asyncpg.connect(served.urls[db])
-            try:
-                counts[db] = (
-                    await conn.fetchval("SELECT count(*) FROM transfers WHERE "
-                                        "debit_account_id = $1 OR credit_account_id = $1", m),
-                    await conn.fetchval("SELECT count(*) FROM crossdb_transfers WHERE "
-                                        "debit_account_id = $1 OR credit_account_id = $1", m))
-            finally:
-                await conn.close()
-        assert counts == {home: (4, 0), other: (0, 0)}
-    both = await asyncio.to_thread(_run, [
-        "verify", "--json", "--database-url", served.urls["main"],
-        "--database-url", served.urls["db1"]])
-    assert both.returncode == 0, both.stdout + both.stderr
 
 
 async def test_verify_checks_every_database(served: Served, client: Client,
