@@ -119,6 +119,12 @@ async def release(pool: asyncpg.Pool, name: str, me: str, fence: int) -> None:
 Work = Callable[[Fence], Coroutine[Any, Any, None]]
 
 
+def _cancelled_from_outside() -> bool:
+    """Whether the running task has been asked to stop (``Task.cancel``, not yet undone)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 async def hold(pool: asyncpg.Pool, name: str, me: str, config: LeaseConfig, work: Work, *,
                monotonic_s: Callable[[], float] = time.monotonic) -> None:
     """Run ``work(fence)`` while ``me`` holds lease ``name``, until cancelled.
@@ -147,6 +153,17 @@ async def hold(pool: asyncpg.Pool, name: str, me: str, config: LeaseConfig, work
                     fence = await acquire(pool, name, me, config.ttl_s)
             except DATABASE_ERRORS as exc:
                 log.warning("lease %s: not renewed: %r", name, exc)
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
+                # Not this task's cancellation (the driver's own, leaking out of a
+                # connection cancelled mid-operation): a failed renewal like any other.
+                log.warning("lease %s: not renewed: a cancellation meant for another", name)
+            except Exception:  # the loop must outlive any one failure (log.exception)
+                # Nothing but a cancellation may end the loop: a loop that ends releases
+                # the lease, and where this process is the only contender (one payments
+                # actor) the work it guards stops everywhere, silently.
+                log.exception("lease %s: not renewed: an unexpected failure", name)
             else:
                 if fence is None:
                     if holding is not None:

@@ -157,3 +157,48 @@ async def test_a_fenced_write_in_progress_holds_off_the_takeover(
         await asyncio.sleep(0.3)
         assert not takeover.done()  # blocked on the row the fenced write holds
     assert await asyncio.wait_for(takeover, WAIT_S) == 2
+
+
+class _FailingReads:
+    """A real pool whose lease reads (``fetchrow``) fail with ``failures`` in turn first:
+    what a connection cut mid-operation can raise beyond the database errors."""
+
+    def __init__(self, pool: asyncpg.Pool, failures: list[BaseException]) -> None:
+        self._pool = pool
+        self._failures = failures
+
+    async def fetchrow(self, *args: object) -> object:
+        if self._failures:
+            raise self._failures.pop(0)
+        return await self._pool.fetchrow(*args)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._pool, name)
+
+
+async def test_no_failure_of_a_renewal_ends_the_holder(pools: list[asyncpg.Pool]) -> None:
+    """A holder whose renewals fail with errors that are not the database's (a driver's
+    internal error, a cancellation that is not the task's own) keeps its loop: it still
+    holds the lease and runs the work once the reads answer again. The loop used to end on
+    them, releasing the lease with its live process still named as the holder, and the
+    work it guards stopped for good (a payments actor's recovery worker, in a test run)."""
+    log: list[tuple[str, str, int, float]] = []
+    work = Worker("a", log)
+    failing = _FailingReads(pools[0], [asyncpg.exceptions.InternalClientError("cut"),
+                                       asyncio.CancelledError(), RuntimeError("odd")])
+    task = asyncio.create_task(hold(failing, "outlives", "a", FAST, work))  # type: ignore[arg-type]
+    try:
+        await asyncio.wait_for(work.started.wait(), WAIT_S)
+        assert not failing._failures and not task.done()
+        # Cut again while held: the work is stopped when renewals stay away past the TTL's
+        # margin, and starts again when they come back, under the same holder.
+        failing._failures.extend([RuntimeError("odd")] * 8)
+        deadline = time.monotonic() + WAIT_S
+        while work.fences != [1, 1] and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert work.fences == [1, 1] and not task.done(), log
+        row, now_s = await read_lease(pools[1], "outlives")
+        assert row is not None and row.holder == "a" and row.expires_at_s > now_s
+    finally:
+        await _cancel(task)
+    assert log[-1][:2] == ("stop", "a")
