@@ -12,14 +12,24 @@ Public interface (what the composition root starts and the tools read):
 
 Nothing here imports payments' engine, providers or risk (import contract
 ``ledger-alone``); the front reaches payments only through the edge's ``PaymentsLink``.
+
+Its names are imported when first read (``processor.lazy``): a shard's worker process,
+which Ray starts by importing ``actors.ledger.shard``, does not load the front, the HTTP
+API or the payments routes the front serves (about a second of CPU per worker start on
+2 cores, paid again at every restart of a shard).
 """
 
 from __future__ import annotations
 
-from actors.ledger.front import Front, make_front
-from actors.ledger.shard import LedgerShard, endpoint_of, make_shard, shard_actor_name
-from actors.ledger.store import LedgerStore
-from actors.ledger.verify import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
+from typing import TYPE_CHECKING
+
+from processor.lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from actors.ledger.front import Front, make_front
+    from actors.ledger.shard import LedgerShard, endpoint_of, make_shard, shard_actor_name
+    from actors.ledger.store import LedgerStore
+    from actors.ledger.verify import LEDGER_CHECKS, Check, VerifyContext, VerifyResult, verify
 
 __all__ = [
     "LEDGER_CHECKS",
@@ -35,3 +45,12 @@ __all__ = [
     "shard_actor_name",
     "verify",
 ]
+
+if not TYPE_CHECKING:
+    __getattr__ = lazy_exports(__name__, {
+        "actors.ledger.front": ("Front", "make_front"),
+        "actors.ledger.shard": ("LedgerShard", "endpoint_of", "make_shard", "shard_actor_name"),
+        "actors.ledger.store": ("LedgerStore",),
+        "actors.ledger.verify": ("LEDGER_CHECKS", "Check", "VerifyContext", "VerifyResult",
+                                 "verify"),
+    })
