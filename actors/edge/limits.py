@@ -383,7 +383,12 @@ def http_listener(host: str, port: int) -> socket.socket:
     failure is an ``OSError`` the start raises and its caller reports.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    return socket.create_server((host, port), family=family, backlog=2048)
+    listener = socket.create_server((host, port), family=family, backlog=2048)
+    # Accepted connections inherit it on Linux. uvloop sets it on each connection anyway;
+    # asyncio's own loop does not for a server made from a socket, and a small answer
+    # would then wait on Nagle's algorithm for the client's delayed ACK.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return listener
 
 
 def http_server(app: Any, *, host: str, port: int, limits: HttpLimits,
