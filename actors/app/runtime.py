@@ -28,6 +28,7 @@ import ray
 
 from actors.app.databases import app_password_file, ensure_database
 from actors.database import EmbeddedPostgres, app_role_url
+from actors.edge import ListenError
 from actors.ledger import LedgerStore, make_front, make_shard, shard_actor_name
 from actors.ledger.front import front_actor_name
 from actors.ledger.relocation import recorded_layout
@@ -72,11 +73,6 @@ NODES_EVERY_S = 1.0
 FRONT_START_S = 60.0
 
 log = logging.getLogger("txproc.runtime")
-
-
-class ListenError(RuntimeError):
-    """A front could not bind its HTTP or RPC address (a port taken, an address that is
-    not this machine's)."""
 
 
 @dataclass
@@ -442,7 +438,7 @@ async def _launch_fronts(config: Config, channel_key: bytes,
     except BaseException as exc:
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, OSError):
+        if isinstance(exc, ray.exceptions.RayTaskError) and isinstance(exc.cause, ListenError):
             # A port taken or an address not this machine's: said in one line, not as the
             # actor's traceback.
             raise ListenError(f"a front could not listen: {exc.cause}") from None

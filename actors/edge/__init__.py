@@ -6,10 +6,10 @@ Public interface:
   routes handed to a ``PaymentsService``;
 * ``start_rpc_server``: the batched binary RPC listener over the same service;
 * ``PaymentsLink``: the one hop from the edge to the payments actor (a ``PaymentsService``);
-* ``http_server``, ``http_listener`` and ``HttpLimits``: the uvicorn server for the HTTP
-  API on a socket bound by the caller, with the deadlines and connection caps that keep
-  slow or idle clients from holding it (actors.edge.limits; docs/security.md, "Edge
-  limits");
+* ``http_server``, ``http_listener`` (``ListenError`` when it cannot bind) and
+  ``HttpLimits``: the uvicorn server for the HTTP API on a socket bound by the caller,
+  with the deadlines and connection caps that keep slow or idle clients from holding it
+  (actors.edge.limits; docs/security.md, "Edge limits");
 * ``AuditWriter``: the audit record each state-changing request writes before it is
   applied (actors.edge.audit; docs/security.md, "Audit");
 * ``server_context``: the one TLS context both listeners serve with, when TLS is on
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
         revoke_token_id,
     )
     from actors.edge.http_api import PaymentsService, build_app
-    from actors.edge.limits import HttpLimits, http_listener, http_server
+    from actors.edge.limits import HttpLimits, ListenError, http_listener, http_server
     from actors.edge.payments_link import PaymentsLink
     from actors.edge.personal import PersonalUserData
     from actors.edge.rpc_server import start_rpc_server
@@ -56,6 +56,7 @@ __all__ = [
     "Credentials",
     "CredentialsWatch",
     "HttpLimits",
+    "ListenError",
     "PaymentsLink",
     "PaymentsService",
     "PersonalUserData",
@@ -78,7 +79,7 @@ if not TYPE_CHECKING:
             "Credentials", "CredentialsWatch", "revoke_subject", "revoke_token_id",
         ),
         "actors.edge.http_api": ("PaymentsService", "build_app"),
-        "actors.edge.limits": ("HttpLimits", "http_listener", "http_server"),
+        "actors.edge.limits": ("HttpLimits", "ListenError", "http_listener", "http_server"),
         "actors.edge.payments_link": ("PaymentsLink",),
         "actors.edge.personal": ("PersonalUserData",),
         "actors.edge.rpc_server": ("start_rpc_server",),

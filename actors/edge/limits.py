@@ -34,6 +34,7 @@ from processor.errors import register
 __all__ = [
     "TCP_KEEPALIVE_IDLE_S",
     "HttpLimits",
+    "ListenError",
     "PeerConnections",
     "enable_tcp_keepalive",
     "http_listener",
@@ -372,6 +373,12 @@ def _closed(listener: str, reason: str) -> None:
     metrics.EDGE_CONNECTIONS_CLOSED.labels(listener, reason).inc()
 
 
+class ListenError(OSError):
+    """A listener could not bind its address (a port taken, an address that is not this
+    machine's): raised by the front's start, so its caller can tell it from the start's
+    other failures (a database that does not answer is an ``OSError`` too)."""
+
+
 def http_listener(host: str, port: int) -> socket.socket:
     """A listening TCP socket on ``host:port`` (0 picks a free port) for
     ``uvicorn.Server.serve(sockets=...)``.
@@ -380,10 +387,13 @@ def http_listener(host: str, port: int) -> socket.socket:
     (the port taken) by logging it and calling ``sys.exit``. Inside an actor that
     SystemExit ends the event loop's task without failing the call that waits for the
     listener, so a front whose port is taken never answered its start. Bound here, the
-    failure is an ``OSError`` the start raises and its caller reports.
+    failure is a ``ListenError`` the start raises and its caller reports.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    listener = socket.create_server((host, port), family=family, backlog=2048)
+    try:
+        listener = socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise ListenError(f"http {host}:{port}: {exc.strerror or exc}") from exc
     # Accepted connections inherit it on Linux. uvloop sets it on each connection anyway;
     # asyncio's own loop does not for a server made from a socket, and a small answer
     # would then wait on Nagle's algorithm for the client's delayed ACK.

@@ -35,6 +35,7 @@ from actors.edge import (
     Credentials,
     CredentialsWatch,
     HttpLimits,
+    ListenError,
     PaymentsLink,
     PersonalUserData,
     RequestSignatures,
@@ -365,16 +366,19 @@ class Front:
                 self._http_task.result()
             await asyncio.sleep(0.025)
         f = cfg.front
-        self._rpc = await start_rpc_server(
-            self._personal, key, host=f.host, port=f.rpc_port if rpc_port is None else rpc_port,
-            clock_s=time.time,
-            reserved_id_min=cfg.payments.rules.system_id_base,
-            connections_max=f.rpc_connections_max,
-            connections_per_peer_max=f.rpc_connections_per_peer_max,
-            hello_timeout_s=f.rpc_hello_timeout_s, hello_bytes_max=f.rpc_hello_bytes_max,
-            idle_timeout_s=f.rpc_idle_timeout_s, frame_timeout_s=f.rpc_frame_timeout_s,
-            write_timeout_s=f.rpc_write_timeout_s, token_grace_s=f.rpc_token_grace_s,
-            rate_limiter=limiter, audit=self._audit, ssl_context=tls)
+        rpc_port = f.rpc_port if rpc_port is None else rpc_port
+        try:
+            self._rpc = await start_rpc_server(
+                self._personal, key, host=f.host, port=rpc_port, clock_s=time.time,
+                reserved_id_min=cfg.payments.rules.system_id_base,
+                connections_max=f.rpc_connections_max,
+                connections_per_peer_max=f.rpc_connections_per_peer_max,
+                hello_timeout_s=f.rpc_hello_timeout_s, hello_bytes_max=f.rpc_hello_bytes_max,
+                idle_timeout_s=f.rpc_idle_timeout_s, frame_timeout_s=f.rpc_frame_timeout_s,
+                write_timeout_s=f.rpc_write_timeout_s, token_grace_s=f.rpc_token_grace_s,
+                rate_limiter=limiter, audit=self._audit, ssl_context=tls)
+        except OSError as exc:
+            raise ListenError(f"rpc {f.host}:{rpc_port}: {exc.strerror or exc}") from exc
         http_port = server.servers[0].sockets[0].getsockname()[1]
         rpc_port = self._rpc.sockets[0].getsockname()[1]
         self._ready = True
