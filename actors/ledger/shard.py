@@ -816,8 +816,7 @@ class LedgerShard:
         while True:
             await asyncio.sleep(self._config.expiry_interval_s)
             now_ns = self._clock_ns()
-            if not any(p.expires_at_ns and p.expires_at_ns <= now_ns
-                       for p in book.pending.values()):
+            if not book.pending.any_due(now_ns):
                 continue
             try:
                 await self.create_transfers(ENCODER.encode([]))

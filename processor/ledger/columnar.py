@@ -409,8 +409,7 @@ class ArrayBook(Book):
             return False
         if (self.partitions.shards_of(cols.debit_account_id) != self.shard).any():
             return False
-        return not any(p.expires_at_ns and now_ns >= p.expires_at_ns
-                       for p in self.pending.values())
+        return not self.pending.any_due(now_ns)
 
     def _plan_plain(self, cols: TransferColumns, now_ns: int, plan: Plan) -> PlainPlan:
         n = len(cols)

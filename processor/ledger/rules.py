@@ -33,6 +33,7 @@ import msgspec
 
 from processor.codes import AccountResult, TransferResult, burns_id
 from processor.currency import is_known_currency
+from processor.ledger.holds import OpenHolds
 from processor.ledger.partition import PartitionMap
 from processor.types import (  # InvariantError and require live in types, shared by all
     ACCOUNT_FLAGS_KNOWN,
@@ -393,7 +394,9 @@ class Book:
         self.shard = shard
         self.partitions = partitions
         self.accounts: dict[int, AccountState] = {}
-        self.pending: dict[int, PendingState] = {}
+        # Open holds, with their deadlines in order (expiring them costs O(due), not
+        # O(open holds), per batch).
+        self.pending: OpenHolds[PendingState] = OpenHolds()
         # Transfer ids seen recently (stored transfers and burned failures), bounded: older
         # ones are fetched from the database. Holds memory to O(accounts + open holds).
         self.recent: OrderedDict[int, Transfer | Failed] = OrderedDict()
@@ -803,24 +806,22 @@ class Book:
 
     def _plan_expiries(self, plan: Plan, now_ns: int) -> None:
         """Expire open holds whose timeout passed; expiry only releases, it never fails."""
-        for pending_id, p in list(self.pending.items()):
-            if p.expires_at_ns and now_ns >= p.expires_at_ns:
-                del self.pending[pending_id]
-                self._remember_resolution(pending_id, Resolution.expired)
-                # Keep the transfer at hand: a post or void of it in this batch is answered
-                # ``pending_transfer_expired`` after its fields are compared.
-                self._remember(pending_id, p.transfer)
-                plan.expiries.append(p)
-                t = p.transfer
-                for account_id, side in ((t.debit_account_id, Side.debit),
-                                         (t.credit_account_id, Side.credit)):
-                    leg = Leg(account_id, side, t.currency, -t.amount, 0, False,
-                              EventKind.expiry, pending_id)
-                    shard = self.partitions.shard_of(account_id)
-                    if shard == self.shard:
-                        self.accounts[account_id].apply(leg)
-                    else:
-                        plan.remote.setdefault(shard, []).append((-1, leg))
+        for pending_id, p in self.pending.pop_due(now_ns):
+            self._remember_resolution(pending_id, Resolution.expired)
+            # Keep the transfer at hand: a post or void of it in this batch is answered
+            # ``pending_transfer_expired`` after its fields are compared.
+            self._remember(pending_id, p.transfer)
+            plan.expiries.append(p)
+            t = p.transfer
+            for account_id, side in ((t.debit_account_id, Side.debit),
+                                     (t.credit_account_id, Side.credit)):
+                leg = Leg(account_id, side, t.currency, -t.amount, 0, False,
+                          EventKind.expiry, pending_id)
+                shard = self.partitions.shard_of(account_id)
+                if shard == self.shard:
+                    self.accounts[account_id].apply(leg)
+                else:
+                    plan.remote.setdefault(shard, []).append((-1, leg))
 
     # -- holds granted to other shards ----------------------------------------------------
 
