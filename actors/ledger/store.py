@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -164,12 +165,30 @@ def writer_columns(
     debit_p, credit_p = partitions_of(debit), partitions_of(credit)
     # A table lookup, not np.isin: isin sorts both sides on every call, which a commit of
     # a few transfers (single HTTP requests) pays for per commit.
-    owned = np.zeros(PARTITIONS, dtype=bool)
-    owned[own] = True
+    owned = _owned_mask(own.tobytes())
     debit_own, credit_own = owned[debit_p], owned[credit_p]
     partition = np.where(debit_own, debit_p, np.where(credit_own, credit_p, own[0]))
     legs = debit_own * _DEBIT_LOCAL + credit_own * _CREDIT_LOCAL
     return partition.astype(np.int64), legs.astype(np.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _owned_mask(own: bytes) -> np.ndarray:
+    """Per partition, whether it is among ``own`` (int64 partitions as bytes); read-only,
+    built once per shard and partition map rather than at every commit."""
+    owned = np.zeros(PARTITIONS, dtype=bool)
+    owned[np.frombuffer(own, dtype=np.int64)] = True
+    owned.flags.writeable = False
+    return owned
+
+
+@functools.lru_cache(maxsize=64)
+def _own_partitions(shard_of_partition: tuple[int, ...], shard: int) -> np.ndarray:
+    """The sorted partitions ``shard`` owns, read-only (see ``_owned_mask``)."""
+    own = np.asarray([p for p, s in enumerate(shard_of_partition) if s == shard],
+                     dtype=np.int64)
+    own.flags.writeable = False
+    return own
 
 
 def column_rows(cols: TransferColumns, own: np.ndarray) -> Rows:
@@ -816,14 +835,11 @@ class LedgerStore:
                    if b.transfer_columns is not None and len(b.transfer_columns)]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
-        own_partitions = np.asarray(sorted(partition_map.partitions_of_shard(shard)),
-                                    dtype=np.int64)
+        own_partitions = _own_partitions(partition_map.shard_of_partition, shard)
         ids, values = _sum_deltas(
             [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
-        owned = np.zeros(PARTITIONS, dtype=bool)
-        owned[own_partitions] = True
-        remote = ~owned[partitions_of(ids)]
+        remote = ~_owned_mask(own_partitions.tobytes())[partitions_of(ids)]
         blocks: list[tuple[Any, ...]] = []
         if remote.any():
             remote_ids, remote_values = ids[remote], values[remote]

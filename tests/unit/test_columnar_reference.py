@@ -282,9 +282,20 @@ def test_partitions_over_arrays_equal_the_scalar_hash(ids: list[int], shards: in
     """Routing over arrays (front, columnar book, store) sends every id where the scalar
     hash does."""
     from processor.ledger import partition_of, partitions_of
+    from processor.ledger.partition import partitions_of_array
 
     array = np.array([*ids, 0, 2**63 - 1], dtype=np.int64)
-    assert partitions_of(array).tolist() == [partition_of(i) for i in array.tolist()]
+    expected = [partition_of(i) for i in array.tolist()]
+    assert partitions_of(array).tolist() == expected
+    # Both ways of computing it, small arrays (hashed one by one) and large ones, unsigned
+    # ids above 2**63 included.
+    assert partitions_of_array(array).tolist() == expected
+    for size in (0, 1, 2, len(array)):
+        unsigned = array[:size].astype(np.uint64) | np.uint64(2**63)
+        scalar = [partition_of(i) for i in unsigned.tolist()]
+        assert partitions_of(unsigned).tolist() == scalar
+        assert partitions_of_array(unsigned).tolist() == scalar
+        assert partitions_of(array[:size]).dtype == np.int64
     m = PartitionMap.uniform(shards)
     assert m.shards_of(array).tolist() == [m.shard_of(i) for i in array.tolist()]
 
