@@ -109,3 +109,52 @@ def test_with_user_data_replaces_each_text_and_keeps_the_rest() -> None:
     assert batch.with_user_data(["", ""]).user_data is None
     with pytest.raises(BatchInvalid):
         batch.with_user_data(["~s9"])
+
+
+_ANY_INT = st.integers(-(2**63), 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True, database=None)
+@given(n=st.integers(0, 10), data=st.data())
+def test_small_batches_are_checked_as_large_ones_are(n: int, data: st.DataObject) -> None:
+    """A batch of a few transfers is checked value by value, a larger one with numpy: the
+    same batch gets the same error, at the same index, either way (or none)."""
+    import processor.batch as batch_module
+
+    def column(dtype: str, values: st.SearchStrategy[int]) -> np.ndarray:
+        return np.array(data.draw(st.lists(values, min_size=n, max_size=n)), dtype=dtype)
+
+    near = st.one_of(st.integers(0, 5), st.sampled_from([2**31 - 1, 2**31, 2**63 - 1]),
+                     _ANY_INT)
+    columns = {name: column("<i8", near) for name in
+               ("id", "debit_account_id", "credit_account_id", "amount", "pending_id")}
+    columns["flags"] = column("<u2", st.integers(0, 0xFFFF))
+    columns["timeout_s"] = column("<u4", st.integers(0, 2**32 - 1))
+    columns["code"] = column("<u4", st.integers(0, 2**32 - 1))
+    codes = data.draw(st.lists(st.one_of(st.sampled_from([b"EUR", b"USD", b"XQQ"]),
+                                         st.binary(min_size=0, max_size=3)),
+                               min_size=n, max_size=n))
+    columns["currency"] = np.array(codes, dtype="S3")
+
+    def outcome(small_max: int) -> str:
+        saved = batch_module._SCALAR_CHECK_MAX
+        batch_module._SCALAR_CHECK_MAX = small_max
+        try:
+            TransferBatch(**columns)
+        except BatchInvalid as exc:
+            return str(exc)
+        finally:
+            batch_module._SCALAR_CHECK_MAX = saved
+        return "ok"
+
+    assert outcome(small_max=10) == outcome(small_max=-1)
+
+
+def test_setting_the_tenant_keeps_the_columns_and_checks_nothing_again() -> None:
+    batch = TransferBatch.from_arrays(**_arrays())
+    made = batch.with_tenant(7, origin=99)
+    assert made.tenant is not None and made.tenant.tolist() == [7, 7]
+    assert made.origin is not None and made.origin.tolist() == [99, 99]
+    assert made.id is batch.id and made.currency is batch.currency
+    assert batch.tenant is None  # the original is unchanged
+    assert decode_batch(encode_batch(made)).origin.tolist() == [99, 99]
