@@ -74,15 +74,19 @@ class RiskActor:
         self._delay_s = delay_s
         return self._delay_s
 
-    async def check(self, amount: int, currency: str, payment_method: str) -> RiskDecision:
+    async def check(self, amount: int, currency: str, payment_method: str,
+                    request_id: str = "") -> RiskDecision:
+        """Decide one authorization. ``request_id`` (the payment's id) makes a retry of
+        the same request count once in the velocity window and not against itself."""
         if self._delay_s > 0:
             await asyncio.sleep(self._delay_s)
         now_s = self._clock_s()
         decision = evaluate(self._config, amount=amount, currency=currency,
                             payment_method=payment_method,
-                            recent_count=self._window.count(payment_method, now_s))
+                            recent_count=self._window.count(payment_method, now_s,
+                                                            request_id))
         if decision.allowed:
-            self._window.add(payment_method, now_s)
+            self._window.add(payment_method, now_s, request_id)
         return decision
 
 
@@ -99,8 +103,10 @@ class RiskLink:
         host, port = await handle.endpoint.remote()
         return str(host), int(port)
 
-    async def check(self, amount: int, currency: str, payment_method: str) -> RiskDecision:
-        answer = await self._channel.call("check", amount, currency, payment_method)
+    async def check(self, amount: int, currency: str, payment_method: str,
+                    request_id: str = "") -> RiskDecision:
+        answer = await self._channel.call("check", amount, currency, payment_method,
+                                          request_id)
         return msgspec.convert(answer, RiskDecision)
 
     def close(self) -> None:

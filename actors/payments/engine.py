@@ -286,9 +286,11 @@ class PaymentsEngine:
         """
         providers = self._providers_for(request.currency, request.provider)
         await self._require_merchant(request.merchant_account_id, request.currency, principal)
-        decision = await self._risk_check(request.amount, request.currency,
-                                          request.payment_method)
         payment_id = f"pay_{request_key[:24]}" if request_key else self._new_id("pay_")
+        # The payment's id follows from its Idempotency-Key: a retry is checked as the
+        # same request, counted once in the velocity window.
+        decision = await self._risk_check(request.amount, request.currency,
+                                          request.payment_method, payment_id)
         payment = Payment(
             id=payment_id, merchant_account_id=request.merchant_account_id,
             amount=request.amount, currency=request.currency,
@@ -979,13 +981,14 @@ class PaymentsEngine:
         if held != currency:
             raise PaymentError("currency_mismatch", f"the merchant account holds {held}")
 
-    async def _risk_check(self, amount: int, currency: str, method: str) -> RiskDecision:
+    async def _risk_check(self, amount: int, currency: str, method: str,
+                          request_id: str) -> RiskDecision:
         cfg = self._risk_config
         if self._risk is None:
             return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
         try:
             async with asyncio.timeout(cfg.timeout_s):
-                return await self._risk.check(amount, currency, method)
+                return await self._risk.check(amount, currency, method, request_id)
         except TimeoutError:
             return fallback(cfg, amount=amount, currency=currency, cause="timeout")
         except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost

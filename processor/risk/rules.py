@@ -206,6 +206,11 @@ class VelocityWindow:
 
     Timestamps are seconds from the caller's monotonic clock. A timestamp older than the
     token's newest is stored as the newest, so that each token's events stay in order.
+
+    An event may carry an id (the payment's, which its Idempotency-Key decides): an event
+    whose id the window holds for the token is the same request again, a retry. It is not
+    added a second time, and ``count`` leaves it out, so a retried authorization is judged
+    as it was the first time and never counts against the next payment with the token.
     """
 
     def __init__(
@@ -221,15 +226,17 @@ class VelocityWindow:
         self._window_s = window_s
         self._tokens_max = tokens_max
         self._events_max = events_per_token_max
-        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+        # Per token, (timestamp, event id or "") oldest first.
+        self._events: OrderedDict[str, deque[tuple[float, str]]] = OrderedDict()
         self.evicted_total = 0
 
     def __len__(self) -> int:
         """The number of tokens tracked now."""
         return len(self._events)
 
-    def count(self, token: str, now_s: float) -> int:
-        """Events of ``token`` within the window ending at ``now_s`` (at most the cap)."""
+    def count(self, token: str, now_s: float, event_id: str = "") -> int:
+        """Events of ``token`` within the window ending at ``now_s`` (at most the cap),
+        the one with ``event_id`` left out."""
         events = self._events.get(token)
         if events is None:
             return 0
@@ -239,10 +246,11 @@ class VelocityWindow:
             del self._events[token]
             return 0
         self._events.move_to_end(token)
-        return len(events)
+        return len(events) - _holds(events, event_id)
 
-    def add(self, token: str, now_s: float) -> int:
-        """Record one event of ``token`` at ``now_s``; return its count, this one included."""
+    def add(self, token: str, now_s: float, event_id: str = "") -> int:
+        """Record one event of ``token`` at ``now_s``, unless the window holds its
+        ``event_id`` already; return the token's count, this one included."""
         events = self._events.get(token)
         if events is None:
             if len(self._events) >= self._tokens_max:
@@ -252,14 +260,21 @@ class VelocityWindow:
             self._events[token] = events
         else:
             self._events.move_to_end(token)
-            if now_s < events[-1]:
-                now_s = events[-1]
-        events.append(now_s)
+            if now_s < events[-1][0]:
+                now_s = events[-1][0]
+        if not _holds(events, event_id):
+            events.append((now_s, event_id))
         self._expire(events, now_s)
         require(len(self._events) <= self._tokens_max, "velocity tokens within tokens_max")
         return len(events)
 
-    def _expire(self, events: deque[float], now_s: float) -> None:
+    def _expire(self, events: deque[tuple[float, str]], now_s: float) -> None:
         horizon_s = now_s - self._window_s
-        while events and events[0] <= horizon_s:
+        while events and events[0][0] <= horizon_s:
             events.popleft()
+
+
+def _holds(events: deque[tuple[float, str]], event_id: str) -> bool:
+    """Whether ``events`` hold one with ``event_id`` (never for ""): at most
+    ``events_per_token_max`` to look at."""
+    return bool(event_id) and any(e == event_id for _, e in events)

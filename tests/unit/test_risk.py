@@ -272,3 +272,36 @@ def test_velocity_matches_a_naive_model(events: list[tuple[str, str, float]]) ->
             assert exact.count(token, now_s) == naive
             assert small.count(token, now_s) <= min(naive, 2)
         assert len(small) <= 2
+
+
+def test_a_retried_request_counts_once_and_not_against_itself() -> None:
+    """An event carrying an id the window holds for the token is the same request again."""
+    window = VelocityWindow(60.0, tokens_max=10)
+    assert window.add("pm_1", 0.0, "pay_a") == 1
+    assert window.add("pm_1", 1.0, "pay_a") == 1  # the retry: not added again
+    assert window.count("pm_1", 2.0, "pay_a") == 0  # the retry is judged without itself
+    assert window.count("pm_1", 2.0, "pay_b") == 1  # another request sees it once
+    assert window.add("pm_1", 2.0, "pay_b") == 2
+    assert window.add("pm_1", 3.0) == 3  # events without an id are never the same
+    assert window.add("pm_1", 3.0) == 4
+    # Once the first has left the window, its id is forgotten with it.
+    assert window.count("pm_1", 60.0, "pay_a") == 3
+    assert window.add("pm_1", 60.0, "pay_a") == 4
+
+
+async def test_the_risk_actor_judges_a_retry_as_the_first_time() -> None:
+    """With velocity_max 2, a request retried three times neither uses up the token's
+    allowance nor is declined by its own earlier attempts."""
+    from actors.risk import RiskActor
+
+    now = [100.0]
+    actor = RiskActor(RiskConfig(velocity_max=2), clock_s=lambda: now[0])
+    for _ in range(3):
+        decision = await actor.check(500, "EUR", "pm_card", "pay_retried")
+        assert decision.allowed, decision
+        now[0] += 1.0
+    assert (await actor.check(500, "EUR", "pm_card", "pay_second")).allowed
+    third = await actor.check(500, "EUR", "pm_card", "pay_third")
+    assert not third.allowed and third.reason == RiskReason.velocity_exceeded
+    # The retried ones are still answered as before, each the same request.
+    assert (await actor.check(500, "EUR", "pm_card", "pay_second")).allowed
