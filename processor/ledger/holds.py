@@ -3,8 +3,8 @@
 Every batch a shard plans first expires the holds whose timeout passed. Finding them by
 looking at every open hold made each batch cost O(open holds): a payments deployment keeps
 each authorization's hold open until its capture, for days, so the cost of a single
-transfer grew with the number of authorizations awaiting capture (2.3 ms of shard CPU per
-one-transfer commit with 1,200 holds open, docs/design.md §14). ``OpenHolds`` is the
+transfer grew with the number of authorizations awaiting capture (planning one transfer
+beside 100,000 open holds took 45 ms of CPU, docs/design.md §14). ``OpenHolds`` is the
 dict the shard always had, plus a heap of the holds that have a deadline, so the due ones
 cost O(due * log n) to find.
 
@@ -27,7 +27,8 @@ from typing import Protocol, TypeVar
 
 __all__ = ["OpenHolds"]
 
-# A hold beside its entry is stale once this many more entries than open holds are kept.
+# The heap is rebuilt from the open holds once it has more entries than twice their number
+# plus this many.
 _STALE_SLACK = 64
 
 
