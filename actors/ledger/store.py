@@ -183,10 +183,9 @@ def _owned_mask(own: bytes) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def _own_partitions(shard_of_partition: tuple[int, ...], shard: int) -> np.ndarray:
+def _own_partitions(partition_map: PartitionMap, shard: int) -> np.ndarray:
     """The sorted partitions ``shard`` owns, read-only (see ``_owned_mask``)."""
-    own = np.asarray([p for p, s in enumerate(shard_of_partition) if s == shard],
-                     dtype=np.int64)
+    own = np.asarray(partition_map.partitions_of_shard(shard), dtype=np.int64)
     own.flags.writeable = False
     return own
 
@@ -835,7 +834,7 @@ class LedgerStore:
                    if b.transfer_columns is not None and len(b.transfer_columns)]
         failed = [f for b in batches for f in b.failed]
         resolutions = [r for b in batches for r in b.resolutions]
-        own_partitions = _own_partitions(partition_map.shard_of_partition, shard)
+        own_partitions = _own_partitions(partition_map, shard)
         ids, values = _sum_deltas(
             [_delta_arrays(b.balance_deltas) for b in batches if b.balance_deltas]
             + [(b.delta_ids, b.delta_values) for b in batches if b.delta_ids is not None])
