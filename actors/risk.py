@@ -65,7 +65,8 @@ class RiskActor:
             self._starting = asyncio.Lock()
         async with self._starting:
             if self._address is None:
-                server = ChannelServer(self, ("check",), self._channel_key, name="risk")
+                server = ChannelServer(self, ("check", "forget"), self._channel_key,
+                                       name="risk")
                 self._address = await server.start(ray.util.get_node_ip_address())  # type: ignore[no-untyped-call]
         return self._address
 
@@ -86,8 +87,17 @@ class RiskActor:
                             recent_count=self._window.count(payment_method, now_s,
                                                             request_id))
         if decision.allowed:
+            counted = not self._window.holds(payment_method, request_id)
             self._window.add(payment_method, now_s, request_id)
+            if counted and request_id:
+                decision = msgspec.structs.replace(decision, counted=True)
         return decision
+
+    async def forget(self, payment_method: str, request_id: str) -> bool:
+        """Take back what ``check`` counted for ``request_id``: the request turned out to
+        repeat one already answered (its Idempotency-Key was taken), so it must leave no
+        trace in the velocity window. False when the window does not hold it."""
+        return self._window.discard(payment_method, request_id)
 
 
 class RiskLink:
@@ -108,6 +118,9 @@ class RiskLink:
         answer = await self._channel.call("check", amount, currency, payment_method,
                                           request_id)
         return msgspec.convert(answer, RiskDecision)
+
+    async def forget(self, payment_method: str, request_id: str) -> bool:
+        return bool(await self._channel.call("forget", payment_method, request_id))
 
     def close(self) -> None:
         self._channel.close()

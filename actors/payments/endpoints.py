@@ -36,7 +36,7 @@ from actors.payments.reconciliation import (
     ReconciliationRefused,
     serve_operation,
 )
-from actors.payments.store import DATABASE_UNREACHABLE, KeyHold
+from actors.payments.store import DATABASE_UNREACHABLE, KeyHold, KeyTaken
 from actors.payments.webhook_endpoints import (
     ENDPOINT_OPERATIONS,
     EndpointRefused,
@@ -283,17 +283,40 @@ class Idempotent:
 
     async def run(self, *, principal: str, key_header: str | None, fingerprint_: bytes,
                   execute: Callable[[], Awaitable[tuple[int, bytes]]],
-                  hold: KeyHold | None = None) -> tuple[int, bytes, dict[str, str]]:
+                  hold: KeyHold | None = None,
+                  defer_claim: bool = False) -> tuple[int, bytes, dict[str, str]]:
         """Returns (status, body, extra headers). ``execute`` runs at most once per key.
 
         ``fingerprint_`` identifies the request (method, canonical path and body); the same
         key with another fingerprint is refused. ``hold``, when given, is filled in with the
         claim before ``execute`` runs; if ``execute`` stored its answer under the claim
         itself (``hold.answered``), it is not stored again.
+
+        ``defer_claim`` (with ``hold``): the key is not claimed first; ``execute``'s first
+        write claims it in the same statement (``PaymentStore.create_payment``), which saves
+        a statement and a commit per request. If that write finds the key taken
+        (``KeyTaken``: nothing was written), or ``execute`` is refused before writing and
+        the key turns out taken when its answer is stored, the request is decided as if its
+        claim had failed up front: replayed, refused, or claimed and executed again.
         """
-        store = self._engine.store
-        print_ = fingerprint_
         key = key_header or ""
+        if defer_claim and hold is not None:
+            now_s = self._clock_s()
+            hold.principal, hold.key, hold.claim, hold.answered = principal, key, 0, False
+            hold.deferred, hold.fingerprint = True, fingerprint_
+            hold.now_s, hold.retention_s = now_s, self._retention_s
+            try:
+                return await self._execute(hold, execute)
+            except KeyTaken:
+                hold.deferred, hold.claim = False, 0
+        return await self._claimed_run(principal, key, fingerprint_, execute,
+                                       hold or KeyHold())
+
+    async def _claimed_run(self, principal: str, key: str, print_: bytes,
+                           execute: Callable[[], Awaitable[tuple[int, bytes]]],
+                           hold: KeyHold) -> tuple[int, bytes, dict[str, str]]:
+        """Claim the key (or replay, or refuse), then execute."""
+        store = self._engine.store
         now_s = self._clock_s()
         claim = await store.claim_key(principal, key, print_, now_s=now_s,
                                       retention_s=self._retention_s)
@@ -315,51 +338,69 @@ class Idempotent:
             if not claim:
                 raise PaymentsApiError("idempotency_key_in_use",
                                        "a request with this Idempotency-Key is in progress")
-        if hold is not None:
-            hold.principal, hold.key, hold.claim = principal, key, claim
+        hold.principal, hold.key, hold.claim, hold.answered = principal, key, claim, False
+        return await self._execute(hold, execute)
+
+    async def _execute(self, hold: KeyHold,
+                       execute: Callable[[], Awaitable[tuple[int, bytes]]]
+                       ) -> tuple[int, bytes, dict[str, str]]:
+        """Run ``execute`` under ``hold`` and keep or release the key by its outcome. A
+        deferred hold still unclaimed when ``execute`` ends has nothing to release; its
+        answer is stored by claiming the key completed (``KeyTaken`` if it was taken)."""
         try:
             status, answer = await execute()
         except PaymentsApiError as exc:
             if exc.status >= 500 or exc.code in TRANSIENT_CODES:
-                await self._release(principal, key, claim)
+                await self._release(hold)
                 raise
             answer = exc.body or error_body(exc.code, str(exc))
-            await self._complete(principal, key, claim, exc.status, answer)
+            await self._complete(hold, exc.status, answer)
             return exc.status, answer, {}
         except PaymentError as exc:
             if exc.code in TRANSIENT_CODES:
                 # Another request on the payment (or this one, resumed elsewhere) is still
                 # running: not an answer to keep. The key is freed for the retry.
-                await self._release(principal, key, claim)
+                await self._release(hold)
                 raise PaymentsApiError(
                     "operation_in_progress",
                     "another operation on this payment is still running; retry") from exc
             error = api_error_of(exc)
             answer = error_body(error.code, str(exc))
-            await self._complete(principal, key, claim, error.status, answer)
+            await self._complete(hold, error.status, answer)
             return error.status, answer, {}
+        except KeyTaken:
+            raise
         except BaseException:
             # Nothing durable was decided (the ledger or the database was away): let the
             # client repeat the same request with the same key.
-            if hold is None or not hold.answered:
-                await self._release(principal, key, claim)
+            if not hold.answered:
+                await self._release(hold)
             raise
-        if hold is None or not hold.answered:
-            await self._complete(principal, key, claim, status, answer)
+        if not hold.answered:
+            await self._complete(hold, status, answer)
         return status, answer, {}
 
-    async def _complete(self, principal: str, key: str, claim: int, status: int,
-                        answer: bytes) -> None:
-        """Store the final answer, if this request still holds the key."""
-        if not await self._engine.store.complete_key(principal, key, claim=claim,
-                                                     status=status, body=answer):
+    async def _complete(self, hold: KeyHold, status: int, answer: bytes) -> None:
+        """Store the final answer, if this request still holds the key (or, deferred and
+        never claimed, if the key is free: ``KeyTaken`` otherwise)."""
+        store = self._engine.store
+        if hold.deferred:
+            if not await store.answer_key(hold, status=status, body=answer):
+                raise KeyTaken
+            hold.deferred = False
+            return
+        if not await store.complete_key(hold.principal, hold.key, claim=hold.claim,
+                                        status=status, body=answer):
             # The claim lapsed and another request took the key over: its answer stands
             # (both describe the same durable objects; this one is still sent back).
             metrics.IDEMPOTENCY_FENCED.labels("complete").inc()
             log.warning("an Idempotency-Key claim lapsed before its answer was stored")
 
-    async def _release(self, principal: str, key: str, claim: int) -> None:
-        if not await self._engine.store.release_key(principal, key, claim=claim):
+    async def _release(self, hold: KeyHold) -> None:
+        if hold.deferred:
+            return  # never claimed: nothing to release
+        if not await self._engine.store.release_key(hold.principal, hold.key,
+                                                    claim=hold.claim):
             metrics.IDEMPOTENCY_FENCED.labels("release").inc()
 
 
@@ -662,7 +703,7 @@ async def dispatch(payments: Payments, *, principal: str, operation: str, key: s
     try:
         answer = await payments.idempotent.run(
             principal=principal, key_header=checked_key, fingerprint_=print_,
-            execute=execute, hold=hold)
+            execute=execute, hold=hold, defer_claim=True)
         outcome = _AUTHORIZATION_OUTCOMES.get(answer[0], "refused")
         return answer
     except PaymentsApiError as exc:

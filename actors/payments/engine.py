@@ -32,7 +32,7 @@ import msgspec
 
 from actors.ops import metrics, telemetry
 from actors.payments.provider import ProviderLink
-from actors.payments.store import KeyHold, PaymentStore
+from actors.payments.store import KeyHold, KeyTaken, PaymentStore
 from actors.risk import RiskLink
 from processor.codes import AccountResult, TransferResult
 from processor.errors import LedgerError, Unavailable
@@ -301,23 +301,32 @@ class PaymentsEngine:
             metadata=request.metadata, created_at=_utc(self._clock_s()),
             customer_ref=request.customer_ref)
         now_s = self._clock_s()
+        step: Step | None = None
         if not decision.allowed:
             payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
                                               error="risk_declined")
-            if not await self.store.create_payment(payment, None, principal=principal,
-                                                   due_at_s=now_s):
-                return await self._existing(payment.id, request, principal)
-            return payment_view(payment, [])
-        step_id, transfer_base = await self.store.new_step_ids()
-        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
-                        subject_id=payment.id, amount=request.amount,
-                        currency=request.currency, provider=providers[0],
-                        merchant_account_id=request.merchant_account_id,
-                        payment_method=request.payment_method,
-                        origin=REQUEST_ORIGIN.get())
-        if not await self.store.create_payment(payment, step, principal=principal,
-                                               due_at_s=now_s + self.config.claim_ttl_s):
+        else:
+            step_id, transfer_base = await self.store.new_step_ids()
+            step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
+                            subject_id=payment.id, amount=request.amount,
+                            currency=request.currency, provider=providers[0],
+                            merchant_account_id=request.merchant_account_id,
+                            payment_method=request.payment_method,
+                            origin=REQUEST_ORIGIN.get())
+        try:
+            created = await self.store.create_payment(
+                payment, step, principal=principal, hold=hold,
+                due_at_s=now_s if step is None else now_s + self.config.claim_ttl_s)
+        except KeyTaken:
+            # A repeat of a request that holds or answered the key (the claim was left to
+            # the create): what the risk check counted for it is taken back.
+            if decision.counted:
+                await self._risk_forget(request.payment_method, payment_id)
+            raise
+        if not created:
             return await self._existing(payment.id, request, principal)
+        if step is None:
+            return payment_view(payment, [])
         answer_step = None
         if answer is not None and not payment.auto_capture:
             def answer_step(done: Step) -> tuple[int, bytes] | None:
@@ -994,6 +1003,17 @@ class PaymentsEngine:
         except Exception as exc:  # noqa: BLE001 - every failure is logged or answered, never lost
             log.warning("risk check unavailable: %r", exc)
             return fallback(cfg, amount=amount, currency=currency, cause="unavailable")
+
+    async def _risk_forget(self, method: str, request_id: str) -> None:
+        """Take back a check's count in the velocity window, best effort: a risk actor
+        that is away or slow keeps it (one more event for the token, within its window)."""
+        if self._risk is None:
+            return
+        try:
+            async with asyncio.timeout(self._risk_config.timeout_s):
+                await self._risk.forget(method, request_id)
+        except Exception as exc:  # noqa: BLE001 - logged; the count ages out of the window
+            log.warning("risk count not taken back: %r", exc)
 
     async def _own_payment(self, payment_id: str, principal: str) -> Payment:
         payment = await self.store.payment(payment_id, principal=principal)

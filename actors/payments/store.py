@@ -332,12 +332,53 @@ def _step_conflict(exc: asyncpg.UniqueViolationError) -> NoReturn:
 class KeyHold:
     """The Idempotency-Key a request holds while it runs, filled in by ``Idempotent.run``
     once claimed. ``answered``: the request's last write stored its final answer under the
-    key too (``save_step`` with ``answer``), so there is nothing left to complete."""
+    key too (``save_step`` with ``answer``), so there is nothing left to complete.
+
+    ``deferred``: the key is not claimed yet; the request's first write claims it in the
+    same statement (``create_payment``), which then fills in ``claim``, or writes nothing
+    and raises ``KeyTaken`` when the key is held or answered already. ``fingerprint``,
+    ``now_s`` and ``retention_s`` are what that claim stores."""
 
     principal: str = ""
     key: str = ""
     claim: int = 0
     answered: bool = False
+    deferred: bool = False
+    fingerprint: bytes = b""
+    now_s: float = 0.0
+    retention_s: float = 0.0
+
+
+class KeyTaken(Exception):
+    """A deferred claim found its Idempotency-Key held by another request, or answered:
+    the statement that was to claim it wrote nothing. The caller decides as for any
+    claim that failed (``processor.payments.decide``)."""
+
+
+def _claim_sql(first: int, *, answered: bool = False) -> str:
+    """An INSERT that claims an Idempotency-Key as ``claim_key`` does for a free key
+    (parameters ``$first`` on: principal, key, fingerprint, claimed at, expires at, claim),
+    returning a row if it did. ``answered``: the key is stored completed at once, with the
+    answer's status and body (two more parameters)."""
+    p = [f"${n}" for n in range(first, first + 8)]
+    state = "'completed'" if answered else "'in_flight'"
+    answer = f"{p[6]}::integer, {p[7]}::bytea" if answered else "0, ''"
+    return ("INSERT INTO idempotency_keys (principal, key, fingerprint, state, claimed_at, "
+            f"expires_at, claim, status, body) VALUES ({p[0]}::text, {p[1]}::text, "
+            f"{p[2]}::bytea, {state}, {p[3]}::timestamptz, {p[4]}::timestamptz, "
+            f"{p[5]}::bigint, {answer}) "
+            "ON CONFLICT (principal, key) DO UPDATE SET fingerprint=EXCLUDED.fingerprint, "
+            "state=EXCLUDED.state, status=EXCLUDED.status, body=EXCLUDED.body, "
+            "claimed_at=EXCLUDED.claimed_at, expires_at=EXCLUDED.expires_at, "
+            f"claim=EXCLUDED.claim WHERE idempotency_keys.expires_at <= {p[3]}::timestamptz "
+            "RETURNING 1")
+
+
+def _claim_values(hold: KeyHold) -> tuple[tuple[Any, ...], int]:
+    """The parameters of ``_claim_sql`` for a deferred hold, and the claim they store."""
+    claim = secrets.randbits(63) | 1
+    return ((hold.principal, hold.key, hold.fingerprint, _ts(hold.now_s),
+             _ts(hold.now_s + hold.retention_s), claim), claim)
 
 
 class _Retry(Exception):
@@ -419,11 +460,16 @@ class PaymentStore:
     # -- creating -----------------------------------------------------------------------------
 
     async def create_payment(self, payment: Payment, step: Step | None, *, principal: str,
-                             due_at_s: float) -> bool:
+                             due_at_s: float, hold: KeyHold | None = None) -> bool:
         """The payment, its authorization step and its event, in one statement (so one
         round trip and one commit; None: refused by the risk check before any step). False
         if a payment with this id exists: the same request executed before (its id derives
-        from the Idempotency-Key)."""
+        from the Idempotency-Key).
+
+        With a ``deferred`` hold, the same statement claims the request's Idempotency-Key
+        first and writes the rest only if it did: the claim costs no statement or commit of
+        its own. The claim is then in ``hold.claim``; ``KeyTaken`` (nothing written) when
+        the key was held or answered."""
         reference, metadata, personal, key_id = await self._sealed(payment, principal)
         values = (payment.id, payment.merchant_account_id, payment.amount, payment.currency,
                   payment.payment_method, payment.status.value, payment.provider,
@@ -434,22 +480,37 @@ class PaymentStore:
                   metadata, payment.created_at, principal, personal, key_id)
         event = (f"payment.{payment.status.value}", outbox.event_payload(_event(payment)),
                  principal.split("/", 1)[0])
-        steps = ("" if step is None
-                 else _step_ctes(len(values) + len(event) + 1, gate="created") + ", ")
+        first = len(values) + len(event) + 1
+        steps = "" if step is None else _step_ctes(first, gate="created") + ", "
         step_values = () if step is None else _step_insert_values(step, due_at_s)
-        sql = (f"WITH created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "
-               "personal, subject_key_id) VALUES "
-               "($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20::jsonb,"
-               "coalesce($21::timestamptz, now()),$22,$23,$24) "
+        claim_values: tuple[Any, ...] = ()
+        claim = 0
+        row = ("VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
+               "$20::jsonb,coalesce($21::timestamptz, now()),$22,$23,$24)")
+        claiming = hold if hold is not None and hold.deferred else None
+        if claiming is not None:
+            claim_values, claim = _claim_values(claiming)
+            # The payment's row only if the key was claimed: a SELECT from the claim.
+            row = "SELECT " + row.removeprefix("VALUES (").removesuffix(")") + " FROM claimed"
+        sql = ((f"WITH claimed AS ({_claim_sql(first + len(step_values))}), " if claiming
+                is not None else "WITH ")
+               + f"created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "
+               f"personal, subject_key_id) {row} "
                "ON CONFLICT (id) DO NOTHING RETURNING id), "
                + steps
                + outbox.event_ctes(event_type="$25", aggregate_id="$1", payload="$26",
                                    tenant="$27", gate="created")
-               + " SELECT count(*) FROM created")
+               + " SELECT (SELECT count(*) FROM created), "
+               + ("(SELECT count(*) FROM claimed)" if claiming is not None else "1"))
         try:
-            created = await self._pool.fetchval(sql, *values, *event, *step_values)
+            created, claimed = await self._pool.fetchrow(
+                sql, *values, *event, *step_values, *claim_values)
         except asyncpg.UniqueViolationError as exc:
             _step_conflict(exc)
+        if claiming is not None:
+            if not claimed:
+                raise KeyTaken
+            claiming.claim, claiming.deferred = claim, False
         return bool(created)
 
     async def create_payout(self, payout: Payout, step: Step, *, principal: str,
@@ -1137,14 +1198,8 @@ class PaymentStore:
         claim = secrets.randbits(63) | 1
         if stale_before_s is None:
             claimed = await self._pool.fetchval(
-                "INSERT INTO idempotency_keys (principal, key, fingerprint, state, claimed_at, "
-                "expires_at, claim) VALUES ($1,$2,$3,'in_flight',$4,$5,$6) "
-                "ON CONFLICT (principal, key) "
-                "DO UPDATE SET fingerprint=EXCLUDED.fingerprint, state='in_flight', status=0, "
-                "body='', claimed_at=EXCLUDED.claimed_at, expires_at=EXCLUDED.expires_at, "
-                "claim=EXCLUDED.claim "
-                "WHERE idempotency_keys.expires_at <= $4 RETURNING true",
-                principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s), claim)
+                _claim_sql(1), principal, key, fingerprint, _ts(now_s),
+                _ts(now_s + retention_s), claim)
             return claim if claimed else 0
         claimed = await self._pool.fetchval(
             "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5, claim=$7 "
@@ -1153,6 +1208,15 @@ class PaymentStore:
             principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
             _ts(stale_before_s), claim)
         return claim if claimed else 0
+
+    async def answer_key(self, hold: KeyHold, *, status: int, body: bytes) -> bool:
+        """Claim a deferred hold's key and store its final answer in one statement, for a
+        request refused before it wrote anything; False (nothing written) when the key was
+        held or answered."""
+        claim_values, _claim = _claim_values(hold)
+        done = await self._pool.fetchval(_claim_sql(1, answered=True), *claim_values,
+                                         status, body)
+        return bool(done)
 
     async def complete_key(self, principal: str, key: str, *, claim: int, status: int,
                            body: bytes) -> bool:

@@ -109,12 +109,18 @@ class RiskReason(enum.StrEnum):
 
 
 class RiskDecision(msgspec.Struct, frozen=True, kw_only=True):
-    """The risk check's answer. ``fallback_cause`` is set exactly when ``source`` is fallback."""
+    """The risk check's answer. ``fallback_cause`` is set exactly when ``source`` is fallback.
+
+    ``counted``: this check added its request to the velocity window (it was not there
+    yet). A caller that then finds the request is a repeat of one already answered takes
+    the count back (``VelocityWindow.discard``), so a repeat leaves no trace.
+    """
 
     allowed: bool
     reason: RiskReason
     source: RiskSource
     fallback_cause: Literal["", "timeout", "unavailable"] = ""
+    counted: bool = False
 
 
 _RULES_REASONS = frozenset({
@@ -267,6 +273,25 @@ class VelocityWindow:
         self._expire(events, now_s)
         require(len(self._events) <= self._tokens_max, "velocity tokens within tokens_max")
         return len(events)
+
+    def holds(self, token: str, event_id: str) -> bool:
+        """Whether the window holds an event of ``token`` with ``event_id`` (never for "")."""
+        events = self._events.get(token)
+        return events is not None and _holds(events, event_id)
+
+    def discard(self, token: str, event_id: str) -> bool:
+        """Take back the event of ``token`` with ``event_id``, as if it had never been
+        added; False when there is none (or ``event_id`` is "")."""
+        events = self._events.get(token)
+        if events is None or not event_id:
+            return False
+        for event in events:
+            if event[1] == event_id:
+                events.remove(event)
+                if not events:
+                    del self._events[token]
+                return True
+        return False
 
     def _expire(self, events: deque[tuple[float, str]], now_s: float) -> None:
         horizon_s = now_s - self._window_s

@@ -142,7 +142,12 @@ async def test_a_database_out_of_reach_is_answered_as_unavailable(app_db_url: st
     store = await PaymentStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=2,
                                        command_timeout_s=2)
     clock = Clock()
-    engine: Any = types.SimpleNamespace(store=store)
+
+    async def authorize(*_: Any, **__: Any) -> Any:
+        # As the engine's does before it creates the payment (which claims the key).
+        await store.new_step_ids()
+
+    engine: Any = types.SimpleNamespace(store=store, authorize=authorize)
     endpoint = PaymentsEndpoint(
         Payments(engine=engine, idempotent=idempotent(store, clock), adapters={}),
         clock_s=clock)
@@ -152,6 +157,9 @@ async def test_a_database_out_of_reach_is_answered_as_unavailable(app_db_url: st
     with pytest.raises(Unavailable) as away:
         await endpoint.call("1/p", "authorize", uuid.uuid4().hex, "", body, {})
     assert away.value.retry_after_s > 0
+    # An operation on a payment claims its key first, and is answered the same.
+    with pytest.raises(Unavailable):
+        await endpoint.call("1/p", "void", uuid.uuid4().hex, "pay_" + "0" * 24, b"", {})
 
 
 async def test_a_request_that_kept_its_own_answer_is_not_completed_again(

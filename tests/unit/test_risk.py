@@ -305,3 +305,33 @@ async def test_the_risk_actor_judges_a_retry_as_the_first_time() -> None:
     assert not third.allowed and third.reason == RiskReason.velocity_exceeded
     # The retried ones are still answered as before, each the same request.
     assert (await actor.check(500, "EUR", "pm_card", "pay_second")).allowed
+
+
+def test_a_discarded_event_is_as_if_never_added() -> None:
+    window = VelocityWindow(60.0, 10)
+    window.add("pm_1", 0.0, "pay_a")
+    window.add("pm_1", 1.0, "pay_b")
+    assert window.holds("pm_1", "pay_a") and not window.holds("pm_1", "")
+    assert window.discard("pm_1", "pay_a")
+    assert not window.discard("pm_1", "pay_a")  # once
+    assert not window.discard("pm_1", "")  # events without an id are never taken back
+    assert not window.discard("pm_2", "pay_b")  # another token's
+    assert window.count("pm_1", 2.0) == 1
+    assert window.discard("pm_1", "pay_b")
+    assert len(window) == 0  # the token's slot is given back with its last event
+    assert window.add("pm_1", 3.0, "pay_a") == 1
+
+
+async def test_the_risk_actor_says_what_it_counted_and_takes_it_back() -> None:
+    """``counted`` is set only by the check that added the request; ``forget`` takes it
+    back, so the token's allowance is as before."""
+    from actors.risk import RiskActor
+
+    actor = RiskActor(RiskConfig(velocity_max=1), clock_s=lambda: 100.0)
+    first = await actor.check(500, "EUR", "pm_card", "pay_repeat")
+    assert first.allowed and first.counted
+    again = await actor.check(500, "EUR", "pm_card", "pay_repeat")
+    assert again.allowed and not again.counted
+    assert await actor.forget("pm_card", "pay_repeat")
+    assert not await actor.forget("pm_card", "pay_repeat")
+    assert (await actor.check(500, "EUR", "pm_card", "pay_other")).allowed
