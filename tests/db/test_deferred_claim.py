@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import types
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -67,7 +68,8 @@ async def rows_of(store: PaymentStore, payment_id: str) -> tuple[int, int, int]:
 
 
 def creating(store: PaymentStore, p: Payment, hold: KeyHold, *,
-             runs: list[str] | None = None, wait: asyncio.Event | None = None):  # type: ignore[no-untyped-def]
+             runs: list[str] | None = None, wait: asyncio.Event | None = None
+             ) -> Callable[[], Awaitable[tuple[int, bytes]]]:
     """An ``execute`` whose first write is the payment's creation, as an authorization's
     is; it answers 201 if it created the payment, 200 if the payment was there."""
 
@@ -99,10 +101,10 @@ async def test_the_create_claims_the_key_and_a_repeat_writes_nothing(
     async def first() -> tuple[int, bytes]:
         # Nothing is claimed before the request's first write...
         seen.append(await store.load_key(PRINCIPAL, key, now_s=NOW_S))
-        answer = await creating(store, p, hold)()
+        status, body = await creating(store, p, hold)()
         # ...which claimed it.
         seen.append(await store.load_key(PRINCIPAL, key, now_s=NOW_S))
-        return answer
+        return status, body
 
     status, body, headers = await gate.run(principal=PRINCIPAL, key_header=key,
                                            fingerprint_=FP, execute=first, hold=hold,
