@@ -9,7 +9,9 @@ file (``app_password_file``) serves every test and processor of the session.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
 import uuid
@@ -99,8 +101,18 @@ def app_password_file(
     """Return the application role's password file for the session's server."""
     if embedded_pg is not None:
         return embedded_pg.app_password_file
-    path = tmp_path_factory.mktemp("credentials") / APP_PASSWORD_FILE_NAME
-    ensure_password_file(path, APP_ROLE)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.mktemp("credentials") / APP_PASSWORD_FILE_NAME
+        ensure_password_file(path, APP_ROLE)
+        return path
+    # Workers share the external server, so they share the role's password: one file in the
+    # run's directory (each worker's own is below it), made once under a lock. Each with a
+    # file of its own would set the role's password from under the other's connections.
+    shared = tmp_path_factory.getbasetemp().parent
+    path = shared / APP_PASSWORD_FILE_NAME
+    with (shared / "credentials.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        ensure_password_file(path, APP_ROLE)
     return path
 
 
@@ -144,6 +156,54 @@ async def app_db_url(db_url: str, app_password_file: Path) -> str:
     """Return the URL of ``db_url``'s database as the application role, as the service
     connects to it."""
     return await app_role_url(db_url, app_password_file)
+
+
+@pytest.fixture(autouse=True)
+def _event_loop_policy_kept() -> Iterator[None]:
+    """Put back the event loop policy a test found. ``txproc``'s ``main`` (run in-process by
+    CLI tests) installs uvloop's policy for the process; left installed, it fails a later
+    test's ``asyncio.create_subprocess_exec`` on the session's stdlib loop (uvloop's policy
+    has no child watcher), and which test that is depends on the order tests run in."""
+    policy = asyncio.get_event_loop_policy()
+    yield
+    asyncio.set_event_loop_policy(policy)
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """How many worker processes ``-n auto`` (pyproject.toml) starts: two, each with its own
+    embedded PostgreSQL and Ray. The suite waits far more than it computes, so on two cores
+    two workers take about half the time of one. None (0: the tests run in this process) on
+    a one-core machine, and with ``TXPROC_TEST_DATABASE_URL``: sessions that share a server
+    see each other's transactions in its snapshot horizon, which the ledger's posting folds
+    wait on (tests/db/test_ledger_store.py)."""
+    if os.environ.get(DATABASE_URL_ENV) or (os.cpu_count() or 1) < 2:
+        return 0
+    return 2
+
+
+# The modules that took 25 s or more in one process (``--durations``, 2026-12-07), longest
+# first. They are started first, so that the two workers (``-n 2 --dist loadfile``) fill the
+# end of the run with short modules instead of one worker running a long one alone.
+LONG_MODULES = (
+    "tests/e2e/test_payments_e2e.py", "tests/e2e/test_nodeloss.py", "tests/e2e/test_cli.py",
+    "tests/e2e/test_chaos.py", "tests/unit/test_http_api.py",
+    "tests/e2e/test_several_databases.py", "tests/e2e/test_history.py",
+    "tests/e2e/test_payments_db_outage.py", "tests/e2e/test_move_shard.py",
+    "tests/actors/test_crash.py", "tests/e2e/test_edge_hardening.py",
+    "tests/e2e/test_payments_isolation.py", "tests/actors/test_partial_answers.py",
+    "tests/e2e/test_openapi_schemathesis.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Long modules first, in ``LONG_MODULES`` order; every other test as collected. The
+    order within a module is kept."""
+    rank = {path: i for i, path in enumerate(LONG_MODULES)}
+
+    def module_rank(item: pytest.Item) -> int:
+        return rank.get(item.nodeid.split("::", 1)[0], len(LONG_MODULES))
+
+    items.sort(key=module_rank)
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
