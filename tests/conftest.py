@@ -181,31 +181,6 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return 2
 
 
-# The modules that took 25 s or more in one process (``--durations``, 2026-12-07), longest
-# first. They are started first, so that the two workers (``-n 2 --dist loadfile``) fill the
-# end of the run with short modules instead of one worker running a long one alone.
-LONG_MODULES = (
-    "tests/e2e/test_payments_e2e.py", "tests/e2e/test_nodeloss.py", "tests/e2e/test_cli.py",
-    "tests/e2e/test_chaos.py", "tests/unit/test_http_api.py",
-    "tests/e2e/test_several_databases.py", "tests/e2e/test_history.py",
-    "tests/e2e/test_payments_db_outage.py", "tests/e2e/test_move_shard.py",
-    "tests/actors/test_crash.py", "tests/e2e/test_edge_hardening.py",
-    "tests/e2e/test_payments_isolation.py", "tests/actors/test_partial_answers.py",
-    "tests/e2e/test_openapi_schemathesis.py",
-)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Long modules first, in ``LONG_MODULES`` order; every other test as collected. The
-    order within a module is kept."""
-    rank = {path: i for i, path in enumerate(LONG_MODULES)}
-
-    def module_rank(item: pytest.Item) -> int:
-        return rank.get(item.nodeid.split("::", 1)[0], len(LONG_MODULES))
-
-    items.sort(key=module_rank)
-
-
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
     """Keep each phase's report on the test item, so fixtures can tell a failed test."""
