@@ -306,13 +306,7 @@ class PaymentsEngine:
             payment = msgspec.structs.replace(payment, status=PaymentStatus.DECLINED,
                                               error="risk_declined")
         else:
-            step_id, transfer_base = await self.store.new_step_ids()
-            step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
-                            subject_id=payment.id, amount=request.amount,
-                            currency=request.currency, provider=providers[0],
-                            merchant_account_id=request.merchant_account_id,
-                            payment_method=request.payment_method,
-                            origin=REQUEST_ORIGIN.get())
+            step = await self._authorization_step(payment, providers[0])
         try:
             created = await self.store.create_payment(
                 payment, step, principal=principal, hold=hold,
@@ -353,17 +347,20 @@ class PaymentsEngine:
     async def _authorize_again(self, payment: Payment, request: AuthorizeRequest,
                                principal: str) -> PaymentView:
         providers = self._providers_for(request.currency, request.provider)
-        step_id, transfer_base = await self.store.new_step_ids()
-        step = new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
-                        subject_id=payment.id, amount=payment.amount,
-                        currency=payment.currency, provider=providers[0],
-                        merchant_account_id=payment.merchant_account_id,
-                        payment_method=payment.payment_method,
-                        origin=REQUEST_ORIGIN.get())
+        step = await self._authorization_step(payment, providers[0])
         if await self.store.reopen_payment(payment.id, step,
                                            due_at_s=self._clock_s() + self.config.claim_ttl_s):
             await self.drive(step)
         return await self.payment(payment.id, principal=principal)
+
+    async def _authorization_step(self, payment: Payment, provider: str) -> Step:
+        """A new authorize step for ``payment`` at ``provider``, with fresh ids."""
+        step_id, transfer_base = await self.store.new_step_ids()
+        return new_step(step_id=step_id, transfer_base=transfer_base, kind=Kind.AUTHORIZE,
+                        subject_id=payment.id, amount=payment.amount,
+                        currency=payment.currency, provider=provider,
+                        merchant_account_id=payment.merchant_account_id,
+                        payment_method=payment.payment_method, origin=REQUEST_ORIGIN.get())
 
     async def capture(self, payment_id: str, amount: int | None, *, principal: str,
                       request_key: str = "", final: bool = True) -> PaymentView:

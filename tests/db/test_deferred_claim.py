@@ -30,20 +30,10 @@ from processor.payments import (
 )
 from processor.risk import RiskConfig, RiskReason
 from processor.types import Account
+from tests.db.test_idempotent import NOW_S, RETENTION_S, TTL_S, Clock
 
-NOW_S = 1_800_000_000.0
-TTL_S = 30.0
-RETENTION_S = 86_400.0
 FP = b"d" * 32
 PRINCIPAL = "7/gateway"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now_s = NOW_S
-
-    def __call__(self) -> float:
-        return self.now_s
 
 
 def gate_of(store: PaymentStore, clock: Clock) -> Idempotent:
