@@ -374,9 +374,14 @@ def _claim_sql(first: int, *, answered: bool = False) -> str:
             "RETURNING 1")
 
 
+def _new_claim() -> int:
+    """A claim's fence: random, never 0 (0 means not claimed)."""
+    return secrets.randbits(63) | 1
+
+
 def _claim_values(hold: KeyHold) -> tuple[tuple[Any, ...], int]:
     """The parameters of ``_claim_sql`` for a deferred hold, and the claim they store."""
-    claim = secrets.randbits(63) | 1
+    claim = _new_claim()
     return ((hold.principal, hold.key, hold.fingerprint, _ts(hold.now_s),
              _ts(hold.now_s + hold.retention_s), claim), claim)
 
@@ -485,13 +490,14 @@ class PaymentStore:
         step_values = () if step is None else _step_insert_values(step, due_at_s)
         claim_values: tuple[Any, ...] = ()
         claim = 0
-        row = ("VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
-               "$20::jsonb,coalesce($21::timestamptz, now()),$22,$23,$24)")
+        columns = ("$1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,"
+                   "$20::jsonb,coalesce($21::timestamptz, now()),$22,$23,$24")
+        row = f"VALUES ({columns})"
         claiming = hold if hold is not None and hold.deferred else None
         if claiming is not None:
             claim_values, claim = _claim_values(claiming)
             # The payment's row only if the key was claimed: a SELECT from the claim.
-            row = "SELECT " + row.removeprefix("VALUES (").removesuffix(")") + " FROM claimed"
+            row = f"SELECT {columns} FROM claimed"
         sql = ((f"WITH claimed AS ({_claim_sql(first + len(step_values))}), " if claiming
                 is not None else "WITH ")
                + f"created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "
@@ -1195,7 +1201,7 @@ class PaymentStore:
         claimed. ``stale_before_s`` takes over an in-flight claim made before that time
         (or an expired key); otherwise only a free key is claimed. Only the holder of the
         current claim can complete or release the key (``complete_key``, ``release_key``)."""
-        claim = secrets.randbits(63) | 1
+        claim = _new_claim()
         if stale_before_s is None:
             claimed = await self._pool.fetchval(
                 _claim_sql(1), principal, key, fingerprint, _ts(now_s),
