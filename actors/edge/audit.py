@@ -45,6 +45,10 @@ SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[], $5::tex
                      $6::text[], $7::text[], $8::int[], $9::timestamptz[])
 """
 _REQUEST_ID_CHARS_MAX = 128
+# How many of its newest records a writer remembers having written (``wrote``): an
+# authorization's posting follows its request by milliseconds; a step the recovery worker
+# finishes minutes later may find its record forgotten, and then gets one of its own.
+RECENT_MAX = 50_000
 _ERRORS = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -76,6 +80,8 @@ class AuditWriter:
         self._pending: list[tuple[_Pending, asyncio.Future[None]]] = []
         # A flush is scheduled or running; records arriving meanwhile join its next INSERT.
         self._flushing = False
+        # Ids of the newest records written, oldest first (a dict keeps insertion order).
+        self._recent: dict[int, None] = {}
 
     @classmethod
     async def connect(cls, url: str, *, connect_timeout_s: float, command_timeout_s: float,
@@ -143,9 +149,20 @@ class AuditWriter:
                 if not done.done():
                     done.set_exception(error)
             return
+        recent = self._recent
+        for e in rows:
+            recent[e.id] = None
+        while len(recent) > RECENT_MAX:
+            del recent[next(iter(recent))]
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
+
+    def wrote(self, record_id: int) -> bool:
+        """Whether this writer wrote record ``record_id`` (among its ``RECENT_MAX`` newest):
+        its INSERT has then run, so its commit precedes in the WAL that of any row
+        stamped with it from now on."""
+        return record_id in self._recent
 
 
 # What made a ledger row or a payment's steps: its audit records (``txproc audit``).

@@ -53,7 +53,7 @@ from processor.reserved import (
 )
 from processor.service import BATCH_ITEMS_MAX, LedgerService, create_transfer_batch
 from processor.stream import STREAM_LIMIT_MAX, STREAM_WAIT_S_MAX, StreamService
-from processor.types import ID_MAX, InvariantError
+from processor.types import ID_MAX, InvariantError, Transfer
 
 __all__ = [
     "CLOSE_DRAIN_TIMEOUT_S",
@@ -114,6 +114,9 @@ _SCOPE_OF_REQUEST: dict[type[_Batch], str] = {
     wire.QueryTransfers: "transfers:read",
     wire.StreamTransfers: "transfers:read",
 }
+# The scope of the processor's own token (processor/identity): its postings may name
+# their payments request's record as origin (``_vouched_origin``).
+_SYSTEM_SCOPES = frozenset(identity.SYSTEM_SCOPES)
 _HISTORY_REQUESTS = (wire.GetAccountTransfers, wire.QueryTransfers, wire.GetAccountBalances)
 
 
@@ -501,7 +504,8 @@ class _Connection:
         if isinstance(request, wire.CreateTransferBatch):
             return await self._create_transfer_batch(request, tenant)
         if isinstance(request, wire.CreateTransfers):
-            origin = await self._origin(request, "create_transfers", len(request.items))
+            origin = self._vouched_origin(request.items) or await self._origin(
+                request, "create_transfers", len(request.items))
             items = [replace(t, tenant=tenant, origin=origin) for t in request.items]
             with _RPC_TRANSFER_SECONDS.time():
                 transfer_codes = await service.create_transfers(items)
@@ -550,6 +554,20 @@ class _Connection:
         return await audit.record(self._current_claims,
                                   f"rpc {self._peer} #{request.request_id}",
                                   operation, items)
+
+    def _vouched_origin(self, items: list[Transfer]) -> int:
+        """The record the items name as their origin, if this request may use it instead of
+        a record of its own: the processor's own token sent it (the payments engine posting
+        a step), every item names the same record, and this edge's writer wrote that record
+        (the payments request the step serves), so its commit precedes the transfers'. 0
+        otherwise: whatever else a client writes into ``origin`` is ignored."""
+        audit = self._server.audit
+        if audit is None or not items or not self._current_claims.scopes & _SYSTEM_SCOPES:
+            return 0
+        origin = items[0].origin
+        if origin and all(t.origin == origin for t in items) and audit.wrote(origin):
+            return origin
+        return 0
 
     def _send(self, message: wire.Response) -> None:
         # A client gone mid-request is normal; writing to its closed transport would only

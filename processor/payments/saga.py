@@ -576,7 +576,17 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
     """The ledger transfers the step's current phase applies (empty when none).
 
     Ids are the step's own (``transfer_id`` + 0..3), so applying them twice is harmless.
+    Each carries the step's ``origin``, the audit record of the request that started the
+    step: the front stamps the transfers with it instead of writing a record of its own,
+    if it wrote that record itself (docs/security.md, "Audit").
     """
+    transfers = _phase_transfers(step, config)
+    if step.origin:
+        return [msgspec.structs.replace(t, origin=step.origin) for t in transfers]
+    return transfers
+
+
+def _phase_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
     merchant = step.merchant_account_id
     clearing = clearing_account_for(config, step.provider, step.currency, merchant)
     base = step.transfer_id

@@ -18,7 +18,7 @@ from actors.app.runtime import Processor
 from processor.batch import TransferBatch
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
-from processor.identity import load_or_create_ring, verify_token
+from processor.identity import SYSTEM_SCOPES, load_or_create_ring, verify_token
 from processor.types import Account, Transfer
 from tests.payments_support import card_token
 from tests.running import IdSource, token_for
@@ -36,6 +36,15 @@ async def _who(processor: Processor, table: str, row_id: int) -> tuple[object, .
     finally:
         await conn.close()
     return None if row is None else tuple(row)
+
+
+async def _origin_of(processor: Processor, transfer_id: int) -> int:
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        return int(await conn.fetchval("SELECT origin FROM transfers WHERE id = $1",
+                                       transfer_id))
+    finally:
+        await conn.close()
 
 
 def _jti(processor: Processor, token: str) -> str:
@@ -147,3 +156,57 @@ async def test_payment_steps_name_their_request(processor: Processor, ids: IdSou
     assert [(r["kind"], r["operation"]) for r in rows] == [
         ("authorize", "payments.authorize"), ("capture", "payments.capture")]
     assert str(rows[1]["request_id"]).startswith("rpc ")
+    # The ledger postings of each step name the same request as the step: the hold the
+    # shop's authorization, the capture's posting its capture (no record of the engine's).
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        postings = await conn.fetch(
+            "SELECT s.kind, a.subject, a.operation, a.request_id FROM payment_steps s "
+            "JOIN transfers t ON t.id BETWEEN s.transfer_id AND s.transfer_id + 3 "
+            "JOIN audit_requests a ON a.id = t.origin WHERE s.subject_id = $1 "
+            "ORDER BY t.id", payment_id)
+    finally:
+        await conn.close()
+    assert [(r["kind"], r["subject"], r["operation"]) for r in postings] == [
+        ("authorize", "shop-1", "payments.authorize"),
+        ("capture", "shop-1", "payments.capture")], postings
+    assert postings[0]["request_id"] == "pay-req-1"
+
+
+async def test_only_the_processor_may_name_an_origin_it_wrote(processor: Processor,
+                                                              ids: IdSource) -> None:
+    """An RPC posting may name a record as its origin instead of getting its own only when
+    the processor's own token sends it and this front wrote that record: a tenant's token
+    naming a real record, and the processor's token naming one no front wrote, each get a
+    record of their own."""
+    token = token_for(processor, tenant="ledgerco", subject="gw-9")
+    system = token_for(processor, tenant="ledgerco", subject="sys-test",
+                       scopes=(*SYSTEM_SCOPES, "accounts:write", "transfers:write",
+                               "transfers:read"))
+    a, b, first, borrowed, forged, vouched = ids.take(6)
+    async with Client("127.0.0.1", processor.rpc_port, token) as client:
+        assert await client.create_accounts([Account(id=a, currency="EUR"),
+                                             Account(id=b, currency="EUR")]) == \
+            [AccountResult.ok] * 2
+        assert await client.create_transfers([Transfer(
+            id=first, debit_account_id=a, credit_account_id=b, amount=1,
+            currency="EUR")]) == [TransferResult.ok]
+        [stored] = await client.lookup_transfers([first])
+        assert stored is not None and stored.origin != 0
+        written = stored.origin  # a record this front wrote
+        assert await client.create_transfers([Transfer(
+            id=borrowed, debit_account_id=a, credit_account_id=b, amount=1, currency="EUR",
+            origin=written)]) == [TransferResult.ok]
+    async with Client("127.0.0.1", processor.rpc_port, system) as client:
+        assert await client.create_transfers([Transfer(
+            id=forged, debit_account_id=a, credit_account_id=b, amount=1, currency="EUR",
+            origin=written + 1)]) == [TransferResult.ok]
+        assert await client.create_transfers([Transfer(
+            id=vouched, debit_account_id=a, credit_account_id=b, amount=1, currency="EUR",
+            origin=written)]) == [TransferResult.ok]
+    borrowed_who = await _who(processor, "transfers", borrowed)
+    assert borrowed_who is not None and borrowed_who[1] == "gw-9"
+    assert await _origin_of(processor, borrowed) not in (0, written)
+    forged_who = await _who(processor, "transfers", forged)
+    assert forged_who is not None and forged_who[1] == "sys-test"
+    assert await _origin_of(processor, vouched) == written

@@ -94,3 +94,20 @@ async def test_a_failed_insert_refuses_only_its_own_records() -> None:
         await writer.record(CLAIMS, "r", "create_accounts", 1)
     pool.fail = False
     assert await writer.record(CLAIMS, "r2", "create_accounts", 1) > 0
+
+
+async def test_the_writer_vouches_only_for_records_it_wrote_and_remembers(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``wrote`` is true for a record once its INSERT ran, never for one that failed or
+    another writer's, and only for the newest ``RECENT_MAX``."""
+    import actors.edge.audit as audit
+
+    monkeypatch.setattr(audit, "RECENT_MAX", 3)
+    writer = AuditWriter(_Pool(), clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    ids = [await writer.record(CLAIMS, f"r{i}", "payments.authorize", 1) for i in range(4)]
+    assert [writer.wrote(i) for i in ids] == [False, True, True, True]
+    failing = AuditWriter(_Pool(fail=True), clock_s=lambda: 1.0)  # type: ignore[arg-type]
+    with pytest.raises(Unavailable):
+        await failing.record(CLAIMS, "r", "payments.authorize", 1)
+    assert not failing.wrote(ids[-1])
+    assert failing._recent == {}

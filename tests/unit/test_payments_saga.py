@@ -191,6 +191,21 @@ def test_ledger_postings_of_each_step() -> None:
         assert ledger_transfers(step(phase=phase), CONFIG) == []
 
 
+def test_every_posting_names_the_request_that_started_its_step() -> None:
+    """A step's transfers carry its ``origin`` (the front then stamps no record of its own
+    when it wrote that one); a step without one (the recovery worker's, a webhook's) sends
+    none, and the front records the posting itself."""
+    cases = [step(phase=Phase.APPLY), step(Kind.CAPTURE, phase=Phase.APPLY, final_capture=False),
+             step(Kind.INCREMENT, phase=Phase.APPLY), step(Kind.REFUND),
+             step(Kind.PAYOUT, phase=Phase.RELEASE)]
+    for s in cases:
+        with_origin = ledger_transfers(msgspec.structs.replace(s, origin=77), CONFIG)
+        assert with_origin and all(t.origin == 77 for t in with_origin)
+        assert [msgspec.structs.replace(t, origin=0) for t in with_origin] == \
+            ledger_transfers(s, CONFIG)
+        assert all(t.origin == 0 for t in ledger_transfers(s, CONFIG))
+
+
 def test_clearing_accounts_are_distinct_per_provider_and_currency_and_system_range() -> None:
     ids = {clearing_account_id(CONFIG, p, c) for p in CONFIG.provider_order
            for c in ("USD", "EUR", "GBP", "JPY", "ZZZ", "AAA")}
