@@ -71,7 +71,13 @@ from adapters.base import (
     header,
     path_segment,
 )
-from adapters.decoding import Replies, decimal_to_minor, header_seconds, require_fresh
+from adapters.decoding import (
+    Replies,
+    batched_events,
+    decimal_to_minor,
+    header_seconds,
+    require_fresh,
+)
 from processor.currency import CURRENCY_EXPONENTS
 from processor.types import AMOUNT_MAX
 
@@ -453,33 +459,22 @@ class AcmeAdapter:
 
     def verify_webhook(self, headers: dict[str, str], body: bytes,
                        now_s: float) -> WebhookEvent:
+        self._verify_signature(headers, body, now_s)
+        return _acme_event(body)
+
+    def verify_webhooks(self, headers: dict[str, str], body: bytes,
+                        now_s: float) -> list[WebhookEvent]:
+        self._verify_signature(headers, body, now_s)
+        events = batched_events("acme", body)
+        return [_acme_event(body)] if events is None else [_acme_event(e) for e in events]
+
+    def _verify_signature(self, headers: dict[str, str], body: bytes, now_s: float) -> None:
         stamp, signatures = _signatureheader(header(headers, "acme-signature"))
         expected = hmac.new(self._webhook_secret, f"{stamp}.".encode() + body,
                             "sha256").hexdigest()
         if not any(hmac.compare_digest(expected, given) for given in signatures):
             raise WebhookRejected("webhook_signature_invalid", "acme signature does not match")
         require_fresh("acme", stamp, now_s, WEBHOOK_TOLERANCE_S)
-        try:
-            if _EVENT_TYPE.decode(body).type in _DISPUTE_EVENTS:
-                return _dispute_event(_DISPUTE_EVENT.decode(body))
-            event = _EVENT.decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
-            raise WebhookRejected("webhook_malformed", "acme event body unreadable") from None
-        kind = _EVENTS.get(event.type)
-        if kind is None or not event.id or not event.request.idempotency_key:
-            raise WebhookRejected("webhook_malformed",
-                                  f"acme event type {_safe(event.type)} not understood")
-        operation, outcome = kind
-        obj = event.data.object
-        ref = obj.authorization if operation is Operation.CAPTURE else obj.id
-        decline = None
-        if outcome is Outcome.DECLINED:
-            decline = _DECLINE_CODES.get(obj.decline_code or obj.failure_code, DeclineCode.OTHER)
-        return WebhookEvent(event_id=event.id, operation=operation,
-                            idempotency_key=event.request.idempotency_key, provider_ref=ref,
-                            outcome=outcome,
-                            amount=obj.amount if outcome is Outcome.APPROVED else 0,
-                            occurred_at_s=float(event.created), decline_code=decline)
 
     # --- settlement -------------------------------------------------------------------------
 
@@ -650,3 +645,28 @@ _REPLIES = Replies("acme", _KNOWN_WORDS)
 _safe = _REPLIES.safe
 _reply = _REPLIES.reply
 _unknown = _REPLIES.unknown
+
+
+def _acme_event(body: bytes) -> WebhookEvent:
+    """One acme event, from its JSON; raises ``WebhookRejected`` if it is not one."""
+    try:
+        if _EVENT_TYPE.decode(body).type in _DISPUTE_EVENTS:
+            return _dispute_event(_DISPUTE_EVENT.decode(body))
+        event = _EVENT.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+        raise WebhookRejected("webhook_malformed", "acme event body unreadable") from None
+    kind = _EVENTS.get(event.type)
+    if kind is None or not event.id or not event.request.idempotency_key:
+        raise WebhookRejected("webhook_malformed",
+                              f"acme event type {_safe(event.type)} not understood")
+    operation, outcome = kind
+    obj = event.data.object
+    ref = obj.authorization if operation is Operation.CAPTURE else obj.id
+    decline = None
+    if outcome is Outcome.DECLINED:
+        decline = _DECLINE_CODES.get(obj.decline_code or obj.failure_code, DeclineCode.OTHER)
+    return WebhookEvent(event_id=event.id, operation=operation,
+                        idempotency_key=event.request.idempotency_key, provider_ref=ref,
+                        outcome=outcome,
+                        amount=obj.amount if outcome is Outcome.APPROVED else 0,
+                        occurred_at_s=float(event.created), decline_code=decline)

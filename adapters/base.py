@@ -112,6 +112,13 @@ class Adapter(Protocol):
                        now_s: float) -> WebhookEvent:
         """The event, if its signature and timestamp hold; raises ``WebhookRejected``."""
 
+    def verify_webhooks(self, headers: dict[str, str], body: bytes,
+                        now_s: float) -> list[WebhookEvent]:
+        """The events of one webhook request, in order: the one event, or a batch's
+        (``adapters.decoding.batched_events``), if the signature over the whole body and
+        its timestamp hold; raises ``WebhookRejected``, refusing the whole request, for a
+        bad signature or any event it cannot read."""
+
     def parse_settlement(self, report: bytes) -> list[SettlementLine]:
         """The transactions of the provider's daily settlement report, normalised."""
 

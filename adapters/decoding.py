@@ -19,8 +19,10 @@ import msgspec
 from adapters.base import DeclineCode, Outcome, ProviderReply, ProviderRequest, WebhookRejected
 
 __all__ = [
+    "WEBHOOK_BATCH_MAX",
     "Parse",
     "Replies",
+    "batched_events",
     "decimal_to_minor",
     "header_seconds",
     "minor_to_decimal",
@@ -31,6 +33,43 @@ __all__ = [
 Parse = Callable[[ProviderRequest, int, dict[str, str], bytes], ProviderReply]
 # What decoding a body the provider would not send raises (ValueError: our own checks).
 _UNREADABLE = (msgspec.DecodeError, msgspec.ValidationError, ValueError)
+
+# The most events one webhook request may carry (a provider's batch); more is refused whole.
+WEBHOOK_BATCH_MAX = 100
+
+
+class _Envelope(msgspec.Struct, frozen=True):
+    # Raw: left unread here (a union of Raw and None would not take an object).
+    object: str = ""  # acme's list object says "list"
+    data: msgspec.Raw = msgspec.Raw()  # acme's events (in a single event: its object)
+    events: msgspec.Raw = msgspec.Raw()  # globex's
+
+
+_ENVELOPE = msgspec.json.Decoder(_Envelope)
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def batched_events(provider: str, body: bytes) -> list[bytes] | None:
+    """The events of a batched webhook body, each as the JSON it would be sent alone, in
+    order; None when the body is a single event. A batch is acme's list object
+    (``{"object": "list", "data": [...]}``) or globex's ``{"events": [...]}``, of 1 to
+    ``WEBHOOK_BATCH_MAX`` events. Raises ``WebhookRejected`` (``webhook_malformed``) for a
+    body that is not a JSON object, or a batch that is not a list within those bounds; the
+    events themselves are the adapter's to read."""
+    try:
+        envelope = _ENVELOPE.decode(body)
+        raw = envelope.data if envelope.object == "list" else envelope.events
+        if not len(raw):
+            return None
+        items = _ITEMS.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        raise WebhookRejected("webhook_malformed", f"{provider} webhook body unreadable") from None
+    if not 1 <= len(items) <= WEBHOOK_BATCH_MAX:
+        raise WebhookRejected("webhook_malformed",
+                              f"{provider} webhook batch of {len(items)} events: 1 to "
+                              f"{WEBHOOK_BATCH_MAX} are taken")
+    return [bytes(raw) for raw in items]
+
 
 # Up to 20 digits, then up to 8 decimals: beyond what any currency's amounts need, and small
 # enough that Decimal never meets an exponent or a length it refuses.

@@ -77,6 +77,7 @@ from adapters.base import (
 )
 from adapters.decoding import (
     Replies,
+    batched_events,
     decimal_to_minor,
     header_seconds,
     minor_to_decimal,
@@ -483,6 +484,23 @@ class GlobexAdapter:
 
     def verify_webhook(self, headers: dict[str, str], body: bytes,
                        now_s: float) -> WebhookEvent:
+        self._verify_signature(headers, body, now_s)
+        return self._event_of(body)
+
+    def verify_webhooks(self, headers: dict[str, str], body: bytes,
+                        now_s: float) -> list[WebhookEvent]:
+        self._verify_signature(headers, body, now_s)
+        events = batched_events("globex", body)
+        return [self._event_of(body)] if events is None else [self._event_of(e)
+                                                                for e in events]
+
+    def _event_of(self, body: bytes) -> WebhookEvent:
+        try:
+            return self._event(_EVENT.decode(body))
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
+            raise WebhookRejected("webhook_malformed", "globex event unreadable") from None
+
+    def _verify_signature(self, headers: dict[str, str], body: bytes, now_s: float) -> None:
         stamp = header(headers, "x-globex-webhook-timestamp")
         signature = header(headers, "x-globex-webhook-signature")
         if not (stamp.isascii() and stamp.isdigit() and len(stamp) <= 16
@@ -497,10 +515,6 @@ class GlobexAdapter:
         if not hmac.compare_digest(expected, given):
             raise WebhookRejected("webhook_signature_invalid", "globex signature does not match")
         require_fresh("globex", int(stamp) / 1000.0, now_s, WEBHOOK_TOLERANCE_S)
-        try:
-            return self._event(_EVENT.decode(body))
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError):
-            raise WebhookRejected("webhook_malformed", "globex event unreadable") from None
 
     def _event(self, event: _Event) -> WebhookEvent:
         if event.event_type in _CHARGEBACK_EVENTS:

@@ -73,6 +73,12 @@ NODES_EVERY_S = 1.0
 FRONT_START_S = 60.0
 
 log = logging.getLogger("txproc.runtime")
+# The simulated providers this starts send their events in batches (docs/providers.md,
+# "Webhooks"): up to this many per request, gathered for up to this long after the first.
+# A request per event cost the front, the payments actor and PostgreSQL about a sixth of
+# the authorization the event repeats.
+SIM_WEBHOOK_BATCH_MAX = 32
+SIM_WEBHOOK_BATCH_LINGER_MS = 50.0
 
 
 @dataclass
@@ -532,7 +538,9 @@ async def _start_payments(processor: Processor, node_id: str | None = None) -> N
             sim = start_sim(endpoint.name, secrets_file=secrets, webhook_url=webhook,
                             report_dir=data / "providers" / "reports" / endpoint.name,
                             webhook_tls=(front.tls_server_ca_path, front.tls_internal_cert_path,
-                                         front.tls_internal_key_path))
+                                         front.tls_internal_key_path),
+                            webhook_batch_max=SIM_WEBHOOK_BATCH_MAX,
+                            webhook_batch_linger_ms=SIM_WEBHOOK_BATCH_LINGER_MS)
             processor.sims.append(sim)
             url = sim.url
         _kill_stale(provider_actor_name(endpoint.name))

@@ -2058,7 +2058,8 @@ OPERATIONS: tuple[Operation, ...] = (
         # document says no more than that.
         handler=_Api.provider_webhook, scope=None, request=dict,
         replies=(
-            Reply(200, "Accepted: applied, a duplicate, or about something that moved on.",
+            Reply(200, "Accepted: applied, a duplicate, or about something that moved on; "
+                  "for a provider's batch, status \"batch\" and each event's, in order.",
                   WebhookAnswer),
             _error_reply(400, "The event cannot be read.", "webhook_malformed"),
             _error_reply(401, "The signature or its timestamp does not hold.",

@@ -10,6 +10,7 @@ provider was unavailable) releases its key, so the client may send it again unch
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import re
@@ -43,7 +44,7 @@ from actors.payments.webhook_endpoints import (
     decode_endpoint_request,
     serve_endpoint_operation,
 )
-from adapters.base import Adapter, WebhookRejected
+from adapters.base import Adapter, WebhookEvent, WebhookRejected
 from processor.cardscan import contains_card_number, find_card_number
 from processor.errors import TxprocError, Unavailable, register, statuses
 from processor.identity import tenant_of_principal
@@ -507,8 +508,9 @@ class EmptyRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """A body that may be absent or ``{}`` and carries nothing."""
 
 
-class WebhookAnswer(msgspec.Struct, frozen=True):
-    status: str  # applied, duplicate or ignored
+class WebhookAnswer(msgspec.Struct, frozen=True, omit_defaults=True):
+    status: str  # applied, duplicate or ignored; "batch" for a batch, with each event's
+    statuses: list[str] | None = None
 
 
 _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
@@ -782,19 +784,47 @@ class PaymentsEndpoint:
             return _refusal(PaymentsApiError("webhook_provider_unknown",
                                              "no provider has this name"))
         try:
-            event = adapter.verify_webhook(headers, body, self._clock_s())
+            events = adapter.verify_webhooks(headers, body, self._clock_s())
         except WebhookRejected as exc:
             code = exc.code if exc.code in PAYMENT_ERROR_STATUS else "webhook_malformed"
             return _refusal(PaymentsApiError(code, "the webhook was not accepted"))
         try:
-            result = await self.payments.engine.apply_webhook(provider, event)
+            results = await _apply_events(self.payments.engine, provider, events)
         except DATABASE_UNREACHABLE as exc:
             raise _database_away(exc) from exc
-        if result == "retry":
+        if "retry" in results:
+            # A batch is delivered again whole; its events applied now are then duplicates.
             return (503, error_body("unavailable",
                                     "the event raced another change; send it again"),
                     {"Retry-After": "1"})
-        return 200, ENCODER.encode(WebhookAnswer(result)), {}
+        if len(results) == 1:
+            return 200, ENCODER.encode(WebhookAnswer(results[0])), {}
+        return 200, ENCODER.encode(WebhookAnswer("batch", results)), {}
+
+
+async def _apply_events(engine: PaymentsEngine, provider: str,
+                        events: list[WebhookEvent]) -> list[str]:
+    """Each event applied (``PaymentsEngine.apply_webhook``); its result, in order. The
+    events of one step (its provider key) are applied in the order they came, as one
+    request each would have been; different steps' at once, so that one waiting for its
+    step's answer (``EVENT_WAITS_FOR_ANSWER_S``) holds up no other."""
+    if len(events) == 1:
+        return [await engine.apply_webhook(provider, events[0])]
+    by_step: dict[str, list[int]] = {}
+    for i, event in enumerate(events):
+        by_step.setdefault(event.idempotency_key.removesuffix("-undo"), []).append(i)
+    results = [""] * len(events)
+
+    async def in_order(indexes: list[int]) -> None:
+        for i in indexes:
+            results[i] = await engine.apply_webhook(provider, events[i])
+
+    outcomes = await asyncio.gather(*(in_order(ix) for ix in by_step.values()),
+                                    return_exceptions=True)
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
+    return results
 
 
 def _refusal(exc: PaymentsApiError) -> tuple[int, bytes, dict[str, str]]:

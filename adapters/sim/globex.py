@@ -511,6 +511,10 @@ class GlobexSim(SimProvider):
                       "subject": self._chargeback(dispute)})
         return event_id, body
 
+    def batch_webhook_body(self, bodies: list[bytes]) -> bytes:
+        # globex's notification batch: {"events": [...]}, each as it would go alone.
+        return b'{"events":[' + b",".join(bodies) + b"]}"
+
     def sign_webhook(self, body: bytes, now_s: float) -> dict[str, str]:
         stamp = str(int(now_s * 1000))
         digest = hmac.new(self.secrets["webhook_secret"].encode(), f"{stamp}\n".encode() + body,

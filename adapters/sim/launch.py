@@ -176,6 +176,8 @@ def start_sim(name: str, *, secrets_file: Path, port: int = 0, host: str = "127.
               webhook_url: str = "", report_dir: Path | None = None, seed: int | None = None,
               settle_delay_ms: float | None = None, webhook_backoff_ms: float | None = None,
               webhook_tls: tuple[str, str, str] = ("", "", ""),
+              webhook_batch_max: int | None = None,
+              webhook_batch_linger_ms: float | None = None,
               startup_timeout_s: float = 20.0) -> SimProcess:
     """Start simulator ``name`` and wait until it listens; raises ``SimStartError``.
 
@@ -203,6 +205,10 @@ def start_sim(name: str, *, secrets_file: Path, port: int = 0, host: str = "127.
         argv += ["--settle-delay-ms", str(settle_delay_ms)]
     if webhook_backoff_ms is not None:
         argv += ["--webhook-backoff-ms", str(webhook_backoff_ms)]
+    if webhook_batch_max is not None:
+        argv += ["--webhook-batch-max", str(webhook_batch_max)]
+    if webhook_batch_linger_ms is not None:
+        argv += ["--webhook-batch-linger-ms", str(webhook_batch_linger_ms)]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(
         [str(_PACKAGE_ROOT), *filter(None, [env.get("PYTHONPATH", "")])])

@@ -102,6 +102,8 @@ class SimOptions:
     settle_delay_ms: float = 1_000.0
     webhook_attempts_max: int = 5
     webhook_backoff_s: float = 0.5
+    webhook_batch_max: int = 1  # events queued together go in one request, up to this many
+    webhook_batch_linger_s: float = 0.0  # and a batch waits this long for more after its first
     # Webhooks to an https URL: the receiver's CA (PEM; the system's store when empty)
     # and, for a receiver requiring mutual TLS, a client certificate and key.
     webhook_ca: str = ""
@@ -157,7 +159,9 @@ class SimProvider(abc.ABC):
         self.webhooks = WebhookDispatcher(
             url=options.webhook_url, sign=self.sign_webhook, faults=self.faults,
             clock_s=clock_s, attempts_max=options.webhook_attempts_max,
-            backoff_s=options.webhook_backoff_s, tls=_webhook_tls(options))
+            backoff_s=options.webhook_backoff_s, tls=_webhook_tls(options),
+            batch_max=options.webhook_batch_max, batch_body=self.batch_webhook_body,
+            batch_linger_s=options.webhook_batch_linger_s)
         self.reports = ReportWriter(options.report_dir, self.report, self.report_file_name)
         self.discrepancies = Discrepancies(currencies=self.book.currencies, clock_s=clock_s)
         self.counts = _Counts()
@@ -207,6 +211,10 @@ class SimProvider(abc.ABC):
 
     @abc.abstractmethod
     def sign_webhook(self, body: bytes, now_s: float) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def batch_webhook_body(self, bodies: list[bytes]) -> bytes:
+        """One request's body carrying several events' bodies, in order."""
 
     # The prefix of this provider's dispute ids.
     dispute_prefix = "dp_"
@@ -650,6 +658,12 @@ def parse_args(name: str, argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle-delay-ms", type=float, default=1_000.0,
                         help="how long asynchronous settlement takes (providers that have it)")
     parser.add_argument("--webhook-backoff-ms", type=float, default=500.0)
+    parser.add_argument("--webhook-batch-max", type=int, default=1,
+                        help="events queued together are sent in one request, up to this "
+                             "many (1: one event per request)")
+    parser.add_argument("--webhook-batch-linger-ms", type=float, default=0.0,
+                        help="with --webhook-batch-max above 1, how long a batch waits for "
+                             "more events after its first")
     parser.add_argument("--exit-with-parent", action="store_true",
                         help="stop when stdin closes (the launcher's pipe: its process ended)")
     return parser.parse_args(argv)
@@ -669,7 +683,9 @@ def run_main(name: str, factory: Callable[[dict[str, str], SimOptions], SimProvi
                          webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
                          report_dir=args.report_dir,
                          seed=args.seed, settle_delay_ms=args.settle_delay_ms,
-                         webhook_backoff_s=args.webhook_backoff_ms / 1000.0)
+                         webhook_backoff_s=args.webhook_backoff_ms / 1000.0,
+                         webhook_batch_max=args.webhook_batch_max,
+                         webhook_batch_linger_s=args.webhook_batch_linger_ms / 1000.0)
     provider = factory(secrets, options)
 
     def ready(url: str) -> None:

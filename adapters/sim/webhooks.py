@@ -1,5 +1,12 @@
 """Webhook delivery for the simulated providers: signed, retried, duplicated or reordered
-on request.
+on request, and batched when events queue up.
+
+With ``batch_max`` above 1, the events waiting when a delivery starts, and those that
+arrive within ``batch_linger_s`` of the first, go together in one request, up to
+``batch_max`` (the provider's ``batch_body`` wraps them: acme a list object, globex an
+``events`` array), as some providers send their notifications; one event alone goes as
+before. A batch is signed and retried as one delivery, and its events are counted
+delivered, or dead, together.
 
 Sent with aiohttp over kept-alive connections: a provider sends an event for nearly every
 operation, and with httpx the dispatcher spent about 1.5 ms of CPU per event, on the same
@@ -32,13 +39,15 @@ class WebhookCounts:
     duplicated: int = 0
     reordered_batches: int = 0
     dropped: int = 0  # the queue was full
+    batches: int = 0  # deliveries of more than one event
 
 
 @dataclass(slots=True)
 class _Delivery:
-    event_id: str
+    event_id: str  # a batch's: its first event's, with the count
     body: bytes
     attempt: int = 0
+    events: int = 1
 
 
 class WebhookDispatcher:
@@ -53,9 +62,14 @@ class WebhookDispatcher:
     def __init__(self, *, url: str, sign: Callable[[bytes, float], dict[str, str]],
                  faults: FaultModel, clock_s: Callable[[], float], attempts_max: int = 5,
                  backoff_s: float = 0.5, queue_max: int = 10_000, retries_max: int = 1_000,
-                 timeout_s: float = 5.0, tls: ssl.SSLContext | None = None) -> None:
-        if not (attempts_max >= 1 and queue_max >= 1 and retries_max >= 1):
+                 timeout_s: float = 5.0, tls: ssl.SSLContext | None = None,
+                 batch_max: int = 1,
+                 batch_body: Callable[[list[bytes]], bytes] | None = None,
+                 batch_linger_s: float = 0.0) -> None:
+        if not (attempts_max >= 1 and queue_max >= 1 and retries_max >= 1 and batch_max >= 1):
             raise ValueError("webhook limits must be positive")
+        if batch_max > 1 and batch_body is None:
+            raise ValueError("batches need the provider's batch_body")
         self.url = url
         self._sign = sign
         # For an https URL: the receiver's CA, and a client certificate if it wants one.
@@ -66,6 +80,9 @@ class WebhookDispatcher:
         self._backoff_s = backoff_s
         self._retries_max = retries_max
         self._timeout_s = timeout_s
+        self._batch_max = batch_max
+        self._batch_body = batch_body
+        self._batch_linger_s = batch_linger_s
         self._queue: asyncio.Queue[_Delivery] = asyncio.Queue(maxsize=queue_max)
         self._retries: set[asyncio.Task[None]] = set()
         self._client: aiohttp.ClientSession | None = None
@@ -106,11 +123,14 @@ class WebhookDispatcher:
             try:
                 while True:
                     batch = await self._next_batch()
+                    await self._fill(batch)
+                    sends = []
                     for delivery in batch:
                         copies = 2 if self._faults.duplicate_webhook() else 1
                         self.counts.duplicated += copies - 1
-                        for _ in range(copies):
-                            await self._attempt(_Delivery(delivery.event_id, delivery.body))
+                        sends += [_Delivery(delivery.event_id, delivery.body)] * copies
+                    for group in self._grouped(sends):
+                        await self._attempt(group)
             finally:
                 for task in list(self._retries):
                     task.cancel()
@@ -138,6 +158,34 @@ class WebhookDispatcher:
         batch.reverse()
         return batch
 
+    async def _fill(self, batch: list[_Delivery]) -> None:
+        """Add to ``batch`` the events waiting, and those arriving within the linger time
+        of its first, up to ``batch_max``."""
+        deadline = time.monotonic() + self._batch_linger_s
+        while len(batch) < self._batch_max:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), left))
+            except TimeoutError:
+                return
+
+    def _grouped(self, sends: list[_Delivery]) -> list[_Delivery]:
+        """``sends`` as deliveries: one each, or in batches of up to ``batch_max``."""
+        if self._batch_max == 1 or self._batch_body is None:
+            return [_Delivery(d.event_id, d.body) for d in sends]
+        out = []
+        for at in range(0, len(sends), self._batch_max):
+            part = sends[at:at + self._batch_max]
+            out.append(_Delivery(part[0].event_id, part[0].body) if len(part) == 1 else
+                       _Delivery(f"{part[0].event_id} (+{len(part) - 1})",
+                                 self._batch_body([d.body for d in part]), events=len(part)))
+        return out
+
     async def _attempt(self, delivery: _Delivery) -> None:
         client = self._client
         if client is None:
@@ -152,11 +200,13 @@ class WebhookDispatcher:
         except (aiohttp.ClientError, TimeoutError):
             ok = False
         if ok:
-            self.counts.delivered += 1
+            self.counts.delivered += delivery.events
+            if delivery.events > 1:
+                self.counts.batches += 1
             return
         self.counts.attempts_failed += 1
         if delivery.attempt >= self._attempts_max or len(self._retries) >= self._retries_max:
-            self.counts.dead += 1
+            self.counts.dead += delivery.events
             log.warning("webhook %s dead after %d attempts", delivery.event_id, delivery.attempt)
             return
         task = asyncio.get_running_loop().create_task(self._retry_later(delivery))

@@ -271,3 +271,43 @@ async def test_evidence_is_checked_and_scoped_to_the_tenant(
     assert (r.status_code, r.json()["status"]) == (200, "under_review"), r.text
     r = await http.get("/v1/disputes", params={"status": "under_review", "payment_id": pid})
     assert [d["id"] for d in r.json()["data"]] == [dispute["id"]]
+
+
+async def test_a_batch_of_provider_events_is_applied_event_by_event(
+        processor: Processor, http: httpx.AsyncClient, client: Client, ids: IdSource,
+        sims: Sims) -> None:
+    """One signed request carrying three acme events (a list object): two disputes opened on
+    two payments and a repeat of the first; each is applied as if sent alone, and the
+    answer says what became of each, in order. A batch whose signature does not hold is
+    refused whole, with nothing applied."""
+    account = await merchant(client, ids)
+    first, first_auth = await captured_payment(http, processor, sims, account, "acme")
+    second, second_auth = await captured_payment(http, processor, sims, account, "acme")
+
+    def notice(event_id: str, dispute_ref: str, auth: str) -> dict[str, Any]:
+        return {"id": event_id, "object": "event", "type": "dispute.created",
+                "created": int(time.time()), "data": {"object": {
+                    "id": dispute_ref, "object": "dispute", "status": "NEEDS_RESPONSE",
+                    "amount": 2_000, "fee": FEE, "currency": "USD", "authorization": auth}}}
+
+    suffix = key()[:12]
+    events = [notice(f"evt_b1_{suffix}", f"dp_b1_{suffix}", first_auth),
+              notice(f"evt_b2_{suffix}", f"dp_b2_{suffix}", second_auth)]
+    body = json.dumps({"object": "list", "data": [*events, events[0]]}).encode()
+    secret = webhook_secret(processor, "acme")
+    forged = await http.post("/v1/providers/acme/webhooks", content=body,
+                             headers=signed("acme", secret + b"x", body, time.time()))
+    assert (forged.status_code, forged.json()["error"]["code"]) == (
+        401, "webhook_signature_invalid")
+    assert (await http.get("/v1/disputes", params={"payment_id": first})).json()["data"] == []
+    r = await http.post("/v1/providers/acme/webhooks", content=body,
+                        headers=signed("acme", secret, body, time.time()))
+    assert r.status_code == 200, r.text
+    assert r.json() == {"status": "batch", "statuses": ["applied", "applied", "duplicate"]}
+    for pid in (first, second):
+        dispute = await dispute_of(http, processor, pid, status="needs_response")
+        assert dispute["amount"] == 2_000
+    again = await http.post("/v1/providers/acme/webhooks", content=body,
+                            headers=signed("acme", secret, body, time.time()))
+    assert again.json() == {"status": "batch",
+                            "statuses": ["duplicate", "duplicate", "duplicate"]}

@@ -193,3 +193,44 @@ def test_times_become_exact_microseconds() -> None:
     flt = check_list_query("payments", _query(created={
         "gte": "1970-01-01T01:00:00.000001+01:00", "lt": 1_700_000_000}))
     assert (flt.created_gte_us, flt.created_lt_us) == (1, 1_700_000_000_000_000)
+
+
+def _event(key: str, n: int) -> Any:
+    from processor.payments.provider import Operation, Outcome, WebhookEvent
+
+    return WebhookEvent(event_id=f"evt_{n}", operation=Operation.CAPTURE, idempotency_key=key,
+                        provider_ref="ref", outcome=Outcome.APPROVED, amount=1,
+                        occurred_at_s=0.0)
+
+
+async def test_a_batch_applies_one_steps_events_in_order_and_others_beside_them() -> None:
+    """``_apply_events``: the events of one step (its key, "-undo" included) in the order
+    they came, each after the one before it finished; another step's meanwhile; results in
+    the batch's order; a failure of any is raised."""
+    import asyncio
+
+    from actors.payments.endpoints import _apply_events
+
+    log: list[str] = []
+    release = asyncio.Event()
+
+    class _Engine:
+        async def apply_webhook(self, provider: str, event: Any) -> str:
+            log.append(f"start {event.event_id}")
+            if event.event_id == "evt_0":
+                await release.wait()  # the first of step a waits; step b goes on
+            log.append(f"end {event.event_id}")
+            if event.event_id == "evt_9":
+                raise OSError("database away")
+            return f"done {event.event_id}"
+
+    events = [_event("a", 0), _event("b", 1), _event("a-undo", 2), _event("b", 3)]
+    task = asyncio.ensure_future(_apply_events(_Engine(), "acme", events))  # type: ignore[arg-type]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert log == ["start evt_0", "start evt_1", "end evt_1", "start evt_3", "end evt_3"]
+    release.set()
+    assert await task == ["done evt_0", "done evt_1", "done evt_2", "done evt_3"]
+    assert log[5:] == ["end evt_0", "start evt_2", "end evt_2"]
+    with pytest.raises(OSError):
+        await _apply_events(_Engine(), "acme", [_event("a", 9), _event("b", 1)])  # type: ignore[arg-type]
