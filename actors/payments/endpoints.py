@@ -804,16 +804,20 @@ class PaymentsEndpoint:
 
 async def _apply_events(engine: PaymentsEngine, provider: str,
                         events: list[WebhookEvent]) -> list[str]:
-    """Each event applied (``PaymentsEngine.apply_webhook``); its result, in order. The
-    events of one step (its provider key) are applied in the order they came, as one
-    request each would have been; different steps' at once, so that one waiting for its
+    """Each event applied (``PaymentsEngine.apply_webhook``); its result, in order. Those
+    that cannot move their step are remembered together (``settle_inert_events``); the
+    others of one step (its provider key) are applied in the order they came, as one
+    request each would have been, different steps' at once, so that one waiting for its
     step's answer (``EVENT_WAITS_FOR_ANSWER_S``) holds up no other."""
     if len(events) == 1:
         return [await engine.apply_webhook(provider, events[0])]
+    # The events that cannot move their step, in one statement; the rest one by one.
+    settled = await engine.settle_inert_events(provider, events)
     by_step: dict[str, list[int]] = {}
     for i, event in enumerate(events):
-        by_step.setdefault(event.idempotency_key.removesuffix("-undo"), []).append(i)
-    results = [""] * len(events)
+        if settled[i] is None:
+            by_step.setdefault(event.idempotency_key.removesuffix("-undo"), []).append(i)
+    results = [r or "" for r in settled]
 
     async def in_order(indexes: list[int]) -> None:
         for i in indexes:

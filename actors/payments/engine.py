@@ -557,6 +557,33 @@ class PaymentsEngine:
             self._spawn(self.drive(saved))
         return "applied" if saved.phase != step.phase else "ignored"
 
+    async def settle_inert_events(self, provider: str, events: list[WebhookEvent]
+                                  ) -> list[str | None]:
+        """A provider's batch: the events that cannot move their step (nearly all: the
+        provider repeating answers this process already stored) remembered in one
+        statement, each answered ``ignored`` or ``duplicate`` as ``apply_webhook`` would;
+        None for a dispute notice or an event whose step may still move, for
+        ``apply_webhook``. First waits, as ``apply_webhook`` does, for the answers this
+        process is storing that the events are about."""
+        plain = [i for i, e in enumerate(events) if e.dispute is None]
+        results: list[str | None] = [None] * len(events)
+        if not plain:
+            return results
+        keys = [events[i].idempotency_key.removesuffix("-undo") for i in plain]
+        pending = {key: self._answers_pending[key] for key in keys
+                   if key in self._answers_pending}
+        if pending:
+            self.stats["events_waited"] += len(pending)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in pending.values())),
+                                       EVENT_WAITS_FOR_ANSWER_S)
+        found = await self.store.record_inert_events(
+            provider, [(key, events[i].event_id) for key, i in zip(keys, plain, strict=True)])
+        for i, fresh in zip(plain, found, strict=True):
+            if fresh is not None:
+                results[i] = "ignored" if fresh else "duplicate"
+        return results
+
     # -- disputes (processor/payments/disputes.py) --------------------------------------------
 
     async def _apply_dispute_notice(self, provider: str, event: WebhookEvent,

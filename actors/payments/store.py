@@ -1162,6 +1162,29 @@ class PaymentStore:
         step = None if values["id"] is None else _step(values)
         return step, (bool(fresh) if inert else None)
 
+    async def record_inert_events(self, provider: str, events: list[tuple[str, str]]
+                                  ) -> list[bool | None]:
+        """For each (provider key, event id) of a provider's batch, in one statement, what
+        ``step_for_event`` says of it: the event remembered if its step cannot move (none,
+        inert, or another provider's) and whether it was new then (False: a duplicate,
+        of an earlier batch or of an earlier event in this one); None for an event whose
+        step may still move, which is left to ``step_for_event`` and the engine."""
+        rows = await self._pool.fetch(
+            "WITH ev AS (SELECT e.key, e.event_id, e.n FROM unnest($1::text[], $2::text[]) "
+            "WITH ORDINALITY AS e(key, event_id, n)), "
+            "movable AS (SELECT ev.n FROM ev JOIN payment_step_keys k "
+            "ON k.provider_key = ev.key JOIN payment_steps s ON s.id = k.step_id "
+            "WHERE s.provider = $3 AND NOT s.phase = ANY ($4::text[])), "
+            "first AS (SELECT DISTINCT ON (ev.event_id) ev.n, ev.event_id FROM ev "
+            "WHERE ev.n NOT IN (SELECT n FROM movable) ORDER BY ev.event_id, ev.n), "
+            "recorded AS (INSERT INTO webhook_events (provider, event_id) "
+            "SELECT $3, event_id FROM first ON CONFLICT DO NOTHING RETURNING event_id) "
+            "SELECT ev.n IN (SELECT n FROM movable) AS movable, EXISTS (SELECT 1 FROM first f "
+            "JOIN recorded r ON r.event_id = f.event_id WHERE f.n = ev.n) AS fresh "
+            "FROM ev ORDER BY ev.n",
+            [k for k, _ in events], [e for _, e in events], provider, _EVENT_INERT)
+        return [None if r["movable"] else bool(r["fresh"]) for r in rows]
+
     async def step_by_key(self, provider_key: str) -> Step | None:
         row = await self._pool.fetchrow(
             f"SELECT {', '.join('s.' + c for c in _STEP_READ.split(', '))} "

@@ -448,3 +448,25 @@ async def test_an_event_that_cannot_move_its_step_is_remembered_as_it_is_found(
     assert done is not None
     assert (await store.step_for_event(step.provider_key, "acme", "evt_b"))[1] is True
     assert (await store.step_for_event(step.provider_key, "acme", "evt_b"))[1] is False
+
+
+async def test_a_batch_of_events_is_judged_as_each_would_be_alone(
+        store: PaymentStore) -> None:
+    """``record_inert_events``: in one statement, each event of a batch answered as
+    ``step_for_event`` answers it (no step, another provider's, a step that may move, one
+    that cannot), a repeat within the batch a duplicate, nothing recorded for the one left
+    to the caller; and the same answers as the single-event statement gives afterwards."""
+    p = payment("pay_" + "8" * 24)
+    step = await first_step(store, p.id)
+    assert await store.create_payment(p, step, principal="alice", due_at_s=NOW_S + TTL_S)
+    batch = [("txp-none-acme", "evt_x1"), (step.provider_key, "evt_x2"),
+             ("txp-none-acme", "evt_x1"), ("txp-none-acme", "evt_x3")]
+    assert await store.record_inert_events("acme", batch) == [True, None, False, True]
+    assert not await store.webhook_seen("acme", "evt_x2")
+    assert await store.record_inert_events("globex", [(step.provider_key, "evt_x4")]) == [True]
+    assert await store.record_inert_events("acme", batch) == [False, None, False, False]
+    done = await store.save_step(step, msgspec.structs.replace(
+        step, phase=Phase.FAILED, error="provider_declined"), due_at_s=NOW_S)
+    assert done is not None
+    assert await store.record_inert_events("acme", batch) == [False, True, False, False]
+    assert (await store.step_for_event(step.provider_key, "acme", "evt_x2"))[1] is False

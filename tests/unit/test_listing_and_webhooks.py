@@ -215,6 +215,12 @@ async def test_a_batch_applies_one_steps_events_in_order_and_others_beside_them(
     release = asyncio.Event()
 
     class _Engine:
+        settled: dict[str, str] = {}
+
+        async def settle_inert_events(self, provider: str, events: list[Any]
+                                      ) -> list[str | None]:
+            return [self.settled.get(e.event_id) for e in events]
+
         async def apply_webhook(self, provider: str, event: Any) -> str:
             log.append(f"start {event.event_id}")
             if event.event_id == "evt_0":
@@ -234,3 +240,11 @@ async def test_a_batch_applies_one_steps_events_in_order_and_others_beside_them(
     assert log[5:] == ["end evt_0", "start evt_2", "end evt_2"]
     with pytest.raises(OSError):
         await _apply_events(_Engine(), "acme", [_event("a", 9), _event("b", 1)])  # type: ignore[arg-type]
+    # Events the engine settled together (their steps cannot move) are not applied again.
+    log.clear()
+    engine = _Engine()
+    engine.settled = {"evt_1": "ignored", "evt_3": "duplicate"}
+    release.set()
+    assert await _apply_events(engine, "acme", events) == [  # type: ignore[arg-type]
+        "done evt_0", "ignored", "done evt_2", "duplicate"]
+    assert log == ["start evt_0", "end evt_0", "start evt_2", "end evt_2"]
