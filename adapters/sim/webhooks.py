@@ -123,7 +123,7 @@ class WebhookDispatcher:
             try:
                 while True:
                     batch = await self._next_batch()
-                    await self._fill(batch)
+                    await self._gather(batch, self._batch_max, self._batch_linger_s)
                     sends = []
                     for delivery in batch:
                         copies = 2 if self._faults.duplicate_webhook() else 1
@@ -144,25 +144,17 @@ class WebhookDispatcher:
         if window < 2:
             return [first]
         batch = [first]
-        deadline = time.monotonic() + self._faults.faults.webhook_reorder_hold_ms / 1000.0
-        while len(batch) < window:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
-                break
+        await self._gather(batch, window, self._faults.faults.webhook_reorder_hold_ms / 1000.0)
         if len(batch) > 1:
             self.counts.reordered_batches += 1
         batch.reverse()
         return batch
 
-    async def _fill(self, batch: list[_Delivery]) -> None:
-        """Add to ``batch`` the events waiting, and those arriving within the linger time
-        of its first, up to ``batch_max``."""
-        deadline = time.monotonic() + self._batch_linger_s
-        while len(batch) < self._batch_max:
+    async def _gather(self, batch: list[_Delivery], limit: int, hold_s: float) -> None:
+        """Add to ``batch`` the events waiting, and those arriving within ``hold_s``, until
+        it holds ``limit``."""
+        deadline = time.monotonic() + hold_s
+        while len(batch) < limit:
             if not self._queue.empty():
                 batch.append(self._queue.get_nowait())
                 continue
