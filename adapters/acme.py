@@ -73,9 +73,9 @@ from adapters.base import (
 )
 from adapters.decoding import (
     Replies,
-    batched_events,
     decimal_to_minor,
     header_seconds,
+    read_events,
     require_fresh,
 )
 from processor.currency import CURRENCY_EXPONENTS
@@ -465,8 +465,7 @@ class AcmeAdapter:
     def verify_webhooks(self, headers: dict[str, str], body: bytes,
                         now_s: float) -> list[WebhookEvent]:
         self._verify_signature(headers, body, now_s)
-        events = batched_events("acme", body)
-        return [_acme_event(body)] if events is None else [_acme_event(e) for e in events]
+        return read_events("acme", body, _acme_event)
 
     def _verify_signature(self, headers: dict[str, str], body: bytes, now_s: float) -> None:
         stamp, signatures = _signatureheader(header(headers, "acme-signature"))

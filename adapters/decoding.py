@@ -16,7 +16,14 @@ from decimal import Decimal, InvalidOperation
 
 import msgspec
 
-from adapters.base import DeclineCode, Outcome, ProviderReply, ProviderRequest, WebhookRejected
+from adapters.base import (
+    DeclineCode,
+    Outcome,
+    ProviderReply,
+    ProviderRequest,
+    WebhookEvent,
+    WebhookRejected,
+)
 
 __all__ = [
     "WEBHOOK_BATCH_MAX",
@@ -26,6 +33,7 @@ __all__ = [
     "decimal_to_minor",
     "header_seconds",
     "minor_to_decimal",
+    "read_events",
     "require_fresh",
 ]
 
@@ -69,6 +77,14 @@ def batched_events(provider: str, body: bytes) -> list[bytes] | None:
                               f"{provider} webhook batch of {len(items)} events: 1 to "
                               f"{WEBHOOK_BATCH_MAX} are taken")
     return [bytes(raw) for raw in items]
+
+
+def read_events(provider: str, body: bytes,
+                read: Callable[[bytes], WebhookEvent]) -> list[WebhookEvent]:
+    """The events of a verified webhook body, in order: ``read(body)`` for a single event,
+    ``read`` of each for a batch (``batched_events``)."""
+    events = batched_events(provider, body)
+    return [read(body)] if events is None else [read(e) for e in events]
 
 
 # Up to 20 digits, then up to 8 decimals: beyond what any currency's amounts need, and small

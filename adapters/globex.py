@@ -77,10 +77,10 @@ from adapters.base import (
 )
 from adapters.decoding import (
     Replies,
-    batched_events,
     decimal_to_minor,
     header_seconds,
     minor_to_decimal,
+    read_events,
     require_fresh,
 )
 from processor.currency import CURRENCY_EXPONENTS
@@ -490,9 +490,7 @@ class GlobexAdapter:
     def verify_webhooks(self, headers: dict[str, str], body: bytes,
                         now_s: float) -> list[WebhookEvent]:
         self._verify_signature(headers, body, now_s)
-        events = batched_events("globex", body)
-        return [self._event_of(body)] if events is None else [self._event_of(e)
-                                                                for e in events]
+        return read_events("globex", body, self._event_of)
 
     def _event_of(self, body: bytes) -> WebhookEvent:
         try:

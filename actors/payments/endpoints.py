@@ -29,6 +29,7 @@ from actors.payments.engine import (
     payment_view,
     payout_view,
     refund_view,
+    step_key_of,
 )
 from actors.payments.reconciliation import (
     RECONCILIATION_ERROR_STATUS,
@@ -816,7 +817,7 @@ async def _apply_events(engine: PaymentsEngine, provider: str,
     by_step: dict[str, list[int]] = {}
     for i, event in enumerate(events):
         if settled[i] is None:
-            by_step.setdefault(event.idempotency_key.removesuffix("-undo"), []).append(i)
+            by_step.setdefault(step_key_of(event), []).append(i)
     results = [r or "" for r in settled]
 
     async def in_order(indexes: list[int]) -> None:

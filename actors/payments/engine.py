@@ -93,7 +93,8 @@ from processor.risk import RiskConfig, RiskDecision, fallback
 from processor.service import LedgerService
 from processor.types import Account
 
-__all__ = ["PaymentsEngine", "dispute_view", "payment_view", "payout_view", "refund_view"]
+__all__ = ["PaymentsEngine", "dispute_view", "payment_view", "payout_view", "refund_view",
+           "step_key_of"]
 
 log = logging.getLogger("txproc.payments")
 
@@ -515,16 +516,8 @@ class PaymentsEngine:
         """
         if event.dispute is not None:
             return await self._apply_dispute_notice(provider, event, event.dispute)
-        key = event.idempotency_key.removesuffix("-undo")
-        pending = self._answers_pending.get(key)
-        if pending is not None:
-            # A provider often sends its event as it answers, so the event overtakes the
-            # answer it repeats. This process is making that call: wait until its answer
-            # is stored, so the event is judged against it (usually: nothing to learn),
-            # instead of answering "retry" and being delivered again.
-            self.stats["events_waited"] += 1
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(pending.wait(), EVENT_WAITS_FOR_ANSWER_S)
+        key = step_key_of(event)
+        await self._answers_stored([key])
         # A provider speaks only for its own calls: an event verified with one provider's
         # secret never moves a step another provider is handling. An event that cannot
         # move its step is remembered by the same statement that finds the step.
@@ -557,6 +550,20 @@ class PaymentsEngine:
             self._spawn(self.drive(saved))
         return "applied" if saved.phase != step.phase else "ignored"
 
+    async def _answers_stored(self, keys: list[str]) -> None:
+        """Wait (at most ``EVENT_WAITS_FOR_ANSWER_S``) until the answers this process is
+        storing for these steps' calls are stored. A provider often sends its event as it
+        answers, so the event overtakes the answer it repeats: judged after it, the event
+        usually has nothing to teach, instead of being answered "retry" and delivered
+        again."""
+        pending = {self._answers_pending[k] for k in keys if k in self._answers_pending}
+        if not pending:
+            return
+        self.stats["events_waited"] += len(pending)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in pending)),
+                                   EVENT_WAITS_FOR_ANSWER_S)
+
     async def settle_inert_events(self, provider: str, events: list[WebhookEvent]
                                   ) -> list[str | None]:
         """A provider's batch: the events that cannot move their step (nearly all: the
@@ -569,14 +576,8 @@ class PaymentsEngine:
         results: list[str | None] = [None] * len(events)
         if not plain:
             return results
-        keys = [events[i].idempotency_key.removesuffix("-undo") for i in plain]
-        pending = {key: self._answers_pending[key] for key in keys
-                   if key in self._answers_pending}
-        if pending:
-            self.stats["events_waited"] += len(pending)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*(p.wait() for p in pending.values())),
-                                       EVENT_WAITS_FOR_ANSWER_S)
+        keys = [step_key_of(events[i]) for i in plain]
+        await self._answers_stored(keys)
         found = await self.store.record_inert_events(
             provider, [(key, events[i].event_id) for key, i in zip(keys, plain, strict=True)])
         for i, fresh in zip(plain, found, strict=True):
@@ -1097,3 +1098,8 @@ class PaymentsEngine:
             log.error("a background step failed; the recovery worker will take it over",
                       exc_info=task.exception())
 
+
+def step_key_of(event: WebhookEvent) -> str:
+    """The provider key of the step a provider's event is about (a compensation's events
+    name the call's key with "-undo")."""
+    return event.idempotency_key.removesuffix("-undo")
