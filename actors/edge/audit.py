@@ -5,7 +5,8 @@ payments operation) first gets an audit record in ``audit_requests`` (migration 
 caller's tenant, subject and token id, the request id and the operation. Its id, the
 request's *origin*, is stamped on every account and transfer the request creates
 (``Account.origin``, ``Transfer.origin``), so "who made this?" is one join away
-(docs/security.md, "Audit").
+(docs/security.md, "Audit"). An authorization's record is made here but written by the
+payments actor, with the payment it creates (``delegate``; processor/request_audit.py).
 
 Records arriving together are written as one INSERT (those of one event-loop pass, and
 while an INSERT is in flight, all that arrive meanwhile: one in flight at a time, so the
@@ -33,6 +34,7 @@ from actors.ops.audit_events import list_audit_events
 from processor.audit import AuditEventsPage, AuditQuery
 from processor.errors import Unavailable
 from processor.identity import Claims
+from processor.request_audit import RequestRecord
 
 __all__ = ["AuditWriter", "request_id_of"]
 
@@ -123,6 +125,19 @@ class AuditWriter:
         await done
         return entry.id
 
+    def delegate(self, claims: Claims, request_id: str, operation: str,
+                 items: int) -> RequestRecord:
+        """A record of this request for the payments actor to write with its first write
+        (processor/request_audit.py), not written here. Its id counts as written
+        (``wrote``): the payments actor writes it in the statement that creates what could
+        name it, so no posting can name it before it is durable."""
+        record = RequestRecord(
+            id=secrets.randbits(63) or 1, tenant=claims.tenant_slot, tenant_name=claims.tenant,
+            subject=claims.subject, token_id=claims.token_id, request_id=request_id,
+            operation=operation, items=items, at_s=self._clock_s())
+        self._remember([record.id])
+        return record
+
     async def _flush(self) -> None:
         """Write what is pending, then what arrived while that was written, until nothing
         is left."""
@@ -149,19 +164,23 @@ class AuditWriter:
                 if not done.done():
                     done.set_exception(error)
             return
-        recent = self._recent
-        for e in rows:
-            recent[e.id] = None
-        while len(recent) > RECENT_MAX:
-            del recent[next(iter(recent))]
+        self._remember([e.id for e in rows])
         for _, done in batch:
             if not done.done():
                 done.set_result(None)
 
+    def _remember(self, ids: list[int]) -> None:
+        recent = self._recent
+        for record_id in ids:
+            recent[record_id] = None
+        while len(recent) > RECENT_MAX:
+            del recent[next(iter(recent))]
+
     def wrote(self, record_id: int) -> bool:
-        """Whether this writer wrote record ``record_id`` (among its ``RECENT_MAX`` newest):
-        its INSERT has then run, so its commit precedes in the WAL that of any row
-        stamped with it from now on."""
+        """Whether this writer wrote record ``record_id``, or handed it to the payments
+        actor (``delegate``), among its ``RECENT_MAX`` newest: its INSERT has then run, or
+        runs before anything the payments actor posts with it, so its commit precedes in
+        the WAL that of any row stamped with it."""
         return record_id in self._recent
 
 

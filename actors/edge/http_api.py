@@ -125,6 +125,7 @@ from processor.payments import (
     query_of_params,
 )
 from processor.ratelimit import RateLimiter
+from processor.request_audit import AUDIT_HEADER, encode_header
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -736,7 +737,13 @@ def _forwarded_headers(request: Request) -> dict[str, str]:
     """The request's headers for the payments actor, less the bearer token (checked here;
     payments never need it) and any audit header a client made up."""
     return {name: value for name, value in request.headers.items()
-            if name not in ("authorization", ORIGIN_HEADER)}
+            if name not in _NOT_FORWARDED}
+
+
+_NOT_FORWARDED = frozenset({"authorization", ORIGIN_HEADER, AUDIT_HEADER})
+# The payments operations whose audit record the payments actor writes, in the statement
+# that creates the payment (processor/request_audit.py); the edge writes every other's.
+_AUDITED_BY_PAYMENTS = frozenset({"authorize"})
 
 
 class _Api:
@@ -1093,9 +1100,18 @@ class _Api:
             # The key is checked before the body is read (the idempotency-key draft).
             require_key(key)
             body = await _read_body(request, self._body_bytes_max)
-            origin = await self._origin(request.state.claims,
-                                        request.headers.get("x-request-id"),
-                                        f"payments.{operation}", 1)
+            if operation in _AUDITED_BY_PAYMENTS and self._audit is not None:
+                # Written by the payments actor with the payment it creates
+                # (processor/request_audit.py): no statement of its own here.
+                record = self._audit.delegate(
+                    request.state.claims, request_id_of(request.headers.get("x-request-id")),
+                    f"payments.{operation}", 1)
+                forwarded[AUDIT_HEADER] = encode_header(record)
+                origin = record.id
+            else:
+                origin = await self._origin(request.state.claims,
+                                            request.headers.get("x-request-id"),
+                                            f"payments.{operation}", 1)
             forwarded[ORIGIN_HEADER] = str(origin)
         elif request.method == "DELETE":
             origin = await self._origin(request.state.claims,

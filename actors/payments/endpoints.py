@@ -23,6 +23,7 @@ import msgspec
 
 from actors.ops import metrics
 from actors.payments.engine import (
+    REQUEST_AUDIT,
     REQUEST_ORIGIN,
     PaymentsEngine,
     dispute_view,
@@ -79,6 +80,7 @@ from processor.payments import (
     encode_cursor,
     fingerprint,
 )
+from processor.request_audit import AUDIT_HEADER, AuditSlot, decode_header
 
 __all__ = [
     "EVENTS_PAGE_MAX",
@@ -387,7 +389,8 @@ class Idempotent:
         never claimed, if the key is free: ``KeyTaken`` otherwise)."""
         store = self._engine.store
         if hold.deferred:
-            if not await store.answer_key(hold, status=status, body=answer):
+            if not await store.answer_key(hold, status=status, body=answer,
+                                          audit=REQUEST_AUDIT.get()):
                 raise KeyTaken
             hold.deferred = False
             return
@@ -761,7 +764,28 @@ class PaymentsEndpoint:
         # a client sent); the steps this request starts carry it.
         headers = dict(headers)
         origin = headers.pop(ORIGIN_HEADER, "0")
+        # The record itself, when the edge left it to this actor to write (an
+        # authorization's: processor/request_audit.py).
+        record = headers.pop(AUDIT_HEADER, None)
+        audit = None if record is None else AuditSlot(decode_header(record))
         token = REQUEST_ORIGIN.set(int(origin) if origin.isdigit() else 0)
+        audit_token = REQUEST_AUDIT.set(audit)
+        try:
+            answer = await self._answer(principal, operation, key, subject_id, body, headers)
+            if audit is not None and not audit.written:
+                # The request created nothing that wrote it (a repeat, a refusal): written
+                # alone, before the answer; unwritten, the request is answered 503.
+                await self.payments.engine.store.write_audit(audit)
+            return answer
+        except DATABASE_UNREACHABLE as exc:
+            raise _database_away(exc) from exc
+        finally:
+            REQUEST_AUDIT.reset(audit_token)
+            REQUEST_ORIGIN.reset(token)
+
+    async def _answer(self, principal: str, operation: str, key: str, subject_id: str,
+                      body: bytes, headers: dict[str, str]
+                      ) -> tuple[int, bytes, dict[str, str]]:
         try:
             return await dispatch(self.payments, principal=principal, operation=operation,
                                   key=key or None, subject_id=subject_id, body=body,
@@ -772,10 +796,6 @@ class PaymentsEndpoint:
             return _refusal(exc)
         except (ListError, EndpointRefused, ReconciliationRefused) as exc:
             return _refusal(PaymentsApiError(exc.code, str(exc)))
-        except DATABASE_UNREACHABLE as exc:
-            raise _database_away(exc) from exc
-        finally:
-            REQUEST_ORIGIN.reset(token)
 
     async def webhook(self, provider: str, headers: dict[str, str],
                       body: bytes) -> tuple[int, bytes, dict[str, str]]:

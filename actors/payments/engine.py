@@ -89,6 +89,7 @@ from processor.payments import (
     refundable_amount,
     status_request,
 )
+from processor.request_audit import AuditSlot
 from processor.risk import RiskConfig, RiskDecision, fallback
 from processor.service import LedgerService
 from processor.types import Account
@@ -102,6 +103,11 @@ log = logging.getLogger("txproc.payments")
 # for the request's task; the steps it starts carry it (0 for work no request started).
 REQUEST_ORIGIN: contextvars.ContextVar[int] = contextvars.ContextVar("request_origin",
                                                                      default=0)
+# That record itself, when the edge handed it over to be written here (an authorization's:
+# processor/request_audit.py): written by the statement that creates the payment, or by the
+# endpoint before it answers a request that created nothing.
+REQUEST_AUDIT: contextvars.ContextVar[AuditSlot | None] = contextvars.ContextVar(
+    "request_audit", default=None)
 
 # A provider call that takes longer than its retry deadline and this margin is treated as
 # unanswered (unknown).
@@ -310,7 +316,7 @@ class PaymentsEngine:
             step = await self._authorization_step(payment, providers[0])
         try:
             created = await self.store.create_payment(
-                payment, step, principal=principal, hold=hold,
+                payment, step, principal=principal, hold=hold, audit=REQUEST_AUDIT.get(),
                 due_at_s=now_s if step is None else now_s + self.config.claim_ttl_s)
         except KeyTaken:
             # A repeat of a request that holds or answered the key (the claim was left to

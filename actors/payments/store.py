@@ -47,6 +47,7 @@ from processor.payments import (
     StoredKey,
 )
 from processor.privacy import MasterKey, Personal, erased_object
+from processor.request_audit import AUDIT_COLUMNS, AuditSlot, row_of
 from processor.types import InvariantError, require
 
 __all__ = ["DATABASE_UNREACHABLE", "KeyHold", "PaymentStore", "Where"]
@@ -386,6 +387,18 @@ def _claim_values(hold: KeyHold) -> tuple[tuple[Any, ...], int]:
              _ts(hold.now_s + hold.retention_s), claim), claim)
 
 
+def _audit_cte(audit: AuditSlot | None, first: int) -> tuple[str, tuple[Any, ...]]:
+    """A CTE that writes a request's audit record handed over by the edge (processor/
+    request_audit.py), with parameters ``$first`` on, and its values; nothing when there is
+    none or it is written. A data-modifying CTE runs whatever the statement's other parts
+    do, so the record is written whenever the statement is."""
+    if audit is None or audit.written:
+        return "", ()
+    params = ",".join(f"${n}" for n in range(first, first + len(AUDIT_COLUMNS)))
+    return (f"audit AS (INSERT INTO audit_requests ({','.join(AUDIT_COLUMNS)}) "
+            f"VALUES ({params}) ON CONFLICT (id) DO NOTHING), ", row_of(audit.record))
+
+
 class _Retry(Exception):
     """Roll a dispute's transaction back: it changed since it was read."""
 
@@ -465,7 +478,8 @@ class PaymentStore:
     # -- creating -----------------------------------------------------------------------------
 
     async def create_payment(self, payment: Payment, step: Step | None, *, principal: str,
-                             due_at_s: float, hold: KeyHold | None = None) -> bool:
+                             due_at_s: float, hold: KeyHold | None = None,
+                             audit: AuditSlot | None = None) -> bool:
         """The payment, its authorization step and its event, in one statement (so one
         round trip and one commit; None: refused by the risk check before any step). False
         if a payment with this id exists: the same request executed before (its id derives
@@ -474,7 +488,10 @@ class PaymentStore:
         With a ``deferred`` hold, the same statement claims the request's Idempotency-Key
         first and writes the rest only if it did: the claim costs no statement or commit of
         its own. The claim is then in ``hold.claim``; ``KeyTaken`` (nothing written) when
-        the key was held or answered."""
+        the key was held or answered.
+
+        ``audit``, when not yet written, is written by the same statement, whatever else it
+        writes (``KeyTaken`` and an existing payment included), and marked written."""
         reference, metadata, personal, key_id = await self._sealed(payment, principal)
         values = (payment.id, payment.merchant_account_id, payment.amount, payment.currency,
                   payment.payment_method, payment.status.value, payment.provider,
@@ -498,8 +515,11 @@ class PaymentStore:
             claim_values, claim = _claim_values(claiming)
             # The payment's row only if the key was claimed: a SELECT from the claim.
             row = f"SELECT {columns} FROM claimed"
-        sql = ((f"WITH claimed AS ({_claim_sql(first + len(step_values))}), " if claiming
-                is not None else "WITH ")
+        audit_cte, audit_values = _audit_cte(
+            audit, first + len(step_values) + len(claim_values))
+        sql = ("WITH " + audit_cte
+               + (f"claimed AS ({_claim_sql(first + len(step_values))}), " if claiming
+                  is not None else "")
                + f"created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "
                f"personal, subject_key_id) {row} "
                "ON CONFLICT (id) DO NOTHING RETURNING id), "
@@ -510,9 +530,11 @@ class PaymentStore:
                + ("(SELECT count(*) FROM claimed)" if claiming is not None else "1"))
         try:
             created, claimed = await self._pool.fetchrow(
-                sql, *values, *event, *step_values, *claim_values)
+                sql, *values, *event, *step_values, *claim_values, *audit_values)
         except asyncpg.UniqueViolationError as exc:
             _step_conflict(exc)
+        if audit is not None:
+            audit.written = True
         if claiming is not None:
             if not claimed:
                 raise KeyTaken
@@ -1238,14 +1260,30 @@ class PaymentStore:
             _ts(stale_before_s), claim)
         return claim if claimed else 0
 
-    async def answer_key(self, hold: KeyHold, *, status: int, body: bytes) -> bool:
+    async def answer_key(self, hold: KeyHold, *, status: int, body: bytes,
+                         audit: AuditSlot | None = None) -> bool:
         """Claim a deferred hold's key and store its final answer in one statement, for a
         request refused before it wrote anything; False (nothing written) when the key was
-        held or answered."""
+        held or answered. ``audit``, when not yet written, is written by the same
+        statement either way."""
         claim_values, _claim = _claim_values(hold)
-        done = await self._pool.fetchval(_claim_sql(1, answered=True), *claim_values,
-                                         status, body)
+        audit_cte, audit_values = _audit_cte(audit, len(claim_values) + 3)
+        done = await self._pool.fetchval(
+            ("WITH " + audit_cte.removesuffix(", ") + " " if audit_cte else "")
+            + _claim_sql(1, answered=True), *claim_values, status, body, *audit_values)
+        if audit is not None:
+            audit.written = True
         return bool(done)
+
+    async def write_audit(self, audit: AuditSlot) -> None:
+        """Write a handed-over audit record that no other statement wrote (a request that
+        created nothing: a repeat, a refusal), and mark it written."""
+        if audit.written:
+            return
+        audit_cte, audit_values = _audit_cte(audit, 1)
+        await self._pool.execute(
+            f"WITH {audit_cte.removesuffix(', ')} SELECT 1", *audit_values)
+        audit.written = True
 
     async def complete_key(self, principal: str, key: str, *, claim: int, status: int,
                            body: bytes) -> bool:

@@ -210,3 +210,58 @@ async def test_only_the_processor_may_name_an_origin_it_wrote(processor: Process
     forged_who = await _who(processor, "transfers", forged)
     assert forged_who is not None and forged_who[1] == "sys-test"
     assert await _origin_of(processor, vouched) == written
+
+
+async def test_every_authorization_request_has_one_record_written_by_payments(
+        processor: Processor, ids: IdSource) -> None:
+    """The edge hands an authorization's record to the payments actor (processor/
+    request_audit.py): the first request's record names its step, a replay and a refusal
+    each have theirs, and a record a client puts in the header is never written."""
+    token = token_for(processor, tenant="ledgerco", subject="shop-4")
+    jti = _jti(processor, token)
+    merchant = ids.one()
+    tag = uuid.uuid4().hex[:12]
+    forged = 4_000_000_000_000 + int(tag[:8], 16)
+    forged_header = json.dumps({
+        "id": forged, "tenant": 1, "tenant_name": "evil", "subject": "mallory",
+        "token_id": "none", "request_id": "forged", "operation": "payments.authorize",
+        "items": 1, "at_s": 0.0})
+    async with Client("127.0.0.1", processor.rpc_port, token) as client:
+        assert await client.create_accounts([Account(id=merchant, currency="USD")]) == \
+            [AccountResult.ok]
+    key = str(uuid.uuid4())
+    body = {"amount": 700, "currency": "USD", "payment_method": card_token(),
+            "merchant_account_id": merchant}
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{processor.http_port}",
+                                 headers={"authorization": f"Bearer {token}"},
+                                 timeout=60) as http:
+        first = await http.post("/v1/payments", json=body, headers={
+            "idempotency-key": key, "x-request-id": f"{tag}-1",
+            "txproc-audit": forged_header, "txproc-origin": str(forged)})
+        assert first.status_code == 201, first.text
+        replay = await http.post("/v1/payments", json=body, headers={
+            "idempotency-key": key, "x-request-id": f"{tag}-2"})
+        assert replay.status_code == 201 and replay.headers.get("idempotent-replayed")
+        refused = await http.post(
+            "/v1/payments", json={**body, "merchant_account_id": 1},
+            headers={"idempotency-key": str(uuid.uuid4()), "x-request-id": f"{tag}-3"})
+        assert refused.status_code == 422, refused.text
+        # Nor on a request whose record the edge writes itself.
+        captured = await http.post(f"/v1/payments/{first.json()['id']}/capture", json={},
+                                   headers={"idempotency-key": str(uuid.uuid4()),
+                                            "txproc-audit": forged_header})
+        assert captured.status_code == 200, captured.text
+    conn = await asyncpg.connect(processor.config.shard.database_url)
+    try:
+        records = await conn.fetch(
+            "SELECT id, request_id, subject, token_id, operation FROM audit_requests "
+            "WHERE request_id LIKE $1 ORDER BY request_id", f"{tag}-%")
+        step_origin = await conn.fetchval(
+            "SELECT origin FROM payment_steps WHERE subject_id = $1", first.json()["id"])
+        assert await conn.fetchval("SELECT count(*) FROM audit_requests WHERE id = $1 "
+                                   "OR subject = 'mallory'", forged) == 0
+    finally:
+        await conn.close()
+    assert [(r["request_id"], r["subject"], r["token_id"], r["operation"]) for r in records] \
+        == [(f"{tag}-{n}", "shop-4", jti, "payments.authorize") for n in (1, 2, 3)]
+    assert step_origin == records[0]["id"]

@@ -111,3 +111,24 @@ async def test_the_writer_vouches_only_for_records_it_wrote_and_remembers(
         await failing.record(CLAIMS, "r", "payments.authorize", 1)
     assert not failing.wrote(ids[-1])
     assert failing._recent == {}
+
+
+async def test_a_record_handed_to_payments_is_not_written_here_and_is_vouched_for(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``delegate`` writes nothing; its record says who sent the request, and its id counts
+    as written (the payments actor writes it before anything can be posted with it), among
+    the same newest ``RECENT_MAX`` as the records written here."""
+    import actors.edge.audit as audit
+
+    monkeypatch.setattr(audit, "RECENT_MAX", 2)
+    pool = _Pool()
+    writer = AuditWriter(pool, clock_s=lambda: 5.5)  # type: ignore[arg-type]
+    handed = writer.delegate(CLAIMS, "req-9", "payments.authorize", 1)
+    assert pool.calls == []
+    assert (handed.tenant, handed.tenant_name, handed.subject, handed.token_id,
+            handed.request_id, handed.operation, handed.items, handed.at_s) == (
+        CLAIMS.tenant_slot, "t", "s", "j", "req-9", "payments.authorize", 1, 5.5)
+    assert handed.id > 0 and writer.wrote(handed.id)
+    written = await writer.record(CLAIMS, "r", "create_transfers", 1)
+    later = writer.delegate(CLAIMS, "req-10", "payments.authorize", 1)
+    assert [writer.wrote(i) for i in (handed.id, written, later.id)] == [False, True, True]
