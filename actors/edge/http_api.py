@@ -36,6 +36,7 @@ from actors.edge.signatures import RequestSignatures
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
 from actors.payments import (
+    AUDITED_OPERATIONS,
     ENDPOINTS_PAGE_MAX,
     EVENT_TYPE_PATTERN,
     EVENTS_PAGE_MAX,
@@ -741,9 +742,6 @@ def _forwarded_headers(request: Request) -> dict[str, str]:
 
 
 _NOT_FORWARDED = frozenset({"authorization", ORIGIN_HEADER, AUDIT_HEADER})
-# The payments operations whose audit record the payments actor writes, in the statement
-# that creates the payment (processor/request_audit.py); the edge writes every other's.
-_AUDITED_BY_PAYMENTS = frozenset({"authorize"})
 
 
 class _Api:
@@ -1100,8 +1098,8 @@ class _Api:
             # The key is checked before the body is read (the idempotency-key draft).
             require_key(key)
             body = await _read_body(request, self._body_bytes_max)
-            if operation in _AUDITED_BY_PAYMENTS and self._audit is not None:
-                # Written by the payments actor with the payment it creates
+            if operation in AUDITED_OPERATIONS and self._audit is not None:
+                # Written by the payments actor with the request's first write
                 # (processor/request_audit.py): no statement of its own here.
                 record = self._audit.delegate(
                     request.state.claims, request_id_of(request.headers.get("x-request-id")),

@@ -38,12 +38,13 @@ from actors.edge.credentials import Credentials, as_credentials
 from actors.edge.limits import PeerConnections, enable_tcp_keepalive, peer_host
 from actors.edge.tenancy import visible_accounts, visible_transfers
 from actors.ops import metrics, telemetry
-from actors.payments import OPERATION_SCOPES
+from actors.payments import AUDITED_OPERATIONS, OPERATION_SCOPES
 from processor import identity, wire
 from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
 from processor.history import AccountTransfersFilter, HistoryError, HistoryService, TransfersQuery
 from processor.ratelimit import RateLimiter
+from processor.request_audit import encode_header
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -479,14 +480,22 @@ class _Connection:
             payments_call = getattr(service, "payments_call", None)
             if payments_call is None:
                 raise Unavailable("payments are not served here", retry_after_s=60)
-            origin = 0
-            # Reads (get_*, list_*) change nothing and record nothing.
-            if not request.operation.startswith(("get_", "list_")):
+            origin, handed = 0, ""
+            audit = self._server.audit
+            if request.operation in AUDITED_OPERATIONS and audit is not None:
+                # Written by the payments actor with the request's first write
+                # (processor/request_audit.py).
+                record = audit.delegate(self._current_claims,
+                                        f"rpc {self._peer} #{request.request_id}",
+                                        f"payments.{request.operation}", 1)
+                origin, handed = record.id, encode_header(record)
+            elif not request.operation.startswith(("get_", "list_")):
+                # Reads (get_*, list_*) change nothing and record nothing.
                 origin = await self._origin(request, f"payments.{request.operation}", 1)
             status, body, replayed = await payments_call(
                 identity.principal_of(self._current_claims), request.operation,
                 request.idempotency_key,
-                request.subject_id, request.body, origin=origin)
+                request.subject_id, request.body, origin=origin, audit=handed)
             return wire.PaymentResult(request_id, status, body, replayed)
         # Whatever tenant a client wrote into an item, it is created as the token's tenant's
         # (actors/edge/tenancy.py); reads show only what that tenant may see.

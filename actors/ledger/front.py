@@ -75,6 +75,7 @@ from processor.ledger import (
     refused_across_databases,
 )
 from processor.ratelimit import RateLimiter
+from processor.request_audit import AUDIT_HEADER
 from processor.stream import StreamPage
 from processor.types import Account, Transfer, TransferFlags
 
@@ -410,14 +411,19 @@ class Front:
         return {"http_port": http_port, "rpc_port": rpc_port, "loop": loop_name}
 
     async def payments_call(self, principal: str, operation: str, key: str, subject_id: str,
-                            body: bytes, origin: int = 0) -> tuple[int, bytes, bool]:
+                            body: bytes, origin: int = 0, audit: str = ""
+                            ) -> tuple[int, bytes, bool]:
         """A payments operation arriving over RPC, forwarded to the payments actor: the
         HTTP API's status and JSON body, and whether the answer was replayed. ``origin``
-        is the request's audit record (actors/edge/audit.py)."""
+        is the request's audit record (actors/edge/audit.py); ``audit``, when not empty,
+        that record encoded for the payments actor to write (processor/request_audit.py)."""
         if self._payments is None:
             raise Unavailable("payments are not enabled on this server", retry_after_s=60.0)
+        headers = {ORIGIN_HEADER: str(origin)}
+        if audit:
+            headers[AUDIT_HEADER] = audit
         status, answer, headers = await self._payments.call(
-            principal, operation, key, subject_id, body, {ORIGIN_HEADER: str(origin)})
+            principal, operation, key, subject_id, body, headers)
         return status, answer, "Idempotent-Replayed" in headers
 
     async def stop(self) -> None:

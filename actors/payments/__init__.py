@@ -10,7 +10,8 @@ Public interface:
 * what the edge needs to answer payments requests before forwarding them:
   ``OPERATION_SCOPES``, ``PAYMENT_ERROR_STATUS``, ``PaymentsApiError``, ``PaymentFailure``,
   ``WebhookAnswer``, ``api_error_of``, ``require_key``, ``ORIGIN_HEADER`` (the audit
-  record a request forwards);
+  record a request forwards), ``AUDITED_OPERATIONS`` (those whose record the payments
+  actor writes itself);
 * ``outbox``: outbound events and their dead letters (the operator's ``txproc dlq``);
 * settlement reconciliation's API messages (``RunRequest``, ``RunView``, ``RunsPage``,
   ``ExceptionView``, ``ExceptionsPage``, ``ResolveRequest``) for the edge's document, and
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from actors.payments import outbox, webhook_endpoints
     from actors.payments.actor import PAYMENTS_ACTOR_NAME, PaymentsActor, make_payments
     from actors.payments.endpoints import (
+        AUDITED_OPERATIONS,
         EVENT_TYPE_PATTERN,
         EVENTS_PAGE_MAX,
         OPERATION_SCOPES,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
     from actors.payments.webhook_endpoints import ENDPOINTS_PAGE_MAX, EndpointsPage
 
 __all__ = [
+    "AUDITED_OPERATIONS",
     "ENDPOINTS_PAGE_MAX",
     "EVENTS_PAGE_MAX",
     "EVENT_TYPE_PATTERN",
@@ -99,9 +102,9 @@ if not TYPE_CHECKING:
         "actors.payments": ("outbox", "webhook_endpoints"),
         "actors.payments.actor": ("PAYMENTS_ACTOR_NAME", "PaymentsActor", "make_payments"),
         "actors.payments.endpoints": (
-            "EVENT_TYPE_PATTERN", "EVENTS_PAGE_MAX", "OPERATION_SCOPES", "ORIGIN_HEADER",
-            "PAYMENT_ERROR_STATUS", "EventsPage", "PaymentFailure", "PaymentsApiError",
-            "WebhookAnswer", "api_error_of", "require_key",
+            "AUDITED_OPERATIONS", "EVENT_TYPE_PATTERN", "EVENTS_PAGE_MAX", "OPERATION_SCOPES",
+            "ORIGIN_HEADER", "PAYMENT_ERROR_STATUS", "EventsPage", "PaymentFailure",
+            "PaymentsApiError", "WebhookAnswer", "api_error_of", "require_key",
         ),
         "actors.payments.provider": ("ProviderConfig", "make_provider", "provider_actor_name"),
         "actors.payments.reconciliation": (

@@ -83,6 +83,7 @@ from processor.payments import (
 from processor.request_audit import AUDIT_HEADER, AuditSlot, decode_header
 
 __all__ = [
+    "AUDITED_OPERATIONS",
     "EVENTS_PAGE_MAX",
     "EVENT_TYPE_PATTERN",
     "OPERATION_SCOPES",
@@ -323,7 +324,7 @@ class Idempotent:
         store = self._engine.store
         now_s = self._clock_s()
         claim = await store.claim_key(principal, key, print_, now_s=now_s,
-                                      retention_s=self._retention_s)
+                                      retention_s=self._retention_s, audit=REQUEST_AUDIT.get())
         if not claim:
             stored = await store.load_key(principal, key, now_s=now_s)
             decision = decide(stored, print_, now_s, self._claim_ttl_s)
@@ -527,6 +528,11 @@ _DECODERS: dict[str, msgspec.json.Decoder[Any]] = {
     "payout": msgspec.json.Decoder(PayoutRequest),
     "submit_evidence": msgspec.json.Decoder(EvidenceRequest),
 }
+# The operations whose audit record the edge hands over for this actor to write
+# (processor/request_audit.py): each claims its Idempotency-Key with its first write
+# (``PaymentStore.claim_key``, or ``create_payment`` for an authorization), which writes
+# the record in the same statement.
+AUDITED_OPERATIONS = frozenset(_DECODERS)
 _BODY_REQUIRED = frozenset({"authorize", "payout", "create_capture", "increment",
                             "submit_evidence"})
 # Operations on an existing payment, named by its id.

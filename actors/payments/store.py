@@ -399,6 +399,16 @@ def _audit_cte(audit: AuditSlot | None, first: int) -> tuple[str, tuple[Any, ...
             f"VALUES ({params}) ON CONFLICT (id) DO NOTHING), ", row_of(audit.record))
 
 
+def _with_audit(sql: str, audit: AuditSlot | None, first: int
+                ) -> tuple[str, tuple[Any, ...]]:
+    """``sql`` (a statement with no WITH of its own) preceded by ``_audit_cte``'s CTE, and
+    that CTE's values to append to the statement's."""
+    audit_cte, audit_values = _audit_cte(audit, first)
+    if not audit_cte:
+        return sql, ()
+    return f"WITH {audit_cte.removesuffix(', ')} {sql}", audit_values
+
+
 class _Retry(Exception):
     """Roll a dispute's transaction back: it changed since it was read."""
 
@@ -1241,23 +1251,31 @@ class PaymentStore:
                          body=bytes(row["body"]))
 
     async def claim_key(self, principal: str, key: str, fingerprint: bytes, *, now_s: float,
-                        retention_s: float, stale_before_s: float | None = None) -> int:
+                        retention_s: float, stale_before_s: float | None = None,
+                        audit: AuditSlot | None = None) -> int:
         """Claim a key atomically; return the claim (a random non-zero fence), 0 if not
         claimed. ``stale_before_s`` takes over an in-flight claim made before that time
         (or an expired key); otherwise only a free key is claimed. Only the holder of the
-        current claim can complete or release the key (``complete_key``, ``release_key``)."""
+        current claim can complete or release the key (``complete_key``, ``release_key``).
+
+        ``audit``, when not yet written, is written by the same statement, claimed or not
+        (the request's first write: ``processor/request_audit.py``)."""
         claim = _new_claim()
         if stale_before_s is None:
+            sql, audit_values = _with_audit(_claim_sql(1), audit, 7)
             claimed = await self._pool.fetchval(
-                _claim_sql(1), principal, key, fingerprint, _ts(now_s),
-                _ts(now_s + retention_s), claim)
-            return claim if claimed else 0
-        claimed = await self._pool.fetchval(
-            "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5, claim=$7 "
-            "WHERE principal=$1 AND key=$2 AND fingerprint=$3 AND state='in_flight' "
-            "AND claimed_at < $6 RETURNING true",
-            principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
-            _ts(stale_before_s), claim)
+                sql, principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
+                claim, *audit_values)
+        else:
+            sql, audit_values = _with_audit(
+                "UPDATE idempotency_keys SET claimed_at=$4, expires_at=$5, claim=$7 "
+                "WHERE principal=$1 AND key=$2 AND fingerprint=$3 AND state='in_flight' "
+                "AND claimed_at < $6 RETURNING true", audit, 8)
+            claimed = await self._pool.fetchval(
+                sql, principal, key, fingerprint, _ts(now_s), _ts(now_s + retention_s),
+                _ts(stale_before_s), claim, *audit_values)
+        if audit is not None:
+            audit.written = True
         return claim if claimed else 0
 
     async def answer_key(self, hold: KeyHold, *, status: int, body: bytes,
@@ -1267,10 +1285,9 @@ class PaymentStore:
         held or answered. ``audit``, when not yet written, is written by the same
         statement either way."""
         claim_values, _claim = _claim_values(hold)
-        audit_cte, audit_values = _audit_cte(audit, len(claim_values) + 3)
-        done = await self._pool.fetchval(
-            ("WITH " + audit_cte.removesuffix(", ") + " " if audit_cte else "")
-            + _claim_sql(1, answered=True), *claim_values, status, body, *audit_values)
+        sql, audit_values = _with_audit(_claim_sql(1, answered=True), audit,
+                                        len(claim_values) + 3)
+        done = await self._pool.fetchval(sql, *claim_values, status, body, *audit_values)
         if audit is not None:
             audit.written = True
         return bool(done)
@@ -1280,9 +1297,8 @@ class PaymentStore:
         created nothing: a repeat, a refusal), and mark it written."""
         if audit.written:
             return
-        audit_cte, audit_values = _audit_cte(audit, 1)
-        await self._pool.execute(
-            f"WITH {audit_cte.removesuffix(', ')} SELECT 1", *audit_values)
+        sql, audit_values = _with_audit("SELECT 1", audit, 1)
+        await self._pool.execute(sql, *audit_values)
         audit.written = True
 
     async def complete_key(self, principal: str, key: str, *, claim: int, status: int,

@@ -151,3 +151,21 @@ async def test_the_gate_writes_a_refused_requests_record_with_its_answer(
         REQUEST_AUDIT.reset(token)
     assert status == 422
     assert audit.written and await record_of(store, audit.record.id) is not None
+
+
+async def test_the_key_claim_writes_the_record_claimed_or_not(store: PaymentStore) -> None:
+    """Every operation but an authorization claims its key first: that statement writes
+    the record, whether it claimed the key, found it held, or took it over."""
+    key = uuid.uuid4().hex
+    first = slot()
+    assert await store.claim_key(PRINCIPAL, key, FP, now_s=NOW_S, retention_s=RETENTION_S,
+                                 audit=first)
+    held = slot()
+    assert not await store.claim_key(PRINCIPAL, key, FP, now_s=NOW_S + 1,
+                                     retention_s=RETENTION_S, audit=held)
+    taking = slot()
+    assert await store.claim_key(PRINCIPAL, key, FP, now_s=NOW_S + TTL_S + 1,
+                                 retention_s=RETENTION_S, stale_before_s=NOW_S + 1,
+                                 audit=taking)
+    for audit in (first, held, taking):
+        assert audit.written and await record_of(store, audit.record.id) is not None
