@@ -4,13 +4,16 @@ The edge writes an audit record (``audit_requests``, migration 0012) for every
 state-changing request before it applies anything of it (actors/edge/audit.py); its id is
 the request's *origin*, stamped on what the request creates. For an authorization, the
 request on the path of every payment, that INSERT was a statement, a commit and a round trip
-of its own, waited on before the request could go on. The edge now hands the record to the
-payments actor instead, in a header of its own (``AUDIT_HEADER``; one a client sent is
-dropped), and the payments actor writes it in the statement that creates the payment
-(``PaymentStore.create_payment``), or alone before it answers when the request creates
-nothing (a repeat, a refusal). Nothing that names the record can be durable before it: the
-payment's steps are written by that same statement, their ledger postings follow it, and a
-stored refusal or a replay names no origin. docs/security.md, "Audit", has the rule.
+of its own, waited on before the request could go on, and so for every payments request
+that claims an Idempotency-Key. The edge now hands the record to the payments actor
+instead, in a header of its own (``AUDIT_HEADER``; one a client sent is dropped), and the
+payments actor writes it in the request's first statement: the one that creates the
+payment and claims its key (``PaymentStore.create_payment``), the key's claim for the
+other operations (``claim_key``), or, when the request writes nothing (a replay, a refusal
+before the claim), alone before it answers. Nothing that names the record can be durable
+before it: a request's steps are written by or after that statement, their ledger postings
+follow them, and a stored refusal or a replay names no origin. docs/security.md, "Audit",
+has the rule.
 
 This module is the pure part: the record, its encoding in the header and its row. It does
 no I/O and reads no clock: the edge passes the time in.

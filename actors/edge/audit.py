@@ -5,8 +5,9 @@ payments operation) first gets an audit record in ``audit_requests`` (migration 
 caller's tenant, subject and token id, the request id and the operation. Its id, the
 request's *origin*, is stamped on every account and transfer the request creates
 (``Account.origin``, ``Transfer.origin``), so "who made this?" is one join away
-(docs/security.md, "Audit"). An authorization's record is made here but written by the
-payments actor, with the payment it creates (``delegate``; processor/request_audit.py).
+(docs/security.md, "Audit"). The record of a payments request that claims an
+Idempotency-Key is made here but written by the payments actor, with the request's first
+statement (``delegate``; processor/request_audit.py).
 
 Records arriving together are written as one INSERT (those of one event-loop pass, and
 while an INSERT is in flight, all that arrive meanwhile: one in flight at a time, so the

@@ -770,8 +770,8 @@ class PaymentsEndpoint:
         # a client sent); the steps this request starts carry it.
         headers = dict(headers)
         origin = headers.pop(ORIGIN_HEADER, "0")
-        # The record itself, when the edge left it to this actor to write (an
-        # authorization's: processor/request_audit.py).
+        # The record itself, when the edge left it to this actor to write (a request that
+        # claims an Idempotency-Key: processor/request_audit.py).
         record = headers.pop(AUDIT_HEADER, None)
         audit = None if record is None else AuditSlot(decode_header(record))
         token = REQUEST_ORIGIN.set(int(origin) if origin.isdigit() else 0)
@@ -779,8 +779,8 @@ class PaymentsEndpoint:
         try:
             answer = await self._answer(principal, operation, key, subject_id, body, headers)
             if audit is not None and not audit.written:
-                # The request created nothing that wrote it (a repeat, a refusal): written
-                # alone, before the answer; unwritten, the request is answered 503.
+                # No statement of the request wrote it (a replay, a refusal before the
+                # claim): written alone, before the answer; unwritten, answered 503.
                 await self.payments.engine.store.write_audit(audit)
             return answer
         except DATABASE_UNREACHABLE as exc:

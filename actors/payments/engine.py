@@ -103,9 +103,10 @@ log = logging.getLogger("txproc.payments")
 # for the request's task; the steps it starts carry it (0 for work no request started).
 REQUEST_ORIGIN: contextvars.ContextVar[int] = contextvars.ContextVar("request_origin",
                                                                      default=0)
-# That record itself, when the edge handed it over to be written here (an authorization's:
-# processor/request_audit.py): written by the statement that creates the payment, or by the
-# endpoint before it answers a request that created nothing.
+# That record itself, when the edge handed it over to be written here (a request that
+# claims an Idempotency-Key: processor/request_audit.py): written by the request's first
+# statement (the create, or the key's claim), or by the endpoint before it answers a
+# request that wrote nothing.
 REQUEST_AUDIT: contextvars.ContextVar[AuditSlot | None] = contextvars.ContextVar(
     "request_audit", default=None)
 
