@@ -54,6 +54,13 @@ WHERE name = $1 AND holder = $5 AND fence = $6
   AND ($5 = $2 OR expires_at <= clock_timestamp())
 RETURNING fence
 """
+# A holder's renewal in one statement: what ``decide`` answers for a row this holder still
+# holds with this fence (RENEW, same fence), without reading the row first.
+_RENEW = """
+UPDATE leases SET expires_at = clock_timestamp() + make_interval(secs => $4)
+WHERE name = $1 AND holder = $2 AND fence = $3
+RETURNING fence
+"""
 _RELEASE = """
 UPDATE leases SET expires_at = clock_timestamp()
 WHERE name = $1 AND holder = $2 AND fence = $3
@@ -94,10 +101,19 @@ async def read_lease(pool: asyncpg.Pool, name: str) -> tuple[LeaseRow | None, fl
     return lease, float(row["now_s"])
 
 
-async def acquire(pool: asyncpg.Pool, name: str, me: str, ttl_s: float) -> int | None:
+async def acquire(pool: asyncpg.Pool, name: str, me: str, ttl_s: float,
+                  held: int | None = None) -> int | None:
     """Create, renew or take over lease ``name`` for ``me`` as ``processor.lease.decide``
     says; answers the fence if ``me`` holds it now, else None. Raises the database's
-    errors (``DATABASE_ERRORS``)."""
+    errors (``DATABASE_ERRORS``).
+
+    ``held``: the fence ``me`` believes it holds. Its renewal is then tried first as one
+    statement; only if the row is no longer ``me``'s with that fence is it read and
+    decided as for any contender."""
+    if held is not None:
+        renewed = await pool.fetchval(_RENEW, name, me, held, ttl_s)
+        if renewed is not None:
+            return int(renewed)
     row, now_s = await read_lease(pool, name)
     decision = decide(row, me, now_s)
     if decision.action is Action.WAIT:
@@ -150,7 +166,8 @@ async def hold(pool: asyncpg.Pool, name: str, me: str, config: LeaseConfig, work
                 0.01, min(config.renew_interval_s, holding.remaining_s(sent_s)))
             try:
                 async with asyncio.timeout(bound_s):
-                    fence = await acquire(pool, name, me, config.ttl_s)
+                    fence = await acquire(pool, name, me, config.ttl_s,
+                                          None if holding is None else holding.fence)
             except DATABASE_ERRORS as exc:
                 log.warning("lease %s: not renewed: %r", name, exc)
             except asyncio.CancelledError:

@@ -160,8 +160,9 @@ async def test_a_fenced_write_in_progress_holds_off_the_takeover(
 
 
 class _FailingReads:
-    """A real pool whose lease reads (``fetchrow``) fail with ``failures`` in turn first:
-    what a connection cut mid-operation can raise beyond the database errors."""
+    """A real pool whose lease statements (the read, ``fetchrow``, and a holder's one-statement
+    renewal, ``fetchval``) fail with ``failures`` in turn first: what a connection cut
+    mid-operation can raise beyond the database errors."""
 
     def __init__(self, pool: asyncpg.Pool, failures: list[BaseException]) -> None:
         self._pool = pool
@@ -171,6 +172,11 @@ class _FailingReads:
         if self._failures:
             raise self._failures.pop(0)
         return await self._pool.fetchrow(*args)
+
+    async def fetchval(self, *args: object) -> object:
+        if self._failures:
+            raise self._failures.pop(0)
+        return await self._pool.fetchval(*args)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._pool, name)
@@ -202,3 +208,38 @@ async def test_no_failure_of_a_renewal_ends_the_holder(pools: list[asyncpg.Pool]
     finally:
         await _cancel(task)
     assert log[-1][:2] == ("stop", "a")
+
+
+class _Counting:
+    """A pool that counts the statements run through it."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+        self.statements = 0
+
+    async def fetchval(self, *args: object) -> object:
+        self.statements += 1
+        return await self._pool.fetchval(*args)
+
+    async def fetchrow(self, *args: object) -> object:
+        self.statements += 1
+        return await self._pool.fetchrow(*args)
+
+
+async def test_a_holders_renewal_is_one_statement_and_decides_as_before(
+        pools: list[asyncpg.Pool]) -> None:
+    """With the fence it holds, a holder renews in one statement; once another holder took
+    the lease over, the same call reads the row and waits, as any contender does."""
+    counting = _Counting(pools[0])
+    assert await acquire(counting, "renew-one", "a", 0.3) == 1  # type: ignore[arg-type]
+    before = counting.statements
+    assert await acquire(counting, "renew-one", "a", 0.3, 1) == 1  # type: ignore[arg-type]
+    assert counting.statements == before + 1
+    await asyncio.sleep(0.35)
+    assert await acquire(pools[1], "renew-one", "b", FAST.ttl_s) == 2
+    before = counting.statements
+    assert await acquire(counting, "renew-one", "a", 0.3, 1) is None  # type: ignore[arg-type]
+    assert counting.statements == before + 2
+    # The holder's lost fence renews nothing: b still holds it.
+    row, _ = await read_lease(pools[0], "renew-one")
+    assert row is not None and (row.holder, row.fence) == ("b", 2)
