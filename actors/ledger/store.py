@@ -81,6 +81,14 @@ _POSTING_BLOCK_SQL = (
 )
 _ACCOUNT_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in ACCOUNT_COLUMNS)
 _TRANSFER_SELECT = ", ".join(f'"{c}"' if c == "timestamp" else c for c in TRANSFER_COLUMNS)
+# What the database holds about ids a shard no longer remembers, in one round trip: the
+# stored transfers (``result`` NULL), then the burned and archived ids (``result`` set, the
+# other transfer columns NULL: a UNION takes its first part's column types).
+_KNOWN_SQL = (
+    f"SELECT {_TRANSFER_SELECT}, NULL::smallint AS result FROM transfers "
+    "WHERE id = ANY($1::bigint[]) UNION ALL "
+    f"SELECT f.id, {', '.join(['NULL'] * (len(TRANSFER_COLUMNS) - 1))}, f.result "
+    f"FROM ({_FAILED_OR_ARCHIVED_SQL}) AS f")
 
 
 class Audit(msgspec.Struct, frozen=True):
@@ -690,17 +698,15 @@ class LedgerStore:
             return known
         async with self._pool.acquire() as conn:
             if ids:
-                for row in await conn.fetch(
-                    f"SELECT {_TRANSFER_SELECT} FROM transfers WHERE id = ANY($1::bigint[])", ids
-                ):
-                    known.transfers[row["id"]] = _transfer(row)
-                # Burned ids, and the ids of archived transfers (migration 0033) answered
-                # ``id_archived``: never applied again. One more probe of a small table's
-                # key per id read, in the same statement; new ids above the high-water
-                # mark are not read at all (docs/design.md §8).
-                for row in await conn.fetch(_FAILED_OR_ARCHIVED_SQL, ids,
-                                            int(TransferResult.id_archived)):
-                    known.failed[row["id"]] = row["result"]
+                # Stored transfers, then burned ids and the ids of archived transfers
+                # (migration 0033) answered ``id_archived``: never applied again. One more
+                # probe of a small table's key per id read, in the same statement; new ids
+                # above the high-water mark are not read at all (docs/design.md §8).
+                for row in await conn.fetch(_KNOWN_SQL, ids, int(TransferResult.id_archived)):
+                    if row["result"] is None:
+                        known.transfers[row["id"]] = _transfer(row)
+                    else:
+                        known.failed[row["id"]] = row["result"]
             if pending_ids:
                 for row in await conn.fetch(
                     "SELECT pending_id, kind FROM pending_resolutions "

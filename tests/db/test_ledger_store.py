@@ -122,6 +122,11 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> 
                                                  currency="EUR", timestamp=now + 2)],
                              balance_deltas={1: [0, 1, 0, 0], 2: [0, 0, 0, 1]})
         await store.commit([stored], fences={0: 1}, shard=0, partition_map=partitions)
+        # Read back in one statement: the stored transfer whole, the burned id's result,
+        # nothing for an id never used.
+        known = await store.fetch_known([50, 60, 61], [])
+        assert known.transfers == {60: stored.transfers[0]}
+        assert known.failed == {50: 48}
         with pytest.raises(IdConflict, match="60"):
             await store.commit([CommitBatch(failed=[Failed(60, 48, now + 3)])],
                                fences={0: 1}, shard=0, partition_map=partitions)
