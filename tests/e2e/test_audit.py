@@ -257,7 +257,8 @@ async def test_every_authorization_request_has_one_record_written_by_payments(
             "SELECT id, request_id, subject, token_id, operation FROM audit_requests "
             "WHERE request_id LIKE $1 ORDER BY request_id", f"{tag}-%")
         step_origin = await conn.fetchval(
-            "SELECT origin FROM payment_steps WHERE subject_id = $1", first.json()["id"])
+            "SELECT origin FROM payment_steps WHERE subject_id = $1 AND kind = 'authorize'",
+            first.json()["id"])
         assert await conn.fetchval("SELECT count(*) FROM audit_requests WHERE id = $1 "
                                    "OR subject = 'mallory'", forged) == 0
     finally:
