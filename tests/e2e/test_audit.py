@@ -219,7 +219,7 @@ async def test_every_authorization_request_has_one_record_written_by_payments(
     each have theirs, and a record a client puts in the header is never written."""
     token = token_for(processor, tenant="ledgerco", subject="shop-4")
     jti = _jti(processor, token)
-    merchant = ids.one()
+    merchant, never_created = ids.take(2)
     tag = uuid.uuid4().hex[:12]
     forged = 4_000_000_000_000 + int(tag[:8], 16)
     forged_header = json.dumps({
@@ -243,7 +243,7 @@ async def test_every_authorization_request_has_one_record_written_by_payments(
             "idempotency-key": key, "x-request-id": f"{tag}-2"})
         assert replay.status_code == 201 and replay.headers.get("idempotent-replayed")
         refused = await http.post(
-            "/v1/payments", json={**body, "merchant_account_id": 1},
+            "/v1/payments", json={**body, "merchant_account_id": never_created},
             headers={"idempotency-key": str(uuid.uuid4()), "x-request-id": f"{tag}-3"})
         assert refused.status_code == 422, refused.text
         # Nor on a request whose record the edge writes itself.
