@@ -89,8 +89,13 @@ async def processor(
         observability=ObservabilityConfig(metrics_port=0),
         # A payment step whose runner died is taken over after its claim lapses: 10 s
         # rather than 30 keeps the recovery tests short.
+        # Nice 0, not the default 19: the suite runs a processor per worker process, and
+        # a nice-19 payments side (its database sessions too) would be starved by the
+        # other worker's ledger tests, which are no ledger of its own to yield to. The
+        # lowering itself is tested in tests/unit/test_priority.py and tests/db.
         payments=PaymentsSection(rules=msgspec.structs.replace(PaymentsSection().rules,
-                                                               claim_ttl_s=10.0)),
+                                                               claim_ttl_s=10.0),
+                                 cpu_nice=0),
     )
     running = await start_processor(config)
     try:
