@@ -35,7 +35,7 @@ from actors.ops.audit_events import list_audit_events
 from processor.audit import AuditEventsPage, AuditQuery
 from processor.errors import Unavailable
 from processor.identity import Claims
-from processor.request_audit import RequestRecord
+from processor.request_audit import RequestRecord, encode_header
 
 __all__ = ["AuditWriter", "request_id_of"]
 
@@ -127,9 +127,10 @@ class AuditWriter:
         return entry.id
 
     def delegate(self, claims: Claims, request_id: str, operation: str,
-                 items: int) -> RequestRecord:
+                 items: int) -> tuple[int, str]:
         """A record of this request for the payments actor to write with its first write
-        (processor/request_audit.py), not written here. Its id counts as written
+        (processor/request_audit.py), not written here: its id (the request's origin) and
+        the ``AUDIT_HEADER`` value that hands it over. The id counts as written
         (``wrote``): the payments actor writes it in the statement that creates what could
         name it, so no posting can name it before it is durable."""
         record = RequestRecord(
@@ -137,7 +138,7 @@ class AuditWriter:
             subject=claims.subject, token_id=claims.token_id, request_id=request_id,
             operation=operation, items=items, at_s=self._clock_s())
         self._remember([record.id])
-        return record
+        return record.id, encode_header(record)
 
     async def _flush(self) -> None:
         """Write what is pending, then what arrived while that was written, until nothing

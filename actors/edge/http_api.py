@@ -126,7 +126,7 @@ from processor.payments import (
     query_of_params,
 )
 from processor.ratelimit import RateLimiter
-from processor.request_audit import AUDIT_HEADER, encode_header
+from processor.request_audit import AUDIT_HEADER
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -1101,11 +1101,9 @@ class _Api:
             if operation in AUDITED_OPERATIONS and self._audit is not None:
                 # Written by the payments actor with the request's first write
                 # (processor/request_audit.py): no statement of its own here.
-                record = self._audit.delegate(
+                origin, forwarded[AUDIT_HEADER] = self._audit.delegate(
                     request.state.claims, request_id_of(request.headers.get("x-request-id")),
                     f"payments.{operation}", 1)
-                forwarded[AUDIT_HEADER] = encode_header(record)
-                origin = record.id
             else:
                 origin = await self._origin(request.state.claims,
                                             request.headers.get("x-request-id"),

@@ -44,7 +44,6 @@ from processor.batch import BatchInvalid, TransferBatch
 from processor.errors import LedgerError, Unavailable
 from processor.history import AccountTransfersFilter, HistoryError, HistoryService, TransfersQuery
 from processor.ratelimit import RateLimiter
-from processor.request_audit import encode_header
 from processor.reserved import (
     RESERVED_ID_MIN_DEFAULT,
     SYSTEM_SCOPE,
@@ -485,10 +484,9 @@ class _Connection:
             if request.operation in AUDITED_OPERATIONS and audit is not None:
                 # Written by the payments actor with the request's first write
                 # (processor/request_audit.py).
-                record = audit.delegate(self._current_claims,
-                                        f"rpc {self._peer} #{request.request_id}",
-                                        f"payments.{request.operation}", 1)
-                origin, handed = record.id, encode_header(record)
+                origin, handed = audit.delegate(self._current_claims,
+                                                f"rpc {self._peer} #{request.request_id}",
+                                                f"payments.{request.operation}", 1)
             elif not request.operation.startswith(("get_", "list_")):
                 # Reads (get_*, list_*) change nothing and record nothing.
                 origin = await self._origin(request, f"payments.{request.operation}", 1)

@@ -396,7 +396,7 @@ def _audit_cte(audit: AuditSlot | None, first: int) -> tuple[str, tuple[Any, ...
         return "", ()
     params = ",".join(f"${n}" for n in range(first, first + len(AUDIT_COLUMNS)))
     return (f"audit AS (INSERT INTO audit_requests ({','.join(AUDIT_COLUMNS)}) "
-            f"VALUES ({params}) ON CONFLICT (id) DO NOTHING), ", row_of(audit.record))
+            f"VALUES ({params}) ON CONFLICT (id) DO NOTHING)", row_of(audit.record))
 
 
 def _with_audit(sql: str, audit: AuditSlot | None, first: int
@@ -406,7 +406,7 @@ def _with_audit(sql: str, audit: AuditSlot | None, first: int
     audit_cte, audit_values = _audit_cte(audit, first)
     if not audit_cte:
         return sql, ()
-    return f"WITH {audit_cte.removesuffix(', ')} {sql}", audit_values
+    return f"WITH {audit_cte} {sql}", audit_values
 
 
 class _Retry(Exception):
@@ -527,7 +527,7 @@ class PaymentStore:
             row = f"SELECT {columns} FROM claimed"
         audit_cte, audit_values = _audit_cte(
             audit, first + len(step_values) + len(claim_values))
-        sql = ("WITH " + audit_cte
+        sql = ("WITH " + (f"{audit_cte}, " if audit_cte else "")
                + (f"claimed AS ({_claim_sql(first + len(step_values))}), " if claiming
                   is not None else "")
                + f"created AS (INSERT INTO payments ({_PAYMENT_COLUMNS}, principal, "

@@ -12,6 +12,7 @@ import pytest
 from actors.edge.audit import AuditWriter, request_id_of
 from processor.errors import Unavailable
 from processor.identity import Claims
+from processor.request_audit import decode_header
 
 CLAIMS = Claims(subject="s", scopes=frozenset(), expires_at_s=10, tenant="t", token_id="j")
 
@@ -123,12 +124,14 @@ async def test_a_record_handed_to_payments_is_not_written_here_and_is_vouched_fo
     monkeypatch.setattr(audit, "RECENT_MAX", 2)
     pool = _Pool()
     writer = AuditWriter(pool, clock_s=lambda: 5.5)  # type: ignore[arg-type]
-    handed = writer.delegate(CLAIMS, "req-9", "payments.authorize", 1)
+    origin, header = writer.delegate(CLAIMS, "req-9", "payments.authorize", 1)
     assert pool.calls == []
+    handed = decode_header(header)
+    assert handed.id == origin
     assert (handed.tenant, handed.tenant_name, handed.subject, handed.token_id,
             handed.request_id, handed.operation, handed.items, handed.at_s) == (
         CLAIMS.tenant_slot, "t", "s", "j", "req-9", "payments.authorize", 1, 5.5)
     assert handed.id > 0 and writer.wrote(handed.id)
     written = await writer.record(CLAIMS, "r", "create_transfers", 1)
-    later = writer.delegate(CLAIMS, "req-10", "payments.authorize", 1)
-    assert [writer.wrote(i) for i in (handed.id, written, later.id)] == [False, True, True]
+    later, _ = writer.delegate(CLAIMS, "req-10", "payments.authorize", 1)
+    assert [writer.wrote(i) for i in (handed.id, written, later)] == [False, True, True]
