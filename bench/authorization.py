@@ -881,6 +881,7 @@ async def measure(
                                     duration_s=warmup_s, in_flight_max=in_flight_max,
                                     timeout_s=timeout_s)
                 providers_before = await _provider_stats(processor)
+                engine_before = await processor.payments.stats.remote()
                 webhooks_before = await sims.webhooks(admin)
                 cpu_before = await asyncio.to_thread(processes.cpu_by_pid)
                 started = time.perf_counter()
@@ -894,6 +895,11 @@ async def measure(
                          "provider_choice": provider, **summarize(run)}
                 phase.update(_cpu_figures(cpu_before, cpu_after, phase["answered"], wall_s))
                 phase["provider_actors"] = _provider_delta(providers_before, providers_after)
+                # The payments engine's counters over the phase (steps parked or recovered,
+                # claims lost, provider events that came before the answer they repeat).
+                engine_after = await processor.payments.stats.remote()
+                phase["payments_engine"] = {k: v - engine_before.get(k, 0)
+                                            for k, v in engine_after.items()}
                 # Deliveries per event show events sent back to be delivered again; read
                 # right after the phase, so the last events may still be on their way.
                 webhooks_after = await sims.webhooks(admin)
