@@ -161,6 +161,11 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
                    help="reconcile each provider's settlement reports every S seconds (and "
                         "at start) for the days up to yesterday not yet reconciled; 0: "
                         "only when asked (docs/reconciliation.md)")
+    p.add_argument("--payments-cpu-nice", type=int, default=19, metavar="N",
+                   help="the nice value (0-19) of the payments, provider and risk actors "
+                        "and of payments' database sessions, so that on a shared node they "
+                        "yield the CPU to this deployment's ledger; 0 where two deployments "
+                        "share a machine (actors/priority.py)")
     p.add_argument("--event-subscriber", action="append", default=[], metavar="NAME=URL",
                    help="deliver every payment and payout event, signed, at least once, to "
                         "this URL (repeatable); subscribers not named are deactivated")
@@ -245,8 +250,12 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
     subscribers = _subscribers(args.event_subscriber)
     if not 0 <= args.recon_every_s <= 30 * 86_400:
         raise SystemExit("txproc: --recon-every-s must be from 0 (off) to 2592000 (30 days)")
+    nice = getattr(args, "payments_cpu_nice", 19)
+    if not 0 <= nice <= 19:
+        raise SystemExit("txproc: --payments-cpu-nice must be from 0 to 19")
     if not args.provider:
-        return PaymentsSection(event_subscribers=subscribers, recon_every_s=args.recon_every_s)
+        return PaymentsSection(event_subscribers=subscribers, recon_every_s=args.recon_every_s,
+                               cpu_nice=nice)
     endpoints = []
     for text in args.provider:
         name, _, rest = text.partition("=")
@@ -260,7 +269,7 @@ def _payments(args: argparse.Namespace) -> PaymentsSection:
     defaults = PaymentsSection()
     return PaymentsSection(providers=tuple(endpoints), event_subscribers=subscribers,
                            rules=msgspec.structs.replace(defaults.rules, provider_order=order),
-                           recon_every_s=args.recon_every_s)
+                           recon_every_s=args.recon_every_s, cpu_nice=nice)
 
 
 def _subscribers(texts: list[str]) -> dict[str, str]:

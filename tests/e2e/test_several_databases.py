@@ -86,7 +86,8 @@ async def _serving(pg_admin_url: str, second_pg_admin_url: str, app_password_fil
             "db1": await create_database(second_pg_admin_url, name + "_b")}
     try:
         async with serving_over(urls, tmp_path_factory.mktemp("several-databases"),
-                                app_password_file, ["--shards", str(SHARDS), *payments]
+                                app_password_file, ["--shards", str(SHARDS), *payments,
+                                                    "--payments-cpu-nice", "0"]
                                 ) as running:
             yield running
     finally:

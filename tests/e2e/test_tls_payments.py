@@ -73,7 +73,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, pg_admin_url: str,
     process = subprocess.Popen(
         [*TXPROC, "serve", "--data-dir", str(data_dir), "--database-url", url,
          "--http-port", str(http_port), "--rpc-port", str(rpc_port), "--shards", "1",
-         "--metrics-port", "0",
+         "--metrics-port", "0", "--payments-cpu-nice", "0",  # tests/running.py says why
          "--tls-cert", str(certs / "server.pem"), "--tls-key", str(certs / "server-key.pem"),
          "--client-ca", str(certs / "ca.pem"), "--require-client-cert",
          "--server-ca", str(certs / "ca.pem"),

@@ -51,3 +51,11 @@ def test_a_config_never_shows_the_database_password() -> None:
     assert "pw-not-shown" not in repr(config) and "pw-not-shown" not in str(shard)
     assert "txproc_app:***@" in repr(shard) and "shards=2" in repr(shard)
     assert shard.database_url.endswith("@/db?host=/s")  # the value itself is untouched
+
+
+def test_the_payments_cpu_nice_is_configured_by_flag() -> None:
+    assert _config().payments.cpu_nice == 19
+    assert _config("--payments-cpu-nice", "0").payments.cpu_nice == 0
+    assert _config("--provider", "acme", "--payments-cpu-nice", "7").payments.cpu_nice == 7
+    with pytest.raises(SystemExit, match="--payments-cpu-nice"):
+        _config("--payments-cpu-nice", "20")
