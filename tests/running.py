@@ -91,8 +91,8 @@ async def processor(
         # rather than 30 keeps the recovery tests short.
         # Nice 0, not the default 19: the suite runs a processor per worker process, and
         # a nice-19 payments side (its database sessions too) would be starved by the
-        # other worker's ledger tests, which are no ledger of its own to yield to. The
-        # lowering itself is tested in tests/unit/test_priority.py and tests/db.
+        # other worker's ledger tests, a ledger that is not its own. The lowering itself
+        # is tested in tests/unit/test_priority.py and tests/db.
         payments=PaymentsSection(rules=msgspec.structs.replace(PaymentsSection().rules,
                                                                claim_ttl_s=10.0),
                                  cpu_nice=0),
