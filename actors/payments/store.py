@@ -8,6 +8,7 @@ stale runner already made are harmless repeats.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import dataclasses
 import datetime as dt
@@ -422,6 +423,7 @@ class PaymentStore:
         # Step and transfer ids taken from the sequences a block at a time (STEP_ID_BLOCK):
         # one round trip per block instead of one per step. Unused ones are a harmless gap.
         self._free_ids: collections.deque[tuple[int, int]] = collections.deque()
+        self._refilling = asyncio.Lock()
 
     @classmethod
     async def connect(cls, dsn: str, *, pool_size_max: int, connect_timeout_s: float,
@@ -476,13 +478,20 @@ class PaymentStore:
     # -- ids ----------------------------------------------------------------------------------
 
     async def new_step_ids(self) -> tuple[int, int]:
-        """A fresh step id and the first of its four ledger transfer ids."""
+        """A fresh step id and the first of its four ledger transfer ids, each higher than
+        any this store handed out before: a payment's operations are listed, and its newest
+        one found, in step id order. So the block of ids is refilled by one request at a
+        time, when it is empty: requests that found it empty together used to fetch a
+        block each and append it whenever their answer came, and a block given out first
+        but answered last put lower ids after higher ones."""
         if not self._free_ids:
-            rows = await self._pool.fetch(
-                "SELECT nextval('payment_step_ids') AS step, "
-                "nextval('payment_transfer_ids') AS transfer FROM generate_series(1, $1)",
-                STEP_ID_BLOCK)
-            self._free_ids.extend((int(r["step"]), int(r["transfer"])) for r in rows)
+            async with self._refilling:
+                if not self._free_ids:
+                    rows = await self._pool.fetch(
+                        "SELECT nextval('payment_step_ids') AS step, "
+                        "nextval('payment_transfer_ids') AS transfer "
+                        "FROM generate_series(1, $1)", STEP_ID_BLOCK)
+                    self._free_ids.extend((int(r["step"]), int(r["transfer"])) for r in rows)
         return self._free_ids.popleft()
 
     # -- creating -----------------------------------------------------------------------------

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import random
+from typing import Any
 
 import asyncpg
 import msgspec
@@ -39,6 +41,45 @@ async def first_step(store: PaymentStore, subject: str, kind: Kind = Kind.AUTHOR
     step_id, base = await store.new_step_ids()
     return new_step(step_id=step_id, transfer_base=base, kind=kind, subject_id=subject,
                     amount=1_000, currency="USD", provider="acme", merchant_account_id=7)
+
+
+async def test_step_ids_rise_in_the_order_they_are_handed_out_even_when_asked_at_once(
+        store: PaymentStore) -> None:
+    """A payment's operations are listed, and its newest one found, in step id order, so a
+    step created later must never get a lower id: not when many requests ask at once while
+    the store's block of ids runs out (each used to fetch a block and append it whenever
+    its fetch ended, so a late block's lower ids came after a higher one's), and not across
+    blocks."""
+    handed: list[tuple[int, int]] = []
+    rng = random.Random(7)
+    pool = store._pool
+
+    class LateAnswers:
+        """The store's pool, with each fetch's rows arriving a random while after the
+        statement ran (as over a busy socket): answers come back in another order than
+        the sequence gave out their ids."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(pool, name)
+
+        async def fetch(self, *args: Any, **kwargs: Any) -> Any:
+            rows = await pool.fetch(*args, **kwargs)
+            await asyncio.sleep(rng.random() * 0.02)
+            return rows
+
+    async def one() -> None:
+        handed.append(await store.new_step_ids())
+
+    store._pool = LateAnswers()
+    try:
+        for _ in range(3):
+            await asyncio.gather(*[one() for _ in range(100)])
+    finally:
+        store._pool = pool
+    steps = [step for step, _ in handed]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    bases = [base for _, base in handed]
+    assert bases == sorted(bases) and len(set(bases)) == len(bases)
 
 
 async def test_a_key_is_claimed_once_even_by_concurrent_requests(store: PaymentStore) -> None:
