@@ -76,6 +76,12 @@ _STEP_COLUMNS = (
 )
 # What a read gives a Step: its columns, and how often the recovery worker took it up.
 _STEP_READ = _STEP_COLUMNS + ", checks"
+# A payment's steps as they were created: its newest operation decides its answer
+# (``payment_status``). A payment's steps are serial (one open at a time,
+# ``payment_steps_one_open``), so a later one's transaction started after the earlier one
+# was stored; ids follow that within one store but not across two (a payments actor and
+# its replacement alive for a moment both hand out ids from blocks of their own).
+_IN_CREATION_ORDER = "ORDER BY created_at, id"
 _PAYMENT_COLUMNS = (
     "id, merchant_account_id, amount, currency, payment_method, status, provider, "
     "provider_ref, hold_transfer_id, captured_amount, refunded_amount, decline_code, error, "
@@ -856,7 +862,7 @@ class PaymentStore:
             page = [_payment(r, self._subjects) for r in rows[:flt.limit]]
             steps = await conn.fetch(
                 f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id = ANY($1::text[]) "
-                "ORDER BY id", [p.id for p in page])
+                f"{_IN_CREATION_ORDER}", [p.id for p in page])
         by_payment: dict[str, list[Step]] = {p.id: [] for p in page}
         for row in steps:
             by_payment[row["subject_id"]].append(_step(row))
@@ -1155,7 +1161,7 @@ class PaymentStore:
             if row is None:
                 return None
             steps = await conn.fetch(
-                f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+                f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 {_IN_CREATION_ORDER}",
                 payment_id)
         return _payment(row, self._subjects), [_step(r) for r in steps]
 
@@ -1235,7 +1241,7 @@ class PaymentStore:
 
     async def steps_of(self, subject_id: str) -> list[Step]:
         rows = await self._pool.fetch(
-            f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 ORDER BY id",
+            f"SELECT {_STEP_READ} FROM payment_steps WHERE subject_id=$1 {_IN_CREATION_ORDER}",
             subject_id)
         return [_step(r) for r in rows]
 

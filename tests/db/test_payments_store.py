@@ -82,6 +82,31 @@ async def test_step_ids_rise_in_the_order_they_are_handed_out_even_when_asked_at
     assert bases == sorted(bases) and len(set(bases)) == len(bases)
 
 
+async def test_a_payments_operations_are_listed_as_they_were_created_whatever_their_ids(
+        store: PaymentStore) -> None:
+    """A payment's newest operation decides its answer. Ids from two stores (two payments
+    actors alive for a moment during a restart) can interleave, so the order is the steps'
+    creation, which is serial per payment (one open step at a time), not their ids."""
+    p = payment("pay_" + "5" * 24)
+    low_id, low_base = await store.new_step_ids()
+    high_id, high_base = await store.new_step_ids()
+    first = new_step(step_id=high_id, transfer_base=high_base, kind=Kind.AUTHORIZE,
+                     subject_id=p.id, amount=1_000, currency="USD", provider="acme",
+                     merchant_account_id=7)
+    assert await store.create_payment(p, first, principal="alice", due_at_s=NOW_S + TTL_S)
+    failed = await store.save_step(first, msgspec.structs.replace(
+        first, phase=Phase.FAILED, error="provider_unavailable"), due_at_s=NOW_S)
+    assert failed is not None
+    again = new_step(step_id=low_id, transfer_base=low_base, kind=Kind.AUTHORIZE,
+                     subject_id=p.id, amount=1_000, currency="USD", provider="acme",
+                     merchant_account_id=7)
+    assert await store.reopen_payment(p.id, again, due_at_s=NOW_S + TTL_S)
+    found = await store.payment_with_steps(p.id)
+    assert found is not None
+    assert [s.id for s in found[1]] == [high_id, low_id]
+    assert [s.id for s in await store.steps_of(p.id)] == [high_id, low_id]
+
+
 async def test_a_key_is_claimed_once_even_by_concurrent_requests(store: PaymentStore) -> None:
     results = await asyncio.gather(*[
         store.claim_key("alice", "k1", b"f" * 32, now_s=NOW_S, retention_s=RETENTION_S)
