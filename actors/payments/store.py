@@ -485,11 +485,12 @@ class PaymentStore:
 
     async def new_step_ids(self) -> tuple[int, int]:
         """A fresh step id and the first of its four ledger transfer ids, each higher than
-        any this store handed out before: a payment's operations are listed, and its newest
-        one found, in step id order. So the block of ids is refilled by one request at a
-        time, when it is empty: requests that found it empty together used to fetch a
-        block each and append it whenever their answer came, and a block given out first
-        but answered last put lower ids after higher ones."""
+        any this store handed out before, so that ids follow the order steps are created
+        in (which is the order they are read in, ``_IN_CREATION_ORDER``). The block of ids
+        is refilled by one request at a time, when it is empty: requests that found it
+        empty together used to fetch a block each and append it whenever their answer
+        came, and a block given out first but answered last put lower ids after higher
+        ones."""
         if not self._free_ids:
             async with self._refilling:
                 if not self._free_ids:
