@@ -22,6 +22,11 @@ CPU per request (shards, front, the payments, provider and risk actors and Postg
 simulated providers and the rest of Ray are reported beside it). Figures are printed and recorded,
 never asserted: this machine is shared and noisy.
 
+With ``--idle-seconds N`` it first measures the same processes at rest for N seconds (after
+the merchants are created, before any phase): the CPU a deployment spends whatever the rate,
+per process group in milliseconds per second. Divided by a phase's rate it is the share of
+that phase's CPU per request that is not the requests' own.
+
 ``measure(processor, ...)`` takes an already running processor, so a test can drive it
 with the session's processor; it leaves the providers' faults cleared.
 """
@@ -141,6 +146,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--database-url", default="",
                    help="an existing PostgreSQL; default: embedded, in a temporary directory")
+    p.add_argument("--idle-seconds", type=float, default=0.0,
+                   help="first measure the server's CPU at rest for this long (0: not)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: {QUICK['seconds']:g} s at {QUICK['rate']:g}/s per "
                         "error rate")
@@ -651,6 +658,20 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     return _Processes(server, provider_pids, sim_pids, payments_pids, risk_pids), problems
 
 
+def idle_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
+                 wall_s: float) -> dict[str, float]:
+    """CPU milliseconds per second of wall time spent by each process group between two
+    readings, and ``server``: the groups a phase's server CPU counts."""
+    if wall_s <= 0:
+        raise ValueError("an idle reading spans some time")
+    cpu = ledger.cpu_delta_s(before, after)
+    server = sum(cpu.get(g, 0.0) for g in (*ledger.SERVER_GROUPS, "payments", "providers",
+                                            "risk"))
+    out = {g: round(v * 1000 / wall_s, 1) for g, v in cpu.items() if g != "server"}
+    out["server"] = round(server * 1000 / wall_s, 1)
+    return out
+
+
 def _cpu_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
                  requests: int, wall_s: float) -> dict[str, Any]:
     cpu = ledger.cpu_delta_s(before, after)
@@ -808,11 +829,12 @@ async def measure(
     resolve_wait_s: float = 30.0,
     seed: int = 1,
     client: str = "raw",
+    idle_s: float = 0.0,
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Measure authorizations against an already running ``processor`` (see the module's
-    docstring); returns ``{"phases": [...], "problems": [...]}``. The providers' faults are
-    cleared afterwards, whatever happens."""
+    docstring); returns ``{"phases": [...], "problems": [...]}``, and ``"idle"`` when
+    ``idle_s`` > 0. The providers' faults are cleared afterwards, whatever happens."""
     import httpx
 
     from processor.identity import SCOPES, issue_token, signing_key
@@ -833,6 +855,14 @@ async def measure(
     run_id = uuid.uuid4().hex[:12]
     results: dict[str, Any] = {"phases": [], "problems": problems,
                                "merchants": {c: len(m) for c, m in merchants.items()}}
+    if idle_s > 0:
+        say(f"[bold]idle[/]: the server's CPU at rest for {idle_s:g} s")
+        before = await asyncio.to_thread(processes.cpu_by_pid)
+        started = time.perf_counter()
+        await asyncio.sleep(idle_s)
+        after = await asyncio.to_thread(processes.cpu_by_pid)
+        results["idle"] = idle_figures(before, after, time.perf_counter() - started)
+        say(f"  server at rest: {results['idle']['server']:,.1f} ms/s {results['idle']}")
     base_url = f"http://127.0.0.1:{processor.http_port}"
     # The load goes through ``load``; payment look-ups and the simulators' admin API, which
     # are not measured, through httpx.
@@ -971,7 +1001,7 @@ async def run(args: argparse.Namespace, console: Console) -> dict[str, Any]:
             provider=args.provider, merchants_per_currency=args.merchants,
             in_flight_max=args.in_flight_max, timeout_s=args.timeout_s,
             warmup_s=args.warmup_s, resolve_wait_s=args.resolve_wait_s, seed=args.seed,
-            client=args.client, console=console))
+            client=args.client, idle_s=args.idle_seconds, console=console))
     return results
 
 
@@ -1016,6 +1046,10 @@ def print_table(results: dict[str, Any], console: Console) -> None:
             console.print(f"    {name} webhooks: {d}")
         if "processing_resolved" in p:
             console.print(f"    202s afterwards: {p['processing_resolved']}")
+    if "idle" in results:
+        idle = results["idle"]
+        console.print(f"  at rest: server {idle['server']:,.1f} ms of CPU per second "
+                      f"({', '.join(f'{g} {v:,.1f}' for g, v in idle.items() if g != 'server')})")
     for problem in results["problems"]:
         console.print(f"  [yellow]problem[/]: {problem}")
 

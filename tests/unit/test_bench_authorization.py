@@ -249,14 +249,30 @@ def test_processor_added_is_latency_less_the_provider_s_time() -> None:
     assert added["unmatched"] == 1
 
 
+def test_idle_figures_are_milliseconds_per_second_by_group_and_for_the_server() -> None:
+    before = {("front", 1): 10.0, ("shards", 2): 5.0, ("payments", 3): 1.0,
+              ("sims", 4): 2.0, ("postgres", 5): 3.0}
+    after = {("front", 1): 10.2, ("shards", 2): 5.1, ("payments", 3): 1.05,
+             ("sims", 4): 2.5, ("postgres", 5): 3.0, ("risk", 6): 0.01}
+    idle = auth.idle_figures(before, after, wall_s=10.0)
+    assert idle["front"] == 20.0 and idle["shards"] == 10.0 and idle["payments"] == 5.0
+    assert idle["risk"] == 1.0 and idle["sims"] == 50.0
+    # The simulators are reported, not counted as the server's.
+    assert idle["server"] == 36.0
+    with pytest.raises(ValueError):
+        auth.idle_figures(before, after, wall_s=0.0)
+
+
 async def test_a_tiny_run_against_the_session_processor(processor) -> None:  # type: ignore[no-untyped-def]
     """``measure`` drives the real payments API open loop, counts what was sent, and leaves
     the simulated providers without faults. (A low error rate: a high one could open the
     breaker for the rest of the session.)"""
     results = await auth.measure(processor, error_rates=[0.0, 0.1], rate_per_s=20.0,
                                  seconds=1.0, warmup_s=0.0, resolve_wait_s=5.0,
-                                 merchants_per_currency=2, timeout_s=20.0)
+                                 merchants_per_currency=2, timeout_s=20.0, idle_s=0.5)
     assert [p["faults"]["error_rate"] for p in results["phases"]] == [0.0, 0.1]
+    # At rest the processor still spends some CPU (Ray's threads, the actors' timers).
+    assert results["idle"]["server"] > 0 and results["idle"]["front"] > 0
     for p in results["phases"]:
         assert p["scheduled"] == 20
         assert p["sent"] + p["dropped_in_flight_max"] == 20
