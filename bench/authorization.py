@@ -658,6 +658,11 @@ async def _processes(processor: Any) -> tuple[_Processes, list[str]]:
     return _Processes(server, provider_pids, sim_pids, payments_pids, risk_pids), problems
 
 
+# The processes a figure of server CPU counts: the ledger's and the payments side's actors
+# and PostgreSQL (the simulated providers and the rest of Ray are reported beside them).
+_SERVER = (*ledger.SERVER_GROUPS, "payments", "providers", "risk")
+
+
 def idle_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
                  wall_s: float) -> dict[str, float]:
     """CPU milliseconds per second of wall time spent by each process group between two
@@ -665,8 +670,7 @@ def idle_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, in
     if wall_s <= 0:
         raise ValueError("an idle reading spans some time")
     cpu = ledger.cpu_delta_s(before, after)
-    server = sum(cpu.get(g, 0.0) for g in (*ledger.SERVER_GROUPS, "payments", "providers",
-                                            "risk"))
+    server = sum(cpu.get(g, 0.0) for g in _SERVER)
     out = {g: round(v * 1000 / wall_s, 1) for g, v in cpu.items() if g != "server"}
     out["server"] = round(server * 1000 / wall_s, 1)
     return out
@@ -675,8 +679,7 @@ def idle_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, in
 def _cpu_figures(before: dict[tuple[str, int], float], after: dict[tuple[str, int], float],
                  requests: int, wall_s: float) -> dict[str, Any]:
     cpu = ledger.cpu_delta_s(before, after)
-    server = sum(cpu.get(g, 0.0)
-                 for g in (*ledger.SERVER_GROUPS, "payments", "providers", "risk"))
+    server = sum(cpu.get(g, 0.0) for g in _SERVER)
     cpu["server"] = round(server, 3)  # shards, front, payments, provider and risk actors, postgres
     return {
         "cpu_s": cpu,
