@@ -45,11 +45,10 @@ async def first_step(store: PaymentStore, subject: str, kind: Kind = Kind.AUTHOR
 
 async def test_step_ids_rise_in_the_order_they_are_handed_out_even_when_asked_at_once(
         store: PaymentStore) -> None:
-    """A payment's operations are listed, and its newest one found, in step id order, so a
-    step created later must never get a lower id: not when many requests ask at once while
-    the store's block of ids runs out (each used to fetch a block and append it whenever
-    its fetch ended, so a late block's lower ids came after a higher one's), and not across
-    blocks."""
+    """Within one store, step ids follow the order steps are created in: a step created
+    later never gets a lower id, not when many requests ask at once while the store's block
+    of ids runs out (each used to fetch a block and append it whenever its fetch ended, so
+    a late block's lower ids came after a higher one's), and not across blocks."""
     handed: list[tuple[int, int]] = []
     rng = random.Random(7)
     pool = store._pool
