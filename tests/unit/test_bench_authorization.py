@@ -269,10 +269,11 @@ async def test_a_tiny_run_against_the_session_processor(processor) -> None:  # t
     breaker for the rest of the session.)"""
     results = await auth.measure(processor, error_rates=[0.0, 0.1], rate_per_s=20.0,
                                  seconds=1.0, warmup_s=0.0, resolve_wait_s=5.0,
-                                 merchants_per_currency=2, timeout_s=20.0, idle_s=0.5)
+                                 merchants_per_currency=2, timeout_s=20.0, idle_s=1.0)
     assert [p["faults"]["error_rate"] for p in results["phases"]] == [0.0, 0.1]
-    # At rest the processor still spends some CPU (Ray's threads, the actors' timers).
-    assert results["idle"]["server"] > 0 and results["idle"]["front"] > 0
+    # At rest the processor still spends some CPU (Ray's threads, the actors' timers): about
+    # 60 ms/s in all, while one process alone may stay under a 10 ms clock tick.
+    assert results["idle"]["server"] > 0
     for p in results["phases"]:
         assert p["scheduled"] == 20
         assert p["sent"] + p["dropped_in_flight_max"] == 20
