@@ -25,7 +25,7 @@ import random
 import secrets
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -67,7 +67,6 @@ from processor.payments import (
     WebhookEvent,
     capture_named,
     captures_of,
-    chain_result,
     check_capture,
     check_evidence_allowed,
     check_increment,
@@ -77,7 +76,9 @@ from processor.payments import (
     clearing_accounts_of,
     compensation_request,
     dispute_status_after,
+    early_transfers,
     hold_left_s,
+    holds_early,
     ledger_transfers,
     new_step,
     on_ledger,
@@ -88,6 +89,7 @@ from processor.payments import (
     recheck_delay_s,
     refundable_amount,
     status_request,
+    step_result,
 )
 from processor.request_audit import AuditSlot
 from processor.risk import RiskConfig, RiskDecision, fallback
@@ -858,19 +860,27 @@ class PaymentsEngine:
             after = on_ledger(step, code)
             detail = f"ledger {code.name}"
         elif step.phase == Phase.PROVIDER:
+            # An authorization at its first provider posts its hold while the provider is
+            # asked (saga.holds_early), so an approval waits on no ledger round trip of
+            # its own; whatever else ends the step releases that hold.
+            early = self._post_early(step)
             reply = await self._call_provider(step.provider, "call",
                                               await self._request_of(step))
             after = on_provider(step, reply, self._failover(step))
             detail = f"provider {reply.outcome.value} {reply.message}"[:160]
-            if after.phase == Phase.APPLY:
-                # Approved: apply it in the ledger before storing anything, so that one
-                # save records both. Should this process die in between, the stored step is
-                # still at PROVIDER: whoever takes it over sends the call again under its
-                # key, which replays the approval, and posts again under the step's
+            if after.phase == Phase.APPLY or (after.phase == Phase.RELEASE
+                                              and after.kind == Kind.AUTHORIZE):
+                # Approved (or a declined authorization's hold to release): apply it in
+                # the ledger before storing anything, so that one save records both.
+                # Should this process die in between, the stored step is still at
+                # PROVIDER: whoever takes it over sends the call again under its key,
+                # which replays the provider's answer, and posts again under the step's
                 # transfer ids, which answer exists. The provider's own event about it
                 # waits for this save (_answers_pending) and then finds the step final.
                 try:
-                    code = await self._apply_ledger(after)
+                    code = await self._apply_ledger(after, early if (
+                        after.phase == Phase.APPLY and after.provider == step.provider)
+                        else None)
                 except (LedgerError, OSError, TimeoutError) as exc:
                     await self._stored_then_parked(
                         step, after, detail, payment, hold, answer,
@@ -878,6 +888,11 @@ class PaymentsEngine:
                     return None
                 after = on_ledger(after, code)
                 detail = f"{detail}; ledger {code.name}"[:200]
+            elif early is not None:
+                # Failed over, pending or unknown: the hold stays (or is posted again)
+                # until the step ends; its posting is only waited for here.
+                with contextlib.suppress(LedgerError, OSError, TimeoutError, Unavailable):
+                    await early
         elif step.phase == Phase.COMPENSATE:
             reply = await self._call_provider(step.provider, "call",
                                               compensation_request(step))
@@ -949,18 +964,35 @@ class PaymentsEngine:
         if saved is None:
             self.stats["lost_claims"] += 1
 
-    async def _apply_ledger(self, step: Step) -> TransferResult:
-        """The step's transfers applied; the code that decides them (``chain_result``).
-        Raises ``Unavailable`` when the ledger applied nothing of them without refusing
-        (``not_applied``: a shard's peer was not reached), as when it cannot be reached:
-        the step is parked and tried again, never taken as refused."""
-        transfers = ledger_transfers(step, self.config)
-        results = await self._ledger.create_transfers(transfers)
-        code = chain_result(results)
-        if code == TransferResult.not_applied:
+    def _post_early(self, step: Step) -> asyncio.Future[list[TransferResult]] | None:
+        """The posting of an authorization's hold, started beside its provider call
+        (saga.holds_early); None for any other step. Its failure is the caller's to see
+        when it awaits the future; a future nobody awaits (the request was cancelled)
+        keeps its failure to itself."""
+        if not holds_early(step):
+            return None
+        posting = asyncio.ensure_future(
+            self._ledger.create_transfers(early_transfers(step, self.config)))
+        posting.add_done_callback(_quiet)
+        return posting
+
+    async def _apply_ledger(self, step: Step,
+                            posted: Awaitable[list[TransferResult]] | None = None
+                            ) -> TransferResult:
+        """The step's transfers applied (or ``posted`` already, when they were sent ahead:
+        the early hold of an authorization); the code that decides them
+        (``step_result``). Raises ``Unavailable`` when the ledger applied any of them
+        only partly without refusing (``not_applied``: a shard's peer was not reached), as
+        when it cannot be reached: the step is parked and tried again, never taken as
+        refused."""
+        if posted is not None:
+            results = await posted
+        else:
+            results = await self._ledger.create_transfers(ledger_transfers(step, self.config))
+        if TransferResult.not_applied in results:
             raise Unavailable("the ledger applied none of the step's transfers (not_applied)",
                               retry_after_s=1.0)
-        return code
+        return step_result(step, results)
 
     async def _call_provider(self, provider: str, method: str,
                              request: ProviderRequest) -> ProviderReply:
@@ -1104,6 +1136,13 @@ class PaymentsEngine:
         if not task.cancelled() and task.exception() is not None:
             log.error("a background step failed; the recovery worker will take it over",
                       exc_info=task.exception())
+
+
+def _quiet(future: asyncio.Future[Any]) -> None:
+    """Retrieve a background future's failure, so that one nobody awaited is not reported
+    as lost: its owner saw it, or the step's next phase posts again."""
+    if not future.cancelled():
+        future.exception()
 
 
 def step_key_of(event: WebhookEvent) -> str:

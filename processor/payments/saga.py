@@ -76,6 +76,7 @@ __all__ = [
     "PayoutStatus",
     "Phase",
     "Step",
+    "authorization_hold_id",
     "capture_named",
     "captures_of",
     "chain_result",
@@ -87,7 +88,10 @@ __all__ = [
     "clearing_account_id",
     "clearing_accounts_of",
     "compensation_request",
+    "early_transfers",
+    "first_hold",
     "hold_left_s",
+    "holds_early",
     "ledger_transfers",
     "ledger_verdict",
     "new_step",
@@ -101,6 +105,7 @@ __all__ = [
     "refundable_amount",
     "settled_status",
     "status_request",
+    "step_result",
 ]
 
 PAYMENT_ID_PREFIX = "pay_"
@@ -499,7 +504,10 @@ def compensation_request(step: Step) -> ProviderRequest:
 
 def _declined(step: Step, reply: ProviderReply, error: str) -> Step:
     code = reply.decline_code.value if reply.decline_code is not None else ""
-    after = Phase.RELEASE if step.kind in (Kind.REFUND, Kind.PAYOUT) else Phase.FAILED
+    # Refunds and payouts hold funds first; an authorization's hold at its first provider
+    # may have been posted while that provider was asked (``holds_early``): both release.
+    after = (Phase.RELEASE if step.kind in (Kind.REFUND, Kind.PAYOUT, Kind.AUTHORIZE)
+             else Phase.FAILED)
     return msgspec.structs.replace(step, phase=after, decline_code=code, error=error)
 
 
@@ -572,6 +580,81 @@ def _on_compensation(step: Step, reply: ProviderReply) -> Step:
 # -- ledger -----------------------------------------------------------------------------------
 
 
+def holds_early(step: Step) -> bool:
+    """Whether the step's ledger hold is posted while its provider is asked: an
+    authorization calling the first provider it tried.
+
+    The hold is what its approval posts (``first_hold``), so an approval finds it applied
+    and a replay of it answers ``exists``. Whatever ends the authorization without that
+    approval releases it (``RELEASE``, or the ``APPLY`` of an approval by a later
+    provider), by posting it and voiding it in one batch: idempotent, and right whether
+    or not the early posting arrived, or arrives later (it then answers ``exists``).
+    """
+    return (step.kind == Kind.AUTHORIZE and step.phase == Phase.PROVIDER
+            and step.provider == step.tried[0])
+
+
+def early_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
+    """What ``holds_early`` posts beside the provider call: the first provider's hold."""
+    require(holds_early(step), "only an authorization at its first provider holds early")
+    return _with_origin(step, [first_hold(step, config)])
+
+
+def first_hold(step: Step, config: PaymentsConfig) -> Transfer:
+    """An authorization's hold at the first provider it tried: the step's first id, from
+    that provider's clearing account to the merchant, for ``authorization_hold_s``."""
+    merchant = step.merchant_account_id
+    return Transfer(id=step.transfer_id,
+                    debit_account_id=clearing_account_for(config, step.tried[0], step.currency,
+                                                          merchant),
+                    credit_account_id=merchant, amount=step.amount, currency=step.currency,
+                    flags=int(TransferFlags.PENDING), timeout_s=config.authorization_hold_s)
+
+
+def authorization_hold_id(step: Step) -> int:
+    """The ledger hold an approved authorization leaves: its first id when the first
+    provider it tried approved, else its second (the first one's hold is released)."""
+    return step.transfer_id if step.provider == step.tried[0] else step.transfer_id + 1
+
+
+def _authorize_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
+    """An authorization's postings: at ``APPLY`` the approving provider's hold (first),
+    then, after a failover, the release of the first provider's hold; at ``RELEASE`` that
+    release alone. A release posts the hold before voiding it (the third id), so it holds
+    whether or not the early posting ever arrived."""
+    first = first_hold(step, config)
+    release = [first, msgspec.structs.replace(
+        first, id=step.transfer_id + 2, flags=int(TransferFlags.VOID_PENDING), timeout_s=0,
+        pending_id=step.transfer_id)]
+    if step.phase == Phase.RELEASE:
+        return release
+    if step.provider == step.tried[0]:
+        return [first]
+    merchant = step.merchant_account_id
+    approved = Transfer(
+        id=authorization_hold_id(step),
+        debit_account_id=clearing_account_for(config, step.provider, step.currency, merchant),
+        credit_account_id=merchant, amount=step.amount, currency=step.currency,
+        flags=int(TransferFlags.PENDING), timeout_s=config.authorization_hold_s)
+    return [approved, *release]
+
+
+def step_result(step: Step, codes: Sequence[TransferResult]) -> TransferResult:
+    """The one answer of the transfers ``ledger_transfers(step)`` applied: the approving
+    hold's for an authorization at ``APPLY`` (what follows it only releases the first
+    provider's hold), else ``chain_result``."""
+    require(len(codes) >= 1, "a step applies at least one transfer")
+    if step.kind == Kind.AUTHORIZE and step.phase == Phase.APPLY:
+        return codes[0]
+    return chain_result(codes)
+
+
+def _with_origin(step: Step, transfers: list[Transfer]) -> list[Transfer]:
+    if step.origin:
+        return [msgspec.structs.replace(t, origin=step.origin) for t in transfers]
+    return transfers
+
+
 def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
     """The ledger transfers the step's current phase applies (empty when none).
 
@@ -580,10 +663,7 @@ def ledger_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
     step: the front stamps the transfers with it instead of writing a record of its own,
     if it wrote that record itself (docs/security.md, "Audit").
     """
-    transfers = _phase_transfers(step, config)
-    if step.origin:
-        return [msgspec.structs.replace(t, origin=step.origin) for t in transfers]
-    return transfers
+    return _with_origin(step, _phase_transfers(step, config))
 
 
 def _phase_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
@@ -594,6 +674,9 @@ def _phase_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
     pending, post, void = (int(TransferFlags.PENDING), int(TransferFlags.POST_PENDING),
                            int(TransferFlags.VOID_PENDING))
     phase, kind = step.phase, step.kind
+    if kind == Kind.AUTHORIZE:
+        return _authorize_transfers(step, config) if phase in (Phase.APPLY, Phase.RELEASE) \
+            else []
     if phase == Phase.RESERVE:
         return [Transfer(id=base, debit_account_id=merchant, credit_account_id=clearing,
                          amount=step.amount, currency=cur, flags=pending)]
@@ -604,10 +687,6 @@ def _phase_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
         return []
     if kind in _LEDGER_ONLY:
         return _dispute_transfers(step, clearing)
-    if kind == Kind.AUTHORIZE:
-        return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
-                         amount=step.amount, currency=cur, flags=pending,
-                         timeout_s=config.authorization_hold_s)]
     if kind == Kind.CAPTURE:
         if step.final_capture:  # post part or all of the hold; the ledger releases the rest
             return [Transfer(id=base, debit_account_id=clearing, credit_account_id=merchant,
@@ -721,7 +800,10 @@ def on_ledger(step: Step, code: TransferResult) -> Step:
             return msgspec.structs.replace(step, phase=Phase.PROVIDER)
         return msgspec.structs.replace(step, phase=Phase.FAILED, error=refused)
     if step.phase == Phase.RELEASE:
-        if verdict == LedgerVerdict.DONE:
+        if verdict == LedgerVerdict.DONE or step.kind == Kind.AUTHORIZE:
+            # An authorization's release ends it whatever the ledger said: a refused
+            # hold (its void then finds nothing) leaves nothing held either. Its error
+            # stays the provider's.
             return msgspec.structs.replace(step, phase=Phase.FAILED)
         return msgspec.structs.replace(step, phase=Phase.FAILED, error=refused)
     if step.phase != Phase.APPLY:
@@ -763,7 +845,8 @@ def payment_after(payment: Payment, step: Step) -> Payment:
     if step.kind == Kind.AUTHORIZE:
         if ok:
             return r(payment, status=PaymentStatus.AUTHORIZED, provider=step.provider,
-                     provider_ref=step.provider_ref, hold_transfer_id=step.transfer_id,
+                     provider_ref=step.provider_ref,
+                     hold_transfer_id=authorization_hold_id(step),
                      capturable_amount=step.amount)
         status = PaymentStatus.DECLINED if step.error == "provider_declined" else (
             PaymentStatus.FAILED)

@@ -84,11 +84,13 @@ def test_provider_request_carries_the_step_key_and_the_authorization_ref() -> No
     (Outcome.APPROVED, Phase.APPLY),
     (Outcome.PENDING, Phase.AWAIT_PROVIDER),
     (Outcome.UNKNOWN, Phase.RESOLVE),
-    (Outcome.DECLINED, Phase.FAILED),
-    (Outcome.FAILED, Phase.FAILED),
-    (Outcome.RETRYABLE, Phase.FAILED),
+    (Outcome.DECLINED, Phase.RELEASE),
+    (Outcome.FAILED, Phase.RELEASE),
+    (Outcome.RETRYABLE, Phase.RELEASE),
 ])
 def test_authorize_after_each_provider_outcome(outcome: Outcome, phase: Phase) -> None:
+    """Whatever ends an authorization without an approval releases the hold that may have
+    been posted while the provider was asked."""
     after = on_provider(step(), reply(outcome, provider_ref="auth_9"))
     assert after.phase == phase
 
@@ -97,7 +99,13 @@ def test_a_declined_authorization_records_the_decline_code() -> None:
     after = on_provider(step(), reply(Outcome.DECLINED,
                                       decline_code=DeclineCode.INSUFFICIENT_FUNDS))
     assert (after.phase, after.error, after.decline_code) == (
-        Phase.FAILED, "provider_declined", "insufficient_funds")
+        Phase.RELEASE, "provider_declined", "insufficient_funds")
+    # The release ends it, keeping the provider's reason whatever the ledger answered.
+    for code in (TransferResult.ok, TransferResult.pending_transfer_not_found,
+                 TransferResult.credit_account_not_found):
+        done = on_ledger(after, code)
+        assert (done.phase, done.error, done.decline_code) == (
+            Phase.FAILED, "provider_declined", "insufficient_funds")
 
 
 def test_failover_only_when_nothing_happened_and_with_a_new_key() -> None:
@@ -135,7 +143,9 @@ def test_resolve_sends_again_only_when_the_provider_never_saw_the_call() -> None
     assert on_status(s, reply(Outcome.UNKNOWN)) == s
     assert on_status(s, reply(Outcome.RETRYABLE)) == s
     assert on_status(s, reply(Outcome.APPROVED, provider_ref="a")).phase == Phase.APPLY
-    assert on_status(s, reply(Outcome.DECLINED)).phase == Phase.FAILED
+    assert on_status(s, reply(Outcome.DECLINED)).phase == Phase.RELEASE
+    assert on_status(step(Kind.CAPTURE, phase=Phase.RESOLVE),
+                     reply(Outcome.DECLINED)).phase == Phase.FAILED
 
 
 def test_await_provider_waits_through_pending_and_not_found() -> None:
@@ -317,8 +327,10 @@ def test_declined_and_failed_authorizations() -> None:
     p = Payment(id="pay_x", merchant_account_id=MERCHANT, amount=1000, currency="USD",
                 payment_method="pm_x", status=PaymentStatus.PROCESSING)
     declined = on_provider(step(), reply(Outcome.DECLINED))
+    assert payment_after(p, declined) == p  # not final until its hold is released
+    declined = on_ledger(declined, TransferResult.ok)
     assert payment_after(p, declined).status == PaymentStatus.DECLINED
-    unavailable = on_provider(step(), reply(Outcome.RETRYABLE))
+    unavailable = on_ledger(on_provider(step(), reply(Outcome.RETRYABLE)), TransferResult.ok)
     assert payment_after(p, unavailable).status == PaymentStatus.FAILED
     assert payment_after(p, step(phase=Phase.RESOLVE)) == p
 
