@@ -196,6 +196,7 @@ BODY_BYTES_MAX_DEFAULT = 4 * 1024 * 1024
 ERROR_MESSAGE_CHARS_MAX = 300
 # The hot route, served without the framework (``_App``).
 TRANSFERS_PATH = "/v1/transfers"
+PAYMENTS_PATH = "/v1/payments"
 _JSON_CONTENT_TYPE = (b"content-type", b"application/json")
 
 
@@ -663,6 +664,17 @@ def _replaying(body: bytes, receive: Receive) -> Receive:
     return replay
 
 
+async def _send_json(send: Send, status: int, body: bytes, headers: dict[str, str] | None
+                     ) -> None:
+    """Answer a route served without Starlette as its ``Response`` would: the given headers
+    first, then the length and the JSON content type."""
+    raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
+                   for k, v in headers.items()] if headers else []
+    raw_headers += [(b"content-length", str(len(body)).encode()), _JSON_CONTENT_TYPE]
+    await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str | None:
     """The first value of a header (ASGI names are lower-case), as Starlette's Headers.get."""
     for key, value in headers:
@@ -959,11 +971,7 @@ class _Api:
                 status, body, headers = await self._serve_create_transfer(scope, receive)
                 if current is not None:
                     current.set_attribute("http.response.status_code", status)
-        raw_headers = [(k.lower().encode("latin-1"), v.encode("latin-1"))
-                       for k, v in headers.items()] if headers else []
-        raw_headers += [(b"content-length", str(len(body)).encode()), _JSON_CONTENT_TYPE]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body})
+        await _send_json(send, status, body, headers)
 
     async def _serve_create_transfer(
         self, scope: Scope, receive: Receive
@@ -982,6 +990,63 @@ class _Api:
         except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, as in endpoint()
             error = _api_error_of(exc, "POST", scope["path"])
             return error.status, _error_body(error), error.headers
+
+    async def serve_create_payment(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """POST /v1/payments as a bare ASGI app, as ``serve_create_transfer``: every
+        authorization crosses the front here, and the framework's layers cost about as much
+        of the front's CPU as forwarding the request does. Answers exactly what the
+        Starlette route (``create_payment``) answers."""
+        if telemetry.TRACER is None:
+            status, body, headers = await self._serve_create_payment(scope, receive)
+        else:
+            with telemetry.span(f"POST {PAYMENTS_PATH}", attributes={
+                    "http.request.method": "POST", "http.route": PAYMENTS_PATH}) as current:
+                status, body, headers = await self._serve_create_payment(scope, receive)
+                if current is not None:
+                    current.set_attribute("http.response.status_code", status)
+        await _send_json(send, status, body, headers)
+
+    async def _serve_create_payment(
+        self, scope: Scope, receive: Receive
+    ) -> tuple[int, bytes, dict[str, str]]:
+        headers = scope["headers"]
+        try:
+            claims = self._authorize(_header(headers, b"authorization"), "payments:write")
+            verified = self._signatures.check(claims, scope)
+            body: bytes | None = None
+            if verified is not None:
+                body = await _receive_body(receive, _header(headers, b"content-length"),
+                                           self._body_bytes_max)
+                await self._signatures.admit(verified, body)
+            payments = self._require_payments()
+            key = _header(headers, b"idempotency-key")
+            forwarded = {name.decode("latin-1"): value.decode("latin-1")
+                         for name, value in headers}
+            for name in _NOT_FORWARDED:
+                forwarded.pop(name, None)
+            # The key is checked before the body is read (the idempotency-key draft).
+            require_key(key)
+            if body is None:
+                body = await _receive_body(receive, _header(headers, b"content-length"),
+                                           self._body_bytes_max)
+            forwarded[ORIGIN_HEADER] = str(self._delegated_origin(
+                claims, _header(headers, b"x-request-id"), "authorize", forwarded))
+            return await payments.call(principal_of(claims), "authorize", key or "", "", body,
+                                       forwarded)
+        except Exception as exc:  # noqa: BLE001 - every exception becomes a JSON answer, as in endpoint()
+            error = _api_error_of(exc, "POST", scope["path"])
+            return error.status, _error_body(error), error.headers or {}
+
+    def _delegated_origin(self, claims: Claims, request_id: str | None, operation: str,
+                          forwarded: dict[str, str]) -> int:
+        """The audit record of a payments request whose first write the payments actor
+        makes (``AUDITED_OPERATIONS``): made here and handed over in ``forwarded``
+        (processor/request_audit.py); 0 without a writer."""
+        if self._audit is None:
+            return 0
+        origin, forwarded[AUDIT_HEADER] = self._audit.delegate(
+            claims, request_id_of(request_id), f"payments.{operation}", 1)
+        return origin
 
     async def create_transfers(self, request: Request) -> Response:
         batch = _decode(TRANSFER_BATCH_DECODER, await _read_body(request, self._body_bytes_max))
@@ -1098,12 +1163,12 @@ class _Api:
             # The key is checked before the body is read (the idempotency-key draft).
             require_key(key)
             body = await _read_body(request, self._body_bytes_max)
-            if operation in AUDITED_OPERATIONS and self._audit is not None:
+            if operation in AUDITED_OPERATIONS:
                 # Written by the payments actor with the request's first write
                 # (processor/request_audit.py): no statement of its own here.
-                origin, forwarded[AUDIT_HEADER] = self._audit.delegate(
-                    request.state.claims, request_id_of(request.headers.get("x-request-id")),
-                    f"payments.{operation}", 1)
+                origin = self._delegated_origin(
+                    request.state.claims, request.headers.get("x-request-id"), operation,
+                    forwarded)
             else:
                 origin = await self._origin(request.state.claims,
                                             request.headers.get("x-request-id"),
@@ -1817,7 +1882,7 @@ OPERATIONS: tuple[Operation, ...] = (
         replies=_history_replies(None),
     ),
     Operation(
-        name="create_payment", method="POST", path="/v1/payments",
+        name="create_payment", method="POST", path=PAYMENTS_PATH,
         summary="Authorize a payment (and capture it with capture: true). Needs an "
                 "Idempotency-Key header.",
         handler=_Api.create_payment, scope="payments:write", request=AuthorizeRequest,
@@ -2420,8 +2485,9 @@ def build_app(
 
 
 class _App:
-    """The API's ASGI app: POST /v1/transfers served directly, every other request by
-    Starlette (which also serves that route when the app is mounted under a root path)."""
+    """The API's ASGI app: POST /v1/transfers and POST /v1/payments served directly, every
+    other request by Starlette (which also serves those routes when the app is mounted
+    under a root path)."""
 
     def __init__(self, framework: Starlette, api: _Api) -> None:
         self.framework = framework
@@ -2433,8 +2499,13 @@ class _App:
         return self.framework.routes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (scope["type"] == "http" and scope["path"] == TRANSFERS_PATH
-                and scope["method"] == "POST" and not scope.get("root_path")):
-            await self._api.serve_create_transfer(scope, receive, send)
-        else:
-            await self.framework(scope, receive, send)
+        if scope["type"] == "http" and scope["method"] == "POST" and not scope.get(
+                "root_path"):
+            path = scope["path"]
+            if path == TRANSFERS_PATH:
+                await self._api.serve_create_transfer(scope, receive, send)
+                return
+            if path == PAYMENTS_PATH:
+                await self._api.serve_create_payment(scope, receive, send)
+                return
+        await self.framework(scope, receive, send)
