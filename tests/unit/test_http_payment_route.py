@@ -138,7 +138,7 @@ async def test_the_direct_route_answers_and_forwards_as_starlette_does(
     assert direct_answer.headers["content-type"] == "application/json"
     assert calls[0] == calls[1]
     if calls[0]:
-        [(principal, operation, key, subject, sent, forwarded)] = calls[0]
+        [(_principal, operation, key, subject, sent, forwarded)] = calls[0]
         assert (operation, key, subject) == ("authorize", "order-4711", "")
         assert sent == BODY
         assert "authorization" not in forwarded
