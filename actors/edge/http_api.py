@@ -963,19 +963,29 @@ class _Api:
         without the framework's per-request layers (middleware, router, Request and Response
         objects), which cost about as much CPU as the rest of the request.
         """
+        await self._serve_direct(TRANSFERS_PATH, self._serve_create_transfer, scope, receive,
+                                 send)
+
+    async def _serve_direct(
+        self, path: str,
+        serve: Callable[[Scope, Receive], Awaitable[tuple[int, bytes, dict[str, str] | None]]],
+        scope: Scope, receive: Receive, send: Send,
+    ) -> None:
+        """A POST route served without Starlette: ``serve``'s answer sent as its Response
+        would be, inside a span of the route when tracing is on."""
         if telemetry.TRACER is None:
-            status, body, headers = await self._serve_create_transfer(scope, receive)
+            status, body, headers = await serve(scope, receive)
         else:
-            with telemetry.span(f"POST {TRANSFERS_PATH}", attributes={
-                    "http.request.method": "POST", "http.route": TRANSFERS_PATH}) as current:
-                status, body, headers = await self._serve_create_transfer(scope, receive)
+            with telemetry.span(f"POST {path}", attributes={
+                    "http.request.method": "POST", "http.route": path}) as current:
+                status, body, headers = await serve(scope, receive)
                 if current is not None:
                     current.set_attribute("http.response.status_code", status)
         await _send_json(send, status, body, headers)
 
     async def _serve_create_transfer(
         self, scope: Scope, receive: Receive
-    ) -> tuple[int, bytes, dict[str, str]]:
+    ) -> tuple[int, bytes, dict[str, str] | None]:
         headers = scope["headers"]
         try:
             claims = self._authorize(_header(headers, b"authorization"), "transfers:write")
@@ -996,19 +1006,12 @@ class _Api:
         authorization crosses the front here, and the framework's layers cost about as much
         of the front's CPU as forwarding the request does. Answers exactly what the
         Starlette route (``create_payment``) answers."""
-        if telemetry.TRACER is None:
-            status, body, headers = await self._serve_create_payment(scope, receive)
-        else:
-            with telemetry.span(f"POST {PAYMENTS_PATH}", attributes={
-                    "http.request.method": "POST", "http.route": PAYMENTS_PATH}) as current:
-                status, body, headers = await self._serve_create_payment(scope, receive)
-                if current is not None:
-                    current.set_attribute("http.response.status_code", status)
-        await _send_json(send, status, body, headers)
+        await self._serve_direct(PAYMENTS_PATH, self._serve_create_payment, scope, receive,
+                                 send)
 
     async def _serve_create_payment(
         self, scope: Scope, receive: Receive
-    ) -> tuple[int, bytes, dict[str, str]]:
+    ) -> tuple[int, bytes, dict[str, str] | None]:
         headers = scope["headers"]
         try:
             claims = self._authorize(_header(headers, b"authorization"), "payments:write")

@@ -9,13 +9,26 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.edge.http_api import build_app
+from actors.ops import telemetry
 from processor.errors import Unavailable
 from processor.identity import Claims
 from processor.payments.idempotency import KEY_CHARS_MAX
 from processor.ratelimit import RateLimiter
-from tests.unit.test_http_api import AUTH, KEY, NOW_S, FakeLedger, bearer, token
+from tests.unit.test_http_api import (
+    AUTH,
+    KEY,
+    NOW_S,
+    FakeLedger,
+    bearer,
+    encode,
+    token,
+    transfer_json,
+)
 
 BODY_BYTES_MAX = 1024
 BODY = b'{"amount": 1000, "currency": "USD", "merchant_account_id": 7}'
@@ -55,8 +68,14 @@ class FakeAudit:
         self.request_ids.append(request_id)
         return self.next_id, f"{self.next_id}:{claims.subject}:{operation}:{items}"
 
+    async def record(self, claims: Claims, request_id: str, operation: str,
+                     items: int) -> int:
+        """A record the edge writes itself (a ledger route's)."""
+        self.next_id += 1
+        return self.next_id
 
-CREATED = (201, b'{"id": "pay_1", "status": "authorized"}', {})
+
+CREATED: tuple[int, bytes, dict[str, str]] = (201, b'{"id": "pay_1", "status": "authorized"}', {})
 CASES: list[Any] = [
     pytest.param(KEYED, BODY, CREATED, id="created-201"),
     pytest.param(KEYED | {"X-Request-Id": "req-1", "X-Other": "kept",
@@ -180,3 +199,27 @@ async def test_the_direct_route_is_taken_and_others_reach_starlette() -> None:
         await c.post("/v1/payments/pay_1/void", headers=KEYED)
         await c.get("/v1/payments", headers=AUTH)
     assert reached == [("POST", "/v1/payments/pay_1/void"), ("GET", "/v1/payments")]
+
+
+async def test_both_direct_routes_answer_inside_a_span_of_their_route() -> None:
+    """With tracing on, each route served without Starlette makes one span named by its
+    method and route, carrying the status it answered."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    saved = telemetry.TRACER
+    telemetry.TRACER = provider.get_tracer("test")
+    try:
+        app = _app(FakePayments((402, b'{"code": "payment_declined"}', {})))
+        assert (await _post(app, KEYED, BODY)).status_code == 402
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://ledger.test") as c:
+            answer = await c.post("/v1/transfers", content=encode(transfer_json()), headers=AUTH)
+            assert answer.status_code == 201
+    finally:
+        telemetry.TRACER = saved
+    routes = [(span.name, (span.attributes or {}).get("http.route"),
+               (span.attributes or {}).get("http.response.status_code"))
+              for span in exporter.get_finished_spans() if span.name.startswith("POST")]
+    assert routes == [("POST /v1/payments", "/v1/payments", 402),
+                      ("POST /v1/transfers", "/v1/transfers", 201)]
