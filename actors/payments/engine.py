@@ -890,9 +890,9 @@ class PaymentsEngine:
                 detail = f"{detail}; ledger {code.name}"[:200]
             elif early is not None:
                 # Failed over, pending or unknown: the hold stays (or is posted again)
-                # until the step ends; its posting is only waited for here.
-                with contextlib.suppress(LedgerError, OSError, TimeoutError, Unavailable):
-                    await early
+                # until the step ends; its posting is only waited for here, whatever it
+                # answered (_quiet has taken its failure).
+                await asyncio.wait([early])
         elif step.phase == Phase.COMPENSATE:
             reply = await self._call_provider(step.provider, "call",
                                               compensation_request(step))
@@ -981,10 +981,9 @@ class PaymentsEngine:
                             ) -> TransferResult:
         """The step's transfers applied (or ``posted`` already, when they were sent ahead:
         the early hold of an authorization); the code that decides them
-        (``step_result``). Raises ``Unavailable`` when the ledger applied any of them
-        only partly without refusing (``not_applied``: a shard's peer was not reached), as
-        when it cannot be reached: the step is parked and tried again, never taken as
-        refused."""
+        (``step_result``). Raises ``Unavailable`` when any of them came back
+        ``not_applied`` (a shard's peer was not reached), as when the ledger cannot be
+        reached: the step is parked and tried again, never taken as refused."""
         if posted is not None:
             results = await posted
         else:

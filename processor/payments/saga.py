@@ -601,11 +601,17 @@ def early_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
 
 
 def first_hold(step: Step, config: PaymentsConfig) -> Transfer:
-    """An authorization's hold at the first provider it tried: the step's first id, from
-    that provider's clearing account to the merchant, for ``authorization_hold_s``."""
+    """An authorization's hold at the first provider it tried: the step's first id."""
+    return _authorization_hold(step, config, step.tried[0], step.transfer_id)
+
+
+def _authorization_hold(step: Step, config: PaymentsConfig, provider: str,
+                        transfer_id: int) -> Transfer:
+    """The hold of an authorization at ``provider``: from its clearing account to the
+    merchant, for ``authorization_hold_s``."""
     merchant = step.merchant_account_id
-    return Transfer(id=step.transfer_id,
-                    debit_account_id=clearing_account_for(config, step.tried[0], step.currency,
+    return Transfer(id=transfer_id,
+                    debit_account_id=clearing_account_for(config, provider, step.currency,
                                                           merchant),
                     credit_account_id=merchant, amount=step.amount, currency=step.currency,
                     flags=int(TransferFlags.PENDING), timeout_s=config.authorization_hold_s)
@@ -630,13 +636,8 @@ def _authorize_transfers(step: Step, config: PaymentsConfig) -> list[Transfer]:
         return release
     if step.provider == step.tried[0]:
         return [first]
-    merchant = step.merchant_account_id
-    approved = Transfer(
-        id=authorization_hold_id(step),
-        debit_account_id=clearing_account_for(config, step.provider, step.currency, merchant),
-        credit_account_id=merchant, amount=step.amount, currency=step.currency,
-        flags=int(TransferFlags.PENDING), timeout_s=config.authorization_hold_s)
-    return [approved, *release]
+    return [_authorization_hold(step, config, step.provider, authorization_hold_id(step)),
+            *release]
 
 
 def step_result(step: Step, codes: Sequence[TransferResult]) -> TransferResult:
