@@ -627,6 +627,20 @@ async def audit(run: Run, http: Any, sims: _SimAdmin, *, resolve_wait_s: float,
     disagreeing = await _provider_agreement(http, sims, run.payments)
     check("provider and ledger agree on each payment", len(disagreeing),
           f"{len(disagreeing)} disagree" + (f": {disagreeing[:3]}" if disagreeing else ""))
+    merchant_ids = sorted(m for ids in run.merchants.values() for m in ids)
+    # Every payment of each merchant, by the list API: a request never answered may have
+    # made one too, and its hold counts in the merchant's balances all the same.
+    views = [v for m in merchant_ids for v in await _payments_of(http, m)]
+    store = await LedgerStore.connect(run.processor.config.shard.database_url, pool_size_max=2,
+                                      connect_timeout_s=30, command_timeout_s=600)
+    try:
+        merchants = await store.lookup_accounts(merchant_ids)
+    finally:
+        await store.close()
+    off = merchant_disagreements(views, merchants)
+    check("each merchant's holds and postings are its payments'", len(off),
+          f"{len(merchant_ids)} merchant accounts, {len(views)} payments"
+          + (f": {off[:3]}" if off else ""))
     proof = await verify_all(run.processor.admin_database_url)
     check("txproc verify", 0 if proof.report.ok else proof.report.problems_total,
           f"{proof.rows:,} rows in {proof.seconds:.1f} s" + "".join(
@@ -671,6 +685,47 @@ async def _final_payments(http: Any, payments: dict[str, str],
             break
         await asyncio.sleep(1.0)
     return Counter(final.values()), pending
+
+
+def merchant_disagreements(payments: Sequence[dict[str, Any]],
+                           accounts: dict[int, Any]) -> list[str]:
+    """Each merchant account's ledger balances against its payments (their API views): its
+    pending credits are what they still hold (``capturable_amount``), its posted credits
+    what they captured, and nothing is debited (the workload neither refunds nor pays out).
+    A hold left over by an authorization that ended otherwise, or one posted twice, shows
+    here and nowhere else."""
+    held: Counter[int] = Counter()
+    captured: Counter[int] = Counter()
+    for p in payments:
+        merchant = int(p["merchant_account_id"])
+        held[merchant] += int(p.get("capturable_amount") or 0)
+        captured[merchant] += int(p.get("captured_amount") or 0)
+    out = []
+    for merchant in sorted(set(held) | set(captured)):
+        a = accounts.get(merchant)
+        found = (None if a is None else
+                 (a.debits_pending, a.debits_posted, a.credits_pending, a.credits_posted))
+        expected = (0, 0, held[merchant], captured[merchant])
+        if found != expected:
+            out.append(f"merchant {merchant}: balances {found}, its payments make {expected}")
+    return out
+
+
+async def _payments_of(http: Any, merchant_id: int) -> list[dict[str, Any]]:
+    """Every payment of ``merchant_id``, page by page through ``GET /v1/payments``."""
+    out: list[dict[str, Any]] = []
+    cursor = ""
+    while True:
+        params = {"merchant_account_id": str(merchant_id), "limit": "100"}
+        if cursor:
+            params["cursor"] = cursor
+        r = await http.get("/v1/payments", params=params)
+        r.raise_for_status()
+        page = r.json()
+        out += page["data"]
+        cursor = page.get("next_cursor") or ""
+        if not cursor:
+            return out
 
 
 async def _provider_agreement(http: Any, sims: _SimAdmin, payments: dict[str, str]) -> list[str]:

@@ -1,5 +1,6 @@
 """The pure parts of `python -m bench.chaos`: its durations, its schedule, the gateways'
-model of the balances and the RSS growth measure. The run itself is tests/e2e/test_chaos.py."""
+model of the balances, the merchants' check against their payments and the RSS growth
+measure. The run itself is tests/e2e/test_chaos.py."""
 
 from __future__ import annotations
 
@@ -9,9 +10,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.chaos import Fault, Model, inject, parse_args, parse_duration, rss_growth, schedule
+from bench.chaos import (
+    Fault,
+    Model,
+    inject,
+    merchant_disagreements,
+    parse_args,
+    parse_duration,
+    rss_growth,
+    schedule,
+)
 from processor.history import balances_at
-from processor.types import Transfer, TransferFlags
+from processor.types import Account, Transfer, TransferFlags
 
 
 def test_durations() -> None:
@@ -107,3 +117,26 @@ def test_three_nodes_by_default_and_a_removal_needs_a_cluster() -> None:
     assert asyncio.run(inject(remove, None, None, None)) == "not run: one Ray node"
     with pytest.raises(ValueError, match="unknown fault"):
         asyncio.run(inject(Fault(1.0, "melt", "front"), None, None, None))
+
+
+def test_a_merchant_agrees_only_when_it_holds_and_posted_exactly_its_payments() -> None:
+    """Authorized 300 (held), captured 500, declined 700: the merchant holds 300 and has
+    500 posted. A hold left over (pending credits above what is held), a missing capture,
+    a debit or an account not found each show, naming the merchant."""
+    views = [{"merchant_account_id": 7, "capturable_amount": 300, "captured_amount": 0},
+             {"merchant_account_id": 7, "capturable_amount": 0, "captured_amount": 500},
+             {"merchant_account_id": 7, "capturable_amount": 0, "captured_amount": 0},
+             {"merchant_account_id": 9, "capturable_amount": 40, "captured_amount": 0}]
+
+    def account(i: int, dp: int = 0, dP: int = 0, cp: int = 0, cP: int = 0) -> Account:
+        return Account(id=i, currency="USD", debits_pending=dp, debits_posted=dP,
+                       credits_pending=cp, credits_posted=cP)
+
+    assert merchant_disagreements(views, {7: account(7, cp=300, cP=500),
+                                          9: account(9, cp=40)}) == []
+    for wrong in (account(7, cp=1_000, cP=500), account(7, cp=300),
+                  account(7, dp=1, cp=300, cP=500)):
+        [line] = merchant_disagreements(views, {7: wrong, 9: account(9, cp=40)})
+        assert line.startswith("merchant 7:")
+    [line] = merchant_disagreements(views, {7: account(7, cp=300, cP=500)})
+    assert line.startswith("merchant 9: balances None")
