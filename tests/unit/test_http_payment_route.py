@@ -9,12 +9,9 @@ from typing import Any
 
 import httpx
 import pytest
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from actors.edge.http_api import build_app
-from actors.ops import telemetry
 from processor.errors import Unavailable
 from processor.identity import Claims
 from processor.payments.idempotency import KEY_CHARS_MAX
@@ -29,6 +26,7 @@ from tests.unit.test_http_api import (
     token,
     transfer_json,
 )
+from tests.unit.test_telemetry import spans  # noqa: F401 - the fixture, shared
 
 BODY_BYTES_MAX = 1024
 BODY = b'{"amount": 1000, "currency": "USD", "merchant_account_id": 7}'
@@ -201,25 +199,18 @@ async def test_the_direct_route_is_taken_and_others_reach_starlette() -> None:
     assert reached == [("POST", "/v1/payments/pay_1/void"), ("GET", "/v1/payments")]
 
 
-async def test_both_direct_routes_answer_inside_a_span_of_their_route() -> None:
+async def test_both_direct_routes_answer_inside_a_span_of_their_route(
+        spans: InMemorySpanExporter) -> None:  # noqa: F811 - the fixture imported above
     """With tracing on, each route served without Starlette makes one span named by its
     method and route, carrying the status it answered."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    saved = telemetry.TRACER
-    telemetry.TRACER = provider.get_tracer("test")
-    try:
-        app = _app(FakePayments((402, b'{"code": "payment_declined"}', {})))
-        assert (await _post(app, KEYED, BODY)).status_code == 402
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://ledger.test") as c:
-            answer = await c.post("/v1/transfers", content=encode(transfer_json()), headers=AUTH)
-            assert answer.status_code == 201
-    finally:
-        telemetry.TRACER = saved
+    app = _app(FakePayments((402, b'{"code": "payment_declined"}', {})))
+    assert (await _post(app, KEYED, BODY)).status_code == 402
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ledger.test") as c:
+        answer = await c.post("/v1/transfers", content=encode(transfer_json()), headers=AUTH)
+        assert answer.status_code == 201
     routes = [(span.name, (span.attributes or {}).get("http.route"),
                (span.attributes or {}).get("http.response.status_code"))
-              for span in exporter.get_finished_spans() if span.name.startswith("POST")]
+              for span in spans.get_finished_spans() if span.name.startswith("POST")]
     assert routes == [("POST /v1/payments", "/v1/payments", 402),
                       ("POST /v1/transfers", "/v1/transfers", 201)]
