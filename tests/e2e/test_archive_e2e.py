@@ -135,8 +135,12 @@ async def test_archive_and_restore_while_serving(ledger: tuple[Served, Built, st
     retry = Transfer(id=1001, debit_account_id=built.accounts[0][0],
                      credit_account_id=built.accounts[0][1], amount=500, currency="EUR",
                      user_data="jan")
+    # Idle connections are dropped well before the server's 5 s keep-alive timeout: the
+    # CLI steps between requests can take about that long, and a connection the server
+    # closes just as it is reused answers nothing ("Server disconnected").
     async with httpx.AsyncClient(base_url=served.base, timeout=30, headers={
-            "Authorization": f"Bearer {token}"}) as http, \
+            "Authorization": f"Bearer {token}"},
+            limits=httpx.Limits(keepalive_expiry=2.0)) as http, \
             Client("127.0.0.1", served.rpc_port, token) as client:
         after = await _after_boundary(http, built)
         january = await _january(http, built)
