@@ -29,7 +29,7 @@ from actors.ledger.store import LedgerStore, OwnEffects
 from actors.names import NAMESPACE
 from actors.ops import metrics, telemetry
 from processor.backoff import backoff_s
-from processor.batch import decode_batch
+from processor.batch import TransferBatch, decode_batch
 from processor.codes import TransferResult
 from processor.errors import Overloaded
 from processor.ledger import (
@@ -417,6 +417,8 @@ class LedgerShard:
     async def _create_transfer_columns(self, raw: bytes) -> bytes:
         await self._ensure_started()
         batch = decode_batch(raw)
+        if len(batch) < self._require_book().plain_batch_min:
+            return await self._create_as_objects(batch)
         cols = batch.columns()
         items = len(cols)
         self._admit(items)
@@ -440,6 +442,11 @@ class LedgerShard:
             self._in_flight -= items
         # Not plain after all (an id seen before, a hold due to expire): the general rules,
         # over objects.
+        return await self._create_as_objects(batch)
+
+    async def _create_as_objects(self, batch: TransferBatch) -> bytes:
+        """A columns request evaluated by the general rules, over objects, as one request
+        (a batch too short for the columnar path, or one that is not plain)."""
         results = RESULTS.decode(await self._create_transfers(
             ENCODER.encode([batch.transfers()])))
         return bytes(code for code, _ in results)

@@ -74,6 +74,7 @@ _LEGS = msgspec.msgpack.Decoder(tuple[bytes, bytes, bytes, bytes, bytes])
 _RESERVE_ANSWER = msgspec.msgpack.Decoder(tuple[int, int, bytes])
 SLOTS_INITIAL = 1024
 PLAIN_RUN_MIN = 1024
+PLAIN_BATCH_MIN = 8
 _LINKED = int(TransferFlags.LINKED)
 
 
@@ -329,6 +330,11 @@ class ArrayBook(Book):
     # (5% pending transfers scattered in batches of 4,000) split into ~17 parts a batch and
     # ran a third slower, so only long runs (bulk traffic with occasional payments) split.
     plain_run_min = PLAIN_RUN_MIN
+    # A plain batch shorter than this is planned by ``Book``'s rules: the columnar path
+    # costs about 150 µs whatever the length (a few dozen numpy calls), the rules about
+    # 20 µs a transfer, so they break even near 8 (docs/design.md §5a). Single transfers
+    # (an HTTP request) are most of what arrives one at a time.
+    plain_batch_min = PLAIN_BATCH_MIN
 
     def __init__(self, shard: int, partitions: PartitionMap, *, recent_ids_max: int) -> None:
         super().__init__(shard, partitions, recent_ids_max=recent_ids_max)
@@ -362,7 +368,8 @@ class ArrayBook(Book):
     # -- step 1 -----------------------------------------------------------------------------
 
     def plan_transfers(self, requests: list[list[Transfer]], now_ns: int, known: Known) -> Plan:
-        """Step 1. A batch that is plain throughout is planned over columns; in a mixed
+        """Step 1. A batch that is plain throughout and at least ``plain_batch_min`` long
+        is planned over columns; in a mixed
         batch, a leading run of at least ``plain_run_min`` plain transfers is planned over
         columns and the rest after it (``Plan.rest``), and general items before a later
         such run are planned by ``Book`` with that run left for the next plan. Each part
@@ -371,7 +378,8 @@ class ArrayBook(Book):
         plain = _plain_flags(requests)
         transfers = [t for r in requests for t in r]
         lead = _run_length(plain, 0)
-        if lead and (lead == len(plain) or lead >= self.plain_run_min):
+        whole = lead == len(plain) and lead >= self.plain_batch_min
+        if lead and (whole or lead >= self.plain_run_min):
             head, tail = _split(requests, lead)
             plan = self.plan_columns(
                 TransferColumns.from_transfers(transfers[:lead]), [len(r) for r in head],

@@ -38,7 +38,7 @@ from processor.identity import PROCESSOR_TENANT
 from processor.ledger import ArrayBook, PartitionMap
 from processor.types import Account, Transfer, TransferFlags
 from tests.db.test_verify import commit_batch
-from tests.unit.ledger_sim import account_ids_on_shards
+from tests.unit.ledger_sim import ColumnarBook, account_ids_on_shards
 
 pytestmark = pytest.mark.asyncio
 
@@ -72,7 +72,7 @@ async def build_over(urls: dict[str, str], partitions: PartitionMap) -> Built:
     try:
         for key, each in stores.items():
             await each.ensure_partition_map(partitions, key)
-        books = [ArrayBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
+        books = [ColumnarBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
         epochs = [await store_of[s].take_epoch(s) for s in (0, 1)]
         ids = account_ids_on_shards(partitions, 3)
         january: list[int] = []
@@ -291,7 +291,7 @@ async def test_a_retry_of_an_archived_id_is_not_applied(db_url: str, app_db_url:
         assert await store.ids_max() >= 2022
         known = await store.fetch_known([1001], [])
         assert known.transfers == {} and known.failed == {1001: TransferResult.id_archived}
-        book = ArrayBook(0, built.partitions, recent_ids_max=1024)
+        book = ColumnarBook(0, built.partitions, recent_ids_max=1024)
         plan = book.plan_transfers([[retry]], APR + 20 * DAY_NS, known)
         batch = book.finalize(plan, {}, APR + 20 * DAY_NS)
         assert batch.codes == [TransferResult.id_archived]
@@ -423,7 +423,7 @@ async def test_archive_beside_live_commits(db_url: str, app_db_url: str,
     a, b, _ = built.accounts[0]
     store = await LedgerStore.connect(app_db_url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=30)
-    book = ArrayBook(0, built.partitions, recent_ids_max=1024)
+    book = ColumnarBook(0, built.partitions, recent_ids_max=1024)
     try:
         epoch = await store.take_epoch(0)
         await store.checkpoint(0, epoch, built.partitions.partitions_of_shard(0))

@@ -15,9 +15,9 @@ import time
 import pytest
 
 from actors.ledger.store import LedgerStore
-from processor.ledger import ArrayBook, Known, PartitionMap
+from processor.ledger import Known, PartitionMap
 from processor.types import Account, Transfer
-from tests.unit.ledger_sim import account_ids_on_shards
+from tests.unit.ledger_sim import ColumnarBook, account_ids_on_shards
 
 pytestmark = pytest.mark.asyncio
 
@@ -52,7 +52,7 @@ async def test_a_columnar_batch_reads_back_as_its_objects(db_url: str, user_data
     store = await _store(db_url, form)
     try:
         await store.ensure_partition_map(partitions)
-        books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
+        books = [ColumnarBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
         for s in (0, 1):
             await store.take_epoch(s)
         now = time.time_ns()
@@ -101,7 +101,7 @@ async def test_an_id_is_never_both_stored_and_burned(db_url: str, form: str) -> 
     try:
         await store.ensure_partition_map(partitions)
         await store.take_epoch(0)
-        book = ArrayBook(0, partitions, recent_ids_max=64)
+        book = ColumnarBook(0, partitions, recent_ids_max=64)
         now = time.time_ns()
         _, accounts = book.create_accounts(
             [[Account(id=1, currency="EUR"), Account(id=2, currency="EUR")]], now)
@@ -188,7 +188,7 @@ async def test_a_checkpoint_folds_without_changing_balances(db_url: str, form: s
     own0 = partitions.partitions_of_shard(0)
     store = await _store(db_url, form)
     try:
-        books = [ArrayBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
+        books = [ColumnarBook(s, partitions, recent_ids_max=64) for s in (0, 1)]
         for s in (0, 1):
             await store.take_epoch(s)
         now = time.time_ns()

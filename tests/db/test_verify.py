@@ -24,7 +24,7 @@ import pytest
 from actors.ledger import LedgerStore, verify
 from processor.ledger import ArrayBook, Known, PartitionMap
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
-from tests.unit.ledger_sim import account_ids_on_shards
+from tests.unit.ledger_sim import ColumnarBook, account_ids_on_shards
 
 pytestmark = pytest.mark.asyncio
 
@@ -64,7 +64,7 @@ async def build_ledger(url: str) -> Ledger:
     store.one_statement_rows_max = 4  # both commit forms
     try:
         await store.ensure_partition_map(partitions)
-        books = [ArrayBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
+        books = [ColumnarBook(s, partitions, recent_ids_max=1024) for s in (0, 1)]
         epochs = [await store.take_epoch(s) for s in (0, 1)]
         ids = account_ids_on_shards(partitions, 4)
         now = time.time_ns()
@@ -238,7 +238,7 @@ async def test_verify_runs_beside_commits_on_one_snapshot(db_url: str) -> None:
     store = await LedgerStore.connect(db_url, pool_size_max=2, connect_timeout_s=10,
                                       command_timeout_s=30)
     try:
-        book = ArrayBook(0, partitions, recent_ids_max=1024)
+        book = ColumnarBook(0, partitions, recent_ids_max=1024)
         epoch = await store.take_epoch(0)
         accounts, _ = await store.load_shard(0, partitions.partitions_of_shard(0))
         for account in accounts:

@@ -13,6 +13,7 @@ from actors.app.runtime import Processor
 from processor.batch import TransferBatch
 from processor.client import Client
 from processor.codes import AccountResult, TransferResult
+from processor.ledger.columnar import PLAIN_BATCH_MIN
 from processor.types import Account, AccountFlags, Transfer, TransferFlags
 from tests.running import IdSource, token_for
 
@@ -333,6 +334,39 @@ async def test_transfer_batches_over_columns_answer_like_lists(
     assert [R(c) for c in (await client.create_transfers(two_phase)).tolist()] == [R.ok, R.ok]
     b = (await client.lookup_accounts([bob]))[0]
     assert b is not None and (b.credits_pending, b.credits_posted) == (0, 1 + 600 + 20)
+
+
+@pytest.mark.parametrize("size", [1, PLAIN_BATCH_MIN])
+async def test_short_columnar_batches_take_the_rules_and_answer_alike(
+    processor: Processor, ids: IdSource, client: Client, size: int
+) -> None:
+    """A columnar batch shorter than ``plain_batch_min`` (a single transfer, as most HTTP
+    requests and payments' postings are) is evaluated by the general rules, a longer one
+    over columns; both answer the same codes, limits in order, across shards."""
+    from processor.ledger import PartitionMap
+
+    bank, alice = _on_other_shards(processor, ids)
+    bob = ids.one()
+    await _accounts(client, Account(id=bank, currency="EUR"),
+                    Account(id=alice, currency="EUR", flags=LIMITED),
+                    Account(id=bob, currency="EUR"))
+    fund = TransferBatch.from_arrays(id=ids.take(1), debit_account_id=[bank],
+                                     credit_account_id=[alice], amount=[size],
+                                     currency="EUR")
+    assert (await client.create_transfers(fund)).tolist() == [R.ok]
+    shard = processor.shards[PartitionMap.uniform(processor.config.shard.shards)
+                             .shard_of(alice)]
+    before = (await shard.stats.remote())["plain_batches"]
+    batch = TransferBatch.from_arrays(id=ids.take(size), debit_account_id=[alice] * size,
+                                      credit_account_id=[bob] * size,
+                                      amount=[1] * (size - 1) + [2], currency="EUR")
+    codes = [R(c) for c in (await client.create_transfers(batch)).tolist()]
+    assert codes == [R.ok] * (size - 1) + [R.exceeds_credits]
+    columnar = (await shard.stats.remote())["plain_batches"] - before
+    assert columnar == (0 if size < PLAIN_BATCH_MIN else 1)
+    a, b = await client.lookup_accounts([alice, bob])
+    assert a is not None and b is not None
+    assert (a.debits_posted, b.credits_posted) == (size - 1, size - 1)
 
 
 async def test_an_id_taken_on_one_shard_is_refused_on_another(

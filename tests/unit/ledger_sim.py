@@ -57,6 +57,14 @@ PENDING = int(TransferFlags.PENDING)
 POST = int(TransferFlags.POST_PENDING)
 
 
+class ColumnarBook(ArrayBook):
+    """An ``ArrayBook`` that plans every plain batch over columns, however short (the
+    shard's book leaves batches under ``plain_batch_min`` to ``Book``'s rules): for the
+    tests whose subject is the columnar path."""
+
+    plain_batch_min = 1
+
+
 class StoreError(AssertionError):
     """A write the database would refuse; with a correct ledger it never happens."""
 

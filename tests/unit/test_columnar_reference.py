@@ -21,7 +21,7 @@ from processor.codes import TransferResult
 from processor.ledger import Book, Known, PartitionMap, kernel
 from processor.ledger.columnar import ArrayBook, decode_legs, encode_legs
 from processor.types import AMOUNT_MAX, Account, AccountFlags, Transfer, TransferFlags
-from tests.unit.ledger_sim import Cluster, book_mismatches
+from tests.unit.ledger_sim import Cluster, ColumnarBook, book_mismatches
 from tests.unit.test_ledger_properties import (
     ACCOUNT_CHOICES,
     AMOUNTS,
@@ -95,8 +95,9 @@ def _rows(cluster: Cluster) -> tuple[object, ...]:
     )
 
 
-class ShortRunBook(ArrayBook):
-    """Plans every run of plain transfers in a mixed batch over columns, however short."""
+class ShortRunBook(ColumnarBook):
+    """Plans every plain batch, and every run of plain transfers in a mixed batch, over
+    columns, however short."""
 
     plain_run_min = 1
 
@@ -106,7 +107,7 @@ def _run_both(data: st.DataObject, shards: int, interleaved: bool,
     w = full_workload(data)
     reference = Cluster(shards, interleaved=interleaved, book_class=Book,
                         recent_ids_max=recent_ids_max)
-    book_class = data.draw(st.sampled_from([ArrayBook, ShortRunBook]), label="book")
+    book_class = data.draw(st.sampled_from([ArrayBook, ColumnarBook, ShortRunBook]), label="book")
     columnar = Cluster(shards, interleaved=interleaved, book_class=book_class,
                        recent_ids_max=recent_ids_max)
     both = (reference, columnar)
@@ -173,7 +174,7 @@ def test_columnar_book_answers_as_the_reference(
 
 
 def _book(shards: int = 1, shard: int = 0) -> ArrayBook:
-    book = ArrayBook(shard, PartitionMap.uniform(shards), recent_ids_max=64)
+    book = ColumnarBook(shard, PartitionMap.uniform(shards), recent_ids_max=64)
     return book
 
 
@@ -193,6 +194,27 @@ def test_a_batch_without_flags_takes_the_columnar_path() -> None:
     pending = [Transfer(id=11, debit_account_id=1, credit_account_id=2, amount=5,
                         currency="USD", flags=int(TransferFlags.PENDING))]
     assert book.plan_transfers([pending], 4, Known()).plain is None
+
+
+def test_a_short_plain_batch_is_planned_by_the_rules() -> None:
+    """The shard's book plans a plain batch shorter than ``plain_batch_min`` by ``Book``'s
+    rules and one of that length over columns, with the same answers."""
+    book = ArrayBook(0, PartitionMap.uniform(1), recent_ids_max=64)
+    _, batch = book.create_accounts([[Account(id=1, currency="USD"),
+                                      Account(id=2, currency="USD")]], 1)
+    book.accounts_committed(batch)
+    size = book.plain_batch_min
+
+    def transfers(first: int, n: int) -> list[Transfer]:
+        return [Transfer(id=i, debit_account_id=1, credit_account_id=2, amount=5,
+                         currency="USD") for i in range(first, first + n)]
+
+    short = book.plan_transfers([transfers(10, size - 1)], 2, Known())
+    assert short.plain is None
+    assert book.finalize(short, {}, 2).codes == [R.ok] * (size - 1)
+    full = book.plan_transfers([transfers(100, size)], 3, Known())
+    assert full.plain is not None
+    assert book.finalize(full, {}, 3).codes == [R.ok] * size
 
 
 def test_overflow_is_decided_without_wrapping() -> None:

@@ -20,7 +20,13 @@ from processor.codes import TransferResult, burns_id
 from processor.ledger import Book, Resolution, ResolutionRow
 from processor.ledger.columnar import ArrayBook
 from processor.types import AMOUNT_MAX, Account, AccountFlags, Transfer, TransferFlags
-from tests.unit.ledger_sim import Cluster, book_mismatches, chains_of, postings_of
+from tests.unit.ledger_sim import (
+    Cluster,
+    ColumnarBook,
+    book_mismatches,
+    chains_of,
+    postings_of,
+)
 
 R = TransferResult
 DL = int(AccountFlags.DEBITS_MUST_NOT_EXCEED_CREDITS)
@@ -407,7 +413,9 @@ def test_invariants_when_reservations_fail(
 def test_columnar_invariants_when_reservations_fail(
     shards: int, data: st.DataObject, interleaved: bool
 ) -> None:
-    """The same over the columnar book, whose plain batches reserve hold blocks."""
+    """The same over the columnar book, whose plain batches reserve hold blocks (every
+    plain batch, or only those of ``plain_batch_min`` and more as the shards run)."""
+    book_class = data.draw(st.sampled_from([ColumnarBook, ArrayBook]), label="book")
     run(data, shards, full_workload(data), interleaved, 1_024, faults=True,
-        book_class=ArrayBook)
+        book_class=book_class)
 
