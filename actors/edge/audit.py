@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from actors.database import keep_session
+from actors.database import keep_session, keeping_pool
 from actors.ops.audit_events import list_audit_events
 from processor.audit import AuditEventsPage, AuditQuery
 from processor.errors import Unavailable
@@ -89,7 +89,7 @@ class AuditWriter:
     @classmethod
     async def connect(cls, url: str, *, connect_timeout_s: float, command_timeout_s: float,
                       clock_s: Callable[[], float]) -> AuditWriter:
-        pool = await asyncpg.create_pool(
+        pool = await keeping_pool(
             url, min_size=1, max_size=2, timeout=connect_timeout_s,
             command_timeout=command_timeout_s,
             # See the module docstring: ordered by the WAL before the rows that name it.

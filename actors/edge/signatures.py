@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import asyncpg
 import msgspec
 
-from actors.database import keep_session
+from actors.database import keep_session, keeping_pool
 from processor.errors import Unavailable
 from processor.identity import (
     CREATED_AGE_S_MAX,
@@ -249,7 +249,7 @@ class SignatureStore:
     @classmethod
     async def connect(cls, url: str, *, connect_timeout_s: float,
                       command_timeout_s: float) -> SignatureStore:
-        pool = await asyncpg.create_pool(
+        pool = await keeping_pool(
             url, min_size=1, max_size=2, timeout=connect_timeout_s,
             command_timeout=command_timeout_s,
             # Ordered by the WAL before the rows of the request (the module docstring).

@@ -22,7 +22,7 @@ import asyncpg
 import msgspec
 import numpy as np
 
-from actors.database import keep_session
+from actors.database import keep_session, keeping_pool
 from processor.codes import TransferResult
 from processor.ledger import (
     ACCOUNT_ROW,
@@ -590,7 +590,7 @@ class LedgerStore:
         cls, url: str, *, pool_size_max: int, connect_timeout_s: float, command_timeout_s: float
     ) -> LedgerStore:
         require(pool_size_max >= 2, "a commit and a read may run at once")
-        pool = await asyncpg.create_pool(
+        pool = await keeping_pool(
             url,
             min_size=1,
             max_size=pool_size_max,
