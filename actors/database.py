@@ -970,13 +970,15 @@ class _KeepingPool(asyncpg.Pool):  # type: ignore[misc]
     statement, as much as a short statement itself (docs/design.md §14). Anything else
     goes back through asyncpg's release, which rolls back or terminates as it always did.
     Kept connections count as in use to asyncpg, so ``max_size`` still bounds them all;
-    ``close`` and ``expire_connections`` hand them back first.
+    while an acquire waits in asyncpg's queue nothing is kept, and ``close`` and
+    ``expire_connections`` hand kept ones back first.
     """
 
     def __init__(self, *args: Any, acquire_timeout_s: float | None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._acquire_timeout_s = acquire_timeout_s
         self._kept: list[Any] = []
+        self._waiting = 0  # acquires in asyncpg's queue
 
     def acquire(self, *, timeout: float | None = None) -> _Lease:
         return _Lease(self, self._acquire_timeout_s if timeout is None else timeout)
@@ -988,10 +990,17 @@ class _KeepingPool(asyncpg.Pool):  # type: ignore[misc]
             if _open(proxy):
                 return proxy
             await self.release(proxy)  # asyncpg reconnects it (nothing if it did already)
-        return await self._acquire(wait_s)
+        self._waiting += 1
+        try:
+            return await self._acquire(wait_s)
+        finally:
+            self._waiting -= 1
 
     async def _give_back(self, proxy: Any, *, clean: bool) -> None:
-        if clean and not self._closing and _open(proxy) and not proxy.is_in_transaction():
+        # While anyone waits in asyncpg's queue, a connection goes back there: a kept one
+        # would reach only the next new acquire, and the waiters would time out.
+        if (clean and not self._waiting and not self._closing and _open(proxy)
+                and not proxy.is_in_transaction()):
             self._kept.append(proxy)
             return
         await self.release(proxy)

@@ -87,3 +87,11 @@ async def test_close_and_expiry_hand_kept_connections_back(db_url: str) -> None:
     assert await _backend(p) != first
     await asyncio.wait_for(p.close(), timeout=5)
     assert p._kept == []
+
+
+async def test_waiters_get_the_connections_given_back(pool: asyncpg.Pool) -> None:
+    """Twenty statements at once over two connections: those waiting in asyncpg's queue
+    are handed the connections as they come back, and none waits out its deadline."""
+    pids = await asyncio.gather(*[
+        pool.fetchval("SELECT pg_backend_pid() FROM pg_sleep(0.05)") for _ in range(20)])
+    assert len(set(pids)) == 2
