@@ -127,9 +127,11 @@ async def _check_everything_acknowledged_is_stored(load: Load, processor: Proces
 
 
 async def _wait_settled(processor: Processor) -> None:
-    """Wait until no shard holds a reservation any more (orphans resolved)."""
+    """Wait until no shard holds a reservation any more (orphans resolved). A shard may
+    still be restarting from the fault (crash-only recovery after its database went away,
+    or its peer's restart): its stats are read once it is back."""
     for _ in range(300):
-        stats = await asyncio.gather(*[s.stats.remote() for s in processor.shards])
+        stats = await asyncio.gather(*[_stats_when_back(s) for s in processor.shards])
         if all(s["holds_granted"] == 0 for s in stats):
             return
         await asyncio.sleep(0.1)
