@@ -5,7 +5,8 @@ matrix (a row per account slot, the columns of ``processor.ledger.kernel``), and
 ``AccountState`` is a view of its row (``SlotState``), so the general rules of
 ``processor.ledger.rules`` and the columnar path below read and write the same numbers.
 
-A batch takes the columnar path when every transfer in it is *plain*: no flags (so no
+A batch of at least ``plain_batch_min`` transfers (8; a shorter one costs the rules less)
+takes the columnar path when every transfer in it is *plain*: no flags (so no
 linked chain, no pending, post or void), an id this shard has not seen (not in memory, not
 in the database rows fetched for it) and not repeated in the batch, its debit account on
 this shard, and no hold of this shard due to expire. Then the static rules run as numpy
@@ -369,12 +370,12 @@ class ArrayBook(Book):
 
     def plan_transfers(self, requests: list[list[Transfer]], now_ns: int, known: Known) -> Plan:
         """Step 1. A batch that is plain throughout and at least ``plain_batch_min`` long
-        is planned over columns; in a mixed
-        batch, a leading run of at least ``plain_run_min`` plain transfers is planned over
-        columns and the rest after it (``Plan.rest``), and general items before a later
-        such run are planned by ``Book`` with that run left for the next plan. Each part
-        is finalized before the next is planned and commits before it, so the order of the
-        batch is kept (docs/design.md §5a)."""
+        is planned over columns; in a mixed batch, a leading run of at least
+        ``plain_run_min`` plain transfers is planned over columns and the rest after it
+        (``Plan.rest``), and general items before a later such run are planned by ``Book``
+        with that run left for the next plan. Each part is finalized before the next is
+        planned and commits before it, so the order of the batch is kept (docs/design.md
+        §5a)."""
         plain = _plain_flags(requests)
         transfers = [t for r in requests for t in r]
         lead = _run_length(plain, 0)
